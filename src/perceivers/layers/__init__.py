@@ -1,0 +1,20 @@
+"""Modality-agnostic building blocks: attention, MLPs, pre-norm blocks, position encodings."""
+
+from .attention import Attention, KeyValue, check_mask
+from .blocks import CrossAttentionBlock, SelfAttentionBlock
+from .mlp import Activation, FeedForward
+from .position import FourierPositionEncoding, TrainablePositionEncoding, fourier_features, linear_positions
+
+__all__ = [
+    "Activation",
+    "Attention",
+    "CrossAttentionBlock",
+    "FeedForward",
+    "FourierPositionEncoding",
+    "KeyValue",
+    "SelfAttentionBlock",
+    "TrainablePositionEncoding",
+    "check_mask",
+    "fourier_features",
+    "linear_positions",
+]

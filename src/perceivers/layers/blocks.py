@@ -1,0 +1,115 @@
+"""Pre-norm attention blocks: the residual structure shared by every Perceiver."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .attention import Attention, KeyValue
+from .mlp import Activation, FeedForward
+
+__all__ = ["CrossAttentionBlock", "SelfAttentionBlock"]
+
+
+class CrossAttentionBlock(nn.Module):
+    """``y = [x +] Attn(LN(x), LN(context))``, then ``y = y + MLP(LN(y))`` (the MLP is optional).
+
+    Queries ``x`` are ``[B, Q, q_dim]``, the context is ``[B, K, kv_dim]``; the output has
+    ``out_dim`` channels (default ``q_dim``; must equal it when ``query_residual``).
+
+    Args:
+        query_residual: add the queries to the attention output (encoders: yes; most decoders: no).
+        mlp_mult: hidden width multiplier of the MLP; ``None`` for no MLP sublayer.
+        Other arguments as :class:`~perceivers.layers.Attention` and :class:`~perceivers.layers.FeedForward`.
+    """
+
+    def __init__(
+        self,
+        q_dim: int,
+        kv_dim: int,
+        *,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        out_dim: int | None = None,
+        qkv_bias: bool = True,
+        query_residual: bool = True,
+        mlp_mult: int | None = 1,
+        activation: Activation = "gelu_tanh",
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        out_dim = q_dim if out_dim is None else out_dim
+        if query_residual and out_dim != q_dim:
+            raise ValueError(f"query_residual needs out_dim == q_dim, got {out_dim} and {q_dim}")
+        self.query_residual = query_residual
+        self.norm_q = nn.LayerNorm(q_dim, eps=norm_eps)
+        self.norm_kv = nn.LayerNorm(kv_dim, eps=norm_eps)
+        self.attn = Attention(
+            q_dim, kv_dim, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
+            out_dim=out_dim, qkv_bias=qkv_bias, dropout=attn_dropout,
+        )
+        if mlp_mult is None:
+            self.norm_mlp, self.mlp = None, None
+        else:
+            self.norm_mlp = nn.LayerNorm(out_dim, eps=norm_eps)
+            self.mlp = FeedForward(out_dim, mlp_mult, activation, ff_dropout)
+
+    def project_kv(self, context: Tensor) -> KeyValue:
+        """Normalise and project the context once; pass the result as ``kv=`` to :meth:`forward`."""
+        return self.attn.project_kv(self.norm_kv(context))
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        query_mask: Tensor | None = None,
+        kv: KeyValue | None = None,
+        inverted: bool = False,
+    ) -> Tensor:
+        """``x [B, Q, q_dim]``, ``context [B, K, kv_dim]`` (or ``kv``), ``mask [B, K]`` → ``[B, Q, out_dim]``."""
+        if kv is None:
+            if context is None:
+                raise ValueError("CrossAttentionBlock needs a context or precomputed kv")
+            kv = self.project_kv(context)
+        y = self.attn(self.norm_q(x), mask=mask, query_mask=query_mask, kv=kv, inverted=inverted)
+        if self.query_residual:
+            y = y + x
+        if self.mlp is not None:
+            y = y + self.mlp(self.norm_mlp(y))
+        return y
+
+
+class SelfAttentionBlock(nn.Module):
+    """``x = x + Attn(LN(x))``, then ``x = x + MLP(LN(x))`` over ``[B, N, dim]``."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int = 8,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        qkv_bias: bool = True,
+        mlp_mult: int = 1,
+        activation: Activation = "gelu_tanh",
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(
+            dim, dim, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
+            out_dim=dim, qkv_bias=qkv_bias, dropout=attn_dropout,
+        )
+        self.norm_mlp = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = FeedForward(dim, mlp_mult, activation, ff_dropout)
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """``[B, N, dim]`` (optional key mask ``[B, N]``) → ``[B, N, dim]``."""
+        x = x + self.attn(self.norm(x), mask=mask)
+        return x + self.mlp(self.norm_mlp(x))

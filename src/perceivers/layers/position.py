@@ -1,0 +1,163 @@
+"""Position encodings: Fourier features in both published layouts, and trainable tables.
+
+Both layouts use the band frequencies ``linspace(1, max_resolution / 2, num_bands)`` per axis and
+positions in ``[-1, 1]``; they differ in channel order:
+
+* ``"lucidrains"`` (perceiver-pytorch): per axis ``[sin(π x f_1..K), cos(π x f_1..K), x]``, axis-major,
+  so ``d · (2K + 1)`` channels.
+* ``"deepmind"`` (official code, transformers): ``[x_1..d, sin(all axes and bands), cos(all axes and
+  bands)]`` with the bands of one axis contiguous; ``d · (2K + 1)`` channels with ``concat_pos``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FourierPositionEncoding",
+    "TrainablePositionEncoding",
+    "fourier_features",
+    "linear_positions",
+]
+
+Layout = Literal["lucidrains", "deepmind"]
+
+
+def linear_positions(
+    index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Grid coordinates ``linspace(-1, 1, n)`` per axis (both ends included), ``[*index_shape, d]``."""
+    axes = [torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=dtype) for n in index_shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def fourier_features(
+    pos: Tensor,
+    num_bands: int,
+    max_resolution: float | Sequence[float],
+    *,
+    layout: Layout = "deepmind",
+    concat_pos: bool = True,
+    sine_only: bool = False,
+) -> Tensor:
+    """Fourier features of coordinates ``pos [..., d]`` → ``[..., C]``.
+
+    Args:
+        num_bands: K, bands per axis.
+        max_resolution: one value or one per axis; bands run ``linspace(1, r / 2, K)``.
+        layout: ``"deepmind"`` or ``"lucidrains"`` (see the module docstring).
+        concat_pos: include the raw coordinates.
+        sine_only: sines only (DeepMind layout only).
+    """
+    d = pos.shape[-1]
+    res = [float(max_resolution)] * d if isinstance(max_resolution, (int, float)) else list(map(float, max_resolution))
+    if len(res) != d:
+        raise ValueError(f"max_resolution has {len(res)} entries but positions have {d} axes")
+    freqs = torch.stack(
+        [torch.linspace(1.0, r / 2, steps=num_bands, device=pos.device, dtype=pos.dtype) for r in res]
+    )  # [d, K]
+    scaled = pos[..., None] * freqs * math.pi  # [..., d, K]
+    if layout == "lucidrains":
+        if sine_only:
+            raise ValueError("sine_only is only defined for the 'deepmind' layout")
+        parts = [scaled.sin(), scaled.cos()] + ([pos[..., None]] if concat_pos else [])
+        return torch.cat(parts, dim=-1).flatten(-2)
+    if layout != "deepmind":
+        raise ValueError(f"layout must be 'deepmind' or 'lucidrains', got {layout!r}")
+    scaled = scaled.flatten(-2)  # [..., d*K], bands of one axis contiguous
+    parts = ([pos] if concat_pos else []) + [scaled.sin()] + ([] if sine_only else [scaled.cos()])
+    return torch.cat(parts, dim=-1)
+
+
+class FourierPositionEncoding(nn.Module):
+    """Fourier position features for a grid or for arbitrary coordinates, with a per-shape cache.
+
+    Args:
+        num_dims: d, number of position axes.
+        num_bands: K, bands per axis.
+        max_resolution: ``max_freq`` of perceiver-pytorch, or DeepMind's per-axis ``max_resolution``.
+        layout, concat_pos, sine_only: as :func:`fourier_features`.
+    """
+
+    def __init__(
+        self,
+        num_dims: int,
+        num_bands: int,
+        max_resolution: float | Sequence[float],
+        *,
+        layout: Layout = "deepmind",
+        concat_pos: bool = True,
+        sine_only: bool = False,
+        cache_size: int = 8,
+    ) -> None:
+        super().__init__()
+        if isinstance(max_resolution, (int, float)):
+            max_resolution = (float(max_resolution),) * num_dims
+        if len(max_resolution) != num_dims:
+            raise ValueError(f"max_resolution needs {num_dims} entries, got {tuple(max_resolution)}")
+        self.num_dims, self.num_bands = num_dims, num_bands
+        self.max_resolution = tuple(float(r) for r in max_resolution)
+        self.layout, self.concat_pos, self.sine_only = layout, concat_pos, sine_only
+        self.num_channels = num_dims * (num_bands * (1 if sine_only else 2) + int(concat_pos))
+        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    def encode(self, pos: Tensor) -> Tensor:
+        """Features of coordinates ``pos [..., num_dims]`` (e.g. per-sample point clouds) → ``[..., C]``."""
+        if pos.shape[-1] != self.num_dims:
+            raise ValueError(f"positions must have {self.num_dims} coordinates in the last axis, got {pos.shape[-1]}")
+        return fourier_features(
+            pos, self.num_bands, self.max_resolution, layout=self.layout,
+            concat_pos=self.concat_pos, sine_only=self.sine_only,
+        )
+
+    def forward(
+        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """Features of the ``linspace(-1, 1)`` grid of ``index_shape`` → ``[prod(index_shape), C]``.
+
+        Computed in float32 and cast to ``dtype``; cached per shape, device and dtype.
+        """
+        index_shape = tuple(int(n) for n in index_shape)
+        if len(index_shape) != self.num_dims:
+            raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
+        key = (index_shape, str(device), dtype, torch.is_inference_mode_enabled())
+        cached = self._cache.get(key)
+        if cached is not None and not torch.compiler.is_compiling():
+            self._cache.move_to_end(key)
+            return cached
+        pos = linear_positions(index_shape, device=device, dtype=torch.float32)
+        feats = self.encode(pos.reshape(-1, self.num_dims)).to(dtype)
+        if not torch.compiler.is_compiling():
+            self._cache[key] = feats
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return feats
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_dims={self.num_dims}, num_bands={self.num_bands}, max_resolution={self.max_resolution}, "
+            f"layout={self.layout!r}, num_channels={self.num_channels}"
+        )
+
+
+class TrainablePositionEncoding(nn.Module):
+    """A learned table ``[index_dim, num_channels]``, truncated-normal initialised (std ``init_scale``)."""
+
+    def __init__(self, index_dim: int, num_channels: int, init_scale: float = 0.02) -> None:
+        super().__init__()
+        self.index_dim, self.num_channels = index_dim, num_channels
+        self.embeddings = nn.Parameter(torch.empty(index_dim, num_channels))
+        nn.init.trunc_normal_(self.embeddings, std=init_scale, a=-2 * init_scale, b=2 * init_scale)
+
+    def forward(self, batch_size: int | None = None) -> Tensor:
+        """``[index_dim, C]``, or ``[batch_size, index_dim, C]`` (a broadcast view) when given."""
+        if batch_size is None:
+            return self.embeddings
+        return self.embeddings.expand(batch_size, -1, -1)

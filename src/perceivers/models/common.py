@@ -1,0 +1,88 @@
+"""Pieces shared by the perceiver-pytorch-style models: tying schedules, heads, residual pools, checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["AttentionResidual", "ClassifierHead", "check_input", "flatten_axes", "tie_schedule"]
+
+
+def tie_schedule(depth: int, weight_tie_layers: bool, *, tie_first: bool = False) -> tuple[int, ...]:
+    """Which unique module each of ``depth`` layers uses.
+
+    perceiver-pytorch's ``Perceiver`` keeps layer 0 apart and shares one module among layers
+    1..depth-1 (``(0, 1, 1, …)``); its ``PerceiverIO`` shares one among all (``tie_first=True``).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if not weight_tie_layers:
+        return tuple(range(depth))
+    if tie_first:
+        return (0,) * depth
+    return (0,) + (1,) * (depth - 1)
+
+
+class ClassifierHead(nn.Module):
+    """Mean over latents → LayerNorm → Linear: ``[B, N, D]`` → ``[B, num_classes]``."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.norm(x.mean(dim=-2)))
+
+
+class AttentionResidual(nn.Module):
+    """A learned softmax pool over all earlier block outputs, replacing the plain residual stream.
+
+    perceiver-pytorch's ``attn_residual`` option (arXiv 2603.15031 with an Enformer-style pool):
+    logits ``Linear(rank→dim)(Linear(dim→rank)(RMSNorm(h)))`` per layer, softmax over layers.
+    """
+
+    def __init__(self, dim: int, rank: int = 64) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+
+    def forward(self, block_outputs: Sequence[Tensor]) -> Tensor:
+        """``L × [B, N, D]`` → ``[B, N, D]``."""
+        past = torch.stack(list(block_outputs), dim=2)  # [B, N, L, D]
+        weights = self.up(self.down(self.norm(past))).softmax(dim=-2)
+        return (past * weights).sum(dim=-2)
+
+
+def check_input(data: Tensor, *, name: str, channels: int, axes: int | None = None) -> None:
+    """Raise a ValueError/TypeError naming what was expected when ``data`` cannot be a model input.
+
+    Args:
+        channels: expected size of the last (channel) axis.
+        axes: expected number of index axes between batch and channels (``None``: any ≥ 1).
+    """
+    if not isinstance(data, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(data).__name__}")
+    if not data.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {data.dtype}")
+    if axes is not None and data.ndim != axes + 2:
+        raise ValueError(
+            f"{name} must have shape [batch, {', '.join(['n'] * axes)}, channels] ({axes + 2} dims, "
+            f"input_axis={axes}), got {data.ndim} dims with shape {tuple(data.shape)}"
+        )
+    if axes is None and data.ndim < 3:
+        raise ValueError(f"{name} must have shape [batch, ..., channels], got {tuple(data.shape)}")
+    if data.shape[-1] != channels:
+        raise ValueError(f"{name} must have {channels} channels in its last axis, got {data.shape[-1]} "
+                         f"(shape {tuple(data.shape)})")
+    if data.shape[0] == 0 or data[0].numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(data.shape)}")
+
+
+def flatten_axes(data: Tensor) -> Tensor:
+    """``[B, *axes, C]`` → ``[B, N, C]``."""
+    return rearrange(data, "b ... c -> b (...) c")

@@ -1,0 +1,250 @@
+"""The Perceiver (arXiv 2103.03206) with perceiver-pytorch's API and numerics.
+
+``depth`` blocks, each: latents cross-attend the input, then ``self_per_cross_attn`` latent
+self-attention layers. A drop-in replacement for ``perceiver_pytorch.Perceiver`` (0.11.0): the same
+keyword arguments, forward options and outputs for the same weights (see
+:func:`perceivers.convert.from_lucidrains`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import CrossAttentionBlock, FourierPositionEncoding, KeyValue, SelfAttentionBlock, check_mask
+from .common import AttentionResidual, ClassifierHead, check_input, flatten_axes, tie_schedule
+
+__all__ = ["Perceiver", "PerceiverBlock"]
+
+
+class PerceiverBlock(nn.Module):
+    """Cross-attention + GEGLU feed-forward, then ``self_per_cross_attn`` × (self-attention + feed-forward).
+
+    Arguments as ``perceiver_pytorch.PerceiverBlock``; projections q/k/v carry no bias, MLPs are
+    GEGLU with a 4× hidden width, every sublayer is pre-norm with a residual.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        context_dim: int | None = None,
+        cross_heads: int = 1,
+        latent_heads: int = 8,
+        cross_dim_head: int = 64,
+        latent_dim_head: int = 64,
+        self_per_cross_attn: int = 1,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        has_cross_attn: bool = True,
+        queries_contribute_kv: bool = False,
+    ) -> None:
+        super().__init__()
+        context_dim = dim if context_dim is None else context_dim
+        if queries_contribute_kv and context_dim != dim:
+            raise ValueError(f"queries_contribute_kv needs context_dim == dim, got {context_dim} and {dim}")
+        self.queries_contribute_kv = queries_contribute_kv
+        self.cross_attn = (
+            CrossAttentionBlock(
+                dim, context_dim, num_heads=cross_heads, qk_channels=cross_heads * cross_dim_head,
+                qkv_bias=False, query_residual=True, mlp_mult=4, activation="geglu",
+                attn_dropout=attn_dropout, ff_dropout=ff_dropout,
+            )
+            if has_cross_attn
+            else None
+        )
+        self.self_attns = nn.ModuleList(
+            SelfAttentionBlock(
+                dim, num_heads=latent_heads, qk_channels=latent_heads * latent_dim_head, qkv_bias=False,
+                mlp_mult=4, activation="geglu", attn_dropout=attn_dropout, ff_dropout=ff_dropout,
+            )
+            for _ in range(self_per_cross_attn)
+        )
+
+    def project_kv(self, context: Tensor) -> KeyValue:
+        """Keys and values of the (normalised) context for this block's cross-attention."""
+        if self.cross_attn is None:
+            raise ValueError("this block has no cross-attention")
+        return self.cross_attn.project_kv(context)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        inverted_attention: bool = False,
+        *,
+        kv: KeyValue | None = None,
+    ) -> Tensor:
+        """Latents ``x [B, N, D]`` attend ``context [B, M, C]`` (or precomputed ``kv``) → ``[B, N, D]``."""
+        if self.cross_attn is not None:
+            if kv is None:
+                kv = self.project_kv(context)
+            if self.queries_contribute_kv:
+                kq, vq = self.cross_attn.attn.project_kv(self.cross_attn.norm_q(x))
+                kv = (torch.cat((kq, kv[0]), dim=2), torch.cat((vq, kv[1]), dim=2))
+                if mask is not None:
+                    mask = torch.cat((mask.new_ones(mask.shape[0], x.shape[1]), mask), dim=-1)
+            x = self.cross_attn(x, mask=mask, kv=kv, inverted=inverted_attention)
+        for layer in self.self_attns:
+            x = layer(x)
+        return x
+
+
+class Perceiver(nn.Module):
+    """Perceiver classifier over inputs ``[B, *axes, input_channels]`` (channels last).
+
+    Args:
+        num_freq_bands: K, Fourier bands per input axis.
+        depth: number of blocks (cross-attention → ``self_per_cross_attn`` self-attentions).
+        max_freq: μ; band frequencies are ``linspace(1, max_freq / 2, K)``.
+        input_channels: channels of each input element.
+        input_axis: number of index axes (1 sequence, 2 image, 3 video).
+        num_latents, latent_dim: the latent array ``[num_latents, latent_dim]``.
+        cross_heads, latent_heads, cross_dim_head, latent_dim_head: attention heads and per-head widths.
+        num_classes: classifier outputs.
+        attn_dropout, ff_dropout: dropout on attention probabilities and after each feed-forward.
+        weight_tie_layers: share one block among blocks 1..depth-1 (block 0 stays apart).
+        fourier_encode_data: append Fourier position features (perceiver-pytorch layout) to the input.
+        self_per_cross_attn: self-attention layers per block.
+        final_classifier_head: pool + classify; if False the output is the latents ``[B, N, D]``.
+        inverted_cross_attn: slot-attention-style cross-attention, one bool or one per block.
+        attn_residual, attn_residual_rank: learned pool over earlier block outputs (perceiver-pytorch 0.10).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_freq_bands: int,
+        depth: int,
+        max_freq: float,
+        input_channels: int = 3,
+        input_axis: int = 2,
+        num_latents: int = 512,
+        latent_dim: int = 512,
+        cross_heads: int = 1,
+        latent_heads: int = 8,
+        cross_dim_head: int = 64,
+        latent_dim_head: int = 64,
+        num_classes: int = 1000,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        weight_tie_layers: bool = False,
+        fourier_encode_data: bool = True,
+        self_per_cross_attn: int = 1,
+        final_classifier_head: bool = True,
+        inverted_cross_attn: bool | Sequence[bool] = False,
+        attn_residual: bool = False,
+        attn_residual_rank: int = 64,
+    ) -> None:
+        super().__init__()
+        if isinstance(inverted_cross_attn, bool):
+            inverted_cross_attn = (inverted_cross_attn,) * depth
+        if len(inverted_cross_attn) != depth:
+            raise ValueError(f"inverted_cross_attn needs {depth} entries (one per block), got {len(inverted_cross_attn)}")
+        self.input_axis = input_axis
+        self.input_channels = input_channels
+        self.max_freq, self.num_freq_bands = max_freq, num_freq_bands
+        self.inverted_cross_attn = tuple(bool(v) for v in inverted_cross_attn)
+        self.position_encoding = (
+            FourierPositionEncoding(input_axis, num_freq_bands, max_freq, layout="lucidrains")
+            if fourier_encode_data
+            else None
+        )
+        self.fourier_encode_data = fourier_encode_data
+        context_dim = input_channels + (self.position_encoding.num_channels if fourier_encode_data else 0)
+        self.context_dim = context_dim
+
+        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
+        self.block_order = tie_schedule(depth, weight_tie_layers)
+        num_unique = max(self.block_order) + 1
+        self.blocks = nn.ModuleList(
+            PerceiverBlock(
+                dim=latent_dim, context_dim=context_dim, cross_heads=cross_heads, latent_heads=latent_heads,
+                cross_dim_head=cross_dim_head, latent_dim_head=latent_dim_head,
+                self_per_cross_attn=self_per_cross_attn, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
+            )
+            for _ in range(num_unique)
+        )
+        self.attn_residuals = (
+            nn.ModuleList(AttentionResidual(latent_dim, attn_residual_rank) for _ in range(num_unique))
+            if attn_residual
+            else None
+        )
+        self.head = ClassifierHead(latent_dim, num_classes) if final_classifier_head else nn.Identity()
+
+    @property
+    def layers(self) -> list[PerceiverBlock]:
+        """The block applied at each of the ``depth`` steps (tied steps share one object)."""
+        return [self.blocks[i] for i in self.block_order]
+
+    def build_context(self, data: Tensor, pos: Tensor | None = None) -> Tensor:
+        """Inputs (+ Fourier features) flattened to the cross-attention context ``[B, M, context_dim]``.
+
+        ``data`` is ``[B, *axes, C]`` on a grid, or ``[B, M, C]`` with per-sample coordinates
+        ``pos [B, M, input_axis]`` in ``[-1, 1]`` (point clouds, irregular series, padded batches).
+        """
+        if pos is not None:
+            check_input(data, name="data", channels=self.input_channels, axes=1)
+            if self.position_encoding is None:
+                raise ValueError("pos was given but fourier_encode_data=False: there are no position features")
+            if pos.shape != (*data.shape[:2], self.input_axis):
+                raise ValueError(
+                    f"pos must have shape [batch, n, input_axis] = {(*data.shape[:2], self.input_axis)}, "
+                    f"got {tuple(pos.shape)}"
+                )
+            return torch.cat((data, self.position_encoding.encode(pos.to(data.dtype))), dim=-1)
+        check_input(data, name="data", channels=self.input_channels, axes=self.input_axis)
+        context = flatten_axes(data)
+        if self.position_encoding is not None:
+            feats = self.position_encoding(data.shape[1:-1], device=data.device, dtype=data.dtype)
+            context = torch.cat((context, feats.expand(data.shape[0], -1, -1)), dim=-1)
+        return context
+
+    def forward(
+        self,
+        data: Tensor,
+        mask: Tensor | None = None,
+        return_embeddings: bool = False,
+        block_outputs: Sequence[Tensor] | Tensor | None = None,
+        return_hiddens: bool = False,
+        *,
+        pos: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Classify ``data [B, *axes, input_channels]``.
+
+        Args:
+            mask: boolean ``[B, *axes]`` or ``[B, M]``, True = attend; applied in every cross-attention.
+            return_embeddings: return the latents ``[B, num_latents, latent_dim]`` instead of logits.
+            block_outputs: earlier hidden states to seed the attention-residual pool with.
+            return_hiddens: also return the latents before and after every block (``depth + 1`` tensors).
+            pos: per-sample coordinates ``[B, M, input_axis]``; ``data`` is then ``[B, M, C]``.
+
+        Returns:
+            logits ``[B, num_classes]`` (or the latents, see above), and the hiddens if asked.
+        """
+        context = self.build_context(data, pos)
+        b, m = context.shape[:2]
+        mask = check_mask(mask, b, m)
+        x = self.latents.to(context.dtype).expand(b, -1, -1)
+
+        keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None
+        hiddens: list[Tensor] = []
+        if keep:
+            hiddens = [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs or [x])
+
+        kv_cache: dict[int, KeyValue] = {}  # tied blocks attend the same context: project it once
+        for step, unique in enumerate(self.block_order):
+            block = self.blocks[unique]
+            if unique not in kv_cache:
+                kv_cache[unique] = block.project_kv(context)
+            x = block(x, mask=mask, inverted_attention=self.inverted_cross_attn[step], kv=kv_cache[unique])
+            if keep:
+                hiddens.append(x)
+            if self.attn_residuals is not None:
+                x = self.attn_residuals[unique](hiddens)
+
+        out = x if return_embeddings else self.head(x)
+        return (out, hiddens) if return_hiddens else out

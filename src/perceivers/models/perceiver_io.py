@@ -1,0 +1,188 @@
+"""Perceiver IO (arXiv 2107.14795) and the byte/token language model, with perceiver-pytorch's API.
+
+One encoder cross-attention, ``depth`` latent self-attention layers, one decoder cross-attention
+from user-given queries. Drop-in replacements for ``perceiver_pytorch.PerceiverIO`` and
+``PerceiverLM`` (0.11.0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import CrossAttentionBlock, SelfAttentionBlock, check_mask
+from .common import AttentionResidual, check_input, tie_schedule
+
+__all__ = ["PerceiverIO", "PerceiverLM", "dropout_seq"]
+
+
+def dropout_seq(data: Tensor, mask: Tensor | None, prob: float) -> tuple[Tensor, Tensor | None]:
+    """Keep a random ``1 - prob`` share of the input tokens (structured dropout, Perceiver AR).
+
+    ``data [B, M, C]`` → ``[B, k, C]`` with ``k = max(1, int((1 - prob) · M))``; masked-out tokens are
+    dropped first, and the returned mask keeps ``ceil(valid · (1 - prob))`` tokens per sample.
+    """
+    b, m = data.shape[:2]
+    logits = torch.randn(b, m, device=data.device)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    keep_prob = 1.0 - prob
+    num_keep = max(1, int(keep_prob * m))
+    keep = logits.topk(num_keep, dim=1).indices  # [B, k]
+    rows = torch.arange(b, device=data.device)[:, None]
+    data = data[rows, keep]
+    if mask is not None:
+        keep_counts = torch.ceil(mask.sum(dim=-1) * keep_prob).int()
+        mask = mask[rows, keep] & (torch.arange(num_keep, device=data.device) < keep_counts[:, None])
+    return data, mask
+
+
+class PerceiverIO(nn.Module):
+    """Encode ``data [B, M, dim]`` into latents, decode them at ``queries``.
+
+    Args:
+        depth: latent self-attention layers after the single encoder cross-attention.
+        dim: channels of ``data``.
+        queries_dim: channels of the decoder queries.
+        logits_dim: if set, a final ``Linear(queries_dim, logits_dim)``.
+        num_latents, latent_dim: the latent array.
+        cross_heads, cross_dim_head: heads and width per head of both cross-attentions.
+        latent_heads, latent_dim_head: of the self-attentions.
+        weight_tie_layers: all ``depth`` self-attention layers share one set of weights.
+        decoder_ff: a pre-norm GEGLU feed-forward with a residual after the decoder cross-attention.
+        seq_dropout_prob: structured input-token dropout in training (see :func:`dropout_seq`).
+        attn_residual, attn_residual_rank: learned pool over earlier latent layers.
+        inverted_cross_attn: slot-attention-style encoder cross-attention.
+
+    Without ``queries`` the forward returns the latents ``[B, num_latents, latent_dim]`` and
+    ``logits_dim`` does not apply (as in perceiver-pytorch).
+    """
+
+    def __init__(
+        self,
+        *,
+        depth: int,
+        dim: int,
+        queries_dim: int,
+        logits_dim: int | None = None,
+        num_latents: int = 512,
+        latent_dim: int = 512,
+        cross_heads: int = 1,
+        latent_heads: int = 8,
+        cross_dim_head: int = 64,
+        latent_dim_head: int = 64,
+        weight_tie_layers: bool = False,
+        decoder_ff: bool = False,
+        seq_dropout_prob: float = 0.0,
+        attn_residual: bool = False,
+        attn_residual_rank: int = 64,
+        inverted_cross_attn: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= seq_dropout_prob < 1.0:
+            raise ValueError(f"seq_dropout_prob must be in [0, 1), got {seq_dropout_prob}")
+        self.dim, self.queries_dim, self.latent_dim = dim, queries_dim, latent_dim
+        self.seq_dropout_prob = seq_dropout_prob
+        self.inverted_cross_attn = inverted_cross_attn
+        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
+        self.encoder_cross_attn = CrossAttentionBlock(
+            latent_dim, dim, num_heads=cross_heads, qk_channels=cross_heads * cross_dim_head, qkv_bias=False,
+            query_residual=True, mlp_mult=4, activation="geglu",
+        )
+        self.block_order = tie_schedule(depth, weight_tie_layers, tie_first=True)
+        num_unique = max(self.block_order) + 1
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(
+                latent_dim, num_heads=latent_heads, qk_channels=latent_heads * latent_dim_head, qkv_bias=False,
+                mlp_mult=4, activation="geglu",
+            )
+            for _ in range(num_unique)
+        )
+        self.attn_residuals = (
+            nn.ModuleList(AttentionResidual(latent_dim, attn_residual_rank) for _ in range(num_unique))
+            if attn_residual
+            else None
+        )
+        self.decoder_cross_attn = CrossAttentionBlock(
+            queries_dim, latent_dim, num_heads=cross_heads, qk_channels=cross_heads * cross_dim_head,
+            qkv_bias=False, query_residual=False, mlp_mult=4 if decoder_ff else None, activation="geglu",
+        )
+        self.to_logits = nn.Linear(queries_dim, logits_dim) if logits_dim is not None else nn.Identity()
+
+    def encode(self, data: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``data [B, M, dim]`` → latents after the encoder cross-attention ``[B, N, latent_dim]``."""
+        check_input(data, name="data", channels=self.dim, axes=1)
+        mask = check_mask(mask, data.shape[0], data.shape[1])
+        if self.training and self.seq_dropout_prob > 0.0:
+            data, mask = dropout_seq(data, mask, self.seq_dropout_prob)
+        x = self.latents.to(data.dtype).expand(data.shape[0], -1, -1)
+        return self.encoder_cross_attn(x, data, mask=mask, inverted=self.inverted_cross_attn)
+
+    def decode(self, latents: Tensor, queries: Tensor) -> Tensor:
+        """Queries ``[M, queries_dim]`` or ``[B, M, queries_dim]`` attend the latents → ``[B, M, out]``."""
+        if not isinstance(queries, Tensor) or queries.ndim not in (2, 3):
+            shape = tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__
+            raise ValueError(f"queries must be [m, queries_dim] or [batch, m, queries_dim], got {shape}")
+        if queries.shape[-1] != self.queries_dim:
+            raise ValueError(f"queries must have {self.queries_dim} channels, got {queries.shape[-1]}")
+        b = latents.shape[0]
+        if queries.ndim == 2:
+            queries = queries.expand(b, -1, -1)
+        elif queries.shape[0] != b:
+            raise ValueError(f"queries have batch size {queries.shape[0]} but data has {b}")
+        return self.to_logits(self.decoder_cross_attn(queries, latents))
+
+    def forward(
+        self,
+        data: Tensor,
+        mask: Tensor | None = None,
+        queries: Tensor | None = None,
+        block_outputs: Sequence[Tensor] | Tensor | None = None,
+        return_hiddens: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Encode ``data [B, M, dim]`` (``mask [B, M]``, True = attend) and decode at ``queries``.
+
+        Returns ``[B, m, logits_dim or queries_dim]``, or the latents when ``queries`` is None;
+        with ``return_hiddens`` also the latents before and after each layer.
+        """
+        x = self.encode(data, mask)
+        keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None
+        hiddens: list[Tensor] = []
+        if keep:
+            hiddens = [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs or [x])
+        for unique in self.block_order:
+            x = self.blocks[unique](x)
+            if keep:
+                hiddens.append(x)
+            if self.attn_residuals is not None:
+                x = self.attn_residuals[unique](hiddens)
+        out = x if queries is None else self.decode(x, queries)
+        return (out, hiddens) if return_hiddens else out
+
+
+class PerceiverLM(nn.Module):
+    """Token model: embeddings + learned absolute positions, decoded at the inputs themselves.
+
+    ``forward(x [B, n] long, mask [B, n])`` → logits ``[B, n, num_tokens]``. Not causal.
+    Other keyword arguments go to :class:`PerceiverIO`.
+    """
+
+    def __init__(self, *, dim: int, num_tokens: int, max_seq_len: int, **kwargs) -> None:
+        super().__init__()
+        self.num_tokens, self.max_seq_len = num_tokens, max_seq_len
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.pos_emb = nn.Embedding(max_seq_len, dim)
+        self.perceiver_io = PerceiverIO(dim=dim, queries_dim=dim, logits_dim=num_tokens, **kwargs)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32) or x.ndim != 2:
+            desc = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be token ids, an int64 tensor [batch, seq_len], got {desc}")
+        if x.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len={self.max_seq_len}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
+            raise ValueError(f"token ids must lie in [0, {self.num_tokens}), got [{int(x.min())}, {int(x.max())}]")
+        h = self.token_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device))
+        return self.perceiver_io(h, mask=mask, queries=h)
