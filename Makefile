@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-pytorch-0.10.1 perceiver-pytorch==0.10.1
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-pytorch-0.8.8 perceiver-pytorch==0.8.8
 	touch $(STAMP)
 
 setup: $(STAMP)
