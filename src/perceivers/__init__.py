@@ -1,11 +1,34 @@
 """perceivers: DeepMind's Perceiver family in PyTorch — complete, exact and fast.
 
 Importing this package loads only torch, einops and numpy; training, export and reference
-libraries are imported by the submodules that need them.
+libraries are imported by the submodules that need them. Names listed in ``_LAZY`` are imported on
+first use.
 """
+
+from importlib import import_module
+from typing import Any
 
 from .models import Perceiver, PerceiverBlock, PerceiverIO, PerceiverLM
 
 __version__ = "0.1.0"
 
-__all__ = ["Perceiver", "PerceiverBlock", "PerceiverIO", "PerceiverLM", "__version__"]
+# public name -> module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    "pad_grid_batch": "perceivers.batching",
+    "pad_point_batch": "perceivers.batching",
+}
+
+__all__ = ["Perceiver", "PerceiverBlock", "PerceiverIO", "PerceiverLM", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'perceivers' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
