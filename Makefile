@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-pytorch-0.10.1 perceiver-pytorch==0.10.1
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-pytorch-0.8.8 perceiver-pytorch==0.8.8
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-multi-modality-pytorch-1.4.0 perceiver-multi-modality-pytorch==1.4.0
 	touch $(STAMP)
 
 setup: $(STAMP)
