@@ -1,0 +1,22 @@
+"""Data around the models: the byte tokenizer, ImageNet preprocessing and labels, optical-flow helpers.
+
+Pillow is imported only by the functions that read or write image files.
+"""
+
+from .flow import flow_to_color, normalize_frames, patches_for_flow, save_flow_png, tile_flow
+from .image import IMAGENET_MEAN, IMAGENET_STD, ImageNetEvalTransform, imagenet_class_names, load_image
+from .tokenizer import ByteTokenizer
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ByteTokenizer",
+    "ImageNetEvalTransform",
+    "flow_to_color",
+    "imagenet_class_names",
+    "load_image",
+    "normalize_frames",
+    "patches_for_flow",
+    "save_flow_png",
+    "tile_flow",
+]

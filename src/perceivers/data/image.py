@@ -1,0 +1,181 @@
+"""ImageNet evaluation preprocessing (PIL + numpy + torch) and the ImageNet-1k class names.
+
+The official pipeline (``perceiver/train/dataset.py``): square centre crop of side
+``int(224/256 · min(H, W))`` at offsets ``((H − s) + 1) // 2``, ``((W − s) + 1) // 2``; bicubic resize to
+224×224 with TensorFlow's kernel (Keys a = −0.5, half-pixel centres, no antialias, no clamping);
+``(x − 255·mean) / (255·std)`` with the ImageNet mean/std; RGB. Our models take NCHW, so the
+result is ``[3, 224, 224]`` float32 per image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageNetEvalTransform",
+    "center_crop_box",
+    "imagenet_class_names",
+    "load_image",
+    "resize_bicubic",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Resample = Literal["tf", "pil", "torch"]
+
+
+def load_image(image: object) -> np.ndarray:
+    """A path, PIL image, ``[H, W, 3]`` array or ``[H, W, 3]`` tensor → ``uint8 [H, W, 3]`` RGB array.
+
+    Float arrays are taken to hold values in [0, 255] and are rounded and clipped.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"an image array must be [H, W, 3] (channels last), got shape {image.shape}")
+        image = image[:, :, :3]
+        if image.dtype != np.uint8:
+            image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        return image
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - PIL is a test/train dependency
+        raise TypeError(f"unsupported image type {type(image).__name__}") from e
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    raise TypeError(f"image must be a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def center_crop_box(height: int, width: int, size: int = 224, crop_padding: int = 32) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the official square centre crop.
+
+    ``side = int(size / (size + crop_padding) · min(height, width))``; the offsets round up
+    (``((H − side) + 1) // 2``), where transformers' processor rounds down.
+    """
+    side = int(np.float32(size / (size + crop_padding)) * np.float32(min(height, width)))
+    if side < 1:
+        raise ValueError(f"image of {height}×{width} is too small to crop")
+    return ((height - side) + 1) // 2, ((width - side) + 1) // 2, side
+
+
+def _keys_cubic(t: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel at distances ``t``."""
+    t = np.abs(t)
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+
+@lru_cache(maxsize=32)
+def _tf_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """``[out, in]`` weights of TensorFlow's ``resize_bicubic(half_pixel_centers=True)``.
+
+    Keys a = −0.5 sampled at the fractional offset quantised to 1/1024 (TF's coefficient table);
+    taps that fall outside the image get weight 0 and the rest are renormalised to sum to 1.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    centres = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    base = np.floor(centres).astype(np.int64)
+    delta = np.rint((centres - base).astype(np.float64) * 1024) / 1024
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    for tap in (-1, 0, 1, 2):
+        idx = base + tap
+        w = _keys_cubic(delta - tap, -0.5)
+        inside = (idx >= 0) & (idx < in_size)
+        np.add.at(weights, (np.arange(out_size)[inside], idx[inside]), w[inside])
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_bicubic(image: np.ndarray, size: tuple[int, int], method: Resample = "tf") -> np.ndarray:
+    """Bicubic resize of ``uint8 [H, W, 3]`` to ``float32 [h, w, 3]`` (values on the 0..255 scale).
+
+    Args:
+        method: ``"tf"`` TensorFlow's ``tf.image.resize(..., BICUBIC)`` as in the official eval
+            pipeline (unclamped, so values may leave [0, 255]); ``"pil"`` PIL's ``BICUBIC`` on uint8
+            (antialiased when shrinking, rounded and clamped; transformers' processor);
+            ``"torch"`` ``F.interpolate(mode="bicubic")`` (Keys a = −0.75 like OpenCV's INTER_CUBIC,
+            which the official colab used).
+    """
+    h, w = size
+    if method == "tf":
+        wy = _tf_bicubic_matrix(image.shape[0], h)
+        wx = _tf_bicubic_matrix(image.shape[1], w)
+        out = np.einsum("yh,hwc,xw->yxc", wy, image.astype(np.float64), wx, optimize=True)
+        return out.astype(np.float32)
+    if method == "pil":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    if method == "torch":
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].double()
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+        return x[0].permute(1, 2, 0).float().numpy()
+    raise ValueError(f"method must be 'tf', 'pil' or 'torch', got {method!r}")
+
+
+@dataclass
+class ImageNetEvalTransform:
+    """Image → normalised ``float32 [3, size, size]`` tensor (NCHW per image), the official eval recipe.
+
+    Args:
+        size: output side (224).
+        crop_padding: crop side is ``size / (size + crop_padding)`` of the shorter side (224/256).
+        resample: see :func:`resize_bicubic`; ``"tf"`` follows the official pipeline, ``"pil"``
+            matches transformers' ``PerceiverImageProcessorPil``.
+        mean, std: per-channel statistics on the 0..1 scale.
+    """
+
+    size: int = 224
+    crop_padding: int = 32
+    resample: Resample = "tf"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, image: object) -> Tensor:
+        """One image (path, PIL, ``[H, W, 3]`` array/tensor) → ``[3, size, size]``."""
+        pixels = load_image(image)
+        top, left, side = center_crop_box(pixels.shape[0], pixels.shape[1], self.size, self.crop_padding)
+        crop = np.ascontiguousarray(pixels[top : top + side, left : left + side])
+        resized = resize_bicubic(crop, (self.size, self.size), self.resample)
+        mean = np.asarray(self.mean, dtype=np.float32) * 255
+        std = np.asarray(self.std, dtype=np.float32) * 255
+        return torch.from_numpy((resized - mean) / std).permute(2, 0, 1).contiguous()
+
+    def batch(self, images: Sequence[object]) -> Tensor:
+        """A list of images → ``[B, 3, size, size]``."""
+        return torch.stack([self(im) for im in images])
+
+
+@lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names in the standard order (index = logit index of the models).
+
+    Short WordNet lemmas (``"tench"``, ``"goldfish"``, …, ``"toilet tissue"``); two names repeat
+    (``crane`` 134/517, ``maillot`` 638/639) as they do in ImageNet itself.
+    """
+    text = resources.files(__package__).joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(names) != 1000:
+        raise RuntimeError(f"imagenet_classes.txt holds {len(names)} names, expected 1000")
+    return names

@@ -1,0 +1,94 @@
+"""ByteTokenizer: DeepMind ids, padding/masks, and parity with transformers' PerceiverTokenizer."""
+
+import pytest
+import torch
+
+from perceivers.data import ByteTokenizer
+
+MIXED = [
+    "This is an incomplete sentence where some words are missing.",
+    "héllo wörld — ça va ? 你好，世界 🙂🚀",
+    "Привет, мир! مرحبا بالعالم שלום עולם",
+    "naïve café\tnew\nline \x00 nul",
+    "",
+]
+
+
+def test_ids_are_bytes_plus_six():
+    tok = ByteTokenizer()
+    assert tok.encode("a") == [ord("a") + 6]
+    assert tok.encode("é") == [0xC3 + 6, 0xA9 + 6]
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.cls_id, tok.sep_id) == (0, 1, 2, 3, 4, 5)
+    assert len(tok) == tok.vocab_size == 262
+
+
+def test_official_layout_pads_to_max_length_with_mask():
+    tok = ByteTokenizer(max_length=2048)
+    batch = tok(["abc", "hello"])
+    assert batch["input_ids"].shape == (2, 2048) and batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"][0, :3].tolist() == [1, 1, 1] and batch["attention_mask"][0, 3:].sum() == 0
+    assert batch["input_ids"][1, :5].tolist() == [b + 6 for b in b"hello"]
+    assert batch["input_ids"][1, 5:].eq(0).all()
+
+
+def test_colab_mask_example_roundtrip():
+    tok = ByteTokenizer()
+    text = "This is an incomplete sentence where some words are missing."
+    ids = tok(text)["input_ids"][0]
+    ids[51:60] = tok.mask_id
+    assert tok.decode(ids) == text[:51] + text[60:]
+    assert text[51:60] == " missing."
+
+
+def test_decode_drops_reserved_and_replaces_invalid_utf8():
+    tok = ByteTokenizer()
+    ids = [4, 0xC3 + 6, 3, 0xA9 + 6, 5, 0, ord("x") + 6, 0xFF + 6]
+    assert tok.decode(ids) == "éx\ufffd"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([262])
+
+
+def test_padding_modes_and_truncation():
+    tok = ByteTokenizer(max_length=4)
+    assert tok(["ab", "abcdef"], padding="longest")["input_ids"].shape == (2, 4)
+    assert tok(["ab", "abc"], padding="longest")["input_ids"].shape == (2, 3)
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        tok("abcdef", truncation=False)
+    with pytest.raises(ValueError, match="equal lengths"):
+        tok(["a", "ab"], padding="none")
+    with pytest.raises(ValueError, match="padding must be"):
+        tok("a", padding="sideways")
+
+
+def test_special_tokens_layout_and_parsing():
+    tok = ByteTokenizer(add_special_tokens=True, parse_special_tokens=True)
+    assert tok.encode("a[MASK]b") == [4, ord("a") + 6, 3, ord("b") + 6, 5]
+    assert tok.encode("a", "b") == [4, ord("a") + 6, 5, ord("b") + 6, 5]
+    plain = ByteTokenizer()
+    assert plain.encode("[MASK]") == [b + 6 for b in b"[MASK]"]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.PerceiverTokenizer()
+
+
+@pytest.mark.parametrize("text", MIXED + ["héllo [MASK]", "[CLS] a [SEP] b [MASK][MASK]"])
+def test_parity_with_transformers(hf_tokenizer, text):
+    ours = ByteTokenizer(max_length=96, add_special_tokens=True, parse_special_tokens=True)
+    ref = hf_tokenizer(text, padding="max_length", max_length=96, truncation=True, return_tensors="pt")
+    got = ours(text)
+    assert torch.equal(got["input_ids"], ref["input_ids"])
+    assert torch.equal(got["attention_mask"], ref["attention_mask"])
+    assert ours.decode(got["input_ids"][0]) == hf_tokenizer.decode(ref["input_ids"][0], skip_special_tokens=True)
+
+
+def test_parity_with_transformers_batch_and_pairs(hf_tokenizer):
+    ours = ByteTokenizer(max_length=256, add_special_tokens=True, parse_special_tokens=True)
+    ref = hf_tokenizer(MIXED, MIXED[::-1], padding="longest", return_tensors="pt")
+    got = ours(MIXED, MIXED[::-1], padding="longest")
+    assert torch.equal(got["input_ids"], ref["input_ids"])
+    assert torch.equal(got["attention_mask"], ref["attention_mask"])
+    raw = hf_tokenizer(MIXED, add_special_tokens=False)["input_ids"]
+    assert [ByteTokenizer().encode(t) for t in MIXED] == raw
