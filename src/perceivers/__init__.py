@@ -8,7 +8,17 @@ first use.
 from importlib import import_module
 from typing import Any
 
-from .models import Perceiver, PerceiverBlock, PerceiverIO, PerceiverLM
+from .models import (
+    InputModality,
+    InputModalityWithEmbedding,
+    MultiModalityPerceiver,
+    MultiModalityPerceiverNoPooling,
+    MultiModalityWithTextPerceiver,
+    Perceiver,
+    PerceiverBlock,
+    PerceiverIO,
+    PerceiverLM,
+)
 
 __version__ = "0.1.0"
 
@@ -18,7 +28,19 @@ _LAZY: dict[str, str] = {
     "pad_point_batch": "perceivers.batching",
 }
 
-__all__ = ["Perceiver", "PerceiverBlock", "PerceiverIO", "PerceiverLM", "__version__", *_LAZY]
+__all__ = [
+    "InputModality",
+    "InputModalityWithEmbedding",
+    "MultiModalityPerceiver",
+    "MultiModalityPerceiverNoPooling",
+    "MultiModalityWithTextPerceiver",
+    "Perceiver",
+    "PerceiverBlock",
+    "PerceiverIO",
+    "PerceiverLM",
+    "__version__",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

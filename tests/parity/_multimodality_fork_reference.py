@@ -1,0 +1,92 @@
+"""Run perceiver-multi-modality-pytorch (the fork) on random weights and save what it computed.
+
+Usage: ``python _multimodality_fork_reference.py CASES.json OUT.pt`` with the fork first on ``PYTHONPATH`` (it
+installs as ``perceiver_pytorch``, the name perceiver-pytorch uses). Every case in the JSON list is a dict::
+
+    {"name": str, "cls": "MultiModalityPerceiver" | "MultiModalityPerceiverNoPooling"
+     | "MultiModalityWithTextPerceiver", "modalities": [[name, channels, axis, bands, max_freq, base], ...],
+     "embeddings": {name: [vocab, dim]}, "kwargs": {...}, "shapes": {name: [B, *axes, C]}, "mask": bool}
+
+``OUT.pt`` holds ``{name: {"state_dict", "inputs", "mask", "output"}}`` (tensors only, for weights_only loading).
+"""
+
+import json
+import sys
+
+import torch
+from torch import nn
+
+
+def randomise(model: nn.Module, generator: torch.Generator) -> None:
+    """Every parameter random, norms and biases included, with magnitudes that keep activations O(1)."""
+
+    def noise(p: torch.Tensor) -> torch.Tensor:
+        return torch.randn(p.shape, generator=generator)
+
+    with torch.no_grad():
+        done = set()
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1.0 + 0.2 * noise(module.weight))
+                module.bias.copy_(0.2 * noise(module.bias))
+                done |= {id(module.weight), id(module.bias)}
+        for name, p in model.named_parameters():
+            if id(p) in done:
+                continue
+            if p.ndim == 1:  # biases
+                p.copy_(0.2 * noise(p))
+            elif name == "latents" or name.startswith("embeddings."):
+                p.copy_(noise(p))
+            else:  # weights: fan-in scaling
+                p.copy_(noise(p) / p[0].numel() ** 0.5)
+
+
+def run_case(case: dict) -> dict:
+    import perceiver_pytorch.multi_modality_perceiver as mm
+    import perceiver_pytorch.multi_modality_with_text_perceiver as mt
+    from perceiver_pytorch.modalities import InputModality, InputModalityWithEmbedding
+
+    generator = torch.Generator().manual_seed(case.get("seed", 0))
+    torch.manual_seed(case.get("seed", 0))
+    embeddings = case.get("embeddings", {})
+    modalities = []
+    for name, channels, axis, bands, max_freq, base in case["modalities"]:
+        if case["cls"] == "MultiModalityWithTextPerceiver":
+            emb = nn.Embedding(*embeddings[name]) if name in embeddings else None
+            modalities.append(InputModalityWithEmbedding(name, channels, axis, bands, max_freq, base, embedding=emb))
+        else:
+            modalities.append(InputModality(name, channels, axis, bands, max_freq, base))
+    cls = getattr(mt if case["cls"] == "MultiModalityWithTextPerceiver" else mm, case["cls"])
+    model = cls(modalities=modalities, **case["kwargs"])
+    randomise(model, generator)
+    model.eval()
+
+    inputs = {}
+    for name, shape in case["shapes"].items():
+        if name in embeddings:
+            inputs[name] = torch.randint(0, embeddings[name][0], shape, generator=generator)
+        else:
+            inputs[name] = torch.randn(shape, generator=generator)
+    mask = None
+    if case.get("mask"):
+        batch = next(iter(case["shapes"].values()))[0]
+        total = sum(torch.Size(s[1:-1]).numel() for s in case["shapes"].values())
+        mask = torch.rand(batch, total, generator=generator) > 0.3
+        mask[:, 0] = True
+    with torch.no_grad():
+        output = model(inputs, mask=mask)
+    result = {"state_dict": dict(model.state_dict()), "inputs": inputs, "output": output}
+    if mask is not None:
+        result["mask"] = mask
+    return result
+
+
+def main() -> None:
+    cases_path, out_path = sys.argv[1:3]
+    with open(cases_path) as f:
+        cases = json.load(f)
+    torch.save({case["name"]: run_case(case) for case in cases}, out_path)
+
+
+if __name__ == "__main__":
+    main()
