@@ -65,7 +65,7 @@ def _reference_tiling(model_fn, f1, f2, tile, overlap):
 
 def _position_model(frames):
     """Output depends on the position inside the tile, so overlapping tiles disagree and blending matters."""
-    n, _, h, w, _ = frames.shape
+    _, _, h, w, _ = frames.shape
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     return torch.stack((xx + frames[:, 0, ..., 0], yy * frames[:, 1, ..., 1]), dim=-1)
 

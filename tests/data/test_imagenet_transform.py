@@ -68,7 +68,7 @@ def test_parity_with_transformers_pil_processor(shape):
     """Tolerance 1e-5: both resize with PIL on uint8; only the float normalisation order differs."""
     transformers = pytest.importorskip("transformers")
     img = _image(*shape, seed=sum(shape))
-    top, left, side = center_crop_box(*shape)
+    _, _, side = center_crop_box(*shape)
     # transformers rounds the crop offset down; these shapes leave an even margin so both agree
     assert (shape[0] - side) % 2 == 0 and (shape[1] - side) % 2 == 0
     ref = transformers.PerceiverImageProcessorPil()(Image.fromarray(img), return_tensors="pt")["pixel_values"]

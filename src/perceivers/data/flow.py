@@ -59,7 +59,7 @@ def patches_for_flow(frames: Tensor) -> Tensor:
     """
     if frames.ndim != 5:
         raise ValueError(f"frames must be [B, T, H, W, C] (channels last), got shape {tuple(frames.shape)}")
-    b, t, h, w, c = frames.shape
+    b, t, h, w, _ = frames.shape
     x = rearrange(frames, "b t h w c -> (b t) c h w")
     x = F.pad(x, (1, 1, 1, 1))
     windows = torch.stack([x[:, :, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], dim=1)

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["ByteTokenizer", "SPECIAL_TOKENS"]
+__all__ = ["SPECIAL_TOKENS", "ByteTokenizer"]
 
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID = range(6)
 SPECIAL_TOKENS: dict[str, int] = {
