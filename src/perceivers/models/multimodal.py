@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask, linear_positions
 from .common import check_input, flatten_axes, tie_schedule
 
@@ -146,6 +147,7 @@ def latent_block_schedule(depth: int, blocks_per_layer: int, weight_tie_layers: 
     return tuple(order)
 
 
+@configurable
 class MultiModalityPerceiver(nn.Module):
     """Perceiver over a dictionary of modalities (``perceiver_pytorch.multi_modality_perceiver`` compatible).
 
@@ -358,6 +360,7 @@ class MultiModalityPerceiver(nn.Module):
         return x if self.head is None else self.head(x)
 
 
+@configurable
 class MultiModalityPerceiverNoPooling(MultiModalityPerceiver):
     """:class:`MultiModalityPerceiver` that returns the latents ``[B, num_latents, latent_dim]`` (no head).
 
@@ -393,6 +396,7 @@ class MultiModalityPerceiverNoPooling(MultiModalityPerceiver):
         return x
 
 
+@configurable
 class MultiModalityWithTextPerceiver(MultiModalityPerceiver):
     """Multi-modality Perceiver where token modalities are embedded and each layer sees its own slice.
 

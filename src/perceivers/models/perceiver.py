@@ -13,12 +13,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import CrossAttentionBlock, FourierPositionEncoding, KeyValue, SelfAttentionBlock, check_mask
 from .common import AttentionResidual, ClassifierHead, check_input, flatten_axes, tie_schedule
 
 __all__ = ["Perceiver", "PerceiverBlock"]
 
 
+@configurable
 class PerceiverBlock(nn.Module):
     """Cross-attention + GEGLU feed-forward, then ``self_per_cross_attn`` × (self-attention + feed-forward).
 
@@ -93,6 +95,7 @@ class PerceiverBlock(nn.Module):
         return x
 
 
+@configurable
 class Perceiver(nn.Module):
     """Perceiver classifier over inputs ``[B, *axes, input_channels]`` (channels last).
 

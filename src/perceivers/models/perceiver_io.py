@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import CrossAttentionBlock, SelfAttentionBlock, check_mask
 from .common import AttentionResidual, check_input, tie_schedule
 
@@ -39,6 +40,7 @@ def dropout_seq(data: Tensor, mask: Tensor | None, prob: float) -> tuple[Tensor,
     return data, mask
 
 
+@configurable
 class PerceiverIO(nn.Module):
     """Encode ``data [B, M, dim]`` into latents, decode them at ``queries``.
 
@@ -162,6 +164,7 @@ class PerceiverIO(nn.Module):
         return (out, hiddens) if return_hiddens else out
 
 
+@configurable
 class PerceiverLM(nn.Module):
     """Token model: embeddings + learned absolute positions, decoded at the inputs themselves.
 

@@ -1,0 +1,332 @@
+"""Save and load models: our own format, the Hugging Face Hub, and any supported checkpoint.
+
+Own format, one directory::
+
+    config.json        {"format": "perceivers", "format_version": 1, "model": {...}}
+    model.safetensors  the state dict (tied tensors stored once)
+
+``"model"`` is either ``{"registry": name, "config": {...}}`` for :func:`perceivers.tasks.create_model`
+variants (rebuilt with ``create_model(name, **config)``) or ``{"class": "perceivers....", "kwargs":
+{...}}`` for classes decorated with :func:`perceivers.configurable.configurable` (the
+perceiver-pytorch family and every exported model class).
+
+:func:`from_pretrained` takes a directory or a Hub repo id (``owner/name``); repo ids go through
+``huggingface_hub.snapshot_download`` and therefore its cache, so they work offline
+(``HF_HUB_OFFLINE=1``) once downloaded. Directories in transformers' format (``model_type:
+"perceiver"``) are converted on the fly. :func:`load_checkpoint` loads weights of any supported
+format into an existing model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configurable import init_config
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "build_model",
+    "detect_format",
+    "from_pretrained",
+    "load_checkpoint",
+    "model_config",
+    "resolve",
+    "save_pretrained",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "perceivers"
+FORMAT_VERSION = 1
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HAIKU_SUFFIXES = (".pystate", ".pickle", ".pkl")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild ``model``: ``{"registry": …, "config": …}`` or ``{"class": …, "kwargs": …}``."""
+    config = getattr(model, "config", None)
+    name = getattr(model, "model_name", None)
+    if isinstance(name, str) and dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {"registry": name, "config": json.loads(json.dumps(dataclasses.asdict(config), default=_no_json))}
+    return init_config(model)
+
+
+def _no_json(value: Any) -> Any:
+    raise TypeError(f"cannot save config value {value!r} of type {type(value).__name__} as JSON")
+
+
+def _import_class(path: str, allow_external: bool) -> type:
+    if not allow_external and not path.startswith(("perceivers.", "torch.nn.")):
+        raise ValueError(f"refusing to import {path!r} from a config: only perceivers classes are allowed "
+                         "(pass allow_external_classes=True to trust it)")
+    module, _, name = path.rpartition(".")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise TypeError(f"{path} is not a class")
+    return obj
+
+
+def _decode(value: Any, allow_external: bool) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, allow_external) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tuple__" in value:
+        return tuple(_decode(v, allow_external) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {k: _decode(v, allow_external) for k, v in value["__dict__"].items()}
+    if "__module__" in value:
+        return build_model(value["__module__"], allow_external_classes=allow_external)
+    if "__dataclass__" in value:
+        cls = _import_class(value["__dataclass__"], allow_external)
+        return cls(**{k: _decode(v, allow_external) for k, v in value["fields"].items()})
+    raise ValueError(f"unrecognised config entry {value!r}")
+
+
+def build_model(config: dict[str, Any], *, allow_external_classes: bool = False) -> nn.Module:
+    """A freshly initialised model from the ``"model"`` entry of a config (see :func:`model_config`)."""
+    if "registry" in config:
+        from .tasks import create_model
+
+        return create_model(config["registry"], **config.get("config", {}))
+    if "class" in config:
+        cls = _import_class(config["class"], allow_external_classes)
+        kwargs = {k: _decode(v, allow_external_classes) for k, v in config.get("kwargs", {}).items()}
+        args = kwargs.pop("*args", [])  # a recorded *args parameter (see configurable)
+        return cls(*args, **kwargs)
+    raise ValueError(f"model config needs a 'registry' or a 'class' entry, got keys {sorted(config)}")
+
+
+# ------------------------------------------------------------------------------------------ save / load
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for ``model`` into ``save_directory``.
+
+    Args:
+        extra: JSON-able metadata stored next to the model config (e.g. labels, training info).
+
+    Returns:
+        the directory.
+    """
+    from .convert.state_dict import save_state_dict
+
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "perceivers_version": _version(),
+        "model": model_config(model),
+    }
+    if extra:
+        config["extra"] = extra
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    save_state_dict(model.state_dict(), directory / WEIGHTS_NAME, metadata={"perceivers.format": FORMAT})
+    return directory
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def resolve(
+    name_or_path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """A local file/directory as is, or a Hub repo id → its snapshot directory (via the HF cache).
+
+    With ``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) only the cache is consulted.
+    """
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    name = os.fspath(name_or_path)
+    if not _REPO_ID.match(name):
+        raise FileNotFoundError(f"{name!r} is neither an existing path nor a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "token": token}
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    return Path(snapshot_download(name, **kwargs))
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """``"perceivers"``, ``"transformers"``, ``"haiku"``, ``"safetensors"`` or ``"torch"`` for a local path.
+
+    Directories are told apart by their ``config.json``; files by their first bytes (safetensors
+    header, zip archive = ``torch.save``, pickle = Haiku unless the suffix says ``torch.save``).
+    """
+    from .convert.state_dict import is_safetensors
+
+    path = Path(path)
+    if path.is_dir():
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.exists():
+            weights = _weights_files(path)
+            if len(weights) == 1:
+                return detect_format(weights[0])
+            raise ValueError(f"{path} has no {CONFIG_NAME} and {len(weights)} weight files; pass one file")
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if cfg.get("format") == FORMAT:
+            return "perceivers"
+        if cfg.get("model_type") == "perceiver":
+            return "transformers"
+        raise ValueError(f"{cfg_path} is neither a perceivers config nor a transformers Perceiver config")
+    if is_safetensors(path):
+        return "safetensors"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch"
+    if head[:1] == b"\x80":
+        return "torch" if path.suffix in _TORCH_SUFFIXES else "haiku"
+    raise ValueError(f"cannot tell the format of {path} (not safetensors, torch.save or a pickle)")
+
+
+def _weights_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and (p.suffix == ".safetensors" or p.suffix in _TORCH_SUFFIXES + _HAIKU_SUFFIXES))
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+
+
+def _own_weights(directory: Path) -> Path:
+    path = directory / WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    return path
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    map_location: str | torch.device = "cpu",
+    allow_external_classes: bool = False,
+    **transformers_options: Any,
+) -> nn.Module:
+    """Build a model and load its weights from a directory or Hub repo id.
+
+    Own-format directories are rebuilt from their config; transformers Perceiver checkpoints
+    (``config.json`` with ``model_type: "perceiver"``) are converted with
+    :func:`perceivers.convert.transformers.from_transformers` (``transformers_options`` go there).
+    The model is returned in eval mode.
+    """
+    from .convert.state_dict import load_state_dict_strict, read_state_dict
+
+    directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                        token=token)
+    if not directory.is_dir():
+        raise ValueError(f"from_pretrained needs a directory or repo id, got the file {directory}; "
+                         "use load_checkpoint(model, path) for bare weight files")
+    fmt = detect_format(directory)
+    if fmt == "transformers":
+        from .convert.transformers import from_transformers
+
+        return from_transformers(directory, map_location=map_location, **transformers_options).eval()
+    if fmt != "perceivers":
+        raise ValueError(f"{directory} holds bare weights ({fmt}); build the model and use load_checkpoint")
+    if transformers_options:
+        raise TypeError(f"unexpected options for a perceivers checkpoint: {sorted(transformers_options)}")
+    config = _read_config(directory)
+    if int(config.get("format_version", 1)) > FORMAT_VERSION:
+        raise ValueError(f"{directory} was written by a newer perceivers (format {config['format_version']})")
+    model = build_model(config["model"], allow_external_classes=allow_external_classes)
+    state = read_state_dict(_own_weights(directory), map_location=map_location)
+    load_state_dict_strict(model, state, source=str(directory))
+    return model.to(map_location).eval()
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_id: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load weights of any supported format into ``model`` (strictly) and return it.
+
+    ``path_or_id`` is dispatched on its content:
+
+    - a Haiku pickle (``.pystate``/``.pickle``): :func:`perceivers.convert.haiku.load_haiku_checkpoint`;
+    - a transformers directory / repo: key tables of :mod:`perceivers.convert.transformers`;
+    - a perceivers directory (``save_pretrained``): its ``model.safetensors``;
+    - a ``.safetensors`` or ``torch.save`` state dict (our names, or transformers' ``perceiver.*``
+      names, or perceiver-pytorch's).
+
+    Raises:
+        CheckpointError: naming the missing, unexpected and mis-shaped tensors.
+    """
+    from .convert.state_dict import load_state_dict_strict, read_state_dict
+
+    path = resolve(path_or_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    fmt = detect_format(path)
+    source = str(path)
+    if fmt == "haiku":
+        from .convert.haiku import load_haiku_checkpoint
+
+        load_haiku_checkpoint(model, path)
+        return model
+    if fmt == "transformers":
+        from .convert.transformers import load_transformers_weights
+
+        return load_transformers_weights(model, path, map_location=map_location)
+    if fmt == "perceivers":
+        path = _own_weights(path)
+        fmt = "safetensors"
+    if path.is_dir():  # a directory with a single weights file
+        path = _weights_files(path)[0]
+    state = read_state_dict(path, map_location=map_location)
+    state = _translate_foreign(model, state)
+    return load_state_dict_strict(model, state, source=source)
+
+
+def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a bare state dict written by another library, when its names say so."""
+    own = model.state_dict()
+    if set(state) <= set(own) or not state:
+        return state
+    if any(k.startswith("perceiver.") for k in state):
+        from .convert.transformers import convert_transformers_state_dict
+
+        return convert_transformers_state_dict(state, model)
+    if any(k.startswith(("layers.", "perceiver_io.")) or k == "latents" for k in state):
+        from .convert.lucidrains import from_lucidrains
+
+        try:
+            return from_lucidrains(state)
+        except (KeyError, ValueError):
+            return state
+    return state
