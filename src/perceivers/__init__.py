@@ -26,6 +26,9 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "pad_grid_batch": "perceivers.batching",
     "pad_point_batch": "perceivers.batching",
+    "from_pretrained": "perceivers.hub",
+    "load_checkpoint": "perceivers.hub",
+    "save_pretrained": "perceivers.hub",
 }
 
 __all__ = [
