@@ -9,8 +9,11 @@ from importlib import import_module
 from typing import Any
 
 from .models import (
+    BottomUpPerceiver,
+    GatedPerceiver,
     InputModality,
     InputModalityWithEmbedding,
+    MixedLatentsPerceiver,
     MultiModalityPerceiver,
     MultiModalityPerceiverNoPooling,
     MultiModalityWithTextPerceiver,
@@ -32,8 +35,11 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "BottomUpPerceiver",
+    "GatedPerceiver",
     "InputModality",
     "InputModalityWithEmbedding",
+    "MixedLatentsPerceiver",
     "MultiModalityPerceiver",
     "MultiModalityPerceiverNoPooling",
     "MultiModalityWithTextPerceiver",

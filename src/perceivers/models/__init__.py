@@ -1,5 +1,6 @@
 """The perceiver-pytorch family: Perceiver, PerceiverIO, PerceiverLM and their variants."""
 
+from .experimental import BottomUpPerceiver
 from .multimodal import (
     InputModality,
     InputModalityWithEmbedding,
@@ -9,10 +10,14 @@ from .multimodal import (
 )
 from .perceiver import Perceiver, PerceiverBlock
 from .perceiver_io import PerceiverIO, PerceiverLM
+from .variants import GatedPerceiver, MixedLatentsPerceiver
 
 __all__ = [
+    "BottomUpPerceiver",
+    "GatedPerceiver",
     "InputModality",
     "InputModalityWithEmbedding",
+    "MixedLatentsPerceiver",
     "MultiModalityPerceiver",
     "MultiModalityPerceiverNoPooling",
     "MultiModalityWithTextPerceiver",
