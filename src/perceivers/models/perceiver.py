@@ -82,7 +82,14 @@ class PerceiverBlock(nn.Module):
     ) -> Tensor:
         """Latents ``x [B, N, D]`` attend ``context [B, M, C]`` (or precomputed ``kv``) → ``[B, N, D]``."""
         if self.cross_attn is not None:
-            if kv is None:
+            if kv is None:  # called directly: check what the caller gave (Perceiver has checked already)
+                check_input(x, name="x", channels=self.cross_attn.attn.q_dim, axes=1)
+                if context is None:
+                    raise ValueError("this block has cross-attention: pass context [batch, n, context_dim]")
+                check_input(context, name="context", channels=self.cross_attn.attn.kv_dim, axes=1)
+                if context.shape[0] != x.shape[0]:
+                    raise ValueError(f"context has batch size {context.shape[0]} but x has {x.shape[0]}")
+                mask = check_mask(mask, context.shape[0], context.shape[1])
                 kv = self.project_kv(context)
             if self.queries_contribute_kv:
                 kq, vq = self.cross_attn.attn.project_kv(self.cross_attn.norm_q(x))

@@ -124,9 +124,11 @@ class PerceiverIO(nn.Module):
 
     def decode(self, latents: Tensor, queries: Tensor) -> Tensor:
         """Queries ``[M, queries_dim]`` or ``[B, M, queries_dim]`` attend the latents → ``[B, M, out]``."""
-        if not isinstance(queries, Tensor) or queries.ndim not in (2, 3):
-            shape = tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__
-            raise ValueError(f"queries must be [m, queries_dim] or [batch, m, queries_dim], got {shape}")
+        if not isinstance(queries, Tensor) or not queries.is_floating_point():
+            got = f"dtype {queries.dtype}" if isinstance(queries, Tensor) else type(queries).__name__
+            raise TypeError(f"queries must be a floating-point tensor, got {got}")
+        if queries.ndim not in (2, 3):
+            raise ValueError(f"queries must be [m, queries_dim] or [batch, m, queries_dim], got {tuple(queries.shape)}")
         if queries.shape[-1] != self.queries_dim:
             raise ValueError(f"queries must have {self.queries_dim} channels, got {queries.shape[-1]}")
         b = latents.shape[0]
@@ -180,9 +182,11 @@ class PerceiverLM(nn.Module):
         self.perceiver_io = PerceiverIO(dim=dim, queries_dim=dim, logits_dim=num_tokens, **kwargs)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32) or x.ndim != 2:
-            desc = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be token ids, an int64 tensor [batch, seq_len], got {desc}")
+        if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32):
+            got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"x must be token ids, an int64 (or int32) tensor, got {got}")
+        if x.ndim != 2:
+            raise ValueError(f"x must have shape [batch, seq_len], got {tuple(x.shape)}")
         if x.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len={self.max_seq_len}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
