@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
+    "create_model": "perceivers.tasks.registry",
+    "list_models": "perceivers.tasks.registry",
     "pad_grid_batch": "perceivers.batching",
     "pad_point_batch": "perceivers.batching",
     "from_pretrained": "perceivers.hub",

@@ -1,0 +1,350 @@
+"""Perceiver IO decoders: output queries cross-attend the latents.
+
+Every decoder has two steps, as DeepMind's: ``decoder_query(inputs, ...)`` builds the queries
+``[B, Q, query_channels]`` and ``forward(query, latents)`` decodes them. ``output_modality_sizes``
+tells a multimodal postprocessor how to split the output rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import CrossAttentionBlock, TrainablePositionEncoding, check_mask
+from .queries import FourierQueries, InputQueries, TrainableQueries
+
+__all__ = [
+    "BasicDecoder",
+    "ClassificationDecoder",
+    "FlowDecoder",
+    "MultimodalDecoder",
+    "ProjectionDecoder",
+    "VideoAutoencodingDecoder",
+]
+
+
+class BasicDecoder(nn.Module):
+    """Queries cross-attend the latents, then an optional final ``Linear`` (``output``).
+
+    Args:
+        queries: a query builder (:mod:`perceivers.io.queries`) or ``None`` when the queries come from
+            elsewhere (the shared decoder of :class:`MultimodalDecoder`).
+        query_channels: channels of the queries; taken from ``queries`` when given.
+        latent_channels: D, channels of the latents.
+        output_channels: width of the final ``Linear``; ``None`` for no final projection
+            (DeepMind's ``final_project=False``), so the output has ``query_channels``.
+        num_heads, qk_channels, v_channels: the cross-attention (q/k default to D, DeepMind's 'kv').
+        use_query_residual: add the queries to the attention output.
+        widening_factor: MLP hidden width factor.
+        concat_preprocessed_input: prepend the preprocessed inputs (without positions, with
+            ``preprocessed_channels`` channels) to the built queries.
+        zero_init_output: zero-initialise the final ``Linear`` (flow decoder).
+    """
+
+    def __init__(
+        self,
+        queries: nn.Module | None,
+        *,
+        latent_channels: int,
+        query_channels: int | None = None,
+        output_channels: int | None = None,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        use_query_residual: bool = False,
+        widening_factor: int = 1,
+        concat_preprocessed_input: bool = False,
+        preprocessed_channels: int = 0,
+        zero_init_output: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if queries is not None:
+            query_channels = queries.num_channels + (preprocessed_channels if concat_preprocessed_input else 0)
+        if query_channels is None:
+            raise ValueError("BasicDecoder needs a query builder or query_channels")
+        self.queries = queries
+        self.concat_preprocessed_input = concat_preprocessed_input
+        self.query_channels, self.latent_channels = query_channels, latent_channels
+        self.cross_attention = CrossAttentionBlock(
+            query_channels, latent_channels, num_heads=num_heads,
+            qk_channels=latent_channels if qk_channels is None else qk_channels, v_channels=v_channels,
+            out_dim=query_channels, qkv_bias=True, query_residual=use_query_residual, mlp_mult=widening_factor,
+            activation="gelu_tanh", attn_dropout=dropout, ff_dropout=dropout,
+        )
+        self.output = None if output_channels is None else nn.Linear(query_channels, output_channels)
+        if self.output is not None and zero_init_output:
+            self.output._haiku_zero_init = True  # read by perceivers.io.init.init_like_haiku
+            nn.init.zeros_(self.output.weight)
+        self.output_channels = query_channels if output_channels is None else output_channels
+
+    @property
+    def num_queries(self) -> int | None:
+        return None if self.queries is None else self.queries.num_queries
+
+    def decoder_query(
+        self,
+        inputs: Tensor,
+        *,
+        modality_sizes: Mapping[str, int] | None = None,
+        inputs_without_pos: Tensor | None = None,
+        subsampled_points: Tensor | None = None,
+        **kwargs,
+    ) -> Tensor:
+        """Build the queries ``[B, Q, query_channels]`` for the preprocessed ``inputs [B, M, C]``."""
+        if self.queries is None:
+            raise ValueError("this decoder has no query builder; its queries come from elsewhere")
+        query = self.queries(inputs.shape[0], inputs=inputs, subsampled_points=subsampled_points, **kwargs)
+        if self.concat_preprocessed_input:
+            if inputs_without_pos is None:
+                raise ValueError("concat_preprocessed_input needs inputs_without_pos")
+            query = torch.cat([inputs_without_pos, query.to(inputs_without_pos.dtype)], dim=-1)
+        return query
+
+    def output_modality_sizes(self, subsampled_points=None) -> dict[str, int] | None:
+        return None
+
+    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+        """``query [B, Q, Cq]``, ``latents [B, N, D]``, ``query_mask [B, Q]`` (bool) → ``[B, Q, output_channels]``.
+
+        Queries whose mask is False attend nothing: their attention output is zero before the
+        output projection (DeepMind's behaviour at padded MLM positions).
+        """
+        query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask")
+        out = self.cross_attention(query.to(latents.dtype), latents, query_mask=query_mask)
+        return out if self.output is None else self.output(out)
+
+
+class ClassificationDecoder(nn.Module):
+    """One trainable query (``query_channels`` wide) → ``Linear`` to ``num_classes``: ``[B, num_classes]``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        latent_channels: int,
+        query_channels: int | None = None,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        use_query_residual: bool = True,
+        widening_factor: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        query_channels = latent_channels if query_channels is None else query_channels
+        self.num_classes = num_classes
+        self.decoder = BasicDecoder(
+            TrainableQueries(1, query_channels), latent_channels=latent_channels, output_channels=num_classes,
+            num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
+            use_query_residual=use_query_residual, widening_factor=widening_factor, dropout=dropout,
+        )
+        self.query_channels = query_channels
+        self.output_channels = num_classes
+
+    def decoder_query(self, inputs: Tensor, **kwargs) -> Tensor:
+        return self.decoder.decoder_query(inputs, **kwargs)
+
+    def output_modality_sizes(self, subsampled_points=None) -> None:
+        return None
+
+    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+        """→ logits ``[B, num_classes]`` (the output of query 0)."""
+        return self.decoder(query, latents, query_mask=query_mask)[:, 0]
+
+
+class ProjectionDecoder(nn.Module):
+    """No cross-attention: mean over the latents, then a zero-initialised ``Linear`` → ``[B, num_classes]``."""
+
+    def __init__(self, num_classes: int, *, latent_channels: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.query_channels = 0
+        self.output_channels = num_classes
+        self.logits = nn.Linear(latent_channels, num_classes)
+        self.logits._haiku_zero_init = True
+        nn.init.zeros_(self.logits.weight)
+        nn.init.zeros_(self.logits.bias)
+
+    def decoder_query(self, inputs: Tensor, **kwargs) -> None:
+        return None
+
+    def output_modality_sizes(self, subsampled_points=None) -> None:
+        return None
+
+    def forward(self, query: Tensor | None, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+        return self.logits(latents.mean(dim=1))
+
+
+class FlowDecoder(nn.Module):
+    """Optical flow: the preprocessed inputs are the queries (one per pixel) → ``[B, H, W, 2]``.
+
+    The final ``Linear`` output is divided by ``rescale_factor`` (100 in the official model). The
+    result is in the units of transformers' ``PerceiverForOpticalFlow``; the official colab then
+    multiplies by 20 (``FLOW_SCALE_FACTOR``) to get pixels — done by the task model, not here.
+    """
+
+    def __init__(
+        self,
+        *,
+        query_channels: int,
+        latent_channels: int,
+        output_image_shape: Sequence[int],
+        output_channels: int = 2,
+        rescale_factor: float = 100.0,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        use_query_residual: bool = False,
+        widening_factor: int = 1,
+    ) -> None:
+        super().__init__()
+        self.output_image_shape = tuple(int(n) for n in output_image_shape)
+        self.rescale_factor = float(rescale_factor)
+        self.decoder = BasicDecoder(
+            InputQueries(query_channels), latent_channels=latent_channels, output_channels=output_channels,
+            num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
+            use_query_residual=use_query_residual, widening_factor=widening_factor, zero_init_output=True,
+        )
+        self.query_channels, self.output_channels = query_channels, output_channels
+
+    def decoder_query(self, inputs: Tensor, **kwargs) -> Tensor:
+        return self.decoder.decoder_query(inputs, **kwargs)
+
+    def output_modality_sizes(self, subsampled_points=None) -> None:
+        return None
+
+    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+        """→ ``[B, H, W, output_channels]`` (the query rows are the pixels, row-major)."""
+        out = self.decoder(query, latents, query_mask=query_mask) / self.rescale_factor
+        b, q, c = out.shape
+        h, w = self.output_image_shape
+        if q != h * w:
+            raise ValueError(f"flow decoder expected {h}x{w}={h * w} queries, got {q}")
+        return out.reshape(b, h, w, c)
+
+
+class VideoAutoencodingDecoder(nn.Module):
+    """Fourier queries over the full output grid ``(T, H, W)``; outputs ``[B, T, H, W, C]`` (or ``[B, Q, C]``
+    when subsampled)."""
+
+    def __init__(
+        self,
+        output_shape: Sequence[int],
+        *,
+        latent_channels: int,
+        output_channels: int,
+        num_bands: int,
+        max_resolution: Sequence[float] | None = None,
+        num_heads: int = 1,
+        use_query_residual: bool = False,
+        concat_pos: bool = True,
+        sine_only: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(output_shape) != 3:
+            raise ValueError(f"output_shape must be (T, H, W), got {tuple(output_shape)}")
+        self.output_shape = tuple(int(n) for n in output_shape)
+        queries = FourierQueries(self.output_shape, num_bands, max_resolution, concat_pos=concat_pos,
+                                 sine_only=sine_only)
+        self.decoder = BasicDecoder(
+            queries, latent_channels=latent_channels, output_channels=output_channels, num_heads=num_heads,
+            use_query_residual=use_query_residual,
+        )
+        self.query_channels, self.output_channels = queries.num_channels, output_channels
+
+    @property
+    def queries(self) -> FourierQueries:
+        return self.decoder.queries
+
+    def decoder_query(self, inputs: Tensor, **kwargs) -> Tensor:
+        return self.decoder.decoder_query(inputs, **kwargs)
+
+    def output_modality_sizes(self, subsampled_points=None) -> None:
+        return None
+
+    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+        out = self.decoder(query, latents, query_mask=query_mask)
+        if out.shape[1] == self.decoder.queries.num_queries:
+            return out.reshape(out.shape[0], *self.output_shape, out.shape[-1])
+        return out
+
+
+class MultimodalDecoder(nn.Module):
+    """Per-modality queries, padded with learned vectors to a common width, decoded by one shared decoder.
+
+    Args:
+        queries: modality name → query builder (each with ``num_channels`` and ``num_queries``).
+        latent_channels: D.
+        output_channels: width of the shared decoder's final ``Linear``.
+        min_padding_size: every modality gets at least this many learned padding channels; the
+            common width is ``max(query channels) + min_padding_size``.
+        num_heads, qk_channels, v_channels, use_query_residual: the shared cross-attention.
+
+    Queries are concatenated in **sorted modality order** (as DeepMind's); the output ``[B, ΣQ,
+    output_channels]`` is split by :meth:`output_modality_sizes`.
+    """
+
+    def __init__(
+        self,
+        queries: Mapping[str, nn.Module],
+        *,
+        latent_channels: int,
+        output_channels: int,
+        min_padding_size: int = 2,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        use_query_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if not queries:
+            raise ValueError("MultimodalDecoder needs at least one modality")
+        self.modalities = sorted(queries)
+        self.queries = nn.ModuleDict({m: queries[m] for m in self.modalities})
+        self.query_channels = max(q.num_channels for q in queries.values()) + min_padding_size
+        self.padding = nn.ModuleDict({
+            m: TrainablePositionEncoding(1, self.query_channels - self.queries[m].num_channels)
+            for m in self.modalities
+        })
+        self.decoder = BasicDecoder(
+            None, query_channels=self.query_channels, latent_channels=latent_channels,
+            output_channels=output_channels, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
+            use_query_residual=use_query_residual,
+        )
+        self.output_channels = output_channels
+
+    def decoder_query(
+        self,
+        inputs: Tensor,
+        *,
+        modality_sizes: Mapping[str, int] | None = None,
+        inputs_without_pos: Mapping[str, Tensor] | None = None,
+        subsampled_points: Mapping[str, Tensor | None] | None = None,
+    ) -> Tensor:
+        """→ ``[B, ΣQ_m, query_channels]`` in sorted modality order."""
+        subsampled_points = dict(subsampled_points or {})
+        unknown = set(subsampled_points) - set(self.modalities)
+        if unknown:
+            raise ValueError(f"subsampled_points has unknown modalities {sorted(unknown)}; known: {self.modalities}")
+        batch = inputs.shape[0]
+        parts = []
+        for m in self.modalities:
+            q = self.queries[m](batch, inputs=inputs, subsampled_points=subsampled_points.get(m))  # [B, Q, C_m]
+            pad = self.padding[m].embeddings.to(q.dtype).expand(batch, q.shape[1], -1)
+            parts.append(torch.cat([q, pad], dim=-1))
+        return torch.cat(parts, dim=1)
+
+    def output_modality_sizes(self, subsampled_points: Mapping[str, Tensor | None] | None = None) -> dict[str, int]:
+        """Rows per modality in the output: ``len(points)`` when subsampled, else the full query count."""
+        subsampled_points = subsampled_points or {}
+        sizes = {}
+        for m in self.modalities:
+            points = subsampled_points.get(m)
+            sizes[m] = int(points.numel()) if points is not None else int(self.queries[m].num_queries)
+        return sizes
+
+    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+        return self.decoder(query, latents, query_mask=query_mask)

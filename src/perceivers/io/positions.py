@@ -1,0 +1,117 @@
+"""Position features for the input preprocessors: ``forward(index_shape) -> [N, C]``.
+
+Every module here maps the index shape of a preprocessed input (e.g. ``(H, W)`` or ``(T, H, W)``)
+to one feature row per index, flattened row-major, and exposes ``num_channels`` at construction:
+
+* :class:`~perceivers.layers.FourierPositionEncoding` (DeepMind layout) — used directly;
+* :class:`TrainableGridPositions` — a learned table whose size fixes the number of positions;
+* :class:`ProjectedPositions` — another encoding followed by a ``Linear`` (DeepMind's
+  ``project_pos_dim``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import FourierPositionEncoding, TrainablePositionEncoding
+
+__all__ = ["ProjectedPositions", "TrainableGridPositions", "build_position_encoding"]
+
+PositionKind = Literal["fourier", "trainable", "none"]
+
+
+class TrainableGridPositions(nn.Module):
+    """A learned ``[prod(index_shape), num_channels]`` table (truncated normal, std ``init_scale``).
+
+    The table is bound to ``index_shape``: inputs of another size raise a ``ValueError``.
+    """
+
+    def __init__(self, index_shape: Sequence[int], num_channels: int, init_scale: float = 0.02) -> None:
+        super().__init__()
+        self.index_shape = tuple(int(n) for n in index_shape)
+        self.num_channels = num_channels
+        self.table = TrainablePositionEncoding(math.prod(self.index_shape), num_channels, init_scale)
+
+    def forward(
+        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """``index_shape`` must equal the construction shape → ``[N, num_channels]``."""
+        if math.prod(index_shape) != math.prod(self.index_shape):
+            raise ValueError(
+                f"trainable positions were built for index shape {self.index_shape} "
+                f"({math.prod(self.index_shape)} positions), got {tuple(index_shape)}"
+            )
+        table = self.table.embeddings
+        return table if dtype is None else table.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"index_shape={self.index_shape}, num_channels={self.num_channels}"
+
+
+class ProjectedPositions(nn.Module):
+    """``Linear(base.num_channels → num_channels)`` applied to another position encoding."""
+
+    def __init__(self, base: nn.Module, num_channels: int) -> None:
+        super().__init__()
+        self.base = base
+        self.num_channels = num_channels
+        self.proj = nn.Linear(base.num_channels, num_channels)
+
+    def forward(
+        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """``[N, base.num_channels]`` → ``[N, num_channels]``."""
+        base = self.base(index_shape, device=device, dtype=self.proj.weight.dtype if dtype is None else dtype)
+        return self.proj(base)
+
+
+def build_position_encoding(
+    kind: PositionKind,
+    *,
+    num_dims: int,
+    index_shape: Sequence[int] | None = None,
+    num_bands: int = 64,
+    max_resolution: Sequence[float] | None = None,
+    concat_pos: bool = True,
+    sine_only: bool = False,
+    num_channels: int = 256,
+    init_scale: float = 0.02,
+    project_pos_dim: int = -1,
+) -> nn.Module | None:
+    """DeepMind's ``build_position_encoding``: Fourier or trainable, optionally projected.
+
+    Args:
+        kind: ``"fourier"``, ``"trainable"`` or ``"none"`` (returns ``None``).
+        num_dims: number of index axes (2 for images, 3 for video, 1 for audio).
+        index_shape: the index shape; required for ``"trainable"`` (it fixes the table size) and used
+            as the default ``max_resolution`` for ``"fourier"``.
+        num_bands, max_resolution, concat_pos, sine_only: Fourier options (DeepMind layout).
+        num_channels, init_scale: trainable table width and init std.
+        project_pos_dim: if > 0, project the features to this width with a ``Linear``.
+    """
+    if kind == "none":
+        return None
+    if kind == "fourier":
+        if max_resolution is None:
+            if index_shape is None:
+                raise ValueError("fourier position encoding needs max_resolution or index_shape")
+            max_resolution = index_shape
+        enc: nn.Module = FourierPositionEncoding(
+            num_dims, num_bands, tuple(max_resolution), layout="deepmind", concat_pos=concat_pos, sine_only=sine_only
+        )
+    elif kind == "trainable":
+        if index_shape is None:
+            raise ValueError("trainable position encoding needs index_shape (it fixes the number of positions)")
+        if len(index_shape) != num_dims:
+            raise ValueError(f"index_shape {tuple(index_shape)} must have {num_dims} axes")
+        enc = TrainableGridPositions(index_shape, num_channels, init_scale)
+    else:
+        raise ValueError(f"position encoding must be 'fourier', 'trainable' or 'none', got {kind!r}")
+    if project_pos_dim > 0:
+        enc = ProjectedPositions(enc, project_pos_dim)
+    return enc

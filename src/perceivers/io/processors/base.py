@@ -1,0 +1,55 @@
+"""What every preprocessor returns, and the helpers shared by the modality processors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Preprocessed", "add_positions", "restructure"]
+
+
+class Preprocessed(NamedTuple):
+    """Output of a preprocessor (DeepMind's triple).
+
+    Attributes:
+        inputs: ``[B, M, C]`` network inputs (features with positions).
+        modality_sizes: tokens per modality (multimodal only), else ``None``.
+        inputs_without_pos: the features before positions were added (a dict for multimodal).
+    """
+
+    inputs: Tensor
+    modality_sizes: dict[str, int] | None
+    inputs_without_pos: Any
+
+
+def add_positions(features: Tensor, index_shape: tuple[int, ...], encoding: nn.Module | None, mode: str) -> Tensor:
+    """Flattened ``features [B, N, C]`` plus position features of ``index_shape``, concatenated or added."""
+    if encoding is None:
+        return features
+    pos = encoding(index_shape, device=features.device, dtype=features.dtype)  # [N, Cp]
+    pos = pos.expand(features.shape[0], -1, -1)
+    if mode == "concat":
+        return torch.cat([features, pos], dim=-1)
+    if mode == "add":
+        if pos.shape[-1] != features.shape[-1]:
+            raise ValueError(
+                f"concat_or_add_pos='add' needs equal widths, got features {features.shape[-1]} and "
+                f"positions {pos.shape[-1]}"
+            )
+        return features + pos
+    raise ValueError(f"concat_or_add_pos must be 'concat' or 'add', got {mode!r}")
+
+
+def restructure(modality_sizes: Mapping[str, int], inputs: Tensor) -> dict[str, Tensor]:
+    """Split ``inputs [B, ΣM, C]`` into per-modality slices, modalities in sorted order."""
+    total = sum(modality_sizes.values())
+    if inputs.shape[1] != total:
+        raise ValueError(f"expected {total} rows for modality sizes {dict(modality_sizes)}, got {inputs.shape[1]}")
+    out, start = {}, 0
+    for name in sorted(modality_sizes):
+        out[name] = inputs[:, start : start + modality_sizes[name]]
+        start += modality_sizes[name]
+    return out

@@ -1,0 +1,203 @@
+"""Image and video preprocessing (DeepMind's ``ImagePreprocessor``).
+
+Inputs use the PyTorch layout — images ``[B, C, H, W]``, videos ``[B, T, C, H, W]`` — and are moved
+to channels-last before tokens are flattened, so tokens are row-major over ``(T,) H, W`` and patch
+channels are ordered ``(dt, dh, dw, c)`` exactly as in the official code.
+
+``prep_type``:
+
+* ``"pixels"``: raw values (optionally strided by ``spatial_downsample`` / ``temporal_downsample``);
+* ``"conv"``: :class:`ConvDownsample` — per 4× downsampling one 7×7 stride-2 conv (TF 'SAME',
+  no bias), BatchNorm, ReLU and a 3×3 stride-2 max-pool (TF 'SAME', −inf padding);
+* ``"conv1x1"``: a 1×1 conv with bias and stride ``spatial_downsample``;
+* ``"patches"``: space-to-depth (``temporal_downsample`` × ``spatial_downsample``²), optionally
+  followed by ``Linear`` (``conv_after_patching``); a time axis of length 1 is dropped (optical flow).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .base import Preprocessed, add_positions
+
+__all__ = ["ConvDownsample", "ImagePreprocessor", "same_padding", "space_to_depth"]
+
+PrepType = Literal["pixels", "conv", "conv1x1", "patches"]
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow/JAX 'SAME' padding ``(before, after)`` along one axis (the extra pixel goes after)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def space_to_depth(x: Tensor, *, temporal_block: int = 1, spatial_block: int = 1) -> Tensor:
+    """Channels-last ``[B, H, W, C]`` or ``[B, T, H, W, C]`` → blocks folded into channels ``(dt, dh, dw, c)``."""
+    s, t = spatial_block, temporal_block
+    if x.ndim == 4:
+        return rearrange(x, "b (h dh) (w dw) c -> b h w (dh dw c)", dh=s, dw=s)
+    if x.ndim == 5:
+        return rearrange(x, "b (t dt) (h dh) (w dw) c -> b t h w (dt dh dw c)", dt=t, dh=s, dw=s)
+    raise ValueError(f"space_to_depth expects a 4-D or 5-D channels-last tensor, got shape {tuple(x.shape)}")
+
+
+class _ConvDownsampleLayer(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, use_batchnorm: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=7, stride=2, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1) if use_batchnorm else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        (top, bottom), (left, right) = same_padding(h, 7, 2), same_padding(w, 7, 2)
+        x = self.conv(F.pad(x, (left, right, top, bottom)))
+        if self.norm is not None:
+            x = self.norm(x)
+        x = F.relu(x)
+        h, w = x.shape[-2:]
+        (top, bottom), (left, right) = same_padding(h, 3, 2), same_padding(w, 3, 2)
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, kernel_size=3, stride=2)
+
+
+class ConvDownsample(nn.Module):
+    """``num_layers`` × (conv 7×7/2 SAME → BatchNorm → ReLU → max-pool 3×3/2 SAME): 4× per layer, NCHW.
+
+    BatchNorm uses eps 1e-5 and momentum 0.1 (Haiku decay 0.9); in eval mode it uses the running
+    statistics (Haiku's EMA ``average``).
+    """
+
+    def __init__(self, in_channels: int = 3, num_channels: int = 64, *, num_layers: int = 1,
+                 use_batchnorm: bool = True) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            _ConvDownsampleLayer(in_channels if i == 0 else num_channels, num_channels, use_batchnorm)
+            for i in range(num_layers)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` → ``[B, num_channels, ≈H/4^L, ≈W/4^L]``."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ImagePreprocessor(nn.Module):
+    """Images/videos → tokens ``[B, M, num_channels]`` with position features.
+
+    Args:
+        prep_type: ``"pixels"``, ``"conv"``, ``"conv1x1"`` or ``"patches"`` (see the module docstring).
+        in_channels: channels of the input (3 for RGB; 27 for optical-flow patches).
+        position_encoding: a module ``(index_shape) -> [N, Cp]`` from :mod:`perceivers.io.positions`
+            (or a ``FourierPositionEncoding``), or ``None`` for no positions.
+        spatial_downsample, temporal_downsample: downsampling factors (``"conv"`` needs a power of 4).
+        num_channels: output width of the conv / 1×1 conv / ``conv_after_patching`` Linear.
+        conv_after_patching: apply ``Linear`` to the patches (``"patches"`` only).
+        concat_or_add_pos: ``"concat"`` (``[features, positions]``) or ``"add"``.
+
+    Attributes:
+        num_channels: channels of the output tokens.
+        feature_channels: channels before positions (``inputs_without_pos``).
+    """
+
+    def __init__(
+        self,
+        prep_type: PrepType = "conv",
+        *,
+        in_channels: int = 3,
+        position_encoding: nn.Module | None = None,
+        spatial_downsample: int = 4,
+        temporal_downsample: int = 1,
+        num_channels: int = 64,
+        conv_after_patching: bool = False,
+        concat_or_add_pos: Literal["concat", "add"] = "concat",
+        use_batchnorm: bool = True,
+    ) -> None:
+        super().__init__()
+        if prep_type not in ("pixels", "conv", "conv1x1", "patches"):
+            raise ValueError(f"prep_type must be 'pixels', 'conv', 'conv1x1' or 'patches', got {prep_type!r}")
+        if concat_or_add_pos not in ("concat", "add"):
+            raise ValueError(f"concat_or_add_pos must be 'concat' or 'add', got {concat_or_add_pos!r}")
+        self.prep_type = prep_type
+        self.in_channels = in_channels
+        self.spatial_downsample, self.temporal_downsample = spatial_downsample, temporal_downsample
+        self.concat_or_add_pos = concat_or_add_pos
+        self.conv_after_patching = conv_after_patching
+        self.stem: nn.Module | None = None
+        self.patches_linear: nn.Linear | None = None
+        if prep_type == "conv":
+            num_layers = round(math.log(spatial_downsample, 4)) if spatial_downsample > 1 else 0
+            if num_layers < 1 or 4**num_layers != spatial_downsample:
+                raise ValueError(f"prep_type='conv' needs spatial_downsample = 4, 16, ..., got {spatial_downsample}")
+            if temporal_downsample != 1:
+                raise ValueError("prep_type='conv' does not downsample in time")
+            self.stem = ConvDownsample(in_channels, num_channels, num_layers=num_layers, use_batchnorm=use_batchnorm)
+            features = num_channels
+        elif prep_type == "conv1x1":
+            if temporal_downsample != 1:
+                raise ValueError("prep_type='conv1x1' does not downsample in time")
+            self.stem = nn.Conv2d(in_channels, num_channels, kernel_size=1, stride=spatial_downsample)
+            features = num_channels
+        elif prep_type == "patches":
+            features = in_channels * spatial_downsample**2 * temporal_downsample
+            if conv_after_patching:
+                self.patches_linear = nn.Linear(features, num_channels)
+                features = num_channels
+        else:
+            features = in_channels
+        self.feature_channels = features
+        self.position_encoding = position_encoding
+        pos_channels = 0 if position_encoding is None else position_encoding.num_channels
+        if concat_or_add_pos == "add" and position_encoding is not None and pos_channels != features:
+            raise ValueError(f"concat_or_add_pos='add' needs position channels {pos_channels} == features {features}")
+        self.num_channels = features + pos_channels if concat_or_add_pos == "concat" else features
+
+    def output_index_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Index shape of the tokens for an input of shape ``[B, (T,) C, H, W]``."""
+        x = torch.empty(input_shape, device="meta")
+        return tuple(self._features(x).shape[1:-1])
+
+    def _features(self, x: Tensor) -> Tensor:
+        """``[B, (T,) C, H, W]`` → channels-last features ``[B, (T,) h, w, C']``."""
+        if x.ndim not in (4, 5):
+            raise ValueError(f"expected images [B, C, H, W] or videos [B, T, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels (axis -3), got shape {tuple(x.shape)}")
+        s, t = self.spatial_downsample, self.temporal_downsample
+        if self.prep_type in ("conv", "conv1x1"):
+            lead = x.shape[:-3]
+            y = self.stem(x.reshape(-1, *x.shape[-3:]))  # [B·T, C', h, w]
+            y = y.reshape(*lead, *y.shape[-3:])
+            return y.movedim(-3, -1)
+        x = x.movedim(-3, -1)  # channels-last
+        if self.prep_type == "pixels":
+            if x.ndim == 4:
+                return x[:, ::s, ::s]
+            return x[:, ::t, ::s, ::s]
+        # patches
+        h, w = x.shape[-3:-1]
+        if h % s or w % s or (x.ndim == 5 and x.shape[1] % t):
+            raise ValueError(
+                f"patches need H, W divisible by {s} (and T by {t}), got shape {tuple(x.movedim(-1, -3).shape)}"
+            )
+        y = space_to_depth(x, temporal_block=t, spatial_block=s)
+        if y.ndim == 5 and y.shape[1] == 1:
+            y = y[:, 0]  # optical flow: both frames folded into channels
+        if self.patches_linear is not None:
+            y = self.patches_linear(y)
+        return y
+
+    def forward(self, x: Tensor) -> Preprocessed:
+        """``[B, C, H, W]`` / ``[B, T, C, H, W]`` → ``Preprocessed(inputs [B, M, num_channels], None, features)``."""
+        y = self._features(x)
+        index_shape = tuple(y.shape[1:-1])
+        features = y.reshape(y.shape[0], -1, y.shape[-1])  # [B, M, C']
+        inputs = add_positions(features, index_shape, self.position_encoding, self.concat_or_add_pos)
+        return Preprocessed(inputs, None, features)

@@ -1,0 +1,93 @@
+"""Several modalities in one input array, and the matching split of the decoder output."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ...layers import TrainablePositionEncoding
+from .base import Preprocessed, restructure
+
+__all__ = ["MultimodalPostprocessor", "MultimodalPreprocessor"]
+
+
+class MultimodalPreprocessor(nn.Module):
+    """Preprocess each modality, pad all to one width with learned vectors, mask, concatenate (sorted).
+
+    Args:
+        modalities: name → preprocessor (each exposes ``num_channels``).
+        mask_probs: name → probability that a token of that modality is replaced by the modality's
+            learned mask token; ``None`` for no masking (and no mask-token parameters). Applied in
+            train *and* eval mode, as the official code does (the multimodal checkpoint uses 0 for
+            image/audio and 1 for the label, which is deterministic).
+        min_padding_size: every modality gets at least this many learned padding channels.
+
+    Attributes:
+        num_channels: the common width ``max(num_channels) + min_padding_size``.
+    """
+
+    def __init__(
+        self,
+        modalities: Mapping[str, nn.Module],
+        *,
+        mask_probs: Mapping[str, float] | None = None,
+        min_padding_size: int = 2,
+    ) -> None:
+        super().__init__()
+        if not modalities:
+            raise ValueError("MultimodalPreprocessor needs at least one modality")
+        self.modality_names = sorted(modalities)
+        self.modalities = nn.ModuleDict({m: modalities[m] for m in self.modality_names})
+        self.num_channels = max(p.num_channels for p in modalities.values()) + min_padding_size
+        self.padding = nn.ModuleDict({
+            m: TrainablePositionEncoding(1, self.num_channels - self.modalities[m].num_channels)
+            for m in self.modality_names
+        })
+        self.mask_probs = None
+        self.mask_tokens = None
+        if mask_probs is not None:
+            missing = set(self.modality_names) - set(mask_probs)
+            if missing:
+                raise ValueError(f"mask_probs lacks modalities {sorted(missing)}")
+            self.mask_probs = {m: float(mask_probs[m]) for m in self.modality_names}
+            self.mask_tokens = nn.ModuleDict({m: TrainablePositionEncoding(1, self.num_channels)
+                                              for m in self.modality_names})
+
+    def forward(self, inputs: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> Preprocessed:
+        """``{name: tensor}`` → ``Preprocessed([B, ΣM, num_channels], {name: M}, {name: features})``."""
+        if set(inputs) != set(self.modality_names):
+            raise ValueError(f"inputs must have exactly the modalities {self.modality_names}, got {sorted(inputs)}")
+        padded, sizes, without_pos = {}, {}, {}
+        for m in self.modality_names:
+            x, _, without_pos[m] = self.modalities[m](inputs[m])  # [B, M, C_m]
+            b, n, _ = x.shape
+            pad = self.padding[m].embeddings.to(x.dtype).expand(b, n, -1)
+            x = torch.cat([x, pad], dim=-1)
+            if self.mask_tokens is not None:
+                x = self._mask(x, m, generator)
+            padded[m], sizes[m] = x, n
+        return Preprocessed(torch.cat([padded[m] for m in self.modality_names], dim=1), sizes, without_pos)
+
+    def _mask(self, x: Tensor, name: str, generator: torch.Generator | None) -> Tensor:
+        p = self.mask_probs[name]
+        if p <= 0.0:
+            return x
+        token = self.mask_tokens[name].embeddings.to(x.dtype)  # [1, C]
+        if p >= 1.0:
+            return token.expand_as(x)
+        hit = torch.rand(x.shape[:2], device=x.device, generator=generator) < p  # [B, M]
+        return torch.where(hit[..., None], token, x)
+
+
+class MultimodalPostprocessor(nn.Module):
+    """Split the decoder output ``[B, ΣQ, C]`` by modality (sorted order) and postprocess each."""
+
+    def __init__(self, modalities: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.modalities = nn.ModuleDict({m: modalities[m] for m in sorted(modalities)})
+
+    def forward(self, x: Tensor, *, modality_sizes: Mapping[str, int]) -> dict[str, Tensor]:
+        parts = restructure(modality_sizes, x)
+        return {m: self.modalities[m](parts[m]) for m in self.modalities}

@@ -1,0 +1,136 @@
+"""Decoder query builders: what the output queries of a Perceiver IO decoder are made of.
+
+Each builder exposes ``num_channels`` and ``num_queries`` (the full output index size) at
+construction and is called as ``builder(batch_size, inputs=..., subsampled_points=...)`` →
+``[B, Q, num_channels]``:
+
+* :class:`TrainableQueries` — a learned table (classification, MLM);
+* :class:`FourierQueries` — Fourier features of the output grid (audio, video); with
+  ``subsampled_points`` (flat indices) the coordinates are ``-1 + 2·idx/N`` per axis, the official
+  formula, which differs from the inclusive ``linspace(-1, 1, N)`` grid used without subsampling;
+* :class:`InputQueries` — the preprocessed inputs themselves (optical flow).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import FourierPositionEncoding, TrainablePositionEncoding
+
+__all__ = ["FourierQueries", "InputQueries", "TrainableQueries", "subsampled_positions"]
+
+
+def subsampled_positions(points: Tensor, index_shape: Sequence[int]) -> Tensor:
+    """Flat indices ``[Q]`` into ``index_shape`` → coordinates ``-1 + 2·idx/n`` per axis, ``[Q, d]``.
+
+    This is DeepMind's ``BasicDecoder.decoder_query`` rule for subsampled outputs (never reaches +1).
+    """
+    points = points.reshape(-1).long()
+    coords = []
+    rest = points
+    for n in reversed(index_shape):  # unravel, last axis fastest (row-major)
+        coords.append(rest % n)
+        rest = torch.div(rest, n, rounding_mode="floor")
+    idx = torch.stack(coords[::-1], dim=-1)  # [Q, d]
+    sizes = torch.tensor(list(index_shape), dtype=torch.float32, device=points.device)
+    return -1.0 + (2 * idx).to(torch.float32) / sizes
+
+
+def _check_points(points: Tensor, total: int) -> None:
+    if points.ndim != 1:
+        raise ValueError(f"subsampled_points must be a 1-D tensor of flat indices, got shape {tuple(points.shape)}")
+    if points.numel() and (int(points.min()) < 0 or int(points.max()) >= total):
+        raise ValueError(f"subsampled_points must lie in [0, {total}), got range [{int(points.min())}, "
+                         f"{int(points.max())}]")
+
+
+class TrainableQueries(nn.Module):
+    """``num_queries`` learned query vectors ``[num_queries, num_channels]``.
+
+    ``subsampled_points`` selects rows (``None`` = all); ``length`` keeps the first ``length`` rows.
+    """
+
+    def __init__(self, num_queries: int, num_channels: int, init_scale: float = 0.02) -> None:
+        super().__init__()
+        self.num_queries, self.num_channels = num_queries, num_channels
+        self.table = TrainablePositionEncoding(num_queries, num_channels, init_scale)
+
+    def forward(
+        self,
+        batch_size: int,
+        *,
+        inputs: Tensor | None = None,
+        subsampled_points: Tensor | None = None,
+        length: int | None = None,
+    ) -> Tensor:
+        """→ ``[B, Q, num_channels]`` (a broadcast view of the table)."""
+        table = self.table.embeddings
+        if subsampled_points is not None:
+            _check_points(subsampled_points, self.num_queries)
+            table = table[subsampled_points.long()]
+        elif length is not None:
+            if not 0 < length <= self.num_queries:
+                raise ValueError(f"length must be in [1, {self.num_queries}], got {length}")
+            table = table[:length]
+        return table.expand(batch_size, -1, -1)
+
+
+class FourierQueries(nn.Module):
+    """Fourier features of the output grid ``index_shape`` (frequencies from ``max_resolution``)."""
+
+    def __init__(
+        self,
+        index_shape: Sequence[int],
+        num_bands: int,
+        max_resolution: Sequence[float] | None = None,
+        *,
+        concat_pos: bool = True,
+        sine_only: bool = False,
+    ) -> None:
+        super().__init__()
+        self.index_shape = tuple(int(n) for n in index_shape)
+        max_resolution = self.index_shape if max_resolution is None else tuple(max_resolution)
+        self.encoding = FourierPositionEncoding(
+            len(self.index_shape), num_bands, max_resolution, layout="deepmind", concat_pos=concat_pos,
+            sine_only=sine_only,
+        )
+        self.num_channels = self.encoding.num_channels
+        self.num_queries = math.prod(self.index_shape)
+
+    def forward(
+        self, batch_size: int, *, inputs: Tensor | None = None, subsampled_points: Tensor | None = None
+    ) -> Tensor:
+        """→ ``[B, Q, num_channels]``; ``Q = num_queries`` or ``len(subsampled_points)``."""
+        device = None if inputs is None else inputs.device
+        dtype = torch.float32 if inputs is None or not inputs.is_floating_point() else inputs.dtype
+        if subsampled_points is None:
+            feats = self.encoding(self.index_shape, device=device, dtype=dtype)
+        else:
+            _check_points(subsampled_points, self.num_queries)
+            pos = subsampled_positions(subsampled_points.to(device), self.index_shape)
+            feats = self.encoding.encode(pos).to(dtype)
+        return feats.expand(batch_size, -1, -1)
+
+
+class InputQueries(nn.Module):
+    """Use the preprocessed inputs ``[B, M, num_channels]`` as the queries (one output per input)."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.num_queries = None
+
+    def forward(
+        self, batch_size: int, *, inputs: Tensor | None = None, subsampled_points: Tensor | None = None
+    ) -> Tensor:
+        if inputs is None:
+            raise ValueError("InputQueries needs the preprocessed inputs")
+        if subsampled_points is not None:
+            raise ValueError("InputQueries does not support subsampled_points (as DeepMind's FlowDecoder)")
+        if inputs.shape[-1] != self.num_channels:
+            raise ValueError(f"inputs must have {self.num_channels} channels, got {inputs.shape[-1]}")
+        return inputs

@@ -1,0 +1,119 @@
+"""Masked language modelling on UTF-8 bytes (the official 201M-parameter Perceiver IO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..io import BasicDecoder, PerceiverIOModel, TrainableQueries
+from ..io.processors import EmbeddingDecoder, TextPreprocessor
+from .common import TrunkConfig, build_encoder
+from .pretrained import PretrainedCfg
+from .registry import config_from_overrides, register_model
+
+__all__ = ["MaskedLMOutput", "MaskedLanguageModel", "MaskedLanguageModelConfig"]
+
+
+@dataclass
+class MaskedLanguageModelConfig(TrunkConfig):
+    """Byte-level masked LM: embeddings + learned positions, trunk, per-position queries, tied output.
+
+    Attributes:
+        vocab_size: 262 (256 bytes + 6 special ids).
+        max_position_embeddings: maximum sequence length (positions and decoder queries).
+        d_model: width of the embeddings and of the decoder queries.
+        num_decoder_heads: decoder cross-attention heads.
+        decoder_qk_channels: decoder q/k width (default ``qk_channels``).
+        decoder_v_channels: decoder v width (default ``d_model``).
+        decoder_query_residual: query residual in the decoder (False officially).
+    """
+
+    qk_channels: int | None = 256
+    v_channels: int | None = 1280
+    vocab_size: int = 262
+    max_position_embeddings: int = 2048
+    d_model: int = 768
+    num_decoder_heads: int = 8
+    decoder_qk_channels: int | None = None
+    decoder_v_channels: int | None = None
+    decoder_query_residual: bool = False
+
+
+@dataclass
+class MaskedLMOutput:
+    """``logits [B, L, vocab_size]``, the latents, and the loss when ``labels`` were given."""
+
+    logits: Tensor
+    last_hidden_state: Tensor
+    loss: Tensor | None = None
+
+
+class MaskedLanguageModel(nn.Module):
+    """``inputs [B, L]`` byte ids (+ ``attention_mask``) → :class:`MaskedLMOutput`.
+
+    Sequences may be shorter than ``max_position_embeddings``: the first ``L`` positions and
+    decoder queries are used, which equals padding to full length with masked positions.
+    """
+
+    def __init__(self, config: MaskedLanguageModelConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        preprocessor = TextPreprocessor(c.vocab_size, c.d_model, c.max_position_embeddings)
+        decoder = BasicDecoder(
+            TrainableQueries(c.max_position_embeddings, c.d_model), latent_channels=c.d_latents,
+            output_channels=None, num_heads=c.num_decoder_heads,
+            qk_channels=c.qk_channels if c.decoder_qk_channels is None else c.decoder_qk_channels,
+            v_channels=c.d_model if c.decoder_v_channels is None else c.decoder_v_channels,
+            use_query_residual=c.decoder_query_residual, dropout=c.dropout,
+        )
+        self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
+                                          input_preprocessor=preprocessor)
+        self.embedding_decoder = EmbeddingDecoder(c.vocab_size)
+
+    def forward(
+        self,
+        inputs: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        input_ids: Tensor | None = None,
+    ) -> MaskedLMOutput:
+        """Args:
+            inputs: ``[B, L]`` token ids (``input_ids`` is an alias).
+            attention_mask: ``[B, L]``, 1/True = real token, 0/False = padding; used as the encoder
+                key mask and as the decoder query mask (padded rows decode from zero attention).
+            labels: ``[B, L]`` target ids, -100 = ignored; gives ``loss`` (cross-entropy).
+        """
+        if (inputs is None) == (input_ids is None):
+            raise ValueError("pass exactly one of inputs / input_ids")
+        ids = inputs if inputs is not None else input_ids
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
+        out = self.perceiver(ids, input_mask=attention_mask, query_mask=attention_mask,
+                             query_kwargs={"length": ids.shape[1]})
+        table = self.perceiver.input_preprocessor.embeddings.weight  # tied input/output embedding
+        logits = self.embedding_decoder(out.logits, table)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
+        return MaskedLMOutput(logits, out.last_hidden_state, loss)
+
+
+@register_model(
+    pretrained=PretrainedCfg(
+        task="masked-lm", haiku_checkpoint="language_perceiver_io_bytes.pickle",
+        hf_hub_id="deepmind/language-perceiver", input_size=(2048,), num_params=201_108_230,
+        metrics={"glue_dev_avg": 80.95},
+        notes=("UTF-8 bytes + 6 (PAD 0, BOS 1, EOS 2, MASK 3, CLS 4, SEP 5), right-padded; the official colab "
+               "adds no CLS/SEP (transformers' tokenizer does). GLUE needs fine-tuning; arXiv 2107.14795 v3 Tab. 14."),
+    ),
+    tiny={"vocab_size": 262, "max_position_embeddings": 16, "d_model": 16, "d_latents": 24, "num_latents": 6,
+              "num_self_attends_per_block": 2, "num_self_attention_heads": 2, "num_cross_attention_heads": 2, "qk_channels": 8,
+              "v_channels": 24, "num_decoder_heads": 2},
+)
+def language_perceiver(**overrides: Any) -> MaskedLanguageModel:
+    """256 × 1280 latents, 26 self-attention layers, d_model 768, 2048 bytes."""
+    return MaskedLanguageModel(config_from_overrides(MaskedLanguageModelConfig, {}, overrides))
