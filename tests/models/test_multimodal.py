@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +197,13 @@ def test_text_model_input_errors() -> None:
         model({"image": torch.randn(2, 3, 4, 3), "text": torch.randn(2, 6, 1)})
     with pytest.raises(ValueError, match=r"\[batch, length, 1\]"):
         model({"image": torch.randn(2, 3, 4, 3), "text": torch.zeros(2, 6, 2, dtype=torch.long)})
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "multimodal.md"
+DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL) if DOC.exists() else []
+
+
+@pytest.mark.parametrize("block", range(len(DOC_BLOCKS)))
+def test_docs_examples_run(block: int) -> None:
+    """Every python block in docs/multimodal.md runs (they carry their own asserts)."""
+    exec(compile(DOC_BLOCKS[block], f"{DOC}:block{block}", "exec"), {})  # noqa: S102 - our own docs
