@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from perceivers import InputModality, InputModalityWithEmbedding, MultiModalityPerceiver
@@ -89,6 +91,28 @@ def test_missing_modality_keeps_encoding_of_others(randomize) -> None:
     torch.testing.assert_close(image_only, both[:, n_audio:], rtol=0, atol=0)
     # One-hot code: image is modality 1 of 2 in both cases.
     assert image_only[..., -2:].eq(torch.tensor([0.0, 1.0])).all()
+
+
+VIDEO = InputModality("video", input_channels=2, input_axis=3, num_freq_bands=1, max_freq=4.0, freq_base=3)
+THREE = {"audio": (2, 5, 1), "image": (2, 3, 4, 3), "video": (2, 2, 2, 2, 2)}
+
+
+@given(present=st.sets(st.sampled_from(sorted(THREE)), min_size=1))
+def test_any_subset_keeps_token_encodings(present: set[str]) -> None:
+    """Property: for every subset of the declared modalities, each present modality's tokens are exactly its
+    slice of the all-modalities context."""
+    model = MultiModalityPerceiver(modalities=[VIDEO, IMAGE, AUDIO], depth=1, **SMALL)
+    gen = torch.Generator().manual_seed(0)
+    full = {name: torch.randn(shape, generator=gen) for name, shape in THREE.items()}
+    (everything,), _ = model.build_context(full)
+    (subset,), _ = model.build_context({name: full[name] for name in present})
+    offsets, start = {}, 0
+    for name in sorted(THREE):
+        n = math.prod(THREE[name][1:-1])
+        offsets[name] = (start, start + n)
+        start += n
+    expected = torch.cat([everything[:, slice(*offsets[name])] for name in sorted(present)], dim=1)
+    torch.testing.assert_close(subset, expected, rtol=0, atol=0)
 
 
 def test_missing_modality_equals_fully_masked_modality(randomize) -> None:
