@@ -227,6 +227,8 @@ class Perceiver(nn.Module):
 
         Args:
             mask: boolean ``[B, *axes]`` or ``[B, M]``, True = attend; applied in every cross-attention.
+                A sample with no True gets zeros from each cross-attention (perceiver-pytorch attends
+                uniformly to its masked inputs instead); never NaN.
             return_embeddings: return the latents ``[B, num_latents, latent_dim]`` instead of logits.
             block_outputs: earlier hidden states to seed the attention-residual pool with.
             return_hiddens: also return the latents before and after every block (``depth + 1`` tensors).

@@ -148,6 +148,8 @@ class PerceiverIO(nn.Module):
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Encode ``data [B, M, dim]`` (``mask [B, M]``, True = attend) and decode at ``queries``.
 
+        A sample whose mask has no True gets zeros from the encoder cross-attention (never NaN).
+
         Returns ``[B, m, logits_dim or queries_dim]``, or the latents when ``queries`` is None;
         with ``return_hiddens`` also the latents before and after each layer.
         """
