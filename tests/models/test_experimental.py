@@ -89,3 +89,16 @@ def test_input_errors(cls) -> None:
 def test_mixed_latents_rejects_unknown_arguments() -> None:
     with pytest.raises(TypeError):
         MixedLatentsPerceiver(**SMALL, depth=1, self_per_cross_attn=2)
+
+
+@pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
+def test_save_and_load_round_trip(cls, tmp_path, randomize) -> None:
+    from perceivers.hub import from_pretrained, save_pretrained
+
+    model = randomize(cls(**SMALL, depth=3, input_channels=2, input_axis=1, weight_tie_layers=True)).eval()
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert type(loaded) is cls
+    x = torch.randn(2, 6, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

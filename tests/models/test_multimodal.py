@@ -231,3 +231,17 @@ DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL
 def test_docs_examples_run(block: int) -> None:
     """Every python block in docs/multimodal.md runs (they carry their own asserts)."""
     exec(compile(DOC_BLOCKS[block], f"{DOC}:block{block}", "exec"), {})  # noqa: S102 - our own docs
+
+
+def test_save_and_load_round_trip(tmp_path, randomize) -> None:
+    from perceivers.hub import from_pretrained, save_pretrained
+
+    for i, model in enumerate([_model(num_classes=3, weight_tie_layers=True, num_latent_blocks_per_layer=2),
+                               _text_model()]):
+        model = randomize(model).eval()
+        save_pretrained(model, tmp_path / str(i))
+        loaded = from_pretrained(tmp_path / str(i))
+        assert type(loaded) is type(model)
+        x = _inputs() if i == 0 else {"image": torch.randn(2, 3, 4, 3), "text": torch.randint(0, 11, (2, 6, 1))}
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -15,6 +15,7 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask
 from .common import ClassifierHead, tie_schedule
 from .variants import GridInput
@@ -95,6 +96,7 @@ class BottomUpBlock(nn.Module):
         return self.latent_attn(x), data
 
 
+@configurable
 class BottomUpPerceiver(nn.Module):
     """``perceiver_pytorch.experimental.Perceiver``: latents and input tokens update each other every layer.
 

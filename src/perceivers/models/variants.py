@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import (
     Attention,
     CrossAttentionBlock,
@@ -162,6 +163,7 @@ class MixedLatentsBlock(nn.Module):
         return x + self.mlp(self.norm_mlp(x))
 
 
+@configurable
 class GatedPerceiver(_GridPerceiver):
     """Perceiver with GRU-gated attention updates (``perceiver_pytorch.gated.Perceiver`` compatible).
 
@@ -200,6 +202,7 @@ class GatedPerceiver(_GridPerceiver):
         )
 
 
+@configurable
 class MixedLatentsPerceiver(_GridPerceiver):
     """Perceiver whose latent self-attention is a latent-axis MLP (``perceiver_pytorch.mixed_latents``).
 
