@@ -1,0 +1,489 @@
+"""transformers' Perceiver checkpoints ⇄ perceivers task models.
+
+A transformers checkpoint is a directory (or Hub repo) with ``config.json`` (``model_type:
+"perceiver"``, ``architectures: ["PerceiverFor…"]``) and ``model.safetensors`` or
+``pytorch_model.bin`` (read with ``torch.load(weights_only=True)``). Its config picks the registered
+variant and its sizes (:func:`overrides_from_config`); its tensors are renamed by the declarative
+tables :data:`TABLES` (one ``(transformers, perceivers)`` template pair per tensor family; every
+tensor must match exactly one rule and every model tensor must be given).
+
+Two numerics, chosen with ``numerics=``:
+
+- ``"deepmind"`` (default) — the official architecture, undoing what transformers' port changed:
+  tanh GELU (transformers: exact erf), TF-``SAME`` conv stem with a padded max-pool (56×56 tokens;
+  transformers: symmetric padding, unpadded pool, 55×55), no decoder query residual in the
+  learned-position classifier (transformers: residual), and the 7×7 stem kernel's H/W axes swapped
+  back (transformers' Haiku converter transposed the HWIO kernel with a plain ``np.transpose``;
+  ``undo_conv_transpose=False`` keeps the kernel as stored, e.g. for checkpoints trained in transformers).
+- ``"transformers"`` — reproduce transformers' outputs: exact GELU (per ``hidden_act``), its conv
+  stem, its decoder residual, the kernel as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .state_dict import CheckpointError, load_state_dict_strict, read_state_dict, save_state_dict
+
+__all__ = [
+    "ARCHITECTURES",
+    "TABLES",
+    "convert_transformers_state_dict",
+    "from_transformers",
+    "load_transformers_weights",
+    "overrides_from_config",
+    "read_transformers_checkpoint",
+    "save_transformers",
+    "to_transformers_state_dict",
+    "transformers_config",
+    "use_transformers_numerics",
+]
+
+Numerics = Literal["deepmind", "transformers"]
+
+#: transformers head class → our registered variant.
+ARCHITECTURES: dict[str, str] = {
+    "PerceiverForMaskedLM": "language-perceiver",
+    "PerceiverForImageClassificationLearned": "vision-perceiver-learned",
+    "PerceiverForImageClassificationFourier": "vision-perceiver-fourier",
+    "PerceiverForImageClassificationConvProcessing": "vision-perceiver-conv",
+    "PerceiverForOpticalFlow": "optical-flow-perceiver",
+    "PerceiverForMultimodalAutoencoding": "multimodal-perceiver",
+}
+
+# ------------------------------------------------------------------------------------------ key tables
+# Templates: {i} an index, {m} a modality name, {p} a parameter/buffer name.
+
+Rule = tuple[str, str]
+
+
+def _layer(hf: str, ours: str, *, cross: bool) -> list[Rule]:
+    """A transformers ``PerceiverLayer`` ⇄ our ``CrossAttentionBlock`` / ``SelfAttentionBlock``."""
+    rules = [
+        ("attention.self.layernorm1", "norm_q" if cross else "norm"),
+        ("attention.self.query", "attn.to_q"),
+        ("attention.self.key", "attn.to_k"),
+        ("attention.self.value", "attn.to_v"),
+        ("attention.output.dense", "attn.to_out"),
+        ("layernorm", "norm_mlp"),
+        ("mlp.dense1", "mlp.fc1"),
+        ("mlp.dense2", "mlp.fc2"),
+    ]
+    if cross:
+        rules.append(("attention.self.layernorm2", "norm_kv"))
+    return [(f"{hf}.{a}.{{p}}", f"{ours}.{b}.{{p}}") for a, b in rules]
+
+
+_TRUNK: list[Rule] = [
+    ("perceiver.embeddings.latents", "perceiver.encoder.latents.embeddings"),
+    *_layer("perceiver.encoder.cross_attention", "perceiver.encoder.cross_attention", cross=True),
+    *_layer("perceiver.encoder.self_attends.{i}", "perceiver.encoder.self_attends.{i}", cross=False),
+]
+
+_CLASSIFIER: list[Rule] = [
+    ("perceiver.decoder.decoder.output_position_encodings.position_embeddings",
+     "perceiver.decoder.decoder.queries.table.embeddings"),
+    *_layer("perceiver.decoder.decoder.decoding_cross_attention", "perceiver.decoder.decoder.cross_attention",
+            cross=True),
+    ("perceiver.decoder.decoder.final_layer.{p}", "perceiver.decoder.decoder.output.{p}"),
+]
+
+_CONV_KERNEL = "perceiver.input_preprocessor.stem.layers.0.conv.weight"
+
+#: transformers head class → its (transformers, perceivers) key templates.
+TABLES: dict[str, list[Rule]] = {
+    "PerceiverForMaskedLM": [
+        ("perceiver.input_preprocessor.embeddings.weight", "perceiver.input_preprocessor.embeddings.weight"),
+        ("perceiver.input_preprocessor.position_embeddings.weight",
+         "perceiver.input_preprocessor.position_embeddings.embeddings"),
+        *_TRUNK,
+        ("perceiver.decoder.output_position_encodings.position_embeddings", "perceiver.decoder.queries.table.embeddings"),
+        *_layer("perceiver.decoder.decoding_cross_attention", "perceiver.decoder.cross_attention", cross=True),
+        ("embedding_decoder.bias", "embedding_decoder.bias"),
+    ],
+    "PerceiverForImageClassificationLearned": [
+        ("perceiver.input_preprocessor.convnet_1x1.{p}", "perceiver.input_preprocessor.stem.{p}"),
+        ("perceiver.input_preprocessor.position_embeddings.position_embeddings",
+         "perceiver.input_preprocessor.position_encoding.base.table.embeddings"),
+        ("perceiver.input_preprocessor.positions_projection.{p}", "perceiver.input_preprocessor.position_encoding.proj.{p}"),
+        *_TRUNK,
+        *_CLASSIFIER,
+    ],
+    "PerceiverForImageClassificationFourier": [*_TRUNK, *_CLASSIFIER],
+    "PerceiverForImageClassificationConvProcessing": [
+        ("perceiver.input_preprocessor.convnet.conv.weight", _CONV_KERNEL),
+        ("perceiver.input_preprocessor.convnet.batchnorm.{p}", "perceiver.input_preprocessor.stem.layers.0.norm.{p}"),
+        *_TRUNK,
+        *_CLASSIFIER,
+    ],
+    "PerceiverForOpticalFlow": [
+        ("perceiver.input_preprocessor.conv_after_patches.{p}", "perceiver.input_preprocessor.patches_linear.{p}"),
+        *_TRUNK,
+        *_layer("perceiver.decoder.decoder.decoding_cross_attention", "perceiver.decoder.decoder.cross_attention",
+                cross=True),
+        ("perceiver.decoder.decoder.final_layer.{p}", "perceiver.decoder.decoder.output.{p}"),
+    ],
+    "PerceiverForMultimodalAutoencoding": [
+        ("perceiver.input_preprocessor.padding.{m}", "perceiver.input_preprocessor.padding.{m}.embeddings"),
+        ("perceiver.input_preprocessor.mask.{m}", "perceiver.input_preprocessor.mask_tokens.{m}.embeddings"),
+        *_TRUNK,
+        ("perceiver.decoder.modalities.label.decoder.output_position_encodings.position_embeddings",
+         "perceiver.decoder.queries.label.table.embeddings"),
+        ("perceiver.decoder.padding.{m}", "perceiver.decoder.padding.{m}.embeddings"),
+        *_layer("perceiver.decoder.decoder.decoding_cross_attention", "perceiver.decoder.decoder.cross_attention",
+                cross=True),
+        ("perceiver.decoder.decoder.final_layer.{p}", "perceiver.decoder.decoder.output.{p}"),
+        ("perceiver.output_postprocessor.modalities.{m}.classifier.{p}",
+         "perceiver.output_postprocessor.modalities.{m}.linear.{p}"),
+    ],
+}
+
+_FIELDS = {"i": r"\d+", "m": r"[A-Za-z_]+", "p": r"weight|bias|running_mean|running_var|num_batches_tracked"}
+
+
+@lru_cache(maxsize=None)
+def _pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[a-z]\})", template)
+    regex = "".join(f"(?P<{p[1]}>{_FIELDS[p[1]]})" if re.fullmatch(r"\{[a-z]\}", p) else re.escape(p) for p in parts)
+    return re.compile(regex + r"\Z")
+
+
+def _rename(key: str, rules: list[Rule], *, reverse: bool) -> str | None:
+    hits = []
+    for hf, ours in rules:
+        src, dst = (ours, hf) if reverse else (hf, ours)
+        match = _pattern(src).match(key)
+        if match:
+            hits.append(dst.format(**match.groupdict()))
+    if len(hits) > 1:
+        raise RuntimeError(f"key table is ambiguous for {key!r}: {hits}")
+    return hits[0] if hits else None
+
+
+def _swap_hw(kernel: Tensor) -> Tensor:
+    """OIHW kernel with H and W exchanged (undoes / redoes transformers' ``np.transpose`` of HWIO)."""
+    return kernel.transpose(-1, -2).contiguous()
+
+
+def _map(state: Mapping[str, Tensor], architecture: str, *, reverse: bool, swap_conv: bool) -> dict[str, Tensor]:
+    if architecture not in TABLES:
+        raise ValueError(f"unsupported transformers architecture {architecture!r}; known: {sorted(TABLES)}")
+    rules = TABLES[architecture]
+    out: dict[str, Tensor] = {}
+    unmatched = []
+    for key, value in state.items():
+        new = _rename(key, rules, reverse=reverse)
+        if new is None:
+            unmatched.append(key)
+            continue
+        if swap_conv and _CONV_KERNEL in (key, new):
+            value = _swap_hw(value)
+        out[new] = value
+    if unmatched:
+        side = "perceivers" if reverse else "transformers"
+        raise CheckpointError(f"{len(unmatched)} {side} tensors have no rule in the {architecture} key table: "
+                              + ", ".join(unmatched[:12]))
+    return out
+
+
+def convert_transformers_state_dict(
+    state: Mapping[str, Tensor],
+    model_or_architecture: nn.Module | str,
+    *,
+    undo_conv_transpose: bool = True,
+) -> dict[str, Tensor]:
+    """transformers tensor names → ours (strict: every tensor needs a rule).
+
+    Args:
+        model_or_architecture: a transformers head class name, or one of our registry models.
+        undo_conv_transpose: swap H/W of the 7×7 stem kernel back (see the module docstring).
+    """
+    arch = model_or_architecture if isinstance(model_or_architecture, str) else _architecture_of(model_or_architecture)
+    return _map(state, arch, reverse=False, swap_conv=undo_conv_transpose)
+
+
+def to_transformers_state_dict(
+    state: Mapping[str, Tensor], architecture: str, *, redo_conv_transpose: bool = True
+) -> dict[str, Tensor]:
+    """Our tensor names → transformers' (the inverse tables; the stem kernel H/W-swapped as transformers stores it)."""
+    return _map(state, architecture, reverse=True, swap_conv=redo_conv_transpose)
+
+
+def _architecture_of(model: nn.Module) -> str:
+    name = getattr(model, "model_name", None)
+    for arch, registered in ARCHITECTURES.items():
+        if registered == name:
+            return arch
+    raise ValueError(f"{type(model).__name__} (model_name={name!r}) has no transformers counterpart; "
+                     f"supported: {sorted(set(ARCHITECTURES.values()))}")
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+_TRUNK_FIELDS = (
+    "num_latents", "d_latents", "num_blocks", "num_self_attends_per_block", "num_self_attention_heads",
+    "num_cross_attention_heads", "qk_channels", "v_channels", "cross_attention_widening_factor",
+    "self_attention_widening_factor", "cross_attention_shape_for_attention", "use_query_residual",
+)
+# transformers' PerceiverConfig defaults (for config.json files that omit a field)
+_HF_DEFAULTS: dict[str, Any] = {
+    "num_latents": 256, "d_latents": 1280, "d_model": 768, "num_blocks": 1, "num_self_attends_per_block": 26,
+    "num_self_attention_heads": 8, "num_cross_attention_heads": 8, "qk_channels": None, "v_channels": None,
+    "cross_attention_shape_for_attention": "kv", "self_attention_widening_factor": 1,
+    "cross_attention_widening_factor": 1, "hidden_act": "gelu", "use_query_residual": True, "vocab_size": 262,
+    "max_position_embeddings": 2048, "image_size": 56, "train_size": [368, 496], "num_frames": 16,
+    "audio_samples_per_frame": 1920, "samples_per_patch": 16, "output_shape": [1, 16, 224, 224],
+    "output_num_channels": 512, "_label_trainable_num_channels": 1024,
+}
+
+
+def _num_labels(cfg: Mapping[str, Any]) -> int:
+    if "id2label" in cfg and cfg["id2label"]:
+        return len(cfg["id2label"])
+    return int(cfg.get("num_labels", 2))
+
+
+def architecture_of_config(cfg: Mapping[str, Any]) -> str:
+    """The head class named by ``architectures`` in a transformers config."""
+    if cfg.get("model_type") != "perceiver":
+        raise ValueError(f"not a transformers Perceiver config (model_type={cfg.get('model_type')!r})")
+    archs = [a for a in cfg.get("architectures") or [] if a in ARCHITECTURES]
+    if len(archs) != 1:
+        raise ValueError(f"config.json names architectures {cfg.get('architectures')}; need exactly one of "
+                         f"{sorted(ARCHITECTURES)} (pass architecture=...)")
+    return archs[0]
+
+
+def overrides_from_config(
+    cfg: Mapping[str, Any], architecture: str, numerics: Numerics = "deepmind"
+) -> tuple[str, dict[str, Any]]:
+    """``(registry name, create_model overrides)`` equivalent to a transformers config.
+
+    The sizes transformers hard-codes per head (64 Fourier bands, 256-wide learned-position stem, 8×32
+    decoder heads of the MLM, …) are written out here.
+    """
+    c = {**_HF_DEFAULTS, **cfg}
+    name = ARCHITECTURES[architecture]
+    over: dict[str, Any] = {k: c[k] for k in _TRUNK_FIELDS}
+    if architecture == "PerceiverForMaskedLM":
+        over.update(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
+                    d_model=c["d_model"], num_decoder_heads=8, decoder_qk_channels=8 * 32, decoder_v_channels=c["d_model"])
+    elif architecture.startswith("PerceiverForImageClassification"):
+        over.update(num_labels=_num_labels(c))
+        if architecture.endswith("Learned"):
+            side = int(c["image_size"])
+            over.update(image_size=(side, side), preprocessor_channels=256, position_channels=256, project_pos_dim=256,
+                        decoder_query_residual=numerics == "transformers")
+        elif architecture.endswith("Fourier"):
+            over.update(image_size=(224, 224), num_bands=64, max_resolution=(224, 224))
+        else:
+            over.update(image_size=(224, 224), preprocessor_channels=64, num_bands=64, max_resolution=(56, 56))
+    elif architecture == "PerceiverForOpticalFlow":
+        over.update(train_size=tuple(c["train_size"]), num_bands=64, preprocessor_channels=64)
+    elif architecture == "PerceiverForMultimodalAutoencoding":
+        out_shape = tuple(c["output_shape"])
+        if len(out_shape) != 4 or out_shape[1] != c["num_frames"]:
+            raise ValueError(f"output_shape {out_shape} must be (1, num_frames, H, W)")
+        image_size = tuple(out_shape[2:])
+        if image_size[0] // 4 != c["image_size"] or image_size[1] // 4 != c["image_size"]:
+            # transformers takes the video Fourier max_resolution from image_size; DeepMind from the 4× patch grid
+            raise ValueError(
+                f"image_size={c['image_size']} must be output_shape[-2:]/4 = {image_size[0] // 4} (the patch grid "
+                "that sets the video Fourier frequencies); other values are not supported"
+            )
+        over.update(num_frames=c["num_frames"], image_size=image_size, audio_samples_per_frame=c["audio_samples_per_frame"],
+                    samples_per_patch=c["samples_per_patch"], num_labels=_num_labels(c),
+                    output_num_channels=c["output_num_channels"],
+                    label_query_channels=c["_label_trainable_num_channels"], image_patch_size=4, image_num_bands=32,
+                    audio_num_bands=192, min_padding_size=4, decoder_min_padding_size=2)
+    return name, over
+
+
+def transformers_config(model: nn.Module) -> dict[str, Any]:
+    """A transformers ``config.json`` (as a dict) for one of our registry models.
+
+    Raises ``ValueError`` when the model uses sizes transformers cannot express (it hard-codes several).
+    """
+    arch = _architecture_of(model)
+    c = model.config
+    cfg: dict[str, Any] = {"model_type": "perceiver", "architectures": [arch], "hidden_act": "gelu",
+                           "attention_probs_dropout_prob": 0.0}
+    cfg.update({k: getattr(c, k) for k in _TRUNK_FIELDS})
+    _, expected = overrides_from_config({**cfg, **_config_extras(c, arch)}, arch)
+    mismatched = {k: (getattr(c, k), v) for k, v in expected.items()
+                  if k not in ("decoder_query_residual",) and _norm(getattr(c, k, None)) != _norm(v)}
+    if mismatched:
+        raise ValueError(f"{model.model_name} cannot be written in transformers' format: transformers fixes "
+                         + ", ".join(f"{k}={v[1]!r} (model has {v[0]!r})" for k, v in mismatched.items()))
+    cfg.update(_config_extras(c, arch))
+    return cfg
+
+
+def _norm(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _config_extras(c: Any, arch: str) -> dict[str, Any]:
+    if arch == "PerceiverForMaskedLM":
+        return {"vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings, "d_model": c.d_model}
+    if arch.startswith("PerceiverForImageClassification"):
+        labels = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
+        extra: dict[str, Any] = {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+        if arch.endswith("Learned"):
+            extra["image_size"] = c.image_size[0]
+        return extra
+    if arch == "PerceiverForOpticalFlow":
+        return {"train_size": list(c.train_size)}
+    labels = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
+    return {"num_frames": c.num_frames, "image_size": c.image_size[0] // 4,
+            "output_shape": [1, c.num_frames, *c.image_size], "audio_samples_per_frame": c.audio_samples_per_frame,
+            "samples_per_patch": c.samples_per_patch, "output_num_channels": c.output_num_channels,
+            "_label_trainable_num_channels": c.label_query_channels, "id2label": labels,
+            "label2id": {v: int(k) for k, v in labels.items()}}
+
+
+# ------------------------------------------------------------------------------------------- numerics
+
+
+class TransformersConvStem(nn.Module):
+    """transformers' conv stem layer: symmetric 3-pixel zero padding, conv 7×7/2, BN, ReLU, max-pool 3×3/2 with
+    no padding (so 224 → 112 → 55). Holds the same ``conv``/``norm`` modules as ours (same tensor names)."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.conv, self.norm = conv, norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(F.pad(x, (3, 3, 3, 3)))
+        if self.norm is not None:
+            x = self.norm(x)
+        return F.max_pool2d(F.relu(x), kernel_size=3, stride=2)
+
+
+def use_transformers_numerics(model: nn.Module, hidden_act: str = "gelu") -> nn.Module:
+    """Switch a model to transformers' computation where it departs from DeepMind (in place).
+
+    Every MLP uses ``hidden_act`` (``"gelu"`` exact; ``"gelu_new"``/``"gelu_pytorch_tanh"`` tanh) and conv
+    stems pad and pool as transformers does. Weights are untouched (the learned-position decoder residual is
+    a constructor choice: see :func:`overrides_from_config`).
+    """
+    from ..layers import FeedForward
+
+    acts = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+    if hidden_act not in acts:
+        raise ValueError(f"hidden_act {hidden_act!r} is not supported; known: {sorted(acts)}")
+    for module in model.modules():
+        if isinstance(module, FeedForward):
+            module.activation = acts[hidden_act]
+        for name, child in list(module.named_children()):
+            if type(child).__name__ == "_ConvDownsampleLayer":
+                setattr(module, name, TransformersConvStem(child.conv, child.norm))
+    return model
+
+
+# ------------------------------------------------------------------------------------------ read/write
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} has no config.json")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_transformers_checkpoint(directory: str | os.PathLike[str], *,
+                                 map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config, state_dict)`` of a transformers checkpoint directory (safetensors preferred, shards joined)."""
+    directory = Path(directory)
+    cfg = _read_config(directory)
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).exists():
+            return cfg, read_state_dict(directory / single, map_location=map_location)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).exists():
+            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            state: dict[str, Tensor] = {}
+            for shard in shards:
+                state.update(read_state_dict(directory / shard, map_location=map_location))
+            return cfg, state
+    raise FileNotFoundError(f"{directory} has no model.safetensors / pytorch_model.bin (or their index)")
+
+
+def from_transformers(
+    path_or_id: str | os.PathLike[str],
+    *,
+    numerics: Numerics = "deepmind",
+    undo_conv_transpose: bool | None = None,
+    architecture: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Build our equivalent of a transformers Perceiver checkpoint and load its weights.
+
+    Args:
+        path_or_id: a directory or Hub repo id (resolved through the HF cache, offline-capable).
+        numerics: ``"deepmind"`` (official computation) or ``"transformers"`` (reproduce transformers).
+        undo_conv_transpose: swap the conv stem kernel's H/W back; default True with DeepMind numerics.
+        architecture: the head class when ``config.json`` lacks ``architectures``.
+    """
+    from ..hub import resolve
+    from ..tasks import create_model
+
+    if numerics not in ("deepmind", "transformers"):
+        raise ValueError(f"numerics must be 'deepmind' or 'transformers', got {numerics!r}")
+    directory = resolve(path_or_id)
+    cfg, state = read_transformers_checkpoint(directory, map_location=map_location)
+    arch = architecture or architecture_of_config(cfg)
+    name, overrides = overrides_from_config(cfg, arch, numerics)
+    model = create_model(name, **overrides)
+    if numerics == "transformers":
+        use_transformers_numerics(model, cfg.get("hidden_act", "gelu"))
+    swap = (numerics == "deepmind") if undo_conv_transpose is None else undo_conv_transpose
+    converted = convert_transformers_state_dict(state, arch, undo_conv_transpose=swap)
+    load_state_dict_strict(model, converted, source=str(directory))
+    return model.to(map_location).eval()
+
+
+def load_transformers_weights(
+    model: nn.Module,
+    path_or_id: str | os.PathLike[str],
+    *,
+    undo_conv_transpose: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a transformers checkpoint's weights into an existing registry model (strict)."""
+    from ..hub import resolve
+
+    directory = resolve(path_or_id)
+    cfg, state = read_transformers_checkpoint(directory, map_location=map_location)
+    arch = architecture_of_config(cfg) if cfg.get("architectures") else _architecture_of(model)
+    if arch != _architecture_of(model):
+        raise CheckpointError(f"{directory} holds a {arch}, but the model is {getattr(model, 'model_name', '?')}")
+    converted = convert_transformers_state_dict(state, arch, undo_conv_transpose=undo_conv_transpose)
+    return load_state_dict_strict(model, converted, source=str(directory))
+
+
+def save_transformers(model: nn.Module, directory: str | os.PathLike[str], *, redo_conv_transpose: bool = True) -> Path:
+    """Write a registry model as a transformers checkpoint (``config.json`` + ``model.safetensors``).
+
+    transformers then computes with its own numerics (exact GELU, its conv stem, …); the weights are
+    the same. The stem kernel is stored H/W-swapped like transformers' converted checkpoints
+    (``redo_conv_transpose=False`` stores it as is).
+    """
+    cfg = transformers_config(model)
+    arch = cfg["architectures"][0]
+    state = to_transformers_state_dict(model.state_dict(), arch, redo_conv_transpose=redo_conv_transpose)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    save_state_dict(state, directory / "model.safetensors")
+    return directory
