@@ -314,19 +314,16 @@ def load_checkpoint(
 
 
 def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a bare state dict written by another library, when its names say so."""
+    """Rename a bare state dict written by another library, when its names say so (else leave it)."""
     own = model.state_dict()
-    if set(state) <= set(own) or not state:
+    if not state or len(set(state) & set(own)) >= len(state) / 2:
         return state
-    if any(k.startswith("perceiver.") for k in state):
+    if "perceiver.embeddings.latents" in state or any(".attention.self." in k for k in state):
         from .convert.transformers import convert_transformers_state_dict
 
         return convert_transformers_state_dict(state, model)
-    if any(k.startswith(("layers.", "perceiver_io.")) or k == "latents" for k in state):
+    if any(k.startswith("layers.") or ".to_kv." in k for k in state):
         from .convert.lucidrains import from_lucidrains
 
-        try:
-            return from_lucidrains(state)
-        except (KeyError, ValueError):
-            return state
+        return from_lucidrains(state)
     return state

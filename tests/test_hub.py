@@ -1,0 +1,247 @@
+"""Own format (save_pretrained / from_pretrained), Hub ids through an offline cache, load_checkpoint dispatch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from perceivers import (
+    Perceiver,
+    PerceiverBlock,
+    PerceiverIO,
+    PerceiverLM,
+    from_pretrained,
+    load_checkpoint,
+    save_pretrained,
+)
+from perceivers.configurable import configurable, init_config
+from perceivers.convert.state_dict import CheckpointError
+from perceivers.hub import detect_format
+from perceivers.tasks import create_model, list_models
+
+SMALL = {"num_latents": 4, "latent_dim": 8, "latent_heads": 2, "latent_dim_head": 4, "cross_dim_head": 4}
+
+
+def _family():
+    return {
+        "perceiver": (Perceiver(num_freq_bands=2, depth=3, max_freq=4.0, num_classes=5, weight_tie_layers=True, **SMALL),
+                      (torch.randn(2, 5, 6, 3),), {}),
+        "perceiver_io": (PerceiverIO(depth=2, dim=5, queries_dim=6, logits_dim=7, **SMALL),
+                         (torch.randn(2, 9, 5),), {"queries": torch.randn(3, 6)}),
+        "perceiver_lm": (PerceiverLM(dim=8, num_tokens=20, max_seq_len=16, depth=2, weight_tie_layers=True, **SMALL),
+                         (torch.randint(0, 20, (2, 11)),), {}),
+        "block": (PerceiverBlock(dim=8, context_dim=5, self_per_cross_attn=2), (torch.randn(2, 4, 8), torch.randn(2, 6, 5)),
+                  {}),
+    }
+
+
+def _outputs(model, args, kwargs):
+    with torch.no_grad():
+        out = model.eval()(*args, **kwargs)
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("name", list(_family()))
+def test_family_round_trip(tmp_path, name):
+    model, args, kwargs = _family()[name]
+    save_pretrained(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["format"] == "perceivers" and cfg["model"]["class"].startswith("perceivers.models.")
+    loaded = from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert torch.equal(_outputs(loaded, args, kwargs), _outputs(model, args, kwargs))
+
+
+def _registry_inputs(name, model):
+    c = model.config
+    if name == "language-perceiver":
+        return (torch.randint(0, 262, (2, c.max_position_embeddings)),), {}
+    if name.startswith("vision"):
+        return (torch.randn(2, 3, *c.image_size),), {}
+    if name == "optical-flow-perceiver":
+        return (torch.randn(1, 2, 27, *c.train_size),), {}
+    return ({"image": torch.rand(1, c.num_frames, 3, *c.image_size),
+             "audio": torch.rand(1, c.num_audio_samples, 1)},), {"subsampled_output_points": {
+                 "image": torch.arange(8), "audio": torch.arange(2)}}
+
+
+def _leaves(out):
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _leaves(out[k])]
+    return [out]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_registry_round_trip(tmp_path, name):
+    model = create_model(name, tiny=True, num_latents=5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_pretrained(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model"]["registry"] == name and cfg["model"]["config"]["num_latents"] == 5
+    loaded = from_pretrained(tmp_path)
+    assert loaded.config == model.config and loaded.model_name == name
+    args, kwargs = _registry_inputs(name, model)
+    for a, b in zip(_leaves(_outputs(loaded, args, kwargs)), _leaves(_outputs(model, args, kwargs))):
+        assert torch.equal(a, b)
+
+
+@configurable
+class _Tied(nn.Module):
+    """Two linears sharing one weight, plus an embedding tied to a head (shared tensors in the state dict)."""
+
+    def __init__(self, dim: int = 4, vocab: int = 7) -> None:
+        super().__init__()
+        self.a = nn.Linear(dim, dim)
+        self.b = nn.Linear(dim, dim)
+        self.b.weight = self.a.weight
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.b(self.a(self.emb(ids))))
+
+
+def test_tied_tensors_are_saved_once_and_stay_tied(tmp_path):
+    from safetensors import safe_open
+
+    model = _Tied()
+    save_pretrained(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert "b.weight" not in stored and "head.weight" not in stored
+    loaded = from_pretrained(tmp_path, allow_external_classes=True)
+    assert loaded.b.weight is loaded.a.weight and loaded.head.weight is loaded.emb.weight
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded(ids), model(ids))
+
+
+def test_external_classes_need_opt_in(tmp_path):
+    save_pretrained(_Tied(), tmp_path)
+    with pytest.raises(ValueError, match="allow_external_classes"):
+        from_pretrained(tmp_path)
+
+
+def test_unrecorded_class_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="configurable"):
+        save_pretrained(nn.Linear(2, 2), tmp_path)
+
+
+def test_init_config_records_defaults_and_nested_values():
+    cfg = init_config(PerceiverIO(depth=1, dim=3, queries_dim=4))
+    assert cfg["class"] == "perceivers.models.perceiver_io.PerceiverIO"
+    assert cfg["kwargs"]["num_latents"] == 512 and cfg["kwargs"]["logits_dim"] is None
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, files: Path) -> Path:
+    """The layout huggingface_hub's cache uses: models--owner--name/{refs/main, snapshots/<commit>/…}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in files.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    return snapshot
+
+
+def test_hub_id_resolves_offline_through_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = create_model("vision-perceiver-fourier", tiny=True).eval()
+    save_pretrained(model, tmp_path / "src")
+    cache = tmp_path / "cache"
+    _fake_hub_cache(cache, "someone/tiny-fourier", tmp_path / "src")
+    loaded = from_pretrained("someone/tiny-fourier", cache_dir=cache, local_files_only=True)
+    x = torch.randn(1, 3, *model.config.image_size)
+    assert torch.equal(_outputs(loaded, (x,), {}), _outputs(model, (x,), {}))
+    # load_checkpoint takes the same ids
+    fresh = create_model("vision-perceiver-fourier", tiny=True).eval()
+    load_checkpoint(fresh, "someone/tiny-fourier", cache_dir=cache, local_files_only=True)
+    assert torch.equal(_outputs(fresh, (x,), {}), _outputs(model, (x,), {}))
+    with pytest.raises(Exception, match="(?i)cache|offline|local|not found|cannot find"):
+        from_pretrained("someone/not-cached", cache_dir=cache, local_files_only=True)
+
+
+def test_hub_cache_via_environment(tmp_path, monkeypatch):
+    """HF_HUB_CACHE pointing at a populated cache is honoured (checked in a fresh interpreter,
+    since huggingface_hub reads the variable at import)."""
+    import subprocess
+    import sys
+
+    model = Perceiver(num_freq_bands=2, depth=1, max_freq=4.0, num_classes=3, **SMALL)
+    save_pretrained(model, tmp_path / "src")
+    _fake_hub_cache(tmp_path / "cache", "someone/perceiver", tmp_path / "src")
+    code = ("import perceivers; m = perceivers.from_pretrained('someone/perceiver'); "
+            "print(type(m).__name__, sum(p.numel() for p in m.parameters()))")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["Perceiver", str(sum(p.numel() for p in model.parameters()))]
+
+
+FLOW = {"tiny": True, "num_bands": 64, "preprocessor_channels": 64}  # sizes transformers can express
+
+
+def test_load_checkpoint_dispatch_on_content(tmp_path):
+    model = create_model("optical-flow-perceiver", **FLOW).eval()
+    x = torch.randn(1, 2, 27, *model.config.train_size)
+    want = _outputs(model, (x,), {})
+    save_pretrained(model, tmp_path / "ours")
+    from perceivers.convert.state_dict import save_state_dict
+    from perceivers.convert.transformers import save_transformers
+
+    save_state_dict(model.state_dict(), tmp_path / "weights.safetensors")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "train.ckpt")
+    save_transformers(model, tmp_path / "hf")
+    from perceivers.convert.transformers import to_transformers_state_dict
+
+    torch.save(to_transformers_state_dict(model.state_dict(), "PerceiverForOpticalFlow"), tmp_path / "hf_bare.bin")
+    expected = {"ours": "perceivers", "weights.safetensors": "safetensors", "weights.pt": "torch",
+                "train.ckpt": "torch", "hf": "transformers", "hf_bare.bin": "torch"}
+    for name, fmt in expected.items():
+        assert detect_format(tmp_path / name) == fmt
+        fresh = create_model("optical-flow-perceiver", **FLOW).eval()
+        load_checkpoint(fresh, tmp_path / name)
+        assert torch.equal(_outputs(fresh, (x,), {}), want), name
+
+
+def test_load_checkpoint_is_strict_and_names_tensors(tmp_path):
+    model = create_model("vision-perceiver-learned", tiny=True)
+    state = model.state_dict()
+    state.pop("perceiver.decoder.decoder.output.bias")
+    state["perceiver.extra.weight"] = torch.zeros(1)
+    state["perceiver.encoder.latents.embeddings"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(model, tmp_path / "bad.pt")
+    message = str(info.value)
+    assert "missing 1: perceiver.decoder.decoder.output.bias" in message
+    assert "unexpected 1: perceiver.extra.weight" in message
+    assert "perceiver.encoder.latents.embeddings (checkpoint (3, 3), model (8, 32))" in message
+
+
+def test_load_checkpoint_lucidrains_state_dict(tmp_path):
+    pytest.importorskip("perceiver_pytorch")
+    import perceiver_pytorch
+
+    ref = perceiver_pytorch.Perceiver(num_freq_bands=2, depth=2, max_freq=4.0, num_classes=3, **SMALL)
+    torch.save(ref.state_dict(), tmp_path / "lucid.pt")
+    ours = Perceiver(num_freq_bands=2, depth=2, max_freq=4.0, num_classes=3, **SMALL)
+    load_checkpoint(ours, tmp_path / "lucid.pt")
+    x = torch.randn(2, 4, 4, 3)
+    torch.testing.assert_close(_outputs(ours, (x,), {}), ref.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_missing_path_and_bad_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing path nor a Hub repo id"):
+        from_pretrained(tmp_path / "nope" / "deeper")
