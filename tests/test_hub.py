@@ -183,7 +183,7 @@ def test_hub_cache_via_environment(tmp_path, monkeypatch):
     code = ("import perceivers; m = perceivers.from_pretrained('someone/perceiver'); "
             "print(type(m).__name__, sum(p.numel() for p in m.parameters()))")
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Perceiver", str(sum(p.numel() for p in model.parameters()))]
 
