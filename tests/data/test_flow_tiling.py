@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from perceivers.data import flow_to_color, normalize_frames, patches_for_flow, save_flow_png, tile_flow
+from perceivers.data import flow_model_fn, flow_to_color, normalize_frames, save_flow_png, tile_flow
 from perceivers.data.flow import tile_origins, tile_weights
 
 
@@ -12,6 +12,11 @@ def test_sintel_size_gives_six_flush_tiles():
     origins = tile_origins((436, 1024))
     assert origins == [(0, 0), (0, 476), (0, 528), (68, 0), (68, 476), (68, 528)]
     assert tile_origins((368, 496)) == [(0, 0)]
+
+
+def test_tiles_past_the_border_are_dropped():
+    # colab: ys = [0, 4, 3] and xs = [0, 6, 5]; the tiles at 4 and 6 would run past the border
+    assert tile_origins((9, 13), (6, 8), 2) == [(0, 0), (0, 5), (3, 0), (3, 5)]
 
 
 def test_tile_weights_formula():
@@ -57,7 +62,7 @@ def _reference_tiling(model_fn, f1, f2, tile, overlap):
     weights = np.minimum(np.minimum(wx + 1, tile[1] - wx), np.minimum(wy + 1, tile[0] - wy))[None, :, :, None]
     for y in ys:
         for x in xs:
-            out = model_fn(torch.from_numpy(pair[:, :, y : y + tile[0], x : x + tile[1]])).numpy()
+            out = model_fn(torch.from_numpy(pair[:, :, y : y + tile[0], x : x + tile[1]])).detach().numpy()
             flows[:, y : y + tile[0], x : x + tile[1]] += out * weights
             count[:, y : y + tile[0], x : x + tile[1]] += weights
     return flows[0] / count[0]
@@ -92,18 +97,6 @@ def test_tile_flow_checks_model_output():
         tile_flow(lambda x: x[:, 0, ..., :1], f1, f2, tile_size=(8, 12), min_overlap=2)
 
 
-def test_patches_for_flow_layout():
-    frames = torch.randn(2, 2, 5, 6, 3)
-    out = patches_for_flow(frames)
-    assert out.shape == (2, 2, 5, 6, 27)
-    padded = torch.nn.functional.pad(frames, (0, 0, 1, 1, 1, 1))
-    for y, x in [(0, 0), (2, 3), (4, 5)]:
-        for dy in range(3):
-            for dx in range(3):
-                k = 3 * dy + dx
-                torch.testing.assert_close(out[:, :, y, x, k * 3 : k * 3 + 3], padded[:, :, y + dy, x + dx])
-
-
 def test_flow_to_color_directions(tmp_path):
     flow = np.zeros((3, 3, 2), np.float32)
     flow[0, 0] = (1, 0)  # right -> red
@@ -122,3 +115,22 @@ def test_flow_to_color_directions(tmp_path):
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "f.png")), rgb)
+
+
+def test_tile_flow_with_a_tiny_flow_model():
+    """A real (tiny, random) optical-flow Perceiver through flow_model_fn: one tile equals a direct call,
+    several tiles blend the direct calls on each tile."""
+    from perceivers.tasks import create_model
+
+    model = create_model("optical-flow-perceiver", tiny=True).eval()  # train_size (6, 8)
+    f1, f2 = _frames(6, 8, seed=7)
+    fn = flow_model_fn(model)
+    pair = torch.stack((normalize_frames(f1), normalize_frames(f2)))[None]
+    with torch.no_grad():
+        direct = model(pair.permute(0, 1, 4, 2, 3)).flow[0]
+    torch.testing.assert_close(tile_flow(fn, f1, f2, tile_size=(6, 8), min_overlap=2), direct)
+    torch.testing.assert_close(direct, model(pair.permute(0, 1, 4, 2, 3)).logits[0] * 20)
+    g1, g2 = _frames(10, 14, seed=8)
+    got = tile_flow(fn, g1, g2, tile_size=(6, 8), min_overlap=2)
+    want = _reference_tiling(fn, g1, g2, (6, 8), 2)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)

@@ -3,7 +3,7 @@
 Pillow is imported only by the functions that read or write image files.
 """
 
-from .flow import flow_to_color, normalize_frames, patches_for_flow, save_flow_png, tile_flow
+from .flow import flow_model_fn, flow_to_color, normalize_frames, save_flow_png, tile_flow
 from .image import IMAGENET_MEAN, IMAGENET_STD, ImageNetEvalTransform, imagenet_class_names, load_image
 from .tokenizer import ByteTokenizer
 
@@ -12,11 +12,11 @@ __all__ = [
     "IMAGENET_STD",
     "ByteTokenizer",
     "ImageNetEvalTransform",
+    "flow_model_fn",
     "flow_to_color",
     "imagenet_class_names",
     "load_image",
     "normalize_frames",
-    "patches_for_flow",
     "save_flow_png",
     "tile_flow",
 ]

@@ -31,7 +31,6 @@ __all__ = [
     "flow_model_fn",
     "flow_to_color",
     "normalize_frames",
-    "patches_for_flow",
     "save_flow_png",
     "tile_flow",
     "tile_origins",
@@ -50,29 +49,12 @@ def normalize_frames(frames: Tensor | np.ndarray) -> Tensor:
     return x.float() / 255.0 * 2.0 - 1.0
 
 
-def patches_for_flow(frames: Tensor) -> Tensor:
-    """3×3 neighbourhoods of every pixel: ``[B, T, H, W, C]`` → ``[B, T, H, W, 9·C]``.
-
-    Each frame is zero-padded by one pixel (after normalisation, so the pad is mid-grey); channel
-    ``k = (3·dy + dx)·C + c`` (row of the 3×3 window, then column, then colour), the layout of
-    ``tf.image.extract_patches`` in DeepMind's ``io_processors.patches_for_flow``.
-    """
-    if frames.ndim != 5:
-        raise ValueError(f"frames must be [B, T, H, W, C] (channels last), got shape {tuple(frames.shape)}")
-    b, t, h, w, _ = frames.shape
-    x = rearrange(frames, "b t h w c -> (b t) c h w")
-    x = F.pad(x, (1, 1, 1, 1))
-    windows = torch.stack([x[:, :, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], dim=1)
-    return rearrange(windows, "(b t) k c h w -> b t h w (k c)", b=b, t=t)
-
-
 def tile_origins(
     image_size: tuple[int, int], tile_size: tuple[int, int] = TRAIN_SIZE, min_overlap: int = 20
 ) -> list[tuple[int, int]]:
     """Top-left corners ``(y, x)`` of the tiles covering an image, row-major.
 
-    An axis shorter than the tile gets a single tile of the image's own length there
-    (:func:`tile_flow` then runs the model on the smaller size).
+    An axis shorter than the tile gets a single tile at 0 (:func:`tile_flow` pads such images).
     """
     if min_overlap >= min(tile_size):
         raise ValueError(f"min_overlap={min_overlap} must be smaller than the tile size {tile_size}")
@@ -83,7 +65,9 @@ def tile_origins(
             continue
         axis = list(range(0, length, tile - min_overlap))
         axis[-1] = length - tile  # last tile flush with the border
-        starts.append(axis)
+        # the colab's rule can leave a middle tile running past the border (e.g. 13 px, tile 8, stride 6:
+        # 0, 6, 5); such tiles are dropped. Where the colab's tiles all fit, the list is exactly its list.
+        starts.append([s for s in axis if s + tile <= length])
     return [(y, x) for y in starts[0] for x in starts[1]]
 
 
@@ -116,6 +100,10 @@ def tile_flow(
 
     Returns:
         flow ``[H, W, 2]`` (or ``[B, H, W, 2]``) float32: the weighted average of the tiles' flows.
+
+    Images smaller than a tile (in either axis) are padded at the bottom/right by repeating the edge
+    pixels, as the model only runs at the tile size; the flow of the padding is dropped. (The official
+    code has no rule for them.)
     """
     f1, f2 = normalize_frames(frame1), normalize_frames(frame2)
     if f1.shape != f2.shape:
@@ -128,8 +116,13 @@ def tile_flow(
     if tiles_per_batch < 1:
         raise ValueError(f"tiles_per_batch must be >= 1, got {tiles_per_batch}")
     pair = torch.stack((f1, f2), dim=1)  # [B, 2, H, W, 3]
-    b, _, height, width, _ = pair.shape
-    th, tw = min(tile_size[0], height), min(tile_size[1], width)
+    b, _, out_h, out_w, _ = pair.shape
+    th, tw = tile_size
+    if out_h < th or out_w < tw:
+        pad = (0, 0, 0, max(tw - out_w, 0), 0, max(th - out_h, 0))
+        pair = F.pad(rearrange(pair, "b t h w c -> (b t) c h w"), pad[2:], mode="replicate")
+        pair = rearrange(pair, "(b t) c h w -> b t h w c", b=b)
+    height, width = pair.shape[2:4]
     origins = tile_origins((height, width), tile_size, min_overlap)
     weights = tile_weights(th, tw)[None, :, :, None]  # [1, th, tw, 1]
     total = torch.zeros(b, height, width, 2)
@@ -144,25 +137,26 @@ def tile_flow(
         for i, (y, x) in enumerate(group):
             total[:, y : y + th, x : x + tw] += flows[i * b : (i + 1) * b] * weights
             count[:, y : y + th, x : x + tw] += weights
-    flow = total / count
+    flow = (total / count)[:, :out_h, :out_w]
     return flow[0] if single else flow
 
 
 def flow_model_fn(model: torch.nn.Module, *, scale: float = FLOW_SCALE_FACTOR) -> FlowFn:
-    """Wrap an optical-flow Perceiver as a :func:`tile_flow` ``model_fn``.
+    """Wrap an optical-flow model as a :func:`tile_flow` ``model_fn``.
 
-    The model is called on ``patches_for_flow(frames)`` (``[N, 2, h, w, 27]``) and its output
-    (``o / 100``, ``[N, h, w, 2]``) is multiplied by ``scale`` (20) to give pixels. The model's
-    first parameter decides the device and dtype.
+    The model is called on frame pairs ``[N, 2, 3, h, w]`` (it makes the 3×3 patches itself, like
+    :class:`perceivers.tasks.OpticalFlowModel`). An output with a ``flow`` attribute is taken as pixels
+    already (our models apply the ×20); a bare tensor is taken as the decoder's ``o / 100`` (transformers'
+    ``logits``) and multiplied by ``scale``. The model's first parameter decides device and dtype.
     """
     param = next(model.parameters())
 
     def run(frames: Tensor) -> Tensor:
-        out = model(patches_for_flow(frames.to(param.device, param.dtype)))
-        out = getattr(out, "flow", out)
-        if isinstance(out, dict):
-            out = out["flow"]
-        return out * scale
+        x = rearrange(frames, "n t h w c -> n t c h w").to(param.device, param.dtype)
+        out = model(x)
+        if hasattr(out, "flow"):
+            return out.flow
+        return getattr(out, "logits", out) * scale
 
     return run
 
