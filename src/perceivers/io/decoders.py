@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers import CrossAttentionBlock, TrainablePositionEncoding, check_mask
+from ..layers import Activation, CrossAttentionBlock, TrainablePositionEncoding, check_mask
 from .queries import FourierQueries, InputQueries, TrainableQueries
 
 __all__ = [
@@ -41,6 +41,7 @@ class BasicDecoder(nn.Module):
         concat_preprocessed_input: prepend the preprocessed inputs (without positions, with
             ``preprocessed_channels`` channels) to the built queries.
         zero_init_output: zero-initialise the final ``Linear`` (flow decoder).
+        activation: MLP activation (official: tanh-approximated GELU).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class BasicDecoder(nn.Module):
         preprocessed_channels: int = 0,
         zero_init_output: bool = False,
         dropout: float = 0.0,
+        activation: Activation = "gelu_tanh",
     ) -> None:
         super().__init__()
         if queries is not None:
@@ -72,7 +74,7 @@ class BasicDecoder(nn.Module):
             query_channels, latent_channels, num_heads=num_heads,
             qk_channels=latent_channels if qk_channels is None else qk_channels, v_channels=v_channels,
             out_dim=query_channels, qkv_bias=True, query_residual=use_query_residual, mlp_mult=widening_factor,
-            activation="gelu_tanh", attn_dropout=dropout, ff_dropout=dropout,
+            activation=activation, attn_dropout=dropout, ff_dropout=dropout,
         )
         self.output = None if output_channels is None else nn.Linear(query_channels, output_channels)
         if self.output is not None and zero_init_output:
@@ -132,6 +134,7 @@ class ClassificationDecoder(nn.Module):
         use_query_residual: bool = True,
         widening_factor: int = 1,
         dropout: float = 0.0,
+        activation: Activation = "gelu_tanh",
     ) -> None:
         super().__init__()
         query_channels = latent_channels if query_channels is None else query_channels
@@ -140,6 +143,7 @@ class ClassificationDecoder(nn.Module):
             TrainableQueries(1, query_channels), latent_channels=latent_channels, output_channels=num_classes,
             num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
             use_query_residual=use_query_residual, widening_factor=widening_factor, dropout=dropout,
+            activation=activation,
         )
         self.query_channels = query_channels
         self.output_channels = num_classes
@@ -199,6 +203,7 @@ class FlowDecoder(nn.Module):
         v_channels: int | None = None,
         use_query_residual: bool = False,
         widening_factor: int = 1,
+        activation: Activation = "gelu_tanh",
     ) -> None:
         super().__init__()
         self.output_image_shape = tuple(int(n) for n in output_image_shape)
@@ -207,6 +212,7 @@ class FlowDecoder(nn.Module):
             InputQueries(query_channels), latent_channels=latent_channels, output_channels=output_channels,
             num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
             use_query_residual=use_query_residual, widening_factor=widening_factor, zero_init_output=True,
+            activation=activation,
         )
         self.query_channels, self.output_channels = query_channels, output_channels
 
@@ -242,6 +248,7 @@ class VideoAutoencodingDecoder(nn.Module):
         use_query_residual: bool = False,
         concat_pos: bool = True,
         sine_only: bool = False,
+        activation: Activation = "gelu_tanh",
     ) -> None:
         super().__init__()
         if len(output_shape) != 3:
@@ -251,7 +258,7 @@ class VideoAutoencodingDecoder(nn.Module):
                                  sine_only=sine_only)
         self.decoder = BasicDecoder(
             queries, latent_channels=latent_channels, output_channels=output_channels, num_heads=num_heads,
-            use_query_residual=use_query_residual,
+            use_query_residual=use_query_residual, activation=activation,
         )
         self.query_channels, self.output_channels = queries.num_channels, output_channels
 
@@ -298,6 +305,7 @@ class MultimodalDecoder(nn.Module):
         qk_channels: int | None = None,
         v_channels: int | None = None,
         use_query_residual: bool = False,
+        activation: Activation = "gelu_tanh",
     ) -> None:
         super().__init__()
         if not queries:
@@ -312,7 +320,7 @@ class MultimodalDecoder(nn.Module):
         self.decoder = BasicDecoder(
             None, query_channels=self.query_channels, latent_channels=latent_channels,
             output_channels=output_channels, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
-            use_query_residual=use_query_residual,
+            use_query_residual=use_query_residual, activation=activation,
         )
         self.output_channels = output_channels
 

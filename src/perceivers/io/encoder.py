@@ -6,7 +6,13 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from ..layers import CrossAttentionBlock, SelfAttentionBlock, TrainablePositionEncoding, check_mask
+from ..layers import (
+    Activation,
+    CrossAttentionBlock,
+    SelfAttentionBlock,
+    TrainablePositionEncoding,
+    check_mask,
+)
 
 __all__ = ["PerceiverEncoder"]
 
@@ -31,6 +37,7 @@ class PerceiverEncoder(nn.Module):
         cross_attention_widening_factor, self_attention_widening_factor: MLP hidden = factor × width.
         use_query_residual: add the latents to the cross-attention output.
         dropout: attention-probability and MLP dropout (training only).
+        activation: MLP activation; ``"gelu_tanh"`` is the official one (transformers uses ``"gelu"``).
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class PerceiverEncoder(nn.Module):
         cross_attention_shape_for_attn: Literal["kv", "q"] = "kv",
         dropout: float = 0.0,
         latent_init_scale: float = 0.02,
+        activation: Activation = "gelu_tanh",
     ) -> None:
         super().__init__()
         if num_blocks < 1 or num_self_attends_per_block < 1:
@@ -69,14 +77,14 @@ class PerceiverEncoder(nn.Module):
             latent_channels, input_channels, num_heads=num_cross_attention_heads,
             qk_channels=default_qk if qk_channels is None else qk_channels, v_channels=v_channels,
             out_dim=latent_channels, qkv_bias=True, query_residual=use_query_residual,
-            mlp_mult=cross_attention_widening_factor, activation="gelu_tanh",
+            mlp_mult=cross_attention_widening_factor, activation=activation,
             attn_dropout=dropout, ff_dropout=dropout,
         )
         self.self_attends = nn.ModuleList(
             SelfAttentionBlock(
                 latent_channels, num_heads=num_self_attention_heads, qk_channels=qk_channels,
                 v_channels=v_channels, qkv_bias=True, mlp_mult=self_attention_widening_factor,
-                activation="gelu_tanh", attn_dropout=dropout, ff_dropout=dropout,
+                activation=activation, attn_dropout=dropout, ff_dropout=dropout,
             )
             for _ in range(num_self_attends_per_block)
         )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..io import PerceiverEncoder
 
-__all__ = ["TrunkConfig", "as_pair", "as_tuple", "build_encoder"]
+__all__ = ["TrunkConfig", "as_pair", "as_tuple", "build_encoder", "check_d_model"]
 
 
 def as_tuple(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -39,6 +39,8 @@ class TrunkConfig:
         cross_attention_shape_for_attention: default cross-attention q/k width from ``"kv"`` or ``"q"``.
         use_query_residual: latent residual around the encoder cross-attention.
         dropout: attention and MLP dropout (0 in every official model).
+        hidden_act: MLP activation of encoder and decoder: ``"gelu_tanh"`` (official, ``jax.nn.gelu``)
+            or ``"gelu"`` (exact erf, what transformers' port computes).
     """
 
     num_latents: int = 256
@@ -54,6 +56,13 @@ class TrunkConfig:
     cross_attention_shape_for_attention: str = "kv"
     use_query_residual: bool = True
     dropout: float = 0.0
+    hidden_act: str = "gelu_tanh"
+
+
+def check_d_model(d_model: int | None, channels: int) -> None:
+    """transformers' configs carry the preprocessed width as ``d_model``; it must agree with ours."""
+    if d_model is not None and d_model != channels:
+        raise ValueError(f"d_model={d_model} does not match the preprocessor's output width {channels}")
 
 
 def build_encoder(cfg: TrunkConfig, input_channels: int) -> PerceiverEncoder:
@@ -73,6 +82,7 @@ def build_encoder(cfg: TrunkConfig, input_channels: int) -> PerceiverEncoder:
         use_query_residual=cfg.use_query_residual,
         cross_attention_shape_for_attn=cfg.cross_attention_shape_for_attention,
         dropout=cfg.dropout,
+        activation=cfg.hidden_act,
     )
 
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..io import ClassificationDecoder, PerceiverIOModel, build_position_encoding
 from ..io.processors import ImagePreprocessor
-from .common import TrunkConfig, as_pair, as_tuple, build_encoder
+from .common import TrunkConfig, as_pair, as_tuple, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
 
@@ -37,6 +37,7 @@ class ImageClassificationConfig(TrunkConfig):
         concat_or_add_pos: ``"concat"`` or ``"add"``.
         decoder_query_residual: query residual in the decoder (False for the learned-position model).
         num_decoder_heads, decoder_query_channels: decoder heads and query width (default d_latents).
+        d_model: optional check of the preprocessed width (transformers' field; 261 / 322 / 512).
     """
 
     num_latents: int = 512
@@ -59,6 +60,7 @@ class ImageClassificationConfig(TrunkConfig):
     decoder_query_residual: bool = True
     num_decoder_heads: int = 1
     decoder_query_channels: int | None = None
+    d_model: int | None = None
 
     def __post_init__(self) -> None:
         self.image_size = as_pair(self.image_size)
@@ -104,8 +106,9 @@ class ImageClassifier(nn.Module):
         )
         decoder = ClassificationDecoder(
             c.num_labels, latent_channels=c.d_latents, query_channels=c.decoder_query_channels,
-            num_heads=c.num_decoder_heads, use_query_residual=c.decoder_query_residual,
+            num_heads=c.num_decoder_heads, use_query_residual=c.decoder_query_residual, activation=c.hidden_act,
         )
+        check_d_model(c.d_model, preprocessor.num_channels)
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor)
 

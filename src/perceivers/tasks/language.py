@@ -67,7 +67,7 @@ class MaskedLanguageModel(nn.Module):
             output_channels=None, num_heads=c.num_decoder_heads,
             qk_channels=c.qk_channels if c.decoder_qk_channels is None else c.decoder_qk_channels,
             v_channels=c.d_model if c.decoder_v_channels is None else c.decoder_v_channels,
-            use_query_residual=c.decoder_query_residual, dropout=c.dropout,
+            use_query_residual=c.decoder_query_residual, dropout=c.dropout, activation=c.hidden_act,
         )
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor)

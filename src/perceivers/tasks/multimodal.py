@@ -26,7 +26,7 @@ from ..io.processors import (
     OneHotPreprocessor,
     ProjectionPostprocessor,
 )
-from .common import TrunkConfig, as_pair, build_encoder
+from .common import TrunkConfig, as_pair, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
 
@@ -52,6 +52,7 @@ class MultimodalAutoencodingConfig(TrunkConfig):
         mask_probs: per-modality probability of replacing input tokens by a learned mask token
             (label 1.0: the label is never seen, the model classifies from video and audio).
         num_decoder_heads, decoder_query_residual: the shared decoder cross-attention.
+        d_model: optional check of the padded input width (transformers' field; 704).
     """
 
     num_latents: int = 784
@@ -74,6 +75,7 @@ class MultimodalAutoencodingConfig(TrunkConfig):
     mask_probs: dict = field(default_factory=lambda: {"audio": 0.0, "image": 0.0, "label": 1.0})
     num_decoder_heads: int = 1
     decoder_query_residual: bool = False
+    d_model: int | None = None
 
     def __post_init__(self) -> None:
         self.image_size = as_pair(self.image_size)
@@ -146,8 +148,9 @@ class MultimodalAutoencoder(nn.Module):
         decoder = MultimodalDecoder(
             queries, latent_channels=c.d_latents, output_channels=c.output_num_channels,
             min_padding_size=c.decoder_min_padding_size, num_heads=c.num_decoder_heads,
-            use_query_residual=c.decoder_query_residual,
+            use_query_residual=c.decoder_query_residual, activation=c.hidden_act,
         )
+        check_d_model(c.d_model, preprocessor.num_channels)
         postprocessor = MultimodalPostprocessor({
             "audio": AudioPostprocessor(c.output_num_channels, c.samples_per_patch),
             "image": ProjectionPostprocessor(c.output_num_channels, c.in_channels),

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..io import FlowDecoder, PerceiverIOModel
 from ..io.processors import FlowPreprocessor
-from .common import TrunkConfig, as_pair, as_tuple, build_encoder
+from .common import TrunkConfig, as_pair, as_tuple, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
 
@@ -43,6 +43,7 @@ class OpticalFlowConfig(TrunkConfig):
     decoder_query_residual: bool = False
     rescale_factor: float = 100.0
     flow_scale_factor: float = 20.0
+    d_model: int | None = None
 
     def __post_init__(self) -> None:
         self.train_size = as_pair(self.train_size)
@@ -78,7 +79,9 @@ class OpticalFlowModel(nn.Module):
         decoder = FlowDecoder(
             query_channels=preprocessor.num_channels, latent_channels=c.d_latents, output_image_shape=c.train_size,
             rescale_factor=c.rescale_factor, num_heads=c.num_decoder_heads, use_query_residual=c.decoder_query_residual,
+            activation=c.hidden_act,
         )
+        check_d_model(c.d_model, preprocessor.num_channels)
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor)
 

@@ -1,0 +1,190 @@
+"""perceivers.tasks: registry, official sizes, configs and the task models' inputs and outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import perceivers
+from perceivers import create_model, list_models
+from perceivers.tasks import model_entry
+
+NAMES = [
+    "language-perceiver",
+    "multimodal-perceiver",
+    "optical-flow-perceiver",
+    "vision-perceiver-conv",
+    "vision-perceiver-fourier",
+    "vision-perceiver-learned",
+]
+
+
+def _inputs(name: str, model, batch: int = 2):
+    c = model.config
+    if name.startswith("vision"):
+        return (torch.randn(batch, c.in_channels, *c.image_size),)
+    if name == "language-perceiver":
+        ids = torch.randint(0, c.vocab_size, (batch, c.max_position_embeddings))
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0
+        return (ids, mask)
+    if name == "optical-flow-perceiver":
+        return (torch.rand(batch, 2, 3, *c.train_size) * 2 - 1,)
+    return ({"image": torch.rand(batch, c.num_frames, c.in_channels, *c.image_size),
+             "audio": torch.rand(batch, c.num_audio_samples, 1) - 0.5},)
+
+
+def test_list_models() -> None:
+    assert list_models() == NAMES
+    assert list_models("vision-*") == NAMES[3:]
+    assert perceivers.list_models is list_models
+
+
+def test_import_stays_light() -> None:
+    code = ("import sys, perceivers; perceivers.create_model('language-perceiver', tiny=True); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('lightning', 'torchmetrics', 'transformers', 'matplotlib', 'jax', 'haiku')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_official_parameter_counts(name: str) -> None:
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == model.pretrained_cfg.num_params
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, tiny=True)
+    out = model(*_inputs(name, model))
+    c = model.config
+    if name.startswith("vision"):
+        assert out.logits.shape == (2, c.num_labels)
+        loss = out.logits.sum()
+    elif name == "language-perceiver":
+        assert out.logits.shape == (2, c.max_position_embeddings, c.vocab_size)
+        loss = out.logits.sum()
+    elif name == "optical-flow-perceiver":
+        assert out.flow.shape == out.logits.shape == (2, *c.train_size, 2)
+        torch.testing.assert_close(out.flow, out.logits * 20)
+        loss = out.flow.sum()
+    else:
+        assert out.logits["image"].shape == (2, c.num_frames * c.image_size[0] * c.image_size[1], c.in_channels)
+        assert out.logits["audio"].shape == (2, c.num_audio_samples)
+        assert out.logits["label"].shape == (2, c.num_labels)
+        loss = sum(v.sum() for v in out.logits.values())
+    assert out.last_hidden_state.shape == (2, c.num_latents, c.d_latents)
+    loss.backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    if name == "multimodal-perceiver":  # mask_probs 0 / 0 / 1: these never reach the output
+        unused = {"mask_tokens.audio", "mask_tokens.image", "padding.label"}
+        assert no_grad == {f"perceiver.input_preprocessor.{n}.embeddings" for n in unused}
+    else:
+        assert not no_grad
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_round_trips_through_json(name: str) -> None:
+    model = create_model(name, tiny=True)
+    config = json.loads(json.dumps(dataclasses.asdict(model.config)))
+    again = create_model(model.model_name, **config)
+    assert again.config == model.config
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_pretrained_metadata() -> None:
+    cfg = model_entry("vision-perceiver-conv").pretrained
+    assert cfg.haiku_url == "https://storage.googleapis.com/perceiver_io/imagenet_conv_preprocessing.pystate"
+    assert cfg.hf_hub_id == "deepmind/vision-perceiver-conv" and cfg.metrics["imagenet_top1"] == 82.1
+    model = create_model("optical-flow-perceiver", tiny=True)
+    assert model.model_name == "optical-flow-perceiver" and model.pretrained_cfg.task == "optical-flow"
+
+
+def test_errors_name_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown model 'vision-perceiver'.*vision-perceiver-fourier"):
+        create_model("vision-perceiver")
+    with pytest.raises(TypeError, match="no field.*num_latent.*valid overrides:.*num_latents"):
+        create_model("vision-perceiver-fourier", num_latent=3)
+    with pytest.raises(ValueError, match="d_model=300 does not match.*261"):
+        create_model("vision-perceiver-fourier", d_model=300, num_blocks=1, num_self_attends_per_block=1,
+                     d_latents=8, num_latents=2, num_self_attention_heads=1)
+
+
+def test_official_defaults() -> None:
+    with torch.device("meta"):
+        fourier = create_model("vision-perceiver-fourier")
+        learned = create_model("vision-perceiver-learned")
+        conv = create_model("vision-perceiver-conv")
+    assert fourier.perceiver.encoder.input_channels == 261
+    assert conv.perceiver.encoder.input_channels == 322
+    assert learned.perceiver.encoder.input_channels == 512
+    assert fourier.perceiver.decoder.decoder.cross_attention.query_residual
+    assert not learned.perceiver.decoder.decoder.cross_attention.query_residual  # the colab's setting
+
+
+def test_image_models_sizes() -> None:
+    fourier = create_model("vision-perceiver-fourier", tiny=True).eval()
+    assert fourier(torch.randn(1, 3, 7, 15)).logits.shape == (1, 5)  # Fourier models take other sizes
+    learned = create_model("vision-perceiver-learned", tiny=True)
+    with pytest.raises(ValueError, match="built for index shape"):
+        learned(torch.randn(1, 3, 7, 5))
+    with pytest.raises(ValueError, match=r"\[batch, channels, height, width\]"):
+        fourier(torch.randn(3, 7, 15))
+
+
+def test_hidden_act_option_changes_numerics() -> None:
+    torch.manual_seed(0)
+    tanh = create_model("vision-perceiver-fourier", tiny=True).eval()
+    erf = create_model("vision-perceiver-fourier", tiny=True, hidden_act="gelu").eval()
+    erf.load_state_dict(tanh.state_dict())
+    x = torch.randn(1, 3, 12, 10)
+    with torch.no_grad():
+        diff = (tanh(x).logits - erf(x).logits).abs().max()
+    assert 0 < float(diff) < 0.1
+
+
+def test_language_model_padding_and_loss() -> None:
+    torch.manual_seed(0)
+    model = create_model("language-perceiver", tiny=True).eval()
+    ids = torch.randint(6, 262, (1, 16))
+    mask = torch.ones(1, 16, dtype=torch.long)
+    mask[:, 10:] = 0
+    full = model(ids, attention_mask=mask).logits
+    short = model(input_ids=ids[:, :10]).logits
+    torch.testing.assert_close(full[:, :10], short, rtol=1e-5, atol=1e-5)
+    labels = torch.full((1, 10), -100)
+    labels[0, 3] = 42
+    out = model(ids[:, :10], labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits[0, 3:4], torch.tensor([42])))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+
+
+def test_optical_flow_checks_size() -> None:
+    model = create_model("optical-flow-perceiver", tiny=True)
+    with pytest.raises(ValueError, match="tile larger images"):
+        model(torch.randn(1, 2, 3, 12, 16))
+
+
+def test_multimodal_chunks_equal_full_decoding() -> None:
+    torch.manual_seed(0)
+    model = create_model("multimodal-perceiver", tiny=True).eval()
+    (inputs,) = _inputs("multimodal-perceiver", model, batch=1)
+    with torch.no_grad():
+        full = model(inputs).logits
+        recon = model.reconstruct(inputs, num_chunks=2)
+        labelled = model(dict(inputs, label=torch.ones(1, 5))).logits  # the label is always masked
+    c = model.config
+    torch.testing.assert_close(recon["image"], full["image"].reshape(1, c.num_frames, *c.image_size, 3))
+    torch.testing.assert_close(recon["audio"], full["audio"])
+    torch.testing.assert_close(labelled["label"], full["label"])
+    with pytest.raises(ValueError, match="do not divide"):
+        next(model.subsampling_chunks(3))
