@@ -1,0 +1,264 @@
+"""Measurement primitives: alternating timers, peak memory of one process, FLOP counts, matmul rate.
+
+Everything here is independent of the models: a *case* is a zero-argument callable that runs one
+forward (or one training step) and returns nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils import flop_counter
+
+__all__ = [
+    "alternate",
+    "count_flops",
+    "machine_description",
+    "matmul_rate",
+    "PeakMemory",
+    "synchronize",
+]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def alternate(
+    cases: dict[str, Callable[[], None]],
+    device: torch.device,
+    *,
+    repeats: int,
+    warmup: int = 1,
+    budget_s: float | None = None,
+) -> dict[str, list[float]]:
+    """Time every case ``repeats`` times, interleaved (round-robin, rotating who goes first).
+
+    Interleaving spreads the load of a shared machine over all implementations alike, so that the
+    ratios between them stay meaningful when the absolute times drift. Returns seconds per call.
+    ``budget_s`` stops after the round in which the total time passed the budget (≥ 1 round).
+    """
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+        synchronize(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            synchronize(device)
+            t0 = time.perf_counter()
+            cases[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of this process above a baseline taken at construction.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated at the start. CPU: the
+    process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` when Linux allows
+    it) above the resident set at the start; without that, ``ru_maxrss`` above the start, which is
+    only meaningful in a fresh process whose earlier peak was lower (each case runs in its own).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return
+        self.reset_ok = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset_ok = _status_kib("VmHWM") is not None
+        except OSError:
+            pass
+        rss = _status_kib("VmRSS")
+        if self.reset_ok and rss is not None:
+            self.base = rss * 1024
+            self.method = "VmHWM (reset) - VmRSS"
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "ru_maxrss delta"
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        if self.reset_ok:
+            return (_status_kib("VmHWM") or 0) * 1024 - self.base
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+_REGISTERED = False
+
+
+def _register_cpu_sdpa() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel: add it.
+
+    Forward ``2·b·h·q·k·(d_qk + d_v)``; backward recomputes the scores and forms four products:
+    ``2·b·h·q·k·(3·d_qk + 2·d_v)``. Keys may be broadcast over heads.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    aten = torch.ops.aten
+
+    def sizes(q, k, v):
+        b, h, sq, dqk = q
+        sk, dv = k[-2], v[-1]
+        return b * h * sq * sk, dqk, dv
+
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+
+        @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+        def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            n, dqk, dv = sizes(query_shape, key_shape, value_shape)
+            return 2 * n * (dqk + dv)
+
+        @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            n, dqk, dv = sizes(query_shape, key_shape, value_shape)
+            return 2 * n * (3 * dqk + 2 * dv)
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """Floating-point operations (2 per multiply-add) of matrix products and attention in ``fn``."""
+    _register_cpu_sdpa()
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+                seconds: float = 2.0) -> float:
+    """Measured dense matmul FLOP/s for ``n × n`` operands (the best of several timed batches)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    reps = 4 if device.type == "cpu" else 50
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * n**3 * reps / dt)
+        if time.perf_counter() > deadline:
+            return best
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_description(device: torch.device) -> dict:
+    desc = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(_mem_total_gib() or 0.0, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "loadavg_at_start": _loadavg(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        desc["gpu"] = props.name
+        desc["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        desc["cuda"] = torch.version.cuda
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        desc["perceivers_commit"] = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        desc["perceivers_commit"] = None
+    return desc
+
+
+def matmul_case(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+                reps: int | None = None) -> tuple[Callable[[], None], int]:
+    """A dense-matmul job to time interleaved with the models: ``(fn, flops per call)``."""
+    reps = reps or (16 if device.type == "cpu" else 200)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def fn() -> None:
+        for _ in range(reps):
+            a @ b
+
+    return fn, 2 * n**3 * reps

@@ -1,0 +1,119 @@
+"""Benchmark results: JSON persistence, ratios against the fastest peer, and the Markdown table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from workloads import OURS, human_bytes
+
+__all__ = ["add_ratios", "load", "markdown", "save"]
+
+
+def load(path: Path) -> dict:
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            data.setdefault("workloads", {})
+            return data
+        except (OSError, json.JSONDecodeError):
+            pass
+    return {"workloads": {}}
+
+
+def save(results: dict, path_json: Path, path_md: Path) -> None:
+    path_json.write_text(json.dumps(results, indent=1, sort_keys=False))
+    path_md.write_text(markdown(results))
+
+
+def _peak(d: dict | None) -> float | None:
+    if not d:
+        return None
+    mem = d.get("peak_memory") or {}
+    return mem.get("peak_bytes")
+
+
+def add_ratios(entry: dict) -> None:
+    """perceivers' speed-up over the fastest peer and its memory relative to the leanest peer."""
+    ours = entry["impls"].get(OURS, {})
+    peers = {k: v for k, v in entry["impls"].items() if k != OURS and "skipped" not in v}
+    summary: dict = {}
+    for mode, key in (("infer", "median_s"), ("train", "median_s")):
+        mine = (ours.get(mode) or {}).get(key)
+        theirs = [(v[mode][key], k) for k, v in peers.items() if (v.get(mode) or {}).get(key)]
+        if mine and theirs:
+            best, who = min(theirs)
+            summary[f"{mode}_speedup_vs_fastest_peer"] = best / mine
+            summary[f"{mode}_fastest_peer"] = who
+        mine_mem = _peak(ours.get(mode))
+        theirs_mem = [(_peak(v.get(mode)), k) for k, v in peers.items() if _peak(v.get(mode))]
+        if mine_mem and theirs_mem:
+            best, who = min(theirs_mem)
+            summary[f"{mode}_memory_vs_leanest_peer"] = mine_mem / best
+    entry["summary"] = summary
+
+
+def _fmt(x, spec: str, none: str = "–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def markdown(results: dict) -> str:
+    m = results.get("machine", {})
+    rates = results.get("rates", {})
+    lines = ["# perceivers benchmark results", ""]
+    lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores ({m.get('torch_threads', '?')} torch "
+                 f"threads), {m.get('memory_gib', '?')} GiB" + (f"; GPU {m['gpu']} ({m.get('gpu_memory_gib')} GiB, "
+                                                                f"CUDA {m.get('cuda')})" if m.get("gpu") else "")
+                 + f"; Python {m.get('python')}, torch {m.get('torch')}; perceivers {m.get('perceivers_commit')}.")
+    if rates:
+        lines.append("Measured dense matmul rate at the start: " + ", ".join(
+            f"{k.replace('_flop_per_s', '').replace('matmul', 'fp32' if k == 'matmul_flop_per_s' else '')} "
+            f"{v / 1e9:.0f} GFLOP/s".replace("  ", " ") for k, v in rates.items()) + "; each workload also "
+                     "times a matmul job interleaved with the models (column *matmul*).")
+    lines += ["", "Times are medians of interleaved repeats; ×peer = the fastest peer's time / this time "
+              "(>1: perceivers is faster); memory = peak above the process's footprint after building the model "
+              "and inputs, each case in its own process (CPU: peak RSS; CUDA: max_memory_allocated); FLOPs are "
+              "counted matmul/attention FLOPs (FlopCounterMode, 2 per multiply-add) of each implementation's "
+              "own algorithm; % = achieved FLOP/s over the interleaved matmul rate.", ""]
+    header = ("| workload | impl | params | batch | infer s | samples/s | ×peer | train s | ×peer | "
+              "peak infer | peak train | GFLOP/sample | train GFLOP/s | % matmul | matmul GFLOP/s | check |")
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, e in results.get("workloads", {}).items():
+        s = e.get("summary", {})
+        for impl, d in e["impls"].items():
+            if "skipped" in d:
+                lines.append(f"| {name} | {impl} | | {e['batch']} | skipped: {d['skipped']} |" + " |" * 11)
+                continue
+            inf, tr = d.get("infer") or {}, d.get("train") or {}
+            is_ours = impl == OURS
+            check = d.get("max_abs_diff_vs_perceivers")
+            pi, pt = _peak(inf), _peak(tr)
+            lines.append(
+                "| " + " | ".join([
+                    name, f"**{impl}**" if is_ours else impl, f"{d.get('params', 0) / 1e6:.2f}M", str(e["batch"]),
+                    _fmt(inf.get("median_s"), ".3f"), _fmt(inf.get("samples_per_s"), ".2f"),
+                    _fmt(s.get("infer_speedup_vs_fastest_peer") if is_ours else None, ".2f") + ("×" if is_ours and s.get("infer_speedup_vs_fastest_peer") else ""),
+                    _fmt(tr.get("median_s"), ".3f"),
+                    _fmt(s.get("train_speedup_vs_fastest_peer") if is_ours else None, ".2f") + ("×" if is_ours and s.get("train_speedup_vs_fastest_peer") else ""),
+                    human_bytes(pi) if pi else ((inf.get("peak_memory") or {}).get("error") or "–"),
+                    human_bytes(pt) if pt else ((tr.get("peak_memory") or {}).get("error") or "–"),
+                    _fmt(inf.get("flops_per_sample", None) and inf["flops_per_sample"] / 1e9, ".2f"),
+                    _fmt(tr.get("flop_per_s", None) and tr["flop_per_s"] / 1e9, ".1f"),
+                    _fmt(tr.get("fraction_of_matmul", None) and 100 * tr["fraction_of_matmul"], ".0f"),
+                    _fmt((e.get("matmul_flop_per_s_train") or e.get("matmul_flop_per_s") or 0) / 1e9 or None, ".0f"),
+                    f"Δ={check:.1e}" if check is not None else (d.get("note") or ""),
+                ]) + " |"
+            )
+    lines += ["", "## Summary (perceivers relative to the best peer in the same run)", "",
+              "| workload | inference speed-up | training speed-up | memory (infer) | memory (train) |",
+              "|---|---|---|---|---|"]
+    for name, e in results.get("workloads", {}).items():
+        s = e.get("summary", {})
+        if not s:
+            continue
+        lines.append(f"| {name} | {_fmt(s.get('infer_speedup_vs_fastest_peer'), '.2f')}× | "
+                     f"{_fmt(s.get('train_speedup_vs_fastest_peer'), '.2f')}× | "
+                     f"{_fmt(s.get('infer_memory_vs_leanest_peer'), '.3f')}× | "
+                     f"{_fmt(s.get('train_memory_vs_leanest_peer'), '.3f')}× |")
+    lines.append("")
+    return "\n".join(lines)

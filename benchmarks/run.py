@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""perceivers against its peers, side by side, in one run.
+
+    python benchmarks/run.py                 # every workload (about an hour on a 2-core CPU)
+    python benchmarks/run.py --quick         # a few workloads, small batches, few repeats
+    python benchmarks/run.py --only sweep    # workloads whose name or tag contains "sweep"
+    python benchmarks/run.py --device cuda   # bf16 autocast by default on CUDA
+
+For every workload the implementations are timed interleaved (round-robin) in one process, so
+their ratios hold on a loaded machine; peak memory is measured for each implementation and mode
+in a fresh subprocess; FLOPs come from ``torch.utils.flop_counter``; the machine's dense matmul
+rate is measured in the same run. Results go to ``benchmarks/results/<machine>.json`` and ``.md``
+(merged with earlier runs of other workloads on the same machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+import measure  # noqa: E402
+import report  # noqa: E402
+import workloads as W  # noqa: E402
+
+
+MATMUL = "_matmul"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="quick subset: small batches, 2 repeats")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--only", nargs="*", default=None, help="workload names or tags (substring match)")
+    p.add_argument("--skip", nargs="*", default=["large"], help="tags/names to skip (default: large); "
+                   "pass --skip with nothing to run everything")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="fp32 (CPU default) or bf16 autocast (CUDA default)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    p.add_argument("--budget", type=float, default=90.0, help="seconds of timing per workload and mode")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--peer-mem-limit", type=float, default=8.0,
+                   help="GiB: skip a peer whose estimated forward memory exceeds this")
+    p.add_argument("--out", default=str(HERE / "results"), help="results folder")
+    p.add_argument("--tag", default=None, help="results file name (default: derived from the machine)")
+    p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    p.add_argument("--memory-case", nargs=4, metavar=("WORKLOAD", "IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_step(built: W.Built, inputs: tuple, device: torch.device, precision: str):
+    model = built.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            out = built.run(model, inputs)
+        loss = out.float().pow(2).mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def make_forward(built: W.Built, inputs: tuple, device: torch.device, precision: str):
+    model = built.model
+
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad(), autocast(device, precision):
+            built.run(model, inputs)
+
+    return forward
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def memory_case(args: argparse.Namespace) -> None:
+    """Child process: build one implementation, measure the peak of two forwards or two steps."""
+    name, impl, mode, batch = args.memory_case
+    device = torch.device(args.device)
+    wl = {w.name: w for w in W.all_workloads()}[name]
+    built = wl.build(impl, device)
+    inputs = wl.inputs(int(batch), device)
+    gc.collect()
+    meter = measure.PeakMemory(device)
+    fn = make_forward(built, inputs, device, args.precision) if mode == "infer" else \
+        make_step(built, inputs, device, args.precision)
+    t0 = time.perf_counter()
+    fn()
+    fn()
+    print("MEMORY " + json.dumps({"peak_bytes": meter.peak_bytes(), "method": meter.method,
+                                  "seconds": time.perf_counter() - t0}), flush=True)
+
+
+def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> dict:
+    cmd = [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
+           "--memory-case", wl.name, impl, mode, str(batch)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEMORY "):
+            return json.loads(line[7:])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+
+
+# ------------------------------------------------------------------------------------------ one workload
+
+
+def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dict:
+    batch = min(wl.batch, 2) if args.quick else wl.batch
+    repeats = args.repeats or (2 if args.quick else 3)
+    entry: dict = {"workload": wl.name, "family": wl.family, "description": wl.description, "batch": batch,
+                   "elements": wl.elements, "precision": args.precision, "impls": {}}
+    print(f"\n=== {wl.name}: {wl.description} (batch {batch})", flush=True)
+    limit = args.peer_mem_limit * W.GiB
+    impls = []
+    for impl in wl.impls:
+        est = wl.estimate(impl, batch) if (wl.estimate and device.type == "cpu") else 0.0
+        if impl != W.OURS and est > limit:
+            entry["impls"][impl] = {"skipped": f"estimated forward memory {W.human_bytes(est)} > "
+                                               f"--peer-mem-limit {args.peer_mem_limit:g} GiB"}
+            print(f"  {impl}: skipped ({entry['impls'][impl]['skipped']})")
+            continue
+        impls.append(impl)
+    built = {}
+    for impl in impls:
+        t0 = time.perf_counter()
+        built[impl] = wl.build(impl, device)
+        entry["impls"][impl] = {"params": W.parameter_count(built[impl].model), "note": built[impl].note,
+                                "build_s": round(time.perf_counter() - t0, 2)}
+    inputs = wl.inputs(batch, device)
+
+    # Same configuration: parameter counts above, outputs compared here (batch 1).
+    if wl.check and len(built) > 1:
+        one = wl.inputs(1, device)
+        outs = {}
+        with torch.inference_mode():
+            for impl, b in built.items():
+                b.model.eval()
+                outs[impl] = b.run(b.model, one).float()
+        ref = outs.get(W.OURS)
+        for impl, o in outs.items():
+            if impl != W.OURS and ref is not None:
+                entry["impls"][impl]["max_abs_diff_vs_perceivers"] = float((o - ref).abs().max())
+        del outs, ref
+
+    # Inference
+    fwd = {impl: make_forward(b, inputs, device, args.precision) for impl, b in built.items()}
+    mm_fn, mm_flops = measure.matmul_case(device)
+    times = measure.alternate({**fwd, MATMUL: mm_fn}, device, repeats=repeats, budget_s=args.budget)
+    rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
+    entry["matmul_flop_per_s"] = rate
+    print(f"  matmul rate (interleaved) {rate / 1e9:.1f} GFLOP/s", flush=True)
+    for impl, t in times.items():
+        s = measure.summarize(t)
+        entry["impls"][impl]["infer"] = {**s, "samples_per_s": batch / s["median_s"]}
+        print(f"  infer {impl:18s} {s['median_s']:.3f} s/batch  ({batch / s['median_s']:.2f} samples/s)", flush=True)
+    if not args.no_flops:
+        for impl, b in built.items():
+            # counted with autograd on: FlopCounterMode's module hooks fail under no_grad
+            fn = lambda b=b: b.run(b.model.eval(), inputs)  # noqa: E731
+            entry["impls"][impl]["infer"]["flops_per_sample"] = measure.count_flops(fn) / batch
+
+    # Training step
+    if wl.train and not args.no_train:
+        steps = {impl: make_step(b, inputs, device, args.precision) for impl, b in built.items()}
+        times = measure.alternate({**steps, MATMUL: mm_fn}, device, repeats=repeats, budget_s=args.budget)
+        rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
+        entry["matmul_flop_per_s_train"] = rate
+        for impl, t in times.items():
+            s = measure.summarize(t)
+            entry["impls"][impl]["train"] = s
+            print(f"  train {impl:18s} {s['median_s']:.3f} s/step", flush=True)
+        if not args.no_flops:
+            for impl, fn in steps.items():
+                # forward + backward; AdamW's elementwise work is not counted
+                flops = measure.count_flops(fn)
+                tr = entry["impls"][impl]["train"]
+                tr["flops_per_step"] = flops
+                tr["flop_per_s"] = flops / tr["median_s"]
+                tr["flop_per_s_best"] = flops / tr["min_s"]
+                tr["fraction_of_matmul"] = tr["flop_per_s"] / entry["matmul_flop_per_s_train"]
+        del steps
+    for impl in list(built):
+        inf = entry["impls"][impl].get("infer")
+        if inf and "flops_per_sample" in inf:
+            inf["flop_per_s"] = inf["flops_per_sample"] * inf["samples_per_s"]
+            inf["fraction_of_matmul"] = inf["flop_per_s"] / entry["matmul_flop_per_s"]
+    del fwd, built, inputs
+    gc.collect()
+
+    if not args.no_memory:
+        modes = ["infer"] + (["train"] if wl.train and not args.no_train else [])
+        for impl in impls:
+            for mode in modes:
+                mem = measure_memory(args, wl, impl, mode, batch)
+                entry["impls"][impl].setdefault(mode, {})["peak_memory"] = mem
+                shown = W.human_bytes(mem["peak_bytes"]) if "peak_bytes" in mem else mem.get("error")
+                print(f"  peak  {impl:18s} {mode}: {shown}", flush=True)
+    report.add_ratios(entry)
+    return entry
+
+
+def select(workloads: list[W.Workload], args) -> list[W.Workload]:
+    def hit(w: W.Workload, pats) -> bool:
+        return any(p in w.name or p in w.tags for p in pats)
+
+    out = workloads
+    if args.quick and not args.only:
+        out = [w for w in out if "quick" in w.tags]
+    if args.only:
+        out = [w for w in out if hit(w, args.only)]
+    if args.skip:
+        out = [w for w in out if not hit(w, args.skip) or (args.only and w.name in args.only)]
+    return out
+
+
+def machine_tag(device: torch.device, desc: dict) -> str:
+    if device.type == "cuda":
+        base = "cuda-" + desc.get("gpu", "gpu")
+    else:
+        base = f"cpu-{desc['cpu_count']}core-" + desc["cpu"]
+    return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.memory_case:
+        memory_case(args)
+        return
+    if args.list:
+        for w in W.all_workloads():
+            print(f"{w.name:26s} [{', '.join(sorted(w.tags))}] {w.description}")
+        return
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    chosen = select(W.all_workloads(), args)
+    desc = measure.machine_description(device)
+    print(f"machine: {desc}")
+    rates = {"matmul_flop_per_s": measure.matmul_rate(device, torch.float32)}
+    if args.precision == "bf16" or device.type == "cuda":
+        rates["matmul_bf16_flop_per_s"] = measure.matmul_rate(device, torch.bfloat16)
+    print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in rates.items()), flush=True)
+    tag = args.tag or machine_tag(device, desc)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path_json = out_dir / f"{tag}.json"
+    results = report.load(path_json)
+    run_info = {"machine": desc, "rates": rates, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "device": str(device), "precision": args.precision}
+    for wl in chosen:
+        entry = run_workload(args, wl, device, rates)
+        entry["run"] = run_info
+        results["workloads"][wl.name] = entry
+        results["machine"], results["rates"] = desc, rates
+        report.save(results, path_json, out_dir / f"{tag}.md")
+    report.save(results, path_json, out_dir / f"{tag}.md")
+    print(f"\nwrote {path_json} and {path_json.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

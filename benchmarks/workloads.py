@@ -1,0 +1,342 @@
+"""Benchmark workloads: the same configuration built by perceivers and by each peer that expresses it.
+
+A :class:`Workload` builds one model per implementation (``build(impl, device)``); peers are built
+first and perceivers' model is loaded with *their* weights where a converter exists, so that the
+benchmark also checks that the outputs agree (``check``). Every builder is seeded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+OURS = "perceivers"
+LR = "perceiver-pytorch"
+HF = "transformers"
+
+GiB = 2**30
+
+
+@dataclass
+class Built:
+    """One implementation of a workload, ready to run."""
+
+    model: nn.Module
+    run: Callable[[nn.Module, tuple], Tensor]  # (model, inputs) -> output
+    note: str = ""
+
+
+@dataclass
+class Workload:
+    name: str
+    family: str
+    description: str
+    batch: int
+    elements: int  # input elements (positions) per sample
+    impls: tuple[str, ...]
+    build: Callable[[str, torch.device], Built]
+    inputs: Callable[[int, torch.device], tuple]  # (batch, device) -> inputs
+    train: bool = True
+    tags: frozenset[str] = field(default_factory=frozenset)
+    # rough peak-memory model (bytes) of each peer's forward, to skip cases that cannot fit
+    estimate: Callable[[str, int], float] | None = None
+    check: bool = True  # compare the outputs of the implementations
+
+
+# ---------------------------------------------------------------------------- perceiver-pytorch family
+
+README_PERCEIVER = dict(
+    input_channels=3, input_axis=2, num_freq_bands=6, max_freq=10.0, depth=6, num_latents=256, latent_dim=512,
+    cross_heads=1, latent_heads=8, cross_dim_head=64, latent_dim_head=64, num_classes=1000, attn_dropout=0.0,
+    ff_dropout=0.0, weight_tie_layers=False, fourier_encode_data=True, self_per_cross_attn=2,
+)
+README_IO = dict(
+    dim=32, queries_dim=32, logits_dim=100, depth=6, num_latents=256, latent_dim=512, cross_heads=1,
+    latent_heads=8, cross_dim_head=64, latent_dim_head=64, weight_tie_layers=False,
+)
+
+
+def _seeded(fn):
+    torch.manual_seed(0)
+    return fn()
+
+
+def _lr_family_builder(kind: str, cfg: dict) -> Callable[[str, torch.device], Built]:
+    """perceiver-pytorch builds first; perceivers loads its weights through the converter."""
+
+    def build(impl: str, device: torch.device) -> Built:
+        import perceiver_pytorch
+
+        import perceivers
+        from perceivers.convert import from_lucidrains
+
+        peer_cls = perceiver_pytorch.Perceiver if kind == "perceiver" else perceiver_pytorch.PerceiverIO
+        ours_cls = perceivers.Perceiver if kind == "perceiver" else perceivers.PerceiverIO
+        peer = _seeded(lambda: peer_cls(**cfg))
+        if kind == "perceiver":
+            run = lambda m, inp: m(inp[0])  # noqa: E731
+        else:
+            run = lambda m, inp: m(inp[0], queries=inp[1])  # noqa: E731
+        if impl == LR:
+            return Built(peer.to(device), run)
+        ours = ours_cls(**cfg)
+        ours.load_state_dict(from_lucidrains(peer.state_dict()))
+        del peer
+        return Built(ours.to(device), run)
+
+    return build
+
+
+def _image_inputs(side: int, channels: int = 3, channels_last: bool = True):
+    def make(batch: int, device: torch.device) -> tuple:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, side, side, channels, generator=g)
+        return ((x if channels_last else x.permute(0, 3, 1, 2).contiguous()).to(device),)
+
+    return make
+
+
+def _lr_perceiver_estimate(cfg: dict, side: int) -> Callable[[str, int], float]:
+    """perceiver-pytorch materialises [B·h, latents, M] similarities (sim, softmax, dropout copy)."""
+
+    def est(impl: str, batch: int) -> float:
+        m = side * side
+        c = cfg["input_channels"] + cfg["input_axis"] * (2 * cfg["num_freq_bands"] + 1)
+        attn = 3 * batch * cfg["cross_heads"] * cfg["num_latents"] * m * 4
+        ctx = batch * m * (c * 3 + 2 * cfg["cross_heads"] * cfg["cross_dim_head"]) * 4
+        return attn + ctx if impl != OURS else 0.0
+
+    return est
+
+
+def perceiver_workload(name: str, side: int, batch: int, *, depth: int = 6, tied: bool = False,
+                       train: bool = True, tags: tuple[str, ...] = (), impls=(OURS, LR), check: bool = True,
+                       description: str | None = None) -> Workload:
+    cfg = dict(README_PERCEIVER, depth=depth, weight_tie_layers=tied)
+    desc = description or (f"perceiver-pytorch README Perceiver (depth {depth}, {'tied' if tied else 'untied'}), "
+                           f"{side}×{side}×3 images")
+    return Workload(
+        name=name, family="perceiver", description=desc, batch=batch, elements=side * side, impls=tuple(impls),
+        build=_lr_family_builder("perceiver", cfg), inputs=_image_inputs(side), train=train,
+        tags=frozenset(tags), estimate=_lr_perceiver_estimate(cfg, side), check=check,
+    )
+
+
+def io_lr_workload(name: str, inputs: int, queries: int, batch: int, tags: tuple[str, ...] = ()) -> Workload:
+    cfg = README_IO
+
+    def make(b: int, device: torch.device) -> tuple:
+        g = torch.Generator().manual_seed(1)
+        return (torch.randn(b, inputs, cfg["dim"], generator=g).to(device),
+                torch.randn(queries, cfg["queries_dim"], generator=g).to(device))
+
+    return Workload(
+        name=name, family="perceiver-io (perceiver-pytorch layout)",
+        description=f"perceiver-pytorch README PerceiverIO (depth 6), {inputs} inputs × {cfg['dim']} ch, "
+                    f"{queries} queries",
+        batch=batch, elements=inputs, impls=(OURS, LR), build=_lr_family_builder("io", cfg), inputs=make,
+        tags=frozenset(tags),
+    )
+
+
+# ---------------------------------------------------------------------------- DeepMind / transformers family
+
+
+def _hf_config(**kw):
+    from transformers import PerceiverConfig
+
+    kw.setdefault("attention_probs_dropout_prob", 0.0)
+    return PerceiverConfig(**kw)
+
+
+def _via_create_model(name: str, overrides: dict, hf) -> nn.Module | None:
+    """perceivers' own official model with the transformers weights, when the library has it."""
+    import perceivers
+
+    create = getattr(perceivers, "create_model", None)
+    load = getattr(perceivers, "load_checkpoint", None)
+    if create is None or load is None or os.environ.get("PERCEIVERS_BENCH_NO_CREATE_MODEL"):
+        return None
+    try:
+        model = create(name, **overrides)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            load(model, tmp)
+        return model
+    except Exception as exc:  # noqa: BLE001 - fall back to the layers-built equivalent
+        print(f"[bench] create_model({name!r}) unavailable for this workload ({type(exc).__name__}: {exc}); "
+              "using the layers-built equivalent")
+        return None
+
+
+def _dm_builder(kind: str, hf_kwargs: dict, registry_name: str | None = None,
+                overrides: dict | None = None, io_queries: int = 128, io_out: int = 100):
+    def make_hf():
+        import transformers.models.perceiver.modeling_perceiver as hfm
+
+        config = _hf_config(**hf_kwargs)
+        if kind == "image":
+            return hfm.PerceiverForImageClassificationFourier(config)
+        if kind == "mlm":
+            return hfm.PerceiverForMaskedLM(config)
+        decoder = hfm.PerceiverBasicDecoder(
+            config, output_num_channels=io_out, position_encoding_type="trainable", output_index_dims=io_queries,
+            num_channels=config.d_model, use_query_residual=False, final_project=True,
+            trainable_position_encoding_kwargs=dict(num_channels=config.d_model, index_dims=io_queries),
+        )
+        return hfm.PerceiverModel(config, decoder=decoder)
+
+    def build(impl: str, device: torch.device) -> Built:
+        from dm_equiv import DMImageFourier, DMMaskedLM, DMPerceiverIO
+
+        hf = _seeded(make_hf).eval()
+        if kind == "image":
+            hf_run = lambda m, inp: m(pixel_values=inp[0]).logits  # noqa: E731
+        elif kind == "mlm":
+            hf_run = lambda m, inp: m(inputs=inp[0]).logits  # noqa: E731
+        else:
+            hf_run = lambda m, inp: m(inputs=inp[0]).logits  # noqa: E731
+        if impl == HF:
+            return Built(hf.to(device), hf_run)
+        ours = _via_create_model(registry_name, overrides or {}, hf) if registry_name else None
+        if ours is not None:
+            key = "pixel_values" if kind == "image" else "inputs"
+            return Built(ours.to(device), lambda m, inp: _logits(m(**{key: inp[0]})),
+                         note=f"perceivers.create_model({registry_name!r})")
+        cls = {"image": DMImageFourier, "mlm": DMMaskedLM, "io": DMPerceiverIO}[kind]
+        ours = cls(hf)
+        del hf
+        return Built(ours.to(device), lambda m, inp: m(inp[0]), note="built from perceivers.layers")
+
+    return build
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _hf_estimate(channels: int, num_latents: int, qk: int, v: int, heads: int = 1):
+    def est(impl: str, batch: int, m: int) -> float:
+        if impl == OURS:
+            return 0.0
+        ctx = batch * m * (channels * 3 + qk + v) * 4
+        attn = 3 * batch * heads * num_latents * m * 4
+        return ctx + attn
+
+    return est
+
+
+VISION_OFFICIAL = dict(num_latents=512, d_latents=1024, d_model=261, num_blocks=8, num_self_attends_per_block=6,
+                       num_self_attention_heads=8, num_cross_attention_heads=1, num_labels=1000, image_size=224)
+VISION_REDUCED = dict(VISION_OFFICIAL, num_latents=128, d_latents=256, num_blocks=2, num_self_attends_per_block=2)
+LANGUAGE_OFFICIAL = dict(num_latents=256, d_latents=1280, d_model=768, num_blocks=1, num_self_attends_per_block=26,
+                         num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
+                         vocab_size=262, max_position_embeddings=2048)
+LANGUAGE_REDUCED = dict(LANGUAGE_OFFICIAL, num_latents=128, d_latents=256, d_model=256, num_self_attends_per_block=4,
+                        qk_channels=128, v_channels=256)
+
+
+def vision_workload(name: str, hf_kwargs: dict, side: int, batch: int, *, train: bool = True,
+                    tags: tuple[str, ...] = (), description: str = "", check: bool = True) -> Workload:
+    overrides = {k: v for k, v in hf_kwargs.items() if k != "d_model"}
+    est = _hf_estimate(261, hf_kwargs["num_latents"], 261, 261)
+    return Workload(
+        name=name, family="perceiver-io (DeepMind layout)",
+        description=description or f"Fourier vision Perceiver IO, {side}×{side}×3",
+        batch=batch, elements=side * side, impls=(OURS, HF),
+        build=_dm_builder("image", hf_kwargs, "vision-perceiver-fourier", overrides),
+        inputs=_image_inputs(side, channels_last=False), train=train, tags=frozenset(tags),
+        estimate=lambda impl, b: est(impl, b, side * side), check=check,
+    )
+
+
+def language_workload(name: str, hf_kwargs: dict, batch: int, *, train: bool = True, tags: tuple[str, ...] = (),
+                      description: str = "") -> Workload:
+    seq = hf_kwargs["max_position_embeddings"]
+
+    def make(b: int, device: torch.device) -> tuple:
+        g = torch.Generator().manual_seed(1)
+        return (torch.randint(0, hf_kwargs["vocab_size"], (b, seq), generator=g).to(device),)
+
+    return Workload(
+        name=name, family="perceiver-io (DeepMind layout)", description=description, batch=batch, elements=seq,
+        impls=(OURS, HF), build=_dm_builder("mlm", hf_kwargs, "language-perceiver", dict(hf_kwargs)),
+        inputs=make, train=train, tags=frozenset(tags),
+    )
+
+
+def io_hf_workload(name: str, inputs: int, queries: int, batch: int, tags: tuple[str, ...] = ()) -> Workload:
+    kw = dict(num_latents=256, d_latents=512, d_model=32, num_blocks=1, num_self_attends_per_block=6,
+              num_self_attention_heads=8, num_cross_attention_heads=1)
+
+    def make(b: int, device: torch.device) -> tuple:
+        g = torch.Generator().manual_seed(1)
+        return (torch.randn(b, inputs, kw["d_model"], generator=g).to(device),)
+
+    return Workload(
+        name=name, family="perceiver-io (DeepMind layout)",
+        description=f"transformers PerceiverModel + basic decoder (256×512 latents, 6 self-attends), {inputs} "
+                    f"inputs × 32 ch, {queries} trainable queries",
+        batch=batch, elements=inputs, impls=(OURS, HF), build=_dm_builder("io", kw, io_queries=queries),
+        inputs=make, tags=frozenset(tags),
+    )
+
+
+# ---------------------------------------------------------------------------- the list
+
+
+def all_workloads() -> list[Workload]:
+    w: list[Workload] = [
+        perceiver_workload("readme-64-untied", 64, 8, tags=("quick", "readme")),
+        perceiver_workload("readme-64-tied", 64, 8, tied=True, tags=("readme",)),
+        perceiver_workload("readme-224-untied", 224, 2, tags=("readme",)),
+        perceiver_workload("readme-224-tied", 224, 2, tied=True, tags=("readme",)),
+        io_lr_workload("io-2048x128", 2048, 128, 8, tags=("quick", "io")),
+        io_hf_workload("io-dm-2048x128", 2048, 128, 8, tags=("quick", "io")),
+    ]
+    for side in (32, 64, 128, 256, 512, 1024):
+        w.append(perceiver_workload(
+            f"sweep-perceiver-{side}", side, 1, depth=2, train=False, tags=("sweep",) + (("quick",) if side in (64, 1024) else ()),
+            check=side <= 256,
+            description=f"README Perceiver depth 2 untied, batch 1, {side}×{side}×3 ({side * side} inputs)",
+        ))
+    for side in (2048, 4096):
+        w.append(perceiver_workload(
+            f"sweep-perceiver-{side}", side, 1, depth=2, train=False, tags=("sweep", "huge"), impls=(OURS, LR),
+            check=False,
+            description=f"README Perceiver depth 2 untied, batch 1, {side}×{side}×3 ({side * side} inputs)",
+        ))
+    for side in (32, 64, 128, 256, 512, 1024):
+        w.append(vision_workload(
+            f"sweep-io-{side}", VISION_REDUCED, side, 1, train=False, tags=("sweep",), check=side <= 256,
+            description=f"Fourier vision Perceiver IO (128×256 latents, 2×2 self-attends), batch 1, {side}×{side}×3",
+        ))
+    w += [
+        vision_workload("vision-fourier-reduced", VISION_REDUCED, 224, 2, tags=("official",),
+                        description="Fourier vision Perceiver IO, reduced (128×256 latents, 2×2 self-attends), 224²"),
+        vision_workload("vision-fourier-official", VISION_OFFICIAL, 224, 1, tags=("official", "large"),
+                        description="Fourier vision Perceiver IO, official size (512×1024 latents, 8×6 self-attends)"),
+        language_workload("language-reduced", LANGUAGE_REDUCED, 2, tags=("official",),
+                          description="language Perceiver, reduced (128×256 latents, 4 self-attends), 2048 bytes"),
+        language_workload("language-official", LANGUAGE_OFFICIAL, 1, tags=("official", "large"),
+                          description="language Perceiver, official size (201M parameters), 2048 bytes"),
+    ]
+    return w
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def human_bytes(n: float) -> str:
+    if n <= 0:
+        return "0"
+    units = ["B", "KiB", "MiB", "GiB"]
+    i = min(int(math.log(n, 1024)), 3)
+    return f"{n / 1024**i:.2f} {units[i]}"
