@@ -45,8 +45,8 @@ FlowFn = Callable[[Tensor], Tensor]
 
 def normalize_frames(frames: Tensor | np.ndarray) -> Tensor:
     """Pixel values in [0, 255] (any shape, channels last) → float32 ``x / 255 · 2 − 1`` in [−1, 1]."""
-    x = torch.as_tensor(np.asarray(frames) if isinstance(frames, np.ndarray) else frames)
-    return x.float() / 255.0 * 2.0 - 1.0
+    x = torch.from_numpy(np.array(frames, dtype=np.float32)) if isinstance(frames, np.ndarray) else frames.float()
+    return x / 255.0 * 2.0 - 1.0
 
 
 def tile_origins(

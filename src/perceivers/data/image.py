@@ -139,31 +139,33 @@ class ImageNetEvalTransform:
     """Image → normalised ``float32 [3, size, size]`` tensor (NCHW per image), the official eval recipe.
 
     Args:
-        size: output side (224).
+        size: output side (224), or ``(height, width)``: the square crop is then resized to that shape
+            (the crop fraction uses the smaller of the two).
         crop_padding: crop side is ``size / (size + crop_padding)`` of the shorter side (224/256).
         resample: see :func:`resize_bicubic`; ``"tf"`` follows the official pipeline, ``"pil"``
             matches transformers' ``PerceiverImageProcessorPil``.
         mean, std: per-channel statistics on the 0..1 scale.
     """
 
-    size: int = 224
+    size: int | tuple[int, int] = 224
     crop_padding: int = 32
     resample: Resample = "tf"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __call__(self, image: object) -> Tensor:
-        """One image (path, PIL, ``[H, W, 3]`` array/tensor) → ``[3, size, size]``."""
+        """One image (path, PIL, ``[H, W, 3]`` array/tensor) → ``[3, height, width]``."""
         pixels = load_image(image)
-        top, left, side = center_crop_box(pixels.shape[0], pixels.shape[1], self.size, self.crop_padding)
+        out_size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        top, left, side = center_crop_box(pixels.shape[0], pixels.shape[1], min(out_size), self.crop_padding)
         crop = np.ascontiguousarray(pixels[top : top + side, left : left + side])
-        resized = resize_bicubic(crop, (self.size, self.size), self.resample)
+        resized = resize_bicubic(crop, out_size, self.resample)
         mean = np.asarray(self.mean, dtype=np.float32) * 255
         std = np.asarray(self.std, dtype=np.float32) * 255
         return torch.from_numpy((resized - mean) / std).permute(2, 0, 1).contiguous()
 
     def batch(self, images: Sequence[object]) -> Tensor:
-        """A list of images → ``[B, 3, size, size]``."""
+        """A list of images → ``[B, 3, height, width]``."""
         return torch.stack([self(im) for im in images])
 
 

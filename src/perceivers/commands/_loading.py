@@ -1,0 +1,83 @@
+"""Building a model from ``--model`` / ``--checkpoint`` / ``--config`` for the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["add_model_arguments", "load_model", "parse_overrides"]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--checkpoint``, ``--config`` and ``--numerics``."""
+    parser.add_argument("--model", help="registered model name (see perceivers.list_models()); needed for "
+                        "Haiku pickles and bare state dicts, implied by perceivers/transformers directories")
+    parser.add_argument("--checkpoint", help="weights: a Haiku pickle, a transformers or perceivers directory, "
+                        "a Hub repo id, or a .safetensors/.pt state dict")
+    parser.add_argument("--config", help="create_model overrides as JSON (inline or a .json file), for checkpoints "
+                        "whose sizes differ from the official ones")
+    parser.add_argument("--numerics", choices=("deepmind", "transformers"), default="deepmind",
+                        help="for transformers checkpoints: compute as DeepMind (default) or reproduce transformers")
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``--config``: inline JSON or a path to a JSON file → dict."""
+    if not text:
+        return {}
+    path = Path(text)
+    raw = path.read_text(encoding="utf-8") if not text.lstrip().startswith("{") and path.exists() else text
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config must be a JSON object or a JSON file, got {text!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise TypeError(f"--config must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def load_model(
+    model: str | None,
+    checkpoint: str | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    numerics: str = "deepmind",
+    default_model: str | None = None,
+) -> nn.Module:
+    """The model the user asked for, in eval mode.
+
+    perceivers / transformers directories build their own model (``--model`` must agree if given);
+    other checkpoints are loaded into ``create_model(model, **overrides)``. Without a checkpoint the
+    weights are random (a warning is printed).
+    """
+    from ..hub import detect_format, from_pretrained, load_checkpoint, resolve
+    from ..tasks import create_model
+
+    overrides = overrides or {}
+    if checkpoint:
+        path = resolve(checkpoint)
+        fmt = detect_format(path)
+        if fmt in ("perceivers", "transformers"):
+            if overrides:
+                raise ValueError(f"--config does not apply to a {fmt} checkpoint (it carries its own config)")
+            options = {"numerics": numerics} if fmt == "transformers" else {}
+            built = from_pretrained(path, **options)
+            name = getattr(built, "model_name", None)
+            if model is not None and name != model:
+                raise ValueError(f"--model {model} but {checkpoint} holds {name or type(built).__name__}")
+            return built.eval()
+        name = model or default_model
+        if name is None:
+            raise ValueError(f"{checkpoint} is a {fmt} checkpoint without a config: pass --model")
+        built = create_model(name, **overrides)
+        load_checkpoint(built, path)
+        return built.eval()
+    name = model or default_model
+    if name is None:
+        raise ValueError("pass --model and/or --checkpoint")
+    print(f"warning: no --checkpoint, {name} has random weights", file=sys.stderr)
+    return create_model(name, **overrides).eval()
