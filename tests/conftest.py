@@ -21,10 +21,16 @@ torch.set_num_threads(int(os.environ.get("PERCEIVERS_TEST_THREADS", "1")))
 
 # Property tests: few, reproducible examples by default ("ci"); `--hypothesis-profile=fuzz` for long runs.
 settings.register_profile(
-    "ci", max_examples=10, deadline=None, derandomize=True, print_blob=True,
+    "ci",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.register_profile("fuzz", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "fuzz", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -80,42 +80,151 @@ for name, case in cases.items():
 torch.save({"version": version, "cases": results}, out_path)
 """
 
-_P = dict(num_freq_bands=3, depth=3, max_freq=8.0, input_channels=3, input_axis=2, num_latents=6, latent_dim=16,
-          latent_heads=2, cross_dim_head=8, latent_dim_head=8, num_classes=5)
-_IO = dict(depth=2, dim=10, queries_dim=12, logits_dim=7, num_latents=6, latent_dim=16, latent_heads=2,
-           cross_dim_head=8, latent_dim_head=8)
-_LM = dict(num_tokens=11, dim=12, max_seq_len=10, depth=2, num_latents=5, latent_dim=16, latent_heads=2,
-           cross_dim_head=8, latent_dim_head=8)
+_P = {
+    "num_freq_bands": 3,
+    "depth": 3,
+    "max_freq": 8.0,
+    "input_channels": 3,
+    "input_axis": 2,
+    "num_latents": 6,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+    "num_classes": 5,
+}
+_IO = {
+    "depth": 2,
+    "dim": 10,
+    "queries_dim": 12,
+    "logits_dim": 7,
+    "num_latents": 6,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
+_LM = {
+    "num_tokens": 11,
+    "dim": 12,
+    "max_seq_len": 10,
+    "depth": 2,
+    "num_latents": 5,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
 
 # name → (oldest version that has the options, case spec)
 OLD_CASES = {
-    "perceiver": ("0.8.8", dict(family="Perceiver", kwargs=dict(_P, self_per_cross_attn=2), shape=[2, 5, 4],
-                                channels=3, mask=True)),
-    "perceiver_tied": ("0.8.8", dict(family="Perceiver", kwargs=dict(_P, self_per_cross_attn=2, weight_tie_layers=True),
-                                     shape=[2, 5, 4], channels=3, mask=True)),
-    "perceiver_1d_no_fourier": ("0.8.8", dict(family="Perceiver", kwargs=dict(_P, input_axis=1, input_channels=4,
-                                                                              fourier_encode_data=False, cross_heads=2),
-                                              shape=[2, 7], channels=4, mask=False)),
-    "perceiver_no_head": ("0.8.8", dict(family="Perceiver", kwargs=dict(_P, final_classifier_head=False),
-                                        shape=[2, 5, 4], channels=3, mask=False)),
-    "perceiver_attn_residual": ("0.10.0", dict(family="Perceiver", kwargs=dict(_P, attn_residual=True,
-                                                                                attn_residual_rank=4,
-                                                                                inverted_cross_attn=[True, False, True]),
-                                                shape=[2, 5, 4], channels=3, mask=True)),
-    "perceiver_attn_residual_tied": ("0.10.0", dict(family="Perceiver",
-                                                    kwargs=dict(_P, attn_residual=True, attn_residual_rank=4,
-                                                                weight_tie_layers=True, self_per_cross_attn=2),
-                                                    shape=[2, 5, 4], channels=3, mask=False)),
-    "io": ("0.8.8", dict(family="PerceiverIO", kwargs=dict(_IO, decoder_ff=True), shape=[2, 9], channels=10,
-                         mask=True, queries=[4, 12])),
-    "io_tied": ("0.8.8", dict(family="PerceiverIO", kwargs=dict(_IO, weight_tie_layers=True, depth=3),
-                              shape=[2, 9], channels=10, mask=False, queries=[2, 4, 12])),
-    "io_attn_residual": ("0.10.0", dict(family="PerceiverIO", kwargs=dict(_IO, attn_residual=True,
-                                                                          attn_residual_rank=4,
-                                                                          inverted_cross_attn=True),
-                                        shape=[2, 9], channels=10, mask=True, queries=[4, 12])),
-    "lm": ("0.8.8", dict(family="PerceiverLM", kwargs=_LM, shape=[2, 8], mask=True)),
-    "lm_tied": ("0.8.8", dict(family="PerceiverLM", kwargs=dict(_LM, weight_tie_layers=True), shape=[2, 8], mask=False)),
+    "perceiver": (
+        "0.8.8",
+        {
+            "family": "Perceiver",
+            "kwargs": dict(_P, self_per_cross_attn=2),
+            "shape": [2, 5, 4],
+            "channels": 3,
+            "mask": True,
+        },
+    ),
+    "perceiver_tied": (
+        "0.8.8",
+        {
+            "family": "Perceiver",
+            "kwargs": dict(_P, self_per_cross_attn=2, weight_tie_layers=True),
+            "shape": [2, 5, 4],
+            "channels": 3,
+            "mask": True,
+        },
+    ),
+    "perceiver_1d_no_fourier": (
+        "0.8.8",
+        {
+            "family": "Perceiver",
+            "kwargs": dict(_P, input_axis=1, input_channels=4, fourier_encode_data=False, cross_heads=2),
+            "shape": [2, 7],
+            "channels": 4,
+            "mask": False,
+        },
+    ),
+    "perceiver_no_head": (
+        "0.8.8",
+        {
+            "family": "Perceiver",
+            "kwargs": dict(_P, final_classifier_head=False),
+            "shape": [2, 5, 4],
+            "channels": 3,
+            "mask": False,
+        },
+    ),
+    "perceiver_attn_residual": (
+        "0.10.0",
+        {
+            "family": "Perceiver",
+            "kwargs": dict(
+                _P, attn_residual=True, attn_residual_rank=4, inverted_cross_attn=[True, False, True]
+            ),
+            "shape": [2, 5, 4],
+            "channels": 3,
+            "mask": True,
+        },
+    ),
+    "perceiver_attn_residual_tied": (
+        "0.10.0",
+        {
+            "family": "Perceiver",
+            "kwargs": dict(
+                _P, attn_residual=True, attn_residual_rank=4, weight_tie_layers=True, self_per_cross_attn=2
+            ),
+            "shape": [2, 5, 4],
+            "channels": 3,
+            "mask": False,
+        },
+    ),
+    "io": (
+        "0.8.8",
+        {
+            "family": "PerceiverIO",
+            "kwargs": dict(_IO, decoder_ff=True),
+            "shape": [2, 9],
+            "channels": 10,
+            "mask": True,
+            "queries": [4, 12],
+        },
+    ),
+    "io_tied": (
+        "0.8.8",
+        {
+            "family": "PerceiverIO",
+            "kwargs": dict(_IO, weight_tie_layers=True, depth=3),
+            "shape": [2, 9],
+            "channels": 10,
+            "mask": False,
+            "queries": [2, 4, 12],
+        },
+    ),
+    "io_attn_residual": (
+        "0.10.0",
+        {
+            "family": "PerceiverIO",
+            "kwargs": dict(_IO, attn_residual=True, attn_residual_rank=4, inverted_cross_attn=True),
+            "shape": [2, 9],
+            "channels": 10,
+            "mask": True,
+            "queries": [4, 12],
+        },
+    ),
+    "lm": ("0.8.8", {"family": "PerceiverLM", "kwargs": _LM, "shape": [2, 8], "mask": True}),
+    "lm_tied": (
+        "0.8.8",
+        {
+            "family": "PerceiverLM",
+            "kwargs": dict(_LM, weight_tie_layers=True),
+            "shape": [2, 8],
+            "mask": False,
+        },
+    ),
 }
 
 
@@ -140,13 +249,19 @@ def _generate(version: str, tmp_dir: Path) -> dict:
         return _GENERATED[version]
     folder = REFS / f"perceiver-pytorch-{version}"
     if not (folder / "perceiver_pytorch").is_dir():
-        pytest.skip(f"perceiver-pytorch {version} is not installed in {folder} (run `make setup`, which installs "
-                    f"the old references with `pip install --target`)")
+        pytest.skip(
+            f"perceiver-pytorch {version} is not installed in {folder} (run `make setup`, which installs "
+            f"the old references with `pip install --target`)"
+        )
     out_path = tmp_dir / f"perceiver-pytorch-{version}.pt"
     env = {**os.environ, "PYTHONPATH": str(folder), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(folder), str(out_path), version, json.dumps(_cases_for(version))],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, f"perceiver-pytorch {version} script failed:\n{proc.stderr[-3000:]}"
     _GENERATED[version] = torch.load(out_path, weights_only=True)
@@ -198,11 +313,14 @@ def test_old_tied_layout_folds_without_shared_storage(version, old_tmp):
     blocks = {k.split(".")[1] for k in converted if k.startswith("blocks.")}
     assert blocks == {"0", "1"}
     # perceiver-pytorch 0.8 ties per self-attention index (key=block_ind): the two inside a block differ.
-    a, b = converted["blocks.1.self_attns.0.attn.to_q.weight"], converted["blocks.1.self_attns.1.attn.to_q.weight"]
+    a, b = (
+        converted["blocks.1.self_attns.0.attn.to_q.weight"],
+        converted["blocks.1.self_attns.1.attn.to_q.weight"],
+    )
     assert not torch.equal(a, b)
 
 
-# ---- 0.11 layout: unit checks of the converter -----------------------------------------------------------------
+# ---- 0.11 layout: unit checks of the converter ------------------------------------------------------------
 
 try:
     import perceiver_pytorch as ref

@@ -1,4 +1,5 @@
-"""Bad input to the perceiver-pytorch family raises ValueError/TypeError naming what was expected and what came."""
+"""Bad input to the perceiver-pytorch family raises ValueError/TypeError naming what was expected and
+what came."""
 
 from __future__ import annotations
 
@@ -10,13 +11,42 @@ import torch
 
 from perceivers import Perceiver, PerceiverBlock, PerceiverIO, PerceiverLM
 
-P_KW = dict(num_freq_bands=3, depth=2, max_freq=8.0, input_channels=3, input_axis=2, num_latents=6, latent_dim=16,
-            latent_heads=2, cross_dim_head=8, latent_dim_head=8, num_classes=5)
-IO_KW = dict(depth=1, dim=10, queries_dim=12, logits_dim=7, num_latents=6, latent_dim=16, latent_heads=2,
-             cross_dim_head=8, latent_dim_head=8)
-LM_KW = dict(num_tokens=11, dim=12, max_seq_len=10, depth=1, num_latents=5, latent_dim=16, latent_heads=2,
-             cross_dim_head=8, latent_dim_head=8)
-BLOCK_KW = dict(dim=16, context_dim=12, latent_heads=2, cross_dim_head=8, latent_dim_head=8)
+P_KW = {
+    "num_freq_bands": 3,
+    "depth": 2,
+    "max_freq": 8.0,
+    "input_channels": 3,
+    "input_axis": 2,
+    "num_latents": 6,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+    "num_classes": 5,
+}
+IO_KW = {
+    "depth": 1,
+    "dim": 10,
+    "queries_dim": 12,
+    "logits_dim": 7,
+    "num_latents": 6,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
+LM_KW = {
+    "num_tokens": 11,
+    "dim": 12,
+    "max_seq_len": 10,
+    "depth": 1,
+    "num_latents": 5,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
+BLOCK_KW = {"dim": 16, "context_dim": 12, "latent_heads": 2, "cross_dim_head": 8, "latent_dim_head": 8}
 
 
 @pytest.fixture(scope="module")
@@ -39,66 +69,177 @@ B = torch.bool
 # id → (model, call, exception type, regex fragments that must all appear in the message: expected and actual)
 CASES = {
     # Perceiver
-    "rank_too_low": ("perceiver", lambda m: m(_img(2, 20, 3)), ValueError, ["4 dims", "input_axis=2", r"\(2, 20, 3\)"]),
-    "rank_too_high": ("perceiver", lambda m: m(_img(2, 5, 4, 1, 3)), ValueError, ["4 dims", r"\(2, 5, 4, 1, 3\)"]),
-    "input_axis_mismatch": ("perceiver_1d", lambda m: m(_img(2, 5, 4, 3)), ValueError,
-                            ["3 dims", "input_axis=1", "got 4 dims"]),
+    "rank_too_low": (
+        "perceiver",
+        lambda m: m(_img(2, 20, 3)),
+        ValueError,
+        ["4 dims", "input_axis=2", r"\(2, 20, 3\)"],
+    ),
+    "rank_too_high": (
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 1, 3)),
+        ValueError,
+        ["4 dims", r"\(2, 5, 4, 1, 3\)"],
+    ),
+    "input_axis_mismatch": (
+        "perceiver_1d",
+        lambda m: m(_img(2, 5, 4, 3)),
+        ValueError,
+        ["3 dims", "input_axis=1", "got 4 dims"],
+    ),
     "channels": ("perceiver", lambda m: m(_img(2, 5, 4, 4)), ValueError, ["3 channels", "got 4"]),
-    "integer_data": ("perceiver", lambda m: m(torch.ones(2, 5, 4, 3, dtype=torch.long)), TypeError,
-                     ["floating-point", "int64"]),
-    "numpy_data": ("perceiver", lambda m: m(np.zeros((2, 5, 4, 3), np.float32)), TypeError, ["torch.Tensor", "ndarray"]),
+    "integer_data": (
+        "perceiver",
+        lambda m: m(torch.ones(2, 5, 4, 3, dtype=torch.long)),
+        TypeError,
+        ["floating-point", "int64"],
+    ),
+    "numpy_data": (
+        "perceiver",
+        lambda m: m(np.zeros((2, 5, 4, 3), np.float32)),
+        TypeError,
+        ["torch.Tensor", "ndarray"],
+    ),
     "empty_data": ("perceiver", lambda m: m(_img(2, 0, 4, 3)), ValueError, ["empty", r"\(2, 0, 4, 3\)"]),
-    "mask_shape": ("perceiver", lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 5, 5, dtype=B)), ValueError,
-                   ["20", r"\(2, 5, 5\)"]),
-    "mask_batch": ("perceiver", lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(3, 20, dtype=B)), ValueError,
-                   ["batch=2", r"\(3, 20\)"]),
-    "mask_float": ("perceiver", lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 5, 4)), (ValueError, TypeError),
-                   ["torch.bool", "float32"]),
-    "mask_int": ("perceiver", lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 20, dtype=torch.long)),
-                 (ValueError, TypeError), ["torch.bool", "int64"]),
-    "mask_list": ("perceiver", lambda m: m(_img(2, 5, 4, 3), mask=[[True] * 20] * 2), TypeError, ["bool", "list"]),
-    "pos_shape": ("perceiver", lambda m: m(_img(2, 20, 3), pos=torch.rand(2, 20, 3)), ValueError,
-                  [r"\(2, 20, 2\)", r"\(2, 20, 3\)"]),
+    "mask_shape": (
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 5, 5, dtype=B)),
+        ValueError,
+        ["20", r"\(2, 5, 5\)"],
+    ),
+    "mask_batch": (
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(3, 20, dtype=B)),
+        ValueError,
+        ["batch=2", r"\(3, 20\)"],
+    ),
+    "mask_float": (
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 5, 4)),
+        (ValueError, TypeError),
+        ["torch.bool", "float32"],
+    ),
+    "mask_int": (
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 20, dtype=torch.long)),
+        (ValueError, TypeError),
+        ["torch.bool", "int64"],
+    ),
+    "mask_list": (
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 3), mask=[[True] * 20] * 2),
+        TypeError,
+        ["bool", "list"],
+    ),
+    "pos_shape": (
+        "perceiver",
+        lambda m: m(_img(2, 20, 3), pos=torch.rand(2, 20, 3)),
+        ValueError,
+        [r"\(2, 20, 2\)", r"\(2, 20, 3\)"],
+    ),
     # PerceiverIO
     "io_rank": ("io", lambda m: m(_img(2, 10)), ValueError, ["3 dims", r"\(2, 10\)"]),
     "io_rank4": ("io", lambda m: m(_img(2, 3, 3, 10)), ValueError, ["3 dims", r"\(2, 3, 3, 10\)"]),
     "io_channels": ("io", lambda m: m(_img(2, 9, 11)), ValueError, ["10 channels", "got 11"]),
-    "io_mask_shape": ("io", lambda m: m(_img(2, 9, 10), mask=torch.ones(2, 8, dtype=B)), ValueError,
-                      ["9", r"\(2, 8\)"]),
-    "io_mask_dtype": ("io", lambda m: m(_img(2, 9, 10), mask=torch.ones(2, 9)), (ValueError, TypeError),
-                      ["torch.bool", "float32"]),
+    "io_mask_shape": (
+        "io",
+        lambda m: m(_img(2, 9, 10), mask=torch.ones(2, 8, dtype=B)),
+        ValueError,
+        ["9", r"\(2, 8\)"],
+    ),
+    "io_mask_dtype": (
+        "io",
+        lambda m: m(_img(2, 9, 10), mask=torch.ones(2, 9)),
+        (ValueError, TypeError),
+        ["torch.bool", "float32"],
+    ),
     "queries_width": ("io", lambda m: m(_img(2, 9, 10), queries=_img(4, 5)), ValueError, ["12", "got 5"]),
-    "queries_width_3d": ("io", lambda m: m(_img(2, 9, 10), queries=_img(2, 4, 13)), ValueError, ["12", "got 13"]),
-    "queries_rank1": ("io", lambda m: m(_img(2, 9, 10), queries=_img(12)), ValueError,
-                      [r"\[m, queries_dim\]", r"\(12,\)"]),
-    "queries_rank4": ("io", lambda m: m(_img(2, 9, 10), queries=_img(1, 2, 4, 12)), ValueError,
-                      [r"\[batch, m, queries_dim\]", r"\(1, 2, 4, 12\)"]),
+    "queries_width_3d": (
+        "io",
+        lambda m: m(_img(2, 9, 10), queries=_img(2, 4, 13)),
+        ValueError,
+        ["12", "got 13"],
+    ),
+    "queries_rank1": (
+        "io",
+        lambda m: m(_img(2, 9, 10), queries=_img(12)),
+        ValueError,
+        [r"\[m, queries_dim\]", r"\(12,\)"],
+    ),
+    "queries_rank4": (
+        "io",
+        lambda m: m(_img(2, 9, 10), queries=_img(1, 2, 4, 12)),
+        ValueError,
+        [r"\[batch, m, queries_dim\]", r"\(1, 2, 4, 12\)"],
+    ),
     "queries_batch": ("io", lambda m: m(_img(2, 9, 10), queries=_img(3, 4, 12)), ValueError, ["3", "2"]),
-    "queries_int": ("io", lambda m: m(_img(2, 9, 10), queries=torch.ones(4, 12, dtype=torch.long)), TypeError,
-                    ["floating-point", "int64"]),
+    "queries_int": (
+        "io",
+        lambda m: m(_img(2, 9, 10), queries=torch.ones(4, 12, dtype=torch.long)),
+        TypeError,
+        ["floating-point", "int64"],
+    ),
     # PerceiverLM
     "token_too_large": ("lm", lambda m: m(torch.tensor([[0, 11]])), ValueError, [r"\[0, 11\)", r"\[0, 11\]"]),
     "token_negative": ("lm", lambda m: m(torch.tensor([[0, -1]])), ValueError, [r"\[0, 11\)", "-1"]),
-    "too_long": ("lm", lambda m: m(torch.zeros(1, 11, dtype=torch.long)), ValueError, ["11", "max_seq_len=10"]),
+    "too_long": (
+        "lm",
+        lambda m: m(torch.zeros(1, 11, dtype=torch.long)),
+        ValueError,
+        ["11", "max_seq_len=10"],
+    ),
     "float_ids": ("lm", lambda m: m(torch.zeros(1, 3)), TypeError, ["int64", "float32"]),
-    "ids_rank": ("lm", lambda m: m(torch.zeros(3, dtype=torch.long)), ValueError, [r"\[batch, seq_len\]", r"\(3,\)"]),
-    "lm_mask_shape": ("lm", lambda m: m(torch.zeros(1, 3, dtype=torch.long), mask=torch.ones(1, 4, dtype=B)),
-                      ValueError, ["3", r"\(1, 4\)"]),
+    "ids_rank": (
+        "lm",
+        lambda m: m(torch.zeros(3, dtype=torch.long)),
+        ValueError,
+        [r"\[batch, seq_len\]", r"\(3,\)"],
+    ),
+    "lm_mask_shape": (
+        "lm",
+        lambda m: m(torch.zeros(1, 3, dtype=torch.long), mask=torch.ones(1, 4, dtype=B)),
+        ValueError,
+        ["3", r"\(1, 4\)"],
+    ),
     # PerceiverBlock
-    "block_context_width": ("block", lambda m: m(_img(2, 5, 16), context=_img(2, 9, 16)), ValueError,
-                            ["12 channels", "got 16"]),
-    "block_latent_width": ("block", lambda m: m(_img(2, 5, 15), context=_img(2, 9, 12)), ValueError,
-                           ["16 channels", "got 15"]),
-    "block_latent_rank": ("block", lambda m: m(_img(5, 16), context=_img(2, 9, 12)), ValueError,
-                          ["3 dims", r"\(5, 16\)"]),
+    "block_context_width": (
+        "block",
+        lambda m: m(_img(2, 5, 16), context=_img(2, 9, 16)),
+        ValueError,
+        ["12 channels", "got 16"],
+    ),
+    "block_latent_width": (
+        "block",
+        lambda m: m(_img(2, 5, 15), context=_img(2, 9, 12)),
+        ValueError,
+        ["16 channels", "got 15"],
+    ),
+    "block_latent_rank": (
+        "block",
+        lambda m: m(_img(5, 16), context=_img(2, 9, 12)),
+        ValueError,
+        ["3 dims", r"\(5, 16\)"],
+    ),
     "block_no_context": ("block", lambda m: m(_img(2, 5, 16)), ValueError, ["context"]),
     "block_batch": ("block", lambda m: m(_img(2, 5, 16), context=_img(3, 9, 12)), ValueError, ["3", "2"]),
-    "block_mask_shape": ("block", lambda m: m(_img(2, 5, 16), context=_img(2, 9, 12), mask=torch.ones(2, 8, dtype=B)),
-                         ValueError, ["9", r"\(2, 8\)"]),
-    "block_mask_dtype": ("block", lambda m: m(_img(2, 5, 16), context=_img(2, 9, 12), mask=torch.ones(2, 9)),
-                         (ValueError, TypeError), ["torch.bool", "float32"]),
-    "block_qkv_mask_shape": ("block_qkv", lambda m: m(_img(2, 5, 16), context=_img(2, 9, 16),
-                                                      mask=torch.ones(2, 8, dtype=B)), ValueError, ["9", r"\(2, 8\)"]),
+    "block_mask_shape": (
+        "block",
+        lambda m: m(_img(2, 5, 16), context=_img(2, 9, 12), mask=torch.ones(2, 8, dtype=B)),
+        ValueError,
+        ["9", r"\(2, 8\)"],
+    ),
+    "block_mask_dtype": (
+        "block",
+        lambda m: m(_img(2, 5, 16), context=_img(2, 9, 12), mask=torch.ones(2, 9)),
+        (ValueError, TypeError),
+        ["torch.bool", "float32"],
+    ),
+    "block_qkv_mask_shape": (
+        "block_qkv",
+        lambda m: m(_img(2, 5, 16), context=_img(2, 9, 16), mask=torch.ones(2, 8, dtype=B)),
+        ValueError,
+        ["9", r"\(2, 8\)"],
+    ),
 }
 
 
@@ -113,11 +254,22 @@ def test_bad_input_is_named(models, case):
 
 
 CONSTRUCTOR_CASES = {
-    "inverted_tuple_length": (lambda: Perceiver(**P_KW, inverted_cross_attn=(True,)), ValueError, ["2", "got 1"]),
+    "inverted_tuple_length": (
+        lambda: Perceiver(**P_KW, inverted_cross_attn=(True,)),
+        ValueError,
+        ["2", "got 1"],
+    ),
     "depth_zero": (lambda: Perceiver(**{**P_KW, "depth": 0}), ValueError, ["depth", "0"]),
-    "seq_dropout_range": (lambda: PerceiverIO(**IO_KW, seq_dropout_prob=1.0), ValueError, [r"\[0, 1\)", "1.0"]),
-    "queries_contribute_kv_dims": (lambda: PerceiverBlock(**{**BLOCK_KW, "queries_contribute_kv": True}), ValueError,
-                                   ["12", "16"]),
+    "seq_dropout_range": (
+        lambda: PerceiverIO(**IO_KW, seq_dropout_prob=1.0),
+        ValueError,
+        [r"\[0, 1\)", "1.0"],
+    ),
+    "queries_contribute_kv_dims": (
+        lambda: PerceiverBlock(**{**BLOCK_KW, "queries_contribute_kv": True}),
+        ValueError,
+        ["12", "16"],
+    ),
 }
 
 
@@ -139,4 +291,8 @@ def test_valid_variants_still_work(models):
     data = _img(2, 9, 10)
     assert models["io"](data, queries=_img(4, 12)).shape == (2, 4, 7)
     assert models["io"](data, queries=_img(2, 4, 12)).shape == (2, 4, 7)
-    assert models["block"](_img(2, 5, 16), context=_img(2, 9, 12), mask=torch.ones(2, 9, dtype=B)).shape == (2, 5, 16)
+    assert models["block"](_img(2, 5, 16), context=_img(2, 9, 12), mask=torch.ones(2, 9, dtype=B)).shape == (
+        2,
+        5,
+        16,
+    )

@@ -10,8 +10,19 @@ import torch
 from perceivers import Perceiver, PerceiverBlock
 from perceivers.layers import linear_positions
 
-KW = dict(num_freq_bands=3, depth=3, max_freq=8.0, input_channels=3, input_axis=2, num_latents=6, latent_dim=16,
-          latent_heads=2, cross_dim_head=8, latent_dim_head=8, num_classes=5)
+KW = {
+    "num_freq_bands": 3,
+    "depth": 3,
+    "max_freq": 8.0,
+    "input_channels": 3,
+    "input_axis": 2,
+    "num_latents": 6,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+    "num_classes": 5,
+}
 
 
 def make(**overrides) -> Perceiver:
@@ -99,7 +110,9 @@ def test_fourier_features_follow_the_perceiver_pytorch_layout():
     ctx = model.build_context(torch.zeros(1, 5, 1))
     x = torch.linspace(-1, 1, 5)
     freqs = torch.linspace(1.0, 4.0, 3)
-    expected = torch.cat([(torch.pi * x[:, None] * freqs).sin(), (torch.pi * x[:, None] * freqs).cos(), x[:, None]], -1)
+    expected = torch.cat(
+        [(torch.pi * x[:, None] * freqs).sin(), (torch.pi * x[:, None] * freqs).cos(), x[:, None]], -1
+    )
     torch.testing.assert_close(ctx[0, :, 1:], expected)
     assert torch.all(ctx[0, :, 0] == 0)
 
@@ -150,7 +163,9 @@ def test_block_without_cross_attention_ignores_context():
 
 def test_block_queries_contribute_kv_attend_to_themselves():
     """With queries_contribute_kv and every context key masked, latents still attend to each other."""
-    block = PerceiverBlock(dim=16, latent_heads=2, cross_dim_head=8, latent_dim_head=8, queries_contribute_kv=True)
+    block = PerceiverBlock(
+        dim=16, latent_heads=2, cross_dim_head=8, latent_dim_head=8, queries_contribute_kv=True
+    )
     x, ctx = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
     none = torch.zeros(2, 7, dtype=torch.bool)
     a = block(x, context=ctx, mask=none)

@@ -8,10 +8,28 @@ import torch
 from perceivers import PerceiverIO, PerceiverLM
 from perceivers.models.perceiver_io import dropout_seq
 
-KW = dict(depth=2, dim=10, queries_dim=12, logits_dim=7, num_latents=6, latent_dim=16, latent_heads=2,
-          cross_dim_head=8, latent_dim_head=8)
-LM_KW = dict(num_tokens=11, dim=12, max_seq_len=10, depth=2, num_latents=5, latent_dim=16, latent_heads=2,
-             cross_dim_head=8, latent_dim_head=8)
+KW = {
+    "depth": 2,
+    "dim": 10,
+    "queries_dim": 12,
+    "logits_dim": 7,
+    "num_latents": 6,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
+LM_KW = {
+    "num_tokens": 11,
+    "dim": 12,
+    "max_seq_len": 10,
+    "depth": 2,
+    "num_latents": 5,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
 
 
 def make(**overrides) -> PerceiverIO:
@@ -63,7 +81,9 @@ def test_mask_reaches_only_the_encoder():
     mask = torch.ones(2, 9, dtype=torch.bool)
     torch.testing.assert_close(model(data, mask=mask, queries=q), model(data, queries=q))
     mask[:, 4:] = False
-    torch.testing.assert_close(model(data, mask=mask, queries=q), model(data[:, :4], queries=q), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        model(data, mask=mask, queries=q), model(data[:, :4], queries=q), atol=1e-6, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("prob", [0.25, 0.5, 0.9])
@@ -81,7 +101,9 @@ def test_dropout_seq_keeps_valid_tokens_first(prob):
         idx = kept[b, :, 0].long() - 8 * b
         # as many valid tokens as fit are kept, and the kept mask marks ceil(valid · (1 - p)) of them
         assert mask[b, idx].sum().item() == min(valid, k)
-        assert kept_mask[b].sum().item() == min(int(torch.ceil(torch.tensor(valid * (1 - prob)))), mask[b, idx].sum())
+        assert kept_mask[b].sum().item() == min(
+            int(torch.ceil(torch.tensor(valid * (1 - prob)))), mask[b, idx].sum()
+        )
         assert torch.all(mask[b, idx][kept_mask[b]])
     kept, none = dropout_seq(data, None, prob)
     assert kept.shape == (2, k, 1) and none is None
@@ -110,7 +132,7 @@ def test_every_parameter_gets_a_gradient():
     assert not missing, missing
 
 
-# ---- PerceiverLM -------------------------------------------------------------------------------------------------
+# ---- PerceiverLM ------------------------------------------------------------------------------------------
 
 
 def test_lm_shapes_and_id_dtypes():
@@ -121,7 +143,8 @@ def test_lm_shapes_and_id_dtypes():
 
 
 def test_lm_is_not_causal():
-    """The inputs are the decoder queries and every query sees all latents: later tokens change earlier outputs."""
+    """The inputs are the decoder queries and every query sees all latents: later tokens change earlier
+    outputs."""
     lm = PerceiverLM(**LM_KW).eval()
     ids = torch.randint(0, 11, (1, 6))
     changed = ids.clone()

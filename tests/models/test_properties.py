@@ -21,12 +21,41 @@ from hypothesis import strategies as st
 
 from perceivers import Perceiver, PerceiverBlock, PerceiverIO, PerceiverLM
 
-P_KW = dict(num_freq_bands=3, depth=2, max_freq=8.0, input_channels=3, input_axis=2, num_latents=5, latent_dim=16,
-            latent_heads=2, cross_dim_head=8, latent_dim_head=8, num_classes=4)
-IO_KW = dict(depth=2, dim=6, queries_dim=8, logits_dim=3, num_latents=5, latent_dim=16, latent_heads=2,
-             cross_dim_head=8, latent_dim_head=8)
-LM_KW = dict(num_tokens=13, dim=8, max_seq_len=9, depth=1, num_latents=4, latent_dim=16, latent_heads=2,
-             cross_dim_head=8, latent_dim_head=8)
+P_KW = {
+    "num_freq_bands": 3,
+    "depth": 2,
+    "max_freq": 8.0,
+    "input_channels": 3,
+    "input_axis": 2,
+    "num_latents": 5,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+    "num_classes": 4,
+}
+IO_KW = {
+    "depth": 2,
+    "dim": 6,
+    "queries_dim": 8,
+    "logits_dim": 3,
+    "num_latents": 5,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
+LM_KW = {
+    "num_tokens": 13,
+    "dim": 8,
+    "max_seq_len": 9,
+    "depth": 1,
+    "num_latents": 4,
+    "latent_dim": 16,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
 
 
 def _eval(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,15 +71,21 @@ def models():
     torch.manual_seed(1)
     return {
         "perceiver": _eval(Perceiver(**P_KW, inverted_cross_attn=(False, True), weight_tie_layers=True)),
-        "perceiver_heads": _eval(Perceiver(**{**P_KW, "input_axis": 1}, cross_heads=2, self_per_cross_attn=2)),
+        "perceiver_heads": _eval(
+            Perceiver(**{**P_KW, "input_axis": 1}, cross_heads=2, self_per_cross_attn=2)
+        ),
         "perceiver_nopos": _eval(Perceiver(**{**P_KW, "input_axis": 1}, fourier_encode_data=False)),
-        "perceiver_nopos_2d": _eval(Perceiver(**P_KW, fourier_encode_data=False, attn_residual=True,
-                                              attn_residual_rank=4)),
+        "perceiver_nopos_2d": _eval(
+            Perceiver(**P_KW, fourier_encode_data=False, attn_residual=True, attn_residual_rank=4)
+        ),
         "io": _eval(PerceiverIO(**IO_KW, decoder_ff=True)),
         "io_inverted": _eval(PerceiverIO(**IO_KW, inverted_cross_attn=True, weight_tie_layers=True)),
         "lm": _eval(PerceiverLM(**LM_KW)),
-        "block": _eval(PerceiverBlock(dim=16, latent_heads=2, cross_dim_head=8, latent_dim_head=8,
-                                      queries_contribute_kv=True)),
+        "block": _eval(
+            PerceiverBlock(
+                dim=16, latent_heads=2, cross_dim_head=8, latent_dim_head=8, queries_contribute_kv=True
+            )
+        ),
     }
 
 
@@ -125,7 +160,9 @@ def test_masked_inputs_have_no_influence_perceiver_io(models, name, example):
     batch, shape, mask, seed = example
     data = torch.randn(batch, *shape, 6, generator=torch.Generator().manual_seed(seed))
     queries = torch.randn(3, 8, generator=torch.Generator().manual_seed(seed + 2))
-    _assert_mask_has_no_influence(models[name], lambda m, d: m(d, mask=mask, queries=queries), data, mask, seed)
+    _assert_mask_has_no_influence(
+        models[name], lambda m, d: m(d, mask=mask, queries=queries), data, mask, seed
+    )
 
 
 @given(masked_batch(axes=1, max_axis=9, all_masked_ok=False))
@@ -148,7 +185,9 @@ def test_masked_context_has_no_influence_block_with_query_kv(models, example):
     gen = torch.Generator().manual_seed(seed)
     data = torch.randn(batch, *shape, 16, generator=gen)
     latents = torch.randn(batch, 4, 16, generator=gen)
-    _assert_mask_has_no_influence(models["block"], lambda m, d: m(latents, context=d, mask=mask), data, mask, seed)
+    _assert_mask_has_no_influence(
+        models["block"], lambda m, d: m(latents, context=d, mask=mask), data, mask, seed
+    )
 
 
 @given(st.integers(1, 3), st.integers(2, 10), st.integers(0, 2**16), st.booleans())
@@ -175,7 +214,9 @@ def test_permuting_pixels_without_positions_changes_nothing(models, batch, h, w,
     shuffled_mask = mask.reshape(batch, h * w)[:, perm].reshape(batch, h, w)
     model = models["perceiver_nopos_2d"]
     with torch.no_grad():
-        torch.testing.assert_close(model(shuffled, mask=shuffled_mask), model(data, mask=mask), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(shuffled, mask=shuffled_mask), model(data, mask=mask), atol=1e-5, rtol=1e-5
+        )
 
 
 @given(st.integers(1, 3), st.integers(2, 8), st.integers(1, 6), st.integers(0, 2**16))
@@ -189,7 +230,9 @@ def test_perceiver_io_set_in_sequence_out(models, batch, n, m, seed):
     with torch.no_grad():
         out = model(data, queries=queries)
         torch.testing.assert_close(model(data[:, in_perm], queries=queries), out, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model(data, queries=queries[:, q_perm]), out[:, q_perm], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(data, queries=queries[:, q_perm]), out[:, q_perm], atol=1e-5, rtol=1e-5
+        )
 
 
 @given(masked_batch(max_batch=4, axes=2))
@@ -216,8 +259,9 @@ def test_samples_are_independent_of_the_batch_io_and_lm(models, example):
         lm_all = models["lm"](ids, mask=mask)
         for i in range(batch):
             sl = slice(i, i + 1)
-            torch.testing.assert_close(io_all[sl], models["io"](data[sl], mask=mask[sl], queries=queries),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                io_all[sl], models["io"](data[sl], mask=mask[sl], queries=queries), atol=1e-5, rtol=1e-5
+            )
             torch.testing.assert_close(lm_all[sl], models["lm"](ids[sl], mask=mask[sl]), atol=1e-5, rtol=1e-5)
 
 

@@ -22,7 +22,9 @@ from perceivers.convert import from_lucidrains
 OUT_ATOL = 1e-5  # float32, as required by the parity spec
 GRAD_RTOL = 1e-5  # gradients: |diff| <= GRAD_RTOL * max(1, max|reference grad|) per tensor
 
-_MAX_ERRORS: dict[str, dict[str, float]] = defaultdict(lambda: {"output": 0.0, "grad": 0.0, "input_grad": 0.0})
+_MAX_ERRORS: dict[str, dict[str, float]] = defaultdict(
+    lambda: {"output": 0.0, "grad": 0.0, "input_grad": 0.0}
+)
 
 
 def convert_block(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -91,7 +93,11 @@ class Parity:
         outs, input_grads = [], []
         for model in (reference, ours):
             leaves = {
-                k: (v.detach().clone().requires_grad_() if isinstance(v, Tensor) and v.is_floating_point() else v)
+                k: (
+                    v.detach().clone().requires_grad_()
+                    if isinstance(v, Tensor) and v.is_floating_point()
+                    else v
+                )
                 for k, v in inputs.items()
             }
             torch.manual_seed(seed)  # identical random streams (sequence dropout in training)
@@ -100,7 +106,9 @@ class Parity:
             loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in flat)
             loss.backward()
             outs.append([o.detach() for o in flat])
-            input_grads.append({k: v.grad for k, v in leaves.items() if isinstance(v, Tensor) and v.grad is not None})
+            input_grads.append(
+                {k: v.grad for k, v in leaves.items() if isinstance(v, Tensor) and v.grad is not None}
+            )
 
         ref_out, our_out = outs
         assert len(ref_out) == len(our_out), f"{len(ref_out)} reference outputs, {len(our_out)} ours"
@@ -111,7 +119,9 @@ class Parity:
         assert out_err <= OUT_ATOL, f"max output difference {out_err:.3g} > {OUT_ATOL}"
 
         ref_grads = convert(_grads_by_key(reference))
-        our_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in ours.named_parameters()}
+        our_grads = {
+            k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in ours.named_parameters()
+        }
         assert ref_grads.keys() == our_grads.keys(), (
             f"gradient keys differ: only reference {sorted(ref_grads.keys() - our_grads.keys())}, "
             f"only ours {sorted(our_grads.keys() - ref_grads.keys())}"
@@ -122,7 +132,9 @@ class Parity:
             err = (r - g).abs().max().item() / max(1.0, r.abs().max().item())
             if err > grad_err:
                 grad_err, worst = err, key
-        assert grad_err <= GRAD_RTOL, f"max (relative) gradient difference {grad_err:.3g} at {worst} > {GRAD_RTOL}"
+        assert grad_err <= GRAD_RTOL, (
+            f"max (relative) gradient difference {grad_err:.3g} at {worst} > {GRAD_RTOL}"
+        )
 
         in_err = 0.0
         assert input_grads[0].keys() == input_grads[1].keys()
@@ -131,8 +143,11 @@ class Parity:
             in_err = max(in_err, (r - g).abs().max().item() / max(1.0, r.abs().max().item()))
         assert in_err <= GRAD_RTOL, f"max (relative) input-gradient difference {in_err:.3g} > {GRAD_RTOL}"
 
-        print(f"parity {family}: output {out_err:.2e} (|out| <= {max(r.abs().max().item() for r in ref_out):.2g}), "
-              f"grad {grad_err:.2e} at {worst}, input grad {in_err:.2e}")
+        max_out = max(r.abs().max().item() for r in ref_out)
+        print(
+            f"parity {family}: output {out_err:.2e} (|out| <= {max_out:.2g}), "
+            f"grad {grad_err:.2e} at {worst}, input grad {in_err:.2e}"
+        )
         record = _MAX_ERRORS[family]
         record["output"] = max(record["output"], out_err)
         record["grad"] = max(record["grad"], grad_err)

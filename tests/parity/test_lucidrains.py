@@ -16,10 +16,20 @@ import perceivers
 ref = pytest.importorskip("perceiver_pytorch", reason="perceiver-pytorch (test extra) is not installed")
 
 # Tiny sizes: a few latents, narrow heads.
-BASE = dict(
-    num_freq_bands=3, depth=3, max_freq=8.0, input_channels=3, input_axis=2, num_latents=6, latent_dim=16,
-    cross_heads=1, latent_heads=2, cross_dim_head=8, latent_dim_head=8, num_classes=5,
-)
+BASE = {
+    "num_freq_bands": 3,
+    "depth": 3,
+    "max_freq": 8.0,
+    "input_channels": 3,
+    "input_axis": 2,
+    "num_latents": 6,
+    "latent_dim": 16,
+    "cross_heads": 1,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+    "num_classes": 5,
+}
 AXES = {1: (7,), 2: (5, 4), 3: (3, 4, 2)}
 
 
@@ -41,7 +51,11 @@ def _perceiver_case(parity, randomize, kwargs, *, masked=False, flat_mask=False,
         return model(data, mask=mask, **forward)
 
     return parity(
-        "Perceiver", ref.Perceiver(**kwargs), perceivers.Perceiver(**kwargs), run, {"data": data, "mask": mask},
+        "Perceiver",
+        ref.Perceiver(**kwargs),
+        perceivers.Perceiver(**kwargs),
+        run,
+        {"data": data, "mask": mask},
         randomize=randomize,
     )
 
@@ -51,14 +65,16 @@ def _perceiver_case(parity, randomize, kwargs, *, masked=False, flat_mask=False,
 @pytest.mark.parametrize("weight_tie_layers", [False, True], ids=["untied", "tied"])
 def test_perceiver_tying_and_mask(parity, randomize, weight_tie_layers, self_per_cross_attn, masked):
     _perceiver_case(
-        parity, randomize, dict(weight_tie_layers=weight_tie_layers, self_per_cross_attn=self_per_cross_attn),
+        parity,
+        randomize,
+        {"weight_tie_layers": weight_tie_layers, "self_per_cross_attn": self_per_cross_attn},
         masked=masked,
     )
 
 
 @pytest.mark.parametrize("input_axis", [1, 2, 3])
 def test_perceiver_input_axis(parity, randomize, input_axis):
-    _perceiver_case(parity, randomize, dict(input_axis=input_axis, input_channels=2), masked=True)
+    _perceiver_case(parity, randomize, {"input_axis": input_axis, "input_channels": 2}, masked=True)
 
 
 def test_perceiver_flat_mask(parity, randomize):
@@ -66,17 +82,20 @@ def test_perceiver_flat_mask(parity, randomize):
 
 
 PERCEIVER_OPTIONS = {
-    "return_embeddings": ({}, dict(return_embeddings=True)),
-    "no_classifier_head": (dict(final_classifier_head=False), {}),
-    "no_fourier": (dict(fourier_encode_data=False), {}),
-    "return_hiddens": (dict(weight_tie_layers=True, self_per_cross_attn=2), dict(return_hiddens=True)),
-    "attn_residual": (dict(attn_residual=True, attn_residual_rank=4), dict(return_hiddens=True)),
-    "attn_residual_tied": (dict(attn_residual=True, attn_residual_rank=4, weight_tie_layers=True), {}),
-    "block_outputs": (dict(attn_residual=True, attn_residual_rank=4), dict(block_outputs=[torch.randn(2, 6, 16)])),
-    "inverted": (dict(inverted_cross_attn=True), {}),
-    "inverted_tuple": (dict(inverted_cross_attn=(True, False, True), weight_tie_layers=True), {}),
-    "cross_heads": (dict(cross_heads=2, latent_heads=4), {}),
-    "dropout_eval": (dict(attn_dropout=0.3, ff_dropout=0.3), {}),
+    "return_embeddings": ({}, {"return_embeddings": True}),
+    "no_classifier_head": ({"final_classifier_head": False}, {}),
+    "no_fourier": ({"fourier_encode_data": False}, {}),
+    "return_hiddens": ({"weight_tie_layers": True, "self_per_cross_attn": 2}, {"return_hiddens": True}),
+    "attn_residual": ({"attn_residual": True, "attn_residual_rank": 4}, {"return_hiddens": True}),
+    "attn_residual_tied": ({"attn_residual": True, "attn_residual_rank": 4, "weight_tie_layers": True}, {}),
+    "block_outputs": (
+        {"attn_residual": True, "attn_residual_rank": 4},
+        {"block_outputs": [torch.randn(2, 6, 16)]},
+    ),
+    "inverted": ({"inverted_cross_attn": True}, {}),
+    "inverted_tuple": ({"inverted_cross_attn": (True, False, True), "weight_tie_layers": True}, {}),
+    "cross_heads": ({"cross_heads": 2, "latent_heads": 4}, {}),
+    "dropout_eval": ({"attn_dropout": 0.3, "ff_dropout": 0.3}, {}),
 }
 
 
@@ -88,11 +107,11 @@ def test_perceiver_options(parity, randomize, option, masked):
 
 
 BLOCK_CASES = {
-    "default": (dict(), True),
-    "queries_contribute_kv": (dict(queries_contribute_kv=True), True),
-    "queries_contribute_kv_nomask": (dict(queries_contribute_kv=True), False),
-    "context_dim": (dict(context_dim=12, self_per_cross_attn=2, cross_heads=2), True),
-    "no_cross_attn": (dict(has_cross_attn=False), False),
+    "default": ({}, True),
+    "queries_contribute_kv": ({"queries_contribute_kv": True}, True),
+    "queries_contribute_kv_nomask": ({"queries_contribute_kv": True}, False),
+    "context_dim": ({"context_dim": 12, "self_per_cross_attn": 2, "cross_heads": 2}, True),
+    "no_cross_attn": ({"has_cross_attn": False}, False),
 }
 
 
@@ -100,7 +119,14 @@ BLOCK_CASES = {
 @pytest.mark.parametrize("case", BLOCK_CASES)
 def test_perceiver_block(parity, randomize, case, inverted):
     extra, masked = BLOCK_CASES[case]
-    kwargs = {**dict(dim=16, cross_heads=1, latent_heads=2, cross_dim_head=8, latent_dim_head=8), **extra}
+    kwargs = {
+        "dim": 16,
+        "cross_heads": 1,
+        "latent_heads": 2,
+        "cross_dim_head": 8,
+        "latent_dim_head": 8,
+        **extra,
+    }
     has_cross = kwargs.get("has_cross_attn", True)
     latents = torch.randn(2, 5, 16)
     context = torch.randn(2, 9, kwargs.get("context_dim", 16)) if has_cross else None
@@ -110,26 +136,51 @@ def test_perceiver_block(parity, randomize, case, inverted):
         return model(latents, context=context, mask=mask, inverted_attention=inverted)
 
     parity(
-        "PerceiverBlock", ref.PerceiverBlock(**kwargs), perceivers.PerceiverBlock(**kwargs), run,
-        {"latents": latents, "context": context, "mask": mask}, convert=parity.convert_block, randomize=randomize,
+        "PerceiverBlock",
+        ref.PerceiverBlock(**kwargs),
+        perceivers.PerceiverBlock(**kwargs),
+        run,
+        {"latents": latents, "context": context, "mask": mask},
+        convert=parity.convert_block,
+        randomize=randomize,
     )
 
 
-IO_BASE = dict(depth=2, dim=10, queries_dim=12, logits_dim=7, num_latents=6, latent_dim=16, cross_heads=1,
-               latent_heads=2, cross_dim_head=8, latent_dim_head=8)
+IO_BASE = {
+    "depth": 2,
+    "dim": 10,
+    "queries_dim": 12,
+    "logits_dim": 7,
+    "num_latents": 6,
+    "latent_dim": 16,
+    "cross_heads": 1,
+    "latent_heads": 2,
+    "cross_dim_head": 8,
+    "latent_dim_head": 8,
+}
 IO_CASES = {
     "no_queries": ({}, None, False, {}),
     "queries_2d": ({}, (4, 12), False, {}),
     "queries_3d": ({}, (2, 4, 12), False, {}),
     "queries_3d_mask": ({}, (2, 4, 12), True, {}),
-    "no_logits_dim": (dict(logits_dim=None), (4, 12), True, {}),
-    "decoder_ff": (dict(decoder_ff=True), (4, 12), True, {}),
-    "weight_tie": (dict(weight_tie_layers=True, depth=3), (2, 4, 12), True, {}),
-    "attn_residual": (dict(attn_residual=True, attn_residual_rank=4), (4, 12), True, dict(return_hiddens=True)),
-    "attn_residual_tied": (dict(attn_residual=True, attn_residual_rank=4, weight_tie_layers=True), (4, 12), False, {}),
-    "return_hiddens_no_queries": ({}, None, True, dict(return_hiddens=True)),
-    "inverted": (dict(inverted_cross_attn=True), (4, 12), True, {}),
-    "cross_heads": (dict(cross_heads=3, latent_heads=4, decoder_ff=True), (2, 4, 12), True, {}),
+    "no_logits_dim": ({"logits_dim": None}, (4, 12), True, {}),
+    "decoder_ff": ({"decoder_ff": True}, (4, 12), True, {}),
+    "weight_tie": ({"weight_tie_layers": True, "depth": 3}, (2, 4, 12), True, {}),
+    "attn_residual": (
+        {"attn_residual": True, "attn_residual_rank": 4},
+        (4, 12),
+        True,
+        {"return_hiddens": True},
+    ),
+    "attn_residual_tied": (
+        {"attn_residual": True, "attn_residual_rank": 4, "weight_tie_layers": True},
+        (4, 12),
+        False,
+        {},
+    ),
+    "return_hiddens_no_queries": ({}, None, True, {"return_hiddens": True}),
+    "inverted": ({"inverted_cross_attn": True}, (4, 12), True, {}),
+    "cross_heads": ({"cross_heads": 3, "latent_heads": 4, "decoder_ff": True}, (2, 4, 12), True, {}),
 }
 
 
@@ -145,8 +196,12 @@ def test_perceiver_io(parity, randomize, case):
         return model(data, mask=mask, queries=queries, **forward)
 
     parity(
-        "PerceiverIO", ref.PerceiverIO(**kwargs), perceivers.PerceiverIO(**kwargs), run,
-        {"data": data, "mask": mask, "queries": queries}, randomize=randomize,
+        "PerceiverIO",
+        ref.PerceiverIO(**kwargs),
+        perceivers.PerceiverIO(**kwargs),
+        run,
+        {"data": data, "mask": mask, "queries": queries},
+        randomize=randomize,
     )
 
 
@@ -161,16 +216,31 @@ def test_perceiver_io_seq_dropout_training(parity, randomize, masked):
         return model(data, mask=mask, queries=queries)
 
     parity(
-        "PerceiverIO", ref.PerceiverIO(**kwargs), perceivers.PerceiverIO(**kwargs), run,
-        {"data": data, "mask": mask, "queries": torch.randn(4, 12)}, train=True, randomize=randomize,
+        "PerceiverIO",
+        ref.PerceiverIO(**kwargs),
+        perceivers.PerceiverIO(**kwargs),
+        run,
+        {"data": data, "mask": mask, "queries": torch.randn(4, 12)},
+        train=True,
+        randomize=randomize,
     )
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("weight_tie_layers", [False, True], ids=["untied", "tied"])
 def test_perceiver_lm(parity, randomize, weight_tie_layers, masked):
-    kwargs = dict(num_tokens=11, dim=12, max_seq_len=10, depth=2, num_latents=5, latent_dim=16, latent_heads=2,
-                  cross_dim_head=8, latent_dim_head=8, weight_tie_layers=weight_tie_layers)
+    kwargs = {
+        "num_tokens": 11,
+        "dim": 12,
+        "max_seq_len": 10,
+        "depth": 2,
+        "num_latents": 5,
+        "latent_dim": 16,
+        "latent_heads": 2,
+        "cross_dim_head": 8,
+        "latent_dim_head": 8,
+        "weight_tie_layers": weight_tie_layers,
+    }
     ids = torch.randint(0, 11, (2, 8))
     mask = _mask(2, (8,)) if masked else None
 
@@ -178,6 +248,10 @@ def test_perceiver_lm(parity, randomize, weight_tie_layers, masked):
         return model(ids, mask=mask)
 
     parity(
-        "PerceiverLM", ref.PerceiverLM(**kwargs), perceivers.PerceiverLM(**kwargs), run,
-        {"ids": ids, "mask": mask}, randomize=randomize,
+        "PerceiverLM",
+        ref.PerceiverLM(**kwargs),
+        perceivers.PerceiverLM(**kwargs),
+        run,
+        {"ids": ids, "mask": mask},
+        randomize=randomize,
     )
