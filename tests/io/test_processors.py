@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,9 @@ def test_image_preprocessor_widths(prep: str, kwargs: dict, channels: int, token
     pre = ImagePreprocessor(prep, position_encoding=pos, **{"spatial_downsample": 1, **kwargs}).eval()
     out = pre(torch.randn(2, 3, 8, 12))
     assert pre.num_channels == channels
+    assert math.prod(pre.output_index_shape((2, 3, 8, 12))) == tokens
+    if prep != "patches":  # odd sizes: 'SAME' / strided rounding
+        assert math.prod(pre.output_index_shape((2, 3, 9, 13))) == pre(torch.randn(2, 3, 9, 13)).inputs.shape[1]
     assert out.inputs.shape == (2, tokens, channels)
     assert out.inputs_without_pos.shape == (2, tokens, pre.feature_channels)
     assert out.modality_sizes is None
@@ -97,6 +102,7 @@ def test_video_and_temporal_downsampling() -> None:
     pos = build_position_encoding("fourier", num_dims=3, num_bands=2, max_resolution=(2, 2, 2))
     pre = ImagePreprocessor("patches", position_encoding=pos, spatial_downsample=4, temporal_downsample=2)
     out = pre(torch.randn(2, 4, 3, 8, 8))  # B T C H W
+    assert pre.output_index_shape((2, 4, 3, 8, 8)) == (2, 2, 2)
     assert out.inputs.shape == (2, 2 * 2 * 2, 2 * 4 * 4 * 3 + 3 * 5)
 
 

@@ -99,7 +99,7 @@ def _plain(tree: Any, path: str = "") -> Any:
     """Nested mappings → plain dicts; leaves must be numeric numpy arrays / scalars."""
     if isinstance(tree, Mapping):
         return {str(k): _plain(v, f"{path}/{k}" if path else str(k)) for k, v in tree.items()}
-    if isinstance(tree, (np.ndarray, np.generic)):
+    if isinstance(tree, (np.ndarray, np.generic, int, float)) and not isinstance(tree, bool):
         arr = np.asarray(tree)
         if arr.dtype.kind not in "biuf":
             raise UnsafeCheckpointError(f"checkpoint entry {path!r} has dtype {arr.dtype}; expected numbers")

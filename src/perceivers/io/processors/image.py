@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -160,9 +159,20 @@ class ImagePreprocessor(nn.Module):
         self.num_channels = features + pos_channels if concat_or_add_pos == "concat" else features
 
     def output_index_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Index shape of the tokens for an input of shape ``[B, (T,) C, H, W]``."""
-        x = torch.empty(input_shape, device="meta")
-        return tuple(self._features(x).shape[1:-1])
+        """Index shape of the tokens for an input of shape ``[B, (T,) C, H, W]`` (the position grid)."""
+        *lead, _, h, w = input_shape
+        t = lead[1] if len(lead) == 2 else None
+        s, td = self.spatial_downsample, self.temporal_downsample
+        if self.prep_type == "conv":
+            for _ in self.stem.layers:  # conv stride 2, then pool stride 2, both 'SAME'
+                h, w = -(-h // 4), -(-w // 4)
+        elif self.prep_type in ("conv1x1", "pixels"):
+            h, w = -(-h // s), -(-w // s)
+            t = None if t is None else (-(-t // td) if self.prep_type == "pixels" else t)
+        else:  # patches
+            h, w = h // s, w // s
+            t = None if t is None or t // td == 1 else t // td
+        return (h, w) if t is None else (t, h, w)
 
     def _features(self, x: Tensor) -> Tensor:
         """``[B, (T,) C, H, W]`` → channels-last features ``[B, (T,) h, w, C']``."""
