@@ -8,6 +8,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..validation import check_finite, check_like
+
 __all__ = ["AttentionResidual", "ClassifierHead", "check_input", "flatten_axes", "tie_schedule"]
 
 
@@ -58,12 +60,17 @@ class AttentionResidual(nn.Module):
         return (past * weights).sum(dim=-2)
 
 
-def check_input(data: Tensor, *, name: str, channels: int, axes: int | None = None) -> None:
+def check_input(
+    data: Tensor, *, name: str, channels: int, axes: int | None = None, module: nn.Module | None = None
+) -> None:
     """Raise a ValueError/TypeError naming what was expected when ``data`` cannot be a model input.
 
     Args:
         channels: expected size of the last (channel) axis.
         axes: expected number of index axes between batch and channels (``None``: any ≥ 1).
+        module: the model ``data`` goes into: its device and parameter dtype must match.
+
+    NaN/Inf values raise too (see :mod:`perceivers.validation` for the policy and how to turn it off).
     """
     if not isinstance(data, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(data).__name__}")
@@ -81,6 +88,9 @@ def check_input(data: Tensor, *, name: str, channels: int, axes: int | None = No
                          f"(shape {tuple(data.shape)})")
     if data.shape[0] == 0 or data[0].numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(data.shape)}")
+    if module is not None:
+        check_like(data, module, name)
+    check_finite(data, name)
 
 
 def flatten_axes(data: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask
+from ..validation import check_like
 from .common import ClassifierHead, tie_schedule
 from .variants import GridInput
 
@@ -152,7 +153,7 @@ class BottomUpPerceiver(nn.Module):
     def forward(self, data: Tensor, mask: Tensor | None = None, return_embeddings: bool = False) -> Tensor:
         """``data [B, *axes, input_channels]``, ``mask [B, *axes]`` (True = attend) → ``[B, num_classes]``
         (or the latents ``[B, num_latents, latent_dim]`` with ``return_embeddings``)."""
-        tokens = self.data_proj(self.input(data))  # [B, M, C]
+        tokens = self.data_proj(check_like(self.input(data), self, "data"))  # [B, M, C]
         b, m = tokens.shape[:2]
         mask = check_mask(mask, b, m)
         x = self.latents.to(tokens.dtype).expand(b, -1, -1)

@@ -245,7 +245,8 @@ class MultiModalityPerceiver(nn.Module):
 
     def _check_modality(self, name: str, x: Tensor) -> None:
         m = self.modalities[name]
-        check_input(x, name=f"multi_modality_data[{name!r}]", channels=m.input_channels, axes=m.input_axis)
+        check_input(x, name=f"multi_modality_data[{name!r}]", channels=m.input_channels, axes=m.input_axis,
+                    module=self)
 
     def _tokens(self, name: str, values: Tensor) -> Tensor:
         """``values [B, *axes, C]`` → ``[B, N, context_dim]``: values, zeros, Fourier features, one-hot code."""

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import CrossAttentionBlock, FourierPositionEncoding, KeyValue, SelfAttentionBlock, check_mask
+from ..validation import check_finite
 from .common import AttentionResidual, ClassifierHead, check_input, flatten_axes, tie_schedule
 
 __all__ = ["Perceiver", "PerceiverBlock"]
@@ -83,10 +84,10 @@ class PerceiverBlock(nn.Module):
         """Latents ``x [B, N, D]`` attend ``context [B, M, C]`` (or precomputed ``kv``) → ``[B, N, D]``."""
         if self.cross_attn is not None:
             if kv is None:  # called directly: check what the caller gave (Perceiver has checked already)
-                check_input(x, name="x", channels=self.cross_attn.attn.q_dim, axes=1)
+                check_input(x, name="x", channels=self.cross_attn.attn.q_dim, axes=1, module=self)
                 if context is None:
                     raise ValueError("this block has cross-attention: pass context [batch, n, context_dim]")
-                check_input(context, name="context", channels=self.cross_attn.attn.kv_dim, axes=1)
+                check_input(context, name="context", channels=self.cross_attn.attn.kv_dim, axes=1, module=self)
                 if context.shape[0] != x.shape[0]:
                     raise ValueError(f"context has batch size {context.shape[0]} but x has {x.shape[0]}")
                 mask = check_mask(mask, context.shape[0], context.shape[1])
@@ -197,7 +198,7 @@ class Perceiver(nn.Module):
         ``pos [B, M, input_axis]`` in ``[-1, 1]`` (point clouds, irregular series, padded batches).
         """
         if pos is not None:
-            check_input(data, name="data", channels=self.input_channels, axes=1)
+            check_input(data, name="data", channels=self.input_channels, axes=1, module=self)
             if self.position_encoding is None:
                 raise ValueError("pos was given but fourier_encode_data=False: there are no position features")
             if pos.shape != (*data.shape[:2], self.input_axis):
@@ -205,8 +206,9 @@ class Perceiver(nn.Module):
                     f"pos must have shape [batch, n, input_axis] = {(*data.shape[:2], self.input_axis)}, "
                     f"got {tuple(pos.shape)}"
                 )
+            check_finite(pos, "pos")
             return torch.cat((data, self.position_encoding.encode(pos.to(data.dtype))), dim=-1)
-        check_input(data, name="data", channels=self.input_channels, axes=self.input_axis)
+        check_input(data, name="data", channels=self.input_channels, axes=self.input_axis, module=self)
         context = flatten_axes(data)
         if self.position_encoding is not None:
             feats = self.position_encoding(data.shape[1:-1], device=data.device, dtype=data.dtype)

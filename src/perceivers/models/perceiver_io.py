@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import CrossAttentionBlock, SelfAttentionBlock, check_mask
+from ..validation import check_finite, check_like
 from .common import AttentionResidual, check_input, tie_schedule
 
 __all__ = ["PerceiverIO", "PerceiverLM", "dropout_seq"]
@@ -115,7 +116,7 @@ class PerceiverIO(nn.Module):
 
     def encode(self, data: Tensor, mask: Tensor | None = None) -> Tensor:
         """``data [B, M, dim]`` → latents after the encoder cross-attention ``[B, N, latent_dim]``."""
-        check_input(data, name="data", channels=self.dim, axes=1)
+        check_input(data, name="data", channels=self.dim, axes=1, module=self)
         mask = check_mask(mask, data.shape[0], data.shape[1])
         if self.training and self.seq_dropout_prob > 0.0:
             data, mask = dropout_seq(data, mask, self.seq_dropout_prob)
@@ -131,6 +132,8 @@ class PerceiverIO(nn.Module):
             raise ValueError(f"queries must be [m, queries_dim] or [batch, m, queries_dim], got {tuple(queries.shape)}")
         if queries.shape[-1] != self.queries_dim:
             raise ValueError(f"queries must have {self.queries_dim} channels, got {queries.shape[-1]}")
+        check_like(queries, self, "queries")
+        check_finite(queries, "queries")
         b = latents.shape[0]
         if queries.ndim == 2:
             queries = queries.expand(b, -1, -1)
@@ -189,6 +192,9 @@ class PerceiverLM(nn.Module):
             raise TypeError(f"x must be token ids, an int64 (or int32) tensor, got {got}")
         if x.ndim != 2:
             raise ValueError(f"x must have shape [batch, seq_len], got {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"x is empty: shape {tuple(x.shape)}")
+        check_like(x, self, "x", dtype=False)
         if x.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len={self.max_seq_len}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):

@@ -26,6 +26,7 @@ from ..layers import (
     KeyValue,
     check_mask,
 )
+from ..validation import check_like
 from .common import ClassifierHead, check_input, flatten_axes, tie_schedule
 
 __all__ = ["GatedPerceiver", "GridInput", "LatentMixer", "MixedLatentsPerceiver"]
@@ -75,7 +76,7 @@ class _GridPerceiver(nn.Module):
     def forward(self, data: Tensor, mask: Tensor | None = None, return_embeddings: bool = False) -> Tensor:
         """``data [B, *axes, input_channels]``, ``mask [B, *axes]`` (True = attend) → ``[B, num_classes]``
         (or the latents ``[B, num_latents, latent_dim]`` with ``return_embeddings``)."""
-        context = self.input(data)
+        context = check_like(self.input(data), self, "data")
         b, m = context.shape[:2]
         mask = check_mask(mask, b, m)
         x = self.latents.to(context.dtype).expand(b, -1, -1)
