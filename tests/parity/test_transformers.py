@@ -253,3 +253,16 @@ def test_report_max_errors():
     """Prints the measured parity errors (run with -s)."""
     for arch, err in sorted(MAX_ERRORS.items()):
         print(f"{arch}: max |ours - transformers| = {err:.2e}")
+
+
+def test_multimodal_video_frequencies_follow_the_patch_grid():
+    """transformers sets the video Fourier max_resolution from config.image_size, DeepMind from the 4× patch
+    grid; they agree for the released checkpoint (56 = 224 / 4). Other values load with the official grid and
+    cannot be reproduced in transformers numerics."""
+    from perceivers.convert.transformers import overrides_from_config
+
+    cfg = {"model_type": "perceiver", **CONFIGS["PerceiverForMultimodalAutoencoding"], "image_size": 8}
+    name, over = overrides_from_config(cfg, "PerceiverForMultimodalAutoencoding")
+    assert name == "multimodal-perceiver" and over["image_size"] == (8, 8) and over["image_patch_size"] == 4
+    with pytest.raises(ValueError, match="patch grid"):
+        overrides_from_config(cfg, "PerceiverForMultimodalAutoencoding", numerics="transformers")

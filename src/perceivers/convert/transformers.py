@@ -25,7 +25,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,7 +151,7 @@ TABLES: dict[str, list[Rule]] = {
 _FIELDS = {"i": r"\d+", "m": r"[A-Za-z_]+", "p": r"weight|bias|running_mean|running_var|num_batches_tracked"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pattern(template: str) -> re.Pattern[str]:
     parts = re.split(r"(\{[a-z]\})", template)
     regex = "".join(f"(?P<{p[1]}>{_FIELDS[p[1]]})" if re.fullmatch(r"\{[a-z]\}", p) else re.escape(p) for p in parts)
@@ -248,7 +248,7 @@ _HF_DEFAULTS: dict[str, Any] = {
 
 
 def _num_labels(cfg: Mapping[str, Any]) -> int:
-    if "id2label" in cfg and cfg["id2label"]:
+    if cfg.get("id2label"):
         return len(cfg["id2label"])
     return int(cfg.get("num_labels", 2))
 
@@ -295,11 +295,12 @@ def overrides_from_config(
         if len(out_shape) != 4 or out_shape[1] != c["num_frames"]:
             raise ValueError(f"output_shape {out_shape} must be (1, num_frames, H, W)")
         image_size = tuple(out_shape[2:])
-        if image_size[0] // 4 != c["image_size"] or image_size[1] // 4 != c["image_size"]:
-            # transformers takes the video Fourier max_resolution from image_size; DeepMind from the 4× patch grid
+        if numerics == "transformers" and (image_size[0] // 4 != c["image_size"] or image_size[1] // 4 != c["image_size"]):
+            # transformers takes the video Fourier max_resolution from image_size; DeepMind (and we) from the
+            # 4× patch grid — equal for the released checkpoint (image_size 56, output 224)
             raise ValueError(
                 f"image_size={c['image_size']} must be output_shape[-2:]/4 = {image_size[0] // 4} (the patch grid "
-                "that sets the video Fourier frequencies); other values are not supported"
+                "that sets the video Fourier frequencies) to reproduce transformers' numerics"
             )
         over.update(num_frames=c["num_frames"], image_size=image_size, audio_samples_per_frame=c["audio_samples_per_frame"],
                     samples_per_patch=c["samples_per_patch"], num_labels=_num_labels(c),
