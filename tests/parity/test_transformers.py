@@ -266,3 +266,27 @@ def test_multimodal_video_frequencies_follow_the_patch_grid():
     assert name == "multimodal-perceiver" and over["image_size"] == (8, 8) and over["image_patch_size"] == 4
     with pytest.raises(ValueError, match="patch grid"):
         overrides_from_config(cfg, "PerceiverForMultimodalAutoencoding", numerics="transformers")
+
+
+def test_pytorch_model_bin_and_sharded_checkpoints(hf_checkpoint, tmp_path):
+    """``pytorch_model.bin`` (read with weights_only=True) and sharded ``*.index.json`` checkpoints load too."""
+    from safetensors.torch import load_file
+
+    arch = "PerceiverForOpticalFlow"
+    _, directory = hf_checkpoint(arch)
+    state = load_file(directory / "model.safetensors")
+    want = _run_ours(from_transformers(directory), arch, _inputs(arch))
+    single, sharded = tmp_path / "bin", tmp_path / "sharded"
+    for d in (single, sharded):
+        d.mkdir()
+        (d / "config.json").write_text((directory / "config.json").read_text())
+    torch.save(state, single / "pytorch_model.bin")
+    keys = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    for shard, names in halves.items():
+        torch.save({k: state[k] for k in names}, sharded / shard)
+    index = {"weight_map": {k: shard for shard, names in halves.items() for k in names}}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    for d in (single, sharded):
+        assert _max_error(_run_ours(from_transformers(d), arch, _inputs(arch)), want) == 0
