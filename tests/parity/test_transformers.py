@@ -290,3 +290,17 @@ def test_pytorch_model_bin_and_sharded_checkpoints(hf_checkpoint, tmp_path):
     (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     for d in (single, sharded):
         assert _max_error(_run_ours(from_transformers(d), arch, _inputs(arch)), want) == 0
+
+
+def test_transformers_numerics_survive_save_pretrained(hf_checkpoint, tmp_path):
+    """The activation and the learned decoder residual are config fields, so a compat model saved in our
+    format still reproduces transformers."""
+    from perceivers import from_pretrained, save_pretrained
+
+    arch = "PerceiverForImageClassificationLearned"
+    hf, directory = hf_checkpoint(arch)
+    compat = from_transformers(directory, numerics="transformers")
+    assert compat.config.hidden_act == "gelu" and compat.config.decoder_query_residual is True
+    save_pretrained(compat, tmp_path)
+    inputs = _inputs(arch)
+    assert _max_error(_run_ours(from_pretrained(tmp_path), arch, inputs), _run_hf(hf, arch, inputs)) < ATOL

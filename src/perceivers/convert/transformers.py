@@ -247,6 +247,10 @@ _HF_DEFAULTS: dict[str, Any] = {
 }
 
 
+# transformers' hidden_act → our activation names
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
 def _num_labels(cfg: Mapping[str, Any]) -> int:
     if cfg.get("id2label"):
         return len(cfg["id2label"])
@@ -275,6 +279,10 @@ def overrides_from_config(
     c = {**_HF_DEFAULTS, **cfg}
     name = ARCHITECTURES[architecture]
     over: dict[str, Any] = {k: c[k] for k in _TRUNK_FIELDS}
+    if numerics == "transformers":
+        if c["hidden_act"] not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+        over["hidden_act"] = _ACTIVATIONS[c["hidden_act"]]
     if architecture == "PerceiverForMaskedLM":
         over.update(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
                     d_model=c["d_model"], num_decoder_heads=8, decoder_qk_channels=8 * 32, decoder_v_channels=c["d_model"])
@@ -375,17 +383,17 @@ def use_transformers_numerics(model: nn.Module, hidden_act: str = "gelu") -> nn.
     """Switch a model to transformers' computation where it departs from DeepMind (in place).
 
     Every MLP uses ``hidden_act`` (``"gelu"`` exact; ``"gelu_new"``/``"gelu_pytorch_tanh"`` tanh) and conv
-    stems pad and pool as transformers does. Weights are untouched (the learned-position decoder residual is
-    a constructor choice: see :func:`overrides_from_config`).
+    stems pad and pool as transformers does. Weights are untouched. :func:`from_transformers` also sets
+    the activation and the learned-position decoder residual through the config (so they are saved with
+    the model); the conv stem is a run-time switch only.
     """
     from ..layers import FeedForward
 
-    acts = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-    if hidden_act not in acts:
-        raise ValueError(f"hidden_act {hidden_act!r} is not supported; known: {sorted(acts)}")
+    if hidden_act not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act {hidden_act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
     for module in model.modules():
         if isinstance(module, FeedForward):
-            module.activation = acts[hidden_act]
+            module.activation = _ACTIVATIONS[hidden_act]
         for name, child in list(module.named_children()):
             if type(child).__name__ == "_ConvDownsampleLayer":
                 setattr(module, name, TransformersConvStem(child.conv, child.norm))
