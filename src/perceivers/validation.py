@@ -142,7 +142,7 @@ def check_like(x: Tensor, module: nn.Module, name: str, *, dtype: bool = True) -
     device, param_dtype = module_device_dtype(module)
     if device is None:
         return x
-    if x.device != device and x.device.type != "meta" and device.type != "meta":
+    if x.device != device:
         raise ValueError(f"{name} is on device {x.device} but the model is on {device}; move one of them "
                          f"(model.to({str(x.device)!r}) or {name}.to({str(device)!r}))")
     if (dtype and x.is_floating_point() and x.dtype != param_dtype

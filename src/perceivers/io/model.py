@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from ..validation import as_bool_mask, check_finite, check_like, check_tensor
 from .encoder import PerceiverEncoder
 
 __all__ = ["PerceiverIOModel", "PerceiverIOOutput"]
@@ -62,6 +62,19 @@ class PerceiverIOModel(nn.Module):
             "modality_sizes" in inspect.signature(output_postprocessor.forward).parameters
         )
 
+    def _check_inputs(self, inputs: Tensor | Mapping[str, Tensor]) -> None:
+        """Every raw input is a non-empty, finite tensor on the model's device (floating ones in its dtype)."""
+        if isinstance(inputs, Mapping):
+            if not inputs:
+                raise ValueError("inputs is an empty mapping; pass {modality: tensor}")
+            items = [(f"inputs[{k!r}]", v) for k, v in inputs.items() if v is not None]
+        else:
+            items = [("inputs", inputs)]
+        for name, value in items:
+            check_tensor(value, name, kind=None)
+            check_like(value, self, name)
+            check_finite(value, name)
+
     def forward(
         self,
         inputs: Tensor | Mapping[str, Tensor],
@@ -81,16 +94,19 @@ class PerceiverIOModel(nn.Module):
                 multimodal decoders).
             query_kwargs: extra arguments for the decoder's query builder (e.g. ``length``).
         """
+        self._check_inputs(inputs)
+        input_mask = as_bool_mask(input_mask, "input_mask")
+        query_mask = as_bool_mask(query_mask, "query_mask")
+        for name, m in (("input_mask", input_mask), ("query_mask", query_mask)):
+            if m is not None:
+                check_like(m, self, name)
         if self.input_preprocessor is not None:
             x, modality_sizes, without_pos = self.input_preprocessor(inputs)
         else:
-            if not isinstance(inputs, Tensor) or inputs.ndim != 3:
-                raise ValueError("without an input preprocessor, inputs must be a [batch, tokens, channels] tensor")
+            if inputs.ndim != 3:
+                raise ValueError("without an input preprocessor, inputs must be a [batch, tokens, channels] tensor, "
+                                 f"got shape {tuple(inputs.shape)}")
             x, modality_sizes, without_pos = inputs, None, None
-        if input_mask is not None and input_mask.dtype != torch.bool:
-            input_mask = input_mask != 0
-        if query_mask is not None and query_mask.dtype != torch.bool:
-            query_mask = query_mask != 0
         latents = self.encoder(x, mask=input_mask)
         query = self.decoder.decoder_query(
             x, modality_sizes=modality_sizes, inputs_without_pos=without_pos,

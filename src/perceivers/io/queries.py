@@ -41,6 +41,9 @@ def subsampled_positions(points: Tensor, index_shape: Sequence[int]) -> Tensor:
 
 
 def _check_points(points: Tensor, total: int) -> None:
+    if not isinstance(points, Tensor) or points.is_floating_point() or points.dtype == torch.bool:
+        got = f"dtype {points.dtype}" if isinstance(points, Tensor) else type(points).__name__
+        raise TypeError(f"subsampled_points must be an integer tensor of flat indices, got {got}")
     if points.ndim != 1:
         raise ValueError(f"subsampled_points must be a 1-D tensor of flat indices, got shape {tuple(points.shape)}")
     if points.numel() and (int(points.min()) < 0 or int(points.max()) >= total):

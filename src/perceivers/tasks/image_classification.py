@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..io import ClassificationDecoder, PerceiverIOModel, build_position_encoding
 from ..io.processors import ImagePreprocessor
+from ..validation import check_tensor
 from .common import TrunkConfig, as_pair, as_tuple, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
@@ -114,6 +115,7 @@ class ImageClassifier(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> ImageClassifierOutput:
         """``pixel_values [B, C, H, W]`` (normalised) → logits ``[B, num_labels]``."""
+        check_tensor(pixel_values, "pixel_values", kind="float", layout="[batch, channels, height, width]")
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [batch, channels, height, width], got {tuple(pixel_values.shape)}")
         out = self.perceiver(pixel_values)

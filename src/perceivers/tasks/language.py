@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..io import BasicDecoder, PerceiverIOModel, TrainableQueries
 from ..io.processors import EmbeddingDecoder, TextPreprocessor
+from ..validation import check_tensor
 from .common import TrunkConfig, build_encoder
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
@@ -90,6 +91,11 @@ class MaskedLanguageModel(nn.Module):
         if (inputs is None) == (input_ids is None):
             raise ValueError("pass exactly one of inputs / input_ids")
         ids = inputs if inputs is not None else input_ids
+        check_tensor(ids, "inputs", kind="int", ndim=2, layout="[batch, length] token ids")
+        if labels is not None:
+            check_tensor(labels, "labels", kind="int", ndim=2, layout="[batch, length] target ids (-100 = ignored)")
+            if labels.shape != ids.shape:
+                raise ValueError(f"labels must have the shape of inputs {tuple(ids.shape)}, got {tuple(labels.shape)}")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
         out = self.perceiver(ids, input_mask=attention_mask, query_mask=attention_mask,

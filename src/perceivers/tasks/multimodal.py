@@ -26,6 +26,7 @@ from ..io.processors import (
     OneHotPreprocessor,
     ProjectionPostprocessor,
 )
+from ..validation import check_tensor
 from .common import TrunkConfig, as_pair, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
@@ -171,10 +172,14 @@ class MultimodalAutoencoder(nn.Module):
                 positions are ``-1 + 2·idx/N`` (the official chunked decoding), also for full decoding.
         """
         c = self.config
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must be a dict with 'image', 'audio' (and optionally 'label') tensors, got "
+                            f"{type(inputs).__name__}")
         inputs = dict(inputs)
         unknown = set(inputs) - set(MODALITIES)
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)}; expected {list(MODALITIES)}")
+        self._check_inputs(inputs)
         if "label" not in inputs or inputs["label"] is None:
             ref = inputs["image"]
             inputs["label"] = torch.zeros(ref.shape[0], c.num_labels, device=ref.device, dtype=ref.dtype)
@@ -186,6 +191,34 @@ class MultimodalAutoencoder(nn.Module):
         points["label"] = None
         out = self.perceiver(inputs, subsampled_output_points=points)
         return MultimodalAutoencodingOutput(out.logits, out.last_hidden_state)
+
+    def _check_inputs(self, inputs: Mapping[str, Tensor]) -> None:
+        """Shapes fixed by the config: the Fourier queries and the output layout are built for them."""
+        c = self.config
+        missing = [m for m in ("audio", "image") if inputs.get(m) is None]
+        if missing:
+            raise ValueError(f"inputs lack {missing}: the model needs 'image' [batch, {c.num_frames}, "
+                             f"{c.in_channels}, {c.image_size[0]}, {c.image_size[1]}] and 'audio' "
+                             f"[batch, {c.num_audio_samples}]")
+        want = (c.num_frames, c.in_channels, *c.image_size)
+        image = check_tensor(inputs["image"], "inputs['image']", kind="float", ndim=5,
+                             layout=f"[batch, {', '.join(map(str, want))}]")
+        if tuple(image.shape[1:]) != want:
+            raise ValueError(f"inputs['image'] must be [batch, {', '.join(map(str, want))}] (frames, channels, H, W), "
+                             f"got {tuple(image.shape)}")
+        audio = check_tensor(inputs["audio"], "inputs['audio']", kind="float", ndim=(2, 3),
+                             layout=f"[batch, {c.num_audio_samples}] or [batch, {c.num_audio_samples}, 1]")
+        if audio.shape[1] != c.num_audio_samples or (audio.ndim == 3 and audio.shape[2] != 1):
+            raise ValueError(f"inputs['audio'] must be [batch, {c.num_audio_samples}] (or with a trailing 1), "
+                             f"got {tuple(audio.shape)}")
+        sizes = {m: inputs[m].shape[0] for m in MODALITIES if isinstance(inputs.get(m), Tensor)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"all modalities must share the batch size, got {sizes}")
+        label = inputs.get("label")
+        if label is not None:
+            check_tensor(label, "inputs['label']", kind="float", ndim=2, layout=f"[batch, {c.num_labels}]")
+            if label.shape[1] != c.num_labels:
+                raise ValueError(f"inputs['label'] must be [batch, {c.num_labels}], got {tuple(label.shape)}")
 
     def subsampling_chunks(self, num_chunks: int, device: torch.device | None = None) -> Iterator[dict[str, Tensor]]:
         """The official colab's chunking: chunk ``i`` decodes image points ``[i·n_i/K, (i+1)·n_i/K)`` and the

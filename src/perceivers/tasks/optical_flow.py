@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..io import FlowDecoder, PerceiverIOModel
 from ..io.processors import FlowPreprocessor
+from ..validation import check_tensor
 from .common import TrunkConfig, as_pair, as_tuple, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
@@ -87,6 +88,7 @@ class OpticalFlowModel(nn.Module):
 
     def forward(self, inputs: Tensor) -> OpticalFlowOutput:
         """``[B, 2, 27 | 3, H, W]`` → :class:`OpticalFlowOutput`."""
+        check_tensor(inputs, "inputs", kind="float", layout="[batch, 2, 27 or 3, H, W]")
         if inputs.ndim != 5 or tuple(inputs.shape[-2:]) != self.config.train_size:
             raise ValueError(
                 f"inputs must be [batch, 2, 27 or 3, {self.config.train_size[0]}, {self.config.train_size[1]}], got "

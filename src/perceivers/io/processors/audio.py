@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ...validation import check_tensor
 from .base import Preprocessed, add_positions
 
 __all__ = ["AudioPostprocessor", "AudioPreprocessor"]
@@ -36,6 +37,7 @@ class AudioPreprocessor(nn.Module):
         self.num_channels = samples_per_patch + pos if concat_or_add_pos == "concat" else samples_per_patch
 
     def forward(self, audio: Tensor) -> Preprocessed:
+        check_tensor(audio, "audio", kind="float", ndim=(2, 3), layout="[batch, samples] or [batch, samples, 1]")
         if audio.ndim == 3 and audio.shape[-1] == 1:
             audio = audio[..., 0]
         if audio.ndim != 2:

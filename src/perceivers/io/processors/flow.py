@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from ...validation import check_tensor
 from ..positions import build_position_encoding
 from .base import Preprocessed
 from .image import ImagePreprocessor
@@ -60,6 +61,7 @@ class FlowPreprocessor(ImagePreprocessor):
         self.image_size = tuple(int(n) for n in image_size)
 
     def forward(self, x: Tensor) -> Preprocessed:
+        check_tensor(x, "flow inputs", kind="float", layout="[batch, 2, C, H, W]")
         if x.ndim != 5 or x.shape[1] != 2:
             raise ValueError(f"flow inputs must be [batch, 2, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[2] == self.frame_channels:

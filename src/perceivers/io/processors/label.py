@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ...validation import check_tensor
 from .base import Preprocessed
 
 __all__ = ["OneHotPreprocessor"]
@@ -17,6 +18,7 @@ class OneHotPreprocessor(nn.Module):
         self.num_channels = self.feature_channels = num_classes
 
     def forward(self, labels: Tensor) -> Preprocessed:
+        check_tensor(labels, "labels", kind="float", layout=f"[batch, {self.num_channels}] (one-hot or soft labels)")
         if labels.ndim != 2 or labels.shape[1] != self.num_channels:
             raise ValueError(f"labels must be [batch, {self.num_channels}], got {tuple(labels.shape)}")
         x = labels[:, None, :]

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ...layers import TrainablePositionEncoding
+from ...validation import check_tensor
 from .base import Preprocessed
 
 __all__ = ["EmbeddingDecoder", "TextPreprocessor"]
@@ -28,6 +29,7 @@ class TextPreprocessor(nn.Module):
 
     def forward(self, ids: Tensor) -> Preprocessed:
         """``ids [B, L]`` (integer, ``L <= max_seq_len``) → ``Preprocessed(inputs [B, L, d_model], None, embeddings)``."""
+        check_tensor(ids, "text inputs", kind=None, layout="[batch, length] integer ids")
         if ids.ndim != 2 or ids.is_floating_point():
             raise ValueError(f"text inputs must be integer ids [batch, length], got {ids.dtype} {tuple(ids.shape)}")
         if ids.shape[1] > self.max_seq_len:
