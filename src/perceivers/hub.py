@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .configurable import init_config
+from .safe_files import atomic_write_text, read_json
 
 __all__ = [
     "CONFIG_NAME",
@@ -138,7 +139,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
         config["extra"] = extra
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=False) + "\n")
     save_state_dict(model.state_dict(), directory / WEIGHTS_NAME, metadata={"perceivers.format": FORMAT})
     return directory
 
@@ -191,12 +192,16 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             if len(weights) == 1:
                 return detect_format(weights[0])
             raise ValueError(f"{path} has no {CONFIG_NAME} and {len(weights)} weight files; pass one file")
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = read_json(cfg_path)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
         if cfg.get("format") == FORMAT:
             return "perceivers"
         if cfg.get("model_type") == "perceiver":
             return "transformers"
         raise ValueError(f"{cfg_path} is neither a perceivers config nor a transformers Perceiver config")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint")
     if is_safetensors(path):
         return "safetensors"
     with open(path, "rb") as f:
@@ -214,7 +219,7 @@ def _weights_files(directory: Path) -> list[Path]:
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    return read_json(directory / CONFIG_NAME)
 
 
 def _own_weights(directory: Path) -> Path:

@@ -235,7 +235,11 @@ def test_round_trip_to_transformers_format(hf_checkpoint, arch, tmp_path):
     save_transformers(ours, tmp_path)
     again = getattr(transformers, arch).from_pretrained(tmp_path).eval()
     inputs = _inputs(arch)
-    assert _max_error(_run_hf(again, arch, inputs), _run_hf(hf, arch, inputs)) == 0
+    # Bit-identical weights; outputs may differ in the last ulp, because transformers computes on the
+    # memory-mapped tensors, whose alignment depends on the safetensors header length.
+    want = hf.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in again.state_dict().items())
+    assert _max_error(_run_hf(again, arch, inputs), _run_hf(hf, arch, inputs)) <= 1e-6
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == [arch] and cfg["model_type"] == "perceiver"
 

@@ -124,13 +124,24 @@ def read_haiku_checkpoint(source: str | os.PathLike | bytes | BinaryIO) -> dict[
     Params and state (BatchNorm EMAs) are merged into one dict; nothing is imported or executed
     beyond numpy's array reconstruction.
     """
-    if isinstance(source, (bytes, bytearray)):
-        obj = _RestrictedUnpickler(io.BytesIO(source)).load()
-    elif hasattr(source, "read"):
-        obj = _RestrictedUnpickler(source).load()
-    else:
-        with open(source, "rb") as f:
-            obj = _RestrictedUnpickler(f).load()
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            obj = _RestrictedUnpickler(io.BytesIO(source)).load()
+        elif hasattr(source, "read"):
+            obj = _RestrictedUnpickler(source).load()
+        else:
+            with open(source, "rb") as f:
+                obj = _RestrictedUnpickler(f).load()
+    except (UnsafeCheckpointError, HaikuCheckpointError, OSError):
+        raise
+    except Exception as e:  # truncated or corrupt pickle: UnpicklingError, EOFError, TypeError, ...
+        if isinstance(source, (bytes, bytearray)):
+            name = "the given bytes"
+        else:
+            name = str(getattr(source, "name", "a file object")) if hasattr(source, "read") else os.fspath(source)
+        raise HaikuCheckpointError(
+            f"cannot read {name}: truncated or corrupt Haiku pickle ({type(e).__name__}: {e})"
+        ) from e
     tree = _plain(obj)
     if not isinstance(tree, dict):
         raise HaikuCheckpointError(f"expected a mapping at the top of the checkpoint, got {type(tree).__name__}")

@@ -2,17 +2,25 @@
 
 Strict means: every tensor of the model is given (or an alias of it, for tied weights), no tensor is
 left over, every shape matches; otherwise :class:`CheckpointError` names the offending tensors.
+
+Files are written atomically (a crash or full disk mid-write keeps the previous file) with a SHA-256
+of the tensors in the safetensors metadata; reading verifies it when present, and a truncated,
+corrupt or code-carrying file raises :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..safe_files import atomic_path, tensor_digest
 
 __all__ = [
     "CheckpointError",
@@ -25,6 +33,7 @@ __all__ = [
 ]
 
 _ALIASES_KEY = "perceivers.aliases"
+_DIGEST_KEY = "perceivers.sha256"
 
 
 class CheckpointError(ValueError):
@@ -118,7 +127,9 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike[str], *
     meta = {"format": "pt", **dict(metadata or {})}
     if aliases:
         meta[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    save_file(tensors, os.fspath(path), metadata=meta)
+    meta[_DIGEST_KEY] = tensor_digest(tensors)
+    with atomic_path(path) as tmp:
+        save_file(tensors, os.fspath(tmp), metadata=meta)
 
 
 def read_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
@@ -128,18 +139,41 @@ def read_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     unwrapped.
     """
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read {path}: the file is empty (0 bytes)")
     if is_safetensors(path):
         from safetensors import safe_open
 
         state: dict[str, Tensor] = {}
-        with safe_open(os.fspath(path), framework="pt", device=str(map_location)) as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                state[key] = f.get_tensor(key)
-            meta = f.metadata() or {}
-        for name, root in json.loads(meta.get(_ALIASES_KEY, "{}")).items():
+        try:
+            with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    state[key] = f.get_tensor(key)
+                meta = f.metadata() or {}
+            aliases = json.loads(meta.get(_ALIASES_KEY, "{}"))
+        except Exception as e:  # safetensors' own errors: truncated file, broken header
+            raise CheckpointError(f"cannot read {path}: truncated or corrupt safetensors file ({e})") from e
+        digest = meta.get(_DIGEST_KEY)
+        if digest is not None and tensor_digest(state) != digest:
+            raise CheckpointError(f"{path} is corrupt: its tensors do not match the SHA-256 stored when it was written")
+        if torch.device(map_location) != torch.device("cpu"):
+            state = {k: v.to(map_location) for k, v in state.items()}
+        for name, root in aliases.items():
+            if root not in state:
+                raise CheckpointError(f"{path} is corrupt: alias {name!r} points to the missing tensor {root!r}")
             state[name] = state[root]
         return state
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    _check_zip_crc(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects other than tensors, which could run code "
+            f"when unpickled (torch.load with weights_only=True refused it: {str(e).splitlines()[0]})"
+        ) from e
+    except Exception as e:  # truncated zip, bad header, ...
+        raise CheckpointError(f"cannot read {path}: not a valid safetensors or torch.save file, truncated or corrupt "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
@@ -147,6 +181,19 @@ def read_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
     return dict(obj)
+
+
+def _check_zip_crc(path: Path) -> None:
+    """``torch.save`` files are zip archives with a CRC-32 per entry, which ``torch.load`` does not verify."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: truncated or corrupt torch.save archive ({e})") from e
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: entry {bad!r} does not match its CRC-32")
 
 
 def is_safetensors(path: str | os.PathLike[str]) -> bool:

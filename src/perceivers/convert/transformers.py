@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..safe_files import read_json
 from .state_dict import CheckpointError, load_state_dict_strict, read_state_dict, save_state_dict
 
 __all__ = [
@@ -407,7 +408,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory} has no config.json")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def read_transformers_checkpoint(directory: str | os.PathLike[str], *,

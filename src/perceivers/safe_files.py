@@ -1,0 +1,83 @@
+"""Crash-safe writing and checked reading of the files perceivers saves and loads.
+
+* :func:`atomic_path` — write to a temporary file next to the target, ``fsync`` it, then
+  ``os.replace`` it over the target: a crash or a full disk mid-write leaves the previous file intact
+  (never a half-written one under the real name).
+* :func:`tensor_digest` — a SHA-256 over names, dtypes, shapes and bytes of a state dict, stored in
+  our safetensors metadata so that flipped bytes in the payload are detected on load (safetensors
+  itself has no checksum).
+* :func:`read_json` — JSON files with errors that name the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["atomic_path", "atomic_write_text", "read_json", "tensor_digest"]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path to write instead of ``path``; it replaces ``path`` only if the block succeeds.
+
+    The temporary file is flushed to disk before the rename, and removed if the block raises.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """``Path(path).write_text(text)`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def tensor_digest(state: Mapping[str, Tensor]) -> str:
+    """Hex SHA-256 of a state dict: every name, dtype, shape and the raw bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            raw = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            h.update(memoryview(raw.numpy()))
+    return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file; a truncated or corrupt file raises ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt file?): {e}") from e
