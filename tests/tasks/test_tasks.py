@@ -16,6 +16,7 @@ from perceivers.tasks import model_entry
 
 NAMES = [
     "language-perceiver",
+    "language-perceiver-classifier",
     "multimodal-perceiver",
     "optical-flow-perceiver",
     "vision-perceiver-conv",
@@ -28,7 +29,7 @@ def _inputs(name: str, model, batch: int = 2):
     c = model.config
     if name.startswith("vision"):
         return (torch.randn(batch, c.in_channels, *c.image_size),)
-    if name == "language-perceiver":
+    if name.startswith("language-perceiver"):
         ids = torch.randint(0, c.vocab_size, (batch, c.max_position_embeddings))
         mask = torch.ones_like(ids)
         mask[0, -3:] = 0
@@ -41,7 +42,7 @@ def _inputs(name: str, model, batch: int = 2):
 
 def test_list_models() -> None:
     assert list_models() == NAMES
-    assert list_models("vision-*") == NAMES[3:]
+    assert list_models("vision-*") == NAMES[4:]
     assert perceivers.list_models is list_models
 
 
@@ -66,7 +67,7 @@ def test_tiny_forward_backward(name: str) -> None:
     model = create_model(name, tiny=True)
     out = model(*_inputs(name, model))
     c = model.config
-    if name.startswith("vision"):
+    if name.startswith("vision") or name == "language-perceiver-classifier":
         assert out.logits.shape == (2, c.num_labels)
         loss = out.logits.sum()
     elif name == "language-perceiver":

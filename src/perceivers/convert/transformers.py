@@ -55,6 +55,7 @@ Numerics = Literal["deepmind", "transformers"]
 #: transformers head class → our registered variant.
 ARCHITECTURES: dict[str, str] = {
     "PerceiverForMaskedLM": "language-perceiver",
+    "PerceiverForSequenceClassification": "language-perceiver-classifier",
     "PerceiverForImageClassificationLearned": "vision-perceiver-learned",
     "PerceiverForImageClassificationFourier": "vision-perceiver-fourier",
     "PerceiverForImageClassificationConvProcessing": "vision-perceiver-conv",
@@ -99,19 +100,24 @@ _CLASSIFIER: list[Rule] = [
     ("perceiver.decoder.decoder.final_layer.{p}", "perceiver.decoder.decoder.output.{p}"),
 ]
 
+_TEXT: list[Rule] = [
+    ("perceiver.input_preprocessor.embeddings.weight", "perceiver.input_preprocessor.embeddings.weight"),
+    ("perceiver.input_preprocessor.position_embeddings.weight",
+     "perceiver.input_preprocessor.position_embeddings.embeddings"),
+]
+
 _CONV_KERNEL = "perceiver.input_preprocessor.stem.layers.0.conv.weight"
 
 #: transformers head class → its (transformers, perceivers) key templates.
 TABLES: dict[str, list[Rule]] = {
     "PerceiverForMaskedLM": [
-        ("perceiver.input_preprocessor.embeddings.weight", "perceiver.input_preprocessor.embeddings.weight"),
-        ("perceiver.input_preprocessor.position_embeddings.weight",
-         "perceiver.input_preprocessor.position_embeddings.embeddings"),
+        *_TEXT,
         *_TRUNK,
         ("perceiver.decoder.output_position_encodings.position_embeddings", "perceiver.decoder.queries.table.embeddings"),
         *_layer("perceiver.decoder.decoding_cross_attention", "perceiver.decoder.cross_attention", cross=True),
         ("embedding_decoder.bias", "embedding_decoder.bias"),
     ],
+    "PerceiverForSequenceClassification": [*_TEXT, *_TRUNK, *_CLASSIFIER],
     "PerceiverForImageClassificationLearned": [
         ("perceiver.input_preprocessor.convnet_1x1.{p}", "perceiver.input_preprocessor.stem.{p}"),
         ("perceiver.input_preprocessor.position_embeddings.position_embeddings",
@@ -287,6 +293,11 @@ def overrides_from_config(
     if architecture == "PerceiverForMaskedLM":
         over.update(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
                     d_model=c["d_model"], num_decoder_heads=8, decoder_qk_channels=8 * 32, decoder_v_channels=c["d_model"])
+    elif architecture == "PerceiverForSequenceClassification":
+        over.update(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
+                    d_model=c["d_model"], num_labels=_num_labels(c), num_decoder_heads=1, decoder_query_residual=True)
+        if c.get("problem_type"):
+            over["problem_type"] = c["problem_type"]
     elif architecture.startswith("PerceiverForImageClassification"):
         over.update(num_labels=_num_labels(c))
         if architecture.endswith("Learned"):
@@ -331,7 +342,8 @@ def transformers_config(model: nn.Module) -> dict[str, Any]:
     cfg.update({k: getattr(c, k) for k in _TRUNK_FIELDS})
     _, expected = overrides_from_config({**cfg, **_config_extras(c, arch)}, arch)
     mismatched = {k: (getattr(c, k), v) for k, v in expected.items()
-                  if k not in ("decoder_query_residual",) and _norm(getattr(c, k, None)) != _norm(v)}
+                  if not (k == "decoder_query_residual" and arch.endswith("Learned"))
+                  and _norm(getattr(c, k, None)) != _norm(v)}
     if mismatched:
         raise ValueError(f"{model.model_name} cannot be written in transformers' format: transformers fixes "
                          + ", ".join(f"{k}={v[1]!r} (model has {v[0]!r})" for k, v in mismatched.items()))
@@ -346,6 +358,11 @@ def _norm(v: Any) -> Any:
 def _config_extras(c: Any, arch: str) -> dict[str, Any]:
     if arch == "PerceiverForMaskedLM":
         return {"vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings, "d_model": c.d_model}
+    if arch == "PerceiverForSequenceClassification":
+        labels = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
+        text = {"vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings, "d_model": c.d_model,
+                "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+        return text if c.problem_type is None else {**text, "problem_type": c.problem_type}
     if arch.startswith("PerceiverForImageClassification"):
         labels = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
         extra: dict[str, Any] = {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}

@@ -11,6 +11,13 @@ from .multimodal import MultimodalAutoencoder, MultimodalAutoencodingConfig, Mul
 from .optical_flow import OpticalFlowConfig, OpticalFlowModel, OpticalFlowOutput
 from .pretrained import HAIKU_BASE_URL, PretrainedCfg
 from .registry import ModelEntry, create_model, list_models, model_entry, register_model
+from .text_classification import (
+    SequenceClassificationConfig,
+    SequenceClassifier,
+    SequenceClassifierOutput,
+    TrunkTransfer,
+    from_language_model,
+)
 
 __all__ = [
     "HAIKU_BASE_URL",
@@ -28,8 +35,13 @@ __all__ = [
     "OpticalFlowModel",
     "OpticalFlowOutput",
     "PretrainedCfg",
+    "SequenceClassificationConfig",
+    "SequenceClassifier",
+    "SequenceClassifierOutput",
     "TrunkConfig",
+    "TrunkTransfer",
     "create_model",
+    "from_language_model",
     "list_models",
     "model_entry",
     "register_model",

@@ -1,0 +1,256 @@
+"""Sequence classification on UTF-8 bytes: the language Perceiver's trunk with a one-query classifier.
+
+The architecture of transformers' ``PerceiverForSequenceClassification``: byte embeddings plus
+learned positions, the encoder of ``language-perceiver``, and a decoder whose single trainable
+query (``d_latents`` wide) cross-attends the latents and is projected to ``num_labels``. DeepMind
+released no fine-tuned weights; the documented starting point is the masked-LM checkpoint, whose
+trunk :func:`from_language_model` copies (the MLM decoder is left out and named).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..io import ClassificationDecoder, PerceiverIOModel
+from ..io.processors import TextPreprocessor
+from ..validation import check_tensor
+from .common import TrunkConfig, build_encoder
+from .pretrained import PretrainedCfg
+from .registry import config_from_overrides, create_model, register_model
+
+__all__ = [
+    "SequenceClassificationConfig",
+    "SequenceClassifier",
+    "SequenceClassifierOutput",
+    "TrunkTransfer",
+    "from_language_model",
+]
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+#: State-dict prefixes of the text trunk (shared by the masked LM and the classifier).
+TRUNK_PREFIXES = ("perceiver.input_preprocessor.", "perceiver.encoder.")
+
+
+@dataclass
+class SequenceClassificationConfig(TrunkConfig):
+    """Byte-level sequence classifier: embeddings + learned positions, trunk, one classification query.
+
+    Attributes:
+        vocab_size: 262 (256 bytes + 6 special ids).
+        max_position_embeddings: maximum sequence length.
+        d_model: width of the byte embeddings and positions.
+        num_labels: classifier outputs (1 = regression).
+        num_decoder_heads: heads of the decoder cross-attention (transformers: 1).
+        decoder_query_residual: query residual in the decoder (transformers: True).
+        problem_type: loss used with ``labels``: ``"regression"`` (MSE), ``"single_label_classification"``
+            (cross-entropy) or ``"multi_label_classification"`` (BCE with logits); ``None`` picks one
+            from ``num_labels`` and the label dtype, as transformers does.
+    """
+
+    qk_channels: int | None = 256
+    v_channels: int | None = 1280
+    vocab_size: int = 262
+    max_position_embeddings: int = 2048
+    d_model: int = 768
+    num_labels: int = 2
+    num_decoder_heads: int = 1
+    decoder_query_residual: bool = True
+    problem_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}")
+
+
+@dataclass
+class SequenceClassifierOutput:
+    """``logits [B, num_labels]``, the latents ``last_hidden_state [B, N, D]``, and the loss when ``labels`` were given."""
+
+    logits: Tensor
+    last_hidden_state: Tensor
+    loss: Tensor | None = None
+
+
+class SequenceClassifier(nn.Module):
+    """``inputs [B, L]`` byte ids (+ ``attention_mask``) → :class:`SequenceClassifierOutput`.
+
+    Tensor names of the trunk equal :class:`~perceivers.tasks.MaskedLanguageModel`'s, so a masked-LM
+    state dict initialises it (:func:`from_language_model`).
+    """
+
+    def __init__(self, config: SequenceClassificationConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        preprocessor = TextPreprocessor(c.vocab_size, c.d_model, c.max_position_embeddings)
+        decoder = ClassificationDecoder(
+            c.num_labels, latent_channels=c.d_latents, num_heads=c.num_decoder_heads,
+            use_query_residual=c.decoder_query_residual, dropout=c.dropout, activation=c.hidden_act,
+        )
+        self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
+                                          input_preprocessor=preprocessor)
+
+    def forward(
+        self,
+        inputs: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        input_ids: Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        """Args:
+            inputs: ``[B, L]`` token ids, ``L <= max_position_embeddings`` (``input_ids`` is an alias).
+            attention_mask: ``[B, L]``, 1/True = real token, 0/False = padding (encoder key mask).
+            labels: ``[B]`` class ids (single-label), ``[B, num_labels]`` floats (multi-label, or
+                regression targets), or ``[B]`` floats (regression with one label); gives ``loss``.
+        """
+        if (inputs is None) == (input_ids is None):
+            raise ValueError("pass exactly one of inputs / input_ids")
+        ids = inputs if inputs is not None else input_ids
+        check_tensor(ids, "inputs", kind="int", ndim=2, layout="[batch, length] token ids")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
+        out = self.perceiver(ids, input_mask=attention_mask)
+        loss = None if labels is None else self.loss(out.logits, labels)
+        return SequenceClassifierOutput(out.logits, out.last_hidden_state, loss)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``config.problem_type`` (or the one implied by ``num_labels`` and the label dtype)."""
+        check_tensor(labels, "labels", kind=None, ndim=(1, 2), layout="[batch] or [batch, num_labels]")
+        if labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"labels have batch size {labels.shape[0]}, logits {logits.shape[0]}")
+        n = self.config.num_labels
+        kind = self.config.problem_type
+        if kind is None:
+            integer = labels.dtype in (torch.int64, torch.int32)
+            kind = "regression" if n == 1 else "single_label_classification" if integer else \
+                "multi_label_classification"
+        if kind == "regression":
+            target = labels.to(logits.dtype)
+            return F.mse_loss(logits.squeeze(-1), target.squeeze(-1)) if n == 1 else F.mse_loss(logits, target)
+        if kind == "single_label_classification":
+            if labels.is_floating_point() or labels.numel() != logits.shape[0]:
+                raise ValueError(f"single-label classification needs integer class ids [batch], got {labels.dtype} "
+                                 f"{tuple(labels.shape)}")
+            return F.cross_entropy(logits, labels.reshape(-1).long())
+        if tuple(labels.shape) != tuple(logits.shape):
+            raise ValueError(f"multi-label classification needs labels of shape {tuple(logits.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+@dataclass(frozen=True)
+class TrunkTransfer:
+    """What :func:`from_language_model` copied.
+
+    Attributes:
+        loaded: classifier tensors taken from the source (embeddings, positions, encoder).
+        skipped: source tensors left out (the masked-LM decoder and output bias).
+        initialised: classifier tensors left at their fresh initialisation (the classification decoder).
+    """
+
+    loaded: tuple[str, ...]
+    skipped: tuple[str, ...]
+    initialised: tuple[str, ...]
+
+
+def _trunk_fields(config: Any) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(TrunkConfig)} | {"vocab_size", "max_position_embeddings", "d_model"}
+    missing = sorted(n for n in names if not hasattr(config, n))
+    if missing:
+        raise TypeError(f"source config {type(config).__name__} lacks the text-trunk fields {missing}")
+    return {n: getattr(config, n) for n in names}
+
+
+def from_language_model(
+    source: nn.Module | str | os.PathLike[str],
+    *,
+    num_labels: int = 2,
+    load_options: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> SequenceClassifier:
+    """A ``language-perceiver-classifier`` whose trunk is copied from a masked language model.
+
+    The fine-tuning starting point transformers documents (``PerceiverForSequenceClassification
+    .from_pretrained("deepmind/language-perceiver")``): embeddings, positions and encoder come from
+    the masked LM; its decoder (2048 queries, cross-attention) and output bias are left out; the
+    classification decoder keeps its random initialisation. The transfer is logged (INFO) and kept
+    as ``model.trunk_transfer`` (:class:`TrunkTransfer`).
+
+    Args:
+        source: a ``language-perceiver`` model (or any model with the same trunk), or a path / Hub
+            id that :func:`perceivers.from_pretrained` loads (our format, or a transformers
+            ``PerceiverForMaskedLM`` checkpoint).
+        num_labels: classifier outputs.
+        load_options: keyword arguments for :func:`perceivers.from_pretrained` (e.g.
+            ``{"numerics": "transformers"}``).
+        **overrides: other :class:`SequenceClassificationConfig` fields (decoder options, dropout,
+            ``problem_type``); trunk sizes come from the source.
+
+    Raises:
+        ValueError: the source has no text trunk, or an override changes a trunk size.
+    """
+    if not isinstance(source, nn.Module):
+        from ..hub import from_pretrained
+
+        source = from_pretrained(source, **dict(load_options or {}))
+    elif load_options:
+        raise TypeError("load_options only apply when source is a path or Hub id")
+    trunk = _trunk_fields(getattr(source, "config", None))
+    clash = {k: (v, trunk[k]) for k, v in overrides.items() if k in trunk and v != trunk[k] and k != "dropout"}
+    if clash:
+        raise ValueError("trunk sizes come from the language model; overrides differ: "
+                         + ", ".join(f"{k}={v[0]!r} (source has {v[1]!r})" for k, v in clash.items()))
+    model = create_model("language-perceiver-classifier", **{**trunk, **overrides, "num_labels": num_labels})
+    source_state = source.state_dict()
+    target = model.state_dict()
+    loaded, initialised = [], []
+    for key, value in target.items():
+        if not key.startswith(TRUNK_PREFIXES):
+            initialised.append(key)
+            continue
+        if key not in source_state:
+            raise ValueError(f"the source model has no tensor {key!r}; it is not a language Perceiver")
+        if source_state[key].shape != value.shape:
+            raise ValueError(f"{key}: source shape {tuple(source_state[key].shape)} != classifier "
+                             f"{tuple(value.shape)}")
+        loaded.append(key)
+    state = {k: source_state[k] for k in loaded}
+    model.load_state_dict(state, strict=False)  # exactly the trunk; the decoder keeps its initialisation
+    skipped = tuple(k for k in source_state if k not in state)
+    model.trunk_transfer = TrunkTransfer(tuple(loaded), skipped, tuple(initialised))
+    logger.info("language-perceiver-classifier: copied %d trunk tensors; skipped %d source tensors (%s); "
+                "newly initialised: %s", len(loaded), len(skipped), ", ".join(skipped), ", ".join(initialised))
+    return model.train(source.training)
+
+
+# deepmind/language-perceiver's trunk with a 2-label classification decoder
+_NOTES = ("No official fine-tuned weights. Start from the masked LM with from_language_model(...) "
+          "(transformers: PerceiverForSequenceClassification.from_pretrained('deepmind/language-perceiver')); "
+          "GLUE dev average 80.95 after fine-tuning, arXiv 2107.14795 v3 Tab. 14. num_params: num_labels=2 "
+          "(equal to transformers' count for deepmind/language-perceiver's config).")
+
+
+@register_model(
+    pretrained=PretrainedCfg(task="text-classification", input_size=(2048,), num_params=206_098_690,
+                             notes=_NOTES),
+    tiny={"vocab_size": 262, "max_position_embeddings": 16, "d_model": 16, "d_latents": 24, "num_latents": 6,
+          "num_self_attends_per_block": 2, "num_self_attention_heads": 2, "num_cross_attention_heads": 2,
+          "qk_channels": 8, "v_channels": 24, "num_labels": 3},
+)
+def language_perceiver_classifier(**overrides: Any) -> SequenceClassifier:
+    """The language Perceiver's trunk (256 × 1280 latents, 26 layers, d_model 768) + one classification query."""
+    return SequenceClassifier(config_from_overrides(SequenceClassificationConfig, {}, overrides))
