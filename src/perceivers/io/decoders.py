@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import Activation, CrossAttentionBlock, TrainablePositionEncoding, check_mask
 from .queries import FourierQueries, InputQueries, TrainableQueries
 
@@ -25,6 +26,7 @@ __all__ = [
 ]
 
 
+@configurable
 class BasicDecoder(nn.Module):
     """Queries cross-attend the latents, then an optional final ``Linear`` (``output``).
 
@@ -119,6 +121,7 @@ class BasicDecoder(nn.Module):
         return out if self.output is None else self.output(out)
 
 
+@configurable
 class ClassificationDecoder(nn.Module):
     """One trainable query (``query_channels`` wide) → ``Linear`` to ``num_classes``: ``[B, num_classes]``."""
 
@@ -159,6 +162,7 @@ class ClassificationDecoder(nn.Module):
         return self.decoder(query, latents, query_mask=query_mask)[:, 0]
 
 
+@configurable
 class ProjectionDecoder(nn.Module):
     """No cross-attention: mean over the latents, then a zero-initialised ``Linear`` → ``[B, num_classes]``."""
 
@@ -182,6 +186,7 @@ class ProjectionDecoder(nn.Module):
         return self.logits(latents.mean(dim=1))
 
 
+@configurable
 class FlowDecoder(nn.Module):
     """Optical flow: the preprocessed inputs are the queries (one per pixel) → ``[B, H, W, 2]``.
 
@@ -232,6 +237,7 @@ class FlowDecoder(nn.Module):
         return out.reshape(b, h, w, c)
 
 
+@configurable
 class VideoAutoencodingDecoder(nn.Module):
     """Fourier queries over the full output grid ``(T, H, W)``; outputs ``[B, T, H, W, C]`` (or ``[B, Q, C]``
     when subsampled)."""
@@ -279,6 +285,7 @@ class VideoAutoencodingDecoder(nn.Module):
         return out
 
 
+@configurable
 class MultimodalDecoder(nn.Module):
     """Per-modality queries, padded with learned vectors to a common width, decoded by one shared decoder.
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import (
     Activation,
     CrossAttentionBlock,
@@ -17,6 +18,7 @@ from ..layers import (
 __all__ = ["PerceiverEncoder"]
 
 
+@configurable
 class PerceiverEncoder(nn.Module):
     """Latents ``[N, D]`` cross-attend the inputs ``[B, M, C]`` once, then ``num_blocks`` passes of one stack.
 

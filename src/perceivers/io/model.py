@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..validation import as_bool_mask, check_finite, check_like, check_tensor
 from .encoder import PerceiverEncoder
 
@@ -28,6 +29,7 @@ class PerceiverIOOutput:
     last_hidden_state: Tensor
 
 
+@configurable
 class PerceiverIOModel(nn.Module):
     """DeepMind's ``Perceiver(encoder, decoder, input_preprocessor, output_postprocessor)``.
 

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import FourierPositionEncoding, TrainablePositionEncoding
 
 __all__ = ["ProjectedPositions", "TrainableGridPositions", "build_position_encoding"]
@@ -25,6 +26,7 @@ __all__ = ["ProjectedPositions", "TrainableGridPositions", "build_position_encod
 PositionKind = Literal["fourier", "trainable", "none"]
 
 
+@configurable
 class TrainableGridPositions(nn.Module):
     """A learned ``[prod(index_shape), num_channels]`` table (truncated normal, std ``init_scale``).
 
@@ -53,6 +55,7 @@ class TrainableGridPositions(nn.Module):
         return f"index_shape={self.index_shape}, num_channels={self.num_channels}"
 
 
+@configurable
 class ProjectedPositions(nn.Module):
     """``Linear(base.num_channels → num_channels)`` applied to another position encoding."""
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import FourierPositionEncoding, TrainablePositionEncoding
 
 __all__ = ["FourierQueries", "InputQueries", "TrainableQueries", "subsampled_positions"]
@@ -51,6 +52,7 @@ def _check_points(points: Tensor, total: int) -> None:
                          f"{int(points.max())}]")
 
 
+@configurable
 class TrainableQueries(nn.Module):
     """``num_queries`` learned query vectors ``[num_queries, num_channels]``.
 
@@ -82,6 +84,7 @@ class TrainableQueries(nn.Module):
         return table.expand(batch_size, -1, -1)
 
 
+@configurable
 class FourierQueries(nn.Module):
     """Fourier features of the output grid ``index_shape`` (frequencies from ``max_resolution``)."""
 
@@ -119,6 +122,7 @@ class FourierQueries(nn.Module):
         return feats.expand(batch_size, -1, -1)
 
 
+@configurable
 class InputQueries(nn.Module):
     """Use the preprocessed inputs ``[B, M, num_channels]`` as the queries (one output per input)."""
 

@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..configurable import configurable
+
 __all__ = [
     "FourierPositionEncoding",
     "TrainablePositionEncoding",
@@ -75,6 +77,7 @@ def fourier_features(
     return torch.cat(parts, dim=-1)
 
 
+@configurable
 class FourierPositionEncoding(nn.Module):
     """Fourier position features for a grid or for arbitrary coordinates, with a per-shape cache.
 

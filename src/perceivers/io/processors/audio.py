@@ -6,12 +6,14 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ...configurable import configurable
 from ...validation import check_tensor
 from .base import Preprocessed, add_positions
 
 __all__ = ["AudioPostprocessor", "AudioPreprocessor"]
 
 
+@configurable
 class AudioPreprocessor(nn.Module):
     """Waveform ``[B, N]`` or ``[B, N, 1]`` → patches ``[B, N / samples_per_patch, samples_per_patch]`` + positions.
 
@@ -49,6 +51,7 @@ class AudioPreprocessor(nn.Module):
         return Preprocessed(inputs, None, patches)
 
 
+@configurable
 class AudioPostprocessor(nn.Module):
     """``[B, Q, C]`` → ``Linear(C → samples_per_patch)`` → waveform ``[B, Q · samples_per_patch]``."""
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from ...configurable import configurable
 from ...validation import check_tensor
 from ..positions import build_position_encoding
 from .base import Preprocessed
@@ -31,6 +32,7 @@ def patches_for_flow(frames: Tensor, kernel_size: int = 3) -> Tensor:
     return cols.reshape(b, t, -1, h, w)
 
 
+@configurable
 class FlowPreprocessor(ImagePreprocessor):
     """Two frames → per-pixel tokens ``[B, H·W, num_channels]``.
 

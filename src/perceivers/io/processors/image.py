@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ...configurable import configurable
 from .base import Preprocessed, add_positions
 
 __all__ = ["ConvDownsample", "ImagePreprocessor", "same_padding", "space_to_depth"]
@@ -66,6 +67,7 @@ class _ConvDownsampleLayer(nn.Module):
         return F.max_pool2d(x, kernel_size=3, stride=2)
 
 
+@configurable
 class ConvDownsample(nn.Module):
     """``num_layers`` × (conv 7×7/2 SAME → BatchNorm → ReLU → max-pool 3×3/2 SAME): 4× per layer, NCHW.
 
@@ -88,6 +90,7 @@ class ConvDownsample(nn.Module):
         return x
 
 
+@configurable
 class ImagePreprocessor(nn.Module):
     """Images/videos → tokens ``[B, M, num_channels]`` with position features.
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ...configurable import configurable
 from ...validation import check_tensor
 from .base import Preprocessed
 
 __all__ = ["OneHotPreprocessor"]
 
 
+@configurable
 class OneHotPreprocessor(nn.Module):
     """``[B, num_classes]`` → one token ``[B, 1, num_classes]`` (no parameters, no positions)."""
 

@@ -7,12 +7,14 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ...configurable import configurable
 from ...layers import TrainablePositionEncoding
 from .base import Preprocessed, restructure
 
 __all__ = ["MultimodalPostprocessor", "MultimodalPreprocessor"]
 
 
+@configurable
 class MultimodalPreprocessor(nn.Module):
     """Preprocess each modality, pad all to one width with learned vectors, mask, concatenate (sorted).
 
@@ -81,6 +83,7 @@ class MultimodalPreprocessor(nn.Module):
         return torch.where(hit[..., None], token, x)
 
 
+@configurable
 class MultimodalPostprocessor(nn.Module):
     """Split the decoder output ``[B, ΣQ, C]`` by modality (sorted order) and postprocess each."""
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ...configurable import configurable
+
 __all__ = ["ClassificationPostprocessor", "ProjectionPostprocessor"]
 
 
+@configurable
 class ProjectionPostprocessor(nn.Module):
     """``[B, Q, C]`` → ``Linear`` → ``[B, Q, num_outputs]`` (e.g. RGB per decoded pixel)."""
 
@@ -18,6 +21,7 @@ class ProjectionPostprocessor(nn.Module):
         return self.linear(x)
 
 
+@configurable
 class ClassificationPostprocessor(nn.Module):
     """``[B, Q, C]`` → ``Linear`` on query 0 → logits ``[B, num_classes]``."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ...configurable import configurable
 from ...layers import TrainablePositionEncoding
 from ...validation import check_tensor
 from .base import Preprocessed
@@ -12,6 +13,7 @@ from .base import Preprocessed
 __all__ = ["EmbeddingDecoder", "TextPreprocessor"]
 
 
+@configurable
 class TextPreprocessor(nn.Module):
     """Token ids ``[B, L]`` → ``embedding(ids) + positions[:L]`` ``[B, L, d_model]`` (positions are *added*).
 
@@ -40,6 +42,7 @@ class TextPreprocessor(nn.Module):
         return Preprocessed(emb + self.position_embeddings.embeddings[: ids.shape[1]], None, emb)
 
 
+@configurable
 class EmbeddingDecoder(nn.Module):
     """Tied output layer: ``logits = hidden · Eᵀ + bias`` with ``E`` the input embedding table.
 
