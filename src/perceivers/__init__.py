@@ -11,6 +11,9 @@ from typing import Any
 from .models import (
     BottomUpPerceiver,
     GatedPerceiver,
+    HierarchicalConfigurator,
+    HierarchicalMultiModalityPerceiver,
+    HierarchicalMultiModalityPerceiverNoPooling,
     InputModality,
     InputModalityWithEmbedding,
     MixedLatentsPerceiver,
@@ -39,6 +42,9 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "BottomUpPerceiver",
     "GatedPerceiver",
+    "HierarchicalConfigurator",
+    "HierarchicalMultiModalityPerceiver",
+    "HierarchicalMultiModalityPerceiverNoPooling",
     "InputModality",
     "InputModalityWithEmbedding",
     "MixedLatentsPerceiver",

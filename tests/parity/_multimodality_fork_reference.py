@@ -4,8 +4,11 @@ Usage: ``python _multimodality_fork_reference.py CASES.json OUT.pt`` with the fo
 installs as ``perceiver_pytorch``, the name perceiver-pytorch uses). Every case in the JSON list is a dict::
 
     {"name": str, "cls": "MultiModalityPerceiver" | "MultiModalityPerceiverNoPooling"
-     | "MultiModalityWithTextPerceiver", "modalities": [[name, channels, axis, bands, max_freq, base], ...],
-     "embeddings": {name: [vocab, dim]}, "kwargs": {...}, "shapes": {name: [B, *axes, C]}, "mask": bool}
+     | "MultiModalityWithTextPerceiver" | "HierarchicalMultiModalityPerceiver"
+     | "HierarchicalMultiModalityPerceiverNoPooling",
+     "modalities": [[name, channels, axis, bands, max_freq, base], ...],
+     "embeddings": {name: [vocab, dim]}, "kwargs": {...}, "shapes": {name: [B, *axes, C]}, "mask": bool,
+     "configurator": [depth, num_latents_begin, latent_dim_begin]  (hierarchical classes only)}
 
 ``OUT.pt`` holds ``{name: {"state_dict", "inputs", "mask", "output"}}`` (tensors only, for weights_only loading).
 """
@@ -35,13 +38,14 @@ def randomise(model: nn.Module, generator: torch.Generator) -> None:
                 continue
             if p.ndim == 1:  # biases
                 p.copy_(0.2 * noise(p))
-            elif name == "latents" or name.startswith("embeddings."):
+            elif name == "latents" or name.startswith(("latents.", "embeddings.")):
                 p.copy_(noise(p))
             else:  # weights: fan-in scaling
                 p.copy_(noise(p) / p[0].numel() ** 0.5)
 
 
 def run_case(case: dict) -> dict:
+    import perceiver_pytorch.hierarchical_multi_modality_perceiver as hm
     import perceiver_pytorch.multi_modality_perceiver as mm
     import perceiver_pytorch.multi_modality_with_text_perceiver as mt
     from perceiver_pytorch.modalities import InputModality, InputModalityWithEmbedding
@@ -56,8 +60,13 @@ def run_case(case: dict) -> dict:
             modalities.append(InputModalityWithEmbedding(name, channels, axis, bands, max_freq, base, embedding=emb))
         else:
             modalities.append(InputModality(name, channels, axis, bands, max_freq, base))
-    cls = getattr(mt if case["cls"] == "MultiModalityWithTextPerceiver" else mm, case["cls"])
-    model = cls(modalities=modalities, **case["kwargs"])
+    kwargs = dict(case["kwargs"])
+    if case["cls"].startswith("Hierarchical"):
+        module = hm
+        kwargs["configurator"] = hm.HierarchicalConfigurator(*case["configurator"])
+    else:
+        module = mt if case["cls"] == "MultiModalityWithTextPerceiver" else mm
+    model = getattr(module, case["cls"])(modalities=modalities, **kwargs)
     randomise(model, generator)
     model.eval()
 

@@ -1,6 +1,7 @@
 """perceiver-multi-modality-pytorch (the fork, 1.4.0) state dicts → :mod:`perceivers.models.multimodal`.
 
-Covers ``MultiModalityPerceiver``, ``MultiModalityPerceiverNoPooling`` and ``MultiModalityWithTextPerceiver``.
+Covers ``MultiModalityPerceiver``, ``MultiModalityPerceiverNoPooling``, ``MultiModalityWithTextPerceiver`` and
+``HierarchicalMultiModalityPerceiver`` (+ ``NoPooling``; one latent array per layer, ``latents.{i}``, never tied).
 The fork stores a tied module once per use; perceivers stores each unique block once (``cross_blocks``,
 ``latent_blocks``) with the schedules :func:`~perceivers.models.common.tie_schedule` and
 :func:`~perceivers.models.multimodal.latent_block_schedule`, so tied copies are checked to be identical and folded.
@@ -27,7 +28,7 @@ def _assemble(sd: Mapping[str, Tensor], depth: int, blocks: int, tied: bool) -> 
     latent_order = latent_block_schedule(depth, blocks, tied)
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
-        if key == "latents" or key.startswith("embeddings."):
+        if key == "latents" or key.startswith(("embeddings.", "latents.")):
             new = {key: value}
         elif (head := key.rpartition(".")[0]) in _HEAD:
             new = {f"{_HEAD[head]}.{key.rpartition('.')[2]}": value}
@@ -60,6 +61,7 @@ def from_multimodality_fork(
         state_dict: the fork model's ``state_dict()``.
         weight_tie_layers: how the fork model was built; ``None`` detects it (tied copies identical → tied).
             Pass ``False`` explicitly for an untied model whose layers happen to hold identical weights.
+            Hierarchical models (``latents.{i}`` keys) are untied.
 
     Returns:
         a state dict that loads with ``strict=True``.
@@ -70,10 +72,15 @@ def from_multimodality_fork(
     """
     layer_keys = [re.match(r"layers\.(\d+)\.(?:2\.latent_blocks\.(\d+)\.)?", k) for k in state_dict]
     layer_keys = [m for m in layer_keys if m]
-    if "latents" not in state_dict or not layer_keys:
-        raise ValueError("not a multi-modality fork state dict: expected 'latents' and 'layers.*' keys")
+    hierarchical = "latents.0" in state_dict  # HierarchicalMultiModalityPerceiver: a latent array per layer
+    if ("latents" not in state_dict and not hierarchical) or not layer_keys:
+        raise ValueError("not a multi-modality fork state dict: expected 'latents' (or 'latents.0') and 'layers.*' keys")
     depth = 1 + max(int(m[1]) for m in layer_keys)
     blocks = 1 + max((int(m[2]) for m in layer_keys if m[2] is not None), default=0)
+    if hierarchical:
+        if weight_tie_layers:
+            raise ValueError("a hierarchical fork model is never tied (its layers differ in width)")
+        return _assemble(state_dict, depth, blocks, False)
     if weight_tie_layers is not None:
         return _assemble(state_dict, depth, blocks, weight_tie_layers)
     try:

@@ -2,6 +2,9 @@
 
 from .experimental import BottomUpPerceiver
 from .multimodal import (
+    HierarchicalConfigurator,
+    HierarchicalMultiModalityPerceiver,
+    HierarchicalMultiModalityPerceiverNoPooling,
     InputModality,
     InputModalityWithEmbedding,
     MultiModalityPerceiver,
@@ -15,6 +18,9 @@ from .variants import GatedPerceiver, MixedLatentsPerceiver
 __all__ = [
     "BottomUpPerceiver",
     "GatedPerceiver",
+    "HierarchicalConfigurator",
+    "HierarchicalMultiModalityPerceiver",
+    "HierarchicalMultiModalityPerceiverNoPooling",
     "InputModality",
     "InputModalityWithEmbedding",
     "MixedLatentsPerceiver",

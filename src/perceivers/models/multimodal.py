@@ -1,6 +1,7 @@
 """Multi-modality Perceiver: one latent array cross-attends several modalities at once.
 
-The API and numerics of the ``perceiver-multi-modality-pytorch`` fork (1.4.0, ``MultiModalityPerceiver``), with
+The API and numerics of the ``perceiver-multi-modality-pytorch`` fork (1.4.0, ``MultiModalityPerceiver``, its
+text variant and ``HierarchicalMultiModalityPerceiver``, whose latents get fewer and wider per layer), with
 three fixes (see ``docs/multimodal.md``): the one-hot modality code is fixed by the *declared* modalities, masks can
 be given per modality, and ``num_classes=None`` returns pooled embeddings.
 
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configurable import configurable
@@ -28,6 +30,9 @@ from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_ma
 from .common import check_input, flatten_axes, tie_schedule
 
 __all__ = [
+    "HierarchicalConfigurator",
+    "HierarchicalMultiModalityPerceiver",
+    "HierarchicalMultiModalityPerceiverNoPooling",
     "InputModality",
     "InputModalityWithEmbedding",
     "MultiModalityPerceiver",
@@ -147,45 +152,16 @@ def latent_block_schedule(depth: int, blocks_per_layer: int, weight_tie_layers: 
     return tuple(order)
 
 
-@configurable
-class MultiModalityPerceiver(nn.Module):
-    """Perceiver over a dictionary of modalities (``perceiver_pytorch.multi_modality_perceiver`` compatible).
+class _MultiModalityInputs(nn.Module):
+    """What the multi-modality Perceivers share: declared modalities → one token array and key mask, pooling, head.
 
-    Each of ``depth`` layers: latents cross-attend all modalities (+ feed-forward), then a latent transformer of
-    ``num_latent_blocks_per_layer`` self-attention blocks, wrapped in one more residual (``x = x + T(x)``, as
-    the fork does on top of the blocks' own residuals).
-
-    Args:
-        modalities: the declared :class:`InputModality` objects (unique names).
-        depth: number of cross-attention layers.
-        num_latents, latent_dim: the latent array ``[num_latents, latent_dim]``.
-        cross_heads, latent_heads, cross_dim_head, latent_dim_head: heads and per-head widths.
-        num_classes: classifier outputs; ``None`` returns the mean-pooled latents ``[B, latent_dim]``.
-        attn_dropout, ff_dropout: dropout on the attention probabilities and after each feed-forward.
-        weight_tie_layers: share the cross-attention (+ FF) of layers ``1..depth-1`` and latent blocks ``1..``
-            across all layers (latent block 0 stays per layer), as the fork does.
-        num_latent_blocks_per_layer: self-attention blocks per layer.
-        use_gelu: GELU feed-forwards (``Linear → GELU → Linear``) instead of GEGLU.
+    Subclasses build their latents and blocks, set ``self.head`` (a module or ``None``) and implement
+    :meth:`encode`.
     """
 
-    def __init__(
-        self,
-        *,
-        modalities: Iterable[InputModality],
-        depth: int,
-        num_latents: int = 512,
-        latent_dim: int = 512,
-        cross_heads: int = 1,
-        latent_heads: int = 8,
-        cross_dim_head: int = 64,
-        latent_dim_head: int = 64,
-        num_classes: int | None = None,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
-        weight_tie_layers: bool = False,
-        num_latent_blocks_per_layer: int = 1,
-        use_gelu: bool = False,
-    ) -> None:
+    head: nn.Module | None
+
+    def __init__(self, modalities: Iterable[InputModality], depth: int) -> None:
         super().__init__()
         modalities = list(modalities)
         if not modalities:
@@ -201,32 +177,6 @@ class MultiModalityPerceiver(nn.Module):
         self.modalities: dict[str, InputModality] = {m.name: m for m in sorted(modalities, key=lambda m: m.name)}
         self.num_modalities = len(modalities)
         self.context_dim = max(self._token_width(m) for m in modalities) + self.num_modalities
-
-        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
-        activation = "gelu" if use_gelu else "geglu"
-        self.cross_order = tie_schedule(depth, weight_tie_layers)
-        self.cross_blocks = nn.ModuleList(
-            CrossAttentionBlock(
-                latent_dim, self.context_dim, num_heads=cross_heads, qk_channels=cross_heads * cross_dim_head,
-                qkv_bias=False, query_residual=True, mlp_mult=4, activation=activation,
-                attn_dropout=attn_dropout, ff_dropout=ff_dropout,
-            )
-            for _ in range(max(self.cross_order) + 1)
-        )
-        self.latent_order = latent_block_schedule(depth, num_latent_blocks_per_layer, weight_tie_layers)
-        self.latent_blocks = nn.ModuleList(
-            SelfAttentionBlock(
-                latent_dim, num_heads=latent_heads, qk_channels=latent_heads * latent_dim_head, qkv_bias=False,
-                mlp_mult=4, activation=activation, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
-            )
-            for _ in range(max(max(row) for row in self.latent_order) + 1)
-        )
-        # LayerNorm → Linear on the pooled latents (pooling is :meth:`pool`, overridable as in the fork)
-        self.head = (
-            nn.Sequential(OrderedDict(norm=nn.LayerNorm(latent_dim), proj=nn.Linear(latent_dim, num_classes)))
-            if num_classes is not None
-            else None
-        )
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def _token_width(self, modality: InputModality) -> int:
@@ -280,7 +230,7 @@ class MultiModalityPerceiver(nn.Module):
         for name, n in zip(names, lengths):
             m = masks.get(name)
             m = check_mask(m, batch, n, name=f"masks[{name!r}]") if m is not None else None
-            parts.append(m if m is not None else torch.ones(batch, n, dtype=torch.bool, device=self.latents.device))
+            parts.append(m if m is not None else torch.ones(batch, n, dtype=torch.bool, device=self._device()))
         return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
 
     def _batch_size(self, data: Mapping[str, Tensor], names: list[str]) -> int:
@@ -308,27 +258,13 @@ class MultiModalityPerceiver(nn.Module):
         tokens = [self._tokens(name, multi_modality_data[name]) for name in names]
         mask = self._merge_masks(names, [t.shape[1] for t in tokens], batch, mask, masks)
         return [torch.cat(tokens, dim=1)], mask
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
     # -- model ----------------------------------------------------------------------------------------------
     def encode(self, contexts: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
-        """Run the layers; ``contexts`` holds one context per layer or a single shared one → ``[B, N, D]``."""
-        b = contexts[0].shape[0]
-        x = self.latents.to(contexts[0].dtype).expand(b, -1, -1)
-        kv_cache: dict[int, KeyValue] = {}  # tied layers attending one shared context project it once
-        for step, unique in enumerate(self.cross_order):
-            block = self.cross_blocks[unique]
-            if len(contexts) == 1:
-                if unique not in kv_cache:
-                    kv_cache[unique] = block.project_kv(contexts[0])
-                kv = kv_cache[unique]
-            else:
-                kv = block.project_kv(contexts[step])
-            x = block(x, mask=mask, kv=kv)
-            h = x
-            for j in self.latent_order[step]:
-                h = self.latent_blocks[j](h)
-            x = x + h  # the fork's outer residual around its latent transformer
-        return x
+        """``contexts`` (one per layer, or a single shared one) and key ``mask`` → latents ``[B, N, D]``."""
+        raise NotImplementedError
 
     def pool(self, x: Tensor) -> Tensor:
         """``[B, N, D]`` → ``[B, D]`` (mean over latents); override for other pooling."""
@@ -359,6 +295,93 @@ class MultiModalityPerceiver(nn.Module):
             return x
         x = self.pool(x)
         return x if self.head is None else self.head(x)
+
+
+@configurable
+class MultiModalityPerceiver(_MultiModalityInputs):
+    """Perceiver over a dictionary of modalities (``perceiver_pytorch.multi_modality_perceiver`` compatible).
+
+    Each of ``depth`` layers: latents cross-attend all modalities (+ feed-forward), then a latent transformer of
+    ``num_latent_blocks_per_layer`` self-attention blocks, wrapped in one more residual (``x = x + T(x)``, as
+    the fork does on top of the blocks' own residuals).
+
+    Args:
+        modalities: the declared :class:`InputModality` objects (unique names).
+        depth: number of cross-attention layers.
+        num_latents, latent_dim: the latent array ``[num_latents, latent_dim]``.
+        cross_heads, latent_heads, cross_dim_head, latent_dim_head: heads and per-head widths.
+        num_classes: classifier outputs; ``None`` returns the mean-pooled latents ``[B, latent_dim]``.
+        attn_dropout, ff_dropout: dropout on the attention probabilities and after each feed-forward.
+        weight_tie_layers: share the cross-attention (+ FF) of layers ``1..depth-1`` and latent blocks ``1..``
+            across all layers (latent block 0 stays per layer), as the fork does.
+        num_latent_blocks_per_layer: self-attention blocks per layer.
+        use_gelu: GELU feed-forwards (``Linear → GELU → Linear``) instead of GEGLU.
+    """
+
+    def __init__(
+        self,
+        *,
+        modalities: Iterable[InputModality],
+        depth: int,
+        num_latents: int = 512,
+        latent_dim: int = 512,
+        cross_heads: int = 1,
+        latent_heads: int = 8,
+        cross_dim_head: int = 64,
+        latent_dim_head: int = 64,
+        num_classes: int | None = None,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        weight_tie_layers: bool = False,
+        num_latent_blocks_per_layer: int = 1,
+        use_gelu: bool = False,
+    ) -> None:
+        super().__init__(modalities, depth)
+        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
+        activation = "gelu" if use_gelu else "geglu"
+        self.cross_order = tie_schedule(depth, weight_tie_layers)
+        self.cross_blocks = nn.ModuleList(
+            CrossAttentionBlock(
+                latent_dim, self.context_dim, num_heads=cross_heads, qk_channels=cross_heads * cross_dim_head,
+                qkv_bias=False, query_residual=True, mlp_mult=4, activation=activation,
+                attn_dropout=attn_dropout, ff_dropout=ff_dropout,
+            )
+            for _ in range(max(self.cross_order) + 1)
+        )
+        self.latent_order = latent_block_schedule(depth, num_latent_blocks_per_layer, weight_tie_layers)
+        self.latent_blocks = nn.ModuleList(
+            SelfAttentionBlock(
+                latent_dim, num_heads=latent_heads, qk_channels=latent_heads * latent_dim_head, qkv_bias=False,
+                mlp_mult=4, activation=activation, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
+            )
+            for _ in range(max(max(row) for row in self.latent_order) + 1)
+        )
+        # LayerNorm → Linear on the pooled latents (pooling is :meth:`pool`, overridable as in the fork)
+        self.head = (
+            nn.Sequential(OrderedDict(norm=nn.LayerNorm(latent_dim), proj=nn.Linear(latent_dim, num_classes)))
+            if num_classes is not None
+            else None
+        )
+
+    def encode(self, contexts: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+        """Run the layers; ``contexts`` holds one context per layer or a single shared one → ``[B, N, D]``."""
+        b = contexts[0].shape[0]
+        x = self.latents.to(contexts[0].dtype).expand(b, -1, -1)
+        kv_cache: dict[int, KeyValue] = {}  # tied layers attending one shared context project it once
+        for step, unique in enumerate(self.cross_order):
+            block = self.cross_blocks[unique]
+            if len(contexts) == 1:
+                if unique not in kv_cache:
+                    kv_cache[unique] = block.project_kv(contexts[0])
+                kv = kv_cache[unique]
+            else:
+                kv = block.project_kv(contexts[step])
+            x = block(x, mask=mask, kv=kv)
+            h = x
+            for j in self.latent_order[step]:
+                h = self.latent_blocks[j](h)
+            x = x + h  # the fork's outer residual around its latent transformer
+        return x
 
 
 @configurable
@@ -485,3 +508,181 @@ class MultiModalityWithTextPerceiver(MultiModalityPerceiver):
                     per_layer[i].append(tokens)
         mask = self._merge_masks(names, [t.shape[1] for t in per_layer[0]], batch, mask, masks)
         return [torch.cat(parts, dim=1) for parts in per_layer], mask
+
+
+@dataclass
+class HierarchicalConfigurator:
+    """Latent sizes per layer of :class:`HierarchicalMultiModalityPerceiver` (the fork's configurator).
+
+    Layer ``i`` has ``num_latents_begin // 2**i`` latents of width ``latent_dim_begin * 2**i``: the latent
+    array gets shorter and wider with depth. Subclasses may override :meth:`get_num_latents` and
+    :meth:`get_latent_dim` (the count must not grow from layer to layer).
+    """
+
+    depth: int
+    num_latents_begin: int
+    latent_dim_begin: int
+
+    def __post_init__(self) -> None:
+        for field in ("depth", "num_latents_begin", "latent_dim_begin"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"HierarchicalConfigurator.{field} must be a positive int, got {value!r}")
+
+    def _check_index(self, layer_index: int) -> None:
+        if not 0 <= layer_index < self.depth:
+            raise ValueError(f"layer_index must be in [0, {self.depth}), got {layer_index}")
+
+    def get_num_latents(self, layer_index: int) -> int:
+        """Latents of layer ``layer_index``: ``num_latents_begin`` halved (floor) ``layer_index`` times."""
+        self._check_index(layer_index)
+        num_latents = self.num_latents_begin >> layer_index
+        if num_latents < 1:
+            raise ValueError(f"num_latents_begin={self.num_latents_begin} halves to 0 latents at layer {layer_index}; "
+                             f"a model this deep needs num_latents_begin >= {2 ** layer_index}")
+        return num_latents
+
+    def get_latent_dim(self, layer_index: int) -> int:
+        """Latent width of layer ``layer_index``: ``latent_dim_begin`` doubled ``layer_index`` times."""
+        self._check_index(layer_index)
+        return self.latent_dim_begin << layer_index
+
+
+@configurable
+class HierarchicalMultiModalityPerceiver(_MultiModalityInputs):
+    """Multi-modality Perceiver whose latent array changes size per layer (the fork's hierarchical model).
+
+    Layer ``i`` owns latents ``[N_i, D_i]`` (``configurator``: by default half as many and twice as wide as
+    layer ``i - 1``). Before layer ``i`` cross-attends the modalities, its latents are added to the previous
+    layer's output, zero-padded from ``D_{i-1}`` to ``D_i`` channels and cut to its first ``N_i`` latents.
+    Each layer then runs like :class:`MultiModalityPerceiver`'s (cross-attention + feed-forward, a latent
+    transformer of ``num_latent_blocks_per_layer`` blocks inside one more residual). Inputs, masks and the
+    one-hot modality code are as in :class:`MultiModalityPerceiver`.
+
+    Args:
+        modalities, depth, cross_heads, latent_heads, cross_dim_head, latent_dim_head, attn_dropout, ff_dropout,
+            num_latent_blocks_per_layer, use_gelu: as :class:`MultiModalityPerceiver`.
+        num_classes: classifier outputs on the mean of the last layer's latents; ``None`` returns that mean
+            ``[B, D_last]`` (the fork crashes).
+        weight_tie_layers: must be False (layers differ in width; the fork refuses too).
+        configurator: a :class:`HierarchicalConfigurator` with ``configurator.depth >= depth``.
+
+    The state dict holds ``latents.{i}``, ``cross_blocks.{i}`` and ``latent_blocks.{i · blocks + j}``.
+    """
+
+    def __init__(
+        self,
+        *,
+        modalities: Iterable[InputModality],
+        depth: int,
+        cross_heads: int = 1,
+        latent_heads: int = 8,
+        cross_dim_head: int = 64,
+        latent_dim_head: int = 64,
+        num_classes: int | None = None,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        weight_tie_layers: bool = False,
+        num_latent_blocks_per_layer: int = 1,
+        use_gelu: bool = False,
+        configurator: HierarchicalConfigurator,
+    ) -> None:
+        super().__init__(modalities, depth)
+        if weight_tie_layers:
+            raise ValueError("HierarchicalMultiModalityPerceiver cannot tie weights: its layers differ in width "
+                             "(got weight_tie_layers=True)")
+        if not isinstance(configurator, HierarchicalConfigurator):
+            raise TypeError(f"configurator must be a HierarchicalConfigurator, got {type(configurator).__name__}")
+        if not 1 <= depth <= configurator.depth:
+            raise ValueError(f"depth must be in [1, configurator.depth={configurator.depth}], got {depth}")
+        self.configurator = configurator
+        sizes = [(configurator.get_num_latents(i), configurator.get_latent_dim(i)) for i in range(depth)]
+        for i in range(1, depth):
+            if sizes[i][0] > sizes[i - 1][0]:
+                raise ValueError(f"layer {i} has more latents ({sizes[i][0]}) than layer {i - 1} ({sizes[i - 1][0]}); "
+                                 "a hierarchical Perceiver's latent count must not grow")
+        self.latent_sizes: tuple[tuple[int, int], ...] = tuple(sizes)
+        self.latents = nn.ParameterList(nn.Parameter(torch.randn(n, d)) for n, d in sizes)
+        activation = "gelu" if use_gelu else "geglu"
+        self.cross_blocks = nn.ModuleList(
+            CrossAttentionBlock(
+                d, self.context_dim, num_heads=cross_heads, qk_channels=cross_heads * cross_dim_head,
+                qkv_bias=False, query_residual=True, mlp_mult=4, activation=activation,
+                attn_dropout=attn_dropout, ff_dropout=ff_dropout,
+            )
+            for _, d in sizes
+        )
+        self.latent_order = latent_block_schedule(depth, num_latent_blocks_per_layer, False)
+        self.latent_blocks = nn.ModuleList(
+            SelfAttentionBlock(
+                d, num_heads=latent_heads, qk_channels=latent_heads * latent_dim_head, qkv_bias=False,
+                mlp_mult=4, activation=activation, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
+            )
+            for _, d in sizes
+            for _ in range(num_latent_blocks_per_layer)
+        )
+        last = sizes[-1][1]
+        self.head = (
+            nn.Sequential(OrderedDict(norm=nn.LayerNorm(last), proj=nn.Linear(last, num_classes)))
+            if num_classes is not None
+            else None
+        )
+
+    def encode(self, contexts: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+        """Run the layers over the shared context ``[B, M, context_dim]`` → last latents ``[B, N_last, D_last]``."""
+        (context,) = contexts
+        b = context.shape[0]
+        x = None
+        for i, block in enumerate(self.cross_blocks):
+            latents = self.latents[i].to(context.dtype).expand(b, -1, -1)  # [B, N_i, D_i]
+            if x is not None:
+                n, d = latents.shape[1:]
+                latents = latents + F.pad(x, (0, d - x.shape[-1]))[:, :n]  # previous output: zero-pad width, keep N_i
+            x = block(latents, context, mask=mask)
+            h = x
+            for j in self.latent_order[i]:
+                h = self.latent_blocks[j](h)
+            x = x + h  # the fork's outer residual around its latent transformer
+        return x
+
+
+@configurable
+class HierarchicalMultiModalityPerceiverNoPooling(HierarchicalMultiModalityPerceiver):
+    """:class:`HierarchicalMultiModalityPerceiver` that returns the last latents ``[B, N_last, D_last]`` (no head).
+
+    As in the fork, the default feed-forward is GELU. ``num_latents`` and ``latent_dim`` are accepted for
+    compatibility with the fork (which ignores them); when given they must equal the configurator's first sizes.
+    """
+
+    def __init__(
+        self,
+        *,
+        modalities: Iterable[InputModality],
+        depth: int,
+        num_latents: int | None = None,
+        latent_dim: int | None = None,
+        cross_heads: int = 1,
+        latent_heads: int = 8,
+        cross_dim_head: int = 64,
+        latent_dim_head: int = 64,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        weight_tie_layers: bool = False,
+        num_latent_blocks_per_layer: int = 1,
+        use_gelu: bool = True,
+        configurator: HierarchicalConfigurator,
+    ) -> None:
+        for name, value, begin in (("num_latents", num_latents, getattr(configurator, "num_latents_begin", None)),
+                                   ("latent_dim", latent_dim, getattr(configurator, "latent_dim_begin", None))):
+            if value is not None and value != begin:
+                raise ValueError(f"{name}={value} disagrees with the configurator ({name}_begin={begin}); the "
+                                 "configurator sets the latent sizes (leave it out)")
+        super().__init__(
+            modalities=modalities, depth=depth, cross_heads=cross_heads, latent_heads=latent_heads,
+            cross_dim_head=cross_dim_head, latent_dim_head=latent_dim_head, num_classes=None,
+            attn_dropout=attn_dropout, ff_dropout=ff_dropout, weight_tie_layers=weight_tie_layers,
+            num_latent_blocks_per_layer=num_latent_blocks_per_layer, use_gelu=use_gelu, configurator=configurator,
+        )
+
+    def pool(self, x: Tensor) -> Tensor:
+        return x
