@@ -13,6 +13,13 @@ while compiling, tracing or exporting (``torch.compile``, ``torch.jit.trace``, O
 a data-dependent branch would break the graph. Turn it off for latency-critical accelerator
 serving with :func:`set_finite_checks` (``False``), the :func:`finite_checks` context manager or
 the environment variable ``PERCEIVERS_CHECK_FINITE=0``.
+
+Narrow inputs
+-------------
+A cross-attention LayerNorm over a context of 1 channel maps every element to the same vector
+(the model cannot see its input: krasserm/perceiver-io#14); 2 or 3 channels keep little. Building a
+cross-attention whose context or queries have fewer than :data:`MIN_NORMALISED_CHANNELS` channels
+emits a :class:`NarrowContextWarning`: add position features or project / patch the input first.
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .layers.blocks import MIN_NORMALISED_CHANNELS, NarrowContextWarning
+
 __all__ = [
+    "MIN_NORMALISED_CHANNELS",
+    "NarrowContextWarning",
     "as_bool_mask",
     "check_finite",
     "check_like",

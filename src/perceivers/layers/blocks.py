@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+import torch
 from torch import Tensor, nn
 
 from .attention import Attention, KeyValue
 from .mlp import Activation, FeedForward
 
-__all__ = ["CrossAttentionBlock", "SelfAttentionBlock"]
+__all__ = ["MIN_NORMALISED_CHANNELS", "CrossAttentionBlock", "NarrowContextWarning", "SelfAttentionBlock"]
+
+MIN_NORMALISED_CHANNELS = 4
+"""A cross-attention warns when its context or queries are narrower: LayerNorm over 1 channel gives a
+constant, over 2 only the sign of their difference, over 3 loses offset and scale of every element."""
+
+
+class NarrowContextWarning(UserWarning):
+    """A cross-attention normalises a context (or queries) so narrow that its LayerNorm erases most of it."""
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside perceivers and torch, so a warning points at user code."""
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class CrossAttentionBlock(nn.Module):
@@ -41,6 +63,16 @@ class CrossAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         out_dim = q_dim if out_dim is None else out_dim
+        for role, width in (("context", kv_dim), ("queries", q_dim)):
+            if width < MIN_NORMALISED_CHANNELS:
+                warnings.warn(
+                    f"cross-attention {role} with {width} channel(s): its LayerNorm "
+                    + ("maps every element to the same vector, so attention cannot tell them apart" if width == 1
+                       else "keeps only part of each element (not its offset and scale)")
+                    + "; add position features or project the input to more channels first "
+                    "(e.g. fourier_encode_data=True, audio patches); see docs/reliability.md",
+                    NarrowContextWarning, stacklevel=_user_stacklevel(),
+                )
         if query_residual and out_dim != q_dim:
             raise ValueError(f"query_residual needs out_dim == q_dim, got {out_dim} and {q_dim}")
         self.query_residual = query_residual
