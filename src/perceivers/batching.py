@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .layers import linear_positions
+from .validation import check_finite, check_tensor
 
 __all__ = ["pad_grid_batch", "pad_point_batch"]
 
@@ -35,6 +36,14 @@ def pad_point_batch(points: Sequence[Tensor], coords: Sequence[Tensor]) -> tuple
     """
     if len(points) == 0 or len(points) != len(coords):
         raise ValueError(f"need as many coordinate sets as point sets (≥1), got {len(points)} and {len(coords)}")
+    for i, (p, c) in enumerate(zip(points, coords)):
+        check_tensor(p, f"points[{i}]", kind="float", layout="[n, C]")
+        check_tensor(c, f"coords[{i}]", kind="float", layout="[n, d]")
+        for name, t in ((f"points[{i}]", p), (f"coords[{i}]", c)):
+            if t.dtype != points[0].dtype or t.device != points[0].device:
+                raise TypeError(f"{name} is {t.dtype} on {t.device} but points[0] is {points[0].dtype} on "
+                                f"{points[0].device}; every sample must share one dtype and device")
+            check_finite(t, name)
     channels, dims = points[0].shape[-1], coords[0].shape[-1]
     for i, (p, c) in enumerate(zip(points, coords)):
         if p.ndim != 2 or p.shape[-1] != channels:
@@ -61,6 +70,8 @@ def pad_grid_batch(samples: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """
     if len(samples) == 0:
         raise ValueError("pad_grid_batch needs at least one sample")
+    for i, s in enumerate(samples):
+        check_tensor(s, f"samples[{i}]", kind="float", layout="[*axes, C]")
     dims = samples[0].ndim - 1
     for i, s in enumerate(samples):
         if s.ndim != dims + 1:

@@ -96,9 +96,13 @@ class ByteTokenizer:
         if isinstance(ids, Tensor):
             if ids.ndim != 1:
                 raise ValueError(f"decode takes one sequence [n]; use batch_decode for {tuple(ids.shape)}")
+            if ids.is_floating_point() or ids.dtype == torch.bool:
+                raise TypeError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
             ids = ids.tolist()
         out = bytearray()
         for i in ids:
+            if isinstance(i, bool) or not hasattr(i, "__index__"):
+                raise TypeError(f"token ids must be integers, got {i!r} ({type(i).__name__})")
             i = int(i)
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
@@ -135,12 +139,18 @@ class ByteTokenizer:
             int64 ``[B, n]`` (1 = real token, 0 = padding).
         """
         single = isinstance(texts, str)
+        if not single and (isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence)):
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
         texts = [texts] if single else list(texts)
+        if not texts:
+            raise ValueError("texts is empty: pass at least one string")
         if pairs is not None:
             pairs = [pairs] if isinstance(pairs, str) else list(pairs)
             if len(pairs) != len(texts):
                 raise ValueError(f"got {len(texts)} texts but {len(pairs)} pairs")
         max_length = self.max_length if max_length is None else max_length
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
         seqs = [
             self.encode(t, None if pairs is None else pairs[i], add_special_tokens=add_special_tokens,
                         parse_special_tokens=parse_special_tokens)

@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ...configurable import configurable
+from ...validation import check_tensor
 from .base import Preprocessed, add_positions
 
 __all__ = ["ConvDownsample", "ImagePreprocessor", "same_padding", "space_to_depth"]
@@ -209,6 +210,7 @@ class ImagePreprocessor(nn.Module):
 
     def forward(self, x: Tensor) -> Preprocessed:
         """``[B, C, H, W]`` / ``[B, T, C, H, W]`` → ``Preprocessed(inputs [B, M, num_channels], None, features)``."""
+        check_tensor(x, "images", kind="float", layout="[B, C, H, W] or [B, T, C, H, W]")
         y = self._features(x)
         index_shape = tuple(y.shape[1:-1])
         features = y.reshape(y.shape[0], -1, y.shape[-1])  # [B, M, C']

@@ -59,6 +59,9 @@ class MultimodalPreprocessor(nn.Module):
 
     def forward(self, inputs: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> Preprocessed:
         """``{name: tensor}`` → ``Preprocessed([B, ΣM, num_channels], {name: M}, {name: features})``."""
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must be a dict {{modality: tensor}} with {self.modality_names}, got "
+                            f"{type(inputs).__name__}")
         if set(inputs) != set(self.modality_names):
             raise ValueError(f"inputs must have exactly the modalities {self.modality_names}, got {sorted(inputs)}")
         padded, sizes, without_pos = {}, {}, {}
@@ -70,6 +73,9 @@ class MultimodalPreprocessor(nn.Module):
             if self.mask_tokens is not None:
                 x = self._mask(x, m, generator)
             padded[m], sizes[m] = x, n
+        batch = {m: padded[m].shape[0] for m in self.modality_names}
+        if len(set(batch.values())) > 1:
+            raise ValueError(f"all modalities must share the batch size, got {batch}")
         return Preprocessed(torch.cat([padded[m] for m in self.modality_names], dim=1), sizes, without_pos)
 
     def _mask(self, x: Tensor, name: str, generator: torch.Generator | None) -> Tensor:

@@ -32,7 +32,7 @@ class TextPreprocessor(nn.Module):
     def forward(self, ids: Tensor) -> Preprocessed:
         """``ids [B, L]`` (integer, ``L <= max_seq_len``) → ``Preprocessed(inputs [B, L, d_model], None, embeddings)``."""
         check_tensor(ids, "text inputs", kind=None, layout="[batch, length] integer ids")
-        if ids.ndim != 2 or ids.is_floating_point():
+        if ids.ndim != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"text inputs must be integer ids [batch, length], got {ids.dtype} {tuple(ids.shape)}")
         if ids.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings={self.max_seq_len}")
