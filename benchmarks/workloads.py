@@ -239,7 +239,7 @@ LANGUAGE_OFFICIAL = dict(num_latents=256, d_latents=1280, d_model=768, num_block
                          num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
                          vocab_size=262, max_position_embeddings=2048)
 LANGUAGE_REDUCED = dict(LANGUAGE_OFFICIAL, num_latents=128, d_latents=256, d_model=256, num_self_attends_per_block=4,
-                        qk_channels=128, v_channels=256)
+                        qk_channels=256, v_channels=256)
 
 
 def vision_workload(name: str, hf_kwargs: dict, side: int, batch: int, *, train: bool = True,

@@ -4,16 +4,19 @@ from .attention import Attention, KeyValue, check_mask
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
 from .mlp import Activation, FeedForward
 from .position import FourierPositionEncoding, TrainablePositionEncoding, fourier_features, linear_positions
+from .stream import ContextStream, auto_chunk_size
 
 __all__ = [
     "Activation",
     "Attention",
+    "ContextStream",
     "CrossAttentionBlock",
     "FeedForward",
     "FourierPositionEncoding",
     "KeyValue",
     "SelfAttentionBlock",
     "TrainablePositionEncoding",
+    "auto_chunk_size",
     "check_mask",
     "fourier_features",
     "linear_positions",

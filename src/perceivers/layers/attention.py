@@ -10,10 +10,13 @@ Conventions used throughout perceivers:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["Attention", "KeyValue", "check_mask"]
 
@@ -53,6 +56,15 @@ class Attention(nn.Module):
         qkv_bias: biases on the q, k and v projections (DeepMind: yes; perceiver-pytorch: no).
         out_bias: bias on the output projection.
         dropout: dropout on the attention probabilities (training only).
+
+    Attributes:
+        fold_kv: attend in the context's own space (``None``: when that is cheaper, i.e. the context
+            is narrower than half a head's key + value width; ``True``/``False`` force it). Keys
+            ``k = c W_kᵀ + b_k`` give scores ``q·k = (q W_k)·c + q·b_k``; the last term is the same for
+            every key, so it cancels in the softmax, and the queries are mapped once into the
+            context's space instead of every key into the head's. Values: the weighted sum of ``c``
+            is projected by ``W_v`` afterwards (``+ b_v``, as the weights sum to 1). Exact up to
+            float rounding; fully masked rows are zeroed either way.
     """
 
     def __init__(
@@ -84,6 +96,16 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, qk_channels, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, v_channels, bias=qkv_bias)
         self.to_out = nn.Linear(v_channels, out_dim, bias=out_bias)
+        self.fold_kv: bool | None = None
+
+    def folds(self, inverted: bool = False) -> bool:
+        """Whether :meth:`forward` attends in the context's own space (see ``fold_kv``)."""
+        if inverted or self.fold_kv is False:
+            return False
+        if self.fold_kv:
+            return True
+        h = self.num_heads
+        return 2 * self.kv_dim < (self.qk_channels + self.v_channels) // h
 
     def project_kv(self, context: Tensor) -> KeyValue:
         """``[B, K, kv_dim]`` → keys ``[B, H, K, dk]`` and values ``[B, H, K, dv]``.
@@ -120,7 +142,6 @@ class Attention(nn.Module):
         """
         if x.shape[-1] != self.q_dim:
             raise ValueError(f"queries must have {self.q_dim} channels, got {x.shape[-1]}")
-        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
         dropout = self.dropout if self.training else 0.0
 
@@ -132,15 +153,157 @@ class Attention(nn.Module):
             # A sample without any valid key attends everything (no NaN anywhere) and is zeroed below.
             attn_mask = key_mask | ~row_valid
 
-        if inverted:
-            out = _inverted_attention(q, k, v, attn_mask, dropout)
+        if kv is None and self.folds(inverted):
+            c = (x if context is None else context)
+            if c.shape[-1] != self.kv_dim:
+                raise ValueError(f"context must have {self.kv_dim} channels, got {c.shape[-1]}")
+            c = _pad_channels(c)[:, None].expand(-1, self.num_heads, -1, -1)  # [B, H, K, kv_dim + pad]
+            qc = _pad_channels(self._fold_queries(q))
+            scale = self.qk_channels // self.num_heads
+            out = F.scaled_dot_product_attention(qc, c, c, attn_mask=attn_mask, dropout_p=dropout, scale=scale**-0.5)
+            out = self._unfold_values(out[..., : self.kv_dim])
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+            if inverted:
+                out = _inverted_attention(q, k, v, attn_mask, dropout)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         if row_valid is not None:
             out = out * row_valid.to(out.dtype)
         if query_mask is not None:
             out = out * query_mask[:, None, :, None].to(out.dtype)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    # ------------------------------------------------------------------ attending in the context's space
+
+    def _fold_queries(self, q: Tensor) -> Tensor:
+        """``q [B, H, Q, dk]`` → ``q W_k`` per head ``[B, H, Q, kv_dim]``."""
+        wk = self.to_k.weight.view(self.num_heads, -1, self.kv_dim).to(q.dtype)  # [H, dk, C]
+        return torch.matmul(q, wk)
+
+    def _unfold_values(self, out: Tensor) -> Tensor:
+        """Weighted sums of the context ``[B, H, Q, kv_dim]`` → values ``[B, H, Q, dv]`` (``W_v``, ``+ b_v``)."""
+        wv = self.to_v.weight.view(self.num_heads, -1, self.kv_dim).to(out.dtype)  # [H, dv, C]
+        out = torch.matmul(out, wv.transpose(-1, -2))
+        if self.to_v.bias is not None:
+            out = out + self.to_v.bias.view(self.num_heads, 1, -1).to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------ streaming over key/value chunks
+
+    def forward_chunked(
+        self,
+        x: Tensor,
+        chunk: Callable[[int, int], Tensor],
+        length: int,
+        *,
+        chunk_size: int,
+        mask: Tensor | None = None,
+        query_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend ``x [B, Q, q_dim]`` to a context produced ``chunk_size`` keys at a time.
+
+        ``chunk(start, stop)`` returns the (normalised) context rows ``start:stop`` ``[B, n, kv_dim]``;
+        only one chunk exists at a time. Partial results are merged with a running log-sum-exp
+        (online softmax), so the output equals :meth:`forward` on the whole context up to float
+        rounding, and memory does not grow with ``length``. With autograd on, each chunk is
+        recomputed in the backward pass (activation checkpointing), so training memory stays
+        bounded too. Same conventions as :meth:`forward` (mask True = attend; fully masked rows → 0).
+        """
+        if x.shape[-1] != self.q_dim:
+            raise ValueError(f"queries must have {self.q_dim} channels, got {x.shape[-1]}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        q = q * (self.qk_channels // self.num_heads) ** -0.5
+        fold = self.folds()
+        if fold:
+            q = _pad_channels(self._fold_queries(q))
+        dropout = self.dropout if self.training else 0.0
+        grad = torch.is_grad_enabled() and (q.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+        def keys_values(start: int, stop: int) -> KeyValue:
+            c = chunk(start, stop)
+            if fold:
+                c = _pad_channels(c.to(q.dtype))[:, None].expand(-1, self.num_heads, -1, -1)
+                return c, c
+            k, v = self.project_kv(c)
+            return k.to(q.dtype), v.to(q.dtype)
+
+        b, h, n = q.shape[:3]
+        if not grad and not dropout and _flash_lse_available(q):
+            # Fused kernel per chunk (no score matrix in memory), merged through its log-sum-exp.
+            lse_run = out_run = None
+            for start in range(0, length, chunk_size):
+                stop = min(start + chunk_size, length)
+                k, v = keys_values(start, stop)
+                bias = None
+                if mask is not None:
+                    bias = torch.zeros(mask[:, start:stop].shape, dtype=q.dtype, device=q.device)
+                    bias = bias.masked_fill(~mask[:, start:stop], torch.finfo(q.dtype).min)[:, None, None, :]
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, attn_mask=bias, scale=1.0
+                )
+                lse = lse.float().unsqueeze(-1)  # [B, H, Q, 1]
+                if lse_run is None:
+                    lse_run, out_run = lse, out.float()
+                else:
+                    new = torch.logaddexp(lse_run, lse)
+                    out_run = out_run * torch.exp(lse_run - new) + out.float() * torch.exp(lse - new)
+                    lse_run = new
+            out = out_run.to(q.dtype)
+        else:
+            v_width = q.shape[-1] if fold else self.v_channels // self.num_heads
+
+            def step(qq: Tensor, m: Tensor, l: Tensor, acc: Tensor, start: int, stop: int):
+                k, v = keys_values(start, stop)
+                scores = torch.matmul(qq, k.transpose(-1, -2)).float()  # [B, H, Q, n]
+                if mask is not None:
+                    keep = mask[:, None, None, start:stop]
+                    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+                m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
+                alpha = torch.exp(m - m_new)
+                p = torch.exp(scores - m_new)
+                l = l * alpha + p.sum(-1, keepdim=True)
+                if dropout:
+                    p = F.dropout(p, dropout)
+                acc = acc * alpha + torch.matmul(p.to(v.dtype), v).float()
+                return m_new, l, acc
+
+            m = q.new_full((b, h, n, 1), float("-inf"), dtype=torch.float32)
+            l = q.new_zeros((b, h, n, 1), dtype=torch.float32)
+            acc = q.new_zeros((b, h, n, v_width), dtype=torch.float32)
+            for start in range(0, length, chunk_size):
+                stop = min(start + chunk_size, length)
+                if grad:
+                    m, l, acc = checkpoint(step, q, m, l, acc, start, stop, use_reentrant=False)
+                else:
+                    m, l, acc = step(q, m, l, acc, start, stop)
+            out = (acc / l).to(q.dtype)
+        if fold:
+            out = self._unfold_values(out[..., : self.kv_dim])
+        if mask is not None:
+            out = out * mask.any(-1)[:, None, None, None].to(out.dtype)
+        if query_mask is not None:
+            out = out * query_mask[:, None, :, None].to(out.dtype)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _pad_channels(t: Tensor, multiple: int = 8) -> Tensor:
+    """Zero-pad the last axis to a multiple of 8: the fused CPU attention kernel vectorises better."""
+    extra = -t.shape[-1] % multiple
+    return F.pad(t, (0, extra)) if extra else t
+
+
+def _flash_lse_available(q: Tensor) -> bool:
+    """Whether the fused CPU attention kernel that also returns the log-sum-exp can be called."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting()
+    )
 
 
 def _inverted_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:

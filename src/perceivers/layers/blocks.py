@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .attention import Attention, KeyValue
 from .mlp import Activation, FeedForward
+from .stream import ContextStream
 
 __all__ = ["MIN_NORMALISED_CHANNELS", "CrossAttentionBlock", "NarrowContextWarning", "SelfAttentionBlock"]
 
@@ -92,22 +93,49 @@ class CrossAttentionBlock(nn.Module):
         """Normalise and project the context once; pass the result as ``kv=`` to :meth:`forward`."""
         return self.attn.project_kv(self.norm_kv(context))
 
+    def prepare(self, context: Tensor, *, inverted: bool = False) -> KeyValue | Tensor:
+        """What :meth:`forward` needs of ``context``, to reuse across calls with the same weights.
+
+        The normalised context ``[B, K, kv_dim]`` when the attention works in the context's own space
+        (see :attr:`Attention.fold_kv`), else the projected keys and values; pass it as ``kv=``.
+        """
+        if self.attn.folds(inverted):
+            return self.norm_kv(context)
+        return self.project_kv(context)
+
     def forward(
         self,
         x: Tensor,
-        context: Tensor | None = None,
+        context: Tensor | ContextStream | None = None,
         *,
         mask: Tensor | None = None,
         query_mask: Tensor | None = None,
-        kv: KeyValue | None = None,
+        kv: KeyValue | Tensor | ContextStream | None = None,
         inverted: bool = False,
     ) -> Tensor:
-        """``x [B, Q, q_dim]``, ``context [B, K, kv_dim]`` (or ``kv``), ``mask [B, K]`` → ``[B, Q, out_dim]``."""
+        """``x [B, Q, q_dim]``, ``context [B, K, kv_dim]`` (or ``kv``), ``mask [B, K]`` → ``[B, Q, out_dim]``.
+
+        ``context`` may be a :class:`ContextStream` (attended chunk by chunk, bounded memory);
+        ``kv`` may be keys/values from :meth:`project_kv` or what :meth:`prepare` returned.
+        """
         if kv is None:
             if context is None:
                 raise ValueError("CrossAttentionBlock needs a context or precomputed kv")
-            kv = self.project_kv(context)
-        y = self.attn(self.norm_q(x), mask=mask, query_mask=query_mask, kv=kv, inverted=inverted)
+            kv = context if isinstance(context, ContextStream) else self.prepare(context, inverted=inverted)
+        q_in = self.norm_q(x)
+        if isinstance(kv, ContextStream):
+            if inverted:
+                kv = self.prepare(kv.materialize(), inverted=True)
+            else:
+                stream = kv
+                y = self.attn.forward_chunked(
+                    q_in, lambda a, b: self.norm_kv(stream.chunk(a, b)), stream.length,
+                    chunk_size=stream.chunk_size, mask=mask, query_mask=query_mask,
+                )
+        if isinstance(kv, Tensor):
+            y = self.attn(q_in, kv, mask=mask, query_mask=query_mask, inverted=inverted)
+        elif not isinstance(kv, ContextStream):
+            y = self.attn(q_in, mask=mask, query_mask=query_mask, kv=kv, inverted=inverted)
         if self.query_residual:
             y = y + x
         if self.mlp is not None:

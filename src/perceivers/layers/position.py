@@ -143,6 +143,63 @@ class FourierPositionEncoding(nn.Module):
                 self._cache.popitem(last=False)
         return feats
 
+    def grid_rows(
+        self,
+        index_shape: Sequence[int],
+        start: int,
+        stop: int,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Rows ``start:stop`` of ``forward(index_shape)`` ``[stop - start, C]``, without the others.
+
+        Used to stream very large grids. The features of a grid point are a per-axis table lookup
+        (every channel depends on one axis only), so a chunk is assembled from ``n_d × C_d`` tables
+        computed once per shape, with the same numbers as ``forward``, never the whole array.
+        """
+        index_shape = tuple(int(n) for n in index_shape)
+        if len(index_shape) != self.num_dims:
+            raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
+        tables = self._axis_tables(index_shape, device)
+        flat = torch.arange(start, stop, device=device)
+        feats = None
+        stride = 1
+        for table, n in zip(reversed(tables), reversed(index_shape)):
+            idx = flat if stride == 1 else torch.div(flat, stride, rounding_mode="floor")
+            if stride * n < stop:
+                idx = torch.remainder(idx, n)
+            rows = table.index_select(0, idx)
+            feats = rows if feats is None else feats + rows  # disjoint channels: exact
+            stride *= n
+        return feats.to(dtype)
+
+    def _axis_tables(self, index_shape: tuple[int, ...], device) -> list[Tensor]:
+        """Per axis ``[n_d, C]``: that axis's channels in their final places, zeros elsewhere."""
+        key = ("axis_tables", index_shape, str(device), torch.is_inference_mode_enabled())
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        k, d = self.num_bands, self.num_dims
+        per_axis = int(self.concat_pos) + k * (1 if self.sine_only else 2)
+        tables = []
+        for a, (n, res) in enumerate(zip(index_shape, self.max_resolution)):
+            pos = torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=torch.float32)[:, None]
+            own = fourier_features(pos, self.num_bands, res, layout=self.layout,
+                                   concat_pos=self.concat_pos, sine_only=self.sine_only)  # [n, per_axis]
+            if self.layout == "lucidrains":  # axis-major: [sin K, cos K, x] per axis
+                cols = list(range(a * per_axis, (a + 1) * per_axis))
+            else:  # [x of every axis, sines of every axis, cosines of every axis]; own = [x?, sin K, cos K?]
+                cols = [a] if self.concat_pos else []
+                base = d if self.concat_pos else 0
+                for group in range(1 if self.sine_only else 2):
+                    cols += [base + group * d * k + a * k + j for j in range(k)]
+            table = torch.zeros(n, self.num_channels, device=device)
+            table[:, cols] = own
+            tables.append(table)
+        self._cache[key] = tables
+        return tables
+
     def extra_repr(self) -> str:
         return (
             f"num_dims={self.num_dims}, num_bands={self.num_bands}, max_resolution={self.max_resolution}, "

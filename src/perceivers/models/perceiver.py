@@ -8,13 +8,22 @@ keyword arguments, forward options and outputs for the same weights (see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import CrossAttentionBlock, FourierPositionEncoding, KeyValue, SelfAttentionBlock, check_mask
+from ..layers import (
+    ContextStream,
+    CrossAttentionBlock,
+    FourierPositionEncoding,
+    KeyValue,
+    SelfAttentionBlock,
+    auto_chunk_size,
+    check_mask,
+)
 from ..validation import check_finite
 from .common import AttentionResidual, ClassifierHead, check_input, flatten_axes, tie_schedule
 
@@ -72,6 +81,14 @@ class PerceiverBlock(nn.Module):
             raise ValueError("this block has no cross-attention")
         return self.cross_attn.project_kv(context)
 
+    def prepare_context(self, context: Tensor, inverted_attention: bool = False) -> KeyValue | Tensor:
+        """What the cross-attention needs of ``context`` (pass it as ``kv=``; see ``CrossAttentionBlock.prepare``)."""
+        if self.cross_attn is None:
+            raise ValueError("this block has no cross-attention")
+        if self.queries_contribute_kv:
+            return self.project_kv(context)
+        return self.cross_attn.prepare(context, inverted=inverted_attention)
+
     def forward(
         self,
         x: Tensor,
@@ -79,9 +96,12 @@ class PerceiverBlock(nn.Module):
         mask: Tensor | None = None,
         inverted_attention: bool = False,
         *,
-        kv: KeyValue | None = None,
+        kv: KeyValue | Tensor | ContextStream | None = None,
     ) -> Tensor:
-        """Latents ``x [B, N, D]`` attend ``context [B, M, C]`` (or precomputed ``kv``) → ``[B, N, D]``."""
+        """Latents ``x [B, N, D]`` attend ``context [B, M, C]`` (or precomputed ``kv``) → ``[B, N, D]``.
+
+        ``kv``: from :meth:`project_kv` or :meth:`prepare_context`, or a ``ContextStream``.
+        """
         if self.cross_attn is not None:
             if kv is None:  # called directly: check what the caller gave (Perceiver has checked already)
                 check_input(x, name="x", channels=self.cross_attn.attn.q_dim, axes=1, module=self)
@@ -91,8 +111,12 @@ class PerceiverBlock(nn.Module):
                 if context.shape[0] != x.shape[0]:
                     raise ValueError(f"context has batch size {context.shape[0]} but x has {x.shape[0]}")
                 mask = check_mask(mask, context.shape[0], context.shape[1])
-                kv = self.project_kv(context)
+                kv = self.prepare_context(context, inverted_attention)
             if self.queries_contribute_kv:
+                if isinstance(kv, ContextStream):
+                    kv = self.project_kv(kv.materialize())
+                elif isinstance(kv, Tensor):  # a normalised context from CrossAttentionBlock.prepare
+                    kv = self.cross_attn.attn.project_kv(kv)
                 kq, vq = self.cross_attn.attn.project_kv(self.cross_attn.norm_q(x))
                 kv = (torch.cat((kq, kv[0]), dim=2), torch.cat((vq, kv[1]), dim=2))
                 if mask is not None:
@@ -123,6 +147,10 @@ class Perceiver(nn.Module):
         final_classifier_head: pool + classify; if False the output is the latents ``[B, N, D]``.
         inverted_cross_attn: slot-attention-style cross-attention, one bool or one per block.
         attn_residual, attn_residual_rank: learned pool over earlier block outputs (perceiver-pytorch 0.10).
+        chunk_size: stream large inputs through the cross-attentions this many elements at a time,
+            building their Fourier features per chunk, so memory stays bounded (exact up to float
+            rounding). ``None`` (default): inputs above 32768 elements per sample, in chunks of 16384;
+            ``0``: never. A plain attribute, so it can be changed on a built model.
     """
 
     def __init__(
@@ -149,8 +177,10 @@ class Perceiver(nn.Module):
         inverted_cross_attn: bool | Sequence[bool] = False,
         attn_residual: bool = False,
         attn_residual_rank: int = 64,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.chunk_size = chunk_size
         if isinstance(inverted_cross_attn, bool):
             inverted_cross_attn = (inverted_cross_attn,) * depth
         if len(inverted_cross_attn) != depth:
@@ -215,6 +245,41 @@ class Perceiver(nn.Module):
             context = torch.cat((context, feats.expand(data.shape[0], -1, -1)), dim=-1)
         return context
 
+    def context_stream(self, data: Tensor, pos: Tensor | None = None) -> ContextStream | None:
+        """The context as a :class:`~perceivers.layers.ContextStream` when ``chunk_size`` streams it, else None.
+
+        Chunks hold the input rows and the Fourier features of those positions only.
+        """
+        if not isinstance(data, Tensor) or data.ndim < 3 or any(self.inverted_cross_attn):
+            return None
+        m = data.shape[1] if pos is not None else math.prod(data.shape[1:-1])
+        size = auto_chunk_size(m, self.chunk_size)
+        if not size:
+            return None
+        if pos is not None:
+            check_input(data, name="data", channels=self.input_channels, axes=1, module=self)
+            if self.position_encoding is None or not isinstance(pos, Tensor) or pos.shape != (*data.shape[:2],
+                                                                                               self.input_axis):
+                return None  # build_context raises the error
+            check_finite(pos, "pos")
+        else:
+            check_input(data, name="data", channels=self.input_channels, axes=self.input_axis, module=self)
+        flat = flatten_axes(data)
+        b = flat.shape[0]
+        enc = self.position_encoding
+        if enc is None:
+            chunk = lambda a, z: flat[:, a:z]  # noqa: E731
+        elif pos is not None:
+            chunk = lambda a, z: torch.cat((flat[:, a:z], enc.encode(pos[:, a:z].to(data.dtype))), -1)  # noqa: E731
+        else:
+            shape = tuple(data.shape[1:-1])
+
+            def chunk(a: int, z: int) -> Tensor:
+                feats = enc.grid_rows(shape, a, z, device=data.device, dtype=data.dtype)
+                return torch.cat((flat[:, a:z], feats.expand(b, -1, -1)), dim=-1)
+
+        return ContextStream(b, m, self.context_dim, chunk, size)
+
     def forward(
         self,
         data: Tensor,
@@ -239,22 +304,26 @@ class Perceiver(nn.Module):
         Returns:
             logits ``[B, num_classes]`` (or the latents, see above), and the hiddens if asked.
         """
-        context = self.build_context(data, pos)
-        b, m = context.shape[:2]
+        stream = self.context_stream(data, pos)
+        context = self.build_context(data, pos) if stream is None else None
+        b, m = context.shape[:2] if stream is None else (stream.batch, stream.length)
         mask = check_mask(mask, b, m)
-        x = self.latents.to(context.dtype).expand(b, -1, -1)
+        x = self.latents.to(data.dtype).expand(b, -1, -1)
 
         keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None
         hiddens: list[Tensor] = []
         if keep:
             hiddens = [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs or [x])
 
-        kv_cache: dict[int, KeyValue] = {}  # tied blocks attend the same context: project it once
+        # Tied blocks attend the same context: normalise and project it once per distinct weights
+        # (a streamed context is rebuilt chunk by chunk instead; nothing of its size is kept).
+        kv_cache: dict[int, KeyValue | Tensor] = {}
         for step, unique in enumerate(self.block_order):
             block = self.blocks[unique]
-            if unique not in kv_cache:
-                kv_cache[unique] = block.project_kv(context)
-            x = block(x, mask=mask, inverted_attention=self.inverted_cross_attn[step], kv=kv_cache[unique])
+            if stream is None and unique not in kv_cache:
+                kv_cache[unique] = block.prepare_context(context, self.inverted_cross_attn[step])
+            kv = stream if stream is not None else kv_cache[unique]
+            x = block(x, mask=mask, inverted_attention=self.inverted_cross_attn[step], kv=kv)
             if keep:
                 hiddens.append(x)
             if self.attn_residuals is not None:
