@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import CrossAttentionBlock, SelfAttentionBlock, check_mask
+from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
 from ..validation import check_finite, check_like
 from .common import AttentionResidual, check_input, tie_schedule
 
@@ -58,6 +58,9 @@ class PerceiverIO(nn.Module):
         seq_dropout_prob: structured input-token dropout in training (see :func:`dropout_seq`).
         attn_residual, attn_residual_rank: learned pool over earlier latent layers.
         inverted_cross_attn: slot-attention-style encoder cross-attention.
+        chunk_size: stream inputs longer than this through the encoder cross-attention in chunks
+            (``None``: above 32768 inputs, in chunks of 16384; ``0``: never); exact up to rounding.
+        decode_chunk_size: decode query sets larger than this in independent chunks (same default).
 
     Without ``queries`` the forward returns the latents ``[B, num_latents, latent_dim]`` and
     ``logits_dim`` does not apply (as in perceiver-pytorch).
@@ -82,8 +85,11 @@ class PerceiverIO(nn.Module):
         attn_residual: bool = False,
         attn_residual_rank: int = 64,
         inverted_cross_attn: bool = False,
+        chunk_size: int | None = None,
+        decode_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.chunk_size, self.decode_chunk_size = chunk_size, decode_chunk_size
         if not 0.0 <= seq_dropout_prob < 1.0:
             raise ValueError(f"seq_dropout_prob must be in [0, 1), got {seq_dropout_prob}")
         self.dim, self.queries_dim, self.latent_dim = dim, queries_dim, latent_dim
@@ -121,6 +127,9 @@ class PerceiverIO(nn.Module):
         if self.training and self.seq_dropout_prob > 0.0:
             data, mask = dropout_seq(data, mask, self.seq_dropout_prob)
         x = self.latents.to(data.dtype).expand(data.shape[0], -1, -1)
+        size = 0 if self.inverted_cross_attn else auto_chunk_size(data.shape[1], self.chunk_size)
+        if size:  # attend huge inputs chunk by chunk: no keys, values or scores of all of them at once
+            return self.encoder_cross_attn(x, kv=ContextStream.from_tensor(data, size), mask=mask)
         return self.encoder_cross_attn(x, data, mask=mask, inverted=self.inverted_cross_attn)
 
     def decode(self, latents: Tensor, queries: Tensor) -> Tensor:
@@ -139,7 +148,13 @@ class PerceiverIO(nn.Module):
             queries = queries.expand(b, -1, -1)
         elif queries.shape[0] != b:
             raise ValueError(f"queries have batch size {queries.shape[0]} but data has {b}")
-        return self.to_logits(self.decoder_cross_attn(queries, latents))
+        size = auto_chunk_size(queries.shape[1], self.decode_chunk_size)
+        if not size:
+            return self.to_logits(self.decoder_cross_attn(queries, latents))
+        # Very large query sets: the latents' keys/values once, then the queries in independent chunks.
+        kv = self.decoder_cross_attn.prepare(latents)
+        return torch.cat([self.to_logits(self.decoder_cross_attn(queries[:, i:i + size], kv=kv))
+                          for i in range(0, queries.shape[1], size)], dim=1)
 
     def forward(
         self,
