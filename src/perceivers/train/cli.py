@@ -1,0 +1,152 @@
+"""``perceivers fit | validate | test | predict``: LightningCLI with this project's defaults.
+
+What it adds to a plain LightningCLI:
+
+* a run folder (``trainer.default_root_dir``, e.g. ``runs/digits``) holding ``config.yaml``,
+  ``metrics.csv`` (plus TensorBoard logs when ``tensorboard`` is installed), ``checkpoints/`` and
+  ``plots/``; checkpoints are written atomically;
+* ``--resume``: continue ``fit`` from ``checkpoints/last.ckpt`` after a crash (step count, optimizer,
+  schedule and metric curves continue);
+* a ``checkpoint`` section (ModelCheckpoint: best by ``val/loss`` + ``last.ckpt``) and a ``plots``
+  section (learning curves, cross-attention picture) in every config;
+* under ``torchrun`` the trainer's ``devices`` / ``num_nodes`` / ``strategy`` default to what torchrun
+  launched (DDP), so the single-process command runs unchanged on many processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from .callbacks import ReplicaCheck, ResumableMetrics, TrainingPlots
+from .checkpoint_io import AtomicCheckpointIO
+from .loggers import RunCSVLogger
+from .tasks import Task
+
+__all__ = ["PerceiversCLI", "run_cli"]
+
+
+class PerceiversCLI(LightningCLI):
+    """LightningCLI over :class:`~perceivers.train.tasks.Task` subclasses and any LightningDataModule."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", Task)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/loss",
+            "checkpoint.mode": "min",
+            "checkpoint.filename": "best-{epoch}-{step}",
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1,
+            "trainer.default_root_dir": "runs/default",
+        })
+        parser.add_lightning_class_args(TrainingPlots, "plots")
+        parser.add_argument("--resume", type=bool, default=False,
+                            help="fit: continue from <default_root_dir>/checkpoints/last.ckpt when it exists")
+
+    # ------------------------------------------------------------------ configuration fix-ups
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        world = os.environ.get("WORLD_SIZE")
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        if world and local and int(world) > 1:  # launched by torchrun (or another elastic launcher)
+            if trainer.get("devices") in ("auto", None):
+                trainer["devices"] = int(local)
+            if trainer.get("num_nodes", 1) == 1 and int(world) > int(local):
+                trainer["num_nodes"] = int(world) // int(local)
+            if trainer.get("strategy") in ("auto", None):
+                trainer["strategy"] = "ddp"
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config["trainer"]
+        root = Path(trainer_config.get("default_root_dir") or "runs/default")
+        if trainer_config.get("logger") in (None, True):
+            loggers: list[Any] = [RunCSVLogger(save_dir=str(root))]
+            if importlib.util.find_spec("tensorboard") is not None:
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                loggers.append(TensorBoardLogger(save_dir=str(root), name="tensorboard", version=""))
+            kwargs["logger"] = loggers
+        if not trainer_config.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        checkpoint = config.get("checkpoint")
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is None:
+            checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+        callbacks = list(trainer_config.get("callbacks") or [])
+        callbacks += [ResumableMetrics(), ReplicaCheck()]
+        trainer_config["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    # ------------------------------------------------------------------ subcommand hooks
+    def before_fit(self) -> None:
+        config = self.config_init["fit"]
+        if not config.get("resume"):
+            return
+        if config.get("ckpt_path"):
+            rank_zero_info(f"--resume: using the given ckpt_path {config['ckpt_path']}")
+            return
+        last = self.last_checkpoint()
+        if last is not None and last.is_file():
+            config["ckpt_path"] = str(last)
+            rank_zero_info(f"--resume: continuing from {last}")
+        else:
+            rank_zero_info(f"--resume: no checkpoint at {last}; starting a fresh run")
+
+    def last_checkpoint(self) -> Path | None:
+        callback = self.trainer.checkpoint_callback
+        if callback is None or callback.dirpath is None:
+            return None
+        return Path(callback.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        callback = self.trainer.checkpoint_callback
+        lines = []
+        if callback is not None:
+            if callback.best_model_path:
+                lines.append(f"best checkpoint: {callback.best_model_path}")
+            last = self.last_checkpoint()
+            if last is not None and last.is_file():
+                lines.append(f"last checkpoint: {last}")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, RunCSVLogger):
+                lines.append(f"metrics: {Path(logger.log_dir) / 'metrics.csv'}")
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, TrainingPlots):
+                lines += [f"plot: {p}" for p in cb.written]
+        if lines:
+            print("\n".join(lines), flush=True)
+
+
+def run_cli(argv: list[str], *, prog: str = "perceivers") -> PerceiversCLI:
+    """Run the CLI on ``argv`` (``["fit", "--config", ...]``) as if typed after ``prog``.
+
+    ``sys.argv`` is set to ``[prog, *argv]`` while it runs, so processes Lightning launches itself
+    (``strategy=ddp`` without torchrun) repeat the same command.
+    """
+    saved = sys.argv
+    sys.argv = [saved[0] if saved and saved[0] else prog, *argv]
+    try:
+        return PerceiversCLI(args=None)
+    finally:
+        sys.argv = saved

@@ -1,0 +1,485 @@
+"""LightningModules for the training tasks: classification (images or sequences) and byte-level masked LM.
+
+A task wraps any ``nn.Module`` of this library — given as a ``class_path`` in YAML, or by registered
+name through :func:`perceivers.create_model` (``model_name`` + ``model_kwargs``) — and adds the loss,
+torchmetrics metrics, the optimizer with parameter groups, the learning-rate schedule, and optional
+``torch.compile`` / activation checkpointing. Batches are dicts: ``inputs``, ``target`` or ``labels``,
+and an optional boolean ``mask`` (True = real token).
+
+Models are called as they are written: an argument named ``pixel_values`` gets channels-first images
+(the official classifiers), anything else channels-last ``[B, H, W, C]``; a mask goes to
+``attention_mask`` or ``mask``, whichever the forward takes; outputs may be a tensor or have ``.logits``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..data.transforms import mix_batch
+
+__all__ = ["ClassificationTask", "ConfigError", "MaskedLMTask", "Task", "build_model", "model_logits"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot train: raised before the first training step, with what to change."""
+
+
+def build_model(model: nn.Module | None, model_name: str | None, model_kwargs: dict[str, Any] | None) -> nn.Module:
+    """The module itself, or ``perceivers.create_model(model_name, **model_kwargs)``; exactly one of the two."""
+    if (model is None) == (model_name is None):
+        raise ConfigError(
+            "give exactly one of `model` (a class_path, e.g. perceivers.Perceiver) or `model_name` (a registered "
+            f"name for perceivers.create_model); got model={type(model).__name__ if model is not None else None}, "
+            f"model_name={model_name!r}"
+        )
+    if model is not None:
+        if model_kwargs:
+            raise ConfigError("model_kwargs apply only with model_name; put the arguments in model.init_args")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        return model
+    try:
+        from ..tasks import create_model, list_models
+    except ImportError as err:  # pragma: no cover - depends on the installed package
+        raise ConfigError(f"model_name needs perceivers.create_model, which failed to import: {err}") from err
+    names = list_models()
+    if model_name not in names:
+        raise ConfigError(f"unknown model name {model_name!r}; registered models: {', '.join(names)}")
+    try:
+        return create_model(model_name, **(model_kwargs or {}))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"create_model({model_name!r}, **{model_kwargs}) failed: {err}") from err
+
+
+def model_logits(output: Any) -> Tensor:
+    """A model's logits: the tensor itself, ``output.logits`` or the first element of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def _forward_parameters(model: nn.Module) -> list[str]:
+    target = getattr(model, "_orig_mod", model)
+    return list(inspect.signature(target.forward).parameters)
+
+
+def _factory_target(factory: Callable) -> tuple[Callable, dict[str, Any]]:
+    """The class a (jsonargparse) factory builds and its bound keyword arguments.
+
+    jsonargparse gives ``partial(instantiator, cls, **init_args)``; a plain class is its own target.
+    """
+    if isinstance(factory, functools.partial):
+        bound = dict(factory.keywords or {})
+        for arg in factory.args:
+            if inspect.isclass(arg):
+                return arg, bound
+        inner, more = _factory_target(factory.func)
+        return inner, {**more, **bound}
+    return factory, {}
+
+
+BLOCK_TYPES: tuple[str, ...] = ("CrossAttentionBlock", "SelfAttentionBlock", "PerceiverBlock")
+
+
+def enable_activation_checkpointing(model: nn.Module, block_types: tuple[str, ...] = BLOCK_TYPES) -> int:
+    """Recompute the activations of every attention block in the backward pass instead of storing them.
+
+    Wraps the ``forward`` of each module whose class name is in ``block_types`` (outermost only) with
+    non-reentrant :func:`torch.utils.checkpoint.checkpoint`; parameter names and the state dict do not
+    change. Returns the number of wrapped modules.
+    """
+    wrapped = 0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal wrapped
+        for child in module.children():
+            if type(child).__name__ in block_types and not getattr(child, "_perceivers_checkpointed", False):
+                inner = child.forward
+
+                def forward(*args: Any, _inner: Callable = inner, **kwargs: Any) -> Any:
+                    if torch.is_grad_enabled():
+                        return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                    return _inner(*args, **kwargs)
+
+                child.forward = forward
+                child._perceivers_checkpointed = True
+                wrapped += 1
+            else:
+                visit(child)
+
+    visit(model)
+    return wrapped
+
+
+class Task(pl.LightningModule):
+    """What every task shares: the model, optimizer, schedule, compile and activation checkpointing.
+
+    Args:
+        model: the network (a ``class_path`` in YAML).
+        model_name, model_kwargs: instead of ``model``, a registered name for :func:`perceivers.create_model`.
+        optimizer: optimizer class and its arguments (``class_path`` + ``init_args``); called with
+            parameter groups.
+        lr_scheduler: optional schedule; ``ReduceLROnPlateau`` steps per epoch on ``monitor``, other
+            schedules per ``lr_interval``. Schedules with a ``total_steps`` argument get the run's optimizer
+            step count when it is not given.
+        lr_interval: ``"step"`` or ``"epoch"``.
+        monitor: metric for ``ReduceLROnPlateau``.
+        weight_decay_exclude_1d: no weight decay for biases, norm scales and other 1-D parameters.
+        scale_lr_with_batch: if set, every learning rate is multiplied by ``global batch / this`` (the
+            DeepMind rule ``lr = base × batch / 256``).
+        compile: ``torch.compile`` the model in place (state-dict keys unchanged).
+        activation_checkpointing: recompute attention-block activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        model_name: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
+        monitor: str = "val/loss",
+        weight_decay_exclude_1d: bool = True,
+        scale_lr_with_batch: int | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = build_model(model, model_name, model_kwargs)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.lr_interval = lr_interval
+        self.monitor = monitor
+        self.weight_decay_exclude_1d = weight_decay_exclude_1d
+        self.scale_lr_with_batch = scale_lr_with_batch
+        self.compile_model = compile
+        self.activation_checkpointing = activation_checkpointing
+        self._forward_params = _forward_parameters(self.model)
+        self._prepared = False
+
+    # ------------------------------------------------------------------ model call
+    def call_model(self, inputs: Tensor, mask: Tensor | None = None) -> Any:
+        """Run the model with the mask under the argument name it takes."""
+        if mask is None or bool(mask.all()):
+            return self.model(inputs)
+        if "attention_mask" in self._forward_params:
+            return self.model(inputs, attention_mask=mask)
+        if "mask" in self._forward_params:
+            return self.model(inputs, mask=mask)
+        raise ConfigError(f"the batch has padding but {type(self.model).__name__}.forward takes no mask")
+
+    def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
+        return model_logits(self.call_model(inputs, mask))
+
+    def configure_model(self) -> None:
+        if self._prepared:
+            return
+        self._prepared = True
+        if self.activation_checkpointing:
+            count = enable_activation_checkpointing(self.model)
+            if not count:
+                raise ConfigError(f"activation_checkpointing: no attention blocks found in {type(self.model).__name__}")
+        if self.compile_model:
+            self.model.compile()
+
+    # ------------------------------------------------------------------ optimisation
+    def _global_batch(self) -> int | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return getattr(datamodule, "batch_size", None)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.weight_decay_exclude_1d:
+            return [{"params": [p for _, p in params]}]
+        decay = [p for _, p in params if p.ndim > 1]
+        no_decay = [p for _, p in params if p.ndim <= 1]
+        groups = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scale_lr_with_batch:
+            batch = self._global_batch()
+            if batch is None:
+                raise ConfigError("scale_lr_with_batch needs a datamodule with a batch_size")
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * batch / self.scale_lr_with_batch
+                group["initial_lr"] = group["lr"]
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        target, bound = _factory_target(self.scheduler_factory)
+        try:
+            params = inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "total_steps" in params and bound.get("total_steps") is None:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config = {"scheduler": scheduler, "monitor": self.monitor, "interval": "epoch"}
+        else:
+            config = {"scheduler": scheduler, "interval": self.lr_interval}
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------ checks before training
+    def example_batch(self) -> dict[str, Tensor] | None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "example_batch"):
+            return None
+        return datamodule.example_batch()
+
+
+class ClassificationTask(Task):
+    """Classification of images ``[B, H, W, C]`` or sequences ``[B, L(, C)]`` with cross-entropy.
+
+    Args:
+        num_classes: classes; default: the model's output width (checked against the data's labels).
+        label_smoothing: cross-entropy label smoothing.
+        mixup_alpha, cutmix_alpha, cutmix_prob: MixUp / CutMix on image batches (0 = off; see
+            :func:`perceivers.data.transforms.mix_batch`).
+        top_k: the second accuracy reported (``acc_top5`` for 5), skipped when there are fewer classes.
+        input_layout: ``"auto"`` (channels first for models whose forward takes ``pixel_values``),
+            ``"channels_last"`` or ``"channels_first"`` — images arrive channels last.
+        Other arguments as :class:`Task`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        num_classes: int | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_prob: float = 0.5,
+        top_k: int = 5,
+        input_layout: Literal["auto", "channels_last", "channels_first"] = "auto",
+        model_name: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
+        monitor: str = "val/loss",
+        weight_decay_exclude_1d: bool = True,
+        scale_lr_with_batch: int | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(
+            model, model_name=model_name, model_kwargs=model_kwargs, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            lr_interval=lr_interval, monitor=monitor, weight_decay_exclude_1d=weight_decay_exclude_1d,
+            scale_lr_with_batch=scale_lr_with_batch, compile=compile, activation_checkpointing=activation_checkpointing,
+        )
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.mixup_alpha, self.cutmix_alpha, self.cutmix_prob = mixup_alpha, cutmix_alpha, cutmix_prob
+        self.top_k = top_k
+        if input_layout == "auto":
+            input_layout = "channels_first" if "pixel_values" in self._forward_params else "channels_last"
+        self.input_layout = input_layout
+        self.metrics = nn.ModuleDict()
+
+    def _model_inputs(self, inputs: Tensor) -> Tensor:
+        if self.input_layout == "channels_first" and inputs.ndim == 4:
+            return inputs.permute(0, 3, 1, 2)
+        return inputs
+
+    def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
+        return model_logits(self.call_model(self._model_inputs(inputs), mask))
+
+    # ------------------------------------------------------------------ set-up and checks
+    def setup(self, stage: str) -> None:
+        data_classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
+        batch = self.example_batch()
+        model_classes = None
+        if batch is not None:
+            try:
+                with torch.no_grad():
+                    was = self.model.training
+                    self.model.eval()
+                    logits = self(batch["inputs"], batch.get("mask"))
+                    self.model.train(was)
+            except (ValueError, TypeError, RuntimeError) as err:
+                shape = tuple(batch["inputs"].shape)
+                raise ConfigError(
+                    f"{type(self.model).__name__} cannot take the data's inputs (batch shape {shape}, "
+                    f"{'channels first' if self.input_layout == 'channels_first' else 'channels last'} for images): "
+                    f"{err}"
+                ) from err
+            if logits.ndim != 2:
+                raise ConfigError(f"{type(self.model).__name__} returns logits of shape {tuple(logits.shape)}; "
+                                  "classification needs [batch, num_classes]")
+            model_classes = logits.shape[-1]
+        if self.num_classes is None:
+            self.num_classes = model_classes or data_classes
+        if self.num_classes is None:
+            raise ConfigError("num_classes is unknown: set model.init_args.num_classes or use a datamodule with classes")
+        if model_classes is not None and model_classes != self.num_classes:
+            raise ConfigError(f"num_classes={self.num_classes} but the model outputs {model_classes} logits")
+        if data_classes is not None and data_classes > self.num_classes:
+            raise ConfigError(
+                f"labels out of range: the data has {data_classes} classes (labels 0..{data_classes - 1}) but the "
+                f"model has {self.num_classes} outputs; set the model's num_classes/num_labels to {data_classes}"
+            )
+        self._make_metrics()
+
+    def _make_metrics(self) -> None:
+        if len(self.metrics):
+            return
+        for split in ("train", "val", "test"):
+            self.metrics[f"{split}_acc"] = torchmetrics.classification.MulticlassAccuracy(
+                self.num_classes, top_k=1, average="micro")
+            if split != "train" and self.num_classes > self.top_k > 1:
+                self.metrics[f"{split}_acc_top{self.top_k}"] = torchmetrics.classification.MulticlassAccuracy(
+                    self.num_classes, top_k=self.top_k, average="micro")
+            self.metrics[f"{split}_loss"] = torchmetrics.MeanMetric()
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        inputs, target, mask = batch["inputs"], batch["target"], batch.get("mask")
+        mixing = split == "train" and (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and inputs.ndim == 4
+        if mixing:
+            inputs, soft = mix_batch(inputs, target, self.num_classes, mixup_alpha=self.mixup_alpha,
+                                     cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob,
+                                     label_smoothing=self.label_smoothing)
+            logits = self(inputs, mask)
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = self(inputs, mask)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        batch_size = target.shape[0]
+        self.metrics[f"{split}_loss"](loss.detach(), batch_size)
+        self.log(f"{split}/loss", self.metrics[f"{split}_loss"], on_step=split == "train", on_epoch=True,
+                 prog_bar=True, batch_size=batch_size)
+        for key, metric in self.metrics.items():
+            if key.startswith(f"{split}_acc"):
+                metric(logits.detach(), target)
+                name = key.removeprefix(f"{split}_")
+                self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc",
+                         batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        logits = self(batch["inputs"], batch.get("mask"))
+        probs = logits.float().softmax(-1)
+        return {"probs": probs, "prediction": probs.argmax(-1)}
+
+
+class MaskedLMTask(Task):
+    """Masked language modelling on byte ids: cross-entropy over the masked positions only.
+
+    Batches carry the corrupted ``inputs [B, L]``, ``labels [B, L]`` (-100 = not a target) and ``mask``;
+    the masking itself is done by the datamodule. Reports loss, accuracy and perplexity on the targets.
+
+    Models: anything taking ``[B, L]`` ids (and a mask) and returning ``[B, L, vocab]`` logits —
+    :class:`~perceivers.PerceiverLM`, or ``model_name: language-perceiver`` through ``create_model``.
+
+    Args:
+        vocab_size: logits width (262 for the byte tokenizer).
+        Other arguments as :class:`Task`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        vocab_size: int = 262,
+        model_name: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
+        monitor: str = "val/loss",
+        weight_decay_exclude_1d: bool = True,
+        scale_lr_with_batch: int | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(
+            model, model_name=model_name, model_kwargs=model_kwargs, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            lr_interval=lr_interval, monitor=monitor, weight_decay_exclude_1d=weight_decay_exclude_1d,
+            scale_lr_with_batch=scale_lr_with_batch, compile=compile, activation_checkpointing=activation_checkpointing,
+        )
+        self.vocab_size = vocab_size
+        self.metrics = nn.ModuleDict()
+        for split in ("train", "val", "test"):
+            self.metrics[f"{split}_loss"] = torchmetrics.MeanMetric()
+            self.metrics[f"{split}_acc"] = torchmetrics.classification.MulticlassAccuracy(
+                vocab_size, top_k=1, average="micro", ignore_index=-100)
+            self.metrics[f"{split}_perplexity"] = torchmetrics.text.Perplexity(ignore_index=-100)
+
+    def setup(self, stage: str) -> None:
+        batch = self.example_batch()
+        if batch is None:
+            return
+        try:
+            with torch.no_grad():
+                logits = self(batch["inputs"], batch.get("mask"))
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ConfigError(f"{type(self.model).__name__} cannot take byte ids of shape "
+                              f"{tuple(batch['inputs'].shape)}: {err}") from err
+        expected = (*batch["inputs"].shape, self.vocab_size)
+        if tuple(logits.shape) != expected:
+            raise ConfigError(f"masked LM needs logits {expected} ([batch, length, vocab_size]), the model gives "
+                              f"{tuple(logits.shape)}")
+
+    def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        logits = self(batch["inputs"], batch.get("mask")).float()
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        targets = int((labels != -100).sum())
+        self.metrics[f"{split}_loss"](loss.detach(), targets)
+        self.log(f"{split}/loss", self.metrics[f"{split}_loss"], on_step=split == "train", on_epoch=True,
+                 prog_bar=True, batch_size=labels.shape[0])
+        self.metrics[f"{split}_acc"](logits.detach().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        self.log(f"{split}/acc", self.metrics[f"{split}_acc"], on_step=False, on_epoch=True,
+                 batch_size=labels.shape[0])
+        if split != "train":
+            self.metrics[f"{split}_perplexity"].update(logits.detach(), labels)
+            self.log(f"{split}/perplexity", self.metrics[f"{split}_perplexity"], on_step=False, on_epoch=True,
+                     batch_size=labels.shape[0])
+        else:
+            self.log("train/perplexity", loss.detach().exp(), on_step=True, on_epoch=False)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
