@@ -415,6 +415,11 @@ def load_haiku_checkpoint(
     Returns ``model``.
     """
     flat = source if isinstance(source, Mapping) else read_haiku_checkpoint(source)
-    state = haiku_to_state_dict(flat, model)
+    try:
+        state = haiku_to_state_dict(flat, model)
+    except HaikuCheckpointError as e:
+        if isinstance(source, (str, os.PathLike)):
+            raise HaikuCheckpointError(f"{os.fspath(source)}: {e}") from e
+        raise
     model.load_state_dict(state, strict=True)
     return model
