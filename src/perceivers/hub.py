@@ -323,6 +323,10 @@ def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
     own = model.state_dict()
     if not state or len(set(state) & set(own)) >= len(state) / 2:
         return state
+    if all(k.startswith("model.") for k in state):  # a perceivers.train (Lightning) checkpoint's state_dict
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        if len(set(state) & set(own)) >= len(state) / 2:
+            return state
     if "perceiver.embeddings.latents" in state or any(".attention.self." in k for k in state):
         from .convert.transformers import convert_transformers_state_dict
 

@@ -7,6 +7,8 @@
   our safetensors metadata so that flipped bytes in the payload are detected on load (safetensors
   itself has no checksum).
 * :func:`read_json` — JSON files with errors that name the file.
+* :func:`load_numpy_pickle` — pickles of plain containers and numpy arrays (e.g. the CIFAR files),
+  unpickled without importing or calling anything else.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["atomic_path", "atomic_write_text", "read_json", "tensor_digest"]
+__all__ = ["UnsafePickleError", "atomic_path", "atomic_write_text", "load_numpy_pickle", "read_json", "tensor_digest"]
 
 
 @contextmanager
@@ -81,3 +85,40 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON (truncated or corrupt file?): {e}") from e
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle refers to a global outside the allowed numpy reconstruction (it was not executed)."""
+
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct, scalar
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct, scalar
+
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): scalar,
+    ("numpy._core.multiarray", "scalar"): scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): __import__("codecs").encode,
+}
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _NUMPY_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(f"refusing to unpickle global '{module}.{name}': only numpy arrays and plain "
+                                    "containers are allowed") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"refusing persistent id {pid!r}")
+
+
+def load_numpy_pickle(file: BinaryIO, *, encoding: str = "ASCII") -> Any:
+    """``pickle.load`` restricted to dicts, lists, tuples, strings, numbers and numpy arrays."""
+    return _NumpyUnpickler(file, encoding=encoding).load()

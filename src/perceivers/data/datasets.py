@@ -11,7 +11,6 @@ the value and what was expected, so a bad dataset stops a run before training st
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from ..safe_files import load_numpy_pickle
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -178,7 +179,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
         raise DataError(f"CIFAR file {str(path)!r} is missing")
     try:
         with path.open("rb") as f:
-            data = pickle.load(f, encoding="bytes")  # the files were written by Python 2
+            data = load_numpy_pickle(f, encoding="bytes")  # Python 2 pickles; nothing but arrays may load
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unreadable file
         raise DataError(f"cannot read CIFAR file {str(path)!r}: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):

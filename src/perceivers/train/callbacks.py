@@ -15,7 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .loggers import truncate_metrics
 
-__all__ = ["ReplicaCheck", "RestoreBestWeights", "ResumableMetrics", "TrainingPlots", "metrics_csv_path"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "ReplicaCheck", "RestoreBestWeights", "ResumableMetrics",
+           "TrainingPlots", "metrics_csv_path"]
 
 
 def metrics_csv_path(trainer: pl.Trainer) -> Path | None:
@@ -56,6 +57,29 @@ class ResumableMetrics(Callback):
                                "that checkpoint")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped because the loss was NaN or infinite (before the weights were updated)."""
+
+
+class NonFiniteLossGuard(Callback):
+    """Stop ``fit`` at the first NaN/Inf training loss, before its backward pass and optimizer step.
+
+    The weights and every checkpoint written so far stay finite; the error names the step and the
+    last checkpoint to resume from (after lowering the learning rate, say).
+    """
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        callback = trainer.checkpoint_callback
+        last = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")) if callback else ""
+        where = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"training loss is {float(loss.detach().float().reshape(-1)[0])} at step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}): stopped before updating the weights{where}"
+        )
+
+
 class RestoreBestWeights(Callback):
     """At the end of ``fit``, load the weights of the best checkpoint (Keras' ``restore_best_weights``)."""
 
@@ -64,7 +88,7 @@ class RestoreBestWeights(Callback):
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
         if not best or not os.path.isfile(best):
             return
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         pl_module.load_state_dict(state)
         rank_zero_info(f"restored the best weights ({callback.monitor}={float(callback.best_model_score):.4g}) "
                        f"from {best}")

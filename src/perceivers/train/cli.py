@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import ReplicaCheck, ResumableMetrics, TrainingPlots
+from .callbacks import NonFiniteLossGuard, ReplicaCheck, ResumableMetrics, TrainingPlots
 from .checkpoint_io import AtomicCheckpointIO
 from .loggers import RunCSVLogger
 from .tasks import Task
@@ -92,7 +92,7 @@ class PerceiversCLI(LightningCLI):
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is None:
             checkpoint.dirpath = os.path.realpath(root / "checkpoints")
         callbacks = list(trainer_config.get("callbacks") or [])
-        callbacks += [ResumableMetrics(), ReplicaCheck()]
+        callbacks += [ResumableMetrics(), ReplicaCheck(), NonFiniteLossGuard()]
         trainer_config["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
