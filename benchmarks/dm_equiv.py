@@ -17,10 +17,10 @@ __all__ = ["DMImageFourier", "DMMaskedLM", "DMPerceiverIO"]
 
 def _attention_shapes(layer) -> dict:
     sa = layer.attention.self
-    return dict(
-        num_heads=sa.num_heads, qk_channels=sa.query.out_features, v_channels=sa.value.out_features,
-        qkv_bias=True,
-    )
+    return {
+        "num_heads": sa.num_heads, "qk_channels": sa.query.out_features, "v_channels": sa.value.out_features,
+        "qkv_bias": True,
+    }
 
 
 def _mlp_mult(layer) -> int:

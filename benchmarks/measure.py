@@ -18,11 +18,11 @@ import torch
 from torch.utils import flop_counter
 
 __all__ = [
+    "PeakMemory",
     "alternate",
     "count_flops",
     "machine_description",
     "matmul_rate",
-    "PeakMemory",
     "synchronize",
 ]
 
@@ -242,7 +242,7 @@ def machine_description(device: torch.device) -> dict:
         desc["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         desc["cuda"] = torch.version.cuda
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
         desc["perceivers_commit"] = out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

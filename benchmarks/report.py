@@ -36,7 +36,7 @@ def _peak(d: dict | None) -> float | None:
 def add_ratios(entry: dict) -> None:
     """perceivers' speed-up over the fastest peer and its memory relative to the leanest peer."""
     ours = entry["impls"].get(OURS, {})
-    peers = {k: v for k, v in entry["impls"].items() if k != OURS and "skipped" not in v}
+    peers = {k: v for k, v in entry["impls"].items() if not k.startswith(OURS) and "skipped" not in v}
     summary: dict = {}
     for mode, key in (("infer", "median_s"), ("train", "median_s")):
         mine = (ours.get(mode) or {}).get(key)
@@ -70,11 +70,11 @@ def markdown(results: dict) -> str:
             f"{k.replace('_flop_per_s', '').replace('matmul', 'fp32' if k == 'matmul_flop_per_s' else '')} "
             f"{v / 1e9:.0f} GFLOP/s".replace("  ", " ") for k, v in rates.items()) + "; each workload also "
                      "times a matmul job interleaved with the models (column *matmul*).")
-    lines += ["", "Times are medians of interleaved repeats; ×peer = the fastest peer's time / this time "
+    lines += ["", ("Times are medians of interleaved repeats; ×peer = the fastest peer's time / this time "
               "(>1: perceivers is faster); memory = peak above the process's footprint after building the model "
               "and inputs, each case in its own process (CPU: peak RSS; CUDA: max_memory_allocated); FLOPs are "
               "counted matmul/attention FLOPs (FlopCounterMode, 2 per multiply-add) of each implementation's "
-              "own algorithm; % = achieved FLOP/s over the interleaved matmul rate.", ""]
+              "own algorithm; % = achieved FLOP/s over the interleaved matmul rate."), ""]
     header = ("| workload | impl | params | batch | infer s | samples/s | ×peer | train s | ×peer | "
               "peak infer | peak train | GFLOP/sample | train GFLOP/s | % matmul | matmul GFLOP/s | check |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]

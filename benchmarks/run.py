@@ -31,12 +31,10 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-
-import measure  # noqa: E402
-import report  # noqa: E402
-import workloads as W  # noqa: E402
-
+import measure
+import report
+import torch
+import workloads as W
 
 MATMUL = "_matmul"
 
@@ -112,8 +110,8 @@ def memory_case(args: argparse.Namespace) -> None:
     fn = make_forward(built, inputs, device, args.precision) if mode == "infer" else \
         make_step(built, inputs, device, args.precision)
     t0 = time.perf_counter()
-    fn()
-    fn()
+    for _ in range(1 if wl.heavy else 2):
+        fn()
     print("MEMORY " + json.dumps({"peak_bytes": meter.peak_bytes(), "method": meter.method,
                                   "seconds": time.perf_counter() - t0}), flush=True)
 
@@ -122,7 +120,7 @@ def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> di
     cmd = [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
            "--memory-case", wl.name, impl, mode, str(batch)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     except subprocess.TimeoutExpired:
         return {"error": "timeout"}
     for line in proc.stdout.splitlines():
@@ -137,7 +135,8 @@ def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> di
 
 def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dict:
     batch = min(wl.batch, 2) if args.quick else wl.batch
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = 1 if wl.heavy else (args.repeats or (2 if args.quick else 3))
+    warmup = 0 if wl.heavy else 1
     entry: dict = {"workload": wl.name, "family": wl.family, "description": wl.description, "batch": batch,
                    "elements": wl.elements, "precision": args.precision, "impls": {}}
     print(f"\n=== {wl.name}: {wl.description} (batch {batch})", flush=True)
@@ -175,8 +174,8 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
 
     # Inference
     fwd = {impl: make_forward(b, inputs, device, args.precision) for impl, b in built.items()}
-    mm_fn, mm_flops = measure.matmul_case(device)
-    times = measure.alternate({**fwd, MATMUL: mm_fn}, device, repeats=repeats, budget_s=args.budget)
+    mm_fn, mm_flops = measure.matmul_case(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    times = measure.alternate({**fwd, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup, budget_s=args.budget)
     rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
     entry["matmul_flop_per_s"] = rate
     print(f"  matmul rate (interleaved) {rate / 1e9:.1f} GFLOP/s", flush=True)
@@ -184,16 +183,17 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
         s = measure.summarize(t)
         entry["impls"][impl]["infer"] = {**s, "samples_per_s": batch / s["median_s"]}
         print(f"  infer {impl:18s} {s['median_s']:.3f} s/batch  ({batch / s['median_s']:.2f} samples/s)", flush=True)
-    if not args.no_flops:
+    if not args.no_flops and not wl.heavy:
         for impl, b in built.items():
             # counted with autograd on: FlopCounterMode's module hooks fail under no_grad
-            fn = lambda b=b: b.run(b.model.eval(), inputs)  # noqa: E731
+            fn = lambda b=b, inputs=inputs: b.run(b.model.eval(), inputs)
             entry["impls"][impl]["infer"]["flops_per_sample"] = measure.count_flops(fn) / batch
 
     # Training step
     if wl.train and not args.no_train:
         steps = {impl: make_step(b, inputs, device, args.precision) for impl, b in built.items()}
-        times = measure.alternate({**steps, MATMUL: mm_fn}, device, repeats=repeats, budget_s=args.budget)
+        times = measure.alternate({**steps, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup,
+                                  budget_s=args.budget)
         rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
         entry["matmul_flop_per_s_train"] = rate
         for impl, t in times.items():

@@ -47,19 +47,20 @@ class Workload:
     # rough peak-memory model (bytes) of each peer's forward, to skip cases that cannot fit
     estimate: Callable[[str, int], float] | None = None
     check: bool = True  # compare the outputs of the implementations
+    heavy: bool = False  # one timed run, no warm-up, no FLOP counting, one pass in the memory process
 
 
 # ---------------------------------------------------------------------------- perceiver-pytorch family
 
-README_PERCEIVER = dict(
-    input_channels=3, input_axis=2, num_freq_bands=6, max_freq=10.0, depth=6, num_latents=256, latent_dim=512,
-    cross_heads=1, latent_heads=8, cross_dim_head=64, latent_dim_head=64, num_classes=1000, attn_dropout=0.0,
-    ff_dropout=0.0, weight_tie_layers=False, fourier_encode_data=True, self_per_cross_attn=2,
-)
-README_IO = dict(
-    dim=32, queries_dim=32, logits_dim=100, depth=6, num_latents=256, latent_dim=512, cross_heads=1,
-    latent_heads=8, cross_dim_head=64, latent_dim_head=64, weight_tie_layers=False,
-)
+README_PERCEIVER = {
+    "input_channels": 3, "input_axis": 2, "num_freq_bands": 6, "max_freq": 10.0, "depth": 6, "num_latents": 256, "latent_dim": 512,
+    "cross_heads": 1, "latent_heads": 8, "cross_dim_head": 64, "latent_dim_head": 64, "num_classes": 1000, "attn_dropout": 0.0,
+    "ff_dropout": 0.0, "weight_tie_layers": False, "fourier_encode_data": True, "self_per_cross_attn": 2,
+}
+README_IO = {
+    "dim": 32, "queries_dim": 32, "logits_dim": 100, "depth": 6, "num_latents": 256, "latent_dim": 512, "cross_heads": 1,
+    "latent_heads": 8, "cross_dim_head": 64, "latent_dim_head": 64, "weight_tie_layers": False,
+}
 
 
 def _seeded(fn):
@@ -80,9 +81,9 @@ def _lr_family_builder(kind: str, cfg: dict) -> Callable[[str, torch.device], Bu
         ours_cls = perceivers.Perceiver if kind == "perceiver" else perceivers.PerceiverIO
         peer = _seeded(lambda: peer_cls(**cfg))
         if kind == "perceiver":
-            run = lambda m, inp: m(inp[0])  # noqa: E731
+            run = lambda m, inp: m(inp[0])
         else:
-            run = lambda m, inp: m(inp[0], queries=inp[1])  # noqa: E731
+            run = lambda m, inp: m(inp[0], queries=inp[1])
         if impl == LR:
             return Built(peer.to(device), run)
         ours = ours_cls(**cfg)
@@ -117,14 +118,14 @@ def _lr_perceiver_estimate(cfg: dict, side: int) -> Callable[[str, int], float]:
 
 def perceiver_workload(name: str, side: int, batch: int, *, depth: int = 6, tied: bool = False,
                        train: bool = True, tags: tuple[str, ...] = (), impls=(OURS, LR), check: bool = True,
-                       description: str | None = None) -> Workload:
+                       description: str | None = None, heavy: bool = False) -> Workload:
     cfg = dict(README_PERCEIVER, depth=depth, weight_tie_layers=tied)
     desc = description or (f"perceiver-pytorch README Perceiver (depth {depth}, {'tied' if tied else 'untied'}), "
                            f"{side}×{side}×3 images")
     return Workload(
         name=name, family="perceiver", description=desc, batch=batch, elements=side * side, impls=tuple(impls),
         build=_lr_family_builder("perceiver", cfg), inputs=_image_inputs(side), train=train,
-        tags=frozenset(tags), estimate=_lr_perceiver_estimate(cfg, side), check=check,
+        tags=frozenset(tags), estimate=_lr_perceiver_estimate(cfg, side), check=check, heavy=heavy,
     )
 
 
@@ -188,7 +189,7 @@ def _dm_builder(kind: str, hf_kwargs: dict, registry_name: str | None = None,
         decoder = hfm.PerceiverBasicDecoder(
             config, output_num_channels=io_out, position_encoding_type="trainable", output_index_dims=io_queries,
             num_channels=config.d_model, use_query_residual=False, final_project=True,
-            trainable_position_encoding_kwargs=dict(num_channels=config.d_model, index_dims=io_queries),
+            trainable_position_encoding_kwargs={"num_channels": config.d_model, "index_dims": io_queries},
         )
         return hfm.PerceiverModel(config, decoder=decoder)
 
@@ -197,11 +198,11 @@ def _dm_builder(kind: str, hf_kwargs: dict, registry_name: str | None = None,
 
         hf = _seeded(make_hf).eval()
         if kind == "image":
-            hf_run = lambda m, inp: m(pixel_values=inp[0]).logits  # noqa: E731
+            hf_run = lambda m, inp: m(pixel_values=inp[0]).logits
         elif kind == "mlm":
-            hf_run = lambda m, inp: m(inputs=inp[0]).logits  # noqa: E731
+            hf_run = lambda m, inp: m(inputs=inp[0]).logits
         else:
-            hf_run = lambda m, inp: m(inputs=inp[0]).logits  # noqa: E731
+            hf_run = lambda m, inp: m(inputs=inp[0]).logits
         if impl == HF:
             return Built(hf.to(device), hf_run)
         ours = _via_create_model(registry_name, overrides or {}, hf) if registry_name else None
@@ -232,12 +233,12 @@ def _hf_estimate(channels: int, num_latents: int, qk: int, v: int, heads: int = 
     return est
 
 
-VISION_OFFICIAL = dict(num_latents=512, d_latents=1024, d_model=261, num_blocks=8, num_self_attends_per_block=6,
-                       num_self_attention_heads=8, num_cross_attention_heads=1, num_labels=1000, image_size=224)
+VISION_OFFICIAL = {"num_latents": 512, "d_latents": 1024, "d_model": 261, "num_blocks": 8, "num_self_attends_per_block": 6,
+                       "num_self_attention_heads": 8, "num_cross_attention_heads": 1, "num_labels": 1000, "image_size": 224}
 VISION_REDUCED = dict(VISION_OFFICIAL, num_latents=128, d_latents=256, num_blocks=2, num_self_attends_per_block=2)
-LANGUAGE_OFFICIAL = dict(num_latents=256, d_latents=1280, d_model=768, num_blocks=1, num_self_attends_per_block=26,
-                         num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
-                         vocab_size=262, max_position_embeddings=2048)
+LANGUAGE_OFFICIAL = {"num_latents": 256, "d_latents": 1280, "d_model": 768, "num_blocks": 1, "num_self_attends_per_block": 26,
+                         "num_self_attention_heads": 8, "num_cross_attention_heads": 8, "qk_channels": 256, "v_channels": 1280,
+                         "vocab_size": 262, "max_position_embeddings": 2048}
 LANGUAGE_REDUCED = dict(LANGUAGE_OFFICIAL, num_latents=128, d_latents=256, d_model=256, num_self_attends_per_block=4,
                         qk_channels=256, v_channels=256)
 
@@ -272,8 +273,8 @@ def language_workload(name: str, hf_kwargs: dict, batch: int, *, train: bool = T
 
 
 def io_hf_workload(name: str, inputs: int, queries: int, batch: int, tags: tuple[str, ...] = ()) -> Workload:
-    kw = dict(num_latents=256, d_latents=512, d_model=32, num_blocks=1, num_self_attends_per_block=6,
-              num_self_attention_heads=8, num_cross_attention_heads=1)
+    kw = {"num_latents": 256, "d_latents": 512, "d_model": 32, "num_blocks": 1, "num_self_attends_per_block": 6,
+              "num_self_attention_heads": 8, "num_cross_attention_heads": 1}
 
     def make(b: int, device: torch.device) -> tuple:
         g = torch.Generator().manual_seed(1)
@@ -309,7 +310,7 @@ def all_workloads() -> list[Workload]:
     for side in (2048, 4096):
         w.append(perceiver_workload(
             f"sweep-perceiver-{side}", side, 1, depth=2, train=False, tags=("sweep", "huge"), impls=(OURS, LR),
-            check=False,
+            check=False, heavy=True,
             description=f"README Perceiver depth 2 untied, batch 1, {side}×{side}×3 ({side * side} inputs)",
         ))
     for side in (32, 64, 128, 256, 512, 1024):

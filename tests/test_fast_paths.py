@@ -15,10 +15,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import perceivers
-from perceivers.layers import Attention, ContextStream, CrossAttentionBlock, FourierPositionEncoding, auto_chunk_size
+from perceivers.layers import (
+    Attention,
+    ContextStream,
+    CrossAttentionBlock,
+    FourierPositionEncoding,
+    auto_chunk_size,
+)
 from perceivers.validation import finite_checks
 
-TOL = dict(atol=2e-5, rtol=1e-4)
+TOL = {"atol": 2e-5, "rtol": 1e-4}
 
 
 def _set_fold(module: torch.nn.Module, value: bool | None) -> None:
@@ -29,9 +35,9 @@ def _set_fold(module: torch.nn.Module, value: bool | None) -> None:
 
 def _small_perceiver(**kw) -> perceivers.Perceiver:
     torch.manual_seed(0)
-    cfg = dict(num_freq_bands=4, depth=2, max_freq=10.0, input_channels=3, input_axis=2, num_latents=8,
-               latent_dim=32, cross_heads=1, latent_heads=2, cross_dim_head=32, latent_dim_head=16, num_classes=5,
-               self_per_cross_attn=1)
+    cfg = {"num_freq_bands": 4, "depth": 2, "max_freq": 10.0, "input_channels": 3, "input_axis": 2, "num_latents": 8,
+               "latent_dim": 32, "cross_heads": 1, "latent_heads": 2, "cross_dim_head": 32, "latent_dim_head": 16, "num_classes": 5,
+               "self_per_cross_attn": 1}
     cfg.update(kw)
     return perceivers.Perceiver(**cfg)
 

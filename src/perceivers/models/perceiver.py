@@ -268,9 +268,9 @@ class Perceiver(nn.Module):
         b = flat.shape[0]
         enc = self.position_encoding
         if enc is None:
-            chunk = lambda a, z: flat[:, a:z]  # noqa: E731
+            chunk = lambda a, z: flat[:, a:z]
         elif pos is not None:
-            chunk = lambda a, z: torch.cat((flat[:, a:z], enc.encode(pos[:, a:z].to(data.dtype))), -1)  # noqa: E731
+            chunk = lambda a, z: torch.cat((flat[:, a:z], enc.encode(pos[:, a:z].to(data.dtype))), -1)
         else:
             shape = tuple(data.shape[1:-1])
 
