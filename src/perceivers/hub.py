@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .configurable import init_config
-from .safe_files import atomic_write_text, read_json
+from .safe_files import atomic_path, read_json
 
 __all__ = [
     "CONFIG_NAME",
@@ -139,8 +139,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
         config["extra"] = extra
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=False) + "\n")
-    save_state_dict(model.state_dict(), directory / WEIGHTS_NAME, metadata={"perceivers.format": FORMAT})
+    # Both files are written completely before either replaces its previous version, so a crash or a
+    # full disk while saving leaves the previous (config, weights) pair as it was.
+    with atomic_path(directory / WEIGHTS_NAME) as weights, atomic_path(directory / CONFIG_NAME) as config_file:
+        save_state_dict(model.state_dict(), weights, metadata={"perceivers.format": FORMAT})
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return directory
 
 

@@ -48,6 +48,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by writers killed mid-write (SIGKILL)
+        stale.unlink(missing_ok=True)
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds

@@ -32,6 +32,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by writers killed mid-write (SIGKILL)
+        stale.unlink(missing_ok=True)
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:
