@@ -189,3 +189,47 @@ def test_haiku_truncated_mid_array(tmp_path):
     path.write_bytes(pickle.dumps({"a": {"w": torch.zeros(100).numpy()}})[:-40])
     with pytest.raises(HaikuCheckpointError, match=r"p\.pkl.*truncated or corrupt"):
         read_haiku_checkpoint(path)
+
+
+def test_cli_reports_broken_inputs_without_tracebacks(valid, tmp_path, capsys):
+    """``perceivers predict`` / ``convert``: unreadable images and damaged checkpoints → exit 2 and one line."""
+    from PIL import Image
+
+    from perceivers.commands import predict
+
+    good = tmp_path / "good.png"
+    Image.fromarray(torch.randint(0, 255, (20, 24, 3), dtype=torch.uint8).numpy()).save(good)
+    garbage, truncated = tmp_path / "garbage.png", tmp_path / "truncated.png"
+    garbage.write_bytes(b"not an image at all")
+    truncated.write_bytes(good.read_bytes()[:60])
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(valid["torch"].read_bytes()[:1000])
+    runs = [
+        (predict.main, [str(garbage), "--model", "vision-perceiver-conv"], "garbage.png"),
+        (predict.main, [str(truncated), "--model", "vision-perceiver-conv"], "truncated.png"),
+        (predict.main, [str(tmp_path / "missing.png"), "--model", "vision-perceiver-conv"], "missing.png"),
+        (predict.main, [str(good), "--model", "vision-perceiver-conv", "--checkpoint", str(broken)], "broken.pt"),
+        (convert_cmd.main, [str(broken), str(tmp_path / "out"), "--model", "vision-perceiver-conv"], "broken.pt"),
+    ]
+    for main, argv, name in runs:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "error:" in err and name in err and "Traceback" not in err, err
+
+
+def test_cifar_pickles_cannot_run_code(tmp_path):
+    """The CIFAR reader unpickles numpy arrays and containers only."""
+    import io
+
+    import numpy as np
+
+    from perceivers.safe_files import UnsafePickleError, load_numpy_pickle
+
+    ok = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}, protocol=2)
+    assert load_numpy_pickle(io.BytesIO(ok), encoding="bytes")[b"labels"] == [1, 2]
+    marker = tmp_path / "marker"
+    for payload in _files.PAYLOADS.values():
+        evil = pickle.dumps({b"data": payload(marker)}, protocol=2)
+        with pytest.raises(UnsafePickleError, match="refusing"):
+            load_numpy_pickle(io.BytesIO(evil), encoding="bytes")
+    assert not marker.exists()

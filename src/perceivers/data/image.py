@@ -45,8 +45,13 @@ def load_image(image: object) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image
 
-        with Image.open(image) as im:
-            return np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(image) as im:
+                return np.asarray(im.convert("RGB"))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated or corrupt file
+            raise ValueError(f"{os.fspath(image)} is not a readable image ({type(e).__name__}: {e})") from e
     if isinstance(image, Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -55,6 +60,8 @@ def load_image(image: object) -> np.ndarray:
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(f"an image array must be [H, W, 3] (channels last), got shape {image.shape}")
         image = image[:, :, :3]
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            raise ValueError(f"an image array must be finite, got {int((~np.isfinite(image)).sum())} NaN/Inf values")
         if image.dtype != np.uint8:
             image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         return image
