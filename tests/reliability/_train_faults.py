@@ -231,3 +231,40 @@ def check_kill_run(run: KillRun, max_steps: int) -> None:
         if seg.killed_after_s is not None and seg.last_step is not None:
             assert seg.last_step - (seg.checkpoint_after or 0) <= 1, f"launch {i}: {seg}"
     assert run.temp_files == 0, f"{run.temp_files} temporary checkpoint files left behind"
+
+
+def launch(root: Path, callbacks: list[tuple[str, dict]], max_steps: int, timeout: float = 300.0) -> tuple[int, str]:
+    """Run ``perceivers fit --resume true`` to its end in a forked child → (exit code, its output)."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / f"log{len(list(root.glob('log*.txt')))}.txt"
+    proc = start(fit_argv(root, max_steps, callbacks=callbacks), log)
+    proc.join(timeout)
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGKILL)
+        raise TimeoutError(f"fit did not finish in {timeout} s")
+    return proc.exitcode, log.read_text()
+
+
+def nan_loss_run(root: Path, *, at: int, max_steps: int) -> dict:
+    """A run whose loss turns NaN at step ``at``, then a clean resume. Returns what happened."""
+    code, log = launch(root, [("_train_faults.PoisonAt", {"step": at})], max_steps)
+    message = next((line for line in log.splitlines() if "NonFiniteLossError" in line), "")
+    state = read_checkpoint(root / "checkpoints" / "last.ckpt")  # raises if it holds NaN weights
+    resumed_code, _ = launch(root, [], max_steps)
+    final = read_checkpoint(root / "checkpoints" / "last.ckpt")
+    return {"exit_code": code, "message": message, "checkpoint_step": None if state is None else state["global_step"],
+            "resumed_exit_code": resumed_code, "final_step": None if final is None else final["global_step"],
+            "log": log}
+
+
+def disk_full_run(root: Path, *, at: int, max_steps: int) -> dict:
+    """A run whose checkpoint writes hit a full disk from step ``at`` on, then a resume with space again."""
+    code, log = launch(root, [("_train_faults.DiskFullAt", {"step": at})], max_steps)
+    message = next((line for line in log.splitlines() if "No space left" in line), "")
+    state = read_checkpoint(root / "checkpoints" / "last.ckpt")
+    litter = len(list((root / "checkpoints").glob(".*tmp*")))
+    resumed_code, _ = launch(root, [], max_steps)
+    final = read_checkpoint(root / "checkpoints" / "last.ckpt")
+    return {"exit_code": code, "message": message, "checkpoint_step": None if state is None else state["global_step"],
+            "temp_files": litter, "resumed_exit_code": resumed_code,
+            "final_step": None if final is None else final["global_step"], "log": log}

@@ -44,6 +44,11 @@ def _full(shape, value, dtype=torch.float32):
 
 @pytest.fixture(scope="module")
 def m():
+    return build_models()
+
+
+def build_models() -> dict:
+    """One small instance of every public entry point the cases call (also used by the report script)."""
     torch.manual_seed(0)
     fam = {"num_latents": 4, "latent_dim": 16, "latent_heads": 2, "cross_dim_head": 8, "latent_dim_head": 8,
            "num_classes": 3}

@@ -30,37 +30,20 @@ def test_killed_ten_times_resumes_and_finishes(tmp_path, seed):
     faults.check_kill_run(run, 60)
 
 
-def _launch(root, callbacks, max_steps=MAX_STEPS):
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / "log.txt"
-    proc = faults.start(faults.fit_argv(root, max_steps, callbacks=callbacks), log)
-    proc.join(300)
-    return proc.exitcode, log.read_text()
-
-
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    root = tmp_path / "run"
-    code, log = _launch(root, [("_train_faults.PoisonAt", {"step": 6})])
-    assert code != 0
-    assert "NonFiniteLossError" in log and "step 6" in log and "last good checkpoint" in log, log[-2000:]
-    state = faults.read_checkpoint(root / "checkpoints" / "last.ckpt")  # raises if any weight is NaN
-    assert state["global_step"] == 6
-    # the run continues from that checkpoint once the cause is fixed
-    code, log = _launch(root, [])
-    assert code == 0, log[-2000:]
-    assert faults.read_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
+    r = faults.nan_loss_run(tmp_path / "run", at=6, max_steps=MAX_STEPS)
+    assert r["exit_code"] != 0
+    assert "step 6" in r["message"] and "last good checkpoint" in r["message"], r["log"][-2000:]
+    assert r["checkpoint_step"] == 6  # read_checkpoint verified every weight is finite
+    assert r["resumed_exit_code"] == 0 and r["final_step"] == MAX_STEPS  # continues once the cause is gone
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
-    root = tmp_path / "run"
-    code, log = _launch(root, [("_train_faults.DiskFullAt", {"step": 5})])
-    assert code != 0 and "No space left on device" in log, log[-2000:]
-    state = faults.read_checkpoint(root / "checkpoints" / "last.ckpt")
-    assert state["global_step"] == 5  # the last write that succeeded, intact
-    assert not list((root / "checkpoints").glob(".*tmp*"))  # the half-written file was removed
-    code, log = _launch(root, [])
-    assert code == 0, log[-2000:]
-    assert faults.read_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
+    r = faults.disk_full_run(tmp_path / "run", at=5, max_steps=MAX_STEPS)
+    assert r["exit_code"] != 0 and "No space left on device" in r["message"], r["log"][-2000:]
+    assert r["checkpoint_step"] == 5  # the last write that succeeded, intact
+    assert r["temp_files"] == 0  # the half-written file was removed
+    assert r["resumed_exit_code"] == 0 and r["final_step"] == MAX_STEPS
 
 
 def test_full_disk_in_save_pretrained_keeps_the_previous_pair(tmp_path, monkeypatch):
