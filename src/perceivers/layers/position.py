@@ -130,18 +130,22 @@ class FourierPositionEncoding(nn.Module):
         index_shape = tuple(int(n) for n in index_shape)
         if len(index_shape) != self.num_dims:
             raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
+        if torch.compiler.is_compiling():  # a traced graph computes them (constant-folded by the compiler)
+            return self._compute(index_shape, device, dtype)
         key = (index_shape, str(device), dtype, torch.is_inference_mode_enabled())
         cached = self._cache.get(key)
-        if cached is not None and not torch.compiler.is_compiling():
+        if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        pos = linear_positions(index_shape, device=device, dtype=torch.float32)
-        feats = self.encode(pos.reshape(-1, self.num_dims)).to(dtype)
-        if not torch.compiler.is_compiling():
-            self._cache[key] = feats
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        feats = self._compute(index_shape, device, dtype)
+        self._cache[key] = feats
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
         return feats
+
+    def _compute(self, index_shape: tuple[int, ...], device, dtype: torch.dtype) -> Tensor:
+        pos = linear_positions(index_shape, device=device, dtype=torch.float32)
+        return self.encode(pos.reshape(-1, self.num_dims)).to(dtype)
 
     def grid_rows(
         self,
@@ -176,8 +180,9 @@ class FourierPositionEncoding(nn.Module):
 
     def _axis_tables(self, index_shape: tuple[int, ...], device) -> list[Tensor]:
         """Per axis ``[n_d, C]``: that axis's channels in their final places, zeros elsewhere."""
-        key = ("axis_tables", index_shape, str(device), torch.is_inference_mode_enabled())
-        cached = self._cache.get(key)
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else ("axis_tables", index_shape, str(device), torch.is_inference_mode_enabled())
+        cached = None if compiling else self._cache.get(key)
         if cached is not None:
             return cached
         k, d = self.num_bands, self.num_dims
@@ -197,7 +202,8 @@ class FourierPositionEncoding(nn.Module):
             table = torch.zeros(n, self.num_channels, device=device)
             table[:, cols] = own
             tables.append(table)
-        self._cache[key] = tables
+        if key is not None:
+            self._cache[key] = tables
         return tables
 
     def extra_repr(self) -> str:

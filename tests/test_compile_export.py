@@ -1,0 +1,117 @@
+"""The main models compile without graph breaks and export (torch.export, ONNX) with equal outputs.
+
+Small sizes; ``torch.compile`` with Inductor and ONNX export are the slow parts (marked ``slow``
+where they take more than a few seconds here).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import perceivers
+
+torch._dynamo.config.cache_size_limit = 64
+
+
+class _Logits(nn.Module):
+    """Returns a plain tensor (exporters want tensors, task models return output dataclasses)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.model(*args)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def _perceiver(chunk_size: int | None = None):
+    torch.manual_seed(0)
+    model = perceivers.Perceiver(num_freq_bands=4, depth=3, max_freq=10.0, num_latents=8, latent_dim=32,
+                                 latent_heads=2, cross_dim_head=16, latent_dim_head=16, num_classes=5,
+                                 weight_tie_layers=True, chunk_size=chunk_size)
+    return model.eval(), (torch.randn(2, 10, 12, 3),)
+
+
+def _perceiver_io():
+    torch.manual_seed(0)
+    model = perceivers.PerceiverIO(dim=16, queries_dim=8, logits_dim=4, depth=2, num_latents=8, latent_dim=32,
+                                   latent_heads=2, latent_dim_head=16, cross_dim_head=16)
+
+    class WithQueries(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.io = model
+
+        def forward(self, data: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+            return self.io(data, queries=queries)
+
+    return WithQueries().eval(), (torch.randn(2, 40, 16), torch.randn(2, 6, 8))
+
+
+def _vision():
+    from perceivers.tasks.registry import model_entry
+
+    torch.manual_seed(0)
+    tiny = dict(model_entry("vision-perceiver-fourier").tiny)
+    h, w = tiny["image_size"]
+    model = perceivers.create_model("vision-perceiver-fourier", **tiny)
+    return _Logits(model).eval(), (torch.randn(2, 3, h, w),)
+
+
+MODELS = {
+    "perceiver": _perceiver,
+    "perceiver-streamed": lambda: _perceiver(chunk_size=32),
+    "perceiver-io": _perceiver_io,
+    "vision-perceiver-fourier": _vision,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_no_graph_breaks(name: str) -> None:
+    model, args = MODELS[name]()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_fullgraph_matches_eager(name: str) -> None:
+    model, args = MODELS[name]()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), model(*args), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torch_export_matches_eager(name: str) -> None:
+    model, args = MODELS[name]()
+    exported = torch.export.export(model, args)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(*args), model(*args), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["perceiver", "perceiver-io", "vision-perceiver-fourier"])
+def test_onnx_matches_onnxruntime(name: str, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, args = MODELS[name]()
+    path = tmp_path / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+    (got,) = session.run(None, feeds)
+    with torch.no_grad():
+        want = model(*args)
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=1e-4)
