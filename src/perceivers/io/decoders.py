@@ -116,7 +116,7 @@ class BasicDecoder(nn.Module):
         Queries whose mask is False attend nothing: their attention output is zero before the
         output projection (DeepMind's behaviour at padded MLM positions).
         """
-        query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask")
+        query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask", device=query.device)
         out = self.cross_attention(query.to(latents.dtype), latents, query_mask=query_mask)
         return out if self.output is None else self.output(out)
 

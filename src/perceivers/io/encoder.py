@@ -97,7 +97,7 @@ class PerceiverEncoder(nn.Module):
             raise ValueError(
                 f"encoder inputs must be [batch, tokens, {self.input_channels}], got {tuple(inputs.shape)}"
             )
-        mask = check_mask(mask, inputs.shape[0], inputs.shape[1], "input_mask")
+        mask = check_mask(mask, inputs.shape[0], inputs.shape[1], "input_mask", device=inputs.device)
         latents = self.latents(inputs.shape[0]).to(inputs.dtype)  # [B, N, D]
         z = self.cross_attention(latents, inputs, mask=mask)
         for _ in range(self.num_blocks):

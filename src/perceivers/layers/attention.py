@@ -24,10 +24,13 @@ KeyValue = tuple[Tensor, Tensor]
 """Projected keys and values, each ``[B, H, K, d]``."""
 
 
-def check_mask(mask: Tensor | None, batch: int, length: int, name: str = "mask") -> Tensor | None:
+def check_mask(
+    mask: Tensor | None, batch: int, length: int, name: str = "mask", *, device: torch.device | None = None
+) -> Tensor | None:
     """Validate a boolean key mask and return it as ``[B, length]``.
 
-    Accepts ``[B, length]`` or any ``[B, *axes]`` whose axes multiply to ``length``.
+    Accepts ``[B, length]`` or any ``[B, *axes]`` whose axes multiply to ``length``; with ``device``,
+    the mask must be on it (the device of the tensor it masks).
     """
     if mask is None:
         return None
@@ -40,6 +43,8 @@ def check_mask(mask: Tensor | None, batch: int, length: int, name: str = "mask")
             f"{name} must have shape [batch={batch}, {length}] (or [batch, *axes] with {length} elements per "
             f"sample), got {tuple(mask.shape)}"
         )
+    if device is not None and mask.device != device:
+        raise ValueError(f"{name} is on device {mask.device} but the data is on {device}; move the mask")
     return mask.reshape(batch, length)
 
 

@@ -155,7 +155,7 @@ class BottomUpPerceiver(nn.Module):
         (or the latents ``[B, num_latents, latent_dim]`` with ``return_embeddings``)."""
         tokens = self.data_proj(check_like(self.input(data), self, "data"))  # [B, M, C]
         b, m = tokens.shape[:2]
-        mask = check_mask(mask, b, m)
+        mask = check_mask(mask, b, m, device=tokens.device)
         x = self.latents.to(tokens.dtype).expand(b, -1, -1)
         last = len(self.block_order) - 1
         for step, unique in enumerate(self.block_order):

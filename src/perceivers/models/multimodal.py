@@ -216,7 +216,7 @@ class _MultiModalityInputs(nn.Module):
         masks: Mapping[str, Tensor] | None,
     ) -> Tensor | None:
         if masks is None:
-            return check_mask(mask, batch, sum(lengths))
+            return check_mask(mask, batch, sum(lengths), device=self._device())
         if mask is not None:
             raise ValueError("give either mask (over the concatenated tokens) or masks (per modality), not both")
         if not isinstance(masks, Mapping):
@@ -229,7 +229,7 @@ class _MultiModalityInputs(nn.Module):
         parts = []
         for name, n in zip(names, lengths):
             m = masks.get(name)
-            m = check_mask(m, batch, n, name=f"masks[{name!r}]") if m is not None else None
+            m = check_mask(m, batch, n, name=f"masks[{name!r}]", device=self._device()) if m is not None else None
             parts.append(m if m is not None else torch.ones(batch, n, dtype=torch.bool, device=self._device()))
         return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
 

@@ -110,7 +110,7 @@ class PerceiverBlock(nn.Module):
                 check_input(context, name="context", channels=self.cross_attn.attn.kv_dim, axes=1, module=self)
                 if context.shape[0] != x.shape[0]:
                     raise ValueError(f"context has batch size {context.shape[0]} but x has {x.shape[0]}")
-                mask = check_mask(mask, context.shape[0], context.shape[1])
+                mask = check_mask(mask, context.shape[0], context.shape[1], device=context.device)
                 kv = self.prepare_context(context, inverted_attention)
             if self.queries_contribute_kv:
                 if isinstance(kv, ContextStream):
@@ -307,7 +307,7 @@ class Perceiver(nn.Module):
         stream = self.context_stream(data, pos)
         context = self.build_context(data, pos) if stream is None else None
         b, m = context.shape[:2] if stream is None else (stream.batch, stream.length)
-        mask = check_mask(mask, b, m)
+        mask = check_mask(mask, b, m, device=data.device)
         x = self.latents.to(data.dtype).expand(b, -1, -1)
 
         keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None

@@ -123,7 +123,7 @@ class PerceiverIO(nn.Module):
     def encode(self, data: Tensor, mask: Tensor | None = None) -> Tensor:
         """``data [B, M, dim]`` → latents after the encoder cross-attention ``[B, N, latent_dim]``."""
         check_input(data, name="data", channels=self.dim, axes=1, module=self)
-        mask = check_mask(mask, data.shape[0], data.shape[1])
+        mask = check_mask(mask, data.shape[0], data.shape[1], device=data.device)
         if self.training and self.seq_dropout_prob > 0.0:
             data, mask = dropout_seq(data, mask, self.seq_dropout_prob)
         x = self.latents.to(data.dtype).expand(data.shape[0], -1, -1)

@@ -78,7 +78,7 @@ class _GridPerceiver(nn.Module):
         (or the latents ``[B, num_latents, latent_dim]`` with ``return_embeddings``)."""
         context = check_like(self.input(data), self, "data")
         b, m = context.shape[:2]
-        mask = check_mask(mask, b, m)
+        mask = check_mask(mask, b, m, device=context.device)
         x = self.latents.to(context.dtype).expand(b, -1, -1)
         kv_cache: dict[int, KeyValue] = {}  # tied blocks project the shared context once
         for unique in self.block_order:
