@@ -85,7 +85,7 @@ SMALL_MODEL = ["--model.init_args.model.init_args.num_latents", "8", "--model.in
 def fit_argv(root: Path, max_steps: int, *, every: int = 1, callbacks: list[tuple[str, dict]] = ()) -> list[str]:
     """``perceivers fit`` on the digits recipe, checkpointing every ``every`` steps, resumable."""
     argv = ["fit", "--config", resolve_config("digits"), "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(max_steps),
-            "--trainer.max_epochs", "-1", "--checkpoint.every_n_train_steps", str(every),
+            "--trainer.max_epochs", "-1", "--checkpoint.every_n_train_steps", str(every), "--checkpoint.every_n_epochs", "null",
             "--checkpoint.monitor", "null", "--checkpoint.save_top_k", "0",
             "--trainer.val_check_interval", "1.0", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -150,6 +150,7 @@ class Segment:
     killed_after_s: float | None = None  # None: ran to the end
     checkpoint_after: int | None = None  # global_step of last.ckpt after it ended (checked to load)
     exit_code: int | None = None
+    half_written: int = 0  # temporary checkpoint files it left (killed mid-write; the next save removes them)
 
 
 @dataclass
@@ -207,6 +208,8 @@ def kill_resume_run(root: Path, *, kills: int, max_steps: int, seed: int, timeou
         lines = journal(jpath)[offset:]
         seg.started_at = next((v for kind, v in lines if kind == "start"), None)
         seg.last_step = max((v for kind, v in lines if kind == "step"), default=None)
+        folder = root / "checkpoints"
+        seg.half_written = len(list(folder.glob(".*tmp*"))) if folder.exists() else 0
         after = read_checkpoint(ckpt)  # raises if the kill left a corrupt checkpoint
         seg.checkpoint_after = None if after is None else after["global_step"]
         run.segments.append(seg)
