@@ -10,14 +10,14 @@ from torch import Tensor
 __all__ = ["ContextStream", "auto_chunk_size"]
 
 # Inputs above this many elements per sample are streamed by default (``chunk_size=None``).
-STREAM_ABOVE = 32768
-DEFAULT_CHUNK = 16384
+STREAM_ABOVE = 65536
+DEFAULT_CHUNK = 65536
 
 
 def auto_chunk_size(length: int, chunk_size: int | None) -> int:
     """The chunk size to stream ``length`` keys with, or 0 to attend them at once.
 
-    ``chunk_size``: ``None`` streams inputs longer than 32768 elements in chunks of 16384; ``0``
+    ``chunk_size``: ``None`` streams inputs longer than 65536 elements in chunks of 65536; ``0``
     never streams; a positive value streams in chunks of that size whenever ``length`` exceeds it.
     """
     if chunk_size is None:

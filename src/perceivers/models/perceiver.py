@@ -149,7 +149,7 @@ class Perceiver(nn.Module):
         attn_residual, attn_residual_rank: learned pool over earlier block outputs (perceiver-pytorch 0.10).
         chunk_size: stream large inputs through the cross-attentions this many elements at a time,
             building their Fourier features per chunk, so memory stays bounded (exact up to float
-            rounding). ``None`` (default): inputs above 32768 elements per sample, in chunks of 16384;
+            rounding). ``None`` (default): inputs above 65536 elements per sample, in chunks of 65536;
             ``0``: never. A plain attribute, so it can be changed on a built model.
     """
 
@@ -273,6 +273,8 @@ class Perceiver(nn.Module):
             chunk = lambda a, z: torch.cat((flat[:, a:z], enc.encode(pos[:, a:z].to(data.dtype))), -1)
         else:
             shape = tuple(data.shape[1:-1])
+            if len(shape) == 2:  # whole image rows per chunk: their features are one broadcast sum
+                size = max(shape[1], size - size % shape[1])
 
             def chunk(a: int, z: int) -> Tensor:
                 feats = enc.grid_rows(shape, a, z, device=data.device, dtype=data.dtype)

@@ -59,7 +59,7 @@ class PerceiverIO(nn.Module):
         attn_residual, attn_residual_rank: learned pool over earlier latent layers.
         inverted_cross_attn: slot-attention-style encoder cross-attention.
         chunk_size: stream inputs longer than this through the encoder cross-attention in chunks
-            (``None``: above 32768 inputs, in chunks of 16384; ``0``: never); exact up to rounding.
+            (``None``: above 65536 inputs, in chunks of 65536; ``0``: never); exact up to rounding.
         decode_chunk_size: decode query sets larger than this in independent chunks (same default).
 
     Without ``queries`` the forward returns the latents ``[B, num_latents, latent_dim]`` and

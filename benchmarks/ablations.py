@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Before/after of each optimisation in perceivers, on the same model in one process, interleaved.
+
+    python benchmarks/ablations.py [--quick] [--only fold stream ...]
+
+Each study switches one optimisation off (the "before") and on (the "after") on the same weights
+and times both interleaved; the memory study runs each variant in its own process. Results go to
+``benchmarks/results/ablations-<machine>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import measure
+import torch
+import torch.nn.functional as F
+from run import machine_tag
+
+import perceivers
+from perceivers.layers import Attention
+
+README = {"input_channels": 3, "input_axis": 2, "num_freq_bands": 6, "max_freq": 10.0, "depth": 6,
+          "num_latents": 256, "latent_dim": 512, "cross_heads": 1, "latent_heads": 8, "cross_dim_head": 64,
+          "latent_dim_head": 64, "num_classes": 1000, "self_per_cross_attn": 2}
+
+
+def readme(depth: int = 6, tied: bool = False) -> perceivers.Perceiver:
+    torch.manual_seed(0)
+    return perceivers.Perceiver(**{**README, "depth": depth, "weight_tie_layers": tied}).eval()
+
+
+def set_fold(model, value) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fold_kv = value
+
+
+def images(batch: int, side: int) -> torch.Tensor:
+    return torch.randn(batch, side, side, 3, generator=torch.Generator().manual_seed(1))
+
+
+def forward(model, x):
+    def fn():
+        with torch.no_grad():
+            model(x)
+    return fn
+
+
+def train_step(model, x):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def fn():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        model.eval()
+    return fn
+
+
+def timed(cases: dict, repeats: int) -> dict:
+    times = measure.alternate(cases, torch.device("cpu"), repeats=repeats)
+    return {k: measure.summarize(v) for k, v in times.items()}
+
+
+def with_fold(model, value, fn):
+    def run():
+        set_fold(model, value)
+        fn()
+    return run
+
+
+def with_chunk(model, value, fn):
+    def run():
+        model.chunk_size = value
+        fn()
+    return run
+
+
+# ------------------------------------------------------------------------------------------ studies
+
+
+def study_fold(args) -> dict:
+    """Attending in the input's own space (29 channels) instead of the head's (64 + 64)."""
+    out = {}
+    b = 2 if args.quick else 8
+    m = readme()
+    x = images(b, 64)
+    out[f"readme-64 depth 6 inference (batch {b})"] = timed(
+        {"before": with_fold(m, False, forward(m, x)), "after": with_fold(m, None, forward(m, x))}, args.repeats)
+    out[f"readme-64 depth 6 training step (batch {b})"] = timed(
+        {"before": with_fold(m, False, train_step(m, x)), "after": with_fold(m, None, train_step(m, x))},
+        args.repeats)
+    m2 = readme(depth=2)
+    m2.chunk_size = 0
+    x2 = images(1, 256)
+    out["256x256 depth 2 inference (batch 1)"] = timed(
+        {"before": with_fold(m2, False, forward(m2, x2)), "after": with_fold(m2, None, forward(m2, x2))},
+        args.repeats)
+    return out
+
+
+def study_stream(args) -> dict:
+    """Chunked cross-attention with per-chunk Fourier features, against the whole context at once."""
+    out = {}
+    m = readme(depth=2)
+    for side in (256,) if args.quick else (256, 512):
+        x = images(1, side)
+        out[f"{side}x{side} depth 2 inference"] = timed(
+            {"before": with_chunk(m, 0, forward(m, x)), "after": with_chunk(m, None, forward(m, x))}, args.repeats)
+    return out
+
+
+def study_tied_kv(args) -> dict:
+    """Tied blocks share the context's normalisation and projection: prepared once, not per block."""
+    b = 2 if args.quick else 8
+    m = readme(tied=True)
+    x = images(b, 64)
+    block = m.blocks[1]
+    with torch.no_grad():
+        context = m.build_context(x)
+    reuses = sum(1 for u in m.block_order if u == 1) - 1
+
+    def prepare():
+        with torch.no_grad():
+            for _ in range(reuses):
+                block.prepare_context(context)
+
+    res = timed({"forward (prepared once per distinct block)": forward(m, x), f"{reuses} extra preparations": prepare},
+                args.repeats)
+    f = res["forward (prepared once per distinct block)"]["median_s"]
+    p = res[f"{reuses} extra preparations"]["median_s"]
+    return {f"readme-64 tied depth 6 inference (batch {b})": {
+        **res, "before": {"median_s": f + p}, "after": {"median_s": f}}}
+
+
+def study_positions(args) -> dict:
+    """Fourier features cached per shape/device/dtype, against recomputing them every forward."""
+    m = readme(depth=2)
+    x = images(1, 128)
+    enc = m.position_encoding
+
+    def uncached():
+        enc._cache.clear()
+        forward(m, x)()
+
+    return {"128x128 depth 2 inference": timed({"before": uncached, "after": forward(m, x)}, args.repeats)}
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Swap SDPA in perceivers.layers.attention for an explicit softmax(QKᵀ)V (the peers' way)."""
+    import perceivers.layers.attention as mod
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, is_causal=False):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, torch.finfo(s.dtype).min)
+        return torch.matmul(s.softmax(-1), v)
+
+    real = mod.F
+    mod.F = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
+    mod.F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        mod.F = real
+
+
+def study_sdpa(args) -> dict:
+    b = 2 if args.quick else 8
+    m = readme()
+    set_fold(m, False)
+    x = images(b, 64)
+
+    def before():
+        with math_attention():
+            forward(m, x)()
+
+    res = {f"readme-64 depth 6 inference (batch {b}), no fold": timed({"before": before, "after": forward(m, x)},
+                                                                      args.repeats)}
+    set_fold(m, None)
+    return res
+
+
+def study_bf16(args) -> dict:
+    b = 2 if args.quick else 8
+    m = readme()
+    x = images(b, 64)
+
+    def bf16(fn):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fn()
+        return run
+
+    return {
+        f"readme-64 depth 6 inference (batch {b})": timed({"before": forward(m, x), "after": bf16(forward(m, x))},
+                                                          args.repeats),
+        f"readme-64 depth 6 training step (batch {b})": timed(
+            {"before": train_step(m, x), "after": bf16(train_step(m, x))}, args.repeats),
+    }
+
+
+def _memory_child(spec: str) -> None:
+    side, chunk, fold = spec.split(",")
+    m = readme(depth=2)
+    m.chunk_size = None if chunk == "auto" else int(chunk)
+    set_fold(m, None if fold == "auto" else fold == "1")
+    x = images(1, int(side))
+    meter = measure.PeakMemory(torch.device("cpu"))
+    forward(m, x)()
+    print("MEMORY " + json.dumps({"peak_bytes": meter.peak_bytes()}), flush=True)
+
+
+def study_memory(args) -> dict:
+    """Peak forward memory, each variant in its own process."""
+    out = {}
+    sides = (256, 1024) if not args.quick else (256,)
+    for side in sides:
+        row = {}
+        for label, spec in (("before (whole context, no fold)", f"{side},0,0"), ("fold only", f"{side},0,auto"),
+                            ("after (fold + stream)", f"{side},auto,auto")):
+            proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True,
+                                  check=False, timeout=1800)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
+            row[label] = json.loads(line[0][7:]) if line else {"error": proc.stderr[-300:]}
+        out[f"{side}x{side} depth 2 forward"] = row
+    return out
+
+
+STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
+           "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# perceivers optimisations: before / after", "",
+             (f"Machine: {results['machine'].get('cpu')} ({results['machine'].get('cpu_count')} cores), torch "
+             f"{results['machine'].get('torch')}, load average at start {results['machine'].get('loadavg_at_start')}."
+             " Times are medians of interleaved repeats (same process, same weights)."), "",
+             "| optimisation | case | before | after | after / before |", "|---|---|---|---|---|"]
+    for study, cases in results["studies"].items():
+        for case, res in cases.items():
+            if study == "memory":
+                vals = {k: v.get("peak_bytes") for k, v in res.items()}
+                first, last = next(iter(vals.values())), list(vals.values())[-1]
+                desc = ", ".join(f"{k}: {v / 2**20:.1f} MiB" if v else f"{k}: –" for k, v in vals.items())
+                ratio = f"{last / first:.3f}" if first and last else "–"
+                lines.append(f"| {study} | {case} | {desc} | | {ratio} |")
+                continue
+            before, after = res["before"]["median_s"], res["after"]["median_s"]
+            lines.append(f"| {study} | {case} | {before:.3f} s | {after:.3f} s | {after / before:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="*", default=None, choices=list(STUDIES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        _memory_child(args.memory_child)
+        return
+    desc = measure.machine_description(torch.device("cpu"))
+    path = Path(args.out) / f"ablations-{machine_tag(torch.device('cpu'), desc)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.exists() else {"studies": {}}
+    results["machine"] = desc
+    for name in args.only or list(STUDIES):
+        t0 = time.perf_counter()
+        results["studies"][name] = STUDIES[name](args)
+        print(f"{name} ({time.perf_counter() - t0:.0f} s): {json.dumps(results['studies'][name], indent=1)}",
+              flush=True)
+        path.write_text(json.dumps(results, indent=1))
+        path.with_suffix(".md").write_text(markdown(results))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
