@@ -14,6 +14,7 @@ Configurations are drawn by the strategies in :data:`CONFIGS`; the registered ta
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -37,7 +37,6 @@ from perceivers import (
     PerceiverLM,
 )
 from perceivers.io import BasicDecoder, PerceiverEncoder, PerceiverIOModel, TrainableQueries
-from perceivers.io.processors.image import same_padding
 
 
 @dataclass
@@ -319,16 +318,33 @@ SET_KINDS = ["io_model", "perceiver", "perceiver_io", "variant"]
 
 
 def beyond_float16(case: Case, inputs: dict[str, Tensor], dtype: torch.dtype) -> bool:
-    """The conv stem is the one place where raw inputs meet a wide linear map (7×7×3 = 147 products)
-    before any normalisation: at input scale 1e4 its exact output exceeds float16's maximum (65504),
-    so no float16 computation can be finite. True only when that is so (checked in float32)."""
-    if dtype != torch.float16 or case.name != "vision-perceiver-conv":
+    """Whether the exact (float32) computation itself leaves float16's range (max 65504).
+
+    Raw inputs at scale 1e4 that meet a wide linear map before any normalisation (the conv stem sums
+    7×7×3 = 147 products, the optical-flow patch ``Linear`` 54) can have exact activations beyond
+    65504; then no float16 computation can be finite. Measured with hooks on every module's output and
+    on every parameter gradient of a float32 copy of the model, on the same inputs and loss.
+    """
+    if dtype != torch.float16:
         return False
-    stem = case.model.perceiver.input_preprocessor.stem.layers[0]
-    x = inputs[case.data_key].detach().float()
-    (t, b), (l, r) = same_padding(x.shape[-2], 7, 2), same_padding(x.shape[-1], 7, 2)
-    exact = F.conv2d(F.pad(x, (l, r, t, b)), stem.conv.weight.float(), stride=2)
-    return bool(exact.abs().max() > torch.finfo(torch.float16).max)
+    model = copy.deepcopy(case.model).float()
+    peak = [0.0]
+
+    def hook(module, args, out):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.is_floating_point() and t.numel():
+                peak[0] = max(peak[0], float(t.detach().abs().max()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        out = case.run(model, {k: v.detach().float() if v.is_floating_point() else v for k, v in inputs.items()})
+        hook(None, None, out)
+        out.square().mean().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = [float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None and p.grad.numel()]
+    return max([peak[0], *grads]) > torch.finfo(torch.float16).max
 
 
 def draw_case(data, kinds=KINDS, *, seed: int | None = None, overrides: dict | None = None) -> Case:
