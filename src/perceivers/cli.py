@@ -108,10 +108,26 @@ def _run_lightning(command: str, args: list[str]) -> int:
 
     try:
         run_cli([command, *_with_configs(args)])
-    except (ConfigError, DataError) as err:
-        print(f"perceivers {command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        ours = _find_cause(err, (ConfigError, DataError))
+        if ours is None:
+            raise
+        print(f"perceivers {command}: error: {ours}", file=sys.stderr)
         return 2
     return 0
+
+
+def _find_cause(err: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``err`` or the first exception of ``types`` in its cause/context chain (jsonargparse wraps errors
+    raised while instantiating classes in a ValueError whose cause is the original)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, types):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _run_command(module: str, command: str, args: list[str]) -> int:

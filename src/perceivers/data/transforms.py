@@ -138,9 +138,9 @@ def random_resized_crop(
     area = _uniform(b, *scale, images, generator)
     log_ratio = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), images, generator)
     aspect = torch.exp(log_ratio)
-    # crop width and height as fractions of the image (clamped to fit)
-    cw = torch.sqrt(area * aspect).clamp(max=1.0)
-    ch = torch.sqrt(area / aspect).clamp(max=1.0)
+    # crop width and height as fractions of the image (clamped to fit); aspect = width / height in pixels
+    cw = torch.sqrt(area * aspect * h / w).clamp(max=1.0)
+    ch = torch.sqrt(area * w / (aspect * h)).clamp(max=1.0)
     cx = _uniform(b, 0.0, 1.0, images, generator) * (1 - cw) * 2 - (1 - cw)  # centre in [-(1-cw), 1-cw]
     cy = _uniform(b, 0.0, 1.0, images, generator) * (1 - ch) * 2 - (1 - ch)
     sign = torch.ones(b, device=images.device)

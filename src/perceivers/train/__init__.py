@@ -3,7 +3,7 @@
 The only part of perceivers that imports Lightning and torchmetrics; ``import perceivers`` never loads it.
 """
 
-from .callbacks import ReplicaCheck, RestoreBestWeights, ResumableMetrics, TrainingPlots
+from .callbacks import ReplicaCheck, RestoreBestWeights, ResumableMetrics, RNGState, TrainingPlots
 from .checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from .data import (
     ArrayDataModule,
@@ -30,6 +30,7 @@ __all__ = [
     "ImageFolderDataModule",
     "MaskedBytesDataModule",
     "MaskedLMTask",
+    "RNGState",
     "ReplicaCheck",
     "RestoreBestWeights",
     "ResumableMetrics",

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
@@ -78,6 +81,40 @@ class NonFiniteLossGuard(Callback):
             f"training loss is {float(loss.detach().float().reshape(-1)[0])} at step {trainer.global_step} "
             f"(epoch {trainer.current_epoch}): stopped before updating the weights{where}"
         )
+
+
+class RNGState(Callback):
+    """Save the Python, NumPy and torch (CPU and CUDA) random states in checkpoints and restore them when a
+    run resumes, so augmentation and dropout continue as if the run had not stopped."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # only tensors, ints and strings, so checkpoints still load with torch.load(weights_only=True)
+        version, words, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+                 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state, self._pending = self._pending, None
+        if not state:
+            return
+        version, words, gauss = state["python"]
+        random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class RestoreBestWeights(Callback):

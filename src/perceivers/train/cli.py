@@ -21,12 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import NonFiniteLossGuard, ReplicaCheck, ResumableMetrics, TrainingPlots
+from .callbacks import NonFiniteLossGuard, ReplicaCheck, ResumableMetrics, RNGState, TrainingPlots
 from .checkpoint_io import AtomicCheckpointIO
 from .loggers import RunCSVLogger
 from .tasks import Task
@@ -55,15 +57,23 @@ class PerceiversCLI(LightningCLI):
             "checkpoint.filename": "best-{epoch}-{step}",
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": 1,
+            "checkpoint.enable_version_counter": False,  # one last.ckpt per run folder, overwritten
             "trainer.default_root_dir": "runs/default",
         })
         parser.add_lightning_class_args(TrainingPlots, "plots")
         parser.add_argument("--resume", type=bool, default=False,
                             help="fit: continue from <default_root_dir>/checkpoints/last.ckpt when it exists")
+        parser.add_argument("--num_threads", type=int | None, default=None,
+                            help="torch intra-op threads per process (torch.set_num_threads); 1 is fastest for "
+                                 "small models on busy CPUs. Default: torch's choice (Lightning's under CPU DDP)")
 
     # ------------------------------------------------------------------ configuration fix-ups
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        threads = config.get("num_threads")
+        if threads:
+            torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # also what Lightning's CPU DDP set-up reads
         trainer = config["trainer"]
         world = os.environ.get("WORLD_SIZE")
         local = os.environ.get("LOCAL_WORLD_SIZE")
@@ -89,12 +99,21 @@ class PerceiversCLI(LightningCLI):
         if not trainer_config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         checkpoint = config.get("checkpoint")
-        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is None:
-            checkpoint.dirpath = os.path.realpath(root / "checkpoints")
         callbacks = list(trainer_config.get("callbacks") or [])
-        callbacks += [ResumableMetrics(), ReplicaCheck(), NonFiniteLossGuard()]
+        epoch_end_last = None
+        if isinstance(checkpoint, ModelCheckpoint):
+            if checkpoint.dirpath is None:
+                checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+            if checkpoint.save_last and checkpoint._every_n_train_steps and not checkpoint.every_n_epochs:
+                # step-interval checkpoints skip epoch ends; keep last.ckpt current there too (resume, final state)
+                epoch_end_last = ModelCheckpoint(dirpath=checkpoint.dirpath, save_top_k=0, save_last=True,
+                                                 every_n_epochs=1, enable_version_counter=False)
+        callbacks += [ResumableMetrics(), RNGState(), ReplicaCheck(), NonFiniteLossGuard()]
         trainer_config["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if epoch_end_last is not None:  # after the configured one, which stays trainer.checkpoint_callback
+            trainer.callbacks.append(epoch_end_last)
+        return trainer
 
     # ------------------------------------------------------------------ subcommand hooks
     def before_fit(self) -> None:

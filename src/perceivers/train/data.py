@@ -9,14 +9,15 @@ checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from ..data.datasets import (
     ArrayDataset,
@@ -37,6 +38,8 @@ from ..data.transforms import ImageAugment, Normalize, channel_stats, resize, to
 
 __all__ = [
     "ArrayDataModule",
+    "EpochShuffleSampler",
+    "ResumableDataLoader",
     "CIFARDataModule",
     "DigitsDataModule",
     "ImageDataModule",
@@ -44,6 +47,61 @@ __all__ = [
     "MaskedBytesDataModule",
     "TextClassificationDataModule",
 ]
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A random order that is a function of ``(seed, epoch)`` only, so a resumed run sees the same order.
+
+    Lightning calls :meth:`set_epoch` at every epoch start; under DDP it replaces this sampler with a
+    ``DistributedSampler``, which is deterministic in the same way. ``seed`` defaults to the run's
+    ``seed_everything`` value.
+    """
+
+    def __init__(self, data_source: Sized, seed: int | None = None) -> None:
+        super().__init__(data_source)
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader that resumes mid-epoch.
+
+    Lightning stores :meth:`state_dict` in checkpoints — the epoch to continue and the batches of it
+    already trained on, from ``progress`` — and calls :meth:`load_state_dict` before iterating again after
+    a restart. The next iteration then sets the sampler to that epoch (Lightning creates the first
+    iterator after a restart before it sets the sampler's epoch) and skips the finished batches (they are
+    loaded and dropped), so with a deterministic sampler the run continues with exactly the batches it had
+    not seen, in the original order.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], dict[str, int]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.progress()) if self.progress is not None else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else None
+
+    def __iter__(self) -> Iterator[Any]:
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(int(resume.get("epoch", 0)))
+        iterator = super().__iter__()
+        for _ in range(int(resume.get("batches_done", 0)) if resume else 0):
+            next(iterator, None)
+        return iterator
 
 
 class _BaseDataModule(pl.LightningDataModule):
@@ -74,11 +132,24 @@ class _BaseDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
             raise DataError(f"{type(self).__name__} has no {split!r} split")
+        dataset = self.datasets[split]
         size = self.per_process(self.batch_size if train else self.eval_batch_size)
-        return DataLoader(
-            self.datasets[split], batch_size=size, shuffle=train and self.shuffle, drop_last=train,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn,
-        )
+        common = {"batch_size": size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                  "collate_fn": self.collate_fn}
+        if not train:
+            return DataLoader(dataset, shuffle=False, **common)
+        sampler = EpochShuffleSampler(dataset) if self.shuffle else None
+        return ResumableDataLoader(dataset, sampler=sampler, drop_last=True, progress=self._progress, **common)
+
+    def _progress(self) -> dict[str, int]:
+        """Where training stands, for a mid-epoch resume: the epoch to continue and its finished batches."""
+        trainer = self.trainer
+        if trainer is None:
+            return {"epoch": 0, "batches_done": 0}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: continue with the next one
+            return {"epoch": trainer.current_epoch + 1, "batches_done": 0}
+        return {"epoch": trainer.current_epoch, "batches_done": done}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

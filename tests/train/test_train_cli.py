@@ -1,0 +1,141 @@
+"""The `perceivers` command: dispatch, help, --print_config, a tiny fit/test, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_configs import TINY_PERCEIVER, tiny_config, write_config
+from train_files import write_image_folder
+
+from perceivers import cli
+
+
+def test_help_is_fast_and_light():
+    code = ("import sys, perceivers.cli as c; c.main(['--help']); "
+            "bad = [m for m in ('lightning', 'torchmetrics', 'matplotlib', 'jsonargparse') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "fit" in out.stdout and "predict" in out.stdout
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["bogus"]) == 2
+    assert "unknown command 'bogus'" in capsys.readouterr().err
+
+
+def test_predict_and_convert_dispatch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "_run_command", lambda module, command, args: calls.append((module, args)) or 0)
+    monkeypatch.setattr(cli, "_run_lightning", lambda command, args: calls.append(("lightning", args)) or 0)
+    cli.main(["predict", "cat.png", "--model", "vision-perceiver-fourier", "--config", '{"num_labels": 3}'])
+    cli.main(["predict", "--config", "configs/digits.yaml", "--ckpt_path", "x.ckpt"])
+    cli.main(["predict", "--data.init_args.batch_size", "4"])
+    cli.main(["convert", "in.pickle", "out"])
+    assert [c[0] for c in calls] == ["perceivers.commands.predict", "lightning", "lightning",
+                                     "perceivers.commands.convert"]
+
+
+def test_recipe_names_resolve():
+    assert cli.resolve_config("digits").endswith("configs/digits.yaml")
+    assert cli.resolve_config("no/such.yaml") == "no/such.yaml"
+
+
+def test_print_config_shows_the_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", "digits", "--trainer.max_epochs", "3", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: perceivers.Perceiver" in out and "max_epochs: 3" in out
+    assert "class_path: perceivers.train.DigitsDataModule" in out
+
+
+def test_every_recipe_parses(capsys):
+    for recipe in sorted(cli.CONFIG_DIR.glob("*.yaml")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["fit", "--config", str(recipe), "--print_config"])
+        assert exit_info.value.code in (0, None), recipe
+    capsys.readouterr()
+
+
+def test_tiny_fit_then_test(tmp_path: Path, capsys):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run", trainer={"max_epochs": 2}))
+    assert cli.main(["fit", "--config", config]) == 0
+    run = tmp_path / "run"
+    out = capsys.readouterr().out
+    assert "last checkpoint" in out and "plot:" in out
+    for name in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt", "plots/learning_curves.png",
+                 "plots/attention.png"):
+        assert (run / name).is_file(), name
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1
+    assert "normalize_mean" in ckpt["DigitsDataModule"]
+    assert cli.main(["test", "--config", config, "--ckpt_path", str(run / "checkpoints/last.ckpt")]) == 0
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert "test/acc" in rows[0] and "val/acc_top5" in rows[0]
+
+
+def _fails(tmp_path: Path, capsys, config: dict, message: str, command: str = "fit") -> None:
+    path = write_config(tmp_path / "bad.yaml", config)
+    try:
+        code = cli.main([command, "--config", path])
+    except SystemExit as err:  # jsonargparse reports its own parse errors this way
+        code = err.code
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert message in captured.err, captured.err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
+
+
+def test_unknown_model_name(tmp_path, capsys):
+    config = tiny_config(tmp_path / "run")
+    config["model"]["init_args"]["model"] = None
+    config["model"]["init_args"]["model_name"] = "no-such-perceiver"
+    _fails(tmp_path, capsys, config, "unknown model name 'no-such-perceiver'; registered models:")
+
+
+def test_model_class_that_does_not_exist(tmp_path, capsys):
+    model = {"class_path": "perceivers.NoSuchModel", "init_args": {}}
+    _fails(tmp_path, capsys, tiny_config(tmp_path / "run", model=model), "NoSuchModel")
+
+
+def test_labels_out_of_range_for_the_model(tmp_path, capsys):
+    model = {**TINY_PERCEIVER, "init_args": {**TINY_PERCEIVER["init_args"], "num_classes": 5}}
+    _fails(tmp_path, capsys, tiny_config(tmp_path / "run", model=model),
+           "labels out of range: the data has 10 classes")
+
+
+def test_image_size_the_model_cannot_take(tmp_path, capsys):
+    model = {"class_path": "perceivers.models.patch.PatchPerceiver",
+             "init_args": {"image_size": 16, "patch_size": 4, "input_channels": 1, "num_classes": 10,
+                           "num_latents": 4, "latent_dim": 8, "latent_heads": 2, "num_blocks": 1}}
+    _fails(tmp_path, capsys, tiny_config(tmp_path / "run", model=model), "cannot take the data's inputs")
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    data = {"class_path": "perceivers.train.CIFARDataModule", "init_args": {"root": str(tmp_path / "nowhere")}}
+    _fails(tmp_path, capsys, tiny_config(tmp_path / "run", data=data), "does not exist")
+
+
+def test_unreadable_image_file(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "imgs", per_class=2)
+    (root / "cat" / "truncated.jpg").write_bytes(b"\xff\xd8\xff")
+    data = {"class_path": "perceivers.train.ImageFolderDataModule",
+            "init_args": {"root": str(root), "load_size": 8, "channels": 1, "val_fraction": 0.25, "batch_size": 2}}
+    _fails(tmp_path, capsys, tiny_config(tmp_path / "run", data=data), "truncated.jpg")
+
+
+def test_image_folder_fit(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    model = {**TINY_PERCEIVER, "init_args": {**TINY_PERCEIVER["init_args"], "input_channels": 3, "num_classes": 2}}
+    data = {"class_path": "perceivers.train.ImageFolderDataModule",
+            "init_args": {"root": str(root), "load_size": 8, "val_fraction": 0.25, "batch_size": 2,
+                          "augment": {"flip": True, "crop_scale": [0.5, 1.0]}}}
+    config = write_config(tmp_path / "img.yaml", tiny_config(tmp_path / "run", model=model, data=data))
+    assert cli.main(["fit", "--config", config]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    capsys.readouterr()
