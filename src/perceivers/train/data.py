@@ -17,7 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..data.datasets import (
     ArrayDataset,
@@ -49,25 +49,31 @@ __all__ = [
 ]
 
 
-class EpochShuffleSampler(RandomSampler):
-    """A random order that is a function of ``(seed, epoch)`` only, so a resumed run sees the same order.
+class EpochShuffleSampler(DistributedSampler):
+    """Training order as a function of ``(seed, epoch)`` only, split across processes by global batch.
 
-    Lightning calls :meth:`set_epoch` at every epoch start; under DDP it replaces this sampler with a
-    ``DistributedSampler``, which is deterministic in the same way. ``seed`` defaults to the run's
-    ``seed_everything`` value.
+    One permutation ``P`` of the dataset is drawn per epoch (identity when ``shuffle=False``), cut to a
+    multiple of ``num_replicas``; process ``rank`` takes ``P[rank::num_replicas]``. With a per-process
+    batch ``b``, global batch ``k`` is then exactly ``P[k·b·N : (k+1)·b·N]`` — the batch one process
+    with batch ``b·N`` would see — so a run on N processes follows the single-process run, and a resumed
+    run sees the same order. ``seed`` defaults to the run's ``seed_everything`` value. Lightning calls
+    :meth:`set_epoch` at every epoch and keeps this sampler under DDP (it is a ``DistributedSampler``).
     """
 
-    def __init__(self, data_source: Sized, seed: int | None = None) -> None:
-        super().__init__(data_source)
-        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, data_source: Sized, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int | None = None) -> None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=True)
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(n)
+        order = order[: self.num_samples * self.num_replicas]
+        return iter(order[self.rank::self.num_replicas].tolist())
 
 
 class ResumableDataLoader(DataLoader):
@@ -138,7 +144,9 @@ class _BaseDataModule(pl.LightningDataModule):
                   "collate_fn": self.collate_fn}
         if not train:
             return DataLoader(dataset, shuffle=False, **common)
-        sampler = EpochShuffleSampler(dataset) if self.shuffle else None
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle)
         return ResumableDataLoader(dataset, sampler=sampler, drop_last=True, progress=self._progress, **common)
 
     def _progress(self) -> dict[str, int]:
