@@ -58,6 +58,6 @@ class WarmupCosine(FlatCosine):
         final_scale: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        fraction = warmup_steps / total_steps if total_steps else 0.0
+        fraction = min(1.0, warmup_steps / total_steps) if total_steps else 0.0
         super().__init__(optimizer, total_steps, flat_fraction=fraction, final_scale=final_scale,
                          warmup_steps=warmup_steps, last_epoch=last_epoch)

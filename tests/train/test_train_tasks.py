@@ -1,0 +1,177 @@
+"""Tasks and data modules through the Python API: official models by name, masked LM, text classification,
+in-memory arrays, bf16, activation checkpointing, schedules and attention maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from train_configs import tiny_config, write_config
+
+from perceivers import Perceiver, PerceiverLM, cli, create_model
+from perceivers.models.patch import PatchPerceiver
+from perceivers.train import (
+    ArrayDataModule,
+    ClassificationTask,
+    ConfigError,
+    FlatCosine,
+    MaskedBytesDataModule,
+    MaskedLMTask,
+    TextClassificationDataModule,
+)
+from perceivers.train.attention import cross_attention_maps
+from perceivers.train.tasks import enable_activation_checkpointing
+
+TINY = {"num_freq_bands": 2, "max_freq": 8.0, "depth": 1, "num_latents": 4, "latent_dim": 8, "cross_dim_head": 8,
+        "latent_heads": 2, "latent_dim_head": 4}
+
+
+def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    options = {"default_root_dir": str(tmp_path), "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1,
+               "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+               "enable_checkpointing": False, "num_sanity_val_steps": 0, **kwargs}
+    return pl.Trainer(**options)
+
+
+def test_arrays_for_library_users(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 6, 6, 1), dtype=np.float32), rng.integers(0, 3, 40)
+    data = ArrayDataModule(train=(x, y), test=(x[:8], y[:8]), batch_size=8)
+    task = ClassificationTask(Perceiver(input_channels=1, num_classes=3, **TINY))
+    trainer = _trainer(tmp_path)
+    trainer.fit(task, datamodule=data)
+    result = trainer.test(task, datamodule=data, verbose=False)[0]
+    assert set(result) >= {"test/acc", "test/loss"} and "test/acc_top5" not in result  # 3 classes < top 5
+    with pytest.raises(ValueError, match="out of range"):
+        ArrayDataModule(train=(x, y), num_classes=2)
+
+
+def test_sequences_with_padding_masks(tmp_path):
+    x = torch.randn(32, 10, 4)
+    mask = torch.ones(32, 10, dtype=torch.bool)
+    mask[::2, 7:] = False
+    data = ArrayDataModule(train=(x, torch.randint(0, 2, (32,)), mask), batch_size=8)
+    task = ClassificationTask(Perceiver(input_channels=4, input_axis=1, num_classes=2, **TINY))
+    _trainer(tmp_path).fit(task, datamodule=data)
+
+
+def test_official_image_model_by_name_gets_channels_first(tmp_path, capsys):
+    task = {"model": None, "model_name": "vision-perceiver-fourier",
+            "model_kwargs": {"tiny": True, "in_channels": 1, "num_labels": 10}}
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", task=task))
+    assert cli.main(["fit", "--config", config]) == 0
+    assert (tmp_path / "run" / "plots" / "attention.png").is_file()
+    capsys.readouterr()
+    assert ClassificationTask(model_name="vision-perceiver-fourier",
+                              model_kwargs={"tiny": True}).input_layout == "channels_first"
+
+
+def test_model_and_model_name_are_exclusive():
+    with pytest.raises(ConfigError, match="exactly one"):
+        ClassificationTask(Perceiver(**TINY), model_name="vision-perceiver-fourier")
+    with pytest.raises(ConfigError, match="exactly one"):
+        ClassificationTask()
+
+
+def test_masked_lm_with_perceiver_lm_from_files(tmp_path, text_dir):
+    model = PerceiverLM(num_tokens=262, dim=16, max_seq_len=32, depth=1, num_latents=4, latent_dim=16,
+                        cross_dim_head=8, latent_heads=2, latent_dim_head=8)
+    data = MaskedBytesDataModule(str(text_dir), seq_len=32, batch_size=4)
+    trainer = _trainer(tmp_path, limit_val_batches=2)
+    trainer.fit(MaskedLMTask(model), datamodule=data)
+    metrics = trainer.callback_metrics
+    assert {"val/loss", "val/acc", "val/perplexity"} <= set(metrics)
+    torch.testing.assert_close(metrics["val/perplexity"], metrics["val/loss"].exp(), rtol=0.05, atol=0)
+    # validation masks are fixed: the same batch twice gives the same labels
+    batch_a = next(iter(data.val_dataloader()))
+    batch_b = next(iter(data.val_dataloader()))
+    assert torch.equal(batch_a["labels"], batch_b["labels"]) and (batch_a["labels"] != -100).any()
+
+
+def test_masked_lm_official_language_perceiver_by_name(tmp_path, text_dir):
+    task = MaskedLMTask(model_name="language-perceiver", model_kwargs={"tiny": True, "max_position_embeddings": 24})
+    trainer = _trainer(tmp_path)
+    trainer.fit(task, datamodule=MaskedBytesDataModule(str(text_dir), seq_len=24, batch_size=4))
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+
+
+def test_masked_lm_rejects_a_classifier(tmp_path, text_dir):
+    task = MaskedLMTask(Perceiver(input_channels=1, input_axis=1, num_classes=5, **TINY))
+    with pytest.raises(ConfigError, match="cannot take byte ids|masked LM needs logits"):
+        _trainer(tmp_path).fit(task, datamodule=MaskedBytesDataModule(str(text_dir), seq_len=16, batch_size=2))
+
+
+def test_text_classification_folders(tmp_path):
+    for label, text in (("neg", "awful bad terrible "), ("pos", "great good lovely ")):
+        (tmp_path / "texts" / label).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "texts" / label / f"{i}.txt").write_text(text * (i + 1))
+    data = TextClassificationDataModule(str(tmp_path / "texts"), max_length=16, batch_size=4, val_fraction=0.25)
+    task = ClassificationTask(model_name="language-perceiver-classifier",
+                              model_kwargs={"tiny": True, "num_labels": 2})
+    trainer = _trainer(tmp_path)
+    trainer.fit(task, datamodule=data)
+    assert data.class_names == ["neg", "pos"] and "val/acc" in trainer.callback_metrics
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    x, y = torch.rand(16, 6, 6, 1), torch.randint(0, 2, (16,))
+    task = ClassificationTask(Perceiver(input_channels=1, num_classes=2, **TINY))
+    trainer = _trainer(tmp_path, precision="bf16-mixed")
+    trainer.fit(task, datamodule=ArrayDataModule(train=(x, y), batch_size=4))
+    assert task.model.latents.dtype == torch.float32  # weights stay fp32; compute is autocast
+
+
+def test_activation_checkpointing_keeps_gradients():
+    torch.manual_seed(0)
+    model = Perceiver(input_channels=1, num_classes=3, **TINY)
+    x = torch.randn(2, 5, 5, 1)
+    model(x).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert enable_activation_checkpointing(model) == 1  # one PerceiverBlock, the outermost match
+    keys = set(model.state_dict())
+    model(x).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
+    assert set(model.state_dict()) == keys
+
+
+def test_flat_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = FlatCosine(opt, total_steps=10, flat_fraction=0.5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == [1.0] * 5 and lrs[5] == pytest.approx(1.0) and lrs[-1] < 0.1
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("kind", ["perceiver", "patch", "official"])
+def test_attention_maps_are_distributions_over_the_grid(kind):
+    torch.manual_seed(0)
+    if kind == "perceiver":
+        model, x = Perceiver(input_channels=3, num_classes=3, cross_heads=2, **TINY), torch.randn(2, 6, 5, 3)
+        grid = (6, 5)
+    elif kind == "patch":
+        model = PatchPerceiver(image_size=8, patch_size=2, num_classes=3, num_latents=4, latent_dim=16,
+                               latent_heads=2, num_blocks=1)
+        x, grid = torch.randn(2, 8, 8, 3), (4, 4)
+    else:
+        model = create_model("vision-perceiver-fourier", tiny=True)
+        x, grid = torch.randn(2, 3, 12, 10), (12, 10)
+    weights, found = cross_attention_maps(model, x)
+    assert found == grid and weights.shape[-2:] == grid and weights.shape[0] == 2
+    torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(weights.shape[:3]))
+
+
+@pytest.mark.slow
+def test_compile_trains(tmp_path):
+    x, y = torch.rand(16, 6, 6, 1), torch.randint(0, 2, (16,))
+    task = ClassificationTask(Perceiver(input_channels=1, num_classes=2, **TINY), compile=True)
+    _trainer(tmp_path).fit(task, datamodule=ArrayDataModule(train=(x, y), batch_size=4))
