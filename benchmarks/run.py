@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GiB: skip a peer whose estimated forward memory exceeds this")
     p.add_argument("--out", default=str(HERE / "results"), help="results folder")
     p.add_argument("--tag", default=None, help="results file name (default: derived from the machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("--memory-case", nargs=4, metavar=("WORKLOAD", "IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -118,6 +119,7 @@ def memory_case(args: argparse.Namespace) -> None:
 
 def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> dict:
     cmd = [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
+           *(["--threads", str(args.threads)] if args.threads else []),
            "--memory-case", wl.name, impl, mode, str(batch)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
@@ -256,6 +258,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_case:
         memory_case(args)
         return
