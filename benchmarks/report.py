@@ -82,6 +82,8 @@ def markdown(results: dict) -> str:
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name, e in results.get("workloads", {}).items():
         s = e.get("summary", {})
+        if e.get("error"):
+            lines.append(f"| {name} | – | | {e['batch']} | failed: {e['error']} |" + " |" * 11)
         for impl, d in e["impls"].items():
             if "skipped" in d:
                 lines.append(f"| {name} | {impl} | | {e['batch']} | skipped: {d['skipped']} |" + " |" * 11)

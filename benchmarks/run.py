@@ -284,7 +284,15 @@ def main(argv=None) -> None:
     run_info = {"machine": desc, "rates": rates, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "device": str(device), "precision": args.precision}
     for wl in chosen:
-        entry = run_workload(args, wl, device, rates)
+        try:
+            entry = run_workload(args, wl, device, rates)
+        except Exception as exc:  # noqa: BLE001 - one failing workload (e.g. out of memory) must not end the run
+            print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
+            entry = {"workload": wl.name, "family": wl.family, "description": wl.description, "batch": wl.batch,
+                     "elements": wl.elements, "impls": {}, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         entry["run"] = run_info
         results["workloads"][wl.name] = entry
         results["machine"], results["rates"] = desc, rates
