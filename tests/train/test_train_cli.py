@@ -139,3 +139,13 @@ def test_image_folder_fit(tmp_path, capsys):
     assert cli.main(["fit", "--config", config]) == 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     capsys.readouterr()
+
+
+def test_predict_writes_a_csv(tmp_path, capsys):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    assert cli.main(["fit", "--config", config]) == 0
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert cli.main(["predict", "--config", config, "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "2"]) == 0
+    rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "index,prediction,class,probability" and len(rows) == 1 + 2 * 64
+    capsys.readouterr()

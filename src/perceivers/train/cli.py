@@ -15,6 +15,7 @@ What it adds to a plain LightningCLI:
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import sys
@@ -155,6 +156,36 @@ class PerceiversCLI(LightningCLI):
                 lines += [f"plot: {p}" for p in cb.written]
         if lines:
             print("\n".join(lines), flush=True)
+
+
+    def predict(self, **kwargs: Any) -> list[Any] | None:
+        """``Trainer.predict``, then ``<default_root_dir>/predictions.csv`` (one row per sample) on rank 0."""
+        kwargs.setdefault("return_predictions", True)
+        outputs = self.trainer.predict(**kwargs)
+        if outputs and self.trainer.is_global_zero:
+            path = write_predictions(outputs, Path(self.trainer.default_root_dir) / "predictions.csv",
+                                     getattr(self.datamodule, "class_names", None))
+            if path is not None:
+                print(f"predictions: {path}", flush=True)
+        return outputs
+
+
+def write_predictions(outputs: list[Any], path: Path, class_names: list[str] | None = None) -> Path | None:
+    """Classification outputs (``{"prediction", "probs"}`` per batch) → CSV rows: index, class, probability."""
+    rows = []
+    for batch in outputs:
+        if not isinstance(batch, dict) or "prediction" not in batch:
+            return None
+        probs = batch["probs"].float()
+        for pred, p in zip(batch["prediction"].tolist(), probs):
+            name = class_names[pred] if class_names and pred < len(class_names) else str(pred)
+            rows.append((len(rows), pred, name, float(p[pred])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "prediction", "class", "probability"])
+        writer.writerows((i, c, n, f"{q:.6f}") for i, c, n, q in rows)
+    return path
 
 
 def run_cli(argv: list[str], *, prog: str = "perceivers") -> PerceiversCLI:

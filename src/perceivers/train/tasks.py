@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -163,7 +164,9 @@ class Task(pl.LightningModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        # Under the CLI the parsed config (the model as class_path + init_args) is saved, so
+        # Task.load_from_checkpoint rebuilds everything; a module object given in Python is not saved.
+        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["model"])
         self.model = build_model(model, model_name, model_kwargs)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
