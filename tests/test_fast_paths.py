@@ -218,3 +218,18 @@ def test_streaming_memory_does_not_grow_with_the_input() -> None:
         model(x)
     # nothing of the input's length exists besides the input itself: chunks of 512 rows at most
     assert probe.largest <= 512 * 64
+
+
+def test_cross_attention_block_streams_long_contexts_by_itself() -> None:
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(16, 300, num_heads=2, qk_channels=32).eval()  # wide context: no fold
+    x, ctx = torch.randn(1, 4, 16), torch.randn(1, 70_000, 300)
+    with torch.no_grad():
+        block.chunk_size = 0
+        ref = block(x, ctx)
+        block.chunk_size = None  # auto: above 65536 elements, without autograd
+        assert block._stream_size(ctx, False) > 0
+        torch.testing.assert_close(block(x, ctx), ref, **TOL)
+    assert block._stream_size(ctx, False) == 0  # autograd on: the whole context, unless chunk_size > 0
+    block.chunk_size = 20_000
+    assert block._stream_size(ctx, False) == 20_000

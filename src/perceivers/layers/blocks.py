@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .attention import Attention, KeyValue
 from .mlp import Activation, FeedForward
-from .stream import ContextStream
+from .stream import ContextStream, auto_chunk_size
 
 __all__ = ["MIN_NORMALISED_CHANNELS", "CrossAttentionBlock", "NarrowContextWarning", "SelfAttentionBlock"]
 
@@ -88,6 +88,19 @@ class CrossAttentionBlock(nn.Module):
         else:
             self.norm_mlp = nn.LayerNorm(out_dim, eps=norm_eps)
             self.mlp = FeedForward(out_dim, mlp_mult, activation, ff_dropout)
+        # Attend a long context tensor chunk by chunk (see ``auto_chunk_size``): ``None`` streams
+        # contexts above 65536 elements when no gradient is needed, ``0`` never, ``n > 0`` always
+        # in chunks of ``n`` (with autograd too, recomputing each chunk in the backward pass).
+        self.chunk_size: int | None = None
+
+    def _stream_size(self, context: Tensor, inverted: bool) -> int:
+        if inverted or torch.compiler.is_compiling():
+            return 0
+        if self.chunk_size is None and torch.is_grad_enabled() and (
+            context.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return 0
+        return auto_chunk_size(context.shape[1], self.chunk_size)
 
     def project_kv(self, context: Tensor) -> KeyValue:
         """Normalise and project the context once; pass the result as ``kv=`` to :meth:`forward`."""
@@ -121,7 +134,12 @@ class CrossAttentionBlock(nn.Module):
         if kv is None:
             if context is None:
                 raise ValueError("CrossAttentionBlock needs a context or precomputed kv")
-            kv = context if isinstance(context, ContextStream) else self.prepare(context, inverted=inverted)
+            if isinstance(context, ContextStream):
+                kv = context
+            elif size := self._stream_size(context, inverted):
+                kv = ContextStream.from_tensor(context, size)
+            else:
+                kv = self.prepare(context, inverted=inverted)
         q_in = self.norm_q(x)
         if isinstance(kv, ContextStream):
             if inverted:
