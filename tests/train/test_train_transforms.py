@@ -110,3 +110,14 @@ def test_mix_batch_soft_targets_sum_to_one(mixup, cutmix):
     # each row mixes its own label with the flipped batch's
     for i in range(6):
         assert set(soft[i].nonzero().flatten().tolist()) >= {int(y[i])} or soft[i].min() > 0
+
+
+def test_nearest_shifts_move_whole_pixels():
+    x = torch.rand(16, 8, 8, 1)
+    out = random_affine(x, flip=False, translate=0.125, interpolation="nearest", fill=-1.0,
+                        generator=torch.Generator().manual_seed(0))
+    for o, i in zip(out, x):  # every output pixel is an input pixel or the fill value: no blur
+        allowed = torch.cat([i.flatten(), torch.tensor([-1.0])])
+        assert ((o.flatten()[:, None] - allowed[None]).abs().min(dim=1).values < 1e-5).all()
+    with pytest.raises(ValueError, match="interpolation"):
+        random_affine(x, interpolation="cubic")

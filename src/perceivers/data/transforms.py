@@ -66,13 +66,17 @@ def resize(images: Tensor, size: int | Sequence[int]) -> Tensor:
     return rearrange(x, "b c h w -> b h w c")
 
 
-def _sample(images: Tensor, theta: Tensor, size: Sequence[int], fill: Tensor | float) -> Tensor:
+def _sample(
+    images: Tensor, theta: Tensor, size: Sequence[int], fill: Tensor | float, mode: str = "bilinear"
+) -> Tensor:
     """Resample ``[B, H, W, C]`` through affine maps ``theta [B, 2, 3]`` (output → input, normalised coords)."""
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {mode!r}")
     x = rearrange(images, "b h w c -> b c h w")
     grid = F.affine_grid(theta.to(x.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
     fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     # grid_sample pads with zeros: shift so that the padding value becomes `fill`.
-    out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
     return rearrange(out, "b c h w -> b h w c")
 
 
@@ -85,6 +89,7 @@ def random_affine(
     translate: float = 0.0,
     shear: float = 0.0,
     fill: Tensor | float = 0.0,
+    interpolation: str = "bilinear",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Random horizontal flip, zoom, rotation, translation and shear in one resampling.
@@ -98,6 +103,9 @@ def random_affine(
         translate: maximum shift as a fraction of the image size, per axis.
         shear: maximum horizontal shear angle in degrees.
         fill: value of pixels coming from outside the image (a scalar or one value per channel).
+        interpolation: ``"bilinear"`` or ``"nearest"``. Bilinear resampling blurs very small images (8×8
+            digits) noticeably, so that training images no longer look like test images; ``"nearest"``
+            with ``translate`` a multiple of ``1 / size`` gives whole-pixel shifts instead.
     """
     _check_images(images)
     b = images.shape[0]
@@ -118,7 +126,7 @@ def random_affine(
     theta[:, 1, 0] = sin * sign
     theta[:, 1, 1] = cos + skew * sin
     theta[:, :, 2] = shift
-    return _sample(images, theta, images.shape[1:3], fill)
+    return _sample(images, theta, images.shape[1:3], fill, interpolation)
 
 
 def random_resized_crop(
@@ -267,6 +275,7 @@ class ImageAugment:
         translate: random shift as a fraction of the size; 0 disables.
         crop_scale: if set, an Inception-style random resized crop with this area range replaces zoom.
         randaugment_layers, randaugment_magnitude: RandAugment-lite ops per image (0 disables).
+        interpolation: resampling of flips/zoom/rotation/shifts, ``"bilinear"`` or ``"nearest"``.
     """
 
     flip: bool = True
@@ -276,6 +285,7 @@ class ImageAugment:
     crop_scale: tuple[float, float] | None = None
     randaugment_layers: int = 0
     randaugment_magnitude: float = 5.0
+    interpolation: str = "bilinear"
 
     def __call__(
         self, images: Tensor, generator: torch.Generator | None = None, fill: Tensor | float = 0.0
@@ -286,10 +296,11 @@ class ImageAugment:
             images = random_resized_crop(images, scale=tuple(self.crop_scale), flip=self.flip, generator=generator)
             if self.rotate or self.translate:
                 images = random_affine(images, flip=False, rotate=self.rotate, translate=self.translate,
-                                       fill=fill, generator=generator)
+                                       fill=fill, interpolation=self.interpolation, generator=generator)
         elif self.flip or self.zoom or self.rotate or self.translate:
             images = random_affine(images, flip=self.flip, zoom=self.zoom, rotate=self.rotate,
-                                   translate=self.translate, fill=fill, generator=generator)
+                                   translate=self.translate, fill=fill, interpolation=self.interpolation,
+                                   generator=generator)
         if self.randaugment_layers:
             images = RandAugmentLite(self.randaugment_layers, self.randaugment_magnitude)(images, generator)
         return images
