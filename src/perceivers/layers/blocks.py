@@ -89,7 +89,7 @@ class CrossAttentionBlock(nn.Module):
             self.norm_mlp = nn.LayerNorm(out_dim, eps=norm_eps)
             self.mlp = FeedForward(out_dim, mlp_mult, activation, ff_dropout)
         # Attend a long context tensor chunk by chunk (see ``auto_chunk_size``): ``None`` streams
-        # contexts above 65536 elements when no gradient is needed, ``0`` never, ``n > 0`` always
+        # contexts above 16384 elements when no gradient is needed, ``0`` never, ``n > 0`` always
         # in chunks of ``n`` (with autograd too, recomputing each chunk in the backward pass).
         self.chunk_size: int | None = None
 
@@ -99,7 +99,7 @@ class CrossAttentionBlock(nn.Module):
         if self.chunk_size is None and torch.is_grad_enabled() and (
             context.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
-            return 0
+            return 0  # a context tensor that exists whole is not worth recomputing in chunks
         return auto_chunk_size(context.shape[1], self.chunk_size)
 
     def project_kv(self, context: Tensor) -> KeyValue:

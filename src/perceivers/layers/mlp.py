@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FeedForward", "Activation"]
+__all__ = ["Activation", "FeedForward"]
 
 Activation = Literal["geglu", "gelu", "gelu_tanh"]
 

@@ -9,19 +9,30 @@ from torch import Tensor
 
 __all__ = ["ContextStream", "auto_chunk_size"]
 
-# Inputs above this many elements per sample are streamed by default (``chunk_size=None``).
-STREAM_ABOVE = 65536
+# Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
+# (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
+# elements; with autograd (each chunk is then recomputed in the backward pass) only inputs above
+# DEFAULT_CHUNK are, in chunks of DEFAULT_CHUNK.
+STREAM_ABOVE = 16384
+MIN_CHUNK = 16384
 DEFAULT_CHUNK = 65536
 
 
-def auto_chunk_size(length: int, chunk_size: int | None) -> int:
+def auto_chunk_size(length: int, chunk_size: int | None, *, grad: bool = False) -> int:
     """The chunk size to stream ``length`` keys with, or 0 to attend them at once.
 
-    ``chunk_size``: ``None`` streams inputs longer than 65536 elements in chunks of 65536; ``0``
-    never streams; a positive value streams in chunks of that size whenever ``length`` exceeds it.
+    ``chunk_size``: ``None`` chooses (without autograd: inputs longer than 16384 elements, in
+    chunks of a quarter of the input clamped to 16384–65536; with autograd, ``grad=True``: inputs
+    longer than 65536, in chunks of 65536); ``0`` never streams; a positive value streams in
+    chunks of that size whenever ``length`` exceeds it.
     """
     if chunk_size is None:
-        return DEFAULT_CHUNK if length > STREAM_ABOVE else 0
+        if grad:
+            return DEFAULT_CHUNK if length > DEFAULT_CHUNK else 0
+        if length <= STREAM_ABOVE:
+            return 0
+        quarter = -(-length // 4)
+        return min(DEFAULT_CHUNK, max(MIN_CHUNK, quarter))
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be None, 0 or positive, got {chunk_size}")
     return chunk_size if 0 < chunk_size < length else 0

@@ -149,8 +149,9 @@ class Perceiver(nn.Module):
         attn_residual, attn_residual_rank: learned pool over earlier block outputs (perceiver-pytorch 0.10).
         chunk_size: stream large inputs through the cross-attentions this many elements at a time,
             building their Fourier features per chunk, so memory stays bounded (exact up to float
-            rounding). ``None`` (default): inputs above 65536 elements per sample, in chunks of 65536;
-            ``0``: never. A plain attribute, so it can be changed on a built model.
+            rounding). ``None`` (default): without autograd, inputs above 16384 elements per sample
+            in chunks of a quarter of the input (16384–65536); with autograd, inputs above 65536 in
+            chunks of 65536. ``0``: never. A plain attribute, so it can be changed on a built model.
     """
 
     def __init__(
@@ -253,7 +254,8 @@ class Perceiver(nn.Module):
         if not isinstance(data, Tensor) or data.ndim < 3 or any(self.inverted_cross_attn):
             return None
         m = data.shape[1] if pos is not None else math.prod(data.shape[1:-1])
-        size = auto_chunk_size(m, self.chunk_size)
+        grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
+        size = auto_chunk_size(m, self.chunk_size, grad=grad)
         if not size:
             return None
         if pos is not None:

@@ -59,8 +59,9 @@ class PerceiverIO(nn.Module):
         attn_residual, attn_residual_rank: learned pool over earlier latent layers.
         inverted_cross_attn: slot-attention-style encoder cross-attention.
         chunk_size: stream inputs longer than this through the encoder cross-attention in chunks
-            (``None``: above 65536 inputs, in chunks of 65536; ``0``: never); exact up to rounding.
-        decode_chunk_size: decode query sets larger than this in independent chunks (same default).
+            (``None``: as ``Perceiver``'s ``chunk_size``; ``0``: never); exact up to rounding.
+        decode_chunk_size: decode query sets larger than this in independent chunks (``None``: above
+            65536 queries, in chunks of 65536; ``0``: never).
 
     Without ``queries`` the forward returns the latents ``[B, num_latents, latent_dim]`` and
     ``logits_dim`` does not apply (as in perceiver-pytorch).
@@ -127,7 +128,8 @@ class PerceiverIO(nn.Module):
         if self.training and self.seq_dropout_prob > 0.0:
             data, mask = dropout_seq(data, mask, self.seq_dropout_prob)
         x = self.latents.to(data.dtype).expand(data.shape[0], -1, -1)
-        size = 0 if self.inverted_cross_attn else auto_chunk_size(data.shape[1], self.chunk_size)
+        grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
+        size = 0 if self.inverted_cross_attn else auto_chunk_size(data.shape[1], self.chunk_size, grad=grad)
         if size:  # attend huge inputs chunk by chunk: no keys, values or scores of all of them at once
             return self.encoder_cross_attn(x, kv=ContextStream.from_tensor(data, size), mask=mask)
         return self.encoder_cross_attn(x, data, mask=mask, inverted=self.inverted_cross_attn)
@@ -148,7 +150,7 @@ class PerceiverIO(nn.Module):
             queries = queries.expand(b, -1, -1)
         elif queries.shape[0] != b:
             raise ValueError(f"queries have batch size {queries.shape[0]} but data has {b}")
-        size = auto_chunk_size(queries.shape[1], self.decode_chunk_size)
+        size = auto_chunk_size(queries.shape[1], self.decode_chunk_size, grad=True)  # None: chunks of 65536
         if not size:
             return self.to_logits(self.decoder_cross_attn(queries, latents))
         # Very large query sets: the latents' keys/values once, then the queries in independent chunks.
