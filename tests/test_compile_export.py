@@ -65,7 +65,7 @@ def _vision():
 
 MODELS = {
     "perceiver": _perceiver,
-    "perceiver-streamed": lambda: _perceiver(chunk_size=32),
+    "perceiver-streamed": lambda: _perceiver(chunk_size=60),
     "perceiver-io": _perceiver_io,
     "vision-perceiver-fourier": _vision,
 }
