@@ -175,7 +175,8 @@ def test_perceiver_io_chunked_encode_and_decode() -> None:
 
 def test_auto_chunk_size_policy() -> None:
     assert auto_chunk_size(1000, None) == 0
-    assert auto_chunk_size(65536, None) == 16384  # inference: a quarter of the input, 16384 to 65536
+    assert auto_chunk_size(65536, None) == 32768  # inference: a quarter of the input, 32768 to 65536
+    assert auto_chunk_size(32768, None) == 0
     assert auto_chunk_size(10**6, None) == 65536
     assert auto_chunk_size(65536, None, grad=True) == 0  # autograd: only above 65536
     assert auto_chunk_size(10**6, None, grad=True) == 65536
@@ -226,11 +227,11 @@ def test_streaming_memory_does_not_grow_with_the_input() -> None:
 def test_cross_attention_block_streams_long_contexts_by_itself() -> None:
     torch.manual_seed(0)
     block = CrossAttentionBlock(16, 300, num_heads=2, qk_channels=32).eval()  # wide context: no fold
-    x, ctx = torch.randn(1, 4, 16), torch.randn(1, 20_000, 300)
+    x, ctx = torch.randn(1, 4, 16), torch.randn(1, 40_000, 300)
     with torch.no_grad():
         block.chunk_size = 0
         ref = block(x, ctx)
-        block.chunk_size = None  # auto: above 16384 elements, without autograd
+        block.chunk_size = None  # auto: above 32768 elements, without autograd
         assert block._stream_size(ctx, False) > 0
         torch.testing.assert_close(block(x, ctx), ref, **TOL)
     assert block._stream_size(ctx, False) == 0  # autograd on: the whole context, unless chunk_size > 0

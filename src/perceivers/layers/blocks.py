@@ -89,7 +89,7 @@ class CrossAttentionBlock(nn.Module):
             self.norm_mlp = nn.LayerNorm(out_dim, eps=norm_eps)
             self.mlp = FeedForward(out_dim, mlp_mult, activation, ff_dropout)
         # Attend a long context tensor chunk by chunk (see ``auto_chunk_size``): ``None`` streams
-        # contexts above 16384 elements when no gradient is needed, ``0`` never, ``n > 0`` always
+        # contexts above 32768 elements when no gradient is needed, ``0`` never, ``n > 0`` always
         # in chunks of ``n`` (with autograd too, recomputing each chunk in the backward pass).
         self.chunk_size: int | None = None
 

@@ -13,16 +13,16 @@ __all__ = ["ContextStream", "auto_chunk_size"]
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
 # elements; with autograd (each chunk is then recomputed in the backward pass) only inputs above
 # DEFAULT_CHUNK are, in chunks of DEFAULT_CHUNK.
-STREAM_ABOVE = 16384
-MIN_CHUNK = 16384
+STREAM_ABOVE = 32768
+MIN_CHUNK = 32768
 DEFAULT_CHUNK = 65536
 
 
 def auto_chunk_size(length: int, chunk_size: int | None, *, grad: bool = False) -> int:
     """The chunk size to stream ``length`` keys with, or 0 to attend them at once.
 
-    ``chunk_size``: ``None`` chooses (without autograd: inputs longer than 16384 elements, in
-    chunks of a quarter of the input clamped to 16384–65536; with autograd, ``grad=True``: inputs
+    ``chunk_size``: ``None`` chooses (without autograd: inputs longer than 32768 elements, in
+    chunks of a quarter of the input clamped to 32768–65536; with autograd, ``grad=True``: inputs
     longer than 65536, in chunks of 65536); ``0`` never streams; a positive value streams in
     chunks of that size whenever ``length`` exceeds it.
     """

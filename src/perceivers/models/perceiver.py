@@ -149,8 +149,8 @@ class Perceiver(nn.Module):
         attn_residual, attn_residual_rank: learned pool over earlier block outputs (perceiver-pytorch 0.10).
         chunk_size: stream large inputs through the cross-attentions this many elements at a time,
             building their Fourier features per chunk, so memory stays bounded (exact up to float
-            rounding). ``None`` (default): without autograd, inputs above 16384 elements per sample
-            in chunks of a quarter of the input (16384–65536); with autograd, inputs above 65536 in
+            rounding). ``None`` (default): without autograd, inputs above 32768 elements per sample
+            in chunks of a quarter of the input (32768–65536); with autograd, inputs above 65536 in
             chunks of 65536. ``0``: never. A plain attribute, so it can be changed on a built model.
     """
 
