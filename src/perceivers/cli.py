@@ -78,9 +78,7 @@ def _has_config(argv: Sequence[str]) -> bool:
 
 def _is_yaml_config(value: str) -> bool:
     value = value.strip()
-    if value.startswith("{") or value.endswith(".json"):
-        return False  # the inference command's JSON overrides
-    return True
+    return not (value.startswith("{") or value.endswith(".json"))  # JSON: the inference command's overrides
 
 
 def _wants_lightning(argv: Sequence[str]) -> bool:

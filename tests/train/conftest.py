@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from train_files import write_cifar10, write_cifar100, write_image_folder
 
+
 @pytest.fixture
 def cifar10_dir(tmp_path: Path) -> Path:
     return write_cifar10(tmp_path)

@@ -18,7 +18,7 @@ def test_help_is_fast_and_light():
     code = ("import sys, perceivers.cli as c; c.main(['--help']); "
             "bad = [m for m in ('lightning', 'torchmetrics', 'matplotlib', 'jsonargparse') if m in sys.modules]; "
             "assert not bad, bad")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "fit" in out.stdout and "predict" in out.stdout
 

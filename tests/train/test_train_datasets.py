@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_files import write_image_folder
 
 from perceivers.data import ByteTokenizer
 from perceivers.data.datasets import (
@@ -23,8 +24,6 @@ from perceivers.data.datasets import (
     read_cifar,
     split_indices,
 )
-
-from train_files import write_image_folder
 
 
 def test_digits_is_bundled():

@@ -33,7 +33,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "perceivers.cli", "fit", "--config", write_config(tmp_path / "ddp.yaml", _config(ddp))]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert out.returncode == 0, out.stderr[-4000:]
 
     report = json.loads((ddp / "replica_check.json").read_text())

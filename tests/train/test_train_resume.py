@@ -68,7 +68,7 @@ def test_sigkill_then_resume_continues(tmp_path: Path):
     assert rows_before, "metrics were written before the crash"
 
     resumed = subprocess.run([*command, write_config(tmp_path / "resume.yaml", config), "--resume", "true"],
-                             env=_env(), capture_output=True, text=True, timeout=300)
+                             env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"--resume: continuing from {last}" in resumed.stderr + resumed.stdout
     final = torch.load(last, map_location="cpu", weights_only=False)

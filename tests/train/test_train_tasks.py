@@ -3,6 +3,7 @@ in-memory arrays, bf16, activation checkpointing, schedules and attention maps."
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -149,7 +150,7 @@ def test_flat_cosine_schedule():
         opt.step()
         sched.step()
     assert lrs[:5] == [1.0] * 5 and lrs[5] == pytest.approx(1.0) and lrs[-1] < 0.1
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 @pytest.mark.parametrize("kind", ["perceiver", "patch", "official"])

@@ -90,7 +90,7 @@ def split_indices(n: int, fractions: Sequence[float], seed: int = 0) -> list[Ten
     if any(f < 0 for f in fractions) or sum(fractions) >= 1:
         raise DataError(f"split fractions must be >= 0 and sum to < 1, got {list(fractions)}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    sizes = [int(round(f * n)) for f in fractions]
+    sizes = [round(f * n) for f in fractions]
     parts, start = [], 0
     for size in sizes:
         parts.append(perm[start:start + size])
@@ -180,7 +180,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             data = load_numpy_pickle(f, encoding="bytes")  # Python 2 pickles; nothing but arrays may load
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unreadable file
+    except Exception as err:
         raise DataError(f"cannot read CIFAR file {str(path)!r}: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):
         raise DataError(f"CIFAR file {str(path)!r} does not hold a dict (got {type(data).__name__})")
@@ -298,7 +298,7 @@ class ImageFolderDataset(Dataset):
                 try:
                     with Image.open(path) as img:
                         img.size  # noqa: B018 - reading the header is the check
-                except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+                except Exception as err:
                     raise DataError(f"cannot read image {str(path)!r}: {type(err).__name__}: {err}") from err
 
     def __len__(self) -> int:
@@ -321,7 +321,7 @@ class ImageFolderDataset(Dataset):
                     img = img.crop((left, top, left + side, top + side))
                 img = img.resize((self.image_size[1], self.image_size[0]), Image.Resampling.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise DataError(f"cannot decode image {str(path)!r}: {type(err).__name__}: {err}") from err
         return torch.from_numpy(array.reshape(*self.image_size, self.channels).copy())
 
@@ -403,7 +403,7 @@ class ByteChunkDataset(Dataset):
         return cls([_read_text(p) for p in files], seq_len, source=f"{len(files)} text file(s)")
 
     def __len__(self) -> int:
-        return -(-self.ids.numel() // self.seq_len)
+        return (self.ids.numel() + self.seq_len - 1) // self.seq_len
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         chunk = self.ids[index * self.seq_len:(index + 1) * self.seq_len]

@@ -197,7 +197,7 @@ class TrainingPlots(Callback):
             pred = int(pl_module(batch["inputs"].to(pl_module.device)).argmax(-1)[0])
         names = getattr(datamodule, "class_names", []) or []
         label = int(item["target"])
-        describe = (lambda i: names[i] if i < len(names) else str(i))  # noqa: E731
+        describe = (lambda i: names[i] if i < len(names) else str(i))
         shown = to_float(raw[None])
         size = getattr(datamodule, "image_size", None)
         if size is not None:

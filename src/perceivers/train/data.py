@@ -38,13 +38,13 @@ from ..data.transforms import ImageAugment, Normalize, channel_stats, resize, to
 
 __all__ = [
     "ArrayDataModule",
-    "EpochShuffleSampler",
-    "ResumableDataLoader",
     "CIFARDataModule",
     "DigitsDataModule",
+    "EpochShuffleSampler",
     "ImageDataModule",
     "ImageFolderDataModule",
     "MaskedBytesDataModule",
+    "ResumableDataLoader",
     "TextClassificationDataModule",
 ]
 
@@ -62,7 +62,7 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __init__(self, data_source: Sized, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int | None = None) -> None:
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        seed = int(os.environ.get("PL_GLOBAL_SEED", "0")) if seed is None else seed
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=True)
 
@@ -597,7 +597,7 @@ class MaskedBytesDataModule(_BaseDataModule):
             self.datasets["train"] = train
             val: Dataset = ByteChunkDataset.from_files(self.val_files, self.seq_len)
         else:
-            n_val = max(1, int(round(len(train) * self.val_fraction)))
+            n_val = max(1, round(len(train) * self.val_fraction))
             if len(train) - n_val < 1:
                 raise DataError(f"the training text gives {len(train)} windows of {self.seq_len} bytes: too few to "
                                 f"hold out {n_val} for validation; add text, lower seq_len or pass val_files")

@@ -8,7 +8,6 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 __all__ = ["plot_attention", "plot_learning_curves", "read_metrics"]

@@ -371,6 +371,7 @@ class ClassificationTask(Task):
                                      label_smoothing=self.label_smoothing)
             logits = self(inputs, mask)
             loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            target = soft.argmax(-1)  # accuracy against each mixed sample's dominant label
         else:
             logits = self(inputs, mask)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
