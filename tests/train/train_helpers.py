@@ -16,14 +16,3 @@ class SlowDown(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
 
-
-class PrintBatches(Callback):
-    """Print each training batch's targets (debugging)."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        print(f"RANK{trainer.global_rank} step {trainer.global_step} targets {batch['target'].tolist()} "
-              f"sum {float(batch['inputs'].sum()):.4f}", flush=True)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        g = pl_module.model.latents.grad
-        print(f"RANK{trainer.global_rank} grad latents sum {float(g.sum()):.6f}", flush=True)
