@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "create_model": "perceivers.tasks.registry",
     "list_models": "perceivers.tasks.registry",
+    "PatchPerceiver": "perceivers.models.patch",
     "pad_grid_batch": "perceivers.batching",
     "pad_point_batch": "perceivers.batching",
     "from_pretrained": "perceivers.hub",
