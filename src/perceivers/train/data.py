@@ -353,8 +353,7 @@ class CIFARDataModule(ImageDataModule):
 
     def load(self) -> None:
         images, labels, names = read_cifar(self.root, train=True, variant=self.variant, coarse=self.coarse)
-        full = ArrayDataset(images, labels, name="CIFAR train")
-        train, val = split_indices(len(full), [self.val_fraction], seed=self.split_seed)
+        train, val = split_indices(len(images), [self.val_fraction], seed=self.split_seed)
         self.datasets["train"] = ArrayDataset(images[train], labels[train], name="CIFAR train")
         self.datasets["val"] = ArrayDataset(images[val], labels[val], name="CIFAR validation")
         if cifar_has_test(self.root, self.variant):
