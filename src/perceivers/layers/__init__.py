@@ -1,6 +1,6 @@
 """Modality-agnostic building blocks: attention, MLPs, pre-norm blocks, position encodings."""
 
-from .attention import Attention, KeyValue, check_mask
+from .attention import Attention, KeyValue, check_mask, fold_is_cheaper
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
 from .mlp import Activation, FeedForward
 from .position import FourierPositionEncoding, TrainablePositionEncoding, fourier_features, linear_positions
@@ -18,6 +18,7 @@ __all__ = [
     "TrainablePositionEncoding",
     "auto_chunk_size",
     "check_mask",
+    "fold_is_cheaper",
     "fourier_features",
     "linear_positions",
 ]

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Attention", "KeyValue", "check_mask"]
+__all__ = ["Attention", "KeyValue", "check_mask", "fold_is_cheaper"]
 
 KeyValue = tuple[Tensor, Tensor]
 """Projected keys and values, each ``[B, H, K, d]``."""
@@ -63,12 +63,12 @@ class Attention(nn.Module):
         dropout: dropout on the attention probabilities (training only).
 
     Attributes:
-        fold_kv: attend in the context's own space (``None``: when that is cheaper, i.e. the context
-            is narrower than half a head's key + value width; ``True``/``False`` force it). Keys
-            ``k = c W_kᵀ + b_k`` give scores ``q·k = (q W_k)·c + q·b_k``; the last term is the same for
-            every key, so it cancels in the softmax, and the queries are mapped once into the
-            context's space instead of every key into the head's. Values: the weighted sum of ``c``
-            is projected by ``W_v`` afterwards (``+ b_v``, as the weights sum to 1). Exact up to
+        fold_kv: attend in the context's own space (``None``: decided per call by
+            :func:`fold_is_cheaper` from the numbers of queries and keys; ``True``/``False`` force
+            it). Keys ``k = c W_kᵀ + b_k`` give scores ``q·k = (q W_k)·c + q·b_k``; the last term is
+            the same for every key, so it cancels in the softmax, and the queries are mapped once into
+            the context's space instead of every key into the head's. Values: the weighted sum of
+            ``c`` is projected by ``W_v`` afterwards (``+ b_v``, as the weights sum to 1). Exact up to
             float rounding; fully masked rows are zeroed either way.
     """
 
@@ -103,14 +103,18 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(v_channels, out_dim, bias=out_bias)
         self.fold_kv: bool | None = None
 
-    def folds(self, inverted: bool = False) -> bool:
-        """Whether :meth:`forward` attends in the context's own space (see ``fold_kv``)."""
+    def folds(self, inverted: bool = False, *, num_queries: int | None = None, length: int | None = None) -> bool:
+        """Whether :meth:`forward` attends in the context's own space (see ``fold_kv``).
+
+        ``num_queries`` and ``length`` (keys) feed the cost model (:func:`fold_is_cheaper`); ``None``
+        stands for "many". Inverted attention and precomputed keys/values never fold.
+        """
         if inverted or self.fold_kv is False:
             return False
         if self.fold_kv:
             return True
-        h = self.num_heads
-        return 2 * self.kv_dim < (self.qk_channels + self.v_channels) // h
+        head_width = (self.qk_channels + self.v_channels) // self.num_heads
+        return fold_is_cheaper(self.kv_dim, head_width, num_queries, length)
 
     def project_kv(self, context: Tensor) -> KeyValue:
         """``[B, K, kv_dim]`` → keys ``[B, H, K, dk]`` and values ``[B, H, K, dv]``.
@@ -158,8 +162,8 @@ class Attention(nn.Module):
             # A sample without any valid key attends everything (no NaN anywhere) and is zeroed below.
             attn_mask = key_mask | ~row_valid
 
-        if kv is None and self.folds(inverted):
-            c = (x if context is None else context)
+        c = x if context is None else context
+        if kv is None and self.folds(inverted, num_queries=x.shape[1], length=c.shape[1]):
             if c.shape[-1] != self.kv_dim:
                 raise ValueError(f"context must have {self.kv_dim} channels, got {c.shape[-1]}")
             c = _pad_channels(c)[:, None].expand(-1, self.num_heads, -1, -1)  # [B, H, K, kv_dim + pad]
@@ -192,6 +196,11 @@ class Attention(nn.Module):
         out = torch.matmul(out, wv.transpose(-1, -2))
         if self.to_v.bias is not None:
             out = out + self.to_v.bias.view(self.num_heads, 1, -1).to(out.dtype)
+        bk = self.to_k.bias
+        if bk is not None and bk.requires_grad and torch.is_grad_enabled():
+            # b_k cancels in the softmax, so its gradient is exactly 0; keep it in the graph all the
+            # same, so that every parameter gets a gradient (DistributedDataParallel expects one).
+            out = out + 0.0 * bk.sum().to(out.dtype)
         return out
 
     # ------------------------------------------------------------------ streaming over key/value chunks
@@ -221,7 +230,7 @@ class Attention(nn.Module):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
         q = q * (self.qk_channels // self.num_heads) ** -0.5
-        fold = self.folds()
+        fold = self.folds(num_queries=x.shape[1], length=length)
         if fold:
             q = _pad_channels(self._fold_queries(q))
         dropout = self.dropout if self.training else 0.0
@@ -292,6 +301,30 @@ class Attention(nn.Module):
         if query_mask is not None:
             out = out * query_mask[:, None, :, None].to(out.dtype)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def fold_is_cheaper(kv_dim: int, head_width: int, num_queries: int | None = None, length: int | None = None) -> bool:
+    """Whether attending in the context's own space costs fewer multiply-adds than projecting it.
+
+    Per head, with ``C = kv_dim`` (``C'`` padded to a multiple of 8 for the fused kernel),
+    ``w = d_k + d_v`` (``head_width``), ``N`` queries and ``K`` keys:
+
+    * projected: every key is projected (``C·w``) and met by every query (``N·w``: scores and
+      weighted sum), ``K·(C + N)·w``;
+    * folded: scores and weighted sums in the context's space, ``K·N·2C'``, plus mapping the
+      queries through ``W_k`` and their sums through ``W_v``, ``N·C·w``.
+
+    Training scales both sides alike (the backward pass of each product costs twice its forward),
+    so one rule serves both. ``None`` means many: with ``num_queries=None`` the projection's share
+    vanishes (the rule becomes ``2C' < w`` for ``K ≫ C``), with ``length=None`` the per-query share.
+    """
+    c, cp, w = kv_dim, kv_dim + (-kv_dim % 8), head_width
+    n, k = num_queries, length
+    if n is None:
+        return 2 * cp < w if k is None else k * 2 * cp + c * w < k * w
+    if k is None:
+        return 2 * n * cp < (c + n) * w
+    return k * n * 2 * cp + n * c * w < k * (c + n) * w
 
 
 def _pad_channels(t: Tensor, multiple: int = 8) -> Tensor:

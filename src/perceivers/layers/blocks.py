@@ -106,13 +106,14 @@ class CrossAttentionBlock(nn.Module):
         """Normalise and project the context once; pass the result as ``kv=`` to :meth:`forward`."""
         return self.attn.project_kv(self.norm_kv(context))
 
-    def prepare(self, context: Tensor, *, inverted: bool = False) -> KeyValue | Tensor:
+    def prepare(self, context: Tensor, *, inverted: bool = False, num_queries: int | None = None) -> KeyValue | Tensor:
         """What :meth:`forward` needs of ``context``, to reuse across calls with the same weights.
 
         The normalised context ``[B, K, kv_dim]`` when the attention works in the context's own space
-        (see :attr:`Attention.fold_kv`), else the projected keys and values; pass it as ``kv=``.
+        for ``num_queries`` queries (see :attr:`Attention.fold_kv`; ``None``: many), else the
+        projected keys and values; pass it as ``kv=``.
         """
-        if self.attn.folds(inverted):
+        if self.attn.folds(inverted, num_queries=num_queries, length=context.shape[1]):
             return self.norm_kv(context)
         return self.project_kv(context)
 
@@ -139,7 +140,7 @@ class CrossAttentionBlock(nn.Module):
             elif size := self._stream_size(context, inverted):
                 kv = ContextStream.from_tensor(context, size)
             else:
-                kv = self.prepare(context, inverted=inverted)
+                kv = self.prepare(context, inverted=inverted, num_queries=x.shape[1])
         q_in = self.norm_q(x)
         if isinstance(kv, ContextStream):
             if inverted:

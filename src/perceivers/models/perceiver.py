@@ -81,13 +81,16 @@ class PerceiverBlock(nn.Module):
             raise ValueError("this block has no cross-attention")
         return self.cross_attn.project_kv(context)
 
-    def prepare_context(self, context: Tensor, inverted_attention: bool = False) -> KeyValue | Tensor:
-        """What the cross-attention needs of ``context`` (pass it as ``kv=``; see ``CrossAttentionBlock.prepare``)."""
+    def prepare_context(
+        self, context: Tensor, inverted_attention: bool = False, *, num_queries: int | None = None
+    ) -> KeyValue | Tensor:
+        """What the cross-attention needs of ``context`` for ``num_queries`` latents (pass it as ``kv=``;
+        see ``CrossAttentionBlock.prepare``)."""
         if self.cross_attn is None:
             raise ValueError("this block has no cross-attention")
         if self.queries_contribute_kv:
             return self.project_kv(context)
-        return self.cross_attn.prepare(context, inverted=inverted_attention)
+        return self.cross_attn.prepare(context, inverted=inverted_attention, num_queries=num_queries)
 
     def forward(
         self,
@@ -111,7 +114,7 @@ class PerceiverBlock(nn.Module):
                 if context.shape[0] != x.shape[0]:
                     raise ValueError(f"context has batch size {context.shape[0]} but x has {x.shape[0]}")
                 mask = check_mask(mask, context.shape[0], context.shape[1], device=context.device)
-                kv = self.prepare_context(context, inverted_attention)
+                kv = self.prepare_context(context, inverted_attention, num_queries=x.shape[1])
             if self.queries_contribute_kv:
                 if isinstance(kv, ContextStream):
                     kv = self.project_kv(kv.materialize())
@@ -325,7 +328,8 @@ class Perceiver(nn.Module):
         for step, unique in enumerate(self.block_order):
             block = self.blocks[unique]
             if stream is None and unique not in kv_cache:
-                kv_cache[unique] = block.prepare_context(context, self.inverted_cross_attn[step])
+                kv_cache[unique] = block.prepare_context(context, self.inverted_cross_attn[step],
+                                                         num_queries=x.shape[1])
             kv = stream if stream is not None else kv_cache[unique]
             x = block(x, mask=mask, inverted_attention=self.inverted_cross_attn[step], kv=kv)
             if keep:
