@@ -8,7 +8,7 @@ import torch
 from perceivers.data.transforms import (
     ImageAugment,
     Normalize,
-    RandAugmentLite,
+    RandAugment,
     channel_stats,
     mix_batch,
     random_affine,
@@ -89,7 +89,7 @@ def test_normalize_rejects_bad_std_and_channel_mismatch():
 
 def test_randaugment_keeps_shape_and_range():
     x = _images(b=16)
-    out = RandAugmentLite(num_layers=3, magnitude=9)(x, torch.Generator().manual_seed(1))
+    out = RandAugment(num_layers=3, magnitude=9)(x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert out.min() >= -1e-5 and out.max() <= 1 + 1e-5
 
@@ -121,3 +121,22 @@ def test_nearest_shifts_move_whole_pixels():
         assert ((o.flatten()[:, None] - allowed[None]).abs().min(dim=1).values < 1e-5).all()
     with pytest.raises(ValueError, match="interpolation"):
         random_affine(x, interpolation="cubic")
+
+
+def test_mix_batch_splits_each_batch_and_draws_per_sample():
+    # DeepMind's recipe: half of every batch CutMix, half MixUp, each sample with its own ratio
+    x = torch.rand(8, 16, 16, 3)
+    y = torch.arange(8)
+    gen = torch.Generator().manual_seed(0)
+    mixed, soft = mix_batch(x, y, 8, mixup_alpha=0.2, cutmix_alpha=1.0, cutmix_prob=0.5, generator=gen)
+    partner = x.flip(0)
+    from_self = (mixed == x).all(-1)
+    from_partner = (mixed == partner).all(-1)
+    is_cut = (from_self | from_partner).flatten(1).all(1)  # every pixel copied from one of the two
+    assert is_cut.sum() == 4
+    own = soft[torch.arange(8), y]  # the own label's share
+    kept = from_self.flatten(1).float().mean(1)
+    torch.testing.assert_close(own[is_cut], kept[is_cut])  # CutMix weight = area kept
+    assert len(set(own[~is_cut].tolist())) == 4  # MixUp: one ratio per sample
+    again = mix_batch(x, y, 8, mixup_alpha=0.2, cutmix_alpha=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], soft)

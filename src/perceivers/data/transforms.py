@@ -7,24 +7,28 @@ global torch RNG of the batch's device).
 
 Geometric transforms share one resampling step: :func:`random_affine` composes flip, zoom, rotation,
 translation and shear into one ``affine_grid`` + ``grid_sample`` per batch; :func:`random_resized_crop`
-does the Inception-style crop the same way.
+does the Inception-style crop the same way. :class:`RandAugment` is the 16-op RandAugment of DeepMind's
+Perceiver IO ImageNet recipe (TensorFlow semantics on the uint8 grid, nearest-neighbour geometry).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 __all__ = [
+    "RANDAUGMENT_OPS",
     "ImageAugment",
     "Normalize",
-    "RandAugmentLite",
+    "RandAugment",
     "channel_stats",
     "mix_batch",
     "random_affine",
@@ -211,57 +215,326 @@ def channel_stats(images: Tensor | Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     return mean.float(), var.sqrt().clamp(min=1e-6).float()
 
 
-@dataclass
-class RandAugmentLite:
-    """A torch-only RandAugment subset: each image gets ``num_layers`` ops drawn from brightness,
-    contrast, solarize, posterize, autocontrast, rotate, shear and translate, at magnitude
-    ``magnitude / 10`` of each op's range (DeepMind's ImageNet recipe: 4 layers, magnitude 5).
+# ---------------------------------------------------------------------------------------------- RandAugment
+#
+# Each op works on a batch ``[b, H, W, C]`` of float32 *levels*: whole numbers in [0, 255] that stand for the
+# uint8 pixels of the TensorFlow original, so that rounding and clipping happen exactly where a uint8 cast
+# happens there. Per-image arguments (signs, cutout centres) are tensors of length b.
 
-    Works on float images in ``[0, 1]`` (before normalisation).
+RANDAUGMENT_OPS: tuple[str, ...] = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
+    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd",
+)
+_MAX_LEVEL = 10.0  # magnitudes are on a 0..10 scale
+_SIGNED_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"})  # random sign per image
+_ENHANCE_OPS = frozenset({"Color", "Contrast", "Brightness", "Sharpness"})
+_LUMA = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale
+
+
+def _trunc_levels(x: Tensor) -> Tensor:
+    """Clip to [0, 255] and drop the fraction: TF's clip_by_value + cast to uint8."""
+    return x.clamp(0.0, 255.0).floor()
+
+
+def _blend(a: Tensor, b: Tensor, factor: float) -> Tensor:
+    """``a + factor · (b − a)`` cast back to levels (factor 0 → a, 1 → b, >1 extrapolates)."""
+    if factor == 0.0:
+        return a.expand_as(b).clone()
+    if factor == 1.0:
+        return b.clone()
+    return _trunc_levels(a + factor * (b - a))
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    """Luma levels ``[b, H, W, 1]`` as tf.image.rgb_to_grayscale computes them on uint8 (1 channel: itself)."""
+    if x.shape[-1] == 1:
+        return x
+    flt = x * torch.tensor(1.0 / 255.0, dtype=torch.float32)  # convert_image_dtype uint8 -> float32
+    gray = (flt * x.new_tensor(_LUMA)).sum(-1, keepdim=True)
+    return (gray * 255.5).floor()  # convert_image_dtype float32 -> uint8: scale by 255 + 0.5, truncate
+
+
+def _autocontrast(x: Tensor) -> Tensor:
+    lo = x.amin(dim=(1, 2), keepdim=True)
+    hi = x.amax(dim=(1, 2), keepdim=True)
+    scale = x.new_tensor(255.0) / (hi - lo).clamp(min=1.0)  # a true division (255.0 / t multiplies by 1/t)
+    out = _trunc_levels(x * scale - lo * scale)
+    return torch.where(hi > lo, out, x)
+
+
+def _equalize(x: Tensor) -> Tensor:
+    b, h, w, c = x.shape
+    idx = rearrange(x.long(), "b h w c -> (b c) (h w)")
+    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, idx, torch.ones_like(idx))
+    # step: pixels outside the brightest occupied bin, per 255 output levels
+    last = hist.gather(1, idx.amax(1, keepdim=True))
+    step = (h * w - last) // 255  # [(b c), 1]
+    before = hist.cumsum(1) - hist  # pixels strictly darker than each level
+    lut = ((before + step // 2) // step.clamp(min=1)).clamp(max=255)
+    out = torch.where(step > 0, lut.gather(1, idx), idx)
+    return rearrange(out.to(x.dtype), "(b c) (h w) -> b h w c", b=b, h=h)
+
+
+def _posterize(x: Tensor, bits: int) -> Tensor:
+    # TF's bitwise shifts clamp the shift to 7 for uint8, so 0 bits still keeps the top bit
+    step = 2.0 ** min(8 - bits, 7)
+    return (x / step).floor() * step
+
+
+def _solarize(x: Tensor, threshold: int) -> Tensor:
+    return torch.where(x < threshold, x, 255.0 - x)
+
+
+def _solarize_add(x: Tensor, addition: int, threshold: int = 128) -> Tensor:
+    return torch.where(x < threshold, (x + addition).clamp(0.0, 255.0), x)
+
+
+def _contrast_degenerate(x: Tensor, mean: str) -> Tensor:
+    """The constant grey that Contrast blends away from, ``[b, 1, 1, 1]``."""
+    if mean == "tf":
+        # the TF op takes sum(histogram) / 256 = (number of pixels) / 256, whatever the content
+        level = math.floor(min(x.shape[1] * x.shape[2] / 256.0, 255.0))
+        return x.new_full((x.shape[0], 1, 1, 1), float(level))
+    return (_grayscale(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()  # PIL: int(mean + 0.5)
+
+
+def _sharpen_degenerate(x: Tensor) -> Tensor:
+    """PIL's SMOOTH filter (3×3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13), truncated, inside; the image on the border.
+
+    The sum is taken with integer weights and divided once, so the truncation is exact; TF's float32
+    convolution can land one level lower where the sum is a multiple of 13 (flat areas), depending on its
+    summation order.
+    """
+    b, h, w = x.shape[:3]
+    if h < 3 or w < 3:
+        return x
+    kernel = x.new_tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).reshape(1, 1, 3, 3)
+    total = F.conv2d(rearrange(x, "b h w c -> (b c) 1 h w"), kernel)  # whole numbers <= 13 * 255: exact
+    smooth = rearrange((total / 13.0).floor(), "(b c) 1 h w -> b h w c", b=b)
+    out = x.clone()
+    out[:, 1:-1, 1:-1] = smooth
+    return out
+
+
+def _round_half_away(v: Tensor) -> Tensor:
+    """std::round, which TF's nearest-neighbour sampling uses (torch.round rounds half to even)."""
+    return torch.where(v >= 0, (v + 0.5).floor(), -((0.5 - v).floor()))
+
+
+def _warp_nearest(x: Tensor, theta: Tensor, fill: float) -> Tensor:
+    """Nearest-neighbour warp of ``[b, H, W, C]``: output pixel (col, row) reads the input at
+    ``theta[:, :, :2] @ (col, row) + theta[:, :, 2]`` (``theta [b, 2, 3]``, pixel-index coordinates, the
+    inverse map as in tf.raw_ops.ImageProjectiveTransform); pixels from outside get ``fill``."""
+    b, h, w, c = x.shape
+    rows = torch.arange(h, device=x.device, dtype=torch.float32).reshape(1, h, 1)
+    cols = torch.arange(w, device=x.device, dtype=torch.float32).reshape(1, 1, w)
+    t = theta.to(torch.float32).reshape(b, 6, 1, 1).unbind(1)
+    src_x = _round_half_away(t[0] * cols + t[1] * rows + t[2]).long()  # [b, H, W]
+    src_y = _round_half_away(t[3] * cols + t[4] * rows + t[5]).long()
+    inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+    index = (src_y.clamp(0, h - 1) * w + src_x.clamp(0, w - 1)).reshape(b, h * w, 1).expand(b, h * w, c)
+    out = x.reshape(b, h * w, c).gather(1, index).reshape(b, h, w, c)
+    return torch.where(inside.unsqueeze(-1), out, x.new_tensor(fill))
+
+
+def _affine_theta(op: str, arg: Tensor, h: int, w: int) -> Tensor:
+    """Inverse maps ``[b, 2, 3]`` of the geometric ops for signed arguments ``arg [b]``."""
+    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
+    if op == "Rotate":  # tfa.image.rotate: counter-clockwise by arg degrees about the image centre
+        rad = arg * (math.pi / 180.0)
+        cos, sin = torch.cos(rad), torch.sin(rad)
+        x_off = ((w - 1) - (cos * (w - 1) - sin * (h - 1))) / 2.0
+        y_off = ((h - 1) - (sin * (w - 1) + cos * (h - 1))) / 2.0
+        rows = (cos, -sin, x_off, sin, cos, y_off)
+    elif op == "ShearX":  # about the top-left pixel, as the TF op (PIL shears about the top-left corner)
+        rows = (one, arg, zero, zero, one, zero)
+    elif op == "ShearY":
+        rows = (one, zero, zero, arg, one, zero)
+    elif op == "TranslateX":  # output(x) = input(x + arg)
+        rows = (one, zero, arg, zero, one, zero)
+    else:  # TranslateY
+        rows = (one, zero, zero, zero, one, arg)
+    return torch.stack(rows, dim=1).reshape(-1, 2, 3)
+
+
+def _cutout(x: Tensor, pad: int, centers: Tensor, fill: float) -> Tensor:
+    """Grey square ``[cy − pad, cy + pad) × [cx − pad, cx + pad)`` (clipped) per image; ``centers [b, 2]``."""
+    h, w = x.shape[1:3]
+    cy, cx = centers[:, 0].reshape(-1, 1, 1), centers[:, 1].reshape(-1, 1, 1)
+    rows = torch.arange(h, device=x.device).reshape(1, h, 1)
+    cols = torch.arange(w, device=x.device).reshape(1, 1, w)
+    box = (rows >= cy - pad) & (rows < cy + pad) & (cols >= cx - pad) & (cols < cx + pad)
+    return torch.where(box.unsqueeze(-1), x.new_tensor(fill), x)
+
+
+@dataclass
+class RandAugment:
+    """RandAugment (Cubuk et al. 2019) as DeepMind's Perceiver IO ImageNet training runs it.
+
+    The op list, magnitude-to-argument mappings and constants follow ``distort_image_with_randaugment`` of
+    the TensorFlow TPU/EfficientNet code that ``perceiver/train/autoaugment.py`` carries: every one of
+    ``num_layers`` layers draws one of the 16 :data:`RANDAUGMENT_OPS` uniformly, **per image**, and always
+    applies it (the TF code draws a probability per op but never passes it on) at the shared ``magnitude``:
+
+    ===========================  ===========================================================================
+    Rotate                       ± m/10 · 30 degrees about the centre (random sign)
+    ShearX / ShearY              ± m/10 · 0.3 (random sign), about the top-left pixel
+    TranslateX / TranslateY      ± m/10 · ``translate_const`` pixels (random sign)
+    Posterize                    keep int(m/10 · 4) bits (TF's mapping: *more* bits at higher m)
+    Solarize                     invert levels ≥ int(m/10 · 256)
+    SolarizeAdd                  add int(m/10 · 110) to levels < 128
+    Color/Contrast/Brightness/   blend with a degenerate image by factor m/10 · 1.8 + 0.1 (no sign: at m = 5
+    Sharpness                    the factor is exactly 1, so DeepMind's recipe leaves these four as no-ops)
+    Cutout                       grey square of side 2 · int(m/10 · ``cutout_const``) at a uniform centre
+    AutoContrast, Equalize,      no argument
+    Invert
+    ===========================  ===========================================================================
+
+    Geometric ops resample nearest-neighbour; uncovered pixels and Cutout take ``fill``. All ops run on the
+    uint8 grid as the original does: float input is quantised to 255 levels first.
+
+    Args:
+        num_layers: ops applied one after another to each image (N; DeepMind ImageNet: 4).
+        magnitude: shared strength on the 0..10 scale (M; DeepMind ImageNet: 5).
+        translate_const: TranslateX/Y shift in pixels at magnitude 10 (TF: 100; DeepMind applies it to
+            the random crop before resizing to 224).
+        cutout_const: Cutout half side in pixels at magnitude 10 (TF: 40).
+        fill: grey level 0..255 of uncovered pixels and of Cutout (TF: 128).
+        contrast_mean: grey that Contrast blends from: ``"tf"`` reproduces the TF op, which takes the mean
+            of the grey-level *histogram* (pixel count / 256, e.g. 196 for 224×224, whatever the image);
+            ``"pil"`` uses the image's mean grey level as PIL's ``ImageEnhance.Contrast`` does.
     """
 
     num_layers: int = 2
     magnitude: float = 5.0
+    translate_const: float = 100.0
+    cutout_const: float = 40.0
+    fill: float = 128.0
+    contrast_mean: str = "tf"
 
-    OPS = ("brightness", "contrast", "solarize", "posterize", "autocontrast", "rotate", "shear", "translate")
+    def __post_init__(self) -> None:
+        layers, magnitude = self.num_layers, self.magnitude
+        if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers < 0:
+            raise ValueError(f"num_layers must be an integer >= 0, got {layers!r}")
+        if isinstance(magnitude, bool) or not isinstance(magnitude, numbers.Real) or not 0 <= magnitude <= _MAX_LEVEL:
+            raise ValueError(f"magnitude must be a number in [0, {_MAX_LEVEL:g}], got {magnitude!r}")
+        if self.translate_const < 0 or self.cutout_const < 0:
+            raise ValueError(
+                f"translate_const and cutout_const must be >= 0, got {self.translate_const}, {self.cutout_const}"
+            )
+        if not 0 <= self.fill <= 255:
+            raise ValueError(f"fill must be a level in [0, 255], got {self.fill}")
+        if self.contrast_mean not in ("tf", "pil"):
+            raise ValueError(f"contrast_mean must be 'tf' or 'pil', got {self.contrast_mean!r}")
+
+    def argument(self, op: str) -> float:
+        """The op's argument at this magnitude, before any random sign (``0`` for ops without one)."""
+        level = float(self.magnitude) / _MAX_LEVEL
+        table = {
+            "Rotate": level * 30.0,
+            "ShearX": level * 0.3,
+            "ShearY": level * 0.3,
+            "TranslateX": level * float(self.translate_const),
+            "TranslateY": level * float(self.translate_const),
+            "Posterize": int(level * 4),
+            "Solarize": int(level * 256),
+            "SolarizeAdd": int(level * 110),
+            "Cutout": int(level * self.cutout_const),
+        }
+        if op in _ENHANCE_OPS:
+            return level * 1.8 + 0.1
+        if op in table:
+            return table[op]
+        if op in RANDAUGMENT_OPS:
+            return 0
+        raise ValueError(f"unknown RandAugment op {op!r}; expected one of {RANDAUGMENT_OPS}")
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        _check_images(images)
-        m = self.magnitude / 10.0
+        """Augment ``[B, H, W, C]`` (C = 1 or 3): uint8, or float in ``[0, 1]``; returns the same dtype."""
+        x = self._to_levels(images)
+        b, h, w = x.shape[:3]
+        dev = x.device
         for _ in range(self.num_layers):
-            choice = torch.randint(len(self.OPS), (images.shape[0],), device=images.device, generator=generator)
-            out = images.clone()
-            for index, name in enumerate(self.OPS):
+            choice = torch.randint(len(RANDAUGMENT_OPS), (b,), device=dev, generator=generator)
+            negate = torch.rand(b, device=dev, generator=generator) < 0.5
+            centers = torch.stack([torch.randint(h, (b,), device=dev, generator=generator),
+                                   torch.randint(w, (b,), device=dev, generator=generator)], dim=1)
+            out = x.clone()
+            for index, op in enumerate(RANDAUGMENT_OPS):
                 sel = (choice == index).nonzero().flatten()
                 if sel.numel():
-                    out[sel] = self._apply(name, images[sel], m, generator)
-            images = out
-        return images
+                    out[sel] = self._apply(op, x[sel], negate[sel], centers[sel])
+            x = out
+        return self._from_levels(x, images.dtype)
+
+    def apply_op(
+        self,
+        images: Tensor,
+        op: str,
+        *,
+        negate: bool | Tensor | None = None,
+        centers: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Apply one named op to every image of ``[B, H, W, C]`` at this magnitude (for tests and previews).
+
+        Args:
+            negate: flip the sign of the signed ops: a bool, a bool tensor ``[B]`` or None (random, 1/2).
+            centers: Cutout centres ``[B, 2]`` as (row, column); None draws them uniformly.
+        """
+        self.argument(op)  # validates the name
+        x = self._to_levels(images)
+        b, h, w = x.shape[:3]
+        if negate is None:
+            negate = torch.rand(b, device=x.device, generator=generator) < 0.5
+        negate = torch.as_tensor(negate, device=x.device).expand(b)
+        if centers is None:
+            centers = torch.stack([torch.randint(h, (b,), device=x.device, generator=generator),
+                                   torch.randint(w, (b,), device=x.device, generator=generator)], dim=1)
+        return self._from_levels(self._apply(op, x, negate, centers.to(x.device)), images.dtype)
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _to_levels(images: Tensor) -> Tensor:
+        _check_images(images)
+        if images.shape[-1] not in (1, 3):
+            raise ValueError(f"RandAugment needs 1 or 3 channels (grey or RGB), got {images.shape[-1]}")
+        if images.dtype == torch.uint8:
+            return images.float()
+        if not images.is_floating_point():
+            raise TypeError(f"images must be uint8 or floating point in [0, 1], got {images.dtype}")
+        return (images.float().clamp(0.0, 1.0) * 255.0).round()
 
     @staticmethod
-    def _apply(name: str, x: Tensor, m: float, generator: torch.Generator | None) -> Tensor:
-        b = x.shape[0]
-        signs = torch.where(torch.rand(b, device=x.device, generator=generator) < 0.5, -1.0, 1.0)
-        if name == "brightness":
-            return (x * (1 + 0.9 * m * signs).reshape(b, 1, 1, 1)).clamp(0, 1)
-        if name == "contrast":
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            return ((x - mean) * (1 + 0.9 * m * signs).reshape(b, 1, 1, 1) + mean).clamp(0, 1)
-        if name == "solarize":
-            threshold = 1.0 - m
-            return torch.where(x >= threshold, 1.0 - x, x)
-        if name == "posterize":
-            levels = 2 ** max(1, round(8 - 4 * m))
-            return torch.floor(x * levels) / levels
-        if name == "autocontrast":
-            low = x.amin(dim=(1, 2), keepdim=True)
-            high = x.amax(dim=(1, 2), keepdim=True)
-            return ((x - low) / (high - low).clamp(min=1e-3)).clamp(0, 1)
-        if name == "rotate":
-            return random_affine(x, flip=False, rotate=30 * m, generator=generator)
-        if name == "shear":
-            return random_affine(x, flip=False, shear=17 * m, generator=generator)
-        return random_affine(x, flip=False, translate=0.45 * m, generator=generator)
+    def _from_levels(x: Tensor, dtype: torch.dtype) -> Tensor:
+        return x.to(torch.uint8) if dtype == torch.uint8 else (x / 255.0).to(dtype)
+
+    def _apply(self, op: str, x: Tensor, negate: Tensor, centers: Tensor) -> Tensor:
+        arg = self.argument(op)
+        if op in _SIGNED_OPS:
+            signed = torch.where(negate, -arg, arg).to(torch.float32)
+            return _warp_nearest(x, _affine_theta(op, signed, x.shape[1], x.shape[2]), self.fill)
+        if op == "AutoContrast":
+            return _autocontrast(x)
+        if op == "Equalize":
+            return _equalize(x)
+        if op == "Invert":
+            return 255.0 - x
+        if op == "Posterize":
+            return _posterize(x, arg)
+        if op == "Solarize":
+            return _solarize(x, arg)
+        if op == "SolarizeAdd":
+            return _solarize_add(x, arg)
+        if op == "Cutout":
+            return _cutout(x, arg, centers, self.fill)
+        if op == "Color":
+            return _blend(_grayscale(x), x, arg)
+        if op == "Contrast":
+            return _blend(_contrast_degenerate(x, self.contrast_mean), x, arg)
+        if op == "Brightness":
+            return _blend(torch.zeros_like(x), x, arg)
+        return _blend(_sharpen_degenerate(x), x, arg)  # Sharpness
 
 
 @dataclass
@@ -274,7 +547,8 @@ class ImageAugment:
         rotate: random rotation in degrees; 0 disables.
         translate: random shift as a fraction of the size; 0 disables.
         crop_scale: if set, an Inception-style random resized crop with this area range replaces zoom.
-        randaugment_layers, randaugment_magnitude: RandAugment-lite ops per image (0 disables).
+        randaugment_layers, randaugment_magnitude: :class:`RandAugment` ops per image and their shared
+            magnitude on the 0..10 scale (0 layers disables; DeepMind ImageNet: 4 and 5).
         interpolation: resampling of flips/zoom/rotation/shifts, ``"bilinear"`` or ``"nearest"``.
     """
 
@@ -286,6 +560,10 @@ class ImageAugment:
     randaugment_layers: int = 0
     randaugment_magnitude: float = 5.0
     interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.randaugment_layers:
+            RandAugment(self.randaugment_layers, self.randaugment_magnitude)  # reject bad values early
 
     def __call__(
         self, images: Tensor, generator: torch.Generator | None = None, fill: Tensor | float = 0.0
@@ -302,8 +580,15 @@ class ImageAugment:
                                    translate=self.translate, fill=fill, interpolation=self.interpolation,
                                    generator=generator)
         if self.randaugment_layers:
-            images = RandAugmentLite(self.randaugment_layers, self.randaugment_magnitude)(images, generator)
+            images = RandAugment(self.randaugment_layers, self.randaugment_magnitude)(images, generator)
         return images
+
+
+def _beta(alpha: float, n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``n`` draws of Beta(alpha, alpha) reproducible through ``generator`` (torch has no seeded Beta sampler)."""
+    seed = int(torch.randint(2**62, (), device=like.device, generator=generator).item())
+    draws = np.random.default_rng(seed).beta(alpha, alpha, size=n)
+    return torch.as_tensor(draws, dtype=torch.float32, device=like.device)
 
 
 def mix_batch(
@@ -317,11 +602,14 @@ def mix_batch(
     label_smoothing: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """MixUp or CutMix (one of them per batch) with soft targets.
+    """MixUp and CutMix with soft targets, per sample as in DeepMind's Perceiver IO ImageNet pipeline.
 
-    Each sample is mixed with the batch flipped (``images.flip(0)``) by a factor ``λ ~ Beta(α, α)``;
-    with probability ``cutmix_prob`` a box of area share ``1 - λ`` is pasted instead of blending, and ``λ``
-    becomes the area actually kept. An alpha of 0 disables that method.
+    Sample ``i`` is mixed with sample ``B - 1 - i`` (the batch flipped). A share ``cutmix_prob`` of every
+    batch (DeepMind: half; the count is rounded at random when it is not whole) gets CutMix, the rest
+    MixUp; an alpha of 0 disables that method. Every sample draws its own ``λ ~ Beta(α, α)``: MixUp blends
+    ``λ · own + (1 − λ) · partner``; CutMix pastes the partner into a box of side ``√(1 − λ)`` times the
+    image's, centred uniformly and clipped at the border, and ``λ`` becomes the area share actually kept.
+    Targets mix with the same ``λ`` (label smoothing commutes with the mixing).
 
     Returns:
         mixed images ``[B, H, W, C]`` and soft targets ``[B, num_classes]`` (rows sum to 1).
@@ -330,25 +618,30 @@ def mix_batch(
     onehot = F.one_hot(targets, num_classes).to(images.dtype)
     if label_smoothing:
         onehot = onehot * (1 - label_smoothing) + label_smoothing / num_classes
-    use_cutmix = cutmix_alpha > 0 and (
-        mixup_alpha <= 0 or torch.rand((), generator=generator, device=images.device).item() < cutmix_prob
-    )
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    if alpha <= 0:
+    share = 0.0 if cutmix_alpha <= 0 else (1.0 if mixup_alpha <= 0 else cutmix_prob)
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return images, onehot
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # global CPU RNG
+    b, h, w = images.shape[:3]
+    dev = images.device
+    n_cut = min(math.floor(share * b + torch.rand((), device=dev, generator=generator).item()), b)
+    is_cut = torch.arange(b, device=dev) >= b - n_cut  # [B]; rows come shuffled, so position is arbitrary
+    lam_cut = _beta(cutmix_alpha, b, images, generator) if n_cut else images.new_ones(b)
+    lam_mix = _beta(mixup_alpha, b, images, generator) if n_cut < b else images.new_ones(b)
+    lam = torch.where(is_cut, lam_cut, lam_mix)
+    # CutMix boxes, one per sample: side ratio sqrt(1 - λ), centre uniform, clipped
+    side = torch.sqrt(1.0 - lam)
+    ch, cw = (side * h).long(), (side * w).long()
+    cy = torch.randint(h, (b,), device=dev, generator=generator)
+    cx = torch.randint(w, (b,), device=dev, generator=generator)
+    y0, y1 = (cy - ch // 2).clamp(0, h), (cy + ch // 2).clamp(0, h)
+    x0, x1 = (cx - cw // 2).clamp(0, w), (cx + cw // 2).clamp(0, w)
+    rows = torch.arange(h, device=dev).reshape(1, h, 1)
+    cols = torch.arange(w, device=dev).reshape(1, 1, w)
+    box = ((rows >= y0.reshape(-1, 1, 1)) & (rows < y1.reshape(-1, 1, 1))
+           & (cols >= x0.reshape(-1, 1, 1)) & (cols < x1.reshape(-1, 1, 1)))  # [B, H, W]
+    box = box & is_cut.reshape(-1, 1, 1)
+    lam = torch.where(is_cut, 1.0 - ((y1 - y0) * (x1 - x0)).float() / (h * w), lam).to(images.dtype)
     other = images.flip(0)
-    if use_cutmix:
-        h, w = images.shape[1:3]
-        cut = math.sqrt(1 - lam)
-        ch, cw = int(h * cut), int(w * cut)
-        cy = int(torch.randint(h, (), generator=generator).item())
-        cx = int(torch.randint(w, (), generator=generator).item())
-        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        images = images.clone()
-        images[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
-    else:
-        images = images * lam + other * (1 - lam)
-    return images, onehot * lam + onehot.flip(0) * (1 - lam)
+    blended = images * lam.reshape(-1, 1, 1, 1) + other * (1 - lam.reshape(-1, 1, 1, 1))
+    mixed = torch.where(is_cut.reshape(-1, 1, 1, 1), torch.where(box.unsqueeze(-1), other, images), blended)
+    return mixed, onehot * lam[:, None] + onehot.flip(0) * (1 - lam[:, None])

@@ -194,7 +194,7 @@ class ImageDataModule(_BaseDataModule):
         batch_size: global training batch size.
         eval_batch_size: global validation/test batch size (default ``batch_size``).
         image_size: resize every batch to this side (int) or ``(H, W)``; None keeps the stored size.
-        augment: training augmentation (flip, zoom, rotate, translate, resized crop, RandAugment-lite);
+        augment: training augmentation (flip, zoom, rotate, translate, resized crop, RandAugment);
             None or ``{}`` with all off disables it.
         normalize: subtract the training split's per-channel mean, divide by its std.
         val_fraction: share of the training data held out for validation when there is no separate
