@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..configurable import configurable
 from ..layers import (
     Activation,
+    ContextStream,
     CrossAttentionBlock,
     SelfAttentionBlock,
     TrainablePositionEncoding,
@@ -91,14 +92,21 @@ class PerceiverEncoder(nn.Module):
             for _ in range(num_self_attends_per_block)
         )
 
-    def forward(self, inputs: Tensor, *, mask: Tensor | None = None) -> Tensor:
-        """``inputs [B, M, C]``, optional ``mask [B, M]`` (bool, True = real input) → latents ``[B, N, D]``."""
-        if inputs.ndim != 3 or inputs.shape[-1] != self.input_channels:
+    def forward(self, inputs: Tensor | ContextStream, *, mask: Tensor | None = None) -> Tensor:
+        """``inputs [B, M, C]``, optional ``mask [B, M]`` (bool, True = real input) → latents ``[B, N, D]``.
+
+        ``inputs`` may be a :class:`~perceivers.layers.ContextStream` (a preprocessor's streamed
+        tokens): the cross-attention then attends it chunk by chunk.
+        """
+        streamed = isinstance(inputs, ContextStream)
+        if (not streamed and inputs.ndim != 3) or inputs.shape[-1] != self.input_channels:
             raise ValueError(
                 f"encoder inputs must be [batch, tokens, {self.input_channels}], got {tuple(inputs.shape)}"
             )
-        mask = check_mask(mask, inputs.shape[0], inputs.shape[1], "input_mask", device=inputs.device)
-        latents = self.latents(inputs.shape[0]).to(inputs.dtype)  # [B, N, D]
+        batch, length = inputs.shape[:2]
+        mask = check_mask(mask, batch, length, "input_mask", device=inputs.device)
+        dtype = self.latents.embeddings.dtype if inputs.dtype is None else inputs.dtype  # (a stream may not say)
+        latents = self.latents(batch).to(dtype)  # [B, N, D]
         z = self.cross_attention(latents, inputs, mask=mask)
         for _ in range(self.num_blocks):
             for layer in self.self_attends:

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
+from ..layers import auto_chunk_size
 from ..validation import as_bool_mask, check_finite, check_like, check_tensor
+from .decoders import (
+    BasicDecoder,
+    ClassificationDecoder,
+    FlowDecoder,
+    MultimodalDecoder,
+    ProjectionDecoder,
+    VideoAutoencodingDecoder,
+)
 from .encoder import PerceiverEncoder
+from .queries import InputQueries
 
-__all__ = ["PerceiverIOModel", "PerceiverIOOutput"]
+__all__ = ["PerceiverIOModel", "PerceiverIOOutput", "decoder_reads_inputs"]
 
 
 @dataclass
@@ -40,6 +52,15 @@ class PerceiverIOModel(nn.Module):
             inputs must already be ``[B, M, C]``.
         output_postprocessor: applied to the decoder output; multimodal postprocessors receive
             ``modality_sizes``.
+        chunk_size: stream large inputs through the encoder's cross-attention in chunks of about
+            this many tokens, so that memory stays flat in the input size (exact up to float
+            rounding). ``None`` (default): without autograd above 32768 tokens per sample (chunks of a
+            quarter of the input, 32768–65536), with autograd above 65536 (chunks of 65536, each
+            recomputed in the backward pass); ``0``: never. When the preprocessor can build its
+            tokens chunk by chunk (images: ``ImagePreprocessor.streams``) and the decoder's queries do
+            not read them (:func:`decoder_reads_inputs`), the whole token array never exists;
+            otherwise the tokens are built whole and only their keys, values and scores are
+            streamed. A plain attribute, so it can be changed on a built model.
     """
 
     def __init__(
@@ -49,6 +70,7 @@ class PerceiverIOModel(nn.Module):
         *,
         input_preprocessor: nn.Module | None = None,
         output_postprocessor: nn.Module | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if input_preprocessor is not None and input_preprocessor.num_channels != encoder.input_channels:
@@ -63,6 +85,31 @@ class PerceiverIOModel(nn.Module):
         self._post_takes_sizes = output_postprocessor is not None and (
             "modality_sizes" in inspect.signature(output_postprocessor.forward).parameters
         )
+        self.chunk_size = chunk_size
+
+    @property
+    def chunk_size(self) -> int | None:
+        """See the class docstring; also sets the encoder cross-attention's ``chunk_size``."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"chunk_size must be None, 0 or a positive int, got {value!r}")
+        self._chunk_size = value
+        cross = getattr(self.encoder, "cross_attention", None)
+        if cross is not None:
+            cross.chunk_size = value
+
+    def _stream_size(self, inputs: Tensor | Mapping[str, Tensor]) -> int:
+        """Chunk size to ask the preprocessor to stream ``inputs`` with, or 0 to build them whole."""
+        pre = self.input_preprocessor
+        streams = getattr(pre, "streams", None)
+        if streams is None or not streams(inputs) or decoder_reads_inputs(self.decoder):
+            return 0
+        length = math.prod(pre.output_index_shape(tuple(inputs.shape)))
+        grad = torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels)
 
     def _check_inputs(self, inputs: Tensor | Mapping[str, Tensor]) -> None:
         """Every raw input is a non-empty, finite tensor on the model's device (floating ones in its dtype)."""
@@ -103,7 +150,11 @@ class PerceiverIOModel(nn.Module):
             if m is not None:
                 check_like(m, self, name)
         if self.input_preprocessor is not None:
-            x, modality_sizes, without_pos = self.input_preprocessor(inputs)
+            size = self._stream_size(inputs)
+            if size:  # x is a ContextStream: the encoder attends it chunk by chunk
+                x, modality_sizes, without_pos = self.input_preprocessor(inputs, chunk_size=size)
+            else:
+                x, modality_sizes, without_pos = self.input_preprocessor(inputs)
         else:
             if inputs.ndim != 3:
                 raise ValueError("without an input preprocessor, inputs must be a [batch, tokens, channels] tensor, "
@@ -122,3 +173,24 @@ class PerceiverIOModel(nn.Module):
             else:
                 out = self.output_postprocessor(out)
         return PerceiverIOOutput(logits=out, last_hidden_state=latents)
+
+
+_DECODERS = (BasicDecoder, ClassificationDecoder, FlowDecoder, MultimodalDecoder, ProjectionDecoder,
+             VideoAutoencodingDecoder)
+
+
+def decoder_reads_inputs(decoder: nn.Module) -> bool:
+    """Whether ``decoder.decoder_query`` reads the preprocessed inputs themselves, not only their
+    batch size, dtype and device (then the inputs cannot be streamed).
+
+    True for queries made of the inputs (:class:`~perceivers.io.InputQueries`: optical flow) or
+    concatenated with them (``concat_preprocessed_input``), and for decoders of other classes unless
+    they declare ``reads_inputs = False``.
+    """
+    declared = getattr(decoder, "reads_inputs", None)
+    if declared is not None:
+        return bool(declared)
+    if type(decoder) not in _DECODERS:
+        return True
+    return any(isinstance(m, InputQueries) or (isinstance(m, BasicDecoder) and m.concat_preprocessed_input)
+               for m in decoder.modules())

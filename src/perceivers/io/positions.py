@@ -1,7 +1,8 @@
 """Position features for the input preprocessors: ``forward(index_shape) -> [N, C]``.
 
 Every module here maps the index shape of a preprocessed input (e.g. ``(H, W)`` or ``(T, H, W)``)
-to one feature row per index, flattened row-major, and exposes ``num_channels`` at construction:
+to one feature row per index, flattened row-major, exposes ``num_channels`` at construction, and
+gives rows ``start:stop`` alone with ``grid_rows(index_shape, start, stop)`` (streamed inputs):
 
 * :class:`~perceivers.layers.FourierPositionEncoding` (DeepMind layout) — used directly;
 * :class:`TrainableGridPositions` — a learned table whose size fixes the number of positions;
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from ..configurable import configurable
 from ..layers import FourierPositionEncoding, TrainablePositionEncoding
 
-__all__ = ["ProjectedPositions", "TrainableGridPositions", "build_position_encoding"]
+__all__ = ["ProjectedPositions", "TrainableGridPositions", "build_position_encoding", "has_grid_rows"]
 
 PositionKind = Literal["fourier", "trainable", "none"]
 
@@ -51,6 +52,14 @@ class TrainableGridPositions(nn.Module):
         table = self.table.embeddings
         return table if dtype is None else table.to(dtype)
 
+    def grid_rows(
+        self, index_shape: Sequence[int], start: int, stop: int, *, device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Rows ``start:stop`` of ``forward(index_shape)`` ``[stop - start, num_channels]``."""
+        rows = self(index_shape, device=device)[start:stop]
+        return rows if dtype is None else rows.to(dtype)
+
     def extra_repr(self) -> str:
         return f"index_shape={self.index_shape}, num_channels={self.num_channels}"
 
@@ -71,6 +80,24 @@ class ProjectedPositions(nn.Module):
         """``[N, base.num_channels]`` → ``[N, num_channels]``."""
         base = self.base(index_shape, device=device, dtype=self.proj.weight.dtype if dtype is None else dtype)
         return self.proj(base)
+
+    def grid_rows(
+        self, index_shape: Sequence[int], start: int, stop: int, *, device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Rows ``start:stop`` of ``forward(index_shape)``: the base's rows, projected."""
+        base = self.base.grid_rows(index_shape, start, stop, device=device,
+                                   dtype=self.proj.weight.dtype if dtype is None else dtype)
+        return self.proj(base)
+
+
+def has_grid_rows(encoding: nn.Module | None) -> bool:
+    """Whether ``encoding`` gives rows of its grid alone (``grid_rows``), so that inputs can be streamed."""
+    if encoding is None:
+        return True
+    if isinstance(encoding, ProjectedPositions):
+        return has_grid_rows(encoding.base)
+    return callable(getattr(encoding, "grid_rows", None))
 
 
 def build_position_encoding(

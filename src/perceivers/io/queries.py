@@ -112,7 +112,9 @@ class FourierQueries(nn.Module):
     ) -> Tensor:
         """→ ``[B, Q, num_channels]``; ``Q = num_queries`` or ``len(subsampled_points)``."""
         device = None if inputs is None else inputs.device
-        dtype = torch.float32 if inputs is None or not inputs.is_floating_point() else inputs.dtype
+        # (inputs may be a ContextStream: only its device and dtype are read)
+        floating = inputs is not None and inputs.dtype is not None and inputs.dtype.is_floating_point
+        dtype = inputs.dtype if floating else torch.float32
         if subsampled_points is None:
             feats = self.encoding(self.index_shape, device=device, dtype=dtype)
         else:

@@ -155,12 +155,15 @@ class FourierPositionEncoding(nn.Module):
         *,
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        out: Tensor | None = None,
     ) -> Tensor:
         """Rows ``start:stop`` of ``forward(index_shape)`` ``[stop - start, C]``, without the others.
 
         Used to stream very large grids. The features of a grid point are a per-axis table lookup
         (every channel depends on one axis only), so a chunk is assembled from ``n_d × C_d`` tables
         computed once per shape, with the same numbers as ``forward``, never the whole array.
+        ``out`` (``[..., stop - start, C]``, e.g. the position channels of a chunk being assembled,
+        not requiring grad) receives the rows, broadcast over its leading axes, and is returned.
         """
         index_shape = tuple(int(n) for n in index_shape)
         if len(index_shape) != self.num_dims:
@@ -169,8 +172,12 @@ class FourierPositionEncoding(nn.Module):
         if len(index_shape) == 2 and start % index_shape[1] == 0 and stop % index_shape[1] == 0:
             # whole rows of an image: one broadcast sum of the two axis tables
             w = index_shape[1]
-            rows = tables[0][start // w: stop // w, None, :] + tables[1][None, :, :]
-            return rows.reshape(-1, self.num_channels).to(dtype)
+            rows_h, rows_w = tables[0][start // w: stop // w, None, :], tables[1][None, :, :]
+            if out is not None:
+                grid = out.unflatten(-2, (stop // w - start // w, w))  # [..., rows, w, C]
+                torch.add(rows_h.expand_as(grid), rows_w.expand_as(grid), out=grid)
+                return out
+            return (rows_h + rows_w).reshape(-1, self.num_channels).to(dtype)
         flat = torch.arange(start, stop, device=device)
         feats = None
         stride = 1
@@ -181,6 +188,8 @@ class FourierPositionEncoding(nn.Module):
             rows = table.index_select(0, idx)
             feats = rows if feats is None else feats + rows  # disjoint channels: exact
             stride *= n
+        if out is not None:
+            return out.copy_(feats)
         return feats.to(dtype)
 
     def _axis_tables(self, index_shape: tuple[int, ...], device) -> list[Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 __all__ = ["ContextStream", "auto_chunk_size"]
@@ -16,23 +17,32 @@ __all__ = ["ContextStream", "auto_chunk_size"]
 STREAM_ABOVE = 32768
 MIN_CHUNK = 32768
 DEFAULT_CHUNK = 65536
+# Wide contexts (``channels`` given) get chunks of at most CHUNK_VALUES values per sample (16 MiB in
+# float32; 15887 elements of 264 channels): each chunk then stays in the last-level cache and in
+# malloc's reused heap (fresh larger buffers are page-faulted in anew for every chunk). At 1M inputs of
+# 261 channels this made the streamed forward 1.7× faster than chunks of 65536.
+CHUNK_VALUES = 1 << 22
 
 
-def auto_chunk_size(length: int, chunk_size: int | None, *, grad: bool = False) -> int:
+def auto_chunk_size(length: int, chunk_size: int | None, *, grad: bool = False, channels: int | None = None) -> int:
     """The chunk size to stream ``length`` keys with, or 0 to attend them at once.
 
     ``chunk_size``: ``None`` chooses (without autograd: inputs longer than 32768 elements, in
     chunks of a quarter of the input clamped to 32768–65536; with autograd, ``grad=True``: inputs
-    longer than 65536, in chunks of 65536); ``0`` never streams; a positive value streams in
-    chunks of that size whenever ``length`` exceeds it.
+    longer than 65536, in chunks of 65536; with ``channels``, chunks hold at most ``2**22 //
+    channels`` elements); ``0`` never streams; a positive value streams in chunks of that size
+    whenever ``length`` exceeds it.
     """
     if chunk_size is None:
         if grad:
-            return DEFAULT_CHUNK if length > DEFAULT_CHUNK else 0
-        if length <= STREAM_ABOVE:
-            return 0
-        quarter = -(-length // 4)
-        return min(DEFAULT_CHUNK, max(MIN_CHUNK, quarter))
+            size = DEFAULT_CHUNK if length > DEFAULT_CHUNK else 0
+        elif length <= STREAM_ABOVE:
+            size = 0
+        else:
+            size = min(DEFAULT_CHUNK, max(MIN_CHUNK, -(-length // 4)))
+        if size and channels:
+            size = min(size, max(1, CHUNK_VALUES // channels))
+        return size
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be None, 0 or positive, got {chunk_size}")
     return chunk_size if 0 < chunk_size < length else 0
@@ -44,6 +54,8 @@ class ContextStream:
 
     ``chunk(start, stop)`` returns rows ``start:stop`` (``[batch, stop - start, channels]``); the
     model builds them from its input, e.g. pixels plus the Fourier features of those positions only.
+    ``dtype`` and ``device`` describe the chunks (``None``: unknown), so that a stream can stand in
+    for the tensor wherever only its shape, dtype and device are read.
     """
 
     batch: int
@@ -51,12 +63,19 @@ class ContextStream:
     channels: int
     chunk: Callable[[int, int], Tensor]
     chunk_size: int = DEFAULT_CHUNK
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(batch, length, channels)``, as the whole context's ``shape``."""
+        return (self.batch, self.length, self.channels)
 
     @classmethod
     def from_tensor(cls, context: Tensor, chunk_size: int = DEFAULT_CHUNK) -> ContextStream:
         """Stream an existing ``[B, M, C]`` tensor (saves the keys, values and scores of all of it)."""
         return cls(context.shape[0], context.shape[1], context.shape[2],
-                   lambda a, b: context[:, a:b], chunk_size)
+                   lambda a, b: context[:, a:b], chunk_size, context.dtype, context.device)
 
     def materialize(self) -> Tensor:
         """The whole context (for tests and small inputs)."""

@@ -39,6 +39,8 @@ class ImageClassificationConfig(TrunkConfig):
         decoder_query_residual: query residual in the decoder (False for the learned-position model).
         num_decoder_heads, decoder_query_channels: decoder heads and query width (default d_latents).
         d_model: optional check of the preprocessed width (transformers' field; 261 / 322 / 512).
+        chunk_size: stream large images through the encoder (``PerceiverIOModel.chunk_size``:
+            ``None`` automatic, ``0`` off, ``n`` chunks of about ``n`` tokens).
     """
 
     num_latents: int = 512
@@ -62,6 +64,7 @@ class ImageClassificationConfig(TrunkConfig):
     num_decoder_heads: int = 1
     decoder_query_channels: int | None = None
     d_model: int | None = None
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         self.image_size = as_pair(self.image_size)
@@ -111,7 +114,7 @@ class ImageClassifier(nn.Module):
         )
         check_d_model(c.d_model, preprocessor.num_channels)
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
-                                          input_preprocessor=preprocessor)
+                                          input_preprocessor=preprocessor, chunk_size=c.chunk_size)
 
     def forward(self, pixel_values: Tensor) -> ImageClassifierOutput:
         """``pixel_values [B, C, H, W]`` (normalised) → logits ``[B, num_labels]``."""

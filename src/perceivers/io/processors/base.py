@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ...layers import ContextStream
+
 __all__ = ["Preprocessed", "add_positions", "restructure"]
 
 
@@ -15,12 +17,14 @@ class Preprocessed(NamedTuple):
     """Output of a preprocessor (DeepMind's triple).
 
     Attributes:
-        inputs: ``[B, M, C]`` network inputs (features with positions).
+        inputs: ``[B, M, C]`` network inputs (features with positions), or the same as a
+            :class:`~perceivers.layers.ContextStream` when a preprocessor was asked to stream them.
         modality_sizes: tokens per modality (multimodal only), else ``None``.
-        inputs_without_pos: the features before positions were added (a dict for multimodal).
+        inputs_without_pos: the features before positions were added (a dict for multimodal;
+            ``None`` when streamed).
     """
 
-    inputs: Tensor
+    inputs: Tensor | ContextStream
     modality_sizes: dict[str, int] | None
     inputs_without_pos: Any
 

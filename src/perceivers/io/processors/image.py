@@ -12,6 +12,12 @@ channels are ordered ``(dt, dh, dw, c)`` exactly as in the official code.
 * ``"conv1x1"``: a 1×1 conv with bias and stride ``spatial_downsample``;
 * ``"patches"``: space-to-depth (``temporal_downsample`` × ``spatial_downsample``²), optionally
   followed by ``Linear`` (``conv_after_patching``); a time axis of length 1 is dropped (optical flow).
+
+Large images can be streamed (``forward(x, chunk_size=n)``): the tokens are then a
+:class:`~perceivers.layers.ContextStream` whose chunks hold whole token rows, built from those
+pixels and the position features of those positions only, so nothing of the whole image's token
+array ever exists. This works wherever a token depends on its own pixels alone (``"pixels"``,
+``"patches"``, ``"conv1x1"``; not the 7×7 ``"conv"`` stem) and the positions give rows alone.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from ...configurable import configurable
+from ...layers import ContextStream, FourierPositionEncoding
 from ...validation import check_tensor
+from ..positions import has_grid_rows
 from .base import Preprocessed, add_positions
 
 __all__ = ["ConvDownsample", "ImagePreprocessor", "same_padding", "space_to_depth"]
@@ -178,12 +187,19 @@ class ImagePreprocessor(nn.Module):
             t = None if t is None or t // td == 1 else t // td
         return (h, w) if t is None else (t, h, w)
 
-    def _features(self, x: Tensor) -> Tensor:
-        """``[B, (T,) C, H, W]`` → channels-last features ``[B, (T,) h, w, C']``."""
+    def _check_shape(self, x: Tensor) -> None:
         if x.ndim not in (4, 5):
             raise ValueError(f"expected images [B, C, H, W] or videos [B, T, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[-3] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels (axis -3), got shape {tuple(x.shape)}")
+        s, t = self.spatial_downsample, self.temporal_downsample
+        h, w = x.shape[-2:]
+        if self.prep_type == "patches" and (h % s or w % s or (x.ndim == 5 and x.shape[1] % t)):
+            raise ValueError(f"patches need H, W divisible by {s} (and T by {t}), got shape {tuple(x.shape)}")
+
+    def _features(self, x: Tensor) -> Tensor:
+        """``[B, (T,) C, H, W]`` → channels-last features ``[B, (T,) h, w, C']``."""
+        self._check_shape(x)
         s, t = self.spatial_downsample, self.temporal_downsample
         if self.prep_type in ("conv", "conv1x1"):
             lead = x.shape[:-3]
@@ -196,11 +212,6 @@ class ImagePreprocessor(nn.Module):
                 return x[:, ::s, ::s]
             return x[:, ::t, ::s, ::s]
         # patches
-        h, w = x.shape[-3:-1]
-        if h % s or w % s or (x.ndim == 5 and x.shape[1] % t):
-            raise ValueError(
-                f"patches need H, W divisible by {s} (and T by {t}), got shape {tuple(x.movedim(-1, -3).shape)}"
-            )
         y = space_to_depth(x, temporal_block=t, spatial_block=s)
         if y.ndim == 5 and y.shape[1] == 1:
             y = y[:, 0]  # optical flow: both frames folded into channels
@@ -208,11 +219,69 @@ class ImagePreprocessor(nn.Module):
             y = self.patches_linear(y)
         return y
 
-    def forward(self, x: Tensor) -> Preprocessed:
-        """``[B, C, H, W]`` / ``[B, T, C, H, W]`` → ``Preprocessed(inputs [B, M, num_channels], None, features)``."""
+    def streams(self, x: Tensor) -> bool:
+        """Whether ``forward(x, chunk_size=n)`` gives a stream: an image ``[B, C, H, W]``, a token
+        made of its own pixels only (``"pixels"``, ``"patches"``, ``"conv1x1"``) and positions that
+        give rows alone (Fourier, trainable, projected; or none)."""
+        return (isinstance(x, Tensor) and x.ndim == 4 and self.prep_type != "conv"
+                and has_grid_rows(self.position_encoding))
+
+    def forward(self, x: Tensor, *, chunk_size: int = 0) -> Preprocessed:
+        """``[B, C, H, W]`` / ``[B, T, C, H, W]`` → ``Preprocessed(inputs [B, M, num_channels], None, features)``.
+
+        With ``chunk_size > 0`` and :meth:`streams` true, ``inputs`` is instead a
+        :class:`~perceivers.layers.ContextStream` of the same tokens in chunks of about ``chunk_size``
+        (whole token rows), and ``inputs_without_pos`` is ``None``.
+        """
         check_tensor(x, "images", kind="float", layout="[B, C, H, W] or [B, T, C, H, W]")
+        if chunk_size > 0 and self.streams(x):
+            return Preprocessed(self._stream(x, chunk_size), None, None)
         y = self._features(x)
         index_shape = tuple(y.shape[1:-1])
         features = y.reshape(y.shape[0], -1, y.shape[-1])  # [B, M, C']
         inputs = add_positions(features, index_shape, self.position_encoding, self.concat_or_add_pos)
         return Preprocessed(inputs, None, features)
+
+    # ------------------------------------------------------------------ streaming
+
+    def _row_features(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """Features of token rows ``r0:r1`` of an image ``[B, C, H, W]`` → ``[B, r1 - r0, w, C']``."""
+        s = self.spatial_downsample
+        if self.prep_type == "pixels":
+            return x[:, :, r0 * s : r1 * s : s, ::s].movedim(1, -1)
+        if self.prep_type == "conv1x1":  # 1×1 kernel, stride s: token row r reads pixel row r·s
+            return self.stem(x[:, :, r0 * s : (r1 - 1) * s + 1]).movedim(1, -1)
+        y = space_to_depth(x[:, :, r0 * s : r1 * s].movedim(1, -1), spatial_block=s)  # patches
+        return y if self.patches_linear is None else self.patches_linear(y)
+
+    def _stream(self, x: Tensor, chunk_size: int) -> ContextStream:
+        """The tokens of an image as a stream of whole token rows (features, then positions)."""
+        self._check_shape(x)
+        b = x.shape[0]
+        index_shape = self.output_index_shape(x.shape)
+        w = index_shape[1]
+        enc, mode = self.position_encoding, self.concat_or_add_pos
+
+        def chunk(start: int, stop: int) -> Tensor:
+            r0, r1 = start // w, -(-stop // w)
+            feats = self._row_features(x, r0, r1).flatten(1, 2)  # [B, (r1 - r0)·w, C'] (a view of pixels)
+            feats = feats[:, start - r0 * w : stop - r0 * w]  # [B, n, C']
+            if enc is None:
+                return feats
+            if mode == "add":
+                return feats + enc.grid_rows(index_shape, start, stop, device=x.device, dtype=feats.dtype)
+            # [features, positions] assembled in place: one pass over the chunk
+            out = feats.new_empty(b, stop - start, self.num_channels)  # [B, n, C' + Cp]
+            c = feats.shape[-1]
+            if isinstance(enc, FourierPositionEncoding):  # written straight into the chunk
+                enc.grid_rows(index_shape, start, stop, device=x.device, out=out[..., c:])
+            else:
+                out[..., c:] = enc.grid_rows(index_shape, start, stop, device=x.device, dtype=feats.dtype)
+            out[..., :c] = feats  # last: out= writes above must not see a tensor that requires grad
+            return out
+
+        dtype = x.dtype  # what the layers give: under autocast a learned stem computes in its dtype
+        if (self.prep_type == "conv1x1" or self.patches_linear is not None) and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        size = max(w, chunk_size - chunk_size % w)
+        return ContextStream(b, math.prod(index_shape), self.num_channels, chunk, size, dtype=dtype, device=x.device)

@@ -1,0 +1,245 @@
+"""Streamed image inputs in the DeepMind family (``ImagePreprocessor(..., chunk_size=n)`` →
+``ContextStream`` → ``PerceiverEncoder``): the same function as the whole token array, in values and
+gradients, with masks and with or without the fold; the automatic rule; and bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import perceivers
+from perceivers.io import (
+    BasicDecoder,
+    ClassificationDecoder,
+    FlowDecoder,
+    FourierQueries,
+    PerceiverEncoder,
+    PerceiverIOModel,
+    TrainableQueries,
+    build_position_encoding,
+)
+from perceivers.io.model import decoder_reads_inputs
+from perceivers.io.processors import ImagePreprocessor
+from perceivers.layers import Attention, ContextStream, FourierPositionEncoding
+from perceivers.validation import finite_checks
+
+TOL = {"atol": 2e-5, "rtol": 1e-4}
+
+
+def _pre(prep: str = "pixels", pos: str = "fourier", *, s: int = 1, grid=(12, 10), mode: str = "concat",
+         project: int = -1, linear: bool = False) -> ImagePreprocessor:
+    torch.manual_seed(0)
+    feats = {"pixels": 3, "patches": 3 * s * s, "conv1x1": 6}[prep]
+    if linear:
+        feats = 6
+    enc = build_position_encoding(pos, num_dims=2, index_shape=grid, num_bands=3,
+                                  num_channels=feats if mode == "add" else 5, project_pos_dim=project)
+    return ImagePreprocessor(prep, position_encoding=enc, spatial_downsample=s, num_channels=6,
+                             conv_after_patching=linear, concat_or_add_pos=mode)
+
+
+CASES = {
+    "pixels-fourier": {},
+    "pixels-stride2": {"s": 2, "grid": (6, 5)},
+    "pixels-none": {"pos": "none"},
+    "pixels-trainable": {"pos": "trainable"},
+    "pixels-trainable-projected": {"pos": "trainable", "project": 4},
+    "pixels-fourier-projected": {"project": 4},
+    "patches": {"prep": "patches", "s": 2, "grid": (6, 5)},
+    "patches-linear": {"prep": "patches", "s": 2, "grid": (6, 5), "linear": True},
+    "patches-linear-add": {"prep": "patches", "s": 2, "grid": (6, 5), "linear": True, "mode": "add", "pos": "trainable"},
+    "conv1x1": {"prep": "conv1x1"},
+    "conv1x1-stride2": {"prep": "conv1x1", "s": 2, "grid": (6, 5)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streamed_tokens_equal_the_whole_array(case: str) -> None:
+    pre = _pre(**CASES[case])
+    x = torch.randn(2, 3, 12, 10)
+    assert pre.streams(x)
+    whole = pre(x).inputs
+    stream = pre(x, chunk_size=7).inputs
+    assert isinstance(stream, ContextStream) and stream.shape == tuple(whole.shape)
+    assert stream.dtype == whole.dtype and stream.device == whole.device
+    torch.testing.assert_close(stream.materialize(), whole, atol=1e-6, rtol=1e-6)
+    m = whole.shape[1]
+    for a, b in ((0, stream.chunk_size), (3, 17), (m - 9, m)):  # whole rows and arbitrary spans
+        torch.testing.assert_close(stream.chunk(a, b), whole[:, a:b], atol=1e-6, rtol=1e-6)
+
+
+def test_chunks_hold_whole_token_rows() -> None:
+    pre = _pre()
+    stream = pre(torch.randn(1, 3, 12, 10), chunk_size=25).inputs
+    assert stream.chunk_size == 20  # two rows of 10 tokens
+
+
+def test_what_streams() -> None:
+    assert isinstance(_pre()(torch.randn(1, 3, 12, 10), chunk_size=0).inputs, torch.Tensor)
+    video = ImagePreprocessor("pixels", position_encoding=build_position_encoding(
+        "fourier", num_dims=3, index_shape=(2, 4, 4), num_bands=2), spatial_downsample=1)
+    assert not video.streams(torch.randn(1, 2, 3, 4, 4))  # videos: built whole
+    conv = ImagePreprocessor("conv", position_encoding=None, spatial_downsample=4, num_channels=4)
+    assert not conv.streams(torch.randn(1, 3, 16, 16))  # 7×7 stem: a token reads its neighbours
+    out = conv(torch.randn(1, 3, 16, 16), chunk_size=8)
+    assert isinstance(out.inputs, torch.Tensor)
+
+
+def _model(pre: ImagePreprocessor | None = None, decoder=None, **kw) -> PerceiverIOModel:
+    pre = pre or _pre()
+    torch.manual_seed(1)
+    enc = PerceiverEncoder(pre.num_channels, num_latents=5, latent_channels=16, num_blocks=1,
+                           num_self_attends_per_block=1, num_self_attention_heads=2)
+    decoder = decoder or ClassificationDecoder(4, latent_channels=16)
+    return PerceiverIOModel(enc, decoder, input_preprocessor=pre, **kw)
+
+
+def _set_fold(model: torch.nn.Module, value: bool | None) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fold_kv = value
+
+
+@pytest.mark.parametrize("fold", [None, False])
+@pytest.mark.parametrize("case", ["pixels-fourier", "patches-linear", "conv1x1-stride2", "pixels-trainable-projected"])
+def test_streamed_model_matches_values_and_gradients(case: str, fold: bool | None) -> None:
+    model = _model(_pre(**CASES[case]))
+    _set_fold(model, fold)
+    assert model.encoder.cross_attention.attn.folds(num_queries=5, length=120) == (fold is None)
+    x = torch.randn(2, 3, 12, 10, requires_grad=True)
+    m = model.input_preprocessor(x).inputs.shape[1]
+    mask = torch.rand(2, m) > 0.3
+    mask[1, : m // 2] = False  # whole chunks without a valid token
+    results = []
+    for size in (0, 7):
+        model.chunk_size = size
+        model.zero_grad()
+        x.grad = None
+        streamed = model._stream_size(x)
+        assert bool(streamed) == bool(size)
+        out = model(x, input_mask=mask)
+        (out.logits.square().sum() + out.last_hidden_state.sum()).backward()
+        results.append([out.logits.detach(), x.grad.clone()]
+                       + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()])
+    names = ["logits", "x"] + [n for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(b, a, **TOL, msg=name)
+
+
+def test_streamed_inference_with_the_fused_kernel_matches() -> None:
+    model = _model().eval()
+    x = torch.randn(3, 3, 12, 10)
+    with torch.no_grad():
+        model.chunk_size = 0
+        ref = model(x).logits
+        model.chunk_size = 30
+        torch.testing.assert_close(model(x).logits, ref, **TOL)
+
+
+def test_automatic_rule() -> None:
+    model = _model(_pre(grid=(192, 192)))  # 36864 tokens of 3 + 2·(2·3 + 1) = 17 channels
+    x = torch.randn(1, 3, 192, 192)
+    assert model.chunk_size is None and model.encoder.cross_attention.chunk_size is None
+    with torch.no_grad():
+        assert model._stream_size(x) == 32768  # inference: above 32768, a quarter of the input (≥ 32768)
+    assert model._stream_size(x) == 0  # autograd: only above 65536
+    assert model._stream_size(torch.randn(1, 3, 64, 64)) == 0
+    big = torch.randn(1, 3, 272, 272)  # 73984 tokens
+    assert model._stream_size(big) == 65536
+    model.chunk_size = 0  # off: neither the preprocessor nor the cross-attention streams
+    assert model._stream_size(big) == 0 and model.encoder.cross_attention.chunk_size == 0
+    model.chunk_size = 1000
+    assert model._stream_size(x) == 1000 and model.encoder.cross_attention.chunk_size == 1000
+    with pytest.raises(ValueError, match="chunk_size"):
+        model.chunk_size = -1
+    # wide inputs: chunks of at most 2**22 values (261 channels: 16070 tokens)
+    wide = _model(_pre(grid=(192, 192)))
+    wide.input_preprocessor.num_channels = 261
+    with torch.no_grad():
+        assert wide._stream_size(x) == (1 << 22) // 261
+
+
+def test_decoders_that_read_the_inputs_get_them_whole() -> None:
+    assert not decoder_reads_inputs(ClassificationDecoder(3, latent_channels=16))
+    assert not decoder_reads_inputs(BasicDecoder(FourierQueries((4, 4), 2), latent_channels=16))
+    assert decoder_reads_inputs(FlowDecoder(query_channels=17, latent_channels=16, output_image_shape=(12, 10)))
+    assert decoder_reads_inputs(BasicDecoder(TrainableQueries(120, 4), latent_channels=16,
+                                             concat_preprocessed_input=True, preprocessed_channels=3))
+    assert decoder_reads_inputs(torch.nn.Identity())  # unknown decoders: assume they do
+
+    class Declared(torch.nn.Identity):
+        reads_inputs = False
+
+    assert not decoder_reads_inputs(Declared())
+    pre = _pre()
+    flow = _model(pre, FlowDecoder(query_channels=pre.num_channels, latent_channels=16, output_image_shape=(12, 10)),
+                  chunk_size=7)
+    x = torch.randn(1, 3, 12, 10)
+    assert flow._stream_size(x) == 0
+    assert flow(x).logits.shape == (1, 12, 10, 2)
+    concat = _model(pre, BasicDecoder(TrainableQueries(120, 4), latent_channels=16, output_channels=2,
+                                      concat_preprocessed_input=True, preprocessed_channels=3), chunk_size=7)
+    assert concat._stream_size(x) == 0
+    assert concat(x).logits.shape == (1, 120, 2)
+
+
+def test_fourier_queries_read_a_streams_dtype_and_device() -> None:
+    model = _model(decoder=BasicDecoder(FourierQueries((3, 4), 2), latent_channels=16, output_channels=2),
+                   chunk_size=7).eval()
+    x = torch.randn(2, 3, 12, 10)
+    with torch.no_grad():
+        out = model(x).logits
+        model.chunk_size = 0
+        torch.testing.assert_close(out, model(x).logits, **TOL)
+
+
+def test_official_constructor_exposes_chunk_size() -> None:
+    model = perceivers.create_model("vision-perceiver-fourier", tiny=True, chunk_size=0)
+    assert model.perceiver.chunk_size == 0 and model.config.chunk_size == 0
+    model = perceivers.create_model("vision-perceiver-fourier", tiny=True).eval()
+    assert model.perceiver.chunk_size is None
+    x = torch.randn(2, 3, 12, 10)
+    with torch.no_grad():
+        ref = model(x).logits
+        model.perceiver.chunk_size = 30
+        assert isinstance(model.perceiver.input_preprocessor(x, chunk_size=30).inputs, ContextStream)
+        torch.testing.assert_close(model(x).logits, ref, **TOL)
+
+
+class _LargestFloatOutput(TorchDispatchMode):
+    """Records the largest floating-point tensor any operation creates (views excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_large_image_never_exists_as_a_token_array(grad: bool) -> None:
+    model = _model(_pre(grid=(128, 128)), chunk_size=1024)
+    x = torch.randn(1, 3, 128, 128)
+    tokens = 128 * 128 * model.input_preprocessor.num_channels
+    with torch.set_grad_enabled(grad), finite_checks(False), _LargestFloatOutput() as probe:
+        out = model(x).logits
+        if grad:
+            out.sum().backward()
+    # one chunk (8 rows of 128 tokens), padded to 24 channels, at most; the whole array is 10× that
+    assert probe.largest <= 1024 * 24 < tokens // 10
+    # only the per-axis tables are cached, never the features of the whole grid
+    enc = model.input_preprocessor.position_encoding
+    assert isinstance(enc, FourierPositionEncoding) and enc._cache
+    assert all(key[0] == "axis_tables" for key in enc._cache)
+    enc = model.input_preprocessor.position_encoding
+    assert isinstance(enc, FourierPositionEncoding)
+    # only the per-axis tables are cached, never the features of the whole grid
+    assert all(key[0] == "axis_tables" for key in enc._cache)
