@@ -16,6 +16,7 @@ from .data import (
 )
 from .loggers import RunCSVLogger
 from .schedules import FlatCosine, WarmupCosine
+from .strategies import FSDP2Strategy
 from .tasks import ClassificationTask, ConfigError, MaskedLMTask, Task, build_model
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ClassificationTask",
     "ConfigError",
     "DigitsDataModule",
+    "FSDP2Strategy",
     "FlatCosine",
     "ImageDataModule",
     "ImageFolderDataModule",

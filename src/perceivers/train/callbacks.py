@@ -1,11 +1,14 @@
 """Callbacks the ``perceivers`` CLI adds to every run: continuing metrics on resume, plots at the end of
-fit, restoring the best weights, and a check that DDP replicas stayed identical."""
+fit, restoring the best weights, and a check that DDP replicas stayed identical. All of them also work
+with a model sharded by FSDP (:mod:`perceivers.train.strategies`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +129,14 @@ class RestoreBestWeights(Callback):
         if not best or not os.path.isfile(best):
             return
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        pl_module.load_state_dict(state)
+        from .strategies import is_sharded
+
+        if is_sharded(pl_module):  # FSDP: every process keeps its part of the full tensors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(pl_module, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            pl_module.load_state_dict(state)
         rank_zero_info(f"restored the best weights ({callback.monitor}={float(callback.best_model_score):.4g}) "
                        f"from {best}")
 
@@ -149,9 +159,16 @@ class TrainingPlots(Callback):
         return (path.parent if path is not None else Path(trainer.default_root_dir)) / "plots"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        from .strategies import is_sharded
+
+        # a sharded model (FSDP) runs forward on every process together; rank 0 alone writes the files
+        sharded = self.attention and is_sharded(pl_module)
+        if not trainer.is_global_zero and not sharded:
             return
         out = self._out_dir(trainer)
+        if not trainer.is_global_zero:
+            self._attention(trainer, pl_module, out / "attention.png", write=False)
+            return
         if self.learning_curves:
             for logger in trainer.loggers:
                 logger.save()
@@ -169,7 +186,8 @@ class TrainingPlots(Callback):
         for path in self.written:
             rank_zero_info(f"wrote {path}")
 
-    def _attention(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Path) -> Path | None:
+    def _attention(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Path,
+                   write: bool = True) -> Path | None:
         datamodule = trainer.datamodule
         datasets = getattr(datamodule, "datasets", {})
         split = "val" if "val" in datasets else next(iter(datasets), None)
@@ -189,12 +207,15 @@ class TrainingPlots(Callback):
             inputs = inputs.permute(0, 3, 1, 2)
         model = getattr(pl_module.model, "_orig_mod", pl_module.model)
         try:
-            weights, _ = cross_attention_maps(model, inputs)
+            with _gathered(model):
+                weights, _ = cross_attention_maps(model, inputs)
         except TypeError as err:
             rank_zero_info(f"no attention picture: {err}")
             return None
         with torch.no_grad():
             pred = int(pl_module(batch["inputs"].to(pl_module.device)).argmax(-1)[0])
+        if not write:
+            return None
         names = getattr(datamodule, "class_names", []) or []
         label = int(item["target"])
         describe = (lambda i: names[i] if i < len(names) else str(i))
@@ -204,6 +225,22 @@ class TrainingPlots(Callback):
             shown = resize(shown, size)
         return plot_attention(shown[0], weights[0], out,
                               title=f"first cross-attention · label {describe(label)} · predicted {describe(pred)}")
+
+
+@contextmanager
+def _gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, every FSDP2 unit of ``model`` holds its full parameters (a collective on all processes), so
+    code may use submodules outside ``forward``; outside, they are sharded again. No-op for other models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
 
 
 class ReplicaCheck(Callback):
@@ -220,7 +257,10 @@ class ReplicaCheck(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size < 2 or not dist.is_available() or not dist.is_initialized():
             return
-        flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in pl_module.parameters()])
+        from .strategies import gathered_parameters
+
+        # FSDP: the gathered full parameters (a sharded run compares what a checkpoint would hold)
+        flat = torch.cat([p.detach().float().reshape(-1).cpu() for _, p in gathered_parameters(pl_module)])
         reference = flat.clone()
         dist.broadcast(reference, src=0)
         diff = torch.tensor([(flat - reference).abs().max().item()])
@@ -230,7 +270,9 @@ class ReplicaCheck(Callback):
         dist.all_gather(diffs, diff)
         dist.all_gather(sums, checksum)
         worst = max(float(d) for d in diffs)
-        report = {"world_size": trainer.world_size, "global_step": trainer.global_step,
+        from .strategies import is_sharded
+
+        report = {"world_size": trainer.world_size, "global_step": trainer.global_step, "sharded": is_sharded(pl_module),
                   "max_abs_diff": worst, "checksums": [float(s) for s in sums]}
         if trainer.is_global_zero:
             path = Path(self.output) if self.output else (

@@ -10,7 +10,9 @@ What it adds to a plain LightningCLI:
 * a ``checkpoint`` section (ModelCheckpoint: best by ``val/loss`` + ``last.ckpt``) and a ``plots``
   section (learning curves, cross-attention picture) in every config;
 * under ``torchrun`` the trainer's ``devices`` / ``num_nodes`` / ``strategy`` default to what torchrun
-  launched (DDP), so the single-process command runs unchanged on many processes.
+  launched (DDP), so the single-process command runs unchanged on many processes;
+* ``--trainer.strategy fsdp`` (or ``fsdp2``) means :class:`~perceivers.train.strategies.FSDP2Strategy`
+  (FSDP2 per attention block, CPU or CUDA, full checkpoints).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .callbacks import NonFiniteLossGuard, ReplicaCheck, ResumableMetrics, RNGState, TrainingPlots
 from .checkpoint_io import AtomicCheckpointIO
 from .loggers import RunCSVLogger
+from .strategies import FSDP2Strategy
 from .tasks import Task
 
 __all__ = ["PerceiversCLI", "run_cli"]
@@ -84,6 +87,12 @@ class PerceiversCLI(LightningCLI):
                 trainer["num_nodes"] = int(world) // int(local)
             if trainer.get("strategy") in ("auto", None):
                 trainer["strategy"] = "ddp"
+        if trainer.get("strategy") == "fsdp":
+            # Lightning's "fsdp" (FSDP1) refuses CPUs and shards nothing below the root without a wrap policy;
+            # FSDP2Strategy shards every attention block, on CPU (gloo) and CUDA (NCCL) alike.
+            trainer["strategy"] = FSDP2Strategy.strategy_name
+            rank_zero_info("--trainer.strategy fsdp: using perceivers.train.FSDP2Strategy (fully_shard per attention "
+                           "block); give lightning.pytorch.strategies.FSDPStrategy as class_path for Lightning's FSDP1")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -195,7 +204,22 @@ def run_cli(argv: list[str], *, prog: str = "perceivers") -> PerceiversCLI:
     """
     saved = sys.argv
     sys.argv = [saved[0] if saved and saved[0] else prog, *argv]
+    ok = False
     try:
-        return PerceiversCLI(args=None)
+        cli = PerceiversCLI(args=None)
+        ok = True
     finally:
         sys.argv = saved
+        _close_process_group(wait=ok)
+    return cli
+
+
+def _close_process_group(wait: bool) -> None:
+    """Close the process group a multi-process command opened; after a success first wait for every process,
+    so none exits while another still talks to it (with gloo a process that left early was seen to abort)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""Helpers for tests that start `perceivers` under torchrun: environment, free ports, launching, comparing
+checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+PERCEIVERS = ["-m", "perceivers.cli"]
+
+
+def env() -> dict[str, str]:
+    """One thread per process (two processes share two cores) and this folder importable (test callbacks)."""
+    out = dict(os.environ)
+    out["PYTHONPATH"] = os.pathsep.join([str(HERE), out.get("PYTHONPATH", "")])
+    out["OMP_NUM_THREADS"] = "1"
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        out.pop(key, None)  # left by an in-process run; torchrun sets its own
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_standalone(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc -m perceivers.cli *args``."""
+    command = [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), *PERCEIVERS, *args]
+    return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_nodes(launch: list[list[str]], args: list[str], logs: Path, timeout: float = 300) -> list[int]:
+    """Start one torchrun per entry of ``launch`` (its own launcher options) at once, all running
+    ``perceivers.cli *args``; wait for all. Output goes to ``logs/node<i>.log``. Returns the exit codes;
+    on a timeout every launcher's process group is killed (it may wait for a peer that died)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, options in enumerate(launch):
+        with (logs / f"node{i}.log").open("w") as log:
+            procs.append(subprocess.Popen([*TORCHRUN, *options, *PERCEIVERS, *args], env=env(), stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        return [proc.wait(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def max_weight_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest absolute difference between the ``state_dict`` tensors of two checkpoints (same keys)."""
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    return max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
+
+
+def max_optimizer_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest absolute difference between the optimizer states of two checkpoints, which must have the same
+    layout (``Optimizer.state_dict()``: state keyed by position in the parameter groups)."""
+    (sa,), (sb,) = a["optimizer_states"], b["optimizer_states"]
+    assert [g["params"] for g in sa["param_groups"]] == [g["params"] for g in sb["param_groups"]]
+    assert sa["state"].keys() == sb["state"].keys()
+    worst = 0.0
+    for key, state in sa["state"].items():
+        assert state.keys() == sb["state"][key].keys()
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                worst = max(worst, (value.float() - sb["state"][key][name].float()).abs().max().item())
+    return worst
