@@ -21,15 +21,19 @@ What it does to the model, once, before the optimizer is built (``setup``):
 Parameter names do not change. Gradients are reduce-scattered (averaged over processes, as DDP does), so
 a run on N processes trains the same weights as one process with the same global batch.
 
-Checkpoints are full, consolidated state dicts by default (``save_distributed_checkpoint=False``): the
-parameters and the optimizer state are gathered onto rank 0 (in CPU memory) and written by the trainer's
-``CheckpointIO`` (atomically under the ``perceivers`` CLI). The file has exactly the layout of a
+Checkpoints are full, consolidated state dicts: the parameters and the optimizer state are gathered onto
+rank 0 (in CPU memory) and written by the trainer's ``CheckpointIO`` (atomically under the ``perceivers``
+CLI). The file has exactly the layout of a
 single-process checkpoint, optimizer state keyed by position in the parameter groups included, so
 ``perceivers predict``, ``Task.load_from_checkpoint``, ``perceivers.load_checkpoint`` and ``--resume``
 under DDP or one process read it, and a run resumed under FSDP gets its shards back from it.
 
 Precision: ``32-true`` and ``bf16-mixed`` (autocast; float32 weights, gradients and their reduction).
-Others are refused before training (``16-mixed`` would need a gradient scaler for sharded gradients).
+Others are refused before the first step (``16-mixed`` would need a gradient scaler for sharded gradients).
+
+Tested on CPU with gloo (2 processes on one machine, and 2 single-process "nodes"); the CUDA/NCCL path uses
+the same calls (Lightning's process-group set-up with ``device_id``, a CUDA device mesh) but was not run
+where this was written (no GPU).
 """
 
 from __future__ import annotations
@@ -170,8 +174,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: free gathered block parameters after each forward (``True``, least memory)
             or keep them until the backward pass (``False``, less communication). Root units keep theirs.
         cpu_offload: keep parameter shards, gradients and optimizer state in CPU memory (CUDA only).
-        save_distributed_checkpoint: ``False`` (default): one full checkpoint file, readable anywhere;
-            ``True``: a folder with one shard per process (Lightning's distributed checkpoint).
         process_group_backend: default ``gloo`` on CPU, ``nccl`` on CUDA.
         timeout: for collectives.
     """
@@ -184,12 +186,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         forward_methods: list[str] | tuple[str, ...] = DEFAULT_FORWARD_METHODS,
         reshard_after_forward: bool = True,
         cpu_offload: bool = False,
-        save_distributed_checkpoint: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
-                         process_group_backend=process_group_backend, timeout=timeout)
+        super().__init__(save_distributed_checkpoint=False, process_group_backend=process_group_backend,
+                         timeout=timeout)
         self.block_types = tuple(block_types)
         self.forward_methods = tuple(forward_methods)
         self.reshard_after_forward = reshard_after_forward
@@ -253,8 +254,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The full optimizer state on rank 0 (empty elsewhere) in ``Optimizer.state_dict()`` layout: state
         keyed by each parameter's position in the parameter groups, exactly as an unsharded run saves it."""
-        if self._save_distributed_checkpoint:
-            return super().optimizer_state(optimizer)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         if isinstance(optimizer, LightningOptimizer):
@@ -275,7 +274,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a full checkpoint file (from any strategy) into the shards: every process reads the file
-        and keeps its part. A folder (``save_distributed_checkpoint=True``) goes to Lightning's loader."""
+        and keeps its part. A folder of shards (Lightning's distributed checkpoint) goes to Lightning's loader."""
         path = Path(self.broadcast(checkpoint_path))
         if _is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
