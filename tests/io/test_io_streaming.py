@@ -153,11 +153,13 @@ def test_automatic_rule() -> None:
     assert model._stream_size(x) == 1000 and model.encoder.cross_attention.chunk_size == 1000
     with pytest.raises(ValueError, match="chunk_size"):
         model.chunk_size = -1
-    # wide inputs: chunks of at most 2**22 values (261 channels: 16070 tokens)
+    # wide inputs: chunks of at most 2**21 values over the batch (261 channels: 8034 tokens), ≥ 512
     wide = _model(_pre(grid=(192, 192)))
     wide.input_preprocessor.num_channels = 261
     with torch.no_grad():
-        assert wide._stream_size(x) == (1 << 22) // 261
+        assert wide._stream_size(x) == (1 << 21) // 261
+        assert wide._stream_size(x.expand(4, -1, -1, -1)) == (1 << 21) // (4 * 261)
+        assert wide._stream_size(x.expand(64, -1, -1, -1)) == 512
 
 
 def test_decoders_that_read_the_inputs_get_them_whole() -> None:

@@ -109,7 +109,7 @@ class PerceiverIOModel(nn.Module):
             return 0
         length = math.prod(pre.output_index_shape(tuple(inputs.shape)))
         grad = torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels)
+        return auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=inputs.shape[0])
 
     def _check_inputs(self, inputs: Tensor | Mapping[str, Tensor]) -> None:
         """Every raw input is a non-empty, finite tensor on the model's device (floating ones in its dtype)."""

@@ -246,8 +246,14 @@ class Attention(nn.Module):
 
         b, h, n = q.shape[:3]
         if not grad and not dropout and _flash_lse_available(q):
-            # Fused kernel per chunk (no score matrix in memory), merged through its log-sum-exp.
-            lse_run = out_run = None
+            # Fused kernel per chunk (no score matrix in memory); the partial results are merged
+            # through their log-sum-exps a group at a time (fewer small operations than pairwise).
+            # Partial results go to one buffer allocated up front (small tensors kept alive between
+            # the chunks' large temporaries would fragment the heap and raise the peak).
+            part_size = b * h * n * (q.shape[-1] if fold else self.v_channels // self.num_heads)
+            group = max(2, min(32, (1 << 22) // part_size, -(-length // chunk_size)))  # ≤ 16 MiB, ≤ 32
+            outs = lses = None
+            count = 0
             for start in range(0, length, chunk_size):
                 stop = min(start + chunk_size, length)
                 k, v = keys_values(start, stop)
@@ -258,14 +264,16 @@ class Attention(nn.Module):
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, attn_mask=bias, scale=1.0
                 )
-                lse = lse.float().unsqueeze(-1)  # [B, H, Q, 1]
-                if lse_run is None:
-                    lse_run, out_run = lse, out.float()
-                else:
-                    new = torch.logaddexp(lse_run, lse)
-                    out_run = out_run * torch.exp(lse_run - new) + out.float() * torch.exp(lse - new)
-                    lse_run = new
-            out = out_run.to(q.dtype)
+                if outs is None:
+                    outs = out.new_empty((group, *out.shape), dtype=torch.float32)  # [G, B, H, Q, D]
+                    lses = out.new_empty((group, *lse.shape, 1), dtype=torch.float32)  # [G, B, H, Q, 1]
+                outs[count].copy_(out)
+                lses[count].copy_(lse.unsqueeze(-1))
+                count += 1
+                if count == group:
+                    _merge_partial(outs, lses, count)
+                    count = 1
+            out = _merge_partial(outs, lses, count).to(q.dtype)
         else:
             v_width = q.shape[-1] if fold else self.v_channels // self.num_heads
 
@@ -325,6 +333,18 @@ def fold_is_cheaper(kv_dim: int, head_width: int, num_queries: int | None = None
     if k is None:
         return 2 * n * cp < (c + n) * w
     return k * n * 2 * cp + n * c * w < k * (c + n) * w
+
+
+def _merge_partial(outs: Tensor, lses: Tensor, count: int) -> Tensor:
+    """Attention over ``count`` disjoint key sets → over their union, written to ``outs[0], lses[0]``.
+
+    ``outs [G, B, H, Q, D]`` and ``lses [G, B, H, Q, 1]`` hold each set's output and log-sum-exp.
+    """
+    if count > 1:
+        total = torch.logsumexp(lses[:count], dim=0)
+        outs[0] = (outs[:count] * torch.exp(lses[:count] - total)).sum(0)
+        lses[0] = total
+    return outs[0]
 
 
 def _pad_channels(t: Tensor, multiple: int = 8) -> Tensor:
