@@ -125,7 +125,7 @@ def test_fsdp_bf16_mixed_and_refusals(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
     assert cli.main(["fit", "--config", config, "--trainer.strategy", "fsdp2", "--trainer.precision", "64-true"]) == 2
-    assert "FSDP2Strategy runs with precision 32-true or bf16-mixed" in capsys.readouterr().err
+    assert "FSDP2Strategy runs with precision 32-true, bf16-mixed (autocast" in capsys.readouterr().err
     assert cli.main(["fit", "--config", config, "--trainer.strategy", "fsdp",
                      "--model.init_args.compile", "true"]) == 2
     assert "train uncompiled under FSDP" in capsys.readouterr().err

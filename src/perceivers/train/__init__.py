@@ -3,7 +3,15 @@
 The only part of perceivers that imports Lightning and torchmetrics; ``import perceivers`` never loads it.
 """
 
-from .callbacks import ReplicaCheck, RestoreBestWeights, ResumableMetrics, RNGState, TrainingPlots
+from .callbacks import (
+    NonFiniteGradientGuard,
+    NonFiniteLossGuard,
+    ReplicaCheck,
+    RestoreBestWeights,
+    ResumableMetrics,
+    RNGState,
+    TrainingPlots,
+)
 from .checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from .data import (
     ArrayDataModule,
@@ -32,6 +40,8 @@ __all__ = [
     "ImageFolderDataModule",
     "MaskedBytesDataModule",
     "MaskedLMTask",
+    "NonFiniteGradientGuard",
+    "NonFiniteLossGuard",
     "RNGState",
     "ReplicaCheck",
     "RestoreBestWeights",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,13 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .loggers import truncate_metrics
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "ReplicaCheck", "RestoreBestWeights", "ResumableMetrics",
+__all__ = ["LatestCheckpoint", "NonFiniteGradientError", "NonFiniteGradientGuard", "NonFiniteLossError", "NonFiniteLossGuard",
+           "ReplicaCheck", "RestoreBestWeights", "ResumableMetrics",
            "TrainingPlots", "metrics_csv_path"]
 
 
@@ -33,6 +34,32 @@ def metrics_csv_path(trainer: pl.Trainer) -> Path | None:
         if isinstance(logger, CSVLogger):
             return Path(logger.log_dir) / "metrics.csv"
     return None
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` follows the run, as ``--resume`` expects.
+
+    Lightning 2.6 writes ``last.ckpt`` at an epoch end only when a top-k checkpoint is written at the same
+    step: with ``monitor`` and ``save_top_k: 1``, an epoch whose ``val/loss`` does not improve leaves
+    ``last.ckpt`` at the last improvement (and ``save_top_k: 0`` never refreshes it before the end of
+    training). Here ``save_last`` also writes it at every epoch end (every ``every_n_epochs``) whose top-k
+    check wrote nothing. Arguments and every other behaviour are ``ModelCheckpoint``'s.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        due = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+        if self.save_last is True and due and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class ResumableMetrics(Callback):
@@ -63,6 +90,13 @@ class ResumableMetrics(Callback):
                                "that checkpoint")
 
 
+def last_good_checkpoint(trainer: pl.Trainer) -> str:
+    """``"; the last good checkpoint is <path>"`` (``last.ckpt``, else the best one), or that none was written."""
+    callback = trainer.checkpoint_callback
+    last = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")) if callback else ""
+    return f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training stopped because the loss was NaN or infinite (before the weights were updated)."""
 
@@ -77,13 +111,88 @@ class NonFiniteLossGuard(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if bool(torch.isfinite(loss.detach()).all()):
             return
-        callback = trainer.checkpoint_callback
-        last = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")) if callback else ""
-        where = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
         raise NonFiniteLossError(
             f"training loss is {float(loss.detach().float().reshape(-1)[0])} at step {trainer.global_step} "
-            f"(epoch {trainer.current_epoch}): stopped before updating the weights{where}"
+            f"(epoch {trainer.current_epoch}): stopped before updating the weights{last_good_checkpoint(trainer)}"
         )
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Training stopped after several optimizer steps in a row had NaN/Inf gradients (each step was skipped)."""
+
+
+def gradient_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together (one fused pass; NaN or Inf if any gradient element is)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
+
+
+class NonFiniteGradientGuard(Callback):
+    """Skip the optimizer step of a batch whose gradients hold NaN or Inf although its loss is finite (an
+    overflow in the backward pass), and stop ``fit`` after ``max_consecutive`` such batches in a row.
+
+    A skipped step leaves the weights and the optimizer state exactly as they were: the gradients are dropped
+    (set to ``None``), so the optimizer passes over every parameter; the step still counts (``global_step``,
+    schedule), as with a gradient scaler's skipped steps. Each skip warns; the stop raises
+    :class:`NonFiniteGradientError` naming the last good checkpoint (the skipped steps changed nothing, so
+    the checkpoints written meanwhile are good too).
+
+    The test is the total gradient norm: a :class:`~perceivers.train.tasks.Task` reuses the norm it computes
+    for ``gradient_clip_val`` (clipping by norm), otherwise this computes one norm over the gradients (one
+    fused pass). Under a sharded model (FSDP) the norm covers all shards, so every process decides the same;
+    under DDP the gradients are already averaged. It reads one scalar per step (a device sync on GPUs).
+
+    Off under a gradient scaler (``16-mixed``): the scaler already skips steps with non-finite gradients and
+    lowers its scale. ``max_consecutive=0`` turns the guard off.
+    """
+
+    def __init__(self, max_consecutive: int = 3) -> None:
+        if max_consecutive < 0:
+            raise ValueError(f"max_consecutive must be >= 0 (0 = off), got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.skipped: list[int] = []  # global steps whose optimizer step was skipped
+
+    def active(self, trainer: pl.Trainer) -> bool:
+        """Whether this run is checked: the guard is on and no gradient scaler skips steps already."""
+        return self.max_consecutive > 0 and getattr(trainer.precision_plugin, "scaler", None) is None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self.active(trainer) or getattr(pl_module, "reports_gradient_norm", False):
+            return  # a Task checks the norm it computes for clipping (its configure_gradient_clipping)
+        self.check(trainer, optimizer, gradient_norm(p for g in optimizer.param_groups for p in g["params"]))
+
+    def check(self, trainer: pl.Trainer, optimizer: Any, norm: torch.Tensor) -> bool:
+        """``True`` when ``norm`` is finite; otherwise drop the gradients of ``optimizer`` (the step then changes
+        nothing), warn, and raise :class:`NonFiniteGradientError` at ``max_consecutive`` in a row."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(norm, DTensor):  # FSDP: the norm over every shard (the same on every process)
+            norm = norm.full_tensor()
+        if bool(torch.isfinite(norm)):
+            self.consecutive = 0
+            return True
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
+        self.consecutive += 1
+        self.skipped.append(trainer.global_step)
+        value = float(norm)
+        if self.consecutive >= self.max_consecutive:
+            first = self.skipped[-self.consecutive]
+            raise NonFiniteGradientError(
+                f"non-finite gradients from a finite loss in {self.consecutive} optimizer steps in a row (steps "
+                f"{first}-{trainer.global_step}, epoch {trainer.current_epoch}; gradient norm {value}): stopped; "
+                f"those steps were skipped, the weights are finite{last_good_checkpoint(trainer)}"
+            )
+        rank_zero_warn(
+            f"gradient norm is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}) with a finite "
+            f"loss: skipped the optimizer step for this batch ({self.consecutive} in a row; training stops at "
+            f"{self.max_consecutive})"
+        )
+        return False
 
 
 class RNGState(Callback):
@@ -206,6 +315,8 @@ class TrainingPlots(Callback):
         if getattr(pl_module, "input_layout", "channels_last") == "channels_first":
             inputs = inputs.permute(0, 3, 1, 2)
         model = getattr(pl_module.model, "_orig_mod", pl_module.model)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), inputs.dtype)
+        inputs = inputs.to(dtype)  # bf16-true / 16-true models take their own dtype
         try:
             with _gathered(model):
                 weights, _ = cross_attention_maps(model, inputs)

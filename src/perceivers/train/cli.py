@@ -7,8 +7,11 @@ What it adds to a plain LightningCLI:
   ``plots/``; checkpoints are written atomically;
 * ``--resume``: continue ``fit`` from ``checkpoints/last.ckpt`` after a crash (step count, optimizer,
   schedule and metric curves continue);
-* a ``checkpoint`` section (ModelCheckpoint: best by ``val/loss`` + ``last.ckpt``) and a ``plots``
-  section (learning curves, cross-attention picture) in every config;
+* a ``checkpoint`` section (ModelCheckpoint: best by ``val/loss`` + ``last.ckpt``, which is rewritten at every
+  epoch end: :class:`~perceivers.train.callbacks.LatestCheckpoint`), a ``plots``
+  section (learning curves, cross-attention picture) and a ``grad_guard`` section
+  (:class:`~perceivers.train.callbacks.NonFiniteGradientGuard`: skip steps with NaN/Inf gradients, stop
+  after ``max_consecutive`` in a row) in every config; a NaN/Inf loss stops the run;
 * under ``torchrun`` the trainer's ``devices`` / ``num_nodes`` / ``strategy`` default to what torchrun
   launched (DDP), so the single-process command runs unchanged on many processes;
 * ``--trainer.strategy fsdp`` (or ``fsdp2``) means :class:`~perceivers.train.strategies.FSDP2Strategy`
@@ -30,7 +33,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import NonFiniteLossGuard, ReplicaCheck, ResumableMetrics, RNGState, TrainingPlots
+from .callbacks import (
+    LatestCheckpoint,
+    NonFiniteGradientGuard,
+    NonFiniteLossGuard,
+    ReplicaCheck,
+    ResumableMetrics,
+    RNGState,
+    TrainingPlots,
+)
 from .checkpoint_io import AtomicCheckpointIO
 from .loggers import RunCSVLogger
 from .strategies import FSDP2Strategy
@@ -53,7 +64,7 @@ class PerceiversCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/loss",
             "checkpoint.mode": "min",
@@ -64,6 +75,8 @@ class PerceiversCLI(LightningCLI):
             "trainer.default_root_dir": "runs/default",
         })
         parser.add_lightning_class_args(TrainingPlots, "plots")
+        # skip optimizer steps with NaN/Inf gradients, stop after max_consecutive in a row (0 = off)
+        parser.add_lightning_class_args(NonFiniteGradientGuard, "grad_guard")
         parser.add_argument("--resume", type=bool, default=False,
                             help="fit: continue from <default_root_dir>/checkpoints/last.ckpt when it exists")
         parser.add_argument("--num_threads", type=int | None, default=None,
@@ -115,7 +128,7 @@ class PerceiversCLI(LightningCLI):
                 checkpoint.dirpath = os.path.realpath(root / "checkpoints")
             if checkpoint.save_last and checkpoint._every_n_train_steps and not checkpoint.every_n_epochs:
                 # step-interval checkpoints skip epoch ends; keep last.ckpt current there too (resume, final state)
-                epoch_end_last = ModelCheckpoint(dirpath=checkpoint.dirpath, save_top_k=0, save_last=True,
+                epoch_end_last = LatestCheckpoint(dirpath=checkpoint.dirpath, save_top_k=0, save_last=True,
                                                  every_n_epochs=1, enable_version_counter=False)
         callbacks += [ResumableMetrics(), RNGState(), ReplicaCheck(), NonFiniteLossGuard()]
         trainer_config["callbacks"] = callbacks

@@ -28,8 +28,10 @@ single-process checkpoint, optimizer state keyed by position in the parameter gr
 ``perceivers predict``, ``Task.load_from_checkpoint``, ``perceivers.load_checkpoint`` and ``--resume``
 under DDP or one process read it, and a run resumed under FSDP gets its shards back from it.
 
-Precision: ``32-true`` and ``bf16-mixed`` (autocast; float32 weights, gradients and their reduction).
-Others are refused before the first step (``16-mixed`` would need a gradient scaler for sharded gradients).
+Precision: ``32-true``, ``bf16-mixed`` (autocast; float32 weights, gradients and their reduction) and
+``bf16-true`` (the model is cast to bfloat16 before sharding: bfloat16 shards, gradients, reductions and
+optimizer state). Others are refused before the first step (``16-mixed`` would need a gradient scaler for
+sharded gradients).
 
 Tested on CPU with gloo (2 processes on one machine, and 2 single-process "nodes"); the CUDA/NCCL path uses
 the same calls (Lightning's process-group set-up with ``device_id``, a CUDA device mesh) but was not run
@@ -66,7 +68,7 @@ __all__ = ["DEFAULT_BLOCK_TYPES", "DEFAULT_FORWARD_METHODS", "FSDP2Strategy", "g
 
 DEFAULT_BLOCK_TYPES: tuple[str, ...] = ("PerceiverBlock", "CrossAttentionBlock", "SelfAttentionBlock")
 DEFAULT_FORWARD_METHODS: tuple[str, ...] = ("prepare_context", "project_kv", "prepare")
-SUPPORTED_PRECISION = ("32-true", "bf16-mixed")
+SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true")
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -218,8 +220,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         precision = getattr(self.precision_plugin, "precision", "32-true")
         if precision not in SUPPORTED_PRECISION:
-            raise ConfigError(f"FSDP2Strategy runs with precision 32-true or bf16-mixed (autocast, float32 weights and "
-                             f"gradients); got {precision!r}")
+            raise ConfigError(f"FSDP2Strategy runs with precision 32-true, bf16-mixed (autocast, float32 weights and "
+                             f"gradients) or bf16-true (bfloat16 weights, gradients and optimizer state); got "
+                             f"{precision!r}")
         if self.cpu_offload and self.root_device.type == "cpu":
             raise ConfigError("FSDP2Strategy(cpu_offload=True) offloads from GPUs; the model is already on the CPU")
         if not is_sharded(self.model):  # first set-up of this module (a later validate/test reuses the shards)

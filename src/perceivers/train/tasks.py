@@ -9,13 +9,19 @@ and an optional boolean ``mask`` (True = real token).
 Models are called as they are written: an argument named ``pixel_values`` gets channels-first images
 (the official classifiers), anything else channels-last ``[B, H, W, C]``; a mask goes to
 ``attention_mask`` or ``mask``, whichever the forward takes; outputs may be a tensor or have ``.logits``.
+
+Precision: floating-point inputs are cast to the model's parameter dtype when it is called (so
+``bf16-true`` / ``16-true`` / ``64-true`` models get ``bfloat16`` / ``float16`` / ``float64`` images and
+feature sequences; token ids, masks and labels are never cast), while losses are computed from float32
+logits and every torchmetrics state stays float32.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -93,6 +99,24 @@ def _factory_target(factory: Callable) -> tuple[Callable, dict[str, Any]]:
         inner, more = _factory_target(factory.func)
         return inner, {**more, **bound}
     return factory, {}
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside, ``torch.get_default_dtype()`` is ``dtype`` (``None``: unchanged); restored on exit."""
+    saved = torch.get_default_dtype()
+    if dtype is None or dtype == saved or not dtype.is_floating_point:
+        yield
+        return
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _float32_floats(tensor: Tensor) -> Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 BLOCK_TYPES: tuple[str, ...] = ("CrossAttentionBlock", "SelfAttentionBlock", "PerceiverBlock")
@@ -180,15 +204,40 @@ class Task(pl.LightningModule):
         self._prepared = False
 
     # ------------------------------------------------------------------ model call
+    def model_dtype(self) -> torch.dtype | None:
+        """The dtype of the model's first floating-point parameter (``bfloat16`` under ``bf16-true``)."""
+        for param in self.model.parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return None
+
+    def as_model_input(self, inputs: Tensor) -> Tensor:
+        """``inputs`` in the model's parameter dtype if both are floating point; integer ids are returned as they
+        are. Batches arrive in float32 (the data modules convert images after the transfer, past Lightning's
+        ``Precision.convert_input``), so a ``bf16-true`` model gets ``bfloat16`` inputs here."""
+        dtype = self.model_dtype()
+        if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype:
+            return inputs.to(dtype)
+        return inputs
+
     def call_model(self, inputs: Tensor, mask: Tensor | None = None) -> Any:
-        """Run the model with the mask under the argument name it takes."""
-        if mask is None or bool(mask.all()):
-            return self.model(inputs)
-        if "attention_mask" in self._forward_params:
-            return self.model(inputs, attention_mask=mask)
-        if "mask" in self._forward_params:
-            return self.model(inputs, mask=mask)
-        raise ConfigError(f"the batch has padding but {type(self.model).__name__}.forward takes no mask")
+        """Run the model (floating inputs cast to its dtype) with the mask under the argument name it takes.
+
+        Tensors the model creates get its dtype too (the default dtype during the call, as Lightning's
+        ``bf16-true`` sets for the whole step; the tasks compute losses and metrics under float32)."""
+        dtype = self.model_dtype()
+        inputs = self.as_model_input(inputs)
+        if mask is not None and not bool(mask.all()):
+            if "attention_mask" in self._forward_params:
+                kwargs = {"attention_mask": mask}
+            elif "mask" in self._forward_params:
+                kwargs = {"mask": mask}
+            else:
+                raise ConfigError(f"the batch has padding but {type(self.model).__name__}.forward takes no mask")
+        else:
+            kwargs = {}
+        with default_dtype(dtype):
+            return self.model(inputs, **kwargs)
 
     def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
         return model_logits(self.call_model(inputs, mask))
@@ -203,6 +252,15 @@ class Task(pl.LightningModule):
                 raise ConfigError(f"activation_checkpointing: no attention blocks found in {type(self.model).__name__}")
         if self.compile_model:
             self.model.compile()
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Task:
+        # torchmetrics keeps metric states out of .half()/.bfloat16() but not out of .to(dtype), which is how
+        # Lightning converts the module for bf16-true/16-true: put floating states (running losses) back to float32
+        module = super()._apply(fn, *args, **kwargs)
+        for metric in self.modules():
+            if isinstance(metric, torchmetrics.Metric) and metric.dtype != torch.float32:
+                metric._apply(_float32_floats)
+        return module
 
     # ------------------------------------------------------------------ optimisation
     def _global_batch(self) -> int | None:
@@ -246,7 +304,45 @@ class Task(pl.LightningModule):
             config = {"scheduler": scheduler, "interval": self.lr_interval}
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    # ------------------------------------------------------------------ gradients
+    reports_gradient_norm = True  # NonFiniteGradientGuard: this task checks the norm it computes for clipping
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, and the :class:`~perceivers.train.callbacks.NonFiniteGradientGuard` check when the
+        trainer has one: clipping by norm computes the total gradient norm anyway, and the guard reads that one
+        (no extra pass); otherwise the guard computes the norm first. A non-finite norm drops the gradients, so
+        the optimizer step changes nothing."""
+        from lightning.pytorch.plugins.precision import Precision
+
+        from .callbacks import NonFiniteGradientGuard, gradient_norm
+
+        trainer = self.trainer
+        guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGradientGuard)), None)
+        if guard is None or not guard.active(trainer):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        plugin = trainer.precision_plugin
+        params = list(plugin.main_params(optimizer))
+        by_norm = (bool(gradient_clip_val) and (gradient_clip_algorithm or "norm") == "norm"  # a str enum
+                   and type(plugin).clip_grad_by_norm is Precision.clip_grad_by_norm)
+        if by_norm:  # what Precision.clip_grad_by_norm does, keeping the norm it returns
+            guard.check(trainer, optimizer, torch.nn.utils.clip_grad_norm_(params, gradient_clip_val))
+            return
+        if guard.check(trainer, optimizer, gradient_norm(params)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # ------------------------------------------------------------------ checks before training
+    def setup(self, stage: str) -> None:
+        precision = str(getattr(self.trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        if stage == "fit" and precision == "16-true":
+            raise ConfigError(
+                "precision 16-true trains the float16 weights themselves, where AdamW's epsilon (1e-8) and small "
+                "second moments underflow to 0 (NaN after one step here); train with 32-true, bf16-true, bf16-mixed "
+                "or 16-mixed (GPUs: float16 autocast, float32 weights, gradient scaling); 16-true is for validate, "
+                "test and predict"
+            )
+
     def example_batch(self) -> dict[str, Tensor] | None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "example_batch"):
@@ -316,6 +412,7 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------ set-up and checks
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         data_classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
         batch = self.example_batch()
         model_classes = None
@@ -363,6 +460,10 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        with default_dtype(torch.float32):  # loss, mixing and metrics in float32 (bf16-true makes bf16 the default)
+            return self._step(batch, split)
+
+    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         inputs, target, mask = batch["inputs"], batch["target"], batch.get("mask")
         mixing = split == "train" and (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and inputs.ndim == 4
         if mixing:
@@ -446,6 +547,7 @@ class MaskedLMTask(Task):
             self.metrics[f"{split}_perplexity"] = torchmetrics.text.Perplexity(ignore_index=-100)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         batch = self.example_batch()
         if batch is None:
             return
@@ -461,6 +563,10 @@ class MaskedLMTask(Task):
                               f"{tuple(logits.shape)}")
 
     def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        with default_dtype(torch.float32):  # loss and metrics in float32 (bf16-true makes bf16 the default)
+            return self._step(batch, split)
+
+    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits = self(batch["inputs"], batch.get("mask")).float()
         labels = batch["labels"]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
