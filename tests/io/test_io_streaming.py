@@ -245,3 +245,22 @@ def test_large_image_never_exists_as_a_token_array(grad: bool) -> None:
     assert isinstance(enc, FourierPositionEncoding)
     # only the per-axis tables are cached, never the features of the whole grid
     assert all(key[0] == "axis_tables" for key in enc._cache)
+
+
+@pytest.mark.slow  # ≈17 s: torch.compile and torch.export of the streamed loop
+def test_streamed_model_compiles_and_exports() -> None:
+    model = perceivers.create_model("vision-perceiver-fourier", tiny=True, chunk_size=30).eval()
+    x = torch.randn(2, 3, 12, 10)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.model(pixels).logits
+
+    with torch.no_grad():
+        ref = model(x).logits
+        torch.testing.assert_close(torch.compile(Logits(), fullgraph=True)(x), ref, **TOL)
+    torch.testing.assert_close(torch.export.export(Logits(), (x,)).module()(x), ref, **TOL)

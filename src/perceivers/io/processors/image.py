@@ -273,7 +273,8 @@ class ImagePreprocessor(nn.Module):
             # [features, positions] assembled in place: one pass over the chunk
             out = feats.new_empty(b, stop - start, self.num_channels)  # [B, n, C' + Cp]
             c = feats.shape[-1]
-            if isinstance(enc, FourierPositionEncoding):  # written straight into the chunk
+            if isinstance(enc, FourierPositionEncoding) and not torch.compiler.is_compiling():
+                # written straight into the chunk (dynamo traces no out= into a strided view)
                 enc.grid_rows(index_shape, start, stop, device=x.device, out=out[..., c:])
             else:
                 out[..., c:] = enc.grid_rows(index_shape, start, stop, device=x.device, dtype=feats.dtype)
