@@ -221,12 +221,54 @@ def study_bf16(args) -> dict:
     }
 
 
+IO_VARIANTS = {"before (whole context, projected)": (0, False), "fold only": (0, None),
+               "stream only": (None, False), "after (fold + stream)": (None, None)}
+
+
+def reduced_vision(chunk, fold):
+    """The benchmark's reduced Fourier vision Perceiver IO (128×256 latents) with streaming / fold set."""
+    torch.manual_seed(0)
+    m = perceivers.create_model("vision-perceiver-fourier", num_latents=128, d_latents=256, num_blocks=2,
+                                num_self_attends_per_block=2, chunk_size=chunk).eval()
+    set_fold(m, fold)
+    return m
+
+
+def study_io(args) -> dict:
+    """DeepMind family: folding the 261-wide cross-attention and streaming the image preprocessor."""
+    out = {}
+    for side in (512,) if args.quick else (512, 1024):
+        x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+        models = {k: reduced_vision(*v) for k, v in IO_VARIANTS.items()}
+        before, after = models["before (whole context, projected)"], models["after (fold + stream)"]
+        case = f"reduced vision {side}x{side} inference"
+        out[case] = timed({"before": forward(before, x), "fold only": forward(models["fold only"], x),
+                           "stream only": forward(models["stream only"], x), "after": forward(after, x)},
+                          args.repeats)
+        del models
+        row = {}
+        for label, (chunk, fold) in IO_VARIANTS.items():
+            spec = f"io,{side},{'auto' if chunk is None else chunk},{'auto' if fold is None else int(fold)}"
+            proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True,
+                                  check=False, timeout=1800)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
+            row[label] = json.loads(line[0][7:]) if line else {"error": proc.stderr[-300:]}
+        out[f"reduced vision {side}x{side} forward memory"] = row
+    return out
+
+
 def _memory_child(spec: str) -> None:
-    side, chunk, fold = spec.split(",")
-    m = readme(depth=2)
-    m.chunk_size = None if chunk == "auto" else int(chunk)
-    set_fold(m, None if fold == "auto" else fold == "1")
-    x = images(1, int(side))
+    family, side, chunk, fold = spec.split(",") if spec.startswith("io,") else ("readme", *spec.split(","))
+    chunk = None if chunk == "auto" else int(chunk)
+    fold = None if fold == "auto" else fold == "1"
+    if family == "io":
+        m = reduced_vision(chunk, fold)
+        x = torch.randn(1, 3, int(side), int(side), generator=torch.Generator().manual_seed(1))
+    else:
+        m = readme(depth=2)
+        m.chunk_size = chunk
+        set_fold(m, fold)
+        x = images(1, int(side))
     meter = measure.PeakMemory(torch.device("cpu"))
     forward(m, x)()
     print("MEMORY " + json.dumps({"peak_bytes": meter.peak_bytes()}), flush=True)
@@ -249,7 +291,7 @@ def study_memory(args) -> dict:
 
 
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
-           "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory}
+           "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io}
 
 
 def markdown(results: dict) -> str:
@@ -260,7 +302,7 @@ def markdown(results: dict) -> str:
              "| optimisation | case | before | after | after / before |", "|---|---|---|---|---|"]
     for study, cases in results["studies"].items():
         for case, res in cases.items():
-            if study == "memory":
+            if study == "memory" or case.endswith("memory"):  # peak bytes per variant
                 vals = {k: v.get("peak_bytes") for k, v in res.items()}
                 first, last = next(iter(vals.values())), list(vals.values())[-1]
                 desc = ", ".join(f"{k}: {v / 2**20:.1f} MiB" if v else f"{k}: –" for k, v in vals.items())
@@ -268,7 +310,8 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {study} | {case} | {desc} | | {ratio} |")
                 continue
             before, after = res["before"]["median_s"], res["after"]["median_s"]
-            lines.append(f"| {study} | {case} | {before:.3f} s | {after:.3f} s | {after / before:.3f} |")
+            extra = "".join(f" ({k}: {v['median_s']:.3f} s)" for k, v in res.items() if k not in ("before", "after"))
+            lines.append(f"| {study} | {case} | {before:.3f} s | {after:.3f} s{extra} | {after / before:.3f} |")
     return "\n".join(lines) + "\n"
 
 
