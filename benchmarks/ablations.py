@@ -249,12 +249,17 @@ def study_io(args) -> dict:
         row = {}
         for label, (chunk, fold) in IO_VARIANTS.items():
             spec = f"io,{side},{'auto' if chunk is None else chunk},{'auto' if fold is None else int(fold)}"
-            proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True,
-                                  check=False, timeout=1800)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
-            row[label] = json.loads(line[0][7:]) if line else {"error": proc.stderr[-300:]}
+            row[label] = peak_in_child(spec)
         out[f"reduced vision {side}x{side} forward memory"] = row
     return out
+
+
+def peak_in_child(spec: str) -> dict:
+    """Peak forward memory of one variant (``_memory_child`` spec), measured in a fresh process."""
+    proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True,
+                          check=False, timeout=1800)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
+    return json.loads(line[0][7:]) if line else {"error": proc.stderr[-300:]}
 
 
 def _memory_child(spec: str) -> None:
@@ -282,10 +287,7 @@ def study_memory(args) -> dict:
         row = {}
         for label, spec in (("before (whole context, no fold)", f"{side},0,0"), ("fold only", f"{side},0,auto"),
                             ("after (fold + stream)", f"{side},auto,auto")):
-            proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True,
-                                  check=False, timeout=1800)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
-            row[label] = json.loads(line[0][7:]) if line else {"error": proc.stderr[-300:]}
+            row[label] = peak_in_child(spec)
         out[f"{side}x{side} depth 2 forward"] = row
     return out
 

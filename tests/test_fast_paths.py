@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from memory_probe import LargestFloatOutput
 
 import perceivers
 from perceivers.layers import (
@@ -187,28 +187,11 @@ def test_auto_chunk_size_policy() -> None:
         auto_chunk_size(10, -1)
 
 
-class _LargestFloatOutput(TorchDispatchMode):
-    """Records the largest floating-point tensor any operation creates (views excluded)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_attention_matrix_is_materialised() -> None:
     model = _small_perceiver(num_latents=64).eval()
     x = torch.randn(1, 64, 64, 3)  # 4096 inputs; scores would be 64 × 4096 per head
     model.chunk_size = 0
-    with torch.no_grad(), _LargestFloatOutput() as probe:
+    with torch.no_grad(), LargestFloatOutput() as probe:
         model(x)
     assert probe.largest < 64 * 4096
 
@@ -218,7 +201,7 @@ def test_streaming_memory_does_not_grow_with_the_input() -> None:
     model.chunk_size = 512
     x = torch.randn(1, 128, 128, 3)  # 16384 inputs
     # (the NaN/Inf input check makes one input-sized temporary: not what this test is about)
-    with torch.no_grad(), finite_checks(False), _LargestFloatOutput() as probe:
+    with torch.no_grad(), finite_checks(False), LargestFloatOutput() as probe:
         model(x)
     # nothing of the input's length exists besides the input itself: chunks of 512 rows at most
     assert probe.largest <= 512 * 64

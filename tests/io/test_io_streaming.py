@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from memory_probe import LargestFloatOutput
 
 import perceivers
 from perceivers.io import (
@@ -209,29 +209,12 @@ def test_official_constructor_exposes_chunk_size() -> None:
         torch.testing.assert_close(model(x).logits, ref, **TOL)
 
 
-class _LargestFloatOutput(TorchDispatchMode):
-    """Records the largest floating-point tensor any operation creates (views excluded)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("grad", [False, True])
 def test_large_image_never_exists_as_a_token_array(grad: bool) -> None:
     model = _model(_pre(grid=(128, 128)), chunk_size=1024)
     x = torch.randn(1, 3, 128, 128)
     tokens = 128 * 128 * model.input_preprocessor.num_channels
-    with torch.set_grad_enabled(grad), finite_checks(False), _LargestFloatOutput() as probe:
+    with torch.set_grad_enabled(grad), finite_checks(False), LargestFloatOutput() as probe:
         out = model(x).logits
         if grad:
             out.sum().backward()

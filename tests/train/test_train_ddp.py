@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
-from train_configs import tiny_config, write_config
+from train_configs import replica_config, write_config
 
 from perceivers import cli
 
@@ -18,11 +18,7 @@ STEPS = 6
 
 
 def _config(root: Path) -> dict:
-    # shuffled as usual; no augmentation or dropout, whose random draws depend on the process
-    data = {"class_path": "perceivers.train.DigitsDataModule",
-            "init_args": {"batch_size": 16, "eval_batch_size": 32, "shuffle": True}}
-    return tiny_config(root, data=data, trainer={"max_epochs": 1, "limit_train_batches": STEPS},
-                       plots={"attention": False, "learning_curves": False})
+    return replica_config(root, STEPS)
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path: Path):

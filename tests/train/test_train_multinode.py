@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_configs import tiny_config, write_config
+from train_configs import replica_config, write_config
 from train_torchrun import free_port, load, max_weight_diff, run_nodes, run_standalone
 
 STEPS = 6
 
 
 def _config(root: Path) -> dict:
-    # as test_train_ddp: shuffled, no augmentation or dropout (their random draws depend on the process)
-    data = {"class_path": "perceivers.train.DigitsDataModule",
-            "init_args": {"batch_size": 16, "eval_batch_size": 32, "shuffle": True}}
-    return tiny_config(root, data=data, trainer={"max_epochs": 1, "limit_train_batches": STEPS},
-                       plots={"attention": False, "learning_curves": False})
+    return replica_config(root, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,15 @@ def tiny_config(root: Path, *, model: dict[str, Any] | None = None, data: dict[s
     }
 
 
+def replica_config(root: Path, steps: int) -> dict:
+    """For runs compared across process counts: shuffled data, no augmentation or dropout (their random
+    draws depend on the process), ``steps`` optimizer steps, no plots."""
+    data = {"class_path": "perceivers.train.DigitsDataModule",
+            "init_args": {"batch_size": 16, "eval_batch_size": 32, "shuffle": True}}
+    return tiny_config(root, data=data, trainer={"max_epochs": 1, "limit_train_batches": steps},
+                       plots={"attention": False, "learning_curves": False})
+
+
 def write_config(path: Path, config: dict) -> str:
     path.write_text(yaml.safe_dump(config))
     return str(path)
