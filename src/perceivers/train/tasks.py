@@ -262,6 +262,24 @@ class Task(pl.LightningModule):
                 metric._apply(_float32_floats)
         return module
 
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        """Loss of one batch of ``split`` ("train", "val", "test"), logging its metrics."""
+        raise NotImplementedError
+
+    def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        with default_dtype(torch.float32):  # loss, mixing and metrics in float32 (bf16-true makes bf16 the default)
+            return self._step(batch, split)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
     # ------------------------------------------------------------------ optimisation
     def _global_batch(self) -> int | None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -459,10 +477,6 @@ class ClassificationTask(Task):
             self.metrics[f"{split}_loss"] = torchmetrics.MeanMetric()
 
     # ------------------------------------------------------------------ steps
-    def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
-        with default_dtype(torch.float32):  # loss, mixing and metrics in float32 (bf16-true makes bf16 the default)
-            return self._step(batch, split)
-
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         inputs, target, mask = batch["inputs"], batch["target"], batch.get("mask")
         mixing = split == "train" and (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and inputs.ndim == 4
@@ -488,14 +502,6 @@ class ClassificationTask(Task):
                          batch_size=batch_size)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         logits = self(batch["inputs"], batch.get("mask"))
@@ -562,10 +568,6 @@ class MaskedLMTask(Task):
             raise ConfigError(f"masked LM needs logits {expected} ([batch, length, vocab_size]), the model gives "
                               f"{tuple(logits.shape)}")
 
-    def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
-        with default_dtype(torch.float32):  # loss and metrics in float32 (bf16-true makes bf16 the default)
-            return self._step(batch, split)
-
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits = self(batch["inputs"], batch.get("mask")).float()
         labels = batch["labels"]
@@ -585,11 +587,3 @@ class MaskedLMTask(Task):
             self.log("train/perplexity", loss.detach().exp(), on_step=True, on_epoch=False)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
