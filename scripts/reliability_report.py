@@ -271,12 +271,7 @@ def run_files(flip_seeds: int) -> dict:
             trials = [("empty", None), ("half", None)] + [("flip", s) for s in range(flip_seeds)]
             for damage, seed in trials:
                 original = target.read_bytes()
-                if damage == "empty":
-                    target.write_bytes(b"")
-                elif damage == "half":
-                    _files.truncate(target)
-                else:
-                    _files.flip_bytes(target, seed)
+                _files.damage(target, damage, seed or 0)
                 try:
                     loaded = load(valid)
                     outcome = "loaded, identical" if _files.same_weights(loaded, reference) else "loaded, DIFFERENT"

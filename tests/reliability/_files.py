@@ -184,3 +184,13 @@ def flip_bytes(path: Path, seed: int, count: int = 8) -> None:
         i = rng.randrange(len(data))
         data[i] ^= 1 << rng.randrange(8)
     path.write_bytes(bytes(data))
+
+
+def damage(path: Path, kind: str, seed: int = 0) -> None:
+    """Damage a file in place: ``"empty"`` (0 bytes), ``"half"`` (truncated) or ``"flip"`` (bits flipped, seeded)."""
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "half":
+        truncate(path)
+    else:
+        flip_bytes(path, seed)

@@ -141,12 +141,7 @@ def test_damaged_files_fail_clearly(fresh, name, damage):
     seeds = range(6) if damage == "flip" else [0]
     for seed in seeds:
         original = target.read_bytes()
-        if damage == "empty":
-            target.write_bytes(b"")
-        elif damage == "half":
-            _files.truncate(target)
-        else:
-            _files.flip_bytes(target, seed)
+        _files.damage(target, damage, seed)
         try:
             loaded = load(fresh)
         except CLEAR as e:
