@@ -4,7 +4,7 @@ from .attention import Attention, KeyValue, check_mask, fold_is_cheaper
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
 from .mlp import Activation, FeedForward
 from .position import FourierPositionEncoding, TrainablePositionEncoding, fourier_features, linear_positions
-from .stream import ContextStream, auto_chunk_size
+from .stream import ContextStream, GridContext, auto_chunk_size
 
 __all__ = [
     "Activation",
@@ -13,6 +13,7 @@ __all__ = [
     "CrossAttentionBlock",
     "FeedForward",
     "FourierPositionEncoding",
+    "GridContext",
     "KeyValue",
     "SelfAttentionBlock",
     "TrainablePositionEncoding",

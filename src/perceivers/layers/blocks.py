@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from . import grid_attention
 from .attention import Attention, KeyValue
 from .mlp import Activation, FeedForward
 from .stream import ContextStream, auto_chunk_size
@@ -145,6 +146,12 @@ class CrossAttentionBlock(nn.Module):
         if isinstance(kv, ContextStream):
             if inverted:
                 kv = self.prepare(kv.materialize(), inverted=True)
+            elif kv.grid is not None and grid_attention.applies(self.attn, self.norm_kv, q_in, kv.grid, mask):
+                width = kv.grid.shape[1]
+                y = grid_attention.grid_cross_attention(
+                    self.attn, self.norm_kv, q_in, kv.grid, rows_per_chunk=max(1, kv.chunk_size // width),
+                    query_mask=query_mask,
+                )
             else:
                 stream = kv
                 y = self.attn.forward_chunked(

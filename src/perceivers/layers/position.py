@@ -168,7 +168,7 @@ class FourierPositionEncoding(nn.Module):
         index_shape = tuple(int(n) for n in index_shape)
         if len(index_shape) != self.num_dims:
             raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
-        tables = self._axis_tables(index_shape, device)
+        tables = self.axis_tables(index_shape, device)
         if len(index_shape) == 2 and start % index_shape[1] == 0 and stop % index_shape[1] == 0:
             # whole rows of an image: one broadcast sum of the two axis tables
             w = index_shape[1]
@@ -192,8 +192,13 @@ class FourierPositionEncoding(nn.Module):
             return out.copy_(feats)
         return feats.to(dtype)
 
-    def _axis_tables(self, index_shape: tuple[int, ...], device) -> list[Tensor]:
-        """Per axis ``[n_d, C]``: that axis's channels in their final places, zeros elsewhere."""
+    def axis_tables(self, index_shape: Sequence[int], device: torch.device | None = None) -> list[Tensor]:
+        """Per axis ``[n_d, C]`` float32: that axis's channels in their final places, zeros elsewhere.
+
+        The features of grid point ``(i_1, …, i_d)`` are ``Σ_a tables[a][i_a]`` (disjoint channels, so
+        the sum is exact); cached per shape and device.
+        """
+        index_shape = tuple(int(n) for n in index_shape)
         compiling = torch.compiler.is_compiling()
         key = None if compiling else ("axis_tables", index_shape, str(device), torch.is_inference_mode_enabled())
         cached = None if compiling else self._cache.get(key)

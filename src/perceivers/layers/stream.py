@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ContextStream", "auto_chunk_size"]
+__all__ = ["ContextStream", "GridContext", "auto_chunk_size"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
@@ -53,13 +53,34 @@ def auto_chunk_size(
 
 
 @dataclass
+class GridContext:
+    """A context ``[B, H·W, D + C_pos]`` on a 2-D grid, given by its parts instead of its rows.
+
+    ``data [B, H·W, D]`` (row-major pixels), ``shape = (H, W)`` and ``tables = (T_h [H, C_pos],
+    T_w [W, C_pos])`` float32 with disjoint non-zero channels: pixel ``(i, j)`` is
+    ``[data, T_h[i] + T_w[j]]`` (see :meth:`FourierPositionEncoding.axis_tables`). Lets
+    :mod:`perceivers.layers.grid_attention` score the position features per axis.
+    """
+
+    data: Tensor
+    shape: tuple[int, int]
+    tables: tuple[Tensor, Tensor]
+
+    @property
+    def channels(self) -> int:
+        """``D + C_pos``."""
+        return self.data.shape[-1] + self.tables[0].shape[-1]
+
+
+@dataclass
 class ContextStream:
     """The context ``[batch, length, channels]`` of a cross-attention, produced on demand.
 
     ``chunk(start, stop)`` returns rows ``start:stop`` (``[batch, stop - start, channels]``); the
     model builds them from its input, e.g. pixels plus the Fourier features of those positions only.
     ``dtype`` and ``device`` describe the chunks (``None``: unknown), so that a stream can stand in
-    for the tensor wherever only its shape, dtype and device are read.
+    for the tensor wherever only its shape, dtype and device are read. ``grid`` optionally describes
+    the same context by its parts (:class:`GridContext`), for attention that can use that structure.
     """
 
     batch: int
@@ -69,6 +90,7 @@ class ContextStream:
     chunk_size: int = DEFAULT_CHUNK
     dtype: torch.dtype | None = None
     device: torch.device | None = None
+    grid: GridContext | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

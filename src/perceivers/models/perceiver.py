@@ -19,6 +19,7 @@ from ..layers import (
     ContextStream,
     CrossAttentionBlock,
     FourierPositionEncoding,
+    GridContext,
     KeyValue,
     SelfAttentionBlock,
     auto_chunk_size,
@@ -285,7 +286,10 @@ class Perceiver(nn.Module):
                 feats = enc.grid_rows(shape, a, z, device=data.device, dtype=data.dtype)
                 return torch.cat((flat[:, a:z], feats.expand(b, -1, -1)), dim=-1)
 
-        return ContextStream(b, m, self.context_dim, chunk, size)
+        grid = None
+        if enc is not None and pos is None and data.ndim == 4:  # the grid kernel scores positions per axis
+            grid = GridContext(flat, tuple(data.shape[1:3]), tuple(enc.axis_tables(data.shape[1:3], data.device)))
+        return ContextStream(b, m, self.context_dim, chunk, size, grid=grid)
 
     def forward(
         self,

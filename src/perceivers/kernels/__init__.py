@@ -1,0 +1,81 @@
+"""Optional native CPU kernels, compiled on first use with the system's C compiler.
+
+The kernels are plain C (``*.c`` next to this file), built once per machine into
+``$PERCEIVERS_CACHE`` (default ``~/.cache/perceivers/kernels``) with ``-O3 -march=native`` and
+called through :mod:`ctypes` (which releases the GIL, so several threads can run one each). When no
+compiler is found, the build fails, or ``PERCEIVERS_NATIVE=0`` is set, :func:`load` returns ``None``
+and callers keep their PyTorch path; the results are the same up to float rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+__all__ = ["enabled", "load"]
+
+log = logging.getLogger(__name__)
+_SOURCES = Path(__file__).parent
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    """False when ``PERCEIVERS_NATIVE=0`` (or ``false``/``off``) turns the native kernels off."""
+    return os.environ.get("PERCEIVERS_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PERCEIVERS_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "perceivers" / "kernels"
+
+
+def _build(name: str) -> Path | None:
+    source = _SOURCES / f"{name}.c"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.info("perceivers: no C compiler found; native kernel %s not built", name)
+        return None
+    key = hashlib.sha256(
+        source.read_bytes() + " ".join([compiler, *_FLAGS, platform.machine(), platform.node()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(tmp, target)  # atomic: concurrent builders each write their own file
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", b"") or b""
+        log.info("perceivers: building native kernel %s failed: %s %s", name, err, detail.decode(errors="replace"))
+        Path(tmp).unlink(missing_ok=True)
+        return None
+    return target
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library for ``name`` (e.g. ``"grid_attention"``), or ``None`` if unavailable."""
+    if not enabled():
+        return None
+    with _lock:
+        if name not in _loaded:
+            path = _build(name)
+            try:
+                _loaded[name] = ctypes.CDLL(str(path)) if path is not None else None
+            except OSError as err:
+                log.info("perceivers: loading native kernel %s failed: %s", name, err)
+                _loaded[name] = None
+        return _loaded[name]

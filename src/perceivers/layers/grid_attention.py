@@ -1,0 +1,132 @@
+"""Cross-attention over an image grid with separable position features, through a native kernel.
+
+A Perceiver's context on an ``H × W`` grid is ``x_n = [d_n, T_h[i] + T_w[j]]`` for pixel ``n = (i, j)``:
+``D`` data channels and position features that are a sum of two per-axis tables with disjoint
+channels (Fourier features; see :meth:`FourierPositionEncoding.grid_rows`). With the LayerNorm
+``c_n = γ ∘ (x_n − μ_n) / σ_n + β`` and the queries folded into the context's space (``q̃ = q W_k``,
+see :attr:`Attention.fold_kv`), each score splits as
+
+    q̃·c_n = (1/σ_n) · (u_d·d_n + A_h[i] + A_w[j] − G μ_n) + q̃·β,    u = q̃ ∘ γ, G = Σ u,
+
+with ``A_h = u_pos T_hᵀ`` and ``A_w = u_pos T_wᵀ`` computed once per query (the last term is the same
+for every key and cancels), and ``μ_n``, ``σ_n`` themselves separate the same way (the tables' channels
+are disjoint, so ``Σ x² = Σ d² + Σ T_h[i]² + Σ T_w[j]²``). The weighted sum ``Σ p_n c_n`` needs only
+``Σ p d/σ``, ``Σ p μ/σ`` and the per-row and per-column sums of ``p/σ`` (which meet the tables
+afterwards). So a score costs ``D + 2`` multiply-adds and the weighted sum ``D + 3`` instead of
+``2 × (D + C_pos)``: for RGB with 26 Fourier channels, 5 + 6 against 64. The native kernel
+(:mod:`perceivers.kernels`, ``grid_attention.c``) runs the online softmax over chunks of image rows;
+this module prepares its inputs and assembles the output. Inference only (no autograd); anything it
+does not cover returns ``None`` and the caller takes its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .. import kernels
+from .stream import GridContext
+
+__all__ = ["applies", "grid_cross_attention"]
+
+
+def _kernel():
+    lib = kernels.load("grid_attention")
+    if lib is None:
+        return None
+    if lib.perceivers_grid_attention.argtypes is None:
+        lib.perceivers_grid_attention.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 9
+        lib.perceivers_grid_attention.restype = ctypes.c_int
+        lib.perceivers_grid_planes.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5 + [
+            ctypes.c_double, ctypes.c_void_p]
+        lib.perceivers_grid_planes.restype = None
+    return lib
+
+
+def applies(attn: nn.Module, norm: nn.Module, x: Tensor, grid: GridContext, mask: Tensor | None) -> bool:
+    """Whether :func:`grid_cross_attention` handles this call (inference, float32 CPU, no key mask)."""
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or grid.data.requires_grad or any(p.requires_grad for p in attn.parameters())
+        or any(p.requires_grad for p in norm.parameters())
+    )
+    return (
+        not needs_grad
+        and mask is None
+        and attn.fold_kv is not False
+        and not (attn.training and attn.dropout)
+        and isinstance(norm, nn.LayerNorm)
+        and tuple(norm.normalized_shape) == (attn.kv_dim,)
+        and grid.channels == attn.kv_dim
+        and x.device.type == "cpu" and grid.data.device.type == "cpu"
+        and x.dtype == torch.float32 and grid.data.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting()
+        and _kernel() is not None
+    )
+
+
+@torch.no_grad()
+def grid_cross_attention(
+    attn: nn.Module, norm: nn.LayerNorm, x: Tensor, grid: GridContext, *, rows_per_chunk: int,
+    query_mask: Tensor | None = None,
+) -> Tensor:
+    """``attn(x, norm(context))`` for queries ``x [B, Q, q_dim]`` (already normalised) → ``[B, Q, out_dim]``.
+
+    Call only when :func:`applies`. The grid is processed ``rows_per_chunk`` image rows at a time.
+    """
+    lib = _kernel()
+    b, _, d = grid.data.shape
+    height, width = grid.shape
+    t_h, t_w = (t.to(torch.float32) for t in grid.tables)
+    c = d + t_h.shape[-1]
+    heads = attn.num_heads
+
+    q = rearrange(attn.to_q(x), "b n (h e) -> b h n e", h=heads) * (attn.qk_channels // heads) ** -0.5
+    qf = attn._fold_queries(q)  # [B, H, Q, C]
+    gamma = norm.weight if norm.weight is not None else torch.ones(c)
+    beta = norm.bias if norm.bias is not None else torch.zeros(c)
+    u = qf * gamma
+    u_pos = u[..., d:]
+    rows = heads * x.shape[1]
+    coef = torch.cat((u[..., :d], -u.sum(-1, keepdim=True)), -1).reshape(b, rows, d + 1).contiguous()
+    a_h = torch.matmul(u_pos, t_h.T).reshape(b, rows, height).contiguous()
+    a_w = torch.matmul(u_pos, t_w.T).reshape(b, rows, width).contiguous()
+
+    m = torch.full((b, rows), float("-inf"))
+    s = torch.zeros((b, rows), dtype=torch.float64)
+    acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
+    t_y = torch.zeros((b, rows, height))
+    t_x = torch.zeros((b, rows, width))
+
+    # LayerNorm statistics per pixel separate like the features: per-axis sums and sums of squares
+    t_h64, t_w64 = t_h.double(), t_w.double()
+    sums = [t.sum(-1).contiguous() for t in (t_h64, t_w64)]
+    squares = [(t * t).sum(-1).contiguous() for t in (t_h64, t_w64)]
+    data = grid.data.contiguous()
+    planes = torch.empty((d + 2, min(height, rows_per_chunk) * width))
+    for i0 in range(0, height, rows_per_chunk):
+        i1 = min(height, i0 + rows_per_chunk)
+        n = (i1 - i0) * width
+        for bi in range(b):
+            lib.perceivers_grid_planes(
+                n, width, d, c, i0, data[bi, i0 * width:].data_ptr(), sums[0].data_ptr(), squares[0].data_ptr(),
+                sums[1].data_ptr(), squares[1].data_ptr(), float(norm.eps), planes.data_ptr(),
+            )
+            pointers = (coef[bi], a_h[bi], a_w[bi], planes, m[bi], s[bi], acc[bi], t_y[bi], t_x[bi])
+            if lib.perceivers_grid_attention(rows, height, width, d, i0, i1, *(t.data_ptr() for t in pointers)):
+                raise MemoryError("the grid attention kernel could not allocate its row buffers")
+
+    # Σ p x/σ per channel and Σ p μ/σ, then the weighted sum of the normalised context
+    total = s[..., None]
+    mean_data = (acc[..., :d] / total).float()
+    mean_mu = (acc[..., d:] / total).float()
+    mean_pos = (torch.matmul(t_y, t_h) + torch.matmul(t_x, t_w)) / total.float()
+    weighted = gamma * (torch.cat((mean_data, mean_pos), -1) - mean_mu) + beta  # [B, rows, C]
+    out = attn._unfold_values(weighted.reshape(b, heads, x.shape[1], c))
+    if query_mask is not None:
+        out = out * query_mask[:, None, :, None].to(out.dtype)
+    return attn.to_out(rearrange(out, "b h n e -> b n (h e)"))
+

@@ -1,0 +1,105 @@
+"""The native grid cross-attention (separable position scores) against the plain attention."""
+
+import pytest
+import torch
+from torch import nn
+
+from perceivers import Perceiver, kernels
+from perceivers.layers import Attention, FourierPositionEncoding, GridContext
+from perceivers.layers import grid_attention as ga
+
+pytestmark = pytest.mark.skipif(kernels.load("grid_attention") is None, reason="no C compiler for the native kernel")
+
+
+def _problem(d: int, height: int, width: int, *, batch: int = 2, heads: int = 2, offset: float = 0.0, affine=True):
+    torch.manual_seed(d * 100 + height)
+    enc = FourierPositionEncoding(2, 4, 10.0, layout="lucidrains")
+    t_h, t_w = enc.axis_tables((height, width))
+    c = d + enc.num_channels
+    attn = Attention(24, c, num_heads=heads, qk_channels=8 * heads, v_channels=6 * heads, out_dim=24).eval()
+    norm = nn.LayerNorm(c, elementwise_affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight, 1.0, 0.3)
+        nn.init.normal_(norm.bias, 0.0, 0.3)
+    data = torch.randn(batch, height * width, d) * 2 + offset
+    context = torch.cat((data, (t_h[:, None] + t_w[None]).reshape(1, -1, enc.num_channels).expand(batch, -1, -1)), -1)
+    x = torch.randn(batch, 5, 24)
+    return attn, norm, x, GridContext(data, (height, width), (t_h, t_w)), context
+
+
+@pytest.mark.parametrize(
+    ("d", "height", "width", "rows", "offset", "affine"),
+    [(3, 12, 20, 5, 0.0, True), (1, 7, 9, 7, 0.0, True), (6, 10, 3, 4, 0.0, False), (3, 9, 11, 2, 300.0, True)],
+)
+def test_matches_plain_attention(d, height, width, rows, offset, affine):
+    attn, norm, x, grid, context = _problem(d, height, width, offset=offset, affine=affine)
+    query_mask = torch.tensor([[True, False, True, True, True], [True, True, True, False, True]])
+    with torch.no_grad():
+        assert ga.applies(attn, norm, x, grid, None)
+        got = ga.grid_cross_attention(attn, norm, x, grid, rows_per_chunk=rows, query_mask=query_mask)
+        attn.fold_kv = False  # the projected keys and values: an independent computation
+        want = attn(x, norm(context), query_mask=query_mask)
+    assert got.shape == want.shape == (2, 5, 24)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_refuses_what_it_does_not_cover():
+    attn, norm, x, grid, _ = _problem(3, 6, 6)
+    assert not ga.applies(attn, norm, x, grid, None)  # autograd on: parameters require grad
+    with torch.no_grad():
+        assert ga.applies(attn, norm, x, grid, None)
+        assert not ga.applies(attn, norm, x, grid, torch.ones(2, 36, dtype=torch.bool))  # key mask
+        assert not ga.applies(attn, norm, x.double(), grid, None)
+        attn.fold_kv = False
+        assert not ga.applies(attn, norm, x, grid, None)
+
+
+def _readme_like(**kw):
+    return Perceiver(num_freq_bands=6, depth=2, max_freq=10.0, input_channels=3, input_axis=2, num_latents=16,
+                     latent_dim=32, cross_dim_head=16, latent_dim_head=8, num_classes=5, **kw).eval()
+
+
+def test_perceiver_stream_uses_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    model = _readme_like(cross_heads=2)
+    img = torch.randn(2, 40, 24, 3)
+    calls = []
+    real = ga.grid_cross_attention
+    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        model.chunk_size = 100  # streamed, 4 image rows a chunk
+        native = model(img)
+        assert len(calls) == 2  # both cross-attentions
+        monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+        streamed = model(img)
+        model.chunk_size = 0
+        whole = model(img)
+    assert len(calls) == 2
+    torch.testing.assert_close(native, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_perceiver_training_and_masks_keep_the_pytorch_path(monkeypatch):
+    model = _readme_like()
+    img = torch.randn(1, 12, 12, 3)
+    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: pytest.fail("kernel used"))
+    model.chunk_size = 50
+    model(img).sum().backward()  # autograd: checkpointed online softmax
+    with torch.no_grad():
+        model(img, mask=torch.rand(1, 12, 12) > 0.3)
+
+
+def test_no_compiler_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERCEIVERS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.load("grid_attention") is None
+    model = _readme_like()
+    img = torch.randn(1, 12, 12, 3)
+    with torch.no_grad():
+        model.chunk_size = 50
+        streamed = model(img)
+        model.chunk_size = 0
+        torch.testing.assert_close(streamed, model(img), rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+    assert not kernels.enabled()
