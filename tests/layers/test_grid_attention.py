@@ -24,7 +24,7 @@ def _problem(d: int, height: int, width: int, *, batch: int = 2, heads: int = 2,
     data = torch.randn(batch, height * width, d) * 2 + offset
     context = torch.cat((data, (t_h[:, None] + t_w[None]).reshape(1, -1, enc.num_channels).expand(batch, -1, -1)), -1)
     x = torch.randn(batch, 5, 24)
-    return attn, norm, x, GridContext(data, (height, width), (t_h, t_w)), context
+    return attn, norm, x, GridContext(data.unflatten(1, (height, width)), (height, width), (t_h, t_w)), context
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,20 @@ def test_no_compiler_falls_back(monkeypatch, tmp_path):
         torch.testing.assert_close(streamed, model(img), rtol=1e-5, atol=1e-6)
     monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
     assert not kernels.enabled()
+
+
+def test_deepmind_image_stream_uses_the_kernel(monkeypatch):
+    import perceivers
+
+    torch.manual_seed(0)
+    model = perceivers.create_model("vision-perceiver-fourier", tiny=True, chunk_size=0).eval()
+    x = torch.randn(2, 3, 12, 10)
+    calls = []
+    real = ga.grid_cross_attention
+    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        whole = model(x).logits
+        model.perceiver.chunk_size = 30
+        streamed = model(x).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=2e-5)

@@ -78,7 +78,7 @@ def grid_cross_attention(
     Call only when :func:`applies`. The grid is processed ``rows_per_chunk`` image rows at a time.
     """
     lib = _kernel()
-    b, _, d = grid.data.shape
+    b, d = grid.data.shape[0], grid.data.shape[-1]
     height, width = grid.shape
     t_h, t_w = (t.to(torch.float32) for t in grid.tables)
     c = d + t_h.shape[-1]
@@ -105,14 +105,14 @@ def grid_cross_attention(
     t_h64, t_w64 = t_h.double(), t_w.double()
     sums = [t.sum(-1).contiguous() for t in (t_h64, t_w64)]
     squares = [(t * t).sum(-1).contiguous() for t in (t_h64, t_w64)]
-    data = grid.data.contiguous()
     planes = torch.empty((d + 2, min(height, rows_per_chunk) * width))
     for i0 in range(0, height, rows_per_chunk):
         i1 = min(height, i0 + rows_per_chunk)
         n = (i1 - i0) * width
         for bi in range(b):
+            data = grid.data[bi, i0:i1].reshape(n, d).contiguous()  # a view of contiguous inputs
             lib.perceivers_grid_planes(
-                n, width, d, c, i0, data[bi, i0 * width:].data_ptr(), sums[0].data_ptr(), squares[0].data_ptr(),
+                n, width, d, c, i0, data.data_ptr(), sums[0].data_ptr(), squares[0].data_ptr(),
                 sums[1].data_ptr(), squares[1].data_ptr(), float(norm.eps), planes.data_ptr(),
             )
             pointers = (coef[bi], a_h[bi], a_w[bi], planes, m[bi], s[bi], acc[bi], t_y[bi], t_x[bi])

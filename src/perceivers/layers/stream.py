@@ -56,7 +56,7 @@ def auto_chunk_size(
 class GridContext:
     """A context ``[B, H·W, D + C_pos]`` on a 2-D grid, given by its parts instead of its rows.
 
-    ``data [B, H·W, D]`` (row-major pixels), ``shape = (H, W)`` and ``tables = (T_h [H, C_pos],
+    ``data [B, H, W, D]`` (any strides, e.g. a channels-last view of an image), ``shape = (H, W)`` and ``tables = (T_h [H, C_pos],
     T_w [W, C_pos])`` float32 with disjoint non-zero channels: pixel ``(i, j)`` is
     ``[data, T_h[i] + T_w[j]]`` (see :meth:`FourierPositionEncoding.axis_tables`). Lets
     :mod:`perceivers.layers.grid_attention` score the position features per axis.

@@ -288,7 +288,7 @@ class Perceiver(nn.Module):
 
         grid = None
         if enc is not None and pos is None and data.ndim == 4:  # the grid kernel scores positions per axis
-            grid = GridContext(flat, tuple(data.shape[1:3]), tuple(enc.axis_tables(data.shape[1:3], data.device)))
+            grid = GridContext(data, tuple(data.shape[1:3]), tuple(enc.axis_tables(data.shape[1:3], data.device)))
         return ContextStream(b, m, self.context_dim, chunk, size, grid=grid)
 
     def forward(

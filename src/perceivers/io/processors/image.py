@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ...configurable import configurable
-from ...layers import ContextStream, FourierPositionEncoding
+from ...layers import ContextStream, FourierPositionEncoding, GridContext
 from ...validation import check_tensor
 from ..positions import has_grid_rows
 from .base import Preprocessed, add_positions
@@ -285,4 +285,11 @@ class ImagePreprocessor(nn.Module):
         if (self.prep_type == "conv1x1" or self.patches_linear is not None) and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         size = max(w, chunk_size - chunk_size % w)
-        return ContextStream(b, math.prod(index_shape), self.num_channels, chunk, size, dtype=dtype, device=x.device)
+        grid = None
+        if (mode == "concat" and isinstance(enc, FourierPositionEncoding) and len(index_shape) == 2
+                and self.prep_type == "pixels"):  # the grid kernel scores the positions per axis
+            s = self.spatial_downsample
+            grid = GridContext(x[:, :, ::s, ::s].movedim(1, -1), index_shape,
+                               tuple(enc.axis_tables(index_shape, x.device)))
+        return ContextStream(b, math.prod(index_shape), self.num_channels, chunk, size, dtype=dtype, device=x.device,
+                             grid=grid)
