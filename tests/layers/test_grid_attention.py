@@ -79,14 +79,30 @@ def test_perceiver_stream_uses_the_kernel(monkeypatch):
     torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_small_images_go_through_the_kernel_too(monkeypatch):
+    torch.manual_seed(0)
+    model = _readme_like()
+    img = torch.randn(3, 9, 14, 3)
+    calls = []
+    real = ga.grid_cross_attention
+    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        native = model(img)  # 126 elements: not streamed, but given to the kernel as one chunk
+        assert len(calls) == 2
+        model.chunk_size = 0
+        torch.testing.assert_close(native, model(img), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2
+
+
 def test_perceiver_training_and_masks_keep_the_pytorch_path(monkeypatch):
     model = _readme_like()
     img = torch.randn(1, 12, 12, 3)
     monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: pytest.fail("kernel used"))
-    model.chunk_size = 50
-    model(img).sum().backward()  # autograd: checkpointed online softmax
-    with torch.no_grad():
-        model(img, mask=torch.rand(1, 12, 12) > 0.3)
+    for chunk_size in (50, None):
+        model.chunk_size = chunk_size
+        model(img).sum().backward()  # autograd: checkpointed online softmax, or the whole context
+        with torch.no_grad():
+            model(img, mask=torch.rand(1, 12, 12) > 0.3)
 
 
 def test_no_compiler_falls_back(monkeypatch, tmp_path):

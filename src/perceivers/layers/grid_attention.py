@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .stream import GridContext
 
-__all__ = ["applies", "grid_cross_attention"]
+__all__ = ["applies", "available", "grid_cross_attention"]
 
 
 def _kernel():
@@ -44,6 +44,11 @@ def _kernel():
             ctypes.c_double, ctypes.c_void_p]
         lib.perceivers_grid_planes.restype = None
     return lib
+
+
+def available() -> bool:
+    """Whether the native kernel is built and enabled (``PERCEIVERS_NATIVE``)."""
+    return _kernel() is not None
 
 
 def applies(attn: nn.Module, norm: nn.Module, x: Tensor, grid: GridContext, mask: Tensor | None) -> bool:

@@ -24,6 +24,7 @@ from ..layers import (
     SelfAttentionBlock,
     auto_chunk_size,
     check_mask,
+    grid_attention,
 )
 from ..validation import check_finite
 from .common import AttentionResidual, ClassifierHead, check_input, flatten_axes, tie_schedule
@@ -250,16 +251,26 @@ class Perceiver(nn.Module):
             context = torch.cat((context, feats.expand(data.shape[0], -1, -1)), dim=-1)
         return context
 
-    def context_stream(self, data: Tensor, pos: Tensor | None = None) -> ContextStream | None:
+    def context_stream(
+        self, data: Tensor, pos: Tensor | None = None, *, masked: bool = False
+    ) -> ContextStream | None:
         """The context as a :class:`~perceivers.layers.ContextStream` when ``chunk_size`` streams it, else None.
 
-        Chunks hold the input rows and the Fourier features of those positions only.
+        Chunks hold the input rows and the Fourier features of those positions only. An image
+        ``[B, H, W, C]`` with Fourier features also carries its :class:`~perceivers.layers.GridContext`,
+        and for inference on CPU in float32 without a mask (``masked``) it is given as a one-chunk
+        stream even when too small to stream, so that the native grid kernel attends it
+        (:mod:`perceivers.layers.grid_attention`; ``chunk_size=0`` turns that off too).
         """
         if not isinstance(data, Tensor) or data.ndim < 3 or any(self.inverted_cross_attn):
             return None
         m = data.shape[1] if pos is not None else math.prod(data.shape[1:-1])
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(m, self.chunk_size, grad=grad)
+        gridded = self.position_encoding is not None and pos is None and data.ndim == 4
+        if (not size and gridded and self.chunk_size is None and not grad and not masked
+                and data.device.type == "cpu" and data.dtype == torch.float32 and grid_attention.available()):
+            size = m
         if not size:
             return None
         if pos is not None:
@@ -287,7 +298,7 @@ class Perceiver(nn.Module):
                 return torch.cat((flat[:, a:z], feats.expand(b, -1, -1)), dim=-1)
 
         grid = None
-        if enc is not None and pos is None and data.ndim == 4:  # the grid kernel scores positions per axis
+        if gridded:  # the grid kernel scores the positions per axis
             grid = GridContext(data, tuple(data.shape[1:3]), tuple(enc.axis_tables(data.shape[1:3], data.device)))
         return ContextStream(b, m, self.context_dim, chunk, size, grid=grid)
 
@@ -315,7 +326,7 @@ class Perceiver(nn.Module):
         Returns:
             logits ``[B, num_classes]`` (or the latents, see above), and the hiddens if asked.
         """
-        stream = self.context_stream(data, pos)
+        stream = self.context_stream(data, pos, masked=mask is not None)
         context = self.build_context(data, pos) if stream is None else None
         b, m = context.shape[:2] if stream is None else (stream.batch, stream.length)
         mask = check_mask(mask, b, m, device=data.device)
