@@ -269,7 +269,8 @@ class Perceiver(nn.Module):
         size = auto_chunk_size(m, self.chunk_size, grad=grad)
         gridded = self.position_encoding is not None and pos is None and data.ndim == 4
         if (not size and gridded and self.chunk_size is None and not grad and not masked
-                and data.device.type == "cpu" and data.dtype == torch.float32 and grid_attention.available()):
+                and data.device.type == "cpu" and data.dtype == torch.float32 and not torch.compiler.is_compiling()
+                and not torch.jit.is_scripting() and grid_attention.available()):
             size = m
         if not size:
             return None
