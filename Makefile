@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-pytorch-0.10.1 perceiver-pytorch==0.10.1
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-pytorch-0.8.8 perceiver-pytorch==0.8.8
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-multi-modality-pytorch-1.4.0 perceiver-multi-modality-pytorch==1.4.0
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-io-0.6.0 perceiver-io==0.6.0
 	touch $(STAMP)
 
 setup: $(STAMP)

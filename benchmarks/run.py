@@ -145,6 +145,11 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
     limit = args.peer_mem_limit * W.GiB
     impls = []
     for impl in wl.impls:
+        why = W.peer_unavailable(impl)
+        if why:  # an optional peer that is not installed here
+            entry["impls"][impl] = {"skipped": why}
+            print(f"  {impl}: skipped ({why})")
+            continue
         est = wl.estimate(impl, batch) if (wl.estimate and device.type == "cpu") else 0.0
         if impl != W.OURS and est > limit:
             entry["impls"][impl] = {"skipped": f"estimated forward memory {W.human_bytes(est)} > "

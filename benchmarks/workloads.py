@@ -3,15 +3,24 @@
 A :class:`Workload` builds one model per implementation (``build(impl, device)``); peers are built
 first and perceivers' model is loaded with *their* weights where a converter exists, so that the
 benchmark also checks that the outputs agree (``check``). Every builder is seeded.
+
+Optional peers live outside the environment's site-packages (``peer_unavailable`` says why one is
+skipped): krasserm's perceiver-io, in ``.venv/refs``, runs the DeepMind-layout workloads with the
+transformers model's weights mapped into its modules.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
 import tempfile
+import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +28,9 @@ from torch import Tensor, nn
 OURS = "perceivers"
 LR = "perceiver-pytorch"
 HF = "transformers"
+KR = "krasserm/perceiver-io"  # optional peer: PyPI perceiver-io, installed by `make setup` into .venv/refs
+KR_VERSION = "0.6.0"  # the newest release that installs on Python 3.11 (later ones require < 3.11)
+KR_REFS = Path(sys.prefix) / "refs" / f"perceiver-io-{KR_VERSION}"
 
 GiB = 2**30
 
@@ -177,7 +189,7 @@ def _via_create_model(name: str, overrides: dict, hf) -> nn.Module | None:
 
 
 def _dm_builder(kind: str, hf_kwargs: dict, registry_name: str | None = None,
-                overrides: dict | None = None, io_queries: int = 128, io_out: int = 100):
+                overrides: dict | None = None, io_queries: int = 128, io_out: int = 100, side: int | None = None):
     def make_hf():
         import transformers.models.perceiver.modeling_perceiver as hfm
 
@@ -205,6 +217,10 @@ def _dm_builder(kind: str, hf_kwargs: dict, registry_name: str | None = None,
             hf_run = lambda m, inp: m(inputs=inp[0]).logits
         if impl == HF:
             return Built(hf.to(device), hf_run)
+        if impl == KR:
+            model, run = _kr_model(kind, hf, side)
+            del hf
+            return Built(model.to(device), run, note=f"perceiver-io {KR_VERSION}, transformers' weights")
         ours = _via_create_model(registry_name, overrides or {}, hf) if registry_name else None
         if ours is not None:
             key = "pixel_values" if kind == "image" else "inputs"
@@ -233,6 +249,167 @@ def _hf_estimate(channels: int, num_latents: int, qk: int, v: int, heads: int = 
     return est
 
 
+# ---------------------------------------------------------------------------- krasserm/perceiver-io (optional peer)
+
+
+def peer_unavailable(impl: str) -> str | None:
+    """Why an optional peer cannot run in this environment (``None``: it can)."""
+    if impl == KR and not (KR_REFS / "perceiver").is_dir():
+        return f"{KR_REFS} not found (make setup installs perceiver-io=={KR_VERSION} there with --no-deps)"
+    return None
+
+
+def _krasserm():
+    """krasserm's ``perceiver`` package (perceiver-io 0.6.0) from its refs folder.
+
+    Its core modules import ``fairscale.nn.checkpoint_wrapper`` at module level but call it only with
+    ``activation_checkpointing=True``, which the benchmark never sets; fairscale is not a dependency of
+    perceivers, so when it is missing a stand-in that refuses to be called is present during the import only.
+    """
+    if "perceiver.model.text.mlm" not in sys.modules:  # the last of the imports below
+        why = peer_unavailable(KR)
+        if why:
+            raise RuntimeError(why)
+        if str(KR_REFS) not in sys.path:
+            sys.path.append(str(KR_REFS))
+        stand_in = importlib.util.find_spec("fairscale") is None
+        if stand_in:
+            def checkpoint_wrapper(*args, **kwargs):
+                raise NotImplementedError("activation checkpointing of krasserm/perceiver-io needs fairscale")
+
+            fs, fs_nn = types.ModuleType("fairscale"), types.ModuleType("fairscale.nn")
+            fs_nn.checkpoint_wrapper, fs.nn = checkpoint_wrapper, fs_nn
+            sys.modules.update({"fairscale": fs, "fairscale.nn": fs_nn})
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import perceiver.model.core  # config, modules, Lightning wrappers
+                import perceiver.model.core.classifier
+                import perceiver.model.image.classifier
+                import perceiver.model.text.mlm  # noqa: F401
+        finally:
+            if stand_in:
+                sys.modules.pop("fairscale.nn", None)
+                sys.modules.pop("fairscale", None)
+    return sys.modules["perceiver"]
+
+
+_KR_LAYER = {
+    "attention.self.query": "attention.q_proj", "attention.self.key": "attention.k_proj",
+    "attention.self.value": "attention.v_proj", "attention.output.dense": "attention.o_proj",
+}
+
+
+def _kr_layer(sd: dict, src: str, dst: str, *, cross: bool, residual: bool = True) -> dict:
+    """One transformers ``PerceiverLayer`` (``src``) as krasserm's Cross/SelfAttentionLayer (``dst``)."""
+    att = f"{dst}.0.module" if residual else f"{dst}.0"
+    names = {k: f"{att}.{v}" for k, v in _KR_LAYER.items()}
+    names["attention.self.layernorm1"] = f"{att}.q_norm" if cross else f"{att}.norm"
+    if cross:
+        names["attention.self.layernorm2"] = f"{att}.kv_norm"
+    names.update({"layernorm": f"{dst}.1.module.0", "mlp.dense1": f"{dst}.1.module.1",
+                  "mlp.dense2": f"{dst}.1.module.3"})
+    return {f"{v}.{p}": sd[f"{src}.{k}.{p}"] for k, v in names.items() for p in ("weight", "bias")}
+
+
+def _kr_state_dict(kind: str, hf: nn.Module) -> dict:
+    """transformers' state dict in krasserm's key layout (``0.`` = encoder, ``1.`` = decoder)."""
+    sd, cfg = hf.state_dict(), hf.config
+    p = "" if kind == "io" else "perceiver."  # the io workload runs a bare PerceiverModel
+    dec = f"{p}decoder.decoder" if kind == "image" else f"{p}decoder"
+    out = {"0.latent": sd[f"{p}embeddings.latents"],
+           "1.output_adapter._output_query": sd[f"{dec}.output_position_encodings.position_embeddings"]}
+    out |= _kr_layer(sd, f"{p}encoder.cross_attention", "0.cross_attn_1", cross=True,
+                     residual=cfg.use_query_residual)
+    for i in range(cfg.num_self_attends_per_block):
+        out |= _kr_layer(sd, f"{p}encoder.self_attends.{i}", f"0.self_attn_1.{i}", cross=False)
+    out |= _kr_layer(sd, f"{dec}.decoding_cross_attention", "1.cross_attn", cross=True, residual=kind == "image")
+    if kind == "mlm":
+        out["0.input_adapter.txt_embedding.weight"] = sd["perceiver.input_preprocessor.embeddings.weight"]
+        out["0.input_adapter.pos_encoding"] = sd["perceiver.input_preprocessor.position_embeddings.weight"]
+        out["1.output_adapter.bias"] = sd["embedding_decoder.bias"]
+    else:
+        out["1.output_adapter.linear.weight"] = sd[f"{dec}.final_layer.weight"]
+        out["1.output_adapter.linear.bias"] = sd[f"{dec}.final_layer.bias"]
+    return out
+
+
+def _kr_model(kind: str, hf: nn.Module, side: int | None = None) -> tuple[nn.Module, Callable]:
+    """krasserm's model for a transformers Perceiver, loaded with its weights; returns (model, run)."""
+    kp = _krasserm()
+    core = kp.model.core
+    cfg = hf.config
+    if kind == "mlm":
+        txt = kp.model.text.mlm
+        dec = hf.perceiver.decoder.decoding_cross_attention.attention.self
+        encoder = kp.model.text.common.TextEncoderConfig(
+            vocab_size=cfg.vocab_size, max_seq_len=cfg.max_position_embeddings, num_input_channels=cfg.d_model,
+            num_cross_attention_heads=cfg.num_cross_attention_heads, num_cross_attention_qk_channels=cfg.qk_channels,
+            num_cross_attention_v_channels=cfg.v_channels, num_self_attention_heads=cfg.num_self_attention_heads,
+            num_self_attention_qk_channels=cfg.qk_channels, num_self_attention_v_channels=cfg.v_channels,
+            num_self_attention_layers_per_block=cfg.num_self_attends_per_block, num_self_attention_blocks=cfg.num_blocks,
+            cross_attention_widening_factor=cfg.cross_attention_widening_factor,
+            self_attention_widening_factor=cfg.self_attention_widening_factor,
+        )
+        decoder = txt.TextDecoderConfig(
+            vocab_size=cfg.vocab_size, max_seq_len=cfg.max_position_embeddings, num_cross_attention_heads=dec.num_heads,
+            num_cross_attention_qk_channels=dec.qk_channels, num_cross_attention_v_channels=dec.v_channels,
+            cross_attention_residual=False,
+        )
+        model = txt.MaskedLanguageModel(core.PerceiverConfig(encoder, decoder, cfg.num_latents, cfg.d_latents))
+        run = lambda m, inp: m(inp[0])
+    elif kind == "image":
+        img = kp.model.image.classifier
+        encoder = img.ImageEncoderConfig(
+            image_shape=(side, side, 3), num_frequency_bands=64, num_cross_attention_heads=cfg.num_cross_attention_heads,
+            num_self_attention_heads=cfg.num_self_attention_heads,
+            num_self_attention_layers_per_block=cfg.num_self_attends_per_block, num_self_attention_blocks=cfg.num_blocks,
+        )
+        decoder = core.ClassificationDecoderConfig(
+            num_classes=cfg.num_labels, num_output_query_channels=cfg.d_latents,
+            num_cross_attention_heads=cfg.num_cross_attention_heads,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.meshgrid's indexing warning
+            model = img.ImageClassifier(core.PerceiverConfig(encoder, decoder, cfg.num_latents, cfg.d_latents))
+            # transformers' Fourier classifier fixes the bands' maximum resolution at 224² for every image size;
+            # krasserm's derives it from the image shape, so its (precomputed) encoding is rebuilt for 224².
+            adapter = model.encoder.input_adapter
+            enc = adapter._position_encodings(adapter._positions(), max_frequencies=(224, 224))
+            adapter.position_encoding = enc.reshape(-1, enc.shape[-1])
+        run = lambda m, inp: m(inp[0].permute(0, 2, 3, 1))  # channels-last, as krasserm's adapter expects
+    else:
+        enc_att = hf.encoder.cross_attention.attention.self
+        dec_att = hf.decoder.decoding_cross_attention.attention.self
+        queries = hf.decoder.output_position_encodings.position_embeddings
+
+        class Identity(core.InputAdapter):
+            def forward(self, x):
+                return x
+
+        encoder = core.PerceiverEncoder(
+            Identity(cfg.d_model), cfg.num_latents, cfg.d_latents,
+            num_cross_attention_heads=enc_att.num_heads, num_cross_attention_qk_channels=enc_att.qk_channels,
+            num_cross_attention_v_channels=enc_att.v_channels, num_self_attention_heads=cfg.num_self_attention_heads,
+            num_self_attention_layers_per_block=cfg.num_self_attends_per_block, num_self_attention_blocks=cfg.num_blocks,
+        )
+        adapter = core.classifier.ClassificationOutputAdapter(
+            num_classes=hf.decoder.final_layer.out_features, num_output_queries=queries.shape[0],
+            num_output_query_channels=queries.shape[1],
+        )
+        decoder = core.PerceiverDecoder(
+            adapter, cfg.d_latents, num_cross_attention_heads=dec_att.num_heads,
+            num_cross_attention_qk_channels=dec_att.qk_channels, num_cross_attention_v_channels=dec_att.v_channels,
+            cross_attention_residual=False,
+        )
+        model = core.PerceiverIO(encoder, decoder)
+        run = lambda m, inp: m(inp[0])
+    sd = _kr_state_dict(kind, hf)
+    sd |= {k: v for k, v in model.state_dict().items() if k not in sd and k.endswith("position_encoding")}
+    model.load_state_dict(sd, strict=True)
+    return model, run
+
+
 VISION_OFFICIAL = {"num_latents": 512, "d_latents": 1024, "d_model": 261, "num_blocks": 8, "num_self_attends_per_block": 6,
                        "num_self_attention_heads": 8, "num_cross_attention_heads": 1, "num_labels": 1000, "image_size": 224}
 VISION_REDUCED = dict(VISION_OFFICIAL, num_latents=128, d_latents=256, num_blocks=2, num_self_attends_per_block=2)
@@ -250,8 +427,8 @@ def vision_workload(name: str, hf_kwargs: dict, side: int, batch: int, *, train:
     return Workload(
         name=name, family="perceiver-io (DeepMind layout)",
         description=description or f"Fourier vision Perceiver IO, {side}×{side}×3",
-        batch=batch, elements=side * side, impls=(OURS, HF),
-        build=_dm_builder("image", hf_kwargs, "vision-perceiver-fourier", overrides),
+        batch=batch, elements=side * side, impls=(OURS, HF, KR),
+        build=_dm_builder("image", hf_kwargs, "vision-perceiver-fourier", overrides, side=side),
         inputs=_image_inputs(side, channels_last=False), train=train, tags=frozenset(tags),
         estimate=lambda impl, b: est(impl, b, side * side), check=check,
     )
@@ -267,7 +444,7 @@ def language_workload(name: str, hf_kwargs: dict, batch: int, *, train: bool = T
 
     return Workload(
         name=name, family="perceiver-io (DeepMind layout)", description=description, batch=batch, elements=seq,
-        impls=(OURS, HF), build=_dm_builder("mlm", hf_kwargs, "language-perceiver", dict(hf_kwargs)),
+        impls=(OURS, HF, KR), build=_dm_builder("mlm", hf_kwargs, "language-perceiver", dict(hf_kwargs)),
         inputs=make, train=train, tags=frozenset(tags),
     )
 
@@ -284,7 +461,7 @@ def io_hf_workload(name: str, inputs: int, queries: int, batch: int, tags: tuple
         name=name, family="perceiver-io (DeepMind layout)",
         description=f"transformers PerceiverModel + basic decoder (256×512 latents, 6 self-attends), {inputs} "
                     f"inputs × 32 ch, {queries} trainable queries",
-        batch=batch, elements=inputs, impls=(OURS, HF), build=_dm_builder("io", kw, io_queries=queries),
+        batch=batch, elements=inputs, impls=(OURS, HF, KR), build=_dm_builder("io", kw, io_queries=queries),
         inputs=make, tags=frozenset(tags),
     )
 
