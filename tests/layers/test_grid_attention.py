@@ -50,6 +50,8 @@ def test_refuses_what_it_does_not_cover():
         assert ga.applies(attn, norm, x, grid, None)
         assert not ga.applies(attn, norm, x, grid, torch.ones(2, 36, dtype=torch.bool))  # key mask
         assert not ga.applies(attn, norm, x.double(), grid, None)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not ga.applies(attn, norm, x, grid, None)
         attn.fold_kv = False
         assert not ga.applies(attn, norm, x, grid, None)
 

@@ -52,7 +52,7 @@ def available() -> bool:
 
 
 def applies(attn: nn.Module, norm: nn.Module, x: Tensor, grid: GridContext, mask: Tensor | None) -> bool:
-    """Whether :func:`grid_cross_attention` handles this call (inference, float32 CPU, no key mask)."""
+    """Whether :func:`grid_cross_attention` handles this call (inference, float32 CPU without autocast, no key mask)."""
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or grid.data.requires_grad or any(p.requires_grad for p in attn.parameters())
         or any(p.requires_grad for p in norm.parameters())
@@ -67,6 +67,7 @@ def applies(attn: nn.Module, norm: nn.Module, x: Tensor, grid: GridContext, mask
         and grid.channels == attn.kv_dim
         and x.device.type == "cpu" and grid.data.device.type == "cpu"
         and x.dtype == torch.float32 and grid.data.dtype == torch.float32
+        and not torch.is_autocast_enabled(x.device.type)
         and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting()
         and _kernel() is not None
