@@ -36,7 +36,7 @@ def test_matches_plain_attention(d, height, width, rows, offset, affine):
     query_mask = torch.tensor([[True, False, True, True, True], [True, True, True, False, True]])
     with torch.no_grad():
         assert ga.applies(attn, norm, x, grid, None)
-        got = ga.grid_cross_attention(attn, norm, x, grid, rows_per_chunk=rows, query_mask=query_mask)
+        got = ga.grid_cross_attention(attn, norm, x, grid, query_mask=query_mask, chunk_pixels=rows * width)
         attn.fold_kv = False  # the projected keys and values: an independent computation
         want = attn(x, norm(context), query_mask=query_mask)
     assert got.shape == want.shape == (2, 5, 24)

@@ -147,11 +147,7 @@ class CrossAttentionBlock(nn.Module):
             if inverted:
                 kv = self.prepare(kv.materialize(), inverted=True)
             elif kv.grid is not None and grid_attention.applies(self.attn, self.norm_kv, q_in, kv.grid, mask):
-                width = kv.grid.shape[1]
-                y = grid_attention.grid_cross_attention(
-                    self.attn, self.norm_kv, q_in, kv.grid, rows_per_chunk=max(1, kv.chunk_size // width),
-                    query_mask=query_mask,
-                )
+                y = grid_attention.grid_cross_attention(self.attn, self.norm_kv, q_in, kv.grid, query_mask=query_mask)
             else:
                 stream = kv
                 y = self.attn.forward_chunked(

@@ -32,6 +32,9 @@ from .stream import GridContext
 
 __all__ = ["applies", "available", "grid_cross_attention"]
 
+# Pixels per kernel call: their planes (5 floats each for RGB: 1.3 MiB) stay in the caches.
+GRID_CHUNK = 1 << 16
+
 
 def _kernel():
     lib = kernels.load("grid_attention")
@@ -76,16 +79,18 @@ def applies(attn: nn.Module, norm: nn.Module, x: Tensor, grid: GridContext, mask
 
 @torch.no_grad()
 def grid_cross_attention(
-    attn: nn.Module, norm: nn.LayerNorm, x: Tensor, grid: GridContext, *, rows_per_chunk: int,
-    query_mask: Tensor | None = None,
+    attn: nn.Module, norm: nn.LayerNorm, x: Tensor, grid: GridContext, *, query_mask: Tensor | None = None,
+    chunk_pixels: int = GRID_CHUNK,
 ) -> Tensor:
     """``attn(x, norm(context))`` for queries ``x [B, Q, q_dim]`` (already normalised) → ``[B, Q, out_dim]``.
 
-    Call only when :func:`applies`. The grid is processed ``rows_per_chunk`` image rows at a time.
+    Call only when :func:`applies`. The grid is processed in chunks of whole image rows of about
+    ``chunk_pixels`` pixels (their planes, ``D + 2`` floats per pixel, are all that is built).
     """
     lib = _kernel()
     b, d = grid.data.shape[0], grid.data.shape[-1]
     height, width = grid.shape
+    rows_per_chunk = max(1, chunk_pixels // width)
     t_h, t_w = (t.to(torch.float32) for t in grid.tables)
     c = d + t_h.shape[-1]
     heads = attn.num_heads
