@@ -136,5 +136,11 @@ def test_deepmind_image_stream_uses_the_kernel(monkeypatch):
         whole = model(x).logits
         model.perceiver.chunk_size = 30
         streamed = model(x).logits
-    assert len(calls) == 1
+        assert len(calls) == 1
+        model.perceiver.chunk_size = None  # too small to stream: one chunk, for the kernel
+        automatic = model(x).logits
+        assert len(calls) == 2
+        model.perceiver(x, input_mask=torch.rand(2, 120) > 0.5)  # a key mask: the PyTorch path
+    assert len(calls) == 2
     torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(automatic, whole, rtol=1e-4, atol=2e-5)

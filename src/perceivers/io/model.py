@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import auto_chunk_size
+from ..layers import auto_chunk_size, grid_attention
 from ..validation import as_bool_mask, check_finite, check_like, check_tensor
 from .decoders import (
     BasicDecoder,
@@ -101,15 +101,23 @@ class PerceiverIOModel(nn.Module):
         if cross is not None:
             cross.chunk_size = value
 
-    def _stream_size(self, inputs: Tensor | Mapping[str, Tensor]) -> int:
-        """Chunk size to ask the preprocessor to stream ``inputs`` with, or 0 to build them whole."""
+    def _stream_size(self, inputs: Tensor | Mapping[str, Tensor], *, masked: bool = False) -> int:
+        """Chunk size to ask the preprocessor to stream ``inputs`` with, or 0 to build them whole.
+
+        Images too small to stream that the native grid kernel would attend (see
+        :func:`perceivers.layers.grid_attention.serves`) are streamed as one chunk.
+        """
         pre = self.input_preprocessor
         streams = getattr(pre, "streams", None)
         if streams is None or not streams(inputs) or decoder_reads_inputs(self.decoder):
             return 0
         length = math.prod(pre.output_index_shape(tuple(inputs.shape)))
         grad = torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=inputs.shape[0])
+        size = auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=inputs.shape[0])
+        if (not size and self.chunk_size is None and getattr(pre, "gives_grid", lambda x: False)(inputs)
+                and grid_attention.serves(inputs, grad=grad, masked=masked)):
+            size = length
+        return size
 
     def _check_inputs(self, inputs: Tensor | Mapping[str, Tensor]) -> None:
         """Every raw input is a non-empty, finite tensor on the model's device (floating ones in its dtype)."""
@@ -150,7 +158,7 @@ class PerceiverIOModel(nn.Module):
             if m is not None:
                 check_like(m, self, name)
         if self.input_preprocessor is not None:
-            size = self._stream_size(inputs)
+            size = self._stream_size(inputs, masked=input_mask is not None)
             if size:  # x is a ContextStream: the encoder attends it chunk by chunk
                 x, modality_sizes, without_pos = self.input_preprocessor(inputs, chunk_size=size)
             else:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .stream import GridContext
 
-__all__ = ["applies", "available", "grid_cross_attention"]
+__all__ = ["applies", "available", "grid_cross_attention", "serves"]
 
 # Pixels per kernel call: their planes (5 floats each for RGB: 1.3 MiB) stay in the caches.
 GRID_CHUNK = 1 << 16
@@ -54,26 +54,31 @@ def available() -> bool:
     return _kernel() is not None
 
 
+def serves(data: Tensor, *, grad: bool, masked: bool) -> bool:
+    """Whether a grid context built from ``data`` would go through the kernel: float32 CPU inference
+    without a key mask, not compiling (models use it to give small images as a one-chunk stream)."""
+    return (
+        not grad and not masked and data.device.type == "cpu" and data.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting() and available()
+    )
+
+
 def applies(attn: nn.Module, norm: nn.Module, x: Tensor, grid: GridContext, mask: Tensor | None) -> bool:
-    """Whether :func:`grid_cross_attention` handles this call (inference, float32 CPU without autocast, no key mask)."""
-    needs_grad = torch.is_grad_enabled() and (
+    """Whether :func:`grid_cross_attention` handles this call (see :func:`serves`; a folding
+    ``attn`` behind a ``LayerNorm`` over the grid's channels, float32 queries)."""
+    grad = torch.is_grad_enabled() and (
         x.requires_grad or grid.data.requires_grad or any(p.requires_grad for p in attn.parameters())
         or any(p.requires_grad for p in norm.parameters())
     )
     return (
-        not needs_grad
-        and mask is None
-        and attn.fold_kv is not False
+        attn.fold_kv is not False
         and not (attn.training and attn.dropout)
         and isinstance(norm, nn.LayerNorm)
         and tuple(norm.normalized_shape) == (attn.kv_dim,)
         and grid.channels == attn.kv_dim
-        and x.device.type == "cpu" and grid.data.device.type == "cpu"
-        and x.dtype == torch.float32 and grid.data.dtype == torch.float32
-        and not torch.is_autocast_enabled(x.device.type)
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting()
-        and _kernel() is not None
+        and x.device.type == "cpu" and x.dtype == torch.float32
+        and serves(grid.data, grad=grad, masked=mask is not None)
     )
 
 

@@ -268,9 +268,7 @@ class Perceiver(nn.Module):
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(m, self.chunk_size, grad=grad)
         gridded = self.position_encoding is not None and pos is None and data.ndim == 4
-        if (not size and gridded and self.chunk_size is None and not grad and not masked
-                and data.device.type == "cpu" and data.dtype == torch.float32 and not torch.compiler.is_compiling()
-                and not torch.jit.is_scripting() and grid_attention.available()):
+        if not size and gridded and self.chunk_size is None and grid_attention.serves(data, grad=grad, masked=masked):
             size = m
         if not size:
             return None

@@ -226,6 +226,12 @@ class ImagePreprocessor(nn.Module):
         return (isinstance(x, Tensor) and x.ndim == 4 and self.prep_type != "conv"
                 and has_grid_rows(self.position_encoding))
 
+    def gives_grid(self, x: Tensor) -> bool:
+        """Whether the stream of ``x`` carries a :class:`~perceivers.layers.GridContext` (an image's pixels
+        with concatenated Fourier positions), which the native grid kernel can attend."""
+        return (self.streams(x) and self.prep_type == "pixels" and self.concat_or_add_pos == "concat"
+                and isinstance(self.position_encoding, FourierPositionEncoding))
+
     def forward(self, x: Tensor, *, chunk_size: int = 0) -> Preprocessed:
         """``[B, C, H, W]`` / ``[B, T, C, H, W]`` → ``Preprocessed(inputs [B, M, num_channels], None, features)``.
 
@@ -286,8 +292,7 @@ class ImagePreprocessor(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         size = max(w, chunk_size - chunk_size % w)
         grid = None
-        if (mode == "concat" and isinstance(enc, FourierPositionEncoding) and len(index_shape) == 2
-                and self.prep_type == "pixels"):  # the grid kernel scores the positions per axis
+        if self.gives_grid(x):  # the grid kernel scores the positions per axis
             s = self.spatial_downsample
             grid = GridContext(x[:, :, ::s, ::s].movedim(1, -1), index_shape,
                                tuple(enc.axis_tables(index_shape, x.device)))
