@@ -169,14 +169,14 @@ class Attention(nn.Module):
             c = _pad_channels(c)[:, None].expand(-1, self.num_heads, -1, -1)  # [B, H, K, kv_dim + pad]
             qc = _pad_channels(self._fold_queries(q))
             scale = self.qk_channels // self.num_heads
-            out = F.scaled_dot_product_attention(qc, c, c, attn_mask=attn_mask, dropout_p=dropout, scale=scale**-0.5)
+            out = _attend(qc, c, c, attn_mask, dropout, scale=scale**-0.5)
             out = self._unfold_values(out[..., : self.kv_dim])
         else:
             k, v = kv if kv is not None else self.project_kv(x if context is None else context)
             if inverted:
                 out = _inverted_attention(q, k, v, attn_mask, dropout)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+                out = _attend(q, k, v, attn_mask, dropout)
         if row_valid is not None:
             out = out * row_valid.to(out.dtype)
         if query_mask is not None:
@@ -309,6 +309,24 @@ class Attention(nn.Module):
         if query_mask is not None:
             out = out * query_mask[:, None, :, None].to(out.dtype)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:
+    """``softmax(q kᵀ · scale) v`` per head through SDPA, except where SDPA would take its math path on CPU
+    (key and value head widths differ, e.g. the language model's 32 and 160): there the same
+    computation written out, without the math path's guarded softmax (isneginf / all / where over
+    every score, 3% of the language model's forward)."""
+    if (q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or torch.compiler.is_compiling()
+            or (attn_mask is not None and attn_mask.dtype != torch.bool)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if attn_mask is not None:  # callers keep at least one key per row (see Attention.forward)
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    weights = scores.softmax(-1)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return torch.matmul(weights, v)
 
 
 def fold_is_cheaper(kv_dim: int, head_width: int, num_queries: int | None = None, length: int | None = None) -> bool:

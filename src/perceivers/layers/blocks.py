@@ -147,7 +147,12 @@ class CrossAttentionBlock(nn.Module):
             if inverted:
                 kv = self.prepare(kv.materialize(), inverted=True)
             elif kv.grid is not None and grid_attention.applies(self.attn, self.norm_kv, q_in, kv.grid, mask):
-                y = grid_attention.grid_cross_attention(self.attn, self.norm_kv, q_in, kv.grid, query_mask=query_mask)
+                # planes of D + 2 floats per pixel, at most what one chunk of the stream would hold
+                pixels = kv.chunk_size * kv.channels // (kv.grid.data.shape[-1] + 2)
+                y = grid_attention.grid_cross_attention(
+                    self.attn, self.norm_kv, q_in, kv.grid, query_mask=query_mask,
+                    chunk_pixels=min(grid_attention.GRID_CHUNK, pixels),
+                )
             else:
                 stream = kv
                 y = self.attn.forward_chunked(
