@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -254,10 +255,48 @@ def study_io(args) -> dict:
     return out
 
 
-def peak_in_child(spec: str) -> dict:
+def with_native(value: bool, fn):
+    """Run ``fn`` with the native grid kernel on or off (``PERCEIVERS_NATIVE``, read at every call)."""
+    def run():
+        os.environ["PERCEIVERS_NATIVE"] = "1" if value else "0"
+        try:
+            fn()
+        finally:
+            os.environ["PERCEIVERS_NATIVE"] = "0"  # the other studies measure without it (see main)
+    return run
+
+
+def study_grid(args) -> dict:
+    """The native grid kernel (position scores per axis) against the PyTorch path it replaces."""
+    out = {}
+    b = 2 if args.quick else 8
+    m = readme()
+    x = images(b, 64)
+    out[f"readme-64 depth 6 inference (batch {b}), one chunk"] = timed(
+        {"before": with_native(False, forward(m, x)), "after": with_native(True, forward(m, x))}, args.repeats)
+    m2 = readme(depth=2)
+    for side in (256, 512) if args.quick else (256, 512, 1024):
+        x = images(1, side)
+        out[f"{side}x{side} depth 2 inference, streamed"] = timed(
+            {"before": with_native(False, forward(m2, x)), "after": with_native(True, forward(m2, x))}, args.repeats)
+    vision = reduced_vision(None, None)
+    for side, batch in ((224, 2), (512, 1)):
+        x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
+        out[f"reduced vision {side}x{side} inference (batch {batch})"] = timed(
+            {"before": with_native(False, forward(vision, x)), "after": with_native(True, forward(vision, x))},
+            args.repeats)
+    if not args.quick:
+        for spec, case in (("1024,auto,auto", "1024x1024 depth 2 forward memory"),
+                           ("io,1024,auto,auto", "reduced vision 1024x1024 forward memory")):
+            out[case] = {"before": peak_in_child(spec), "after": peak_in_child(spec, native=True)}
+    return out
+
+
+def peak_in_child(spec: str, *, native: bool = False) -> dict:
     """Peak forward memory of one variant (``_memory_child`` spec), measured in a fresh process."""
+    env = {**os.environ, "PERCEIVERS_NATIVE": "1" if native else "0"}
     proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True,
-                          check=False, timeout=1800)
+                          check=False, timeout=1800, env=env)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
     return json.loads(line[0][7:]) if line else {"error": proc.stderr[-300:]}
 
@@ -293,7 +332,7 @@ def study_memory(args) -> dict:
 
 
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
-           "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io}
+           "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid}
 
 
 def markdown(results: dict) -> str:
@@ -328,6 +367,9 @@ def main() -> None:
     if args.memory_child:
         _memory_child(args.memory_child)
         return
+    # Each study isolates one optimisation: the native grid kernel (which takes over the streamed and
+    # folded image cross-attention it measures) stays off except in its own study.
+    os.environ["PERCEIVERS_NATIVE"] = "0"
     desc = measure.machine_description(torch.device("cpu"))
     path = Path(args.out) / f"ablations-{machine_tag(torch.device('cpu'), desc)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
