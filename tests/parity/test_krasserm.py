@@ -21,7 +21,7 @@ SCRIPT = Path(__file__).with_name("_krasserm_reference.py")
 
 @pytest.mark.skipif(not REF.is_dir(), reason=f"{REF.parent} missing (make setup installs it)")
 def test_same_weights_same_outputs_as_krasserm_and_transformers():
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, str(SCRIPT)], check=False, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, proc.stderr[-2000:]
