@@ -107,6 +107,14 @@ def test_perceiver_training_and_masks_keep_the_pytorch_path(monkeypatch):
             model(img, mask=torch.rand(1, 12, 12) > 0.3)
 
 
+def test_unwritable_cache_falls_back(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("PERCEIVERS_CACHE", str(blocked / "kernels"))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.load("grid_attention") is None
+
+
 def test_no_compiler_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("PERCEIVERS_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -51,17 +51,19 @@ def _build(name: str) -> Path | None:
     target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
         subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp, "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(tmp, target)  # atomic: concurrent builders each write their own file
-    except (OSError, subprocess.SubprocessError) as err:
+    except (OSError, subprocess.SubprocessError) as err:  # no compiler, no writable cache, build error
         detail = getattr(err, "stderr", b"") or b""
         log.info("perceivers: building native kernel %s failed: %s %s", name, err, detail.decode(errors="replace"))
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         return None
     return target
 
