@@ -156,7 +156,8 @@ class Perceiver(nn.Module):
             building their Fourier features per chunk, so memory stays bounded (exact up to float
             rounding). ``None`` (default): without autograd, inputs above 32768 elements per sample
             in chunks of a quarter of the input (32768–65536); with autograd, inputs above 65536 in
-            chunks of 65536. ``0``: never. A plain attribute, so it can be changed on a built model.
+            chunks of 65536. ``0``: never (nor hand small images to the grid kernel as one chunk, see
+            :meth:`context_stream`). A plain attribute, so it can be changed on a built model.
     """
 
     def __init__(
