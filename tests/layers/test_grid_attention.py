@@ -43,9 +43,39 @@ def test_matches_plain_attention(d, height, width, rows, offset, affine):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize(("d", "heads", "rows", "affine"), [(3, 2, 5, True), (1, 1, 12, True), (5, 3, 4, False)])
+def test_gradients_match_plain_attention(d, heads, rows, affine):
+    attn, norm, x, grid, context = _problem(d, 12, 20, heads=heads, affine=affine)
+    x.requires_grad_(True)
+    query_mask = torch.tensor([[True, False, True, True, True], [True, True, True, False, True]])
+    upstream = torch.randn(2, 5, 24)
+    params = [x, *attn.parameters(), *norm.parameters()]
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        (fn() * upstream).sum().backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    assert ga.applies(attn, norm, x, grid, None)  # autograd on: weights and queries get gradients
+    got = grads(lambda: ga.grid_cross_attention(attn, norm, x, grid, query_mask=query_mask,
+                                                chunk_pixels=rows * 20))
+    attn.fold_kv = False  # the projected keys and values: an independent computation
+    want = grads(lambda: attn(x, norm(context), query_mask=query_mask))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()))
+
+
 def test_refuses_what_it_does_not_cover():
     attn, norm, x, grid, _ = _problem(3, 6, 6)
-    assert not ga.applies(attn, norm, x, grid, None)  # autograd on: parameters require grad
+    assert ga.applies(attn, norm, x, grid, None)
+    grid.data.requires_grad_(True)
+    assert not ga.applies(attn, norm, x, grid, None)  # the image itself needs a gradient
+    grid.data.requires_grad_(False)
+    attn.train()
+    attn.dropout = 0.1
+    assert not ga.applies(attn, norm, x, grid, None)  # attention dropout
+    attn.eval()
     with torch.no_grad():
         assert ga.applies(attn, norm, x, grid, None)
         assert not ga.applies(attn, norm, x, grid, torch.ones(2, 36, dtype=torch.bool))  # key mask
@@ -96,15 +126,44 @@ def test_small_images_go_through_the_kernel_too(monkeypatch):
     assert len(calls) == 2
 
 
-def test_perceiver_training_and_masks_keep_the_pytorch_path(monkeypatch):
+def test_perceiver_training_through_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    model = _readme_like(cross_heads=2).train()
+    img = torch.randn(2, 20, 14, 3)
+    calls = []
+    real = ga.grid_cross_attention
+    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(img).pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for chunk_size in (None, 70):  # one chunk; streamed in chunks of 5 rows
+        model.chunk_size = chunk_size
+        native = grads()
+        assert len(calls) == 2
+        calls.clear()
+        monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+        plain = grads()  # the whole context (None) or the checkpointed online softmax (70)
+        monkeypatch.delenv("PERCEIVERS_NATIVE")
+        assert not calls and native.keys() == plain.keys()
+        for name in plain:
+            torch.testing.assert_close(native[name], plain[name], rtol=1e-4,
+                                       atol=1e-5 * max(1.0, plain[name].abs().max().item()), msg=name)
+
+
+def test_image_gradients_dropout_and_masks_keep_the_pytorch_path(monkeypatch):
     model = _readme_like()
     img = torch.randn(1, 12, 12, 3)
     monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: pytest.fail("kernel used"))
     for chunk_size in (50, None):
         model.chunk_size = chunk_size
-        model(img).sum().backward()  # autograd: checkpointed online softmax, or the whole context
+        model(img.clone().requires_grad_(True)).sum().backward()  # the image needs a gradient
         with torch.no_grad():
             model(img, mask=torch.rand(1, 12, 12) > 0.3)
+    dropped = _readme_like(attn_dropout=0.1).train()
+    dropped(img).sum().backward()
 
 
 def test_unwritable_cache_falls_back(monkeypatch, tmp_path):
@@ -152,3 +211,28 @@ def test_deepmind_image_stream_uses_the_kernel(monkeypatch):
     assert len(calls) == 2
     torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(automatic, whole, rtol=1e-4, atol=2e-5)
+
+
+def test_deepmind_image_training_through_the_kernel(monkeypatch):
+    import perceivers
+
+    torch.manual_seed(0)
+    model = perceivers.create_model("vision-perceiver-fourier", tiny=True).train()
+    x = torch.randn(2, 3, 12, 10)
+    calls = []
+    real = ga.grid_cross_attention
+    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(x).logits.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    native = grads()
+    assert len(calls) == 1
+    monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+    plain = grads()
+    assert len(calls) == 1 and native.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(native[name], plain[name], rtol=1e-4,
+                                   atol=1e-5 * max(1.0, plain[name].abs().max().item()), msg=name)

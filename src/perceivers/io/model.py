@@ -114,8 +114,11 @@ class PerceiverIOModel(nn.Module):
         length = math.prod(pre.output_index_shape(tuple(inputs.shape)))
         grad = torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=inputs.shape[0])
+        cross = getattr(self.encoder, "cross_attention", None)
+        dropout = self.training and cross is not None and cross.attn.dropout > 0
         if (not size and self.chunk_size is None and getattr(pre, "gives_grid", lambda x: False)(inputs)
-                and grid_attention.serves(inputs, grad=grad, masked=masked)):
+                and grid_attention.serves(inputs, grad=torch.is_grad_enabled() and inputs.requires_grad,
+                                          masked=masked, dropout=dropout)):
             size = length
         return size
 

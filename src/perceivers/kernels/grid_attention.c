@@ -138,6 +138,83 @@ int perceivers_grid_attention(
     return failed;
 }
 
+/* Backward pass of one query row over grid rows i0..i1: with the row's final log-sum-exp (lse), the
+ * probabilities p = exp(score - lse) are rebuilt from the same planes; a second set of coefficients
+ * (V, BY, BX: the upstream gradient times gamma, mapped like the query) gives t = v.xhat_n per pixel,
+ * and the weights w = p (t - c) (c: the row's v.xhat mean) are accumulated like the forward's
+ * exponentials: ACC[c] += sum w P[c], ACC[D] += sum w mu/sigma, TY[i] / TX[j] += sum w / sigma. */
+static inline __attribute__((always_inline)) void backward_row(
+    const int64_t D, int64_t width, int64_t i0, int64_t i1, int64_t plane,
+    const float *u, const float *ay, const float *ax, const float *v, const float *by, const float *bx,
+    float lse, float cr, const float *P, double *acc, float *ty, float *tx, float *w
+) {
+    const float g = u[D], gv = v[D];
+    for (int64_t i = i0; i < i1; ++i) {
+        const int64_t off = (i - i0) * width;
+        const float *inv = P + D * plane + off, *mu = P + (D + 1) * plane + off;
+        const float a = ay[i], b = by[i];
+        float rowinv = 0.0f, rowmu = 0.0f;
+#pragma omp simd reduction(+ : rowinv, rowmu)
+        for (int64_t j = 0; j < width; ++j) {
+            float sc = inv[j] * (a + ax[j]) + g * mu[j];
+            float t = inv[j] * (b + bx[j]) + gv * mu[j];
+            for (int64_t c = 0; c < D; ++c) {
+                const float pc = P[c * plane + off + j];
+                sc += u[c] * pc;
+                t += v[c] * pc;
+            }
+            const float wj = exp_approx(sc - lse) * (t - cr);
+            const float wr = wj * inv[j];
+            w[j] = wj;
+            rowinv += wr;
+            rowmu += wj * mu[j];
+            tx[j] += wr;
+        }
+        ty[i] += rowinv;
+        acc[D] += rowmu;
+        for (int64_t c = 0; c < D; ++c) {
+            const float *pc = P + c * plane + off;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < width; ++j) dot += w[j] * pc[j];
+            acc[c] += dot;
+        }
+    }
+}
+
+int perceivers_grid_attention_backward(
+    int64_t rows, int64_t height, int64_t width, int64_t channels, int64_t i0, int64_t i1,
+    const float *U, const float *AY, const float *AX,   /* as the forward */
+    const float *V, const float *BY, const float *BX,   /* the same shapes, for the gradient */
+    const float *LSE, const float *CR,                  /* [rows] */
+    const float *P, double *ACC, float *TY, float *TX
+) {
+    const int64_t D = channels, plane = (i1 - i0) * width;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *w = (float *)malloc(sizeof(float) * (size_t)width);
+        if (!w) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            if (failed) continue;
+#define ROW(DD) backward_row(DD, width, i0, i1, plane, U + r * (D + 1), AY + r * height, AX + r * width, \
+                             V + r * (D + 1), BY + r * height, BX + r * width, LSE[r], CR[r], P, \
+                             ACC + r * (D + 1), TY + r * height, TX + r * width, w)
+            switch (D) {
+                case 1: ROW(1); break;
+                case 2: ROW(2); break;
+                case 3: ROW(3); break;
+                case 4: ROW(4); break;
+                default: ROW(D); break;
+            }
+#undef ROW
+        }
+        free(w);
+    }
+    return failed;
+}
+
 /* The kernel's pixel planes for rows i0..i0 + pixels/width of one sample: LayerNorm statistics of
  * [data, T_h[i] + T_w[j]] from the data and the per-axis sums (sum_h, sum_w) and sums of squares
  * (sq_h, sq_w) of the position tables (disjoint channels), in double precision; then data/sigma,

@@ -15,8 +15,15 @@ are disjoint, so ``Σ x² = Σ d² + Σ T_h[i]² + Σ T_w[j]²``). The weighted 
 afterwards). So a score costs ``D + 2`` multiply-adds and the weighted sum ``D + 3`` instead of
 ``2 × (D + C_pos)``: for RGB with 26 Fourier channels, 5 + 6 against 64. The native kernel
 (:mod:`perceivers.kernels`, ``grid_attention.c``) runs the online softmax over chunks of image rows;
-this module prepares its inputs and assembles the output. Inference only (no autograd); anything it
-does not cover returns ``None`` and the caller takes its PyTorch path.
+this module prepares its inputs and assembles the output.
+
+Training: the gradient of the weighted sum reduces to the same structure. With the upstream gradient
+``g`` per query and ``v = g ∘ γ``, the score gradients are ``p_n (v·x̂_n − v·x̄)`` (``x̂`` the normalised
+features, ``x̄ = Σ p x̂``), and ``v·x̂_n`` separates like a score; their weighted sum ``Σ_n ds_n x̂_n`` gives
+the query's gradient (``γ ∘`` it) and, with ``x̄``, the LayerNorm's. The backward kernel rebuilds ``p``
+from the saved log-sum-exp (no score is stored). Gradients flow to the queries and to every weight
+(``to_q``, ``W_k``, ``W_v``, ``to_out``, the LayerNorm), not to the image itself: when the image
+requires grad, or with attention dropout, or a key mask, the caller takes its PyTorch path.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ def _kernel():
         lib.perceivers_grid_planes.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5 + [
             ctypes.c_double, ctypes.c_void_p]
         lib.perceivers_grid_planes.restype = None
+        lib.perceivers_grid_attention_backward.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 12
+        lib.perceivers_grid_attention_backward.restype = ctypes.c_int
     return lib
 
 
@@ -54,11 +63,12 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def serves(data: Tensor, *, grad: bool, masked: bool) -> bool:
-    """Whether a grid context built from ``data`` would go through the kernel: float32 CPU inference
-    without a key mask, not compiling (models use it to give small images as a one-chunk stream)."""
+def serves(data: Tensor, *, grad: bool, masked: bool, dropout: bool = False) -> bool:
+    """Whether a grid context built from ``data`` would go through the kernel: float32 on CPU, the
+    image itself not needing a gradient (``grad``), no key mask, no attention dropout, not compiling
+    (models use it to give small images as a one-chunk stream)."""
     return (
-        not grad and not masked and data.device.type == "cpu" and data.dtype == torch.float32
+        not grad and not masked and not dropout and data.device.type == "cpu" and data.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting() and available()
     )
@@ -67,22 +77,17 @@ def serves(data: Tensor, *, grad: bool, masked: bool) -> bool:
 def applies(attn: nn.Module, norm: nn.Module, x: Tensor, grid: GridContext, mask: Tensor | None) -> bool:
     """Whether :func:`grid_cross_attention` handles this call (see :func:`serves`; a folding
     ``attn`` behind a ``LayerNorm`` over the grid's channels, float32 queries)."""
-    grad = torch.is_grad_enabled() and (
-        x.requires_grad or grid.data.requires_grad or any(p.requires_grad for p in attn.parameters())
-        or any(p.requires_grad for p in norm.parameters())
-    )
     return (
         attn.fold_kv is not False
-        and not (attn.training and attn.dropout)
         and isinstance(norm, nn.LayerNorm)
         and tuple(norm.normalized_shape) == (attn.kv_dim,)
         and grid.channels == attn.kv_dim
         and x.device.type == "cpu" and x.dtype == torch.float32
-        and serves(grid.data, grad=grad, masked=mask is not None)
+        and serves(grid.data, grad=torch.is_grad_enabled() and grid.data.requires_grad, masked=mask is not None,
+                   dropout=attn.training and attn.dropout > 0)
     )
 
 
-@torch.no_grad()
 def grid_cross_attention(
     attn: nn.Module, norm: nn.LayerNorm, x: Tensor, grid: GridContext, *, query_mask: Tensor | None = None,
     chunk_pixels: int = GRID_CHUNK,
@@ -91,58 +96,118 @@ def grid_cross_attention(
 
     Call only when :func:`applies`. The grid is processed in chunks of whole image rows of about
     ``chunk_pixels`` pixels (their planes, ``D + 2`` floats per pixel, are all that is built).
+    Differentiable in ``x`` and in the weights of ``attn`` and ``norm``.
     """
-    lib = _kernel()
-    b, d = grid.data.shape[0], grid.data.shape[-1]
-    height, width = grid.shape
-    rows_per_chunk = max(1, chunk_pixels // width)
-    t_h, t_w = (t.to(torch.float32) for t in grid.tables)
-    c = d + t_h.shape[-1]
     heads = attn.num_heads
-
     q = rearrange(attn.to_q(x), "b n (h e) -> b h n e", h=heads) * (attn.qk_channels // heads) ** -0.5
     qf = attn._fold_queries(q)  # [B, H, Q, C]
-    gamma = norm.weight if norm.weight is not None else torch.ones(c)
-    beta = norm.bias if norm.bias is not None else torch.zeros(c)
-    u = qf * gamma
-    u_pos = u[..., d:]
-    rows = heads * x.shape[1]
-    coef = torch.cat((u[..., :d], -u.sum(-1, keepdim=True)), -1).reshape(b, rows, d + 1).contiguous()
-    a_h = torch.matmul(u_pos, t_h.T).reshape(b, rows, height).contiguous()
-    a_w = torch.matmul(u_pos, t_w.T).reshape(b, rows, width).contiguous()
-
-    m = torch.full((b, rows), float("-inf"))
-    s = torch.zeros((b, rows), dtype=torch.float64)
-    acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
-    t_y = torch.zeros((b, rows, height))
-    t_x = torch.zeros((b, rows, width))
-
-    # LayerNorm statistics per pixel separate like the features: per-axis sums and sums of squares
-    t_h64, t_w64 = t_h.double(), t_w.double()
-    sums = [t.sum(-1).contiguous() for t in (t_h64, t_w64)]
-    squares = [(t * t).sum(-1).contiguous() for t in (t_h64, t_w64)]
-    planes = torch.empty((d + 2, min(height, rows_per_chunk) * width))
-    for i0 in range(0, height, rows_per_chunk):
-        i1 = min(height, i0 + rows_per_chunk)
-        n = (i1 - i0) * width
-        for bi in range(b):
-            data = grid.data[bi, i0:i1].reshape(n, d).contiguous()  # a view of contiguous inputs
-            lib.perceivers_grid_planes(
-                n, width, d, c, i0, data.data_ptr(), sums[0].data_ptr(), squares[0].data_ptr(),
-                sums[1].data_ptr(), squares[1].data_ptr(), float(norm.eps), planes.data_ptr(),
-            )
-            pointers = (coef[bi], a_h[bi], a_w[bi], planes, m[bi], s[bi], acc[bi], t_y[bi], t_x[bi])
-            if lib.perceivers_grid_attention(rows, height, width, d, i0, i1, *(t.data_ptr() for t in pointers)):
-                raise MemoryError("the grid attention kernel could not allocate its row buffers")
-
-    # Σ p x/σ per channel and Σ p μ/σ, then the weighted sum of the normalised context
-    total = s[..., None]
-    mean_data = (acc[..., :d] / total).float()
-    mean_mu = (acc[..., d:] / total).float()
-    mean_pos = (torch.matmul(t_y, t_h) + torch.matmul(t_x, t_w)) / total.float()
-    weighted = gamma * (torch.cat((mean_data, mean_pos), -1) - mean_mu) + beta  # [B, rows, C]
-    out = attn._unfold_values(weighted.reshape(b, heads, x.shape[1], c))
+    c = qf.shape[-1]
+    gamma = norm.weight if norm.weight is not None else qf.new_ones(c)
+    beta = norm.bias if norm.bias is not None else qf.new_zeros(c)
+    weighted = _GridAttention.apply(qf, gamma, beta, grid, float(norm.eps), chunk_pixels)  # Σ p_n c_n
+    out = attn._unfold_values(weighted)
     if query_mask is not None:
         out = out * query_mask[:, None, :, None].to(out.dtype)
     return attn.to_out(rearrange(out, "b h n e -> b n (h e)"))
 
+
+class _Planes:
+    """The kernel's per-pixel planes of a grid, chunk by chunk (LayerNorm statistics per pixel separate
+    like the features: per-axis sums and sums of squares of the tables, in double precision)."""
+
+    def __init__(self, lib, grid: GridContext, eps: float, chunk_pixels: int) -> None:
+        self.lib, self.grid, self.eps = lib, grid, eps
+        self.batch, self.d = grid.data.shape[0], grid.data.shape[-1]
+        self.height, self.width = grid.shape
+        t_h, t_w = (t.to(torch.float64) for t in grid.tables)
+        self.channels = self.d + t_h.shape[-1]
+        self.sums = [t.sum(-1).contiguous() for t in (t_h, t_w)]
+        self.squares = [(t * t).sum(-1).contiguous() for t in (t_h, t_w)]
+        self.rows = max(1, chunk_pixels // self.width)
+        self.buffer = torch.empty((self.d + 2, min(self.height, self.rows) * self.width))
+
+    def __iter__(self):
+        """Yields ``(i0, i1, sample, planes)``: image rows ``i0:i1`` of sample ``sample``."""
+        w, d = self.width, self.d
+        for i0 in range(0, self.height, self.rows):
+            i1 = min(self.height, i0 + self.rows)
+            n = (i1 - i0) * w
+            for b in range(self.batch):
+                data = self.grid.data[b, i0:i1].detach().reshape(n, d).contiguous()  # a view of contiguous inputs
+                self.lib.perceivers_grid_planes(
+                    n, w, d, self.channels, i0, data.data_ptr(), self.sums[0].data_ptr(), self.squares[0].data_ptr(),
+                    self.sums[1].data_ptr(), self.squares[1].data_ptr(), self.eps, self.buffer.data_ptr(),
+                )
+                yield i0, i1, b, self.buffer
+
+
+def _coefficients(u: Tensor, d: int, tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``u [B, H, Q, C]`` (a query times γ) → the kernel's ``[B, rows, D + 1]`` (data part, −Σu) and the
+    per-axis tables ``[B, rows, H]``, ``[B, rows, W]`` of its position part."""
+    b, rows = u.shape[0], u.shape[1] * u.shape[2]
+    coef = torch.cat((u[..., :d], -u.sum(-1, keepdim=True)), -1).reshape(b, rows, d + 1).contiguous()
+    per_axis = [torch.matmul(u[..., d:], t.T).reshape(b, rows, -1).contiguous() for t in tables]
+    return coef, per_axis[0], per_axis[1]
+
+
+def _weighted_features(acc: Tensor, t_y: Tensor, t_x: Tensor, d: int, tables: tuple[Tensor, Tensor]) -> Tensor:
+    """Kernel sums → ``Σ w_n x̂_n`` ``[B, rows, C]``: data channels, positions through the tables, minus
+    the ``Σ w μ/σ`` term on every channel."""
+    pos = torch.matmul(t_y, tables[0]) + torch.matmul(t_x, tables[1])
+    return torch.cat((acc[..., :d].float(), pos), -1) - acc[..., d:].float()
+
+
+class _GridAttention(torch.autograd.Function):
+    """``Σ_n p_n c_n`` per query for folded queries ``qf [B, H, Q, C]``, ``c = LayerNorm(γ, β)(context)``."""
+
+    @staticmethod
+    def forward(ctx, qf: Tensor, gamma: Tensor, beta: Tensor, grid: GridContext, eps: float, chunk_pixels: int):
+        lib = _kernel()
+        qf, gamma, beta = qf.detach().float(), gamma.detach().float(), beta.detach().float()
+        b, heads, n, c = qf.shape
+        tables = tuple(t.to(torch.float32) for t in grid.tables)
+        planes = _Planes(lib, grid, eps, chunk_pixels)
+        d, rows, height, width = planes.d, heads * n, planes.height, planes.width
+        coef, a_h, a_w = _coefficients(qf * gamma, d, tables)
+        m = torch.full((b, rows), float("-inf"))
+        s = torch.zeros((b, rows), dtype=torch.float64)
+        acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
+        t_y, t_x = torch.zeros((b, rows, height)), torch.zeros((b, rows, width))
+        for i0, i1, bi, buf in planes:
+            pointers = (coef[bi], a_h[bi], a_w[bi], buf, m[bi], s[bi], acc[bi], t_y[bi], t_x[bi])
+            if lib.perceivers_grid_attention(rows, height, width, d, i0, i1, *(t.data_ptr() for t in pointers)):
+                raise MemoryError("the grid attention kernel could not allocate its row buffers")
+        mean = _weighted_features(acc / s[..., None], t_y / s[..., None].float(), t_x / s[..., None].float(), d,
+                                  tables)  # x̄ = Σ p x̂  [B, rows, C]
+        lse = (m.double() + torch.log(s)).float()
+        ctx.save_for_backward(qf, gamma, mean, lse, coef, a_h, a_w)
+        ctx.grid, ctx.eps, ctx.chunk_pixels = grid, eps, chunk_pixels
+        return (gamma * mean + beta).reshape(b, heads, n, c)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        qf, gamma, mean, lse, coef, a_h, a_w = ctx.saved_tensors
+        lib = _kernel()
+        b, heads, n, c = qf.shape
+        grid = ctx.grid
+        tables = tuple(t.to(torch.float32) for t in grid.tables)
+        g = grad.float().reshape(b, heads * n, c)
+        planes = _Planes(lib, grid, ctx.eps, ctx.chunk_pixels)
+        d, rows, height, width = planes.d, heads * n, planes.height, planes.width
+        v = g * gamma
+        vcoef, b_h, b_w = _coefficients(v.reshape(b, heads, n, c), d, tables)
+        centre = (v * mean).sum(-1).contiguous()  # v·x̄ per query
+        acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
+        t_y, t_x = torch.zeros((b, rows, height)), torch.zeros((b, rows, width))
+        for i0, i1, bi, buf in planes:
+            pointers = (coef[bi], a_h[bi], a_w[bi], vcoef[bi], b_h[bi], b_w[bi], lse[bi], centre[bi], buf, acc[bi],
+                        t_y[bi], t_x[bi])
+            if lib.perceivers_grid_attention_backward(rows, height, width, d, i0, i1,
+                                                      *(t.data_ptr() for t in pointers)):
+                raise MemoryError("the grid attention kernel could not allocate its row buffers")
+        dscore = _weighted_features(acc, t_y, t_x, d, tables)  # Σ ds_n x̂_n  [B, rows, C]
+        qrows = qf.reshape(b, rows, c)
+        grad_qf = (gamma * dscore).reshape(b, heads, n, c) if ctx.needs_input_grad[0] else None
+        grad_gamma = (g * mean + qrows * dscore).sum((0, 1)) if ctx.needs_input_grad[1] else None
+        grad_beta = g.sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return grad_qf, grad_gamma, grad_beta, None, None, None

@@ -259,8 +259,8 @@ class Perceiver(nn.Module):
 
         Chunks hold the input rows and the Fourier features of those positions only. An image
         ``[B, H, W, C]`` with Fourier features also carries its :class:`~perceivers.layers.GridContext`,
-        and for inference on CPU in float32 without a mask (``masked``) it is given as a one-chunk
-        stream even when too small to stream, so that the native grid kernel attends it
+        on CPU in float32 without a mask (``masked``) it is given as a one-chunk stream even when too
+        small to stream, so that the native grid kernel attends it, in inference and in training
         (:mod:`perceivers.layers.grid_attention`; ``chunk_size=0`` turns that off too).
         """
         if not isinstance(data, Tensor) or data.ndim < 3 or any(self.inverted_cross_attn):
@@ -269,7 +269,9 @@ class Perceiver(nn.Module):
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(m, self.chunk_size, grad=grad)
         gridded = self.position_encoding is not None and pos is None and data.ndim == 4
-        if not size and gridded and self.chunk_size is None and grid_attention.serves(data, grad=grad, masked=masked):
+        dropout = self.training and any(b.cross_attn.attn.dropout > 0 for b in self.blocks if b.cross_attn)
+        if not size and gridded and self.chunk_size is None and grid_attention.serves(
+                data, grad=torch.is_grad_enabled() and data.requires_grad, masked=masked, dropout=dropout):
             size = m
         if not size:
             return None
