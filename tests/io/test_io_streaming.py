@@ -137,9 +137,13 @@ def test_streamed_inference_with_the_fused_kernel_matches() -> None:
         torch.testing.assert_close(model(x).logits, ref, **TOL)
 
 
-def test_automatic_rule() -> None:
+def test_automatic_rule(monkeypatch) -> None:
     model = _model(_pre(grid=(192, 192)))  # 36864 tokens of 3 + 2·(2·3 + 1) = 17 channels
     x = torch.randn(1, 3, 192, 192)
+    if perceivers.layers.grid_attention.available():  # the grid kernel takes what is not streamed, as one chunk
+        assert model._stream_size(x) == 36864
+        assert model._stream_size(x, masked=True) == 0
+    monkeypatch.setenv("PERCEIVERS_NATIVE", "0")  # the rule itself
     assert model.chunk_size is None and model.encoder.cross_attention.chunk_size is None
     with torch.no_grad():
         assert model._stream_size(x) == 32768  # inference: above 32768, a quarter of the input (≥ 32768)

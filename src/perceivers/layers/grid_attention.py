@@ -65,12 +65,12 @@ def available() -> bool:
 
 def serves(data: Tensor, *, grad: bool, masked: bool, dropout: bool = False) -> bool:
     """Whether a grid context built from ``data`` would go through the kernel: float32 on CPU, the
-    image itself not needing a gradient (``grad``), no key mask, no attention dropout, not compiling
+    image itself not needing a gradient (``grad``), no key mask, no attention dropout, not compiling or tracing
     (models use it to give small images as a one-chunk stream)."""
     return (
         not grad and not masked and not dropout and data.device.type == "cpu" and data.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting() and available()
+        and not torch.jit.is_scripting() and not torch.jit.is_tracing() and available()
     )
 
 
