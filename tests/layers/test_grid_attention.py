@@ -112,6 +112,7 @@ def test_perceiver_stream_uses_the_kernel(monkeypatch):
 
 
 def test_small_images_go_through_the_kernel_too(monkeypatch):
+    monkeypatch.setattr(ga, "MIN_PIXELS", 1)  # tiny images, the mechanism of the large ones
     torch.manual_seed(0)
     model = _readme_like()
     img = torch.randn(3, 9, 14, 3)
@@ -127,6 +128,7 @@ def test_small_images_go_through_the_kernel_too(monkeypatch):
 
 
 def test_perceiver_training_through_the_kernel(monkeypatch):
+    monkeypatch.setattr(ga, "MIN_PIXELS", 1)  # tiny images, the mechanism of the large ones
     torch.manual_seed(0)
     model = _readme_like(cross_heads=2).train()
     img = torch.randn(2, 20, 14, 3)
@@ -153,7 +155,16 @@ def test_perceiver_training_through_the_kernel(monkeypatch):
                                        atol=1e-5 * max(1.0, plain[name].abs().max().item()), msg=name)
 
 
+def test_images_below_min_pixels_keep_the_pytorch_path(monkeypatch):
+    model = _readme_like()
+    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: pytest.fail("kernel used"))
+    with torch.no_grad():
+        model(torch.randn(2, 16, 16, 3))  # 256 < MIN_PIXELS: not worth a kernel call
+    assert ga.MIN_PIXELS > 256
+
+
 def test_image_gradients_dropout_and_masks_keep_the_pytorch_path(monkeypatch):
+    monkeypatch.setattr(ga, "MIN_PIXELS", 1)
     model = _readme_like()
     img = torch.randn(1, 12, 12, 3)
     monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: pytest.fail("kernel used"))
@@ -191,6 +202,7 @@ def test_no_compiler_falls_back(monkeypatch, tmp_path):
 
 
 def test_deepmind_image_stream_uses_the_kernel(monkeypatch):
+    monkeypatch.setattr(ga, "MIN_PIXELS", 1)  # tiny images, the mechanism of the large ones
     import perceivers
 
     torch.manual_seed(0)
@@ -214,6 +226,7 @@ def test_deepmind_image_stream_uses_the_kernel(monkeypatch):
 
 
 def test_deepmind_image_training_through_the_kernel(monkeypatch):
+    monkeypatch.setattr(ga, "MIN_PIXELS", 1)  # tiny images, the mechanism of the large ones
     import perceivers
 
     torch.manual_seed(0)

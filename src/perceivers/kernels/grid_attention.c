@@ -100,16 +100,16 @@ static inline __attribute__((always_inline)) void attend_row(
 }
 
 int perceivers_grid_attention(
-    int64_t rows, int64_t height, int64_t width, int64_t channels, int64_t i0, int64_t i1,
-    const float *U,   /* [rows, channels + 1] */
-    const float *AY,  /* [rows, height] */
-    const float *AX,  /* [rows, width] */
-    const float *P,   /* [channels + 2, (i1 - i0) * width] */
-    float *M,         /* [rows] running maximum (start at -inf) */
-    double *S,        /* [rows] running sum (start at 0) */
-    double *ACC,      /* [rows, channels + 1] */
-    float *TY,        /* [rows, height] */
-    float *TX         /* [rows, width] */
+    int64_t batch, int64_t rows, int64_t height, int64_t width, int64_t channels, int64_t i0, int64_t i1,
+    const float *U,   /* [batch, rows, channels + 1] */
+    const float *AY,  /* [batch, rows, height] */
+    const float *AX,  /* [batch, rows, width] */
+    const float *P,   /* [batch, channels + 2, (i1 - i0) * width] */
+    float *M,         /* [batch, rows] running maximum (start at -inf) */
+    double *S,        /* [batch, rows] running sum (start at 0) */
+    double *ACC,      /* [batch, rows, channels + 1] */
+    float *TY,        /* [batch, rows, height] */
+    float *TX         /* [batch, rows, width] */
 ) {
     const int64_t D = channels, plane = (i1 - i0) * width;
     int failed = 0;
@@ -119,10 +119,11 @@ int perceivers_grid_attention(
         float *e = (float *)malloc(sizeof(float) * (size_t)width);
         if (!s || !e) failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = 0; r < batch * rows; ++r) {
             if (failed) continue;
+            const float *Pb = P + (r / rows) * (D + 2) * plane;
 #define ROW(DD) attend_row(DD, height, width, i0, i1, plane, U + r * (D + 1), AY + r * height, AX + r * width, \
-                           P, M + r, S + r, ACC + r * (D + 1), TY + r * height, TX + r * width, s, e)
+                           Pb, M + r, S + r, ACC + r * (D + 1), TY + r * height, TX + r * width, s, e)
             switch (D) {
                 case 1: ROW(1); break;
                 case 2: ROW(2); break;
@@ -183,10 +184,10 @@ static inline __attribute__((always_inline)) void backward_row(
 }
 
 int perceivers_grid_attention_backward(
-    int64_t rows, int64_t height, int64_t width, int64_t channels, int64_t i0, int64_t i1,
+    int64_t batch, int64_t rows, int64_t height, int64_t width, int64_t channels, int64_t i0, int64_t i1,
     const float *U, const float *AY, const float *AX,   /* as the forward */
     const float *V, const float *BY, const float *BX,   /* the same shapes, for the gradient */
-    const float *LSE, const float *CR,                  /* [rows] */
+    const float *LSE, const float *CR,                  /* [batch, rows] */
     const float *P, double *ACC, float *TY, float *TX
 ) {
     const int64_t D = channels, plane = (i1 - i0) * width;
@@ -196,10 +197,11 @@ int perceivers_grid_attention_backward(
         float *w = (float *)malloc(sizeof(float) * (size_t)width);
         if (!w) failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = 0; r < batch * rows; ++r) {
             if (failed) continue;
+            const float *Pb = P + (r / rows) * (D + 2) * plane;
 #define ROW(DD) backward_row(DD, width, i0, i1, plane, U + r * (D + 1), AY + r * height, AX + r * width, \
-                             V + r * (D + 1), BY + r * height, BX + r * width, LSE[r], CR[r], P, \
+                             V + r * (D + 1), BY + r * height, BX + r * width, LSE[r], CR[r], Pb, \
                              ACC + r * (D + 1), TY + r * height, TX + r * width, w)
             switch (D) {
                 case 1: ROW(1); break;
@@ -215,21 +217,24 @@ int perceivers_grid_attention_backward(
     return failed;
 }
 
-/* The kernel's pixel planes for rows i0..i0 + pixels/width of one sample: LayerNorm statistics of
+/* The kernel's pixel planes for rows i0..i0 + pixels/width of every sample: LayerNorm statistics of
  * [data, T_h[i] + T_w[j]] from the data and the per-axis sums (sum_h, sum_w) and sums of squares
  * (sq_h, sq_w) of the position tables (disjoint channels), in double precision; then data/sigma,
- * 1/sigma and mu/sigma per pixel. data is [pixels, channels] (contiguous); planes [channels + 2, pixels]. */
+ * 1/sigma and mu/sigma per pixel. Sample b's data starts at data + b * batch_stride, [pixels, channels]
+ * contiguous; planes are [batch, channels + 2, pixels]. */
 void perceivers_grid_planes(
-    int64_t pixels, int64_t width, int64_t channels, int64_t total_channels, int64_t i0,
-    const float *data, const double *sum_h, const double *sq_h, const double *sum_w, const double *sq_w,
-    double eps, float *planes
+    int64_t batch, int64_t pixels, int64_t width, int64_t channels, int64_t total_channels, int64_t i0,
+    const float *data, int64_t batch_stride, const double *sum_h, const double *sq_h, const double *sum_w,
+    const double *sq_w, double eps, float *planes
 ) {
     const int64_t D = channels;
     const double inv_c = 1.0 / (double)total_channels;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < pixels; ++n) {
+    for (int64_t bn = 0; bn < batch * pixels; ++bn) {
+        const int64_t b = bn / pixels, n = bn % pixels;
         const int64_t i = i0 + n / width, j = n % width;
-        const float *x = data + n * D;
+        const float *x = data + b * batch_stride + n * D;
+        float *out = planes + b * (D + 2) * pixels;
         double t = sum_h[i] + sum_w[j], q = sq_h[i] + sq_w[j];
         for (int64_t c = 0; c < D; ++c) {
             t += x[c];
@@ -239,8 +244,8 @@ void perceivers_grid_planes(
         double var = q * inv_c - mu * mu;
         var = var < 0.0 ? 0.0 : var;
         const double inv = 1.0 / sqrt(var + eps);
-        for (int64_t c = 0; c < D; ++c) planes[c * pixels + n] = (float)(x[c] * inv);
-        planes[D * pixels + n] = (float)inv;
-        planes[(D + 1) * pixels + n] = (float)(mu * inv);
+        for (int64_t c = 0; c < D; ++c) out[c * pixels + n] = (float)(x[c] * inv);
+        out[D * pixels + n] = (float)inv;
+        out[(D + 1) * pixels + n] = (float)(mu * inv);
     }
 }
