@@ -64,7 +64,8 @@ def train_step(model, x):
     def fn():
         model.train()
         opt.zero_grad(set_to_none=True)
-        model(x).float().pow(2).mean().backward()
+        out = model(x)
+        getattr(out, "logits", out).float().pow(2).mean().backward()
         opt.step()
         model.eval()
     return fn
@@ -279,7 +280,16 @@ def study_grid(args) -> dict:
         x = images(1, side)
         out[f"{side}x{side} depth 2 inference, streamed"] = timed(
             {"before": with_native(False, forward(m2, x)), "after": with_native(True, forward(m2, x))}, args.repeats)
+    m3 = readme(depth=6)
+    x = images(2, 224)
+    out["readme-224 depth 6 training step (batch 2)"] = timed(
+        {"before": with_native(False, train_step(m3, x)), "after": with_native(True, train_step(m3, x))},
+        args.repeats)
     vision = reduced_vision(None, None)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    out["reduced vision 224x224 training step (batch 2)"] = timed(
+        {"before": with_native(False, train_step(vision, x)), "after": with_native(True, train_step(vision, x))},
+        args.repeats)
     for side, batch in ((224, 2), (512, 1)):
         x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
         out[f"reduced vision {side}x{side} inference (batch {batch})"] = timed(

@@ -33,6 +33,7 @@ import ctypes
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .. import kernels
 from .stream import GridContext
@@ -193,6 +194,7 @@ class _GridAttention(torch.autograd.Function):
         return (gamma * mean + beta).reshape(b, heads, n, c)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         qf, gamma, mean, lse, coef, a_h, a_w = ctx.saved_tensors
         lib = _kernel()
