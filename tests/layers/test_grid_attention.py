@@ -27,6 +27,26 @@ def _problem(d: int, height: int, width: int, *, batch: int = 2, heads: int = 2,
     return attn, norm, x, GridContext(data.unflatten(1, (height, width)), (height, width), (t_h, t_w)), context
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+    """A list that grows by one at every grid kernel call."""
+    calls = []
+    real = ga.grid_cross_attention
+    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _param_grads(model, loss) -> dict:
+    model.zero_grad(set_to_none=True)
+    loss().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()), msg=name)
+
+
 @pytest.mark.parametrize(
     ("d", "height", "width", "rows", "offset", "affine"),
     [(3, 12, 20, 5, 0.0, True), (1, 7, 9, 7, 0.0, True), (6, 10, 3, 4, 0.0, False), (3, 9, 11, 2, 300.0, True)],
@@ -95,9 +115,7 @@ def test_perceiver_stream_uses_the_kernel(monkeypatch):
     torch.manual_seed(0)
     model = _readme_like(cross_heads=2)
     img = torch.randn(2, 40, 24, 3)
-    calls = []
-    real = ga.grid_cross_attention
-    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_kernel_calls(monkeypatch)
     with torch.no_grad():
         model.chunk_size = 100  # streamed, 4 image rows a chunk
         native = model(img)
@@ -116,9 +134,7 @@ def test_small_images_go_through_the_kernel_too(monkeypatch):
     torch.manual_seed(0)
     model = _readme_like()
     img = torch.randn(3, 9, 14, 3)
-    calls = []
-    real = ga.grid_cross_attention
-    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_kernel_calls(monkeypatch)
     with torch.no_grad():
         native = model(img)  # 126 elements: not streamed, but given to the kernel as one chunk
         assert len(calls) == 2
@@ -132,27 +148,21 @@ def test_perceiver_training_through_the_kernel(monkeypatch):
     torch.manual_seed(0)
     model = _readme_like(cross_heads=2).train()
     img = torch.randn(2, 20, 14, 3)
-    calls = []
-    real = ga.grid_cross_attention
-    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_kernel_calls(monkeypatch)
 
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(img).pow(2).mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    def loss():
+        return model(img).pow(2).mean()
 
     for chunk_size in (None, 70):  # one chunk; streamed in chunks of 5 rows
         model.chunk_size = chunk_size
-        native = grads()
+        native = _param_grads(model, loss)
         assert len(calls) == 2
         calls.clear()
         monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
-        plain = grads()  # the whole context (None) or the checkpointed online softmax (70)
+        plain = _param_grads(model, loss)  # the whole context (None) or the checkpointed online softmax (70)
         monkeypatch.delenv("PERCEIVERS_NATIVE")
-        assert not calls and native.keys() == plain.keys()
-        for name in plain:
-            torch.testing.assert_close(native[name], plain[name], rtol=1e-4,
-                                       atol=1e-5 * max(1.0, plain[name].abs().max().item()), msg=name)
+        assert not calls
+        _assert_same_grads(native, plain)
 
 
 def test_images_below_min_pixels_keep_the_pytorch_path(monkeypatch):
@@ -208,9 +218,7 @@ def test_deepmind_image_stream_uses_the_kernel(monkeypatch):
     torch.manual_seed(0)
     model = perceivers.create_model("vision-perceiver-fourier", tiny=True, chunk_size=0).eval()
     x = torch.randn(2, 3, 12, 10)
-    calls = []
-    real = ga.grid_cross_attention
-    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_kernel_calls(monkeypatch)
     with torch.no_grad():
         whole = model(x).logits
         model.perceiver.chunk_size = 30
@@ -232,20 +240,14 @@ def test_deepmind_image_training_through_the_kernel(monkeypatch):
     torch.manual_seed(0)
     model = perceivers.create_model("vision-perceiver-fourier", tiny=True).train()
     x = torch.randn(2, 3, 12, 10)
-    calls = []
-    real = ga.grid_cross_attention
-    monkeypatch.setattr(ga, "grid_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_kernel_calls(monkeypatch)
 
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(x).logits.pow(2).mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    def loss():
+        return model(x).logits.pow(2).mean()
 
-    native = grads()
+    native = _param_grads(model, loss)
     assert len(calls) == 1
     monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
-    plain = grads()
-    assert len(calls) == 1 and native.keys() == plain.keys()
-    for name in plain:
-        torch.testing.assert_close(native[name], plain[name], rtol=1e-4,
-                                   atol=1e-5 * max(1.0, plain[name].abs().max().item()), msg=name)
+    plain = _param_grads(model, loss)
+    assert len(calls) == 1
+    _assert_same_grads(native, plain)

@@ -40,6 +40,29 @@ static inline float exp_approx(float x) {
  * sum far from float32 overflow), so rescaling is rare. */
 #define TAU 10.0f
 
+/* Calls ROW(d) with d a literal for 1-4 data channels (the channel loops then unroll), D otherwise. */
+#define BY_CHANNELS(D, ROW)            \
+    switch (D) {                       \
+        case 1: ROW(1); break;         \
+        case 2: ROW(2); break;         \
+        case 3: ROW(3); break;         \
+        case 4: ROW(4); break;         \
+        default: ROW(D); break;        \
+    }
+
+/* acc[c] += sum_j w[j] P[c, off + j] over the D data planes of one image row. */
+static inline __attribute__((always_inline)) void accumulate_planes(
+    const int64_t D, int64_t width, int64_t off, int64_t plane, const float *P, const float *w, double *acc
+) {
+    for (int64_t c = 0; c < D; ++c) {
+        const float *pc = P + c * plane + off;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < width; ++j) dot += w[j] * pc[j];
+        acc[c] += dot;
+    }
+}
+
 /* One query row over grid rows i0..i1; D is a compile-time constant where inlined from the switch
  * below (so the channel loops unroll into the vector loops), a variable otherwise. */
 static inline __attribute__((always_inline)) void attend_row(
@@ -87,13 +110,7 @@ static inline __attribute__((always_inline)) void attend_row(
         sum += rowsum;
         ty[i] += rowinv;
         acc[D] += rowmu;
-        for (int64_t c = 0; c < D; ++c) {
-            const float *pc = P + c * plane + off;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t j = 0; j < width; ++j) dot += e[j] * pc[j];
-            acc[c] += dot;
-        }
+        accumulate_planes(D, width, off, plane, P, e, acc);
     }
     *m_io = m;
     *sum_io = sum;
@@ -124,13 +141,7 @@ int perceivers_grid_attention(
             const float *Pb = P + (r / rows) * (D + 2) * plane;
 #define ROW(DD) attend_row(DD, height, width, i0, i1, plane, U + r * (D + 1), AY + r * height, AX + r * width, \
                            Pb, M + r, S + r, ACC + r * (D + 1), TY + r * height, TX + r * width, s, e)
-            switch (D) {
-                case 1: ROW(1); break;
-                case 2: ROW(2); break;
-                case 3: ROW(3); break;
-                case 4: ROW(4); break;
-                default: ROW(D); break;
-            }
+            BY_CHANNELS(D, ROW);
 #undef ROW
         }
         free(s);
@@ -173,13 +184,7 @@ static inline __attribute__((always_inline)) void backward_row(
         }
         ty[i] += rowinv;
         acc[D] += rowmu;
-        for (int64_t c = 0; c < D; ++c) {
-            const float *pc = P + c * plane + off;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t j = 0; j < width; ++j) dot += w[j] * pc[j];
-            acc[c] += dot;
-        }
+        accumulate_planes(D, width, off, plane, P, w, acc);
     }
 }
 
@@ -203,13 +208,7 @@ int perceivers_grid_attention_backward(
 #define ROW(DD) backward_row(DD, width, i0, i1, plane, U + r * (D + 1), AY + r * height, AX + r * width, \
                              V + r * (D + 1), BY + r * height, BX + r * width, LSE[r], CR[r], Pb, \
                              ACC + r * (D + 1), TY + r * height, TX + r * width, w)
-            switch (D) {
-                case 1: ROW(1); break;
-                case 2: ROW(2); break;
-                case 3: ROW(3); break;
-                case 4: ROW(4); break;
-                default: ROW(D); break;
-            }
+            BY_CHANNELS(D, ROW);
 #undef ROW
         }
         free(w);
