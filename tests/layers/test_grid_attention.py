@@ -49,7 +49,8 @@ def _assert_same_grads(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize(
     ("d", "height", "width", "rows", "offset", "affine"),
-    [(3, 12, 20, 5, 0.0, True), (1, 7, 9, 7, 0.0, True), (6, 10, 3, 4, 0.0, False), (3, 9, 11, 2, 300.0, True)],
+    [(3, 12, 20, 5, 0.0, True), (1, 7, 9, 7, 0.0, True), (6, 10, 3, 4, 0.0, False), (3, 9, 11, 2, 300.0, True),
+     (3, 1, 37, 1, 0.0, True), (2, 37, 1, 5, 0.0, True)],
 )
 def test_matches_plain_attention(d, height, width, rows, offset, affine):
     attn, norm, x, grid, context = _problem(d, height, width, offset=offset, affine=affine)
