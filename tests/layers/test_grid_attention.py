@@ -130,6 +130,26 @@ def test_perceiver_stream_uses_the_kernel(monkeypatch):
     torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_videos_go_through_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    model = Perceiver(num_freq_bands=3, depth=2, max_freq=6.0, input_channels=3, input_axis=3, num_latents=8,
+                      latent_dim=16, cross_dim_head=8, latent_dim_head=8, num_classes=4).eval()
+    video = torch.randn(2, 4, 16, 20, 3)  # 1280 positions per sample: T·H = 64 grid rows of 20
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        native = model(video)
+        assert len(calls) == 2
+        model.chunk_size = 0
+        whole = model(video)
+    torch.testing.assert_close(native, whole, rtol=1e-5, atol=1e-6)
+    model.chunk_size = None
+    model.train()
+    native_grads = _param_grads(model, lambda: model(video).pow(2).mean())
+    assert len(calls) == 4
+    monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+    _assert_same_grads(native_grads, _param_grads(model, lambda: model(video).pow(2).mean()))
+
+
 def test_small_images_go_through_the_kernel_too(monkeypatch):
     monkeypatch.setattr(ga, "MIN_PIXELS", 1)  # tiny images, the mechanism of the large ones
     torch.manual_seed(0)

@@ -258,7 +258,8 @@ class Perceiver(nn.Module):
         """The context as a :class:`~perceivers.layers.ContextStream` when ``chunk_size`` streams it, else None.
 
         Chunks hold the input rows and the Fourier features of those positions only. An image
-        ``[B, H, W, C]`` with Fourier features also carries its :class:`~perceivers.layers.GridContext`,
+        ``[B, H, W, C]`` (or a video ``[B, T, H, W, C]``, its ``T·H`` rows as the grid's rows) with
+        Fourier features also carries its :class:`~perceivers.layers.GridContext`,
         on CPU in float32 without a mask (``masked``) it is given as a one-chunk stream even when too
         small to stream, so that the native grid kernel attends it, in inference and in training
         (:mod:`perceivers.layers.grid_attention`; ``chunk_size=0`` turns that off too).
@@ -268,7 +269,7 @@ class Perceiver(nn.Module):
         m = data.shape[1] if pos is not None else math.prod(data.shape[1:-1])
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(m, self.chunk_size, grad=grad)
-        gridded = self.position_encoding is not None and pos is None and data.ndim == 4
+        gridded = self.position_encoding is not None and pos is None and data.ndim in (4, 5)
         dropout = self.training and any(b.cross_attn.attn.dropout > 0 for b in self.blocks if b.cross_attn)
         if not size and gridded and self.chunk_size is None and grid_attention.serves(
                 data, grad=torch.is_grad_enabled() and data.requires_grad, masked=masked, dropout=dropout, pixels=m):
@@ -300,8 +301,10 @@ class Perceiver(nn.Module):
                 return torch.cat((flat[:, a:z], feats.expand(b, -1, -1)), dim=-1)
 
         grid = None
-        if gridded:  # the grid kernel scores the positions per axis
-            grid = GridContext(data, tuple(data.shape[1:3]), tuple(enc.axis_tables(data.shape[1:3], data.device)))
+        if gridded:  # the grid kernel scores the positions per axis (a video's time and height axes as rows)
+            tables = enc.axis_tables(data.shape[1:-1], data.device)
+            rows = tables[0] if len(tables) == 2 else (tables[0][:, None] + tables[1][None]).flatten(0, 1)
+            grid = GridContext(data.flatten(1, -3), (rows.shape[0], data.shape[-2]), (rows, tables[-1]))
         return ContextStream(b, m, self.context_dim, chunk, size, grid=grid)
 
     def forward(
