@@ -117,8 +117,7 @@ class PerceiverIOModel(nn.Module):
         cross = getattr(self.encoder, "cross_attention", None)
         dropout = self.training and cross is not None and cross.attn.dropout > 0
         if (not size and self.chunk_size is None and getattr(pre, "gives_grid", lambda x: False)(inputs)
-                and grid_attention.serves(inputs, grad=torch.is_grad_enabled() and inputs.requires_grad,
-                                          masked=masked, dropout=dropout, pixels=length)):
+                and grid_attention.serves(inputs, masked=masked, dropout=dropout, pixels=length)):
             size = length
         return size
 

@@ -67,14 +67,14 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def serves(data: Tensor, *, grad: bool, masked: bool, dropout: bool = False, pixels: int | None = None) -> bool:
+def serves(data: Tensor, *, masked: bool, dropout: bool = False, pixels: int | None = None) -> bool:
     """Whether a grid context built from ``data`` would go through the kernel: float32 on CPU, the
-    image itself not needing a gradient (``grad``), no key mask, no attention dropout, not compiling or
-    tracing; with ``pixels`` (per sample), at least :data:`MIN_PIXELS` of them (models use it to give
-    images too small to stream to the kernel as one chunk)."""
+    image itself not needing a gradient, no key mask, no attention dropout, not compiling or tracing;
+    with ``pixels`` (per sample), at least :data:`MIN_PIXELS` of them (models use it to give images too
+    small to stream to the kernel as one chunk)."""
     return (
         (pixels is None or pixels >= MIN_PIXELS)
-        and not grad and not masked and not dropout and data.device.type == "cpu" and data.dtype == torch.float32
+        and not (torch.is_grad_enabled() and data.requires_grad) and not masked and not dropout and data.device.type == "cpu" and data.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting() and not torch.jit.is_tracing() and available()
     )
@@ -89,8 +89,7 @@ def applies(attn: nn.Module, norm: nn.Module, x: Tensor, grid: GridContext, mask
         and tuple(norm.normalized_shape) == (attn.kv_dim,)
         and grid.channels == attn.kv_dim
         and x.device.type == "cpu" and x.dtype == torch.float32
-        and serves(grid.data, grad=torch.is_grad_enabled() and grid.data.requires_grad, masked=mask is not None,
-                   dropout=attn.training and attn.dropout > 0)
+        and serves(grid.data, masked=mask is not None, dropout=attn.training and attn.dropout > 0)
     )
 
 
@@ -172,7 +171,7 @@ class _GridAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qf: Tensor, gamma: Tensor, beta: Tensor, grid: GridContext, eps: float, chunk_pixels: int):
         lib = _kernel()
-        qf, gamma, beta = qf.detach().float(), gamma.detach().float(), beta.detach().float()
+        qf, gamma, beta = qf.detach(), gamma.detach(), beta.detach()  # float32 (see applies)
         b, heads, n, c = qf.shape
         tables = tuple(t.to(torch.float32) for t in grid.tables)
         planes = _Planes(lib, grid, eps, chunk_pixels)

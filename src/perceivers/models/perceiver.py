@@ -272,7 +272,7 @@ class Perceiver(nn.Module):
         gridded = self.position_encoding is not None and pos is None and data.ndim in (4, 5)
         dropout = self.training and any(b.cross_attn.attn.dropout > 0 for b in self.blocks if b.cross_attn)
         if not size and gridded and self.chunk_size is None and grid_attention.serves(
-                data, grad=torch.is_grad_enabled() and data.requires_grad, masked=masked, dropout=dropout, pixels=m):
+                data, masked=masked, dropout=dropout, pixels=m):
             size = m
         if not size:
             return None
