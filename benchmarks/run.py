@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "pass --skip with nothing to run everything")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="fp32 (CPU default) or bf16 autocast (CUDA default)")
+    p.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
+                   help="AdamW implementation of the training step, the same for every implementation (default: "
+                        "fused, one pass per parameter; foreach is PyTorch's default)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     p.add_argument("--budget", type=float, default=90.0, help="seconds of timing per workload and mode")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -69,10 +72,10 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def make_step(built: W.Built, inputs: tuple, device: torch.device, precision: str):
+def make_step(built: W.Built, inputs: tuple, device: torch.device, precision: str, optimizer: str = "fused"):
     model = built.model
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **{optimizer: True})
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -109,7 +112,7 @@ def memory_case(args: argparse.Namespace) -> None:
     gc.collect()
     meter = measure.PeakMemory(device)
     fn = make_forward(built, inputs, device, args.precision) if mode == "infer" else \
-        make_step(built, inputs, device, args.precision)
+        make_step(built, inputs, device, args.precision, args.optimizer)
     t0 = time.perf_counter()
     for _ in range(1 if wl.heavy else 2):
         fn()
@@ -119,6 +122,7 @@ def memory_case(args: argparse.Namespace) -> None:
 
 def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> dict:
     cmd = [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
+           "--optimizer", args.optimizer,
            *(["--threads", str(args.threads)] if args.threads else []),
            "--memory-case", wl.name, impl, mode, str(batch)]
     try:
@@ -198,7 +202,7 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
 
     # Training step
     if wl.train and not args.no_train:
-        steps = {impl: make_step(b, inputs, device, args.precision) for impl, b in built.items()}
+        steps = {impl: make_step(b, inputs, device, args.precision, args.optimizer) for impl, b in built.items()}
         times = measure.alternate({**steps, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup,
                                   budget_s=args.budget)
         rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
@@ -287,7 +291,7 @@ def main(argv=None) -> None:
     path_json = out_dir / f"{tag}.json"
     results = report.load(path_json)
     run_info = {"machine": desc, "rates": rates, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "device": str(device), "precision": args.precision}
+                "device": str(device), "precision": args.precision, "optimizer": args.optimizer}
     for wl in chosen:
         try:
             entry = run_workload(args, wl, device, rates)

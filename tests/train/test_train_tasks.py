@@ -3,6 +3,7 @@ in-memory arrays, bf16, activation checkpointing, schedules and attention maps."
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -139,6 +140,22 @@ def test_activation_checkpointing_keeps_gradients():
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], msg=name)
     assert set(model.state_dict()) == keys
+
+
+def _optimizer(task: ClassificationTask) -> torch.optim.Optimizer:
+    config = task.configure_optimizers()
+    return config["optimizer"] if isinstance(config, dict) else config
+
+
+def test_optimizers_with_a_fused_kernel_use_it_unless_configured():
+    model = Perceiver(input_channels=1, num_classes=3, **TINY)
+    assert _optimizer(ClassificationTask(model)).defaults["fused"] is True  # AdamW, the default
+    assert _optimizer(ClassificationTask(model, optimizer=functools.partial(torch.optim.SGD, lr=0.1))).defaults["fused"]
+    chosen = ClassificationTask(model, optimizer=functools.partial(torch.optim.AdamW, foreach=True))
+    assert not _optimizer(chosen).defaults["fused"] and _optimizer(chosen).defaults["foreach"]
+    assert not _optimizer(ClassificationTask(model, optimizer=functools.partial(torch.optim.Adam, fused=False))).defaults[
+        "fused"]
+    assert "fused" not in _optimizer(ClassificationTask(model, optimizer=torch.optim.RMSprop)).defaults  # no such kernel
 
 
 def test_flat_cosine_schedule():
