@@ -174,9 +174,18 @@ def count_flops(fn: Callable[[], None]) -> int:
 # ------------------------------------------------------------------------------------------ machine
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+def reference_size(device: torch.device) -> int:
+    """Side of the square products that measure a device's matmul rate: 2048 on CPU, 8192 on a GPU."""
+    return 2048 if device.type == "cpu" else 8192
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
                 seconds: float = 2.0) -> float:
-    """Measured dense matmul FLOP/s for ``n × n`` operands (the best of several timed batches)."""
+    """Measured dense matmul FLOP/s for ``n × n`` operands (the best of several timed batches).
+
+    ``n`` defaults to 2048 on CPU and 8192 on a GPU (which needs a large product to approach its peak).
+    """
+    n = n or reference_size(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
@@ -184,7 +193,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     synchronize(device)
     best = 0.0
     deadline = time.perf_counter() + seconds
-    reps = 4 if device.type == "cpu" else 50
+    reps = 4 if device.type == "cpu" else 20
     while True:
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -250,10 +259,34 @@ def machine_description(device: torch.device) -> dict:
     return desc
 
 
-def matmul_case(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+# Dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, TFLOP/s: the denominator of model FLOP
+# utilisation on CUDA. fp32 runs use TF32 tensor cores there (run.py allows TF32). Checked in order: the
+# first name fragment found in the device name wins, so the PCIe/NVL parts come before the generic SXM entry.
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 417.5}),
+    ("H100", {"bf16": 989.4, "fp32": 494.7}),
+    ("H200", {"bf16": 989.4, "fp32": 494.7}),
+    ("A100", {"bf16": 312.0, "fp32": 156.0}),
+    ("L40S", {"bf16": 362.05, "fp32": 183.0}),
+    ("L4", {"bf16": 121.0, "fp32": 60.0}),
+)
+
+
+def gpu_peak_flop_per_s(name: str, precision: str) -> float | None:
+    """The data-sheet dense peak (FLOP/s) of a GPU named ``name`` at ``precision``, or None if unknown."""
+    for fragment, peaks in GPU_PEAK_TFLOPS:
+        if fragment in name:
+            tflops = peaks.get(precision)
+            return None if tflops is None else tflops * 1e12
+    return None
+
+
+def matmul_case(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
                 reps: int | None = None) -> tuple[Callable[[], None], int]:
     """A dense-matmul job to time interleaved with the models: ``(fn, flops per call)``."""
-    reps = reps or (16 if device.type == "cpu" else 200)
+    n = n or reference_size(device)
+    reps = reps or (16 if device.type == "cpu" else 20)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
 

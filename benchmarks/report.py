@@ -70,8 +70,13 @@ def markdown(results: dict) -> str:
     if rates:
         lines.append("Measured dense matmul rate at the start: " + ", ".join(
             f"{k.replace('_flop_per_s', '').replace('matmul', 'fp32' if k == 'matmul_flop_per_s' else '')} "
-            f"{v / 1e9:.0f} GFLOP/s".replace("  ", " ") for k, v in rates.items()) + "; each workload also "
+            f"{v / 1e9:.0f} GFLOP/s".replace("  ", " ") for k, v in rates.items() if k.startswith("matmul"))
+                     + "; each workload also "
                      "times a matmul job interleaved with the models (column *matmul*).")
+    optimizers = sorted({(e.get("run") or {}).get("optimizer", "foreach") for e in results.get("workloads", {}).values()})
+    if optimizers:
+        lines.append(f"Training step: forward + backward + AdamW ({' / '.join(optimizers)}; `foreach` is PyTorch's "
+                     "default, `fused` one pass per parameter), the same for every implementation.")
     lines += ["", ("Times are medians of interleaved repeats; ×peer = the fastest peer's time / this time "
               "(>1: perceivers is faster); memory = peak above the process's footprint after building the model "
               "and inputs, each case in its own process (CPU: peak RSS; CUDA: max_memory_allocated); FLOPs are "
@@ -119,5 +124,15 @@ def markdown(results: dict) -> str:
                      f"{_fmt(s.get('train_speedup_vs_fastest_peer'), '.2f')}× | "
                      f"{_fmt(s.get('infer_memory_vs_leanest_peer'), '.3f')}× | "
                      f"{_fmt(s.get('train_memory_vs_leanest_peer'), '.3f')}× |")
+    mfu = [(name, impl, (d.get("infer") or {}).get("mfu"), (d.get("train") or {}).get("mfu"))
+           for name, e in results.get("workloads", {}).items() for impl, d in e["impls"].items()]
+    mfu = [row for row in mfu if row[2] is not None or row[3] is not None]
+    if mfu:
+        peak = rates.get("peak_flop_per_s")
+        lines += ["", f"## Model FLOP utilisation (counted FLOP/s over the data-sheet dense peak, "
+                      f"{_fmt(peak and peak / 1e12, '.1f')} TFLOP/s)", "",
+                  "| workload | impl | inference | training step |", "|---|---|---|---|"]
+        lines += [f"| {name} | {impl} | {_fmt(i and 100 * i, '.1f')}% | {_fmt(t and 100 * t, '.1f')}% |"
+                  for name, impl, i, t in mfu]
     lines.append("")
     return "\n".join(lines)

@@ -220,12 +220,16 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
                 tr["flop_per_s"] = flops / tr["median_s"]
                 tr["flop_per_s_best"] = flops / tr["min_s"]
                 tr["fraction_of_matmul"] = tr["flop_per_s"] / entry["matmul_flop_per_s_train"]
+                if rates.get("peak_flop_per_s"):
+                    tr["mfu"] = tr["flop_per_s"] / rates["peak_flop_per_s"]
         del steps
     for impl in list(built):
         inf = entry["impls"][impl].get("infer")
         if inf and "flops_per_sample" in inf:
             inf["flop_per_s"] = inf["flops_per_sample"] * inf["samples_per_s"]
             inf["fraction_of_matmul"] = inf["flop_per_s"] / entry["matmul_flop_per_s"]
+            if rates.get("peak_flop_per_s"):
+                inf["mfu"] = inf["flop_per_s"] / rates["peak_flop_per_s"]
     del fwd, built, inputs
     gc.collect()
 
@@ -284,6 +288,9 @@ def main(argv=None) -> None:
     rates = {"matmul_flop_per_s": measure.matmul_rate(device, torch.float32)}
     if args.precision == "bf16" or device.type == "cuda":
         rates["matmul_bf16_flop_per_s"] = measure.matmul_rate(device, torch.bfloat16)
+    peak = measure.gpu_peak_flop_per_s(desc.get("gpu", ""), args.precision) if device.type == "cuda" else None
+    if peak:
+        rates["peak_flop_per_s"] = peak  # the data sheet's, for model FLOP utilisation
     print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in rates.items()), flush=True)
     tag = args.tag or machine_tag(device, desc)
     out_dir = Path(args.out)

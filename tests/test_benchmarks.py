@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,3 +28,21 @@ def test_benchmark_reports_every_implementation_on_the_same_weights(tmp_path):
     assert entry["run"]["optimizer"] == "fused" and entry["run"]["precision"] == "fp32"
     table = (tmp_path / "smoke.md").read_text()
     assert "io-2048x128" in table and "perceiver-pytorch" in table
+
+
+def test_gpu_data_sheet_peaks_feed_the_utilisation_table():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import measure
+    import report
+
+    assert measure.gpu_peak_flop_per_s("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert measure.gpu_peak_flop_per_s("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.0e12)  # not the SXM part's
+    assert measure.gpu_peak_flop_per_s("NVIDIA H200", "fp32") == pytest.approx(494.7e12)  # TF32
+    assert measure.gpu_peak_flop_per_s("NVIDIA GeForce RTX 4090", "bf16") is None
+    results = {"machine": {"gpu": "NVIDIA H200"}, "rates": {"matmul_bf16_flop_per_s": 7.0e14, "peak_flop_per_s": 989.4e12},
+               "workloads": {"vision": {"batch": 1, "summary": {}, "impls": {"perceivers": {
+                   "params": 10, "infer": {"median_s": 0.1, "mfu": 0.25}, "train": {"median_s": 0.3, "mfu": 0.5}}}}}}
+    text = report.markdown(results)
+    assert "bf16 700000 GFLOP/s" in text  # the measured rate
+    assert "989.4 TFLOP/s" in text and "| vision | perceivers | 25.0% | 50.0% |" in text
+    assert "peak 989" not in text  # the data sheet's figure is not listed as a measured rate
