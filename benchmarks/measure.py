@@ -42,12 +42,16 @@ def alternate(
     repeats: int,
     warmup: int = 1,
     budget_s: float | None = None,
+    min_time_s: float = 0.0,
+    max_repeats: int = 30,
 ) -> dict[str, list[float]]:
-    """Time every case ``repeats`` times, interleaved (round-robin, rotating who goes first).
+    """Time every case at least ``repeats`` times, interleaved (round-robin, rotating who goes first).
 
     Interleaving spreads the load of a shared machine over all implementations alike, so that the
     ratios between them stay meaningful when the absolute times drift. Returns seconds per call.
-    ``budget_s`` stops after the round in which the total time passed the budget (≥ 1 round).
+    Rounds go on past ``repeats`` while less than ``min_time_s`` has passed (fast cases get more
+    samples, up to ``max_repeats``); ``budget_s`` stops after the round in which the total time passed
+    the budget (≥ 1 round).
     """
     names = list(cases)
     for name in names:
@@ -56,7 +60,9 @@ def alternate(
         synchronize(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
-    for r in range(repeats):
+    for r in range(max(repeats, max_repeats)):
+        if r >= repeats and time.perf_counter() - start >= min_time_s:
+            break
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             synchronize(device)
@@ -286,7 +292,7 @@ def matmul_case(device: torch.device, dtype: torch.dtype = torch.float32, n: int
                 reps: int | None = None) -> tuple[Callable[[], None], int]:
     """A dense-matmul job to time interleaved with the models: ``(fn, flops per call)``."""
     n = n or reference_size(device)
-    reps = reps or (16 if device.type == "cpu" else 20)
+    reps = reps or (4 if device.type == "cpu" else 20)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
 

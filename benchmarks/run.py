@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="AdamW implementation of the training step, the same for every implementation (default: "
                         "fused, one pass per parameter; foreach is PyTorch's default)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
+    p.add_argument("--min-time", type=float, default=10.0,
+                   help="keep timing rounds (past --repeats, up to 30) until this many seconds per workload and mode")
     p.add_argument("--budget", type=float, default=90.0, help="seconds of timing per workload and mode")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
@@ -186,7 +188,8 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
     # Inference
     fwd = {impl: make_forward(b, inputs, device, args.precision) for impl, b in built.items()}
     mm_fn, mm_flops = measure.matmul_case(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
-    times = measure.alternate({**fwd, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup, budget_s=args.budget)
+    times = measure.alternate({**fwd, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup, budget_s=args.budget,
+                                  min_time_s=0.0 if wl.heavy or args.quick else args.min_time)
     rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
     entry["matmul_flop_per_s"] = rate
     print(f"  matmul rate (interleaved) {rate / 1e9:.1f} GFLOP/s", flush=True)
@@ -204,7 +207,7 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
     if wl.train and not args.no_train:
         steps = {impl: make_step(b, inputs, device, args.precision, args.optimizer) for impl, b in built.items()}
         times = measure.alternate({**steps, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup,
-                                  budget_s=args.budget)
+                                  budget_s=args.budget, min_time_s=0.0 if wl.heavy or args.quick else args.min_time)
         rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
         entry["matmul_flop_per_s_train"] = rate
         for impl, t in times.items():

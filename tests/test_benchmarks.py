@@ -46,3 +46,17 @@ def test_gpu_data_sheet_peaks_feed_the_utilisation_table():
     assert "bf16 700000 GFLOP/s" in text  # the measured rate
     assert "989.4 TFLOP/s" in text and "| vision | perceivers | 25.0% | 50.0% |" in text
     assert "peak 989" not in text  # the data sheet's figure is not listed as a measured rate
+
+
+def test_fast_cases_get_more_rounds_up_to_the_cap():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import measure
+    import torch
+
+    cases = {"a": lambda: None, "b": lambda: None}
+    cpu = torch.device("cpu")
+    assert [len(t) for t in measure.alternate(cases, cpu, repeats=3).values()] == [3, 3]
+    more = measure.alternate(cases, cpu, repeats=3, min_time_s=60.0, max_repeats=7)
+    assert [len(t) for t in more.values()] == [7, 7]  # the cap ends it long before a minute
+    capped = measure.alternate(cases, cpu, repeats=3, min_time_s=60.0, max_repeats=7, budget_s=0.0)
+    assert [len(t) for t in capped.values()] == [1, 1]  # the budget ends it after one round
