@@ -245,3 +245,59 @@ def test_load_checkpoint_lucidrains_state_dict(tmp_path):
 def test_missing_path_and_bad_id(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an existing path nor a Hub repo id"):
         from_pretrained(tmp_path / "nope" / "deeper")
+
+
+def test_missing_relative_path_shaped_like_a_repo_id(tmp_path, monkeypatch):
+    """'runs/nosuch' could be a local folder or a Hub repo: the error names the string, says it is not a
+    local path and that the Hub fetch failed, with the reason on one line (here: not in the empty cache)."""
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError) as info:
+        from_pretrained("runs/nosuch", cache_dir=cache, local_files_only=True)
+    message = str(info.value)
+    assert "'runs/nosuch' is not an existing local path" in message
+    assert "fetching Hub repo 'runs/nosuch' failed" in message
+    assert "\n" not in message
+    fresh = create_model("vision-perceiver-fourier", tiny=True)
+    with pytest.raises(FileNotFoundError, match="'runs/nosuch' is not an existing local path"):
+        load_checkpoint(fresh, "runs/nosuch", cache_dir=cache, local_files_only=True)
+
+
+def test_failed_hub_fetch_reason_is_one_line(tmp_path, monkeypatch):
+    """A download that fails for lack of a network (simulated: no test touches the network) is reported with
+    huggingface_hub's first line and the root cause, not as a bare multi-line LocalEntryNotFoundError."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **kwargs):
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as e:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub.\n"
+                                          "Please check your internet connection and try again.") from e
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        from_pretrained("runs/nosuch")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'runs/nosuch' is not an existing local path" in message
+    assert "LocalEntryNotFoundError: An error happened while trying to locate the files on the Hub." in message
+    assert "ConnectionError: [Errno -2] Name or service not known" in message
+    assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
+
+
+def test_save_into_a_file_is_refused(tmp_path):
+    from perceivers.convert.transformers import save_transformers
+
+    target = tmp_path / "picture.png"
+    target.write_bytes(b"not a directory")
+    model = create_model("optical-flow-perceiver", **FLOW)
+    with pytest.raises(ValueError, match=r"picture\.png is a file, not a directory"):
+        save_pretrained(model, target)
+    with pytest.raises(ValueError, match=r"picture\.png \(a parent of .*sub\) is a file, not a directory"):
+        save_pretrained(model, target / "sub")
+    with pytest.raises(ValueError, match=r"picture\.png is a file, not a directory"):
+        save_transformers(model, target)
+    assert target.read_bytes() == b"not a directory"

@@ -126,6 +126,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
 
     Returns:
         the directory.
+
+    Raises:
+        ValueError: ``save_directory`` (or a parent) is a file.
     """
     from .convert.state_dict import save_state_dict
 
@@ -137,13 +140,31 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
     }
     if extra:
         config["extra"] = extra
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _make_directory(save_directory)
     # Both files are written completely before either replaces its previous version, so a crash or a
     # full disk while saving leaves the previous (config, weights) pair as it was.
     with atomic_path(directory / WEIGHTS_NAME) as weights, atomic_path(directory / CONFIG_NAME) as config_file:
         save_state_dict(model.state_dict(), weights, metadata={"perceivers.format": FORMAT})
         config_file.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return directory
+
+
+def _check_directory(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a ``Path``, after checking that neither it nor a parent is a file (``ValueError`` if so)."""
+    directory = Path(path)
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "" if candidate == directory else f" (a parent of {directory})"
+                raise ValueError(f"{candidate}{where} is a file, not a directory")
+            break
+    return directory
+
+
+def _make_directory(path: str | os.PathLike[str]) -> Path:
+    """Create the directory ``path`` (and its parents) to write into; ``ValueError`` where a file is in the way."""
+    directory = _check_directory(path)
+    directory.mkdir(parents=True, exist_ok=True)
     return directory
 
 
@@ -164,6 +185,10 @@ def resolve(
     """A local file/directory as is, or a Hub repo id → its snapshot directory (via the HF cache).
 
     With ``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) only the cache is consulted.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is not an existing path, and not a repo id the Hub (or the
+            cache) can provide; the message names it and gives the download's reason on one line.
     """
     path = Path(name_or_path)
     if path.exists():
@@ -176,7 +201,23 @@ def resolve(
     kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "token": token}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
-    return Path(snapshot_download(name, **kwargs))
+    try:
+        return Path(snapshot_download(name, **kwargs))
+    except (OSError, ValueError) as e:  # huggingface_hub's errors: offline, no such repo, network, bad id
+        raise FileNotFoundError(f"{name!r} is not an existing local path, and fetching Hub repo {name!r} failed "
+                                f"(offline, not cached, or no such repo): {_one_line(e)}") from e
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of ``error``, plus its root cause when the message does not name it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is not error and type(cause).__name__ not in text:
+        text += f" (from {type(cause).__name__}: {' '.join(str(cause).split())})"
+    return text
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:

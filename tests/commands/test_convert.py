@@ -129,3 +129,50 @@ def test_convert_errors(tmp_path, capsys):
     small = save_pretrained(create_model("vision-perceiver-fourier", tiny=True), tmp_path / "fourier")
     assert convert.main([str(small), str(tmp_path / "c"), "--to", "transformers"]) == 2
     assert "transformers fixes" in capsys.readouterr().err
+
+
+def test_convert_has_no_checkpoint_option(tmp_path, capsys):
+    """The checkpoint is SRC; `--checkpoint` is not offered (predict keeps it)."""
+    from perceivers.commands import predict
+
+    assert "--checkpoint" not in convert.build_parser().format_help()
+    assert "--checkpoint" in predict.build_parser().format_help()
+    src = save_pretrained(_model("optical-flow-perceiver"), tmp_path / "ours")
+    with pytest.raises(SystemExit) as info:
+        convert.main([str(src), str(tmp_path / "out"), "--checkpoint", str(src)])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_convert_destination_is_a_file(tmp_path, capsys, force):
+    src = save_pretrained(_model("optical-flow-perceiver"), tmp_path / "ours")
+    dst = tmp_path / "existing.png"
+    dst.write_bytes(b"png")
+    for target in (dst, dst / "sub"):
+        assert convert.main([str(src), str(target), *(["--force"] if force else [])]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("perceivers convert: error: ") and f"{dst}" in err
+        assert "is a file, not a directory" in err and "not empty" not in err
+    assert dst.read_bytes() == b"png"
+
+
+def test_convert_missing_relative_source(tmp_path, capsys, monkeypatch):
+    """A missing `owner/name`-shaped SRC: one error line naming it, not a local path, Hub fetch failed (why)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **kwargs):  # what snapshot_download raises without a network (no test goes online)
+        raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder.\nCheck your connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    assert convert.main(["runs/nosuch", "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("perceivers convert: error: ")
+    assert "'runs/nosuch' is not an existing local path" in err
+    assert "fetching Hub repo 'runs/nosuch' failed" in err and "Cannot find an appropriate cached snapshot" in err
+    assert convert.main(["./runs/nosuch", "out"]) == 2
+    assert "neither an existing path nor a Hub repo id" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -13,12 +13,14 @@ from torch import nn
 __all__ = ["add_model_arguments", "load_model", "parse_overrides"]
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--checkpoint``, ``--config`` and ``--numerics``."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, checkpoint: bool = True) -> None:
+    """``--model``, ``--checkpoint`` (unless ``checkpoint=False``: the command takes it positionally),
+    ``--config`` and ``--numerics``."""
     parser.add_argument("--model", help="registered model name (see perceivers.list_models()); needed for "
                         "Haiku pickles and bare state dicts, implied by perceivers/transformers directories")
-    parser.add_argument("--checkpoint", help="weights: a Haiku pickle, a transformers or perceivers directory, "
-                        "a Hub repo id, or a .safetensors/.pt state dict")
+    if checkpoint:
+        parser.add_argument("--checkpoint", help="weights: a Haiku pickle, a transformers or perceivers directory, "
+                            "a Hub repo id, or a .safetensors/.pt state dict")
     parser.add_argument("--config", help="create_model overrides as JSON (inline or a .json file), for checkpoints "
                         "whose sizes differ from the official ones")
     parser.add_argument("--numerics", choices=("deepmind", "transformers"), default="deepmind",

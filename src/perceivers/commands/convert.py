@@ -28,26 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--to", choices=("perceivers", "transformers"), default="perceivers",
                         help="output format (default perceivers)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty DST")
-    add_model_arguments(parser)
-    parser.set_defaults(checkpoint=None)
+    add_model_arguments(parser, checkpoint=False)  # the checkpoint is SRC
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.checkpoint is not None:
-        print("perceivers convert: error: give the checkpoint as SRC, not --checkpoint", file=sys.stderr)
-        return 2
     if args.numerics != "deepmind":
         # transformers' GELU and conv stem are run-time switches that no checkpoint format records
         print("perceivers convert: error: --numerics applies to predict; convert writes DeepMind numerics",
               file=sys.stderr)
         return 2
     dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
-        print(f"perceivers convert: error: {dst} exists and is not empty (use --force)", file=sys.stderr)
-        return 2
     try:
+        _check_destination(dst, force=args.force)
         model = load_model(args.model, args.src, parse_overrides(args.config), numerics=args.numerics)
         if args.to == "perceivers":
             from ..hub import save_pretrained
@@ -64,6 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {name} ({count:,} parameters) to {dst} in {args.to} format")
     return 0
+
+
+def _check_destination(dst: Path, *, force: bool) -> None:
+    """Refuse a DST that is (or lies under) a file, and a non-empty DST without ``--force``, before any work."""
+    from ..hub import _check_directory
+
+    _check_directory(dst)
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise ValueError(f"{dst} exists and is not empty (use --force)")
 
 
 if __name__ == "__main__":

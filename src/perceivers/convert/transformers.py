@@ -341,18 +341,43 @@ def transformers_config(model: nn.Module) -> dict[str, Any]:
                            "attention_probs_dropout_prob": 0.0}
     cfg.update({k: getattr(c, k) for k in _TRUNK_FIELDS})
     _, expected = overrides_from_config({**cfg, **_config_extras(c, arch)}, arch)
-    mismatched = {k: (getattr(c, k), v) for k, v in expected.items()
+    if arch == "PerceiverForOpticalFlow":
+        expected["max_resolution"] = tuple(c.train_size)  # transformers' Fourier frequencies come from train_size
+    # compare what the model computes with: a None field means its default (e.g. max_resolution = the token grid)
+    mismatched = {k: (getattr(c, k, None), _effective(c, k), v) for k, v in expected.items()
                   if not (k == "decoder_query_residual" and arch.endswith("Learned"))
-                  and _norm(getattr(c, k, None)) != _norm(v)}
+                  and _effective(c, k) != _norm(v)}
     if mismatched:
         raise ValueError(f"{model.model_name} cannot be written in transformers' format: transformers fixes "
-                         + ", ".join(f"{k}={v[1]!r} (model has {v[0]!r})" for k, v in mismatched.items()))
+                         + ", ".join(f"{k}={want!r} (model has {_describe(raw, got)})"
+                                     for k, (raw, got, want) in mismatched.items()))
     cfg.update(_config_extras(c, arch))
     return cfg
 
 
 def _norm(v: Any) -> Any:
     return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _effective(c: Any, key: str) -> Any:
+    """The value of config field ``key`` the built model uses: ``None`` resolved as the task models resolve it."""
+    value = getattr(c, key, None)
+    if value is not None:
+        return _norm(value)
+    if key == "max_resolution":  # image classifiers: the token grid; optical flow: train_size
+        grid = c.token_grid if hasattr(c, "token_grid") else getattr(c, "train_size", None)
+        return _norm(grid)
+    if key == "decoder_qk_channels":  # MLM decoder: qk_channels, else BasicDecoder's default (d_latents)
+        return c.qk_channels if c.qk_channels is not None else c.d_latents
+    if key == "decoder_v_channels":  # MLM decoder: d_model
+        return c.d_model
+    return None
+
+
+def _describe(raw: Any, effective: Any) -> str:
+    if raw is None and effective is not None:
+        return f"None, i.e. {effective!r}"
+    return repr(_norm(raw))
 
 
 def _config_extras(c: Any, arch: str) -> dict[str, Any]:
@@ -505,12 +530,16 @@ def save_transformers(model: nn.Module, directory: str | os.PathLike[str], *, re
     transformers then computes with its own numerics (exact GELU, its conv stem, …); the weights are
     the same. The stem kernel is stored H/W-swapped like transformers' converted checkpoints
     (``redo_conv_transpose=False`` stores it as is).
+
+    Raises:
+        ValueError: the model has sizes transformers cannot express, or ``directory`` is a file.
     """
+    from ..hub import _make_directory
+
     cfg = transformers_config(model)
     arch = cfg["architectures"][0]
     state = to_transformers_state_dict(model.state_dict(), arch, redo_conv_transpose=redo_conv_transpose)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _make_directory(directory)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     save_state_dict(state, directory / "model.safetensors")
     return directory
