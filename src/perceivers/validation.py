@@ -40,6 +40,7 @@ __all__ = [
     "NarrowContextWarning",
     "as_bool_mask",
     "check_finite",
+    "check_index_range",
     "check_like",
     "check_tensor",
     "data_dependent_checks",
@@ -80,6 +81,14 @@ def data_dependent_checks() -> bool:
         return False
     onnx = getattr(torch, "onnx", None)
     return not (onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+
+
+def check_index_range(x: Tensor, upper: int, name: str) -> None:
+    """Raise if integer ``x`` has a value outside ``[0, upper)`` (skipped while compiling or exporting)."""
+    if x.numel() and data_dependent_checks():
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high >= upper:
+            raise ValueError(f"{name} must lie in [0, {upper}), got [{low}, {high}]")
 
 
 def _describe(x: object) -> str:

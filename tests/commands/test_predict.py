@@ -134,3 +134,11 @@ def test_input_errors(tmp_path, image, capsys):
     assert "two frames" in capsys.readouterr().err
     assert predict.main([str(image), "--checkpoint", str(tmp_path / "flow"), "--model", "language-perceiver"]) == 2
     assert "holds optical-flow-perceiver" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_top_k_must_be_a_positive_whole_number(image, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(image), "--model", "vision-perceiver-conv", "--top-k", value])
+    assert exit_info.value.code == 2
+    assert "--top-k" in capsys.readouterr().err

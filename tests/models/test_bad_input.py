@@ -137,6 +137,12 @@ CASES = {
         ValueError,
         [r"\(2, 20, 2\)", r"\(2, 20, 3\)"],
     ),
+    "pos_with_grid_data": (  # data must be flattened when coordinates are given
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 3), pos=torch.rand(2, 20, 2)),
+        ValueError,
+        [r"\[batch, n, channels\]", "with pos=", r"\(2, 5, 4, 3\)"],
+    ),
     # PerceiverIO
     "io_rank": ("io", lambda m: m(_img(2, 10)), ValueError, ["3 dims", r"\(2, 10\)"]),
     "io_rank4": ("io", lambda m: m(_img(2, 3, 3, 10)), ValueError, ["3 dims", r"\(2, 3, 3, 10\)"]),

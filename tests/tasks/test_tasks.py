@@ -40,6 +40,18 @@ def _inputs(name: str, model, batch: int = 2):
              "audio": torch.rand(batch, c.num_audio_samples, 1) - 0.5},)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_export_returns_the_output_dataclass(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, tiny=True).eval()
+    args = _inputs(name, model)
+    exported = torch.export.export(model, args)
+    out, ref = exported.module()(*args), model(*args)
+    assert type(out) is type(ref)
+    leaves = torch.utils._pytree.tree_leaves
+    torch.testing.assert_close(leaves(out), leaves(ref), atol=1e-5, rtol=1e-5)
+
+
 def test_list_models() -> None:
     assert list_models() == NAMES
     assert list_models("vision-*") == NAMES[4:]

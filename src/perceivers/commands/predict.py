@@ -31,6 +31,16 @@ __all__ = ["build_parser", "main", "predict_flow", "predict_image", "predict_tex
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perceivers predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mask bytes [START, END) of the UTF-8 text (repeatable)")
     parser.add_argument("--add-special-tokens", action="store_true",
                         help="wrap the text in [CLS] … [SEP] (transformers' layout; the official model sees none)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes to show (default 5)")
+    parser.add_argument("--top-k", type=_positive_int, default=5, help="classes to show (default 5)")
     parser.add_argument("--resample", choices=("tf", "pil", "torch"), default="tf",
                         help="bicubic kernel of the image resize (tf: the official pipeline)")
     parser.add_argument("--output", default="flow.png", help="flow PNG to write (default flow.png)")

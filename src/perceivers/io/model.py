@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import auto_chunk_size, grid_attention
+from ..outputs import model_output
 from ..validation import as_bool_mask, check_finite, check_like, check_tensor
 from .decoders import (
     BasicDecoder,
@@ -28,6 +29,7 @@ from .queries import InputQueries
 __all__ = ["PerceiverIOModel", "PerceiverIOOutput", "decoder_reads_inputs"]
 
 
+@model_output
 @dataclass
 class PerceiverIOOutput:
     """Output of :class:`PerceiverIOModel`.

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import FourierPositionEncoding, TrainablePositionEncoding
+from ..validation import check_index_range
 
 __all__ = ["FourierQueries", "InputQueries", "TrainableQueries", "subsampled_positions"]
 
@@ -47,9 +48,7 @@ def _check_points(points: Tensor, total: int) -> None:
         raise TypeError(f"subsampled_points must be an integer tensor of flat indices, got {got}")
     if points.ndim != 1:
         raise ValueError(f"subsampled_points must be a 1-D tensor of flat indices, got shape {tuple(points.shape)}")
-    if points.numel() and (int(points.min()) < 0 or int(points.max()) >= total):
-        raise ValueError(f"subsampled_points must lie in [0, {total}), got range [{int(points.min())}, "
-                         f"{int(points.max())}]")
+    check_index_range(points, total, "subsampled_points")
 
 
 @configurable

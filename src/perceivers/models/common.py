@@ -61,7 +61,8 @@ class AttentionResidual(nn.Module):
 
 
 def check_input(
-    data: Tensor, *, name: str, channels: int, axes: int | None = None, module: nn.Module | None = None
+    data: Tensor, *, name: str, channels: int, axes: int | None = None, module: nn.Module | None = None,
+    why: str | None = None,
 ) -> None:
     """Raise a ValueError/TypeError naming what was expected when ``data`` cannot be a model input.
 
@@ -69,6 +70,7 @@ def check_input(
         channels: expected size of the last (channel) axis.
         axes: expected number of index axes between batch and channels (``None``: any ≥ 1).
         module: the model ``data`` goes into: its device and parameter dtype must match.
+        why: the reason for that number of axes, in the rank error (default ``input_axis=<axes>``).
 
     NaN/Inf values raise too (see :mod:`perceivers.validation` for the policy and how to turn it off).
     """
@@ -79,7 +81,7 @@ def check_input(
     if axes is not None and data.ndim != axes + 2:
         raise ValueError(
             f"{name} must have shape [batch, {', '.join(['n'] * axes)}, channels] ({axes + 2} dims, "
-            f"input_axis={axes}), got {data.ndim} dims with shape {tuple(data.shape)}"
+            f"{why or f'input_axis={axes}'}), got {data.ndim} dims with shape {tuple(data.shape)}"
         )
     if axes is None and data.ndim < 3:
         raise ValueError(f"{name} must have shape [batch, ..., channels], got {tuple(data.shape)}")

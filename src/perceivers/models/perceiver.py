@@ -31,6 +31,8 @@ from .common import AttentionResidual, ClassifierHead, check_input, flatten_axes
 
 __all__ = ["Perceiver", "PerceiverBlock"]
 
+_WITH_POS = "with pos=, data is flattened to its points and pos holds their coordinates"
+
 
 @configurable
 class PerceiverBlock(nn.Module):
@@ -235,7 +237,7 @@ class Perceiver(nn.Module):
         ``pos [B, M, input_axis]`` in ``[-1, 1]`` (point clouds, irregular series, padded batches).
         """
         if pos is not None:
-            check_input(data, name="data", channels=self.input_channels, axes=1, module=self)
+            check_input(data, name="data", channels=self.input_channels, axes=1, module=self, why=_WITH_POS)
             if self.position_encoding is None:
                 raise ValueError("pos was given but fourier_encode_data=False: there are no position features")
             if pos.shape != (*data.shape[:2], self.input_axis):
@@ -277,7 +279,7 @@ class Perceiver(nn.Module):
         if not size:
             return None
         if pos is not None:
-            check_input(data, name="data", channels=self.input_channels, axes=1, module=self)
+            check_input(data, name="data", channels=self.input_channels, axes=1, module=self, why=_WITH_POS)
             if self.position_encoding is None or not isinstance(pos, Tensor) or pos.shape != (*data.shape[:2],
                                                                                                self.input_axis):
                 return None  # build_context raises the error

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
-from ..validation import check_finite, check_like
+from ..validation import check_finite, check_index_range, check_like
 from .common import AttentionResidual, check_input, tie_schedule
 
 __all__ = ["PerceiverIO", "PerceiverLM", "dropout_seq"]
@@ -214,7 +214,6 @@ class PerceiverLM(nn.Module):
         check_like(x, self, "x", dtype=False)
         if x.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len={self.max_seq_len}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
-            raise ValueError(f"token ids must lie in [0, {self.num_tokens}), got [{int(x.min())}, {int(x.max())}]")
+        check_index_range(x, self.num_tokens, "token ids")
         h = self.token_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device))
         return self.perceiver_io(h, mask=mask, queries=h)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..io import ClassificationDecoder, PerceiverIOModel, build_position_encoding
 from ..io.processors import ImagePreprocessor
+from ..outputs import model_output
 from ..validation import check_tensor
 from .common import TrunkConfig, as_pair, as_tuple, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
@@ -81,6 +82,7 @@ class ImageClassificationConfig(TrunkConfig):
         return tuple(-(-n // s) for n in self.image_size)
 
 
+@model_output
 @dataclass
 class ImageClassifierOutput:
     """``logits [B, num_labels]`` and the encoder latents ``last_hidden_state [B, N, D]``."""

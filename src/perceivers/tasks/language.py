@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..io import BasicDecoder, PerceiverIOModel, TrainableQueries
 from ..io.processors import EmbeddingDecoder, TextPreprocessor
+from ..outputs import model_output
 from ..validation import check_tensor
 from .common import TrunkConfig, build_encoder
 from .pretrained import PretrainedCfg
@@ -43,6 +44,7 @@ class MaskedLanguageModelConfig(TrunkConfig):
     decoder_query_residual: bool = False
 
 
+@model_output
 @dataclass
 class MaskedLMOutput:
     """``logits [B, L, vocab_size]``, the latents, and the loss when ``labels`` were given."""

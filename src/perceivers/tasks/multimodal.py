@@ -26,6 +26,7 @@ from ..io.processors import (
     OneHotPreprocessor,
     ProjectionPostprocessor,
 )
+from ..outputs import model_output
 from ..validation import check_tensor
 from .common import TrunkConfig, as_pair, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
@@ -103,6 +104,7 @@ class MultimodalAutoencodingConfig(TrunkConfig):
         return {"audio": self.num_audio_samples // self.samples_per_patch, "image": self.num_frames * h * w, "label": 1}
 
 
+@model_output
 @dataclass
 class MultimodalAutoencodingOutput:
     """Attributes:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..io import FlowDecoder, PerceiverIOModel
 from ..io.processors import FlowPreprocessor
+from ..outputs import model_output
 from ..validation import check_tensor
 from .common import TrunkConfig, as_pair, as_tuple, build_encoder, check_d_model
 from .pretrained import PretrainedCfg
@@ -51,6 +52,7 @@ class OpticalFlowConfig(TrunkConfig):
         self.max_resolution = as_tuple(self.max_resolution)
 
 
+@model_output
 @dataclass
 class OpticalFlowOutput:
     """Attributes:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..io import ClassificationDecoder, PerceiverIOModel
 from ..io.processors import TextPreprocessor
+from ..outputs import model_output
 from ..validation import check_tensor
 from .common import TrunkConfig, build_encoder
 from .pretrained import PretrainedCfg
@@ -76,6 +77,7 @@ class SequenceClassificationConfig(TrunkConfig):
             raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}")
 
 
+@model_output
 @dataclass
 class SequenceClassifierOutput:
     """``logits [B, num_labels]``, the latents ``last_hidden_state [B, N, D]``, and the loss when ``labels`` were given."""

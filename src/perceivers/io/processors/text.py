@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ...configurable import configurable
 from ...layers import TrainablePositionEncoding
-from ...validation import check_tensor
+from ...validation import check_index_range, check_tensor
 from .base import Preprocessed
 
 __all__ = ["EmbeddingDecoder", "TextPreprocessor"]
@@ -36,8 +36,7 @@ class TextPreprocessor(nn.Module):
             raise ValueError(f"text inputs must be integer ids [batch, length], got {ids.dtype} {tuple(ids.shape)}")
         if ids.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings={self.max_seq_len}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+        check_index_range(ids, self.vocab_size, "token ids")
         emb = self.embeddings(ids.long())
         return Preprocessed(emb + self.position_embeddings.embeddings[: ids.shape[1]], None, emb)
 
