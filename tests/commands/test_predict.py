@@ -142,3 +142,19 @@ def test_top_k_must_be_a_positive_whole_number(image, capsys, value):
         predict.main([str(image), "--model", "vision-perceiver-conv", "--top-k", value])
     assert exit_info.value.code == 2
     assert "--top-k" in capsys.readouterr().err
+
+
+def test_no_model_and_no_checkpoint_means_the_official_weights(image, capsys, monkeypatch):
+    import perceivers.hub
+
+    asked = []
+
+    def offline(source):
+        asked.append(source)
+        raise FileNotFoundError(f"{source!r}: offline")
+
+    monkeypatch.setattr(perceivers.hub, "resolve", offline)
+    assert predict.main([str(image)]) == 2
+    assert asked == ["deepmind/vision-perceiver-fourier"]
+    err = capsys.readouterr().err
+    assert "official weights" in err and "'deepmind/vision-perceiver-fourier': offline" in err

@@ -78,6 +78,15 @@ def load_model(
         built = create_model(name, **overrides)
         load_checkpoint(built, path)
         return built.eval()
+    if model is None and default_model is not None:
+        # Nothing chosen: the official weights of the model the inputs call for, from the Hub.
+        from ..tasks.registry import model_entry
+
+        pretrained = model_entry(default_model).pretrained
+        if pretrained is not None and pretrained.hf_hub_id and not overrides:
+            print(f"using {pretrained.hf_hub_id} (the official weights from the Hub; --checkpoint PATH for others, "
+                  f"--model {default_model} alone for random weights)", file=sys.stderr)
+            return load_model(None, pretrained.hf_hub_id, numerics=numerics)
     name = model or default_model
     if name is None:
         raise ValueError("pass --model and/or --checkpoint")
