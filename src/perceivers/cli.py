@@ -10,26 +10,30 @@ otherwise runs the inference command :mod:`perceivers.commands.predict`; ``conve
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "resolve_config"]
+__all__ = ["list_recipes", "main", "recipe_path", "resolve_config"]
 
 TRAIN_COMMANDS = ("fit", "validate", "test")
 # `predict` options that mean Lightning; the inference command has its own --model NAME, --checkpoint
 # PATH and --config JSON, so only the dotted forms and YAML configs count.
 LIGHTNING_FLAGS = ("--ckpt_path", "--print_config", "--seed_everything", "--return_predictions")
 LIGHTNING_SECTIONS = ("--model.", "--data.", "--trainer.", "--checkpoint.", "--plots.")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The training recipes ship inside the package (package data), so bare names work from any folder and any install.
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_CONFIG = "digits"
+# a bare recipe name: no folder, no inline YAML/JSON (`--config '{trainer: {max_epochs: 1}}'` is jsonargparse's)
+_RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 USAGE = f"""usage: perceivers <command> [options]
 
 Train, evaluate and run the Perceiver family.
 
 commands:
-  fit         train (LightningCLI); without --config uses configs/{DEFAULT_CONFIG}.yaml
+  fit         train (LightningCLI); without --config uses the recipe {DEFAULT_CONFIG!r}
   validate    evaluate on the validation split (LightningCLI)
   test        evaluate on the test split (LightningCLI)
   predict     with --config/--ckpt_path/--model.*/--data.*/--trainer.*: Lightning prediction;
@@ -37,23 +41,52 @@ commands:
   convert     convert official / transformers / perceiver-pytorch checkpoints
 
 Training options come from YAML recipes and dotted overrides:
-  perceivers fit --config configs/cifar100-keras.yaml --data.root data/cifar-100-python
+  perceivers fit --config cifar100-keras --data.init_args.root data/cifar-100-python
   perceivers fit --config digits --trainer.max_epochs 5 --print_config
   perceivers fit --config digits --resume true          # continue after a crash
+  perceivers fit --config my-recipe.yaml                # your own file (start from --print_config)
   torchrun --standalone --nproc_per_node 2 $(which perceivers) fit --config digits
-A bare recipe name (`digits`, `cifar100-keras`, ...) means {CONFIG_DIR}/<name>.yaml.
+--config takes a YAML file or the name of a recipe shipped with perceivers:
+  {{recipes}}
 Run `perceivers <command> --help` for every option."""
 
 
+def _usage() -> str:
+    return USAGE.replace("{recipes}", ", ".join(list_recipes()))
+
+
+class RecipeError(ValueError):
+    """A ``--config`` value that is neither a file nor the name of a shipped recipe."""
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (``perceivers fit --config NAME``), sorted."""
+    return sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of a shipped recipe (``"digits"`` or ``"digits.yaml"``); :class:`RecipeError` if unknown."""
+    path = RECIPE_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        raise RecipeError(
+            f"--config {name}: no such file here ({Path.cwd()}) and no recipe of that name; the recipes shipped with "
+            f"perceivers are {', '.join(list_recipes()) or '(none found in ' + str(RECIPE_DIR) + ')'}; "
+            "give one of these names or the path of a YAML file"
+        )
+    return path
+
+
 def resolve_config(value: str) -> str:
-    """A config path as given, or a recipe name from ``configs/`` (``digits`` → ``configs/digits.yaml``)."""
-    path = Path(value)
-    if path.exists():
+    """A config path as given, or a recipe name (``digits`` → ``<package>/recipes/digits.yaml``).
+
+    A bare name that is neither an existing file nor a recipe raises :class:`RecipeError` listing the recipes;
+    paths with a folder and inline YAML/JSON are returned unchanged (jsonargparse reports what is wrong with them).
+    """
+    if Path(value).is_file():
         return value
-    for candidate in (CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    return value  # let jsonargparse report it
+    if _RECIPE_NAME.fullmatch(value):
+        return str(recipe_path(value))
+    return value
 
 
 def _with_configs(argv: list[str]) -> list[str]:
@@ -95,17 +128,22 @@ def _wants_lightning(argv: Sequence[str]) -> bool:
 
 def _run_lightning(command: str, args: list[str]) -> int:
     asks_help = any(a in ("-h", "--help") for a in args)
-    if not _has_config(args) and not asks_help and command in TRAIN_COMMANDS:
-        default = CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml"
-        if default.is_file():
-            print(f"perceivers {command}: no --config given, using {default}", file=sys.stderr)
+    try:
+        if not _has_config(args) and not asks_help and command in TRAIN_COMMANDS:
+            default = recipe_path(DEFAULT_CONFIG)
+            print(f"perceivers {command}: no --config given, using the recipe {DEFAULT_CONFIG} ({default})",
+                  file=sys.stderr)
             args = ["--config", str(default), *args]
+        args = _with_configs(args)
+    except RecipeError as err:
+        print(f"perceivers {command}: error: {err}", file=sys.stderr)
+        return 2
     from .data.datasets import DataError
     from .train.cli import run_cli
     from .train.tasks import ConfigError
 
     try:
-        run_cli([command, *_with_configs(args)])
+        run_cli([command, *args])
     except Exception as err:
         ours = _find_cause(err, (ConfigError, DataError))
         if ours is None:
@@ -142,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``perceivers`` script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
         from . import __version__
@@ -158,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_command("perceivers.commands.predict", command, args)
     if command == "convert":
         return _run_command("perceivers.commands.convert", command, args)
-    print(f"perceivers: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    print(f"perceivers: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
 

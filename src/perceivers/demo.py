@@ -1,8 +1,8 @@
 """``make demo``: train the default digits recipe from scratch, test it, and say where everything went.
 
-Equivalent to ``perceivers fit --config configs/digits.yaml`` followed by ``perceivers test`` on the
-best checkpoint, in one process. Extra arguments are passed to ``fit`` (``python -m perceivers.demo
---trainer.max_epochs 5``).
+Equivalent to ``perceivers fit --config digits`` (the recipe ``perceivers/recipes/digits.yaml``) followed
+by ``perceivers test`` on the best checkpoint, in one process. Extra arguments are passed to ``fit``
+(``python -m perceivers.demo --trainer.max_epochs 5``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from perceivers.cli import CONFIG_DIR, DEFAULT_CONFIG
+    from perceivers.cli import DEFAULT_CONFIG, RecipeError, recipe_path
 
     extra = list(sys.argv[1:] if argv is None else argv)
-    config = CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml"
-    if not config.is_file():
-        print(f"demo: the recipe {config} is missing (run from a clone of the repository)", file=sys.stderr)
+    try:
+        config = recipe_path(DEFAULT_CONFIG)
+    except RecipeError as err:  # an installation without its package data
+        print(f"demo: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     from perceivers.train.cli import run_cli

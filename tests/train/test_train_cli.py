@@ -33,7 +33,7 @@ def test_predict_and_convert_dispatch(monkeypatch):
     monkeypatch.setattr(cli, "_run_command", lambda module, command, args: calls.append((module, args)) or 0)
     monkeypatch.setattr(cli, "_run_lightning", lambda command, args: calls.append(("lightning", args)) or 0)
     cli.main(["predict", "cat.png", "--model", "vision-perceiver-fourier", "--config", '{"num_labels": 3}'])
-    cli.main(["predict", "--config", "configs/digits.yaml", "--ckpt_path", "x.ckpt"])
+    cli.main(["predict", "--config", "digits", "--ckpt_path", "x.ckpt"])
     cli.main(["predict", "--data.init_args.batch_size", "4"])
     cli.main(["convert", "in.pickle", "out"])
     assert [c[0] for c in calls] == ["perceivers.commands.predict", "lightning", "lightning",
@@ -41,8 +41,9 @@ def test_predict_and_convert_dispatch(monkeypatch):
 
 
 def test_recipe_names_resolve():
-    assert cli.resolve_config("digits").endswith("configs/digits.yaml")
-    assert cli.resolve_config("no/such.yaml") == "no/such.yaml"
+    assert cli.resolve_config("digits") == str(cli.RECIPE_DIR / "digits.yaml")
+    assert Path(cli.resolve_config("digits")).parts[-3:] == ("perceivers", "recipes", "digits.yaml")
+    assert cli.resolve_config("no/such.yaml") == "no/such.yaml"  # a path: jsonargparse names it
 
 
 def test_print_config_shows_the_recipe(capsys):
@@ -55,7 +56,7 @@ def test_print_config_shows_the_recipe(capsys):
 
 
 def test_every_recipe_parses(capsys):
-    for recipe in sorted(cli.CONFIG_DIR.glob("*.yaml")):
+    for recipe in sorted(cli.RECIPE_DIR.glob("*.yaml")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["fit", "--config", str(recipe), "--print_config"])
         assert exit_info.value.code in (0, None), recipe

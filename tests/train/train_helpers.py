@@ -16,3 +16,14 @@ class SlowDown(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
 
+
+
+class CrashAt(Callback):
+    """Raise ``RuntimeError`` before training batch ``step`` (global step), as a crash part-way through a run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"CrashAt: crashed at step {trainer.global_step}")

@@ -45,9 +45,9 @@ from .callbacks import (
 from .checkpoint_io import AtomicCheckpointIO
 from .loggers import RunCSVLogger
 from .strategies import FSDP2Strategy
-from .tasks import Task
+from .tasks import ConfigError, Task
 
-__all__ = ["PerceiversCLI", "run_cli"]
+__all__ = ["PerceiversCLI", "check_ckpt_path", "run_cli"]
 
 
 class PerceiversCLI(LightningCLI):
@@ -140,17 +140,25 @@ class PerceiversCLI(LightningCLI):
     # ------------------------------------------------------------------ subcommand hooks
     def before_fit(self) -> None:
         config = self.config_init["fit"]
-        if not config.get("resume"):
-            return
-        if config.get("ckpt_path"):
+        if config.get("resume") and not config.get("ckpt_path"):
+            last = self.last_checkpoint()
+            if last is not None and last.is_file():
+                config["ckpt_path"] = str(last)
+                rank_zero_info(f"--resume: continuing from {last}")
+            else:
+                rank_zero_info(f"--resume: no checkpoint at {last}; starting a fresh run")
+        elif config.get("resume"):
             rank_zero_info(f"--resume: using the given ckpt_path {config['ckpt_path']}")
-            return
-        last = self.last_checkpoint()
-        if last is not None and last.is_file():
-            config["ckpt_path"] = str(last)
-            rank_zero_info(f"--resume: continuing from {last}")
-        else:
-            rank_zero_info(f"--resume: no checkpoint at {last}; starting a fresh run")
+        check_ckpt_path(config.get("ckpt_path"))
+
+    def before_validate(self) -> None:
+        check_ckpt_path(self.config_init["validate"].get("ckpt_path"))
+
+    def before_test(self) -> None:
+        check_ckpt_path(self.config_init["test"].get("ckpt_path"))
+
+    def before_predict(self) -> None:
+        check_ckpt_path(self.config_init["predict"].get("ckpt_path"))
 
     def last_checkpoint(self) -> Path | None:
         callback = self.trainer.checkpoint_callback
@@ -189,6 +197,30 @@ class PerceiversCLI(LightningCLI):
             if path is not None:
                 print(f"predictions: {path}", flush=True)
         return outputs
+
+
+# ckpt_path values Lightning resolves itself (``"registry:<name>"`` too), not file names
+CKPT_PATH_KEYWORDS = ("best", "last", "hpc", "registry")
+
+
+def check_ckpt_path(ckpt_path: str | os.PathLike | None) -> None:
+    """Raise :class:`~perceivers.train.tasks.ConfigError` naming ``ckpt_path`` when it is a local path that does
+    not exist (Lightning would fail with a traceback once the trainer is set up).
+
+    Lightning's keywords (``best``, ``last``, ``hpc``, ``registry[:…]``) and URLs (``s3://…``) are left to
+    Lightning, and so are folders (sharded FSDP / DeepSpeed checkpoints are folders).
+    """
+    if ckpt_path is None:
+        return
+    value = str(ckpt_path)
+    if value.split(":", 1)[0] in CKPT_PATH_KEYWORDS or "://" in value:
+        return
+    path = Path(value).expanduser()
+    if path.exists():
+        return
+    where = "" if path.is_absolute() else f" (here: {path.resolve()})"
+    raise ConfigError(f"ckpt_path {value} does not exist{where}; give the path of a checkpoint file, e.g. "
+                      "runs/digits/checkpoints/last.ckpt")
 
 
 def write_predictions(outputs: list[Any], path: Path, class_names: list[str] | None = None) -> Path | None:

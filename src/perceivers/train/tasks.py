@@ -124,6 +124,21 @@ def fused_optimizer_kwargs(factory: Callable, params: list[Tensor]) -> dict[str,
     return {"fused": True}
 
 
+# Attributes that fix a schedule's length. Resuming restores them from the checkpoint's scheduler state, which
+# silently replaces this run's value (OneCycleLR then fails once it steps past its old length).
+SCHEDULE_LENGTH_ATTRIBUTES: tuple[str, ...] = ("total_steps", "T_max", "total_iters")
+
+
+def schedule_length(state: dict[str, Any]) -> tuple[str, int] | None:
+    """``(attribute, length)`` of a scheduler's ``__dict__`` or ``state_dict()`` planned for a fixed number of
+    steps (``total_steps``: OneCycleLR, FlatCosine, WarmupCosine; ``T_max``; ``total_iters``), else ``None``."""
+    for name in SCHEDULE_LENGTH_ATTRIBUTES:
+        value = state.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return name, value
+    return None
+
+
 @contextmanager
 def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
     """Inside, ``torch.get_default_dtype()`` is ``dtype`` (``None``: unchanged); restored on exit."""
@@ -225,6 +240,9 @@ class Task(pl.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self._forward_params = _forward_parameters(self.model)
         self._prepared = False
+        # resume check: this run's schedule (class name, length) and the lengths in the checkpoint being restored
+        self._planned_schedule: tuple[str, tuple[str, int] | None] | None = None
+        self._checkpoint_schedules: list[tuple[str, int] | None] | None = None
 
     # ------------------------------------------------------------------ model call
     def model_dtype(self) -> torch.dtype | None:
@@ -341,11 +359,46 @@ class Task(pl.LightningModule):
         if "total_steps" in params and bound.get("total_steps") is None:
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, **kwargs)
+        self._planned_schedule = (type(scheduler).__name__, schedule_length(vars(scheduler)))
+        self._check_resumed_schedule()
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config = {"scheduler": scheduler, "monitor": self.monitor, "interval": "epoch"}
         else:
             config = {"scheduler": scheduler, "interval": self.lr_interval}
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------ resuming
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return  # validate / test / predict restore no schedule
+        self._checkpoint_schedules = [schedule_length(state) for state in checkpoint.get("lr_schedulers") or []
+                                      if isinstance(state, dict)]
+        self._check_resumed_schedule()
+
+    def _check_resumed_schedule(self) -> None:
+        """Stop before training when the checkpoint being resumed holds a schedule of another length than this run's.
+
+        Lightning restores a scheduler's whole state, its length included, so a longer run would fail part-way
+        (OneCycleLR: "Tried to step 40 times") or leave the schedule it planned. Runs once both the checkpoint
+        (``on_load_checkpoint``) and this run's scheduler (``configure_optimizers``) are known, in either order.
+        """
+        if self._checkpoint_schedules is None or self._planned_schedule is None:
+            return
+        saved, (name, planned) = self._checkpoint_schedules, self._planned_schedule
+        self._checkpoint_schedules = None
+        if not saved or saved[0] is None or planned is None or saved[0][0] != planned[0] or saved[0] == planned:
+            return  # nothing to compare (no fixed length, or another kind of schedule), or the same length
+        (attribute, old), (_, new) = saved[0], planned
+        unit = "steps" if self.lr_interval == "step" else "epochs"
+        path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+        raise ConfigError(
+            f"the checkpoint {path or ''} holds a learning-rate schedule ({name}) planned for {old} {unit}, but this "
+            f"run has {new} ({attribute}); resuming restores the checkpoint's schedule, which would fail or run out "
+            f"after {unit[:-1]} {old}. Resume with the same trainer.max_epochs / trainer.max_steps (and batch size, "
+            "limit_train_batches, accumulate_grad_batches, devices) as the run that wrote it, or start a new run "
+            "(without --resume / --ckpt_path, or in another trainer.default_root_dir; the CLI cannot start a new "
+            "schedule from a checkpoint's weights alone)"
+        )
 
     # ------------------------------------------------------------------ gradients
     reports_gradient_norm = True  # NonFiniteGradientGuard: this task checks the norm it computes for clipping

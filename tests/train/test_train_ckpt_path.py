@@ -1,0 +1,38 @@
+"""A --ckpt_path with no file stops with `perceivers <command>: error: …` naming it (exit status 2)."""
+
+from __future__ import annotations
+
+import pytest
+from train_configs import tiny_config, write_config
+
+from perceivers import cli
+from perceivers.train.cli import check_ckpt_path
+from perceivers.train.tasks import ConfigError
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_missing_ckpt_path(tmp_path, capsys, command):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    missing = tmp_path / "none.ckpt"
+    assert cli.main([command, "--config", config, "--ckpt_path", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"perceivers {command}: error: ckpt_path {missing} does not exist" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_missing_ckpt_path_with_resume(tmp_path, capsys):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    assert cli.main(["fit", "--config", config, "--resume", "true", "--ckpt_path", "nowhere/last.ckpt"]) == 2
+    err = capsys.readouterr().err
+    assert "perceivers fit: error: ckpt_path nowhere/last.ckpt does not exist (here: " in err
+
+
+def test_check_ckpt_path(tmp_path):
+    for keyword in (None, "last", "best", "hpc", "registry", "registry:model:latest", "s3://bucket/x.ckpt"):
+        check_ckpt_path(keyword)  # left to Lightning
+    (tmp_path / "x.ckpt").write_bytes(b"")
+    check_ckpt_path(tmp_path / "x.ckpt")
+    check_ckpt_path(str(tmp_path))  # sharded checkpoints are folders
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_ckpt_path(tmp_path / "y.ckpt")
