@@ -129,8 +129,9 @@ def markdown(results: dict) -> str:
     mfu = [row for row in mfu if row[2] is not None or row[3] is not None]
     if mfu:
         peak = rates.get("peak_flop_per_s")
-        lines += ["", f"## Model FLOP utilisation (counted FLOP/s over the data-sheet dense peak, "
-                      f"{_fmt(peak and peak / 1e12, '.1f')} TFLOP/s)", "",
+        title = (f"## Model FLOP utilisation (counted FLOP/s over the data-sheet dense peak, "
+                 f"{_fmt(peak and peak / 1e12, '.1f')} TFLOP/s)")
+        lines += ["", title, "",
                   "| workload | impl | inference | training step |", "|---|---|---|---|"]
         lines += [f"| {name} | {impl} | {_fmt(i and 100 * i, '.1f')}% | {_fmt(t and 100 * t, '.1f')}% |"
                   for name, impl, i, t in mfu]

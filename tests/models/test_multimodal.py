@@ -70,6 +70,24 @@ def test_backward_reaches_every_parameter(randomize) -> None:
     assert not missing
 
 
+def test_the_forks_no_pooling_recipe_through_to_logits() -> None:
+    """The fork's README subclass: ``self.to_logits = nn.Identity()`` and an identity ``pool`` give the latents."""
+
+    class NoPooling(MultiModalityPerceiver):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(num_classes=1, **kwargs)
+            self.to_logits = nn.Identity()
+
+        def pool(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    torch.manual_seed(0)
+    model = NoPooling(modalities=[IMAGE, AUDIO], depth=2, **{k: v for k, v in SMALL.items() if k != "num_classes"}).eval()
+    inputs = _inputs()
+    assert model.to_logits is model.head and isinstance(model.head, nn.Identity)
+    torch.testing.assert_close(model(inputs), model(inputs, return_embeddings=True))
+
+
 def test_tying_pattern() -> None:
     """Tied: cross layers (0, 1, 1); latent block 0 per layer, blocks 1.. shared by all layers."""
     assert latent_block_schedule(3, 2, True) == ((0, 1), (2, 1), (3, 1))

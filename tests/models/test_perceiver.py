@@ -174,3 +174,12 @@ def test_block_queries_contribute_kv_attend_to_themselves():
     plain = PerceiverBlock(dim=16, latent_heads=2, cross_dim_head=8, latent_dim_head=8)
     plain.load_state_dict(block.state_dict())
     assert not torch.allclose(plain(x, context=ctx), block(x, context=ctx))
+
+
+def test_layers_is_a_module_list_of_the_schedule():
+    model = Perceiver(num_freq_bands=2, depth=3, max_freq=4.0, num_latents=4, latent_dim=8,
+                      latent_heads=2, latent_dim_head=4, cross_dim_head=8, num_classes=3,
+                      weight_tie_layers=True)
+    assert isinstance(model.layers, torch.nn.ModuleList) and len(model.layers) == 3
+    assert model.layers[1] is model.layers[2] is model.blocks[1]
+    assert {id(p) for p in model.layers.parameters()} == {id(p) for p in model.blocks.parameters()}

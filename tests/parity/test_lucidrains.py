@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import perceivers
+from perceivers.convert import from_lucidrains
 
 ref = pytest.importorskip("perceiver_pytorch", reason="perceiver-pytorch (test extra) is not installed")
 
@@ -92,6 +93,7 @@ PERCEIVER_OPTIONS = {
         {"attn_residual": True, "attn_residual_rank": 4},
         {"block_outputs": [torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(5))]},
     ),
+    "block_outputs_empty": ({"attn_residual": True, "attn_residual_rank": 4}, {"block_outputs": [], "return_hiddens": True}),
     "inverted": ({"inverted_cross_attn": True}, {}),
     "inverted_tuple": ({"inverted_cross_attn": (True, False, True), "weight_tie_layers": True}, {}),
     "cross_heads": ({"cross_heads": 2, "latent_heads": 4}, {}),
@@ -179,6 +181,12 @@ IO_CASES = {
         {},
     ),
     "return_hiddens_no_queries": ({}, None, True, {"return_hiddens": True}),
+    "block_outputs_empty": (
+        {"attn_residual": True, "attn_residual_rank": 4},
+        (4, 12),
+        False,
+        {"block_outputs": [], "return_hiddens": True},
+    ),
     "inverted": ({"inverted_cross_attn": True}, (4, 12), True, {}),
     "cross_heads": ({"cross_heads": 3, "latent_heads": 4, "decoder_ff": True}, (2, 4, 12), True, {}),
 }
@@ -255,3 +263,36 @@ def test_perceiver_lm(parity, randomize, weight_tie_layers, masked):
         {"ids": ids, "mask": mask},
         randomize=randomize,
     )
+
+
+def test_replacing_to_logits_as_in_perceiver_pytorch():
+    """``model.to_logits`` is the classifier the model calls: swapping it (or its last layer) takes effect."""
+    torch.manual_seed(0)
+    kwargs = {**BASE, "num_classes": 5}
+    theirs, ours = ref.Perceiver(**kwargs).eval(), perceivers.Perceiver(**kwargs).eval()
+    ours.load_state_dict(from_lucidrains(theirs.state_dict()), strict=True)
+    data = torch.randn(2, *AXES[kwargs["input_axis"]], kwargs["input_channels"])
+    for model in (theirs, ours):
+        torch.manual_seed(1)
+        model.to_logits[-1] = torch.nn.Linear(kwargs["latent_dim"], 9)
+    torch.testing.assert_close(ours(data), theirs(data), atol=1e-5, rtol=0)
+    assert ours(data).shape == (2, 9)
+    for model in (theirs, ours):
+        model.to_logits = torch.nn.Identity()
+    torch.testing.assert_close(ours(data), theirs(data), atol=1e-5, rtol=0)  # the latents
+    assert "head.proj.weight" not in ours.state_dict()
+
+
+@pytest.mark.parametrize("family", ["Perceiver", "PerceiverIO"])
+def test_untied_model_with_equal_layers_converts_apart(family):
+    """An untied model started from a tied one holds equal layers; weight_tie_layers=False keeps them apart."""
+    torch.manual_seed(0)
+    kwargs = {**BASE, "depth": 3} if family == "Perceiver" else {**IO_BASE, "depth": 3}
+    cls = getattr(ref, family)
+    untied = cls(**kwargs)
+    untied.load_state_dict(cls(**kwargs, weight_tie_layers=True).state_dict())
+    ours = getattr(perceivers, family)(**kwargs)
+    ours.load_state_dict(from_lucidrains(untied.state_dict(), weight_tie_layers=False), strict=True)
+    assert ours.block_order == tuple(range(3)) and len(ours.blocks) == 3
+    with pytest.raises(RuntimeError, match="Missing key"):  # folded by default: fits the tied model only
+        ours.load_state_dict(from_lucidrains(untied.state_dict()), strict=True)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-__all__ = ["from_lucidrains", "detect_family"]
+__all__ = ["detect_family", "from_lucidrains"]
 
 # Sub-module renames inside an attention / feed-forward / norm (perceiver-pytorch → perceivers).
 _ATTN = {"fn.to_q": "attn.to_q", "fn.to_out": "attn.to_out"}
@@ -72,8 +72,13 @@ def detect_family(state_dict: Mapping[str, Tensor]) -> str:
     raise ValueError("not a perceiver-pytorch state dict: expected 'latents' and 'layers.*' keys")
 
 
-def _layer_schedule(groups: dict[int, dict[str, Tensor]], tie_first: bool) -> list[int]:
-    """Fold identical layers (a tied model saved by perceiver-pytorch) into one unique block index each."""
+def _layer_schedule(groups: dict[int, dict[str, Tensor]], tie_first: bool, fold: bool = True) -> list[int]:
+    """Fold identical layers (a tied model saved by perceiver-pytorch) into one unique block index each.
+
+    ``fold=False`` keeps every layer its own block (an untied model whose layers happen to be equal).
+    """
+    if not fold:
+        return list(range(len(groups)))
     order: list[int] = []
     uniques: list[dict[str, Tensor]] = []
     for i in sorted(groups):
@@ -96,7 +101,7 @@ def _layer_schedule(groups: dict[int, dict[str, Tensor]], tie_first: bool) -> li
     return order
 
 
-def _convert_perceiver(sd: Mapping[str, Tensor], out: dict[str, Tensor]) -> list[int]:
+def _convert_perceiver(sd: Mapping[str, Tensor], out: dict[str, Tensor], fold: bool = True) -> list[int]:
     layers: dict[int, dict[str, Tensor]] = {}
     for key, value in sd.items():
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
@@ -111,7 +116,7 @@ def _convert_perceiver(sd: Mapping[str, Tensor], out: dict[str, Tensor]) -> list
             continue  # handled with the layer schedule below
         else:
             raise KeyError(key)
-    order = _layer_schedule(layers, tie_first=False)
+    order = _layer_schedule(layers, tie_first=False, fold=fold)
     done: set[int] = set()
     for i, unique in zip(sorted(layers), order):
         if unique in done:
@@ -154,7 +159,7 @@ def _perceiver_layer(p: str, rest: str, value: Tensor, out: dict[str, Tensor]) -
     raise KeyError(rest)
 
 
-def _convert_io(sd: Mapping[str, Tensor], out: dict[str, Tensor], prefix: str = "") -> list[int]:
+def _convert_io(sd: Mapping[str, Tensor], out: dict[str, Tensor], prefix: str = "", fold: bool = True) -> list[int]:
     layers: dict[int, dict[str, Tensor]] = {}
     residuals: dict[int, dict[str, Tensor]] = {}
     for key, value in sd.items():
@@ -179,7 +184,7 @@ def _convert_io(sd: Mapping[str, Tensor], out: dict[str, Tensor], prefix: str = 
             out[f"{prefix}{k}"] = value
         else:
             raise KeyError(key)
-    order = _layer_schedule(layers, tie_first=True)
+    order = _layer_schedule(layers, tie_first=True, fold=fold)
     done: set[int] = set()
     for i, unique in zip(sorted(layers), order):
         if unique in done:
@@ -200,27 +205,30 @@ def _convert_io(sd: Mapping[str, Tensor], out: dict[str, Tensor], prefix: str = 
     return order
 
 
-def from_lucidrains(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def from_lucidrains(state_dict: Mapping[str, Tensor], *, weight_tie_layers: bool | None = None) -> dict[str, Tensor]:
     """Convert a ``perceiver_pytorch`` ``Perceiver`` / ``PerceiverIO`` / ``PerceiverLM`` state dict.
 
     The result loads with ``strict=True`` into the perceivers model built with the same arguments.
     Works for both key layouts (0.8–0.10 and 0.11). Tied layers are detected (shared storage or
-    identical values) and stored once.
+    identical values) and stored once; ``weight_tie_layers=False`` keeps every layer apart, for an
+    untied model whose layers hold equal values (e.g. initialised from a tied one).
 
     Raises:
         KeyError: a key that belongs to no known perceiver-pytorch layout.
     """
     family = detect_family(state_dict)
+    fold = weight_tie_layers is not False
     out: dict[str, Tensor] = {}
     if family == "PerceiverLM":
         for key in ("token_emb.weight", "pos_emb.weight"):
             out[key] = state_dict[key]
-        _convert_io({k: v for k, v in state_dict.items() if k.startswith("perceiver_io.")}, out, "perceiver_io.")
+        _convert_io({k: v for k, v in state_dict.items() if k.startswith("perceiver_io.")}, out, "perceiver_io.",
+                    fold=fold)
         extra = set(state_dict) - {k for k in state_dict if k.startswith("perceiver_io.")} - {"token_emb.weight", "pos_emb.weight"}
         if extra:
             raise KeyError(f"unexpected keys for PerceiverLM: {sorted(extra)}")
     elif family == "PerceiverIO":
-        _convert_io(state_dict, out)
+        _convert_io(state_dict, out, fold=fold)
     else:
-        _convert_perceiver(state_dict, out)
+        _convert_perceiver(state_dict, out, fold=fold)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,8 @@ from torch import Tensor, nn
 
 from ..validation import check_finite, check_like
 
-__all__ = ["AttentionResidual", "ClassifierHead", "check_input", "flatten_axes", "tie_schedule"]
+__all__ = ["AttentionResidual", "ClassifierHead", "LogitsAlias", "MeanOverLatents", "check_input", "flatten_axes",
+           "start_hiddens", "tie_schedule"]
 
 
 def tie_schedule(depth: int, weight_tie_layers: bool, *, tie_first: bool = False) -> tuple[int, ...]:
@@ -28,16 +30,44 @@ def tie_schedule(depth: int, weight_tie_layers: bool, *, tie_first: bool = False
     return (0,) + (1,) * (depth - 1)
 
 
-class ClassifierHead(nn.Module):
-    """Mean over latents → LayerNorm → Linear: ``[B, N, D]`` → ``[B, num_classes]``."""
-
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, num_classes)
+class MeanOverLatents(nn.Module):
+    """``[B, N, D]`` → ``[B, D]``, the mean over the latents."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.norm(x.mean(dim=-2)))
+        return x.mean(dim=-2)
+
+
+class ClassifierHead(nn.Sequential):
+    """Mean over latents → LayerNorm → Linear: ``[B, N, D]`` → ``[B, num_classes]``.
+
+    Indexable as perceiver-pytorch's ``to_logits`` (``[0]`` the pool, ``[1]`` the norm, ``[2]`` or
+    ``[-1]`` the projection; ``head[-1] = nn.Linear(D, n)`` swaps it); tensors are ``norm.*``, ``proj.*``.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__(OrderedDict(pool=MeanOverLatents(), norm=nn.LayerNorm(dim), proj=nn.Linear(dim, num_classes)))
+
+
+class LogitsAlias:
+    """Mixin: ``to_logits`` (perceiver-pytorch's name for the classifier) reads and replaces ``head``.
+
+    ``model.to_logits = nn.Identity()`` then returns what the head would have received, as in
+    perceiver-pytorch (an assignment is not silently kept beside the head the model calls).
+    """
+
+    @property
+    def to_logits(self) -> nn.Module | None:
+        return self.head
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__("head" if name == "to_logits" else name, value)
+
+
+def start_hiddens(block_outputs: Tensor | Sequence[Tensor] | None, x: Tensor) -> list[Tensor]:
+    """The block outputs a forward pass continues from: ``[x]`` when none were given (an empty list stays empty)."""
+    if block_outputs is None:
+        return [x]
+    return [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs)
 
 
 class AttentionResidual(nn.Module):

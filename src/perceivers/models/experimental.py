@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..configurable import configurable
 from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask
 from ..validation import check_like
-from .common import ClassifierHead, tie_schedule
+from .common import ClassifierHead, LogitsAlias, tie_schedule
 from .variants import GridInput
 
 __all__ = ["BottomUpBlock", "BottomUpPerceiver", "LinearAttention"]
@@ -98,7 +98,7 @@ class BottomUpBlock(nn.Module):
 
 
 @configurable
-class BottomUpPerceiver(nn.Module):
+class BottomUpPerceiver(LogitsAlias, nn.Module):
     """``perceiver_pytorch.experimental.Perceiver``: latents and input tokens update each other every layer.
 
     Inputs ``[B, *axes, input_channels]`` get Fourier features (perceiver-pytorch layout) and a

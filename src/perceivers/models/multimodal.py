@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask, linear_positions
-from .common import check_input, flatten_axes, tie_schedule
+from .common import LogitsAlias, check_input, flatten_axes, tie_schedule
 
 __all__ = [
     "HierarchicalConfigurator",
@@ -152,7 +152,7 @@ def latent_block_schedule(depth: int, blocks_per_layer: int, weight_tie_layers: 
     return tuple(order)
 
 
-class _MultiModalityInputs(nn.Module):
+class _MultiModalityInputs(LogitsAlias, nn.Module):
     """What the multi-modality Perceivers share: declared modalities → one token array and key mask, pooling, head.
 
     Subclasses build their latents and blocks, set ``self.head`` (a module or ``None``) and implement

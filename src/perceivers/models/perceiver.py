@@ -27,7 +27,15 @@ from ..layers import (
     grid_attention,
 )
 from ..validation import check_finite
-from .common import AttentionResidual, ClassifierHead, check_input, flatten_axes, tie_schedule
+from .common import (
+    AttentionResidual,
+    ClassifierHead,
+    LogitsAlias,
+    check_input,
+    flatten_axes,
+    start_hiddens,
+    tie_schedule,
+)
 
 __all__ = ["Perceiver", "PerceiverBlock"]
 
@@ -135,7 +143,7 @@ class PerceiverBlock(nn.Module):
 
 
 @configurable
-class Perceiver(nn.Module):
+class Perceiver(LogitsAlias, nn.Module):
     """Perceiver classifier over inputs ``[B, *axes, input_channels]`` (channels last).
 
     Args:
@@ -226,9 +234,9 @@ class Perceiver(nn.Module):
         self.head = ClassifierHead(latent_dim, num_classes) if final_classifier_head else nn.Identity()
 
     @property
-    def layers(self) -> list[PerceiverBlock]:
-        """The block applied at each of the ``depth`` steps (tied steps share one object)."""
-        return [self.blocks[i] for i in self.block_order]
+    def layers(self) -> nn.ModuleList:
+        """The block applied at each of the ``depth`` steps (tied steps share one object), as a ``ModuleList``."""
+        return nn.ModuleList([self.blocks[i] for i in self.block_order])
 
     def build_context(self, data: Tensor, pos: Tensor | None = None) -> Tensor:
         """Inputs (+ Fourier features) flattened to the cross-attention context ``[B, M, context_dim]``.
@@ -342,7 +350,7 @@ class Perceiver(nn.Module):
         keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None
         hiddens: list[Tensor] = []
         if keep:
-            hiddens = [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs or [x])
+            hiddens = start_hiddens(block_outputs, x)
 
         # Tied blocks attend the same context: normalise and project it once per distinct weights
         # (a streamed context is rebuilt chunk by chunk instead; nothing of its size is kept).

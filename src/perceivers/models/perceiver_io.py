@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..configurable import configurable
 from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
 from ..validation import check_finite, check_index_range, check_like
-from .common import AttentionResidual, check_input, tie_schedule
+from .common import AttentionResidual, check_input, start_hiddens, tie_schedule
 
 __all__ = ["PerceiverIO", "PerceiverLM", "dropout_seq"]
 
@@ -177,7 +177,7 @@ class PerceiverIO(nn.Module):
         keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None
         hiddens: list[Tensor] = []
         if keep:
-            hiddens = [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs or [x])
+            hiddens = start_hiddens(block_outputs, x)
         for unique in self.block_order:
             x = self.blocks[unique](x)
             if keep:

@@ -27,7 +27,7 @@ from ..layers import (
     check_mask,
 )
 from ..validation import check_like
-from .common import ClassifierHead, check_input, flatten_axes, tie_schedule
+from .common import ClassifierHead, LogitsAlias, check_input, flatten_axes, tie_schedule
 
 __all__ = ["GatedPerceiver", "GridInput", "LatentMixer", "MixedLatentsPerceiver"]
 
@@ -61,7 +61,7 @@ class GridInput(nn.Module):
         return torch.cat((tokens, feats.expand(data.shape[0], -1, -1)), dim=-1)
 
 
-class _GridPerceiver(nn.Module):
+class _GridPerceiver(LogitsAlias, nn.Module):
     """Latents, tied block schedule, classifier head and forward loop shared by the variants."""
 
     def __init__(self, *, grid: GridInput, num_latents: int, latent_dim: int, num_classes: int, depth: int,
