@@ -144,6 +144,7 @@ def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> di
 def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dict:
     batch = min(wl.batch, 2) if args.quick else wl.batch
     repeats = 1 if wl.heavy else (args.repeats or (2 if args.quick else 3))
+    min_time = 0.0 if wl.heavy or args.quick else args.min_time
     warmup = 0 if wl.heavy else 1
     entry: dict = {"workload": wl.name, "family": wl.family, "description": wl.description, "batch": batch,
                    "elements": wl.elements, "precision": args.precision, "impls": {}}
@@ -189,7 +190,7 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
     fwd = {impl: make_forward(b, inputs, device, args.precision) for impl, b in built.items()}
     mm_fn, mm_flops = measure.matmul_case(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     times = measure.alternate({**fwd, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup, budget_s=args.budget,
-                                  min_time_s=0.0 if wl.heavy or args.quick else args.min_time)
+                                  min_time_s=min_time)
     rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
     entry["matmul_flop_per_s"] = rate
     print(f"  matmul rate (interleaved) {rate / 1e9:.1f} GFLOP/s", flush=True)
@@ -207,7 +208,7 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
     if wl.train and not args.no_train:
         steps = {impl: make_step(b, inputs, device, args.precision, args.optimizer) for impl, b in built.items()}
         times = measure.alternate({**steps, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup,
-                                  budget_s=args.budget, min_time_s=0.0 if wl.heavy or args.quick else args.min_time)
+                                  budget_s=args.budget, min_time_s=min_time)
         rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
         entry["matmul_flop_per_s_train"] = rate
         for impl, t in times.items():
