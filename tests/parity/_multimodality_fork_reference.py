@@ -10,14 +10,34 @@ installs as ``perceiver_pytorch``, the name perceiver-pytorch uses). Every case 
      "embeddings": {name: [vocab, dim]}, "kwargs": {...}, "shapes": {name: [B, *axes, C]}, "mask": bool,
      "configurator": [depth, num_latents_begin, latent_dim_begin]  (hierarchical classes only)}
 
+or, for the fork's top-level models, ``{"name", "cls": "Perceiver" | "GatedPerceiver", "kwargs", "shape": [B, *axes, C],
+"mask": bool}`` (``perceiver_pytorch.Perceiver`` / ``perceiver_pytorch.gated.Perceiver`` on one grid input).
+
 ``OUT.pt`` holds ``{name: {"state_dict", "inputs", "mask", "output"}}`` (tensors only, for weights_only loading).
+Tests import :data:`REF` and :func:`run_fork` from here (the fork itself is imported only in the subprocess).
 """
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
+
+REF = Path(__file__).resolve().parents[2] / ".venv" / "refs" / "perceiver-multi-modality-pytorch-1.4.0"
+
+
+def run_fork(cases: list[dict], folder: Path) -> dict:
+    """Run ``cases`` through the fork in a subprocess; its results, loaded with ``weights_only=True``."""
+    cases_path, out = folder / "cases.json", folder / "out.pt"
+    cases_path.write_text(json.dumps(cases))
+    env = {**os.environ, "PYTHONPATH": str(REF), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, __file__, str(cases_path), str(out)], env=env, check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
 
 
 def randomise(model: nn.Module, generator: torch.Generator) -> None:
@@ -44,7 +64,28 @@ def randomise(model: nn.Module, generator: torch.Generator) -> None:
                 p.copy_(noise(p) / p[0].numel() ** 0.5)
 
 
+def run_grid_case(case: dict) -> dict:
+    import perceiver_pytorch.perceiver_pytorch as plain
+    from perceiver_pytorch import gated
+
+    generator = torch.Generator().manual_seed(case.get("seed", 0))
+    torch.manual_seed(case.get("seed", 0))
+    model = (plain if case["cls"] == "Perceiver" else gated).Perceiver(**case["kwargs"])
+    randomise(model, generator)
+    model.eval()
+    data = torch.randn(case["shape"], generator=generator)
+    mask = torch.rand(case["shape"][:-1], generator=generator) > 0.3 if case.get("mask") else None
+    with torch.no_grad():
+        output = model(data, mask=mask)
+    result = {"state_dict": dict(model.state_dict()), "inputs": data, "output": output}
+    if mask is not None:
+        result["mask"] = mask
+    return result
+
+
 def run_case(case: dict) -> dict:
+    if case["cls"] in ("Perceiver", "GatedPerceiver"):
+        return run_grid_case(case)
     import perceiver_pytorch.hierarchical_multi_modality_perceiver as hm
     import perceiver_pytorch.multi_modality_perceiver as mm
     import perceiver_pytorch.multi_modality_with_text_perceiver as mt

@@ -7,14 +7,9 @@ outputs; here they are loaded with ``weights_only=True``, converted and compared
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _multimodality_fork_reference import REF, run_fork
 from torch import nn
 
 from perceivers.convert import from_multimodality_fork
@@ -26,8 +21,6 @@ from perceivers.models.multimodal import (
     MultiModalityWithTextPerceiver,
 )
 
-REF = Path(__file__).resolve().parents[2] / ".venv" / "refs" / "perceiver-multi-modality-pytorch-1.4.0"
-SCRIPT = Path(__file__).with_name("_multimodality_fork_reference.py")
 pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"fork not installed in {REF} (run `make setup`)")
 
 IMAGE = ["image", 3, 2, 3, 8.0, 2]
@@ -68,14 +61,7 @@ CLASSES = {c.__name__: c for c in (MultiModalityPerceiver, MultiModalityPerceive
 
 @pytest.fixture(scope="module")
 def fork_results(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("multimodality_fork")
-    cases, out = folder / "cases.json", folder / "out.pt"
-    cases.write_text(json.dumps(CASES))
-    env = {**os.environ, "PYTHONPATH": str(REF), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(cases), str(out)], env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return run_fork(CASES, tmp_path_factory.mktemp("multimodality_fork"))
 
 
 def _build(case: dict) -> nn.Module:

@@ -6,14 +6,9 @@ weights, inputs and outputs; here they are converted with ``from_multimodality_f
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _multimodality_fork_reference import REF, run_fork
 
 from perceivers import (
     HierarchicalConfigurator,
@@ -25,8 +20,6 @@ from perceivers import (
 )
 from perceivers.convert import from_multimodality_fork
 
-REF = Path(__file__).resolve().parents[2] / ".venv" / "refs" / "perceiver-multi-modality-pytorch-1.4.0"
-SCRIPT = Path(__file__).with_name("_multimodality_fork_reference.py")
 needs_fork = pytest.mark.skipif(not REF.is_dir(), reason=f"fork not installed in {REF} (run `make setup`)")
 
 IMAGE = ["image", 3, 2, 3, 8.0, 2]
@@ -54,14 +47,7 @@ CLASSES = {c.__name__: c for c in (HierarchicalMultiModalityPerceiver, Hierarchi
 
 @pytest.fixture(scope="module")
 def fork_results(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("multimodality_fork_hierarchical")
-    cases, out = folder / "cases.json", folder / "out.pt"
-    cases.write_text(json.dumps(CASES))
-    env = {**os.environ, "PYTHONPATH": str(REF), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(cases), str(out)], env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return run_fork(CASES, tmp_path_factory.mktemp("multimodality_fork_hierarchical"))
 
 
 def _build(case: dict):

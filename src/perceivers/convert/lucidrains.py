@@ -1,7 +1,9 @@
 """perceiver-pytorch (lucidrains) state dicts → perceivers state dicts.
 
-Both key layouts are read: 0.8–0.10 (``layers.{i}.{0,1,2}``, ``cross_attend_blocks``) and 0.11
-(``layers.{i}.cross_attn`` / ``cross_ff`` / ``self_attns``, ``cross_attend_block``). The fused
+Every key layout is read: 0.8–0.10 (``layers.{i}.{0,1,2}``, ``cross_attend_blocks``), 0.11
+(``layers.{i}.cross_attn`` / ``cross_ff`` / ``self_attns``, ``cross_attend_block``), and the early flat
+``Perceiver`` layout (``layers.{i}.{0,1,2,3}`` = cross-attention, its feed-forward, one self-attention, its
+feed-forward; ``to_logits.{0,1}``) that the multi-modality fork's ``Perceiver`` keeps. The fused
 ``to_kv`` projection is split into ``to_k`` / ``to_v``. perceiver-pytorch stores a tied layer once per
 use; perceivers stores each unique block once and a ``block_order`` schedule, so tied copies are
 checked to be identical and folded.
@@ -14,40 +16,18 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from ._prenorm import prenorm_attention, prenorm_feedforward
+
 __all__ = ["detect_family", "from_lucidrains"]
 
-# Sub-module renames inside an attention / feed-forward / norm (perceiver-pytorch → perceivers).
-_ATTN = {"fn.to_q": "attn.to_q", "fn.to_out": "attn.to_out"}
-_FF = {"fn.net.0": "mlp.fc1", "fn.net.2": "mlp.fc2"}
-
-
-def _split_kv(prefix: str, key_rest: str, value: Tensor, out: dict[str, Tensor]) -> None:
-    k, v = value.chunk(2, dim=0)
-    out[f"{prefix}.attn.to_k.{key_rest}"] = k.clone()
-    out[f"{prefix}.attn.to_v.{key_rest}"] = v.clone()
-
-
 def _attention(prefix: str, rest: str, value: Tensor, out: dict[str, Tensor], norm_names: dict[str, str]) -> None:
-    """Map ``rest`` inside a PreNorm(Attention) to ``prefix.…`` in a perceivers block."""
-    name, _, param = rest.rpartition(".")
-    if name in norm_names:
-        out[f"{prefix}.{norm_names[name]}.{param}"] = value
-    elif name == "fn.to_kv":
-        _split_kv(prefix, param, value, out)
-    elif name in _ATTN:
-        out[f"{prefix}.{_ATTN[name]}.{param}"] = value
-    else:
-        raise KeyError(rest)
+    """Map ``rest`` inside a PreNorm(Attention) to ``prefix.attn`` and ``prefix.<norm>`` of a perceivers block."""
+    norms = {name: f"{prefix}.{ours}" for name, ours in norm_names.items()}
+    out.update(prenorm_attention(rest, value, attn=f"{prefix}.attn", norms=norms))
 
 
 def _ff(prefix: str, rest: str, value: Tensor, out: dict[str, Tensor], norm_name: str) -> None:
-    name, _, param = rest.rpartition(".")
-    if name == "norm":
-        out[f"{prefix}.{norm_name}.{param}"] = value
-    elif name in _FF:
-        out[f"{prefix}.{_FF[name]}.{param}"] = value
-    else:
-        raise KeyError(rest)
+    out.update(prenorm_feedforward(rest, value, mlp=f"{prefix}.mlp", norm=f"{prefix}.{norm_name}"))
 
 
 def _residual(prefix: str, rest: str, value: Tensor, out: dict[str, Tensor]) -> None:
@@ -103,6 +83,8 @@ def _layer_schedule(groups: dict[int, dict[str, Tensor]], tie_first: bool, fold:
 
 def _convert_perceiver(sd: Mapping[str, Tensor], out: dict[str, Tensor], fold: bool = True) -> list[int]:
     layers: dict[int, dict[str, Tensor]] = {}
+    # the head: Reduce (no weights), LayerNorm, Linear; the early layout has no Reduce module
+    head = {"0": "norm", "1": "proj"} if "to_logits.2.weight" not in sd else {"1": "norm", "2": "proj"}
     for key, value in sd.items():
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
         if m:
@@ -111,7 +93,7 @@ def _convert_perceiver(sd: Mapping[str, Tensor], out: dict[str, Tensor], fold: b
             out["latents"] = value
         elif key.startswith("to_logits."):
             idx, param = key.split(".")[1:]
-            out[f"head.{ {'1': 'norm', '2': 'proj'}[idx] }.{param}"] = value
+            out[f"head.{head[idx]}.{param}"] = value
         elif key.startswith("attn_residuals."):
             continue  # handled with the layer schedule below
         else:
@@ -147,6 +129,9 @@ def _perceiver_layer(p: str, rest: str, value: Tensor, out: dict[str, Tensor]) -
         (r"1\.(.+)", lambda m: _ff(f"{p}.cross_attn", m[1], value, out, "norm_mlp")),
         (r"2\.(\d+)\.0\.(.+)", lambda m: _attention(f"{p}.self_attns.{m[1]}", m[2], value, out, _SELF_NORMS)),
         (r"2\.(\d+)\.1\.(.+)", lambda m: _ff(f"{p}.self_attns.{m[1]}", m[2], value, out, "norm_mlp")),
+        # early flat layout (the multi-modality fork's Perceiver): one self-attention and its feed-forward
+        (r"2\.((?:fn|norm)\..+)", lambda m: _attention(f"{p}.self_attns.0", m[1], value, out, _SELF_NORMS)),
+        (r"3\.((?:fn|norm)\..+)", lambda m: _ff(f"{p}.self_attns.0", m[1], value, out, "norm_mlp")),
     ]
     for pattern, apply in patterns:
         m = re.fullmatch(pattern, rest)

@@ -3,7 +3,13 @@
 from .attention import Attention, KeyValue, check_mask, fold_is_cheaper
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
 from .mlp import Activation, FeedForward
-from .position import FourierPositionEncoding, TrainablePositionEncoding, fourier_features, linear_positions
+from .position import (
+    FourierPositionEncoding,
+    TrainablePositionEncoding,
+    band_frequencies,
+    fourier_features,
+    linear_positions,
+)
 from .stream import ContextStream, GridContext, auto_chunk_size
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "SelfAttentionBlock",
     "TrainablePositionEncoding",
     "auto_chunk_size",
+    "band_frequencies",
     "check_mask",
     "fold_is_cheaper",
     "fourier_features",

@@ -1,7 +1,8 @@
 """Position encodings: Fourier features in both published layouts, and trainable tables.
 
-Both layouts use the band frequencies ``linspace(1, max_resolution / 2, num_bands)`` per axis and
-positions in ``[-1, 1]``; they differ in channel order:
+Both layouts use the band frequencies ``linspace(1, max_resolution / 2, num_bands)`` per axis (or,
+with ``freq_base``, the log-spaced bands of perceiver-pytorch before 0.7.3 and the multi-modality fork)
+and positions in ``[-1, 1]``; they differ in channel order:
 
 * ``"lucidrains"`` (perceiver-pytorch): per axis ``[sin(π x f_1..K), cos(π x f_1..K), x]``, axis-major,
   so ``d · (2K + 1)`` channels.
@@ -24,6 +25,7 @@ from ..configurable import configurable
 __all__ = [
     "FourierPositionEncoding",
     "TrainablePositionEncoding",
+    "band_frequencies",
     "fourier_features",
     "linear_positions",
 ]
@@ -39,6 +41,23 @@ def linear_positions(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
+def band_frequencies(
+    num_bands: int, max_resolution: float, freq_base: float | None = None, *,
+    device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The ``K`` band frequencies of one axis ``[K]``.
+
+    ``linspace(1, r / 2, K)``; with ``freq_base`` b, ``b ** linspace(1, log_b(r / 2), K)`` (log-spaced, the
+    lowest band is b: perceiver-pytorch before 0.7.3 and the multi-modality fork).
+    """
+    if freq_base is None:
+        return torch.linspace(1.0, max_resolution / 2, steps=num_bands, device=device, dtype=dtype)
+    if freq_base <= 0 or freq_base == 1:
+        raise ValueError(f"freq_base must be a positive number other than 1, got {freq_base}")
+    top = math.log(max_resolution / 2) / math.log(freq_base)
+    return torch.logspace(1.0, top, num_bands, base=freq_base, device=device, dtype=dtype)
+
+
 def fourier_features(
     pos: Tensor,
     num_bands: int,
@@ -47,6 +66,7 @@ def fourier_features(
     layout: Layout = "deepmind",
     concat_pos: bool = True,
     sine_only: bool = False,
+    freq_base: float | None = None,
 ) -> Tensor:
     """Fourier features of coordinates ``pos [..., d]`` → ``[..., C]``.
 
@@ -56,13 +76,14 @@ def fourier_features(
         layout: ``"deepmind"`` or ``"lucidrains"`` (see the module docstring).
         concat_pos: include the raw coordinates.
         sine_only: sines only (DeepMind layout only).
+        freq_base: log-spaced bands instead (see :func:`band_frequencies`).
     """
     d = pos.shape[-1]
     res = [float(max_resolution)] * d if isinstance(max_resolution, (int, float)) else list(map(float, max_resolution))
     if len(res) != d:
         raise ValueError(f"max_resolution has {len(res)} entries but positions have {d} axes")
     freqs = torch.stack(
-        [torch.linspace(1.0, r / 2, steps=num_bands, device=pos.device, dtype=pos.dtype) for r in res]
+        [band_frequencies(num_bands, r, freq_base, device=pos.device, dtype=pos.dtype) for r in res]
     )  # [d, K]
     scaled = pos[..., None] * freqs * math.pi  # [..., d, K]
     if layout == "lucidrains":
@@ -85,7 +106,7 @@ class FourierPositionEncoding(nn.Module):
         num_dims: d, number of position axes.
         num_bands: K, bands per axis.
         max_resolution: ``max_freq`` of perceiver-pytorch, or DeepMind's per-axis ``max_resolution``.
-        layout, concat_pos, sine_only: as :func:`fourier_features`.
+        layout, concat_pos, sine_only, freq_base: as :func:`fourier_features`.
     """
 
     def __init__(
@@ -97,6 +118,7 @@ class FourierPositionEncoding(nn.Module):
         layout: Layout = "deepmind",
         concat_pos: bool = True,
         sine_only: bool = False,
+        freq_base: float | None = None,
         cache_size: int = 8,
     ) -> None:
         super().__init__()
@@ -107,6 +129,8 @@ class FourierPositionEncoding(nn.Module):
         self.num_dims, self.num_bands = num_dims, num_bands
         self.max_resolution = tuple(float(r) for r in max_resolution)
         self.layout, self.concat_pos, self.sine_only = layout, concat_pos, sine_only
+        self.freq_base = None if freq_base is None else float(freq_base)
+        band_frequencies(num_bands, self.max_resolution[0], self.freq_base)  # a bad freq_base fails here
         self.num_channels = num_dims * (num_bands * (1 if sine_only else 2) + int(concat_pos))
         self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
         self._cache_size = cache_size
@@ -117,7 +141,7 @@ class FourierPositionEncoding(nn.Module):
             raise ValueError(f"positions must have {self.num_dims} coordinates in the last axis, got {pos.shape[-1]}")
         return fourier_features(
             pos, self.num_bands, self.max_resolution, layout=self.layout,
-            concat_pos=self.concat_pos, sine_only=self.sine_only,
+            concat_pos=self.concat_pos, sine_only=self.sine_only, freq_base=self.freq_base,
         )
 
     def forward(
@@ -209,8 +233,8 @@ class FourierPositionEncoding(nn.Module):
         tables = []
         for a, (n, res) in enumerate(zip(index_shape, self.max_resolution)):
             pos = torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=torch.float32)[:, None]
-            own = fourier_features(pos, self.num_bands, res, layout=self.layout,
-                                   concat_pos=self.concat_pos, sine_only=self.sine_only)  # [n, per_axis]
+            own = fourier_features(pos, self.num_bands, res, layout=self.layout, concat_pos=self.concat_pos,
+                                   sine_only=self.sine_only, freq_base=self.freq_base)  # [n, per_axis]
             if self.layout == "lucidrains":  # axis-major: [sin K, cos K, x] per axis
                 cols = list(range(a * per_axis, (a + 1) * per_axis))
             else:  # [x of every axis, sines of every axis, cosines of every axis]; own = [x?, sin K, cos K?]
@@ -229,6 +253,7 @@ class FourierPositionEncoding(nn.Module):
         return (
             f"num_dims={self.num_dims}, num_bands={self.num_bands}, max_resolution={self.max_resolution}, "
             f"layout={self.layout!r}, num_channels={self.num_channels}"
+            + ("" if self.freq_base is None else f", freq_base={self.freq_base}")
         )
 
 

@@ -16,7 +16,6 @@ along the token axis in sorted name order. The Fourier bands are the fork's log-
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask, linear_positions
+from ..layers import (
+    CrossAttentionBlock,
+    KeyValue,
+    SelfAttentionBlock,
+    check_mask,
+    fourier_features,
+    linear_positions,
+)
 from .common import LogitsAlias, check_input, flatten_axes, tie_schedule
 
 __all__ = [
@@ -49,11 +55,7 @@ def log_spaced_fourier_features(pos: Tensor, num_bands: int, max_freq: float, ba
     Per axis ``[sin(π x s_1..K), cos(π x s_1..K), x]`` with ``s = base ** linspace(1, log_base(max_freq / 2), K)``,
     axis-major: ``pos [..., d]`` → ``[..., d · (2K + 1)]``.
     """
-    scales = torch.logspace(
-        1.0, math.log(max_freq / 2) / math.log(base), num_bands, base=base, device=pos.device, dtype=pos.dtype
-    )
-    scaled = pos[..., None] * scales * math.pi  # [..., d, K]
-    return torch.cat((scaled.sin(), scaled.cos(), pos[..., None]), dim=-1).flatten(-2)
+    return fourier_features(pos, num_bands, max_freq, layout="lucidrains", freq_base=base)
 
 
 @dataclass

@@ -150,6 +150,8 @@ class Perceiver(LogitsAlias, nn.Module):
         num_freq_bands: K, Fourier bands per input axis.
         depth: number of blocks (cross-attention → ``self_per_cross_attn`` self-attentions).
         max_freq: μ; band frequencies are ``linspace(1, max_freq / 2, K)``.
+        freq_base: if set, log-spaced bands ``freq_base ** linspace(1, log_base(μ / 2), K)`` instead, as
+            perceiver-pytorch before 0.7.3 and the multi-modality fork's ``Perceiver`` (see :mod:`perceivers.fork`).
         input_channels: channels of each input element.
         input_axis: number of index axes (1 sequence, 2 image, 3 video).
         num_latents, latent_dim: the latent array ``[num_latents, latent_dim]``.
@@ -176,6 +178,7 @@ class Perceiver(LogitsAlias, nn.Module):
         num_freq_bands: int,
         depth: int,
         max_freq: float,
+        freq_base: float | None = None,
         input_channels: int = 3,
         input_axis: int = 2,
         num_latents: int = 512,
@@ -204,10 +207,10 @@ class Perceiver(LogitsAlias, nn.Module):
             raise ValueError(f"inverted_cross_attn needs {depth} entries (one per block), got {len(inverted_cross_attn)}")
         self.input_axis = input_axis
         self.input_channels = input_channels
-        self.max_freq, self.num_freq_bands = max_freq, num_freq_bands
+        self.max_freq, self.num_freq_bands, self.freq_base = max_freq, num_freq_bands, freq_base
         self.inverted_cross_attn = tuple(bool(v) for v in inverted_cross_attn)
         self.position_encoding = (
-            FourierPositionEncoding(input_axis, num_freq_bands, max_freq, layout="lucidrains")
+            FourierPositionEncoding(input_axis, num_freq_bands, max_freq, layout="lucidrains", freq_base=freq_base)
             if fourier_encode_data
             else None
         )

@@ -35,18 +35,18 @@ __all__ = ["GatedPerceiver", "GridInput", "LatentMixer", "MixedLatentsPerceiver"
 class GridInput(nn.Module):
     """Channels-last grid input ``[B, *axes, C]`` → tokens ``[B, M, num_channels]`` (perceiver-pytorch layout).
 
-    Fourier features (``linspace(1, max_freq / 2, K)`` bands, per axis ``[sin, cos, x]``) are appended after
-    the data channels when ``fourier_encode_data``. No parameters.
+    Fourier features (``linspace(1, max_freq / 2, K)`` bands, or log-spaced ones with ``freq_base``, per
+    axis ``[sin, cos, x]``) are appended after the data channels when ``fourier_encode_data``. No parameters.
     """
 
     def __init__(
         self, *, input_channels: int, input_axis: int, num_freq_bands: int, max_freq: float,
-        fourier_encode_data: bool = True,
+        fourier_encode_data: bool = True, freq_base: float | None = None,
     ) -> None:
         super().__init__()
         self.input_channels, self.input_axis = input_channels, input_axis
         self.position_encoding = (
-            FourierPositionEncoding(input_axis, num_freq_bands, max_freq, layout="lucidrains")
+            FourierPositionEncoding(input_axis, num_freq_bands, max_freq, layout="lucidrains", freq_base=freq_base)
             if fourier_encode_data
             else None
         )
@@ -168,7 +168,8 @@ class MixedLatentsBlock(nn.Module):
 class GatedPerceiver(_GridPerceiver):
     """Perceiver with GRU-gated attention updates (``perceiver_pytorch.gated.Perceiver`` compatible).
 
-    Arguments as :class:`perceivers.Perceiver` (``fourier_encode_data`` added; the original always encodes).
+    Arguments as :class:`perceivers.Perceiver` (``fourier_encode_data`` added; the original always encodes;
+    ``freq_base``: log-spaced bands, as the multi-modality fork's ``perceiver_pytorch.gated.Perceiver``).
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class GatedPerceiver(_GridPerceiver):
         num_freq_bands: int,
         depth: int,
         max_freq: float,
+        freq_base: float | None = None,
         input_channels: int = 3,
         input_axis: int = 2,
         num_latents: int = 512,
@@ -192,7 +194,7 @@ class GatedPerceiver(_GridPerceiver):
         fourier_encode_data: bool = True,
     ) -> None:
         grid = GridInput(input_channels=input_channels, input_axis=input_axis, num_freq_bands=num_freq_bands,
-                         max_freq=max_freq, fourier_encode_data=fourier_encode_data)
+                         max_freq=max_freq, fourier_encode_data=fourier_encode_data, freq_base=freq_base)
         super().__init__(grid=grid, num_latents=num_latents, latent_dim=latent_dim, num_classes=num_classes,
                          depth=depth, weight_tie_layers=weight_tie_layers)
         self.blocks = nn.ModuleList(

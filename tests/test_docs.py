@@ -1,0 +1,19 @@
+"""Every ``python`` block of docs/*.md runs, in order, one namespace per page (as tests/test_readme.py does for
+the README), except the blocks that stand for the reader's own data."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))
+PLACEHOLDERS = ("x_train", "path/or/owner-name")  # the reader's arrays / files
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_doc_python_blocks_run(doc: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
+        if not any(p in block for p in PLACEHOLDERS):
+            exec(compile(block, str(doc), "exec"), namespace)
