@@ -121,6 +121,14 @@ def test_text_files_errors(tmp_path: Path):
         ByteChunkDataset.from_files(str(tmp_path / "*.md"), 16)
 
 
+def test_relative_text_paths_name_the_working_directory(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"relative to the working directory {tmp_path}"):
+        ByteChunkDataset.from_files("README.md", 16)
+    with pytest.raises(DataError, match=f"matches no files in the working directory {tmp_path}"):
+        ByteChunkDataset.from_files("docs/*.md", 16)
+
+
 def test_text_folder_classification(tmp_path: Path):
     for label, words in (("neg", "bad awful"), ("pos", "good great")):
         (tmp_path / label).mkdir()

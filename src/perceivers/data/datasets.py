@@ -11,6 +11,7 @@ the value and what was expected, so a bad dataset stops a run before training st
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -362,7 +363,8 @@ def find_text_files(paths: str | Path | Sequence[str | Path], suffixes: Sequence
             pattern = str(Path(text).relative_to(base)) if Path(text).is_absolute() else text
             matches = sorted(Path(base).glob(pattern))
             if not matches:
-                raise DataError(f"text pattern {text!r} matches no files")
+                where = "" if Path(text).is_absolute() else f" in the working directory {os.getcwd()}"
+                raise DataError(f"text pattern {text!r} matches no files{where}")
             found.extend(p for p in matches if p.is_file())
             continue
         path = Path(entry)
@@ -374,7 +376,8 @@ def find_text_files(paths: str | Path | Sequence[str | Path], suffixes: Sequence
         elif path.is_file():
             found.append(path)
         else:
-            raise DataError(f"text file or folder {text!r} does not exist")
+            where = "" if path.is_absolute() else f" (relative to the working directory {os.getcwd()})"
+            raise DataError(f"text file or folder {text!r} does not exist{where}")
     return found
 
 
