@@ -64,23 +64,22 @@ def randomise(model: nn.Module, generator: torch.Generator) -> None:
                 p.copy_(noise(p) / p[0].numel() ** 0.5)
 
 
+def _seed(case: dict) -> torch.Generator:
+    torch.manual_seed(case.get("seed", 0))
+    return torch.Generator().manual_seed(case.get("seed", 0))
+
+
 def run_grid_case(case: dict) -> dict:
     import perceiver_pytorch.perceiver_pytorch as plain
     from perceiver_pytorch import gated
 
-    generator = torch.Generator().manual_seed(case.get("seed", 0))
-    torch.manual_seed(case.get("seed", 0))
+    generator = _seed(case)
     model = (plain if case["cls"] == "Perceiver" else gated).Perceiver(**case["kwargs"])
     randomise(model, generator)
     model.eval()
     data = torch.randn(case["shape"], generator=generator)
     mask = torch.rand(case["shape"][:-1], generator=generator) > 0.3 if case.get("mask") else None
-    with torch.no_grad():
-        output = model(data, mask=mask)
-    result = {"state_dict": dict(model.state_dict()), "inputs": data, "output": output}
-    if mask is not None:
-        result["mask"] = mask
-    return result
+    return _run(model, data, mask)
 
 
 def run_case(case: dict) -> dict:
@@ -91,8 +90,7 @@ def run_case(case: dict) -> dict:
     import perceiver_pytorch.multi_modality_with_text_perceiver as mt
     from perceiver_pytorch.modalities import InputModality, InputModalityWithEmbedding
 
-    generator = torch.Generator().manual_seed(case.get("seed", 0))
-    torch.manual_seed(case.get("seed", 0))
+    generator = _seed(case)
     embeddings = case.get("embeddings", {})
     modalities = []
     for name, channels, axis, bands, max_freq, base in case["modalities"]:
@@ -123,6 +121,11 @@ def run_case(case: dict) -> dict:
         total = sum(torch.Size(s[1:-1]).numel() for s in case["shapes"].values())
         mask = torch.rand(batch, total, generator=generator) > 0.3
         mask[:, 0] = True
+    return _run(model, inputs, mask)
+
+
+def _run(model: nn.Module, inputs, mask: torch.Tensor | None) -> dict:
+    """The model's weights, inputs, mask and output, as saved for the tests."""
     with torch.no_grad():
         output = model(inputs, mask=mask)
     result = {"state_dict": dict(model.state_dict()), "inputs": inputs, "output": output}
