@@ -14,6 +14,6 @@ PLACEHOLDERS = ("x_train", "path/or/owner-name")  # the reader's arrays / files
 def test_doc_python_blocks_run(doc: Path, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
+    for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.DOTALL):
         if not any(p in block for p in PLACEHOLDERS):
-            exec(compile(block, str(doc), "exec"), namespace)
+            exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102 - the docs' own examples

@@ -57,8 +57,8 @@ __all__ = [
     "PerceiverIO",
     "PerceiverLM",
     "__version__",
-    *_LAZY,
 ]
+__all__ += list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
