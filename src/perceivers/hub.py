@@ -371,6 +371,10 @@ def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
         state = {k.removeprefix("model."): v for k, v in state.items()}
         if len(set(state) & set(own)) >= len(state) / 2:
             return state
+    from .convert.jobr0 import convert_jobr0_state_dict, is_jobr0_state_dict
+
+    if is_jobr0_state_dict(state):  # JOBR0/PerceiverIO_Pytorch's converted official checkpoints
+        return convert_jobr0_state_dict(state, model)
     if "perceiver.embeddings.latents" in state or any(".attention.self." in k for k in state):
         from .convert.transformers import convert_transformers_state_dict
 
