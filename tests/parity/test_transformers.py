@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from _transformers_models import CONFIGS, checkpoint_factory
+from _transformers_models import inputs as _inputs
+
 from perceivers.convert.state_dict import CheckpointError
 from perceivers.convert.transformers import (
     convert_transformers_state_dict,
@@ -31,78 +34,13 @@ from perceivers.layers import FeedForward
 from perceivers.tasks import create_model
 
 ATOL = 1e-5
-TRUNK = {"num_latents": 8, "d_latents": 32, "num_blocks": 2, "num_self_attends_per_block": 2,
-         "num_self_attention_heads": 2, "num_cross_attention_heads": 1, "attention_probs_dropout_prob": 0.0}
-
-CONFIGS = {
-    "PerceiverForMaskedLM": {"num_latents": 6, "d_latents": 24, "num_blocks": 1, "num_self_attends_per_block": 2,
-                             "num_self_attention_heads": 2, "num_cross_attention_heads": 2, "qk_channels": 8,
-                             "v_channels": 24, "d_model": 16, "max_position_embeddings": 16},
-    "PerceiverForImageClassificationLearned": dict(TRUNK, image_size=6, num_labels=5),
-    "PerceiverForImageClassificationFourier": dict(TRUNK, num_labels=5),
-    "PerceiverForImageClassificationConvProcessing": dict(TRUNK, num_labels=5),
-    "PerceiverForOpticalFlow": dict(TRUNK, train_size=(6, 8), num_self_attention_heads=4),
-    "PerceiverForMultimodalAutoencoding": dict(TRUNK, num_frames=2, audio_samples_per_frame=16, samples_per_patch=8,
-                                               image_size=2, output_shape=(1, 2, 8, 8), num_labels=5,
-                                               output_num_channels=10, _label_trainable_num_channels=12),
-}
-
 MAX_ERRORS: dict[str, float] = {}
-
-
-def _randomize(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=gen)
-            if name.endswith("running_var"):
-                t.copy_(0.5 + noise.abs())
-            elif "norm" in name and name.endswith("weight"):
-                t.copy_(1 + 0.3 * noise)
-            elif name.endswith(("bias", "running_mean")):
-                t.copy_(0.3 * noise)
-            elif t.ndim >= 2 and not any(w in name for w in ("latents", "position", "padding", "mask")):
-                t.copy_(noise / t[0].numel() ** 0.5)
-            else:
-                t.copy_(noise)
-    return model
 
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """architecture → (transformers model, directory it was saved to)."""
-    cache = {}
-
-    def make(arch):
-        if arch not in cache:
-            torch.manual_seed(0)
-            model = getattr(transformers, arch)(transformers.PerceiverConfig(**CONFIGS[arch]))
-            _randomize(model.eval())
-            directory = tmp_path_factory.mktemp(arch)
-            model.save_pretrained(directory)
-            cache[arch] = (model, directory)
-        return cache[arch]
-
-    return make
-
-
-def _inputs(arch, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    if arch == "PerceiverForMaskedLM":
-        return {"inputs": torch.randint(0, 262, (2, 16), generator=g), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
-    if arch.endswith("Learned"):
-        return {"pixel_values": torch.randn(2, 3, 6, 6, generator=g)}
-    if arch.endswith("Fourier"):
-        return {"pixel_values": torch.randn(2, 3, 12, 10, generator=g)}
-    if arch.endswith("ConvProcessing"):
-        return {"pixel_values": torch.randn(2, 3, 16, 20, generator=g)}
-    if arch == "PerceiverForOpticalFlow":
-        return {"inputs": torch.randn(2, 2, 27, 6, 8, generator=g)}
-    return {"inputs": {"image": torch.rand(1, 2, 3, 8, 8, generator=g),
-                       "audio": torch.rand(1, 32, 1, generator=g) * 2 - 1,
-                       "label": torch.zeros(1, 5)}}
+    return checkpoint_factory(tmp_path_factory)
 
 
 def _run_hf(model, arch, inputs):

@@ -92,11 +92,19 @@ class PerceiverEncoder(nn.Module):
             for _ in range(num_self_attends_per_block)
         )
 
-    def forward(self, inputs: Tensor | ContextStream, *, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        inputs: Tensor | ContextStream,
+        *,
+        mask: Tensor | None = None,
+        hidden_states: list[Tensor] | None = None,
+    ) -> Tensor:
         """``inputs [B, M, C]``, optional ``mask [B, M]`` (bool, True = real input) → latents ``[B, N, D]``.
 
         ``inputs`` may be a :class:`~perceivers.layers.ContextStream` (a preprocessor's streamed
-        tokens): the cross-attention then attends it chunk by chunk.
+        tokens): the cross-attention then attends it chunk by chunk. A ``hidden_states`` list receives
+        the latents ``[B, N, D]`` in transformers' order: before every self-attention layer and after
+        every block (``num_blocks · (num_self_attends_per_block + 1)`` tensors).
         """
         streamed = isinstance(inputs, ContextStream)
         if (not streamed and inputs.ndim != 3) or inputs.shape[-1] != self.input_channels:
@@ -110,5 +118,9 @@ class PerceiverEncoder(nn.Module):
         z = self.cross_attention(latents, inputs, mask=mask)
         for _ in range(self.num_blocks):
             for layer in self.self_attends:
+                if hidden_states is not None:
+                    hidden_states.append(z)
                 z = layer(z)
+            if hidden_states is not None:
+                hidden_states.append(z)
         return z

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import auto_chunk_size, grid_attention
+from ..layers.attention import record_attention
 from ..outputs import model_output
 from ..validation import as_bool_mask, check_finite, check_like, check_tensor
 from .decoders import (
@@ -37,10 +38,19 @@ class PerceiverIOOutput:
     Attributes:
         logits: the decoder output after the postprocessor (a tensor, or a dict per modality).
         last_hidden_state: the latents after the encoder ``[B, N, D]``.
+        hidden_states: with ``output_hidden_states``: the latents before every encoder self-attention
+            layer and after every block (see :meth:`PerceiverEncoder.forward`).
+        attentions: with ``output_attentions``: the encoder self-attention weights ``[B, H, N, N]``,
+            one per layer call.
+        cross_attentions: with ``output_attentions``: the encoder cross-attention weights ``[B, H, N, M]``,
+            then the decoder's ``[B, H, Q, N]`` (none for a decoder without attention).
     """
 
     logits: Any
     last_hidden_state: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
 
 
 @configurable
@@ -144,6 +154,8 @@ class PerceiverIOModel(nn.Module):
         query_mask: Tensor | None = None,
         subsampled_output_points: Tensor | Mapping[str, Tensor | None] | None = None,
         query_kwargs: Mapping[str, Any] | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> PerceiverIOOutput:
         """Run the four stages.
 
@@ -154,7 +166,36 @@ class PerceiverIOModel(nn.Module):
             subsampled_output_points: flat output indices to decode (a dict per modality for
                 multimodal decoders).
             query_kwargs: extra arguments for the decoder's query builder (e.g. ``length``).
+            output_hidden_states: also return the encoder's intermediate latents.
+            output_attentions: also return every attention's weights (computed explicitly through
+                :func:`~perceivers.layers.attention.record_attention`: the inputs are built whole,
+                not streamed, and the outputs may differ from the default path by float rounding).
         """
+        if not output_attentions:
+            return self._forward(inputs, input_mask, query_mask, subsampled_output_points, query_kwargs,
+                                 output_hidden_states, stream=True)
+        with record_attention(self) as records:
+            out = self._forward(inputs, input_mask, query_mask, subsampled_output_points, query_kwargs,
+                                output_hidden_states, stream=False)
+        encoder_cross = self.encoder.cross_attention.attn
+        in_stack = {id(m) for m in self.encoder.self_attends.modules()}
+        in_decoder = {id(m) for m in self.decoder.modules()}
+        out.attentions = tuple(w for m, w in records if id(m) in in_stack)
+        out.cross_attentions = (tuple(w for m, w in records if m is encoder_cross)
+                                + tuple(w for m, w in records if id(m) in in_decoder))
+        return out
+
+    def _forward(
+        self,
+        inputs: Tensor | Mapping[str, Tensor],
+        input_mask: Tensor | None,
+        query_mask: Tensor | None,
+        subsampled_output_points: Tensor | Mapping[str, Tensor | None] | None,
+        query_kwargs: Mapping[str, Any] | None,
+        output_hidden_states: bool,
+        *,
+        stream: bool,
+    ) -> PerceiverIOOutput:
         self._check_inputs(inputs)
         input_mask = as_bool_mask(input_mask, "input_mask")
         query_mask = as_bool_mask(query_mask, "query_mask")
@@ -162,7 +203,7 @@ class PerceiverIOModel(nn.Module):
             if m is not None:
                 check_like(m, self, name)
         if self.input_preprocessor is not None:
-            size = self._stream_size(inputs, masked=input_mask is not None)
+            size = self._stream_size(inputs, masked=input_mask is not None) if stream else 0
             if size:  # x is a ContextStream: the encoder attends it chunk by chunk
                 x, modality_sizes, without_pos = self.input_preprocessor(inputs, chunk_size=size)
             else:
@@ -172,7 +213,8 @@ class PerceiverIOModel(nn.Module):
                 raise ValueError("without an input preprocessor, inputs must be a [batch, tokens, channels] tensor, "
                                  f"got shape {tuple(inputs.shape)}")
             x, modality_sizes, without_pos = inputs, None, None
-        latents = self.encoder(x, mask=input_mask)
+        states: list[Tensor] | None = [] if output_hidden_states else None
+        latents = self.encoder(x, mask=input_mask, hidden_states=states)
         query = self.decoder.decoder_query(
             x, modality_sizes=modality_sizes, inputs_without_pos=without_pos,
             subsampled_points=subsampled_output_points, **dict(query_kwargs or {}),
@@ -184,7 +226,8 @@ class PerceiverIOModel(nn.Module):
                 out = self.output_postprocessor(out, modality_sizes=sizes)
             else:
                 out = self.output_postprocessor(out)
-        return PerceiverIOOutput(logits=out, last_hidden_state=latents)
+        return PerceiverIOOutput(logits=out, last_hidden_state=latents,
+                                 hidden_states=None if states is None else tuple(states))
 
 
 _DECODERS = (BasicDecoder, ClassificationDecoder, FlowDecoder, MultimodalDecoder, ProjectionDecoder,

@@ -10,7 +10,9 @@ Conventions used throughout perceivers:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Attention", "KeyValue", "check_mask", "fold_is_cheaper"]
+__all__ = ["Attention", "KeyValue", "check_mask", "fold_is_cheaper", "record_attention"]
 
 KeyValue = tuple[Tensor, Tensor]
 """Projected keys and values, each ``[B, H, K, d]``."""
@@ -182,6 +184,47 @@ class Attention(nn.Module):
         if query_mask is not None:
             out = out * query_mask[:, None, :, None].to(out.dtype)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def forward_with_weights(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        query_mask: Tensor | None = None,
+        kv: KeyValue | None = None,
+        inverted: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` with the attention weights written out: ``(output [B, Q, out_dim], weights [B, H, Q, K])``.
+
+        ``weights = softmax(q kᵀ · d_k^-½)`` over the unmasked keys (masked keys get exactly 0), after
+        dropout in training (the tensor that multiplies the values, as transformers returns it). Never
+        folds and never calls SDPA, so it is slower and its output differs from :meth:`forward` by
+        float rounding only. Used by :func:`record_attention`.
+        """
+        if x.shape[-1] != self.q_dim:
+            raise ValueError(f"queries must have {self.q_dim} channels, got {x.shape[-1]}")
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        dropout = self.dropout if self.training else 0.0
+        row_valid = attn_mask = None
+        if mask is not None:
+            key_mask = mask[:, None, None, :]  # [B, 1, 1, K]
+            row_valid = key_mask.any(-1, keepdim=True)  # [B, 1, 1, 1]
+            attn_mask = key_mask | ~row_valid
+        if inverted:
+            weights = _inverted_weights(q, k, attn_mask, dropout)
+        else:
+            scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, H, Q, K]
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = F.dropout(scores.softmax(-1), dropout)
+        out = torch.matmul(weights, v)
+        if row_valid is not None:
+            out = out * row_valid.to(out.dtype)
+        if query_mask is not None:
+            out = out * query_mask[:, None, :, None].to(out.dtype)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)")), weights
 
     # ------------------------------------------------------------------ attending in the context's space
 
@@ -382,8 +425,8 @@ def _flash_lse_available(q: Tensor) -> bool:
     )
 
 
-def _inverted_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
-    """Softmax over the queries (competition for keys), masked, then L1-normalised over keys."""
+def _inverted_weights(q: Tensor, k: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+    """Softmax over the queries (competition for keys), masked, then L1-normalised over keys: ``[B, H, Q, K]``."""
     sim = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
     if mask is not None:
         sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
@@ -391,5 +434,59 @@ def _inverted_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dr
     if mask is not None:
         attn = attn.masked_fill(~mask, 0.0)
     attn = F.normalize(attn, p=1, dim=-1, eps=1e-8)
-    attn = F.dropout(attn, dropout)
-    return torch.einsum("bhij,bhjd->bhid", attn, v)
+    return F.dropout(attn, dropout)
+
+
+def _inverted_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+    """Slot-attention style attention (see :func:`_inverted_weights`)."""
+    return torch.einsum("bhij,bhjd->bhid", _inverted_weights(q, k, mask, dropout), v)
+
+
+# ---------------------------------------------------------------------------- recording attention weights
+
+Record = tuple[Attention, Tensor]
+"""One call of an :class:`Attention` module and its weights ``[B, H, Q, K]``."""
+
+
+@contextmanager
+def record_attention(module: nn.Module) -> Iterator[list[Record]]:
+    """Record the attention weights of every :class:`Attention` inside ``module`` while the context is open.
+
+    Yields a list that fills with ``(attention module, weights [B, H, Q, K])`` in call order (a layer
+    applied several times, like the encoder's shared blocks, appears once per call). Inside the
+    context the layers compute through :meth:`Attention.forward_with_weights` (explicit softmax, no
+    SDPA, no folding; a streamed context is gathered whole first), so memory grows with the number of
+    queries × keys. Outside it nothing changes: the layers' class methods are untouched, the context
+    only shadows ``forward`` / ``forward_chunked`` on the instances and removes them on exit.
+
+    Attention computed outside :class:`Attention` (the native grid kernel of
+    :mod:`perceivers.layers.grid_attention`, fed by streamed image preprocessors) is not seen: callers
+    build their inputs whole while recording (:class:`perceivers.io.PerceiverIOModel` does).
+    """
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    if any("forward" in m.__dict__ for m in layers):
+        raise RuntimeError("record_attention is already active on (part of) this module; contexts do not nest")
+    records: list[Record] = []
+    for layer in layers:
+        layer.forward = partial(_forward_recorded, layer, records)
+        layer.forward_chunked = partial(_forward_chunked_recorded, layer, records)
+    try:
+        yield records
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("forward_chunked", None)
+
+
+def _forward_recorded(layer: Attention, records: list[Record], x: Tensor, context: Tensor | None = None,
+                      **kwargs) -> Tensor:
+    out, weights = layer.forward_with_weights(x, context, **kwargs)
+    records.append((layer, weights))
+    return out
+
+
+def _forward_chunked_recorded(layer: Attention, records: list[Record], x: Tensor, chunk: Callable[[int, int], Tensor],
+                              length: int, *, chunk_size: int, mask: Tensor | None = None,
+                              query_mask: Tensor | None = None) -> Tensor:
+    context = torch.cat([chunk(a, min(a + chunk_size, length)) for a in range(0, length, chunk_size)], dim=1)
+    return _forward_recorded(layer, records, x, context, mask=mask, query_mask=query_mask)

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from ..io import PerceiverEncoder
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-__all__ = ["TrunkConfig", "as_pair", "as_tuple", "build_encoder", "check_d_model"]
+from ..io import PerceiverEncoder, PerceiverIOOutput
+from ..validation import check_tensor
+
+__all__ = [
+    "PROBLEM_TYPES",
+    "SavesPretrained",
+    "TrunkConfig",
+    "as_pair",
+    "as_tuple",
+    "build_encoder",
+    "check_d_model",
+    "check_problem_type",
+    "check_unsupported",
+    "classification_loss",
+    "one_input",
+    "transformers_tuple",
+]
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 def as_tuple(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -86,3 +109,84 @@ def build_encoder(cfg: TrunkConfig, input_channels: int) -> PerceiverEncoder:
     )
 
 
+
+
+# --------------------------------------------------------------------- transformers' calling convention
+
+
+class SavesPretrained:
+    """``model.save_pretrained(directory)``, the method transformers' models have (our format)."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """:func:`perceivers.save_pretrained` (``config.json`` + ``model.safetensors``, our format); for
+        transformers' format use :func:`perceivers.convert.transformers.save_transformers`."""
+        from ..hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+
+def one_input(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """The main input, given under exactly one of its two names (ours and transformers')."""
+    if (value is None) == (alias_value is None):
+        got = "neither" if value is None else "both"
+        raise ValueError(f"pass exactly one of {name}= / {alias}= (the same input), got {got}")
+    return value if alias_value is None else alias_value
+
+
+def check_unsupported(head_mask: Tensor | None = None, interpolate_pos_encoding: bool = False) -> None:
+    """transformers keywords we accept but cannot honour, refused when they would change the result."""
+    if head_mask is not None:
+        raise ValueError("head_mask is not supported (transformers 5 removed it from the Perceiver too); "
+                         "mask heads by editing the attention weights instead")
+    if interpolate_pos_encoding:
+        raise ValueError("interpolate_pos_encoding=True is not supported: Fourier-position models take any image "
+                         "size as they are; the learned-position model needs its training size")
+
+
+def transformers_tuple(loss: Tensor | None, logits: Any, out: PerceiverIOOutput) -> tuple:
+    """What transformers' Perceiver heads return with ``return_dict=False``.
+
+    ``(loss?, logits, hidden_states?, attentions?, encoder cross-attentions?, *decoder cross-attentions)``:
+    absent entries are left out, the encoder's cross-attention is a one-tensor tuple, and the decoder's
+    cross-attention weights follow as loose tensors (transformers appends them to the tuple, not to
+    the cross-attention tuple, in this mode).
+    """
+    head = () if loss is None else (loss,)
+    groups = (out.hidden_states, out.attentions, None if out.cross_attentions is None else out.cross_attentions[:1])
+    rest = tuple(g for g in groups if g is not None)
+    decoder = () if out.cross_attentions is None else tuple(out.cross_attentions[1:])
+    return (*head, logits, *rest, *decoder)
+
+
+def check_problem_type(problem_type: str | None) -> None:
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {problem_type!r}")
+
+
+def classification_loss(logits: Tensor, labels: Tensor, problem_type: str | None = None) -> Tensor:
+    """transformers' classification/regression loss for ``logits [B, num_labels]``.
+
+    ``problem_type`` ``None`` picks one per call as transformers does on its first call: regression
+    (MSE) for one label, single-label cross-entropy for integer labels ``[B]``, multi-label BCE with
+    logits otherwise (labels ``[B, num_labels]``).
+    """
+    check_tensor(labels, "labels", kind=None, ndim=(1, 2), layout="[batch] or [batch, num_labels]")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels have batch size {labels.shape[0]}, logits {logits.shape[0]}")
+    n = logits.shape[-1]
+    kind = problem_type
+    if kind is None:
+        integer = labels.dtype in (torch.int64, torch.int32)
+        kind = "regression" if n == 1 else "single_label_classification" if integer else "multi_label_classification"
+    if kind == "regression":
+        target = labels.to(logits.dtype)
+        return F.mse_loss(logits.squeeze(-1), target.squeeze(-1)) if n == 1 else F.mse_loss(logits, target)
+    if kind == "single_label_classification":
+        if labels.is_floating_point() or labels.numel() != logits.shape[0]:
+            raise ValueError(f"single-label classification needs integer class ids [batch], got {labels.dtype} "
+                             f"{tuple(labels.shape)}")
+        return F.cross_entropy(logits, labels.reshape(-1).long())
+    if tuple(labels.shape) != tuple(logits.shape):
+        raise ValueError(f"multi-label classification needs labels of shape {tuple(logits.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

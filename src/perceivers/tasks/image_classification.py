@@ -9,9 +9,21 @@ from torch import Tensor, nn
 
 from ..io import ClassificationDecoder, PerceiverIOModel, build_position_encoding
 from ..io.processors import ImagePreprocessor
-from ..outputs import model_output
+from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
-from .common import TrunkConfig, as_pair, as_tuple, build_encoder, check_d_model
+from .common import (
+    SavesPretrained,
+    TrunkConfig,
+    as_pair,
+    as_tuple,
+    build_encoder,
+    check_d_model,
+    check_problem_type,
+    check_unsupported,
+    classification_loss,
+    one_input,
+    transformers_tuple,
+)
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
 
@@ -42,6 +54,9 @@ class ImageClassificationConfig(TrunkConfig):
         d_model: optional check of the preprocessed width (transformers' field; 261 / 322 / 512).
         chunk_size: stream large images through the encoder (``PerceiverIOModel.chunk_size``:
             ``None`` automatic, ``0`` off, ``n`` chunks of about ``n`` tokens).
+        problem_type: loss used with ``labels`` (transformers' field): ``"regression"``,
+            ``"single_label_classification"`` or ``"multi_label_classification"``; ``None`` picks one
+            from ``num_labels`` and the label dtype.
     """
 
     num_latents: int = 512
@@ -66,8 +81,10 @@ class ImageClassificationConfig(TrunkConfig):
     decoder_query_channels: int | None = None
     d_model: int | None = None
     chunk_size: int | None = None
+    problem_type: str | None = None
 
     def __post_init__(self) -> None:
+        check_problem_type(self.problem_type)
         self.image_size = as_pair(self.image_size)
         self.max_resolution = as_tuple(self.max_resolution)
         if self.preprocessing not in ("pixels", "conv", "conv1x1"):
@@ -84,14 +101,22 @@ class ImageClassificationConfig(TrunkConfig):
 
 @model_output
 @dataclass
-class ImageClassifierOutput:
-    """``logits [B, num_labels]`` and the encoder latents ``last_hidden_state [B, N, D]``."""
+class ImageClassifierOutput(TransformersIndexing):
+    """``logits [B, num_labels]`` and the encoder latents ``last_hidden_state [B, N, D]``.
+
+    With ``labels``: ``loss``; with ``output_hidden_states`` / ``output_attentions``: transformers'
+    ``hidden_states``, ``attentions`` and ``cross_attentions`` (see :class:`~perceivers.io.PerceiverIOOutput`).
+    """
 
     logits: Tensor
     last_hidden_state: Tensor
+    loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
 
 
-class ImageClassifier(nn.Module):
+class ImageClassifier(SavesPretrained, nn.Module):
     """Perceiver IO image classifier: ``pixel_values [B, C, H, W]`` → :class:`ImageClassifierOutput`.
 
     Pixels are normalised with the ImageNet mean/std, NCHW (transformers' layout); they are moved
@@ -118,13 +143,41 @@ class ImageClassifier(nn.Module):
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor, chunk_size=c.chunk_size)
 
-    def forward(self, pixel_values: Tensor) -> ImageClassifierOutput:
-        """``pixel_values [B, C, H, W]`` (normalised) → logits ``[B, num_labels]``."""
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        inputs: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        head_mask: None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> ImageClassifierOutput | tuple:
+        """Args:
+            pixel_values: ``[B, C, H, W]`` normalised images (``inputs`` is transformers' name for it).
+            attention_mask: ``[B, M]`` over the ``M`` image tokens, 1/True = attend (rarely useful).
+            labels: ``[B]`` class ids, or ``[B, num_labels]`` (multi-label / regression); gives ``loss``
+                (:func:`~perceivers.tasks.common.classification_loss`, ``config.problem_type``).
+            output_hidden_states, output_attentions: also return the encoder latents per layer and the
+                attention weights (see :class:`ImageClassifierOutput`).
+            return_dict: ``False`` gives transformers' tuple (:func:`~perceivers.tasks.common.transformers_tuple`).
+            head_mask, interpolate_pos_encoding: transformers' keywords; only their defaults are accepted.
+        """
+        pixel_values = one_input("pixel_values", pixel_values, "inputs", inputs)
+        check_unsupported(head_mask, interpolate_pos_encoding)
         check_tensor(pixel_values, "pixel_values", kind="float", layout="[batch, channels, height, width]")
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [batch, channels, height, width], got {tuple(pixel_values.shape)}")
-        out = self.perceiver(pixel_values)
-        return ImageClassifierOutput(out.logits, out.last_hidden_state)
+        out = self.perceiver(pixel_values, input_mask=attention_mask, output_hidden_states=bool(output_hidden_states),
+                             output_attentions=bool(output_attentions))
+        loss = None if labels is None else classification_loss(out.logits, labels, self.config.problem_type)
+        if return_dict is False:
+            return transformers_tuple(loss, out.logits, out)
+        return ImageClassifierOutput(out.logits, out.last_hidden_state, loss, out.hidden_states, out.attentions,
+                                     out.cross_attentions)
 
 
 def _build(defaults: dict[str, Any], overrides: dict[str, Any]) -> ImageClassifier:

@@ -10,9 +10,16 @@ from torch import Tensor, nn
 
 from ..io import BasicDecoder, PerceiverIOModel, TrainableQueries
 from ..io.processors import EmbeddingDecoder, TextPreprocessor
-from ..outputs import model_output
+from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
-from .common import TrunkConfig, build_encoder
+from .common import (
+    SavesPretrained,
+    TrunkConfig,
+    build_encoder,
+    check_unsupported,
+    one_input,
+    transformers_tuple,
+)
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
 
@@ -46,15 +53,22 @@ class MaskedLanguageModelConfig(TrunkConfig):
 
 @model_output
 @dataclass
-class MaskedLMOutput:
-    """``logits [B, L, vocab_size]``, the latents, and the loss when ``labels`` were given."""
+class MaskedLMOutput(TransformersIndexing):
+    """``logits [B, L, vocab_size]``, the latents, and the loss when ``labels`` were given.
+
+    With ``output_hidden_states`` / ``output_attentions``: transformers' ``hidden_states``, ``attentions`` and
+    ``cross_attentions`` (see :class:`~perceivers.io.PerceiverIOOutput`).
+    """
 
     logits: Tensor
     last_hidden_state: Tensor
     loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
 
 
-class MaskedLanguageModel(nn.Module):
+class MaskedLanguageModel(SavesPretrained, nn.Module):
     """``inputs [B, L]`` byte ids (+ ``attention_mask``) → :class:`MaskedLMOutput`.
 
     Sequences may be shorter than ``max_position_embeddings``: the first ``L`` positions and
@@ -83,16 +97,23 @@ class MaskedLanguageModel(nn.Module):
         labels: Tensor | None = None,
         *,
         input_ids: Tensor | None = None,
-    ) -> MaskedLMOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        head_mask: None = None,
+    ) -> MaskedLMOutput | tuple:
         """Args:
             inputs: ``[B, L]`` token ids (``input_ids`` is an alias).
             attention_mask: ``[B, L]``, 1/True = real token, 0/False = padding; used as the encoder
                 key mask and as the decoder query mask (padded rows decode from zero attention).
             labels: ``[B, L]`` target ids, -100 = ignored; gives ``loss`` (cross-entropy).
+            output_hidden_states, output_attentions: also return the encoder latents per layer and the
+                attention weights (see :class:`MaskedLMOutput`).
+            return_dict: ``False`` gives transformers' tuple (:func:`~perceivers.tasks.common.transformers_tuple`).
+            head_mask: transformers' keyword; only ``None`` is accepted.
         """
-        if (inputs is None) == (input_ids is None):
-            raise ValueError("pass exactly one of inputs / input_ids")
-        ids = inputs if inputs is not None else input_ids
+        ids = one_input("inputs", inputs, "input_ids", input_ids)
+        check_unsupported(head_mask)
         check_tensor(ids, "inputs", kind="int", ndim=2, layout="[batch, length] token ids")
         if labels is not None:
             check_tensor(labels, "labels", kind="int", ndim=2, layout="[batch, length] target ids (-100 = ignored)")
@@ -101,13 +122,17 @@ class MaskedLanguageModel(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
         out = self.perceiver(ids, input_mask=attention_mask, query_mask=attention_mask,
-                             query_kwargs={"length": ids.shape[1]})
+                             query_kwargs={"length": ids.shape[1]}, output_hidden_states=bool(output_hidden_states),
+                             output_attentions=bool(output_attentions))
         table = self.perceiver.input_preprocessor.embeddings.weight  # tied input/output embedding
         logits = self.embedding_decoder(out.logits, table)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
-        return MaskedLMOutput(logits, out.last_hidden_state, loss)
+        if return_dict is False:
+            return transformers_tuple(loss, logits, out)
+        return MaskedLMOutput(logits, out.last_hidden_state, loss, out.hidden_states, out.attentions,
+                              out.cross_attentions)
 
 
 @register_model(

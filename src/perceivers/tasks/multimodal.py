@@ -26,9 +26,17 @@ from ..io.processors import (
     OneHotPreprocessor,
     ProjectionPostprocessor,
 )
-from ..outputs import model_output
+from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
-from .common import TrunkConfig, as_pair, build_encoder, check_d_model
+from .common import (
+    SavesPretrained,
+    TrunkConfig,
+    as_pair,
+    build_encoder,
+    check_d_model,
+    check_unsupported,
+    transformers_tuple,
+)
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
 
@@ -106,18 +114,25 @@ class MultimodalAutoencodingConfig(TrunkConfig):
 
 @model_output
 @dataclass
-class MultimodalAutoencodingOutput:
+class MultimodalAutoencodingOutput(TransformersIndexing):
     """Attributes:
         logits: ``{"audio": [B, Qa · samples_per_patch], "image": [B, Qi, C], "label": [B, num_labels]}`` for the
             decoded (possibly subsampled) points.
         last_hidden_state: the latents ``[B, N, D]``.
+        loss: always ``None`` (transformers' field; no built-in training loss).
+        hidden_states, attentions, cross_attentions: with ``output_hidden_states`` / ``output_attentions``
+            (see :class:`~perceivers.io.PerceiverIOOutput`).
     """
 
     logits: dict[str, Tensor]
     last_hidden_state: Tensor
+    loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
 
 
-class MultimodalAutoencoder(nn.Module):
+class MultimodalAutoencoder(SavesPretrained, nn.Module):
     """Encode video + audio (+ masked label) into latents; decode any subset of output points.
 
     Inputs (transformers' layout): ``image [B, T, C, H, W]`` in [0, 1], ``audio [B, N]`` or ``[B, N, 1]``
@@ -166,13 +181,28 @@ class MultimodalAutoencoder(nn.Module):
         self,
         inputs: Mapping[str, Tensor],
         subsampled_output_points: Mapping[str, Tensor | None] | None = None,
-    ) -> MultimodalAutoencodingOutput:
+        *,
+        attention_mask: Tensor | None = None,
+        labels: None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        head_mask: None = None,
+    ) -> MultimodalAutoencodingOutput | tuple:
         """Args:
             inputs: ``{"image", "audio"[, "label"]}`` as in the class docstring.
             subsampled_output_points: ``{"image": flat indices into (T, H, W), "audio": indices of audio
                 patches}``; a missing or ``None`` entry decodes all points of that modality. Query
                 positions are ``-1 + 2·idx/N`` (the official chunked decoding), also for full decoding.
+            attention_mask: ``[B, M]`` over all ``M`` input tokens (audio, image, label in sorted
+                order), 1/True = attend.
+            labels: refused with ``NotImplementedError``, as transformers does.
+            output_hidden_states, output_attentions, return_dict, head_mask: as the image classifier's.
         """
+        if labels is not None:
+            raise NotImplementedError("multimodal autoencoding has no built-in loss (transformers: 'not yet "
+                                      "supported'); compare .logits with your targets")
+        check_unsupported(head_mask)
         c = self.config
         if not isinstance(inputs, Mapping):
             raise TypeError(f"inputs must be a dict with 'image', 'audio' (and optionally 'label') tensors, got "
@@ -191,8 +221,12 @@ class MultimodalAutoencoder(nn.Module):
             if points.get(m) is None:
                 points[m] = torch.arange(c.output_sizes[m], device=device)
         points["label"] = None
-        out = self.perceiver(inputs, subsampled_output_points=points)
-        return MultimodalAutoencodingOutput(out.logits, out.last_hidden_state)
+        out = self.perceiver(inputs, input_mask=attention_mask, subsampled_output_points=points,
+                             output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
+        if return_dict is False:
+            return transformers_tuple(None, out.logits, out)
+        return MultimodalAutoencodingOutput(out.logits, out.last_hidden_state, None, out.hidden_states, out.attentions,
+                                            out.cross_attentions)
 
     def _check_inputs(self, inputs: Mapping[str, Tensor]) -> None:
         """Shapes fixed by the config: the Fourier queries and the output layout are built for them."""

@@ -9,9 +9,18 @@ from torch import Tensor, nn
 
 from ..io import FlowDecoder, PerceiverIOModel
 from ..io.processors import FlowPreprocessor
-from ..outputs import model_output
+from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
-from .common import TrunkConfig, as_pair, as_tuple, build_encoder, check_d_model
+from .common import (
+    SavesPretrained,
+    TrunkConfig,
+    as_pair,
+    as_tuple,
+    build_encoder,
+    check_d_model,
+    check_unsupported,
+    transformers_tuple,
+)
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
 
@@ -54,20 +63,27 @@ class OpticalFlowConfig(TrunkConfig):
 
 @model_output
 @dataclass
-class OpticalFlowOutput:
+class OpticalFlowOutput(TransformersIndexing):
     """Attributes:
         flow: ``[B, H, W, 2]`` flow in pixels (``(dx, dy)`` order as the official model), = logits × 20.
         logits: ``[B, H, W, 2]`` the decoder output / 100 — what transformers' ``PerceiverForOpticalFlow``
             returns.
         last_hidden_state: the latents.
+        loss: always ``None`` (transformers' field; training from flow labels is not supported).
+        hidden_states, attentions, cross_attentions: with ``output_hidden_states`` / ``output_attentions``
+            (see :class:`~perceivers.io.PerceiverIOOutput`).
     """
 
     flow: Tensor
     logits: Tensor
     last_hidden_state: Tensor
+    loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
 
 
-class OpticalFlowModel(nn.Module):
+class OpticalFlowModel(SavesPretrained, nn.Module):
     """Two frames → per-pixel flow.
 
     Inputs: transformers' 3×3 patches ``[B, 2, 27, H, W]`` or frame pairs ``[B, 2, 3, H, W]``
@@ -88,16 +104,41 @@ class OpticalFlowModel(nn.Module):
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor)
 
-    def forward(self, inputs: Tensor) -> OpticalFlowOutput:
-        """``[B, 2, 27 | 3, H, W]`` → :class:`OpticalFlowOutput`."""
+    def forward(
+        self,
+        inputs: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: None = None,
+        *,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        head_mask: None = None,
+    ) -> OpticalFlowOutput | tuple:
+        """``[B, 2, 27 | 3, H, W]`` → :class:`OpticalFlowOutput`.
+
+        Args:
+            attention_mask: ``[B, H·W]`` over the pixel tokens, 1/True = attend (encoder key mask).
+            labels: refused with ``NotImplementedError``, as transformers does (compute a loss from
+                ``.flow`` or ``.logits`` yourself).
+            output_hidden_states, output_attentions, return_dict, head_mask: as the image classifier's.
+        """
+        if labels is not None:
+            raise NotImplementedError("optical flow has no built-in loss (transformers: 'not yet supported'); "
+                                      "compare .flow (pixels) or .logits (flow / 20) with your targets")
+        check_unsupported(head_mask)
         check_tensor(inputs, "inputs", kind="float", layout="[batch, 2, 27 or 3, H, W]")
         if inputs.ndim != 5 or tuple(inputs.shape[-2:]) != self.config.train_size:
             raise ValueError(
                 f"inputs must be [batch, 2, 27 or 3, {self.config.train_size[0]}, {self.config.train_size[1]}], got "
                 f"{tuple(inputs.shape)}; tile larger images"
             )
-        out = self.perceiver(inputs)
-        return OpticalFlowOutput(out.logits * self.config.flow_scale_factor, out.logits, out.last_hidden_state)
+        out = self.perceiver(inputs, input_mask=attention_mask, output_hidden_states=bool(output_hidden_states),
+                             output_attentions=bool(output_attentions))
+        if return_dict is False:
+            return transformers_tuple(None, out.logits, out)
+        return OpticalFlowOutput(out.logits * self.config.flow_scale_factor, out.logits, out.last_hidden_state, None,
+                                 out.hidden_states, out.attentions, out.cross_attentions)
 
 
 @register_model(

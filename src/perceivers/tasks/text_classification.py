@@ -16,15 +16,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..io import ClassificationDecoder, PerceiverIOModel
 from ..io.processors import TextPreprocessor
-from ..outputs import model_output
+from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
-from .common import TrunkConfig, build_encoder
+from .common import (
+    SavesPretrained,
+    TrunkConfig,
+    build_encoder,
+    check_problem_type,
+    check_unsupported,
+    classification_loss,
+    one_input,
+    transformers_tuple,
+)
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, create_model, register_model
 
@@ -37,8 +44,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 #: State-dict prefixes of the text trunk (shared by the masked LM and the classifier).
 TRUNK_PREFIXES = ("perceiver.input_preprocessor.", "perceiver.encoder.")
@@ -73,21 +78,27 @@ class SequenceClassificationConfig(TrunkConfig):
     def __post_init__(self) -> None:
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}")
+        check_problem_type(self.problem_type)
 
 
 @model_output
 @dataclass
-class SequenceClassifierOutput:
-    """``logits [B, num_labels]``, the latents ``last_hidden_state [B, N, D]``, and the loss when ``labels`` were given."""
+class SequenceClassifierOutput(TransformersIndexing):
+    """``logits [B, num_labels]``, the latents ``last_hidden_state [B, N, D]``, and the loss when ``labels`` were given.
+
+    With ``output_hidden_states`` / ``output_attentions``: transformers' ``hidden_states``, ``attentions`` and
+    ``cross_attentions`` (see :class:`~perceivers.io.PerceiverIOOutput`).
+    """
 
     logits: Tensor
     last_hidden_state: Tensor
     loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
 
 
-class SequenceClassifier(nn.Module):
+class SequenceClassifier(SavesPretrained, nn.Module):
     """``inputs [B, L]`` byte ids (+ ``attention_mask``) → :class:`SequenceClassifierOutput`.
 
     Tensor names of the trunk equal :class:`~perceivers.tasks.MaskedLanguageModel`'s, so a masked-LM
@@ -112,46 +123,37 @@ class SequenceClassifier(nn.Module):
         labels: Tensor | None = None,
         *,
         input_ids: Tensor | None = None,
-    ) -> SequenceClassifierOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        head_mask: None = None,
+    ) -> SequenceClassifierOutput | tuple:
         """Args:
             inputs: ``[B, L]`` token ids, ``L <= max_position_embeddings`` (``input_ids`` is an alias).
             attention_mask: ``[B, L]``, 1/True = real token, 0/False = padding (encoder key mask).
             labels: ``[B]`` class ids (single-label), ``[B, num_labels]`` floats (multi-label, or
                 regression targets), or ``[B]`` floats (regression with one label); gives ``loss``.
+            output_hidden_states, output_attentions: also return the encoder latents per layer and the
+                attention weights (see :class:`SequenceClassifierOutput`).
+            return_dict: ``False`` gives transformers' tuple (:func:`~perceivers.tasks.common.transformers_tuple`).
+            head_mask: transformers' keyword; only ``None`` is accepted.
         """
-        if (inputs is None) == (input_ids is None):
-            raise ValueError("pass exactly one of inputs / input_ids")
-        ids = inputs if inputs is not None else input_ids
+        ids = one_input("inputs", inputs, "input_ids", input_ids)
+        check_unsupported(head_mask)
         check_tensor(ids, "inputs", kind="int", ndim=2, layout="[batch, length] token ids")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
-        out = self.perceiver(ids, input_mask=attention_mask)
+        out = self.perceiver(ids, input_mask=attention_mask, output_hidden_states=bool(output_hidden_states),
+                             output_attentions=bool(output_attentions))
         loss = None if labels is None else self.loss(out.logits, labels)
-        return SequenceClassifierOutput(out.logits, out.last_hidden_state, loss)
+        if return_dict is False:
+            return transformers_tuple(loss, out.logits, out)
+        return SequenceClassifierOutput(out.logits, out.last_hidden_state, loss, out.hidden_states, out.attentions,
+                                        out.cross_attentions)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``config.problem_type`` (or the one implied by ``num_labels`` and the label dtype)."""
-        check_tensor(labels, "labels", kind=None, ndim=(1, 2), layout="[batch] or [batch, num_labels]")
-        if labels.shape[0] != logits.shape[0]:
-            raise ValueError(f"labels have batch size {labels.shape[0]}, logits {logits.shape[0]}")
-        n = self.config.num_labels
-        kind = self.config.problem_type
-        if kind is None:
-            integer = labels.dtype in (torch.int64, torch.int32)
-            kind = "regression" if n == 1 else "single_label_classification" if integer else \
-                "multi_label_classification"
-        if kind == "regression":
-            target = labels.to(logits.dtype)
-            return F.mse_loss(logits.squeeze(-1), target.squeeze(-1)) if n == 1 else F.mse_loss(logits, target)
-        if kind == "single_label_classification":
-            if labels.is_floating_point() or labels.numel() != logits.shape[0]:
-                raise ValueError(f"single-label classification needs integer class ids [batch], got {labels.dtype} "
-                                 f"{tuple(labels.shape)}")
-            return F.cross_entropy(logits, labels.reshape(-1).long())
-        if tuple(labels.shape) != tuple(logits.shape):
-            raise ValueError(f"multi-label classification needs labels of shape {tuple(logits.shape)}, "
-                             f"got {tuple(labels.shape)}")
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return classification_loss(logits, labels, self.config.problem_type)
 
 
 @dataclass(frozen=True)

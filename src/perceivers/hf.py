@@ -1,0 +1,275 @@
+"""transformers' Perceiver class names, for code written against ``transformers``.
+
+Change ``from transformers import PerceiverForMaskedLM`` to ``from perceivers.hf import
+PerceiverForMaskedLM`` and the usual calls run on our task models::
+
+    model = PerceiverForImageClassificationConvProcessing.from_pretrained("deepmind/vision-perceiver-conv")
+    out = model(inputs=pixel_values, labels=labels, output_hidden_states=True, output_attentions=True)
+
+Each name stands for one registered variant (:data:`VARIANTS`); it builds nothing of its own. Its
+:meth:`~TransformersName.from_pretrained` loads through :func:`perceivers.from_pretrained` (transformers
+checkpoints — directories or Hub ids — and our own format) and refuses a checkpoint of another
+architecture; calling the name builds a randomly initialised model (from a transformers
+``PerceiverConfig`` if given). The models are our task classes
+(:class:`~perceivers.tasks.ImageClassifier`, …), so ``isinstance`` holds for both names, and
+``model.save_pretrained(dir)`` writes our format, which ``from_pretrained`` reads back.
+
+Computation follows DeepMind's official model unless ``numerics="transformers"`` is passed (then
+outputs equal transformers' within float rounding). See docs/transformers-api.md for the differences.
+
+``PerceiverImageProcessor`` is not provided: :class:`perceivers.data.ImageNetEvalTransform` with
+``resample="pil"`` matches transformers' processor only where the crop margin is even (transformers
+rounds the crop offset down, the official pipeline up).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .convert.transformers import ARCHITECTURES
+from .data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
+
+__all__ = [
+    "VARIANTS",
+    "PerceiverForImageClassificationConvProcessing",
+    "PerceiverForImageClassificationFourier",
+    "PerceiverForImageClassificationLearned",
+    "PerceiverForMaskedLM",
+    "PerceiverForMultimodalAutoencoding",
+    "PerceiverForOpticalFlow",
+    "PerceiverForSequenceClassification",
+    "PerceiverTokenizer",
+    "TransformersName",
+]
+
+logger = logging.getLogger(__name__)
+
+#: transformers head class → our registered variant (the checkpoint converter's table).
+VARIANTS: dict[str, str] = ARCHITECTURES
+_NAME_OF = {v: k for k, v in VARIANTS.items()}
+
+
+class _NameMeta(type):
+    """``isinstance(model, Name)`` asks whether ``model`` is the variant ``Name`` stands for."""
+
+    def __instancecheck__(cls, obj: object) -> bool:
+        variant = cls.__dict__.get("variant")
+        return variant is not None and getattr(obj, "model_name", None) == variant
+
+    def __call__(cls, config: Any = None, *, numerics: str = "deepmind", **overrides: Any) -> nn.Module:
+        return cls.from_config(config, numerics=numerics, **overrides)
+
+
+class TransformersName(metaclass=_NameMeta):
+    """Base of the transformers names; ``variant`` is the registered model the name stands for."""
+
+    variant: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.variant = VARIANTS[cls.__name__]
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str], **kwargs: Any) -> nn.Module:
+        """Load a checkpoint of this architecture with :func:`perceivers.from_pretrained` (eval mode).
+
+        Args:
+            path_or_id: a directory or Hub id, in transformers' format or ours.
+            **kwargs: options of :func:`perceivers.from_pretrained` (``revision``, ``map_location``, …) and,
+                for transformers checkpoints, of ``from_transformers`` (``numerics="transformers"`` to
+                reproduce transformers' outputs).
+
+        Raises:
+            ValueError: the checkpoint holds another architecture.
+        """
+        from .hub import from_pretrained
+
+        model = from_pretrained(path_or_id, **kwargs)
+        cls._check_variant(model, path_or_id)
+        return model
+
+    @classmethod
+    def from_config(cls, config: Any = None, *, numerics: str = "deepmind", **overrides: Any) -> nn.Module:
+        """A randomly initialised model: official sizes, or those of a transformers ``PerceiverConfig``
+        (or its dict), with ``overrides`` (our config field names) on top. ``Name(config)`` calls this."""
+        from .convert.transformers import overrides_from_config, use_transformers_numerics
+        from .tasks import create_model
+
+        if numerics not in ("deepmind", "transformers"):
+            raise ValueError(f"numerics must be 'deepmind' or 'transformers', got {numerics!r}")
+        if config is None:
+            if numerics == "transformers":
+                raise ValueError("numerics='transformers' needs a transformers PerceiverConfig (its hidden_act)")
+            return create_model(cls.variant, **overrides)
+        cfg = config.to_dict() if hasattr(config, "to_dict") else config
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"config must be a transformers PerceiverConfig or a dict, got {type(config).__name__}")
+        _, sizes = overrides_from_config(cfg, cls.__name__, numerics)
+        model = create_model(cls.variant, **{**sizes, **overrides})
+        if numerics == "transformers":
+            use_transformers_numerics(model, cfg.get("hidden_act", "gelu"))
+        return model
+
+    @classmethod
+    def _check_variant(cls, model: nn.Module, source: object) -> None:
+        got = getattr(model, "model_name", None)
+        if got != cls.variant:
+            what = f"{_NAME_OF[got]} ({got})" if got in _NAME_OF else (got or type(model).__name__)
+            raise ValueError(f"{source} holds a {what}, not a {cls.__name__} ({cls.variant}); load it with "
+                             f"perceivers.from_pretrained or the matching perceivers.hf name")
+
+
+class PerceiverForImageClassificationLearned(TransformersName):
+    """ImageNet classifier with learned positions → :class:`~perceivers.tasks.ImageClassifier`."""
+
+
+class PerceiverForImageClassificationFourier(TransformersName):
+    """ImageNet classifier on pixels + Fourier features → :class:`~perceivers.tasks.ImageClassifier`."""
+
+
+class PerceiverForImageClassificationConvProcessing(TransformersName):
+    """ImageNet classifier with a conv stem → :class:`~perceivers.tasks.ImageClassifier`."""
+
+
+class PerceiverForMaskedLM(TransformersName):
+    """Byte-level masked language model → :class:`~perceivers.tasks.MaskedLanguageModel`."""
+
+
+class PerceiverForOpticalFlow(TransformersName):
+    """Optical flow → :class:`~perceivers.tasks.OpticalFlowModel` (``.logits`` as transformers, ``.flow`` in pixels)."""
+
+
+class PerceiverForMultimodalAutoencoding(TransformersName):
+    """Video + audio + label autoencoder → :class:`~perceivers.tasks.MultimodalAutoencoder`."""
+
+
+class PerceiverForSequenceClassification(TransformersName):
+    """Byte-level sequence classifier → :class:`~perceivers.tasks.SequenceClassifier`."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str], *, num_labels: int | None = None,
+                        **kwargs: Any) -> nn.Module:
+        """As :meth:`TransformersName.from_pretrained`; a masked-LM checkpoint (e.g.
+        ``deepmind/language-perceiver``) gives a classifier with its trunk and a new decoder, as transformers
+        does (:func:`perceivers.tasks.from_language_model`; ``num_labels`` default 2)."""
+        from .hub import from_pretrained
+        from .tasks import from_language_model
+
+        model = from_pretrained(path_or_id, **kwargs)
+        if getattr(model, "model_name", None) == "language-perceiver":
+            logger.warning("%s is a masked language model: its trunk starts a new %s whose classification decoder "
+                           "is randomly initialised; fine-tune it", path_or_id, cls.__name__)
+            return from_language_model(model, num_labels=2 if num_labels is None else num_labels)
+        cls._check_variant(model, path_or_id)
+        if num_labels is not None and num_labels != model.config.num_labels:
+            raise ValueError(f"{path_or_id} has num_labels={model.config.num_labels}, not {num_labels}")
+        return model
+
+
+class PerceiverTokenizer(ByteTokenizer):
+    """:class:`~perceivers.data.ByteTokenizer` with transformers' defaults and return types.
+
+    ``[CLS] text [SEP]`` (and ``[CLS] a [SEP] b [SEP]`` for pairs), the literal strings ``[MASK]``,
+    ``[CLS]``, … read as their special ids, no padding or truncation unless asked, Python lists unless
+    ``return_tensors="pt"``, and :meth:`decode` that writes special tokens out unless
+    ``skip_special_tokens=True``. The ids are those of transformers' ``PerceiverTokenizer``.
+    ``vocab_size`` is 262 (transformers' attribute says 256, its ``len()`` 262).
+    """
+
+    pad_token_id, bos_token_id, eos_token_id = SPECIAL_TOKENS["[PAD]"], SPECIAL_TOKENS["[BOS]"], SPECIAL_TOKENS["[EOS]"]
+    mask_token_id, cls_token_id, sep_token_id = SPECIAL_TOKENS["[MASK]"], SPECIAL_TOKENS["[CLS]"], SPECIAL_TOKENS["[SEP]"]
+
+    def __init__(self, model_max_length: int = 2048) -> None:
+        super().__init__(model_max_length, add_special_tokens=True, parse_special_tokens=True)
+
+    @property
+    def model_max_length(self) -> int:
+        return self.max_length
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str] | None = None, **kwargs: Any) -> PerceiverTokenizer:
+        """The tokenizer has no files to read (bytes are the vocabulary): ``path_or_id`` is ignored and
+        nothing is downloaded; ``model_max_length`` may be given."""
+        return cls(int(kwargs.get("model_max_length", 2048)))
+
+    def __call__(  # type: ignore[override]
+        self,
+        text: str | Sequence[str],
+        text_pair: str | Sequence[str] | None = None,
+        *,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+        return_tensors: str | None = None,
+    ) -> dict[str, Any]:
+        """transformers' call: ``{"input_ids", "attention_mask"}``; lists (flat for one string) unless
+        ``return_tensors="pt"`` (``[B, n]`` int64 tensors). ``padding``: ``False``/``"do_not_pad"``,
+        ``True``/``"longest"``, ``"max_length"``."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        mode = {False: "do_not_pad", True: "longest"}.get(padding, padding)
+        if mode not in ("do_not_pad", "longest", "max_length"):
+            raise ValueError(f"padding must be True/False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        texts = [text] if isinstance(text, str) else list(text)
+        pairs = [None] * len(texts) if text_pair is None else [text_pair] if isinstance(text_pair, str) else list(text_pair)
+        if len(pairs) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(pairs)} pairs")
+        limit = (max_length or self.max_length) if truncation else None
+        seqs = [self._encode_truncated(t, p, add_special_tokens, limit) for t, p in zip(texts, pairs)]
+        width = {"longest": max(map(len, seqs), default=0), "max_length": max_length or self.max_length}.get(mode, 0)
+        ids = [s + [self.pad_id] * (width - len(s)) for s in seqs]
+        mask = [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
+        if return_tensors == "pt":
+            if len({len(row) for row in ids}) > 1:
+                raise ValueError("sequences of different lengths need padding=True to become one tensor")
+            return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        out = {"input_ids": ids, "attention_mask": mask}
+        if return_tensors is None and isinstance(text, str):
+            out = {k: v[0] for k, v in out.items()}
+        return out
+
+    def _encode_truncated(self, text: str, pair: str | None, add: bool, limit: int | None) -> list[int]:
+        """transformers' truncation: the texts are cut (the longer first) so that they fit with their special ids."""
+        a = self.encode(text, add_special_tokens=False)
+        b = None if pair is None else self.encode(pair, add_special_tokens=False)
+        if limit is not None:
+            extra = 0 if not add else 2 if b is None else 3
+            while len(a) + len(b or ()) + extra > limit and (a or b):
+                if b and len(b) >= len(a):
+                    b = b[:-1]
+                else:
+                    a = a[:-1]
+        if b is None:
+            return [self.cls_id, *a, self.sep_id] if add else a
+        return [self.cls_id, *a, self.sep_id, *b, self.sep_id] if add else a + b
+
+    def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = False) -> str:  # type: ignore[override]
+        """Ids → text; special ids become ``[CLS]``, ``[PAD]``, … unless ``skip_special_tokens``."""
+        if skip_special_tokens:
+            return super().decode(ids)
+        if isinstance(ids, Tensor):
+            super().decode(ids)  # validates dtype and rank
+            ids = ids.tolist()
+        names = {v: k for k, v in SPECIAL_TOKENS.items()}
+        parts: list[str] = []
+        run: list[int] = []
+        for i in list(ids) + [None]:
+            if i is None or (not isinstance(i, bool) and hasattr(i, "__index__") and int(i) in names):
+                parts.append(super().decode(run))
+                run = []
+                if i is not None:
+                    parts.append(names[int(i)])
+            else:
+                run.append(i)
+        return "".join(parts)
+
+    def batch_decode(self, ids: Sequence[Sequence[int]] | Tensor,  # type: ignore[override]
+                     skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
