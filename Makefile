@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(PY) -m perceivers.demo
 
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: $(STAMP)
