@@ -311,6 +311,25 @@ def test_image_classifier_losses_follow_problem_type():
     torch.testing.assert_close(one(x, labels=target).loss, F.mse_loss(one(x).logits.squeeze(-1), target))
 
 
+def test_problem_type_travels_with_transformers_checkpoints(tmp_path):
+    """A transformers image classifier saved with problem_type gets that loss here, and it is written back out."""
+    import torch.nn.functional as F
+
+    from perceivers.convert.transformers import transformers_config
+
+    arch = "PerceiverForImageClassificationFourier"
+    ref = getattr(transformers, arch)(transformers.PerceiverConfig(**ALL_CONFIGS[arch], problem_type="regression"))
+    ref.save_pretrained(tmp_path / "hf")
+    ours = getattr(phf, arch).from_pretrained(tmp_path / "hf", numerics="transformers").eval()
+    assert ours.config.problem_type == "regression"
+    x, target = torch.randn(2, 3, 12, 10), torch.rand(2, ALL_CONFIGS[arch]["num_labels"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, labels=target).loss, F.mse_loss(ours(x).logits, target))
+        torch.testing.assert_close(ours(x, labels=target).loss, ref(pixel_values=x, labels=target).loss,
+                                   atol=1e-5, rtol=0)
+    assert transformers_config(ours)["problem_type"] == "regression"
+
+
 # ------------------------------------------------------------------------------------ tokenizer
 
 TEXTS = ["Hello, Perceiver!", "a [MASK] b", "ünïcode ✓", ""]

@@ -296,8 +296,6 @@ def overrides_from_config(
     elif architecture == "PerceiverForSequenceClassification":
         over.update(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
                     d_model=c["d_model"], num_labels=_num_labels(c), num_decoder_heads=1, decoder_query_residual=True)
-        if c.get("problem_type"):
-            over["problem_type"] = c["problem_type"]
     elif architecture.startswith("PerceiverForImageClassification"):
         over.update(num_labels=_num_labels(c))
         if architecture.endswith("Learned"):
@@ -327,6 +325,9 @@ def overrides_from_config(
                     output_num_channels=c["output_num_channels"],
                     label_query_channels=c["_label_trainable_num_channels"], image_patch_size=4, image_num_bands=32,
                     audio_num_bands=192, min_padding_size=4, decoder_min_padding_size=2)
+    if c.get("problem_type") and (architecture == "PerceiverForSequenceClassification"
+                                  or architecture.startswith("PerceiverForImageClassification")):
+        over["problem_type"] = c["problem_type"]  # the loss used with labels=
     return name, over
 
 
@@ -393,7 +394,7 @@ def _config_extras(c: Any, arch: str) -> dict[str, Any]:
         extra: dict[str, Any] = {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
         if arch.endswith("Learned"):
             extra["image_size"] = c.image_size[0]
-        return extra
+        return extra if c.problem_type is None else {**extra, "problem_type": c.problem_type}
     if arch == "PerceiverForOpticalFlow":
         return {"train_size": list(c.train_size)}
     labels = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
