@@ -17,9 +17,9 @@ architecture; calling the name builds a randomly initialised model (from a trans
 Computation follows DeepMind's official model unless ``numerics="transformers"`` is passed (then
 outputs equal transformers' within float rounding). See docs/transformers-api.md for the differences.
 
-``PerceiverImageProcessor`` is not provided: :class:`perceivers.data.ImageNetEvalTransform` with
-``resample="pil"`` matches transformers' processor only where the crop margin is even (transformers
-rounds the crop offset down, the official pipeline up).
+:class:`PerceiverTokenizer` and :class:`PerceiverImageProcessor` (with :class:`AutoTokenizer` and
+:class:`AutoImageProcessor`, which return them) complete transformers' usage examples: their results
+index like transformers' ``BatchEncoding`` / ``BatchFeature`` (``.input_ids``, ``.pixel_values``).
 """
 
 from __future__ import annotations
@@ -27,16 +27,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .convert.transformers import ARCHITECTURES
+from .data.image import IMAGENET_MEAN, IMAGENET_STD, ImageNetEvalTransform, load_image
 from .data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
+from .safe_files import read_json
 
 __all__ = [
     "VARIANTS",
+    "AutoImageProcessor",
+    "AutoTokenizer",
+    "BatchFeature",
     "PerceiverForImageClassificationConvProcessing",
     "PerceiverForImageClassificationFourier",
     "PerceiverForImageClassificationLearned",
@@ -44,6 +51,7 @@ __all__ = [
     "PerceiverForMultimodalAutoencoding",
     "PerceiverForOpticalFlow",
     "PerceiverForSequenceClassification",
+    "PerceiverImageProcessor",
     "PerceiverTokenizer",
     "TransformersName",
 ]
@@ -111,6 +119,8 @@ class TransformersName(metaclass=_NameMeta):
         if not isinstance(cfg, Mapping):
             raise TypeError(f"config must be a transformers PerceiverConfig or a dict, got {type(config).__name__}")
         _, sizes = overrides_from_config(cfg, cls.__name__, numerics)
+        if "num_labels" in overrides and "labels" not in overrides:
+            sizes.pop("labels", None)  # the config's class names belong to its own num_labels
         model = create_model(cls.variant, **{**sizes, **overrides})
         if numerics == "transformers":
             use_transformers_numerics(model, cfg.get("hidden_act", "gelu"))
@@ -172,18 +182,42 @@ class PerceiverForSequenceClassification(TransformersName):
         return model
 
 
+class BatchFeature(dict):
+    """The tokenizer's and image processor's result: a dict whose keys also read as attributes
+    (``batch.input_ids``, ``batch.pixel_values``), like transformers' ``BatchEncoding`` / ``BatchFeature``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no {name!r}; keys: {sorted(self)}") from None
+
+
+def _local_json(path_or_id: str | os.PathLike[str] | None, name: str) -> dict[str, Any] | None:
+    """``name`` in a local directory, parsed; ``None`` for Hub ids and directories without it (nothing is
+    downloaded)."""
+    if path_or_id is None or not Path(path_or_id).is_dir() or not (Path(path_or_id) / name).is_file():
+        return None
+    return read_json(Path(path_or_id) / name)
+
+
 class PerceiverTokenizer(ByteTokenizer):
     """:class:`~perceivers.data.ByteTokenizer` with transformers' defaults and return types.
 
     ``[CLS] text [SEP]`` (and ``[CLS] a [SEP] b [SEP]`` for pairs), the literal strings ``[MASK]``,
     ``[CLS]``, … read as their special ids, no padding or truncation unless asked, Python lists unless
     ``return_tensors="pt"``, and :meth:`decode` that writes special tokens out unless
-    ``skip_special_tokens=True``. The ids are those of transformers' ``PerceiverTokenizer``.
-    ``vocab_size`` is 262 (transformers' attribute says 256, its ``len()`` 262).
+    ``skip_special_tokens=True``. The ids are those of transformers' ``PerceiverTokenizer``; the results
+    are :class:`BatchFeature` dicts (``.input_ids``). ``vocab_size`` is 262 (transformers' attribute says
+    256, its ``len()`` 262).
     """
 
     pad_token_id, bos_token_id, eos_token_id = SPECIAL_TOKENS["[PAD]"], SPECIAL_TOKENS["[BOS]"], SPECIAL_TOKENS["[EOS]"]
     mask_token_id, cls_token_id, sep_token_id = SPECIAL_TOKENS["[MASK]"], SPECIAL_TOKENS["[CLS]"], SPECIAL_TOKENS["[SEP]"]
+    pad_token, bos_token, eos_token, mask_token, cls_token, sep_token = (
+        "[PAD]", "[BOS]", "[EOS]", "[MASK]", "[CLS]", "[SEP]")
+    padding_side = "right"
+    model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
 
     def __init__(self, model_max_length: int = 2048) -> None:
         super().__init__(model_max_length, add_special_tokens=True, parse_special_tokens=True)
@@ -194,9 +228,14 @@ class PerceiverTokenizer(ByteTokenizer):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str] | None = None, **kwargs: Any) -> PerceiverTokenizer:
-        """The tokenizer has no files to read (bytes are the vocabulary): ``path_or_id`` is ignored and
-        nothing is downloaded; ``model_max_length`` may be given."""
-        return cls(int(kwargs.get("model_max_length", 2048)))
+        """The bytes are the vocabulary, so only ``model_max_length`` is read: from ``kwargs``, else from
+        ``tokenizer_config.json`` when ``path_or_id`` is a local directory (transformers' ``save_pretrained``),
+        else 2048 (``deepmind/language-perceiver``'s). Hub ids are not resolved; nothing is downloaded."""
+        saved = _local_json(path_or_id, "tokenizer_config.json") or {}
+        kind = saved.get("tokenizer_class")
+        if kind not in (None, "PerceiverTokenizer"):
+            raise ValueError(f"{path_or_id} holds a {kind}, not a PerceiverTokenizer")
+        return cls(int(kwargs.get("model_max_length", saved.get("model_max_length", 2048))))
 
     def __call__(  # type: ignore[override]
         self,
@@ -208,10 +247,10 @@ class PerceiverTokenizer(ByteTokenizer):
         max_length: int | None = None,
         add_special_tokens: bool = True,
         return_tensors: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> BatchFeature:
         """transformers' call: ``{"input_ids", "attention_mask"}``; lists (flat for one string) unless
         ``return_tensors="pt"`` (``[B, n]`` int64 tensors). ``padding``: ``False``/``"do_not_pad"``,
-        ``True``/``"longest"``, ``"max_length"``."""
+        ``True``/``"longest"``, ``"max_length"`` (to ``max_length``, default ``model_max_length``)."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         mode = {False: "do_not_pad", True: "longest"}.get(padding, padding)
@@ -229,10 +268,11 @@ class PerceiverTokenizer(ByteTokenizer):
         if return_tensors == "pt":
             if len({len(row) for row in ids}) > 1:
                 raise ValueError("sequences of different lengths need padding=True to become one tensor")
-            return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
-        out = {"input_ids": ids, "attention_mask": mask}
+            return BatchFeature(input_ids=torch.tensor(ids, dtype=torch.long),
+                                attention_mask=torch.tensor(mask, dtype=torch.long))
+        out = BatchFeature(input_ids=ids, attention_mask=mask)
         if return_tensors is None and isinstance(text, str):
-            out = {k: v[0] for k, v in out.items()}
+            out = BatchFeature({k: v[0] for k, v in out.items()})
         return out
 
     def _encode_truncated(self, text: str, pair: str | None, add: bool, limit: int | None) -> list[int]:
@@ -273,3 +313,106 @@ class PerceiverTokenizer(ByteTokenizer):
     def batch_decode(self, ids: Sequence[Sequence[int]] | Tensor,  # type: ignore[override]
                      skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
+
+
+class AutoTokenizer:
+    """transformers' ``AutoTokenizer`` for the Perceiver: :meth:`from_pretrained` gives a :class:`PerceiverTokenizer`."""
+
+    @staticmethod
+    def from_pretrained(path_or_id: str | os.PathLike[str], **kwargs: Any) -> PerceiverTokenizer:
+        return PerceiverTokenizer.from_pretrained(path_or_id, **kwargs)
+
+
+def _side(value: Any, name: str) -> int:
+    """transformers' ``{"height": h, "width": w}`` (or an int) → one side; non-square sizes are refused."""
+    if isinstance(value, Mapping):
+        if set(value) != {"height", "width"}:
+            raise ValueError(f"{name} must be {{'height': h, 'width': w}}, got {dict(value)}")
+        if value["height"] != value["width"]:
+            raise NotImplementedError(f"only square {name} is supported, got {dict(value)}")
+        value = value["height"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int or {{'height': h, 'width': w}}, got {value!r}")
+    return value
+
+
+class PerceiverImageProcessor:
+    """transformers' ``PerceiverImageProcessor``: the ImageNet evaluation preprocessing, transformers' way.
+
+    A centre crop of ``size/crop_size`` of the shorter side (224/256; offsets rounded down), PIL bicubic
+    resize to ``size``, ``/255`` and the ImageNet mean/std: :class:`~perceivers.data.ImageNetEvalTransform`
+    with ``resample="pil"`` and ``crop_rounding="transformers"``. Equals transformers' processor within
+    1e-5 (its PIL backend; the torchvision backend it prefers when torchvision is installed resizes with
+    torchvision's bicubic and differs slightly from both).
+
+    Args:
+        size, crop_size: ``{"height": s, "width": s}`` or an int (square only).
+        image_mean, image_std: per-channel statistics on the 0..1 scale.
+        do_normalize: ``False`` gives the resized pixels ``/255``.
+        do_center_crop, do_resize, do_rescale, rescale_factor, resample: only transformers' defaults
+            (``True``, ``True``, ``True``, ``1/255``, bicubic ``3``) are supported.
+    """
+
+    model_input_names: ClassVar[list[str]] = ["pixel_values"]
+    _METADATA = ("image_processor_type", "processor_class", "feature_extractor_type")
+
+    def __init__(self, *, size: Any = 224, crop_size: Any = 256, image_mean: Sequence[float] = IMAGENET_MEAN,
+                 image_std: Sequence[float] = IMAGENET_STD, do_normalize: bool = True, do_center_crop: bool = True,
+                 do_resize: bool = True, do_rescale: bool = True, rescale_factor: float = 1 / 255,
+                 resample: int = 3) -> None:
+        unsupported = {k: v for k, v, ok in [
+            ("do_center_crop", do_center_crop, do_center_crop is True), ("do_resize", do_resize, do_resize is True),
+            ("do_rescale", do_rescale, do_rescale is True), ("rescale_factor", rescale_factor, abs(rescale_factor * 255 - 1) < 1e-9),
+            ("resample", resample, resample == 3)] if not ok}
+        if unsupported:
+            raise NotImplementedError(f"PerceiverImageProcessor supports transformers' defaults only; got {unsupported}")
+        self.size, self.crop_size = _side(size, "size"), _side(crop_size, "crop_size")
+        if self.crop_size <= self.size:
+            raise ValueError(f"crop_size ({self.crop_size}) must exceed size ({self.size}): the crop keeps size/crop_size")
+        self.image_mean, self.image_std = tuple(float(m) for m in image_mean), tuple(float(s) for s in image_std)
+        self.do_normalize = bool(do_normalize)
+        mean, std = (self.image_mean, self.image_std) if self.do_normalize else ((0.0,) * 3, (1.0,) * 3)
+        self.transform = ImageNetEvalTransform(size=self.size, crop_padding=self.crop_size - self.size, resample="pil",
+                                               mean=mean, std=std, crop_rounding="transformers")
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str] | None = None, **kwargs: Any) -> PerceiverImageProcessor:
+        """Options from ``preprocessor_config.json`` when ``path_or_id`` is a local directory (transformers'
+        ``save_pretrained``), with ``kwargs`` on top; transformers' defaults otherwise (Hub ids are not
+        resolved; nothing is downloaded)."""
+        saved = {k: v for k, v in (_local_json(path_or_id, "preprocessor_config.json") or {}).items()
+                 if k not in cls._METADATA and not k.startswith("_")}
+        return cls(**{**saved, **kwargs})
+
+    def __call__(self, images: Any, return_tensors: str | None = None) -> BatchFeature:
+        """One image or a list (PIL images, ``uint8`` arrays/tensors ``[H, W, 3]`` or ``[3, H, W]``) →
+        ``{"pixel_values"}``: a ``[B, 3, size, size]`` tensor with ``return_tensors="pt"`` (an array with
+        ``"np"``), else a list of ``float32 [3, size, size]`` arrays."""
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        pixels = [self.transform(_channels_last(image)) for image in batch]
+        if return_tensors == "pt":
+            return BatchFeature(pixel_values=torch.stack(pixels))
+        arrays = [p.numpy() for p in pixels]
+        return BatchFeature(pixel_values=np.stack(arrays) if return_tensors == "np" else arrays)
+
+    preprocess = __call__
+
+
+def _channels_last(image: Any) -> Any:
+    """``[C, H, W]`` arrays/tensors (C = 1 or 3, as transformers infers) → ``[H, W, C]``; others unchanged."""
+    if isinstance(image, (np.ndarray, Tensor)) and image.ndim == 3 and image.shape[0] in (1, 3):
+        image = image.permute(1, 2, 0) if isinstance(image, Tensor) else image.transpose(1, 2, 0)
+        if image.shape[-1] == 1:
+            image = image[..., 0]
+    return load_image(image)
+
+
+class AutoImageProcessor:
+    """transformers' ``AutoImageProcessor`` for the Perceiver: :meth:`from_pretrained` gives a
+    :class:`PerceiverImageProcessor`."""
+
+    @staticmethod
+    def from_pretrained(path_or_id: str | os.PathLike[str], **kwargs: Any) -> PerceiverImageProcessor:
+        return PerceiverImageProcessor.from_pretrained(path_or_id, **kwargs)

@@ -54,17 +54,19 @@ def randomize(model, seed=0):
     return model
 
 
-def checkpoint_factory(tmp_path_factory):
+def checkpoint_factory(tmp_path_factory, configs=None):
     """``make(arch)`` → (transformers model in eval mode, directory it was saved to), built once per arch.
 
+    ``configs`` (default :data:`ALL_CONFIGS`) maps each head to its ``PerceiverConfig`` fields.
     Wrap it in a module-scoped fixture: ``hf_checkpoint = fixture(checkpoint_factory)``.
     """
+    configs = ALL_CONFIGS if configs is None else configs
     cache = {}
 
     def make(arch):
         if arch not in cache:
             torch.manual_seed(0)
-            model = getattr(transformers, arch)(transformers.PerceiverConfig(**ALL_CONFIGS[arch]))
+            model = getattr(transformers, arch)(transformers.PerceiverConfig(**configs[arch]))
             randomize(model.eval())
             directory = tmp_path_factory.mktemp(arch)
             model.save_pretrained(directory)

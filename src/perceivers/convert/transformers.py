@@ -264,6 +264,24 @@ def _num_labels(cfg: Mapping[str, Any]) -> int:
     return int(cfg.get("num_labels", 2))
 
 
+def _labels(cfg: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The class names of ``id2label`` (keys ``"0"`` in config.json, ``0`` in a ``PerceiverConfig``) in index
+    order; ``None`` when absent."""
+    id2label = cfg.get("id2label")
+    if not id2label:
+        return None
+    by_index = {int(k): str(v) for k, v in id2label.items()}
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ValueError(f"id2label must number the classes 0..{len(by_index) - 1}, got keys {sorted(by_index)[:8]}…")
+    return tuple(by_index[i] for i in range(len(by_index)))
+
+
+def _id2label(c: Any) -> dict[str, Any]:
+    """``id2label`` / ``label2id`` of a config.json for a config with ``id2label``."""
+    names = c.id2label
+    return {"id2label": {str(i): n for i, n in names.items()}, "label2id": {n: i for i, n in names.items()}}
+
+
 def architecture_of_config(cfg: Mapping[str, Any]) -> str:
     """The head class named by ``architectures`` in a transformers config."""
     if cfg.get("model_type") != "perceiver":
@@ -325,6 +343,10 @@ def overrides_from_config(
                     output_num_channels=c["output_num_channels"],
                     label_query_channels=c["_label_trainable_num_channels"], image_patch_size=4, image_num_bands=32,
                     audio_num_bands=192, min_padding_size=4, decoder_min_padding_size=2)
+    if architecture == "PerceiverForMaskedLM" and numerics == "transformers":
+        over["decoder_query_mask"] = False  # transformers decodes padded positions like real ones
+    if "num_labels" in over:
+        over["labels"] = _labels(c)  # config.id2label (transformers' names, e.g. ImageNet's for deepmind/*)
     if c.get("problem_type") and (architecture == "PerceiverForSequenceClassification"
                                   or architecture.startswith("PerceiverForImageClassification")):
         over["problem_type"] = c["problem_type"]  # the loss used with labels=
@@ -346,7 +368,7 @@ def transformers_config(model: nn.Module) -> dict[str, Any]:
         expected["max_resolution"] = tuple(c.train_size)  # transformers' Fourier frequencies come from train_size
     # compare what the model computes with: a None field means its default (e.g. max_resolution = the token grid)
     mismatched = {k: (getattr(c, k, None), _effective(c, k), v) for k, v in expected.items()
-                  if not (k == "decoder_query_residual" and arch.endswith("Learned"))
+                  if not (k == "decoder_query_residual" and arch.endswith("Learned")) and k != "labels"
                   and _effective(c, k) != _norm(v)}
     if mismatched:
         raise ValueError(f"{model.model_name} cannot be written in transformers' format: transformers fixes "
@@ -385,24 +407,20 @@ def _config_extras(c: Any, arch: str) -> dict[str, Any]:
     if arch == "PerceiverForMaskedLM":
         return {"vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings, "d_model": c.d_model}
     if arch == "PerceiverForSequenceClassification":
-        labels = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
         text = {"vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings, "d_model": c.d_model,
-                "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+                **_id2label(c)}
         return text if c.problem_type is None else {**text, "problem_type": c.problem_type}
     if arch.startswith("PerceiverForImageClassification"):
-        labels = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
-        extra: dict[str, Any] = {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+        extra: dict[str, Any] = _id2label(c)
         if arch.endswith("Learned"):
             extra["image_size"] = c.image_size[0]
         return extra if c.problem_type is None else {**extra, "problem_type": c.problem_type}
     if arch == "PerceiverForOpticalFlow":
         return {"train_size": list(c.train_size)}
-    labels = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
     return {"num_frames": c.num_frames, "image_size": c.image_size[0] // 4,
             "output_shape": [1, c.num_frames, *c.image_size], "audio_samples_per_frame": c.audio_samples_per_frame,
             "samples_per_patch": c.samples_per_patch, "output_num_channels": c.output_num_channels,
-            "_label_trainable_num_channels": c.label_query_channels, "id2label": labels,
-            "label2id": {v: int(k) for k, v in labels.items()}}
+            "_label_trainable_num_channels": c.label_query_channels, **_id2label(c)}
 
 
 # ------------------------------------------------------------------------------------------- numerics

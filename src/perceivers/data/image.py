@@ -35,6 +35,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Resample = Literal["tf", "pil", "torch"]
+CropRounding = Literal["official", "transformers"]
 
 
 def load_image(image: object) -> np.ndarray:
@@ -74,16 +75,27 @@ def load_image(image: object) -> np.ndarray:
     raise TypeError(f"image must be a path, PIL image, numpy array or tensor, got {type(image).__name__}")
 
 
-def center_crop_box(height: int, width: int, size: int = 224, crop_padding: int = 32) -> tuple[int, int, int]:
-    """``(top, left, side)`` of the official square centre crop.
+def center_crop_box(
+    height: int, width: int, size: int = 224, crop_padding: int = 32, rounding: CropRounding = "official"
+) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the square centre crop, ``side = int(size / (size + crop_padding) · min(H, W))``.
 
-    ``side = int(size / (size + crop_padding) · min(height, width))``; the offsets round up
-    (``((H − side) + 1) // 2``), where transformers' processor rounds down.
+    Args:
+        rounding: ``"official"`` — the official pipeline: the fraction in float32 and the offsets rounded
+            up, ``((H − side) + 1) // 2``; ``"transformers"`` — transformers' ``PerceiverImageProcessor``:
+            the fraction in float64 and the offsets rounded down, ``(H − side) // 2``. The two differ by one
+            pixel where a margin ``H − side`` is odd.
     """
-    side = int(np.float32(size / (size + crop_padding)) * np.float32(min(height, width)))
+    if rounding == "official":
+        side = int(np.float32(size / (size + crop_padding)) * np.float32(min(height, width)))
+    elif rounding == "transformers":
+        side = int(size / (size + crop_padding) * min(height, width))
+    else:
+        raise ValueError(f"rounding must be 'official' or 'transformers', got {rounding!r}")
     if side < 1:
         raise ValueError(f"image of {height}×{width} is too small to crop")
-    return ((height - side) + 1) // 2, ((width - side) + 1) // 2, side
+    up = int(rounding == "official")
+    return (height - side + up) // 2, (width - side + up) // 2, side
 
 
 def _keys_cubic(t: np.ndarray, a: float) -> np.ndarray:
@@ -150,8 +162,10 @@ class ImageNetEvalTransform:
             (the crop fraction uses the smaller of the two).
         crop_padding: crop side is ``size / (size + crop_padding)`` of the shorter side (224/256).
         resample: see :func:`resize_bicubic`; ``"tf"`` follows the official pipeline, ``"pil"``
-            matches transformers' ``PerceiverImageProcessorPil``.
+            transformers' ``PerceiverImageProcessor``.
         mean, std: per-channel statistics on the 0..1 scale.
+        crop_rounding: crop arithmetic, see :func:`center_crop_box`. ``resample="pil"`` with
+            ``crop_rounding="transformers"`` reproduces transformers' processor (within 1e-5) for every image size.
     """
 
     size: int | tuple[int, int] = 224
@@ -159,12 +173,14 @@ class ImageNetEvalTransform:
     resample: Resample = "tf"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_rounding: CropRounding = "official"
 
     def __call__(self, image: object) -> Tensor:
         """One image (path, PIL, ``[H, W, 3]`` array/tensor) → ``[3, height, width]``."""
         pixels = load_image(image)
         out_size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
-        top, left, side = center_crop_box(pixels.shape[0], pixels.shape[1], min(out_size), self.crop_padding)
+        top, left, side = center_crop_box(pixels.shape[0], pixels.shape[1], min(out_size), self.crop_padding,
+                                            self.crop_rounding)
         crop = np.ascontiguousarray(pixels[top : top + side, left : left + side])
         resized = resize_bicubic(crop, out_size, self.resample)
         mean = np.asarray(self.mean, dtype=np.float32) * 255

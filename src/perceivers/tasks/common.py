@@ -17,12 +17,14 @@ from ..validation import check_tensor
 
 __all__ = [
     "PROBLEM_TYPES",
+    "LabelNames",
     "SavesPretrained",
     "TrunkConfig",
     "as_pair",
     "as_tuple",
     "build_encoder",
     "check_d_model",
+    "check_labels",
     "check_problem_type",
     "check_unsupported",
     "classification_loss",
@@ -80,6 +82,46 @@ class TrunkConfig:
     use_query_residual: bool = True
     dropout: float = 0.0
     hidden_act: str = "gelu_tanh"
+
+
+class LabelNames:
+    """transformers' ``config.id2label`` / ``config.label2id`` for a config with ``num_labels`` and ``labels``.
+
+    ``labels`` (a dataclass field of the config: class names in logit order, or ``None``) gives the names;
+    ``None`` means transformers' defaults ``LABEL_0``, ``LABEL_1``, … (subclasses may name a default set).
+    """
+
+    num_labels: int
+    labels: tuple[str, ...] | None
+
+    def default_labels(self) -> tuple[str, ...] | None:
+        """Names used when ``labels`` is ``None`` (``None``: transformers' ``LABEL_i``)."""
+        return None
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """``{class index: name}``, transformers' ``config.id2label``."""
+        names = self.labels if self.labels is not None else self.default_labels()
+        if names is None:
+            return {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        return dict(enumerate(names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """``{name: class index}``, transformers' ``config.label2id`` (a repeated name keeps its last index)."""
+        return {name: i for i, name in self.id2label.items()}
+
+
+def check_labels(labels: Any, num_labels: int) -> tuple[str, ...] | None:
+    """A config's ``labels`` field: ``None`` or ``num_labels`` names (JSON lists become tuples)."""
+    if labels is None:
+        return None
+    if isinstance(labels, str) or not all(isinstance(n, str) for n in labels):
+        raise TypeError(f"labels must be a sequence of class names (str), got {labels!r:.80}")
+    names = tuple(labels)
+    if len(names) != num_labels:
+        raise ValueError(f"labels has {len(names)} names but num_labels={num_labels}")
+    return names
 
 
 def check_d_model(d_model: int | None, channels: int) -> None:

@@ -12,12 +12,14 @@ from ..io.processors import ImagePreprocessor
 from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
 from .common import (
+    LabelNames,
     SavesPretrained,
     TrunkConfig,
     as_pair,
     as_tuple,
     build_encoder,
     check_d_model,
+    check_labels,
     check_problem_type,
     check_unsupported,
     classification_loss,
@@ -34,7 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class ImageClassificationConfig(TrunkConfig):
+class ImageClassificationConfig(LabelNames, TrunkConfig):
     """An image classifier: preprocessor, trunk (:class:`TrunkConfig` fields) and a one-query decoder.
 
     Attributes:
@@ -57,6 +59,9 @@ class ImageClassificationConfig(TrunkConfig):
         problem_type: loss used with ``labels`` (transformers' field): ``"regression"``,
             ``"single_label_classification"`` or ``"multi_label_classification"``; ``None`` picks one
             from ``num_labels`` and the label dtype.
+        labels: class names in logit order (``config.id2label`` / ``label2id``); ``None``: the 1000
+            ImageNet names (:func:`perceivers.data.imagenet_class_names`) when ``num_labels`` is 1000, else
+            transformers' ``LABEL_i``.
     """
 
     num_latents: int = 512
@@ -82,15 +87,25 @@ class ImageClassificationConfig(TrunkConfig):
     d_model: int | None = None
     chunk_size: int | None = None
     problem_type: str | None = None
+    labels: Any = None
 
     def __post_init__(self) -> None:
         check_problem_type(self.problem_type)
+        self.labels = check_labels(self.labels, self.num_labels)
         self.image_size = as_pair(self.image_size)
         self.max_resolution = as_tuple(self.max_resolution)
         if self.preprocessing not in ("pixels", "conv", "conv1x1"):
             raise ValueError(f"preprocessing must be 'pixels', 'conv' or 'conv1x1', got {self.preprocessing!r}")
         if self.position_encoding not in ("fourier", "trainable"):
             raise ValueError(f"position_encoding must be 'fourier' or 'trainable', got {self.position_encoding!r}")
+
+    def default_labels(self) -> tuple[str, ...] | None:
+        """The ImageNet class names for 1000 classes (the official models)."""
+        if self.num_labels != 1000:
+            return None
+        from ..data.image import imagenet_class_names
+
+        return imagenet_class_names()
 
     @property
     def token_grid(self) -> tuple[int, int]:

@@ -38,6 +38,8 @@ class MaskedLanguageModelConfig(TrunkConfig):
         decoder_qk_channels: decoder q/k width (default ``qk_channels``).
         decoder_v_channels: decoder v width (default ``d_model``).
         decoder_query_residual: query residual in the decoder (False officially).
+        decoder_query_mask: padded positions (``attention_mask`` 0) decode from zero attention, as
+            DeepMind's model; ``False`` decodes them like real positions, as transformers does.
     """
 
     qk_channels: int | None = 256
@@ -49,6 +51,7 @@ class MaskedLanguageModelConfig(TrunkConfig):
     decoder_qk_channels: int | None = None
     decoder_v_channels: int | None = None
     decoder_query_residual: bool = False
+    decoder_query_mask: bool = True
 
 
 @model_output
@@ -105,7 +108,8 @@ class MaskedLanguageModel(SavesPretrained, nn.Module):
         """Args:
             inputs: ``[B, L]`` token ids (``input_ids`` is an alias).
             attention_mask: ``[B, L]``, 1/True = real token, 0/False = padding; used as the encoder
-                key mask and as the decoder query mask (padded rows decode from zero attention).
+                key mask and, with ``config.decoder_query_mask``, as the decoder query mask (padded rows
+                decode from zero attention).
             labels: ``[B, L]`` target ids, -100 = ignored; gives ``loss`` (cross-entropy).
             output_hidden_states, output_attentions: also return the encoder latents per layer and the
                 attention weights (see :class:`MaskedLMOutput`).
@@ -121,7 +125,8 @@ class MaskedLanguageModel(SavesPretrained, nn.Module):
                 raise ValueError(f"labels must have the shape of inputs {tuple(ids.shape)}, got {tuple(labels.shape)}")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
-        out = self.perceiver(ids, input_mask=attention_mask, query_mask=attention_mask,
+        query_mask = attention_mask if self.config.decoder_query_mask else None
+        out = self.perceiver(ids, input_mask=attention_mask, query_mask=query_mask,
                              query_kwargs={"length": ids.shape[1]}, output_hidden_states=bool(output_hidden_states),
                              output_attentions=bool(output_attentions))
         table = self.perceiver.input_preprocessor.embeddings.weight  # tied input/output embedding

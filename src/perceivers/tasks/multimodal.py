@@ -29,11 +29,13 @@ from ..io.processors import (
 from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
 from .common import (
+    LabelNames,
     SavesPretrained,
     TrunkConfig,
     as_pair,
     build_encoder,
     check_d_model,
+    check_labels,
     check_unsupported,
     transformers_tuple,
 )
@@ -46,7 +48,7 @@ MODALITIES = ("audio", "image", "label")
 
 
 @dataclass
-class MultimodalAutoencodingConfig(TrunkConfig):
+class MultimodalAutoencodingConfig(LabelNames, TrunkConfig):
     """Video ``[T, C, H, W]``, audio ``T · audio_samples_per_frame`` samples and a label, in one latent array.
 
     Attributes:
@@ -63,6 +65,7 @@ class MultimodalAutoencodingConfig(TrunkConfig):
             (label 1.0: the label is never seen, the model classifies from video and audio).
         num_decoder_heads, decoder_query_residual: the shared decoder cross-attention.
         d_model: optional check of the padded input width (transformers' field; 704).
+        labels: names of the label classes (``config.id2label`` / ``label2id``); ``None``: ``LABEL_i``.
     """
 
     num_latents: int = 784
@@ -86,8 +89,10 @@ class MultimodalAutoencodingConfig(TrunkConfig):
     num_decoder_heads: int = 1
     decoder_query_residual: bool = False
     d_model: int | None = None
+    labels: Any = None
 
     def __post_init__(self) -> None:
+        self.labels = check_labels(self.labels, self.num_labels)
         self.image_size = as_pair(self.image_size)
         h, w = self.image_size
         if h % self.image_patch_size or w % self.image_patch_size:

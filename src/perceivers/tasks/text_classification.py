@@ -23,9 +23,11 @@ from ..io.processors import TextPreprocessor
 from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
 from .common import (
+    LabelNames,
     SavesPretrained,
     TrunkConfig,
     build_encoder,
+    check_labels,
     check_problem_type,
     check_unsupported,
     classification_loss,
@@ -50,7 +52,7 @@ TRUNK_PREFIXES = ("perceiver.input_preprocessor.", "perceiver.encoder.")
 
 
 @dataclass
-class SequenceClassificationConfig(TrunkConfig):
+class SequenceClassificationConfig(LabelNames, TrunkConfig):
     """Byte-level sequence classifier: embeddings + learned positions, trunk, one classification query.
 
     Attributes:
@@ -63,6 +65,7 @@ class SequenceClassificationConfig(TrunkConfig):
         problem_type: loss used with ``labels``: ``"regression"`` (MSE), ``"single_label_classification"``
             (cross-entropy) or ``"multi_label_classification"`` (BCE with logits); ``None`` picks one
             from ``num_labels`` and the label dtype, as transformers does.
+        labels: class names in logit order (``config.id2label`` / ``label2id``); ``None``: ``LABEL_i``.
     """
 
     qk_channels: int | None = 256
@@ -74,11 +77,13 @@ class SequenceClassificationConfig(TrunkConfig):
     num_decoder_heads: int = 1
     decoder_query_residual: bool = True
     problem_type: str | None = None
+    labels: Any = None
 
     def __post_init__(self) -> None:
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
         check_problem_type(self.problem_type)
+        self.labels = check_labels(self.labels, self.num_labels)
 
 
 @model_output
