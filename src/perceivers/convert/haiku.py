@@ -358,6 +358,11 @@ def _listing(title: str, items: Iterable[str], limit: int = 20) -> str:
     return f"{title} ({len(items)}): " + ", ".join(items[:limit]) + more
 
 
+def fit_report(header: str, sections: Mapping[str, Iterable[str]]) -> str:
+    """``header`` and one line per non-empty section (``title → keys``), for a checkpoint that does not fit."""
+    return "\n  ".join([header, *(_listing(title, keys) for title, keys in sections.items() if keys)])
+
+
 def haiku_to_state_dict(flat: Mapping[str, np.ndarray], model: nn.Module) -> dict[str, torch.Tensor]:
     """Map a flat Haiku checkpoint onto ``model``'s state dict, strictly.
 
@@ -390,16 +395,9 @@ def haiku_to_state_dict(flat: Mapping[str, np.ndarray], model: nn.Module) -> dic
     mapped = {r.ours for r in rules if r.ours is not None}
     unmapped = sorted(k for k in target if k not in mapped and not k.endswith(_OURS_ONLY_SUFFIXES))
     if missing or misshaped or unexpected or unmapped:
-        parts = [f"Haiku checkpoint does not fit {type(model).__name__}"]
-        if missing:
-            parts.append(_listing("missing from the checkpoint", missing))
-        if unexpected:
-            parts.append(_listing("unexpected in the checkpoint", unexpected))
-        if misshaped:
-            parts.append(_listing("shape mismatches", misshaped))
-        if unmapped:
-            parts.append(_listing("model tensors without a Haiku source", unmapped))
-        raise HaikuCheckpointError("\n  ".join(parts))
+        raise HaikuCheckpointError(fit_report(f"Haiku checkpoint does not fit {type(model).__name__}", {
+            "missing from the checkpoint": missing, "unexpected in the checkpoint": unexpected,
+            "shape mismatches": misshaped, "model tensors without a Haiku source": unmapped}))
     for key, value in target.items():
         if key.endswith(_OURS_ONLY_SUFFIXES):
             out[key] = value.clone()

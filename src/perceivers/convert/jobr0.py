@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .haiku import haiku_key_table
+from .haiku import fit_report, haiku_key_table
 from .state_dict import CheckpointError
 
 __all__ = ["convert_jobr0_state_dict", "is_jobr0_state_dict"]
@@ -174,11 +174,6 @@ def _ignored(key: str, value: Tensor, state: Mapping[str, Tensor], prefix: str, 
     return False
 
 
-def _listing(title: str, items: list[str], limit: int = 12) -> str:
-    more = f" … and {len(items) - limit} more" if len(items) > limit else ""
-    return f"{title} ({len(items)}): " + ", ".join(items[:limit]) + more
-
-
 def convert_jobr0_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Rename a JOBR0 ``model_state_dict`` into ``model``'s state dict, strictly.
 
@@ -211,14 +206,9 @@ def convert_jobr0_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> d
     if missing or misshaped or unexpected:
         header = (f"JOBR0 checkpoint does not fit {type(model).__name__} (build it with create_model at the "
                   "checkpoint's sizes)")
-        parts = [header]
-        if missing:
-            parts.append(_listing("missing from the checkpoint", missing))
-        if unexpected:
-            parts.append(_listing("unexpected in the checkpoint", unexpected))
-        if misshaped:
-            parts.append(_listing("shape mismatches (checkpoint → model)", misshaped))
-        raise CheckpointError("\n  ".join(parts))
+        raise CheckpointError(fit_report(header, {
+            "missing from the checkpoint": missing, "unexpected in the checkpoint": unexpected,
+            "shape mismatches (checkpoint → model)": misshaped}))
     for key, value in target.items():
         if key.endswith(".num_batches_tracked"):
             out[key] = value.clone()

@@ -156,13 +156,7 @@ class Attention(nn.Module):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
         dropout = self.dropout if self.training else 0.0
 
-        row_valid = None
-        attn_mask = None
-        if mask is not None:
-            key_mask = mask[:, None, None, :]  # [B, 1, 1, K]
-            row_valid = key_mask.any(-1, keepdim=True)  # [B, 1, 1, 1]
-            # A sample without any valid key attends everything (no NaN anywhere) and is zeroed below.
-            attn_mask = key_mask | ~row_valid
+        row_valid, attn_mask = _key_masks(mask)
 
         c = x if context is None else context
         if kv is None and self.folds(inverted, num_queries=x.shape[1], length=c.shape[1]):
@@ -179,11 +173,7 @@ class Attention(nn.Module):
                 out = _inverted_attention(q, k, v, attn_mask, dropout)
             else:
                 out = _attend(q, k, v, attn_mask, dropout)
-        if row_valid is not None:
-            out = out * row_valid.to(out.dtype)
-        if query_mask is not None:
-            out = out * query_mask[:, None, :, None].to(out.dtype)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self._output(out, row_valid, query_mask)
 
     def forward_with_weights(
         self,
@@ -207,11 +197,7 @@ class Attention(nn.Module):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
         k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         dropout = self.dropout if self.training else 0.0
-        row_valid = attn_mask = None
-        if mask is not None:
-            key_mask = mask[:, None, None, :]  # [B, 1, 1, K]
-            row_valid = key_mask.any(-1, keepdim=True)  # [B, 1, 1, 1]
-            attn_mask = key_mask | ~row_valid
+        row_valid, attn_mask = _key_masks(mask)
         if inverted:
             weights = _inverted_weights(q, k, attn_mask, dropout)
         else:
@@ -219,12 +205,15 @@ class Attention(nn.Module):
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             weights = F.dropout(scores.softmax(-1), dropout)
-        out = torch.matmul(weights, v)
+        return self._output(torch.matmul(weights, v), row_valid, query_mask), weights
+
+    def _output(self, out: Tensor, row_valid: Tensor | None, query_mask: Tensor | None) -> Tensor:
+        """Heads ``[B, H, Q, dv]`` → ``[B, Q, out_dim]``, rows without a valid key or query zeroed first."""
         if row_valid is not None:
             out = out * row_valid.to(out.dtype)
         if query_mask is not None:
             out = out * query_mask[:, None, :, None].to(out.dtype)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)")), weights
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
     # ------------------------------------------------------------------ attending in the context's space
 
@@ -423,6 +412,17 @@ def _flash_lse_available(q: Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting()
     )
+
+
+def _key_masks(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """A key mask ``[B, K]`` → (``row_valid [B, 1, 1, 1]``: the sample has a valid key, the attention mask
+    ``[B, 1, 1, K]``). A sample without any valid key attends everything (no NaN anywhere) and its rows
+    are zeroed afterwards (``row_valid``)."""
+    if mask is None:
+        return None, None
+    key_mask = mask[:, None, None, :]
+    row_valid = key_mask.any(-1, keepdim=True)
+    return row_valid, key_mask | ~row_valid
 
 
 def _inverted_weights(q: Tensor, k: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
