@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..validation import check_finite, check_like
 
 __all__ = ["AttentionResidual", "ClassifierHead", "LogitsAlias", "MeanOverLatents", "check_input", "flatten_axes",
-           "start_hiddens", "tie_schedule"]
+           "initial_latents", "start_hiddens", "tie_schedule"]
 
 
 def tie_schedule(depth: int, weight_tie_layers: bool, *, tie_first: bool = False) -> tuple[int, ...]:
@@ -68,6 +68,34 @@ def start_hiddens(block_outputs: Tensor | Sequence[Tensor] | None, x: Tensor) ->
     if block_outputs is None:
         return [x]
     return [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs)
+
+
+def initial_latents(learned: Tensor, latents: Tensor | None, batch: int, *, like: Tensor) -> Tensor:
+    """The latents a forward pass starts from → ``[batch, N, D]``.
+
+    ``latents=None`` gives the model's learned array ``learned [N, D]`` for every sample. Otherwise the
+    caller's latents replace it: ``[N', D]`` (shared by the batch) or ``[batch, N', D]``, any ``N'``
+    (the attention works for any number of latents), e.g. the previous chunk's
+    ``return_embeddings=True`` output to carry a state through a long stream. ``like`` is the input,
+    whose dtype and device they must have.
+    """
+    if latents is None:
+        return learned.to(like.dtype).expand(batch, -1, -1)
+    if not isinstance(latents, Tensor) or not latents.is_floating_point():
+        got = f"dtype {latents.dtype}" if isinstance(latents, Tensor) else type(latents).__name__
+        raise TypeError(f"latents must be a floating-point tensor, got {got}")
+    dim = learned.shape[-1]
+    if latents.ndim not in (2, 3) or latents.shape[-1] != dim or latents.shape[-2] == 0:
+        raise ValueError(f"latents must be [num_latents, {dim}] or [batch, num_latents, {dim}], "
+                         f"got shape {tuple(latents.shape)}")
+    if latents.ndim == 3 and latents.shape[0] != batch:
+        raise ValueError(f"latents have batch size {latents.shape[0]} but the input has {batch}")
+    if latents.device != like.device or (latents.dtype != like.dtype
+                                         and not torch.is_autocast_enabled(like.device.type)):
+        raise ValueError(f"latents ({latents.dtype}, {latents.device}) must match the input "
+                         f"({like.dtype}, {like.device})")
+    check_finite(latents, "latents")
+    return latents.expand(batch, -1, -1) if latents.ndim == 2 else latents
 
 
 class AttentionResidual(nn.Module):

@@ -33,6 +33,7 @@ from .common import (
     LogitsAlias,
     check_input,
     flatten_axes,
+    initial_latents,
     start_hiddens,
     tie_schedule,
 )
@@ -329,6 +330,7 @@ class Perceiver(LogitsAlias, nn.Module):
         return_hiddens: bool = False,
         *,
         pos: Tensor | None = None,
+        latents: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Classify ``data [B, *axes, input_channels]``.
 
@@ -340,6 +342,8 @@ class Perceiver(LogitsAlias, nn.Module):
             block_outputs: earlier hidden states to seed the attention-residual pool with.
             return_hiddens: also return the latents before and after every block (``depth + 1`` tensors).
             pos: per-sample coordinates ``[B, M, input_axis]``; ``data`` is then ``[B, M, C]``.
+            latents: start from these latents instead of the learned ones: ``[N', latent_dim]`` or
+                ``[B, N', latent_dim]`` (e.g. the previous chunk's ``return_embeddings`` output).
 
         Returns:
             logits ``[B, num_classes]`` (or the latents, see above), and the hiddens if asked.
@@ -348,7 +352,7 @@ class Perceiver(LogitsAlias, nn.Module):
         context = self.build_context(data, pos) if stream is None else None
         b, m = context.shape[:2] if stream is None else (stream.batch, stream.length)
         mask = check_mask(mask, b, m, device=data.device)
-        x = self.latents.to(data.dtype).expand(b, -1, -1)
+        x = initial_latents(self.latents, latents, b, like=data)
 
         keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None
         hiddens: list[Tensor] = []

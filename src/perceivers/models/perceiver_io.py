@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..configurable import configurable
 from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
 from ..validation import check_finite, check_index_range, check_like
-from .common import AttentionResidual, check_input, start_hiddens, tie_schedule
+from .common import AttentionResidual, check_input, initial_latents, start_hiddens, tie_schedule
 
 __all__ = ["PerceiverIO", "PerceiverLM", "dropout_seq"]
 
@@ -121,13 +121,16 @@ class PerceiverIO(nn.Module):
         )
         self.to_logits = nn.Linear(queries_dim, logits_dim) if logits_dim is not None else nn.Identity()
 
-    def encode(self, data: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``data [B, M, dim]`` → latents after the encoder cross-attention ``[B, N, latent_dim]``."""
+    def encode(self, data: Tensor, mask: Tensor | None = None, *, latents: Tensor | None = None) -> Tensor:
+        """``data [B, M, dim]`` → latents after the encoder cross-attention ``[B, N, latent_dim]``.
+
+        ``latents`` (``[N', latent_dim]`` or ``[B, N', latent_dim]``) replace the learned initial latents.
+        """
         check_input(data, name="data", channels=self.dim, axes=1, module=self)
         mask = check_mask(mask, data.shape[0], data.shape[1], device=data.device)
         if self.training and self.seq_dropout_prob > 0.0:
             data, mask = dropout_seq(data, mask, self.seq_dropout_prob)
-        x = self.latents.to(data.dtype).expand(data.shape[0], -1, -1)
+        x = initial_latents(self.latents, latents, data.shape[0], like=data)
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = 0 if self.inverted_cross_attn else auto_chunk_size(data.shape[1], self.chunk_size, grad=grad)
         if size:  # attend huge inputs chunk by chunk: no keys, values or scores of all of them at once
@@ -165,15 +168,18 @@ class PerceiverIO(nn.Module):
         queries: Tensor | None = None,
         block_outputs: Sequence[Tensor] | Tensor | None = None,
         return_hiddens: bool = False,
+        *,
+        latents: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Encode ``data [B, M, dim]`` (``mask [B, M]``, True = attend) and decode at ``queries``.
 
         A sample whose mask has no True gets zeros from the encoder cross-attention (never NaN).
+        ``latents`` (``[N', latent_dim]`` or ``[B, N', latent_dim]``) replace the learned initial latents.
 
         Returns ``[B, m, logits_dim or queries_dim]``, or the latents when ``queries`` is None;
         with ``return_hiddens`` also the latents before and after each layer.
         """
-        x = self.encode(data, mask)
+        x = self.encode(data, mask, latents=latents)
         keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None
         hiddens: list[Tensor] = []
         if keep:
