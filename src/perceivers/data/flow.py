@@ -49,6 +49,12 @@ def normalize_frames(frames: Tensor | np.ndarray) -> Tensor:
     return x / 255.0 * 2.0 - 1.0
 
 
+def _as_float(frames: Tensor | np.ndarray) -> Tensor:
+    """Already normalised frames as a float tensor (float32 unless already floating point)."""
+    x = torch.from_numpy(np.asarray(frames)) if isinstance(frames, np.ndarray) else frames
+    return x if x.is_floating_point() else x.float()
+
+
 def tile_origins(
     image_size: tuple[int, int], tile_size: tuple[int, int] = TRAIN_SIZE, min_overlap: int = 20
 ) -> list[tuple[int, int]]:
@@ -88,6 +94,7 @@ def tile_flow(
     tile_size: tuple[int, int] = TRAIN_SIZE,
     min_overlap: int = 20,
     tiles_per_batch: int = 1,
+    normalized: bool = False,
 ) -> Tensor:
     """Flow from ``frame1`` to ``frame2`` for images of any size, by blending overlapping tiles.
 
@@ -97,6 +104,8 @@ def tile_flow(
         frame1, frame2: ``[H, W, 3]`` or ``[B, H, W, 3]``, pixel values in [0, 255] (uint8 or float).
         tile_size, min_overlap: the tiling (official: 368×496, 20).
         tiles_per_batch: tiles run through ``model_fn`` together (memory vs. speed).
+        normalized: the frames are already normalised to [−1, 1] (floats, as ``model_fn`` takes them);
+            :func:`normalize_frames` is then skipped.
 
     Returns:
         flow ``[H, W, 2]`` (or ``[B, H, W, 2]``) float32: the weighted average of the tiles' flows.
@@ -105,7 +114,8 @@ def tile_flow(
     pixels, as the model only runs at the tile size; the flow of the padding is dropped. (The official
     code has no rule for them.)
     """
-    f1, f2 = normalize_frames(frame1), normalize_frames(frame2)
+    prepare = _as_float if normalized else normalize_frames
+    f1, f2 = prepare(frame1), prepare(frame2)
     if f1.shape != f2.shape:
         raise ValueError(f"frames must have the same shape, got {tuple(f1.shape)} and {tuple(f2.shape)}")
     single = f1.ndim == 3
