@@ -17,6 +17,7 @@ from perceivers.tasks import model_entry
 NAMES = [
     "language-perceiver",
     "language-perceiver-classifier",
+    "language-perceiver-token-classifier",
     "multimodal-perceiver",
     "optical-flow-perceiver",
     "vision-perceiver-conv",
@@ -54,7 +55,7 @@ def test_torch_export_returns_the_output_dataclass(name: str) -> None:
 
 def test_list_models() -> None:
     assert list_models() == NAMES
-    assert list_models("vision-*") == NAMES[4:]
+    assert list_models("vision-*") == NAMES[5:]
     assert perceivers.list_models is list_models
 
 
@@ -84,6 +85,9 @@ def test_tiny_forward_backward(name: str) -> None:
         loss = out.logits.sum()
     elif name == "language-perceiver":
         assert out.logits.shape == (2, c.max_position_embeddings, c.vocab_size)
+        loss = out.logits.sum()
+    elif name == "language-perceiver-token-classifier":
+        assert out.logits.shape == (2, c.max_position_embeddings, c.num_labels)
         loss = out.logits.sum()
     elif name == "optical-flow-perceiver":
         assert out.flow.shape == out.logits.shape == (2, *c.train_size, 2)

@@ -18,6 +18,7 @@ from .text_classification import (
     TrunkTransfer,
     from_language_model,
 )
+from .token_classification import TokenClassificationConfig, TokenClassifier, TokenClassifierOutput
 
 __all__ = [
     "HAIKU_BASE_URL",
@@ -38,6 +39,9 @@ __all__ = [
     "SequenceClassificationConfig",
     "SequenceClassifier",
     "SequenceClassifierOutput",
+    "TokenClassificationConfig",
+    "TokenClassifier",
+    "TokenClassifierOutput",
     "TrunkConfig",
     "TrunkTransfer",
     "create_model",

@@ -23,7 +23,8 @@ from .common import (
 from .pretrained import PretrainedCfg
 from .registry import config_from_overrides, register_model
 
-__all__ = ["MaskedLMOutput", "MaskedLanguageModel", "MaskedLanguageModelConfig"]
+__all__ = ["MaskedLMOutput", "MaskedLanguageModel", "MaskedLanguageModelConfig", "decode_positions",
+           "text_perceiver"]
 
 
 @dataclass
@@ -71,6 +72,45 @@ class MaskedLMOutput(TransformersIndexing):
     cross_attentions: tuple[Tensor, ...] | None = None
 
 
+def text_perceiver(c: MaskedLanguageModelConfig, output_channels: int | None = None) -> PerceiverIOModel:
+    """Byte embeddings + positions → trunk → one trainable query per position (``d_model`` wide) that
+    cross-attends the latents, then a ``Linear`` to ``output_channels`` (``None``: none, the masked LM's
+    tied embedding decoder follows instead)."""
+    preprocessor = TextPreprocessor(c.vocab_size, c.d_model, c.max_position_embeddings)
+    decoder = BasicDecoder(
+        TrainableQueries(c.max_position_embeddings, c.d_model), latent_channels=c.d_latents,
+        output_channels=output_channels, num_heads=c.num_decoder_heads,
+        qk_channels=c.qk_channels if c.decoder_qk_channels is None else c.decoder_qk_channels,
+        v_channels=c.d_model if c.decoder_v_channels is None else c.decoder_v_channels,
+        use_query_residual=c.decoder_query_residual, dropout=c.dropout, activation=c.hidden_act,
+    )
+    return PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder, input_preprocessor=preprocessor)
+
+
+def decode_positions(
+    perceiver: PerceiverIOModel,
+    config: MaskedLanguageModelConfig,
+    ids: Tensor,
+    attention_mask: Tensor | None,
+    labels: Tensor | None,
+    *,
+    output_hidden_states: bool | None = None,
+    output_attentions: bool | None = None,
+):
+    """Check ``ids [B, L]``, ``attention_mask`` and per-position ``labels [B, L]``, then run a
+    :func:`text_perceiver` with one query per position (padded queries masked as ``config`` says)."""
+    check_tensor(ids, "inputs", kind="int", ndim=2, layout="[batch, length] token ids")
+    if labels is not None:
+        check_tensor(labels, "labels", kind="int", ndim=2, layout="[batch, length] target ids (-100 = ignored)")
+        if labels.shape != ids.shape:
+            raise ValueError(f"labels must have the shape of inputs {tuple(ids.shape)}, got {tuple(labels.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
+    query_mask = attention_mask if config.decoder_query_mask else None
+    return perceiver(ids, input_mask=attention_mask, query_mask=query_mask, query_kwargs={"length": ids.shape[1]},
+                     output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
+
+
 class MaskedLanguageModel(SavesPretrained, nn.Module):
     """``inputs [B, L]`` byte ids (+ ``attention_mask``) → :class:`MaskedLMOutput`.
 
@@ -80,18 +120,9 @@ class MaskedLanguageModel(SavesPretrained, nn.Module):
 
     def __init__(self, config: MaskedLanguageModelConfig) -> None:
         super().__init__()
-        self.config = c = config
-        preprocessor = TextPreprocessor(c.vocab_size, c.d_model, c.max_position_embeddings)
-        decoder = BasicDecoder(
-            TrainableQueries(c.max_position_embeddings, c.d_model), latent_channels=c.d_latents,
-            output_channels=None, num_heads=c.num_decoder_heads,
-            qk_channels=c.qk_channels if c.decoder_qk_channels is None else c.decoder_qk_channels,
-            v_channels=c.d_model if c.decoder_v_channels is None else c.decoder_v_channels,
-            use_query_residual=c.decoder_query_residual, dropout=c.dropout, activation=c.hidden_act,
-        )
-        self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
-                                          input_preprocessor=preprocessor)
-        self.embedding_decoder = EmbeddingDecoder(c.vocab_size)
+        self.config = config
+        self.perceiver = text_perceiver(config)
+        self.embedding_decoder = EmbeddingDecoder(config.vocab_size)
 
     def forward(
         self,
@@ -116,19 +147,10 @@ class MaskedLanguageModel(SavesPretrained, nn.Module):
             return_dict: ``False`` gives transformers' tuple (:func:`~perceivers.tasks.common.transformers_tuple`).
             head_mask: transformers' keyword; only ``None`` is accepted.
         """
-        ids = one_input("inputs", inputs, "input_ids", input_ids)
         check_unsupported(head_mask)
-        check_tensor(ids, "inputs", kind="int", ndim=2, layout="[batch, length] token ids")
-        if labels is not None:
-            check_tensor(labels, "labels", kind="int", ndim=2, layout="[batch, length] target ids (-100 = ignored)")
-            if labels.shape != ids.shape:
-                raise ValueError(f"labels must have the shape of inputs {tuple(ids.shape)}, got {tuple(labels.shape)}")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
-            raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
-        query_mask = attention_mask if self.config.decoder_query_mask else None
-        out = self.perceiver(ids, input_mask=attention_mask, query_mask=query_mask,
-                             query_kwargs={"length": ids.shape[1]}, output_hidden_states=bool(output_hidden_states),
-                             output_attentions=bool(output_attentions))
+        ids = one_input("inputs", inputs, "input_ids", input_ids)
+        out = decode_positions(self.perceiver, self.config, ids, attention_mask, labels,
+                               output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         table = self.perceiver.input_preprocessor.embeddings.weight  # tied input/output embedding
         logits = self.embedding_decoder(out.logits, table)
         loss = None

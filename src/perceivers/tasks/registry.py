@@ -53,7 +53,14 @@ def register_model(
 
 def _load_builders() -> None:
     # Importing the task modules runs their @register_model decorators.
-    from . import image_classification, language, multimodal, optical_flow, text_classification  # noqa: F401
+    from . import (  # noqa: F401
+        image_classification,
+        language,
+        multimodal,
+        optical_flow,
+        text_classification,
+        token_classification,
+    )
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -110,6 +110,9 @@ class SequenceClassifier(SavesPretrained, nn.Module):
     state dict initialises it (:func:`from_language_model`).
     """
 
+    #: State-dict prefixes :func:`from_language_model` copies from a masked LM.
+    transferred_prefixes = TRUNK_PREFIXES
+
     def __init__(self, config: SequenceClassificationConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -176,8 +179,13 @@ class TrunkTransfer:
     initialised: tuple[str, ...]
 
 
-def _trunk_fields(config: Any) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(TrunkConfig)} | {"vocab_size", "max_position_embeddings", "d_model"}
+#: Decoder fields a token classifier takes from the masked LM along with its decoder's weights.
+_DECODER_FIELDS = ("num_decoder_heads", "decoder_qk_channels", "decoder_v_channels", "decoder_query_residual")
+
+
+def _trunk_fields(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(TrunkConfig)} | {"vocab_size", "max_position_embeddings", "d_model",
+                                                                  *extra}
     missing = sorted(n for n in names if not hasattr(config, n))
     if missing:
         raise TypeError(f"source config {type(config).__name__} lacks the text-trunk fields {missing}")
@@ -188,15 +196,17 @@ def from_language_model(
     source: nn.Module | str | os.PathLike[str],
     *,
     num_labels: int = 2,
+    variant: str = "language-perceiver-classifier",
     load_options: Mapping[str, Any] | None = None,
     **overrides: Any,
-) -> SequenceClassifier:
-    """A ``language-perceiver-classifier`` whose trunk is copied from a masked language model.
+) -> nn.Module:
+    """A ``language-perceiver-classifier`` (or ``-token-classifier``) whose trunk is copied from a masked LM.
 
     The fine-tuning starting point transformers documents (``PerceiverForSequenceClassification
     .from_pretrained("deepmind/language-perceiver")``): embeddings, positions and encoder come from
     the masked LM; its decoder (2048 queries, cross-attention) and output bias are left out; the
-    classification decoder keeps its random initialisation. The transfer is logged (INFO) and kept
+    classification decoder keeps its random initialisation. A token classifier keeps the decoder too
+    (with the masked LM's decoder sizes). The transfer is logged (INFO) and kept
     as ``model.trunk_transfer`` (:class:`TrunkTransfer`).
 
     Args:
@@ -204,10 +214,14 @@ def from_language_model(
             id that :func:`perceivers.from_pretrained` loads (our format, or a transformers
             ``PerceiverForMaskedLM`` checkpoint).
         num_labels: classifier outputs.
+        variant: ``"language-perceiver-classifier"`` (one label per sequence) or
+            ``"language-perceiver-token-classifier"`` (one per position, which also takes the masked LM's
+            per-position queries and decoder cross-attention; only its output ``Linear`` is new). The
+            model class's ``transferred_prefixes`` say what is copied.
         load_options: keyword arguments for :func:`perceivers.from_pretrained` (e.g.
             ``{"numerics": "transformers"}``).
-        **overrides: other :class:`SequenceClassificationConfig` fields (decoder options, dropout,
-            ``problem_type``); trunk sizes come from the source.
+        **overrides: other config fields of ``variant`` (decoder options, dropout, ``problem_type``,
+            ``labels``); trunk sizes (and a token classifier's decoder sizes) come from the source.
 
     Raises:
         ValueError: the source has no text trunk, or an override changes a trunk size.
@@ -218,31 +232,36 @@ def from_language_model(
         source = from_pretrained(source, **dict(load_options or {}))
     elif load_options:
         raise TypeError("load_options only apply when source is a path or Hub id")
-    trunk = _trunk_fields(getattr(source, "config", None))
+    if variant not in ("language-perceiver-classifier", "language-perceiver-token-classifier"):
+        raise ValueError(f"variant must be 'language-perceiver-classifier' or 'language-perceiver-token-classifier', "
+                         f"got {variant!r}")
+    token = variant == "language-perceiver-token-classifier"
+    trunk = _trunk_fields(getattr(source, "config", None), _DECODER_FIELDS if token else ())
     clash = {k: (v, trunk[k]) for k, v in overrides.items() if k in trunk and v != trunk[k] and k != "dropout"}
     if clash:
         raise ValueError("trunk sizes come from the language model; overrides differ: "
                          + ", ".join(f"{k}={v[0]!r} (source has {v[1]!r})" for k, v in clash.items()))
-    model = create_model("language-perceiver-classifier", **{**trunk, **overrides, "num_labels": num_labels})
+    model = create_model(variant, **{**trunk, **overrides, "num_labels": num_labels})
+    prefixes = type(model).transferred_prefixes
     source_state = source.state_dict()
     target = model.state_dict()
     loaded, initialised = [], []
     for key, value in target.items():
-        if not key.startswith(TRUNK_PREFIXES):
+        if not key.startswith(prefixes):
             initialised.append(key)
             continue
         if key not in source_state:
             raise ValueError(f"the source model has no tensor {key!r}; it is not a language Perceiver")
         if source_state[key].shape != value.shape:
-            raise ValueError(f"{key}: source shape {tuple(source_state[key].shape)} != classifier "
+            raise ValueError(f"{key}: source shape {tuple(source_state[key].shape)} != {variant} "
                              f"{tuple(value.shape)}")
         loaded.append(key)
     state = {k: source_state[k] for k in loaded}
-    model.load_state_dict(state, strict=False)  # exactly the trunk; the decoder keeps its initialisation
+    model.load_state_dict(state, strict=False)  # exactly the transferred prefixes; the rest keeps its initialisation
     skipped = tuple(k for k in source_state if k not in state)
     model.trunk_transfer = TrunkTransfer(tuple(loaded), skipped, tuple(initialised))
-    logger.info("language-perceiver-classifier: copied %d trunk tensors; skipped %d source tensors (%s); "
-                "newly initialised: %s", len(loaded), len(skipped), ", ".join(skipped), ", ".join(initialised))
+    logger.info("%s: copied %d tensors; skipped %d source tensors (%s); newly initialised: %s", variant,
+                len(loaded), len(skipped), ", ".join(skipped), ", ".join(initialised))
     return model.train(source.training)
 
 
