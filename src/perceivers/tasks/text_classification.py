@@ -195,7 +195,7 @@ def _trunk_fields(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
 def from_language_model(
     source: nn.Module | str | os.PathLike[str],
     *,
-    num_labels: int = 2,
+    num_labels: int | None = None,
     variant: str = "language-perceiver-classifier",
     load_options: Mapping[str, Any] | None = None,
     **overrides: Any,
@@ -213,7 +213,7 @@ def from_language_model(
         source: a ``language-perceiver`` model (or any model with the same trunk), or a path / Hub
             id that :func:`perceivers.from_pretrained` loads (our format, or a transformers
             ``PerceiverForMaskedLM`` checkpoint).
-        num_labels: classifier outputs.
+        num_labels: classifier outputs (default: the number of ``labels`` names if given, else 2).
         variant: ``"language-perceiver-classifier"`` (one label per sequence) or
             ``"language-perceiver-token-classifier"`` (one per position, which also takes the masked LM's
             per-position queries and decoder cross-attention; only its output ``Linear`` is new). The
@@ -241,6 +241,9 @@ def from_language_model(
     if clash:
         raise ValueError("trunk sizes come from the language model; overrides differ: "
                          + ", ".join(f"{k}={v[0]!r} (source has {v[1]!r})" for k, v in clash.items()))
+    if num_labels is None:
+        names = overrides.get("labels")
+        num_labels = 2 if names is None else len(names)
     model = create_model(variant, **{**trunk, **overrides, "num_labels": num_labels})
     prefixes = type(model).transferred_prefixes
     source_state = source.state_dict()
