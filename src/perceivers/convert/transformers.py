@@ -86,72 +86,97 @@ def _layer(hf: str, ours: str, *, cross: bool) -> list[Rule]:
     return [(f"{hf}.{a}.{{p}}", f"{ours}.{b}.{{p}}") for a, b in rules]
 
 
-_TRUNK: list[Rule] = [
-    ("perceiver.embeddings.latents", "perceiver.encoder.latents.embeddings"),
-    *_layer("perceiver.encoder.cross_attention", "perceiver.encoder.cross_attention", cross=True),
-    *_layer("perceiver.encoder.self_attends.{i}", "perceiver.encoder.self_attends.{i}", cross=False),
+def under(hf_prefix: str, ours_prefix: str, rules: list[Rule]) -> list[Rule]:
+    """``rules`` of a sub-module, placed under a prefix on each side (``"perceiver.decoder."``, …)."""
+    return [(hf_prefix + hf, ours_prefix + ours) for hf, ours in rules]
+
+
+# Rules of one module, relative to it: transformers' module (left) ⇄ ours (right). The head tables below
+# and the generic ``perceivers.hf.PerceiverModel`` (``transformers_rules()`` of each building block) are
+# assembled from these.
+
+#: ``PerceiverModel``'s own tensors: the latents and the encoder.
+ENCODER_RULES: list[Rule] = [
+    ("embeddings.latents", "encoder.latents.embeddings"),
+    *_layer("encoder.cross_attention", "encoder.cross_attention", cross=True),
+    *_layer("encoder.self_attends.{i}", "encoder.self_attends.{i}", cross=False),
 ]
 
-_CLASSIFIER: list[Rule] = [
-    ("perceiver.decoder.decoder.output_position_encodings.position_embeddings",
-     "perceiver.decoder.decoder.queries.table.embeddings"),
-    *_layer("perceiver.decoder.decoder.decoding_cross_attention", "perceiver.decoder.decoder.cross_attention",
-            cross=True),
-    ("perceiver.decoder.decoder.final_layer.{p}", "perceiver.decoder.decoder.output.{p}"),
+#: ``PerceiverTextPreprocessor`` ⇄ :class:`~perceivers.io.processors.TextPreprocessor`.
+TEXT_RULES: list[Rule] = [
+    ("embeddings.weight", "embeddings.weight"),
+    ("position_embeddings.weight", "position_embeddings.embeddings"),
 ]
 
-_TEXT: list[Rule] = [
-    ("perceiver.input_preprocessor.embeddings.weight", "perceiver.input_preprocessor.embeddings.weight"),
-    ("perceiver.input_preprocessor.position_embeddings.weight",
-     "perceiver.input_preprocessor.position_embeddings.embeddings"),
-]
+#: ``PerceiverImagePreprocessor`` stems ⇄ :class:`~perceivers.io.processors.ImagePreprocessor`.
+CONV1X1_RULES: list[Rule] = [("convnet_1x1.{p}", "stem.{p}")]
+CONV_RULES: list[Rule] = [("convnet.conv.weight", "stem.layers.0.conv.weight"),
+                          ("convnet.batchnorm.{p}", "stem.layers.0.norm.{p}")]
+PATCHES_LINEAR_RULES: list[Rule] = [("conv_after_patches.{p}", "patches_linear.{p}")]
 
-_CONV_KERNEL = "perceiver.input_preprocessor.stem.layers.0.conv.weight"
+
+def position_rules(*, trainable: bool, projected: bool) -> list[Rule]:
+    """A preprocessor's ``position_embeddings`` / ``positions_projection`` ⇄ our ``position_encoding``."""
+    table = "position_encoding.base.table.embeddings" if projected else "position_encoding.table.embeddings"
+    rules = [("position_embeddings.position_embeddings", table)] if trainable else []
+    if projected:
+        rules.append(("positions_projection.{p}", "position_encoding.proj.{p}"))
+    return rules
+
+
+def decoder_rules(*, queries: bool = True, final_layer: bool = True) -> list[Rule]:
+    """``PerceiverBasicDecoder`` ⇄ :class:`~perceivers.io.BasicDecoder`: trainable queries, the
+    cross-attention, the final ``Linear``."""
+    rules = [("output_position_encodings.position_embeddings", "queries.table.embeddings")] if queries else []
+    rules += _layer("decoding_cross_attention", "cross_attention", cross=True)
+    if final_layer:
+        rules.append(("final_layer.{p}", "output.{p}"))
+    return rules
+
+
+#: learned per-modality vectors of the multimodal pre- and decoders (padding) and preprocessor (mask).
+PADDING_RULES: list[Rule] = [("padding.{m}", "padding.{m}.embeddings")]
+MASK_RULES: list[Rule] = [("mask.{m}", "mask_tokens.{m}.embeddings")]
+
+#: ``Perceiver*Postprocessor`` ⇄ our postprocessors (one ``Linear``).
+POSTPROCESSOR_RULES: list[Rule] = [("classifier.{p}", "linear.{p}")]
+
+_TRUNK = under("perceiver.", "perceiver.", ENCODER_RULES)
+_PRE = "perceiver.input_preprocessor."
+_TEXT = under(_PRE, _PRE, TEXT_RULES)
+_CLASSIFIER = under("perceiver.decoder.decoder.", "perceiver.decoder.decoder.", decoder_rules())
+_CONV_KERNEL = _PRE + CONV_RULES[0][1]
 
 #: transformers head class → its (transformers, perceivers) key templates.
 TABLES: dict[str, list[Rule]] = {
     "PerceiverForMaskedLM": [
         *_TEXT,
         *_TRUNK,
-        ("perceiver.decoder.output_position_encodings.position_embeddings", "perceiver.decoder.queries.table.embeddings"),
-        *_layer("perceiver.decoder.decoding_cross_attention", "perceiver.decoder.cross_attention", cross=True),
+        *under("perceiver.decoder.", "perceiver.decoder.", decoder_rules(final_layer=False)),
         ("embedding_decoder.bias", "embedding_decoder.bias"),
     ],
     "PerceiverForSequenceClassification": [*_TEXT, *_TRUNK, *_CLASSIFIER],
     "PerceiverForImageClassificationLearned": [
-        ("perceiver.input_preprocessor.convnet_1x1.{p}", "perceiver.input_preprocessor.stem.{p}"),
-        ("perceiver.input_preprocessor.position_embeddings.position_embeddings",
-         "perceiver.input_preprocessor.position_encoding.base.table.embeddings"),
-        ("perceiver.input_preprocessor.positions_projection.{p}", "perceiver.input_preprocessor.position_encoding.proj.{p}"),
+        *under(_PRE, _PRE, CONV1X1_RULES + position_rules(trainable=True, projected=True)),
         *_TRUNK,
         *_CLASSIFIER,
     ],
     "PerceiverForImageClassificationFourier": [*_TRUNK, *_CLASSIFIER],
-    "PerceiverForImageClassificationConvProcessing": [
-        ("perceiver.input_preprocessor.convnet.conv.weight", _CONV_KERNEL),
-        ("perceiver.input_preprocessor.convnet.batchnorm.{p}", "perceiver.input_preprocessor.stem.layers.0.norm.{p}"),
-        *_TRUNK,
-        *_CLASSIFIER,
-    ],
+    "PerceiverForImageClassificationConvProcessing": [*under(_PRE, _PRE, CONV_RULES), *_TRUNK, *_CLASSIFIER],
     "PerceiverForOpticalFlow": [
-        ("perceiver.input_preprocessor.conv_after_patches.{p}", "perceiver.input_preprocessor.patches_linear.{p}"),
+        *under(_PRE, _PRE, PATCHES_LINEAR_RULES),
         *_TRUNK,
-        *_layer("perceiver.decoder.decoder.decoding_cross_attention", "perceiver.decoder.decoder.cross_attention",
-                cross=True),
-        ("perceiver.decoder.decoder.final_layer.{p}", "perceiver.decoder.decoder.output.{p}"),
+        *under("perceiver.decoder.decoder.", "perceiver.decoder.decoder.", decoder_rules(queries=False)),
     ],
     "PerceiverForMultimodalAutoencoding": [
-        ("perceiver.input_preprocessor.padding.{m}", "perceiver.input_preprocessor.padding.{m}.embeddings"),
-        ("perceiver.input_preprocessor.mask.{m}", "perceiver.input_preprocessor.mask_tokens.{m}.embeddings"),
+        *under(_PRE, _PRE, PADDING_RULES + MASK_RULES),
         *_TRUNK,
         ("perceiver.decoder.modalities.label.decoder.output_position_encodings.position_embeddings",
          "perceiver.decoder.queries.label.table.embeddings"),
-        ("perceiver.decoder.padding.{m}", "perceiver.decoder.padding.{m}.embeddings"),
-        *_layer("perceiver.decoder.decoder.decoding_cross_attention", "perceiver.decoder.decoder.cross_attention",
-                cross=True),
-        ("perceiver.decoder.decoder.final_layer.{p}", "perceiver.decoder.decoder.output.{p}"),
-        ("perceiver.output_postprocessor.modalities.{m}.classifier.{p}",
-         "perceiver.output_postprocessor.modalities.{m}.linear.{p}"),
+        *under("perceiver.decoder.", "perceiver.decoder.", PADDING_RULES),
+        *under("perceiver.decoder.decoder.", "perceiver.decoder.decoder.", decoder_rules(queries=False)),
+        *under("perceiver.output_postprocessor.modalities.{m}.", "perceiver.output_postprocessor.modalities.{m}.",
+               POSTPROCESSOR_RULES),
     ],
 }
 
@@ -182,10 +207,10 @@ def _swap_hw(kernel: Tensor) -> Tensor:
     return kernel.transpose(-1, -2).contiguous()
 
 
-def _map(state: Mapping[str, Tensor], architecture: str, *, reverse: bool, swap_conv: bool) -> dict[str, Tensor]:
-    if architecture not in TABLES:
-        raise ValueError(f"unsupported transformers architecture {architecture!r}; known: {sorted(TABLES)}")
-    rules = TABLES[architecture]
+def rename_state_dict(state: Mapping[str, Tensor], rules: list[Rule], *, reverse: bool, what: str,
+                      swap_conv: bool = False) -> dict[str, Tensor]:
+    """Rename every tensor of ``state`` by ``rules`` (transformers → ours, or ours → transformers with
+    ``reverse``); a tensor that no rule names is a :class:`CheckpointError` (``what`` names the table)."""
     out: dict[str, Tensor] = {}
     unmatched = []
     for key, value in state.items():
@@ -198,9 +223,15 @@ def _map(state: Mapping[str, Tensor], architecture: str, *, reverse: bool, swap_
         out[new] = value
     if unmatched:
         side = "perceivers" if reverse else "transformers"
-        raise CheckpointError(f"{len(unmatched)} {side} tensors have no rule in the {architecture} key table: "
+        raise CheckpointError(f"{len(unmatched)} {side} tensors have no rule in the {what} key table: "
                               + ", ".join(unmatched[:12]))
     return out
+
+
+def _map(state: Mapping[str, Tensor], architecture: str, *, reverse: bool, swap_conv: bool) -> dict[str, Tensor]:
+    if architecture not in TABLES:
+        raise ValueError(f"unsupported transformers architecture {architecture!r}; known: {sorted(TABLES)}")
+    return rename_state_dict(state, TABLES[architecture], reverse=reverse, what=architecture, swap_conv=swap_conv)
 
 
 def convert_transformers_state_dict(
