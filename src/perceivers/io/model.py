@@ -59,7 +59,8 @@ class PerceiverIOModel(nn.Module):
 
     Args:
         encoder: a :class:`~perceivers.io.PerceiverEncoder`.
-        decoder: any decoder of :mod:`perceivers.io.decoders`.
+        decoder: any decoder of :mod:`perceivers.io.decoders`; ``None`` for none (the output's ``logits``
+            is then ``None``: the latents are the result).
         input_preprocessor: returns :class:`~perceivers.io.processors.Preprocessed`; without one the
             inputs must already be ``[B, M, C]``.
         output_postprocessor: applied to the decoder output; multimodal postprocessors receive
@@ -78,7 +79,7 @@ class PerceiverIOModel(nn.Module):
     def __init__(
         self,
         encoder: PerceiverEncoder,
-        decoder: nn.Module,
+        decoder: nn.Module | None,
         *,
         input_preprocessor: nn.Module | None = None,
         output_postprocessor: nn.Module | None = None,
@@ -90,6 +91,8 @@ class PerceiverIOModel(nn.Module):
                 f"preprocessor gives {input_preprocessor.num_channels} channels but the encoder expects "
                 f"{encoder.input_channels}"
             )
+        if decoder is None and output_postprocessor is not None:
+            raise ValueError("an output_postprocessor needs a decoder (it postprocesses the decoder's output)")
         self.input_preprocessor = input_preprocessor
         self.encoder = encoder
         self.decoder = decoder
@@ -179,7 +182,7 @@ class PerceiverIOModel(nn.Module):
                                 output_hidden_states, stream=False)
         encoder_cross = self.encoder.cross_attention.attn
         in_stack = {id(m) for m in self.encoder.self_attends.modules()}
-        in_decoder = {id(m) for m in self.decoder.modules()}
+        in_decoder = set() if self.decoder is None else {id(m) for m in self.decoder.modules()}
         out.attentions = tuple(w for m, w in records if id(m) in in_stack)
         out.cross_attentions = (tuple(w for m, w in records if m is encoder_cross)
                                 + tuple(w for m, w in records if id(m) in in_decoder))
@@ -215,6 +218,9 @@ class PerceiverIOModel(nn.Module):
             x, modality_sizes, without_pos = inputs, None, None
         states: list[Tensor] | None = [] if output_hidden_states else None
         latents = self.encoder(x, mask=input_mask, hidden_states=states)
+        if self.decoder is None:
+            return PerceiverIOOutput(logits=None, last_hidden_state=latents,
+                                     hidden_states=None if states is None else tuple(states))
         query = self.decoder.decoder_query(
             x, modality_sizes=modality_sizes, inputs_without_pos=without_pos,
             subsampled_points=subsampled_output_points, **dict(query_kwargs or {}),
@@ -234,14 +240,16 @@ _DECODERS = (BasicDecoder, ClassificationDecoder, FlowDecoder, MultimodalDecoder
              VideoAutoencodingDecoder)
 
 
-def decoder_reads_inputs(decoder: nn.Module) -> bool:
+def decoder_reads_inputs(decoder: nn.Module | None) -> bool:
     """Whether ``decoder.decoder_query`` reads the preprocessed inputs themselves, not only their
     batch size, dtype and device (then the inputs cannot be streamed).
 
     True for queries made of the inputs (:class:`~perceivers.io.InputQueries`: optical flow) or
     concatenated with them (``concat_preprocessed_input``), and for decoders of other classes unless
-    they declare ``reads_inputs = False``.
+    they declare ``reads_inputs = False``. No decoder reads nothing.
     """
+    if decoder is None:
+        return False
     declared = getattr(decoder, "reads_inputs", None)
     if declared is not None:
         return bool(declared)
