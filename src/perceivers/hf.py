@@ -20,6 +20,10 @@ outputs equal transformers' within float rounding). See docs/transformers-api.md
 :class:`PerceiverTokenizer` and :class:`PerceiverImageProcessor` (with :class:`AutoTokenizer` and
 :class:`AutoImageProcessor`, which return them) complete transformers' usage examples: their results
 index like transformers' ``BatchEncoding`` / ``BatchFeature`` (``.input_ids``, ``.pixel_values``).
+
+transformers' generic API — :class:`PerceiverConfig`, :class:`PerceiverModel` and the building blocks
+(``PerceiverImagePreprocessor``, ``PerceiverClassificationDecoder``, …) with transformers' constructor
+arguments — comes from :mod:`perceivers.hf_model`, re-exported here.
 """
 
 from __future__ import annotations
@@ -37,6 +41,27 @@ from torch import Tensor, nn
 from .convert.transformers import ARCHITECTURES
 from .data.image import IMAGENET_MEAN, IMAGENET_STD, ImageNetEvalTransform, load_image
 from .data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
+from .hf_model import (
+    PerceiverAudioPostprocessor,
+    PerceiverAudioPreprocessor,
+    PerceiverBasicDecoder,
+    PerceiverBasicVideoAutoencodingDecoder,
+    PerceiverClassificationDecoder,
+    PerceiverClassificationPostprocessor,
+    PerceiverConfig,
+    PerceiverEmbeddingDecoder,
+    PerceiverImagePreprocessor,
+    PerceiverModel,
+    PerceiverModelOutput,
+    PerceiverMultimodalDecoder,
+    PerceiverMultimodalPostprocessor,
+    PerceiverMultimodalPreprocessor,
+    PerceiverOneHotPreprocessor,
+    PerceiverOpticalFlowDecoder,
+    PerceiverProjectionDecoder,
+    PerceiverProjectionPostprocessor,
+    PerceiverTextPreprocessor,
+)
 from .safe_files import read_json
 
 __all__ = [
@@ -44,6 +69,14 @@ __all__ = [
     "AutoImageProcessor",
     "AutoTokenizer",
     "BatchFeature",
+    "PerceiverAudioPostprocessor",
+    "PerceiverAudioPreprocessor",
+    "PerceiverBasicDecoder",
+    "PerceiverBasicVideoAutoencodingDecoder",
+    "PerceiverClassificationDecoder",
+    "PerceiverClassificationPostprocessor",
+    "PerceiverConfig",
+    "PerceiverEmbeddingDecoder",
     "PerceiverForImageClassificationConvProcessing",
     "PerceiverForImageClassificationFourier",
     "PerceiverForImageClassificationLearned",
@@ -51,7 +84,18 @@ __all__ = [
     "PerceiverForMultimodalAutoencoding",
     "PerceiverForOpticalFlow",
     "PerceiverForSequenceClassification",
+    "PerceiverImagePreprocessor",
     "PerceiverImageProcessor",
+    "PerceiverModel",
+    "PerceiverModelOutput",
+    "PerceiverMultimodalDecoder",
+    "PerceiverMultimodalPostprocessor",
+    "PerceiverMultimodalPreprocessor",
+    "PerceiverOneHotPreprocessor",
+    "PerceiverOpticalFlowDecoder",
+    "PerceiverProjectionDecoder",
+    "PerceiverProjectionPostprocessor",
+    "PerceiverTextPreprocessor",
     "PerceiverTokenizer",
     "TransformersName",
 ]
