@@ -217,6 +217,24 @@ def _index_shape(index_dims: Any) -> tuple[int, ...]:
     return (int(index_dims),) if isinstance(index_dims, int) else tuple(int(n) for n in index_dims)
 
 
+class _InterpolatedGridPositions(TrainableGridPositions):
+    """A learned position table that, while ``interpolate`` is set, is resized bicubically to another 2-D grid
+    (transformers' ``interpolate_pos_encoding``: the table is read as a square grid)."""
+
+    interpolate = False
+
+    def forward(self, index_shape, *, device=None, dtype=None) -> Tensor:
+        if not self.interpolate or len(index_shape) != 2:
+            return super().forward(index_shape, device=device, dtype=dtype)
+        table = self.table.embeddings  # [N, C]
+        side = math.isqrt(table.shape[0])
+        if tuple(index_shape) != (side, side):
+            grid = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # [1, C, s, s]
+            grid = nn.functional.interpolate(grid, size=tuple(index_shape), mode="bicubic", align_corners=False)
+            table = grid.flatten(2)[0].t()  # [h·w, C]
+        return table if dtype is None else table.to(dtype)
+
+
 def _position_encoding(
     position_encoding_type: str,
     *,
@@ -235,7 +253,7 @@ def _position_encoding(
             raise ValueError("position_encoding_type='trainable' needs trainable_position_encoding_kwargs "
                              "(index_dims, num_channels)")
         kw = dict(trainable_position_encoding_kwargs)
-        enc: nn.Module = TrainableGridPositions(_index_shape(kw.pop("index_dims")), int(kw.pop("num_channels", 128)))
+        enc: nn.Module = _InterpolatedGridPositions(_index_shape(kw.pop("index_dims")), int(kw.pop("num_channels", 128)))
     elif position_encoding_type == "fourier":
         if not fourier_position_encoding_kwargs:
             raise ValueError("position_encoding_type='fourier' needs fourier_position_encoding_kwargs "
@@ -858,22 +876,34 @@ class PerceiverModel(PerceiverIOModel):
             subsampled_output_points: flat output indices to decode: ``{modality: indices or None}`` for a
                 multimodal decoder, a tensor for a single decoder.
             output_attentions, output_hidden_states, return_dict: default from ``config``.
-            interpolate_pos_encoding, head_mask: only ``False`` / ``None`` are accepted.
+            interpolate_pos_encoding: resize the learned position table of an image preprocessor (read as a
+                square grid) bicubically to the input's token grid, as transformers; no effect on Fourier
+                positions and other preprocessors (as transformers).
+            head_mask: only ``None`` is accepted.
 
         Returns:
             :class:`PerceiverModelOutput`, or with ``return_dict=False`` transformers' tuple
             ``(logits?, last_hidden_state, hidden_states?, attentions?, (encoder cross-attention,)?,
             *decoder cross-attentions)``.
         """
-        check_unsupported(head_mask, interpolate_pos_encoding)
+        check_unsupported(head_mask)
         c = self.config
         attentions = c.output_attentions if output_attentions is None else output_attentions
         hidden = c.output_hidden_states if output_hidden_states is None else output_hidden_states
         if self.input_preprocessor is None and isinstance(inputs, Tensor) and inputs.shape[-1] != c.d_model:
             raise ValueError(f"inputs have {inputs.shape[-1]} channels but config.d_model is {c.d_model} (without "
                              "an input_preprocessor the inputs must be [batch, tokens, d_model])")
-        out = super().forward(inputs, input_mask=attention_mask, subsampled_output_points=subsampled_output_points,
-                              output_hidden_states=bool(hidden), output_attentions=bool(attentions))
+        tables = [m for m in (self.input_preprocessor or nn.Module()).modules()
+                  if isinstance(m, _InterpolatedGridPositions)] if interpolate_pos_encoding else []
+        try:
+            for m in tables:
+                m.interpolate = True
+            out = super().forward(inputs, input_mask=attention_mask,
+                                  subsampled_output_points=subsampled_output_points,
+                                  output_hidden_states=bool(hidden), output_attentions=bool(attentions))
+        finally:
+            for m in tables:
+                m.interpolate = False
         result = PerceiverModelOutput(out.logits, out.last_hidden_state, out.hidden_states, out.attentions,
                                       out.cross_attentions)
         if (c.return_dict if return_dict is None else return_dict) is False:

@@ -184,6 +184,20 @@ def test_image_preprocessor(case):
     _both_directions(f"image {case}", dict(TRUNK, num_labels=5), make, {"inputs": torch.randn(*shape, generator=g)})
 
 
+def test_interpolate_pos_encoding():
+    """A 6x6 learned position table resized to the 8x10 grid of a larger image, as transformers does."""
+    pre_kw, _ = IMAGE_CASES["conv1x1 + trainable concat, projected"]
+
+    def make(ns, c):
+        return {"input_preprocessor": ns.PerceiverImagePreprocessor(c, **pre_kw), "decoder": _classifier(ns, c)}
+
+    x = torch.randn(2, 3, 8, 10, generator=torch.Generator().manual_seed(3))
+    hf, ours = _pair(dict(TRUNK, num_labels=5), make)
+    _compare("image interpolate_pos_encoding", hf, ours, {"inputs": x, "interpolate_pos_encoding": True})
+    with pytest.raises(ValueError, match=r"built for index shape \(36,\)"):
+        ours(inputs=x)  # the flag is off again
+
+
 def test_one_hot_preprocessor():
     def make(ns, c):
         return {"input_preprocessor": _one_hot(ns, c), "decoder": _classifier(ns, c)}
@@ -415,8 +429,8 @@ def test_errors_name_expected_and_got():
     model = phf.PerceiverModel(phf.PerceiverConfig(**dict(TRUNK, d_model=12)))
     with pytest.raises(ValueError, match="inputs have 10 channels but config.d_model is 12"):
         model(inputs=torch.randn(1, 3, 10))
-    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
-        model(inputs=torch.randn(1, 3, 12), interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match="head_mask"):
+        model(inputs=torch.randn(1, 3, 12), head_mask=torch.ones(2))
 
 
 def test_state_dict_that_does_not_fit():

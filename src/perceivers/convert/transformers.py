@@ -44,6 +44,7 @@ __all__ = [
     "load_transformers_weights",
     "overrides_from_config",
     "read_transformers_checkpoint",
+    "rename_state_dict",
     "save_transformers",
     "to_transformers_state_dict",
     "transformers_config",
