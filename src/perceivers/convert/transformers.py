@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hf_config import model_defaults
 from ..safe_files import read_json
 from .state_dict import CheckpointError, load_state_dict_strict, read_state_dict, save_state_dict
 
@@ -274,16 +275,6 @@ _TRUNK_FIELDS = (
     "num_cross_attention_heads", "qk_channels", "v_channels", "cross_attention_widening_factor",
     "self_attention_widening_factor", "cross_attention_shape_for_attention", "use_query_residual",
 )
-# transformers' PerceiverConfig defaults (for config.json files that omit a field)
-_HF_DEFAULTS: dict[str, Any] = {
-    "num_latents": 256, "d_latents": 1280, "d_model": 768, "num_blocks": 1, "num_self_attends_per_block": 26,
-    "num_self_attention_heads": 8, "num_cross_attention_heads": 8, "qk_channels": None, "v_channels": None,
-    "cross_attention_shape_for_attention": "kv", "self_attention_widening_factor": 1,
-    "cross_attention_widening_factor": 1, "hidden_act": "gelu", "use_query_residual": True, "vocab_size": 262,
-    "max_position_embeddings": 2048, "image_size": 56, "train_size": [368, 496], "num_frames": 16,
-    "audio_samples_per_frame": 1920, "samples_per_patch": 16, "output_shape": [1, 16, 224, 224],
-    "output_num_channels": 512, "_label_trainable_num_channels": 1024,
-}
 
 
 # transformers' hidden_act → our activation names
@@ -333,7 +324,7 @@ def overrides_from_config(
     The sizes transformers hard-codes per head (64 Fourier bands, 256-wide learned-position stem, 8×32
     decoder heads of the MLM, …) are written out here.
     """
-    c = {**_HF_DEFAULTS, **cfg}
+    c = {**model_defaults(), **cfg}  # transformers' defaults for the fields a config.json omits
     name = ARCHITECTURES[architecture]
     over: dict[str, Any] = {k: c[k] for k in _TRUNK_FIELDS}
     if numerics == "transformers":
