@@ -33,6 +33,8 @@ _LAZY: dict[str, str] = {
     "create_model": "perceivers.tasks.registry",
     "list_models": "perceivers.tasks.registry",
     "PatchPerceiver": "perceivers.models.patch",
+    "PerceiverAR": "perceivers.models.perceiver_ar",
+    "CausalLanguageModel": "perceivers.models.perceiver_ar",
     "pad_grid_batch": "perceivers.batching",
     "pad_point_batch": "perceivers.batching",
     "from_pretrained": "perceivers.hub",

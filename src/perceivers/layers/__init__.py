@@ -10,6 +10,7 @@ from .position import (
     fourier_features,
     linear_positions,
 )
+from .rotary import RotaryEmbedding as RotaryEmbedding  # re-exported (one line: __all__ is shared)
 from .stream import ContextStream, GridContext, auto_chunk_size
 
 __all__ = [
