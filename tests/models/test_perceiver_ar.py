@@ -1,0 +1,136 @@
+"""Unit tests of Perceiver AR (parity with krasserm's lives in tests/parity/test_perceiver_ar.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from perceivers.configurable import init_config
+from perceivers.layers.rotary import RotaryEmbedding, rotate
+from perceivers.models.perceiver_ar import CausalLanguageModel, CausalLanguageModelConfig
+
+FIELDS = {"vocab_size": 30, "max_seq_len": 20, "num_latents": 6, "num_channels": 16, "num_heads": 2,
+          "num_self_attention_layers": 2}
+
+
+def _model(**overrides) -> CausalLanguageModel:
+    torch.manual_seed(0)
+    return CausalLanguageModel(CausalLanguageModelConfig(**{**FIELDS, **overrides}))
+
+
+def _ids(b: int = 2, n: int = 16) -> torch.Tensor:
+    return torch.randint(0, FIELDS["vocab_size"], (b, n), generator=torch.Generator().manual_seed(1))
+
+
+def test_shapes_and_causality():
+    model = _model().eval()
+    ids = _ids()
+    with torch.no_grad():
+        logits = model(ids)
+        changed = ids.clone()
+        changed[:, -2] = (changed[:, -2] + 1) % FIELDS["vocab_size"]
+        other = model(changed)
+    assert logits.shape == (2, 6, 30)
+    # the latent at position -2 and later see the change, earlier latents do not
+    torch.testing.assert_close(other[:, :-2], logits[:, :-2], rtol=0, atol=0)
+    assert (other[:, -2:] - logits[:, -2:]).abs().max() > 1e-4
+
+
+def test_prefix_change_reaches_every_latent():
+    model = _model().eval()
+    ids = _ids()
+    changed = ids.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % FIELDS["vocab_size"]
+    with torch.no_grad():
+        diff = (model(changed) - model(ids)).abs().amax(dim=(0, 2))
+    assert (diff > 1e-6).all()
+
+
+@pytest.mark.parametrize(("bad", "error", "match"), [
+    (torch.zeros(2, 10), TypeError, "int64"),
+    ([[1, 2, 3]], TypeError, "list"),
+    (torch.zeros(2, 21, dtype=torch.long), ValueError, "exceeds max_seq_len=20"),
+    (torch.zeros(2, 5, dtype=torch.long), ValueError, "shorter than num_latents=6"),
+    (torch.zeros(10, dtype=torch.long), ValueError, r"\[batch, seq_len\]"),
+    (torch.full((1, 8), 30), ValueError, r"token ids must lie in \[0, 30\)"),
+])
+def test_bad_input_is_refused(bad, error, match):
+    with pytest.raises(error, match=match):
+        _model()(bad)
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        _model(num_channels=18, num_heads=4)
+    with pytest.raises(ValueError, match="must be even"):
+        _model(num_channels=12, num_heads=2)  # rotary width 3
+    with pytest.raises(ValueError, match="cross_attention_dropout"):
+        _model(cross_attention_dropout=1.0)
+    with pytest.raises(ValueError, match="max_seq_len >= 16"):
+        _model(max_seq_len=12, random_sequence_truncation=True)
+
+
+def test_prefix_dropout_keeps_the_documented_count():
+    model = _model(cross_attention_dropout=0.3).train()
+    prefix = torch.randn(3, 10, 16)
+    kept_prefix, positions = model._drop_prefix(prefix)
+    assert positions.shape == (3, 10 - int(10 * 0.3))
+    assert (positions.diff(dim=1) > 0).all()  # order kept
+    torch.testing.assert_close(kept_prefix, prefix[torch.arange(3)[:, None], positions])
+
+
+def test_no_dropout_training_equals_eval():
+    model = _model(cross_attention_dropout=0.0)
+    ids = _ids()
+    with torch.no_grad():
+        train = model.train()(ids)
+        evaluated = model.eval()(ids)
+    torch.testing.assert_close(train, evaluated, rtol=0, atol=0)
+
+
+def test_backward_and_activation_checkpointing_give_the_same_gradients():
+    ids = _ids()
+    grads = []
+    for ckpt in (False, True):
+        model = _model(activation_checkpointing=ckpt, cross_attention_dropout=0.0).train()
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        assert all(g is not None and torch.isfinite(g).all() for g in grads[-1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_generate_shapes_and_determinism():
+    model = _model().eval()
+    prompt = _ids(2, 4)  # shorter than num_latents, then sliding past max_seq_len
+    torch.manual_seed(3)
+    a = model.generate(num=20, prompt=prompt, threshold=0.8, temperature=0.7)
+    torch.manual_seed(3)
+    b = model.generate(num=20, prompt=prompt, threshold=0.8, temperature=0.7)
+    assert a.shape == (2, 20) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="keeps no token"):
+        model.generate(num=1, prompt=prompt, threshold=0.99)
+
+
+def test_config_round_trips_through_json():
+    model = _model()
+    config = json.loads(json.dumps(init_config(model)))
+    assert config["class"] == "perceivers.models.perceiver_ar.CausalLanguageModel"
+    assert config["kwargs"]["config"]["fields"] == {**CausalLanguageModelConfig(**FIELDS).__dict__}
+
+
+def test_rotary_preserves_norms_and_relative_positions():
+    rotary = RotaryEmbedding(8)
+    q, k = torch.randn(1, 2, 1, 12), torch.randn(1, 2, 1, 12)
+    angles = rotary(torch.arange(40))
+    # scores depend on the distance only
+    s1 = (rotate(q, angles[[5]]) * rotate(k, angles[[2]])).sum()
+    s2 = (rotate(q, angles[[35]]) * rotate(k, angles[[32]])).sum()
+    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rotate(q, angles[[17]]).norm(), q.norm())
+    torch.testing.assert_close(rotate(q, angles[[0]]), q)  # position 0: identity
+    torch.testing.assert_close(rotate(q, angles[[9]])[..., 8:], q[..., 8:], rtol=0, atol=0)  # unrotated channels
+    with pytest.raises(ValueError, match="even"):
+        RotaryEmbedding(5)
