@@ -331,6 +331,8 @@ class CausalLanguageModel(PerceiverAR):
         )
         self.config = config
 
+    top_f = staticmethod(top_f)  # krasserm's ``CausalLanguageModel.top_f``
+
     @property
     def max_seq_len(self) -> int:
         return self.config.max_seq_len
