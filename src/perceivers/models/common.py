@@ -9,10 +9,20 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..validation import check_finite, check_like
+from ..validation import check_finite, check_index_range, check_like
 
-__all__ = ["AttentionResidual", "ClassifierHead", "LogitsAlias", "MeanOverLatents", "check_input", "flatten_axes",
-           "initial_latents", "start_hiddens", "tie_schedule"]
+__all__ = [
+    "AttentionResidual",
+    "ClassifierHead",
+    "LogitsAlias",
+    "MeanOverLatents",
+    "check_input",
+    "check_token_ids",
+    "flatten_axes",
+    "initial_latents",
+    "start_hiddens",
+    "tie_schedule",
+]
 
 
 def tie_schedule(depth: int, weight_tie_layers: bool, *, tie_first: bool = False) -> tuple[int, ...]:
@@ -151,6 +161,24 @@ def check_input(
     if module is not None:
         check_like(data, module, name)
     check_finite(data, name)
+
+
+def check_token_ids(
+    ids: Tensor, *, name: str, num_tokens: int, max_seq_len: int | None, module: nn.Module
+) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``ids`` is a non-empty ``[B, L]`` int64/int32 tensor of ids
+    below ``num_tokens`` on ``module``'s device, with ``L <= max_seq_len`` (``None``: any length)."""
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        got = f"dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be token ids, an int64 (or int32) tensor, got {got}")
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, seq_len], got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(ids.shape)}")
+    if max_seq_len is not None and ids.shape[1] > max_seq_len:
+        raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len={max_seq_len}")
+    check_like(ids, module, name, dtype=False)
+    check_index_range(ids, num_tokens, "token ids")
 
 
 def flatten_axes(data: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..configurable import configurable
 from ..layers import Attention, FeedForward
 from ..layers.rotary import RotaryEmbedding, rotate
-from ..validation import check_index_range, check_like
+from .common import check_token_ids
 
 __all__ = [
     "CausalCrossAttention",
@@ -120,22 +120,19 @@ class TokenInputAdapter(nn.Module):
         self.pos_embedding = nn.Parameter(torch.zeros(max_seq_len, num_channels))
 
     def check(self, ids: Tensor, *, limit_length: bool = True) -> None:
-        """Raise ``TypeError``/``ValueError`` unless ``ids`` is a non-empty ``[B, L]`` int64/int32 tensor of
-        valid token ids on this module's device, with ``L ≤ max_seq_len`` (when ``limit_length``)."""
-        if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
-            got = f"dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
-            raise TypeError(f"ids must be token ids, an int64 (or int32) tensor, got {got}")
-        if ids.ndim != 2 or ids.numel() == 0:
-            raise ValueError(f"ids must have shape [batch, seq_len] and not be empty, got {tuple(ids.shape)}")
-        if limit_length and ids.shape[1] > self.max_seq_len:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len={self.max_seq_len}")
-        check_like(ids, self, "ids", dtype=False)
-        check_index_range(ids, self.vocab_size, "token ids")
+        """Raise unless ``ids`` is a non-empty ``[B, L]`` tensor of valid token ids on this module's device,
+        with ``L ≤ max_seq_len`` (when ``limit_length``)."""
+        check_token_ids(ids, name="ids", num_tokens=self.vocab_size,
+                        max_seq_len=self.max_seq_len if limit_length else None, module=self)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Checked ``ids [B, L ≤ max_seq_len]`` → ``[B, L, num_channels]``."""
+        return self.token_embedding(ids) + self.pos_embedding[: ids.shape[1]]
 
     def forward(self, ids: Tensor) -> Tensor:
         """``ids [B, L]`` → ``[B, L, num_channels]``."""
         self.check(ids)
-        return self.token_embedding(ids) + self.pos_embedding[: ids.shape[1]]
+        return self.embed(ids)
 
 
 @configurable
@@ -349,8 +346,7 @@ class CausalLanguageModel(PerceiverAR):
         if self.config.random_sequence_truncation and self.training:
             n = int(torch.randint(16, self.max_seq_len + 1, (1,)))
             ids = ids[:, -n:]  # positions restart at the truncated window's start
-        h = self.input_adapter(ids)
-        return self._forward_embedded(h)
+        return self._forward_embedded(self.input_adapter.embed(ids))
 
     @torch.no_grad()
     def generate(self, num: int, prompt: Tensor, threshold: float = 0.9, temperature: float = 1.0) -> Tensor:
@@ -372,7 +368,7 @@ class CausalLanguageModel(PerceiverAR):
         self.input_adapter.check(prompt, limit_length=False)
         result = prompt
         for _ in range(num):
-            h = self.input_adapter(result[:, -self.max_seq_len :])
+            h = self.input_adapter.embed(result[:, -self.max_seq_len :])  # the prompt was checked, samples are ids
             logits = self._forward_embedded(h)[:, -1]  # [B, V]
             probs = F.softmax(top_f(logits, fraction=1 - threshold) / temperature, dim=-1)
             result = torch.cat((result, torch.multinomial(probs, 1)), dim=-1)

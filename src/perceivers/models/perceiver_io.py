@@ -14,8 +14,15 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
-from ..validation import check_finite, check_index_range, check_like
-from .common import AttentionResidual, check_input, initial_latents, start_hiddens, tie_schedule
+from ..validation import check_finite, check_like
+from .common import (
+    AttentionResidual,
+    check_input,
+    check_token_ids,
+    initial_latents,
+    start_hiddens,
+    tie_schedule,
+)
 
 __all__ = ["PerceiverIO", "PerceiverLM", "dropout_seq"]
 
@@ -210,16 +217,6 @@ class PerceiverLM(nn.Module):
         self.perceiver_io = PerceiverIO(dim=dim, queries_dim=dim, logits_dim=num_tokens, **kwargs)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32):
-            got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"x must be token ids, an int64 (or int32) tensor, got {got}")
-        if x.ndim != 2:
-            raise ValueError(f"x must have shape [batch, seq_len], got {tuple(x.shape)}")
-        if x.numel() == 0:
-            raise ValueError(f"x is empty: shape {tuple(x.shape)}")
-        check_like(x, self, "x", dtype=False)
-        if x.shape[1] > self.max_seq_len:
-            raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len={self.max_seq_len}")
-        check_index_range(x, self.num_tokens, "token ids")
+        check_token_ids(x, name="x", num_tokens=self.num_tokens, max_seq_len=self.max_seq_len, module=self)
         h = self.token_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device))
         return self.perceiver_io(h, mask=mask, queries=h)
