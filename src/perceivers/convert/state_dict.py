@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -24,10 +26,13 @@ from ..safe_files import atomic_path, tensor_digest
 
 __all__ = [
     "CheckpointError",
+    "Rule",
     "check_state_dict",
     "is_safetensors",
     "load_state_dict_strict",
     "read_state_dict",
+    "rename_by_rules",
+    "rename_key",
     "save_state_dict",
     "tied_groups",
 ]
@@ -38,6 +43,58 @@ _DIGEST_KEY = "perceivers.sha256"
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors (all named)."""
+
+
+#: ``(source template, target template)``: ``{i}`` a layer index, ``{m}`` a modality name, ``{p}`` a parameter
+#: or buffer name (``weight``, ``bias``, BatchNorm statistics); the rest is literal.
+Rule = tuple[str, str]
+
+_FIELDS = {"i": r"\d+", "m": r"[A-Za-z_]+", "p": r"weight|bias|running_mean|running_var|num_batches_tracked"}
+
+
+@cache
+def _pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[a-z]\})", template)
+    regex = "".join(f"(?P<{p[1]}>{_FIELDS[p[1]]})" if re.fullmatch(r"\{[a-z]\}", p) else re.escape(p) for p in parts)
+    return re.compile(regex + r"\Z")
+
+
+def rename_key(key: str, rules: list[Rule], *, reverse: bool = False) -> str | None:
+    """``key`` renamed by the one rule that matches it (target → source with ``reverse``); ``None`` if none does."""
+    hits = []
+    for a, b in rules:
+        src, dst = (b, a) if reverse else (a, b)
+        match = _pattern(src).match(key)
+        if match:
+            hits.append(dst.format(**match.groupdict()))
+    if len(hits) > 1:
+        raise RuntimeError(f"key table is ambiguous for {key!r}: {hits}")
+    return hits[0] if hits else None
+
+
+def rename_by_rules(
+    state: Mapping[str, Tensor],
+    rules: list[Rule],
+    *,
+    what: str,
+    source: str,
+    reverse: bool = False,
+    transform: Callable[[str, str, Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Rename every tensor of ``state`` by ``rules``; a tensor no rule names is a :class:`CheckpointError`
+    naming the ``source`` side and the ``what`` table. ``transform(old, new, value)`` may change a value."""
+    out: dict[str, Tensor] = {}
+    unmatched = []
+    for key, value in state.items():
+        new = rename_key(key, rules, reverse=reverse)
+        if new is None:
+            unmatched.append(key)
+            continue
+        out[new] = value if transform is None else transform(key, new, value)
+    if unmatched:
+        raise CheckpointError(f"{len(unmatched)} {source} tensors have no rule in the {what} key table: "
+                              + ", ".join(unmatched[:12]))
+    return out
 
 
 def tied_groups(model: nn.Module) -> dict[str, str]:

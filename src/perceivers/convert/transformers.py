@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +33,14 @@ from torch import Tensor, nn
 
 from ..hf_config import model_defaults
 from ..safe_files import read_json
-from .state_dict import CheckpointError, load_state_dict_strict, read_state_dict, save_state_dict
+from .state_dict import (
+    CheckpointError,
+    Rule,
+    load_state_dict_strict,
+    read_state_dict,
+    rename_by_rules,
+    save_state_dict,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -67,9 +72,6 @@ ARCHITECTURES: dict[str, str] = {
 
 # ------------------------------------------------------------------------------------------ key tables
 # Templates: {i} an index, {m} a modality name, {p} a parameter/buffer name.
-
-Rule = tuple[str, str]
-
 
 def _layer(hf: str, ours: str, *, cross: bool) -> list[Rule]:
     """A transformers ``PerceiverLayer`` ⇄ our ``CrossAttentionBlock`` / ``SelfAttentionBlock``."""
@@ -182,26 +184,6 @@ TABLES: dict[str, list[Rule]] = {
     ],
 }
 
-_FIELDS = {"i": r"\d+", "m": r"[A-Za-z_]+", "p": r"weight|bias|running_mean|running_var|num_batches_tracked"}
-
-
-@cache
-def _pattern(template: str) -> re.Pattern[str]:
-    parts = re.split(r"(\{[a-z]\})", template)
-    regex = "".join(f"(?P<{p[1]}>{_FIELDS[p[1]]})" if re.fullmatch(r"\{[a-z]\}", p) else re.escape(p) for p in parts)
-    return re.compile(regex + r"\Z")
-
-
-def _rename(key: str, rules: list[Rule], *, reverse: bool) -> str | None:
-    hits = []
-    for hf, ours in rules:
-        src, dst = (ours, hf) if reverse else (hf, ours)
-        match = _pattern(src).match(key)
-        if match:
-            hits.append(dst.format(**match.groupdict()))
-    if len(hits) > 1:
-        raise RuntimeError(f"key table is ambiguous for {key!r}: {hits}")
-    return hits[0] if hits else None
 
 
 def _swap_hw(kernel: Tensor) -> Tensor:
@@ -213,21 +195,12 @@ def rename_state_dict(state: Mapping[str, Tensor], rules: list[Rule], *, reverse
                       swap_conv: bool = False) -> dict[str, Tensor]:
     """Rename every tensor of ``state`` by ``rules`` (transformers → ours, or ours → transformers with
     ``reverse``); a tensor that no rule names is a :class:`CheckpointError` (``what`` names the table)."""
-    out: dict[str, Tensor] = {}
-    unmatched = []
-    for key, value in state.items():
-        new = _rename(key, rules, reverse=reverse)
-        if new is None:
-            unmatched.append(key)
-            continue
-        if swap_conv and _CONV_KERNEL in (key, new):
-            value = _swap_hw(value)
-        out[new] = value
-    if unmatched:
-        side = "perceivers" if reverse else "transformers"
-        raise CheckpointError(f"{len(unmatched)} {side} tensors have no rule in the {what} key table: "
-                              + ", ".join(unmatched[:12]))
-    return out
+
+    def swap(key: str, new: str, value: Tensor) -> Tensor:
+        return _swap_hw(value) if swap_conv and _CONV_KERNEL in (key, new) else value
+
+    return rename_by_rules(state, rules, what=what, source="perceivers" if reverse else "transformers",
+                           reverse=reverse, transform=swap)
 
 
 def _map(state: Mapping[str, Tensor], architecture: str, *, reverse: bool, swap_conv: bool) -> dict[str, Tensor]:
