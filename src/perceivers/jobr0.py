@@ -301,14 +301,6 @@ class MultiModalPerceiver(_JOBR0Model):
             raise TypeError(f"n_chunks must be an int, got {type(n_chunks).__name__}")
         if n_chunks < 1:
             raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
-        inputs = {"image": images, "audio": audio}
-        parts: dict[str, list[Tensor]] = {"image": [], "audio": []}
-        label = None
-        for points in self.model.subsampling_chunks(n_chunks, device=images.device):
-            logits = self.model(inputs, points).logits
-            parts["image"].append(logits["image"])  # [B, chunk, C]
-            parts["audio"].append(logits["audio"])  # [B, chunk · samples_per_patch]
-            label = logits["label"]
-        t, h, w = c.num_frames, *c.image_size
-        image = rearrange(torch.cat(parts["image"], dim=1), "b (t h w) c -> b t c h w", t=t, h=h, w=w)
-        return {"image": image, "audio": torch.cat(parts["audio"], dim=1).reshape(audio.shape), "label": label}
+        out = self.model.decode_in_chunks({"image": images, "audio": audio}, n_chunks)
+        return {"image": rearrange(out["image"], "b t h w c -> b t c h w"), "audio": out["audio"].reshape(audio.shape),
+                "label": out["label"]}

@@ -275,6 +275,12 @@ class MultimodalAutoencoder(SavesPretrained, nn.Module):
     @torch.no_grad()
     def reconstruct(self, inputs: Mapping[str, Tensor], num_chunks: int = 128) -> dict[str, Tensor]:
         """Decode everything chunk by chunk → ``{"image": [B, T, H, W, C], "audio": [B, N], "label": [B, classes]}``."""
+        return self.decode_in_chunks(inputs, num_chunks)
+
+    def decode_in_chunks(self, inputs: Mapping[str, Tensor], num_chunks: int = 128) -> dict[str, Tensor]:
+        """:meth:`reconstruct` without switching gradients off: one forward pass per chunk of
+        :meth:`subsampling_chunks`, outputs concatenated; the label is the last chunk's (every chunk's is
+        the same: decoder queries do not interact)."""
         c = self.config
         images, audios, label = [], [], None
         for points in self.subsampling_chunks(num_chunks, device=inputs["image"].device):
