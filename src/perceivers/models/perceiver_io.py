@@ -2,7 +2,8 @@
 
 One encoder cross-attention, ``depth`` latent self-attention layers, one decoder cross-attention
 from user-given queries. Drop-in replacements for ``perceiver_pytorch.PerceiverIO`` and
-``PerceiverLM`` (0.11.0).
+``PerceiverLM`` (0.11.0). Optionally a deeper decoder (``decoder_depth``, ``decoder_self_attends``):
+see docs/decoders.md.
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ def dropout_seq(data: Tensor, mask: Tensor | None, prob: float) -> tuple[Tensor,
     return data, mask
 
 
+def _check_count(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_decode_chunking(decode_chunk_size: int | None, self_attends: int) -> None:
+    if self_attends and decode_chunk_size:
+        raise ValueError(
+            f"decode_chunk_size={decode_chunk_size} with decoder_self_attends={self_attends}: query self-attention "
+            "lets every query attend every other, so decoding in independent chunks would change the outputs; "
+            "use decode_chunk_size=None or 0 (the whole query set at once)"
+        )
+
+
 @configurable
 class PerceiverIO(nn.Module):
     """Encode ``data [B, M, dim]`` into latents, decode them at ``queries``.
@@ -68,7 +83,15 @@ class PerceiverIO(nn.Module):
         chunk_size: stream inputs longer than this through the encoder cross-attention in chunks
             (``None``: as ``Perceiver``'s ``chunk_size``; ``0``: never); exact up to rounding.
         decode_chunk_size: decode query sets larger than this in independent chunks (``None``: above
-            65536 queries, in chunks of 65536; ``0``: never).
+            65536 queries, in chunks of 65536; ``0``: never). With ``decoder_self_attends`` the queries
+            are not independent, so ``None`` decodes them whole and a positive size is refused.
+        decoder_depth: query→latent cross-attention blocks in the decoder (default 1, perceiver-pytorch's).
+            The first is ``decoder_cross_attn`` (no query residual); each further one is a residual
+            block ``y = y + Attn(LN(y), LN(latents))`` (plus ``y = y + FF(LN(y))`` with ``decoder_ff``),
+            in ``decoder_extra_cross_attns``.
+        decoder_self_attends: query self-attention blocks (``latent_heads`` × ``latent_dim_head``, GEGLU
+            feed-forward) after *each* decoder cross-attention (default 0), in ``decoder_self_attns``
+            (``decoder_depth × decoder_self_attends`` blocks, in order). They let the outputs interact.
 
     Without ``queries`` the forward returns the latents ``[B, num_latents, latent_dim]`` and
     ``logits_dim`` does not apply (as in perceiver-pytorch).
@@ -95,8 +118,14 @@ class PerceiverIO(nn.Module):
         inverted_cross_attn: bool = False,
         chunk_size: int | None = None,
         decode_chunk_size: int | None = None,
+        decoder_depth: int = 1,
+        decoder_self_attends: int = 0,
     ) -> None:
         super().__init__()
+        _check_count("decoder_depth", decoder_depth, minimum=1)
+        _check_count("decoder_self_attends", decoder_self_attends, minimum=0)
+        self.decoder_depth, self.decoder_self_attends = decoder_depth, decoder_self_attends
+        _check_decode_chunking(decode_chunk_size, decoder_self_attends)
         self.chunk_size, self.decode_chunk_size = chunk_size, decode_chunk_size
         if not 0.0 <= seq_dropout_prob < 1.0:
             raise ValueError(f"seq_dropout_prob must be in [0, 1), got {seq_dropout_prob}")
@@ -127,6 +156,22 @@ class PerceiverIO(nn.Module):
             qkv_bias=False, query_residual=False, mlp_mult=4 if decoder_ff else None, activation="geglu",
         )
         self.to_logits = nn.Linear(queries_dim, logits_dim) if logits_dim is not None else nn.Identity()
+        # The deeper decoder (empty lists by default: no state-dict keys, no random numbers drawn, so
+        # every module above is initialised as in a 1-layer decoder under the same seed).
+        self.decoder_extra_cross_attns = nn.ModuleList(
+            CrossAttentionBlock(
+                queries_dim, latent_dim, num_heads=cross_heads, qk_channels=cross_heads * cross_dim_head,
+                qkv_bias=False, query_residual=True, mlp_mult=4 if decoder_ff else None, activation="geglu",
+            )
+            for _ in range(decoder_depth - 1)
+        )
+        self.decoder_self_attns = nn.ModuleList(
+            SelfAttentionBlock(
+                queries_dim, num_heads=latent_heads, qk_channels=latent_heads * latent_dim_head, qkv_bias=False,
+                mlp_mult=4, activation="geglu",
+            )
+            for _ in range(decoder_depth * decoder_self_attends)
+        )
 
     def encode(self, data: Tensor, mask: Tensor | None = None, *, latents: Tensor | None = None) -> Tensor:
         """``data [B, M, dim]`` → latents after the encoder cross-attention ``[B, N, latent_dim]``.
@@ -144,8 +189,14 @@ class PerceiverIO(nn.Module):
             return self.encoder_cross_attn(x, kv=ContextStream.from_tensor(data, size), mask=mask)
         return self.encoder_cross_attn(x, data, mask=mask, inverted=self.inverted_cross_attn)
 
-    def decode(self, latents: Tensor, queries: Tensor) -> Tensor:
-        """Queries ``[M, queries_dim]`` or ``[B, M, queries_dim]`` attend the latents → ``[B, M, out]``."""
+    def decode(self, latents: Tensor, queries: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+        """Queries ``[M, queries_dim]`` or ``[B, M, queries_dim]`` attend the latents → ``[B, M, out]``.
+
+        ``query_mask [B, M]`` (bool, True = real query) hides padded queries from the query
+        self-attention (``decoder_self_attends``); the cross-attentions treat each query on its own, so
+        without query self-attention it changes nothing. Outputs at masked queries are computed like
+        the others: ignore them.
+        """
         if not isinstance(queries, Tensor) or not queries.is_floating_point():
             got = f"dtype {queries.dtype}" if isinstance(queries, Tensor) else type(queries).__name__
             raise TypeError(f"queries must be a floating-point tensor, got {got}")
@@ -160,13 +211,36 @@ class PerceiverIO(nn.Module):
             queries = queries.expand(b, -1, -1)
         elif queries.shape[0] != b:
             raise ValueError(f"queries have batch size {queries.shape[0]} but data has {b}")
+        query_mask = check_mask(query_mask, b, queries.shape[1], "query_mask", device=queries.device)
+        _check_decode_chunking(self.decode_chunk_size, self.decoder_self_attends)
         size = auto_chunk_size(queries.shape[1], self.decode_chunk_size, grad=True)  # None: chunks of 65536
-        if not size:
-            return self.to_logits(self.decoder_cross_attn(queries, latents))
-        # Very large query sets: the latents' keys/values once, then the queries in independent chunks.
-        kv = self.decoder_cross_attn.prepare(latents)
-        return torch.cat([self.to_logits(self.decoder_cross_attn(queries[:, i:i + size], kv=kv))
-                          for i in range(0, queries.shape[1], size)], dim=1)
+        if not size or self.decoder_self_attends:  # query self-attention couples the queries: decode whole
+            return self.to_logits(self._decode(queries, query_mask, latents=latents))
+        # Very large query sets: the latents' keys/values once per block, then the queries in
+        # independent chunks (each query's cross-attentions read only the latents and itself).
+        kvs = [block.prepare(latents) for block in self._decoder_cross_blocks()]
+        return torch.cat([
+            self.to_logits(self._decode(queries[:, i:i + size], None if query_mask is None else query_mask[:, i:i + size],
+                                        kvs=kvs))
+            for i in range(0, queries.shape[1], size)
+        ], dim=1)
+
+    def _decoder_cross_blocks(self) -> list[CrossAttentionBlock]:
+        return [self.decoder_cross_attn, *self.decoder_extra_cross_attns]
+
+    def _decode(
+        self, queries: Tensor, query_mask: Tensor | None, *, latents: Tensor | None = None, kvs: list | None = None
+    ) -> Tensor:
+        """The decoder stack on ``queries [B, M, queries_dim]`` → ``[B, M, queries_dim]`` (before ``to_logits``).
+
+        Reads the latents, or per cross-attention block what its ``prepare`` returned (``kvs``).
+        """
+        x, per = queries, self.decoder_self_attends
+        for i, cross in enumerate(self._decoder_cross_blocks()):
+            x = cross(x, latents) if kvs is None else cross(x, kv=kvs[i])  # [B, M, queries_dim]
+            for block in self.decoder_self_attns[i * per:(i + 1) * per]:
+                x = block(x, mask=query_mask)  # padded queries are no keys
+        return x
 
     def forward(
         self,
@@ -177,11 +251,13 @@ class PerceiverIO(nn.Module):
         return_hiddens: bool = False,
         *,
         latents: Tensor | None = None,
+        query_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Encode ``data [B, M, dim]`` (``mask [B, M]``, True = attend) and decode at ``queries``.
 
         A sample whose mask has no True gets zeros from the encoder cross-attention (never NaN).
         ``latents`` (``[N', latent_dim]`` or ``[B, N', latent_dim]``) replace the learned initial latents.
+        ``query_mask [B, m]`` (True = real query): see :meth:`decode`.
 
         Returns ``[B, m, logits_dim or queries_dim]``, or the latents when ``queries`` is None;
         with ``return_hiddens`` also the latents before and after each layer.
@@ -197,7 +273,9 @@ class PerceiverIO(nn.Module):
                 hiddens.append(x)
             if self.attn_residuals is not None:
                 x = self.attn_residuals[unique](hiddens)
-        out = x if queries is None else self.decode(x, queries)
+        if queries is None and query_mask is not None:
+            raise ValueError("query_mask needs queries: it marks which of the decoder queries are real")
+        out = x if queries is None else self.decode(x, queries, query_mask=query_mask)
         return (out, hiddens) if return_hiddens else out
 
 
@@ -219,4 +297,5 @@ class PerceiverLM(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         check_token_ids(x, name="x", num_tokens=self.num_tokens, max_seq_len=self.max_seq_len, module=self)
         h = self.token_emb(x) + self.pos_emb(torch.arange(x.shape[1], device=x.device))
-        return self.perceiver_io(h, mask=mask, queries=h)
+        # the queries are the inputs: padded ones are hidden from a query self-attention (if any)
+        return self.perceiver_io(h, mask=mask, queries=h, query_mask=mask)
