@@ -7,6 +7,7 @@ Used by :mod:`perceivers.hf_model` (``PerceiverModel`` and its blocks) and, for 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -109,6 +110,31 @@ class PerceiverConfig:
             raise TypeError(f"config must be a PerceiverConfig (ours or transformers') or a dict, got "
                             f"{type(config).__name__}")
         return cls.from_dict(config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool | None = None,
+                        token: str | bool | None = None, **overrides: Any) -> PerceiverConfig:
+        """The ``config.json`` of a transformers Perceiver checkpoint (a directory, the file, or a Hub repo id),
+        with ``overrides`` of its fields (as transformers: ``num_labels=`` alone renames the labels ``LABEL_i``)."""
+        from .hub import resolve
+        from .safe_files import read_json
+
+        path = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                       token=token)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: not a transformers checkpoint directory")
+        values = read_json(path)
+        if not isinstance(values, Mapping) or values.get("model_type") != "perceiver":
+            found = values.get("model_type") if isinstance(values, Mapping) else type(values).__name__
+            raise ValueError(f"{path} is not a transformers Perceiver config (model_type 'perceiver'), got {found!r}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown PerceiverConfig fields {unknown}")
+        if "num_labels" in overrides and "id2label" not in overrides:
+            values = {k: v for k, v in values.items() if k not in ("id2label", "label2id")}
+        return cls.from_dict({**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """transformers' ``config.to_dict()`` fields (``model_type`` included), ``extra`` merged in."""

@@ -23,15 +23,19 @@ its conv stem). See docs/transformers-api.md for what is not supported.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .convert.state_dict import load_state_dict_strict
+from .convert.state_dict import CheckpointError, load_state_dict_strict
 from .convert.transformers import (
     CONV1X1_RULES,
     CONV_RULES,
@@ -830,6 +834,101 @@ class PerceiverModel(PerceiverIOModel):
     def transformers_state_dict(self) -> dict[str, Tensor]:
         """Our tensors under transformers' names: loads strictly into transformers' ``PerceiverModel``."""
         return rename_state_dict(self.state_dict(), self.transformers_rules(), reverse=True, what="PerceiverModel")
+
+    # ------------------------------------------------------------------------------------- files
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        decoder: nn.Module | None = None,
+        input_preprocessor: nn.Module | None = None,
+        output_postprocessor: nn.Module | None = None,
+        *,
+        config: Any = None,
+        numerics: str = "deepmind",
+        undo_conv_transpose: bool | None = None,
+        map_location: str | torch.device = "cpu",
+        **hub_options: Any,
+    ) -> PerceiverModel:
+        """transformers' ``PerceiverModel.from_pretrained``: the trunk (and the given blocks) of any transformers
+        Perceiver checkpoint, e.g. a task model's (``perceiver.`` prefix stripped, its head left out).
+
+        As in transformers, checkpoint blocks without a counterpart here (a task head, a block not passed)
+        are skipped and a block passed here that the checkpoint lacks keeps its initialisation; both are
+        reported in one warning. The trunk must be complete, and a block present on both sides must fit
+        it exactly.
+
+        Args:
+            name_or_path: a transformers checkpoint directory or Hub repo id (``revision``, ``cache_dir``,
+                ``local_files_only``, ``token`` in ``hub_options``; offline-capable through the HF cache).
+            decoder, input_preprocessor, output_postprocessor: as in the constructor.
+            config: overrides the checkpoint's ``config.json`` (ours, transformers' or a dict).
+            numerics: as in the constructor.
+            undo_conv_transpose: swap H/W of a conv stem's 7×7 kernel back (transformers stores the official
+                kernel transposed); default True with DeepMind numerics, as :func:`perceivers.from_pretrained`.
+
+        Raises:
+            CheckpointError: the trunk's or a shared block's tensors are missing, unexpected or mis-shaped.
+            FileNotFoundError: not a local directory and not fetchable from the Hub.
+        """
+        from .convert.transformers import read_transformers_checkpoint
+        from .hub import resolve
+
+        directory = resolve(name_or_path, **hub_options)
+        cfg, state = read_transformers_checkpoint(directory, map_location=map_location)
+        model = cls(PerceiverConfig.from_dict(cfg) if config is None else config, decoder, input_preprocessor,
+                    output_postprocessor, numerics=numerics)
+        skipped: list[str] = []
+        if any(k.startswith(_BASE_PREFIX) for k in state):  # a task model's: its head sits beside the prefix
+            skipped = sorted({k.split(".", 1)[0] for k in state if not k.startswith(_BASE_PREFIX)})
+            state = {k[len(_BASE_PREFIX):]: v for k, v in state.items() if k.startswith(_BASE_PREFIX)}
+        blocks = ("input_preprocessor", "decoder", "output_postprocessor")
+        rules, what = model.transformers_rules(), f"PerceiverModel from {directory}"
+        groups: dict[str, dict[str, Tensor]] = {}
+        for k, v in state.items():
+            groups.setdefault(k.split(".", 1)[0] if k.split(".", 1)[0] in blocks else "", {})[k] = v
+        converted = rename_state_dict(groups.pop("", {}), rules, reverse=False, what=what)  # the trunk: strict
+        for name, tensors in groups.items():
+            try:  # transformers' rule: a block of another kind (its names differ) is skipped, not an error
+                if getattr(model, name) is None:
+                    raise CheckpointError(name)
+                converted.update(rename_state_dict(tensors, rules, reverse=False, what=what))
+            except CheckpointError:
+                skipped.append(name)
+        swap = numerics == "deepmind" if undo_conv_transpose is None else undo_conv_transpose
+        kernel = "input_preprocessor." + CONV_RULES[0][1]
+        if swap and kernel in converted:
+            converted[kernel] = converted[kernel].transpose(-1, -2).contiguous()
+        loaded = {k.split(".", 1)[0] for k in converted}
+        fresh = sorted(b for b in blocks if getattr(model, b) is not None and b not in loaded)
+        own = model.state_dict()
+        converted.update({k: v for k, v in own.items() if k.split(".", 1)[0] in fresh})
+        load_state_dict_strict(model, converted, source=str(directory))
+        notes = ([f"not used from the checkpoint: {', '.join(skipped)}"] if skipped else []) + (
+            [f"not in the checkpoint, left as initialised: {', '.join(fresh)}"] if fresh else [])
+        if notes:
+            warnings.warn(f"PerceiverModel.from_pretrained({os.fspath(name_or_path)!r}): {'; '.join(notes)}",
+                          stacklevel=2)
+        return model.to(map_location).eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
+        """transformers' format: ``config.json`` (``architectures: ["PerceiverModel"]``) and
+        ``model.safetensors`` under transformers' names, which transformers' ``PerceiverModel.from_pretrained``
+        loads with the same blocks (and ours too)."""
+        from .convert.state_dict import save_state_dict
+        from .hub import _make_directory
+        from .safe_files import atomic_write_text
+
+        directory = _make_directory(save_directory)
+        cfg = {**self.config.to_dict(), "architectures": ["PerceiverModel"]}
+        atomic_write_text(directory / "config.json", json.dumps(cfg, indent=2) + "\n")
+        save_state_dict(self.transformers_state_dict(), directory / "model.safetensors")
+        return directory
+
+
+#: transformers' ``base_model_prefix`` of the Perceiver: a task checkpoint's trunk and blocks live under it
+_BASE_PREFIX = "perceiver."
 
 
 def _check_decoder(decoder: nn.Module, c: PerceiverConfig, pre: nn.Module | None, channels: int) -> None:
