@@ -13,6 +13,7 @@ from .decoders import (
     MultimodalDecoder,
     ProjectionDecoder,
     VideoAutoencodingDecoder,
+    couples_queries,
 )
 from .encoder import PerceiverEncoder
 from .init import init_like_haiku
@@ -36,6 +37,7 @@ __all__ = [
     "TrainableQueries",
     "VideoAutoencodingDecoder",
     "build_position_encoding",
+    "couples_queries",
     "init_like_haiku",
     "subsampled_positions",
 ]

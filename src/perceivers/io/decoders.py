@@ -3,6 +3,11 @@
 Every decoder has two steps, as DeepMind's: ``decoder_query(inputs, ...)`` builds the queries
 ``[B, Q, query_channels]`` and ``forward(query, latents)`` decodes them. ``output_modality_sizes``
 tells a multimodal postprocessor how to split the output rows.
+
+The decoders that build on :class:`BasicDecoder` take the options of a deeper decoder
+(``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``; see
+docs/decoders.md). With query self-attention the queries are no longer independent:
+:func:`couples_queries` tells, and callers that decode a subset of the queries refuse.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import Activation, CrossAttentionBlock, TrainablePositionEncoding, check_mask
+from ..layers import (
+    Activation,
+    CrossAttentionBlock,
+    SelfAttentionBlock,
+    TrainablePositionEncoding,
+    check_mask,
+)
 from .queries import FourierQueries, InputQueries, TrainableQueries
 
 __all__ = [
@@ -23,7 +34,23 @@ __all__ = [
     "MultimodalDecoder",
     "ProjectionDecoder",
     "VideoAutoencodingDecoder",
+    "couples_queries",
 ]
+
+
+def couples_queries(decoder: nn.Module | None) -> bool:
+    """Whether ``decoder``'s outputs depend on the other queries (query self-attention), so that
+    decoding a subset or chunk of the queries would change them."""
+    return decoder is not None and any(
+        isinstance(m, BasicDecoder) and m.num_self_attends_per_cross > 0 for m in decoder.modules()
+    )
+
+
+def _check_depth(num_cross_attends: object, num_self_attends_per_cross: object) -> None:
+    for name, value, minimum in (("num_cross_attends", num_cross_attends, 1),
+                                 ("num_self_attends_per_cross", num_self_attends_per_cross, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @configurable
@@ -44,6 +71,14 @@ class BasicDecoder(nn.Module):
             ``preprocessed_channels`` channels) to the built queries.
         zero_init_output: zero-initialise the final ``Linear`` (flow decoder).
         activation: MLP activation (official: tanh-approximated GELU).
+        num_cross_attends: query→latent cross-attention layers (default 1, DeepMind's). The first is
+            ``cross_attention``; each further one (``extra_cross_attentions``) is a residual block
+            ``y = y + Attn(LN(y), LN(latents))``, ``y = y + MLP(LN(y))`` with the same widths.
+        num_self_attends_per_cross: query self-attention layers (``self_attends``, biased q/k/v, MLP of
+            ``widening_factor``) after *each* cross-attention (default 0). They let the outputs
+            interact, so a subset of the queries no longer decodes as it would within the whole set.
+        num_self_attention_heads: heads of those self-attentions (``None``: ``num_heads``); their q/k/v
+            width is ``query_channels``, which must divide by it.
     """
 
     def __init__(
@@ -63,8 +98,12 @@ class BasicDecoder(nn.Module):
         zero_init_output: bool = False,
         dropout: float = 0.0,
         activation: Activation = "gelu_tanh",
+        num_cross_attends: int = 1,
+        num_self_attends_per_cross: int = 0,
+        num_self_attention_heads: int | None = None,
     ) -> None:
         super().__init__()
+        _check_depth(num_cross_attends, num_self_attends_per_cross)
         if queries is not None:
             query_channels = queries.num_channels + (preprocessed_channels if concat_preprocessed_input else 0)
         if query_channels is None:
@@ -72,17 +111,36 @@ class BasicDecoder(nn.Module):
         self.queries = queries
         self.concat_preprocessed_input = concat_preprocessed_input
         self.query_channels, self.latent_channels = query_channels, latent_channels
-        self.cross_attention = CrossAttentionBlock(
-            query_channels, latent_channels, num_heads=num_heads,
-            qk_channels=latent_channels if qk_channels is None else qk_channels, v_channels=v_channels,
-            out_dim=query_channels, qkv_bias=True, query_residual=use_query_residual, mlp_mult=widening_factor,
-            activation=activation, attn_dropout=dropout, ff_dropout=dropout,
-        )
+        self.num_cross_attends, self.num_self_attends_per_cross = num_cross_attends, num_self_attends_per_cross
+
+        def cross_attention(residual: bool) -> CrossAttentionBlock:
+            return CrossAttentionBlock(
+                query_channels, latent_channels, num_heads=num_heads,
+                qk_channels=latent_channels if qk_channels is None else qk_channels, v_channels=v_channels,
+                out_dim=query_channels, qkv_bias=True, query_residual=residual, mlp_mult=widening_factor,
+                activation=activation, attn_dropout=dropout, ff_dropout=dropout,
+            )
+
+        self.cross_attention = cross_attention(use_query_residual)
         self.output = None if output_channels is None else nn.Linear(query_channels, output_channels)
         if self.output is not None and zero_init_output:
             self.output._haiku_zero_init = True  # read by perceivers.io.init.init_like_haiku
             nn.init.zeros_(self.output.weight)
         self.output_channels = query_channels if output_channels is None else output_channels
+        # The deeper decoder: empty by default (no state-dict keys, no random numbers drawn, so the
+        # modules above are initialised as in DeepMind's 1-layer decoder under the same seed).
+        self.extra_cross_attentions = nn.ModuleList(cross_attention(True) for _ in range(num_cross_attends - 1))
+        heads = num_heads if num_self_attention_heads is None else num_self_attention_heads
+        if num_self_attends_per_cross and query_channels % heads:
+            raise ValueError(f"the query self-attention's width query_channels={query_channels} must be divisible by "
+                             f"num_self_attention_heads={heads}")
+        self.self_attends = nn.ModuleList(
+            SelfAttentionBlock(
+                query_channels, num_heads=heads, qkv_bias=True, mlp_mult=widening_factor, activation=activation,
+                attn_dropout=dropout, ff_dropout=dropout,
+            )
+            for _ in range(num_cross_attends * num_self_attends_per_cross)
+        )
 
     @property
     def num_queries(self) -> int | None:
@@ -114,16 +172,31 @@ class BasicDecoder(nn.Module):
         """``query [B, Q, Cq]``, ``latents [B, N, D]``, ``query_mask [B, Q]`` (bool) → ``[B, Q, output_channels]``.
 
         Queries whose mask is False attend nothing: their attention output is zero before the
-        output projection (DeepMind's behaviour at padded MLM positions).
+        output projection (DeepMind's behaviour at padded MLM positions). With query self-attention
+        they are no keys either, so they do not change the other queries' outputs.
         """
         query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask", device=query.device)
-        out = self.cross_attention(query.to(latents.dtype), latents, query_mask=query_mask)
+        out = self.cross_attention(query.to(latents.dtype), latents, query_mask=query_mask)  # [B, Q, Cq]
+        out = self._self_attend(out, 0, query_mask)
+        for i, cross in enumerate(self.extra_cross_attentions, start=1):
+            out = self._self_attend(cross(out, latents, query_mask=query_mask), i, query_mask)
         return out if self.output is None else self.output(out)
+
+    def _self_attend(self, x: Tensor, layer: int, query_mask: Tensor | None) -> Tensor:
+        """The query self-attentions after cross-attention ``layer`` (0-based); masked queries are no keys."""
+        per = self.num_self_attends_per_cross
+        for block in self.self_attends[layer * per:(layer + 1) * per]:
+            x = block(x, mask=query_mask)
+        return x
 
 
 @configurable
 class ClassificationDecoder(nn.Module):
-    """One trainable query (``query_channels`` wide) → ``Linear`` to ``num_classes``: ``[B, num_classes]``."""
+    """One trainable query (``query_channels`` wide) → ``Linear`` to ``num_classes``: ``[B, num_classes]``.
+
+    ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``: as
+    :class:`BasicDecoder` (a self-attention over the single query only mixes it with itself).
+    """
 
     def __init__(
         self,
@@ -138,6 +211,9 @@ class ClassificationDecoder(nn.Module):
         widening_factor: int = 1,
         dropout: float = 0.0,
         activation: Activation = "gelu_tanh",
+        num_cross_attends: int = 1,
+        num_self_attends_per_cross: int = 0,
+        num_self_attention_heads: int | None = None,
     ) -> None:
         super().__init__()
         query_channels = latent_channels if query_channels is None else query_channels
@@ -146,7 +222,8 @@ class ClassificationDecoder(nn.Module):
             TrainableQueries(1, query_channels), latent_channels=latent_channels, output_channels=num_classes,
             num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
             use_query_residual=use_query_residual, widening_factor=widening_factor, dropout=dropout,
-            activation=activation,
+            activation=activation, num_cross_attends=num_cross_attends,
+            num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
         )
         self.query_channels = query_channels
         self.output_channels = num_classes
@@ -193,6 +270,8 @@ class FlowDecoder(nn.Module):
     The final ``Linear`` output is divided by ``rescale_factor`` (100 in the official model). The
     result is in the units of transformers' ``PerceiverForOpticalFlow``; the official colab then
     multiplies by 20 (``FLOW_SCALE_FACTOR``) to get pixels — done by the task model, not here.
+    ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``: as
+    :class:`BasicDecoder` (query self-attention over all pixels costs memory quadratic in their number).
     """
 
     def __init__(
@@ -209,6 +288,9 @@ class FlowDecoder(nn.Module):
         use_query_residual: bool = False,
         widening_factor: int = 1,
         activation: Activation = "gelu_tanh",
+        num_cross_attends: int = 1,
+        num_self_attends_per_cross: int = 0,
+        num_self_attention_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.output_image_shape = tuple(int(n) for n in output_image_shape)
@@ -217,7 +299,8 @@ class FlowDecoder(nn.Module):
             InputQueries(query_channels), latent_channels=latent_channels, output_channels=output_channels,
             num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
             use_query_residual=use_query_residual, widening_factor=widening_factor, zero_init_output=True,
-            activation=activation,
+            activation=activation, num_cross_attends=num_cross_attends,
+            num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
         )
         self.query_channels, self.output_channels = query_channels, output_channels
 
@@ -240,7 +323,8 @@ class FlowDecoder(nn.Module):
 @configurable
 class VideoAutoencodingDecoder(nn.Module):
     """Fourier queries over the full output grid ``(T, H, W)``; outputs ``[B, T, H, W, C]`` (or ``[B, Q, C]``
-    when subsampled)."""
+    when subsampled). ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``:
+    as :class:`BasicDecoder`."""
 
     def __init__(
         self,
@@ -255,6 +339,9 @@ class VideoAutoencodingDecoder(nn.Module):
         concat_pos: bool = True,
         sine_only: bool = False,
         activation: Activation = "gelu_tanh",
+        num_cross_attends: int = 1,
+        num_self_attends_per_cross: int = 0,
+        num_self_attention_heads: int | None = None,
     ) -> None:
         super().__init__()
         if len(output_shape) != 3:
@@ -264,7 +351,8 @@ class VideoAutoencodingDecoder(nn.Module):
                                  sine_only=sine_only)
         self.decoder = BasicDecoder(
             queries, latent_channels=latent_channels, output_channels=output_channels, num_heads=num_heads,
-            use_query_residual=use_query_residual, activation=activation,
+            use_query_residual=use_query_residual, activation=activation, num_cross_attends=num_cross_attends,
+            num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
         )
         self.query_channels, self.output_channels = queries.num_channels, output_channels
 
@@ -296,6 +384,8 @@ class MultimodalDecoder(nn.Module):
         min_padding_size: every modality gets at least this many learned padding channels; the
             common width is ``max(query channels) + min_padding_size``.
         num_heads, qk_channels, v_channels, use_query_residual: the shared cross-attention.
+        num_cross_attends, num_self_attends_per_cross, num_self_attention_heads: the shared decoder's
+            depth, as :class:`BasicDecoder` (query self-attention mixes all modalities' queries).
 
     Queries are concatenated in **sorted modality order** (as DeepMind's); the output ``[B, ΣQ,
     output_channels]`` is split by :meth:`output_modality_sizes`.
@@ -313,6 +403,9 @@ class MultimodalDecoder(nn.Module):
         v_channels: int | None = None,
         use_query_residual: bool = False,
         activation: Activation = "gelu_tanh",
+        num_cross_attends: int = 1,
+        num_self_attends_per_cross: int = 0,
+        num_self_attention_heads: int | None = None,
     ) -> None:
         super().__init__()
         if not queries:
@@ -327,7 +420,8 @@ class MultimodalDecoder(nn.Module):
         self.decoder = BasicDecoder(
             None, query_channels=self.query_channels, latent_channels=latent_channels,
             output_channels=output_channels, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
-            use_query_residual=use_query_residual, activation=activation,
+            use_query_residual=use_query_residual, activation=activation, num_cross_attends=num_cross_attends,
+            num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
         )
         self.output_channels = output_channels
 

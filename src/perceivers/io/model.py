@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import auto_chunk_size, grid_attention
+from ..layers import SelfAttentionBlock, auto_chunk_size, grid_attention
 from ..layers.attention import record_attention
 from ..outputs import model_output
 from ..validation import as_bool_mask, check_finite, check_like, check_tensor
@@ -23,6 +23,7 @@ from .decoders import (
     MultimodalDecoder,
     ProjectionDecoder,
     VideoAutoencodingDecoder,
+    couples_queries,
 )
 from .encoder import PerceiverEncoder
 from .queries import InputQueries
@@ -43,7 +44,10 @@ class PerceiverIOOutput:
         attentions: with ``output_attentions``: the encoder self-attention weights ``[B, H, N, N]``,
             one per layer call.
         cross_attentions: with ``output_attentions``: the encoder cross-attention weights ``[B, H, N, M]``,
-            then the decoder's ``[B, H, Q, N]`` (none for a decoder without attention).
+            then the decoder's ``[B, H, Q, N]``, one per decoder cross-attention layer (none for a
+            decoder without attention).
+        decoder_self_attentions: with ``output_attentions`` and a decoder with query self-attention
+            (``num_self_attends_per_cross``): its weights ``[B, H, Q, Q]``, one per layer, else ``None``.
     """
 
     logits: Any
@@ -51,6 +55,7 @@ class PerceiverIOOutput:
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
     cross_attentions: tuple[Tensor, ...] | None = None
+    decoder_self_attentions: tuple[Tensor, ...] | None = None
 
 
 @configurable
@@ -167,7 +172,9 @@ class PerceiverIOModel(nn.Module):
             input_mask: ``[B, M]`` bool, True = real input token (encoder key mask).
             query_mask: ``[B, Q]`` bool, True = real query (False rows decode from zero attention).
             subsampled_output_points: flat output indices to decode (a dict per modality for
-                multimodal decoders).
+                multimodal decoders). Refused (``ValueError``) when the decoder has query
+                self-attention (:func:`~perceivers.io.couples_queries`): every output depends on all
+                queries, so a subset would not decode as it does within the whole set.
             query_kwargs: extra arguments for the decoder's query builder (e.g. ``length``).
             output_hidden_states: also return the encoder's intermediate latents.
             output_attentions: also return every attention's weights (computed explicitly through
@@ -183,9 +190,13 @@ class PerceiverIOModel(nn.Module):
         encoder_cross = self.encoder.cross_attention.attn
         in_stack = {id(m) for m in self.encoder.self_attends.modules()}
         in_decoder = set() if self.decoder is None else {id(m) for m in self.decoder.modules()}
+        decoder_self = set() if self.decoder is None else {
+            id(m.attn) for m in self.decoder.modules() if isinstance(m, SelfAttentionBlock)}
         out.attentions = tuple(w for m, w in records if id(m) in in_stack)
         out.cross_attentions = (tuple(w for m, w in records if m is encoder_cross)
-                                + tuple(w for m, w in records if id(m) in in_decoder))
+                                + tuple(w for m, w in records if id(m) in in_decoder and id(m) not in decoder_self))
+        if decoder_self:
+            out.decoder_self_attentions = tuple(w for m, w in records if id(m) in decoder_self)
         return out
 
     def _forward(
@@ -200,6 +211,7 @@ class PerceiverIOModel(nn.Module):
         stream: bool,
     ) -> PerceiverIOOutput:
         self._check_inputs(inputs)
+        _check_subsampling(self.decoder, subsampled_output_points)
         input_mask = as_bool_mask(input_mask, "input_mask")
         query_mask = as_bool_mask(query_mask, "query_mask")
         for name, m in (("input_mask", input_mask), ("query_mask", query_mask)):
@@ -238,6 +250,18 @@ class PerceiverIOModel(nn.Module):
 
 _DECODERS = (BasicDecoder, ClassificationDecoder, FlowDecoder, MultimodalDecoder, ProjectionDecoder,
              VideoAutoencodingDecoder)
+
+
+def _check_subsampling(decoder: nn.Module | None, points: Tensor | Mapping[str, Tensor | None] | None) -> None:
+    """Refuse subsampled decoding with a decoder whose queries attend each other."""
+    given = [m for m, p in points.items() if p is not None] if isinstance(points, Mapping) else points is not None
+    if given and couples_queries(decoder):
+        raise ValueError(
+            "subsampled_output_points" + (f" (for {given})" if isinstance(given, list) else "")
+            + " cannot be used with a decoder that has query self-attention (num_self_attends_per_cross > 0): "
+            "every output then depends on all the queries, so decoding a subset (or chunk by chunk) would change "
+            "each output; decode the whole query set (subsampled_output_points=None) instead"
+        )
 
 
 def decoder_reads_inputs(decoder: nn.Module | None) -> bool:
