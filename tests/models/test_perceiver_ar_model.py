@@ -134,3 +134,110 @@ def test_rotary_preserves_norms_and_relative_positions():
     torch.testing.assert_close(rotate(q, angles[[9]])[..., 8:], q[..., 8:], rtol=0, atol=0)  # unrotated channels
     with pytest.raises(ValueError, match="even"):
         RotaryEmbedding(5)
+
+
+# --- left padding (pad_mask, True = padding) and the generate cache ---------------------------------
+
+GREEDY = 0.95  # int((1 - 0.95) * 30) = 1 token kept: top-f sampling becomes argmax
+
+
+def _lively(**overrides) -> CausalLanguageModel:
+    """A model with large random weights, so that logits differ clearly between positions."""
+    model = _model(**overrides).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat((torch.full((width - len(p),), 7), p)) for p in prompts])
+    pad = torch.stack([torch.arange(width) < width - len(p) for p in prompts])
+    return ids, pad
+
+
+def test_padded_rows_give_their_unpadded_logits():
+    model = _lively()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 30, (n,), generator=g) for n in (6, 11, 17)]
+    ids, pad = _left_pad(prompts)
+    with torch.no_grad():
+        batched = model(ids, pad_mask=pad)
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(batched[i], model(p[None])[0], rtol=0, atol=1e-5)
+        assert (batched - model(ids)).abs().max() > 1e-3  # without the mask, padding does change them
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generate_left_padded_batch_matches_each_prompt_alone(use_cache):
+    """Prompts shorter than num_latents, between num_latents and max_seq_len, and sliding past it."""
+    model = _lively()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 30, (n,), generator=g) for n in (2, 5, 9, 14)]
+    ids, pad = _left_pad(prompts)
+    tokens, logits = model.generate(12, ids, threshold=GREEDY, pad_mask=pad, use_cache=use_cache, return_logits=True)
+    for i, p in enumerate(prompts):
+        alone, alone_logits = model.generate(12, p[None], threshold=GREEDY, use_cache=use_cache, return_logits=True)
+        assert torch.equal(tokens[i], alone[0]), i
+        torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 10, 20])
+def test_cached_generate_equals_uncached(prompt_len):
+    """All-latent phase, prefix phase and the sliding window; seeded sampling draws the same tokens."""
+    model = _lively()
+    prompt = _ids(2, prompt_len)
+    out = {}
+    for use_cache in (False, True):
+        torch.manual_seed(11)
+        out[use_cache] = model.generate(18, prompt, threshold=0.5, temperature=0.8, use_cache=use_cache,
+                                        return_logits=True)
+    assert torch.equal(out[True][0], out[False][0])
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=0, atol=1e-4)
+    assert out[False][1].abs().max() > 5.0
+
+
+def test_cached_generate_with_padding_equals_uncached():
+    model = _lively()
+    ids, pad = _left_pad([_ids(1, n)[0] for n in (3, 8)])
+    torch.manual_seed(4)
+    cached = model.generate(15, ids, threshold=0.6, pad_mask=pad, return_logits=True)
+    torch.manual_seed(4)
+    plain = model.generate(15, ids, threshold=0.6, pad_mask=pad, use_cache=False, return_logits=True)
+    assert torch.equal(cached[0], plain[0])
+    torch.testing.assert_close(cached[1], plain[1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("bad", "error", "match"), [
+    (torch.zeros(2, 10, dtype=torch.long), TypeError, "bool tensor"),
+    (torch.zeros(2, 9, dtype=torch.bool), ValueError, r"shape \(2, 10\)"),
+    (torch.tensor([[False] * 9 + [True]] * 2), ValueError, "left only"),
+    (torch.tensor([[True] * 10, [False] * 10]), ValueError, "every position of rows \\[0\\]"),
+])
+def test_bad_pad_mask_is_refused(bad, error, match):
+    model = _model()
+    with pytest.raises(error, match=match):
+        model(_ids(2, 10), pad_mask=bad)
+    with pytest.raises(error, match=match):
+        model.generate(1, _ids(2, 10), pad_mask=bad)
+
+
+def test_training_with_padding_in_prefix_and_latents_is_finite():
+    model = _model(cross_attention_dropout=0.5, random_sequence_truncation=False).train()
+    ids, pad = _left_pad([_ids(1, n)[0] for n in (3, 12, 16)])
+    logits = model(ids, pad_mask=pad)
+    assert torch.isfinite(logits).all()
+    logits.logsumexp(-1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_causal_keep_mask():
+    from perceivers.models.perceiver_ar import causal_keep_mask
+    pad = torch.tensor([[True, True, False, False, False]])
+    keep = causal_keep_mask(3, pad)[0, 0]  # queries are positions 2, 3, 4
+    expected = torch.tensor([[0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(keep, expected)
+    assert torch.equal(causal_keep_mask(2, pad)[0, 0, 0], torch.tensor([0, 0, 1, 1, 0], dtype=torch.bool))
+    assert torch.equal(causal_keep_mask(5, pad)[0, 0, 1], torch.tensor([0, 1, 0, 0, 0], dtype=torch.bool))  # itself

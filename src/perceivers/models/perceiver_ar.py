@@ -34,29 +34,65 @@ __all__ = [
     "CausalSelfAttention",
     "PerceiverAR",
     "TokenInputAdapter",
+    "causal_keep_mask",
+    "check_pad_mask",
+    "pad_positions",
     "top_f",
 ]
 
 
-def _causal_attention(attn: Attention, x: Tensor, context: Tensor, angles_q: Tensor | None,
-                      angles_k: Tensor | None) -> Tensor:
-    """Causal attention of ``x [B, N, C]`` to ``context [B, K, C]`` (K ≥ N), right-aligned.
+KeyValue = tuple[Tensor, Tensor]  # keys [B, H, K, dk] (rotated), values [B, H, K, dv]
 
-    Query ``i`` is the sequence position ``K - N + i`` of the context and attends keys ``0 … K - N + i``.
-    Optional rotary angles ``[N, r]``/``[B, 1, N, r]`` for the queries and ``[K, r]``/``[B, 1, K, r]``
-    for the keys.
+
+def _angles_for(rotary: RotaryEmbedding, positions: Tensor) -> Tensor:
+    """Positions ``[N]`` → angles ``[N, r]``; per-sample positions ``[B, N]`` → ``[B, 1, N, r]``."""
+    angles = rotary(positions)
+    return angles if positions.ndim == 1 else angles[:, None]
+
+
+def _keys_values(attn: Attention, context: Tensor, angles: Tensor | None) -> KeyValue:
+    """``context [B, K, C]`` → keys (rotated by ``angles`` when given) and values ``[B, H, K, d]``."""
+    k, v = attn.project_kv(context)
+    return (k if angles is None else rotate(k, angles)), v
+
+
+def _append(past: KeyValue | None, new: KeyValue) -> KeyValue:
+    return new if past is None else (torch.cat((past[0], new[0]), dim=2), torch.cat((past[1], new[1]), dim=2))
+
+
+def causal_keep_mask(num_queries: int, key_padding: Tensor) -> Tensor:
+    """Boolean mask ``[B, 1, Q, K]`` (True = attend) for ``Q`` queries that are the last ``Q`` of ``K`` keys.
+
+    Query ``i`` (sequence position ``K - Q + i``) attends the keys at positions ``≤ K - Q + i`` that
+    are not padding (``key_padding [B, K]``, True = padding). A padded query attends itself only, so
+    that no row of the softmax is empty (its output is meaningless and never attended).
+    """
+    k = key_padding.shape[1]
+    ones = torch.ones(num_queries, k, dtype=torch.bool, device=key_padding.device)
+    causal, before = ones.tril(k - num_queries), ones.tril(k - num_queries - 1)
+    return (causal & ~key_padding[:, None, None, :]) | (causal & ~before)
+
+
+def _attention(attn: Attention, x: Tensor, k: Tensor, v: Tensor, angles_q: Tensor | None,
+               keep: Tensor | None) -> Tensor:
+    """``x [B, N, C]`` attends keys/values ``[B, H, K, d]`` (K ≥ N); ``x`` is the last N of the K positions.
+
+    Without ``keep`` (a ``[B, 1, N, K]`` boolean mask, True = attend) the attention is causal and
+    right-aligned: query ``i`` attends keys ``0 … K - N + i``. Optional rotary angles ``[N, r]`` or
+    ``[B, 1, N, r]`` turn the queries (the keys come rotated).
     """
     q = rearrange(attn.to_q(x), "b n (h d) -> b h n d", h=attn.num_heads)
-    k, v = attn.project_kv(context)  # [B, H, K, d]
     if angles_q is not None:
-        q, k = rotate(q, angles_q), rotate(k, angles_k)
+        q = rotate(q, angles_q)
     n, m = q.shape[2], k.shape[2]
     dropout = attn.dropout if attn.training else 0.0
-    if n == m:
+    if keep is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+    elif n == m:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     else:  # SDPA's is_causal aligns top-left; the latents are the last queries, so align bottom-right
-        keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+        causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout)
     return attn.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -84,12 +120,28 @@ class CausalCrossAttention(nn.Module):
         self.mlp = _feed_forward(dim, widening_factor, bias=False)
 
     def forward(self, latents: Tensor, prefix: Tensor, angles_q: Tensor | None = None,
-                angles_k: Tensor | None = None) -> Tensor:
-        """``latents [B, N, C]``, ``prefix [B, P, C]`` → ``[B, N, C]``; key angles cover ``P + N`` positions."""
+                angles_k: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        """``latents [B, N, C]``, ``prefix [B, P, C]`` → ``[B, N, C]``; key angles and ``keep`` cover ``P + N`` keys."""
         q = self.norm_q(latents)
         kv = torch.cat((self.norm_kv(prefix), q), dim=1)  # [B, P + N, C]
-        x = latents + _causal_attention(self.attn, q, kv, angles_q, angles_k)
+        x = latents + _attention(self.attn, q, *_keys_values(self.attn, kv, angles_k), angles_q, keep)
         return x + self.mlp(self.norm_mlp(x))
+
+    def prefix_keys(self, prefix: Tensor, angles: Tensor | None) -> KeyValue:
+        """Keys/values ``[B, H, P, d]`` of prefix positions ``[B, P, C]`` (for :meth:`extend`)."""
+        return _keys_values(self.attn, self.norm_kv(prefix), angles)
+
+    def extend(self, latents: Tensor, past: KeyValue | None, angles: Tensor | None,
+               keep: Tensor | None) -> tuple[Tensor, KeyValue]:
+        """Latents ``[B, t, C]`` (the last t positions) attend the keys ``past`` (earlier positions) and their own.
+
+        ``angles`` turn the new latents' queries and keys. Returns the output ``[B, t, C]`` and the keys
+        and values of all positions (``past`` followed by the new latents').
+        """
+        q = self.norm_q(latents)
+        k, v = _append(past, _keys_values(self.attn, q, angles))
+        x = latents + _attention(self.attn, q, k, v, angles, keep)
+        return x + self.mlp(self.norm_mlp(x)), (k, v)
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,11 +154,17 @@ class CausalSelfAttention(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = _feed_forward(dim, widening_factor, bias=False)
 
-    def forward(self, x: Tensor, angles: Tensor | None = None) -> Tensor:
-        """``[B, N, C]`` (optional rotary angles ``[N, r]``) → ``[B, N, C]``."""
+    def forward(self, x: Tensor, angles: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        """``[B, N, C]`` (optional rotary angles ``[N, r]``, mask ``[B, 1, N, N]``) → ``[B, N, C]``."""
+        return self.extend(x, None, angles, keep)[0]
+
+    def extend(self, x: Tensor, past: KeyValue | None, angles: Tensor | None,
+               keep: Tensor | None) -> tuple[Tensor, KeyValue]:
+        """New positions ``[B, t, C]`` attend ``past`` keys/values and their own → (``[B, t, C]``, all keys/values)."""
         h = self.norm(x)
-        x = x + _causal_attention(self.attn, h, h, angles, angles)
-        return x + self.mlp(self.norm_mlp(x))
+        k, v = _append(past, _keys_values(self.attn, h, angles))
+        x = x + _attention(self.attn, h, k, v, angles, keep)
+        return x + self.mlp(self.norm_mlp(x)), (k, v)
 
 
 @configurable
@@ -125,14 +183,57 @@ class TokenInputAdapter(nn.Module):
         check_token_ids(ids, name="ids", num_tokens=self.vocab_size,
                         max_seq_len=self.max_seq_len if limit_length else None, module=self)
 
-    def embed(self, ids: Tensor) -> Tensor:
-        """Checked ``ids [B, L ≤ max_seq_len]`` → ``[B, L, num_channels]``."""
-        return self.token_embedding(ids) + self.pos_embedding[: ids.shape[1]]
+    def embed(self, ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Checked ``ids [B, L ≤ max_seq_len]`` → ``[B, L, num_channels]``.
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """``ids [B, L]`` → ``[B, L, num_channels]``."""
+        ``positions`` (``[L]`` or ``[B, L]``, values below ``max_seq_len``) pick the position
+        embeddings; default ``0 … L - 1``.
+        """
+        pos = self.pos_embedding[: ids.shape[1]] if positions is None else self.pos_embedding[positions]
+        return self.token_embedding(ids) + pos
+
+    def forward(self, ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``ids [B, L]`` (optional ``positions [B, L]``) → ``[B, L, num_channels]``."""
         self.check(ids)
-        return self.embed(ids)
+        return self.embed(ids, positions)
+
+
+def check_pad_mask(pad_mask: Tensor, ids: Tensor) -> None:
+    """Raise unless ``pad_mask`` is a bool ``[B, L]`` left-padding mask (True = padding) for ``ids [B, L, …]``.
+
+    Left padding: in each row the padded positions come first, and at least one position is real.
+    """
+    if not isinstance(pad_mask, Tensor) or pad_mask.dtype != torch.bool:
+        got = f"dtype {pad_mask.dtype}" if isinstance(pad_mask, Tensor) else type(pad_mask).__name__
+        raise TypeError(f"pad_mask must be a bool tensor (True = padding), got {got}")
+    if pad_mask.shape != ids.shape[:2]:
+        raise ValueError(f"pad_mask must have shape {tuple(ids.shape[:2])} ([batch, seq_len] of the input), "
+                         f"got {tuple(pad_mask.shape)}")
+    if pad_mask.device != ids.device:
+        raise ValueError(f"pad_mask is on {pad_mask.device}, the input on {ids.device}")
+    not_left = (pad_mask[:, 1:] & ~pad_mask[:, :-1]).any(dim=1)
+    if not_left.any():
+        rows = not_left.nonzero()[:, 0].tolist()
+        raise ValueError(f"pad_mask must pad on the left only (padding before a row's first real token); "
+                         f"rows {rows[:8]} have padding after a real token")
+    if pad_mask.all(dim=1).any():
+        raise ValueError(f"pad_mask pads every position of rows {pad_mask.all(dim=1).nonzero()[:, 0].tolist()[:8]}")
+
+
+def pad_positions(pad_mask: Tensor) -> Tensor:
+    """Left-padding mask ``[B, L]`` → positions ``[B, L]`` counted from each row's first real token (padding: 0)."""
+    shift = pad_mask.sum(dim=1, keepdim=True)
+    return (torch.arange(pad_mask.shape[1], device=pad_mask.device) - shift).clamp(min=0)
+
+
+class _DecodeCache:
+    """Keys/values that stay valid from one ``generate`` step to the next (see ``_next_logits``)."""
+
+    def __init__(self) -> None:
+        self.length = 0  # tokens the cache covers
+        self.latent_kv: list[KeyValue] | None = None  # all-latent phase: cross-attention, then each self-attention
+        self.prefix_kv: KeyValue | None = None  # prefix phase: the cross-attention's prefix keys/values
+        self.prefix_len = 0
 
 
 @configurable
@@ -226,31 +327,58 @@ class PerceiverAR(nn.Module):
         if isinstance(pos, nn.Parameter):
             pos.normal_(0.0, init_scale)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` (as the input adapter takes it, sequence length L ≥ num_latents) → output for the last N positions."""
-        h = self.input_adapter(x)  # [B, L, C]
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        """``x`` (as the input adapter takes it, sequence length L ≥ num_latents) → output for the last N positions.
+
+        ``pad_mask [B, L]`` (bool, True = padding) marks left padding: padded positions are never
+        attended, and positions (absolute and rotary) count from each row's first real token. The
+        input adapter is then called as ``input_adapter(x, positions=[B, L])``. Outputs at padded
+        latents are meaningless.
+        """
+        positions = None
+        if pad_mask is not None:
+            check_pad_mask(pad_mask, x)
+            positions = pad_positions(pad_mask)
+            h = self.input_adapter(x, positions=positions)  # [B, L, C]
+        else:
+            h = self.input_adapter(x)  # [B, L, C]
         if h.shape[1] < self.num_latents:
             raise ValueError(f"sequence length {h.shape[1]} is shorter than num_latents={self.num_latents}")
-        return self._forward_embedded(h)
+        return self.output_layer(self._latents(h, pad_mask, positions))
 
-    def _forward_embedded(self, h: Tensor) -> Tensor:
-        """Embedded ``h [B, L, C]`` → output; a sequence shorter than ``num_latents`` is all latents."""
+    def _latents(self, h: Tensor, pad_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Embedded ``h [B, L, C]`` → latents ``[B, N, C]`` after the last layer; a sequence shorter than
+        ``num_latents`` is all latents. ``positions [B, L]`` (rotary) go with ``pad_mask``."""
         b, n, _ = h.shape
         num_latents = min(self.num_latents, n)
-        prefix, latents = h[:, : n - num_latents], h[:, n - num_latents :]  # [B, P, C], [B, N, C]
-        angles = self.rotary(torch.arange(n, device=h.device))  # [L, r]
-        angles_q, angles_k = angles[n - num_latents :], angles
-        if self.training and self.cross_attention_dropout > 0.0:
-            prefix, kept = self._drop_prefix(prefix)  # [B, P', C], positions [B, P']
-            angles_k = torch.cat((self.rotary(kept), angles_q.expand(b, -1, -1)), dim=1)[:, None]  # [B, 1, K, r]
+        p = n - num_latents
+        prefix, latents = h[:, :p], h[:, p:]  # [B, P, C], [B, N, C]
+        if positions is None:
+            positions = torch.arange(n, device=h.device)
+        angles = _angles_for(self.rotary, positions)  # [L, r] or [B, 1, L, r]
+        angles_q, angles_k = angles[..., p:, :], angles
+        key_padding = pad_mask
+        if self.training and self.cross_attention_dropout > 0.0 and p > 0:
+            prefix, kept = self._drop_prefix(prefix)  # [B, P', C], indices [B, P']
+            kept_pos = kept if positions.ndim == 1 else positions.gather(1, kept)
+            key_pos = torch.cat((kept_pos, positions[..., p:].expand(b, -1)), dim=1)  # [B, P' + N]
+            angles_k = self.rotary(key_pos)[:, None]  # [B, 1, K, r]
+            if pad_mask is not None:
+                key_padding = torch.cat((pad_mask[:, :p].gather(1, kept), pad_mask[:, p:]), dim=1)
+        cross_keep = None if pad_mask is None else causal_keep_mask(num_latents, key_padding)
+        self_keep = None if pad_mask is None else causal_keep_mask(num_latents, pad_mask[:, p:])
         with self._offload():
-            latents = self._call(self.cross_attention, latents, prefix, angles_q, angles_k)
+            latents = self._call(self.cross_attention, latents, prefix, angles_q, angles_k, cross_keep)
             for i, layer in enumerate(self.self_attention):
-                latents = self._call(layer, latents, angles_q if i < self.num_self_attention_rotary_layers else None)
-        return self.output_layer(latents)
+                rotary = angles_q if i < self.num_self_attention_rotary_layers else None
+                latents = self._call(layer, latents, rotary, self_keep)
+        return latents
 
     def _drop_prefix(self, prefix: Tensor) -> tuple[Tensor, Tensor]:
-        """Keep ``P - int(P · p)`` prefix positions per sample, in order: ``([B, P', C], positions [B, P'])``."""
+        """Keep ``P - int(P · p)`` prefix positions per sample, in order: ``([B, P', C], indices [B, P'])``.
+
+        Padding counts as a prefix position (krasserm's rule): a row may keep padding and lose real tokens.
+        """
         b, p, _ = prefix.shape
         rand = torch.rand(b, p, device=prefix.device)
         num_keep = p - int(p * self.cross_attention_dropout)
@@ -299,8 +427,8 @@ class CausalLanguageModel(PerceiverAR):
     """Perceiver AR language model: ids ``[B, L]`` (``num_latents ≤ L ≤ max_seq_len``) → logits ``[B, num_latents, vocab]``.
 
     Logits at latent ``i`` predict the token after position ``L - num_latents + i``. Rotary embeddings
-    cover half of each head's query/key channels. No padding mask (krasserm's 0.6.0 has none either):
-    batch sequences of equal length.
+    cover half of each head's query/key channels. Sequences of different lengths are batched with left
+    padding and a ``pad_mask`` (True = padding), as in krasserm's later versions.
     """
 
     def __init__(self, config: CausalLanguageModelConfig) -> None:
@@ -334,28 +462,45 @@ class CausalLanguageModel(PerceiverAR):
     def max_seq_len(self) -> int:
         return self.config.max_seq_len
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         """``ids [B, L]`` int64/int32, ``num_latents ≤ L ≤ max_seq_len`` → logits ``[B, num_latents, vocab]``.
 
-        In training with ``random_sequence_truncation``, only the last ``n ~ U{16 … max_seq_len}``
-        tokens are used (all latents when ``n < num_latents``); logits stay right-aligned with ``ids``.
+        ``pad_mask [B, L]`` (bool, True = padding) marks left padding: padded positions are never
+        attended and positions count from each row's first real token, so a row gives the logits it
+        gives unpadded (at its real positions; logits at padded latents are meaningless). In training
+        with ``random_sequence_truncation``, only the last ``n ~ U{16 … max_seq_len}`` tokens are used
+        (all latents when ``n < num_latents``); logits stay right-aligned with ``ids``.
         """
         self.input_adapter.check(ids)
+        if pad_mask is not None:
+            check_pad_mask(pad_mask, ids)
         if ids.shape[1] < self.num_latents:
             raise ValueError(f"sequence length {ids.shape[1]} is shorter than num_latents={self.num_latents}")
         if self.config.random_sequence_truncation and self.training:
             n = int(torch.randint(16, self.max_seq_len + 1, (1,)))
             ids = ids[:, -n:]  # positions restart at the truncated window's start
-        return self._forward_embedded(self.input_adapter.embed(ids))
+            pad_mask = None if pad_mask is None else pad_mask[:, -n:]
+        positions = None if pad_mask is None else pad_positions(pad_mask)
+        h = self.input_adapter.embed(ids, positions)
+        return self.output_layer(self._latents(h, pad_mask, positions))
 
     @torch.no_grad()
-    def generate(self, num: int, prompt: Tensor, threshold: float = 0.9, temperature: float = 1.0) -> Tensor:
+    def generate(self, num: int, prompt: Tensor, threshold: float = 0.9, temperature: float = 1.0, *,
+                 pad_mask: Tensor | None = None, use_cache: bool = True,
+                 return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Sample ``num`` tokens after ``prompt [B, n]``: ``[B, num]``.
 
         Each step feeds the last ``max_seq_len`` tokens (a prompt shorter than ``num_latents`` is all
         latents), keeps the ``int((1 - threshold) · vocab)`` most likely next tokens (top-f) and samples
         from their softmax at ``temperature`` with ``torch.multinomial``. The same random stream as
         krasserm's ``generate``: with the same seed and weights, the same tokens.
+
+        Args:
+            pad_mask: ``[B, n]`` bool, True = padding, for left-padded prompts of different lengths;
+                each row then gets the tokens it gets alone (greedy; sampling draws per batch).
+            use_cache: reuse keys/values that stay valid between steps (exact: the same logits up to
+                rounding as without; see docs/perceiver-ar.md for when they do).
+            return_logits: also return each step's logits ``[B, num, vocab]`` (before top-f).
         """
         if num < 0:
             raise ValueError(f"num must be >= 0, got {num}")
@@ -366,10 +511,83 @@ class CausalLanguageModel(PerceiverAR):
         if int((1 - threshold) * self.config.vocab_size) < 1:
             raise ValueError(f"threshold={threshold} keeps no token of vocab_size={self.config.vocab_size}")
         self.input_adapter.check(prompt, limit_length=False)
-        result = prompt
+        if pad_mask is not None:
+            check_pad_mask(pad_mask, prompt)
+        cache = _DecodeCache() if use_cache else None
+        result, steps = prompt, []
         for _ in range(num):
-            h = self.input_adapter.embed(result[:, -self.max_seq_len :])  # the prompt was checked, samples are ids
-            logits = self._forward_embedded(h)[:, -1]  # [B, V]
+            logits = self._next_logits(result, pad_mask, cache)  # [B, V]
             probs = F.softmax(top_f(logits, fraction=1 - threshold) / temperature, dim=-1)
             result = torch.cat((result, torch.multinomial(probs, 1)), dim=-1)
-        return result[:, prompt.shape[1] :]
+            if pad_mask is not None:
+                pad_mask = F.pad(pad_mask, (0, 1), value=False)
+            if return_logits:
+                steps.append(logits)
+        tokens = result[:, prompt.shape[1] :]
+        if return_logits:
+            empty = prompt.new_zeros(prompt.shape[0], 0, self.config.vocab_size, dtype=self.output_layer.weight.dtype)
+            return tokens, torch.stack(steps, dim=1) if steps else empty
+        return tokens
+
+    def _next_logits(self, ids: Tensor, pad_mask: Tensor | None, cache: _DecodeCache | None) -> Tensor:
+        """Logits ``[B, V]`` of the token after checked ``ids [B, n]``, as the forward of the last
+        ``max_seq_len`` tokens gives them.
+
+        With a ``cache`` the step reuses what the previous steps computed, where that is exact:
+        while every position is a latent (``n ≤ num_latents``), the keys/values of all attention
+        layers (causal: earlier positions never see later ones); then, while ``n ≤ max_seq_len``,
+        the prefix keys/values of the cross-attention (a prefix position only ever sees its own
+        embedding and fixed position). Beyond ``max_seq_len`` the window slides and every position
+        changes, so each step is computed afresh.
+        """
+        n, window = ids.shape[1], self.max_seq_len
+        if cache is None or n > window:
+            ids = ids[:, -window:]
+            pad_mask = None if pad_mask is None else pad_mask[:, -window:]
+            positions = None if pad_mask is None else pad_positions(pad_mask)
+            h = self.input_adapter.embed(ids, positions)  # the prompt was checked, samples are ids
+            return self.output_layer(self._latents(h, pad_mask, positions)[:, -1])
+        positions = torch.arange(n, device=ids.device) if pad_mask is None else pad_positions(pad_mask)
+        if n <= self.num_latents:
+            x = self._extend_all_latents(ids, pad_mask, positions, cache)
+        else:
+            x = self._latents_with_prefix_cache(ids, pad_mask, positions, cache)
+        cache.length = n
+        return self.output_layer(x[:, -1])
+
+    def _extend_all_latents(self, ids: Tensor, pad_mask: Tensor | None, positions: Tensor,
+                            cache: _DecodeCache) -> Tensor:
+        """All ``n ≤ num_latents`` positions are latents: run the new ones, attending the cached keys."""
+        start = cache.length if cache.latent_kv is not None else 0
+        past = cache.latent_kv or [None] * (1 + len(self.self_attention))
+        new_pos = positions[..., start:]
+        angles = _angles_for(self.rotary, new_pos)
+        keep = None if pad_mask is None else causal_keep_mask(ids.shape[1] - start, pad_mask)
+        x, kv0 = self.cross_attention.extend(self.input_adapter.embed(ids[:, start:], new_pos), past[0], angles, keep)
+        kv = [kv0]
+        for i, layer in enumerate(self.self_attention):
+            x, kv_i = layer.extend(x, past[i + 1], angles if i < self.num_self_attention_rotary_layers else None, keep)
+            kv.append(kv_i)
+        cache.latent_kv = kv
+        return x
+
+    def _latents_with_prefix_cache(self, ids: Tensor, pad_mask: Tensor | None, positions: Tensor,
+                                   cache: _DecodeCache) -> Tensor:
+        """``num_latents < n ≤ max_seq_len``: extend the cached prefix keys, then run the latents."""
+        cache.latent_kv = None
+        p = ids.shape[1] - self.num_latents
+        if cache.prefix_len < p:
+            new_pos = positions[..., cache.prefix_len : p]
+            h = self.input_adapter.embed(ids[:, cache.prefix_len : p], new_pos)
+            cache.prefix_kv = _append(cache.prefix_kv,
+                                      self.cross_attention.prefix_keys(h, _angles_for(self.rotary, new_pos)))
+            cache.prefix_len = p
+        lat_pos = positions[..., p:]
+        angles = _angles_for(self.rotary, lat_pos)
+        cross_keep = None if pad_mask is None else causal_keep_mask(self.num_latents, pad_mask)
+        self_keep = None if pad_mask is None else causal_keep_mask(self.num_latents, pad_mask[:, p:])
+        x, _ = self.cross_attention.extend(self.input_adapter.embed(ids[:, p:], lat_pos), cache.prefix_kv, angles,
+                                           cross_keep)
+        for i, layer in enumerate(self.self_attention):
+            x = layer(x, angles if i < self.num_self_attention_rotary_layers else None, self_keep)
+        return x
