@@ -40,6 +40,8 @@ _LAZY: dict[str, str] = {
     "from_pretrained": "perceivers.hub",
     "load_checkpoint": "perceivers.hub",
     "save_pretrained": "perceivers.hub",
+    "FlashPerceiver": "perceivers.flash_perceiver",
+    "FlashPerceiverIO": "perceivers.flash_perceiver",
 }
 
 __all__ = [
