@@ -349,6 +349,10 @@ def overrides_from_config(
     return name, over
 
 
+#: config fields of a deeper decoder and their values in transformers' (one-layer) decoders.
+_ONE_LAYER_DECODER = {"decoder_num_cross_attends": 1, "decoder_num_self_attends_per_cross": 0}
+
+
 def transformers_config(model: nn.Module) -> dict[str, Any]:
     """A transformers ``config.json`` (as a dict) for one of our registry models.
 
@@ -356,6 +360,10 @@ def transformers_config(model: nn.Module) -> dict[str, Any]:
     """
     arch = _architecture_of(model)
     c = model.config
+    deeper = {k: getattr(c, k) for k, default in _ONE_LAYER_DECODER.items() if getattr(c, k, default) != default}
+    if deeper:
+        raise ValueError(f"{model.model_name} cannot be written in transformers' format: its decoders have one "
+                         f"cross-attention and no query self-attention (model has {deeper})")
     cfg: dict[str, Any] = {"model_type": "perceiver", "architectures": [arch], "hidden_act": "gelu",
                            "attention_probs_dropout_prob": 0.0}
     cfg.update({k: getattr(c, k) for k in _TRUNK_FIELDS})

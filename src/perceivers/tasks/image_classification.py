@@ -53,6 +53,8 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
         concat_or_add_pos: ``"concat"`` or ``"add"``.
         decoder_query_residual: query residual in the decoder (False for the learned-position model).
         num_decoder_heads, decoder_query_channels: decoder heads and query width (default d_latents).
+        decoder_num_cross_attends: cross-attention layers of the decoder (official: 1; see
+            :class:`~perceivers.io.BasicDecoder`'s ``num_cross_attends``).
         d_model: optional check of the preprocessed width (transformers' field; 261 / 322 / 512).
         chunk_size: stream large images through the encoder (``PerceiverIOModel.chunk_size``:
             ``None`` automatic, ``0`` off, ``n`` chunks of about ``n`` tokens).
@@ -84,6 +86,7 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
     decoder_query_residual: bool = True
     num_decoder_heads: int = 1
     decoder_query_channels: int | None = None
+    decoder_num_cross_attends: int = 1
     d_model: int | None = None
     chunk_size: int | None = None
     problem_type: str | None = None
@@ -153,6 +156,7 @@ class ImageClassifier(SavesPretrained, nn.Module):
         decoder = ClassificationDecoder(
             c.num_labels, latent_channels=c.d_latents, query_channels=c.decoder_query_channels,
             num_heads=c.num_decoder_heads, use_query_residual=c.decoder_query_residual, activation=c.hidden_act,
+            num_cross_attends=c.decoder_num_cross_attends,
         )
         check_d_model(c.d_model, preprocessor.num_channels)
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,

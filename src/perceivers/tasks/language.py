@@ -41,6 +41,10 @@ class MaskedLanguageModelConfig(TrunkConfig):
         decoder_query_residual: query residual in the decoder (False officially).
         decoder_query_mask: padded positions (``attention_mask`` 0) decode from zero attention, as
             DeepMind's model; ``False`` decodes them like real positions, as transformers does.
+        decoder_num_cross_attends, decoder_num_self_attends_per_cross: a deeper decoder
+            (:class:`~perceivers.io.BasicDecoder`'s ``num_cross_attends`` / ``num_self_attends_per_cross``;
+            official: 1 and 0). With ``decoder_query_mask`` padded positions are hidden from the query
+            self-attention; sequences shorter than ``max_position_embeddings`` decode as if padded and masked.
     """
 
     qk_channels: int | None = 256
@@ -53,6 +57,8 @@ class MaskedLanguageModelConfig(TrunkConfig):
     decoder_v_channels: int | None = None
     decoder_query_residual: bool = False
     decoder_query_mask: bool = True
+    decoder_num_cross_attends: int = 1
+    decoder_num_self_attends_per_cross: int = 0
 
 
 @model_output
@@ -83,6 +89,7 @@ def text_perceiver(c: MaskedLanguageModelConfig, output_channels: int | None = N
         qk_channels=c.qk_channels if c.decoder_qk_channels is None else c.decoder_qk_channels,
         v_channels=c.d_model if c.decoder_v_channels is None else c.decoder_v_channels,
         use_query_residual=c.decoder_query_residual, dropout=c.dropout, activation=c.hidden_act,
+        num_cross_attends=c.decoder_num_cross_attends, num_self_attends_per_cross=c.decoder_num_self_attends_per_cross,
     )
     return PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder, input_preprocessor=preprocessor)
 

@@ -62,6 +62,8 @@ class SequenceClassificationConfig(LabelNames, TrunkConfig):
         num_labels: classifier outputs (1 = regression).
         num_decoder_heads: heads of the decoder cross-attention (transformers: 1).
         decoder_query_residual: query residual in the decoder (transformers: True).
+        decoder_num_cross_attends: cross-attention layers of the decoder (official: 1; see
+            :class:`~perceivers.io.BasicDecoder`'s ``num_cross_attends``).
         problem_type: loss used with ``labels``: ``"regression"`` (MSE), ``"single_label_classification"``
             (cross-entropy) or ``"multi_label_classification"`` (BCE with logits); ``None`` picks one
             from ``num_labels`` and the label dtype, as transformers does.
@@ -76,6 +78,7 @@ class SequenceClassificationConfig(LabelNames, TrunkConfig):
     num_labels: int = 2
     num_decoder_heads: int = 1
     decoder_query_residual: bool = True
+    decoder_num_cross_attends: int = 1
     problem_type: str | None = None
     labels: Any = None
 
@@ -120,6 +123,7 @@ class SequenceClassifier(SavesPretrained, nn.Module):
         decoder = ClassificationDecoder(
             c.num_labels, latent_channels=c.d_latents, num_heads=c.num_decoder_heads,
             use_query_residual=c.decoder_query_residual, dropout=c.dropout, activation=c.hidden_act,
+            num_cross_attends=c.decoder_num_cross_attends,
         )
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor)
@@ -180,7 +184,8 @@ class TrunkTransfer:
 
 
 #: Decoder fields a token classifier takes from the masked LM along with its decoder's weights.
-_DECODER_FIELDS = ("num_decoder_heads", "decoder_qk_channels", "decoder_v_channels", "decoder_query_residual")
+_DECODER_FIELDS = ("num_decoder_heads", "decoder_qk_channels", "decoder_v_channels", "decoder_query_residual",
+                   "decoder_num_cross_attends", "decoder_num_self_attends_per_cross")
 
 
 def _trunk_fields(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:

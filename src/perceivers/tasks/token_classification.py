@@ -73,7 +73,8 @@ class TokenClassifier(SavesPretrained, nn.Module):
 
     #: State-dict prefixes :func:`~perceivers.tasks.from_language_model` copies from a masked LM.
     transferred_prefixes = ("perceiver.input_preprocessor.", "perceiver.encoder.", "perceiver.decoder.queries.",
-                            "perceiver.decoder.cross_attention.")
+                            "perceiver.decoder.cross_attention.", "perceiver.decoder.extra_cross_attentions.",
+                            "perceiver.decoder.self_attends.")
 
     def __init__(self, config: TokenClassificationConfig) -> None:
         super().__init__()
