@@ -1,9 +1,10 @@
-"""Parity of perceivers' Perceiver AR with krasserm's perceiver-io 0.6.0 ``CausalLanguageModel``.
+"""Parity of perceivers' Perceiver AR with krasserm's perceiver-io ``CausalLanguageModel``: 0.6.0 and 0.11.0.
 
-krasserm's package imports pytorch_lightning, so ``_perceiver_ar_reference.py`` runs it in a subprocess
-once per session: tiny seeded models with every parameter randomised (a tensor the converter skipped
-would show), their eval logits, a training forward (prefix dropout; random sequence truncation in one
-case) after a fixed seed, and seeded ``generate`` calls. Here the state dicts go through
+krasserm's package imports pytorch_lightning, so ``_perceiver_ar_reference.py`` (0.6.0) and
+``_perceiver_ar_011_reference.py`` (0.11.0: left padding, KV cache) run it in a subprocess once per
+session: tiny seeded models with every parameter randomised (a tensor the converter skipped would
+show), their eval logits, a training forward (prefix dropout; random sequence truncation in one case)
+after a fixed seed, and seeded or greedy generation. Here the state dicts go through
 :mod:`perceivers.convert.krasserm` into our model, which must give the same numbers and tokens.
 """
 
@@ -23,19 +24,34 @@ from perceivers.models.perceiver_ar import CausalLanguageModel, CausalLanguageMo
 
 REF = Path(sys.prefix) / "refs" / "perceiver-io-0.6.0" / "perceiver"
 SCRIPT = Path(__file__).with_name("_perceiver_ar_reference.py")
+REF_011 = Path(sys.prefix) / "refs" / "perceiver-io-0.11.0" / "perceiver"
+SCRIPT_011 = Path(__file__).with_name("_perceiver_ar_011_reference.py")
 CASES = ["small", "wide_heads"]  # as _perceiver_ar_reference.CASES
 TOL = 1e-5
 
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"{REF.parent} missing (make setup installs it)")
+needs_060 = pytest.mark.skipif(not REF.is_dir(), reason=f"{REF.parent} missing (make setup installs it)")
+needs_011 = pytest.mark.skipif(not REF_011.is_dir(), reason=f"{REF_011.parent} missing (make setup installs it)")
+GREEDY = 1 - 1.5 / 50  # top-f keeps int(1.5) = 1 of the 50 tokens: argmax
+
+
+def _run(script: Path, out: Path) -> None:
+    proc = subprocess.run([sys.executable, str(script), str(out)], check=False, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "DONE" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("krasserm_ar")
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], check=False, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert "DONE" in proc.stdout, proc.stderr[-3000:]
+    _run(SCRIPT, out)
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def reference_011(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("krasserm_ar_011")
+    _run(SCRIPT_011, out)
+    return torch.load(out / "v011.pt", weights_only=False)
 
 
 def _ours(ref: dict) -> CausalLanguageModel:
@@ -43,6 +59,7 @@ def _ours(ref: dict) -> CausalLanguageModel:
     return load_krasserm_perceiver_ar(model, ref["state"]).eval()
 
 
+@needs_060
 @pytest.mark.parametrize("name", CASES)
 def test_eval_logits_match_krasserm(reference, name):
     ref = reference[name]
@@ -55,6 +72,7 @@ def test_eval_logits_match_krasserm(reference, name):
     torch.testing.assert_close(logits, expected, rtol=0, atol=TOL)
 
 
+@needs_060
 @pytest.mark.parametrize("name", CASES)
 def test_training_forward_with_prefix_dropout_matches_krasserm(reference, name):
     """Same seed, same draws in the same order: the same prefix positions dropped (and truncation)."""
@@ -67,6 +85,7 @@ def test_training_forward_with_prefix_dropout_matches_krasserm(reference, name):
     assert (logits - ref["eval"]).abs().max() > 1e-3  # dropout did change the result
 
 
+@needs_060
 @pytest.mark.parametrize("name", CASES)
 def test_generate_matches_krasserm(reference, name):
     """Seeded top-f sampling: short prompts (all latents) and windows sliding past max_seq_len."""
@@ -79,6 +98,7 @@ def test_generate_matches_krasserm(reference, name):
         assert torch.equal(tokens, g["tokens"]), g
 
 
+@needs_060
 def test_converter_refuses_what_does_not_fit(reference):
     ref = reference["small"]
     state = dict(ref["state"])
@@ -94,3 +114,71 @@ def test_converter_refuses_what_does_not_fit(reference):
     other = CausalLanguageModel(CausalLanguageModelConfig(**{**ref["fields"], "num_heads": 2}))
     with pytest.raises(CheckpointError, match="inv_freq"):
         load_krasserm_perceiver_ar(other, state)
+
+
+# --- 0.11.0: left padding and the KV cache ----------------------------------------------------------
+
+
+def _ours_011(ref: dict) -> CausalLanguageModel:
+    f = ref["fields"]
+    config = CausalLanguageModelConfig(
+        vocab_size=f["vocab_size"], max_seq_len=f["max_seq_len"], num_latents=f["max_latents"],
+        num_channels=f["num_channels"], num_heads=f["num_heads"], num_self_attention_layers=f["num_self_attention_layers"],
+        widening_factor=f["self_attention_widening_factor"], cross_attention_dropout=f["cross_attention_dropout"])
+    return load_krasserm_perceiver_ar(CausalLanguageModel(config), ref["state"]).eval()
+
+
+@needs_011
+def test_011_left_padded_forward_matches_krasserm(reference_011):
+    """Eval and training (prefix dropout drawn with the same calls) forwards of a left-padded batch."""
+    ref = reference_011
+    model = _ours_011(ref)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["ids"], pad_mask=ref["pad_mask"]), ref["eval"], rtol=0, atol=TOL)
+        torch.testing.assert_close(model(ref["ids"]), ref["eval_unpadded"], rtol=0, atol=TOL)
+        assert (ref["eval"] - ref["eval_unpadded"])[1:].abs().max() > 1e-2  # the padding mattered
+        model.train()
+        torch.manual_seed(1000)
+        torch.testing.assert_close(model(ref["ids"], pad_mask=ref["pad_mask"]), ref["train"], rtol=0, atol=TOL)
+
+
+@needs_011
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_011_left_padded_generate_matches_krasserm(reference_011, use_cache):
+    """Greedy, prompts of 14 and 10 tokens left-padded to 14, the window sliding past max_seq_len."""
+    gen = reference_011["generate"]
+    tokens, logits = _ours_011(reference_011).generate(
+        gen["tokens"].shape[1], gen["prompt"], threshold=GREEDY, pad_mask=gen["pad_mask"], use_cache=use_cache,
+        return_logits=True)
+    assert torch.equal(tokens, gen["tokens"])
+    torch.testing.assert_close(logits, gen["logits"], rtol=0, atol=TOL)
+
+
+@needs_011
+def test_011_kv_cache_matches_while_every_position_is_a_latent(reference_011):
+    ref = reference_011["cache_all_latents"]
+    tokens, logits = _ours_011(reference_011).generate(ref["tokens"].shape[1], ref["prompt"], threshold=GREEDY,
+                                                       return_logits=True)
+    assert torch.equal(tokens, ref["tokens"])
+    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=TOL)
+
+
+@needs_011
+def test_011_hf_cache_is_exact_only_while_the_latents_grow(reference_011):
+    """krasserm's own cached HF schedule vs the uncached one (docs/perceiver-ar.md): equal while the
+    latents grow to max_latents (8 steps from a 5-token prompt), different from then on."""
+    ref = reference_011["hf_schedule"]
+    diff = (ref["cached"] - ref["uncached"]).abs().amax(dim=(0, 2))
+    assert diff[:8].max() < TOL
+    assert diff[8:].min() > 0.1
+
+
+@needs_011
+def test_011_converter_refuses_what_it_cannot_represent(reference_011):
+    state = reference_011["state"]
+    with pytest.raises(ValueError, match="num_heads"):
+        from_krasserm_perceiver_ar(state)
+    with pytest.raises(CheckpointError, match="output_bias=True"):
+        from_krasserm_perceiver_ar({**state, "output_adapter.bias": torch.zeros(50)}, num_heads=4)
+    with pytest.raises(CheckpointError, match="out_norm.weight"):
+        from_krasserm_perceiver_ar({**state, "out_norm.weight": torch.zeros(32)}, num_heads=4)

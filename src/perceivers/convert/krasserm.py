@@ -1,8 +1,18 @@
-"""krasserm's perceiver-io (0.6.0) Perceiver AR state dicts → perceivers :class:`~perceivers.models.perceiver_ar.PerceiverAR`.
+"""krasserm's perceiver-io Perceiver AR state dicts → perceivers :class:`~perceivers.models.perceiver_ar.PerceiverAR`.
 
-The key table below renames every tensor of ``perceiver.model.text.clm.CausalLanguageModel``; a tensor
-that no rule names is refused. krasserm stores the rotary frequencies (``frq_pos_encoding.inv_freq``);
-ours are a constant of the module, so they are checked against the model's and then dropped.
+Two layouts of ``perceiver.model.text.clm.CausalLanguageModel`` are read (told apart by the position
+table's name):
+
+- 0.6.0: ``input_adapter.pos_encoding`` (a parameter) and an ``output_layer`` Linear;
+- 0.11.0: ``input_adapter.pos_embedding.weight`` (an ``nn.Embedding``) and an output tied to the token
+  embedding (copied into our ``output_layer``). Its rotary embedding pairs adjacent channels
+  ``(2i, 2i + 1)`` where ours (and 0.6.0's) pairs ``i`` with ``i + r/2``: the query/key projection rows
+  of each head are permuted to match, which leaves every attention score unchanged. Models built with
+  ``output_bias=True``, ``output_norm=True`` or ``abs_pos_emb=False`` are refused.
+
+The key tables rename every tensor; a tensor that no rule names is refused. krasserm stores the rotary
+frequencies (``frq_pos_encoding.inv_freq``); ours are a constant of the module, so they are checked
+against the model's and then dropped.
 """
 
 from __future__ import annotations
@@ -37,19 +47,61 @@ _RULES: list[Rule] = [
     *_layer("cross_attention", "cross_attention", {"q_norm": "norm_q", "kv_norm": "norm_kv"}),
     *_layer("self_attention.{i}", "self_attention.{i}", {"norm": "norm"}),
 ]
+#: 0.11.0: positions in an ``nn.Embedding``, the output tied to the token embedding
+_RULES_011: list[Rule] = [
+    ("input_adapter.txt_embedding.weight", "input_adapter.token_embedding.weight"),
+    ("input_adapter.pos_embedding.weight", "input_adapter.pos_embedding"),
+    *_layer("cross_attention", "cross_attention", {"q_norm": "norm_q", "kv_norm": "norm_kv"}),
+    *_layer("self_attention.{i}", "self_attention.{i}", {"norm": "norm"}),
+]
 _INV_FREQ = "input_adapter.frq_pos_encoding.inv_freq"
+_UNSUPPORTED_011 = {"output_adapter.bias": "output_bias=True", "out_norm.weight": "output_norm=True"}
 
 
-def from_krasserm_perceiver_ar(state: Mapping[str, Tensor], model: nn.Module | None = None) -> dict[str, Tensor]:
-    """Rename krasserm's ``PerceiverAR``/``CausalLanguageModel`` tensors to ours (strict).
+def _interleaved_to_halves(weight: Tensor, num_heads: int, rotated: int) -> Tensor:
+    """Query/key projection ``[H·d, C]``: per head, rows ``0, 2, …, r-2, 1, 3, …, r-1, r, …, d-1``."""
+    d = weight.shape[0] // num_heads
+    order = torch.cat((torch.arange(0, rotated, 2), torch.arange(1, rotated, 2), torch.arange(rotated, d)))
+    return weight.view(num_heads, d, -1)[:, order].reshape(weight.shape)
 
-    Raises :class:`CheckpointError` naming the tensors no rule covers, and (with ``model``) when the
-    stored rotary frequencies differ from the model's.
+
+def _from_011(state: Mapping[str, Tensor], num_heads: int) -> dict[str, Tensor]:
+    for key, option in _UNSUPPORTED_011.items():
+        if key in state:
+            raise CheckpointError(f"krasserm Perceiver AR state dict has {key}: models built with {option} "
+                                  "are not supported")
+    rotated = 2 * state[_INV_FREQ].numel()
+
+    def permute(old: str, new: str, value: Tensor) -> Tensor:
+        if old.endswith(("q_proj.weight", "k_proj.weight")):
+            return _interleaved_to_halves(value, num_heads, rotated)
+        return value
+
+    out = rename_by_rules({k: v for k, v in state.items() if k != _INV_FREQ}, _RULES_011,
+                          what="Perceiver AR (0.11.0)", source="krasserm", transform=permute)
+    out["output_layer.weight"] = out["input_adapter.token_embedding.weight"].clone()  # tied in theirs
+    return out
+
+
+def from_krasserm_perceiver_ar(state: Mapping[str, Tensor], model: nn.Module | None = None, *,
+                               num_heads: int | None = None) -> dict[str, Tensor]:
+    """Rename krasserm's ``PerceiverAR``/``CausalLanguageModel`` tensors (0.6.0 or 0.11.0) to ours (strict).
+
+    The 0.11.0 layout needs the head count (``num_heads``, or read from ``model``) to permute the
+    rotary channels. Raises :class:`CheckpointError` naming the tensors no rule covers, and (with
+    ``model``) when the stored rotary frequencies differ from the model's.
     """
-    out = rename_by_rules({k: v for k, v in state.items() if k != _INV_FREQ}, _RULES, what="Perceiver AR",
-                          source="krasserm")
     if _INV_FREQ not in state:
         raise CheckpointError(f"krasserm Perceiver AR state dict does not fit: missing {_INV_FREQ}")
+    if "input_adapter.pos_encoding" in state:  # 0.6.0
+        out = rename_by_rules({k: v for k, v in state.items() if k != _INV_FREQ}, _RULES, what="Perceiver AR",
+                              source="krasserm")
+    else:
+        if num_heads is None and model is not None:
+            num_heads = model.cross_attention.attn.num_heads
+        if num_heads is None:
+            raise ValueError("krasserm 0.11.0 Perceiver AR state dicts need num_heads (or model) to convert")
+        out = _from_011(state, num_heads)
     if model is not None:
         ours = model.rotary.inv_freq
         theirs = state[_INV_FREQ]
