@@ -37,10 +37,10 @@ def _perceiver(chunk_size: int | None = None):
     return model.eval(), (torch.randn(2, 10, 12, 3),)
 
 
-def _perceiver_io():
+def _perceiver_io(**decoder):
     torch.manual_seed(0)
     model = perceivers.PerceiverIO(dim=16, queries_dim=8, logits_dim=4, depth=2, num_latents=8, latent_dim=32,
-                                   latent_heads=2, latent_dim_head=16, cross_dim_head=16)
+                                   latent_heads=2, latent_dim_head=16, cross_dim_head=16, **decoder)
 
     class WithQueries(nn.Module):
         def __init__(self) -> None:
@@ -79,6 +79,7 @@ MODELS = {
     "perceiver": _perceiver,
     "perceiver-streamed": lambda: _perceiver(chunk_size=60),
     "perceiver-io": _perceiver_io,
+    "perceiver-io-deep-decoder": lambda: _perceiver_io(decoder_depth=2, decoder_self_attends=1, decoder_ff=True),
     "perceiver-lm": _perceiver_lm,  # token-range checks read values: skipped while tracing
     "vision-perceiver-fourier": _vision,
     "language-perceiver": _language,

@@ -9,8 +9,8 @@ from torch import nn
 import perceivers
 from perceivers.models import perceiver_io
 
-KW = {"dim": 16, "queries_dim": 8, "logits_dim": 4, "depth": 1, "num_latents": 6, "latent_dim": 16, "latent_heads": 2,
-          "latent_dim_head": 8, "cross_dim_head": 8}
+KW = {"dim": 16, "queries_dim": 8, "logits_dim": 4, "depth": 1, "num_latents": 6, "latent_dim": 16,
+      "latent_heads": 2, "latent_dim_head": 8, "cross_dim_head": 8}
 
 
 def _model(seed: int = 0, **kw) -> perceivers.PerceiverIO:
