@@ -1,0 +1,219 @@
+"""Parity of :mod:`perceivers.perceiver_ar_pytorch` with lucidrains' ``perceiver-ar-pytorch`` 0.0.10.
+
+The reference needs only torch and einops, so it is imported in-process from ``.venv/refs/`` (``make setup``
+installs it there with ``--no-deps``). Its state dicts load into ours with ``strict=True`` unchanged (and
+back); the same seed builds the same weights; eval logits, masks, the loss, a training forward with prefix
+and attention dropout, gradients and the wrapper's sampled tokens must agree.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from perceivers.perceiver_ar_pytorch import AutoregressiveWrapper, PerceiverAR
+
+REF = Path(sys.prefix) / "refs" / "perceiver-ar-pytorch-0.0.10"
+if not (REF / "perceiver_ar_pytorch").is_dir():
+    pytest.skip(f"{REF} missing (make setup installs it)", allow_module_level=True)
+if str(REF) not in sys.path:
+    sys.path.insert(0, str(REF))
+ref = pytest.importorskip("perceiver_ar_pytorch")
+ref_wrapper = pytest.importorskip("perceiver_ar_pytorch.autoregressive_wrapper")
+
+TOL = 1e-5
+BASE = {"num_tokens": 23, "dim": 24, "depth": 1, "max_seq_len": 20, "cross_attn_seq_len": 8, "dim_head": 32,
+        "heads": 2}
+CONFIGS = {
+    "base": {},
+    "deep": {"depth": 2, "perceive_depth": 2, "heads": 3, "perceive_max_heads_process": 2},
+    "wide_heads": {"dim_head": 80, "heads": 1, "ff_mult": 2, "cross_attn_seq_len": 12},  # rotary on 40 of 80
+    "no_self_layers": {"depth": 0, "heads": 4, "ff_mult": 1.5, "perceive_max_heads_process": 3,
+                       "cross_attn_seq_len": 3},
+    "no_prefix": {"cross_attn_seq_len": 0, "max_seq_len": 9},
+}
+
+
+def _pair(seed: int = 0, **kwargs) -> tuple[torch.nn.Module, PerceiverAR]:
+    """A reference model with randomised parameters and ours loaded from its state dict (strict)."""
+    kwargs = {**BASE, **kwargs}
+    reference = ref.PerceiverAR(**kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # nothing left at its initial value: norms near 1, small biases, fan-in scaled weights
+        for name, p in reference.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("bias"):
+                p.copy_(0.3 * noise)
+            elif p.ndim == 1:
+                p.copy_(1 + 0.3 * noise)
+            elif "emb" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise / p.shape[1] ** 0.5)
+    ours = PerceiverAR(**kwargs)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return reference.eval(), ours.eval()
+
+
+def _tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, BASE["num_tokens"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, f"reference shape {tuple(a.shape)}, ours {tuple(b.shape)}"
+    return (a - b).abs().max().item()
+
+
+def test_same_seed_same_weights_and_keys() -> None:
+    kwargs = {**BASE, **CONFIGS["deep"]}
+    torch.manual_seed(0)
+    reference = ref.PerceiverAR(**kwargs)
+    torch.manual_seed(0)
+    ours = PerceiverAR(**kwargs)
+    r, o = reference.state_dict(), ours.state_dict()
+    assert list(r) == list(o)
+    assert all(torch.equal(r[k], o[k]) for k in r)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_eval_logits_mask_and_loss(name: str) -> None:
+    reference, ours = _pair(**CONFIGS[name])
+    length = ours.cross_attn_seq_len + 7
+    x = _tokens(3, length)
+    labels = _tokens(3, length, seed=2)
+    labels[0, -3:] = 0  # ignored targets
+    prefix_mask = torch.rand(3, ours.cross_attn_seq_len, generator=torch.Generator().manual_seed(3)) > 0.4
+    with torch.no_grad():
+        diffs = {
+            "logits": _max_diff(reference(x), ours(x)),
+            "prefix_mask": _max_diff(reference(x, prefix_mask), ours(x, prefix_mask)),
+            "loss": _max_diff(reference(x, labels=labels), ours(x, labels=labels)),
+        }
+        scale = ours(x).abs().max().item()
+    print(f"perceiver-ar-pytorch {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+          + f" (|logits| <= {scale:.2g})")
+    assert max(diffs.values()) <= TOL, diffs
+
+
+def test_full_length_mask_as_the_reference_pads_it() -> None:
+    reference, ours = _pair()
+    x = _tokens(2, 17)
+    mask = torch.rand(2, 17, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask[:, 8:] |= torch.eye(9, dtype=torch.bool)[[0, 5]]  # a few sequence keys masked, never a whole row
+    mask[0, 10] = False
+    with torch.no_grad():
+        assert _max_diff(reference(x, mask), ours(x, mask)) <= TOL
+
+
+def test_training_forward_same_dropout() -> None:
+    """Prefix dropout (one uniform draw, top-k) and attention/feed-forward dropout draw the same numbers:
+    with the same seed the training outputs agree (CPU; SDPA's dropout there is the reference's)."""
+    reference, ours = _pair(**CONFIGS["deep"], cross_attn_dropout=0.4, dropout=0.2)
+    reference.train()
+    ours.train()
+    x = _tokens(3, 19)
+    prefix_mask = torch.rand(3, 8, generator=torch.Generator().manual_seed(5)) > 0.3
+    outs = []
+    for model in (reference, ours):
+        torch.manual_seed(11)
+        outs.append(model(x, prefix_mask))
+    diff = _max_diff(*outs)
+    print(f"perceiver-ar-pytorch training forward: {diff:.2e}")
+    assert diff <= TOL
+    torch.manual_seed(12)
+    assert _max_diff(outs[1], ours(x, prefix_mask)) > 1e-2  # a different seed drops other keys
+
+
+def test_gradients() -> None:
+    """Training mode (prefix dropout 0.25) under one seed: logits, loss and every parameter's gradient of
+    ``sum(logits · r) + loss`` agree (gradients relative to each tensor's largest entry, at least 1)."""
+    reference, ours = _pair(**CONFIGS["deep"], cross_attn_dropout=0.25)
+    x, labels = _tokens(2, 18), _tokens(2, 18, seed=6)
+    cotangent = torch.randn(2, 10, BASE["num_tokens"], generator=torch.Generator().manual_seed(8))
+    outs = []
+    for model in (reference.train(), ours.train()):
+        torch.manual_seed(3)
+        logits = model(x)
+        loss = model(x, labels=labels)
+        ((logits * cotangent).sum() + loss).backward()
+        outs.append(torch.cat((logits.detach().flatten(), loss.detach()[None])))
+    out_diff = _max_diff(*outs)
+    ref_params = dict(reference.named_parameters())
+    grad_diff = max(
+        _max_diff(ref_params[k].grad, p.grad) / max(1.0, ref_params[k].grad.abs().max().item())
+        for k, p in ours.named_parameters()
+    )
+    print(f"perceiver-ar-pytorch gradients: output {out_diff:.2e}, parameter grad (rel) {grad_diff:.2e}")
+    assert ref_params.keys() == dict(ours.named_parameters()).keys()
+    assert out_diff <= TOL and grad_diff <= TOL
+
+
+def test_state_dict_loads_both_ways_strict() -> None:
+    reference, ours = _pair(**CONFIGS["deep"])
+    back = ref.PerceiverAR(**{**BASE, **CONFIGS["deep"]})
+    back.load_state_dict(ours.state_dict(), strict=True)
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in back.state_dict().items())
+    wrapped = AutoregressiveWrapper(PerceiverAR(**{**BASE, **CONFIGS["deep"]}))
+    wrapped.load_state_dict(ref_wrapper.AutoregressiveWrapper(reference).state_dict(), strict=True)
+    ref_wrapper.AutoregressiveWrapper(back).load_state_dict(wrapped.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("eos", [None, 5])
+def test_generate_same_tokens(eos: int | None) -> None:
+    reference, ours = _pair(**CONFIGS["deep"])
+    reference.train()  # generate switches to eval and back
+    ours.train()
+    ref_gen, our_gen = ref_wrapper.AutoregressiveWrapper(reference), AutoregressiveWrapper(ours)
+    start = _tokens(3, 11)
+    if eos is not None:
+        start[start == eos] = eos + 1  # the reference also looks for eos in the prompt (see the docs)
+    outs = []
+    for wrapper in (ref_gen, our_gen):
+        torch.manual_seed(7)
+        # 24 new tokens: the window slides past max_seq_len=20
+        outs.append(wrapper.generate(start, 24, eos_token=eos, temperature=1.3, filter_thres=0.6))
+    assert torch.equal(outs[0], outs[1])
+    assert ours.training and reference.training
+    if eos is not None:
+        assert (outs[1] == eos).any()
+
+
+def test_wrapper_loss_matches() -> None:
+    reference, ours = _pair()
+    x = _tokens(2, 18)
+    with torch.no_grad():
+        assert _max_diff(ref_wrapper.AutoregressiveWrapper(reference)(x), AutoregressiveWrapper(ours)(x)) <= TOL
+
+
+def test_fixed_where_the_reference_fails() -> None:
+    _, ours = _pair()
+    gen = AutoregressiveWrapper(ours)
+    # int((1 - 0.99) * 23) = 0 tokens kept: the reference samples from all -inf and fails; we keep one
+    torch.manual_seed(0)
+    assert gen.generate(_tokens(1, 9), 3, filter_thres=0.99).shape == (1, 3)
+    with pytest.raises(ValueError, match="dim_head must be >= 32"):  # the reference fails in forward
+        PerceiverAR(**{**BASE, "dim_head": 16})
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: m(_tokens(2, 21)), ValueError, "exceeds max_seq_len=20"),
+        (lambda m: m(_tokens(2, 8)), ValueError, r"must be greater than cross_attn_seq_len=8"),
+        (lambda m: m(_tokens(2, 12) + 30), ValueError, r"token ids must lie in \[0, 23\)"),
+        (lambda m: m(_tokens(2, 12).float()), TypeError, "token ids"),
+        (lambda m: m(_tokens(2, 12), torch.ones(2, 5, dtype=torch.bool)), ValueError, r"shape \[2, 8\]"),
+        (lambda m: m(_tokens(2, 12), torch.ones(2, 8)), TypeError, "bool"),
+        (lambda m: m(_tokens(2, 12), labels=_tokens(2, 11)), ValueError, "labels must have the shape"),
+        (lambda m: AutoregressiveWrapper(m).generate(_tokens(1, 8), 2), ValueError, "longer than cross_attn"),
+        (lambda m: AutoregressiveWrapper(m).generate(_tokens(1, 9), 2, temperature=0), ValueError, "temperature"),
+        (lambda m: PerceiverAR(**{**BASE, "cross_attn_seq_len": 20}), ValueError, "must be greater than"),
+    ],
+)
+def test_clear_errors(call, error, match) -> None:
+    _, ours = _pair()
+    with pytest.raises(error, match=match):
+        call(ours)
