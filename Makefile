@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-pytorch-0.8.8 perceiver-pytorch==0.8.8
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-multi-modality-pytorch-1.4.0 perceiver-multi-modality-pytorch==1.4.0
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-io-0.6.0 perceiver-io==0.6.0
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/refs/perceiver-ar-pytorch-0.0.10 perceiver-ar-pytorch==0.0.10
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python --target $(VENV)/refs/perceiver-io-0.11.0 perceiver-io==0.11.0
 	FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE $(PY) -m pip install --quiet --no-deps --no-build-isolation --target $(VENV)/refs/flash-perceiver-0.2.0 flash-attn==2.8.3.post2 flash-perceiver==0.2.0
 	touch $(STAMP)

@@ -35,6 +35,7 @@ _LAZY: dict[str, str] = {
     "PatchPerceiver": "perceivers.models.patch",
     "PerceiverAR": "perceivers.models.perceiver_ar",
     "CausalLanguageModel": "perceivers.models.perceiver_ar",
+    "AutoregressiveWrapper": "perceivers.perceiver_ar_pytorch",
     "pad_grid_batch": "perceivers.batching",
     "pad_point_batch": "perceivers.batching",
     "from_pretrained": "perceivers.hub",
