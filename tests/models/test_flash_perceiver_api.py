@@ -198,3 +198,12 @@ def test_image_adapter_and_encodings():
     assert [n for n, _ in trainable.named_parameters()] == ["proj_matrix"]
     with pytest.raises(ValueError, match="expected 2 input channels, got 3"):
         trainable(torch.zeros(4, 3))
+
+
+def test_a_model_cast_to_bfloat16_runs_with_float32_rotary_angles():
+    model = _model(num_latents=40, latent_rotary_emb_dim=8, output_dim=3)
+    x = _data()
+    expected = model(x)
+    low = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, atol=0.1, rtol=0.1)
