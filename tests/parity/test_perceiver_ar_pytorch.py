@@ -196,6 +196,20 @@ def test_fixed_where_the_reference_fails() -> None:
     assert gen.generate(_tokens(1, 9), 3, filter_thres=0.99).shape == (1, 3)
     with pytest.raises(ValueError, match="dim_head must be >= 32"):  # the reference fails in forward
         PerceiverAR(**{**BASE, "dim_head": 16})
+    # eos in the prompt: the reference stops after one token; we look at the generated tokens only
+    prompt = _tokens(1, 9)
+    prompt[0, 0] = 22
+    torch.manual_seed(1)
+    free = gen.generate(prompt, 5, filter_thres=0.0)
+    torch.manual_seed(1)
+    stopped = gen.generate(prompt, 5, eos_token=22, filter_thres=0.0)
+    first = int((free[0] == 22).nonzero()[0])  # seed 1 generates 22 at position 3
+    assert first > 0 and torch.equal(stopped, free[:, : first + 1])
+    # a [B, L] mask under prefix dropout (the reference's indexing fails); an empty attention row is finite
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[0, :12] = False
+    assert ours.train()(_tokens(2, 17), mask).isfinite().all()
+    assert ours.eval()(_tokens(2, 17), mask).isfinite().all()
 
 
 @pytest.mark.parametrize(
