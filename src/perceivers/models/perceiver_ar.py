@@ -8,7 +8,9 @@ channels by the absolute position (right-aligned: latents sit at the end of the 
 cross-attention and the first ``num_self_attention_rotary_layers`` self-attention layers.
 
 Matches krasserm's ``perceiver.model.core.PerceiverAR`` and ``perceiver.model.text.clm`` (perceiver-io
-0.6.0) for the same weights (:func:`perceivers.convert.krasserm.from_krasserm_perceiver_ar`).
+0.6.0) for the same weights (:func:`perceivers.convert.krasserm.from_krasserm_perceiver_ar`), and 0.11.0's
+left padding (``pad_mask``, True = padding). ``generate`` reuses keys/values between steps only where
+that is exact (see :meth:`CausalLanguageModel._next_logits`).
 """
 
 from __future__ import annotations
@@ -259,7 +261,8 @@ class PerceiverAR(nn.Module):
         activation_checkpointing: recompute each attention layer in the backward pass.
         activation_offloading: with checkpointing, keep the saved layer inputs in CPU memory.
 
-    ``forward(x)`` → ``output_layer`` of the latents, e.g. logits ``[B, N, vocab]`` for the last N positions.
+    ``forward(x, pad_mask=None)`` → ``output_layer`` of the latents, e.g. logits ``[B, N, vocab]`` for the
+    last N positions; ``pad_mask [B, L]`` (True = padding) marks left padding.
     """
 
     def __init__(
