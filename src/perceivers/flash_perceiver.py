@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from .layers.attention import check_mask
+from .layers.attention import attention_weights, check_mask
 from .layers.mlp import FeedForward
 from .layers.position import linear_positions
 from .layers.rotary import rotate
@@ -88,10 +88,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
         attn_mask = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]  # [B, 1, 1, K]
     if not return_weights:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout), None
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, H, Q, K]
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    weights = scores.softmax(-1)
+    weights = attention_weights(q, k, attn_mask)  # [B, H, Q, K]
     return torch.matmul(F.dropout(weights, dropout), v), weights
 
 

@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Attention", "KeyValue", "check_mask", "fold_is_cheaper", "record_attention"]
+__all__ = ["Attention", "KeyValue", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
 
 KeyValue = tuple[Tensor, Tensor]
 """Projected keys and values, each ``[B, H, K, d]``."""
@@ -201,10 +201,7 @@ class Attention(nn.Module):
         if inverted:
             weights = _inverted_weights(q, k, attn_mask, dropout)
         else:
-            scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, H, Q, K]
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            weights = F.dropout(scores.softmax(-1), dropout)
+            weights = F.dropout(attention_weights(q, k, attn_mask), dropout)  # [B, H, Q, K]
         return self._output(torch.matmul(weights, v), row_valid, query_mask), weights
 
     def _output(self, out: Tensor, row_valid: Tensor | None, query_mask: Tensor | None) -> Tensor:
@@ -351,14 +348,23 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
     if (q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or torch.compiler.is_compiling()
             or (attn_mask is not None and attn_mask.dtype != torch.bool)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    if attn_mask is not None:  # callers keep at least one key per row (see Attention.forward)
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    weights = scores.softmax(-1)
+    weights = attention_weights(q, k, attn_mask, scale)  # callers keep a key per row (see Attention.forward)
     if dropout:
         weights = F.dropout(weights, dropout)
     return torch.matmul(weights, v)
+
+
+def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """``softmax(q kᵀ · scale)`` written out: ``q [B, H, Q, d]``, ``k [B, H, K, d]`` → ``[B, H, Q, K]``.
+
+    ``scale`` defaults to ``d^-½``; ``attn_mask`` (bool, True = attend, broadcast to the scores) gives masked
+    keys exactly 0. A row with no key left is NaN: callers keep one.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1)
 
 
 def fold_is_cheaper(kv_dim: int, head_width: int, num_queries: int | None = None, length: int | None = None) -> bool:
