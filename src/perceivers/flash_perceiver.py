@@ -41,7 +41,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from .layers.attention import attention_weights, check_mask
 from .layers.mlp import FeedForward
 from .layers.position import linear_positions
-from .layers.rotary import rotate
+from .layers.rotary import RotaryEmbedding, rotate
 
 __all__ = [
     "BasePositionalEncoding",
@@ -130,14 +130,6 @@ class CrossAttention(nn.Module):
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights
 
 
-def _rotary_angles(n: int, rotary_dim: int, device: torch.device) -> Tensor:
-    """Angles ``[n, rotary_dim]`` of positions ``0 … n-1``, always in float32 (a model cast to half
-    precision would round a frequency buffer, so they are not kept as one)."""
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
-    half = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
-    return torch.cat((half, half), dim=-1)  # the layout of perceivers.layers.rotary.RotaryEmbedding
-
-
 class SelfAttention(nn.Module):
     """Self-attention of ``x [B, N, dim]`` with a fused ``Wqkv`` (queries, keys, values; with bias).
 
@@ -155,13 +147,14 @@ class SelfAttention(nn.Module):
         self.Wqkv = nn.Linear(dim, 3 * inner)
         self.out_proj = nn.Linear(inner, dim)
         self.rotary_dim = rotary_dim
+        self.rotary = RotaryEmbedding(rotary_dim)  # no state-dict entry, as flash-attn's
 
     def forward(self, x: Tensor, return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """→ ``([B, N, dim], weights [B, H, N, N] or None)``."""
         q, k, v = rearrange(self.Wqkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         if self.rotary_dim:
-            angles = _rotary_angles(x.shape[1], self.rotary_dim, x.device)  # [N, r]
-            q, k = (rotate(t.float(), angles).to(t.dtype) for t in (q, k))
+            angles = self.rotary(torch.arange(x.shape[1], device=x.device))  # [N, r], float32
+            q, k = rotate(q, angles), rotate(k, angles)
         out, weights = _attend(q, k, v, None, self.dropout if self.training else 0.0, return_weights)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights
 

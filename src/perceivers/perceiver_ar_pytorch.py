@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers.rotary import rotate
+from .layers.rotary import RotaryEmbedding, rotate
 from .models.common import check_token_ids
 from .validation import check_index_range
 
@@ -39,7 +39,6 @@ __all__ = [
     "CausalAttention",
     "CausalPrefixAttention",
     "PerceiverAR",
-    "RotaryAngles",
     "feed_forward",
     "top_k",
 ]
@@ -58,38 +57,6 @@ def feed_forward(dim: int, mult: float = 4, dropout: float = 0.0) -> nn.Sequenti
         nn.Dropout(dropout),
         nn.Linear(hidden, dim, bias=False),
     )
-
-
-class RotaryAngles(nn.Module):
-    """Rotary angles ``position × frequency`` for ``rotated_channels`` channels, frequencies
-    ``10000 ** (-2i / rotated_channels)`` each used for both halves (the layout of
-    :func:`perceivers.layers.rotary.rotate`).
-
-    Unlike :class:`perceivers.layers.rotary.RotaryEmbedding`, ``inv_freq`` is a persistent buffer, as in
-    the reference, so the key ``rotary_pos_emb.inv_freq`` is part of the state dict. The angles are always
-    computed in float32 from the formula (the same numbers as the float32 buffer): ``model.to(bfloat16)``
-    rounds the buffer, and bfloat16 positions and angles would be off by whole radians beyond position 256.
-    """
-
-    def __init__(self, rotated_channels: int) -> None:
-        super().__init__()
-        self.rotated_channels = rotated_channels
-        self.register_buffer("inv_freq", self._inv_freq())
-
-    def _inv_freq(self, device: torch.device | None = None) -> Tensor:
-        exponent = torch.arange(0, self.rotated_channels, 2, device=device).float() / self.rotated_channels
-        return 1.0 / (10000**exponent)
-
-    def forward(self, seq_len: int, *, device: torch.device | None = None) -> Tensor:
-        """float32 angles ``[seq_len, rotated_channels]`` for positions ``0 .. seq_len - 1``."""
-        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-        half = positions[:, None] * self._inv_freq(device)  # [N, r / 2]
-        return torch.cat((half, half), dim=-1)
-
-
-def _rotate(t: Tensor, angles: Tensor) -> Tensor:
-    """:func:`perceivers.layers.rotary.rotate` in float32 (cos/sin of large angles need it), back in ``t``'s dtype."""
-    return rotate(t, angles) if t.dtype == torch.float32 else rotate(t.float(), angles).to(t.dtype)
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -118,7 +85,7 @@ class CausalAttention(nn.Module):
         q, k, v = (_heads(t, self.heads) for t in self.to_qkv(self.norm(x)).chunk(3, dim=-1))  # [B, H, n, d]
         if rotary_pos_emb is not None:
             angles = rotary_pos_emb[-x.shape[1]:]
-            q, k = _rotate(q, angles), _rotate(k, angles)
+            q, k = rotate(q, angles), rotate(k, angles)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
@@ -197,7 +164,7 @@ class CausalPrefixAttention(nn.Module):
         k = _heads(torch.cat((k_c, k_x), dim=1), self.heads)  # [B, H, P + n, d]
         v = _heads(torch.cat((v_c, v_x), dim=1), self.heads)
         if rotary_pos_emb is not None:
-            q, k = _rotate(q, rotary_pos_emb[-n:]), _rotate(k, k_angles)
+            q, k = rotate(q, rotary_pos_emb[-n:]), rotate(k, k_angles)
 
         # query i sees keys 0 .. P + i: the whole prefix and the sequence causally
         mask = torch.ones(n, prefix_len + n, dtype=torch.bool, device=x.device).tril(prefix_len)
@@ -281,7 +248,7 @@ class PerceiverAR(nn.Module):
         # creation order as in the reference: the same seed gives the same initial weights
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
-        self.rotary_pos_emb = RotaryAngles(rotated)
+        self.rotary_pos_emb = RotaryEmbedding(rotated, persistent=True)  # the reference's key rotary_pos_emb.inv_freq
         self.perceive_layers = nn.ModuleList(
             nn.ModuleList([
                 CausalPrefixAttention(
@@ -342,7 +309,7 @@ class PerceiverAR(nn.Module):
 
         positions = torch.arange(seq_len, device=x.device)
         h = self.token_emb(x) + self.pos_emb(positions)  # [B, L, dim]
-        angles = self.rotary_pos_emb(seq_len, device=x.device)  # [L, r]
+        angles = self.rotary_pos_emb(torch.arange(seq_len, device=x.device))  # [L, r], float32
         prefix, h = h[:, :prefix_len], h[:, prefix_len:]  # [B, P, dim], [B, n, dim]
         for cross_attn, ff in self.perceive_layers:
             h = cross_attn(h, prefix, context_mask=prefix_mask, rotary_pos_emb=angles) + h

@@ -11,30 +11,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RotaryEmbedding", "rotate"]
+__all__ = ["RotaryEmbedding", "rotary_frequencies", "rotate"]
+
+
+def rotary_frequencies(rotated_channels: int, base: float = 10000.0, device: torch.device | None = None) -> Tensor:
+    """float32 ``base ** (-2i / rotated_channels)`` for ``i < rotated_channels / 2``: ``[rotated_channels / 2]``."""
+    exponent = torch.arange(0, rotated_channels, 2, device=device, dtype=torch.float32) / max(rotated_channels, 1)
+    return 1.0 / (base**exponent)
 
 
 class RotaryEmbedding(nn.Module):
     """Rotation angles ``position × frequency`` for ``rotated_channels`` channels per head.
 
-    Frequencies are ``base ** (-2i / rotated_channels)`` for ``i < rotated_channels / 2``, each used for
-    both halves. ``rotated_channels`` must be even (0 turns the rotation off).
+    Frequencies are :func:`rotary_frequencies`, each used for both halves. ``rotated_channels`` must be
+    even (0 turns the rotation off). Angles are always float32, computed from the formula: a model cast to
+    half precision would round a stored frequency table (bfloat16 angles are off by whole radians beyond
+    position 256). ``inv_freq`` is kept as a buffer only for checkpoints that carry it (``persistent=True``:
+    a state-dict entry, as lucidrains' Perceiver AR has).
     """
 
-    def __init__(self, rotated_channels: int, base: float = 10000.0) -> None:
+    def __init__(self, rotated_channels: int, base: float = 10000.0, *, persistent: bool = False) -> None:
         super().__init__()
         if rotated_channels < 0 or rotated_channels % 2:
             raise ValueError(f"rotated_channels must be even and >= 0, got {rotated_channels}")
         self.rotated_channels = rotated_channels
         self.base = base
-        exponent = torch.arange(0, rotated_channels, 2).float() / max(rotated_channels, 1)
-        # a constant of the module, rebuilt on construction: not part of the state dict
-        self.register_buffer("inv_freq", 1.0 / (base**exponent), persistent=False)
+        self.register_buffer("inv_freq", rotary_frequencies(rotated_channels, base), persistent=persistent)
 
     def forward(self, positions: Tensor) -> Tensor:
-        """Positions ``[..., N]`` (integer or float) → angles ``[..., N, rotated_channels]``."""
-        pos = positions.to(self.inv_freq.dtype)
-        half = pos[..., None] * self.inv_freq  # [..., N, rotated / 2]
+        """Positions ``[..., N]`` (integer or float) → float32 angles ``[..., N, rotated_channels]``."""
+        half = positions.float()[..., None] * rotary_frequencies(self.rotated_channels, self.base, positions.device)
         return torch.cat((half, half), dim=-1)
 
 
@@ -42,16 +48,17 @@ def rotate(t: Tensor, angles: Tensor) -> Tensor:
     """Rotate the first ``angles.shape[-1]`` channels of ``t [B, H, N, d]``.
 
     ``angles`` is ``[N, r]`` (the same positions for every sample) or ``[B, 1, N, r]`` (per sample),
-    from :class:`RotaryEmbedding`. Computed in ``t``'s dtype.
+    from :class:`RotaryEmbedding`. Computed in float32 (cos and sin of large angles need it), returned in
+    ``t``'s dtype.
     """
     r = angles.shape[-1]
     if r == 0:
         return t
     if r > t.shape[-1]:
         raise ValueError(f"cannot rotate {r} channels of heads {t.shape[-1]} wide")
-    angles = angles.to(t.dtype)
-    t_rot, t_pass = t[..., :r], t[..., r:]
+    angles = angles.float()
+    t_rot, t_pass = t[..., :r].float(), t[..., r:]
     first, second = t_rot[..., : r // 2], t_rot[..., r // 2 :]
     turned = torch.cat((-second, first), dim=-1)  # multiplication by i in each (first, second) pair
     t_rot = t_rot * angles.cos() + turned * angles.sin()
-    return torch.cat((t_rot, t_pass), dim=-1)
+    return torch.cat((t_rot.to(t.dtype), t_pass), dim=-1)
