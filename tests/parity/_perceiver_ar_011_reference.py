@@ -15,23 +15,12 @@ level and called only with activation checkpointing, is replaced by a stand-in w
 """
 
 import sys
-import types
 from pathlib import Path
 
 import torch
+from _krasserm_env import use_krasserm
 
-REFS = Path(sys.prefix) / "refs" / "perceiver-io-0.11.0"
-sys.path.append(str(REFS))
-if "fairscale" not in sys.modules:
-    try:
-        import fairscale.nn  # noqa: F401
-    except ImportError:
-        def _refuse(*args, **kwargs):
-            raise NotImplementedError("activation checkpointing of krasserm/perceiver-io needs fairscale")
-
-        fs, fs_nn = types.ModuleType("fairscale"), types.ModuleType("fairscale.nn")
-        fs_nn.checkpoint_wrapper, fs.nn = _refuse, fs_nn
-        sys.modules.update({"fairscale": fs, "fairscale.nn": fs_nn})
+use_krasserm("0.11.0")
 from perceiver.model.core.config import CausalSequenceModelConfig
 from perceiver.model.core.modules import CausalSequenceModel
 

@@ -4,26 +4,13 @@ parameter randomised, and saves their state dicts, inputs and outputs (eval and 
 ``generate``) to the folder given as the first argument."""
 
 import sys
-import types
 import warnings
 from pathlib import Path
 
 import torch
+from _krasserm_env import use_krasserm
 
-REFS = Path(sys.prefix) / "refs" / "perceiver-io-0.6.0"
-sys.path.append(str(REFS))
-# krasserm's core modules import fairscale's checkpoint_wrapper at import time and call it only with
-# activation_checkpointing=True (never set here); a stand-in that refuses to be called replaces it.
-if "fairscale" not in sys.modules:
-    try:
-        import fairscale.nn  # noqa: F401
-    except ImportError:
-        def _refuse(*args, **kwargs):
-            raise NotImplementedError("activation checkpointing of krasserm/perceiver-io needs fairscale")
-
-        fs, fs_nn = types.ModuleType("fairscale"), types.ModuleType("fairscale.nn")
-        fs_nn.checkpoint_wrapper, fs.nn = _refuse, fs_nn
-        sys.modules.update({"fairscale": fs, "fairscale.nn": fs_nn})
+use_krasserm("0.6.0")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from perceiver.model.text.clm import CausalLanguageModel, CausalLanguageModelConfig
