@@ -152,7 +152,7 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
     limit = args.peer_mem_limit * W.GiB
     impls = []
     for impl in wl.impls:
-        why = W.peer_unavailable(impl)
+        why = W.peer_unavailable(impl, device)
         if why:  # an optional peer that is not installed here
             entry["impls"][impl] = {"skipped": why}
             print(f"  {impl}: skipped ({why})")

@@ -6,7 +6,9 @@ benchmark also checks that the outputs agree (``check``). Every builder is seede
 
 Optional peers live outside the environment's site-packages (``peer_unavailable`` says why one is
 skipped): krasserm's perceiver-io, in ``.venv/refs``, runs the DeepMind-layout workloads with the
-transformers model's weights mapped into its modules.
+transformers model's weights mapped into its modules, and its Perceiver AR; kklemon's FlashPerceiver
+(its torch path on CPU) and lucidrains' perceiver-ar-pytorch, in ``.venv/refs`` too, run their own
+configurations. Without a peer's folder, perceivers runs those workloads alone with its own weights.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ HF = "transformers"
 KR = "krasserm/perceiver-io"  # optional peer: PyPI perceiver-io, installed by `make setup` into .venv/refs
 KR_VERSION = "0.6.0"  # the newest release that installs on Python 3.11 (later ones require < 3.11)
 KR_REFS = Path(sys.prefix) / "refs" / f"perceiver-io-{KR_VERSION}"
+FP = "kklemon/flash-perceiver"  # optional peer: flash-perceiver 0.2.0 + flash-attn 2.8.3.post2's python code
+FP_REFS = Path(sys.prefix) / "refs" / "flash-perceiver-0.2.0"
+AR_LR = "lucidrains/perceiver-ar-pytorch"  # optional peer: perceiver-ar-pytorch 0.0.10 (pure torch)
+AR_LR_REFS = Path(sys.prefix) / "refs" / "perceiver-ar-pytorch-0.0.10"
 
 GiB = 2**30
 
@@ -249,14 +255,31 @@ def _hf_estimate(channels: int, num_latents: int, qk: int, v: int, heads: int = 
     return est
 
 
-# ---------------------------------------------------------------------------- krasserm/perceiver-io (optional peer)
+# ---------------------------------------------------------------------------- optional peers; krasserm/perceiver-io
 
 
-def peer_unavailable(impl: str) -> str | None:
-    """Why an optional peer cannot run in this environment (``None``: it can)."""
-    if impl == KR and not (KR_REFS / "perceiver").is_dir():
-        return f"{KR_REFS} not found (make setup installs perceiver-io=={KR_VERSION} there with --no-deps)"
+# optional peers: refs folder, package, what `make setup` installs there
+_REFS = {KR: (KR_REFS, "perceiver", f"perceiver-io=={KR_VERSION}"),
+         FP: (FP_REFS, "flash_perceiver", "flash-perceiver==0.2.0 and flash-attn==2.8.3.post2 (python code)"),
+         AR_LR: (AR_LR_REFS, "perceiver_ar_pytorch", "perceiver-ar-pytorch==0.0.10")}
+
+
+def _ref_missing(impl: str) -> str | None:
+    refs, package, what = _REFS[impl]
+    if not (refs / package).is_dir():
+        return f"{refs} not found (make setup installs {what} there with --no-deps)"
     return None
+
+
+def peer_unavailable(impl: str, device: torch.device | None = None) -> str | None:
+    """Why an optional peer cannot run in this environment (``None``: it can)."""
+    if impl not in _REFS:
+        return None
+    why = _ref_missing(impl)
+    if why is None and impl == FP and device is not None and device.type == "cuda" and not _flash_attn_cuda():
+        why = ("flash-attn's CUDA extension (flash_attn_2_cuda) is not installed: .venv/refs holds flash-attn's "
+               "python code only, so FlashPerceiver would run its unfused torch path on the GPU")
+    return why
 
 
 def _krasserm():
@@ -466,6 +489,218 @@ def io_hf_workload(name: str, inputs: int, queries: int, batch: int, tags: tuple
     )
 
 
+# ---------------------------------------------------------------------------- FlashPerceiver, Perceiver AR (optional peers)
+
+def _flash_attn_cuda() -> bool:
+    """Whether flash-attn's compiled CUDA extension is installed (the refs folder holds its python code only)."""
+    ext = sys.modules.get("flash_attn_2_cuda")
+    if ext is not None:
+        return getattr(ext, "__file__", None) is not None  # not the empty stand-in of _flash_perceiver()
+    return importlib.util.find_spec("flash_attn_2_cuda") is not None
+
+
+def _flash_perceiver():
+    """kklemon's ``flash_perceiver`` package from its refs folder, importable without CUDA.
+
+    FlashPerceiver imports flash-attn at module level, and flash-attn imports its CUDA extension, torchvision
+    (``StochasticDepth``) and triton (rotary). Its torch path (``use_flash_attn=False``) calls none of them
+    for the configurations here (no drop path, no rotary), so stand-ins take their place when they are
+    missing: an empty ``flash_attn_2_cuda`` (it stays: flash-attn binds it at import), and for the import
+    only an identity ``StochasticDepth`` (p=0) and a triton rotary that refuses to be called.
+    """
+    if "flash_perceiver.perceiver" not in sys.modules:
+        why = _ref_missing(FP)
+        if why:
+            raise RuntimeError(why)
+        if str(FP_REFS) not in sys.path:
+            sys.path.append(str(FP_REFS))
+        if importlib.util.find_spec("flash_attn_2_cuda") is None:
+            sys.modules.setdefault("flash_attn_2_cuda", types.ModuleType("flash_attn_2_cuda"))
+        added = {}
+        if importlib.util.find_spec("torchvision") is None:
+            class StochasticDepth(nn.Module):
+                def __init__(self, p: float, mode: str) -> None:
+                    super().__init__()
+                    if p != 0:
+                        raise NotImplementedError("the StochasticDepth stand-in is the identity (p=0) only")
+
+                def forward(self, x):
+                    return x
+
+            tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+            ops.StochasticDepth, tv.ops = StochasticDepth, ops
+            added |= {"torchvision": tv, "torchvision.ops": ops}
+        if importlib.util.find_spec("triton") is None:
+            def apply_rotary(*args, **kwargs):
+                raise NotImplementedError("flash-attn's rotary kernel needs triton")
+
+            rotary = types.ModuleType("flash_attn.ops.triton.rotary")
+            rotary.apply_rotary = apply_rotary
+            sys.modules["flash_attn.ops.triton.rotary"] = rotary  # stays: flash_attn.ops.triton needs triton
+        sys.modules.update(added)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import flash_perceiver.perceiver  # noqa: F401
+        finally:
+            for name in added:
+                sys.modules.pop(name, None)
+    return sys.modules["flash_perceiver"]
+
+
+def _perceiver_ar_lucidrains():
+    """lucidrains' ``perceiver_ar_pytorch`` (0.0.10) from its refs folder (pure torch + einops)."""
+    why = _ref_missing(AR_LR)
+    if why:
+        raise RuntimeError(why)
+    if str(AR_LR_REFS) not in sys.path:
+        sys.path.append(str(AR_LR_REFS))
+    import perceiver_ar_pytorch
+
+    return perceiver_ar_pytorch
+
+
+# FlashPerceiver's own benchmark model (run_benchmarks.py, see its README): no Fourier features, no head.
+FLASH_BENCH = {"input_dim": 128, "depth": 8, "latent_dim": 256, "num_latents": 256}
+
+
+def _flash_builder(cfg: dict) -> Callable[[str, torch.device], Built]:
+    """FlashPerceiver builds first (seeded); perceivers' ``flash_perceiver.Perceiver`` loads its state dict strictly."""
+
+    def build(impl: str, device: torch.device) -> Built:
+        from perceivers import flash_perceiver
+
+        flash = device.type == "cuda" and _flash_attn_cuda()
+        kwargs = dict(cfg, use_flash_attn=flash)
+        run = lambda m, inp: m(inp[0])
+        if _ref_missing(FP):  # no reference here: perceivers alone, with its own (seeded) initialisation
+            if impl == FP:
+                raise RuntimeError(_ref_missing(FP))
+            return Built(_seeded(lambda: flash_perceiver.Perceiver(**kwargs)).to(device), run, note="own init")
+        peer = _seeded(lambda: _flash_perceiver().Perceiver(**kwargs))
+        if impl == FP:
+            path = "flash-attn kernels" if flash else "torch path (use_flash_attn=False)"
+            return Built(peer.to(device), run, note=f"flash-perceiver 0.2.0, {path}")
+        ours = flash_perceiver.Perceiver(**kwargs)
+        ours.load_state_dict(peer.state_dict(), strict=True)
+        del peer
+        return Built(ours.to(device), run, note="perceivers.flash_perceiver.Perceiver")
+
+    return build
+
+
+def flash_workload(name: str, tokens: int, batch: int, tags: tuple[str, ...] = ()) -> Workload:
+    cfg = dict(FLASH_BENCH)
+
+    def make(b: int, device: torch.device) -> tuple:
+        g = torch.Generator().manual_seed(1)
+        return (torch.randn(b, tokens, cfg["input_dim"], generator=g).to(device),)
+
+    return Workload(
+        name=name, family="FlashPerceiver",
+        description=f"FlashPerceiver's benchmark model (depth 8, 256×256 latents, gated MLP), {tokens} tokens × "
+                    f"{cfg['input_dim']} ch",
+        batch=batch, elements=tokens, impls=(OURS, FP), build=_flash_builder(cfg), inputs=make,
+        tags=frozenset(tags),
+    )
+
+
+def _token_inputs(vocab: int, seq: int):
+    def make(b: int, device: torch.device) -> tuple:
+        g = torch.Generator().manual_seed(1)
+        return (torch.randint(0, vocab, (b, seq), generator=g).to(device),)
+
+    return make
+
+
+def _krasserm_clm():
+    """krasserm's ``perceiver.model.text.clm`` (perceiver-io 0.6.0): the core package first, then the module."""
+    _krasserm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from perceiver.model.text import clm
+    return clm
+
+
+def _ar_krasserm_builder(fields: dict) -> Callable[[str, torch.device], Built]:
+    """krasserm's CausalLanguageModel builds first; perceivers loads it through ``convert.krasserm``."""
+
+    def build(impl: str, device: torch.device) -> Built:
+        from perceivers.convert.krasserm import load_krasserm_perceiver_ar
+        from perceivers.models.perceiver_ar import CausalLanguageModel, CausalLanguageModelConfig
+
+        run = lambda m, inp: m(inp[0])  # logits [B, num_latents, vocab]
+        ours_model = lambda: CausalLanguageModel(CausalLanguageModelConfig(**fields))
+        if peer_unavailable(KR):
+            if impl == KR:
+                raise RuntimeError(peer_unavailable(KR))
+            return Built(_seeded(ours_model).to(device), run, note="own init")
+        clm = _krasserm_clm()
+        peer = _seeded(lambda: clm.CausalLanguageModel(clm.CausalLanguageModelConfig(**fields)))
+        if impl == KR:
+            return Built(peer.to(device), run, note=f"perceiver-io {KR_VERSION} CausalLanguageModel")
+        ours = load_krasserm_perceiver_ar(ours_model(), peer.state_dict())
+        del peer
+        return Built(ours.to(device), run, note="perceivers.CausalLanguageModel, krasserm's weights")
+
+    return build
+
+
+# A reduced Perceiver AR (krasserm's perceiver-io CausalLanguageModel): bytes, 4096 positions, 512 latents.
+AR_KRASSERM = {"vocab_size": 262, "max_seq_len": 4096, "num_latents": 512, "num_channels": 512, "num_heads": 8,
+               "num_self_attention_layers": 6}
+
+
+def ar_krasserm_workload(name: str, fields: dict, batch: int, tags: tuple[str, ...] = ()) -> Workload:
+    return Workload(
+        name=name, family="Perceiver AR",
+        description=f"Perceiver AR CausalLanguageModel (krasserm layout: {fields['num_latents']} latents × "
+                    f"{fields['num_channels']} ch, {fields['num_self_attention_layers']} self-attention layers, "
+                    f"{fields['num_heads']} heads, prefix dropout 0.5 in training), {fields['max_seq_len']} tokens",
+        batch=batch, elements=fields["max_seq_len"], impls=(OURS, KR), build=_ar_krasserm_builder(fields),
+        inputs=_token_inputs(fields["vocab_size"], fields["max_seq_len"]), tags=frozenset(tags),
+    )
+
+
+def _ar_lucidrains_builder(cfg: dict) -> Callable[[str, torch.device], Built]:
+    """lucidrains' PerceiverAR builds first; ``perceivers.perceiver_ar_pytorch.PerceiverAR`` loads its state dict."""
+
+    def build(impl: str, device: torch.device) -> Built:
+        from perceivers.perceiver_ar_pytorch import PerceiverAR
+
+        run = lambda m, inp: m(inp[0])  # logits [B, max_seq_len - cross_attn_seq_len, num_tokens]
+        if _ref_missing(AR_LR):
+            if impl == AR_LR:
+                raise RuntimeError(_ref_missing(AR_LR))
+            return Built(_seeded(lambda: PerceiverAR(**cfg)).to(device), run, note="own init")
+        peer = _seeded(lambda: _perceiver_ar_lucidrains().PerceiverAR(**cfg))
+        if impl == AR_LR:
+            return Built(peer.to(device), run, note="perceiver-ar-pytorch 0.0.10")
+        ours = PerceiverAR(**cfg)
+        ours.load_state_dict(peer.state_dict(), strict=True)
+        del peer
+        return Built(ours.to(device), run, note="perceivers.perceiver_ar_pytorch.PerceiverAR")
+
+    return build
+
+
+# perceiver-ar-pytorch's README model (its dropouts included), batch 1.
+AR_LUCIDRAINS = {"num_tokens": 20000, "dim": 512, "depth": 8, "heads": 8, "dim_head": 64, "max_seq_len": 4096,
+                 "cross_attn_seq_len": 3072, "cross_attn_dropout": 0.5}
+
+
+def ar_lucidrains_workload(name: str, cfg: dict, batch: int, tags: tuple[str, ...] = ()) -> Workload:
+    return Workload(
+        name=name, family="Perceiver AR",
+        description=f"perceiver-ar-pytorch README PerceiverAR (dim {cfg['dim']}, depth {cfg['depth']}, "
+                    f"{cfg['heads']}×{cfg['dim_head']} heads, {cfg['num_tokens']} tokens vocabulary, prefix "
+                    f"{cfg['cross_attn_seq_len']} with dropout {cfg.get('cross_attn_dropout', 0)} in training), "
+                    f"{cfg['max_seq_len']} tokens",
+        batch=batch, elements=cfg["max_seq_len"], impls=(OURS, AR_LR), build=_ar_lucidrains_builder(cfg),
+        inputs=_token_inputs(cfg["num_tokens"], cfg["max_seq_len"]), tags=frozenset(tags),
+    )
+
+
 # ---------------------------------------------------------------------------- the list
 
 
@@ -504,6 +739,13 @@ def all_workloads() -> list[Workload]:
                           description="language Perceiver, reduced (128×256 latents, 4 self-attends), 2048 bytes"),
         language_workload("language-official", LANGUAGE_OFFICIAL, 1, tags=("official", "large"),
                           description="language Perceiver, official size (201M parameters), 2048 bytes"),
+    ]
+    for tokens, batch in ((1024, 8), (4096, 4), (16384, 2)):
+        w.append(flash_workload(f"flash-perceiver-{tokens // 1024}k", tokens, batch,
+                                tags=("flash-perceiver", "new-peers")))
+    w += [
+        ar_krasserm_workload("perceiver-ar-krasserm", AR_KRASSERM, 2, tags=("perceiver-ar", "new-peers")),
+        ar_lucidrains_workload("perceiver-ar-lucidrains", AR_LUCIDRAINS, 1, tags=("perceiver-ar", "new-peers")),
     ]
     return w
 

@@ -60,3 +60,48 @@ def test_fast_cases_get_more_rounds_up_to_the_cap():
     assert [len(t) for t in more.values()] == [7, 7]  # the cap ends it long before a minute
     capped = measure.alternate(cases, cpu, repeats=3, min_time_s=60.0, max_repeats=7, budget_s=0.0)
     assert [len(t) for t in capped.values()] == [1, 1]  # the budget ends it after one round
+
+
+_NEW_PEERS = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import workloads as W
+
+cpu = torch.device("cpu")
+tiny = [
+    W.flash_workload("fp", 12, 2),
+    W.ar_krasserm_workload("kr", {**W.AR_KRASSERM, "max_seq_len": 24, "num_latents": 8, "num_channels": 32,
+                                  "num_heads": 4, "num_self_attention_layers": 2}, 2),
+    W.ar_lucidrains_workload("lr", {**W.AR_LUCIDRAINS, "num_tokens": 50, "dim": 32, "depth": 1, "heads": 2,
+                                    "dim_head": 32, "max_seq_len": 20, "cross_attn_seq_len": 12}, 2),
+]
+tiny[0].build = W._flash_builder({**W.FLASH_BENCH, "depth": 2, "latent_dim": 32, "num_latents": 8})
+for wl in tiny:
+    ours, peer = (wl.build(impl, cpu) for impl in wl.impls)
+    assert W.peer_unavailable(wl.impls[1], cpu) is None, wl.impls[1]
+    assert W.parameter_count(ours.model) == W.parameter_count(peer.model) > 0
+    x = wl.inputs(wl.batch, cpu)
+    with torch.no_grad():
+        a, b = (m.run(m.model.eval(), x) for m in (ours, peer))
+    assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5, float((a - b).abs().max())
+W.FP_REFS = W.AR_LR_REFS = W.KR_REFS = W.Path("/nonexistent")
+W._REFS = {k: (W.Path("/nonexistent"), *v[1:]) for k, v in W._REFS.items()}
+for wl in tiny:  # a missing refs folder: the peer is reported unavailable, perceivers runs alone
+    assert "not found (make setup installs" in W.peer_unavailable(wl.impls[1])
+    assert wl.build(W.OURS, cpu).note == "own init"
+print("OK")
+"""
+
+
+def test_new_peer_builders_agree_at_tiny_size():
+    """FlashPerceiver, krasserm's and lucidrains' Perceiver AR: same parameters and outputs as perceivers."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import workloads
+
+    missing = [impl for impl in (workloads.FP, workloads.KR, workloads.AR_LR) if workloads.peer_unavailable(impl)]
+    if missing:
+        pytest.skip(f"optional peers not installed: {missing}")
+    proc = subprocess.run([sys.executable, "-c", _NEW_PEERS, str(ROOT / "benchmarks")], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
