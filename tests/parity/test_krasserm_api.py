@@ -122,3 +122,17 @@ def test_perceiver_io_060_keys_load(reference):
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
         _close(model.eval()(ref["inputs"]["x"], pad_mask=ref["inputs"]["pad_mask"]), ref["outputs"]["logits"])
+
+
+def test_activation_checkpointing_same_numbers_and_keys(reference):
+    """krasserm wraps layers with fairscale; here ``torch.utils.checkpoint``: same keys, same forward and grads."""
+    ref = _load(reference, "enc_unshared")
+    plain = _strict(_perceiver_io(ref["kwargs"]), ref).encoder
+    ckpt = _strict(_perceiver_io({**ref["kwargs"], "activation_checkpointing": True}), ref).encoder
+    x, pad = ref["inputs"]["x"], ref["inputs"]["pad_mask"]
+    out_plain, out_ckpt = plain(x, pad_mask=pad), ckpt(x, pad_mask=pad)
+    _close(out_ckpt, out_plain)
+    out_plain.square().mean().backward()
+    out_ckpt.square().mean().backward()
+    q = "latent_provider._query"
+    _close(ckpt.get_parameter(q).grad, plain.get_parameter(q).grad)
