@@ -599,6 +599,19 @@ class PerceiverIO(nn.Sequential):
         return self[1]
 
 
+def classification_decoder(config: PerceiverIOConfig, num_queries: int) -> PerceiverDecoder:
+    """The classifier decoder of krasserm's text and image classifiers: ``num_queries`` trainable queries
+    (``config.decoder`` sizes them) cross-attend the latents, then a linear layer to ``num_classes``."""
+    dec = config.decoder
+    return PerceiverDecoder(
+        output_adapter=ClassificationOutputAdapter(dec.num_classes, dec.num_output_query_channels),
+        output_query_provider=TrainableQueryProvider(num_queries, dec.num_output_query_channels, dec.init_scale),
+        num_latent_channels=config.num_latent_channels,
+        activation_checkpointing=config.activation_checkpointing,
+        activation_offloading=config.activation_offloading, **dec.base_kwargs(),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- configs
 
 

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from perceivers.krasserm.core import (
     ClassificationDecoderConfig,
-    ClassificationOutputAdapter,
     DecoderConfig,
     EncoderConfig,
     OutputAdapter,
@@ -22,6 +21,7 @@ from perceivers.krasserm.core import (
     TiedTokenOutputAdapter,
     TokenInputAdapter,
     TrainableQueryProvider,
+    classification_decoder,
     freeze,
 )
 
@@ -127,17 +127,7 @@ class TextClassifier(PerceiverIO):
             activation_checkpointing=config.activation_checkpointing,
             activation_offloading=config.activation_offloading,
         )
-        dec = config.decoder
-        decoder = PerceiverDecoder(
-            output_adapter=ClassificationOutputAdapter(dec.num_classes, dec.num_output_query_channels),
-            output_query_provider=TrainableQueryProvider(
-                dec.num_output_queries, dec.num_output_query_channels, dec.init_scale
-            ),
-            num_latent_channels=config.num_latent_channels,
-            activation_checkpointing=config.activation_checkpointing,
-            activation_offloading=config.activation_offloading, **dec.base_kwargs(),
-        )
-        super().__init__(encoder, decoder)
+        super().__init__(encoder, classification_decoder(config, config.decoder.num_output_queries))
         self.config = config
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:

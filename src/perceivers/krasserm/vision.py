@@ -10,15 +10,13 @@ from torch import Tensor
 
 from perceivers.krasserm.core import (
     ClassificationDecoderConfig,
-    ClassificationOutputAdapter,
     EncoderConfig,
     FourierPositionEncoding,
     InputAdapter,
-    PerceiverDecoder,
     PerceiverEncoder,
     PerceiverIO,
     PerceiverIOConfig,
-    TrainableQueryProvider,
+    classification_decoder,
 )
 
 __all__ = ["ImageClassifier", "ImageClassifierConfig", "ImageEncoder", "ImageEncoderConfig", "ImageInputAdapter"]
@@ -71,15 +69,7 @@ class ImageClassifier(PerceiverIO):
             num_latent_channels=config.num_latent_channels, activation_checkpointing=config.activation_checkpointing,
             activation_offloading=config.activation_offloading, **encoder_kwargs,
         )
-        dec = config.decoder
-        decoder = PerceiverDecoder(
-            output_adapter=ClassificationOutputAdapter(dec.num_classes, dec.num_output_query_channels),
-            output_query_provider=TrainableQueryProvider(1, dec.num_output_query_channels, dec.init_scale),
-            num_latent_channels=config.num_latent_channels,
-            activation_checkpointing=config.activation_checkpointing,
-            activation_offloading=config.activation_offloading, **dec.base_kwargs(),
-        )
-        super().__init__(encoder, decoder)
+        super().__init__(encoder, classification_decoder(config, 1))
         self.config = config
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
