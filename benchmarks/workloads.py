@@ -740,7 +740,7 @@ def all_workloads() -> list[Workload]:
         language_workload("language-official", LANGUAGE_OFFICIAL, 1, tags=("official", "large"),
                           description="language Perceiver, official size (201M parameters), 2048 bytes"),
     ]
-    for tokens, batch in ((1024, 8), (4096, 4), (16384, 2)):
+    for tokens, batch in ((1024, 16), (4096, 8), (16384, 4)):
         w.append(flash_workload(f"flash-perceiver-{tokens // 1024}k", tokens, batch,
                                 tags=("flash-perceiver", "new-peers")))
     w += [
