@@ -123,11 +123,10 @@ class CausalCrossAttention(nn.Module):
 
     def forward(self, latents: Tensor, prefix: Tensor, angles_q: Tensor | None = None,
                 angles_k: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-        """``latents [B, N, C]``, ``prefix [B, P, C]`` → ``[B, N, C]``; key angles and ``keep`` cover ``P + N`` keys."""
-        q = self.norm_q(latents)
-        kv = torch.cat((self.norm_kv(prefix), q), dim=1)  # [B, P + N, C]
-        x = latents + _attention(self.attn, q, *_keys_values(self.attn, kv, angles_k), angles_q, keep)
-        return x + self.mlp(self.norm_mlp(x))
+        """``latents [B, N, C]``, ``prefix [B, P, C]`` → ``[B, N, C]``; key angles and ``keep`` cover ``P + N`` keys
+        (the last N key angles are the latents', ``angles_q``): the prefix keys, then :meth:`extend`."""
+        past = self.prefix_keys(prefix, None if angles_k is None else angles_k[..., : prefix.shape[1], :])
+        return self.extend(latents, past, angles_q, keep)[0]
 
     def prefix_keys(self, prefix: Tensor, angles: Tensor | None) -> KeyValue:
         """Keys/values ``[B, H, P, d]`` of prefix positions ``[B, P, C]`` (for :meth:`extend`)."""
