@@ -73,6 +73,11 @@ def markdown(results: dict) -> str:
             f"{v / 1e9:.0f} GFLOP/s".replace("  ", " ") for k, v in rates.items() if k.startswith("matmul"))
                      + "; each workload also "
                      "times a matmul job interleaved with the models (column *matmul*).")
+        products = {k[len("product_"):-len("_flop_per_s")]: v for k, v in rates.items() if k.startswith("product_")}
+        if products:
+            lines.append("The fp32 reference is the faster of the available products (" + ", ".join(
+                f"{name} {v / 1e9:.0f} GFLOP/s" for name, v in products.items()) + " at the start), "
+                "so no implementation is measured against a slow BLAS.")
     optimizers = sorted({(e.get("run") or {}).get("optimizer", "foreach") for e in results.get("workloads", {}).values()})
     if optimizers:
         lines.append(f"Training step: forward + backward + AdamW ({' / '.join(optimizers)}; `foreach` is PyTorch's "

@@ -289,7 +289,9 @@ def main(argv=None) -> None:
     chosen = select(W.all_workloads(), args)
     desc = measure.machine_description(device)
     print(f"machine: {desc}")
-    rates = {"matmul_flop_per_s": measure.matmul_rate(device, torch.float32)}
+    products = measure.matmul_rates(device, torch.float32)
+    rates = {"matmul_flop_per_s": max(products.values()),
+             **{f"product_{name}_flop_per_s": rate for name, rate in products.items()}}
     if args.precision == "bf16" or device.type == "cuda":
         rates["matmul_bf16_flop_per_s"] = measure.matmul_rate(device, torch.bfloat16)
     peak = measure.gpu_peak_flop_per_s(desc.get("gpu", ""), args.precision) if device.type == "cuda" else None

@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from .layers.attention import attention_weights, check_mask
+from .layers.dense import Linear
 from .layers.mlp import FeedForward
 from .layers.position import linear_positions
 from .layers.rotary import RotaryEmbedding, rotate
@@ -117,9 +118,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = num_heads * head_dim
         self.num_heads, self.head_dim, self.kv_dim, self.dropout = num_heads, head_dim, kv_dim, dropout
-        self.Wq = nn.Linear(dim, inner, bias=False)
-        self.Wkv = nn.Linear(kv_dim, 2 * inner, bias=False)
-        self.out_proj = nn.Linear(inner, dim)
+        self.Wq = Linear(dim, inner, bias=False)
+        self.Wkv = Linear(kv_dim, 2 * inner, bias=False)
+        self.out_proj = Linear(inner, dim)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
                 return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -144,8 +145,8 @@ class SelfAttention(nn.Module):
                              f"got {rotary_dim}")
         inner = num_heads * head_dim
         self.num_heads, self.head_dim, self.dropout = num_heads, head_dim, dropout
-        self.Wqkv = nn.Linear(dim, 3 * inner)
-        self.out_proj = nn.Linear(inner, dim)
+        self.Wqkv = Linear(dim, 3 * inner)
+        self.out_proj = Linear(inner, dim)
         self.rotary_dim = rotary_dim
         self.rotary = RotaryEmbedding(rotary_dim)  # no state-dict entry, as flash-attn's
 
@@ -171,8 +172,8 @@ class GatedMlp(nn.Module):
     def __init__(self, dim: int, hidden_features: int, multiple_of: int = 128) -> None:
         super().__init__()
         hidden = -(-hidden_features // multiple_of) * multiple_of
-        self.fc1 = nn.Linear(dim, 2 * hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, 2 * hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.glu(self.fc1(x), dim=-1))
@@ -476,7 +477,7 @@ class Perceiver(PerceiverBase):
             if output_mode == "concat" and num_latents is None:
                 raise ValueError("output_mode='concat' needs num_latents (the flattened width), got None")
             width = num_latents * latent_dim if output_mode == "concat" else latent_dim
-            self.out_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, output_dim))
+            self.out_proj = nn.Sequential(nn.LayerNorm(width), Linear(width, output_dim))
 
     def forward(self, data: Inputs, mask: Masks = None, latents: Tensor | None = None,
                 return_embeddings: bool = False,
@@ -538,7 +539,7 @@ class PerceiverIO(PerceiverBase):
         if proj_dim is None:
             self.out_proj = nn.Identity()
         else:
-            self.out_proj = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, proj_dim))
+            self.out_proj = nn.Sequential(nn.LayerNorm(query_dim), Linear(query_dim, proj_dim))
 
     def forward(self, data: Inputs, mask: Masks = None, latents: Tensor | None = None, queries: Tensor | None = None,
                 query_mask: Tensor | None = None,
@@ -692,7 +693,7 @@ class ImageAdapter(nn.Module):
         self.patch_dim = num_channels * (1 if patch_size is None else patch_size[0] * patch_size[1])
         if pos_encoding is not None:
             self.patch_dim += pos_encoding.out_dim
-        self.proj = nn.Sequential(nn.LayerNorm(self.patch_dim), nn.Linear(self.patch_dim, embed_dim),
+        self.proj = nn.Sequential(nn.LayerNorm(self.patch_dim), Linear(self.patch_dim, embed_dim),
                                   nn.LayerNorm(embed_dim))
 
     def forward(self, x: Tensor) -> Tensor:

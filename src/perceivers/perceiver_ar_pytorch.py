@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .layers.dense import Linear
 from .layers.rotary import RotaryEmbedding, rotate
 from .models.common import check_token_ids
 from .validation import check_index_range
@@ -52,10 +53,10 @@ def feed_forward(dim: int, mult: float = 4, dropout: float = 0.0) -> nn.Sequenti
     hidden = int(dim * mult)
     return nn.Sequential(
         nn.LayerNorm(dim),
-        nn.Linear(dim, hidden, bias=False),
+        Linear(dim, hidden, bias=False),
         nn.GELU(),
         nn.Dropout(dropout),
-        nn.Linear(hidden, dim, bias=False),
+        Linear(hidden, dim, bias=False),
     )
 
 
@@ -78,8 +79,8 @@ class CausalAttention(nn.Module):
         self.dropout = dropout
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_qkv = Linear(dim, inner * 3, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
 
     def forward(self, x: Tensor, rotary_pos_emb: Tensor | None = None) -> Tensor:
         q, k, v = (_heads(t, self.heads) for t in self.to_qkv(self.norm(x)).chunk(3, dim=-1))  # [B, H, n, d]
@@ -126,9 +127,9 @@ class CausalPrefixAttention(nn.Module):
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
         self.context_norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_kv = Linear(dim, inner * 2, bias=False)
+        self.to_out = Linear(inner, dim)
 
     def forward(
         self, x: Tensor, context: Tensor, context_mask: Tensor | None = None, rotary_pos_emb: Tensor | None = None
@@ -266,7 +267,7 @@ class PerceiverAR(nn.Module):
             ])
             for _ in range(depth)
         )
-        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+        self.to_logits = Linear(dim, num_tokens, bias=False)
 
     def forward(self, x: Tensor, prefix_mask: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         """Token ids ``x [B, L]`` with ``cross_attn_seq_len < L <= max_seq_len``.

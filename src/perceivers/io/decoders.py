@@ -25,6 +25,7 @@ from ..layers import (
     TrainablePositionEncoding,
     check_mask,
 )
+from ..layers.dense import Linear
 from .queries import FourierQueries, InputQueries, TrainableQueries
 
 __all__ = [
@@ -122,7 +123,7 @@ class BasicDecoder(nn.Module):
             )
 
         self.cross_attention = cross_attention(use_query_residual)
-        self.output = None if output_channels is None else nn.Linear(query_channels, output_channels)
+        self.output = None if output_channels is None else Linear(query_channels, output_channels)
         if self.output is not None and zero_init_output:
             self.output._haiku_zero_init = True  # read by perceivers.io.init.init_like_haiku
             nn.init.zeros_(self.output.weight)
@@ -248,7 +249,7 @@ class ProjectionDecoder(nn.Module):
         self.num_classes = num_classes
         self.query_channels = 0
         self.output_channels = num_classes
-        self.logits = nn.Linear(latent_channels, num_classes)
+        self.logits = Linear(latent_channels, num_classes)
         self.logits._haiku_zero_init = True
         nn.init.zeros_(self.logits.weight)
         nn.init.zeros_(self.logits.bias)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import FourierPositionEncoding, TrainablePositionEncoding
+from ..layers.dense import Linear
 
 __all__ = ["ProjectedPositions", "TrainableGridPositions", "build_position_encoding", "has_grid_rows"]
 
@@ -72,7 +73,7 @@ class ProjectedPositions(nn.Module):
         super().__init__()
         self.base = base
         self.num_channels = num_channels
-        self.proj = nn.Linear(base.num_channels, num_channels)
+        self.proj = Linear(base.num_channels, num_channels)
 
     def forward(
         self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None

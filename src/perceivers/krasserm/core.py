@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from perceivers.layers.attention import Attention
+from perceivers.layers.dense import Linear, linear
 from perceivers.layers.position import FourierPositionEncoding as _Fourier
 
 __all__ = [
@@ -222,9 +223,9 @@ class MLP(nn.Sequential):
     def __init__(self, num_channels: int, widening_factor: int, bias: bool = True) -> None:
         super().__init__(
             nn.LayerNorm(num_channels),
-            nn.Linear(num_channels, widening_factor * num_channels, bias=bias),
+            Linear(num_channels, widening_factor * num_channels, bias=bias),
             nn.GELU(),
-            nn.Linear(widening_factor * num_channels, num_channels, bias=bias),
+            Linear(widening_factor * num_channels, num_channels, bias=bias),
         )
 
 
@@ -336,7 +337,7 @@ class ClassificationOutputAdapter(OutputAdapter):
 
     def __init__(self, num_classes: int, num_output_query_channels: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(num_output_query_channels, num_classes)
+        self.linear = Linear(num_output_query_channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x).squeeze(dim=1)
@@ -410,8 +411,7 @@ class TiedTokenOutputAdapter(OutputAdapter):
             self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, x: Tensor, txt_embedding: nn.Embedding) -> Tensor:
-        result = torch.matmul(x, txt_embedding.weight.T)
-        return result + self.bias if self._emb_bias else result
+        return linear(x, txt_embedding.weight, self.bias if self._emb_bias else None)
 
 
 class FourierPositionEncoding(nn.Module):

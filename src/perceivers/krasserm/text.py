@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from perceivers.krasserm.core import (
     ClassificationDecoderConfig,
@@ -24,6 +24,7 @@ from perceivers.krasserm.core import (
     classification_decoder,
     freeze,
 )
+from perceivers.layers.dense import Linear
 
 __all__ = [
     "MaskedLanguageModel", "MaskedLanguageModelConfig", "TextClassifier", "TextClassifierConfig", "TextDecoder",
@@ -74,7 +75,7 @@ class TokenOutputAdapter(OutputAdapter):
 
     def __init__(self, vocab_size: int, num_output_query_channels: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(num_output_query_channels, vocab_size)
+        self.linear = Linear(num_output_query_channels, vocab_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x).squeeze(dim=1)

@@ -2,6 +2,7 @@
 
 from .attention import Attention, KeyValue, check_mask, fold_is_cheaper
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
+from .dense import Linear, linear, onednn_enabled, use_onednn
 from .mlp import Activation, FeedForward
 from .position import (
     FourierPositionEncoding,
@@ -22,6 +23,7 @@ __all__ = [
     "FourierPositionEncoding",
     "GridContext",
     "KeyValue",
+    "Linear",
     "SelfAttentionBlock",
     "TrainablePositionEncoding",
     "auto_chunk_size",
@@ -29,5 +31,8 @@ __all__ = [
     "check_mask",
     "fold_is_cheaper",
     "fourier_features",
+    "linear",
     "linear_positions",
+    "onednn_enabled",
+    "use_onednn",
 ]

@@ -20,6 +20,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .dense import Linear
+
 __all__ = ["Attention", "KeyValue", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
 
 KeyValue = tuple[Tensor, Tensor]
@@ -99,10 +101,10 @@ class Attention(nn.Module):
         self.q_dim, self.kv_dim, self.out_dim = q_dim, kv_dim, out_dim
         self.qk_channels, self.v_channels = qk_channels, v_channels
         self.dropout = dropout
-        self.to_q = nn.Linear(q_dim, qk_channels, bias=qkv_bias)
-        self.to_k = nn.Linear(kv_dim, qk_channels, bias=qkv_bias)
-        self.to_v = nn.Linear(kv_dim, v_channels, bias=qkv_bias)
-        self.to_out = nn.Linear(v_channels, out_dim, bias=out_bias)
+        self.to_q = Linear(q_dim, qk_channels, bias=qkv_bias)
+        self.to_k = Linear(kv_dim, qk_channels, bias=qkv_bias)
+        self.to_v = Linear(kv_dim, v_channels, bias=qkv_bias)
+        self.to_out = Linear(v_channels, out_dim, bias=out_bias)
         self.fold_kv: bool | None = None
 
     def folds(self, inverted: bool = False, *, num_queries: int | None = None, length: int | None = None) -> bool:

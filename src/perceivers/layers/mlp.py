@@ -7,6 +7,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dense import Linear
+
 __all__ = ["Activation", "FeedForward"]
 
 Activation = Literal["geglu", "gelu", "gelu_tanh"]
@@ -30,8 +32,8 @@ class FeedForward(nn.Module):
             raise ValueError(f"activation must be 'geglu', 'gelu' or 'gelu_tanh', got {activation!r}")
         hidden = dim * mult
         self.activation = activation
-        self.fc1 = nn.Linear(dim, hidden * 2 if activation == "geglu" else hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden * 2 if activation == "geglu" else hidden)
+        self.fc2 = Linear(hidden, dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..layers.dense import Linear
 from ..validation import check_finite, check_index_range, check_like
 
 __all__ = [
@@ -51,11 +52,11 @@ class ClassifierHead(nn.Sequential):
     """Mean over latents → LayerNorm → Linear: ``[B, N, D]`` → ``[B, num_classes]``.
 
     Indexable as perceiver-pytorch's ``to_logits`` (``[0]`` the pool, ``[1]`` the norm, ``[2]`` or
-    ``[-1]`` the projection; ``head[-1] = nn.Linear(D, n)`` swaps it); tensors are ``norm.*``, ``proj.*``.
+    ``[-1]`` the projection; ``head[-1] = Linear(D, n)`` swaps it); tensors are ``norm.*``, ``proj.*``.
     """
 
     def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__(OrderedDict(pool=MeanOverLatents(), norm=nn.LayerNorm(dim), proj=nn.Linear(dim, num_classes)))
+        super().__init__(OrderedDict(pool=MeanOverLatents(), norm=nn.LayerNorm(dim), proj=Linear(dim, num_classes)))
 
 
 class LogitsAlias:
@@ -118,8 +119,8 @@ class AttentionResidual(nn.Module):
     def __init__(self, dim: int, rank: int = 64) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(dim)
-        self.down = nn.Linear(dim, rank, bias=False)
-        self.up = nn.Linear(rank, dim, bias=False)
+        self.down = Linear(dim, rank, bias=False)
+        self.up = Linear(rank, dim, bias=False)
 
     def forward(self, block_outputs: Sequence[Tensor]) -> Tensor:
         """``L × [B, N, D]`` → ``[B, N, D]``."""

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask
+from ..layers.dense import Linear
 from ..validation import check_like
 from .common import ClassifierHead, LogitsAlias, tie_schedule
 from .variants import GridInput
@@ -37,10 +38,10 @@ class LinearAttention(nn.Module):
         super().__init__()
         inner = num_heads * head_dim
         self.num_heads, self.scale = num_heads, head_dim**-0.5
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_k = Linear(dim, inner, bias=False)
+        self.to_v = Linear(dim, inner, bias=False)
+        self.to_out = Linear(inner, dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -134,7 +135,7 @@ class BottomUpPerceiver(LogitsAlias, nn.Module):
         self.input = GridInput(input_channels=input_channels, input_axis=input_axis, num_freq_bands=num_freq_bands,
                                max_freq=max_freq, fourier_encode_data=fourier_encode_data)
         input_dim = self.context_dim = self.input.num_channels
-        self.data_proj = nn.Linear(input_dim, input_dim)
+        self.data_proj = Linear(input_dim, input_dim)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
         self.block_order = tie_schedule(depth, weight_tie_layers)
         # A unique block needs the token-update sublayers if any layer but the last uses it.

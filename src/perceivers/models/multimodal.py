@@ -33,6 +33,7 @@ from ..layers import (
     fourier_features,
     linear_positions,
 )
+from ..layers.dense import Linear
 from .common import LogitsAlias, check_input, flatten_axes, tie_schedule
 
 __all__ = [
@@ -360,7 +361,7 @@ class MultiModalityPerceiver(_MultiModalityInputs):
         )
         # LayerNorm → Linear on the pooled latents (pooling is :meth:`pool`, overridable as in the fork)
         self.head = (
-            nn.Sequential(OrderedDict(norm=nn.LayerNorm(latent_dim), proj=nn.Linear(latent_dim, num_classes)))
+            nn.Sequential(OrderedDict(norm=nn.LayerNorm(latent_dim), proj=Linear(latent_dim, num_classes)))
             if num_classes is not None
             else None
         )
@@ -625,7 +626,7 @@ class HierarchicalMultiModalityPerceiver(_MultiModalityInputs):
         )
         last = sizes[-1][1]
         self.head = (
-            nn.Sequential(OrderedDict(norm=nn.LayerNorm(last), proj=nn.Linear(last, num_classes)))
+            nn.Sequential(OrderedDict(norm=nn.LayerNorm(last), proj=Linear(last, num_classes)))
             if num_classes is not None
             else None
         )

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..layers import CrossAttentionBlock, SelfAttentionBlock, TrainablePositionEncoding
+from ..layers.dense import Linear
 from .common import check_input
 
 __all__ = ["PatchPerceiver"]
@@ -94,7 +95,7 @@ class PatchPerceiver(nn.Module):
         classifier_hidden = latent_dim if classifier_hidden is None else classifier_hidden
         patch_values = self.patch_size[0] * self.patch_size[1] * input_channels
 
-        self.patch_proj = nn.Linear(patch_values, patch_dim)
+        self.patch_proj = Linear(patch_values, patch_dim)
         self.position = TrainablePositionEncoding(self.num_patches, patch_dim)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
         self.cross_attn = CrossAttentionBlock(
@@ -109,8 +110,8 @@ class PatchPerceiver(nn.Module):
             for _ in range(num_blocks)
         )
         self.head = nn.Sequential(
-            nn.Linear(latent_dim, classifier_hidden), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(classifier_hidden, num_classes),
+            Linear(latent_dim, classifier_hidden), nn.GELU(), nn.Dropout(dropout),
+            Linear(classifier_hidden, num_classes),
         )
 
     def patchify(self, images: Tensor) -> Tensor:

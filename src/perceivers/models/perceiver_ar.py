@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..configurable import configurable
 from ..layers import Attention, FeedForward
+from ..layers.dense import Linear
 from ..layers.rotary import RotaryEmbedding, rotate
 from .common import check_token_ids
 
@@ -442,7 +443,7 @@ class CausalLanguageModel(PerceiverAR):
                              f"{head_width // 2}) is the rotary width and must be even")
         super().__init__(
             TokenInputAdapter(config.vocab_size, config.max_seq_len, config.num_channels),
-            nn.Linear(config.num_channels, config.vocab_size, bias=False),
+            Linear(config.num_channels, config.vocab_size, bias=False),
             num_latents=config.num_latents,
             num_heads=config.num_heads,
             num_self_attention_layers=config.num_self_attention_layers,

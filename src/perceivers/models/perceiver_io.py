@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
+from ..layers.dense import Linear
 from ..validation import check_finite, check_like
 from .common import (
     AttentionResidual,
@@ -155,7 +156,7 @@ class PerceiverIO(nn.Module):
             queries_dim, latent_dim, num_heads=cross_heads, qk_channels=cross_heads * cross_dim_head,
             qkv_bias=False, query_residual=False, mlp_mult=4 if decoder_ff else None, activation="geglu",
         )
-        self.to_logits = nn.Linear(queries_dim, logits_dim) if logits_dim is not None else nn.Identity()
+        self.to_logits = Linear(queries_dim, logits_dim) if logits_dim is not None else nn.Identity()
         # The deeper decoder (empty lists by default: no state-dict keys, no random numbers drawn, so
         # every module above is initialised as in a 1-layer decoder under the same seed).
         self.decoder_extra_cross_attns = nn.ModuleList(

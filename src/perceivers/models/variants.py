@@ -26,6 +26,7 @@ from ..layers import (
     KeyValue,
     check_mask,
 )
+from ..layers.dense import Linear
 from ..validation import check_like
 from .common import ClassifierHead, LogitsAlias, check_input, flatten_axes, tie_schedule
 
@@ -133,8 +134,8 @@ class LatentMixer(nn.Module):
 
     def __init__(self, num_latents: int, mult: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(num_latents, num_latents * mult)
-        self.fc2 = nn.Linear(num_latents * mult, num_latents)
+        self.fc1 = Linear(num_latents, num_latents * mult)
+        self.fc2 = Linear(num_latents * mult, num_latents)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

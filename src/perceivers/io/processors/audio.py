@@ -7,6 +7,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from ...configurable import configurable
+from ...layers.dense import Linear
 from ...validation import check_tensor
 from .base import Preprocessed, add_positions
 
@@ -58,7 +59,7 @@ class AudioPostprocessor(nn.Module):
     def __init__(self, in_channels: int, samples_per_patch: int = 96) -> None:
         super().__init__()
         self.samples_per_patch = samples_per_patch
-        self.linear = nn.Linear(in_channels, samples_per_patch)
+        self.linear = Linear(in_channels, samples_per_patch)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x).reshape(x.shape[0], -1)

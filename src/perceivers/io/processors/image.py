@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ...configurable import configurable
 from ...layers import ContextStream, FourierPositionEncoding, GridContext
+from ...layers.dense import Linear
 from ...validation import check_tensor
 from ..positions import has_grid_rows
 from .base import Preprocessed, add_positions
@@ -160,7 +161,7 @@ class ImagePreprocessor(nn.Module):
         elif prep_type == "patches":
             features = in_channels * spatial_downsample**2 * temporal_downsample
             if conv_after_patching:
-                self.patches_linear = nn.Linear(features, num_channels)
+                self.patches_linear = Linear(features, num_channels)
                 features = num_channels
         else:
             features = in_channels

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...configurable import configurable
+from ...layers.dense import Linear
 
 __all__ = ["ClassificationPostprocessor", "ProjectionPostprocessor"]
 
@@ -15,7 +16,7 @@ class ProjectionPostprocessor(nn.Module):
 
     def __init__(self, in_channels: int, num_outputs: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_channels, num_outputs)
+        self.linear = Linear(in_channels, num_outputs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x)
@@ -27,7 +28,7 @@ class ClassificationPostprocessor(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_channels, num_classes)
+        self.linear = Linear(in_channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x[:, 0])

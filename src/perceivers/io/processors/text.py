@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ...configurable import configurable
 from ...layers import TrainablePositionEncoding
+from ...layers.dense import linear
 from ...validation import check_index_range, check_tensor
 from .base import Preprocessed
 
@@ -58,4 +59,4 @@ class EmbeddingDecoder(nn.Module):
         """``hidden [B, L, d_model]``, ``embedding_weight [vocab, d_model]`` → ``[B, L, vocab]``."""
         if embedding_weight.shape[0] != self.vocab_size:
             raise ValueError(f"embedding table has {embedding_weight.shape[0]} rows, expected {self.vocab_size}")
-        return hidden @ embedding_weight.t() + self.bias
+        return linear(hidden, embedding_weight, self.bias)

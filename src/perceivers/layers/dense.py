@@ -1,0 +1,134 @@
+"""Dense layers whose float32 CPU products run on oneDNN where the BLAS is slower.
+
+PyTorch's CPU wheels compute ``F.linear`` in float32 with MKL, which gives AMD processors its AVX2
+kernels only; on an AVX-512 AMD processor (Zen 4/5) oneDNN's float32 matmul, shipped in the same wheel,
+runs the same products 2-2.3x faster (docs/performance.md, "oneDNN for the dense layers"). Both are
+IEEE float32 (no reduced-precision accumulation); they differ in summation order only, i.e. by a few
+units in the last place.
+
+:class:`Linear` is ``nn.Linear`` (same parameters, initialisation and ``state_dict``) with that
+forward, and :func:`linear` the function. The oneDNN path is taken for float32 CPU tensors outside
+autocast, ``torch.compile``, ``torch.export`` and tracing (which see plain ``F.linear``), for products
+of at least ``2**22`` multiply-adds (below that oneDNN's fixed cost per call outweighs it). Whether it
+is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by default
+on x86 AMD processors with oneDNN available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Linear", "linear", "onednn_enabled", "use_onednn"]
+
+_MIN_MACS = 1 << 22
+_override: bool | None = None
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def _auto() -> bool:
+    setting = os.environ.get("PERCEIVERS_ONEDNN", "auto").strip().lower()
+    if setting in ("0", "false", "off", "no"):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if setting in ("1", "true", "on", "yes"):
+        return True
+    return platform.machine().lower() in ("x86_64", "amd64") and _cpu_vendor() == "AuthenticAMD"
+
+
+def onednn_enabled() -> bool:
+    """Whether large float32 CPU products go to oneDNN (see the module docstring)."""
+    return _auto() if _override is None else _override and torch.backends.mkldnn.is_available()
+
+
+@contextlib.contextmanager
+def use_onednn(enabled: bool | None = True) -> Iterator[None]:
+    """Route float32 CPU dense layers to oneDNN (``True``), to ``F.linear`` (``False``) or by default
+    (``None``) inside the block."""
+    global _override
+    previous, _override = _override, enabled
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` with all three products of forward and backward on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        flat_x = x.reshape(-1, x.shape[-1])
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiable products
+            grad_x = grad @ weight if need_x else None
+            grad_w = flat_grad.t() @ flat_x if need_w else None
+        else:
+            grad_x = _onednn(grad, weight.t(), None) if need_x else None
+            grad_w = _onednn(flat_grad.t(), flat_x.t(), None) if need_w else None
+        grad_b = flat_grad.sum(0) if ctx.has_bias and need_b else None
+        return grad_x, grad_w, grad_b
+
+
+def _use_onednn(x: Tensor, weight: Tensor) -> bool:
+    return (
+        not torch.compiler.is_compiling()
+        and x.dtype == torch.float32 and weight.dtype == torch.float32
+        and x.device.type == "cpu" and weight.device.type == "cpu"
+        and x.dim() >= 2 and weight.dim() == 2
+        and x.numel() * weight.shape[0] >= _MIN_MACS
+        and onednn_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., in]``, ``weight [out, in]`` -> ``[..., out]``."""
+    if not _use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    if bias is not None and bias.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (same parameters, init and ``state_dict``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,161 @@
+"""The dense layer's oneDNN path: the same values and gradients as ``F.linear``, taken only where it applies."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perceivers.layers import Linear, linear, onednn_enabled, use_onednn
+from perceivers.layers import dense as linear_module
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+def _reference(x, w, b, grad):
+    """Values and gradients of ``x Wᵀ + b`` in float64."""
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    out = F.linear(x64, w64, b64)
+    out.backward(grad.double())
+    return out, x64.grad, w64.grad, None if b64 is None else b64.grad
+
+
+@pytest.mark.parametrize("shape", [(300, 512), (4, 150, 512), (2, 3, 100, 512)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_values_and_gradients_match_float64(shape, bias, enabled):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(384, 512, generator=g, requires_grad=True)
+    b = torch.randn(384, generator=g, requires_grad=True) if bias else None
+    with use_onednn(enabled):
+        out = linear(x, w, b)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    assert ("OneDNN" in type(out.grad_fn).__name__) == enabled
+    ref = _reference(x, w, b, grad)
+    got = (out, x.grad, w.grad, None if b is None else b.grad)
+    for a, r in zip(got, ref):
+        if r is not None:
+            assert a.dtype == torch.float32
+            assert (a.double() - r).abs().max() <= 2e-6 * r.abs().max()
+
+
+def test_non_contiguous_operands():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 600, generator=g).t()  # [600, 512], transposed
+    w = torch.randn(512, 256, generator=g).t()  # [256, 512], transposed (a tied weight's view)
+    with use_onednn(True):
+        out = linear(x, w)
+    torch.testing.assert_close(out, x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_second_order_gradients():
+    """``create_graph=True`` differentiates the backward too (it uses differentiable products then)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 256, generator=g, requires_grad=True)
+    w = (torch.randn(128, 256, generator=g) / 16).requires_grad_()  # pre-activations ~1: tanh not saturated
+    results = []
+    for enabled in (True, False):
+        with use_onednn(enabled):
+            out = linear(x, w).tanh().sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.pow(2).sum(), w)
+        results.append(gw)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["small", "float64", "autocast", "no-grad"])
+def test_where_the_plain_path_is_taken(case):
+    x = torch.randn(64, 512, requires_grad=True)
+    w = torch.randn(256, 512, requires_grad=True)
+    with use_onednn(True):
+        if case == "small":
+            out = linear(x[:2, :16], w[:8, :16])  # 256 multiply-adds: below the threshold
+            assert "OneDNN" not in type(out.grad_fn).__name__
+        elif case == "float64":
+            out = linear(x.double(), w.double())
+            assert "OneDNN" not in type(out.grad_fn).__name__
+        elif case == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = linear(x, w)
+            assert out.dtype == torch.bfloat16
+        else:
+            with torch.no_grad():
+                out = linear(x, w)
+            assert out.grad_fn is None
+            torch.testing.assert_close(out, x.detach() @ w.detach().t(), rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_module_sees_plain_linear():
+    layer = Linear(512, 256)
+    x = torch.randn(64, 512)
+    with use_onednn(True):
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_is_an_nn_linear_with_the_same_state():
+    torch.manual_seed(3)
+    ours = Linear(32, 16)
+    torch.manual_seed(3)
+    plain = nn.Linear(32, 16)
+    assert isinstance(ours, nn.Linear)
+    assert ours.state_dict().keys() == plain.state_dict().keys()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, plain.state_dict()[k])
+
+
+def test_override_nests_and_restores():
+    default = onednn_enabled()
+    with use_onednn(False):
+        assert not onednn_enabled()
+        with use_onednn(True):
+            assert onednn_enabled()
+        assert not onednn_enabled()
+    assert onednn_enabled() == default
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", False), ("1", True)])
+def test_environment_variable(value, expected):
+    code = "from perceivers.layers import onednn_enabled; print(onednn_enabled())"
+    env = {**os.environ, "PERCEIVERS_ONEDNN": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
+
+
+def test_default_follows_the_processor(monkeypatch):
+    monkeypatch.delenv("PERCEIVERS_ONEDNN", raising=False)
+    linear_module._auto.cache_clear()
+    try:
+        for vendor, expected in (("AuthenticAMD", True), ("GenuineIntel", False)):
+            monkeypatch.setattr(linear_module, "_cpu_vendor", lambda vendor=vendor: vendor)
+            monkeypatch.setattr(linear_module.platform, "machine", lambda: "x86_64")
+            linear_module._auto.cache_clear()
+            assert linear_module._auto() is expected
+    finally:
+        linear_module._auto.cache_clear()
+
+
+def test_model_training_step_is_the_same_either_way():
+    """One optimiser step of a small Perceiver: the two paths agree to float32 tolerance."""
+    from perceivers import Perceiver
+
+    results = []
+    for enabled in (True, False):
+        torch.manual_seed(0)
+        model = Perceiver(input_channels=3, input_axis=2, num_freq_bands=4, max_freq=8.0, depth=2, num_latents=64,
+                          latent_dim=128, cross_dim_head=32, latent_dim_head=32, num_classes=10)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.randn(4, 16, 16, 3, generator=torch.Generator().manual_seed(1))
+        with use_onednn(enabled):
+            for _ in range(2):
+                opt.zero_grad()
+                model(x).logsumexp(-1).mean().backward()
+                opt.step()
+            results.append(model(x).detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
