@@ -330,22 +330,24 @@ def gpu_peak_flop_per_s(name: str, precision: str) -> float | None:
 
 
 def matmul_case(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
-                reps: int | None = None) -> tuple[Callable[[], None], int]:
-    """A dense-matmul job to time interleaved with the models: ``(fn, flops per call)``, with the
-    fastest product of :func:`matmul_rates` (chosen by a short measurement)."""
+                reps: int | None = None, product: str | None = None) -> tuple[Callable[[], None], int]:
+    """A dense-matmul job to time interleaved with the models: ``(fn, flops per call)``.
+
+    ``product`` names one of :func:`matmul_rates`' products (the run's fastest, measured at its start);
+    without it the fastest is chosen by measuring them here.
+    """
     n = n or reference_size(device)
     reps = reps or (4 if device.type == "cpu" else 20)
     products = _products(device, dtype)
-    if len(products) > 1:
-        rates = matmul_rates(device, dtype, n, seconds=0.5)
-        product = products[max(rates, key=rates.get)]
-    else:
-        product = next(iter(products.values()))
+    if product not in products:
+        rates = matmul_rates(device, dtype, n) if len(products) > 1 else dict.fromkeys(products, 1.0)
+        product = max(rates, key=rates.get)
+    fn_product = products[product]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
 
     def fn() -> None:
         for _ in range(reps):
-            product(a, b)
+            fn_product(a, b)
 
     return fn, 2 * n**3 * reps
