@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
                    help="AdamW implementation of the training step, the same for every implementation (default: "
                         "fused, one pass per parameter; foreach is PyTorch's default)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="keep freed host memory in the process (glibc mallopt, perceivers.allocator) for every "
+                        "implementation alike: large activations stop page-faulting on every step")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     p.add_argument("--min-time", type=float, default=10.0,
                    help="keep timing rounds (past --repeats, up to 30) until this many seconds per workload and mode")
@@ -124,7 +127,7 @@ def memory_case(args: argparse.Namespace) -> None:
 
 def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> dict:
     cmd = [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
-           "--optimizer", args.optimizer,
+           "--optimizer", args.optimizer, *(["--keep-freed-memory"] if args.keep_freed_memory else []),
            *(["--threads", str(args.threads)] if args.threads else []),
            "--memory-case", wl.name, impl, mode, str(batch)]
     try:
@@ -279,6 +282,11 @@ def main(argv=None) -> None:
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from perceivers.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            print("--keep-freed-memory: not applied (needs Linux with glibc)", flush=True)
     if args.memory_case:
         memory_case(args)
         return
@@ -306,7 +314,8 @@ def main(argv=None) -> None:
     path_json = out_dir / f"{tag}.json"
     results = report.load(path_json)
     run_info = {"machine": desc, "rates": rates, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "device": str(device), "precision": args.precision, "optimizer": args.optimizer}
+                "device": str(device), "precision": args.precision, "optimizer": args.optimizer,
+                "keep_freed_memory": args.keep_freed_memory}
     for wl in chosen:
         try:
             entry = run_workload(args, wl, device, rates)

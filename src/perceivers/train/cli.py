@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..allocator import keep_freed_memory
 from .callbacks import (
     LatestCheckpoint,
     NonFiniteGradientGuard,
@@ -85,6 +86,7 @@ class PerceiversCLI(LightningCLI):
 
     # ------------------------------------------------------------------ configuration fix-ups
     def before_instantiate_classes(self) -> None:
+        keep_freed_memory()  # large activations reused from the heap, not page-faulted in every step
         config = self.config[self.subcommand] if self.subcommand else self.config
         threads = config.get("num_threads")
         if threads:
