@@ -52,7 +52,7 @@ class ClassifierHead(nn.Sequential):
     """Mean over latents → LayerNorm → Linear: ``[B, N, D]`` → ``[B, num_classes]``.
 
     Indexable as perceiver-pytorch's ``to_logits`` (``[0]`` the pool, ``[1]`` the norm, ``[2]`` or
-    ``[-1]`` the projection; ``head[-1] = Linear(D, n)`` swaps it); tensors are ``norm.*``, ``proj.*``.
+    ``[-1]`` the projection; ``head[-1] = nn.Linear(D, n)`` swaps it); tensors are ``norm.*``, ``proj.*``.
     """
 
     def __init__(self, dim: int, num_classes: int) -> None:
