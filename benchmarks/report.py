@@ -55,6 +55,11 @@ def add_ratios(entry: dict) -> None:
     entry["summary"] = summary
 
 
+def fp32_products(rates: dict) -> dict[str, float]:
+    """The run's measured fp32 products (``product_<name>_flop_per_s`` entries of ``rates``): name → FLOP/s."""
+    return {k[len("product_"):-len("_flop_per_s")]: v for k, v in rates.items() if k.startswith("product_")}
+
+
 def _fmt(x, spec: str, none: str = "–") -> str:
     return none if x is None else format(x, spec)
 
@@ -73,7 +78,7 @@ def markdown(results: dict) -> str:
             f"{v / 1e9:.0f} GFLOP/s".replace("  ", " ") for k, v in rates.items() if k.startswith("matmul"))
                      + "; each workload also "
                      "times a matmul job interleaved with the models (column *matmul*).")
-        products = {k[len("product_"):-len("_flop_per_s")]: v for k, v in rates.items() if k.startswith("product_")}
+        products = fp32_products(rates)
         if products:
             lines.append("The fp32 reference is the faster of the available products (" + ", ".join(
                 f"{name} {v / 1e9:.0f} GFLOP/s" for name, v in products.items()) + " at the start), "

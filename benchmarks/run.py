@@ -191,7 +191,7 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
 
     # Inference
     fwd = {impl: make_forward(b, inputs, device, args.precision) for impl, b in built.items()}
-    products = {k[len("product_"):-len("_flop_per_s")]: v for k, v in rates.items() if k.startswith("product_")}
+    products = report.fp32_products(rates)
     mm_fn, mm_flops = measure.matmul_case(device, torch.bfloat16 if args.precision == "bf16" else torch.float32,
                                           product=max(products, key=products.get) if products else None)
     times = measure.alternate({**fwd, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup, budget_s=args.budget,

@@ -153,11 +153,8 @@ class Attention(nn.Module):
         Returns:
             ``[B, Q, out_dim]``.
         """
-        if x.shape[-1] != self.q_dim:
-            raise ValueError(f"queries must have {self.q_dim} channels, got {x.shape[-1]}")
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        q = self._project_queries(x)
         dropout = self.dropout if self.training else 0.0
-
         row_valid, attn_mask = _key_masks(mask)
 
         c = x if context is None else context
@@ -194,9 +191,7 @@ class Attention(nn.Module):
         folds and never calls SDPA, so it is slower and its output differs from :meth:`forward` by
         float rounding only. Used by :func:`record_attention`.
         """
-        if x.shape[-1] != self.q_dim:
-            raise ValueError(f"queries must have {self.q_dim} channels, got {x.shape[-1]}")
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        q = self._project_queries(x)
         k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         dropout = self.dropout if self.training else 0.0
         row_valid, attn_mask = _key_masks(mask)
@@ -205,6 +200,12 @@ class Attention(nn.Module):
         else:
             weights = F.dropout(attention_weights(q, k, attn_mask), dropout)  # [B, H, Q, K]
         return self._output(torch.matmul(weights, v), row_valid, query_mask), weights
+
+    def _project_queries(self, x: Tensor) -> Tensor:
+        """``[B, Q, q_dim]`` → queries ``[B, H, Q, dk]``."""
+        if x.shape[-1] != self.q_dim:
+            raise ValueError(f"queries must have {self.q_dim} channels, got {x.shape[-1]}")
+        return rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
 
     def _output(self, out: Tensor, row_valid: Tensor | None, query_mask: Tensor | None) -> Tensor:
         """Heads ``[B, H, Q, dv]`` → ``[B, Q, out_dim]``, rows without a valid key or query zeroed first."""
@@ -255,12 +256,9 @@ class Attention(nn.Module):
         recomputed in the backward pass (activation checkpointing), so training memory stays
         bounded too. Same conventions as :meth:`forward` (mask True = attend; fully masked rows → 0).
         """
-        if x.shape[-1] != self.q_dim:
-            raise ValueError(f"queries must have {self.q_dim} channels, got {x.shape[-1]}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
-        q = q * (self.qk_channels // self.num_heads) ** -0.5
+        q = self._project_queries(x) * (self.qk_channels // self.num_heads) ** -0.5
         fold = self.folds(num_queries=x.shape[1], length=length)
         if fold:
             q = _pad_channels(self._fold_queries(q))

@@ -102,10 +102,11 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _use_onednn(x: Tensor, weight: Tensor) -> bool:
+def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
         not torch.compiler.is_compiling()
         and x.dtype == torch.float32 and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
         and x.device.type == "cpu" and weight.device.type == "cpu"
         and x.dim() >= 2 and weight.dim() == 2
         and x.numel() * weight.shape[0] >= _MIN_MACS
@@ -117,9 +118,7 @@ def _use_onednn(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., in]``, ``weight [out, in]`` -> ``[..., out]``."""
-    if not _use_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    if bias is not None and bias.dtype != torch.float32:
+    if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
