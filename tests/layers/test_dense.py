@@ -27,11 +27,12 @@ def _reference(x, w, b, grad):
 @pytest.mark.parametrize("shape", [(300, 512), (4, 150, 512), (2, 3, 100, 512)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("enabled", [True, False])
-def test_values_and_gradients_match_float64(shape, bias, enabled):
+@pytest.mark.parametrize("out_features", [384, 640])  # the weight gradient is computed transposed when out > in
+def test_values_and_gradients_match_float64(shape, bias, enabled, out_features):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, requires_grad=True)
-    w = torch.randn(384, 512, generator=g, requires_grad=True)
-    b = torch.randn(384, generator=g, requires_grad=True) if bias else None
+    w = torch.randn(out_features, 512, generator=g, requires_grad=True)
+    b = torch.randn(out_features, generator=g, requires_grad=True) if bias else None
     with use_onednn(enabled):
         out = linear(x, w, b)
     grad = torch.randn(out.shape, generator=g)
@@ -52,6 +53,30 @@ def test_non_contiguous_operands():
     with use_onednn(True):
         out = linear(x, w)
     torch.testing.assert_close(out, x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_weights_with_spaced_rows_reach_onednn_dense(monkeypatch):
+    """A weight sliced from a wider matrix (and, in the backward, an input sliced so) is handed to oneDNN
+    contiguous or transposed-contiguous: spaced rows send it to a reference kernel ~2000x slower."""
+    seen = []
+    primitive = torch.ops.mkldnn._linear_pointwise
+
+    def spy(x, w, *args):
+        seen.append(w.is_contiguous() or w.t().is_contiguous())
+        return primitive(x, w, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 300, 1024, generator=g)[..., :512].requires_grad_()
+    w = torch.randn(384, 1024, generator=g)[:, :512].requires_grad_()
+    with use_onednn(True):
+        out = linear(x, w)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    assert len(seen) == 3 and all(seen)
+    ref = _reference(x, w, None, grad)
+    for a, r in zip((out, x.grad, w.grad), ref):
+        assert (a.double() - r).abs().max() <= 2e-6 * r.abs().max()
 
 
 def test_second_order_gradients():
