@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import onednn_attention
 from .dense import Linear
 
 __all__ = ["Attention", "KeyValue", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
@@ -341,10 +342,12 @@ class Attention(nn.Module):
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:
-    """``softmax(q kᵀ · scale) v`` per head through SDPA, except where SDPA would take its math path on CPU
-    (key and value head widths differ, e.g. the language model's 32 and 160): there the same
-    computation written out, without the math path's guarded softmax (isneginf / all / where over
-    every score, 3% of the language model's forward)."""
+    """``softmax(q kᵀ · scale) v`` per head through SDPA, except on CPU: wide float32 heads go to
+    :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths differ,
+    e.g. the language model's 32 and 160) the same computation is written out, without the math path's
+    guarded softmax (isneginf / all / where over every score, 3% of the language model's forward)."""
+    if onednn_attention.applies(q, k, v, attn_mask, dropout):
+        return onednn_attention.attend(q, k, v, attn_mask, scale)
     if (q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or torch.compiler.is_compiling()
             or (attn_mask is not None and attn_mask.dtype != torch.bool)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)

@@ -1,0 +1,130 @@
+"""Attention on oneDNN per head: the values and gradients of softmax attention, taken only where it applies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perceivers.layers import Attention, use_onednn
+from perceivers.layers import onednn_attention as oa
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+def _heads(b, h, n, d, generator):
+    """``[B, H, N, d]`` laid out as a projection's output is (``[B, N, H, d]`` permuted)."""
+    return torch.randn(b, n, h, d, generator=generator).transpose(1, 2)
+
+
+def _reference(q, k, v, mask, scale, grad):
+    """Values and gradients in float64, written out."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scores = (q64 @ k64.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = scores.softmax(-1) @ v64
+    out.backward(grad.double())
+    return out, q64.grad, k64.grad, v64.grad
+
+
+@pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])
+def test_values_and_gradients_match_float64(mask_kind):
+    g = torch.Generator().manual_seed(0)
+    b, h, m, n, d, e = 2, 3, 512, 256, 64, 160
+    q, k, v = _heads(b, h, m, d, g), _heads(b, h, n, d, g), _heads(b, h, n, e, g)
+    for t in (q, k, v):
+        t.requires_grad_()
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(b, h if mask_kind == "per-head" else 1, 1, n, generator=g) > 0.3
+    with use_onednn(True):
+        assert oa.applies(q, k, v, mask, 0.0)
+        out = oa.attend(q, k, v, mask, scale=0.1)
+    assert "OneDNNAttention" in type(out.grad_fn).__name__
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    for got, ref in zip((out, q.grad, k.grad, v.grad), _reference(q, k, v, mask, 0.1, grad)):
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if mask is not None:  # masked keys get no gradient
+        dead = ~mask.expand(b, h, 1, n)[:, :, 0]
+        assert k.grad[dead].abs().max() == 0 and v.grad[dead].abs().max() == 0
+
+
+def test_keys_and_values_broadcast_over_heads():
+    """The folded cross-attention passes one context expanded over the heads as both keys and values."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 256, 136, generator=g, requires_grad=True)
+    context = torch.randn(2, 1024, 136, generator=g, requires_grad=True)
+    c = context[:, None].expand(-1, 4, -1, -1)
+    with use_onednn(True):
+        assert oa.applies(q, c, c, None, 0.0)
+        out = oa.attend(q, c, c)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    ref = F.scaled_dot_product_attention(q.detach().double(), c.detach().double(), c.detach().double())
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    q2, ctx2 = q.detach().double().requires_grad_(), context.detach().double().requires_grad_()
+    c2 = ctx2[:, None].expand(-1, 4, -1, -1)
+    F.scaled_dot_product_attention(q2, c2, c2).backward(grad.double())
+    for got, ref in ((q.grad, q2.grad), (context.grad, ctx2.grad)):
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_second_order_gradients_match_written_out_attention():
+    """``create_graph=True`` (the fused CPU kernel has no second derivative; ours has)."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 512, 128, generator=g, requires_grad=True) for _ in range(3))
+    results = []
+    for enabled in (True, False):
+        with use_onednn(enabled):
+            assert oa.applies(q, k, v, None, 0.0) == enabled
+            out = oa.attend(q, k, v) if enabled else ((q @ k.transpose(-1, -2)) / 128**0.5).softmax(-1) @ v
+        (gq,) = torch.autograd.grad(out.tanh().sum(), q, create_graph=True)
+        results.append(torch.autograd.grad(gq.pow(2).sum(), (q, k, v)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _shapes(b=2, h=8, m=512, n=512, d=128, e=128, dtype=torch.float32):
+    """Expanded views: the checks look at shapes only, nothing is allocated at full size."""
+    return (torch.zeros(1, 1, 1, 1, dtype=dtype).expand(b, h, m, d), torch.zeros(1, 1, 1, 1, dtype=dtype).expand(b, h, n, d),
+            torch.zeros(1, 1, 1, 1, dtype=dtype).expand(b, h, n, e))
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("wide heads", True),
+    ("narrow heads", False),      # d_k + d_v = 128: the fused kernel's single pass wins
+    ("few scores", False),        # 256 x 256 per head: per-call overhead
+    ("huge scores", False),       # 512 x 65536 per head: left to the fused kernel, which streams
+    ("dropout", False),
+    ("float64", False),
+    ("query-dependent mask", False),
+    ("disabled", False),
+    ("autocast", False),
+])
+def test_where_it_applies(case, expected):
+    shapes = {"narrow heads": {"d": 64, "e": 64}, "few scores": {"m": 256, "n": 256}, "huge scores": {"n": 65536},
+              "float64": {"dtype": torch.float64}}.get(case, {})
+    q, k, v = _shapes(**shapes)
+    mask = torch.ones(2, 1, 512, 512, dtype=torch.bool) if case == "query-dependent mask" else None
+    dropout = 0.1 if case == "dropout" else 0.0
+    with use_onednn(case != "disabled"), torch.autocast("cpu", enabled=case == "autocast"):
+        assert oa.applies(q, k, v, mask, dropout) == expected
+
+
+def test_attention_module_takes_it_and_matches_the_fused_kernel():
+    """DeepMind-style wide heads (the vision model's latent self-attention, reduced in width)."""
+    torch.manual_seed(3)
+    layer = Attention(q_dim=256, num_heads=2, qk_channels=256, v_channels=256)
+    x = torch.randn(2, 512, 256, requires_grad=True)
+    mask = torch.rand(2, 512) > 0.2
+    outs = []
+    for enabled in (True, False):
+        with use_onednn(enabled):
+            out = layer(x, mask=mask)
+            out.square().mean().backward()
+        outs.append((out.detach(), x.grad.clone(), layer.to_k.weight.grad.clone()))
+        x.grad = None
+        layer.zero_grad()
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
