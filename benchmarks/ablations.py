@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from run import machine_tag
 
 import perceivers
-from perceivers.layers import Attention
+from perceivers.layers import Attention, onednn_attention, use_onednn
 
 README = {"input_channels": 3, "input_axis": 2, "num_freq_bands": 6, "max_freq": 10.0, "depth": 6,
           "num_latents": 256, "latent_dim": 512, "cross_heads": 1, "latent_heads": 8, "cross_dim_head": 64,
@@ -341,8 +341,40 @@ def study_memory(args) -> dict:
     return out
 
 
+def with_onednn(dense: bool, attention: bool, fn):
+    """Run ``fn`` with the dense layers and wide-head attention on oneDNN or not (MKL: ``F.linear`` / SDPA)."""
+    def run():
+        real = onednn_attention.applies
+        if not attention:
+            onednn_attention.applies = lambda *a, **k: False
+        try:
+            with use_onednn(dense):
+                fn()
+        finally:
+            onednn_attention.applies = real
+    return run
+
+
+def study_onednn(args) -> dict:
+    """float32 products on oneDNN instead of MKL: the dense layers, then wide-head attention as well."""
+    out = {}
+    torch.manual_seed(0)
+    vision = perceivers.create_model("vision-perceiver-fourier").eval()  # official size, 48M parameters
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    m, xr = readme(), images(2 if args.quick else 8, 64)
+    for case, model, inputs, modes in (("official vision 224x224 (batch 1)", vision, x, ("inference", "training step")),
+                                       (f"readme-64 depth 6 (batch {xr.shape[0]})", m, xr, ("training step",))):
+        for mode in modes:
+            fn = forward(model, inputs) if mode == "inference" else train_step(model, inputs)
+            out[f"{case} {mode}"] = timed({"before": with_onednn(False, False, fn),
+                                           "dense layers only": with_onednn(True, False, fn),
+                                           "after": with_onednn(True, True, fn)}, args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
-           "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid}
+           "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
+           "onednn": study_onednn}
 
 
 def markdown(results: dict) -> str:

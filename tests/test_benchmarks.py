@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,3 +106,24 @@ def test_new_peer_builders_agree_at_tiny_size():
     proc = subprocess.run([sys.executable, "-c", _NEW_PEERS, str(ROOT / "benchmarks")], capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_products_of_a_step_are_recorded_and_counted(onednn):
+    """benchmarks/products.py: every product of a step found once per call, 2 FLOPs per multiply-add."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import products
+
+    from perceivers.layers import Linear, use_onednn
+
+    layer = Linear(256, 512)
+    x = torch.randn(64, 256, requires_grad=True)
+
+    def step():
+        with use_onednn(onednn):
+            layer(x).square().sum().backward()
+
+    res = products.products_of_step(step, repeats=1)
+    assert res["calls"] == 3  # forward, input gradient, weight gradient
+    assert res["flop"] == 3 * 2 * 64 * 256 * 512
+    assert res["isolated_s"] > 0
