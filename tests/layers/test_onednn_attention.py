@@ -128,3 +128,22 @@ def test_attention_module_takes_it_and_matches_the_fused_kernel():
         layer.zero_grad()
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainable", ["q", "kv", "v"])
+def test_only_the_asked_gradients(trainable):
+    """Frozen queries or keys/values (a frozen encoder, fixed queries) get no gradient computed."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = _heads(1, 2, 512, 96, g), _heads(1, 2, 512, 96, g), _heads(1, 2, 512, 96, g)
+    for name, t in zip("qkv", (q, k, v)):
+        t.requires_grad_(name in trainable)
+    with use_onednn(True):
+        out = oa.attend(q, k, v)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    ref = _reference(q, k, v, None, 96**-0.5, grad)
+    for name, t, r in zip("qkv", (q, k, v), ref[1:]):
+        if name in trainable:
+            assert (t.grad.double() - r).abs().max() <= 1e-5 * r.abs().max()
+        else:
+            assert t.grad is None

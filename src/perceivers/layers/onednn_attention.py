@@ -82,17 +82,25 @@ class _OneDNNAttention(torch.autograd.Function):
         q, k, v, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
             return (*_math_gradients(q, k, v, bias, ctx.scale, dout), None, None)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
         qs = q * ctx.scale
-        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # full size even where k, v are expanded views
+        # full size even where k, v are expanded views; None where no gradient is asked for (frozen parts)
+        dq, dk, dv = (torch.empty_like(t) if need else None for t, need in zip((q, k, v), (need_q, need_k, need_v)))
         for b in range(q.shape[0]):
             for h in range(q.shape[1]):
                 qh, kh, vh, doh = qs[b, h], k[b, h], v[b, h], dout[b, h]
                 p = _probabilities(qh, kh, _key_bias(bias, b, h))  # [M, N]
+                if dv is not None:
+                    dv[b, h] = _onednn(p.t(), doh.t(), None)
+                if dq is None and dk is None:
+                    continue
                 ds = torch._softmax_backward_data(_onednn(doh, vh, None), p, -1, p.dtype)  # d loss / d scores
-                dv[b, h] = _onednn(p.t(), doh.t(), None)
-                dq[b, h] = _onednn(ds, kh.t(), None)
-                dk[b, h] = _onednn(ds.t(), qh.t(), None)
-        dq.mul_(ctx.scale)
+                if dq is not None:
+                    dq[b, h] = _onednn(ds, kh.t(), None)
+                if dk is not None:
+                    dk[b, h] = _onednn(ds.t(), qh.t(), None)
+        if dq is not None:
+            dq.mul_(ctx.scale)
         return dq, dk, dv, None, None
 
 
