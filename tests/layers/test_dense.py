@@ -184,3 +184,30 @@ def test_model_training_step_is_the_same_either_way():
                 opt.step()
             results.append(model(x).detach())
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+def test_function_transforms_and_forward_mode_see_plain_linear():
+    """``torch.func`` (vmap, per-sample gradients, jacrev) and forward-mode AD work as with ``nn.Linear``."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    torch.manual_seed(4)
+    layer = Linear(512, 1024)
+    x = torch.randn(4, 300, 512)
+    params = dict(layer.named_parameters())
+
+    def loss(p, xi):
+        return functional_call(layer, p, (xi,)).square().sum()
+
+    with use_onednn(True):
+        batched = vmap(layer)(x)
+        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)["weight"]
+        jac = jacrev(lambda xi: linear(xi, layer.weight[:8]))(x[0, :2])
+        with fwad.dual_level():
+            tangent = torch.randn_like(x)
+            jvp = fwad.unpack_dual(layer(fwad.make_dual(x, tangent))).tangent
+    torch.testing.assert_close(batched, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert per_sample.shape == (4, 1024, 512)
+    torch.testing.assert_close(per_sample[1], torch.func.grad(loss)(params, x[1])["weight"], rtol=1e-4, atol=1e-3)
+    assert jac.shape == (2, 8, 2, 512)
+    torch.testing.assert_close(jvp, F.linear(tangent, layer.weight), rtol=1e-5, atol=1e-5)

@@ -147,3 +147,22 @@ def test_only_the_asked_gradients(trainable):
             assert (t.grad.double() - r).abs().max() <= 1e-5 * r.abs().max()
         else:
             assert t.grad is None
+
+
+def test_function_transforms_and_forward_mode_see_the_fused_kernel():
+    """vmap (e.g. per-sample gradients) and forward-mode AD: the plain path, which supports them."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import vmap
+
+    q, k, v = _shapes()
+    with use_onednn(True):
+        assert oa.applies(q, k, v, None, 0.0)
+        assert not vmap(lambda t: torch.tensor(oa.applies(q, k, v, None, 0.0)))(torch.zeros(2)).any()
+        with fwad.dual_level():
+            assert not oa.applies(q, k, v, None, 0.0)
+    torch.manual_seed(5)
+    layer = Attention(q_dim=256, num_heads=2, qk_channels=256, v_channels=256)
+    x = torch.randn(2, 512, 256)
+    with use_onednn(True):
+        batched = vmap(lambda xi: layer(xi[None])[0])(x)
+    torch.testing.assert_close(batched, layer(x), rtol=1e-4, atol=1e-5)

@@ -8,7 +8,8 @@ units in the last place.
 
 :class:`Linear` is ``nn.Linear`` (same parameters, initialisation and ``state_dict``) with that
 forward, and :func:`linear` the function. The oneDNN path is taken for float32 CPU tensors outside
-autocast, ``torch.compile``, ``torch.export`` and tracing (which see plain ``F.linear``), for products
+autocast, ``torch.compile``, ``torch.export``, tracing, ``torch.func`` transforms and forward-mode AD
+(which see plain ``F.linear``), for products
 of at least ``2**22`` multiply-adds (below that oneDNN's fixed cost per call outweighs it). Whether it
 is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by default
 on x86 AMD processors with oneDNN available.
@@ -118,9 +119,16 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def plain_autograd_required() -> bool:
+    """Whether a function transform (``torch.func.vmap``/``grad``/``jacrev``…) or forward-mode AD is active:
+    the oneDNN autograd functions define neither ``vmap`` nor ``jvp``, so the plain operators serve then."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
         not torch.compiler.is_compiling()
+        and not plain_autograd_required()
         and x.dtype == torch.float32 and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.device.type == "cpu" and weight.device.type == "cpu"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dense import _onednn, onednn_enabled
+from .dense import _onednn, onednn_enabled, plain_autograd_required
 
 __all__ = ["applies", "attend"]
 
@@ -43,6 +43,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing() and not torch.jit.is_scripting()
         and not torch.is_autocast_enabled("cpu")
+        and not plain_autograd_required()
         and onednn_enabled()
     )
 
