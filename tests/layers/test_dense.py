@@ -94,6 +94,15 @@ def test_second_order_gradients():
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("operand", ["weight", "input"])
+def test_sparse_operands_take_f_linear(operand):
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(300, 512, generator=g), torch.randn(1024, 512, generator=g)
+    with use_onednn(True):
+        out = linear(x.to_sparse(), w) if operand == "input" else linear(x, w.to_sparse())
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["small", "float64", "autocast", "no-grad"])
 def test_where_the_plain_path_is_taken(case):
     x = torch.randn(64, 512, requires_grad=True)

@@ -132,6 +132,7 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.dtype == torch.float32 and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.device.type == "cpu" and weight.device.type == "cpu"
+        and x.layout == weight.layout == torch.strided  # sparse operands: F.linear
         and x.dim() >= 2 and weight.dim() == 2
         and x.numel() * weight.shape[0] >= _MIN_MACS
         and onednn_enabled()

@@ -36,7 +36,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
     return (
         dropout == 0.0
         and q.shape[:2] == k.shape[:2] == v.shape[:2]
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided for t in (q, k, v))
         and q.shape[-1] + v.shape[-1] >= _MIN_HEAD_WIDTH
         and _MIN_SCORES <= m * n <= _MAX_SCORES
         and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
