@@ -7,12 +7,12 @@ IEEE float32 (no reduced-precision accumulation); they differ in summation order
 units in the last place.
 
 :class:`Linear` is ``nn.Linear`` (same parameters, initialisation and ``state_dict``) with that
-forward, and :func:`linear` the function. The oneDNN path is taken for float32 CPU tensors outside
-autocast, ``torch.compile``, ``torch.export``, tracing, ``torch.func`` transforms and forward-mode AD
-(which see plain ``F.linear``), for products
-of at least ``2**22`` multiply-adds (below that oneDNN's fixed cost per call outweighs it). Whether it
-is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by default
-on x86 AMD processors with oneDNN available.
+forward, and :func:`linear` the function. The oneDNN path is taken for dense float32 CPU tensors
+outside autocast, ``torch.compile``, ``torch.export``, tracing, ``torch.func`` transforms and
+forward-mode AD (which see plain ``F.linear``), for products of at least ``2**22`` multiply-adds
+(below that oneDNN's fixed cost per call outweighs it). Whether it is on: ``PERCEIVERS_ONEDNN=1`` /
+``0`` in the environment, :func:`use_onednn` in code, and by default on x86 AMD processors with oneDNN
+available.
 """
 
 from __future__ import annotations

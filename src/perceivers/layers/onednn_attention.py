@@ -4,7 +4,7 @@ PyTorch's fused CPU attention (``F.scaled_dot_product_attention``) computes its 
 MKL, which runs AVX2 kernels on AMD processors (see :mod:`perceivers.layers.dense`). Where heads are
 wide (``d_k + d_v ≥ 192``: DeepMind's configurations, e.g. 128 + 128 in the vision model's latent
 self-attention, 32 + 160 in the language model's cross-attentions) the products dominate, and
-computing them per head with oneDNN's AVX-512 kernels is 1.3-1.8x faster, forward and backward
+computing them per head with oneDNN's AVX-512 kernels is 1.2-2.4x faster in training
 (docs/performance.md, "Attention products on oneDNN"). Narrower heads stay on the fused kernel, whose
 single pass over the scores wins there.
 
