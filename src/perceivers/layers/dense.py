@@ -119,25 +119,26 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def plain_autograd_required() -> bool:
-    """Whether a function transform (``torch.func.vmap``/``grad``/``jacrev``…) or forward-mode AD is active:
-    the oneDNN autograd functions define neither ``vmap`` nor ``jvp``, so the plain operators serve then."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+def _onednn_usable(*tensors: Tensor) -> bool:
+    """Whether oneDNN's products may serve these operands here: dense float32 CPU tensors with oneDNN on,
+    outside autocast, ``torch.compile``/``torch.export``, tracing, ``torch.func`` transforms and forward-mode
+    AD (graphs must see the standard operators; the oneDNN autograd functions define no ``vmap``/``jvp``)."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided for t in tensors)
+        and onednn_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+        and not torch._C._are_functorch_transforms_active()
+        and torch.autograd.forward_ad._current_level < 0
+    )
 
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
-        not torch.compiler.is_compiling()
-        and not plain_autograd_required()
-        and x.dtype == torch.float32 and weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-        and x.device.type == "cpu" and weight.device.type == "cpu"
-        and x.layout == weight.layout == torch.strided  # sparse operands: F.linear
+        _onednn_usable(x, weight, *(() if bias is None else (bias,)))
         and x.dim() >= 2 and weight.dim() == 2
         and x.numel() * weight.shape[0] >= _MIN_MACS
-        and onednn_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing() and not torch.jit.is_scripting()
     )
 
 

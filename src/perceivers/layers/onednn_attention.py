@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dense import _onednn, onednn_enabled, plain_autograd_required
+from .dense import _onednn, _onednn_usable
 
 __all__ = ["applies", "attend"]
 
@@ -30,21 +30,15 @@ _MAX_SCORES = 1 << 23  # per head: the score matrix held at once
 
 def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float) -> bool:
     """Whether :func:`attend` serves ``q [B, H, M, d_k]``, ``k [B, H, N, d_k]``, ``v [B, H, N, d_v]``."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not _onednn_usable(q, k, v):
         return False
     m, n = q.shape[-2], k.shape[-2]
     return (
         dropout == 0.0
         and q.shape[:2] == k.shape[:2] == v.shape[:2]
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided for t in (q, k, v))
         and q.shape[-1] + v.shape[-1] >= _MIN_HEAD_WIDTH
         and _MIN_SCORES <= m * n <= _MAX_SCORES
         and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-        and not torch.is_autocast_enabled("cpu")
-        and not plain_autograd_required()
-        and onednn_enabled()
     )
 
 
