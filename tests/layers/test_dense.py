@@ -125,12 +125,45 @@ def test_where_the_plain_path_is_taken(case):
             torch.testing.assert_close(out, x.detach() @ w.detach().t(), rtol=1e-5, atol=1e-4)
 
 
-def test_compiled_module_sees_plain_linear():
-    layer = Linear(512, 256)
-    x = torch.randn(64, 512)
+def _graph_targets(gm: torch.fx.GraphModule) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_compiled_graphs_keep_the_onednn_operators():
+    """``torch.compile`` calls the products as ``perceivers::`` operators (forward and backward), with the
+    plain layer's values and gradients; with oneDNN off it sees ``F.linear`` (the setting is guarded)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    layer = Linear(512, 1024)  # out > in: the weight gradient comes back transposed
+    x = torch.randn(4, 64, 512, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+
+    def grads(fn):
+        x.grad, layer.weight.grad, layer.bias.grad = None, None, None
+        out = fn(x)
+        out.square().sum().backward()
+        return out, x.grad, layer.weight.grad, layer.bias.grad
+
     with use_onednn(True):
-        compiled = torch.compile(layer, fullgraph=True, backend="eager")
-        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        (out, *got), code = run_and_get_code(lambda: grads(compiled))
+    expected = grads(lambda t: F.linear(t, layer.weight, layer.bias))
+    for a, b in zip((out, *got), expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
+    source = "\n".join(code)
+    assert "perceivers.onednn_linear" in source and "perceivers.onednn_weight_grad" in source
+    assert "extern_kernels.mm" not in source and "extern_kernels.addmm" not in source
+    with use_onednn(False):
+        _, code = run_and_get_code(lambda: grads(compiled))
+    assert "perceivers.onednn" not in "\n".join(code)
+
+
+def test_exported_graphs_see_plain_linear():
+    layer = Linear(512, 256)
+    with use_onednn(True):
+        program = torch.export.export(layer, (torch.randn(64, 512),))
+    targets = _graph_targets(program.graph_module)
+    assert "aten.linear.default" in targets and not any("perceivers" in t for t in targets)
 
 
 def test_linear_is_an_nn_linear_with_the_same_state():
@@ -164,15 +197,15 @@ def test_environment_variable(value, expected):
 
 def test_default_follows_the_processor(monkeypatch):
     monkeypatch.delenv("PERCEIVERS_ONEDNN", raising=False)
-    linear_module._auto.cache_clear()
+    linear_module._default.cache_clear()
     try:
         for vendor, expected in (("AuthenticAMD", True), ("GenuineIntel", False)):
             monkeypatch.setattr(linear_module, "_cpu_vendor", lambda vendor=vendor: vendor)
             monkeypatch.setattr(linear_module.platform, "machine", lambda: "x86_64")
-            linear_module._auto.cache_clear()
-            assert linear_module._auto() is expected
+            linear_module._default.cache_clear()
+            assert linear_module._default() is expected
     finally:
-        linear_module._auto.cache_clear()
+        linear_module._default.cache_clear()
 
 
 def test_model_training_step_is_the_same_either_way():

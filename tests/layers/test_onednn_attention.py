@@ -166,3 +166,34 @@ def test_function_transforms_and_forward_mode_see_the_fused_kernel():
     with use_onednn(True):
         batched = vmap(lambda xi: layer(xi[None])[0])(x)
     torch.testing.assert_close(batched, layer(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "per-head"])
+def test_compiled_graphs_keep_it_as_an_operator(mask_kind):
+    """Under ``torch.compile`` it is one ``perceivers::`` operator each way, with the same values and
+    gradients (frozen keys included); exported graphs see SDPA."""
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator().manual_seed(6)
+    b, h, m, n, d, e = 1, 2, 512, 384, 32, 160
+    q, k, v = _heads(b, h, m, d, g).requires_grad_(), _heads(b, h, n, d, g), _heads(b, h, n, e, g).requires_grad_()
+    mask = None if mask_kind is None else torch.rand(b, h, 1, n, generator=g) > 0.3
+    grad = torch.randn(b, h, m, e, generator=g)
+
+    def step(q, k, v):
+        return (oa.attend(q, k, v, mask, scale=0.2) * grad).sum()
+
+    with use_onednn(True):
+        (_, code) = run_and_get_code(lambda: torch.compile(step, fullgraph=True)(q, k, v).backward())
+    source = "\n".join(code)
+    assert "perceivers.onednn_attention.default" in source and "perceivers.onednn_attention_backward" in source
+    assert k.grad is None
+    ref = _reference(q, k, v, mask, 0.2, grad)
+    for got, r in ((q.grad, ref[1]), (v.grad, ref[3])):
+        assert (got.double() - r).abs().max() <= 1e-5 * r.abs().max()
+
+    layer = Attention(q_dim=256, num_heads=2, qk_channels=64, v_channels=320)
+    with use_onednn(True):
+        program = torch.export.export(layer, (torch.randn(1, 512, 256),))
+    targets = {str(node.target) for node in program.graph_module.graph.nodes}
+    assert not any("perceivers" in t for t in targets)

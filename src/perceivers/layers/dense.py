@@ -45,12 +45,22 @@ def _cpu_vendor() -> str:
     return ""
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile reads it instead of tracing into it
+def _mkldnn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+@torch.compiler.assume_constant_result
 def _auto() -> bool:
+    return _default()  # the cache stays outside what torch.compile sees
+
+
+@functools.cache
+def _default() -> bool:
     setting = os.environ.get("PERCEIVERS_ONEDNN", "auto").strip().lower()
     if setting in ("0", "false", "off", "no"):
         return False
-    if not torch.backends.mkldnn.is_available():
+    if not _mkldnn_available():
         return False
     if setting in ("1", "true", "on", "yes"):
         return True
@@ -59,7 +69,7 @@ def _auto() -> bool:
 
 def onednn_enabled() -> bool:
     """Whether large float32 CPU products go to oneDNN (see the module docstring)."""
-    return _auto() if _override is None else _override and torch.backends.mkldnn.is_available()
+    return _auto() if _override is None else _override and _mkldnn_available()
 
 
 @contextlib.contextmanager
@@ -82,53 +92,98 @@ def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _onednn_weight_grad(flat_grad: Tensor, flat_x: Tensor) -> Tensor:
-    """``flat_gradᵀ flat_x``: ``[n, out]``, ``[n, in]`` -> ``[out, in]``.
+def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """The weight's gradient ``gradᵀ x`` over all leading axes: ``[..., out]``, ``[..., in]`` -> ``[out, in]``.
 
     oneDNN's product is faster when its output's rows are the longer side (``[2048 × 4096]ᵀ [2048 × 512]``:
     ≈195 GFLOP/s as ``[4096, 512]``, ≈370 as ``[512, 4096]``), so a tall result is computed transposed and
     returned as a transposed view (autograd lays it out like the weight when it stores it).
     """
+    flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     if flat_grad.shape[1] > flat_x.shape[1]:
         return _onednn(flat_x.t(), flat_grad.t(), None).t()
     return _onednn(flat_grad.t(), flat_x.t(), None)
 
 
+def _save_operands(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_gradients(ctx, grad: Tensor, product, weight_grad):
+    """The gradients of ``x Wᵀ + b`` for what ``ctx`` asks, with ``product`` for ``x``'s and
+    ``weight_grad`` for ``W``'s (differentiable operators instead under ``create_graph=True``)."""
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiable products
+        grad_x = grad @ weight if need_x else None
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+    else:
+        grad_x = product(grad, weight.t(), None) if need_x else None
+        grad_w = weight_grad(grad, x) if need_w else None
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need_b else None
+    return grad_x, grad_w, grad_b
+
+
 class _OneDNNLinear(torch.autograd.Function):
-    """``x Wᵀ + b`` with all three products of forward and backward on oneDNN."""
+    """``x Wᵀ + b`` with all three products of forward and backward on oneDNN (eager)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        _save_operands(ctx, x, weight, bias)
         return _onednn(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        flat_x = x.reshape(-1, x.shape[-1])
-        need_x, need_w, need_b = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: differentiable products
-            grad_x = grad @ weight if need_x else None
-            grad_w = flat_grad.t() @ flat_x if need_w else None
-        else:
-            grad_x = _onednn(grad, weight.t(), None) if need_x else None
-            grad_w = _onednn_weight_grad(flat_grad, flat_x) if need_w else None
-        grad_b = flat_grad.sum(0) if ctx.has_bias and need_b else None
-        return grad_x, grad_w, grad_b
+        return _linear_gradients(ctx, grad, _onednn, _onednn_weight_grad)
+
+
+# Under ``torch.compile`` the same products as operators (``torch.library``), which the compiled graphs
+# keep as opaque calls, fusing the elementwise work around them, where they would otherwise lower
+# ``F.linear`` to MKL's slower kernels. (Eager calls take the autograd function above: measured faster.)
+
+
+@torch.library.custom_op("perceivers::onednn_linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x Wᵀ + b`` on oneDNN: ``x [..., in]``, ``weight [out, in]`` -> ``[..., out]`` (contiguous)."""
+    return _onednn(x, weight, bias).contiguous()
+
+
+@_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("perceivers::onednn_weight_grad", mutates_args=())
+def _weight_grad_op(grad: Tensor, x: Tensor) -> Tensor:
+    """:func:`_onednn_weight_grad` as an operator."""
+    return _onednn_weight_grad(grad, x)
+
+
+@_weight_grad_op.register_fake
+def _(grad: Tensor, x: Tensor) -> Tensor:
+    out, inp = grad.shape[-1], x.shape[-1]
+    return grad.new_empty(inp, out).t() if out > inp else grad.new_empty(out, inp)  # as _onednn_weight_grad
+
+
+_linear_op.register_autograd(
+    lambda ctx, grad: _linear_gradients(ctx, grad, _linear_op, _weight_grad_op),
+    setup_context=lambda ctx, inputs, output: _save_operands(ctx, *inputs),
+)
 
 
 def _onednn_usable(*tensors: Tensor) -> bool:
     """Whether oneDNN's products may serve these operands here: dense float32 CPU tensors with oneDNN on,
-    outside autocast, ``torch.compile``/``torch.export``, tracing, ``torch.func`` transforms and forward-mode
-    AD (graphs must see the standard operators; the oneDNN autograd functions define no ``vmap``/``jvp``)."""
+    outside autocast, ``torch.export``, tracing, ``torch.func`` transforms and forward-mode AD (graphs that
+    are exported must see the standard operators; the oneDNN operators define no ``vmap``/``jvp``).
+    Under ``torch.compile`` the operators enter the graph (see above)."""
+    if not (all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided for t in tensors)
+            and onednn_enabled() and not torch.is_autocast_enabled("cpu")):
+        return False
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting()
     return (
-        not torch.compiler.is_compiling()
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided for t in tensors)
-        and onednn_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+        not torch.jit.is_tracing() and not torch.jit.is_scripting()
         and not torch._C._are_functorch_transforms_active()
         and torch.autograd.forward_ad._current_level < 0
     )
@@ -136,9 +191,9 @@ def _onednn_usable(*tensors: Tensor) -> bool:
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
-        _onednn_usable(x, weight, *(() if bias is None else (bias,)))
-        and x.dim() >= 2 and weight.dim() == 2
+        x.dim() >= 2 and weight.dim() == 2
         and x.numel() * weight.shape[0] >= _MIN_MACS
+        and _onednn_usable(x, weight, *(() if bias is None else (bias,)))
     )
 
 
@@ -146,6 +201,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., in]``, ``weight [out, in]`` -> ``[..., out]``."""
     if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _linear_op(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)

@@ -50,6 +50,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, sca
     if attn_mask is not None:
         bias = torch.zeros(attn_mask.shape[:2] + attn_mask.shape[3:], dtype=q.dtype)
         bias.masked_fill_(~attn_mask[:, :, 0], float("-inf"))  # [B|1, H|1, N]
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, bias, scale)
     return _OneDNNAttention.apply(q, k, v, bias, scale)
 
 
@@ -58,45 +60,95 @@ def _key_bias(bias: Tensor | None, b: int, h: int) -> Tensor | None:
     return None if bias is None else bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0]
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    qs = q * scale
+    batch, heads, m = q.shape[:3]
+    out = q.new_empty(batch, m, heads, v.shape[-1]).permute(0, 2, 1, 3)  # the heads merge as a view later
+    for b in range(batch):
+        for h in range(heads):
+            p = _probabilities(qs[b, h], k[b, h], _key_bias(bias, b, h))
+            out[b, h] = _onednn(p, v[b, h].t(), None)
+    return out
+
+
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+              needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    qs = q * scale
+    # full size even where k, v are expanded views; None where no gradient is asked for (frozen parts)
+    dq, dk, dv = (torch.empty_like(t) if need else None for t, need in zip((q, k, v), needs))
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            qh, kh, vh, doh = qs[b, h], k[b, h], v[b, h], dout[b, h]
+            p = _probabilities(qh, kh, _key_bias(bias, b, h))  # [M, N]
+            if dv is not None:
+                dv[b, h] = _onednn(p.t(), doh.t(), None)
+            if dq is None and dk is None:
+                continue
+            ds = torch._softmax_backward_data(_onednn(doh, vh, None), p, -1, p.dtype)  # d loss / d scores
+            if dq is not None:
+                dq[b, h] = _onednn(ds, kh.t(), None)
+            if dk is not None:
+                dk[b, h] = _onednn(ds.t(), qh.t(), None)
+    if dq is not None:
+        dq.mul_(scale)
+    return dq, dk, dv
+
+
 class _OneDNNAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
         ctx.save_for_backward(q, k, v, bias)
         ctx.scale = scale
-        qs = q * scale
-        batch, heads, m = q.shape[:3]
-        out = q.new_empty(batch, m, heads, v.shape[-1]).permute(0, 2, 1, 3)  # the heads merge as a view later
-        for b in range(batch):
-            for h in range(heads):
-                p = _probabilities(qs[b, h], k[b, h], _key_bias(bias, b, h))
-                out[b, h] = _onednn(p, v[b, h].t(), None)
-        return out
+        return _forward(q, k, v, bias, scale)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
             return (*_math_gradients(q, k, v, bias, ctx.scale, dout), None, None)
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        qs = q * ctx.scale
-        # full size even where k, v are expanded views; None where no gradient is asked for (frozen parts)
-        dq, dk, dv = (torch.empty_like(t) if need else None for t, need in zip((q, k, v), (need_q, need_k, need_v)))
-        for b in range(q.shape[0]):
-            for h in range(q.shape[1]):
-                qh, kh, vh, doh = qs[b, h], k[b, h], v[b, h], dout[b, h]
-                p = _probabilities(qh, kh, _key_bias(bias, b, h))  # [M, N]
-                if dv is not None:
-                    dv[b, h] = _onednn(p.t(), doh.t(), None)
-                if dq is None and dk is None:
-                    continue
-                ds = torch._softmax_backward_data(_onednn(doh, vh, None), p, -1, p.dtype)  # d loss / d scores
-                if dq is not None:
-                    dq[b, h] = _onednn(ds, kh.t(), None)
-                if dk is not None:
-                    dk[b, h] = _onednn(ds.t(), qh.t(), None)
-        if dq is not None:
-            dq.mul_(ctx.scale)
-        return dq, dk, dv, None, None
+        return (*_backward(dout, q, k, v, bias, ctx.scale, ctx.needs_input_grad[:3]), None, None)
+
+
+# Under ``torch.compile``: the same as operators (``torch.library``), kept whole in the compiled graphs
+# (as the dense layers' products, see :mod:`.dense`). Gradients not asked for come back empty.
+
+
+@torch.library.custom_op("perceivers::onednn_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    return _forward(q, k, v, bias, scale)
+
+
+@_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).permute(0, 2, 1, 3)
+
+
+@torch.library.custom_op("perceivers::onednn_attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+                           need_q: bool, need_k: bool, need_v: bool) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _backward(dout, q, k, v, bias, scale, (need_q, need_k, need_v))
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, bias, scale, need_q, need_k, need_v):
+    return tuple(torch.empty_like(t) if need else q.new_empty(0) for t, need in zip((q, k, v), (need_q, need_k, need_v)))
+
+
+def _attention_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    q, k, v, bias, scale = inputs
+    ctx.save_for_backward(q, k, v, bias)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, dout: Tensor):
+    q, k, v, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    grads = _attention_backward_op(dout, q, k, v, bias, ctx.scale, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 def _probabilities(q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
