@@ -5,6 +5,7 @@
     python benchmarks/run.py --quick         # a few workloads, small batches, few repeats
     python benchmarks/run.py --only sweep    # workloads whose name or tag contains "sweep"
     python benchmarks/run.py --device cuda   # bf16 autocast by default on CUDA
+    python benchmarks/run.py --compile       # every implementation under torch.compile
 
 For every workload the implementations are timed interleaved (round-robin) in one process, so
 their ratios hold on a loaded machine; peak memory is measured for each implementation and mode
@@ -54,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="keep freed host memory in the process (glibc mallopt, perceivers.allocator) for every "
                         "implementation alike: large activations stop page-faulting on every step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every implementation alike: the training step's forward + backward (AdamW "
+                        "stays eager) and the inference forward; compilation happens before the timing")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     p.add_argument("--min-time", type=float, default=10.0,
                    help="keep timing rounds (past --repeats, up to 30) until this many seconds per workload and mode")
@@ -77,31 +81,55 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def make_step(built: W.Built, inputs: tuple, device: torch.device, precision: str, optimizer: str = "fused"):
+def make_step(built: W.Built, inputs: tuple, device: torch.device, precision: str, optimizer: str = "fused",
+              compile: bool = False):
     model = built.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **{optimizer: True})
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
+    def forward_backward() -> None:
         with autocast(device, precision):
             out = built.run(model, inputs)
         loss = out.float().pow(2).mean()
         loss.backward()
+
+    run = torch.compile(forward_backward) if compile else forward_backward
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        run()
         opt.step()
 
     return step
 
 
-def make_forward(built: W.Built, inputs: tuple, device: torch.device, precision: str):
+def make_forward(built: W.Built, inputs: tuple, device: torch.device, precision: str, compile: bool = False):
     model = built.model
+    run = torch.compile(built.run) if compile else built.run
 
     def forward() -> None:
         model.eval()
         with torch.no_grad(), autocast(device, precision):
-            built.run(model, inputs)
+            run(model, inputs)
 
     return forward
+
+
+def compiled(cases: dict, device: torch.device) -> dict:
+    """Compile ``cases`` (their first calls) before timing; a case that fails to compile is reported and dropped."""
+    ready = {}
+    for name, fn in cases.items():
+        t0 = time.perf_counter()
+        try:
+            fn()
+            fn()  # a recompilation for the second call's state (e.g. gradients now allocated) happens here
+        except Exception as exc:  # noqa: BLE001 - one peer failing under torch.compile must not end the run
+            print(f"  {name}: torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        measure.synchronize(device)
+        print(f"  {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        ready[name] = fn
+    return ready
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -116,8 +144,12 @@ def memory_case(args: argparse.Namespace) -> None:
     inputs = wl.inputs(int(batch), device)
     gc.collect()
     meter = measure.PeakMemory(device)
-    fn = make_forward(built, inputs, device, args.precision) if mode == "infer" else \
-        make_step(built, inputs, device, args.precision, args.optimizer)
+    fn = make_forward(built, inputs, device, args.precision, args.compile) if mode == "infer" else \
+        make_step(built, inputs, device, args.precision, args.optimizer, args.compile)
+    if args.compile:  # the peak of running, not of compiling
+        fn()
+        gc.collect()
+        meter = measure.PeakMemory(device)
     t0 = time.perf_counter()
     for _ in range(1 if wl.heavy else 2):
         fn()
@@ -128,6 +160,7 @@ def memory_case(args: argparse.Namespace) -> None:
 def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> dict:
     cmd = [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
            "--optimizer", args.optimizer, *(["--keep-freed-memory"] if args.keep_freed_memory else []),
+           *(["--compile"] if args.compile else []),
            *(["--threads", str(args.threads)] if args.threads else []),
            "--memory-case", wl.name, impl, mode, str(batch)]
     try:
@@ -190,7 +223,9 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
         del outs, ref
 
     # Inference
-    fwd = {impl: make_forward(b, inputs, device, args.precision) for impl, b in built.items()}
+    fwd = {impl: make_forward(b, inputs, device, args.precision, args.compile) for impl, b in built.items()}
+    if args.compile:
+        fwd = compiled(fwd, device)
     products = report.fp32_products(rates)
     mm_fn, mm_flops = measure.matmul_case(device, torch.bfloat16 if args.precision == "bf16" else torch.float32,
                                           product=max(products, key=products.get) if products else None)
@@ -211,7 +246,10 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
 
     # Training step
     if wl.train and not args.no_train:
-        steps = {impl: make_step(b, inputs, device, args.precision, args.optimizer) for impl, b in built.items()}
+        steps = {impl: make_step(b, inputs, device, args.precision, args.optimizer, args.compile)
+                 for impl, b in built.items()}
+        if args.compile:
+            steps = compiled(steps, device)
         times = measure.alternate({**steps, MATMUL: mm_fn}, device, repeats=repeats, warmup=warmup,
                                   budget_s=args.budget, min_time_s=min_time)
         rate = mm_flops / measure.summarize(times.pop(MATMUL))["median_s"]
@@ -221,9 +259,9 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
             entry["impls"][impl]["train"] = s
             print(f"  train {impl:18s} {s['median_s']:.3f} s/step", flush=True)
         if not args.no_flops:
-            for impl, fn in steps.items():
-                # forward + backward; AdamW's elementwise work is not counted
-                flops = measure.count_flops(fn)
+            for impl in steps:
+                # forward + backward, counted eagerly (the same work compiled); AdamW's elementwise work is not
+                flops = measure.count_flops(make_step(built[impl], inputs, device, args.precision, args.optimizer))
                 tr = entry["impls"][impl]["train"]
                 tr["flops_per_step"] = flops
                 tr["flop_per_s"] = flops / tr["median_s"]
@@ -308,14 +346,14 @@ def main(argv=None) -> None:
     if peak:
         rates["peak_flop_per_s"] = peak  # the data sheet's, for model FLOP utilisation
     print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in rates.items()), flush=True)
-    tag = args.tag or machine_tag(device, desc)
+    tag = args.tag or machine_tag(device, desc) + ("-compile" if args.compile else "")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path_json = out_dir / f"{tag}.json"
     results = report.load(path_json)
     run_info = {"machine": desc, "rates": rates, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "device": str(device), "precision": args.precision, "optimizer": args.optimizer,
-                "keep_freed_memory": args.keep_freed_memory}
+                "keep_freed_memory": args.keep_freed_memory, "compile": args.compile}
     for wl in chosen:
         try:
             entry = run_workload(args, wl, device, rates)
