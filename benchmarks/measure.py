@@ -177,7 +177,9 @@ def _register_onednn_linear() -> None:
         return
 
     @flop_counter.register_flop_formula(op)
-    def _linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    def _linear(x_shape, second_shape, third, *args, out_shape=None, **kwargs) -> int:
+        # (x, weight, bias, attr, ...) or, with a fused binary epilogue, (x, other, weight, bias, attr)
+        w_shape = third if isinstance(third, (tuple, list)) and len(third) == 2 else second_shape
         rows = 1
         for d in x_shape[:-1]:
             rows *= d

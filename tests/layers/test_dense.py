@@ -253,3 +253,63 @@ def test_function_transforms_and_forward_mode_see_plain_linear():
     torch.testing.assert_close(per_sample[1], torch.func.grad(loss)(params, x[1])["weight"], rtol=1e-4, atol=1e-3)
     assert jac.shape == (2, 8, 2, 512)
     torch.testing.assert_close(jvp, F.linear(tangent, layer.weight), rtol=1e-5, atol=1e-5)
+
+
+def _gelu_reference(x, w, b, kind):
+    """``gelu(x Wᵀ + b)`` (``kind`` 'none' / 'tanh') or GEGLU (``kind`` 'geglu') in float64."""
+    h = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if kind == "geglu":
+        value, gate = h.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+    return F.gelu(h, approximate=kind)
+
+
+def _fused_calls(monkeypatch) -> list[str]:
+    """Record the epilogue of every oneDNN product (``attr``: 'none', 'gelu', or 'mul' for binary ones)."""
+    calls: list[str] = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        def __call__(self, x, w, b, attr, scalars, algorithm):
+            calls.append(attr)
+            return real(x, w, b, attr, scalars, algorithm)
+
+        def binary(self, x, other, w, b, attr):
+            calls.append(attr)
+            return real.binary(x, other, w, b, attr)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["none", "tanh", "geglu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_activation_in_the_product_epilogue(kind, bias, monkeypatch):
+    """Without autograd the GELU (and GEGLU's product) run inside the oneDNN products; with autograd, or
+    with oneDNN off, the plain operations run; all agree with float64."""
+    from perceivers.layers.dense import linear_geglu, linear_gelu
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 200, 256, generator=g) * 2
+    w = torch.randn(1024, 256, generator=g) * 0.1
+    b = torch.randn(1024, generator=g) if bias else None
+    fn = linear_geglu if kind == "geglu" else lambda *a: linear_gelu(*a, approximate=kind)
+    ref = _gelu_reference(x, w, b, kind)
+    calls = _fused_calls(monkeypatch)
+    with use_onednn(True), torch.no_grad():
+        out = fn(x, w, b)
+    assert calls == (["gelu", "mul"] if kind == "geglu" else ["gelu"])
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    calls.clear()
+    with use_onednn(False), torch.no_grad():
+        assert (fn(x, w, b).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert calls == []
+    wg = w.clone().requires_grad_()
+    with use_onednn(True):
+        out = fn(x, wg, b)
+    assert out.grad_fn is not None and "gelu" not in calls
+    out.sum().backward()
+    w64 = w.double().requires_grad_()
+    _gelu_reference(x, w64, b, kind).sum().backward()
+    assert (wg.grad.double() - w64.grad).abs().max() <= 1e-5 * w64.grad.abs().max()

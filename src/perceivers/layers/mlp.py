@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dense import Linear
+from .dense import Linear, geglu, linear_geglu, linear_gelu
 
 __all__ = ["Activation", "FeedForward"]
 
@@ -38,10 +38,21 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., dim]`` → ``[..., dim]``."""
-        h = self.fc1(x)
-        if self.activation == "geglu":
-            h, gate = h.chunk(2, dim=-1)
-            h = h * F.gelu(gate)
-        else:
-            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+        if _plain(self.fc1):  # the activation may run inside the first product (see dense.linear_gelu)
+            weight, bias = self.fc1.weight, self.fc1.bias
+            h = linear_geglu(x, weight, bias) if self.activation == "geglu" else linear_gelu(x, weight, bias, approximate)
+        else:  # a replaced or hooked first layer (adapters, quantisation) is called as a module
+            h = self.fc1(x)
+            h = geglu(h) if self.activation == "geglu" else F.gelu(h, approximate=approximate)
         return self.dropout(self.fc2(h))
+
+
+def _plain(layer: nn.Module) -> bool:
+    """Whether ``layer`` is our :class:`Linear` with no forward hooks, so that its function may replace its call."""
+    hooks = nn.modules.module
+    return (
+        type(layer) is Linear
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+    )
