@@ -12,6 +12,8 @@ Per ``(batch, head)``: scores ``q kᵀ`` with the key mask as the product's bias
 softmax, then the weighted sum; the backward recomputes the probabilities (only ``q, k, v`` are saved,
 as in flash attention) and runs its four products on oneDNN too. One score matrix exists at a time,
 at most ``2**23`` elements (32 MiB); larger ones go to the fused kernel, which streams them.
+Under ``torch.compile`` forward and backward are the operators ``perceivers::onednn_attention`` and
+``perceivers::onednn_attention_backward``; ``torch.export`` sees SDPA.
 """
 
 from __future__ import annotations
