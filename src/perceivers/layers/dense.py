@@ -12,9 +12,10 @@ outside autocast, ``torch.export``, tracing, ``torch.func`` transforms and forwa
 plain ``F.linear``), for products of at least ``2**22`` multiply-adds (below that oneDNN's fixed cost
 per call outweighs it). Under ``torch.compile`` the products enter the graph as the operators
 ``perceivers::onednn_linear`` / ``perceivers::onednn_weight_grad`` (PyTorch's compiler would lower
-``F.linear`` to MKL's kernels), and the compiler fuses the elementwise work around them. Whether it is on: ``PERCEIVERS_ONEDNN=1`` /
-``0`` in the environment, :func:`use_onednn` in code, and by default on x86 AMD processors with oneDNN
-available.
+``F.linear`` to MKL's kernels), and the compiler fuses the elementwise work around them. Without
+autograd, :func:`linear_gelu` and :func:`linear_geglu` apply their activation in the products' epilogues.
+Whether it is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by
+default on x86 AMD processors with oneDNN available.
 """
 
 from __future__ import annotations
