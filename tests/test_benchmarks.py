@@ -63,6 +63,36 @@ def test_fast_cases_get_more_rounds_up_to_the_cap():
     assert [len(t) for t in capped.values()] == [1, 1]  # the budget ends it after one round
 
 
+@pytest.mark.slow  # compiles a depth-6 PerceiverIO (~30 s)
+def test_compiled_steps_match_eager_and_failures_are_dropped(capsys):
+    """``--compile``: the compiled step trains like the eager one; an implementation that fails to compile is
+    reported and left out instead of ending the run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+    import workloads as W
+
+    cpu = torch.device("cpu")
+    wl = {w.name: w for w in W.all_workloads()}["io-2048x128"]
+    inputs = wl.inputs(1, cpu)
+    weights = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        built = wl.build(W.OURS, cpu)
+        step = run.make_step(built, inputs, cpu, "fp32", compile=compile)
+        if compile:
+            step = run.compiled({"ours": step}, cpu)["ours"]  # two steps taken while compiling
+        else:
+            step(), step()
+        weights.append(next(built.model.parameters()).detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
+
+    def broken() -> None:
+        raise RuntimeError("cannot compile this")
+
+    assert list(run.compiled({"ok": lambda: None, "broken": broken}, cpu)) == ["ok"]
+    assert "broken: torch.compile failed: RuntimeError: cannot compile this" in capsys.readouterr().out
+
+
 _NEW_PEERS = r"""
 import sys
 import torch
