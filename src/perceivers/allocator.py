@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from ._env import env_switch
 
 __all__ = ["keep_freed_memory"]
 
@@ -31,7 +32,7 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     Returns whether the setting took effect (``False`` off Linux/glibc, or when
     ``PERCEIVERS_KEEP_FREED_MEMORY=0``). Process-wide; call it once, before the work.
     """
-    if os.environ.get("PERCEIVERS_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "off", "no"):
+    if env_switch("PERCEIVERS_KEEP_FREED_MEMORY") is False:
         return False
     if not sys.platform.startswith("linux"):
         return False

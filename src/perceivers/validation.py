@@ -26,13 +26,13 @@ emits a :class:`NarrowContextWarning`: add position features or project / patch 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
+from ._env import env_switch
 from .layers.blocks import MIN_NORMALISED_CHANNELS, NarrowContextWarning
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
     "set_finite_checks",
 ]
 
-_FINITE = os.environ.get("PERCEIVERS_CHECK_FINITE", "1").strip().lower() not in ("0", "false", "no", "off")
+_FINITE = env_switch("PERCEIVERS_CHECK_FINITE") is not False
 
 
 def finite_checks_enabled() -> bool:

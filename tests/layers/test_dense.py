@@ -149,7 +149,7 @@ def test_compiled_graphs_keep_the_onednn_operators():
         (out, *got), code = run_and_get_code(lambda: grads(compiled))
     expected = grads(lambda t: F.linear(t, layer.weight, layer.bias))
     for a, b in zip((out, *got), expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     source = "\n".join(code)
     assert "perceivers.onednn_linear" in source and "perceivers.onednn_weight_grad" in source
     assert "extern_kernels.mm" not in source and "extern_kernels.addmm" not in source

@@ -20,6 +20,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .._env import env_switch
+
 __all__ = ["enabled", "load"]
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 
 def enabled() -> bool:
     """False when ``PERCEIVERS_NATIVE=0`` (or ``false``/``off``) turns the native kernels off."""
-    return os.environ.get("PERCEIVERS_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("PERCEIVERS_NATIVE") is not False
 
 
 def _cache_dir() -> Path:

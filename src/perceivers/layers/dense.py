@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import platform
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .._env import env_switch
 
 __all__ = ["Linear", "geglu", "linear", "linear_geglu", "linear_gelu", "onednn_enabled", "use_onednn"]
 
@@ -60,12 +61,10 @@ def _auto() -> bool:
 
 @functools.cache
 def _default() -> bool:
-    setting = os.environ.get("PERCEIVERS_ONEDNN", "auto").strip().lower()
-    if setting in ("0", "false", "off", "no"):
+    setting = env_switch("PERCEIVERS_ONEDNN")
+    if setting is False or not _mkldnn_available():
         return False
-    if not _mkldnn_available():
-        return False
-    if setting in ("1", "true", "on", "yes"):
+    if setting:
         return True
     return platform.machine().lower() in ("x86_64", "amd64") and _cpu_vendor() == "AuthenticAMD"
 
@@ -210,20 +209,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _records_graph(x, weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
     return _onednn(x, weight, bias)
 
 
+def _records_graph(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether autograd records the product (grad mode on and an operand requires a gradient)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
 def _epilogue_fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether the product may apply its elementwise epilogue itself: the eager oneDNN path, no gradient."""
-    return (
-        not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad)))
-        and _use_onednn(x, weight, bias)
-    )
+    return not torch.compiler.is_compiling() and not _records_graph(x, weight, bias) and _use_onednn(x, weight, bias)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none") -> Tensor:

@@ -99,8 +99,7 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
 class _OneDNNAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-        ctx.save_for_backward(q, k, v, bias)
-        ctx.scale = scale
+        _attention_setup(ctx, (q, k, v, bias, scale), None)
         return _forward(q, k, v, bias, scale)
 
     @staticmethod
@@ -137,7 +136,8 @@ def _(dout, q, k, v, bias, scale, need_q, need_k, need_v):
     return tuple(torch.empty_like(t) if need else q.new_empty(0) for t, need in zip((q, k, v), (need_q, need_k, need_v)))
 
 
-def _attention_setup(ctx, inputs: tuple, output: Tensor) -> None:
+def _attention_setup(ctx, inputs: tuple, output: Tensor | None) -> None:
+    """What both backwards need: only ``q, k, v`` and the key bias (the probabilities are recomputed)."""
     q, k, v, bias, scale = inputs
     ctx.save_for_backward(q, k, v, bias)
     ctx.scale = scale
