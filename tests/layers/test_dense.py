@@ -313,3 +313,31 @@ def test_activation_in_the_product_epilogue(kind, bias, monkeypatch):
     w64 = w.double().requires_grad_()
     _gelu_reference(x, w64, b, kind).sum().backward()
     assert (wg.grad.double() - w64.grad).abs().max() <= 1e-5 * w64.grad.abs().max()
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16 kernels")
+@pytest.mark.parametrize("kind", ["none", "geglu"])
+def test_activation_in_the_product_epilogue_under_bfloat16_autocast(kind, monkeypatch):
+    """Under CPU bfloat16 autocast, without autograd, the epilogues run in oneDNN's bfloat16 products: a
+    bfloat16 result as close to float64 as autocast's own ``F.linear`` + activation."""
+    from perceivers.layers.dense import linear_geglu, linear_gelu
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 200, 256, generator=g)
+    w = torch.randn(1024, 256, generator=g) * 0.1
+    b = torch.randn(1024, generator=g)
+    fn = linear_geglu if kind == "geglu" else linear_gelu
+    ref = _gelu_reference(x, w, b, kind)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = F.linear(x, w, b)
+        plain = h.chunk(2, -1)[0] * F.gelu(h.chunk(2, -1)[1]) if kind == "geglu" else F.gelu(h)
+        calls = _fused_calls(monkeypatch)
+        out = fn(x, w, b)
+    assert calls == (["gelu", "mul"] if kind == "geglu" else ["gelu"])
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    plain_error = (plain.double() - ref).abs().max()
+    assert (out.double() - ref).abs().max() <= 1.5 * plain_error
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autograd: autocast's own operations
+        assert fn(x, w.requires_grad_(), b).dtype == torch.bfloat16
+    assert calls == []

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import onednn_attention
-from .dense import Linear
+from .dense import Linear, _cpu_autocast_bf16
 
 __all__ = ["Attention", "KeyValue", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
 
@@ -162,7 +162,7 @@ class Attention(nn.Module):
         if kv is None and self.folds(inverted, num_queries=x.shape[1], length=c.shape[1]):
             if c.shape[-1] != self.kv_dim:
                 raise ValueError(f"context must have {self.kv_dim} channels, got {c.shape[-1]}")
-            c = _pad_channels(c)[:, None].expand(-1, self.num_heads, -1, -1)  # [B, H, K, kv_dim + pad]
+            c = _autocast_operands(_pad_channels(c))[0][:, None].expand(-1, self.num_heads, -1, -1)  # [B, H, K, kv_dim + pad]
             qc = _pad_channels(self._fold_queries(q))
             scale = self.qk_channels // self.num_heads
             out = _attend(qc, c, c, attn_mask, dropout, scale=scale**-0.5)
@@ -346,6 +346,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
     :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths differ,
     e.g. the language model's 32 and 160) the same computation is written out, without the math path's
     guarded softmax (isneginf / all / where over every score, 3% of the language model's forward)."""
+    q, k, v = _autocast_operands(q, k, v)
     if onednn_attention.applies(q, k, v, attn_mask, dropout):
         return onednn_attention.attend(q, k, v, attn_mask, scale)
     if (q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or torch.compiler.is_compiling()
@@ -355,6 +356,14 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
     if dropout:
         weights = F.dropout(weights, dropout)
     return torch.matmul(weights, v)
+
+
+def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """CPU tensors cast to bfloat16 under CPU bfloat16 autocast, as autocast casts SDPA's operands (for
+    :mod:`.onednn_attention`, which is no autocast operator); others unchanged."""
+    if tensors[0].device.type == "cpu" and _cpu_autocast_bf16():
+        return tuple(t.to(torch.bfloat16) for t in tensors)
+    return tensors
 
 
 def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:

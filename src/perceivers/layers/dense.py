@@ -179,12 +179,18 @@ _linear_op.register_autograd(
 
 
 def _onednn_usable(*tensors: Tensor) -> bool:
-    """Whether oneDNN's products may serve these operands here: dense float32 CPU tensors with oneDNN on,
-    outside autocast, ``torch.export``, tracing, ``torch.func`` transforms and forward-mode AD (graphs that
-    are exported must see the standard operators; the oneDNN operators define no ``vmap``/``jvp``).
+    """Whether oneDNN's float32 products may serve these operands here: dense float32 CPU tensors outside
+    autocast, where :func:`_kernels_usable`."""
+    return (all(t.dtype == torch.float32 for t in tensors) and not torch.is_autocast_enabled("cpu")
+            and _kernels_usable(*tensors))
+
+
+def _kernels_usable(*tensors: Tensor) -> bool:
+    """Whether perceivers' own CPU kernels may serve these operands: dense CPU tensors with oneDNN on,
+    outside ``torch.export``, tracing, ``torch.func`` transforms and forward-mode AD (graphs that are
+    exported must see the standard operators; the oneDNN operators define no ``vmap``/``jvp``).
     Under ``torch.compile`` the operators enter the graph (see above)."""
-    if not (all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided for t in tensors)
-            and onednn_enabled() and not torch.is_autocast_enabled("cpu")):
+    if not (all(t.device.type == "cpu" and t.layout == torch.strided for t in tensors) and onednn_enabled()):
         return False
     if torch.compiler.is_compiling():
         return not torch.compiler.is_exporting()
@@ -220,24 +226,44 @@ def _records_graph(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
                                         or (bias is not None and bias.requires_grad))
 
 
-def _epilogue_fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether the product may apply its elementwise epilogue itself: the eager oneDNN path, no gradient."""
-    return not torch.compiler.is_compiling() and not _records_graph(x, weight, bias) and _use_onednn(x, weight, bias)
+def _cpu_autocast_bf16() -> bool:
+    """Whether CPU autocast to bfloat16 is on."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple | None:
+    """The operands with which the product may apply its elementwise epilogue itself, or ``None``: eager,
+    no gradient, and either the float32 oneDNN path or CPU bfloat16 autocast (operands cast as autocast
+    casts them; oneDNN's bfloat16 kernels)."""
+    if torch.compiler.is_compiling() or _records_graph(x, weight, bias):
+        return None
+    if _use_onednn(x, weight, bias):
+        return x, weight, bias
+    if (x.device.type == "cpu" and _cpu_autocast_bf16()
+            and x.dim() >= 2 and weight.dim() == 2 and x.numel() * weight.shape[0] >= _MIN_MACS
+            and _kernels_usable(x, weight) and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return tuple(None if t is None else t.to(torch.bfloat16) for t in (x, weight, bias))
+    return None
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none") -> Tensor:
-    """``gelu(x Wᵀ + b)``: ``[..., in]`` -> ``[..., out]``. Without autograd, on the oneDNN path, the GELU
-    is the product's epilogue (no pass of its own over the output)."""
-    if _epilogue_fusable(x, weight, bias):
+    """``gelu(x Wᵀ + b)``: ``[..., in]`` -> ``[..., out]``. Without autograd, on the oneDNN path or under
+    bfloat16 autocast, the GELU is the product's epilogue (no pass of its own over the output)."""
+    operands = _epilogue_operands(x, weight, bias)
+    if operands is not None:
+        x, weight, bias = operands
         return torch.ops.mkldnn._linear_pointwise(x, _dense_weight(weight), bias, "gelu", [], approximate)
     return F.gelu(linear(x, weight, bias), approximate=approximate)
 
 
 def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``a · gelu(g)`` where ``[a, g] = x Wᵀ + b`` are the two halves of the output: ``[..., in]`` ->
-    ``[..., out / 2]``. Without autograd, on the oneDNN path, it is two products whose epilogues apply the
-    GELU and the product (README Perceiver's 2048 × 512 → 4096 layer: 40 → 26 ms)."""
-    if _epilogue_fusable(x, weight, bias):
+    ``[..., out / 2]``. Without autograd, on the oneDNN path or under bfloat16 autocast, it is two products
+    whose epilogues apply the GELU and the product (README Perceiver's 2048 × 512 → 4096 layer: 40 → 26 ms
+    in float32)."""
+    operands = _epilogue_operands(x, weight, bias)
+    if operands is not None:
+        x, weight, bias = operands
         half = weight.shape[0] // 2
         value_bias, gate_bias = (None, None) if bias is None else (bias[:half], bias[half:])
         pointwise = torch.ops.mkldnn._linear_pointwise

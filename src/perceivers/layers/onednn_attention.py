@@ -1,46 +1,61 @@
-"""Attention whose products run on oneDNN, one head at a time, for wide heads on CPU in float32.
+"""Attention whose products run on oneDNN, for wide float32 heads and for bfloat16 on CPU.
 
 PyTorch's fused CPU attention (``F.scaled_dot_product_attention``) computes its blocks' products with
-MKL, which runs AVX2 kernels on AMD processors (see :mod:`perceivers.layers.dense`). Where heads are
-wide (``d_k + d_v ≥ 192``: DeepMind's configurations, e.g. 128 + 128 in the vision model's latent
-self-attention, 32 + 160 in the language model's cross-attentions) the products dominate, and
-computing them per head with oneDNN's AVX-512 kernels is 1.2-2.4x faster in training
-(docs/performance.md, "Attention products on oneDNN"). Narrower heads stay on the fused kernel, whose
-single pass over the scores wins there.
+MKL, which runs AVX2 kernels on AMD processors (see :mod:`perceivers.layers.dense`), and in bfloat16 it
+computes in float32 internally: it runs no faster than in float32 (the README Perceiver's latent
+self-attention, ``[8, 8, 256, 64]``: 7.5 ms in bfloat16, 7.0 ms in float32). Two cases go around it:
 
-Per ``(batch, head)``: scores ``q kᵀ`` with the key mask as the product's bias (``-inf`` on masked keys),
-softmax, then the weighted sum; the backward recomputes the probabilities (only ``q, k, v`` are saved,
-as in flash attention) and runs its four products on oneDNN too. One score matrix exists at a time,
-at most ``2**23`` elements (32 MiB); larger ones go to the fused kernel, which streams them.
-Under ``torch.compile`` forward and backward are the operators ``perceivers::onednn_attention`` and
-``perceivers::onednn_attention_backward``; ``torch.export`` sees SDPA.
+* **float32, wide heads** (``d_k + d_v ≥ 192``: DeepMind's configurations, e.g. 128 + 128 in the vision
+  model's latent self-attention, 32 + 160 in the language model's cross-attentions): the products
+  dominate, and computing them per head with oneDNN's AVX-512 kernels is 1.2-2.4x faster in training
+  (docs/performance.md, "Attention products on oneDNN"). Narrower heads stay on the fused kernel, whose
+  single pass over the scores wins there.
+* **bfloat16** (autocast): the products run as batched bfloat16 matrix products (oneDNN), a block of
+  samples at a time, each block's scores at most ``2**21`` elements (4 MiB). Scores and probabilities
+  are bfloat16, as in the peers and PyTorch's math attention; the products accumulate in float32.
+
+Per block: scores ``q kᵀ`` with the key mask as the product's bias (``-inf`` on masked keys), softmax,
+then the weighted sum; the backward recomputes the probabilities (only ``q, k, v`` are saved, as in flash
+attention) and runs its four products the same way. One head's score matrix holds at most ``2**23``
+elements (32 MiB); larger ones go to the fused kernel, which streams them.
+Under ``torch.compile`` the float32 forward and backward are the operators ``perceivers::onednn_attention``
+and ``perceivers::onednn_attention_backward`` (bfloat16 stays on SDPA there); ``torch.export`` sees SDPA.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from .dense import _onednn, _onednn_usable
+from .dense import _kernels_usable, _onednn, _onednn_usable
 
 __all__ = ["applies", "attend"]
 
-_MIN_HEAD_WIDTH = 192  # d_k + d_v
-_MIN_SCORES = 1 << 17  # per head: below this the per-call overhead loses
+_MIN_HEAD_WIDTH = 192  # d_k + d_v (float32)
+_MIN_SCORES = 1 << 17  # per head (float32): below this the per-call overhead loses
 _MAX_SCORES = 1 << 23  # per head: the score matrix held at once
+_BLOCK_SCORES = 1 << 21  # bfloat16: the scores of one block of samples (4 MiB)
+_KEEP_SCORES = 1 << 23  # bfloat16: a call's probabilities kept for the backward up to this many (16 MiB)
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float) -> bool:
     """Whether :func:`attend` serves ``q [B, H, M, d_k]``, ``k [B, H, N, d_k]``, ``v [B, H, N, d_v]``."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not _onednn_usable(q, k, v):
-        return False
-    m, n = q.shape[-2], k.shape[-2]
-    return (
-        dropout == 0.0
+    if not (
+        q.dim() == k.dim() == v.dim() == 4
+        and dropout == 0.0
         and q.shape[:2] == k.shape[:2] == v.shape[:2]
-        and q.shape[-1] + v.shape[-1] >= _MIN_HEAD_WIDTH
-        and _MIN_SCORES <= m * n <= _MAX_SCORES
+        and q.shape[-2] * k.shape[-2] <= _MAX_SCORES
         and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
+    ):
+        return False
+    if q.dtype == torch.bfloat16:
+        return k.dtype == v.dtype == q.dtype and not torch.compiler.is_compiling() and _kernels_usable(q, k, v)
+    return (
+        q.shape[-1] + v.shape[-1] >= _MIN_HEAD_WIDTH
+        and q.shape[-2] * k.shape[-2] >= _MIN_SCORES
+        and _onednn_usable(q, k, v)
     )
 
 
@@ -50,47 +65,92 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, sca
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = None
     if attn_mask is not None:
-        bias = torch.zeros(attn_mask.shape[:2] + attn_mask.shape[3:], dtype=q.dtype)
-        bias.masked_fill_(~attn_mask[:, :, 0], float("-inf"))  # [B|1, H|1, N]
+        bias = torch.zeros(attn_mask.shape, dtype=q.dtype)
+        bias.masked_fill_(~attn_mask, float("-inf"))  # [B|1, H|1, 1, N]
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, bias, scale)
-    return _OneDNNAttention.apply(q, k, v, bias, scale)
+    keep = q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.shape[:3].numel() * k.shape[-2] <= _KEEP_SCORES
+    return _OneDNNAttention.apply(q, k, v, bias, scale, keep)
 
 
-def _key_bias(bias: Tensor | None, b: int, h: int) -> Tensor | None:
-    """The key bias ``[N]`` of head ``(b, h)`` from ``[B|1, H|1, N]``."""
-    return None if bias is None else bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0]
+def _blocks(q: Tensor, k: Tensor) -> tuple[list[tuple], Callable]:
+    """Where the work is split and which product serves it: indices into ``q, k, v`` (and the output),
+    one ``(b, h)`` head at a time in float32 (oneDNN's 2-D products), in bfloat16 blocks of samples
+    ``(slice,)`` whose scores fit :data:`_BLOCK_SCORES` (single heads when one sample's do not)."""
+    batch, heads, m = q.shape[:3]
+    per_sample = heads * m * k.shape[-2]
+    if q.dtype == torch.float32 or per_sample > _BLOCK_SCORES:
+        product = _onednn if q.dtype == torch.float32 else _matmul_t
+        return [(b, h) for b in range(batch) for h in range(heads)], product
+    step = _BLOCK_SCORES // per_sample
+    return [(slice(b, min(b + step, batch)),) for b in range(0, batch, step)], _matmul_t
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+def _matmul_t(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    """``a bᵀ + bias`` over leading batch axes (the batched counterpart of ``_onednn``)."""
+    a3, b3 = _flat(a), _flat(b)
+    # one matrix: mm, as matmul and bmm copy a transposed operand when the batch holds one entry
+    flat = torch.mm(a3[0], b3[0].t()) if a3.shape[0] == 1 else torch.bmm(a3, b3.transpose(-1, -2))
+    out = flat.view(*a.shape[:-1], b.shape[-2])
+    return out if bias is None else out.add_(bias)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t [..., r, c]`` as ``[G, r, c]``; where that takes a copy, a transposed matrix is copied in its own
+    layout (a plain copy, where copying it across its strides is a gather: 5x slower)."""
+    if t.stride(-1) != 1 and t.stride(-2) == 1:
+        return t.transpose(-1, -2).reshape(-1, t.shape[-1], t.shape[-2]).transpose(-1, -2)
+    return t.reshape(-1, *t.shape[-2:])
+
+
+def _key_bias(bias: Tensor | None, index: tuple) -> Tensor | None:
+    """The key bias of block ``index`` from ``[B|1, H|1, 1, N]``: ``[N]`` for one head ``(b, h)``,
+    ``[b|1, H|1, 1, N]`` for a block of samples."""
+    if bias is None:
+        return None
+    if len(index) == 2:
+        b, h = index
+        return bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0, 0]
+    return bias[index if bias.shape[0] > 1 else (slice(0, 1),)]
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+             keep: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """The output and, with ``keep``, each block's probabilities (for the backward)."""
     qs = q * scale
+    kept = []
     batch, heads, m = q.shape[:3]
     out = q.new_empty(batch, m, heads, v.shape[-1]).permute(0, 2, 1, 3)  # the heads merge as a view later
-    for b in range(batch):
-        for h in range(heads):
-            p = _probabilities(qs[b, h], k[b, h], _key_bias(bias, b, h))
-            out[b, h] = _onednn(p, v[b, h].t(), None)
-    return out
+    blocks, product = _blocks(q, k)
+    with torch.autocast("cpu", enabled=False):
+        for i in blocks:
+            p = torch.softmax(product(qs[i], k[i], _key_bias(bias, i)), -1)
+            out[i] = product(p, v[i].transpose(-1, -2), None)
+            if keep:
+                kept.append(p)
+    return out, kept
 
 
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
-              needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+              needs: tuple[bool, bool, bool], kept: tuple[Tensor, ...] = ()) -> tuple[Tensor | None, ...]:
+    """``dq, dk, dv`` (``None`` where not needed); the probabilities are recomputed unless ``kept``."""
     qs = q * scale
     # full size even where k, v are expanded views; None where no gradient is asked for (frozen parts)
     dq, dk, dv = (torch.empty_like(t) if need else None for t, need in zip((q, k, v), needs))
-    for b in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            qh, kh, vh, doh = qs[b, h], k[b, h], v[b, h], dout[b, h]
-            p = _probabilities(qh, kh, _key_bias(bias, b, h))  # [M, N]
+    blocks, product = _blocks(q, k)
+    with torch.autocast("cpu", enabled=False):
+        for j, i in enumerate(blocks):
+            qh, kh, vh, doh = qs[i], k[i], v[i], dout[i]
+            p = kept[j] if kept else torch.softmax(product(qh, kh, _key_bias(bias, i)), -1)  # [.., M, N]
             if dv is not None:
-                dv[b, h] = _onednn(p.t(), doh.t(), None)
+                dv[i] = product(p.transpose(-1, -2), doh.transpose(-1, -2), None)
             if dq is None and dk is None:
                 continue
-            ds = torch._softmax_backward_data(_onednn(doh, vh, None), p, -1, p.dtype)  # d loss / d scores
+            ds = torch._softmax_backward_data(product(doh, vh, None), p, -1, p.dtype)  # d loss / d scores
             if dq is not None:
-                dq[b, h] = _onednn(ds, kh.t(), None)
+                dq[i] = product(ds, kh.transpose(-1, -2), None)
             if dk is not None:
-                dk[b, h] = _onednn(ds.t(), qh.t(), None)
+                dk[i] = product(ds.transpose(-1, -2), qh.transpose(-1, -2), None)
     if dq is not None:
         dq.mul_(scale)
     return dq, dk, dv
@@ -98,16 +158,18 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
 
 class _OneDNNAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-        _attention_setup(ctx, (q, k, v, bias, scale), None)
-        return _forward(q, k, v, bias, scale)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, keep: bool) -> Tensor:
+        out, kept = _forward(q, k, v, bias, scale, keep)
+        ctx.save_for_backward(q, k, v, bias, *kept)
+        ctx.scale = scale
+        return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, bias = ctx.saved_tensors
+        q, k, v, bias, *kept = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
-            return (*_math_gradients(q, k, v, bias, ctx.scale, dout), None, None)
-        return (*_backward(dout, q, k, v, bias, ctx.scale, ctx.needs_input_grad[:3]), None, None)
+            return (*_math_gradients(q, k, v, bias, ctx.scale, dout), None, None, None)
+        return (*_backward(dout, q, k, v, bias, ctx.scale, ctx.needs_input_grad[:3], tuple(kept)), None, None, None)
 
 
 # Under ``torch.compile``: the same as operators (``torch.library``), kept whole in the compiled graphs
@@ -116,7 +178,7 @@ class _OneDNNAttention(torch.autograd.Function):
 
 @torch.library.custom_op("perceivers::onednn_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    return _forward(q, k, v, bias, scale)
+    return _forward(q, k, v, bias, scale)[0]
 
 
 @_attention_op.register_fake
@@ -153,16 +215,11 @@ def _attention_backward(ctx, dout: Tensor):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
-def _probabilities(q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
-    """``softmax(q kᵀ + bias)`` for one head: ``[M, d]``, ``[N, d]``, ``[N]`` → ``[M, N]``."""
-    return torch.softmax(_onednn(q, k, bias), -1)
-
-
 def _math_gradients(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, dout: Tensor):
     """The backward of :class:`_OneDNNAttention` in batched, differentiable operations."""
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if bias is not None:
-        scores = scores + bias[:, :, None, :]
+        scores = scores + bias
     p = scores.softmax(-1)
     dv = torch.matmul(p.transpose(-1, -2), dout)
     dp = torch.matmul(dout, v.transpose(-1, -2))
