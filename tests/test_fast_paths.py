@@ -103,6 +103,25 @@ def test_chunked_matches_whole(fold: bool, masked: bool) -> None:
         torch.testing.assert_close(out, ref.detach(), **TOL)
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_chunked_bfloat16_inference_takes_the_online_softmax(fold: bool, monkeypatch) -> None:
+    """Under bfloat16 autocast the stream merges bfloat16 products with the online softmax (the fused
+    kernel computes bfloat16 in float32, slower) and agrees with the whole forward to bfloat16 precision."""
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(32, 7, num_heads=2, qk_channels=64, qkv_bias=True)
+    block.attn.fold_kv = fold
+    x, ctx = torch.randn(2, 9, 32), torch.randn(2, 101, 7)
+    ref = block(x, ctx).detach()
+    fused = []
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x, kv=ContextStream.from_tensor(ctx, 16))
+    assert fused == []
+    assert (out.float() - ref).abs().max() <= 3e-2 * ref.abs().max()
+
+
 def test_chunked_gradients_match() -> None:
     torch.manual_seed(0)
     block = CrossAttentionBlock(16, 7, num_heads=1, qk_channels=32)

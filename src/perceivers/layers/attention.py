@@ -422,10 +422,12 @@ def _pad_channels(t: Tensor, multiple: int = 8) -> Tensor:
 
 
 def _flash_lse_available(q: Tensor) -> bool:
-    """Whether the fused CPU attention kernel that also returns the log-sum-exp can be called."""
+    """Whether the fused CPU attention kernel that also returns the log-sum-exp serves the streamed
+    inference: float32 only, as in bfloat16 it computes in float32 and the online softmax over bfloat16
+    products is faster (DeepMind's reduced vision model, 224², batch 2: 0.146 → 0.065 s)."""
     return (
         q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.bfloat16)
+        and q.dtype == torch.float32
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting()
