@@ -227,10 +227,10 @@ def _relative_error(got, ref):
 @pytest.mark.parametrize("blocks", ["samples", "heads"])
 @pytest.mark.parametrize("keep", [True, False])
 def test_bfloat16_values_and_gradients(mask_kind, blocks, keep, monkeypatch):
-    """bfloat16 attention in blocks of samples (or single heads when a sample's scores exceed a block),
+    """bfloat16 attention in blocks of samples (or of one sample's heads when its scores exceed a block),
     probabilities kept or recomputed for the backward: as close to float64 as the peers' bfloat16 math."""
     if blocks == "heads":
-        monkeypatch.setattr(oa, "_BLOCK_SCORES", 1 << 10)
+        monkeypatch.setattr(oa, "_BLOCK_SCORES", 1 << 14)  # blocks of 2 heads and of 1
     if not keep:
         monkeypatch.setattr(oa, "_KEEP_SCORES", 0)
     g = torch.Generator().manual_seed(9)
@@ -251,8 +251,8 @@ def test_bfloat16_values_and_gradients(mask_kind, blocks, keep, monkeypatch):
     for got, ref, peer in zip((out, qb.grad, kb.grad, vb.grad), refs, _bf16_math(q, k, v, mask, 0.3, grad)):
         assert got.shape == ref.shape and got.dtype == torch.bfloat16
         assert _relative_error(got, ref) <= 1.5 * _relative_error(peer, ref) + 2e-3
-    if blocks == "samples":
-        assert len(oa._blocks(qb, kb)[0]) < b  # several samples per block
+    spans = [i[0].stop - i[0].start if blocks == "samples" else i[1].stop - i[1].start for i in oa._blocks(qb, kb)[0]]
+    assert spans == ([5] if blocks == "samples" else [2, 1] * b)
 
 
 def test_bfloat16_autocast_attention_layer():
