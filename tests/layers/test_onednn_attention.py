@@ -15,15 +15,16 @@ def _heads(b, h, n, d, generator):
     return torch.randn(b, n, h, d, generator=generator).transpose(1, 2)
 
 
-def _reference(q, k, v, mask, scale, grad):
-    """Values and gradients in float64, written out."""
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    scores = (q64 @ k64.transpose(-1, -2)) * scale
+def _reference(q, k, v, mask, scale, grad, dtype=torch.float64):
+    """Values and gradients written out, computed in ``dtype`` (float64: the reference; bfloat16: the
+    peers' bf16 attention), returned in float64."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    out = scores.softmax(-1) @ v64
-    out.backward(grad.double())
-    return out, q64.grad, k64.grad, v64.grad
+    out = scores.softmax(-1) @ v
+    out.backward(grad.to(dtype))
+    return tuple(t.double() for t in (out, q.grad, k.grad, v.grad))
 
 
 @pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])
@@ -208,17 +209,6 @@ def test_compiled_graphs_keep_it_as_an_operator(mask_kind):
 # ---------------------------------------------------------------------------- bfloat16
 
 
-def _bf16_math(q, k, v, mask, scale, grad):
-    """The peers' bfloat16 attention (products, softmax and autograd in bfloat16), in float64 afterwards."""
-    q, k, v = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    out = scores.softmax(-1) @ v
-    out.backward(grad.bfloat16())
-    return tuple(t.double() for t in (out, q.grad, k.grad, v.grad))
-
-
 def _relative_error(got, ref):
     return ((got.double() - ref).abs().max() / ref.abs().max()).item()
 
@@ -248,7 +238,7 @@ def test_bfloat16_values_and_gradients(mask_kind, blocks, keep, monkeypatch):
     assert saved > 4 if keep else saved == 4  # q, k, v, bias (+ the kept probabilities)
     out.backward(grad.bfloat16())
     refs = _reference(q, k, v, mask, 0.3, grad)
-    for got, ref, peer in zip((out, qb.grad, kb.grad, vb.grad), refs, _bf16_math(q, k, v, mask, 0.3, grad)):
+    for got, ref, peer in zip((out, qb.grad, kb.grad, vb.grad), refs, _reference(q, k, v, mask, 0.3, grad, torch.bfloat16)):
         assert got.shape == ref.shape and got.dtype == torch.bfloat16
         assert _relative_error(got, ref) <= 1.5 * _relative_error(peer, ref) + 2e-3
     spans = [i[0].stop - i[0].start if blocks == "samples" else i[1].stop - i[1].start for i in oa._blocks(qb, kb)[0]]
