@@ -162,7 +162,8 @@ class Attention(nn.Module):
         if kv is None and self.folds(inverted, num_queries=x.shape[1], length=c.shape[1]):
             if c.shape[-1] != self.kv_dim:
                 raise ValueError(f"context must have {self.kv_dim} channels, got {c.shape[-1]}")
-            c = _autocast_operands(_pad_channels(c))[0][:, None].expand(-1, self.num_heads, -1, -1)  # [B, H, K, kv_dim + pad]
+            # cast before expanding over the heads, where a cast would copy the context once per head
+            c = _autocast_operands(_pad_channels(c))[0][:, None].expand(-1, self.num_heads, -1, -1)  # [B, H, K, C']
             qc = _pad_channels(self._fold_queries(q))
             scale = self.qk_channels // self.num_heads
             out = _attend(qc, c, c, attn_mask, dropout, scale=scale**-0.5)

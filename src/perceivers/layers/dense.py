@@ -13,7 +13,8 @@ plain ``F.linear``), for products of at least ``2**22`` multiply-adds (below tha
 per call outweighs it). Under ``torch.compile`` the products enter the graph as the operators
 ``perceivers::onednn_linear`` / ``perceivers::onednn_weight_grad`` (PyTorch's compiler would lower
 ``F.linear`` to MKL's kernels), and the compiler fuses the elementwise work around them. Without
-autograd, :func:`linear_gelu` and :func:`linear_geglu` apply their activation in the products' epilogues.
+autograd, :func:`linear_gelu` and :func:`linear_geglu` apply their activation in the products' epilogues
+(in float32 on that path, and in bfloat16 under CPU bfloat16 autocast).
 Whether it is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by
 default on x86 AMD processors with oneDNN available.
 """
@@ -201,12 +202,13 @@ def _kernels_usable(*tensors: Tensor) -> bool:
     )
 
 
+def _large(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x Wᵀ`` is a product large enough for oneDNN's fixed cost per call (``_MIN_MACS``)."""
+    return x.dim() >= 2 and weight.dim() == 2 and x.numel() * weight.shape[0] >= _MIN_MACS
+
+
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    return (
-        x.dim() >= 2 and weight.dim() == 2
-        and x.numel() * weight.shape[0] >= _MIN_MACS
-        and _onednn_usable(x, weight, *(() if bias is None else (bias,)))
-    )
+    return _large(x, weight) and _onednn_usable(x, weight, *(() if bias is None else (bias,)))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -239,9 +241,8 @@ def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple 
         return None
     if _use_onednn(x, weight, bias):
         return x, weight, bias
-    if (x.device.type == "cpu" and _cpu_autocast_bf16()
-            and x.dim() >= 2 and weight.dim() == 2 and x.numel() * weight.shape[0] >= _MIN_MACS
-            and _kernels_usable(x, weight) and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if (_cpu_autocast_bf16() and _large(x, weight) and _kernels_usable(x, weight)
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return tuple(None if t is None else t.to(torch.bfloat16) for t in (x, weight, bias))
     return None
 

@@ -27,7 +27,7 @@ and ``perceivers::onednn_attention_backward`` (bfloat16 stays on SDPA there); ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -138,7 +138,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
 
 
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
-              needs: tuple[bool, bool, bool], kept: tuple[Tensor, ...] = ()) -> tuple[Tensor | None, ...]:
+              needs: tuple[bool, bool, bool], kept: Sequence[Tensor] = ()) -> tuple[Tensor | None, ...]:
     """``dq, dk, dv`` (``None`` where not needed); the probabilities are recomputed unless ``kept``."""
     qs = q * scale
     # full size even where k, v are expanded views; None where no gradient is asked for (frozen parts)
@@ -166,8 +166,7 @@ class _OneDNNAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, keep: bool) -> Tensor:
         out, kept = _forward(q, k, v, bias, scale, keep)
-        ctx.save_for_backward(q, k, v, bias, *kept)
-        ctx.scale = scale
+        _save(ctx, q, k, v, bias, scale, kept)
         return out
 
     @staticmethod
@@ -175,7 +174,7 @@ class _OneDNNAttention(torch.autograd.Function):
         q, k, v, bias, *kept = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
             return (*_math_gradients(q, k, v, bias, ctx.scale, dout), None, None, None)
-        return (*_backward(dout, q, k, v, bias, ctx.scale, ctx.needs_input_grad[:3], tuple(kept)), None, None, None)
+        return (*_backward(dout, q, k, v, bias, ctx.scale, ctx.needs_input_grad[:3], kept), None, None, None)
 
 
 # Under ``torch.compile``: the same as operators (``torch.library``), kept whole in the compiled graphs
@@ -204,11 +203,14 @@ def _(dout, q, k, v, bias, scale, need_q, need_k, need_v):
     return tuple(torch.empty_like(t) if need else q.new_empty(0) for t, need in zip((q, k, v), (need_q, need_k, need_v)))
 
 
-def _attention_setup(ctx, inputs: tuple, output: Tensor | None) -> None:
-    """What both backwards need: only ``q, k, v`` and the key bias (the probabilities are recomputed)."""
-    q, k, v, bias, scale = inputs
-    ctx.save_for_backward(q, k, v, bias)
+def _save(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, kept: Sequence[Tensor] = ()) -> None:
+    """What both backwards need: ``q, k, v``, the key bias and any kept probabilities (else recomputed)."""
+    ctx.save_for_backward(q, k, v, bias, *kept)
     ctx.scale = scale
+
+
+def _attention_setup(ctx, inputs: tuple, output: Tensor | None) -> None:
+    _save(ctx, *inputs)
 
 
 def _attention_backward(ctx, dout: Tensor):
