@@ -25,10 +25,15 @@ def test_benchmark_reports_every_implementation_on_the_same_weights(tmp_path):
     for impl in (ours, peer):
         for mode in ("infer", "train"):
             assert impl[mode]["median_s"] > 0 and impl[mode]["flop_per_s"] > 0
-    assert entry["summary"]["train_fastest_peer"] == "perceiver-pytorch"
+    summary = entry["summary"]
+    assert summary["train_fastest_peer"] == summary["train_fastest_peer_median"] == "perceiver-pytorch"
+    for mode in ("infer", "train"):  # by fastest repeats and by medians
+        median = {k: v[mode]["median_s"] for k, v in entry["impls"].items()}
+        assert summary[f"{mode}_speedup_vs_fastest_peer_median"] == pytest.approx(median["perceiver-pytorch"] / median["perceivers"])
     assert entry["run"]["optimizer"] == "fused" and entry["run"]["precision"] == "fp32"
     table = (tmp_path / "smoke.md").read_text()
     assert "io-2048x128" in table and "perceiver-pytorch" in table
+    assert f"| io-2048x128 | {summary['infer_speedup_vs_fastest_peer']:.2f}× / " in table  # both ratios in the summary
 
 
 def test_gpu_data_sheet_peaks_feed_the_utilisation_table():
