@@ -100,8 +100,8 @@ def markdown(results: dict) -> str:
         lines.append(f"Training step: forward + backward + AdamW ({' / '.join(optimizers)}; `foreach` is PyTorch's "
                      "default, `fused` one pass per parameter), the same for every implementation.")
     lines += ["", ("Times are medians of interleaved repeats; ×peer = the fastest peer's fastest repeat / "
-              "perceivers' fastest repeat (>1: perceivers is faster; the summary also gives the ratio of medians); memory = peak above the process's footprint after building the model "
-              "and inputs, each case in its own process (CPU: peak RSS; CUDA: max_memory_allocated); FLOPs are "
+              "perceivers' fastest repeat (>1: perceivers is faster; the summary also gives the ratio of medians); "
+              "memory = peak above the process's footprint after building the model and inputs, each case in its own process (CPU: peak RSS; CUDA: max_memory_allocated); FLOPs are "
               "counted matmul/attention FLOPs (FlopCounterMode, 2 per multiply-add) of each implementation's "
               "own algorithm; % = achieved FLOP/s over the interleaved matmul rate."), ""]
     header = ("| workload | impl | params | batch | infer s | samples/s | ×peer | train s | ×peer | "
