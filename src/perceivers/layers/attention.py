@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import onednn_attention
-from .dense import Linear, _cpu_autocast_bf16
+from .dense import Linear, _autocast_operands
 
 __all__ = ["Attention", "KeyValue", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
 
@@ -357,14 +357,6 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
     if dropout:
         weights = F.dropout(weights, dropout)
     return torch.matmul(weights, v)
-
-
-def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """CPU tensors cast to bfloat16 under CPU bfloat16 autocast, as autocast casts SDPA's operands (for
-    :mod:`.onednn_attention`, which is no autocast operator); others unchanged."""
-    if tensors[0].device.type == "cpu" and _cpu_autocast_bf16():
-        return tuple(t.to(torch.bfloat16) for t in tensors)
-    return tensors
 
 
 def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:

@@ -222,15 +222,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _onednn(x, weight, bias)
 
 
-def _records_graph(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether autograd records the product (grad mode on and an operand requires a gradient)."""
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad))
+def _records_graph(*operands: Tensor | None) -> bool:
+    """Whether autograd records an operation on these (grad mode on and an operand requires a gradient)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
 
 
 def _cpu_autocast_bf16() -> bool:
     """Whether CPU autocast to bfloat16 is on."""
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _autocast_operands(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """CPU tensors cast to bfloat16 under CPU bfloat16 autocast, as autocast casts a product's operands (for
+    calls that autocast does not see: oneDNN's operators, the blocked attention); others unchanged."""
+    if tensors[0].device.type == "cpu" and _cpu_autocast_bf16():
+        return tuple(None if t is None else t.to(torch.bfloat16) for t in tensors)
+    return tensors
 
 
 def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple | None:
@@ -243,7 +250,7 @@ def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple 
         return x, weight, bias
     if (_cpu_autocast_bf16() and _large(x, weight) and _kernels_usable(x, weight)
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return tuple(None if t is None else t.to(torch.bfloat16) for t in (x, weight, bias))
+        return _autocast_operands(x, weight, bias)
     return None
 
 

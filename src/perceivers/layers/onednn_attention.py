@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .dense import _kernels_usable, _onednn, _onednn_usable
+from .dense import _kernels_usable, _onednn, _onednn_usable, _records_graph
 
 __all__ = ["applies", "attend"]
 
@@ -72,7 +72,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, sca
         bias.masked_fill_(~attn_mask, float("-inf"))  # [B|1, H|1, 1, N]
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, bias, scale)
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if not _records_graph(q, k, v):
         return _forward(q, k, v, bias, scale)[0]
     keep = q.dtype == torch.bfloat16 and q.shape[:3].numel() * k.shape[-2] <= _KEEP_SCORES
     return _OneDNNAttention.apply(q, k, v, bias, scale, keep)
