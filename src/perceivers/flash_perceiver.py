@@ -4,8 +4,9 @@ Changing ``from flash_perceiver import Perceiver, PerceiverIO`` to
 ``from perceivers.flash_perceiver import Perceiver, PerceiverIO`` gives the same model: the same
 constructor and forward keywords, the same outputs and the same ``state_dict`` keys (FlashPerceiver
 checkpoints load with ``load_state_dict(strict=True)``). It runs on any device and dtype: attention
-goes through ``torch.nn.functional.scaled_dot_product_attention`` (no attention matrix in memory)
-instead of flash-attn's CUDA kernels, so neither CUDA nor half precision is needed.
+goes through ``torch.nn.functional.scaled_dot_product_attention`` (no attention matrix in memory) or,
+on CPU where they are faster, :mod:`perceivers.layers.onednn_attention`'s chunked products, instead of
+flash-attn's CUDA kernels, so neither CUDA nor half precision is needed.
 
 The structure, as flash-attn's ``Block`` and ``MHA`` compute it for FlashPerceiver:
 
@@ -38,8 +39,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from .layers.attention import attention_weights, check_mask
-from .layers.dense import Linear
+from .layers.attention import attend_heads, attention_weights, check_mask
+from .layers.dense import Linear, linear
 from .layers.mlp import FeedForward
 from .layers.position import linear_positions
 from .layers.rotary import RotaryEmbedding, rotate
@@ -82,13 +83,13 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
 
     A sample whose keys are all masked attends all of them evenly, as flash-attn's masked torch path
     does (it adds -10000 to every masked score). Weights ``[B, H, Q, K]`` (the softmax, before
-    dropout) are computed only when asked for; otherwise SDPA never builds them.
+    dropout) are computed only when asked for; otherwise they are never built whole.
     """
     attn_mask = None
     if mask is not None:
         attn_mask = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]  # [B, 1, 1, K]
     if not return_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout), None
+        return attend_heads(q, k, v, attn_mask, dropout), None
     weights = attention_weights(q, k, attn_mask)  # [B, H, Q, K]
     return torch.matmul(F.dropout(weights, dropout), v), weights
 
@@ -126,7 +127,8 @@ class CrossAttention(nn.Module):
                 return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """→ ``([B, Q, dim], weights [B, H, Q, K] or None)``."""
         q = rearrange(self.Wq(x), "b n (h d) -> b h n d", h=self.num_heads)
-        k, v = rearrange(self.Wkv(context), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        # keys and values as two products: splitting one product's output costs two copies of it in the backward
+        k, v = (rearrange(linear(context, w), "b n (h d) -> b h n d", h=self.num_heads) for w in self.Wkv.weight.chunk(2))
         out, weights = _attend(q, k, v, mask, self.dropout if self.training else 0.0, return_weights)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights
 

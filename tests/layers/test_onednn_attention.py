@@ -28,7 +28,13 @@ def _reference(q, k, v, mask, scale, grad, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])
-def test_values_and_gradients_match_float64(mask_kind):
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_values_and_gradients_match_float64(mask_kind, chunks, monkeypatch):
+    """Keys in one chunk (a softmax) or in several (running maximum and sum; the backward recomputes the
+    probabilities per chunk from the log-sum-exp), the first chunk masked whole for one sample."""
+    if chunks == "several":
+        monkeypatch.setattr(oa, "_MIN_CHUNK", 1)
+        monkeypatch.setattr(oa, "_CHUNK_SCORES", 512 * 48)  # 6 chunks of <= 48 keys
     g = torch.Generator().manual_seed(0)
     b, h, m, n, d, e = 2, 3, 512, 256, 64, 160
     q, k, v = _heads(b, h, m, d, g), _heads(b, h, n, d, g), _heads(b, h, n, e, g)
@@ -37,6 +43,7 @@ def test_values_and_gradients_match_float64(mask_kind):
     mask = None
     if mask_kind is not None:
         mask = torch.rand(b, h if mask_kind == "per-head" else 1, 1, n, generator=g) > 0.3
+        mask[0, ..., :48] = False
     with use_onednn(True):
         assert oa.applies(q, k, v, mask, 0.0)
         out = oa.attend(q, k, v, mask, scale=0.1)
@@ -95,8 +102,12 @@ def _shapes(b=2, h=8, m=512, n=512, d=128, e=128, dtype=torch.float32):
 @pytest.mark.parametrize("case, expected", [
     ("wide heads", True),
     ("narrow heads", False),      # d_k + d_v = 128: the fused kernel's single pass wins
+    ("narrow heads, long keys", True),     # 128 over 4096 keys and more: chunks of keys win
+    ("narrower heads, long keys", False),  # 64 over 4096 keys: the fused kernel
     ("few scores", False),        # 256 x 256 per head: per-call overhead
-    ("huge scores", False),       # 512 x 65536 per head: left to the fused kernel, which streams
+    ("long keys", True),          # 512 x 65536 per head: in chunks of 1024 keys
+    ("huge scores", False),       # 65536 x 512 per head: chunks of 256 keys hold 2**24 scores
+    ("huge scores, bfloat16", False),  # 512 x 65536 per head: bfloat16 holds them all
     ("dropout", False),
     ("float64", False),
     ("query-dependent mask", False),
@@ -104,7 +115,10 @@ def _shapes(b=2, h=8, m=512, n=512, d=128, e=128, dtype=torch.float32):
     ("autocast", False),
 ])
 def test_where_it_applies(case, expected):
-    shapes = {"narrow heads": {"d": 64, "e": 64}, "few scores": {"m": 256, "n": 256}, "huge scores": {"n": 65536},
+    shapes = {"narrow heads": {"d": 64, "e": 64}, "few scores": {"m": 256, "n": 256}, "long keys": {"n": 65536},
+              "huge scores": {"m": 65536}, "huge scores, bfloat16": {"n": 65536, "dtype": torch.bfloat16},
+              "narrow heads, long keys": {"m": 256, "n": 4096, "d": 64, "e": 64},
+              "narrower heads, long keys": {"m": 256, "n": 16384, "d": 32, "e": 32},
               "float64": {"dtype": torch.float64}}.get(case, {})
     q, k, v = _shapes(**shapes)
     mask = torch.ones(2, 1, 512, 512, dtype=torch.bool) if case == "query-dependent mask" else None
@@ -193,8 +207,9 @@ def test_compiled_graphs_keep_it_as_an_operator(mask_kind):
         assert (got.double() - r).abs().max() <= 1e-5 * r.abs().max()
     # the backward operator computes only the asked gradients: the frozen keys' comes back empty
     bias = None if mask is None else torch.zeros(b, h, 1, n).masked_fill_(~mask, float("-inf"))
+    out, lse = torch.ops.perceivers.onednn_attention(q.detach(), k, v.detach(), bias, 0.2)
     dq, dk, dv = torch.ops.perceivers.onednn_attention_backward(grad, q.detach(), k, v.detach(), bias, 0.2,
-                                                                True, False, True)
+                                                                out, lse, True, False, True)
     assert dk.numel() == 0
     for got, r in ((dq, ref[1]), (dv, ref[3])):
         assert (got.double() - r).abs().max() <= 1e-5 * r.abs().max()
@@ -241,7 +256,7 @@ def test_bfloat16_values_and_gradients(mask_kind, blocks, keep, monkeypatch):
     for got, ref, peer in zip((out, qb.grad, kb.grad, vb.grad), refs, _reference(q, k, v, mask, 0.3, grad, torch.bfloat16)):
         assert got.shape == ref.shape and got.dtype == torch.bfloat16
         assert _relative_error(got, ref) <= 1.5 * _relative_error(peer, ref) + 2e-3
-    spans = [i[0].stop - i[0].start if blocks == "samples" else i[1].stop - i[1].start for i in oa._blocks(qb, kb)[0]]
+    spans = [i[0].stop - i[0].start if blocks == "samples" else i[1].stop - i[1].start for i in oa._blocks(qb, kb)]
     assert spans == ([5] if blocks == "samples" else [2, 1] * b)
 
 

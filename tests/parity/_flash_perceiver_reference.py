@@ -148,6 +148,11 @@ def cases() -> dict:
         "gradients": (Perceiver, {**SMALL, "input_dim": [6, 3], "depth": 2, "output_dim": 4, "num_zero_tokens": 2,
                                   "latent_rotary_emb_dim": 4, "output_mode": "average"},
                       {"data": [x, rnd(B, 4, 3)], "mask": [m, None]}, {}, "grad"),
+        # 4500 tokens through one 64-wide cross-attention head: perceivers' chunked oneDNN attention on CPU
+        # (3 chunks of keys for 256 latents; sample 1 keeps only the first chunk's keys)
+        "long_inputs_grad": (Perceiver, {**SMALL, "num_latents": 256, "input_dim": 6, "depth": 1, "cross_heads": 1,
+                                         "cross_head_dim": 64, "output_dim": 4, "output_mode": "average"},
+                             {"data": rnd(B, 4500, 6), "mask": _mask(4500, [4500, 1000, 3000])}, {}, "grad"),
         "io_queries_2d_proj": (PerceiverIO, {**SMALL, "input_dim": 6, "query_dim": 10, "depth": 2, "proj_dim": 4,
                                              "query_heads": 2, "query_head_dim": 4},
                                {"data": x, "mask": m, "queries": rnd(6, 10)}, {}, "eval"),

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from . import onednn_attention
 from .dense import Linear, _autocast_operands
 
-__all__ = ["Attention", "KeyValue", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
+__all__ = ["Attention", "KeyValue", "attend_heads", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
 
 KeyValue = tuple[Tensor, Tensor]
 """Projected keys and values, each ``[B, H, K, d]``."""
@@ -166,14 +166,14 @@ class Attention(nn.Module):
             c = _autocast_operands(_pad_channels(c))[0][:, None].expand(-1, self.num_heads, -1, -1)  # [B, H, K, C']
             qc = _pad_channels(self._fold_queries(q))
             scale = self.qk_channels // self.num_heads
-            out = _attend(qc, c, c, attn_mask, dropout, scale=scale**-0.5)
+            out = attend_heads(qc, c, c, attn_mask, dropout, scale=scale**-0.5)
             out = self._unfold_values(out[..., : self.kv_dim])
         else:
             k, v = kv if kv is not None else self.project_kv(x if context is None else context)
             if inverted:
                 out = _inverted_attention(q, k, v, attn_mask, dropout)
             else:
-                out = _attend(q, k, v, attn_mask, dropout)
+                out = attend_heads(q, k, v, attn_mask, dropout)
         return self._output(out, row_valid, query_mask)
 
     def forward_with_weights(
@@ -342,8 +342,9 @@ class Attention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:
-    """``softmax(q kᵀ · scale) v`` per head through SDPA, except on CPU: wide float32 heads go to
+def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:
+    """``softmax(q kᵀ · scale) v`` per head (``[B, H, M, d_k]``, ``[B, H, N, d_k]``, ``[B, H, N, d_v]`` ->
+    ``[B, H, M, d_v]``) through SDPA, except on CPU: wide float32 heads (and narrower ones over many keys) go to
     :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths differ,
     e.g. the language model's 32 and 160) the same computation is written out, without the math path's
     guarded softmax (isneginf / all / where over every score, 3% of the language model's forward)."""
