@@ -372,9 +372,44 @@ def study_onednn(args) -> dict:
     return out
 
 
+def with_long_attention(attention: bool, long_sums: bool, fn):
+    """Run ``fn`` with 64-wide float32 heads over long keys on oneDNN in chunks (else SDPA) and weight
+    gradients with long sums on MKL (else oneDNN)."""
+    from perceivers.layers import dense
+
+    def run():
+        keys, sums = onednn_attention._MIN_LONG_KEYS, dense._LONG_SUM
+        onednn_attention._MIN_LONG_KEYS = keys if attention else 1 << 62
+        dense._LONG_SUM = sums if long_sums else 1 << 62
+        try:
+            fn()
+        finally:
+            onednn_attention._MIN_LONG_KEYS, dense._LONG_SUM = keys, sums
+    return run
+
+
+def study_chunks(args) -> dict:
+    """FlashPerceiver's benchmark model (depth 8, 256 latents, one 64-wide cross-attention head): its
+    cross-attention over 4k / 16k tokens in chunks of keys on oneDNN instead of SDPA, and its key/value
+    weight gradients (long sums) on MKL instead of oneDNN."""
+    from perceivers.flash_perceiver import Perceiver as FlashPerceiver
+
+    out = {}
+    for tokens, batch in ((4096, 2 if args.quick else 8), (16384, 1 if args.quick else 4)):
+        torch.manual_seed(0)
+        model = FlashPerceiver(input_dim=128, depth=8, latent_dim=256, num_latents=256).eval()
+        x = torch.randn(batch, tokens, 128, generator=torch.Generator().manual_seed(1))
+        for mode in ("inference", "training step"):
+            fn = forward(model, x) if mode == "inference" else train_step(model, x)
+            out[f"FlashPerceiver {tokens // 1024}k tokens (batch {batch}) {mode}"] = timed(
+                {"before": with_long_attention(False, False, fn), "attention only": with_long_attention(True, False, fn),
+                 "after": with_long_attention(True, True, fn)}, args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
-           "onednn": study_onednn}
+           "onednn": study_onednn, "chunks": study_chunks}
 
 
 def markdown(results: dict) -> str:
