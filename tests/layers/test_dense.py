@@ -79,6 +79,31 @@ def test_weights_with_spaced_rows_reach_onednn_dense(monkeypatch):
         assert (a.double() - r).abs().max() <= 2e-6 * r.abs().max()
 
 
+@pytest.mark.parametrize("out_features", [48, 80])  # out > in: computed transposed, returned as a view
+def test_weight_gradient_of_a_long_sum_goes_to_mm(out_features, monkeypatch):
+    """Rows ≥ _LONG_SUM × (out + in): the weight gradient is ``torch.mm`` (MKL splits the sum), with the
+    same values and the same layout as oneDNN's path; shorter sums stay on oneDNN."""
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a.shape) or mm(a, b))
+    monkeypatch.setattr(linear_module, "_MIN_MACS", 1)
+    g = torch.Generator().manual_seed(8)
+    for rows, long_sum in ((48 * (out_features + 64), True), (47 * (out_features + 64), False)):
+        x = torch.randn(rows, 64, generator=g, requires_grad=True)
+        w = torch.randn(out_features, 64, generator=g, requires_grad=True)
+        with use_onednn(True):
+            out = linear(x, w)
+        grad = torch.randn(out.shape, generator=g)
+        calls.clear()
+        out.backward(grad)
+        assert bool(calls) == long_sum
+        direct = linear_module._onednn_weight_grad(grad, x.detach())
+        assert direct.shape == w.shape and direct.is_contiguous() == (out_features <= 64)
+        ref = _reference(x, w, None, grad)
+        for a, r in zip((x.grad, w.grad), ref[1:3]):
+            assert (a.double() - r).abs().max() <= 2e-6 * r.abs().max()
+
+
 def test_second_order_gradients():
     """``create_graph=True`` differentiates the backward too (it uses differentiable products then)."""
     g = torch.Generator().manual_seed(2)
