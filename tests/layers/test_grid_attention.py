@@ -101,10 +101,25 @@ def test_refuses_what_it_does_not_cover():
         assert ga.applies(attn, norm, x, grid, None)
         assert not ga.applies(attn, norm, x, grid, torch.ones(2, 36, dtype=torch.bool))  # key mask
         assert not ga.applies(attn, norm, x.double(), grid, None)
-        with torch.autocast("cpu", torch.bfloat16):
-            assert not ga.applies(attn, norm, x, grid, None)
         attn.fold_kv = False
         assert not ga.applies(attn, norm, x, grid, None)
+
+
+def test_autocast_computes_in_float32():
+    """Under CPU bf16 autocast the kernel still serves, in float32, with float32 out (autocast's rule for
+    its float32 operators), in inference and training: the same values and gradients as without autocast."""
+    attn, norm, x, grid, _ = _problem(3, 12, 20)
+    x.requires_grad_(True)
+    results = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            assert ga.applies(attn, norm, x, grid, None)
+            out = ga.grid_cross_attention(attn, norm, x, grid, chunk_pixels=5 * 20)
+        assert out.dtype == torch.float32
+        grads = torch.autograd.grad(out.square().sum(), [x, attn.to_q.weight, norm.weight])
+        results.append((out, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def _readme_like(**kw):
@@ -128,6 +143,25 @@ def test_perceiver_stream_uses_the_kernel(monkeypatch):
     assert len(calls) == 2
     torch.testing.assert_close(native, whole, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_models_use_the_kernel(monkeypatch):
+    """A Perceiver under CPU bf16 autocast gives its image to the kernel (not to bf16 streamed
+    products) and stays as close to its float32 logits as the bf16 path without the kernel."""
+    torch.manual_seed(0)
+    model = _readme_like(cross_heads=2)
+    img = torch.randn(2, 40, 32, 3)
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        exact = model(img)
+        with torch.autocast("cpu", torch.bfloat16):
+            native = model(img)
+            assert len(calls) == 4  # float32 and bf16 forwards, two cross-attentions each
+            monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+            products = model(img)
+    assert len(calls) == 4
+    scale = exact.abs().max()
+    assert (native.float() - exact).abs().max() <= max(2e-2 * scale, (products.float() - exact).abs().max())
 
 
 def test_videos_go_through_the_kernel(monkeypatch):

@@ -68,14 +68,15 @@ def available() -> bool:
 
 
 def serves(data: Tensor, *, masked: bool, dropout: bool = False, pixels: int | None = None) -> bool:
-    """Whether a grid context built from ``data`` would go through the kernel: float32 on CPU, the
-    image itself not needing a gradient, no key mask, no attention dropout, not compiling or tracing;
-    with ``pixels`` (per sample), at least :data:`MIN_PIXELS` of them (models use it to give images too
-    small to stream to the kernel as one chunk)."""
+    """Whether a grid context built from ``data`` would go through the kernel: float32 on CPU (also
+    under autocast, see :func:`grid_cross_attention`), the image itself not needing a gradient, no key
+    mask, no attention dropout, not compiling or tracing; with ``pixels`` (per sample), at least
+    :data:`MIN_PIXELS` of them (models use it to give images too small to stream to the kernel as one
+    chunk)."""
     return (
         (pixels is None or pixels >= MIN_PIXELS)
-        and not (torch.is_grad_enabled() and data.requires_grad) and not masked and not dropout and data.device.type == "cpu" and data.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and data.requires_grad) and not masked and not dropout
+        and data.device.type == "cpu" and data.dtype == torch.float32 and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting() and not torch.jit.is_tracing() and available()
     )
 
@@ -101,8 +102,17 @@ def grid_cross_attention(
 
     Call only when :func:`applies`. The grid is processed in chunks of whole image rows of about
     ``chunk_pixels`` pixels over the batch (their planes, ``D + 2`` floats per pixel, are all that is built).
-    Differentiable in ``x`` and in the weights of ``attn`` and ``norm``.
+    Differentiable in ``x`` and in the weights of ``attn`` and ``norm``. Under CPU autocast it computes
+    in float32 and returns float32, as autocast does for its float32 operators: the kernel has no
+    bfloat16 variant, and its ``D + 2``-channel float32 work is cheaper than bfloat16 products over the
+    whole context (measured in docs/performance.md, *bfloat16 on CPU*).
     """
+    with torch.autocast("cpu", enabled=False):
+        return _attend_grid(attn, norm, x, grid, query_mask, chunk_pixels)
+
+
+def _attend_grid(attn: nn.Module, norm: nn.LayerNorm, x: Tensor, grid: GridContext, query_mask: Tensor | None,
+                 chunk_pixels: int) -> Tensor:
     heads = attn.num_heads
     q = rearrange(attn.to_q(x), "b n (h e) -> b h n e", h=heads) * (attn.qk_channels // heads) ** -0.5
     qf = attn._fold_queries(q)  # [B, H, Q, C]
