@@ -204,17 +204,18 @@ def study_sdpa(args) -> dict:
     return res
 
 
+def bf16(fn):
+    """``fn`` under CPU bf16 autocast."""
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn()
+    return run
+
+
 def study_bf16(args) -> dict:
     b = 2 if args.quick else 8
     m = readme()
     x = images(b, 64)
-
-    def bf16(fn):
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                fn()
-        return run
-
     return {
         f"readme-64 depth 6 inference (batch {b})": timed({"before": forward(m, x), "after": bf16(forward(m, x))},
                                                           args.repeats),
@@ -407,9 +408,37 @@ def study_chunks(args) -> dict:
     return out
 
 
+def with_bf16_grid(grid: bool, fn):
+    """Run ``fn`` under bf16 autocast with images on the native grid kernel (``grid``; in float32) or,
+    as before 2eca7c7, on the streamed bf16 products over the whole context."""
+    from perceivers.layers import grid_attention
+
+    def run():
+        serves = grid_attention.serves
+        if not grid:
+            grid_attention.serves = lambda *a, **k: serves(*a, **k) and not torch.is_autocast_enabled("cpu")
+        os.environ["PERCEIVERS_NATIVE"] = "1"
+        try:
+            bf16(fn)()
+        finally:
+            grid_attention.serves = serves
+            os.environ["PERCEIVERS_NATIVE"] = "0"
+    return run
+
+
+def study_bf16_grid(args) -> dict:
+    """bf16 autocast: images with Fourier features on the native grid kernel (in float32) instead of bf16
+    products over the whole context (the reduced DeepMind vision model, 224², batch 2)."""
+    model = reduced_vision(None, None)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    return {f"reduced vision 224x224 (batch 2) {mode}": timed(
+        {"before": with_bf16_grid(False, fn), "after": with_bf16_grid(True, fn)}, args.repeats)
+        for mode, fn in (("inference", forward(model, x)), ("training step", train_step(model, x)))}
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
-           "onednn": study_onednn, "chunks": study_chunks}
+           "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid}
 
 
 def markdown(results: dict) -> str:
