@@ -413,16 +413,16 @@ def with_bf16_grid(grid: bool, fn):
     as before 2eca7c7, on the streamed bf16 products over the whole context."""
     from perceivers.layers import grid_attention
 
+    native = with_native(True, bf16(fn))
+
     def run():
         serves = grid_attention.serves
         if not grid:
             grid_attention.serves = lambda *a, **k: serves(*a, **k) and not torch.is_autocast_enabled("cpu")
-        os.environ["PERCEIVERS_NATIVE"] = "1"
         try:
-            bf16(fn)()
+            native()
         finally:
             grid_attention.serves = serves
-            os.environ["PERCEIVERS_NATIVE"] = "0"
     return run
 
 
