@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import onednn_attention
+from . import native_attention, onednn_attention
 from .dense import Linear, _autocast_operands
 
 __all__ = ["Attention", "KeyValue", "attend_heads", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
@@ -344,11 +344,14 @@ class Attention(nn.Module):
 
 def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:
     """``softmax(q kᵀ · scale) v`` per head (``[B, H, M, d_k]``, ``[B, H, N, d_k]``, ``[B, H, N, d_v]`` ->
-    ``[B, H, M, d_v]``) through SDPA, except on CPU: wide float32 heads (and narrower ones over many keys) go to
-    :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths differ,
-    e.g. the language model's 32 and 160) the same computation is written out, without the math path's
-    guarded softmax (isneginf / all / where over every score, 3% of the language model's forward)."""
+    ``[B, H, M, d_v]``) through SDPA, except on CPU: float32 heads whose widths are multiples of 16 go to the
+    native kernel (:mod:`.native_attention`), other wide float32 heads (and narrower ones over many keys) and
+    bfloat16 to :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths
+    differ, e.g. the language model's 32 and 160) the same computation is written out, without the math
+    path's guarded softmax (isneginf / all / where over every score, 3% of the language model's forward)."""
     q, k, v = _autocast_operands(q, k, v)
+    if native_attention.applies(q, k, v, attn_mask, dropout):
+        return native_attention.attend(q, k, v, attn_mask, scale)
     if onednn_attention.applies(q, k, v, attn_mask, dropout):
         return onednn_attention.attend(q, k, v, attn_mask, scale)
     if (q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or torch.compiler.is_compiling()

@@ -1,0 +1,162 @@
+"""Fused float32 attention on CPU through a native kernel, for heads up to 256 channels wide.
+
+PyTorch's fused CPU attention (the flash kernel behind ``F.scaled_dot_product_attention``) computes each
+block of scores and each weighted sum as a separate MKL product, which on narrow heads (the language
+model's 32 channels, the README model's 64) runs at a third of the machine's float32 rate. The kernel
+(:mod:`perceivers.kernels`, ``attention.c``) does the same algorithm with register-tiled products:
+per block of 16 queries the keys go by in blocks of 64, the scores never leave the first-level cache,
+the softmax runs online, and the backward recomputes the probabilities from the rows' log-sum-exp
+(``dV = Pᵀ dO``, ``dS = P (dO Vᵀ − rowsum(dO · O))``, ``dQ = dS K``, ``dK = dSᵀ Q``). Keys and values
+are taken transposed (one copy each, padded to the key block); everything else is read in place.
+
+It serves float32 CPU heads whose widths are multiples of 16 (at most 256), with no mask or a boolean
+key mask (``[B|1, H|1, 1, N]``), without dropout, outside autocast, ``torch.compile``, tracing,
+``torch.func`` transforms and forward-mode AD (those see SDPA), and ``PERCEIVERS_NATIVE`` not off.
+``create_graph=True`` gets the same gradients from differentiable batched operations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from .. import kernels
+from .onednn_attention import _math_gradients
+
+__all__ = ["applies", "attend", "available"]
+
+_KEY_BLOCK = 64  # keys per block of the kernel (KB in attention.c): kᵀ, vᵀ and the bias are padded to it
+_MAX_WIDTH = 256
+
+
+def _kernel():
+    lib = kernels.load("attention")
+    if lib is None:
+        return None
+    if lib.perceivers_attention.argtypes is None:
+        lib.perceivers_attention.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 6
+        lib.perceivers_attention.restype = ctypes.c_int
+        lib.perceivers_attention_backward.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 11
+        lib.perceivers_attention_backward.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernel is built and enabled (``PERCEIVERS_NATIVE``)."""
+    return _kernel() is not None
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float) -> bool:
+    """Whether :func:`attend` serves ``q [B, H, M, d_k]``, ``k [B, H, N, d_k]``, ``v [B, H, N, d_v]``."""
+    return (
+        q.dim() == k.dim() == v.dim() == 4
+        and dropout == 0.0
+        and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
+        and q.shape[-1] == k.shape[-1]
+        and all(t.shape[-1] % 16 == 0 and t.shape[-1] <= _MAX_WIDTH for t in (q, v))
+        and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided for t in (q, k, v))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+        and not torch._C._are_functorch_transforms_active() and torch.autograd.forward_ad._current_level < 0
+        and available()
+    )
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """``softmax(q kᵀ · scale) v`` → ``[B, H, M, d_v]`` (call where :func:`applies`); ``attn_mask`` is a
+    boolean key mask (True = attend) broadcast to ``[B, H, 1, N]``; a row with no key left returns zeros.
+    ``scale`` defaults to ``d_k^-½``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _NativeAttention.apply(q, k, v, attn_mask, scale)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` with its channels contiguous (the kernel reads rows through strides)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _transposed(t: Tensor) -> Tensor:
+    """``t [B, H, N, d]`` → ``[B|1, H|1, d, N']`` zero-padded to whole key blocks, axes that ``t`` broadcasts
+    (stride 0) kept at size 1 and expanded back (one copy per distinct head)."""
+    lead = [slice(None) if t.stride(i) else slice(0, 1) for i in range(2)]
+    src = t[tuple(lead)]
+    n = t.shape[2]
+    out = t.new_zeros(*src.shape[:2], t.shape[3], n + (-n % _KEY_BLOCK))
+    out[..., :n] = src.transpose(-1, -2)
+    return out.expand(*t.shape[:2], *out.shape[2:])
+
+
+def _bias(attn_mask: Tensor | None, n: int) -> Tensor | None:
+    """A boolean key mask ``[B|1, H|1, 1, N]`` as an additive bias ``[B|1, H|1, N']`` (``-inf`` on masked keys
+    and on the padding to whole key blocks)."""
+    if attn_mask is None:
+        return None
+    bias = torch.full((*attn_mask.shape[:2], n + (-n % _KEY_BLOCK)), float("-inf"))
+    bias[..., :n].masked_fill_(attn_mask[:, :, 0], 0.0)
+    return bias
+
+
+def _strides(t: Tensor | None, count: int, batch: int, heads: int) -> list[int]:
+    """The first ``count - 1`` axes' strides (0 where ``t`` has size 1 there and is broadcast) and, with
+    ``count == 3``, the rows'."""
+    if t is None:
+        return [0] * count
+    lead = [t.stride(i) if t.shape[i] == size else 0 for i, size in enumerate((batch, heads))]
+    return lead + ([t.stride(2)] if count == 3 else [])
+
+
+def _int64s(values: list[int]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _check(status: int, dk: int, dv: int) -> None:
+    """Raise for a kernel's failure status (1: widths it does not take, 2: no memory for its buffers)."""
+    if status == 2:
+        raise MemoryError("native attention: no memory for the kernel's buffers")
+    if status:
+        raise ValueError(f"native attention takes head widths that are multiples of 16 up to {_MAX_WIDTH}, got {dk} / {dv}")
+
+
+class _NativeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+        ctx.scale = scale
+        q, k, v = _rows(q), _rows(k), _rows(v)
+        batch, heads, m, dk = q.shape
+        n, dv = v.shape[2], v.shape[3]
+        kt, bias = _transposed(k), _bias(attn_mask, n)
+        out = q.new_empty(batch, m, heads, dv).permute(0, 2, 1, 3)  # the heads merge as a view later
+        lse = q.new_empty(batch, heads, m)
+        dims = _int64s([batch, heads, m, n, dk, dv])
+        strides = _int64s(_strides(q, 3, batch, heads) + _strides(kt, 2, batch, heads) + _strides(v, 3, batch, heads)
+                          + _strides(bias, 2, batch, heads) + _strides(out, 3, batch, heads))
+        pointers = (q, kt, v, bias, out, lse)
+        _check(_kernel().perceivers_attention(dims.data_ptr(), strides.data_ptr(), scale,
+                                              *(None if t is None else t.data_ptr() for t in pointers)), dk, dv)
+        ctx.save_for_backward(q, k, v, kt, bias, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, kt, bias, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
+            grads = _math_gradients(q, k, v, None if bias is None else bias[..., None, : k.shape[2]], ctx.scale, dout)
+            return (*grads, None, None)
+        dout = _rows(dout)
+        batch, heads, m, dk = q.shape
+        n, dv = v.shape[2], v.shape[3]
+        vt = _transposed(v)
+        delta = (dout * out).sum(-1).contiguous()  # [B, H, M]
+        needs = ctx.needs_input_grad[:3]
+        grads = [torch.empty(batch, heads, *t.shape[2:]) if need else None for t, need in zip((q, k, v), needs)]
+        dims = _int64s([batch, heads, m, n, dk, dv])
+        strides = _int64s(_strides(q, 3, batch, heads) + _strides(k, 3, batch, heads) + _strides(kt, 2, batch, heads)
+                          + _strides(vt, 2, batch, heads) + _strides(bias, 2, batch, heads)
+                          + _strides(dout, 3, batch, heads))
+        pointers = (q, k, kt, vt, bias, dout, lse, delta, *grads)
+        _check(_kernel().perceivers_attention_backward(dims.data_ptr(), strides.data_ptr(), ctx.scale,
+                                                       *(None if t is None else t.data_ptr() for t in pointers)), dk, dv)
+        return (*grads, None, None)
