@@ -1,16 +1,19 @@
 /* Attention softmax(q k^T * scale + bias) v for float32 heads up to 256 channels wide (multiples of 16),
  * forward and backward, fused as flash attention is: per block of QB queries the keys go by in blocks of
  * KB, the scores stay in the first-level cache, the softmax runs online (a running maximum and sum), and
- * the backward recomputes the probabilities from the rows' log-sum-exp. The products are register-tiled
- * micro-kernels written with the compiler's vector extensions (16 floats: one AVX-512 register, two
- * AVX2 ones), so the same code builds wherever GCC or Clang does.
+ * the backward recomputes the probabilities from the rows' log-sum-exp.
+ *
+ * The score tiles are kept transposed, [key][query row]: a vector holds 16 query rows of one key, so a
+ * tile is computed from the block's queries transposed (QB x d, copied once per block) and the keys read
+ * in place, row by row, and the softmax's maxima and sums over keys are vertical operations. The products
+ * are register-tiled micro-kernels written with the compiler's vector extensions (16 floats: one AVX-512
+ * register, two AVX2 ones), so the same code builds wherever GCC or Clang does.
  *
  * Layouts (elements, not bytes): a tensor T with rows per (b, h) is addressed T + b*s[0] + h*s[1] +
- * row*s[2] + channel, its channels contiguous; head strides may be 0 (keys shared by every head). The
- * keys and values also come transposed and zero-padded to Np = N rounded up to KB: kT / vT [d][Np] per
- * (b, h) at b*s[0] + h*s[1]. bias (or NULL) is additive per key, [Np] per (b, h) at b*s[0] + h*s[1]
- * (-inf on masked keys and on the padding). Every row must keep a key; a row with none returns zeros.
- * Work is split over OpenMP threads: (b, h, query block) in the forward, (b, h) in the backward.
+ * row*s[2] + channel, its channels contiguous; batch and head strides may be 0 (keys shared by every
+ * head). bias (or NULL) is additive per key, [N] per (b, h) at b*s[0] + h*s[1] (-inf on masked keys).
+ * A row whose keys are all masked returns zeros. Work is split over OpenMP threads: (b, h, group of query
+ * blocks) in the forward, (b, h) in the backward.
  */
 #include <math.h>
 #include <omp.h>
@@ -21,11 +24,12 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
 
-#define QB 16           /* query rows per block */
+#define QB 32           /* query rows per block: two vectors */
 #define KB 64           /* keys per block */
-#define NV (KB / 16)    /* vectors per block of scores */
+#define KT 8            /* keys per micro-tile */
 #define TAU 10.0f       /* a row's reference maximum moves only when a score exceeds it by this */
 #define MAXD 256        /* widest head */
+#define GROUP 2         /* forward: query blocks that go through the keys together */
 
 static inline v16 vbcast(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline v16 vload(const float *p) { v16 r; memcpy(&r, p, 64); return r; }
@@ -33,62 +37,70 @@ static inline void vstore(float *p, v16 x) { memcpy(p, &x, 64); }
 static inline v16 vsel(i16 m, v16 a, v16 b) {
     i16 ai, bi, r;
     v16 o;
-    memcpy(&ai, &a, 64); memcpy(&bi, &b, 64);
+    memcpy(&ai, &a, 64);
+    memcpy(&bi, &b, 64);
     r = (ai & m) | (bi & ~m);
     memcpy(&o, &r, 64);
     return o;
 }
 static inline v16 vmax(v16 a, v16 b) { return vsel(a > b, a, b); }
+static inline int any(i16 m) { for (int i = 0; i < 16; ++i) if (m[i]) return 1; return 0; }
 
-/* exp(x), 0 below -87 (so exp(-inf) is exactly 0) */
+/* exp(x) by 2^k (exponent bits) times a degree-6 series on |f| <= ln2/2 (relative error ~2e-7); exactly 0
+ * below -87, so exp(-inf) = 0. */
 static inline v16 vexp(v16 x0) {
-    v16 x = vmax(x0, vbcast(-87.0f));
-    v16 t = x * vbcast(1.44269504088896341f);
-    v16 magic = vbcast(12582912.0f);
-    v16 k = (t + magic) - magic;
-    v16 y = (t - k) * vbcast(0.69314718055994531f);
-    v16 p = vbcast(1.0f) + y * (vbcast(1.0f) + y * (vbcast(0.5f) + y * (vbcast(0.16666667f) + y * (vbcast(0.041666668f) + y * (vbcast(0.0083333338f) + y * vbcast(0.0013888889f))))));
-    i16 bits = (__builtin_convertvector(k, i16) + 127) << 23;
+    const v16 x = vmax(x0, vbcast(-87.0f));
+    const v16 t = x * vbcast(1.44269504088896341f);
+    const v16 magic = vbcast(12582912.0f);  /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
+    const v16 k = (t + magic) - magic;
+    const v16 y = (t - k) * vbcast(0.69314718055994531f);
+    const v16 p = vbcast(1.0f) + y * (vbcast(1.0f) + y * (vbcast(0.5f) + y * (vbcast(0.16666667f) + y * (
+        vbcast(0.041666668f) + y * (vbcast(0.0083333338f) + y * vbcast(0.0013888889f))))));
+    const i16 bits = (__builtin_convertvector(k, i16) + 127) << 23;
     v16 s;
     memcpy(&s, &bits, 64);
     return vsel(x0 < vbcast(-87.0f), vbcast(0.0f), p * s);
 }
 
-static inline float hmax(v16 x) { float m = x[0]; for (int i = 1; i < 16; ++i) m = x[i] > m ? x[i] : m; return m; }
-static inline float hsum(v16 x) { float s = 0; for (int i = 0; i < 16; ++i) s += x[i]; return s; }
-static inline int64_t Np(int64_t n) { return (n + KB - 1) / KB * KB; }
-
-/* s[r][j] = sum_c a[r][c] bT[c][j0 + j] (+ bias[j0 + j]) for r < QB; lanes j >= n - j0 get -inf. a: QB rows of d. */
-static inline __attribute__((always_inline)) void scores(
-    int64_t d, const float *a, const float *bT, int64_t ldb, int64_t j0, int64_t n, const float *bias, float s[QB][KB]
-) {
-    for (int r0 = 0; r0 < QB; r0 += 4) {
-        v16 acc[4][NV];
-        for (int r = 0; r < 4; ++r) for (int u = 0; u < NV; ++u) acc[r][u] = vbcast(0);
-        for (int64_t c = 0; c < d; ++c) {
-            const float *bc = bT + c * ldb + j0;
-            v16 bv[NV];
-            for (int u = 0; u < NV; ++u) bv[u] = vload(bc + 16 * u);
-            for (int r = 0; r < 4; ++r) {
-                v16 x = vbcast(a[(r0 + r) * d + c]);
-                for (int u = 0; u < NV; ++u) acc[r][u] += x * bv[u];
-            }
-        }
-        if (bias) {
-            for (int u = 0; u < NV; ++u) {
-                v16 bb = vload(bias + j0 + 16 * u);
-                for (int r = 0; r < 4; ++r) acc[r][u] += bb;
-            }
-        }
-        for (int r = 0; r < 4; ++r) for (int u = 0; u < NV; ++u) vstore(&s[r0 + r][16 * u], acc[r][u]);
-    }
-    if (j0 + KB > n)
-        for (int r = 0; r < QB; ++r) for (int64_t j = n - j0; j < KB; ++j) s[r][j] = -INFINITY;
+static inline const float *at(const float *t, const int64_t *s, int64_t b, int64_t h, int64_t row) {
+    return t + b * s[0] + h * s[1] + row * s[2];
 }
 
-/* o[r][c] += sum_{j < nj} w[r][j] b[j][c]; o: QB rows of d (d % 16 == 0), b rows of ldb. */
+/* st[j][r] = sum_c aT[c][r] x[j0 + j][c] (+ bias[j0 + j]) for the block's keys j < KB, rows r < QB (two
+ * vectors); keys at or past n are -inf. aT: [d][QB]; x: key rows of stride ld. */
+static inline __attribute__((always_inline)) void scores(
+    int64_t d, const float *aT, const float *x, int64_t ld, int64_t j0, int64_t n, const float *bias,
+    float st[KB][QB]
+) {
+    for (int64_t jt = 0; jt < KB; jt += KT) {
+        if (j0 + jt >= n) {
+            for (int64_t t = 0; t < KT; ++t) { vstore(st[jt + t], vbcast(-INFINITY)); vstore(st[jt + t] + 16, vbcast(-INFINITY)); }
+            continue;
+        }
+        const float *row[KT];
+        for (int t = 0; t < KT; ++t) row[t] = x + (j0 + jt + t < n ? j0 + jt + t : j0) * ld;
+        v16 acc[KT][2];
+        for (int t = 0; t < KT; ++t) acc[t][0] = acc[t][1] = vbcast(0.0f);
+        for (int64_t c = 0; c < d; ++c) {
+            const v16 a0 = vload(aT + c * QB), a1 = vload(aT + c * QB + 16);
+            for (int t = 0; t < KT; ++t) {
+                const v16 kv = vbcast(row[t][c]);
+                acc[t][0] += kv * a0;
+                acc[t][1] += kv * a1;
+            }
+        }
+        for (int t = 0; t < KT; ++t) {
+            const int64_t j = j0 + jt + t;
+            const v16 add = vbcast(j >= n ? -INFINITY : (bias ? bias[j] : 0.0f));
+            vstore(st[jt + t], acc[t][0] + add);
+            vstore(st[jt + t] + 16, acc[t][1] + add);
+        }
+    }
+}
+
+/* o[r][c] += sum_{j < nj} w[j][r] x[j][c]; o: QB rows of d (d % 16 == 0); x rows of stride ld. */
 static inline __attribute__((always_inline)) void rows_times(
-    int64_t d, float w[QB][KB], int64_t nj, const float *b, int64_t ldb, float *o
+    int64_t d, float w[KB][QB], int64_t nj, const float *x, int64_t ld, float *o
 ) {
     for (int r0 = 0; r0 < QB; r0 += 8) {
         int64_t c0 = 0;
@@ -96,9 +108,9 @@ static inline __attribute__((always_inline)) void rows_times(
             v16 acc[8][2];
             for (int r = 0; r < 8; ++r) { acc[r][0] = vload(o + (r0 + r) * d + c0); acc[r][1] = vload(o + (r0 + r) * d + c0 + 16); }
             for (int64_t j = 0; j < nj; ++j) {
-                const float *bj = b + j * ldb + c0;
-                v16 x0 = vload(bj), x1 = vload(bj + 16);
-                for (int r = 0; r < 8; ++r) { v16 ww = vbcast(w[r0 + r][j]); acc[r][0] += ww * x0; acc[r][1] += ww * x1; }
+                const float *xj = x + j * ld + c0;
+                const v16 x0 = vload(xj), x1 = vload(xj + 16);
+                for (int r = 0; r < 8; ++r) { const v16 ww = vbcast(w[j][r0 + r]); acc[r][0] += ww * x0; acc[r][1] += ww * x1; }
             }
             for (int r = 0; r < 8; ++r) { vstore(o + (r0 + r) * d + c0, acc[r][0]); vstore(o + (r0 + r) * d + c0 + 16, acc[r][1]); }
         }
@@ -106,75 +118,117 @@ static inline __attribute__((always_inline)) void rows_times(
             v16 acc[8];
             for (int r = 0; r < 8; ++r) acc[r] = vload(o + (r0 + r) * d + c0);
             for (int64_t j = 0; j < nj; ++j) {
-                v16 x0 = vload(b + j * ldb + c0);
-                for (int r = 0; r < 8; ++r) acc[r] += vbcast(w[r0 + r][j]) * x0;
+                const v16 x0 = vload(x + j * ld + c0);
+                for (int r = 0; r < 8; ++r) acc[r] += vbcast(w[j][r0 + r]) * x0;
             }
             for (int r = 0; r < 8; ++r) vstore(o + (r0 + r) * d + c0, acc[r]);
         }
     }
 }
 
-/* o[j][c] += sum_{r < QB} w[r][j] a[r][c] for j < nj; a: QB rows of d; o rows of ldo. */
+/* o[j][c] += sum_{r < QB} w[j][r] a[r][c] for j < nj; a: QB rows of d; o rows of stride ld. */
 static inline __attribute__((always_inline)) void cols_times(
-    int64_t d, float w[QB][KB], int64_t nj, const float *a, float *o, int64_t ldo
+    int64_t d, float w[KB][QB], int64_t nj, const float *a, float *o, int64_t ld
 ) {
     int64_t j0 = 0;
     for (; j0 + 8 <= nj; j0 += 8) {
         int64_t c0 = 0;
         for (; c0 + 32 <= d; c0 += 32) {
             v16 acc[8][2];
-            for (int j = 0; j < 8; ++j) { acc[j][0] = vload(o + (j0 + j) * ldo + c0); acc[j][1] = vload(o + (j0 + j) * ldo + c0 + 16); }
+            for (int j = 0; j < 8; ++j) { acc[j][0] = vload(o + (j0 + j) * ld + c0); acc[j][1] = vload(o + (j0 + j) * ld + c0 + 16); }
             for (int r = 0; r < QB; ++r) {
-                v16 x0 = vload(a + r * d + c0), x1 = vload(a + r * d + c0 + 16);
-                for (int j = 0; j < 8; ++j) { v16 ww = vbcast(w[r][j0 + j]); acc[j][0] += ww * x0; acc[j][1] += ww * x1; }
+                const v16 x0 = vload(a + r * d + c0), x1 = vload(a + r * d + c0 + 16);
+                for (int j = 0; j < 8; ++j) { const v16 ww = vbcast(w[j0 + j][r]); acc[j][0] += ww * x0; acc[j][1] += ww * x1; }
             }
-            for (int j = 0; j < 8; ++j) { vstore(o + (j0 + j) * ldo + c0, acc[j][0]); vstore(o + (j0 + j) * ldo + c0 + 16, acc[j][1]); }
+            for (int j = 0; j < 8; ++j) { vstore(o + (j0 + j) * ld + c0, acc[j][0]); vstore(o + (j0 + j) * ld + c0 + 16, acc[j][1]); }
         }
         for (; c0 < d; c0 += 16) {
             v16 acc[8];
-            for (int j = 0; j < 8; ++j) acc[j] = vload(o + (j0 + j) * ldo + c0);
+            for (int j = 0; j < 8; ++j) acc[j] = vload(o + (j0 + j) * ld + c0);
             for (int r = 0; r < QB; ++r) {
-                v16 x0 = vload(a + r * d + c0);
-                for (int j = 0; j < 8; ++j) acc[j] += vbcast(w[r][j0 + j]) * x0;
+                const v16 x0 = vload(a + r * d + c0);
+                for (int j = 0; j < 8; ++j) acc[j] += vbcast(w[j0 + j][r]) * x0;
             }
-            for (int j = 0; j < 8; ++j) vstore(o + (j0 + j) * ldo + c0, acc[j]);
+            for (int j = 0; j < 8; ++j) vstore(o + (j0 + j) * ld + c0, acc[j]);
         }
     }
     for (; j0 < nj; ++j0) {
-        float *oj = o + j0 * ldo;
+        float *oj = o + j0 * ld;
         for (int64_t c0 = 0; c0 < d; c0 += 16) {
             v16 acc = vload(oj + c0);
-            for (int r = 0; r < QB; ++r) acc += vbcast(w[r][j0]) * vload(a + r * d + c0);
+            for (int r = 0; r < QB; ++r) acc += vbcast(w[j0][r]) * vload(a + r * d + c0);
             vstore(oj + c0, acc);
         }
     }
 }
 
-
-static inline const float *at(const float *t, const int64_t *s, int64_t b, int64_t h, int64_t row) {
-    return t + b * s[0] + h * s[1] + row * s[2];
+/* A block's rows of t (QB x d, zero-padded past `rows`), times `mul`, into rows [QB][d] and/or transposed
+ * [d][QB] (either may be NULL). */
+static void load_rows(const float *t, const int64_t *s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t d,
+                      float mul, float *out_rows, float *out_t) {
+    if (out_rows) memset(out_rows, 0, sizeof(float) * QB * d);
+    if (out_t) memset(out_t, 0, sizeof(float) * QB * d);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *src = at(t, s, b, h, i0 + r);
+        for (int64_t c = 0; c < d; ++c) {
+            const float x = src[c] * mul;
+            if (out_rows) out_rows[r * d + c] = x;
+            if (out_t) out_t[c * QB + r] = x;
+        }
+    }
 }
 
-/* The forward state of one block of query rows: scaled queries, output accumulator, scores, running
- * maximum and sum. */
+/* The forward state of one block of query rows. */
 typedef struct {
-    float qs[QB * MAXD] __attribute__((aligned(64))), o[QB * MAXD] __attribute__((aligned(64)));
-    float s[QB][KB] __attribute__((aligned(64)));
-    float m[QB], l[QB];
+    float qt[MAXD * QB] __attribute__((aligned(64)));   /* queries times scale, transposed */
+    float o[QB * MAXD] __attribute__((aligned(64)));    /* unnormalised output rows */
+    float st[KB][QB] __attribute__((aligned(64)));      /* scores, then probabilities, of one key block */
+    float m[QB] __attribute__((aligned(64)));           /* each row's reference maximum */
+    float l[QB] __attribute__((aligned(64)));           /* each row's sum of exp(score - m) */
+    float f[QB] __attribute__((aligned(64)));
 } Rows;
 
-/* Up to GROUP query blocks go through the keys together, so each key block is read once for all of them. */
-#define GROUP 4
+/* One key block for one query block: online softmax update and o += P V. */
+static inline void forward_block(Rows *x, int64_t dk, int64_t dv, const float *k, int64_t ldk, const float *v,
+                                 int64_t ldv, int64_t j0, int64_t n, const float *bias) {
+    const int64_t nj = n - j0 < KB ? n - j0 : KB;
+    scores(dk, x->qt, k, ldk, j0, n, bias, x->st);
+    for (int half = 0; half < 2; ++half) {
+        v16 bm = vload(x->st[0] + 16 * half);
+        for (int64_t j = 1; j < nj; ++j) bm = vmax(bm, vload(x->st[j] + 16 * half));
+        const v16 m = vload(x->m + 16 * half), ninf = vbcast(-INFINITY);
+        const i16 need = (bm > m + vbcast(TAU)) | ((m == ninf) & (bm > ninf));
+        if (any(need)) {  /* rows whose maximum moved: rescale their sum and output */
+            const v16 nm = vsel(need, bm, m);
+            const v16 f = vsel(need, vexp(m - nm), vbcast(1.0f));
+            vstore(x->l + 16 * half, vload(x->l + 16 * half) * f);
+            vstore(x->m + 16 * half, nm);
+            vstore(x->f + 16 * half, f);
+            for (int r = 16 * half; r < 16 * half + 16; ++r)
+                if (x->f[r] != 1.0f)
+                    for (int64_t c = 0; c < dv; ++c) x->o[r * dv + c] *= x->f[r];
+        }
+        const v16 mm = vload(x->m + 16 * half), base = vsel(mm == ninf, vbcast(0.0f), mm);
+        v16 sum = vbcast(0.0f);
+        for (int64_t j = 0; j < nj; ++j) {
+            const v16 e = vexp(vload(x->st[j] + 16 * half) - base);  /* masked keys: exp(-inf) = 0 */
+            sum += e;
+            vstore(x->st[j] + 16 * half, e);
+        }
+        vstore(x->l + 16 * half, vload(x->l + 16 * half) + sum);
+    }
+    rows_times(dv, x->st, nj, v + j0 * ldv, ldv, x->o);
+}
 
-/* dims: B, H, M, N, dk, dv. strides: q[3], kT[2], v[3], bias[2], out[3]. lse [B, H, M] or NULL.
+/* dims: B, H, M, N, dk, dv. strides: q[3], k[3], v[3], bias[2], out[3]. lse [B, H, M] or NULL.
  * Returns 1 for unsupported widths, 2 when a thread's buffers cannot be allocated. */
-int perceivers_attention(const int64_t *dims, const int64_t *st, float scale, const float *q, const float *kT,
+int perceivers_attention(const int64_t *dims, const int64_t *st, float scale, const float *q, const float *k,
                          const float *v, const float *bias, float *out, float *lse) {
     const int64_t B = dims[0], H = dims[1], M = dims[2], N = dims[3], dk = dims[4], dv = dims[5];
-    const int64_t *sq = st, *skt = st + 3, *sv = st + 5, *sb = st + 8, *so = st + 10;
+    const int64_t *sq = st, *sk = st + 3, *sv = st + 6, *sb = st + 9, *so = st + 11;
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB;
-    int64_t group = GROUP;  /* fewer blocks per job where there would be too few jobs for the threads */
+    int64_t group = GROUP;  /* one block per job where there would be too few jobs for the threads */
     while (group > 1 && B * H * ((mb + group - 1) / group) < 4 * (int64_t)omp_get_max_threads()) group /= 2;
     const int64_t per = (mb + group - 1) / group, jobs = B * H * per;
     int failed = 0;
@@ -187,50 +241,19 @@ int perceivers_attention(const int64_t *dims, const int64_t *st, float scale, co
             if (!w) continue;
             const int64_t bh = job / per, b = bh / H, h = bh % H, first = job % per * group;
             const int64_t blocks = mb - first < group ? mb - first : group;
-            const float *kb = kT + b * skt[0] + h * skt[1], *vb = at(v, sv, b, h, 0);
+            const float *kb = at(k, sk, b, h, 0), *vb = at(v, sv, b, h, 0);
             const float *bb = bias ? bias + b * sb[0] + h * sb[1] : NULL;
             for (int64_t g = 0; g < blocks; ++g) {
                 Rows *x = w + g;
-                const int64_t i0 = (first + g) * QB, rows = M - i0 < QB ? M - i0 : QB;
-                memset(x->qs, 0, sizeof(float) * QB * dk);
+                const int64_t i0 = (first + g) * QB;
+                load_rows(q, sq, b, h, i0, M - i0 < QB ? M - i0 : QB, dk, scale, NULL, x->qt);
                 memset(x->o, 0, sizeof(float) * QB * dv);
-                for (int r = 0; r < QB; ++r) { x->m[r] = -INFINITY; x->l[r] = 0; }
-                for (int64_t r = 0; r < rows; ++r) {
-                    const float *qr = at(q, sq, b, h, i0 + r);
-                    for (int64_t c = 0; c < dk; ++c) x->qs[r * dk + c] = qr[c] * scale;
-                }
+                for (int r = 0; r < QB; ++r) { x->m[r] = -INFINITY; x->l[r] = 0.0f; }
             }
-            for (int64_t j0 = 0; j0 < N; j0 += KB) {
-                for (int64_t g = 0; g < blocks; ++g) {
-                    Rows *x = w + g;
-                    scores(dk, x->qs, kb, Np(N), j0, N, bb, x->s);
-                    for (int r = 0; r < QB; ++r) {
-                        v16 mx = vload(x->s[r]);
-                        for (int u = 1; u < NV; ++u) mx = vmax(mx, vload(&x->s[r][16 * u]));
-                        const float bm = hmax(mx);
-                        if (bm > x->m[r] + TAU || (x->m[r] == -INFINITY && bm > -INFINITY)) {
-                            const float f = x->m[r] == -INFINITY ? 0.0f : expf(x->m[r] - bm);
-                            x->l[r] *= f;
-                            for (int64_t c = 0; c < dv; ++c) x->o[r * dv + c] *= f;
-                            x->m[r] = bm;
-                        }
-                        if (x->m[r] == -INFINITY) {  /* every key so far masked: they weigh nothing */
-                            memset(x->s[r], 0, sizeof x->s[r]);
-                            continue;
-                        }
-                        v16 sum = vbcast(0.0f), mm = vbcast(x->m[r]);
-                        for (int u = 0; u < NV; ++u) {
-                            v16 e = vexp(vload(&x->s[r][16 * u]) - mm);
-                            sum += e;
-                            vstore(&x->s[r][16 * u], e);
-                        }
-                        x->l[r] += hsum(sum);
-                    }
-                    rows_times(dv, x->s, N - j0 < KB ? N - j0 : KB, vb + j0 * sv[2], sv[2], x->o);
-                }
-            }
+            for (int64_t j0 = 0; j0 < N; j0 += KB)
+                for (int64_t g = 0; g < blocks; ++g) forward_block(w + g, dk, dv, kb, sk[2], vb, sv[2], j0, N, bb);
             for (int64_t g = 0; g < blocks; ++g) {
-                Rows *x = w + g;
+                const Rows *x = w + g;
                 const int64_t i0 = (first + g) * QB, rows = M - i0 < QB ? M - i0 : QB;
                 for (int64_t r = 0; r < rows; ++r) {
                     const float inv = x->l[r] > 0.0f ? 1.0f / x->l[r] : 0.0f;
@@ -245,38 +268,40 @@ int perceivers_attention(const int64_t *dims, const int64_t *st, float scale, co
     return failed ? 2 : 0;
 }
 
-/* One query block against one key block of the backward: P and dS recomputed, dV += P^T dO,
- * dK += dS^T (q scale) into the key block's rows, and (dq not NULL) dQ += dS K into the query block's rows. */
+/* The backward's buffers for one block of query rows. */
 typedef struct {
-    float qs[QB * MAXD] __attribute__((aligned(64))), go[QB * MAXD] __attribute__((aligned(64)));
-    float g[QB * MAXD] __attribute__((aligned(64)));
-    float p[QB][KB] __attribute__((aligned(64))), ds[QB][KB] __attribute__((aligned(64)));
-    float lr[QB], dr[QB];
-} Block;
+    float qs[QB * MAXD] __attribute__((aligned(64)));   /* queries times scale */
+    float qt[MAXD * QB] __attribute__((aligned(64)));   /* the same, transposed */
+    float go[QB * MAXD] __attribute__((aligned(64)));   /* output gradient */
+    float gt[MAXD * QB] __attribute__((aligned(64)));   /* the same, transposed */
+    float g[QB * MAXD] __attribute__((aligned(64)));    /* query gradient being accumulated */
+    float p[KB][QB] __attribute__((aligned(64)));       /* probabilities of one key block */
+    float ds[KB][QB] __attribute__((aligned(64)));      /* score gradients of one key block */
+    float lse[QB] __attribute__((aligned(64))), delta[QB] __attribute__((aligned(64)));
+} Grads;
 
-/* dims: B, H, M, N, dk, dv. strides: q[3], k[3], kT[2], vT[2], bias[2], dout[3]. lse, delta [B, H, M]
+/* dims: B, H, M, N, dk, dv. strides: q[3], k[3], v[3], bias[2], dout[3]. lse, delta [B, H, M]
  * (delta = rowsum(dout * out)). Writes dq [B, H, M, dk], dk [B, H, N, dk], dv [B, H, N, dv] (contiguous;
- * NULL: not computed); returns 2 when a thread's buffers cannot be allocated. Per (b, h) the loop over block pairs runs with the longer side outside, so the
- * gradient that accumulates over the inner side (dK, dV per key block, or dQ per query block) stays cached. */
+ * NULL: not computed); returns 2 when a thread's buffers cannot be allocated. Per (b, h) the loop over
+ * block pairs runs with the longer side outside, so the gradient that accumulates over the inner side (dK
+ * and dV of a key block, or dQ of a query block) stays cached. */
 int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float scale, const float *q,
-                                  const float *k, const float *kT, const float *vT, const float *bias,
-                                  const float *dout, const float *lse, const float *delta, float *dq, float *dk_out,
-                                  float *dv_out) {
+                                  const float *k, const float *v, const float *bias, const float *dout,
+                                  const float *lse, const float *delta, float *dq, float *dk_out, float *dv_out) {
     const int64_t B = dims[0], H = dims[1], M = dims[2], N = dims[3], dk = dims[4], dv = dims[5];
-    const int64_t *sq = st, *sk = st + 3, *skt = st + 6, *svt = st + 8, *sb = st + 10, *sd = st + 12;
+    const int64_t *sq = st, *sk = st + 3, *sv = st + 6, *sb = st + 9, *sd = st + 11;
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB, nb = (N + KB - 1) / KB;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        Block *w = aligned_alloc(64, sizeof(Block));
+        Grads *w = aligned_alloc(64, sizeof(Grads));
         if (!w) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * H; ++bh) {
             if (!w) continue;
             const int64_t b = bh / H, h = bh % H;
-            const float *kb = kT + b * skt[0] + h * skt[1], *vtb = vT + b * svt[0] + h * svt[1];
-            const float *krows = at(k, sk, b, h, 0);
+            const float *kb = at(k, sk, b, h, 0), *vb = at(v, sv, b, h, 0);
             const float *bb = bias ? bias + b * sb[0] + h * sb[1] : NULL;
             float *dkb = dk_out ? dk_out + bh * N * dk : NULL, *dvb = dv_out ? dv_out + bh * N * dv : NULL;
             float *dqb = dq ? dq + bh * M * dk : NULL;
@@ -290,36 +315,31 @@ int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float 
                 for (int64_t c = 0; c < inner; ++c) {
                     const int64_t ib = keys_outside ? c : a, j0 = (keys_outside ? a : c) * KB;
                     const int64_t i0 = ib * QB, rows = M - i0 < QB ? M - i0 : QB, nj = N - j0 < KB ? N - j0 : KB;
-                    if (ib != loaded) {  /* the query block's rows, zero-padded to QB */
-                        memset(w->qs, 0, sizeof(float) * QB * dk);
-                        memset(w->go, 0, sizeof(float) * QB * dv);
-                        for (int r = 0; r < QB; ++r) { w->lr[r] = INFINITY; w->dr[r] = 0.0f; }  /* padding: p = 0 */
+                    if (ib != loaded) {
+                        load_rows(q, sq, b, h, i0, rows, dk, scale, w->qs, w->qt);
+                        load_rows(dout, sd, b, h, i0, rows, dv, 1.0f, w->go, w->gt);
+                        for (int r = 0; r < QB; ++r) { w->lse[r] = INFINITY; w->delta[r] = 0.0f; }  /* padding: p = 0 */
                         for (int64_t r = 0; r < rows; ++r) {
                             const float x = lse[bh * M + i0 + r];
-                            w->lr[r] = x == -INFINITY ? INFINITY : x;  /* a row with no key: no gradient */
-                            w->dr[r] = delta[bh * M + i0 + r];
-                            const float *qr = at(q, sq, b, h, i0 + r), *gr = at(dout, sd, b, h, i0 + r);
-                            for (int64_t x2 = 0; x2 < dk; ++x2) w->qs[r * dk + x2] = qr[x2] * scale;
-                            memcpy(w->go + r * dv, gr, sizeof(float) * dv);
+                            w->lse[r] = x == -INFINITY ? INFINITY : x;  /* a row with no key: no gradient */
+                            w->delta[r] = delta[bh * M + i0 + r];
                         }
                         loaded = ib;
                     }
-                    scores(dk, w->qs, kb, Np(N), j0, N, bb, w->p);
-                    scores(dv, w->go, vtb, Np(N), j0, N, NULL, w->ds);
-                    for (int r = 0; r < QB; ++r) {
-                        const v16 lv = vbcast(w->lr[r]), dl = vbcast(w->dr[r]);
-                        for (int u = 0; u < NV; ++u) {
-                            const v16 pe = vexp(vload(&w->p[r][16 * u]) - lv);
-                            vstore(&w->p[r][16 * u], pe);
-                            vstore(&w->ds[r][16 * u], pe * (vload(&w->ds[r][16 * u]) - dl));
+                    scores(dk, w->qt, kb, sk[2], j0, N, bb, w->p);
+                    scores(dv, w->gt, vb, sv[2], j0, N, NULL, w->ds);
+                    for (int64_t j = 0; j < nj; ++j)
+                        for (int half = 0; half < 2; ++half) {
+                            const v16 pe = vexp(vload(w->p[j] + 16 * half) - vload(w->lse + 16 * half));
+                            vstore(w->p[j] + 16 * half, pe);
+                            vstore(w->ds[j] + 16 * half, pe * (vload(w->ds[j] + 16 * half) - vload(w->delta + 16 * half)));
                         }
-                    }
                     if (dvb) cols_times(dv, w->p, nj, w->go, dvb + j0 * dv, dv);    /* dV += P^T dO */
                     if (dkb) cols_times(dk, w->ds, nj, w->qs, dkb + j0 * dk, dk);   /* dK += dS^T (q scale) */
                     if (dqb) {                                                       /* dQ += dS K */
                         memset(w->g, 0, sizeof(float) * QB * dk);
                         memcpy(w->g, dqb + i0 * dk, sizeof(float) * rows * dk);
-                        rows_times(dk, w->ds, nj, krows + j0 * sk[2], sk[2], w->g);
+                        rows_times(dk, w->ds, nj, kb + j0 * sk[2], sk[2], w->g);
                         memcpy(dqb + i0 * dk, w->g, sizeof(float) * rows * dk);
                     }
                 }

@@ -6,8 +6,8 @@ model's 32 channels, the README model's 64) runs at a third of the machine's flo
 (:mod:`perceivers.kernels`, ``attention.c``) does the same algorithm with register-tiled products:
 per block of 16 queries the keys go by in blocks of 64, the scores never leave the first-level cache,
 the softmax runs online, and the backward recomputes the probabilities from the rows' log-sum-exp
-(``dV = Pᵀ dO``, ``dS = P (dO Vᵀ − rowsum(dO · O))``, ``dQ = dS K``, ``dK = dSᵀ Q``). Keys and values
-are taken transposed (one copy each, padded to the key block); everything else is read in place.
+(``dV = Pᵀ dO``, ``dS = P (dO Vᵀ − rowsum(dO · O))``, ``dQ = dS K``, ``dK = dSᵀ Q``). Queries, keys and
+values are read in place through their strides (heads split as views, keys shared by every head).
 
 It serves float32 CPU heads whose widths are multiples of 16 (at most 256), with no mask or a boolean
 key mask (``[B|1, H|1, 1, N]``), without dropout, outside autocast, ``torch.compile``, tracing,
@@ -27,7 +27,6 @@ from .onednn_attention import _math_gradients
 
 __all__ = ["applies", "attend", "available"]
 
-_KEY_BLOCK = 64  # keys per block of the kernel (KB in attention.c): kᵀ, vᵀ and the bias are padded to it
 _MAX_WIDTH = 256
 
 
@@ -38,7 +37,7 @@ def _kernel():
     if lib.perceivers_attention.argtypes is None:
         lib.perceivers_attention.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 6
         lib.perceivers_attention.restype = ctypes.c_int
-        lib.perceivers_attention_backward.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 11
+        lib.perceivers_attention_backward.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 10
         lib.perceivers_attention_backward.restype = ctypes.c_int
     return lib
 
@@ -78,25 +77,11 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _transposed(t: Tensor) -> Tensor:
-    """``t [B, H, N, d]`` → ``[B|1, H|1, d, N']`` zero-padded to whole key blocks, axes that ``t`` broadcasts
-    (stride 0) kept at size 1 and expanded back (one copy per distinct head)."""
-    lead = [slice(None) if t.stride(i) else slice(0, 1) for i in range(2)]
-    src = t[tuple(lead)]
-    n = t.shape[2]
-    out = t.new_zeros(*src.shape[:2], t.shape[3], n + (-n % _KEY_BLOCK))
-    out[..., :n] = src.transpose(-1, -2)
-    return out.expand(*t.shape[:2], *out.shape[2:])
-
-
-def _bias(attn_mask: Tensor | None, n: int) -> Tensor | None:
-    """A boolean key mask ``[B|1, H|1, 1, N]`` as an additive bias ``[B|1, H|1, N']`` (``-inf`` on masked keys
-    and on the padding to whole key blocks)."""
+def _bias(attn_mask: Tensor | None) -> Tensor | None:
+    """A boolean key mask ``[B|1, H|1, 1, N]`` as an additive bias ``[B|1, H|1, N]`` (``-inf`` on masked keys)."""
     if attn_mask is None:
         return None
-    bias = torch.full((*attn_mask.shape[:2], n + (-n % _KEY_BLOCK)), float("-inf"))
-    bias[..., :n].masked_fill_(attn_mask[:, :, 0], 0.0)
-    return bias
+    return torch.zeros(attn_mask.shape[:2] + attn_mask.shape[3:]).masked_fill_(~attn_mask[:, :, 0], float("-inf"))
 
 
 def _strides(t: Tensor | None, count: int, batch: int, heads: int) -> list[int]:
@@ -127,36 +112,34 @@ class _NativeAttention(torch.autograd.Function):
         q, k, v = _rows(q), _rows(k), _rows(v)
         batch, heads, m, dk = q.shape
         n, dv = v.shape[2], v.shape[3]
-        kt, bias = _transposed(k), _bias(attn_mask, n)
+        bias = _bias(attn_mask)
         out = q.new_empty(batch, m, heads, dv).permute(0, 2, 1, 3)  # the heads merge as a view later
         lse = q.new_empty(batch, heads, m)
         dims = _int64s([batch, heads, m, n, dk, dv])
-        strides = _int64s(_strides(q, 3, batch, heads) + _strides(kt, 2, batch, heads) + _strides(v, 3, batch, heads)
+        strides = _int64s(_strides(q, 3, batch, heads) + _strides(k, 3, batch, heads) + _strides(v, 3, batch, heads)
                           + _strides(bias, 2, batch, heads) + _strides(out, 3, batch, heads))
-        pointers = (q, kt, v, bias, out, lse)
+        pointers = (q, k, v, bias, out, lse)
         _check(_kernel().perceivers_attention(dims.data_ptr(), strides.data_ptr(), scale,
                                               *(None if t is None else t.data_ptr() for t in pointers)), dk, dv)
-        ctx.save_for_backward(q, k, v, kt, bias, out, lse)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, kt, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
-            grads = _math_gradients(q, k, v, None if bias is None else bias[..., None, : k.shape[2]], ctx.scale, dout)
+            grads = _math_gradients(q, k, v, None if bias is None else bias[..., None, :], ctx.scale, dout)
             return (*grads, None, None)
         dout = _rows(dout)
         batch, heads, m, dk = q.shape
         n, dv = v.shape[2], v.shape[3]
-        vt = _transposed(v)
         delta = (dout * out).sum(-1).contiguous()  # [B, H, M]
         needs = ctx.needs_input_grad[:3]
         grads = [torch.empty(batch, heads, *t.shape[2:]) if need else None for t, need in zip((q, k, v), needs)]
         dims = _int64s([batch, heads, m, n, dk, dv])
-        strides = _int64s(_strides(q, 3, batch, heads) + _strides(k, 3, batch, heads) + _strides(kt, 2, batch, heads)
-                          + _strides(vt, 2, batch, heads) + _strides(bias, 2, batch, heads)
-                          + _strides(dout, 3, batch, heads))
-        pointers = (q, k, kt, vt, bias, dout, lse, delta, *grads)
+        strides = _int64s(_strides(q, 3, batch, heads) + _strides(k, 3, batch, heads) + _strides(v, 3, batch, heads)
+                          + _strides(bias, 2, batch, heads) + _strides(dout, 3, batch, heads))
+        pointers = (q, k, v, bias, dout, lse, delta, *grads)
         _check(_kernel().perceivers_attention_backward(dims.data_ptr(), strides.data_ptr(), ctx.scale,
                                                        *(None if t is None else t.data_ptr() for t in pointers)), dk, dv)
         return (*grads, None, None)
