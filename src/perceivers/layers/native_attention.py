@@ -4,14 +4,16 @@ PyTorch's fused CPU attention (the flash kernel behind ``F.scaled_dot_product_at
 block of scores and each weighted sum as a separate MKL product, which on narrow heads (the language
 model's 32 channels, the README model's 64) runs at a third of the machine's float32 rate. The kernel
 (:mod:`perceivers.kernels`, ``attention.c``) does the same algorithm with register-tiled products:
-per block of 16 queries the keys go by in blocks of 64, the scores never leave the first-level cache,
-the softmax runs online, and the backward recomputes the probabilities from the rows' log-sum-exp
+per block of 32 queries the keys go by in blocks of 64, the scores (kept transposed, a vector per key
+over the block's queries) never leave the first-level cache, the softmax runs online, and the backward
+recomputes the probabilities from the rows' log-sum-exp
 (``dV = Pᵀ dO``, ``dS = P (dO Vᵀ − rowsum(dO · O))``, ``dQ = dS K``, ``dK = dSᵀ Q``). Queries, keys and
 values are read in place through their strides (heads split as views, keys shared by every head).
 
 It serves float32 CPU heads whose widths are multiples of 16 (at most 256), with no mask or a boolean
 key mask (``[B|1, H|1, 1, N]``), without dropout, outside autocast, ``torch.compile``, tracing,
-``torch.func`` transforms and forward-mode AD (those see SDPA), and ``PERCEIVERS_NATIVE`` not off.
+``torch.func`` transforms, forward-mode AD and dispatch modes (fake tensors, FLOP counters: those see SDPA),
+and ``PERCEIVERS_NATIVE`` not off.
 ``create_graph=True`` gets the same gradients from differentiable batched operations.
 """
 
@@ -60,6 +62,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
         and not torch._C._are_functorch_transforms_active() and torch.autograd.forward_ad._current_level < 0
+        and not torch._C._len_torch_dispatch_stack()  # fake tensors, FLOP counters and profilers see SDPA
         and available()
     )
 

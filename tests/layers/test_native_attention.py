@@ -1,0 +1,241 @@
+"""The native fused attention kernel: values and gradients of softmax attention against float64, where it
+is taken, and the layers that go through it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perceivers import kernels
+from perceivers.layers import Attention
+from perceivers.layers import native_attention as na
+from perceivers.layers import onednn_attention as oa
+
+pytestmark = pytest.mark.skipif(not na.available(), reason="no C compiler: the native kernels are not built")
+
+
+def _heads(b, h, n, d, generator, *, layout="projection"):
+    """``[B, H, N, d]`` laid out as a projection's output is (``[B, N, H, d]`` permuted), contiguous, or
+    one head's tensor shared by every head (an expanded view, as the folded cross-attention's context)."""
+    if layout == "shared":
+        return torch.randn(b, 1, n, d, generator=generator).expand(b, h, n, d)
+    if layout == "contiguous":
+        return torch.randn(b, h, n, d, generator=generator)
+    return torch.randn(b, n, h, d, generator=generator).transpose(1, 2)
+
+
+def _reference(q, k, v, mask, scale, grad):
+    """Values and the gradients of the leaves ``q, k, v`` (an expanded view's base), in float64."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    qd, kd, vd = (leaf.expand(t.shape) for leaf, t in zip(leaves, (q, k, v)))
+    scores = (qd @ kd.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = scores.softmax(-1) @ vd
+    out.backward(grad.double())
+    return (out, *(leaf.grad for leaf in leaves))
+
+
+def _close(got, ref, tol=1e-5, sdpa=None):
+    """Within ``tol`` of float64 (relative to the largest entry, at least 1), or at most twice as far as
+    PyTorch's own float32 attention (``sdpa``) where cancellation makes the reference ~0."""
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    error = (got.double() - ref).abs().max().item()
+    bound = tol * max(ref.abs().max().item(), 1.0)
+    if sdpa is not None:
+        bound = max(bound, 2 * (sdpa.double() - ref).abs().max().item())
+    assert error <= bound
+
+
+def _sdpa(q, k, v, mask, scale, grad):
+    """PyTorch's float32 attention: values and gradients of ``q, k, v``."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out.backward(grad)
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("b, h, m, n, d, e", [
+    (2, 8, 128, 2048, 32, 32),   # the reduced language model's cross-attention
+    (2, 8, 300, 37, 32, 32),     # more queries than keys (the decoder): the backward loops the other way
+    (1, 3, 37, 101, 16, 48),     # partial blocks of queries and keys, key and value widths differ
+    (1, 2, 33, 65, 256, 256),    # the widest heads
+    (3, 1, 5, 1, 64, 64),        # one key
+])
+@pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])
+def test_values_and_gradients_match_float64(b, h, m, n, d, e, mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _heads(b, h, m, d, g), _heads(b, h, n, d, g), _heads(b, h, n, e, g)
+    for t in (q, k, v):
+        t.requires_grad_()
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(b, h if mask_kind == "per-head" else 1, 1, n, generator=g) > 0.3
+        mask[..., 0] = True
+        if n > 64:
+            mask[0, ..., :64] = False  # a whole block of keys masked for one sample
+            mask[0, ..., -1] = True
+    assert na.applies(q, k, v, mask, 0.0)
+    out = na.attend(q, k, v, mask, scale=0.2)
+    assert "NativeAttention" in type(out.grad_fn).__name__
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    refs, sdpa = _reference(q, k, v, mask, 0.2, grad), _sdpa(q, k, v, mask, 0.2, grad)
+    for got, ref, own in zip((out, q.grad, k.grad, v.grad), refs, sdpa):
+        _close(got, ref, sdpa=own)
+    if mask is not None:  # masked keys get exactly no gradient
+        dead = ~mask.expand(b, h, 1, n)[:, :, 0]
+        assert k.grad[dead].abs().sum() == 0 and v.grad[dead].abs().sum() == 0
+
+
+@pytest.mark.parametrize("layout", ["shared", "contiguous"])
+def test_keys_shared_by_every_head_and_other_layouts(layout):
+    """The folded cross-attention's keys and values are one expanded tensor; queries may be contiguous."""
+    g = torch.Generator().manual_seed(1)
+    b, h, m, n, d = 2, 4, 70, 300, 32
+    q = _heads(b, h, m, d, g, layout="contiguous" if layout == "contiguous" else "projection").requires_grad_()
+    if layout == "shared":
+        base = torch.randn(b, 1, n, d, generator=g, requires_grad=True)
+        k = v = base.expand(b, h, n, d)
+    else:
+        base = torch.randn(b, h, n, d, generator=g, requires_grad=True)
+        k = v = base
+    out = na.attend(q, k, v)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    ref = _reference(q, base.expand(b, h, n, d), base.expand(b, h, n, d), None, d**-0.5, grad)
+    _close(out, ref[0])
+    _close(q.grad, ref[1])
+    _close(base.grad, (ref[2] + ref[3]).sum(1, keepdim=True) if layout == "shared" else ref[2] + ref[3])
+
+
+def test_a_row_without_keys_is_zero_and_gets_no_gradient():
+    q, k, v = (torch.randn(1, 1, 3, 16, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, 3, dtype=torch.bool)
+    out = na.attend(q, k, v, mask)
+    out.sum().backward()
+    assert out.abs().max() == 0
+    assert all(t.grad.abs().max() == 0 for t in (q, k, v))
+
+
+@pytest.mark.parametrize("trainable", ["q", "kv", "v"])
+def test_only_the_asked_gradients(trainable):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = _heads(1, 2, 100, 64, g), _heads(1, 2, 90, 64, g), _heads(1, 2, 90, 64, g)
+    for name, t in zip("qkv", (q, k, v)):
+        t.requires_grad_(name in trainable)
+    out = na.attend(q, k, v)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    ref = _reference(q, k, v, None, 64**-0.5, grad)
+    for name, t, r in zip("qkv", (q, k, v), ref[1:]):
+        if name in trainable:
+            _close(t.grad, r)
+        else:
+            assert t.grad is None
+
+
+def test_second_order_gradients_match_written_out_attention():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (_heads(1, 2, 20, 16, g).requires_grad_() for _ in range(3))
+    mask = torch.rand(1, 1, 1, 20, generator=g) > 0.3
+    mask[..., 0] = True
+
+    def penalty(attend):
+        out = attend(q, k, v)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+        return torch.autograd.grad(sum(gr.square().sum() for gr in grads), (q, k, v))
+
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    got = penalty(lambda *t: na.attend(*t, mask))
+    ref = penalty(lambda a, b, c: torch.softmax(a @ b.transpose(-1, -2) * 16**-0.5 + bias, -1) @ c)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("narrow heads", True),
+    ("wide heads", True),
+    ("keys and values of different widths", True),
+    ("width not a multiple of 16", False),  # the folded context padded to 8 (e.g. 264): oneDNN or SDPA
+    ("wider than 256", False),
+    ("bfloat16", False),
+    ("float64", False),
+    ("autocast", False),
+    ("dropout", False),
+    ("query-dependent mask", False),
+    ("float mask", False),
+    ("disabled", False),
+    ("FLOP counter", False),
+])
+def test_where_it_applies(case, expected, monkeypatch):
+    d, e = {"wide heads": (128, 128), "keys and values of different widths": (32, 160),
+            "width not a multiple of 16": (264, 264), "wider than 256": (320, 320)}.get(case, (32, 32))
+    dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(case, torch.float32)
+    q, k, v = torch.randn(2, 8, 64, d, dtype=dtype), torch.randn(2, 8, 96, d, dtype=dtype), torch.randn(2, 8, 96, e, dtype=dtype)
+    mask = {"query-dependent mask": torch.ones(2, 1, 64, 96, dtype=torch.bool),
+            "float mask": torch.zeros(2, 1, 1, 96)}.get(case)
+    if case == "disabled":
+        monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+    if case == "FLOP counter":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False):
+            assert na.applies(q, k, v, mask, 0.0) == expected
+        return
+    with torch.autocast("cpu", enabled=case == "autocast"):
+        assert na.applies(q, k, v, mask, 0.1 if case == "dropout" else 0.0) == expected
+
+
+def test_function_transforms_and_forward_mode_see_sdpa():
+    import torch.autograd.forward_ad as fwad
+    from torch.func import vmap
+
+    q, k, v = (torch.randn(2, 2, 64, 32) for _ in range(3))
+    assert na.applies(q, k, v, None, 0.0)
+    assert not vmap(lambda t: torch.tensor(na.applies(q, k, v, None, 0.0)))(torch.zeros(2)).any()
+    with fwad.dual_level():
+        assert not na.applies(q, k, v, None, 0.0)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_attention_layer_goes_through_it_and_matches_sdpa(fold, monkeypatch):
+    """The README model's layers: latent self-attention (8 heads of 64) and the folded cross-attention over
+    an RGB context (29 channels padded to 32, shared by the heads), key-masked, in training."""
+    torch.manual_seed(3)
+    if fold:
+        layer = Attention(q_dim=64, kv_dim=29, num_heads=1, qk_channels=64, v_channels=64)
+        layer.fold_kv = True
+        x, context = torch.randn(2, 40, 64, requires_grad=True), torch.randn(2, 300, 29, requires_grad=True)
+    else:
+        layer = Attention(q_dim=512, num_heads=8, qk_channels=512, v_channels=512)
+        x, context = torch.randn(2, 100, 512, requires_grad=True), None
+    mask = torch.rand(2, 300 if fold else 100) > 0.2
+    calls = []
+    original = na.attend
+    monkeypatch.setattr(na, "attend", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    outs = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(na, "applies", lambda *a, **kw: False)
+            monkeypatch.setattr(oa, "applies", lambda *a, **kw: False)  # SDPA itself
+        out = layer(x, context, mask=mask)
+        out.square().mean().backward()
+        outs.append((out.detach(), x.grad.clone(), layer.to_q.weight.grad.clone(),
+                     *([] if context is None else [context.grad.clone()])))
+        x.grad = None
+        if context is not None:
+            context.grad = None
+        layer.zero_grad()
+        assert len(calls) == 1  # the native pass only
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_no_compiler_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERCEIVERS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    q, k, v = (torch.randn(1, 2, 64, 32) for _ in range(3))
+    assert not na.applies(q, k, v, None, 0.0)
+    layer = Attention(q_dim=64, num_heads=2, qk_channels=64, v_channels=64)
+    assert torch.isfinite(layer(torch.randn(1, 64, 64))).all()
