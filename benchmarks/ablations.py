@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from run import machine_tag
 
 import perceivers
-from perceivers.layers import Attention, onednn_attention, use_onednn
+from perceivers.layers import Attention, native_attention, onednn_attention, use_onednn
 
 README = {"input_channels": 3, "input_axis": 2, "num_freq_bands": 6, "max_freq": 10.0, "depth": 6,
           "num_latents": 256, "latent_dim": 512, "cross_heads": 1, "latent_heads": 8, "cross_dim_head": 64,
@@ -51,10 +51,15 @@ def images(batch: int, side: int) -> torch.Tensor:
     return torch.randn(batch, side, side, 3, generator=torch.Generator().manual_seed(1))
 
 
+def _output(model, x):
+    """``model(x)``, or ``x()`` where the inputs are a call (a benchmark workload's own)."""
+    return x() if callable(x) else model(x)
+
+
 def forward(model, x):
     def fn():
         with torch.no_grad():
-            model(x)
+            _output(model, x)
     return fn
 
 
@@ -64,7 +69,7 @@ def train_step(model, x):
     def fn():
         model.train()
         opt.zero_grad(set_to_none=True)
-        out = model(x)
+        out = _output(model, x)
         getattr(out, "logits", out).float().pow(2).mean().backward()
         opt.step()
         model.eval()
@@ -257,14 +262,19 @@ def study_io(args) -> dict:
     return out
 
 
-def with_native(value: bool, fn):
-    """Run ``fn`` with the native grid kernel on or off (``PERCEIVERS_NATIVE``, read at every call)."""
+def with_native(value: bool, fn, *, attention: bool = False):
+    """Run ``fn`` with the native grid kernel on or off (``PERCEIVERS_NATIVE``, read at every call) and the
+    native attention kernel off unless ``attention`` (its own study, ``native_attention``)."""
     def run():
         os.environ["PERCEIVERS_NATIVE"] = "1" if value else "0"
+        applies = native_attention.applies
+        if not attention:
+            native_attention.applies = lambda *a, **k: False
         try:
             fn()
         finally:
             os.environ["PERCEIVERS_NATIVE"] = "0"  # the other studies measure without it (see main)
+            native_attention.applies = applies
     return run
 
 
@@ -436,9 +446,39 @@ def study_bf16_grid(args) -> dict:
         for mode, fn in (("inference", forward(model, x)), ("training step", train_step(model, x)))}
 
 
+def study_native_attention(args) -> dict:
+    """float32 attention on the native fused kernel instead of SDPA's fused CPU kernel (narrow heads) or the
+    per-head oneDNN products (wide heads, long keys): the reduced language model (32-wide heads), the README
+    model (64-wide latent heads, folded 32-wide cross-attention) and FlashPerceiver over 4k tokens."""
+    import workloads
+
+    from perceivers.flash_perceiver import Perceiver as FlashPerceiver
+
+    language = next(w for w in workloads.all_workloads() if w.name == "language-reduced")
+    built = language.build("perceivers", torch.device("cpu"))
+    tokens = language.inputs(language.batch, torch.device("cpu"))
+    torch.manual_seed(0)
+    flash = FlashPerceiver(input_dim=128, depth=8, latent_dim=256, num_latents=256).eval()
+    b = 2 if args.quick else 8
+    cases = (
+        (f"reduced language model, 2048 bytes (batch {language.batch})", built.model,
+         lambda: built.run(built.model, tokens)),
+        (f"readme-64 depth 6 (batch {b})", readme(), images(b, 64)),
+        (f"FlashPerceiver 4k tokens (batch {b})", flash,
+         torch.randn(b, 4096, 128, generator=torch.Generator().manual_seed(1))),
+    )
+    out = {}
+    for case, model, inputs in cases:
+        for mode, fn in (("inference", forward(model, inputs)), ("training step", train_step(model, inputs))):
+            out[f"{case} {mode}"] = timed({"before": with_native(True, fn), "after": with_native(True, fn, attention=True)},
+                                          args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
-           "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid}
+           "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
+           "native_attention": study_native_attention}
 
 
 def markdown(results: dict) -> str:
