@@ -70,16 +70,22 @@ def _build(name: str) -> Path | None:
     return target
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library for ``name`` (e.g. ``"grid_attention"``), or ``None`` if unavailable."""
+def load(name: str, signatures: dict[str, tuple[list, type | None]] | None = None) -> ctypes.CDLL | None:
+    """The compiled library for ``name`` (e.g. ``"grid_attention"``), or ``None`` if unavailable.
+
+    ``signatures`` maps its functions to ``(argtypes, restype)``, set when the library is loaded.
+    """
     if not enabled():
         return None
     with _lock:
         if name not in _loaded:
             path = _build(name)
             try:
-                _loaded[name] = ctypes.CDLL(str(path)) if path is not None else None
+                lib = ctypes.CDLL(str(path)) if path is not None else None
             except OSError as err:
                 log.info("perceivers: loading native kernel %s failed: %s", name, err)
-                _loaded[name] = None
+                lib = None
+            for function, (argtypes, restype) in (signatures or {}).items() if lib is not None else ():
+                getattr(lib, function).argtypes, getattr(lib, function).restype = argtypes, restype
+            _loaded[name] = lib
         return _loaded[name]

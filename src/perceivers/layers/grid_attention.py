@@ -47,19 +47,16 @@ GRID_CHUNK = 1 << 16
 MIN_PIXELS = 1024
 
 
+_SIGNATURES = {
+    "perceivers_grid_attention": ([ctypes.c_int64] * 7 + [ctypes.c_void_p] * 9, ctypes.c_int),
+    "perceivers_grid_planes": ([ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
+                               + [ctypes.c_double, ctypes.c_void_p], None),
+    "perceivers_grid_attention_backward": ([ctypes.c_int64] * 7 + [ctypes.c_void_p] * 12, ctypes.c_int),
+}
+
+
 def _kernel():
-    lib = kernels.load("grid_attention")
-    if lib is None:
-        return None
-    if lib.perceivers_grid_attention.argtypes is None:
-        lib.perceivers_grid_attention.argtypes = [ctypes.c_int64] * 7 + [ctypes.c_void_p] * 9
-        lib.perceivers_grid_attention.restype = ctypes.c_int
-        lib.perceivers_grid_planes.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int64] + [
-            ctypes.c_void_p] * 4 + [ctypes.c_double, ctypes.c_void_p]
-        lib.perceivers_grid_planes.restype = None
-        lib.perceivers_grid_attention_backward.argtypes = [ctypes.c_int64] * 7 + [ctypes.c_void_p] * 12
-        lib.perceivers_grid_attention_backward.restype = ctypes.c_int
-    return lib
+    return kernels.load("grid_attention", _SIGNATURES)
 
 
 def available() -> bool:

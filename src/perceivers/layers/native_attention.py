@@ -32,16 +32,14 @@ __all__ = ["applies", "attend", "available"]
 _MAX_WIDTH = 256
 
 
+_SIGNATURES = {
+    "perceivers_attention": ([ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 6, ctypes.c_int),
+    "perceivers_attention_backward": ([ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 10, ctypes.c_int),
+}
+
+
 def _kernel():
-    lib = kernels.load("attention")
-    if lib is None:
-        return None
-    if lib.perceivers_attention.argtypes is None:
-        lib.perceivers_attention.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 6
-        lib.perceivers_attention.restype = ctypes.c_int
-        lib.perceivers_attention_backward.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 10
-        lib.perceivers_attention_backward.restype = ctypes.c_int
-    return lib
+    return kernels.load("attention", _SIGNATURES)
 
 
 def available() -> bool:
