@@ -8,7 +8,7 @@ from perceivers import Perceiver, kernels
 from perceivers.layers import Attention, FourierPositionEncoding, GridContext
 from perceivers.layers import grid_attention as ga
 
-pytestmark = pytest.mark.skipif(kernels.load("grid_attention") is None, reason="no C compiler for the native kernel")
+pytestmark = pytest.mark.skipif(not ga.available(), reason="no C compiler for the native kernel")
 
 
 def _problem(d: int, height: int, width: int, *, batch: int = 2, heads: int = 2, offset: float = 0.0, affine=True):

@@ -239,3 +239,12 @@ def test_no_compiler_falls_back(monkeypatch, tmp_path):
     assert not na.applies(q, k, v, None, 0.0)
     layer = Attention(q_dim=64, num_heads=2, qk_channels=64, v_channels=64)
     assert torch.isfinite(layer(torch.randn(1, 64, 64))).all()
+
+
+def test_loaded_without_signatures_first(monkeypatch):
+    """A caller that loads the library bare (as a test's skip condition may) leaves the signatures to the
+    first caller that names them."""
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.load("attention").perceivers_attention.argtypes is None
+    q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
+    torch.testing.assert_close(na.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))

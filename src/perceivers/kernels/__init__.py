@@ -73,7 +73,7 @@ def _build(name: str) -> Path | None:
 def load(name: str, signatures: dict[str, tuple[list, type | None]] | None = None) -> ctypes.CDLL | None:
     """The compiled library for ``name`` (e.g. ``"grid_attention"``), or ``None`` if unavailable.
 
-    ``signatures`` maps its functions to ``(argtypes, restype)``, set when the library is loaded.
+    ``signatures`` maps its functions to ``(argtypes, restype)``, set on them unless already set.
     """
     if not enabled():
         return None
@@ -81,11 +81,12 @@ def load(name: str, signatures: dict[str, tuple[list, type | None]] | None = Non
         if name not in _loaded:
             path = _build(name)
             try:
-                lib = ctypes.CDLL(str(path)) if path is not None else None
+                _loaded[name] = ctypes.CDLL(str(path)) if path is not None else None
             except OSError as err:
                 log.info("perceivers: loading native kernel %s failed: %s", name, err)
-                lib = None
-            for function, (argtypes, restype) in (signatures or {}).items() if lib is not None else ():
+                _loaded[name] = None
+        lib = _loaded[name]
+        for function, (argtypes, restype) in (signatures or {}).items() if lib is not None else ():
+            if getattr(lib, function).argtypes is None:  # the first caller that names them
                 getattr(lib, function).argtypes, getattr(lib, function).restype = argtypes, restype
-            _loaded[name] = lib
-        return _loaded[name]
+        return lib
