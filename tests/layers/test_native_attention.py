@@ -134,18 +134,23 @@ def test_only_the_asked_gradients(trainable):
             assert t.grad is None
 
 
-def test_second_order_gradients_match_written_out_attention():
+@pytest.mark.parametrize("channels", ["contiguous", "strided"])
+def test_second_order_gradients_match_written_out_attention(channels):
+    """``create_graph=True`` differentiates through the inputs themselves, also where the kernel reads a
+    contiguous copy of them (channels with a stride)."""
     g = torch.Generator().manual_seed(2)
-    q, k, v = (_heads(1, 2, 20, 16, g).requires_grad_() for _ in range(3))
+    width = 16 if channels == "contiguous" else 32
+    leaves = [_heads(1, 2, 20, width, g).requires_grad_() for _ in range(3)]
+    q, k, v = (t if channels == "contiguous" else t[..., ::2] for t in leaves)
     mask = torch.rand(1, 1, 1, 20, generator=g) > 0.3
     mask[..., 0] = True
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
 
     def penalty(attend):
         out = attend(q, k, v)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
-        return torch.autograd.grad(sum(gr.square().sum() for gr in grads), (q, k, v))
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(gr.square().sum() for gr in grads), leaves)
 
-    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     got = penalty(lambda *t: na.attend(*t, mask))
     ref = penalty(lambda a, b, c: torch.softmax(a @ b.transpose(-1, -2) * 16**-0.5 + bias, -1) @ c)
     for a, b in zip(got, ref):

@@ -204,6 +204,12 @@ def _kernels_usable(*tensors: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():
         return not torch.compiler.is_exporting()
+    return _plain_eager()
+
+
+def _plain_eager() -> bool:
+    """Outside tracing, scripting, ``torch.func`` transforms and forward-mode AD: where perceivers' own
+    kernels (which define no ``vmap``/``jvp`` and are not traceable) may run eagerly."""
     return (
         not torch.jit.is_tracing() and not torch.jit.is_scripting()
         and not torch._C._are_functorch_transforms_active()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from .dense import _plain_eager
 from .onednn_attention import _math_gradients
 
 __all__ = ["applies", "attend", "available"]
@@ -58,8 +59,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
         and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided for t in (q, k, v))
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-        and not torch._C._are_functorch_transforms_active() and torch.autograd.forward_ad._current_level < 0
+        and not torch.compiler.is_compiling() and _plain_eager()
         and not torch._C._len_torch_dispatch_stack()  # fake tensors, FLOP counters and profilers see SDPA
         and available()
     )
@@ -94,8 +94,14 @@ def _strides(t: Tensor | None, count: int, batch: int, heads: int) -> list[int]:
     return lead + ([t.stride(2)] if count == 3 else [])
 
 
-def _int64s(values: list[int]) -> Tensor:
-    return torch.tensor(values, dtype=torch.int64)
+def _layout(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel's ``dims`` (B, H, M, N, d_k, d_v) and ``strides`` (q, k, v, bias, then ``rows``: the output
+    in the forward, its gradient in the backward) as int64 arrays."""
+    batch, heads = q.shape[:2]
+    dims = [batch, heads, q.shape[2], v.shape[2], q.shape[3], v.shape[3]]
+    strides = [*_strides(q, 3, batch, heads), *_strides(k, 3, batch, heads), *_strides(v, 3, batch, heads),
+               *_strides(bias, 2, batch, heads), *_strides(rows, 3, batch, heads)]
+    return torch.tensor(dims, dtype=torch.int64), torch.tensor(strides, dtype=torch.int64)
 
 
 def _check(status: int, dk: int, dv: int) -> None:
@@ -109,20 +115,17 @@ def _check(status: int, dk: int, dv: int) -> None:
 class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
-        ctx.scale = scale
+        bias, inputs = _bias(attn_mask), (q, k, v)  # saved themselves: create_graph differentiates through them
         q, k, v = _rows(q), _rows(k), _rows(v)
         batch, heads, m, dk = q.shape
-        n, dv = v.shape[2], v.shape[3]
-        bias = _bias(attn_mask)
-        out = q.new_empty(batch, m, heads, dv).permute(0, 2, 1, 3)  # the heads merge as a view later
+        out = q.new_empty(batch, m, heads, v.shape[3]).permute(0, 2, 1, 3)  # the heads merge as a view later
         lse = q.new_empty(batch, heads, m)
-        dims = _int64s([batch, heads, m, n, dk, dv])
-        strides = _int64s(_strides(q, 3, batch, heads) + _strides(k, 3, batch, heads) + _strides(v, 3, batch, heads)
-                          + _strides(bias, 2, batch, heads) + _strides(out, 3, batch, heads))
+        dims, strides = _layout(q, k, v, bias, out)
         pointers = (q, k, v, bias, out, lse)
         _check(_kernel().perceivers_attention(dims.data_ptr(), strides.data_ptr(), scale,
-                                              *(None if t is None else t.data_ptr() for t in pointers)), dk, dv)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+                                              *(None if t is None else t.data_ptr() for t in pointers)), dk, v.shape[3])
+        ctx.save_for_backward(*inputs, bias, out, lse)
+        ctx.scale = scale
         return out
 
     @staticmethod
@@ -131,16 +134,13 @@ class _NativeAttention(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
             grads = _math_gradients(q, k, v, None if bias is None else bias[..., None, :], ctx.scale, dout)
             return (*grads, None, None)
-        dout = _rows(dout)
-        batch, heads, m, dk = q.shape
-        n, dv = v.shape[2], v.shape[3]
+        q, k, v, dout = _rows(q), _rows(k), _rows(v), _rows(dout)
         delta = (dout * out).sum(-1).contiguous()  # [B, H, M]
         needs = ctx.needs_input_grad[:3]
-        grads = [torch.empty(batch, heads, *t.shape[2:]) if need else None for t, need in zip((q, k, v), needs)]
-        dims = _int64s([batch, heads, m, n, dk, dv])
-        strides = _int64s(_strides(q, 3, batch, heads) + _strides(k, 3, batch, heads) + _strides(v, 3, batch, heads)
-                          + _strides(bias, 2, batch, heads) + _strides(dout, 3, batch, heads))
+        grads = [torch.empty(*q.shape[:2], *t.shape[2:]) if need else None for t, need in zip((q, k, v), needs)]
+        dims, strides = _layout(q, k, v, bias, dout)
         pointers = (q, k, v, bias, dout, lse, delta, *grads)
         _check(_kernel().perceivers_attention_backward(dims.data_ptr(), strides.data_ptr(), ctx.scale,
-                                                       *(None if t is None else t.data_ptr() for t in pointers)), dk, dv)
+                                                       *(None if t is None else t.data_ptr() for t in pointers)),
+               q.shape[3], v.shape[3])
         return (*grads, None, None)

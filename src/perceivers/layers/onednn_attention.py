@@ -1,5 +1,9 @@
 """Attention whose products run on oneDNN, for float32 heads that are wide or long, and for bfloat16 on CPU.
 
+Where the native kernel is built, float32 heads whose widths are multiples of 16 (up to 256) go to it
+instead (:mod:`.native_attention`, faster on every shape measured); this path serves the other float32
+heads, float32 without a C compiler or under ``torch.compile``, and bfloat16.
+
 PyTorch's fused CPU attention (``F.scaled_dot_product_attention``) computes its blocks' products with
 MKL, which runs AVX2 kernels on AMD processors (see :mod:`perceivers.layers.dense`), and in bfloat16 it
 computes in float32 internally: it runs no faster than in float32 (the README Perceiver's latent
