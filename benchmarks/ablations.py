@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from run import machine_tag
 
 import perceivers
-from perceivers.layers import Attention, native_attention, onednn_attention, use_onednn
+from perceivers.layers import Attention, native_activation, native_attention, onednn_attention, use_onednn
 
 README = {"input_channels": 3, "input_axis": 2, "num_freq_bands": 6, "max_freq": 10.0, "depth": 6,
           "num_latents": 256, "latent_dim": 512, "cross_heads": 1, "latent_heads": 8, "cross_dim_head": 64,
@@ -262,19 +262,23 @@ def study_io(args) -> dict:
     return out
 
 
-def with_native(value: bool, fn, *, attention: bool = False):
+def with_native(value: bool, fn, *, own: tuple[str, ...] = ()):
     """Run ``fn`` with the native grid kernel on or off (``PERCEIVERS_NATIVE``, read at every call) and the
-    native attention kernel off unless ``attention`` (its own study, ``native_attention``)."""
+    other native kernels (``attention``, ``geglu``: each measured in its own study) off unless named in ``own``."""
+    kernels = {"attention": native_attention, "geglu": native_activation}
+
     def run():
         os.environ["PERCEIVERS_NATIVE"] = "1" if value else "0"
-        applies = native_attention.applies
-        if not attention:
-            native_attention.applies = lambda *a, **k: False
+        applies = {name: module.applies for name, module in kernels.items()}
+        for name, module in kernels.items():
+            if name not in own:
+                module.applies = lambda *a, **k: False
         try:
             fn()
         finally:
             os.environ["PERCEIVERS_NATIVE"] = "0"  # the other studies measure without it (see main)
-            native_attention.applies = applies
+            for name, module in kernels.items():
+                module.applies = applies[name]
     return run
 
 
@@ -470,15 +474,34 @@ def study_native_attention(args) -> dict:
     out = {}
     for case, model, inputs in cases:
         for mode, fn in (("inference", forward(model, inputs)), ("training step", train_step(model, inputs))):
-            out[f"{case} {mode}"] = timed({"before": with_native(True, fn), "after": with_native(True, fn, attention=True)},
+            out[f"{case} {mode}"] = timed({"before": with_native(True, fn), "after": with_native(True, fn, own=("attention",))},
                                           args.repeats)
     return out
+
+
+def study_native_geglu(args) -> dict:
+    """GEGLU on the native kernel (one pass forward, one backward) instead of PyTorch's GELU, products and
+    concatenation, in training steps (inference applies it in the products' epilogues): the README model and
+    PerceiverIO over 2048 inputs, native attention on in both."""
+    import workloads
+
+    io = next(w for w in workloads.all_workloads() if w.name == "io-2048x128")
+    built = io.build("perceivers", torch.device("cpu"))
+    io_inputs = io.inputs(io.batch, torch.device("cpu"))
+    b = 2 if args.quick else 8
+    cases = ((f"readme-64 depth 6 (batch {b})", readme(), images(b, 64)),
+             (f"PerceiverIO 2048 inputs, 128 queries (batch {io.batch})", built.model,
+              lambda: built.run(built.model, io_inputs)))
+    return {f"{case} training step": timed(
+        {"before": with_native(True, train_step(model, inputs), own=("attention",)),
+         "after": with_native(True, train_step(model, inputs), own=("attention", "geglu"))}, args.repeats)
+        for case, model, inputs in cases}
 
 
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
-           "native_attention": study_native_attention}
+           "native_attention": study_native_attention, "native_geglu": study_native_geglu}
 
 
 def markdown(results: dict) -> str:

@@ -104,6 +104,25 @@ def test_weight_gradient_of_a_long_sum_goes_to_mm(out_features, monkeypatch):
             assert (a.double() - r).abs().max() <= 2e-6 * r.abs().max()
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("shape", [(2048, 512), (37, 29), (100, 16), (1, 70)])
+def test_weight_gradient_operand_transposed_natively(shape, native, monkeypatch):
+    """The weight gradient's first operand is transposed into a contiguous matrix by the native kernel (edges
+    of partial tiles, rows spaced out in memory), or left a view for oneDNN to copy when it is off."""
+    if not native:
+        monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+    from perceivers import kernels
+
+    built = kernels.load("transpose") is not None
+    g = torch.Generator().manual_seed(2)
+    for a in (torch.randn(shape, generator=g), torch.randn(shape[0], shape[1] + 7, generator=g)[:, :shape[1]]):
+        t = linear_module._transposed(a)
+        assert torch.equal(t, a.t())
+        assert t.is_contiguous() if built else t.data_ptr() == a.data_ptr()  # else a view of ``a``
+    grad, x = torch.randn(300, 96, generator=g), torch.randn(300, 40, generator=g)
+    torch.testing.assert_close(linear_module._onednn_weight_grad(grad, x), grad.t() @ x, rtol=1e-5, atol=1e-5)
+
+
 def test_second_order_gradients():
     """``create_graph=True`` differentiates the backward too (it uses differentiable products then)."""
     g = torch.Generator().manual_seed(2)

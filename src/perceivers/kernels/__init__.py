@@ -1,6 +1,6 @@
 """Optional native CPU kernels, compiled on first use with the system's C compiler.
 
-The kernels are plain C (``*.c`` next to this file), built once per machine into
+The kernels are plain C (``*.c`` next to this file, sharing ``vector.h``), built once per machine into
 ``$PERCEIVERS_CACHE`` (default ``~/.cache/perceivers/kernels``) with ``-O3 -march=native`` and
 called through :mod:`ctypes` (which releases the GIL, so several threads can run one each). When no
 compiler is found, the build fails, or ``PERCEIVERS_NATIVE=0`` is set, :func:`load` returns ``None``
@@ -47,8 +47,9 @@ def _build(name: str) -> Path | None:
     if compiler is None:
         log.info("perceivers: no C compiler found; native kernel %s not built", name)
         return None
+    headers = b"".join(path.read_bytes() for path in sorted(_SOURCES.glob("*.h")))  # what the sources include
     key = hashlib.sha256(
-        source.read_bytes() + " ".join([compiler, *_FLAGS, platform.machine(), platform.node()]).encode()
+        source.read_bytes() + headers + " ".join([compiler, *_FLAGS, platform.machine(), platform.node()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():

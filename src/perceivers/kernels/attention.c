@@ -21,8 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
+#include "vector.h"
 
 #define QB 32           /* query rows per block: two vectors */
 #define KB 64           /* keys per block */
@@ -30,37 +29,6 @@ typedef int32_t i16 __attribute__((vector_size(64)));
 #define TAU 10.0f       /* a row's reference maximum moves only when a score exceeds it by this */
 #define MAXD 256        /* widest head */
 #define GROUP 2         /* forward: query blocks that go through the keys together */
-
-static inline v16 vbcast(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-static inline v16 vload(const float *p) { v16 r; memcpy(&r, p, 64); return r; }
-static inline void vstore(float *p, v16 x) { memcpy(p, &x, 64); }
-static inline v16 vsel(i16 m, v16 a, v16 b) {
-    i16 ai, bi, r;
-    v16 o;
-    memcpy(&ai, &a, 64);
-    memcpy(&bi, &b, 64);
-    r = (ai & m) | (bi & ~m);
-    memcpy(&o, &r, 64);
-    return o;
-}
-static inline v16 vmax(v16 a, v16 b) { return vsel(a > b, a, b); }
-static inline int any(i16 m) { for (int i = 0; i < 16; ++i) if (m[i]) return 1; return 0; }
-
-/* exp(x) by 2^k (exponent bits) times a degree-6 series on |f| <= ln2/2 (relative error ~2e-7); exactly 0
- * below -87, so exp(-inf) = 0. */
-static inline v16 vexp(v16 x0) {
-    const v16 x = vmax(x0, vbcast(-87.0f));
-    const v16 t = x * vbcast(1.44269504088896341f);
-    const v16 magic = vbcast(12582912.0f);  /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
-    const v16 k = (t + magic) - magic;
-    const v16 y = (t - k) * vbcast(0.69314718055994531f);
-    const v16 p = vbcast(1.0f) + y * (vbcast(1.0f) + y * (vbcast(0.5f) + y * (vbcast(0.16666667f) + y * (
-        vbcast(0.041666668f) + y * (vbcast(0.0083333338f) + y * vbcast(0.0013888889f))))));
-    const i16 bits = (__builtin_convertvector(k, i16) + 127) << 23;
-    v16 s;
-    memcpy(&s, &bits, 64);
-    return vsel(x0 < vbcast(-87.0f), vbcast(0.0f), p * s);
-}
 
 static inline const float *at(const float *t, const int64_t *s, int64_t b, int64_t h, int64_t row) {
     return t + b * s[0] + h * s[1] + row * s[2];

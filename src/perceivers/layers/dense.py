@@ -22,6 +22,7 @@ default on x86 AMD processors with oneDNN available.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import platform
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from .._env import env_switch
 
 __all__ = ["Linear", "geglu", "linear", "linear_geglu", "linear_gelu", "onednn_enabled", "use_onednn"]
@@ -117,8 +119,22 @@ def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     if a.shape[0] >= _LONG_SUM * (a.shape[1] + b.shape[1]):
         result = torch.mm(a.t(), b)
     else:
-        result = _onednn(a.t(), b.t(), None)
+        result = _onednn(_transposed(a), b.t(), None)  # oneDNN takes its first operand's rows contiguous
     return result.t() if a is flat_x else result
+
+
+_TRANSPOSE = {"perceivers_transpose": ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2, None)}
+
+
+def _transposed(a: Tensor) -> Tensor:
+    """``a.t()`` for a matrix with contiguous rows: contiguous through the native kernel where it is built
+    (≈3x PyTorch's strided copy, which oneDNN would otherwise make of the view), else the view."""
+    lib = kernels.load("transpose", _TRANSPOSE) if a.stride(1) == 1 and _native_eager(a) else None
+    if lib is None:
+        return a.t()
+    out = a.new_empty(a.shape[1], a.shape[0])
+    lib.perceivers_transpose(a.shape[0], a.shape[1], a.stride(0), a.data_ptr(), out.data_ptr())
+    return out
 
 
 def _save_operands(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -217,6 +233,18 @@ def _plain_eager() -> bool:
     )
 
 
+def _native_eager(*tensors: Tensor) -> bool:
+    """Whether perceivers' native float32 kernels (:mod:`perceivers.kernels`, called with the tensors' data
+    pointers) may take these: dense float32 CPU tensors, eager outside :func:`_plain_eager`'s exceptions,
+    ``torch.compile`` (which fuses the standard operators itself) and dispatch modes (fake tensors, FLOP
+    counters: those see the standard operators)."""
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided for t in tensors)
+        and not torch.compiler.is_compiling() and _plain_eager()
+        and not torch._C._len_torch_dispatch_stack()
+    )
+
+
 def _large(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x Wᵀ`` is a product large enough for oneDNN's fixed cost per call (``_MIN_MACS``)."""
     return x.dim() >= 2 and weight.dim() == 2 and x.numel() * weight.shape[0] >= _MIN_MACS
@@ -296,7 +324,12 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
 
 
 def geglu(h: Tensor) -> Tensor:
-    """``a · gelu(g)`` for ``h = [a, g]`` (halves of the last axis): ``[..., 2n]`` -> ``[..., n]``."""
+    """``a · gelu(g)`` for ``h = [a, g]`` (halves of the last axis): ``[..., 2n]`` -> ``[..., n]``. Float32 CPU
+    tensors go to a native kernel, forward and backward in one pass each (:mod:`.native_activation`)."""
+    from . import native_activation  # it imports this module
+
+    if native_activation.applies(h):
+        return native_activation.geglu(h)
     value, gate = h.chunk(2, dim=-1)
     return value * F.gelu(gate)
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from .dense import _plain_eager
+from .dense import _native_eager
 from .onednn_attention import _math_gradients
 
 __all__ = ["applies", "attend", "available"]
@@ -57,10 +57,8 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         and q.shape[-1] == k.shape[-1]
         and all(t.shape[-1] % 16 == 0 and t.shape[-1] <= _MAX_WIDTH for t in (q, v))
         and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided for t in (q, k, v))
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling() and _plain_eager()
-        and not torch._C._len_torch_dispatch_stack()  # fake tensors, FLOP counters and profilers see SDPA
+        and _native_eager(q, k, v)  # fake tensors, FLOP counters and profilers see SDPA
         and available()
     )
 

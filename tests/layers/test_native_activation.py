@@ -1,0 +1,175 @@
+"""The native GEGLU kernel: values and gradients against float64, where it is taken, and the feed-forward
+layer that goes through it."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perceivers import kernels
+from perceivers.layers import FeedForward, dense
+from perceivers.layers import native_activation as na
+
+pytestmark = pytest.mark.skipif(not na.available(), reason="no C compiler: the native kernels are not built")
+
+
+def _reference(h, grad):
+    """``a · gelu(g)`` and the gradient of ``h`` in float64."""
+    hd = h.detach().double().requires_grad_()
+    value, gate = hd.chunk(2, dim=-1)
+    out = value * F.gelu(gate)
+    out.backward(grad.double())
+    return out, hd.grad
+
+
+def _torch_float32(h, grad):
+    """PyTorch's own float32 GEGLU: value and the gradient of ``h``."""
+    h = h.detach().requires_grad_()
+    value, gate = h.chunk(2, dim=-1)
+    out = value * F.gelu(gate)
+    out.backward(grad)
+    return out, h.grad
+
+
+@pytest.mark.parametrize("shape", [
+    (8, 256, 4096),  # the README Perceiver's latent feed-forward
+    (3, 37, 2 * 19),  # rows narrower than a vector, a partial last vector
+    (5, 2 * 40),      # two full vectors and a partial one per half
+    (1, 2),
+])
+@pytest.mark.parametrize("scale", [1.0, 6.0])  # 6: far tails of the GELU (exp underflows below g ≈ -13)
+def test_values_and_gradients_match_float64(shape, scale):
+    generator = torch.Generator().manual_seed(0)
+    h = (torch.randn(shape, generator=generator) * scale).requires_grad_()
+    grad = torch.randn(*shape[:-1], shape[-1] // 2, generator=generator)
+    assert na.applies(h)
+    out = na.geglu(h)
+    out.backward(grad)
+    ref_out, ref_grad = _reference(h, grad)
+    torch_out, torch_grad = _torch_float32(h, grad)
+    for got, ref, theirs in ((out, ref_out, torch_out), (h.grad, ref_grad, torch_grad)):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        error = (got.double() - ref).abs().max().item()
+        # as close to float64 as PyTorch's float32 path, to within 3e-7 of the largest entry
+        assert error <= max(1.5 * (theirs.double() - ref).abs().max().item(), 3e-7 * ref.abs().max().item())
+
+
+def test_gelu_is_the_exact_one_with_its_relative_accuracy_in_the_tail():
+    """The erf GELU (not the tanh one), within 1e-5 relative to float64 down to g = -13 (gelu(-13) ≈ -8e-38),
+    where ``0.5 · (1 + erf)`` in float32 (PyTorch's form) loses every digit; the derivative likewise."""
+    g = torch.linspace(-13.0, 13.0, 20001)
+    h = torch.cat([torch.ones_like(g), g])[None].requires_grad_()  # a = 1: the output is gelu(g)
+    out = na.geglu(h)
+    out.sum().backward()
+    gd = g.double()
+    cdf = 0.5 * torch.special.erfc(-gd / math.sqrt(2))
+    exact, slope = gd * cdf, cdf + gd * torch.exp(-0.5 * gd * gd) / math.sqrt(2 * math.pi)
+    assert ((out[0].double() - exact).abs() / exact.abs().clamp_min(1e-300)).max().item() < 1e-5
+    assert (out[0].double() - exact).abs().max().item() < 5e-7
+    assert (h.grad[0, g.numel():].double() - slope).abs().max().item() < 5e-7
+    assert (out[0].double() - F.gelu(g, approximate="tanh").double()).abs().max().item() > 1e-4
+
+
+def test_strided_rows_and_gradient_layout():
+    """Rows spaced out in memory (a slice of a wider tensor) are read in place; the gradient has ``h``'s shape."""
+    base = torch.randn(6, 4, 100, requires_grad=True)
+    h = base[..., :64]
+    out = na.geglu(h)
+    torch.testing.assert_close(out, h[..., :32] * F.gelu(h[..., 32:]))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref = torch.zeros(6, 4, 100, dtype=torch.float64)
+    ref[..., :64] = _reference(h, grad)[1]
+    torch.testing.assert_close(base.grad.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_second_order_gradients_match_pytorch():
+    h = torch.randn(3, 5, 48, dtype=torch.float32, requires_grad=True)
+    first = torch.autograd.grad(na.geglu(h).square().sum(), h, create_graph=True)[0]
+    second = torch.autograd.grad(first.sum(), h)[0]
+    hd = h.detach().double().requires_grad_()
+    value, gate = hd.chunk(2, dim=-1)
+    ref_first = torch.autograd.grad((value * F.gelu(gate)).square().sum(), hd, create_graph=True)[0]
+    ref_second = torch.autograd.grad(ref_first.sum(), hd)[0]
+    torch.testing.assert_close(first.double(), ref_first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), ref_second, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("float32", True),
+    ("odd width", False),
+    ("empty", False),
+    ("bfloat16", False),
+    ("float64", False),
+    ("disabled", False),
+    ("FLOP counter", False),
+    ("vmap", False),
+    ("forward-mode AD", False),
+])
+def test_where_it_applies(case, expected, monkeypatch):
+    dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(case, torch.float32)
+    h = torch.randn({"odd width": (4, 33), "empty": (0, 32)}.get(case, (4, 32)), dtype=dtype)
+    if case == "disabled":
+        monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+    if case == "FLOP counter":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False):
+            assert na.applies(h) == expected
+    elif case == "vmap":
+        from torch.func import vmap
+
+        assert not vmap(lambda t: torch.tensor(na.applies(h)))(torch.zeros(2)).any()
+    elif case == "forward-mode AD":
+        import torch.autograd.forward_ad as fwad
+
+        with fwad.dual_level():
+            assert na.applies(h) == expected
+    else:
+        assert na.applies(h) == expected
+
+
+def test_feed_forward_goes_through_it_and_matches_pytorch(monkeypatch):
+    """The README model's feed-forward in training: same output and gradients with the kernel and without."""
+    torch.manual_seed(0)
+    ff = FeedForward(64, mult=4)
+    x = torch.randn(2, 30, 64, requires_grad=True)
+    calls = []
+    original = na.geglu
+    monkeypatch.setattr(na, "geglu", lambda h: calls.append(1) or original(h))
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(na, "applies", lambda h: False)
+        out = ff(x)
+        out.square().mean().backward()
+        results.append((out.detach(), x.grad.clone(), ff.fc1.weight.grad.clone(), ff.fc2.weight.grad.clone()))
+        x.grad = None
+        ff.zero_grad()
+        assert len(calls) == 1  # the native pass only
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_compiler_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERCEIVERS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    h = torch.randn(3, 32)
+    assert not na.applies(h)
+    torch.testing.assert_close(dense.geglu(h), h[:, :16] * F.gelu(h[:, 16:]))
+
+
+def test_a_changed_shared_header_rebuilds(monkeypatch, tmp_path):
+    """The cache key covers ``vector.h``, which every kernel includes."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for name in ("activations.c", "vector.h"):
+        (sources / name).write_bytes((kernels._SOURCES / name).read_bytes())
+    monkeypatch.setattr(kernels, "_SOURCES", sources)
+    monkeypatch.setenv("PERCEIVERS_CACHE", str(tmp_path / "cache"))
+    first = kernels._build("activations")
+    (sources / "vector.h").write_text((sources / "vector.h").read_text() + "\n/* changed */\n")
+    second = kernels._build("activations")
+    assert first is not None and second is not None and first != second
