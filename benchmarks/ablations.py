@@ -327,6 +327,15 @@ def peak_in_child(spec: str, *, native: bool = False) -> dict:
 
 
 def _memory_child(spec: str) -> None:
+    if spec.startswith("train,"):  # train,<batch>,<geglu 0|1>: the README 64² training step's peak
+        _, batch, geglu = spec.split(",")
+        step = with_native(True, train_step(readme(), images(int(batch), 64)),
+                           own=("attention", "geglu") if geglu == "1" else ("attention",))
+        step()  # the optimizer's state exists from here on
+        meter = measure.PeakMemory(torch.device("cpu"))
+        step()
+        print("MEMORY " + json.dumps({"peak_bytes": meter.peak_bytes()}), flush=True)
+        return
     family, side, chunk, fold = spec.split(",") if spec.startswith("io,") else ("readme", *spec.split(","))
     chunk = None if chunk == "auto" else int(chunk)
     fold = None if fold == "auto" else fold == "1"
@@ -492,10 +501,13 @@ def study_native_geglu(args) -> dict:
     cases = ((f"readme-64 depth 6 (batch {b})", readme(), images(b, 64)),
              (f"PerceiverIO 2048 inputs, 128 queries (batch {io.batch})", built.model,
               lambda: built.run(built.model, io_inputs)))
-    return {f"{case} training step": timed(
+    out = {f"{case} training step": timed(
         {"before": with_native(True, train_step(model, inputs), own=("attention",)),
          "after": with_native(True, train_step(model, inputs), own=("attention", "geglu"))}, args.repeats)
         for case, model, inputs in cases}
+    out[f"readme-64 depth 6 (batch {b}) training step memory"] = {
+        "before": peak_in_child(f"train,{b},0", native=True), "after": peak_in_child(f"train,{b},1", native=True)}
+    return out
 
 
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
