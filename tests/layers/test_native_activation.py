@@ -106,12 +106,18 @@ def test_second_order_gradients_match_pytorch():
     ("FLOP counter", False),
     ("vmap", False),
     ("forward-mode AD", False),
+    ("tensor subclass", False),
 ])
 def test_where_it_applies(case, expected, monkeypatch):
     dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(case, torch.float32)
     h = torch.randn({"odd width": (4, 33), "empty": (0, 32)}.get(case, (4, 32)), dtype=dtype)
     if case == "disabled":
         monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+    if case == "tensor subclass":
+        class Wrapped(torch.Tensor):
+            pass
+
+        h = h.as_subclass(Wrapped)
     if case == "FLOP counter":
         from torch.utils.flop_counter import FlopCounterMode
 
