@@ -60,11 +60,16 @@ def test_fold_matches_projection(bias: bool, heads: int) -> None:
     assert torch.isfinite(out).all()
 
 
-def test_fold_gradients_match() -> None:
+@pytest.mark.parametrize("heads, q_dim, kv_dim, width, queries", [
+    (2, 16, 6, 64, 5),
+    (1, 16, 6, 64, 5),
+    (1, 512, 384, 512, 128),  # one head: fold and unfold as dense products over every row, large enough for oneDNN
+])
+def test_fold_gradients_match(heads, q_dim, kv_dim, width, queries) -> None:
     torch.manual_seed(0)
-    attn = Attention(16, 6, num_heads=2, qk_channels=64, v_channels=64)
-    x = torch.randn(2, 5, 16, requires_grad=True)
-    ctx = torch.randn(2, 30, 6, requires_grad=True)
+    attn = Attention(q_dim, kv_dim, num_heads=heads, qk_channels=width, v_channels=width)
+    x = torch.randn(2, queries, q_dim, requires_grad=True)
+    ctx = torch.randn(2, 30, kv_dim, requires_grad=True)
     grads = []
     for fold in (False, True):
         attn.fold_kv = fold

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import native_attention, onednn_attention
-from .dense import Linear, _autocast_operands
+from .dense import Linear, _autocast_operands, linear
 
 __all__ = ["Attention", "KeyValue", "attend_heads", "attention_weights", "check_mask", "fold_is_cheaper", "record_attention"]
 
@@ -222,12 +222,14 @@ class Attention(nn.Module):
     def _fold_queries(self, q: Tensor) -> Tensor:
         """``q [B, H, Q, dk]`` → ``q W_k`` per head ``[B, H, Q, kv_dim]``."""
         wk = self.to_k.weight.view(self.num_heads, -1, self.kv_dim).to(q.dtype)  # [H, dk, C]
+        if self.num_heads == 1:  # one dense product over every row (oneDNN's where it pays), not B batched ones
+            return linear(q[:, 0], wk[0].t())[:, None]
         return torch.matmul(q, wk)
 
     def _unfold_values(self, out: Tensor) -> Tensor:
         """Weighted sums of the context ``[B, H, Q, kv_dim]`` → values ``[B, H, Q, dv]`` (``W_v``, ``+ b_v``)."""
         wv = self.to_v.weight.view(self.num_heads, -1, self.kv_dim).to(out.dtype)  # [H, dv, C]
-        out = torch.matmul(out, wv.transpose(-1, -2))
+        out = linear(out[:, 0], wv[0])[:, None] if self.num_heads == 1 else torch.matmul(out, wv.transpose(-1, -2))
         if self.to_v.bias is not None:
             out = out + self.to_v.bias.view(self.num_heads, 1, -1).to(out.dtype)
         bk = self.to_k.bias
