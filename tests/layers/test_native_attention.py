@@ -4,6 +4,8 @@ is taken, and the layers that go through it."""
 import pytest
 import torch
 import torch.nn.functional as F
+from _attention_reference import heads as _heads
+from _attention_reference import reference as _reference
 
 from perceivers import kernels
 from perceivers.layers import Attention
@@ -11,28 +13,6 @@ from perceivers.layers import native_attention as na
 from perceivers.layers import onednn_attention as oa
 
 pytestmark = pytest.mark.skipif(not na.available(), reason="no C compiler: the native kernels are not built")
-
-
-def _heads(b, h, n, d, generator, *, layout="projection"):
-    """``[B, H, N, d]`` laid out as a projection's output is (``[B, N, H, d]`` permuted), contiguous, or
-    one head's tensor shared by every head (an expanded view, as the folded cross-attention's context)."""
-    if layout == "shared":
-        return torch.randn(b, 1, n, d, generator=generator).expand(b, h, n, d)
-    if layout == "contiguous":
-        return torch.randn(b, h, n, d, generator=generator)
-    return torch.randn(b, n, h, d, generator=generator).transpose(1, 2)
-
-
-def _reference(q, k, v, mask, scale, grad):
-    """Values and the gradients of the leaves ``q, k, v`` (an expanded view's base), in float64."""
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    qd, kd, vd = (leaf.expand(t.shape) for leaf, t in zip(leaves, (q, k, v)))
-    scores = (qd @ kd.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    out = scores.softmax(-1) @ vd
-    out.backward(grad.double())
-    return (out, *(leaf.grad for leaf in leaves))
 
 
 def _close(got, ref, tol=1e-5, sdpa=None):

@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _attention_reference import heads as _heads
+from _attention_reference import reference as _reference
 
 from perceivers.layers import Attention, use_onednn
 from perceivers.layers import native_attention as na
@@ -16,23 +18,6 @@ def _without_native_attention(monkeypatch):
     """Layers take the native kernel first where it is built (see test_native_attention.py): off here, so
     that they reach this path as they do without a C compiler."""
     monkeypatch.setattr(na, "applies", lambda *args, **kwargs: False)
-
-
-def _heads(b, h, n, d, generator):
-    """``[B, H, N, d]`` laid out as a projection's output is (``[B, N, H, d]`` permuted)."""
-    return torch.randn(b, n, h, d, generator=generator).transpose(1, 2)
-
-
-def _reference(q, k, v, mask, scale, grad, dtype=torch.float64):
-    """Values and gradients written out, computed in ``dtype`` (float64: the reference; bfloat16: the
-    peers' bf16 attention), returned in float64."""
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    out = scores.softmax(-1) @ v
-    out.backward(grad.to(dtype))
-    return tuple(t.double() for t in (out, q.grad, k.grad, v.grad))
 
 
 @pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])

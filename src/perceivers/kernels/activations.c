@@ -12,7 +12,6 @@
  * Layout: h rows of stride ld (>= 2n), a = h[r][0:n], g = h[r][n:2n]; out and dout rows of n, contiguous;
  * dh rows of 2n, contiguous. Rows are split over OpenMP threads.
  */
-#include <math.h>
 #include <stdint.h>
 
 #include "vector.h"
