@@ -124,16 +124,29 @@ def masked_inputs_have_no_influence(data, kind: str) -> None:
     _count("masked inputs: no influence on outputs or gradients", case)
 
 
+def _rounding(case: Case, inputs: dict[str, Tensor], out32: Tensor) -> float:
+    """The model's own float32 rounding on these inputs: its distance to the float64 model, relative as in
+    :func:`_close`. Two float32 computations of the same result (batched or not, permuted) may differ by
+    about twice this; it is tiny unless the model is ill-conditioned (a LayerNorm over 2 channels of
+    nearly equal values)."""
+    with torch.no_grad():
+        model64 = copy.deepcopy(case.model).double()
+        out64 = case.run(model64, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    return float((out32.double() - out64).abs().max()) / (1 + float(out64.abs().max())) if out64.numel() else 0.0
+
+
 def samples_are_independent(data, kind: str) -> None:
-    """Each sample's output is the same alone as in the batch."""
+    """Each sample's output is the same alone as in the batch (to 1e-5, or twice the model's own float32
+    rounding where that is larger)."""
     case = draw_case(data, [kind])
     inputs = _draw_inputs(data, case, min_batch=2, max_batch=4)
     batch = next(v for k, v in inputs.items() if k not in case.shared).shape[0]
     with torch.no_grad():
         together = case.run(case.model, inputs)
+        tol = max(1e-5, 2 * _rounding(case, inputs, together))
         for i in range(batch):
             alone = case.run(case.model, {k: v if k in case.shared else v[i: i + 1] for k, v in inputs.items()})
-            _close(together[i: i + 1], alone, tol=1e-5, msg=f"{case.name}: sample {i} depends on the batch")
+            _close(together[i: i + 1], alone, tol=tol, msg=f"{case.name}: sample {i} depends on the batch")
     _count("batch independence", case)
 
 
@@ -151,7 +164,8 @@ def permutation_invariant_without_positions(data, kind: str) -> None:
     permuted = {**inputs, case.data_key: flat_x[:, perm].reshape(x.shape),
                 case.mask_key: mask.reshape(b, n)[:, perm].reshape(mask.shape)}
     with torch.no_grad():
-        _close(case.run(case.model, permuted), case.run(case.model, inputs), tol=1e-5,
+        out = case.run(case.model, inputs)
+        _close(case.run(case.model, permuted), out, tol=max(1e-5, 2 * _rounding(case, inputs, out)),
                msg=f"{case.name}: order of the inputs matters")
     _count("permutation invariance without positions", case)
 
