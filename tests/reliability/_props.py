@@ -129,10 +129,15 @@ def _rounding(case: Case, inputs: dict[str, Tensor], out32: Tensor) -> float:
     :func:`_close`. Two float32 computations of the same result (batched or not, permuted) may differ by
     about twice this; it is tiny unless the model is ill-conditioned (a LayerNorm over 2 channels of
     nearly equal values)."""
+    out64 = _float64_output(case, inputs)
+    return float((out32.double() - out64).abs().max()) / (1 + float(out64.abs().max())) if out64.numel() else 0.0
+
+
+def _float64_output(case: Case, inputs: dict[str, Tensor]) -> Tensor:
+    """The output of a float64 copy of the model on the inputs cast to float64."""
     with torch.no_grad():
         model64 = copy.deepcopy(case.model).double()
-        out64 = case.run(model64, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
-    return float((out32.double() - out64).abs().max()) / (1 + float(out64.abs().max())) if out64.numel() else 0.0
+        return case.run(model64, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
 
 
 def samples_are_independent(data, kind: str) -> None:
@@ -176,9 +181,7 @@ def float32_matches_float64(data, kind: str) -> None:
     inputs = _draw_inputs(data, case)
     with torch.no_grad():
         out32 = case.run(case.model, inputs)
-        model64 = copy.deepcopy(case.model).double()
-        inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-        out64 = case.run(model64, inputs64)
+    out64 = _float64_output(case, inputs)
     assert out64.dtype == torch.float64, case.name
     _close(out32.double(), out64, tol=2e-4, msg=f"{case.name}: float32 and float64 disagree")
     _count("float32 vs float64", case)
