@@ -143,7 +143,9 @@ def test_second_order_gradients_match_written_out_attention(channels):
     ("keys and values of different widths", True),
     ("width not a multiple of 16", False),  # the folded context padded to 8 (e.g. 264): oneDNN or SDPA
     ("wider than 256", False),
-    ("bfloat16", False),
+    ("bfloat16", None),  # where the processor has AVX512-BF16 (the bfloat16 kernel)
+    ("bfloat16 under autocast", None),
+    ("bfloat16, wide heads in training", False),  # the blocked bf16 products keep the probabilities
     ("float64", False),
     ("autocast", False),
     ("dropout", False),
@@ -154,9 +156,12 @@ def test_second_order_gradients_match_written_out_attention(channels):
 ])
 def test_where_it_applies(case, expected, monkeypatch):
     d, e = {"wide heads": (128, 128), "keys and values of different widths": (32, 160),
-            "width not a multiple of 16": (264, 264), "wider than 256": (320, 320)}.get(case, (32, 32))
-    dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(case, torch.float32)
+            "width not a multiple of 16": (264, 264), "wider than 256": (320, 320),
+            "bfloat16, wide heads in training": (64, 64)}.get(case, (32, 32))
+    dtype = torch.bfloat16 if case.startswith("bfloat16") else torch.float64 if case == "float64" else torch.float32
+    expected = na.available_bf16() if expected is None else expected
     q, k, v = torch.randn(2, 8, 64, d, dtype=dtype), torch.randn(2, 8, 96, d, dtype=dtype), torch.randn(2, 8, 96, e, dtype=dtype)
+    q.requires_grad_(case.endswith("training"))
     mask = {"query-dependent mask": torch.ones(2, 1, 64, 96, dtype=torch.bool),
             "float mask": torch.zeros(2, 1, 1, 96)}.get(case)
     if case == "disabled":
@@ -167,7 +172,7 @@ def test_where_it_applies(case, expected, monkeypatch):
         with FlopCounterMode(display=False):
             assert na.applies(q, k, v, mask, 0.0) == expected
         return
-    with torch.autocast("cpu", enabled=case == "autocast"):
+    with torch.autocast("cpu", enabled=case.endswith("autocast")):
         assert na.applies(q, k, v, mask, 0.1 if case == "dropout" else 0.0) == expected
 
 
@@ -214,6 +219,72 @@ def test_attention_layer_goes_through_it_and_matches_sdpa(fold, monkeypatch):
         assert len(calls) == 1  # the native pass only
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+bf16 = pytest.mark.skipif(not na.available_bf16(), reason="the processor has no AVX512-BF16 dot products")
+
+
+@bf16
+@pytest.mark.parametrize("b, h, m, n, d, e", [
+    (2, 8, 128, 2048, 32, 32),   # the reduced language model's cross-attention
+    (2, 8, 300, 37, 32, 32),     # more queries than keys: an odd last pair of keys, the backward's other loop
+    (1, 3, 37, 101, 16, 48),     # partial blocks, key and value widths differ (48: a 32- and a 16-channel tile)
+    (1, 2, 33, 65, 256, 256),    # the widest heads
+    (3, 1, 5, 1, 64, 64),        # one key
+])
+@pytest.mark.parametrize("mask_kind", [None, "keys"])
+def test_bfloat16_values_and_gradients(b, h, m, n, d, e, mask_kind):
+    """bfloat16 in and out, against float64 on the same bfloat16 inputs: within 2⁻⁷ of the largest entry
+    (at least 1; two units of bfloat16's rounding), or at most 1.25x as far as the peers' bfloat16
+    attention (the widest heads' query gradients, from score gradients rounded to bfloat16 as theirs)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (_heads(b, h, m, d, g), _heads(b, h, n, d, g), _heads(b, h, n, e, g)))
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(b, 1, 1, n, generator=g) > 0.3
+        mask[..., 0] = True
+        if n > 64:
+            mask[0, ..., :64] = False
+            mask[0, ..., -1] = True
+    assert na.applies(*(t.detach() for t in (q, k, v)), mask, 0.0)  # in training: narrow heads only
+    out = na.attend(q, k, v, mask, scale=0.2)
+    assert out.dtype == torch.bfloat16 and "NativeAttention" in type(out.grad_fn).__name__
+    grad = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(grad)
+    refs, peers = _reference(q, k, v, mask, 0.2, grad), _reference(q, k, v, mask, 0.2, grad, torch.bfloat16)
+    for got, ref, peer in zip((out, q.grad, k.grad, v.grad), refs, peers):
+        assert got.dtype == torch.bfloat16
+        error = (got.double() - ref).abs().max().item()
+        assert error <= max(2**-7 * max(ref.abs().max().item(), 1.0), 1.25 * (peer - ref).abs().max().item())
+    if mask is not None:
+        dead = ~mask.expand(b, h, 1, n)[:, :, 0]
+        assert k.grad[dead].abs().sum() == 0 and v.grad[dead].abs().sum() == 0
+
+
+@bf16
+def test_bfloat16_autocast_layer_goes_through_it():
+    """A latent self-attention under CPU autocast: its heads reach the bfloat16 kernel, and its values and
+    gradients stay as close to float64 as the bfloat16 products' path (the kernel off)."""
+    torch.manual_seed(5)
+    layer = Attention(q_dim=256, num_heads=8, qk_channels=256, v_channels=256)  # 32 + 32: taken in training
+    x = torch.randn(2, 96, 256, requires_grad=True)
+    reference = layer.double()(x.double())
+    ref_grad = torch.autograd.grad(reference.square().mean(), x)[0]
+    layer.float()
+    errors, calls, original = [], [], na.attend
+    for native in (True, False):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            if not native:
+                patch.setattr(na, "available_bf16", lambda: False)
+            patch.setattr(na, "attend", lambda *a, **kw: calls.append(a[0].dtype) or original(*a, **kw))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(x)
+            grad = torch.autograd.grad(out.float().square().mean(), x)[0]
+            assert calls == ([torch.bfloat16] if native else [])
+        errors.append(((out.double() - reference).abs().max().item(), (grad.double() - ref_grad).abs().max().item()))
+    (out_native, grad_native), (out_blocked, grad_blocked) = errors
+    assert out_native <= 1.5 * out_blocked and grad_native <= 1.5 * grad_blocked
 
 
 def test_no_compiler_falls_back(no_compiler):

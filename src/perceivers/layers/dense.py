@@ -233,13 +233,13 @@ def _plain_eager() -> bool:
     )
 
 
-def _native_eager(*tensors: Tensor) -> bool:
-    """Whether perceivers' native float32 kernels (:mod:`perceivers.kernels`, called with the tensors' data
-    pointers) may take these: dense float32 CPU tensors (not subclasses, whose storage may not be theirs),
+def _native_eager(*tensors: Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether perceivers' native kernels (:mod:`perceivers.kernels`, called with the tensors' data
+    pointers) may take these: dense CPU tensors of ``dtype`` (not subclasses, whose storage may not be theirs),
     eager outside :func:`_plain_eager`'s exceptions, ``torch.compile`` (which fuses the standard operators
     itself) and dispatch modes (fake tensors, FLOP counters: those see the standard operators)."""
     return (
-        all(type(t) in (Tensor, nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu"
+        all(type(t) in (Tensor, nn.Parameter) and t.dtype == dtype and t.device.type == "cpu"
             and t.layout == torch.strided for t in tensors)
         and not torch.compiler.is_compiling() and _plain_eager()
         and not torch._C._len_torch_dispatch_stack()

@@ -1,4 +1,4 @@
-"""Fused float32 attention on CPU through a native kernel, for heads up to 256 channels wide.
+"""Fused attention on CPU through native kernels, float32 and bfloat16, for heads up to 256 channels wide.
 
 PyTorch's fused CPU attention (the flash kernel behind ``F.scaled_dot_product_attention``) computes each
 block of scores and each weighted sum as a separate MKL product, which on narrow heads (the language
@@ -10,11 +10,17 @@ recomputes the probabilities from the rows' log-sum-exp
 (``dV = Pᵀ dO``, ``dS = P (dO Vᵀ − rowsum(dO · O))``, ``dQ = dS K``, ``dK = dSᵀ Q``). Queries, keys and
 values are read in place through their strides (heads split as views, keys shared by every head).
 
-It serves float32 CPU heads whose widths are multiples of 16 (at most 256), with no mask or a boolean
-key mask (``[B|1, H|1, 1, N]``), without dropout, outside autocast, ``torch.compile``, tracing,
-``torch.func`` transforms, forward-mode AD and dispatch modes (fake tensors, FLOP counters: those see SDPA),
-and ``PERCEIVERS_NATIVE`` not off.
-``create_graph=True`` gets the same gradients from differentiable batched operations.
+bfloat16 heads (CPU autocast, or a model cast to bfloat16) go to ``attention_bf16.c``, the same algorithm
+with AVX512-BF16 dot products where the processor has them (:func:`available_bf16`): scores, softmax and
+sums in float32, the probabilities and score gradients rounded to bfloat16 for their products (as GPU
+flash attention does), the output rounded once at the end; the gradients come back in bfloat16.
+
+It serves CPU heads whose widths are multiples of 16 (at most 256), float32 outside autocast or
+bfloat16 (in training, heads with ``d_k + d_v < 128``), with no mask or a boolean key mask
+(``[B|1, H|1, 1, N]``), without dropout, outside ``torch.compile``, tracing, ``torch.func`` transforms,
+forward-mode AD and dispatch modes (fake tensors, FLOP counters: those see SDPA), and
+``PERCEIVERS_NATIVE`` not off. ``create_graph=True`` gets the same gradients from differentiable batched
+operations.
 """
 
 from __future__ import annotations
@@ -25,31 +31,55 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from .dense import _native_eager
+from .dense import _native_eager, _records_graph
 from .onednn_attention import _math_gradients
 
-__all__ = ["applies", "attend", "available"]
+__all__ = ["applies", "attend", "available", "available_bf16"]
 
 _MAX_WIDTH = 256
+# bfloat16 in training: heads narrower than this (d_k + d_v) only. The kernel's backward recomputes the
+# probabilities (five products), where the blocked bf16 products keep a small call's (four): from 64 + 64
+# channels on, those are as fast or faster in training (docs/performance.md).
+_BF16_TRAINING_WIDTH = 128
 
 
 _SIGNATURES = {
     "perceivers_attention": ([ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 6, ctypes.c_int),
     "perceivers_attention_backward": ([ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 10, ctypes.c_int),
 }
+_SIGNATURES_BF16 = {
+    "perceivers_attention_bf16": _SIGNATURES["perceivers_attention"],
+    "perceivers_attention_bf16_backward": _SIGNATURES["perceivers_attention_backward"],
+    "perceivers_attention_bf16_supported": ([], ctypes.c_int),
+}
 
 
-def _kernel():
+def _kernel(dtype: torch.dtype = torch.float32):
+    if dtype == torch.bfloat16:
+        return kernels.load("attention_bf16", _SIGNATURES_BF16)
     return kernels.load("attention", _SIGNATURES)
 
 
+def _entry(dtype: torch.dtype, part: str = ""):
+    """The kernel's forward (``part=""``) or backward (``"_backward"``) function for ``dtype``."""
+    bf16 = dtype == torch.bfloat16
+    return getattr(_kernel(dtype), f"perceivers_attention{'_bf16' if bf16 else ''}{part}")
+
+
 def available() -> bool:
-    """Whether the native kernel is built and enabled (``PERCEIVERS_NATIVE``)."""
+    """Whether the float32 kernel is built and enabled (``PERCEIVERS_NATIVE``)."""
     return _kernel() is not None
+
+
+def available_bf16() -> bool:
+    """Whether the bfloat16 kernel is built, enabled and has the processor's AVX512-BF16 dot products."""
+    lib = _kernel(torch.bfloat16)
+    return lib is not None and bool(lib.perceivers_attention_bf16_supported())
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float) -> bool:
     """Whether :func:`attend` serves ``q [B, H, M, d_k]``, ``k [B, H, N, d_k]``, ``v [B, H, N, d_v]``."""
+    bf16 = q.dtype == torch.bfloat16
     return (
         q.dim() == k.dim() == v.dim() == 4
         and dropout == 0.0
@@ -57,9 +87,10 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         and q.shape[-1] == k.shape[-1]
         and all(t.shape[-1] % 16 == 0 and t.shape[-1] <= _MAX_WIDTH for t in (q, v))
         and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
-        and not torch.is_autocast_enabled("cpu")
-        and _native_eager(q, k, v)  # fake tensors, FLOP counters and profilers see SDPA
-        and available()
+        and (not torch.is_autocast_enabled("cpu") if not bf16
+             else q.shape[-1] + v.shape[-1] < _BF16_TRAINING_WIDTH or not _records_graph(q, k, v))
+        and _native_eager(q, k, v, dtype=torch.bfloat16 if bf16 else torch.float32)  # fake tensors, FLOP counters and profilers see SDPA
+        and (available_bf16() if bf16 else available())
     )
 
 
@@ -117,11 +148,11 @@ class _NativeAttention(torch.autograd.Function):
         q, k, v = _rows(q), _rows(k), _rows(v)
         batch, heads, m, dk = q.shape
         out = q.new_empty(batch, m, heads, v.shape[3]).permute(0, 2, 1, 3)  # the heads merge as a view later
-        lse = q.new_empty(batch, heads, m)
+        lse = q.new_empty(batch, heads, m, dtype=torch.float32)
         dims, strides = _layout(q, k, v, bias, out)
         pointers = (q, k, v, bias, out, lse)
-        _check(_kernel().perceivers_attention(dims.data_ptr(), strides.data_ptr(), scale,
-                                              *(None if t is None else t.data_ptr() for t in pointers)), dk, v.shape[3])
+        _check(_entry(q.dtype)(dims.data_ptr(), strides.data_ptr(), scale, *(None if t is None else t.data_ptr() for t in pointers)),
+               dk, v.shape[3])
         ctx.save_for_backward(*inputs, bias, out, lse)
         ctx.scale = scale
         return out
@@ -132,13 +163,14 @@ class _NativeAttention(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
             grads = _math_gradients(q, k, v, None if bias is None else bias[..., None, :], ctx.scale, dout)
             return (*grads, None, None)
-        q, k, v, dout = _rows(q), _rows(k), _rows(v), _rows(dout)
-        delta = (dout * out).sum(-1).contiguous()  # [B, H, M]
+        q, k, v, dout = _rows(q), _rows(k), _rows(v), _rows(dout.to(q.dtype))
+        delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, M]
         needs = ctx.needs_input_grad[:3]
         grads = [torch.empty(*q.shape[:2], *t.shape[2:]) if need else None for t, need in zip((q, k, v), needs)]
         dims, strides = _layout(q, k, v, bias, dout)
         pointers = (q, k, v, bias, dout, lse, delta, *grads)
-        _check(_kernel().perceivers_attention_backward(dims.data_ptr(), strides.data_ptr(), ctx.scale,
-                                                       *(None if t is None else t.data_ptr() for t in pointers)),
+        _check(_entry(q.dtype, "_backward")(dims.data_ptr(), strides.data_ptr(), ctx.scale, *(None if t is None else t.data_ptr() for t in pointers)),
                q.shape[3], v.shape[3])
+        if q.dtype == torch.bfloat16:  # the kernel accumulates in float32
+            grads = [None if g is None else g.to(torch.bfloat16) for g in grads]
         return (*grads, None, None)
