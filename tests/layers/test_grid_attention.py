@@ -64,6 +64,28 @@ def test_matches_plain_attention(d, height, width, rows, offset, affine):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
+def test_buffers_do_not_follow_the_default_dtype():
+    """The kernel's float32 buffers stay float32 under another default dtype (bf16-true training sets one)."""
+    attn, norm, x, grid, _ = _problem(3, 12, 20)
+    x.requires_grad_(True)
+
+    def run():
+        x.grad = None
+        out = ga.grid_cross_attention(attn, norm, x, grid, chunk_pixels=5 * 20)
+        out.square().sum().backward()
+        return out.detach(), x.grad.clone()
+
+    want = run()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(previous)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 @pytest.mark.parametrize(("d", "heads", "rows", "affine"), [(3, 2, 5, True), (1, 1, 12, True), (5, 3, 4, False)])
 def test_gradients_match_plain_attention(d, heads, rows, affine):
     attn, norm, x, grid, context = _problem(d, 12, 20, heads=heads, affine=affine)

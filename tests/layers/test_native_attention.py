@@ -287,6 +287,35 @@ def test_bfloat16_autocast_layer_goes_through_it():
     assert out_native <= 1.5 * out_blocked and grad_native <= 1.5 * grad_blocked
 
 
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_buffers_do_not_follow_the_default_dtype(default, dtype):
+    """Lightning's bf16-true training sets the default dtype to bfloat16: the key bias and the gradients'
+    buffers the kernels write must stay float32 (read as bfloat16 they were garbage, and half-sized)."""
+    if dtype == torch.bfloat16 and not na.available_bf16():
+        pytest.skip("the processor has no AVX512-BF16 dot products")
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g, dtype=dtype) for n in (4, 10, 10))
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., 6:] = False
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = na.attend(*leaves, mask)
+        out.float().square().sum().backward()
+        return out, *(t.grad for t in leaves)
+
+    want = run()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(previous)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
 def test_no_compiler_falls_back(no_compiler):
     q, k, v = (torch.randn(1, 2, 64, 32) for _ in range(3))
     assert not na.applies(q, k, v, None, 0.0)

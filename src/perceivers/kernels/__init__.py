@@ -1,6 +1,7 @@
 """Optional native CPU kernels, compiled on first use with the system's C compiler.
 
-The kernels are plain C (``*.c`` next to this file, sharing ``vector.h``), built once per machine into
+The kernels are plain C (``*.c`` next to this file, sharing ``vector.h``; the bfloat16 attention kernel
+uses AVX512-BF16 intrinsics where the target has them, and reports their absence), built once per machine into
 ``$PERCEIVERS_CACHE`` (default ``~/.cache/perceivers/kernels``) with ``-O3 -march=native
 -ffp-contract=fast`` (products and sums fused into FMA instructions, which ISO C mode would otherwise
 forbid: the kernels' inner loops run 1.2-1.35x faster, and round once instead of twice) and

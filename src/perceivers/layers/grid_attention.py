@@ -136,7 +136,7 @@ class _Planes:
         self.sums = [t.sum(-1).contiguous() for t in (t_h, t_w)]
         self.squares = [(t * t).sum(-1).contiguous() for t in (t_h, t_w)]
         self.rows = max(1, chunk_pixels // (self.width * self.batch))
-        self.buffer = torch.empty((self.batch, self.d + 2, min(self.height, self.rows) * self.width))
+        self.buffer = torch.empty((self.batch, self.d + 2, min(self.height, self.rows) * self.width), dtype=torch.float32)
 
     def __iter__(self):
         """Yields ``(i0, i1, planes [B, D + 2, n])`` for image rows ``i0:i1`` of every sample."""
@@ -184,10 +184,10 @@ class _GridAttention(torch.autograd.Function):
         planes = _Planes(lib, grid, eps, chunk_pixels)
         d, rows, height, width = planes.d, heads * n, planes.height, planes.width
         coef, a_h, a_w = _coefficients(qf * gamma, d, tables)
-        m = torch.full((b, rows), float("-inf"))
+        m = torch.full((b, rows), float("-inf"), dtype=torch.float32)  # the kernel's types, whatever the default dtype
         s = torch.zeros((b, rows), dtype=torch.float64)
         acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
-        t_y, t_x = torch.zeros((b, rows, height)), torch.zeros((b, rows, width))
+        t_y, t_x = torch.zeros((b, rows, height), dtype=torch.float32), torch.zeros((b, rows, width), dtype=torch.float32)
         for i0, i1, buf in planes:
             pointers = (coef, a_h, a_w, buf, m, s, acc, t_y, t_x)
             if lib.perceivers_grid_attention(b, rows, height, width, d, i0, i1, *(t.data_ptr() for t in pointers)):
@@ -214,7 +214,7 @@ class _GridAttention(torch.autograd.Function):
         vcoef, b_h, b_w = _coefficients(v.reshape(b, heads, n, c), d, tables)
         centre = (v * mean).sum(-1).contiguous()  # v·x̄ per query
         acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
-        t_y, t_x = torch.zeros((b, rows, height)), torch.zeros((b, rows, width))
+        t_y, t_x = torch.zeros((b, rows, height), dtype=torch.float32), torch.zeros((b, rows, width), dtype=torch.float32)
         for i0, i1, buf in planes:
             pointers = (coef, a_h, a_w, vcoef, b_h, b_w, lse, centre, buf, acc, t_y, t_x)
             if lib.perceivers_grid_attention_backward(b, rows, height, width, d, i0, i1,

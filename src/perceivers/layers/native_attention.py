@@ -111,7 +111,8 @@ def _bias(attn_mask: Tensor | None) -> Tensor | None:
     """A boolean key mask ``[B|1, H|1, 1, N]`` as an additive bias ``[B|1, H|1, N]`` (``-inf`` on masked keys)."""
     if attn_mask is None:
         return None
-    return torch.zeros(attn_mask.shape[:2] + attn_mask.shape[3:]).masked_fill_(~attn_mask[:, :, 0], float("-inf"))
+    bias = torch.zeros(attn_mask.shape[:2] + attn_mask.shape[3:], dtype=torch.float32)  # whatever the default dtype
+    return bias.masked_fill_(~attn_mask[:, :, 0], float("-inf"))
 
 
 def _strides(t: Tensor | None, count: int, batch: int, heads: int) -> list[int]:
@@ -166,7 +167,8 @@ class _NativeAttention(torch.autograd.Function):
         q, k, v, dout = _rows(q), _rows(k), _rows(v), _rows(dout.to(q.dtype))
         delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, M]
         needs = ctx.needs_input_grad[:3]
-        grads = [torch.empty(*q.shape[:2], *t.shape[2:]) if need else None for t, need in zip((q, k, v), needs)]
+        grads = [torch.empty(*q.shape[:2], *t.shape[2:], dtype=torch.float32) if need else None
+                 for t, need in zip((q, k, v), needs)]  # float32 whatever the default dtype (bf16-true training)
         dims, strides = _layout(q, k, v, bias, dout)
         pointers = (q, k, v, bias, dout, lse, delta, *grads)
         _check(_entry(q.dtype, "_backward")(dims.data_ptr(), strides.data_ptr(), ctx.scale, *(None if t is None else t.data_ptr() for t in pointers)),

@@ -2,7 +2,8 @@
 
 Where the native kernel is built, float32 heads whose widths are multiples of 16 (up to 256) go to it
 instead (:mod:`.native_attention`, faster on every shape measured); this path serves the other float32
-heads, float32 without a C compiler or under ``torch.compile``, and bfloat16.
+heads, float32 without a C compiler or under ``torch.compile``, and the bfloat16 heads that the native
+bfloat16 kernel does not take (no AVX512-BF16, widths not multiples of 16, ``d_k + d_v ≥ 128`` in training).
 
 PyTorch's fused CPU attention (``F.scaled_dot_product_attention``) computes its blocks' products with
 MKL, which runs AVX2 kernels on AMD processors (see :mod:`perceivers.layers.dense`), and in bfloat16 it
