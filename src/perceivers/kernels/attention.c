@@ -21,14 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "vector.h"
-
-#define QB 32           /* query rows per block: two vectors */
-#define KB 64           /* keys per block */
-#define KT 8            /* keys per micro-tile */
-#define TAU 10.0f       /* a row's reference maximum moves only when a score exceeds it by this */
-#define MAXD 256        /* widest head */
-#define GROUP 2         /* forward: query blocks that go through the keys together */
+#include "attention_common.h"
 
 static inline const float *at(const float *t, const int64_t *s, int64_t b, int64_t h, int64_t row) {
     return t + b * s[0] + h * s[1] + row * s[2];
@@ -162,21 +155,7 @@ static inline void forward_block(Rows *x, int64_t dk, int64_t dv, const float *k
     const int64_t nj = n - j0 < KB ? n - j0 : KB;
     scores(dk, x->qt, k, ldk, j0, n, bias, x->st);
     for (int half = 0; half < 2; ++half) {
-        v16 bm = vload(x->st[0] + 16 * half);
-        for (int64_t j = 1; j < nj; ++j) bm = vmax(bm, vload(x->st[j] + 16 * half));
-        const v16 m = vload(x->m + 16 * half), ninf = vbcast(-INFINITY);
-        const i16 need = (bm > m + vbcast(TAU)) | ((m == ninf) & (bm > ninf));
-        if (any(need)) {  /* rows whose maximum moved: rescale their sum and output */
-            const v16 nm = vsel(need, bm, m);
-            const v16 f = vsel(need, vexp(m - nm), vbcast(1.0f));
-            vstore(x->l + 16 * half, vload(x->l + 16 * half) * f);
-            vstore(x->m + 16 * half, nm);
-            vstore(x->f + 16 * half, f);
-            for (int r = 16 * half; r < 16 * half + 16; ++r)
-                if (x->f[r] != 1.0f)
-                    for (int64_t c = 0; c < dv; ++c) x->o[r * dv + c] *= x->f[r];
-        }
-        const v16 mm = vload(x->m + 16 * half), base = vsel(mm == ninf, vbcast(0.0f), mm);
+        const v16 base = softmax_reference(x->st, nj, half, x->m, x->l, x->f, x->o, dv);
         v16 sum = vbcast(0.0f);
         for (int64_t j = 0; j < nj; ++j) {
             const v16 e = vexp(vload(x->st[j] + 16 * half) - base);  /* masked keys: exp(-inf) = 0 */
@@ -196,8 +175,7 @@ int perceivers_attention(const int64_t *dims, const int64_t *st, float scale, co
     const int64_t *sq = st, *sk = st + 3, *sv = st + 6, *sb = st + 9, *so = st + 11;
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB;
-    int64_t group = GROUP;  /* one block per job where there would be too few jobs for the threads */
-    while (group > 1 && B * H * ((mb + group - 1) / group) < 4 * (int64_t)omp_get_max_threads()) group /= 2;
+    const int64_t group = forward_group(B, H, mb);
     const int64_t per = (mb + group - 1) / group, jobs = B * H * per;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
@@ -286,12 +264,7 @@ int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float 
                     if (ib != loaded) {
                         load_rows(q, sq, b, h, i0, rows, dk, scale, w->qs, w->qt);
                         load_rows(dout, sd, b, h, i0, rows, dv, 1.0f, w->go, w->gt);
-                        for (int r = 0; r < QB; ++r) { w->lse[r] = INFINITY; w->delta[r] = 0.0f; }  /* padding: p = 0 */
-                        for (int64_t r = 0; r < rows; ++r) {
-                            const float x = lse[bh * M + i0 + r];
-                            w->lse[r] = x == -INFINITY ? INFINITY : x;  /* a row with no key: no gradient */
-                            w->delta[r] = delta[bh * M + i0 + r];
-                        }
+                        load_row_stats(lse, delta, bh, M, i0, rows, w->lse, w->delta);
                         loaded = ib;
                     }
                     scores(dk, w->qt, kb, sk[2], j0, N, bb, w->p);

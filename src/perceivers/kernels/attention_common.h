@@ -1,0 +1,63 @@
+/* What the float32 and bfloat16 attention kernels (attention.c, attention_bf16.c) share: the block sizes,
+ * the forward's split of query blocks into jobs, the online softmax's float32 bookkeeping and the
+ * backward's per-row statistics. Both keep a block's scores transposed, st[key][query row]. */
+#ifndef PERCEIVERS_ATTENTION_COMMON_H
+#define PERCEIVERS_ATTENTION_COMMON_H
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+
+#include "vector.h"
+
+#define QB 32           /* query rows per block: two vectors */
+#define KB 64           /* keys per block */
+#define KT 8            /* keys per micro-tile */
+#define TAU 10.0f       /* a row's reference maximum moves only when a score exceeds it by this */
+#define MAXD 256        /* widest head */
+#define GROUP 2         /* forward: query blocks that go through the keys together */
+
+/* Forward: query blocks per job, GROUP or fewer where there would be too few jobs for the threads. */
+static inline int64_t forward_group(int64_t B, int64_t H, int64_t mb) {
+    int64_t group = GROUP;
+    while (group > 1 && B * H * ((mb + group - 1) / group) < 4 * (int64_t)omp_get_max_threads()) group /= 2;
+    return group;
+}
+
+/* Online softmax, one half (16 rows) of a block against its next nj keys' scores st: where a row's
+ * maximum moved past its reference m by more than TAU (or was -inf), its sum l and output rows o (dv wide)
+ * are rescaled and m moves; f receives the factors. Returns what the scores' exponentials are taken
+ * against (m, 0 for a row with no key yet, so masked keys give exp(-inf) = 0). */
+static inline v16 softmax_reference(float st[KB][QB], int64_t nj, int half, float *m, float *l, float *f,
+                                    float *o, int64_t dv) {
+    v16 bm = vload(st[0] + 16 * half);
+    for (int64_t j = 1; j < nj; ++j) bm = vmax(bm, vload(st[j] + 16 * half));
+    const v16 mo = vload(m + 16 * half), ninf = vbcast(-INFINITY);
+    const i16 need = (bm > mo + vbcast(TAU)) | ((mo == ninf) & (bm > ninf));
+    if (any(need)) {  /* rows whose maximum moved: rescale their sum and output */
+        const v16 nm = vsel(need, bm, mo);
+        const v16 fac = vsel(need, vexp(mo - nm), vbcast(1.0f));
+        vstore(l + 16 * half, vload(l + 16 * half) * fac);
+        vstore(m + 16 * half, nm);
+        vstore(f + 16 * half, fac);
+        for (int r = 16 * half; r < 16 * half + 16; ++r)
+            if (f[r] != 1.0f)
+                for (int64_t c = 0; c < dv; ++c) o[r * dv + c] *= f[r];
+    }
+    const v16 mm = vload(m + 16 * half);
+    return vsel(mm == ninf, vbcast(0.0f), mm);
+}
+
+/* Backward: a query block's log-sum-exp and delta rows (rows i0.. of head bh, `rows` of them) into
+ * out_lse / out_delta [QB]; padding rows and rows with no key get +inf, so their probabilities are 0. */
+static inline void load_row_stats(const float *lse, const float *delta, int64_t bh, int64_t M, int64_t i0,
+                                  int64_t rows, float *out_lse, float *out_delta) {
+    for (int r = 0; r < QB; ++r) { out_lse[r] = INFINITY; out_delta[r] = 0.0f; }
+    for (int64_t r = 0; r < rows; ++r) {
+        const float x = lse[bh * M + i0 + r];
+        out_lse[r] = x == -INFINITY ? INFINITY : x;
+        out_delta[r] = delta[bh * M + i0 + r];
+    }
+}
+
+#endif
