@@ -488,6 +488,33 @@ def study_native_attention(args) -> dict:
     return out
 
 
+def study_bf16_attention(args) -> dict:
+    """bf16 autocast: attention on the native bf16 kernel (AVX512-BF16 dot products; in training heads with
+    d_k + d_v < 128) instead of the blocked bf16 products: the reduced language model (32-wide heads) and
+    the DeepMind-layout PerceiverIO over 2048 inputs."""
+    import workloads
+
+    found = []
+    with_native(True, lambda: found.append(native_attention.available_bf16()))()  # the kernels are off between runs
+    if not found[0]:
+        print("  bf16_attention: this processor has no AVX512-BF16 (or no compiler): nothing to compare")
+        return {}
+    out = {}
+    for name in ("language-reduced", "io-dm-2048x128"):
+        work = next(w for w in workloads.all_workloads() if w.name == name)
+        built = work.build("perceivers", torch.device("cpu"))
+        inputs = work.inputs(work.batch, torch.device("cpu"))
+
+        def call(built=built, inputs=inputs):
+            return built.run(built.model, inputs)
+
+        for mode, fn in (("inference", forward(built.model, call)), ("training step", train_step(built.model, call))):
+            out[f"{name} (batch {work.batch}) {mode}"] = timed(
+                {"before": with_native(True, bf16(fn)), "after": with_native(True, bf16(fn), own=("attention",))},
+                args.repeats)
+    return out
+
+
 def study_native_geglu(args) -> dict:
     """GEGLU on the native kernel (one pass forward, one backward) instead of PyTorch's GELU, products and
     concatenation, in training steps (inference applies it in the products' epilogues): the README model and
@@ -513,7 +540,8 @@ def study_native_geglu(args) -> dict:
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
-           "native_attention": study_native_attention, "native_geglu": study_native_geglu}
+           "native_attention": study_native_attention, "native_geglu": study_native_geglu,
+           "bf16_attention": study_bf16_attention}
 
 
 def markdown(results: dict) -> str:
