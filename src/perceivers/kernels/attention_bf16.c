@@ -157,23 +157,9 @@ static inline __attribute__((always_inline)) void cols_times(int64_t d, const bf
     }
 }
 
-/* Rows i0.. of t (`rows` of them, zero past that) paired along channels, [d/2][QB][2], and/or along rows,
- * [QB/2][d][2] (either may be NULL). */
-static void load_rows(const bf16 *t, const int64_t *s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t d,
-                      bf16 *by_channel, bf16 *by_row) {
-    if (by_channel) memset(by_channel, 0, sizeof(bf16) * QB * d);
-    if (by_row) memset(by_row, 0, sizeof(bf16) * QB * d);
-    for (int64_t r = 0; r < rows; ++r) {
-        const bf16 *src = at(t, s, b, h, i0 + r);
-        if (by_channel)
-            for (int64_t c = 0; c < d; c += 2) memcpy(by_channel + (c * QB + 2 * r), src + c, 4);
-        if (by_row)
-            for (int64_t c = 0; c < d; ++c) by_row[(r / 2 * d + c) * 2 + r % 2] = src[c];
-    }
-}
-
-/* Key rows j0.. of x (`nj` of them, stride ld) paired along rows, [KB/2][d][2], zero past nj. */
-static void pair_keys(const bf16 *x, int64_t ld, int64_t j0, int64_t nj, int64_t d, bf16 *out) {
+/* Rows j0.. of x (`nj` of them, stride ld) paired along rows, [nj/2][d][2] (a key block's keys or
+ * values, a query block's rows), the odd last row's partner zero. */
+static void pair_rows(const bf16 *x, int64_t ld, int64_t j0, int64_t nj, int64_t d, bf16 *out) {
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
@@ -187,6 +173,24 @@ static void pair_keys(const bf16 *x, int64_t ld, int64_t j0, int64_t nj, int64_t
             _mm512_storeu_si512(o + 2 * c, _mm512_permutex2var_epi16(a, lo, bb));
             if (d - c >= 32) _mm512_storeu_si512(o + 2 * c + 32, _mm512_permutex2var_epi16(a, hi, bb));
         }
+    }
+}
+
+/* Rows i0.. of t (`rows` of them, zero past that) paired along channels, [d/2][QB][2], and/or along rows,
+ * [QB/2][d][2] (either may be NULL). */
+static void load_rows(const bf16 *t, const int64_t *s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t d,
+                      bf16 *by_channel, bf16 *by_row) {
+    if (by_channel) {
+        memset(by_channel, 0, sizeof(bf16) * QB * d);
+        for (int64_t r = 0; r < rows; ++r) {
+            const bf16 *src = at(t, s, b, h, i0 + r);
+            for (int64_t c = 0; c < d; c += 2) memcpy(by_channel + (c * QB + 2 * r), src + c, 4);
+        }
+    }
+    if (by_row) {
+        const int64_t pairs_used = (rows + 1) / 2;
+        pair_rows(at(t, s, b, h, 0), s[2], i0, rows, d, by_row);
+        memset(by_row + pairs_used * 2 * d, 0, sizeof(bf16) * (QB / 2 - pairs_used) * 2 * d);
     }
 }
 
@@ -251,7 +255,7 @@ int perceivers_attention_bf16(const int64_t *dims, const int64_t *st, float scal
                 for (int r = 0; r < QB; ++r) { x->m[r] = -INFINITY; x->l[r] = 0.0f; }
             }
             for (int64_t j0 = 0; j0 < N; j0 += KB) {
-                pair_keys(vb, sv[2], j0, N - j0 < KB ? N - j0 : KB, dv, vp);
+                pair_rows(vb, sv[2], j0, N - j0 < KB ? N - j0 : KB, dv, vp);
                 for (int64_t g = 0; g < blocks; ++g) forward_block(w + g, dk, dv, kb, sk[2], vp, j0, N, bb, scale);
             }
             for (int64_t g = 0; g < blocks; ++g) {
@@ -327,7 +331,7 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
                         load_row_stats(lse, delta, bh, M, i0, rows, w->lse, w->delta);
                         loaded = ib;
                     }
-                    if (dqb && j0 != paired) { pair_keys(kb, sk[2], j0, nj, dk, w->kp); paired = j0; }
+                    if (dqb && j0 != paired) { pair_rows(kb, sk[2], j0, nj, dk, w->kp); paired = j0; }
                     scores(dk, w->qc, kb, sk[2], j0, N, bb, scale, w->p);
                     scores(dv, w->gc, vb, sv[2], j0, N, NULL, 1.0f, w->ds);
                     for (int64_t j = 0; j < nj; j += 2)
