@@ -262,6 +262,28 @@ def test_bfloat16_values_and_gradients(b, h, m, n, d, e, mask_kind):
 
 
 @bf16
+def test_bfloat16_second_order_gradients():
+    """``create_graph=True`` on bfloat16 heads with a key mask: the gradients of the gradients, in bfloat16,
+    as those of the same attention written out in bfloat16 (to bfloat16's rounding)."""
+    g = torch.Generator().manual_seed(7)
+    leaves = [torch.randn(1, 2, 20, 16, generator=g).bfloat16().requires_grad_() for _ in range(3)]
+    mask = torch.rand(1, 1, 1, 20, generator=g) > 0.3
+    mask[..., 0] = True
+    bias = torch.zeros(mask.shape, dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
+
+    def penalty(attend):
+        grads = torch.autograd.grad(attend(*leaves).float().square().sum(), leaves, create_graph=True)
+        assert all(t.dtype == torch.bfloat16 for t in grads)
+        return torch.autograd.grad(sum(t.float().square().sum() for t in grads), leaves)
+
+    got = penalty(lambda *t: na.attend(*t, mask))
+    ref = penalty(lambda a, b, c: torch.softmax(a @ b.transpose(-1, -2) * 16**-0.5 + bias, -1) @ c)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
+@bf16
 def test_bfloat16_autocast_layer_goes_through_it():
     """A latent self-attention under CPU autocast: its heads reach the bfloat16 kernel, and its values and
     gradients stay as close to float64 as the bfloat16 products' path (the kernel off)."""

@@ -162,7 +162,8 @@ class _NativeAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, bias, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
-            grads = _math_gradients(q, k, v, None if bias is None else bias[..., None, :], ctx.scale, dout)
+            bias = None if bias is None else bias[..., None, :].to(q.dtype)  # bfloat16 scores stay bfloat16
+            grads = _math_gradients(q, k, v, bias, ctx.scale, dout)
             return (*grads, None, None)
         q, k, v, dout = _rows(q), _rows(k), _rows(v), _rows(dout.to(q.dtype))
         delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, M]
