@@ -64,7 +64,7 @@ def test_matches_plain_attention(d, height, width, rows, offset, affine):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
-def test_buffers_do_not_follow_the_default_dtype():
+def test_buffers_do_not_follow_the_default_dtype(default_dtype):
     """The kernel's float32 buffers stay float32 under another default dtype (bf16-true training sets one)."""
     attn, norm, x, grid, _ = _problem(3, 12, 20)
     x.requires_grad_(True)
@@ -76,12 +76,8 @@ def test_buffers_do_not_follow_the_default_dtype():
         return out.detach(), x.grad.clone()
 
     want = run()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         got = run()
-    finally:
-        torch.set_default_dtype(previous)
     for a, b in zip(got, want):
         assert a.dtype == torch.float32 and torch.equal(a, b)
 

@@ -311,7 +311,7 @@ def test_bfloat16_autocast_layer_goes_through_it():
 
 @pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_buffers_do_not_follow_the_default_dtype(default, dtype):
+def test_buffers_do_not_follow_the_default_dtype(default, dtype, default_dtype):
     """Lightning's bf16-true training sets the default dtype to bfloat16: the key bias and the gradients'
     buffers the kernels write must stay float32 (read as bfloat16 they were garbage, and half-sized)."""
     if dtype == torch.bfloat16 and not na.available_bf16():
@@ -328,12 +328,8 @@ def test_buffers_do_not_follow_the_default_dtype(default, dtype):
         return out, *(t.grad for t in leaves)
 
     want = run()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(default)
-    try:
+    with default_dtype(default):
         got = run()
-    finally:
-        torch.set_default_dtype(previous)
     for a, b in zip(got, want):
         assert a.dtype == dtype and torch.equal(a, b)
 

@@ -87,8 +87,8 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         and q.shape[-1] == k.shape[-1]
         and all(t.shape[-1] % 16 == 0 and t.shape[-1] <= _MAX_WIDTH for t in (q, v))
         and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
-        and (not torch.is_autocast_enabled("cpu") if not bf16
-             else q.shape[-1] + v.shape[-1] < _BF16_TRAINING_WIDTH or not _records_graph(q, k, v))
+        and (q.shape[-1] + v.shape[-1] < _BF16_TRAINING_WIDTH or not _records_graph(q, k, v) if bf16
+             else not torch.is_autocast_enabled("cpu"))
         and _native_eager(q, k, v, dtype=torch.bfloat16 if bf16 else torch.float32)  # fake tensors, FLOP counters and profilers see SDPA
         and (available_bf16() if bf16 else available())
     )
