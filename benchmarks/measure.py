@@ -265,6 +265,38 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# AMD families/models → core generation (x86 family 0x19 is Zen 3 and Zen 4, 0x1a Zen 5). The generation
+# sets the float32 peak per core and cycle: Zen 4 runs a 512-bit FMA as two 256-bit halves (32 FLOP/cycle),
+# Zen 5 has full-width 512-bit FMA units (64 FLOP/cycle), so the same "AMD EPYC" can differ twofold.
+_AMD_CORES = ((25, range(0x10), "Zen 3"), (25, range(0x20, 0x60), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"),
+              (25, range(0x60, 0xB0), "Zen 4"), (26, range(0x100), "Zen 5"))
+
+
+def _cpu_id() -> dict:
+    """The CPU's vendor, family, model and stepping from /proc/cpuinfo, its AMD core generation where known,
+    and whether it has AVX-512, AVX512-BF16 and AMX (which set the kernels and products a run can use)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return {}
+    ident: dict = {"vendor": fields.get("vendor_id")}
+    for key in ("cpu family", "model", "stepping"):
+        if fields.get(key, "").isdigit():
+            ident[key.replace("cpu ", "")] = int(fields[key])
+    if ident["vendor"] == "AuthenticAMD":
+        ident["core"] = next((name for fam, models, name in _AMD_CORES
+                              if ident.get("family") == fam and ident.get("model") in models), None)
+    flags = set(fields.get("flags", "").split())
+    ident["isa"] = [name for name in ("avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    return ident
+
+
 def _mem_total_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -286,6 +318,7 @@ def _loadavg() -> list[float] | None:
 def machine_description(device: torch.device) -> dict:
     desc = {
         "cpu": _cpu_model(),
+        "cpu_id": _cpu_id(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(_mem_total_gib() or 0.0, 1),

@@ -80,7 +80,10 @@ def markdown(results: dict) -> str:
     m = results.get("machine", {})
     rates = results.get("rates", {})
     lines = ["# perceivers benchmark results", ""]
-    lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores ({m.get('torch_threads', '?')} torch "
+    ident = m.get("cpu_id") or {}
+    cpu = m.get("cpu", "?") + (f" ({ident['core']}, family {ident.get('family')} model {ident.get('model')})"
+                               if ident.get("core") else "")
+    lines.append(f"Machine: {cpu}, {m.get('cpu_count', '?')} cores ({m.get('torch_threads', '?')} torch "
                  f"threads), {m.get('memory_gib', '?')} GiB" + (f"; GPU {m['gpu']} ({m.get('gpu_memory_gib')} GiB, "
                                                                 f"CUDA {m.get('cuda')})" if m.get("gpu") else "")
                  + f"; Python {m.get('python')}, torch {m.get('torch')}; perceivers {m.get('perceivers_commit')}.")
