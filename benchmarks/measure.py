@@ -22,6 +22,7 @@ __all__ = [
     "PeakMemory",
     "alternate",
     "count_flops",
+    "cpu_id",
     "machine_description",
     "matmul_rate",
     "synchronize",
@@ -272,12 +273,12 @@ _AMD_CORES = ((25, range(0x10), "Zen 3"), (25, range(0x20, 0x60), "Zen 3"), (25,
               (25, range(0x60, 0xB0), "Zen 4"), (26, range(0x100), "Zen 5"))
 
 
-def _cpu_id() -> dict:
-    """The CPU's vendor, family, model and stepping from /proc/cpuinfo, its AMD core generation where known,
+def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU's vendor, family, model and stepping from ``cpuinfo``, its AMD core generation where known,
     and whether it has AVX-512, AVX512-BF16 and AMX (which set the kernels and products a run can use)."""
     fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if not line.strip():
                     break  # the first processor is enough
@@ -318,7 +319,7 @@ def _loadavg() -> list[float] | None:
 def machine_description(device: torch.device) -> dict:
     desc = {
         "cpu": _cpu_model(),
-        "cpu_id": _cpu_id(),
+        "cpu_id": cpu_id(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(_mem_total_gib() or 0.0, 1),

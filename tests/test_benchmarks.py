@@ -54,6 +54,29 @@ def test_gpu_data_sheet_peaks_feed_the_utilisation_table():
     assert "peak 989" not in text  # the data sheet's figure is not listed as a measured rate
 
 
+def test_the_machine_names_the_core_generation(tmp_path):
+    """The results tell a Zen 4 host (32 fp32 FLOP per cycle and core) from a Zen 5 one (64), which both
+    call themselves "AMD EPYC"."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import measure
+    import report
+
+    def ident(family: int, model: int, flags: str) -> dict:
+        path = tmp_path / f"cpuinfo-{family}-{model}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+                        f"model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu {flags}\n\nprocessor\t: 1\n")
+        return measure.cpu_id(str(path))
+
+    genoa = ident(25, 17, "avx2 avx512f avx512_bf16")
+    assert genoa == {"vendor": "AuthenticAMD", "family": 25, "model": 17, "stepping": 1, "core": "Zen 4",
+                     "isa": ["avx512f", "avx512_bf16"]}
+    assert ident(26, 2, "avx512f avx512_bf16")["core"] == "Zen 5"
+    assert ident(25, 1, "avx2")["core"] == "Zen 3" and ident(25, 1, "avx2")["isa"] == []
+    assert measure.cpu_id(str(tmp_path / "missing")) == {}
+    line = report.markdown({"machine": {"cpu": "AMD EPYC", "cpu_count": 2, "cpu_id": genoa}}).splitlines()[2]
+    assert line.startswith("Machine: AMD EPYC (Zen 4, family 25 model 17), 2 cores")
+
+
 def test_fast_cases_get_more_rounds_up_to_the_cap():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import measure
