@@ -255,15 +255,23 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     return max(matmul_rates(device, dtype, n, seconds).values())
 
 
-def _cpu_model() -> str:
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of ``path`` (``{}`` where it cannot be read)."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return fields
+
+
+def _cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or "unknown CPU"
 
 
 # AMD families/models → core generation (x86 family 0x19 is Zen 3 and Zen 4, 0x1a Zen 5). The generation
@@ -276,15 +284,8 @@ _AMD_CORES = ((25, range(0x10), "Zen 3"), (25, range(0x20, 0x60), "Zen 3"), (25,
 def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> dict:
     """The CPU's vendor, family, model and stepping from ``cpuinfo``, its AMD core generation where known,
     and whether it has AVX-512, AVX512-BF16 and AMX (which set the kernels and products a run can use)."""
-    fields: dict[str, str] = {}
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
+    fields = _cpuinfo(cpuinfo)
+    if not fields:
         return {}
     ident: dict = {"vendor": fields.get("vendor_id")}
     for key in ("cpu family", "model", "stepping"):
