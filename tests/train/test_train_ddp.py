@@ -4,13 +4,11 @@ process with the same global batch, and the replicas end identical."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from train_configs import replica_config, write_config
+from train_torchrun import failure, fresh, run_standalone
 
 from perceivers import cli
 
@@ -26,11 +24,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path):
     assert cli.main(["fit", "--config", write_config(tmp_path / "single.yaml", _config(single))]) == 0
 
     ddp = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "perceivers.cli", "fit", "--config", write_config(tmp_path / "ddp.yaml", _config(ddp))]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert out.returncode == 0, out.stderr[-4000:]
+    out = run_standalone(["fit", "--config", write_config(tmp_path / "ddp.yaml", _config(ddp))], timeout=240,
+                         prepare=fresh(ddp))
+    assert out.returncode == 0, failure(out)
 
     report = json.loads((ddp / "replica_check.json").read_text())
     assert report["world_size"] == 2 and report["global_step"] == STEPS
@@ -43,3 +39,19 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path):
         # float sums in another order only; a different batch split would move weights by ~2 * lr = 2e-3
         torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-4, atol=2e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_process_killed_by_a_signal_is_reported_with_its_stack(tmp_path: Path):
+    """What the torchrun tests show when a process dies by a signal: the signal and that process's Python stack
+    (the fault handler), not only its peer's lost connection."""
+    import subprocess
+
+    from train_torchrun import TORCHRUN, env, killed_by_signal
+
+    script = tmp_path / "abort.py"
+    script.write_text("import os\n\n\ndef crash():\n    os.abort()\n\n\ncrash()\n")
+    out = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "1", str(script)], env=env(),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode != 0 and killed_by_signal(out) == 6
+    report = failure(out)
+    assert "Fatal Python error: Aborted" in report and f'File "{script}", line 5 in crash' in report, report

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from train_configs import TINY_PERCEIVER, tiny_config, write_config
-from train_torchrun import load, max_optimizer_diff, max_weight_diff, run_standalone
+from train_torchrun import failure, fresh, load, max_optimizer_diff, max_weight_diff, run_standalone
 
 from perceivers import cli
 
@@ -39,8 +39,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("fsdp")
     assert cli.main(["fit", "--config", write_config(tmp / "single.yaml", _config(tmp / "single"))]) == 0
     out = run_standalone(["fit", "--config", write_config(tmp / "fsdp.yaml", _config(tmp / "fsdp")),
-                          "--trainer.strategy", "fsdp"])
-    assert out.returncode == 0, out.stderr[-4000:]
+                          "--trainer.strategy", "fsdp"], prepare=fresh(tmp / "fsdp"))
+    assert out.returncode == 0, failure(out)
     (tmp / "fsdp.log").write_text(out.stdout + out.stderr)
     return {"tmp": tmp, "single": tmp / "single", "fsdp": tmp / "fsdp", "fsdp_config": tmp / "fsdp.yaml"}
 
@@ -69,11 +69,15 @@ def test_fsdp_resume_from_a_mid_run_checkpoint(runs, tmp_path):
     """`--resume true` under FSDP from the step-3 checkpoint (mid-epoch) ends with the uninterrupted run's weights
     and optimizer state (the sharded optimizer state is restored, not restarted)."""
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(runs["fsdp"] / "checkpoints" / "step=3.ckpt", resumed / "checkpoints" / "last.ckpt")
+
+    def prepare() -> None:
+        fresh(resumed)()
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copy(runs["fsdp"] / "checkpoints" / "step=3.ckpt", resumed / "checkpoints" / "last.ckpt")
+
     out = run_standalone(["fit", "--config", write_config(tmp_path / "resume.yaml", _config(resumed)),
-                          "--trainer.strategy", "fsdp", "--resume", "true"])
-    assert out.returncode == 0, out.stderr[-4000:]
+                          "--trainer.strategy", "fsdp", "--resume", "true"], prepare=prepare)
+    assert out.returncode == 0, failure(out)
     assert "--resume: continuing from" in out.stdout + out.stderr
 
     final, expected = load(resumed / "checkpoints" / "last.ckpt"), load(runs["fsdp"] / "checkpoints" / "last.ckpt")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from train_configs import replica_config, write_config
-from train_torchrun import free_port, load, max_weight_diff, run_nodes, run_standalone
+from train_torchrun import failure, free_port, fresh, load, max_weight_diff, run_nodes, run_standalone
 
 STEPS = 6
 
@@ -22,8 +22,9 @@ def _config(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def standalone(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("standalone")
-    out = run_standalone(["fit", "--config", write_config(tmp / "c.yaml", _config(tmp / "run"))])
-    assert out.returncode == 0, out.stderr[-4000:]
+    out = run_standalone(["fit", "--config", write_config(tmp / "c.yaml", _config(tmp / "run"))],
+                         prepare=fresh(tmp / "run"))
+    assert out.returncode == 0, failure(out)
     return tmp / "run"
 
 

@@ -14,7 +14,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback
 from train_configs import tiny_config, write_config
-from train_torchrun import free_port, load, run_standalone
+from train_torchrun import failure, free_port, fresh, load, run_standalone
 
 from perceivers import Perceiver, PerceiverLM, cli
 from perceivers.train import (
@@ -150,8 +150,9 @@ def test_bf16_true_under_fsdp_one_process(tmp_path, monkeypatch):
 def test_bf16_true_fsdp_two_processes(tmp_path):
     """torchrun, 2 processes, FSDP with bfloat16 shards: trains, replicas identical, a bf16 full checkpoint."""
     out = run_standalone(["fit", "--config", write_config(tmp_path / "c.yaml", _digits(tmp_path / "run")),
-                          "--trainer.strategy", "fsdp", "--trainer.precision", "bf16-true"])
-    assert out.returncode == 0, out.stderr[-4000:]
+                          "--trainer.strategy", "fsdp", "--trainer.precision", "bf16-true"],
+                         prepare=fresh(tmp_path / "run"))
+    assert out.returncode == 0, failure(out)
     report = json.loads((tmp_path / "run" / "replica_check.json").read_text())
     assert report["sharded"] and report["max_abs_diff"] == 0.0
     saved = load(tmp_path / "run" / "checkpoints" / "last.ckpt")

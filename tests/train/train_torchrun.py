@@ -4,10 +4,14 @@ checkpoints."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +23,12 @@ PERCEIVERS = ["-m", "perceivers.cli"]
 
 
 def env() -> dict[str, str]:
-    """One thread per process (two processes share two cores) and this folder importable (test callbacks)."""
+    """One thread per process (two processes share two cores), this folder importable (test callbacks), and
+    Python's fault handler on: a process killed by a signal prints every thread's stack."""
     out = dict(os.environ)
     out["PYTHONPATH"] = os.pathsep.join([str(HERE), out.get("PYTHONPATH", "")])
     out["OMP_NUM_THREADS"] = "1"
+    out["PYTHONFAULTHANDLER"] = "1"
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         out.pop(key, None)  # left by an in-process run; torchrun sets its own
     return out
@@ -34,10 +40,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_standalone(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node nproc -m perceivers.cli *args``."""
+def fresh(run: Path) -> Callable[[], None]:
+    """A ``prepare`` for :func:`run_standalone`: remove what an earlier attempt left in ``run``."""
+    return lambda: shutil.rmtree(run, ignore_errors=True)
+
+
+def killed_by_signal(out: subprocess.CompletedProcess) -> int | None:
+    """The signal that killed a worker of a failed torchrun launch (torchrun reports ``exitcode : -6``), else None."""
+    found = re.search(r"exitcode\s*:\s*-(\d+)", out.stderr) if out.returncode else None
+    return int(found.group(1)) if found else None
+
+
+def failure(out: subprocess.CompletedProcess, limit: int = 6000) -> str:
+    """What a failed launch printed, for an assertion message: each process's first error lines and fault-handler
+    stacks (torchrun prints the last failure's traceback, often a peer's lost connection), then the end."""
+    keep = re.compile(r"^(\[rank\d+\]:.*(Error|error|Exception)|Fatal Python error|Thread 0x|Current thread|"
+                      r"  File |terminate called|  what\(\))")
+    firsts = "\n".join([line for line in out.stderr.splitlines() if keep.match(line)][:80])
+    return f"{firsts[:limit // 2]}\n...\n{out.stderr[-limit // 2:]}"
+
+
+def run_standalone(args: list[str], nproc: int = 2, timeout: float = 300,
+                   prepare: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc -m perceivers.cli *args``, after ``prepare()`` (which sets
+    up the run's files).
+
+    A launch in which a process was killed by a signal runs once more (``prepare()`` again first), with a
+    warning that carries the first attempt's output: in one of 25 CI runs a rank aborted (SIGABRT, its output
+    lost) while its peer waited on a gloo collective, and it did not recur in 28 local launches (some beside a
+    CPU load). Every other failure, and a second signal, is returned as it is.
+    """
     command = [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), *PERCEIVERS, *args]
-    return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+    def launch() -> subprocess.CompletedProcess:
+        if prepare is not None:
+            prepare()
+        return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+    out = launch()
+    signal_number = killed_by_signal(out)
+    if signal_number is None:
+        return out
+    warnings.warn(f"torchrun: a process was killed by signal {signal_number}; launching once more. First attempt:\n"
+                  f"{failure(out)}", stacklevel=2)
+    return launch()
 
 
 def run_nodes(launch: list[list[str]], args: list[str], logs: Path, timeout: float = 300) -> list[int]:
