@@ -275,12 +275,39 @@ int perceivers_attention_bf16(const int64_t *dims, const int64_t *st, float scal
     return failed ? 2 : 0;
 }
 
+/* One block of query rows as the backward reads them (paired copies of its queries and output gradient). */
+typedef struct {
+    bf16 *qc, *qr, *gc, *gr;  /* queries paired along channels and along rows; the gradient likewise */
+    float *lse, *delta;       /* the rows' statistics [QB] */
+} Block;
+
+/* Bytes of one Block's arrays for widths dk, dv (each array a multiple of 64 bytes). */
+static inline int64_t block_bytes(int64_t dk, int64_t dv) {
+    return (int64_t)sizeof(bf16) * QB * 2 * (dk + dv) + (int64_t)sizeof(float) * QB * 2;
+}
+
+/* Lay a Block's arrays out from mem (64-byte aligned, block_bytes long). */
+static inline Block block_at(char *mem, int64_t dk, int64_t dv) {
+    Block x;
+    x.qc = (bf16 *)mem; x.qr = x.qc + QB * dk; x.gc = x.qr + QB * dk; x.gr = x.gc + QB * dv;
+    x.lse = (float *)(x.gr + QB * dv); x.delta = x.lse + QB;
+    return x;
+}
+
+/* Load query block i0 (`rows` rows) of head (b, h) into x (the row-paired copies only where needed). */
+static void load_block(const Block *x, const bf16 *q, const int64_t *sq, const bf16 *dout, const int64_t *sd,
+                       const float *lse, const float *delta, int64_t b, int64_t h, int64_t bh, int64_t M, int64_t i0,
+                       int64_t rows, int64_t dk, int64_t dv, int by_row_q, int by_row_g) {
+    load_rows(q, sq, b, h, i0, rows, dk, x->qc, by_row_q ? x->qr : NULL);
+    load_rows(dout, sd, b, h, i0, rows, dv, x->gc, by_row_g ? x->gr : NULL);
+    load_row_stats(lse, delta, bh, M, i0, rows, x->lse, x->delta);
+}
+
+/* Query blocks one thread keeps loaded when the keys go outside (larger calls reload them per key block). */
+#define CACHED_BYTES (8 << 20)
+
 /* The backward's buffers for one block of query rows. */
 typedef struct {
-    bf16 qc[MAXD * QB] __attribute__((aligned(64)));   /* queries paired along channels */
-    bf16 qr[QB * MAXD] __attribute__((aligned(64)));   /* queries paired along rows */
-    bf16 gc[MAXD * QB] __attribute__((aligned(64)));   /* output gradient paired along channels */
-    bf16 gr[QB * MAXD] __attribute__((aligned(64)));   /* the same, paired along rows */
     bf16 kp[KB * MAXD] __attribute__((aligned(64)));   /* the key block paired along keys */
     float g[QB * MAXD] __attribute__((aligned(64)));   /* query gradient being accumulated */
     float p[KB][QB] __attribute__((aligned(64)));      /* probabilities of one key block */
@@ -288,7 +315,6 @@ typedef struct {
     bf16 pk[KB * QB] __attribute__((aligned(64)));     /* probabilities, [KB][QB] */
     bf16 dk[KB * QB] __attribute__((aligned(64)));     /* score gradients, [KB][QB] */
     bf16 dp[KB * QB] __attribute__((aligned(64)));     /* score gradients, [KB/2][QB][2] */
-    float lse[QB] __attribute__((aligned(64))), delta[QB] __attribute__((aligned(64)));
 } Grads;
 
 /* dims: B, H, M, N, dk, dv. strides: q[3], k[3], v[3], bias[2], dout[3]. lse, delta [B, H, M]
@@ -302,14 +328,18 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
     const int64_t *sq = st, *sk = st + 3, *sv = st + 6, *sb = st + 9, *sd = st + 11;
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB, nb = (N + KB - 1) / KB;
+    const int keys_outside = N > M;
+    /* keys outside: every key block meets every query block, so keep the head's query blocks loaded */
+    const int64_t slots = keys_outside && mb * block_bytes(dk, dv) <= CACHED_BYTES ? mb : 1;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         Grads *w = aligned_alloc(64, sizeof(Grads));
-        if (!w) failed = 1;
+        char *blocks = aligned_alloc(64, slots * block_bytes(dk, dv));
+        if (!w || !blocks) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * H; ++bh) {
-            if (!w) continue;
+            if (!w || !blocks) continue;
             const int64_t b = bh / H, h = bh % H;
             const bf16 *kb = at(k, sk, b, h, 0), *vb = at(v, sv, b, h, 0);
             const float *bb = bias ? bias + b * sb[0] + h * sb[1] : NULL;
@@ -318,25 +348,29 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
             if (dkb) memset(dkb, 0, sizeof(float) * N * dk);
             if (dvb) memset(dvb, 0, sizeof(float) * N * dv);
             if (dqb) memset(dqb, 0, sizeof(float) * M * dk);
-            const int keys_outside = N > M;
             const int64_t outer = keys_outside ? nb : mb, inner = keys_outside ? mb : nb;
             int64_t loaded = -1, paired = -1;
+            if (slots > 1)
+                for (int64_t ib = 0; ib < mb; ++ib) {
+                    const Block x = block_at(blocks + ib * block_bytes(dk, dv), dk, dv);
+                    const int64_t i0 = ib * QB, rows = M - i0 < QB ? M - i0 : QB;
+                    load_block(&x, q, sq, dout, sd, lse, delta, b, h, bh, M, i0, rows, dk, dv, dkb != NULL, dvb != NULL);
+                }
             for (int64_t a = 0; a < outer; ++a) {
                 for (int64_t c = 0; c < inner; ++c) {
                     const int64_t ib = keys_outside ? c : a, j0 = (keys_outside ? a : c) * KB;
                     const int64_t i0 = ib * QB, rows = M - i0 < QB ? M - i0 : QB, nj = N - j0 < KB ? N - j0 : KB;
-                    if (ib != loaded) {
-                        load_rows(q, sq, b, h, i0, rows, dk, w->qc, dkb ? w->qr : NULL);
-                        load_rows(dout, sd, b, h, i0, rows, dv, w->gc, dvb ? w->gr : NULL);
-                        load_row_stats(lse, delta, bh, M, i0, rows, w->lse, w->delta);
+                    const Block x = block_at(blocks + (slots > 1 ? ib : 0) * block_bytes(dk, dv), dk, dv);
+                    if (slots == 1 && ib != loaded) {
+                        load_block(&x, q, sq, dout, sd, lse, delta, b, h, bh, M, i0, rows, dk, dv, dkb != NULL, dvb != NULL);
                         loaded = ib;
                     }
                     if (dqb && j0 != paired) { pair_rows(kb, sk[2], j0, nj, dk, w->kp); paired = j0; }
-                    scores(dk, w->qc, kb, sk[2], j0, N, bb, scale, w->p);
-                    scores(dv, w->gc, vb, sv[2], j0, N, NULL, 1.0f, w->ds);
+                    scores(dk, x.qc, kb, sk[2], j0, N, bb, scale, w->p);
+                    scores(dv, x.gc, vb, sv[2], j0, N, NULL, 1.0f, w->ds);
                     for (int64_t j = 0; j < nj; j += 2)
                         for (int half = 0; half < 2; ++half) {
-                            const v16 l = vload(w->lse + 16 * half), dl = vload(w->delta + 16 * half);
+                            const v16 l = vload(x.lse + 16 * half), dl = vload(x.delta + 16 * half);
                             const v16 p0 = vexp(vload(w->p[j] + 16 * half) - l);
                             const v16 g0 = p0 * (vload(w->ds[j] + 16 * half) - dl);
                             const v16 p1 = j + 1 < nj ? vexp(vload(w->p[j + 1] + 16 * half) - l) : vbcast(0.0f);
@@ -347,8 +381,8 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
                             store_bf16(w->dk + (j + 1) * QB + 16 * half, g1);
                             store_pairs(w->dp + (j / 2 * QB + 16 * half) * 2, g0, g1);
                         }
-                    if (dvb) cols_times(dv, w->pk, nj, w->gr, dvb + j0 * dv);   /* dV += P^T dO */
-                    if (dkb) cols_times(dk, w->dk, nj, w->qr, dkb + j0 * dk);   /* dK += dS^T Q (scale later) */
+                    if (dvb) cols_times(dv, w->pk, nj, x.gr, dvb + j0 * dv);   /* dV += P^T dO */
+                    if (dkb) cols_times(dk, w->dk, nj, x.qr, dkb + j0 * dk);   /* dK += dS^T Q (scale later) */
                     if (dqb) {                                                   /* dQ += dS K */
                         memset(w->g, 0, sizeof(float) * QB * dk);
                         memcpy(w->g, dqb + i0 * dk, sizeof(float) * rows * dk);
@@ -363,6 +397,7 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
                 for (int64_t i = 0; i < N * dk; ++i) dkb[i] *= scale;
         }
         free(w);
+        free(blocks);
     }
     return failed ? 2 : 0;
 }
