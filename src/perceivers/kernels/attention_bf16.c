@@ -383,7 +383,9 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
                         }
                     if (dvb) cols_times(dv, w->pk, nj, x.gr, dvb + j0 * dv);   /* dV += P^T dO */
                     if (dkb) cols_times(dk, w->dk, nj, x.qr, dkb + j0 * dk);   /* dK += dS^T Q (scale later) */
-                    if (dqb) {                                                   /* dQ += dS K */
+                    if (dqb && rows == QB) {                                     /* dQ += dS K */
+                        rows_times(dk, w->dp, (nj + 1) / 2, w->kp, dqb + i0 * dk);
+                    } else if (dqb) {                                            /* a partial block: via a copy */
                         memset(w->g, 0, sizeof(float) * QB * dk);
                         memcpy(w->g, dqb + i0 * dk, sizeof(float) * rows * dk);
                         rows_times(dk, w->dp, (nj + 1) / 2, w->kp, w->g);
