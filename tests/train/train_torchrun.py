@@ -46,8 +46,9 @@ def fresh(run: Path) -> Callable[[], None]:
 
 
 def killed_by_signal(out: subprocess.CompletedProcess) -> int | None:
-    """The signal that killed a worker of a failed torchrun launch (torchrun reports ``exitcode : -6``), else None."""
-    found = re.search(r"exitcode\s*:\s*-(\d+)", out.stderr) if out.returncode else None
+    """The signal that killed the first worker to fail in a torchrun launch, else None (the agent logs
+    ``failed (exitcode: -6) local_rank: 0``; workers it stops after that one are not counted)."""
+    found = re.search(r"failed \(exitcode: -(\d+)\) local_rank", out.stderr) if out.returncode else None
     return int(found.group(1)) if found else None
 
 
