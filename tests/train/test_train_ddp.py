@@ -1,14 +1,16 @@
 """The same `perceivers fit` command under torchrun (2 processes, DDP on gloo) trains the same model as one
-process with the same global batch, and the replicas end identical."""
+process with the same global batch, and the replicas end identical; a worker killed by a signal is reported
+with its own stack."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import torch
 from train_configs import replica_config, write_config
-from train_torchrun import failure, fresh, run_standalone
+from train_torchrun import TORCHRUN, env, failure, fresh, killed_by_signal, run_standalone
 
 from perceivers import cli
 
@@ -44,10 +46,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path):
 def test_a_process_killed_by_a_signal_is_reported_with_its_stack(tmp_path: Path):
     """What the torchrun tests show when a process dies by a signal: the signal and that process's Python stack
     (the fault handler), not only its peer's lost connection."""
-    import subprocess
-
-    from train_torchrun import TORCHRUN, env, killed_by_signal
-
     script = tmp_path / "abort.py"
     script.write_text("import os\n\n\ndef crash():\n    os.abort()\n\n\ncrash()\n")
     out = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "1", str(script)], env=env(),

@@ -306,7 +306,7 @@ static void load_block(const Block *x, const bf16 *q, const int64_t *sq, const b
 /* Query blocks one thread keeps loaded when the keys go outside (larger calls reload them per key block). */
 #define CACHED_BYTES (8 << 20)
 
-/* The backward's buffers for one block of query rows. */
+/* The backward's per-thread buffers for one (query block, key block) pair; the query block's own rows are a Block. */
 typedef struct {
     bf16 kp[KB * MAXD] __attribute__((aligned(64)));   /* the key block paired along keys */
     float g[QB * MAXD] __attribute__((aligned(64)));   /* query gradient being accumulated */
