@@ -105,10 +105,10 @@ def test_weight_gradient_of_a_long_sum_goes_to_mm(out_features, monkeypatch):
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("shape", [(2048, 512), (37, 29), (100, 16), (1, 70)])
+@pytest.mark.parametrize("shape", [(2048, 512), (80, 48), (37, 29), (100, 16), (1, 70)])
 def test_weight_gradient_operand_transposed_natively(shape, native, monkeypatch):
     """The weight gradient's first operand is transposed into a contiguous matrix by the native kernel (edges
-    of partial tiles, rows spaced out in memory), or left a view for oneDNN to copy when it is off."""
+    of partial tiles, whole tiles, rows spaced out in memory), or left a view for oneDNN to copy when it is off."""
     if not native:
         monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
     from perceivers import kernels
