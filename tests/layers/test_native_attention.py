@@ -37,8 +37,8 @@ def _sdpa(q, k, v, mask, scale, grad):
 @pytest.mark.parametrize("b, h, m, n, d, e", [
     (2, 8, 128, 2048, 32, 32),   # the reduced language model's cross-attention
     (2, 8, 300, 37, 32, 32),     # more queries than keys (the decoder): the backward loops the other way
-    (1, 3, 37, 101, 16, 48),     # partial blocks of queries and keys, key and value widths differ
-    (1, 2, 33, 65, 256, 256),    # the widest heads
+    (1, 3, 37, 201, 16, 48),     # partial blocks of queries and keys, key and value widths differ
+    (1, 2, 33, 129, 256, 256),   # the widest heads
     (3, 1, 5, 1, 64, 64),        # one key
 ])
 @pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])
@@ -228,8 +228,8 @@ bf16 = pytest.mark.skipif(not na.available_bf16(), reason="the processor has no 
 @pytest.mark.parametrize("b, h, m, n, d, e", [
     (2, 8, 128, 2048, 32, 32),   # the reduced language model's cross-attention
     (2, 8, 300, 37, 32, 32),     # more queries than keys: an odd last pair of keys, the backward's other loop
-    (1, 3, 37, 101, 16, 48),     # partial blocks, key and value widths differ (48: a 32- and a 16-channel tile)
-    (1, 2, 33, 65, 256, 256),    # the widest heads
+    (1, 3, 37, 201, 16, 48),     # partial blocks, key and value widths differ (48: a 32- and a 16-channel tile)
+    (1, 2, 33, 129, 256, 256),   # the widest heads
     (3, 1, 5, 1, 64, 64),        # one key
 ])
 @pytest.mark.parametrize("mask_kind", [None, "keys"])

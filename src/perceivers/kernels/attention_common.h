@@ -11,7 +11,7 @@
 #include "vector.h"
 
 #define QB 32           /* query rows per block: two vectors */
-#define KB 64           /* keys per block */
+#define KB 128          /* keys per block */
 #define KT 8            /* keys per micro-tile */
 #define TAU 10.0f       /* a row's reference maximum moves only when a score exceeds it by this */
 #define MAXD 256        /* widest head */
