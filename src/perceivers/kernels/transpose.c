@@ -5,7 +5,6 @@
  * src: rows x cols with row stride ld (channels contiguous); dst: cols x rows, contiguous.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "vector.h"
 
