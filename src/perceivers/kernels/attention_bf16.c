@@ -330,12 +330,13 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
     const int64_t mb = (M + QB - 1) / QB, nb = (N + KB - 1) / KB;
     const int keys_outside = N > M;
     /* keys outside: every key block meets every query block, so keep the head's query blocks loaded */
-    const int64_t slots = keys_outside && mb * block_bytes(dk, dv) <= CACHED_BYTES ? mb : 1;
+    const int64_t bytes = block_bytes(dk, dv);  /* one query block's loaded rows */
+    const int64_t slots = keys_outside && mb * bytes <= CACHED_BYTES ? mb : 1;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         Grads *w = aligned_alloc(64, sizeof(Grads));
-        char *blocks = aligned_alloc(64, slots * block_bytes(dk, dv));
+        char *blocks = aligned_alloc(64, slots * bytes);
         if (!w || !blocks) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -352,7 +353,7 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
             int64_t loaded = -1, paired = -1;
             if (slots > 1)
                 for (int64_t ib = 0; ib < mb; ++ib) {
-                    const Block x = block_at(blocks + ib * block_bytes(dk, dv), dk, dv);
+                    const Block x = block_at(blocks + ib * bytes, dk, dv);
                     const int64_t i0 = ib * QB, rows = M - i0 < QB ? M - i0 : QB;
                     load_block(&x, q, sq, dout, sd, lse, delta, b, h, bh, M, i0, rows, dk, dv, dkb != NULL, dvb != NULL);
                 }
@@ -360,7 +361,7 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
                 for (int64_t c = 0; c < inner; ++c) {
                     const int64_t ib = keys_outside ? c : a, j0 = (keys_outside ? a : c) * KB;
                     const int64_t i0 = ib * QB, rows = M - i0 < QB ? M - i0 : QB, nj = N - j0 < KB ? N - j0 : KB;
-                    const Block x = block_at(blocks + (slots > 1 ? ib : 0) * block_bytes(dk, dv), dk, dv);
+                    const Block x = block_at(blocks + (slots > 1 ? ib : 0) * bytes, dk, dv);
                     if (slots == 1 && ib != loaded) {
                         load_block(&x, q, sq, dout, sd, lse, delta, b, h, bh, M, i0, rows, dk, dv, dkb != NULL, dvb != NULL);
                         loaded = ib;
