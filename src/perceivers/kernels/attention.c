@@ -214,16 +214,40 @@ int perceivers_attention(const int64_t *dims, const int64_t *st, float scale, co
     return failed ? 2 : 0;
 }
 
-/* The backward's buffers for one block of query rows. */
+/* One block of query rows as the backward reads them. */
 typedef struct {
-    float qs[QB * MAXD] __attribute__((aligned(64)));   /* queries times scale */
-    float qt[MAXD * QB] __attribute__((aligned(64)));   /* the same, transposed */
-    float go[QB * MAXD] __attribute__((aligned(64)));   /* output gradient */
-    float gt[MAXD * QB] __attribute__((aligned(64)));   /* the same, transposed */
+    float *qs, *qt;           /* queries times scale, plain [QB][dk] and transposed [dk][QB] */
+    float *go, *gt;           /* output gradient, plain [QB][dv] and transposed [dv][QB] */
+    float *lse, *delta;       /* the rows' statistics [QB] */
+} Block;
+
+/* Bytes of one Block's arrays for widths dk, dv (each array a multiple of 64 bytes). */
+static inline int64_t block_bytes(int64_t dk, int64_t dv) {
+    return (int64_t)sizeof(float) * QB * (2 * (dk + dv) + 2);
+}
+
+/* Lay a Block's arrays out from mem (64-byte aligned, block_bytes long). */
+static inline Block block_at(char *mem, int64_t dk, int64_t dv) {
+    Block x;
+    x.qs = (float *)mem; x.qt = x.qs + QB * dk; x.go = x.qt + QB * dk; x.gt = x.go + QB * dv;
+    x.lse = x.gt + QB * dv; x.delta = x.lse + QB;
+    return x;
+}
+
+/* Load query block i0 (`rows` rows) of head (b, h) into x. */
+static void load_block(const Block *x, const float *q, const int64_t *sq, const float *dout, const int64_t *sd,
+                       const float *lse, const float *delta, float scale, int64_t b, int64_t h, int64_t bh,
+                       int64_t M, int64_t i0, int64_t rows, int64_t dk, int64_t dv) {
+    load_rows(q, sq, b, h, i0, rows, dk, scale, x->qs, x->qt);
+    load_rows(dout, sd, b, h, i0, rows, dv, 1.0f, x->go, x->gt);
+    load_row_stats(lse, delta, bh, M, i0, rows, x->lse, x->delta);
+}
+
+/* The backward's per-thread buffers for one (query block, key block) pair; the query block's own rows are a Block. */
+typedef struct {
     float g[QB * MAXD] __attribute__((aligned(64)));    /* query gradient being accumulated */
     float p[KB][QB] __attribute__((aligned(64)));       /* probabilities of one key block */
     float ds[KB][QB] __attribute__((aligned(64)));      /* score gradients of one key block */
-    float lse[QB] __attribute__((aligned(64))), delta[QB] __attribute__((aligned(64)));
 } Grads;
 
 /* dims: B, H, M, N, dk, dv. strides: q[3], k[3], v[3], bias[2], dout[3]. lse, delta [B, H, M]
@@ -238,14 +262,19 @@ int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float 
     const int64_t *sq = st, *sk = st + 3, *sv = st + 6, *sb = st + 9, *sd = st + 11;
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB, nb = (N + KB - 1) / KB;
+    const int keys_outside = N > M;
+    /* keys outside: every key block meets every query block, so keep the head's query blocks loaded */
+    const int64_t bytes = block_bytes(dk, dv);  /* one query block's loaded rows */
+    const int64_t slots = keys_outside && mb * bytes <= CACHED_BYTES ? mb : 1;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         Grads *w = aligned_alloc(64, sizeof(Grads));
-        if (!w) failed = 1;
+        char *blocks = aligned_alloc(64, slots * bytes);
+        if (!w || !blocks) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * H; ++bh) {
-            if (!w) continue;
+            if (!w || !blocks) continue;
             const int64_t b = bh / H, h = bh % H;
             const float *kb = at(k, sk, b, h, 0), *vb = at(v, sv, b, h, 0);
             const float *bb = bias ? bias + b * sb[0] + h * sb[1] : NULL;
@@ -254,29 +283,33 @@ int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float 
             if (dkb) memset(dkb, 0, sizeof(float) * N * dk);
             if (dvb) memset(dvb, 0, sizeof(float) * N * dv);
             if (dqb) memset(dqb, 0, sizeof(float) * M * dk);
-            const int keys_outside = N > M;
             const int64_t outer = keys_outside ? nb : mb, inner = keys_outside ? mb : nb;
             int64_t loaded = -1;
+            if (slots > 1)
+                for (int64_t ib = 0; ib < mb; ++ib) {
+                    const Block x = block_at(blocks + ib * bytes, dk, dv);
+                    const int64_t i0 = ib * QB, rows = M - i0 < QB ? M - i0 : QB;
+                    load_block(&x, q, sq, dout, sd, lse, delta, scale, b, h, bh, M, i0, rows, dk, dv);
+                }
             for (int64_t a = 0; a < outer; ++a) {
                 for (int64_t c = 0; c < inner; ++c) {
                     const int64_t ib = keys_outside ? c : a, j0 = (keys_outside ? a : c) * KB;
                     const int64_t i0 = ib * QB, rows = M - i0 < QB ? M - i0 : QB, nj = N - j0 < KB ? N - j0 : KB;
-                    if (ib != loaded) {
-                        load_rows(q, sq, b, h, i0, rows, dk, scale, w->qs, w->qt);
-                        load_rows(dout, sd, b, h, i0, rows, dv, 1.0f, w->go, w->gt);
-                        load_row_stats(lse, delta, bh, M, i0, rows, w->lse, w->delta);
+                    const Block x = block_at(blocks + (slots > 1 ? ib : 0) * bytes, dk, dv);
+                    if (slots == 1 && ib != loaded) {
+                        load_block(&x, q, sq, dout, sd, lse, delta, scale, b, h, bh, M, i0, rows, dk, dv);
                         loaded = ib;
                     }
-                    scores(dk, w->qt, kb, sk[2], j0, N, bb, w->p);
-                    scores(dv, w->gt, vb, sv[2], j0, N, NULL, w->ds);
+                    scores(dk, x.qt, kb, sk[2], j0, N, bb, w->p);
+                    scores(dv, x.gt, vb, sv[2], j0, N, NULL, w->ds);
                     for (int64_t j = 0; j < nj; ++j)
                         for (int half = 0; half < 2; ++half) {
-                            const v16 pe = vexp(vload(w->p[j] + 16 * half) - vload(w->lse + 16 * half));
+                            const v16 pe = vexp(vload(w->p[j] + 16 * half) - vload(x.lse + 16 * half));
                             vstore(w->p[j] + 16 * half, pe);
-                            vstore(w->ds[j] + 16 * half, pe * (vload(w->ds[j] + 16 * half) - vload(w->delta + 16 * half)));
+                            vstore(w->ds[j] + 16 * half, pe * (vload(w->ds[j] + 16 * half) - vload(x.delta + 16 * half)));
                         }
-                    if (dvb) cols_times(dv, w->p, nj, w->go, dvb + j0 * dv, dv);    /* dV += P^T dO */
-                    if (dkb) cols_times(dk, w->ds, nj, w->qs, dkb + j0 * dk, dk);   /* dK += dS^T (q scale) */
+                    if (dvb) cols_times(dv, w->p, nj, x.go, dvb + j0 * dv, dv);    /* dV += P^T dO */
+                    if (dkb) cols_times(dk, w->ds, nj, x.qs, dkb + j0 * dk, dk);   /* dK += dS^T (q scale) */
                     if (dqb) {                                                       /* dQ += dS K */
                         memset(w->g, 0, sizeof(float) * QB * dk);
                         memcpy(w->g, dqb + i0 * dk, sizeof(float) * rows * dk);
@@ -289,6 +322,7 @@ int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float 
                 for (int64_t i = 0; i < M * dk; ++i) dqb[i] *= scale;
         }
         free(w);
+        free(blocks);
     }
     return failed ? 2 : 0;
 }

@@ -303,9 +303,6 @@ static void load_block(const Block *x, const bf16 *q, const int64_t *sq, const b
     load_row_stats(lse, delta, bh, M, i0, rows, x->lse, x->delta);
 }
 
-/* Query blocks one thread keeps loaded when the keys go outside (larger calls reload them per key block). */
-#define CACHED_BYTES (8 << 20)
-
 /* The backward's per-thread buffers for one (query block, key block) pair; the query block's own rows are a Block. */
 typedef struct {
     bf16 kp[KB * MAXD] __attribute__((aligned(64)));   /* the key block paired along keys */

@@ -16,6 +16,9 @@
 #define TAU 10.0f       /* a row's reference maximum moves only when a score exceeds it by this */
 #define MAXD 256        /* widest head */
 #define GROUP 2         /* forward: query blocks that go through the keys together */
+/* backward: bytes of query blocks one thread keeps loaded when the keys go outside (every key block meets
+ * every query block); larger calls reload them per key block */
+#define CACHED_BYTES (8 << 20)
 
 /* Forward: query blocks per job, GROUP or fewer where there would be too few jobs for the threads. */
 static inline int64_t forward_group(int64_t B, int64_t H, int64_t mb) {
