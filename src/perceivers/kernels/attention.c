@@ -175,12 +175,12 @@ int perceivers_attention(const int64_t *dims, const int64_t *st, float scale, co
     const int64_t *sq = st, *sk = st + 3, *sv = st + 6, *sb = st + 9, *so = st + 11;
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB;
-    const int64_t group = forward_group(B, H, mb);
+    const int64_t group = forward_group(B, H, mb, N * (dk + dv) * (int64_t)sizeof(float));
     const int64_t per = (mb + group - 1) / group, jobs = B * H * per;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        Rows *w = aligned_alloc(64, GROUP * sizeof(Rows));
+        Rows *w = aligned_alloc(64, WIDE_GROUP * sizeof(Rows));
         if (!w) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t job = 0; job < jobs; ++job) {

@@ -232,12 +232,12 @@ int perceivers_attention_bf16(const int64_t *dims, const int64_t *st, float scal
     const int64_t *sq = st, *sk = st + 3, *sv = st + 6, *sb = st + 9, *so = st + 11;
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB;
-    const int64_t group = forward_group(B, H, mb);
+    const int64_t group = forward_group(B, H, mb, N * (dk + dv) * (int64_t)sizeof(bf16));
     const int64_t per = (mb + group - 1) / group, jobs = B * H * per;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        Rows *w = aligned_alloc(64, GROUP * sizeof(Rows));
+        Rows *w = aligned_alloc(64, WIDE_GROUP * sizeof(Rows));
         bf16 *vp = aligned_alloc(64, sizeof(bf16) * KB * MAXD);
         if (!w || !vp) failed = 1;
 #pragma omp for schedule(static)

@@ -16,13 +16,17 @@
 #define TAU 10.0f       /* a row's reference maximum moves only when a score exceeds it by this */
 #define MAXD 256        /* widest head */
 #define GROUP 2         /* forward: query blocks that go through the keys together */
+#define WIDE_GROUP 4    /* the same where a head's keys and values exceed STREAM_BYTES */
+#define STREAM_BYTES (3 << 20)
 /* backward: bytes of query blocks one thread keeps loaded when the keys go outside (every key block meets
  * every query block); larger calls reload them per key block */
 #define CACHED_BYTES (8 << 20)
 
-/* Forward: query blocks per job, GROUP or fewer where there would be too few jobs for the threads. */
-static inline int64_t forward_group(int64_t B, int64_t H, int64_t mb) {
-    int64_t group = GROUP;
+/* Forward: query blocks per job, GROUP (WIDE_GROUP where a head's keys and values, kv_bytes, stream from
+ * beyond the second-level cache and each pass over them costs more) or fewer where there would be too few
+ * jobs for the threads. */
+static inline int64_t forward_group(int64_t B, int64_t H, int64_t mb, int64_t kv_bytes) {
+    int64_t group = kv_bytes > STREAM_BYTES ? WIDE_GROUP : GROUP;
     while (group > 1 && B * H * ((mb + group - 1) / group) < 4 * (int64_t)omp_get_max_threads()) group /= 2;
     return group;
 }
