@@ -4,7 +4,7 @@ PyTorch's fused CPU attention (the flash kernel behind ``F.scaled_dot_product_at
 block of scores and each weighted sum as a separate MKL product, which on narrow heads (the language
 model's 32 channels, the README model's 64) runs at a third of the machine's float32 rate. The kernel
 (:mod:`perceivers.kernels`, ``attention.c``) does the same algorithm with register-tiled products:
-per block of 32 queries the keys go by in blocks of 64, the scores (kept transposed, a vector per key
+per block of 32 queries the keys go by in blocks of 128, the scores (kept transposed, a vector per key
 over the block's queries) never leave the first-level cache, the softmax runs online, and the backward
 recomputes the probabilities from the rows' log-sum-exp
 (``dV = Pᵀ dO``, ``dS = P (dO Vᵀ − rowsum(dO · O))``, ``dQ = dS K``, ``dK = dSᵀ Q``). Queries, keys and
