@@ -39,7 +39,7 @@ def _sdpa(q, k, v, mask, scale, grad):
     (2, 8, 300, 37, 32, 32),     # more queries than keys (the decoder): the backward loops the other way
     (1, 3, 37, 201, 16, 48),     # partial blocks of queries and keys, key and value widths differ
     (1, 2, 33, 129, 256, 256),   # the widest heads
-    (1, 8, 100, 6200, 64, 64),   # keys and values past STREAM_BYTES: four query blocks per forward job
+    (1, 8, 100, 6200, 64, 64),   # keys and values past STREAM_BYTES: four query blocks per forward job (on ≤ 2 threads)
     (3, 1, 5, 1, 64, 64),        # one key
 ])
 @pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])
@@ -231,7 +231,7 @@ bf16 = pytest.mark.skipif(not na.available_bf16(), reason="the processor has no 
     (2, 8, 300, 37, 32, 32),     # more queries than keys: an odd last pair of keys, the backward's other loop
     (1, 3, 37, 201, 16, 48),     # partial blocks, key and value widths differ (48: a 32- and a 16-channel tile)
     (1, 2, 33, 129, 256, 256),   # the widest heads
-    (1, 8, 70, 24700, 32, 32),   # keys and values past STREAM_BYTES: three query blocks in a job of four
+    (1, 8, 70, 24700, 32, 32),   # keys and values past STREAM_BYTES: three query blocks in a job of four (≤ 2 threads)
     (3, 1, 5, 1, 64, 64),        # one key
 ])
 @pytest.mark.parametrize("mask_kind", [None, "keys"])

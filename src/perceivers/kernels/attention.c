@@ -180,7 +180,7 @@ int perceivers_attention(const int64_t *dims, const int64_t *st, float scale, co
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        Rows *w = aligned_alloc(64, WIDE_GROUP * sizeof(Rows));
+        Rows *w = aligned_alloc(64, group * sizeof(Rows));
         if (!w) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t job = 0; job < jobs; ++job) {
@@ -263,9 +263,8 @@ int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float 
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB, nb = (N + KB - 1) / KB;
     const int keys_outside = N > M;
-    /* keys outside: every key block meets every query block, so keep the head's query blocks loaded */
     const int64_t bytes = block_bytes(dk, dv);  /* one query block's loaded rows */
-    const int64_t slots = keys_outside && mb * bytes <= CACHED_BYTES ? mb : 1;
+    const int64_t slots = backward_slots(M, N, mb, bytes);
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {

@@ -237,7 +237,7 @@ int perceivers_attention_bf16(const int64_t *dims, const int64_t *st, float scal
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        Rows *w = aligned_alloc(64, WIDE_GROUP * sizeof(Rows));
+        Rows *w = aligned_alloc(64, group * sizeof(Rows));
         bf16 *vp = aligned_alloc(64, sizeof(bf16) * KB * MAXD);
         if (!w || !vp) failed = 1;
 #pragma omp for schedule(static)
@@ -326,9 +326,8 @@ int perceivers_attention_bf16_backward(const int64_t *dims, const int64_t *st, f
     if (dk > MAXD || dv > MAXD || dk % 16 || dv % 16 || N < 1) return 1;
     const int64_t mb = (M + QB - 1) / QB, nb = (N + KB - 1) / KB;
     const int keys_outside = N > M;
-    /* keys outside: every key block meets every query block, so keep the head's query blocks loaded */
     const int64_t bytes = block_bytes(dk, dv);  /* one query block's loaded rows */
-    const int64_t slots = keys_outside && mb * bytes <= CACHED_BYTES ? mb : 1;
+    const int64_t slots = backward_slots(M, N, mb, bytes);
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {

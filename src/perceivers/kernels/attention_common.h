@@ -18,9 +18,7 @@
 #define GROUP 2         /* forward: query blocks that go through the keys together */
 #define WIDE_GROUP 4    /* the same where a head's keys and values exceed STREAM_BYTES */
 #define STREAM_BYTES (3 << 20)
-/* backward: bytes of query blocks one thread keeps loaded when the keys go outside (every key block meets
- * every query block); larger calls reload them per key block */
-#define CACHED_BYTES (8 << 20)
+#define CACHED_BYTES (8 << 20)  /* backward: bytes of query blocks one thread keeps loaded (backward_slots) */
 
 /* Forward: query blocks per job, GROUP (WIDE_GROUP where a head's keys and values, kv_bytes, stream from
  * beyond the second-level cache and each pass over them costs more) or fewer where there would be too few
@@ -53,6 +51,12 @@ static inline v16 softmax_reference(float st[KB][QB], int64_t nj, int half, floa
     }
     const v16 mm = vload(m + 16 * half);
     return vsel(mm == ninf, vbcast(0.0f), mm);
+}
+
+/* Backward: query blocks one thread keeps loaded, `bytes` each: all mb of them when the keys go outside
+ * (every key block meets every query block) and they fit in CACHED_BYTES, else one, reloaded as needed. */
+static inline int64_t backward_slots(int64_t M, int64_t N, int64_t mb, int64_t bytes) {
+    return N > M && mb * bytes <= CACHED_BYTES ? mb : 1;
 }
 
 /* Backward: a query block's log-sum-exp and delta rows (rows i0.. of head bh, `rows` of them) into
