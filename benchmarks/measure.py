@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
+from perceivers.layers.flops import register as register_flop_formulas
+
 __all__ = [
     "PeakMemory",
     "alternate",
@@ -138,59 +140,11 @@ class PeakMemory:
 
 # ------------------------------------------------------------------------------------------ FLOPs
 
-_REGISTERED = False
-
-
-def _register_cpu_sdpa() -> None:
-    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel: add it.
-
-    Forward ``2·b·h·q·k·(d_qk + d_v)``; backward recomputes the scores and forms four products:
-    ``2·b·h·q·k·(3·d_qk + 2·d_v)``. Keys may be broadcast over heads.
-    """
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    _REGISTERED = True
-    aten = torch.ops.aten
-
-    def sizes(q, k, v):
-        b, h, sq, dqk = q
-        sk, dv = k[-2], v[-1]
-        return b * h * sq * sk, dqk, dv
-
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-
-        @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-        def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-            n, dqk, dv = sizes(query_shape, key_shape, value_shape)
-            return 2 * n * (dqk + dv)
-
-        @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-        def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-            n, dqk, dv = sizes(query_shape, key_shape, value_shape)
-            return 2 * n * (3 * dqk + 2 * dv)
-
-
-def _register_onednn_linear() -> None:
-    """perceivers' dense layers call oneDNN's linear directly on CPU (``perceivers.layers.linear``): count it."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None or op in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(op)
-    def _linear(x_shape, second_shape, third, *args, out_shape=None, **kwargs) -> int:
-        # (x, weight, bias, attr, ...) or, with a fused binary epilogue, (x, other, weight, bias, attr)
-        w_shape = third if isinstance(third, (tuple, list)) and len(third) == 2 else second_shape
-        rows = 1
-        for d in x_shape[:-1]:
-            rows *= d
-        return 2 * rows * x_shape[-1] * w_shape[0]
-
 
 def count_flops(fn: Callable[[], None]) -> int:
-    """Floating-point operations (2 per multiply-add) of matrix products and attention in ``fn``."""
-    _register_cpu_sdpa()
-    _register_onednn_linear()
+    """Floating-point operations (2 per multiply-add) of matrix products and attention in ``fn`` (oneDNN's linear
+    and SDPA's CPU kernel counted too: :mod:`perceivers.layers.flops`)."""
+    register_flop_formulas()
     with flop_counter.FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())

@@ -240,7 +240,8 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
         print(f"  infer {impl:18s} {s['median_s']:.3f} s/batch  ({batch / s['median_s']:.2f} samples/s)", flush=True)
     if not args.no_flops and not wl.heavy:
         for impl, b in built.items():
-            # counted with autograd on: FlopCounterMode's module hooks fail under no_grad
+            # counted with autograd on: under no_grad FlopCounterMode's module tracker fails on a module input that
+            # is a view of a parameter (transformers' latents; perceivers passes those detached, layers/broadcast.py)
             fn = lambda b=b, inputs=inputs: b.run(b.model.eval(), inputs)
             entry["impls"][impl]["infer"]["flops_per_sample"] = measure.count_flops(fn) / batch
 

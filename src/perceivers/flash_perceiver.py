@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from .layers.attention import attend_heads, attention_weights, check_mask
+from .layers.broadcast import per_sample
 from .layers.dense import Linear, linear
 from .layers.mlp import FeedForward
 from .layers.position import linear_positions
@@ -410,7 +411,7 @@ class PerceiverBase(nn.Module):
             raise ValueError(f"latents must be [N, {self.latent_dim}] or [batch, N, {self.latent_dim}] "
                              f"(latent_dim {self.latent_dim}), got {tuple(latents.shape)}")
         if latents.ndim == 2:
-            return repeat(latents, "n d -> b n d", b=batch)
+            return per_sample(latents, batch)
         if latents.shape[0] != batch:
             raise ValueError(f"latents have batch size {latents.shape[0]}, the data {batch}")
         return latents
@@ -562,7 +563,7 @@ class PerceiverIO(PerceiverBase):
                 raise ValueError(f"queries must be [Q, {self.query_dim}] or [batch, Q, {self.query_dim}] "
                                  f"(query_dim {self.query_dim}), got {tuple(queries.shape)}")
             if queries.ndim == 2:
-                queries = repeat(queries, "q d -> b q d", b=x.shape[0])
+                queries = per_sample(queries, x.shape[0])
             elif queries.shape[0] != x.shape[0]:
                 raise ValueError(f"queries have batch size {queries.shape[0]}, the data {x.shape[0]}")
             x = self.out_proj(self.query_block(queries, x)[0])

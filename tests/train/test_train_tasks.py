@@ -11,6 +11,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.model_summary import summarize
+from torch.utils.flop_counter import FlopCounterMode
 from train_configs import tiny_config, write_config
 
 from perceivers import Perceiver, PerceiverLM, cli, create_model
@@ -69,6 +71,58 @@ def test_official_image_model_by_name_gets_channels_first(tmp_path, capsys):
     capsys.readouterr()
     assert ClassificationTask(model_name="vision-perceiver-fourier",
                               model_kwargs={"tiny": True}).input_layout == "channels_first"
+
+
+class _Summaries(pl.Callback):
+    """The model summary Lightning prints at the start of fit, kept."""
+
+    def __init__(self) -> None:
+        self.summaries = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.summaries.append(summarize(pl_module))
+
+
+def _counted(model, *args) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*args)
+    return counter.get_total_flops()
+
+
+def test_model_summary_lists_flops_and_sizes(tmp_path, text_dir):
+    """The summary runs one sample of the example batch (no dataset transform applied twice) and counts the
+    model's forward: the products on oneDNN and SDPA's CPU kernel included."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 6, 6, 1), dtype=np.float32), rng.integers(0, 3, 16)
+    task = ClassificationTask(Perceiver(input_channels=1, num_classes=3, **TINY))
+    kept = _Summaries()
+    _trainer(tmp_path, callbacks=[kept]).fit(task, datamodule=ArrayDataModule(train=(x, y), batch_size=8))
+    (summary,) = kept.summaries
+    assert summary.total_flops == _counted(task.model, torch.from_numpy(x[:1])) > 0
+    assert summary.in_sizes[0] == [1, 6, 6, 1] and summary.out_sizes[0] == [1, 3]
+
+    model = PerceiverLM(num_tokens=262, dim=16, max_seq_len=24, depth=1, num_latents=4, latent_dim=16,
+                        cross_dim_head=8, latent_heads=2, latent_dim_head=8)
+    task, kept = MaskedLMTask(model), _Summaries()
+    _trainer(tmp_path, callbacks=[kept]).fit(task, datamodule=MaskedBytesDataModule(str(text_dir), seq_len=24,
+                                                                                   batch_size=4))
+    inputs, mask = task.example_input_array
+    assert inputs.shape == mask.shape == (1, 24)
+    assert kept.summaries[0].total_flops == _counted(model, inputs, mask) > 0
+
+
+def test_model_summary_skips_compiled_and_foreign_models(tmp_path):
+    x, y = np.zeros((16, 6, 6, 1), dtype=np.float32), np.arange(16) % 3
+    data = ArrayDataModule(train=(x, y), batch_size=8)
+    compiled = ClassificationTask(Perceiver(input_channels=1, num_classes=3, **TINY), compile=True)
+    compiled.trainer = _trainer(tmp_path)  # (set-up only: a compiled model under the summary's FLOP counter)
+    data.setup("fit")
+    compiled.trainer.datamodule = data
+    compiled.setup("fit")
+    assert compiled.example_input_array is None
+    foreign = ClassificationTask(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3)))
+    _trainer(tmp_path).fit(foreign, datamodule=data)
+    assert foreign.example_input_array is None
 
 
 def test_model_and_model_name_are_exclusive():

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import FourierPositionEncoding, TrainablePositionEncoding
+from ..layers.broadcast import per_sample
 from ..validation import check_index_range
 
 __all__ = ["FourierQueries", "InputQueries", "TrainableQueries", "subsampled_positions"]
@@ -80,7 +81,7 @@ class TrainableQueries(nn.Module):
             if not 0 < length <= self.num_queries:
                 raise ValueError(f"length must be in [1, {self.num_queries}], got {length}")
             table = table[:length]
-        return table.expand(batch_size, -1, -1)
+        return per_sample(table, batch_size)
 
 
 @configurable

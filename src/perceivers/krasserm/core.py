@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import ClassVar, Generic, TypeVar
 
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from perceivers.layers.attention import Attention
+from perceivers.layers.broadcast import per_sample
 from perceivers.layers.dense import Linear, linear
 from perceivers.layers.position import FourierPositionEncoding as _Fourier
 
@@ -368,7 +369,7 @@ class TrainableQueryProvider(nn.Module, QueryProvider):
         return self._query.shape[-1]
 
     def forward(self, x=None) -> Tensor:
-        return rearrange(self._query, "... -> 1 ...")
+        return per_sample(self._query, 1)
 
 
 class TokenInputAdapter(InputAdapter):
@@ -527,7 +528,7 @@ class PerceiverEncoder(nn.Module):
     def forward(self, x, pad_mask: Tensor | None = None, return_adapted_input: bool = False):
         x_adapted = self.input_adapter(x)  # [B, M, C]
         x_latent = self.latent_provider()  # [1, N, D], broadcast over the batch by the attention
-        x_latent = self.cross_attn_1(x_latent.expand(x_adapted.shape[0], -1, -1), x_adapted, pad_mask=pad_mask)
+        x_latent = self.cross_attn_1(per_sample(x_latent[0], x_adapted.shape[0]), x_adapted, pad_mask=pad_mask)
         x_latent = self.self_attn_1(x_latent)
         cross_attn_n = self.cross_attn_n if self.extra_cross_attention_layer else self.cross_attn_1
         self_attn_n = self.self_attn_n if self.extra_self_attention_block else self.self_attn_1
@@ -579,7 +580,7 @@ class PerceiverDecoder(nn.Module):
     def forward(self, x_latent: Tensor, x_adapted: Tensor | None = None, **kwargs):
         output_query = self.output_query_provider(x_adapted)  # [1 or B, O, F]
         if output_query.shape[0] != x_latent.shape[0]:
-            output_query = output_query.expand(x_latent.shape[0], -1, -1)
+            output_query = per_sample(output_query[0], x_latent.shape[0])
         output = self.cross_attn(output_query, x_latent)
         return self.output_adapter(output, **kwargs)
 

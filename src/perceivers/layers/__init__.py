@@ -3,6 +3,7 @@
 from .attention import Attention, KeyValue, check_mask, fold_is_cheaper
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
 from .dense import Linear, linear, onednn_enabled, use_onednn
+from .flops import register as _register_flop_formulas
 from .mlp import Activation, FeedForward
 from .position import (
     FourierPositionEncoding,
@@ -36,3 +37,5 @@ __all__ = [
     "onednn_enabled",
     "use_onednn",
 ]
+
+_register_flop_formulas()  # FlopCounterMode then counts oneDNN's linear and SDPA's CPU kernel (flops.py)

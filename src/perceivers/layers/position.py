@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
+from .broadcast import per_sample
 
 __all__ = [
     "FourierPositionEncoding",
@@ -270,4 +271,4 @@ class TrainablePositionEncoding(nn.Module):
         """``[index_dim, C]``, or ``[batch_size, index_dim, C]`` (a broadcast view) when given."""
         if batch_size is None:
             return self.embeddings
-        return self.embeddings.expand(batch_size, -1, -1)
+        return per_sample(self.embeddings, batch_size)

@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from ..validation import check_finite, check_index_range, check_like
 
@@ -91,7 +92,7 @@ def initial_latents(learned: Tensor, latents: Tensor | None, batch: int, *, like
     whose dtype and device they must have.
     """
     if latents is None:
-        return learned.to(like.dtype).expand(batch, -1, -1)
+        return per_sample(learned.to(like.dtype), batch)
     if not isinstance(latents, Tensor) or not latents.is_floating_point():
         got = f"dtype {latents.dtype}" if isinstance(latents, Tensor) else type(latents).__name__
         raise TypeError(f"latents must be a floating-point tensor, got {got}")
@@ -106,7 +107,7 @@ def initial_latents(learned: Tensor, latents: Tensor | None, batch: int, *, like
         raise ValueError(f"latents ({latents.dtype}, {latents.device}) must match the input "
                          f"({like.dtype}, {like.device})")
     check_finite(latents, "latents")
-    return latents.expand(batch, -1, -1) if latents.ndim == 2 else latents
+    return per_sample(latents, batch) if latents.ndim == 2 else latents
 
 
 class AttentionResidual(nn.Module):

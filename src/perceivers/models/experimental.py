@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask
+from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from ..validation import check_like
 from .common import ClassifierHead, LogitsAlias, tie_schedule
@@ -157,7 +158,7 @@ class BottomUpPerceiver(LogitsAlias, nn.Module):
         tokens = self.data_proj(check_like(self.input(data), self, "data"))  # [B, M, C]
         b, m = tokens.shape[:2]
         mask = check_mask(mask, b, m, device=tokens.device)
-        x = self.latents.to(tokens.dtype).expand(b, -1, -1)
+        x = per_sample(self.latents.to(tokens.dtype), b)
         last = len(self.block_order) - 1
         for step, unique in enumerate(self.block_order):
             x, tokens = self.blocks[unique](x, tokens, mask=mask, update_data=step < last)

@@ -33,6 +33,7 @@ from ..layers import (
     fourier_features,
     linear_positions,
 )
+from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from .common import LogitsAlias, check_input, flatten_axes, tie_schedule
 
@@ -369,7 +370,7 @@ class MultiModalityPerceiver(_MultiModalityInputs):
     def encode(self, contexts: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         """Run the layers; ``contexts`` holds one context per layer or a single shared one → ``[B, N, D]``."""
         b = contexts[0].shape[0]
-        x = self.latents.to(contexts[0].dtype).expand(b, -1, -1)
+        x = per_sample(self.latents.to(contexts[0].dtype), b)
         kv_cache: dict[int, KeyValue] = {}  # tied layers attending one shared context project it once
         for step, unique in enumerate(self.cross_order):
             block = self.cross_blocks[unique]
@@ -637,7 +638,7 @@ class HierarchicalMultiModalityPerceiver(_MultiModalityInputs):
         b = context.shape[0]
         x = None
         for i, block in enumerate(self.cross_blocks):
-            latents = self.latents[i].to(context.dtype).expand(b, -1, -1)  # [B, N_i, D_i]
+            latents = per_sample(self.latents[i].to(context.dtype), b)  # [B, N_i, D_i]
             if x is not None:
                 n, d = latents.shape[1:]
                 latents = latents + F.pad(x, (0, d - x.shape[-1]))[:, :n]  # previous output: zero-pad width, keep N_i

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..layers import CrossAttentionBlock, SelfAttentionBlock, TrainablePositionEncoding
+from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from .common import check_input
 
@@ -134,7 +135,7 @@ class PatchPerceiver(nn.Module):
         """Classify ``images [B, H, W, C]`` → logits ``[B, num_classes]`` (or latents ``[B, N, D]``)."""
         context = self.embed(images)
         kv = self.cross_attn.project_kv(context)  # the same weights every iteration: project once
-        x = self.latents.to(context.dtype).expand(context.shape[0], -1, -1)  # [B, N, D]
+        x = per_sample(self.latents.to(context.dtype), context.shape[0])  # [B, N, D]
         for _ in range(self.num_iterations):
             x = self.cross_attn(x, kv=kv)
             for block in self.blocks:

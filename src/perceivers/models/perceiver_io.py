@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
+from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from ..validation import check_finite, check_like
 from .common import (
@@ -209,7 +210,7 @@ class PerceiverIO(nn.Module):
         check_finite(queries, "queries")
         b = latents.shape[0]
         if queries.ndim == 2:
-            queries = queries.expand(b, -1, -1)
+            queries = per_sample(queries, b)
         elif queries.shape[0] != b:
             raise ValueError(f"queries have batch size {queries.shape[0]} but data has {b}")
         query_mask = check_mask(query_mask, b, queries.shape[1], "query_mask", device=queries.device)

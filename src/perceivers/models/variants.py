@@ -26,6 +26,7 @@ from ..layers import (
     KeyValue,
     check_mask,
 )
+from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from ..validation import check_like
 from .common import ClassifierHead, LogitsAlias, check_input, flatten_axes, tie_schedule
@@ -80,7 +81,7 @@ class _GridPerceiver(LogitsAlias, nn.Module):
         context = check_like(self.input(data), self, "data")
         b, m = context.shape[:2]
         mask = check_mask(mask, b, m, device=context.device)
-        x = self.latents.to(context.dtype).expand(b, -1, -1)
+        x = per_sample(self.latents.to(context.dtype), b)
         kv_cache: dict[int, KeyValue] = {}  # tied blocks project the shared context once
         for unique in self.block_order:
             block = self.blocks[unique]

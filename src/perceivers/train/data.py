@@ -182,7 +182,9 @@ class _BaseDataModule(pl.LightningDataModule):
     def transform_batch(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
         return batch
 
-    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not isinstance(batch, dict):  # the model summary's example input, already processed (Task.summarize_with)
+            return batch
         training = self.trainer is not None and self.trainer.training
         return self.transform_batch(batch, train=training)
 

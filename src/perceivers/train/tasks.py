@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -445,6 +446,19 @@ class Task(pl.LightningModule):
             return None
         return datamodule.example_batch()
 
+    def summarize_with(self, batch: dict[str, Tensor]) -> None:
+        """Give Lightning's model summary one sample of ``batch``: it then lists each layer's input and output
+        sizes and the forward's FLOPs (``FlopCounterMode``, which counts perceivers' products in full:
+        :mod:`perceivers.layers.flops`). Only for perceivers' own models (others may fail under the counter, e.g.
+        transformers' under ``no_grad``), uncompiled, in one process or under plain DDP: the summary runs on
+        rank 0 alone, where a sharded model's forward would wait for the other ranks."""
+        strategy = self.trainer.strategy
+        if (self.compile_model or not type(self.model).__module__.startswith("perceivers.")
+                or not (isinstance(strategy, SingleDeviceStrategy) or type(strategy) is DDPStrategy)):
+            return
+        mask = batch.get("mask")
+        self.example_input_array = (batch["inputs"][:1],) if mask is None else (batch["inputs"][:1], mask[:1])
+
 
 class ClassificationTask(Task):
     """Classification of images ``[B, H, W, C]`` or sequences ``[B, L(, C)]`` with cross-entropy.
@@ -530,6 +544,7 @@ class ClassificationTask(Task):
                 raise ConfigError(f"{type(self.model).__name__} returns logits of shape {tuple(logits.shape)}; "
                                   "classification needs [batch, num_classes]")
             model_classes = logits.shape[-1]
+            self.summarize_with(batch)
         if self.num_classes is None:
             self.num_classes = model_classes or data_classes
         if self.num_classes is None:
@@ -645,6 +660,7 @@ class MaskedLMTask(Task):
         if tuple(logits.shape) != expected:
             raise ConfigError(f"masked LM needs logits {expected} ([batch, length, vocab_size]), the model gives "
                               f"{tuple(logits.shape)}")
+        self.summarize_with(batch)
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits = self(batch["inputs"], batch.get("mask")).float()
