@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,23 @@ def test_predict_writes_a_csv(tmp_path, capsys):
     rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "index,prediction,class,probability" and len(rows) == 1 + 2 * 64
     capsys.readouterr()
+
+
+def test_quiet_dependencies_leaves_out_two_messages_only(caplog):
+    from torch.utils._pytree import LeafSpec
+
+    from perceivers.train.cli import quiet_dependencies
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    caplog.set_level(logging.INFO, logger=logger.name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_dependencies():
+            LeafSpec()  # torch's FutureWarning, raised inside Lightning's code
+            warnings.warn("kept", FutureWarning, stacklevel=1)
+            logger.info("💡 Tip: try our cloud")
+            logger.info("kept too")
+        LeafSpec()
+    assert [str(w.message)[:16] for w in caught] == ["kept", "`isinstance(tree"]
+    assert [r.getMessage() for r in caplog.records] == ["kept too"]
+    assert not logger.filters

@@ -15,15 +15,21 @@ What it adds to a plain LightningCLI:
 * under ``torchrun`` the trainer's ``devices`` / ``num_nodes`` / ``strategy`` default to what torchrun
   launched (DDP), so the single-process command runs unchanged on many processes;
 * ``--trainer.strategy fsdp`` (or ``fsdp2``) means :class:`~perceivers.train.strategies.FSDP2Strategy`
-  (FSDP2 per attention block, CPU or CUDA, full checkpoints).
+  (FSDP2 per attention block, CPU or CUDA, full checkpoints);
+* two messages of its dependencies that a user cannot act on are left out while it runs
+  (:func:`quiet_dependencies`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +54,7 @@ from .loggers import RunCSVLogger
 from .strategies import FSDP2Strategy
 from .tasks import ConfigError, Task
 
-__all__ = ["PerceiversCLI", "check_ckpt_path", "run_cli"]
+__all__ = ["PerceiversCLI", "check_ckpt_path", "quiet_dependencies", "run_cli"]
 
 
 class PerceiversCLI(LightningCLI):
@@ -243,6 +249,27 @@ def write_predictions(outputs: list[Any], path: Path, class_names: list[str] | N
     return path
 
 
+class _NoAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+@contextlib.contextmanager
+def quiet_dependencies() -> Iterator[None]:
+    """Leave out, inside the block, Lightning's advertisement for its cloud logger (at the start of every run) and
+    torch 2.13's ``FutureWarning`` about ``LeafSpec``, which Lightning's own code triggers; every other message,
+    warning and error comes through."""
+    logger, advert = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _NoAdvert()
+    logger.addFilter(advert)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(advert)
+
+
 def run_cli(argv: list[str], *, prog: str = "perceivers") -> PerceiversCLI:
     """Run the CLI on ``argv`` (``["fit", "--config", ...]``) as if typed after ``prog``.
 
@@ -253,7 +280,8 @@ def run_cli(argv: list[str], *, prog: str = "perceivers") -> PerceiversCLI:
     sys.argv = [saved[0] if saved and saved[0] else prog, *argv]
     ok = False
     try:
-        cli = PerceiversCLI(args=None)
+        with quiet_dependencies():
+            cli = PerceiversCLI(args=None)
         ok = True
     finally:
         sys.argv = saved
