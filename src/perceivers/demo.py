@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"demo: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    from perceivers.train.cli import run_cli
+    from perceivers.train.cli import quiet_dependencies, run_cli
 
     imported = time.perf_counter()
     cli = run_cli(["fit", "--config", str(config), *extra])
@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not trainer.is_global_zero:
         return 0
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, verbose=False)
+    with quiet_dependencies():
+        results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, verbose=False)
     metrics = results[0] if results else {}
     accuracy = float(metrics.get("test/acc", float("nan")))
     print()
