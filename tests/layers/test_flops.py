@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import perceivers
 from perceivers import flash_perceiver, krasserm
 from perceivers.io import BasicDecoder, PerceiverEncoder, PerceiverIOModel, TrainableQueries
-from perceivers.layers import Linear, use_onednn
+from perceivers.layers import Linear, grid_attention, use_onednn
 from perceivers.layers.broadcast import per_sample
 
 onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -121,3 +121,17 @@ def test_models_count_the_same_with_or_without_autograd_and_onednn(name):
     with use_onednn(False):
         plain = _count(run, grad=False)
     assert counts[True] == counts[False] == plain > 0
+
+
+def test_grid_kernel_gives_way_under_a_counter(monkeypatch):
+    """The native grid kernel (images with Fourier features) is not an operator: under a counter, as under fake
+    tensors, the cross-attention runs through PyTorch's operators and is counted (it was left out)."""
+    if not grid_attention.available():
+        pytest.skip("the native kernels are not built here")
+    model = perceivers.Perceiver(input_channels=3, input_axis=2, num_freq_bands=6, max_freq=10.0, depth=1,
+                                 num_latents=16, latent_dim=32, num_classes=4).eval()
+    image = torch.randn(1, 64, 64, 3)
+    assert grid_attention.serves(image, masked=False, pixels=64 * 64)  # outside the counter: the kernel
+    counted = _count(lambda: model(image), grad=False)
+    monkeypatch.setattr(grid_attention, "available", lambda: False)
+    assert _count(lambda: model(image), grad=False) == counted > 0
