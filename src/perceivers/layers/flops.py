@@ -42,7 +42,7 @@ def _attention_backward(grad_out, query, key, value, *args, out_shape=None, **kw
 
 def _linear(x, second, third, *args, out_shape=None, **kwargs) -> int:
     # (x, weight, bias, attr, ...) or, with a binary epilogue, (x, other, weight, bias, attr)
-    weight = third if isinstance(third, (tuple, list, torch.Size)) and len(third) == 2 else second
+    weight = third if isinstance(third, (tuple, list)) and len(third) == 2 else second  # shapes: torch.Size
     rows = 1
     for d in x[:-1]:
         rows *= d

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
+from .dense import _native_eager
 from .stream import GridContext
 
 __all__ = ["applies", "available", "grid_cross_attention", "serves"]
@@ -65,18 +66,16 @@ def available() -> bool:
 
 
 def serves(data: Tensor, *, masked: bool, dropout: bool = False, pixels: int | None = None) -> bool:
-    """Whether a grid context built from ``data`` would go through the kernel: float32 on CPU (also
-    under autocast, see :func:`grid_cross_attention`), the image itself not needing a gradient, no key
-    mask, no attention dropout, not compiling or tracing, no dispatch mode (fake tensors, FLOP counters: those
-    see the standard operators); with ``pixels`` (per sample), at least
-    :data:`MIN_PIXELS` of them (models use it to give images too small to stream to the kernel as one
+    """Whether a grid context built from ``data`` would go through the kernel: a float32 CPU tensor where the
+    native kernels run (:func:`.dense._native_eager`: eager, no dispatch mode such as fake tensors or FLOP
+    counters, which see the standard operators), also under autocast (see :func:`grid_cross_attention`), the
+    image itself not needing a gradient, no key mask, no attention dropout; with ``pixels`` (per sample), at
+    least :data:`MIN_PIXELS` of them (models use it to give images too small to stream to the kernel as one
     chunk)."""
     return (
         (pixels is None or pixels >= MIN_PIXELS)
         and not (torch.is_grad_enabled() and data.requires_grad) and not masked and not dropout
-        and data.device.type == "cpu" and data.dtype == torch.float32 and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch._C._len_torch_dispatch_stack()
-        and available()
+        and _native_eager(data) and available()
     )
 
 
