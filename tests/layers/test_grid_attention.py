@@ -268,6 +268,20 @@ def test_unwritable_cache_falls_back(monkeypatch, tmp_path):
     assert kernels.load("grid_attention") is None
 
 
+def test_builds_are_keyed_by_processor(monkeypatch, tmp_path):
+    """A cache shared by machines of two processor models holds a build for each (``-march=native``)."""
+    monkeypatch.setenv("PERCEIVERS_CACHE", str(tmp_path))
+    built = {}
+    for cpu in ("model A: flags avx2", "model B: flags avx2 avx512f", "model A: flags avx2"):
+        monkeypatch.setattr(kernels, "_cpu_identity", lambda cpu=cpu: cpu)
+        path = kernels._build("transpose")
+        assert path is not None and path.parent == tmp_path
+        built.setdefault(cpu, set()).add((path, path.stat().st_mtime_ns))
+    assert len(built) == 2 and all(len(entries) == 1 for entries in built.values())  # the same model: no rebuild
+    assert len({path for entries in built.values() for path, _ in entries}) == 2
+    assert kernels._cpu_identity()  # this machine's, whatever it is
+
+
 def test_no_compiler_falls_back(no_compiler, monkeypatch):
     assert kernels.load("grid_attention") is None
     model = _readme_like()

@@ -1,7 +1,7 @@
 """Optional native CPU kernels, compiled on first use with the system's C compiler.
 
 The kernels are plain C (``*.c`` next to this file, sharing ``vector.h``; the bfloat16 attention kernel
-uses AVX512-BF16 intrinsics where the target has them, and reports their absence), built once per machine into
+uses AVX512-BF16 intrinsics where the target has them, and reports their absence), built once per processor model into
 ``$PERCEIVERS_CACHE`` (default ``~/.cache/perceivers/kernels``) with ``-O3 -march=native
 -ffp-contract=fast`` (products and sums fused into FMA instructions, which ISO C mode would otherwise
 forbid: the kernels' inner loops run 1.2-1.35x faster, and round once instead of twice) and
@@ -44,6 +44,21 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "perceivers" / "kernels"
 
 
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the processor's vendor, model and instruction-set flags.
+
+    Builds are keyed by it, so a cache shared between machines (a network home directory, a container
+    image built elsewhere) never hands one processor a library compiled for another's instructions.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            first = info.read().split("\n\n", 1)[0]  # the first processor's block
+    except OSError:
+        return platform.processor()
+    keys = ("vendor_id", "cpu family", "model", "model name", "flags", "CPU implementer", "CPU part", "Features")
+    return "\n".join(line for line in first.splitlines() if line.split(":", 1)[0].strip() in keys)
+
+
 def _build(name: str) -> Path | None:
     source = _SOURCES / f"{name}.c"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -52,7 +67,7 @@ def _build(name: str) -> Path | None:
         return None
     headers = b"".join(path.read_bytes() for path in sorted(_SOURCES.glob("*.h")))  # what the sources include
     key = hashlib.sha256(
-        source.read_bytes() + headers + " ".join([compiler, *_FLAGS, platform.machine(), platform.node()]).encode()
+        source.read_bytes() + headers + " ".join([compiler, *_FLAGS, platform.machine(), _cpu_identity()]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():
