@@ -301,3 +301,9 @@ def test_save_into_a_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"picture\.png is a file, not a directory"):
         save_transformers(model, target)
     assert target.read_bytes() == b"not a directory"
+
+
+def test_foreign_config_names_what_it_found(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    with pytest.raises(ValueError, match=r"\"model_type\": \"perceiver\".*model_type='bert'"):
+        from_pretrained(tmp_path)

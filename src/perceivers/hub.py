@@ -243,7 +243,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "perceivers"
         if cfg.get("model_type") == "perceiver":
             return "transformers"
-        raise ValueError(f"{cfg_path} is neither a perceivers config nor a transformers Perceiver config")
+        raise ValueError(f"{cfg_path} is neither a perceivers config (\"format\": {FORMAT!r}) nor a transformers "
+                         f"Perceiver config (\"model_type\": \"perceiver\"); it has format={cfg.get('format')!r}, "
+                         f"model_type={cfg.get('model_type')!r}")
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes): not a checkpoint")
     if is_safetensors(path):
@@ -254,7 +256,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "torch"
     if head[:1] == b"\x80":
         return "torch" if path.suffix in _TORCH_SUFFIXES else "haiku"
-    raise ValueError(f"cannot tell the format of {path} (not safetensors, torch.save or a pickle)")
+    raise ValueError(f"cannot tell the format of {path} (not safetensors, a torch.save archive or a pickle of "
+                     "protocol 2 or later; older pickles are not read)")
 
 
 def _weights_files(directory: Path) -> list[Path]:

@@ -403,3 +403,41 @@ def test_converted_model_loads_only_with_matching_kwargs():
         perceivers.Perceiver(**dict(_P, latent_dim=32)).load_state_dict(converted, strict=True)
     with pytest.raises(RuntimeError, match="Missing key"):
         perceivers.Perceiver(**dict(_P, depth=4)).load_state_dict(converted, strict=True)
+
+
+@needs_011
+@pytest.mark.parametrize("kwargs", [
+    {"dim": 16, "context_dim": 10, "cross_heads": 2, "cross_dim_head": 8, "latent_dim_head": 8, "self_per_cross_attn": 2},
+    {"dim": 16, "queries_contribute_kv": True, "latent_dim_head": 8},
+    {"dim": 16, "has_cross_attn": False, "latent_dim_head": 8},
+])
+def test_perceiver_block_converts(randomize, kwargs):
+    block = randomize(ref.PerceiverBlock(**kwargs), 5).eval()
+    assert detect_family(block.state_dict()) == "PerceiverBlock"
+    ours = perceivers.PerceiverBlock(**kwargs).eval()
+    ours.load_state_dict(from_lucidrains(block.state_dict()), strict=True)
+    x = torch.randn(2, 6, 16)
+    context = None if kwargs.get("has_cross_attn") is False else torch.randn(2, 9, kwargs.get("context_dim", 16))
+    mask = None if context is None else torch.rand(2, 9) > 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, context, mask=mask), block(x, context, mask=mask), rtol=1e-5, atol=1e-5)
+
+
+@needs_011
+@pytest.mark.parametrize("wrapper", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapped_model_state_dicts_convert(randomize, wrapper):
+    """Saved from inside DistributedDataParallel / DataParallel or torch.compile: the prefix is removed."""
+    model = randomize(ref.Perceiver(**_P), 6).eval()
+    wrapped = {wrapper + k: v for k, v in model.state_dict().items()}
+    assert detect_family(wrapped) == "Perceiver"
+    assert from_lucidrains(wrapped).keys() == from_lucidrains(model.state_dict()).keys()
+    ours = perceivers.Perceiver(**_P).eval()
+    ours.load_state_dict(from_lucidrains(wrapped), strict=True)
+    x = torch.randn(2, 8, 8, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_state_dict_names_what_came():
+    with pytest.raises(ValueError, match=r"2 keys such as 'encoder.weight', 'weight'"):
+        detect_family({"weight": torch.zeros(1), "encoder.weight": torch.zeros(1)})

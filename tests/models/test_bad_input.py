@@ -58,6 +58,8 @@ def models():
         "lm": PerceiverLM(**LM_KW),
         "block": PerceiverBlock(**BLOCK_KW),
         "block_qkv": PerceiverBlock(**{**BLOCK_KW, "context_dim": None, "queries_contribute_kv": True}),
+        "block_latent": PerceiverBlock(**{**BLOCK_KW, "has_cross_attn": False}),
+        "perceiver_residual": Perceiver(**P_KW, attn_residual=True),
     }
 
 
@@ -106,6 +108,24 @@ CASES = {
         lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 5, 5, dtype=B)),
         ValueError,
         ["20", r"\(2, 5, 5\)"],
+    ),
+    "mask_axes_transposed": (  # as many elements as the data's axes, but not their shape
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 4, 5, dtype=B)),
+        ValueError,
+        [r"\[batch=2, 5, 4\]", r"\[batch, 20\]", r"\(2, 4, 5\)"],
+    ),
+    "mask_axes_regrouped": (
+        "perceiver",
+        lambda m: m(_img(2, 5, 4, 3), mask=torch.ones(2, 2, 10, dtype=B)),
+        ValueError,
+        [r"5, 4", r"\(2, 2, 10\)"],
+    ),
+    "block_outputs_shape": (
+        "perceiver_residual",
+        lambda m: m(_img(2, 5, 4, 3), block_outputs=[_img(2, 7, 16)]),
+        ValueError,
+        [r"block_outputs\[0\]", r"\(2, 6, 16\)", r"\(2, 7, 16\)"],
     ),
     "mask_batch": (
         "perceiver",
@@ -226,6 +246,8 @@ CASES = {
         ValueError,
         ["3 dims", r"\(5, 16\)"],
     ),
+    "block_latent_only_width": ("block_latent", lambda m: m(_img(2, 6, 15)), ValueError, ["16 channels", "got 15"]),
+    "block_latent_only_rank": ("block_latent", lambda m: m(_img(6, 16)), ValueError, ["3 dims", r"\(6, 16\)"]),
     "block_no_context": ("block", lambda m: m(_img(2, 5, 16)), ValueError, ["context"]),
     "block_batch": ("block", lambda m: m(_img(2, 5, 16), context=_img(3, 9, 12)), ValueError, ["3", "2"]),
     "block_mask_shape": (
@@ -266,6 +288,12 @@ CONSTRUCTOR_CASES = {
         ["2", "got 1"],
     ),
     "depth_zero": (lambda: Perceiver(**{**P_KW, "depth": 0}), ValueError, ["depth", "0"]),
+    "num_latents_zero": (lambda: Perceiver(**{**P_KW, "num_latents": 0}), ValueError, ["num_latents", ">= 1", "0"]),
+    "input_axis_zero": (lambda: Perceiver(**{**P_KW, "input_axis": 0}), ValueError, ["input_axis", ">= 1", "0"]),
+    "io_latent_dim": (lambda: PerceiverIO(**{**IO_KW, "latent_dim": 0}), ValueError, ["latent_dim", "0"]),
+    "block_heads": (lambda: PerceiverBlock(**{**BLOCK_KW, "latent_heads": 2.0}), ValueError, ["latent_heads", "2.0"]),
+    "attn_dropout_above_one": (lambda: Perceiver(**P_KW, attn_dropout=1.5), ValueError, [r"\[0, 1\]", "1.5"]),
+    "attn_dropout_negative": (lambda: PerceiverBlock(**BLOCK_KW, attn_dropout=-0.5), ValueError, [r"\[0, 1\]", "-0.5"]),
     "seq_dropout_range": (
         lambda: PerceiverIO(**IO_KW, seq_dropout_prob=1.0),
         ValueError,
@@ -302,3 +330,22 @@ def test_valid_variants_still_work(models):
         5,
         16,
     )
+
+
+def test_layers_are_a_read_only_schedule():
+    """``model.layers`` (perceiver-pytorch's list of every step's block) is rebuilt from ``blocks`` and
+    ``block_order`` on each access: it reads as the schedule and refuses changes that would be lost."""
+    tied = Perceiver(**{**P_KW, "depth": 3}, weight_tie_layers=True)
+    assert len(tied.layers) == 3 and tied.layers[1] is tied.layers[2] is tied.blocks[1]
+    io = PerceiverIO(**{**IO_KW, "depth": 3}, weight_tie_layers=True)
+    assert len(io.layers) == 3 and all(layer is io.blocks[0] for layer in io.layers)
+    for model in (tied, io):
+        for change in (lambda layers: layers.append(torch.nn.Identity()),
+                       lambda layers: layers.__setitem__(0, torch.nn.Identity()),
+                       lambda layers: layers.__delitem__(0),
+                       lambda layers: layers.insert(0, torch.nn.Identity()),
+                       lambda layers: layers.extend([torch.nn.Identity()]),
+                       lambda layers: layers.pop(0)):
+            with pytest.raises(TypeError, match="read-only view of model.blocks"):
+                change(model.layers)
+        assert len(model.layers) == 3

@@ -82,7 +82,7 @@ def test_input_errors(cls) -> None:
         model(torch.randn(2, 4, 4, 4))
     with pytest.raises(ValueError, match="input_axis=2"):
         model(torch.randn(2, 4, 3))
-    with pytest.raises(ValueError, match=r"\[batch=2, 16\]"):
+    with pytest.raises(ValueError, match=r"\[batch=2, 4, 4\].*\[batch, 16\]"):
         model(torch.randn(2, 4, 4, 3), mask=torch.ones(2, 15, dtype=torch.bool))
 
 

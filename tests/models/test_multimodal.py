@@ -145,7 +145,7 @@ def test_missing_modality_equals_fully_masked_modality(randomize) -> None:
 def test_per_modality_masks_match_concatenated_mask(randomize) -> None:
     model = randomize(_model(num_classes=3))
     x = _inputs()
-    image_mask = torch.rand(2, 4, 3) > 0.4
+    image_mask = torch.rand(2, 3, 4) > 0.4  # the image's axes
     image_mask[:, 0, 0] = True
     audio_mask = torch.rand(2, 5) > 0.4
     with torch.no_grad():
@@ -179,6 +179,8 @@ def test_mask_errors() -> None:
         model(x, mask=torch.ones(2, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="torch.bool"):
         model(x, masks={"audio": torch.ones(2, 5)})
+    with pytest.raises(ValueError, match=r"masks\['image'\].*\[batch=2, 3, 4\].*\[batch, 12\].*\(2, 4, 3\)"):
+        model(x, masks={"image": torch.ones(2, 4, 3, dtype=torch.bool)})  # 12 elements, not the image's axes
 
 
 def test_input_errors_name_expected_and_actual() -> None:

@@ -172,19 +172,22 @@ def test_conv_stem_follows_official_definition(hf_checkpoint):
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_round_trip_to_transformers_format(hf_checkpoint, arch, tmp_path):
-    """transformers → ours (DeepMind numerics, kernel swapped back) → transformers: the same model again."""
+    """transformers → ours → transformers: with transformers' numerics the same model again; with DeepMind's
+    (kernel swapped back, tanh GELU) the same weights, written with the activation the model computes."""
     hf, directory = hf_checkpoint(arch)
-    ours = from_transformers(directory)
-    save_transformers(ours, tmp_path)
-    again = getattr(transformers, arch).from_pretrained(tmp_path).eval()
     inputs = _inputs(arch)
+    want = hf.state_dict()
+    for numerics, act in (("transformers", hf.config.hidden_act), ("deepmind", "gelu_new")):
+        save_transformers(from_transformers(directory, numerics=numerics), tmp_path / numerics)
+        again = getattr(transformers, arch).from_pretrained(tmp_path / numerics).eval()
+        assert all(torch.equal(v, want[k]) for k, v in again.state_dict().items()), numerics
+        cfg = json.loads((tmp_path / numerics / "config.json").read_text())
+        assert cfg["architectures"] == [arch] and cfg["model_type"] == "perceiver"
+        assert cfg["hidden_act"] == act, numerics
     # Bit-identical weights; outputs may differ in the last ulp, because transformers computes on the
     # memory-mapped tensors, whose alignment depends on the safetensors header length.
-    want = hf.state_dict()
-    assert all(torch.equal(v, want[k]) for k, v in again.state_dict().items())
+    again = getattr(transformers, arch).from_pretrained(tmp_path / "transformers").eval()
     assert _max_error(_run_hf(again, arch, inputs), _run_hf(hf, arch, inputs)) <= 1e-6
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["architectures"] == [arch] and cfg["model_type"] == "perceiver"
 
 
 def test_key_tables_are_strict():
@@ -239,15 +242,39 @@ def test_pytorch_model_bin_and_sharded_checkpoints(hf_checkpoint, tmp_path):
         assert _max_error(_run_ours(from_transformers(d), arch, _inputs(arch)), want) == 0
 
 
-def test_transformers_numerics_survive_save_pretrained(hf_checkpoint, tmp_path):
-    """The activation and the learned decoder residual are config fields, so a compat model saved in our
-    format still reproduces transformers."""
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_transformers_numerics_survive_save_pretrained(hf_checkpoint, arch, tmp_path):
+    """The activation, the learned decoder residual and the conv stem's padding are config fields, so a
+    compat model saved in our format still reproduces transformers (the conv stem used to be a run-time
+    switch: reloaded, it padded as DeepMind does with a kernel in transformers' orientation)."""
     from perceivers import from_pretrained, save_pretrained
 
-    arch = "PerceiverForImageClassificationLearned"
     hf, directory = hf_checkpoint(arch)
     compat = from_transformers(directory, numerics="transformers")
-    assert compat.config.hidden_act == "gelu" and compat.config.decoder_query_residual is True
+    assert compat.config.hidden_act == "gelu"
+    if arch.endswith("Learned"):
+        assert compat.config.decoder_query_residual is True
+    if arch.endswith("ConvProcessing"):
+        assert compat.config.conv_padding == "symmetric"
     save_pretrained(compat, tmp_path)
     inputs = _inputs(arch)
     assert _max_error(_run_ours(from_pretrained(tmp_path), arch, inputs), _run_hf(hf, arch, inputs)) < ATOL
+
+@pytest.fixture(scope="module")
+def hf_q_checkpoint(tmp_path_factory):
+    """architecture → a checkpoint with ``cross_attention_shape_for_attention="q"`` (every head)."""
+    return checkpoint_factory(tmp_path_factory, {a: dict(c, cross_attention_shape_for_attention="q")
+                                                 for a, c in CONFIGS.items()})
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_query_shaped_cross_attention_loads_in_every_head(hf_q_checkpoint, arch):
+    """transformers applies ``cross_attention_shape_for_attention="q"`` to every cross-attention without
+    explicit widths, the flow and multimodal decoders' included (their queries are wider than the
+    latents): both numerics load such a checkpoint, transformers' reproduces its outputs."""
+    hf, directory = hf_q_checkpoint(arch)
+    inputs = _inputs(arch)
+    from_transformers(directory)  # DeepMind numerics: the same shapes
+    err = _max_error(_run_ours(from_transformers(directory, numerics="transformers"), arch, inputs),
+                     _run_hf(hf, arch, inputs))
+    assert err < ATOL, f"{arch}: max |ours - transformers| = {err:.3g}"

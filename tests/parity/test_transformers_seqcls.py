@@ -126,10 +126,12 @@ def test_deepmind_numerics_differ_only_by_gelu(hf_dirs):
 
 
 def test_round_trip_to_transformers_format(hf_dirs, tmp_path):
+    """With transformers' numerics the same model again (the DeepMind-numerics round trip writes its tanh GELU:
+    tests/parity/test_transformers.py)."""
     hf, directory = hf_dirs[ARCH]
-    save_transformers(from_transformers(directory), tmp_path)
+    save_transformers(from_transformers(directory, numerics="transformers"), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["architectures"] == [ARCH] and len(cfg["id2label"]) == 3
+    assert cfg["architectures"] == [ARCH] and len(cfg["id2label"]) == 3 and cfg["hidden_act"] == hf.config.hidden_act
     again = transformers.PerceiverForSequenceClassification.from_pretrained(tmp_path).eval()
     ids, mask = _batch()
     with torch.no_grad():

@@ -40,16 +40,35 @@ _CROSS_NORMS = {"norm": "norm_q", "norm_context": "norm_kv"}
 _SELF_NORMS = {"norm": "norm"}
 
 
+_WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+
+
+def _unwrap(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The state dict of the model inside wrappers (``module.``, ``_orig_mod.``) that prefix every key."""
+    while state_dict:
+        prefix = next((w for w in _WRAPPERS if all(k.startswith(w) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
 def detect_family(state_dict: Mapping[str, Tensor]) -> str:
-    """``"Perceiver"``, ``"PerceiverIO"`` or ``"PerceiverLM"`` from the keys of a perceiver-pytorch state dict."""
-    keys = set(state_dict)
+    """``"Perceiver"``, ``"PerceiverIO"``, ``"PerceiverLM"`` or ``"PerceiverBlock"`` from the keys of a
+    perceiver-pytorch state dict (after the prefixes of wrappers such as ``module.`` are removed)."""
+    keys = set(_unwrap(state_dict))
+    if keys and all(k.startswith(("cross_attn.", "cross_ff.", "self_attns.")) for k in keys):
+        return "PerceiverBlock"
     if any(k.startswith("perceiver_io.") for k in keys):
         return "PerceiverLM"
     if any(k.startswith(("cross_attend_block.", "cross_attend_blocks.")) for k in keys):
         return "PerceiverIO"
     if any(k.startswith("layers.") for k in keys) and "latents" in keys:
         return "Perceiver"
-    raise ValueError("not a perceiver-pytorch state dict: expected 'latents' and 'layers.*' keys")
+    sample = ", ".join(repr(k) for k in sorted(keys)[:3])
+    raise ValueError("not a perceiver-pytorch state dict: expected 'latents' and 'layers.*' keys (Perceiver, "
+                     "PerceiverIO, PerceiverLM) or only 'cross_attn.*', 'cross_ff.*', 'self_attns.*' "
+                     f"(PerceiverBlock), got {len(keys)} keys such as {sample or 'none'}")
 
 
 def _layer_schedule(groups: dict[int, dict[str, Tensor]], tie_first: bool, fold: bool = True) -> list[int]:
@@ -191,19 +210,27 @@ def _convert_io(sd: Mapping[str, Tensor], out: dict[str, Tensor], prefix: str = 
 
 
 def from_lucidrains(state_dict: Mapping[str, Tensor], *, weight_tie_layers: bool | None = None) -> dict[str, Tensor]:
-    """Convert a ``perceiver_pytorch`` ``Perceiver`` / ``PerceiverIO`` / ``PerceiverLM`` state dict.
+    """Convert a ``perceiver_pytorch`` ``Perceiver`` / ``PerceiverIO`` / ``PerceiverLM`` / ``PerceiverBlock``
+    state dict.
 
     The result loads with ``strict=True`` into the perceivers model built with the same arguments.
-    Works for both key layouts (0.8–0.10 and 0.11). Tied layers are detected (shared storage or
+    Works for both key layouts (0.8–0.10 and 0.11), and for a model saved inside
+    ``DistributedDataParallel`` / ``DataParallel`` or ``torch.compile`` (keys prefixed ``module.`` /
+    ``_orig_mod.``, removed). Tied layers are detected (shared storage or
     identical values) and stored once; ``weight_tie_layers=False`` keeps every layer apart, for an
     untied model whose layers hold equal values (e.g. initialised from a tied one).
 
     Raises:
         KeyError: a key that belongs to no known perceiver-pytorch layout.
     """
+    state_dict = _unwrap(state_dict)
     family = detect_family(state_dict)
     fold = weight_tie_layers is not False
     out: dict[str, Tensor] = {}
+    if family == "PerceiverBlock":
+        for key, value in state_dict.items():
+            _perceiver_layer("block", key, value, out)
+        return {k.removeprefix("block."): v for k, v in out.items()}
     if family == "PerceiverLM":
         for key in ("token_emb.weight", "pos_emb.weight"):
             out[key] = state_dict[key]

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hf_config import model_defaults
@@ -320,6 +319,8 @@ def overrides_from_config(
             over.update(image_size=(224, 224), num_bands=64, max_resolution=(224, 224))
         else:
             over.update(image_size=(224, 224), preprocessor_channels=64, num_bands=64, max_resolution=(56, 56))
+            if numerics == "transformers":
+                over["conv_padding"] = "symmetric"
     elif architecture == "PerceiverForOpticalFlow":
         over.update(train_size=tuple(c["train_size"]), num_bands=64, preprocessor_channels=64)
     elif architecture == "PerceiverForMultimodalAutoencoding":
@@ -364,8 +365,10 @@ def transformers_config(model: nn.Module) -> dict[str, Any]:
     if deeper:
         raise ValueError(f"{model.model_name} cannot be written in transformers' format: its decoders have one "
                          f"cross-attention and no query self-attention (model has {deeper})")
-    cfg: dict[str, Any] = {"model_type": "perceiver", "architectures": [arch], "hidden_act": "gelu",
-                           "attention_probs_dropout_prob": 0.0}
+    # the model's own activation (DeepMind's tanh GELU is transformers' "gelu_new") and dropout
+    cfg: dict[str, Any] = {"model_type": "perceiver", "architectures": [arch],
+                           "hidden_act": "gelu" if c.hidden_act == "gelu" else "gelu_new",
+                           "attention_probs_dropout_prob": float(c.dropout)}
     cfg.update({k: getattr(c, k) for k in _TRUNK_FIELDS})
     _, expected = overrides_from_config({**cfg, **_config_extras(c, arch)}, arch)
     if arch == "PerceiverForOpticalFlow":
@@ -430,29 +433,15 @@ def _config_extras(c: Any, arch: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- numerics
 
 
-class TransformersConvStem(nn.Module):
-    """transformers' conv stem layer: symmetric 3-pixel zero padding, conv 7×7/2, BN, ReLU, max-pool 3×3/2 with
-    no padding (so 224 → 112 → 55). Holds the same ``conv``/``norm`` modules as ours (same tensor names)."""
-
-    def __init__(self, conv: nn.Conv2d, norm: nn.Module | None) -> None:
-        super().__init__()
-        self.conv, self.norm = conv, norm
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(F.pad(x, (3, 3, 3, 3)))
-        if self.norm is not None:
-            x = self.norm(x)
-        return F.max_pool2d(F.relu(x), kernel_size=3, stride=2)
-
-
 def use_transformers_numerics(model: nn.Module, hidden_act: str = "gelu") -> nn.Module:
     """Switch a model to transformers' computation where it departs from DeepMind (in place).
 
     Every MLP uses ``hidden_act`` (``"gelu"`` exact; ``"gelu_new"``/``"gelu_pytorch_tanh"`` tanh) and conv
-    stems pad and pool as transformers does. Weights are untouched. :func:`from_transformers` also sets
-    the activation and the learned-position decoder residual through the config (so they are saved with
-    the model); the conv stem is a run-time switch only.
+    stems pad and pool as transformers does (``conv_padding="symmetric"``). Weights are untouched.
+    :func:`from_transformers` sets the same through the config instead (activation, conv padding, the
+    learned-position decoder residual), so they are saved with the model; a change made here is not.
     """
+    from ..io.processors.image import _ConvDownsampleLayer
     from ..layers import FeedForward
 
     if hidden_act not in _ACTIVATIONS:
@@ -460,9 +449,8 @@ def use_transformers_numerics(model: nn.Module, hidden_act: str = "gelu") -> nn.
     for module in model.modules():
         if isinstance(module, FeedForward):
             module.activation = _ACTIVATIONS[hidden_act]
-        for name, child in list(module.named_children()):
-            if type(child).__name__ == "_ConvDownsampleLayer":
-                setattr(module, name, TransformersConvStem(child.conv, child.norm))
+        elif isinstance(module, _ConvDownsampleLayer):
+            module.padding = "symmetric"
     return model
 
 
@@ -547,12 +535,15 @@ def load_transformers_weights(
     return load_state_dict_strict(model, converted, source=str(directory))
 
 
-def save_transformers(model: nn.Module, directory: str | os.PathLike[str], *, redo_conv_transpose: bool = True) -> Path:
+def save_transformers(model: nn.Module, directory: str | os.PathLike[str], *,
+                      redo_conv_transpose: bool | None = None) -> Path:
     """Write a registry model as a transformers checkpoint (``config.json`` + ``model.safetensors``).
 
-    transformers then computes with its own numerics (exact GELU, its conv stem, …); the weights are
-    the same. The stem kernel is stored H/W-swapped like transformers' converted checkpoints
-    (``redo_conv_transpose=False`` stores it as is).
+    The config names the model's activation (``hidden_act``: ``"gelu_new"`` for DeepMind's tanh GELU,
+    ``"gelu"`` for the exact one) and dropout; transformers computes the rest its own way (its conv
+    stem, …); the weights are the same. The stem kernel is stored H/W-swapped like transformers'
+    converted checkpoints, unless the model already holds it that way (``conv_padding="symmetric"``, as
+    ``numerics="transformers"`` loads it); ``redo_conv_transpose`` decides it explicitly.
 
     Raises:
         ValueError: the model has sizes transformers cannot express, or ``directory`` is a file.
@@ -561,6 +552,8 @@ def save_transformers(model: nn.Module, directory: str | os.PathLike[str], *, re
 
     cfg = transformers_config(model)
     arch = cfg["architectures"][0]
+    if redo_conv_transpose is None:
+        redo_conv_transpose = getattr(model.config, "conv_padding", "same") == "same"
     state = to_transformers_state_dict(model.state_dict(), arch, redo_conv_transpose=redo_conv_transpose)
     directory = _make_directory(directory)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")

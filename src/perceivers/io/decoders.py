@@ -13,6 +13,7 @@ docs/decoders.md). With query self-attention the queries are no longer independe
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +67,8 @@ class BasicDecoder(nn.Module):
         output_channels: width of the final ``Linear``; ``None`` for no final projection
             (DeepMind's ``final_project=False``), so the output has ``query_channels``.
         num_heads, qk_channels, v_channels: the cross-attention (q/k default to D, DeepMind's 'kv').
+        cross_attention_shape_for_attn: the default q/k width: ``"kv"`` the latents' D, ``"q"`` the
+            queries' width (transformers applies its config's setting to the decoders too).
         use_query_residual: add the queries to the attention output.
         widening_factor: MLP hidden width factor.
         concat_preprocessed_input: prepend the preprocessed inputs (without positions, with
@@ -102,9 +105,12 @@ class BasicDecoder(nn.Module):
         num_cross_attends: int = 1,
         num_self_attends_per_cross: int = 0,
         num_self_attention_heads: int | None = None,
+        cross_attention_shape_for_attn: Literal["kv", "q"] = "kv",
     ) -> None:
         super().__init__()
         _check_depth(num_cross_attends, num_self_attends_per_cross)
+        if cross_attention_shape_for_attn not in ("kv", "q"):
+            raise ValueError(f"cross_attention_shape_for_attn must be 'kv' or 'q', got {cross_attention_shape_for_attn!r}")
         if queries is not None:
             query_channels = queries.num_channels + (preprocessed_channels if concat_preprocessed_input else 0)
         if query_channels is None:
@@ -114,10 +120,12 @@ class BasicDecoder(nn.Module):
         self.query_channels, self.latent_channels = query_channels, latent_channels
         self.num_cross_attends, self.num_self_attends_per_cross = num_cross_attends, num_self_attends_per_cross
 
+        if qk_channels is None:
+            qk_channels = latent_channels if cross_attention_shape_for_attn == "kv" else query_channels
+
         def cross_attention(residual: bool) -> CrossAttentionBlock:
             return CrossAttentionBlock(
-                query_channels, latent_channels, num_heads=num_heads,
-                qk_channels=latent_channels if qk_channels is None else qk_channels, v_channels=v_channels,
+                query_channels, latent_channels, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
                 out_dim=query_channels, qkv_bias=True, query_residual=residual, mlp_mult=widening_factor,
                 activation=activation, attn_dropout=dropout, ff_dropout=dropout,
             )
@@ -292,6 +300,7 @@ class FlowDecoder(nn.Module):
         num_cross_attends: int = 1,
         num_self_attends_per_cross: int = 0,
         num_self_attention_heads: int | None = None,
+        cross_attention_shape_for_attn: Literal["kv", "q"] = "kv",
     ) -> None:
         super().__init__()
         self.output_image_shape = tuple(int(n) for n in output_image_shape)
@@ -302,6 +311,7 @@ class FlowDecoder(nn.Module):
             use_query_residual=use_query_residual, widening_factor=widening_factor, zero_init_output=True,
             activation=activation, num_cross_attends=num_cross_attends,
             num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
+            cross_attention_shape_for_attn=cross_attention_shape_for_attn,
         )
         self.query_channels, self.output_channels = query_channels, output_channels
 
@@ -407,6 +417,7 @@ class MultimodalDecoder(nn.Module):
         num_cross_attends: int = 1,
         num_self_attends_per_cross: int = 0,
         num_self_attention_heads: int | None = None,
+        cross_attention_shape_for_attn: Literal["kv", "q"] = "kv",
     ) -> None:
         super().__init__()
         if not queries:
@@ -423,6 +434,7 @@ class MultimodalDecoder(nn.Module):
             output_channels=output_channels, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
             use_query_residual=use_query_residual, activation=activation, num_cross_attends=num_cross_attends,
             num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
+            cross_attention_shape_for_attn=cross_attention_shape_for_attn,
         )
         self.output_channels = output_channels
 

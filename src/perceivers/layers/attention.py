@@ -10,7 +10,7 @@ Conventions used throughout perceivers:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 
@@ -30,12 +30,14 @@ KeyValue = tuple[Tensor, Tensor]
 
 
 def check_mask(
-    mask: Tensor | None, batch: int, length: int, name: str = "mask", *, device: torch.device | None = None
+    mask: Tensor | None, batch: int, length: int, name: str = "mask", *, device: torch.device | None = None,
+    axes: Sequence[int] | None = None,
 ) -> Tensor | None:
     """Validate a boolean key mask and return it as ``[B, length]``.
 
-    Accepts ``[B, length]`` or any ``[B, *axes]`` whose axes multiply to ``length``; with ``device``,
-    the mask must be on it (the device of the tensor it masks).
+    Accepts ``[B, length]``, or ``[B, *axes]`` where the data's ``axes`` are given (any ``[B, *axes]``
+    whose axes multiply to ``length`` where they are not); with ``device``, the mask must be on it (the
+    device of the tensor it masks).
     """
     if mask is None:
         return None
@@ -43,11 +45,12 @@ def check_mask(
         raise TypeError(f"{name} must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must have dtype torch.bool (True = attend), got {mask.dtype}")
-    if mask.ndim < 2 or mask.shape[0] != batch or mask[0].numel() != length:
-        raise ValueError(
-            f"{name} must have shape [batch={batch}, {length}] (or [batch, *axes] with {length} elements per "
-            f"sample), got {tuple(mask.shape)}"
-        )
+    grid = tuple(axes) if axes is not None and len(axes) > 1 else None
+    fits = mask.shape[1:] in ((length,), grid) if grid else mask.ndim >= 2 and mask[0].numel() == length
+    if mask.ndim < 2 or mask.shape[0] != batch or not fits:
+        shapes = (f"[batch={batch}, {', '.join(map(str, grid))}] (the data's axes) or [batch, {length}]" if grid
+                  else f"[batch={batch}, {length}] (or [batch, *axes] with {length} elements per sample)")
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(mask.shape)}")
     if device is not None and mask.device != device:
         raise ValueError(f"{name} is on device {mask.device} but the data is on {device}; move the mask")
     return mask.reshape(batch, length)
@@ -101,6 +104,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.q_dim, self.kv_dim, self.out_dim = q_dim, kv_dim, out_dim
         self.qk_channels, self.v_channels = qk_channels, v_channels
+        if not 0.0 <= dropout <= 1.0:  # as nn.Dropout checks its probability
+            raise ValueError(f"attention dropout must be a probability in [0, 1], got {dropout}")
         self.dropout = dropout
         self.to_q = Linear(q_dim, qk_channels, bias=qkv_bias)
         self.to_k = Linear(kv_dim, qk_channels, bias=qkv_bias)

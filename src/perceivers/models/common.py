@@ -16,8 +16,10 @@ from ..validation import check_finite, check_index_range, check_like
 __all__ = [
     "AttentionResidual",
     "ClassifierHead",
+    "LayerSchedule",
     "LogitsAlias",
     "MeanOverLatents",
+    "check_count",
     "check_input",
     "check_token_ids",
     "flatten_axes",
@@ -25,6 +27,58 @@ __all__ = [
     "start_hiddens",
     "tie_schedule",
 ]
+
+
+def check_count(*, minimum: int = 1, **counts: object) -> None:
+    """Raise a ValueError naming the first of ``counts`` (sizes, depths) that is not an int ``>= minimum``."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class LayerSchedule(nn.ModuleList):
+    """perceiver-pytorch's ``model.layers``: the block of every step (tied steps share one), read-only.
+
+    A view of ``model.blocks`` and ``model.block_order``, built on each access: changing it would change
+    nothing, so it refuses to be changed (change ``blocks`` or ``block_order`` instead).
+    """
+
+    def __init__(self, blocks: nn.ModuleList, order: Sequence[int]) -> None:
+        super().__init__([blocks[i] for i in order])
+        self._built = True
+
+    def _refuse(self, *args, **kwargs):
+        if getattr(self, "_built", False):
+            raise TypeError("model.layers is a read-only view of model.blocks (the unique blocks) and "
+                            "model.block_order (which block each step runs); change those instead")
+
+    def __setitem__(self, *args) -> None:
+        self._refuse()
+        super().__setitem__(*args)
+
+    def __delitem__(self, *args) -> None:
+        self._refuse()
+        super().__delitem__(*args)
+
+    def __iadd__(self, modules):
+        self._refuse()
+        return super().__iadd__(modules)
+
+    def append(self, module):
+        self._refuse()
+        return super().append(module)
+
+    def extend(self, modules):
+        self._refuse()
+        return super().extend(modules)
+
+    def insert(self, index: int, module) -> None:
+        self._refuse()
+        super().insert(index, module)
+
+    def pop(self, key):
+        self._refuse()
+        return super().pop(key)
 
 
 def tie_schedule(depth: int, weight_tie_layers: bool, *, tie_first: bool = False) -> tuple[int, ...]:
@@ -76,10 +130,18 @@ class LogitsAlias:
 
 
 def start_hiddens(block_outputs: Tensor | Sequence[Tensor] | None, x: Tensor) -> list[Tensor]:
-    """The block outputs a forward pass continues from: ``[x]`` when none were given (an empty list stays empty)."""
+    """The block outputs a forward pass continues from: ``[x]`` when none were given (an empty list stays empty).
+
+    Each given output must have the shape of the latents ``x [B, N, D]``.
+    """
     if block_outputs is None:
         return [x]
-    return [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs)
+    hiddens = [block_outputs] if isinstance(block_outputs, Tensor) else list(block_outputs)
+    for i, h in enumerate(hiddens):
+        if not isinstance(h, Tensor) or h.shape != x.shape:
+            got = f"shape {tuple(h.shape)}" if isinstance(h, Tensor) else type(h).__name__
+            raise ValueError(f"block_outputs[{i}] must have the latents' shape {tuple(x.shape)}, got {got}")
+    return hiddens
 
 
 def initial_latents(learned: Tensor, latents: Tensor | None, batch: int, *, like: Tensor) -> Tensor:

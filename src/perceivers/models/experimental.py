@@ -157,7 +157,7 @@ class BottomUpPerceiver(LogitsAlias, nn.Module):
         (or the latents ``[B, num_latents, latent_dim]`` with ``return_embeddings``)."""
         tokens = self.data_proj(check_like(self.input(data), self, "data"))  # [B, M, C]
         b, m = tokens.shape[:2]
-        mask = check_mask(mask, b, m, device=tokens.device)
+        mask = check_mask(mask, b, m, device=tokens.device, axes=data.shape[1:-1])
         x = per_sample(self.latents.to(tokens.dtype), b)
         last = len(self.block_order) - 1
         for step, unique in enumerate(self.block_order):

@@ -216,7 +216,7 @@ class _MultiModalityInputs(LogitsAlias, nn.Module):
         return torch.cat((flatten_axes(values), static), dim=-1)
 
     def _merge_masks(
-        self, names: list[str], lengths: list[int], batch: int, mask: Tensor | None,
+        self, data: Mapping[str, Tensor], names: list[str], lengths: list[int], batch: int, mask: Tensor | None,
         masks: Mapping[str, Tensor] | None,
     ) -> Tensor | None:
         if masks is None:
@@ -233,7 +233,9 @@ class _MultiModalityInputs(LogitsAlias, nn.Module):
         parts = []
         for name, n in zip(names, lengths):
             m = masks.get(name)
-            m = check_mask(m, batch, n, name=f"masks[{name!r}]", device=self._device()) if m is not None else None
+            x = data[name]  # [B, *axes, C], or token ids [B, L]
+            axes = x.shape[1:-1] if x.ndim > 2 else x.shape[1:]
+            m = check_mask(m, batch, n, name=f"masks[{name!r}]", device=self._device(), axes=axes) if m is not None else None
             parts.append(m if m is not None else torch.ones(batch, n, dtype=torch.bool, device=self._device()))
         return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
 
@@ -260,7 +262,7 @@ class _MultiModalityInputs(LogitsAlias, nn.Module):
             self._check_modality(name, multi_modality_data[name])
         batch = self._batch_size(multi_modality_data, names)
         tokens = [self._tokens(name, multi_modality_data[name]) for name in names]
-        mask = self._merge_masks(names, [t.shape[1] for t in tokens], batch, mask, masks)
+        mask = self._merge_masks(multi_modality_data, names, [t.shape[1] for t in tokens], batch, mask, masks)
         return [torch.cat(tokens, dim=1)], mask
     def _device(self) -> torch.device:
         return next(self.parameters()).device
@@ -510,7 +512,7 @@ class MultiModalityWithTextPerceiver(MultiModalityPerceiver):
                 tokens = self._tokens(name, x)
                 for i in range(self.depth):
                     per_layer[i].append(tokens)
-        mask = self._merge_masks(names, [t.shape[1] for t in per_layer[0]], batch, mask, masks)
+        mask = self._merge_masks(multi_modality_data, names, [t.shape[1] for t in per_layer[0]], batch, mask, masks)
         return [torch.cat(parts, dim=1) for parts in per_layer], mask
 
 

@@ -30,7 +30,9 @@ from ..validation import check_finite
 from .common import (
     AttentionResidual,
     ClassifierHead,
+    LayerSchedule,
     LogitsAlias,
+    check_count,
     check_input,
     flatten_axes,
     initial_latents,
@@ -67,6 +69,10 @@ class PerceiverBlock(nn.Module):
         queries_contribute_kv: bool = False,
     ) -> None:
         super().__init__()
+        check_count(dim=dim, cross_heads=cross_heads, latent_heads=latent_heads, cross_dim_head=cross_dim_head,
+                    latent_dim_head=latent_dim_head)
+        check_count(self_per_cross_attn=self_per_cross_attn, minimum=0)
+        self.dim = dim
         context_dim = dim if context_dim is None else context_dim
         if queries_contribute_kv and context_dim != dim:
             raise ValueError(f"queries_contribute_kv needs context_dim == dim, got {context_dim} and {dim}")
@@ -138,6 +144,8 @@ class PerceiverBlock(nn.Module):
                 if mask is not None:
                     mask = torch.cat((mask.new_ones(mask.shape[0], x.shape[1]), mask), dim=-1)
             x = self.cross_attn(x, mask=mask, kv=kv, inverted=inverted_attention)
+        elif kv is None:  # a latent-only block called directly
+            check_input(x, name="x", channels=self.dim, axes=1, module=self)
         for layer in self.self_attns:
             x = layer(x)
         return x
@@ -201,6 +209,7 @@ class Perceiver(LogitsAlias, nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        check_count(input_axis=input_axis, num_latents=num_latents, latent_dim=latent_dim)
         self.chunk_size = chunk_size
         if isinstance(inverted_cross_attn, bool):
             inverted_cross_attn = (inverted_cross_attn,) * depth
@@ -238,9 +247,9 @@ class Perceiver(LogitsAlias, nn.Module):
         self.head = ClassifierHead(latent_dim, num_classes) if final_classifier_head else nn.Identity()
 
     @property
-    def layers(self) -> nn.ModuleList:
-        """The block applied at each of the ``depth`` steps (tied steps share one object), as a ``ModuleList``."""
-        return nn.ModuleList([self.blocks[i] for i in self.block_order])
+    def layers(self) -> LayerSchedule:
+        """The block applied at each of the ``depth`` steps (tied steps share one object), a read-only ``ModuleList``."""
+        return LayerSchedule(self.blocks, self.block_order)
 
     def build_context(self, data: Tensor, pos: Tensor | None = None) -> Tensor:
         """Inputs (+ Fourier features) flattened to the cross-attention context ``[B, M, context_dim]``.
@@ -351,7 +360,7 @@ class Perceiver(LogitsAlias, nn.Module):
         stream = self.context_stream(data, pos, masked=mask is not None)
         context = self.build_context(data, pos) if stream is None else None
         b, m = context.shape[:2] if stream is None else (stream.batch, stream.length)
-        mask = check_mask(mask, b, m, device=data.device)
+        mask = check_mask(mask, b, m, device=data.device, axes=data.shape[1:-1])
         x = initial_latents(self.latents, latents, b, like=data)
 
         keep = return_hiddens or self.attn_residuals is not None or block_outputs is not None

@@ -20,6 +20,8 @@ from ..layers.dense import Linear
 from ..validation import check_finite, check_like
 from .common import (
     AttentionResidual,
+    LayerSchedule,
+    check_count,
     check_input,
     check_token_ids,
     initial_latents,
@@ -49,11 +51,6 @@ def dropout_seq(data: Tensor, mask: Tensor | None, prob: float) -> tuple[Tensor,
         keep_counts = torch.ceil(mask.sum(dim=-1) * keep_prob).int()
         mask = mask[rows, keep] & (torch.arange(num_keep, device=data.device) < keep_counts[:, None])
     return data, mask
-
-
-def _check_count(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_decode_chunking(decode_chunk_size: int | None, self_attends: int) -> None:
@@ -124,8 +121,9 @@ class PerceiverIO(nn.Module):
         decoder_self_attends: int = 0,
     ) -> None:
         super().__init__()
-        _check_count("decoder_depth", decoder_depth, minimum=1)
-        _check_count("decoder_self_attends", decoder_self_attends, minimum=0)
+        check_count(num_latents=num_latents, latent_dim=latent_dim, cross_heads=cross_heads, latent_heads=latent_heads,
+                    cross_dim_head=cross_dim_head, latent_dim_head=latent_dim_head, decoder_depth=decoder_depth)
+        check_count(decoder_self_attends=decoder_self_attends, minimum=0)
         self.decoder_depth, self.decoder_self_attends = decoder_depth, decoder_self_attends
         _check_decode_chunking(decode_chunk_size, decoder_self_attends)
         self.chunk_size, self.decode_chunk_size = chunk_size, decode_chunk_size
@@ -243,6 +241,12 @@ class PerceiverIO(nn.Module):
             for block in self.decoder_self_attns[i * per:(i + 1) * per]:
                 x = block(x, mask=query_mask)  # padded queries are no keys
         return x
+
+    @property
+    def layers(self) -> LayerSchedule:
+        """The latent self-attention block of each of the ``depth`` steps (tied steps share one object), a
+        read-only ``ModuleList`` (perceiver-pytorch's ``layers``; here ``blocks`` and ``block_order``)."""
+        return LayerSchedule(self.blocks, self.block_order)
 
     def forward(
         self,

@@ -80,7 +80,7 @@ class _GridPerceiver(LogitsAlias, nn.Module):
         (or the latents ``[B, num_latents, latent_dim]`` with ``return_embeddings``)."""
         context = check_like(self.input(data), self, "data")
         b, m = context.shape[:2]
-        mask = check_mask(mask, b, m, device=context.device)
+        mask = check_mask(mask, b, m, device=context.device, axes=data.shape[1:-1])
         x = per_sample(self.latents.to(context.dtype), b)
         kv_cache: dict[int, KeyValue] = {}  # tied blocks project the shared context once
         for unique in self.block_order:

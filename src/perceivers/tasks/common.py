@@ -61,7 +61,9 @@ class TrunkConfig:
         num_self_attention_heads, num_cross_attention_heads: encoder heads.
         qk_channels, v_channels: q/k and v widths of the encoder attentions (``None``: DeepMind defaults).
         cross_attention_widening_factor, self_attention_widening_factor: MLP widening.
-        cross_attention_shape_for_attention: default cross-attention q/k width from ``"kv"`` or ``"q"``.
+        cross_attention_shape_for_attention: default cross-attention q/k width from ``"kv"`` or ``"q"``
+            (transformers' field; as there, it also sets the flow and multimodal decoders', whose queries
+            are wider than the latents).
         use_query_residual: latent residual around the encoder cross-attention.
         dropout: attention and MLP dropout (0 in every official model).
         hidden_act: MLP activation of encoder and decoder: ``"gelu_tanh"`` (official, ``jax.nn.gelu``)

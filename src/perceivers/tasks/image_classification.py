@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from ..io import ClassificationDecoder, PerceiverIOModel, build_position_encoding
 from ..io.processors import ImagePreprocessor
+from ..io.processors.image import conv_stem_size
 from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
 from .common import (
@@ -48,6 +50,8 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
         num_labels: classes.
         spatial_downsample: stem downsampling (4 for ``"conv"``, 1 otherwise).
         preprocessor_channels: output width of the conv / 1×1 conv stem.
+        conv_padding: the conv stem's padding: ``"same"`` (DeepMind's TF 'SAME': 56×56 tokens from 224²)
+            or ``"symmetric"`` (transformers' port: 55×55; set by ``numerics="transformers"``).
         num_bands, max_resolution: Fourier features (``max_resolution`` default: the token grid).
         position_channels, project_pos_dim: trainable position width and its projection (-1: none).
         concat_or_add_pos: ``"concat"`` or ``"add"``.
@@ -78,6 +82,7 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
     num_labels: int = 1000
     spatial_downsample: int = 1
     preprocessor_channels: int = 64
+    conv_padding: str = "same"
     num_bands: int = 64
     max_resolution: Any = None
     position_channels: int = 256
@@ -99,6 +104,9 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
         self.max_resolution = as_tuple(self.max_resolution)
         if self.preprocessing not in ("pixels", "conv", "conv1x1"):
             raise ValueError(f"preprocessing must be 'pixels', 'conv' or 'conv1x1', got {self.preprocessing!r}")
+        if self.conv_padding not in ("same", "symmetric"):
+            raise ValueError(f"conv_padding must be 'same' (DeepMind) or 'symmetric' (transformers), "
+                             f"got {self.conv_padding!r}")
         if self.position_encoding not in ("fourier", "trainable"):
             raise ValueError(f"position_encoding must be 'fourier' or 'trainable', got {self.position_encoding!r}")
 
@@ -114,7 +122,12 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
     def token_grid(self) -> tuple[int, int]:
         """``(h, w)`` of the tokens for an ``image_size`` input."""
         s = self.spatial_downsample
-        return tuple(-(-n // s) for n in self.image_size)
+        if self.preprocessing != "conv":
+            return tuple(-(-n // s) for n in self.image_size)
+        sizes = self.image_size
+        for _ in range(round(math.log(s, 4))):  # one stem layer per 4×
+            sizes = tuple(conv_stem_size(n, self.conv_padding) for n in sizes)
+        return sizes
 
 
 @model_output
@@ -151,7 +164,7 @@ class ImageClassifier(SavesPretrained, nn.Module):
         )
         preprocessor = ImagePreprocessor(
             c.preprocessing, in_channels=c.in_channels, position_encoding=pos, spatial_downsample=c.spatial_downsample,
-            num_channels=c.preprocessor_channels, concat_or_add_pos=c.concat_or_add_pos,
+            num_channels=c.preprocessor_channels, concat_or_add_pos=c.concat_or_add_pos, conv_padding=c.conv_padding,
         )
         decoder = ClassificationDecoder(
             c.num_labels, latent_channels=c.d_latents, query_channels=c.decoder_query_channels,

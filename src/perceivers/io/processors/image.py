@@ -8,7 +8,9 @@ channels are ordered ``(dt, dh, dw, c)`` exactly as in the official code.
 
 * ``"pixels"``: raw values (optionally strided by ``spatial_downsample`` / ``temporal_downsample``);
 * ``"conv"``: :class:`ConvDownsample` — per 4× downsampling one 7×7 stride-2 conv (TF 'SAME',
-  no bias), BatchNorm, ReLU and a 3×3 stride-2 max-pool (TF 'SAME', −inf padding);
+  no bias), BatchNorm, ReLU and a 3×3 stride-2 max-pool (TF 'SAME', −inf padding); or, with
+  ``conv_padding="symmetric"``, as transformers' port computes it (3 pixels of zeros on every side of
+  the conv, an unpadded pool: 224 → 55 tokens a side instead of 56);
 * ``"conv1x1"``: a 1×1 conv with bias and stride ``spatial_downsample``;
 * ``"patches"``: space-to-depth (``temporal_downsample`` × ``spatial_downsample``²), optionally
   followed by ``Linear`` (``conv_after_patching``); a time axis of length 1 is dropped (optical flow).
@@ -37,7 +39,7 @@ from ...validation import check_tensor
 from ..positions import has_grid_rows
 from .base import Preprocessed, add_positions
 
-__all__ = ["ConvDownsample", "ImagePreprocessor", "same_padding", "space_to_depth"]
+__all__ = ["ConvDownsample", "ImagePreprocessor", "conv_stem_size", "same_padding", "space_to_depth"]
 
 PrepType = Literal["pixels", "conv", "conv1x1", "patches"]
 
@@ -59,13 +61,35 @@ def space_to_depth(x: Tensor, *, temporal_block: int = 1, spatial_block: int = 1
     raise ValueError(f"space_to_depth expects a 4-D or 5-D channels-last tensor, got shape {tuple(x.shape)}")
 
 
+ConvPadding = Literal["same", "symmetric"]
+
+
+def _check_conv_padding(padding: str) -> None:
+    if padding not in ("same", "symmetric"):
+        raise ValueError(f"conv_padding must be 'same' (DeepMind) or 'symmetric' (transformers), got {padding!r}")
+
+
+def conv_stem_size(n: int, padding: ConvPadding = "same") -> int:
+    """The length an axis of length ``n`` keeps through one conv-stem layer (conv 7×7/2, max-pool 3×3/2)."""
+    if padding == "same":
+        return -(-n // 4)
+    return (-(-n // 2) - 3) // 2 + 1  # conv over n + 6 zeros, then an unpadded pool
+
+
 class _ConvDownsampleLayer(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, use_batchnorm: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, use_batchnorm: bool, padding: ConvPadding = "same") -> None:
         super().__init__()
+        _check_conv_padding(padding)
+        self.padding = padding
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=7, stride=2, bias=False)
         self.norm = nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1) if use_batchnorm else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.padding == "symmetric":
+            x = self.conv(F.pad(x, (3, 3, 3, 3)))
+            if self.norm is not None:
+                x = self.norm(x)
+            return F.max_pool2d(F.relu(x), kernel_size=3, stride=2)
         h, w = x.shape[-2:]
         (top, bottom), (left, right) = same_padding(h, 7, 2), same_padding(w, 7, 2)
         x = self.conv(F.pad(x, (left, right, top, bottom)))
@@ -83,14 +107,15 @@ class ConvDownsample(nn.Module):
     """``num_layers`` × (conv 7×7/2 SAME → BatchNorm → ReLU → max-pool 3×3/2 SAME): 4× per layer, NCHW.
 
     BatchNorm uses eps 1e-5 and momentum 0.1 (Haiku decay 0.9); in eval mode it uses the running
-    statistics (Haiku's EMA ``average``).
+    statistics (Haiku's EMA ``average``). ``padding="symmetric"``: transformers' stem instead (3 pixels
+    of zeros around the conv's input, an unpadded pool).
     """
 
     def __init__(self, in_channels: int = 3, num_channels: int = 64, *, num_layers: int = 1,
-                 use_batchnorm: bool = True) -> None:
+                 use_batchnorm: bool = True, padding: ConvPadding = "same") -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            _ConvDownsampleLayer(in_channels if i == 0 else num_channels, num_channels, use_batchnorm)
+            _ConvDownsampleLayer(in_channels if i == 0 else num_channels, num_channels, use_batchnorm, padding)
             for i in range(num_layers)
         )
 
@@ -113,6 +138,7 @@ class ImagePreprocessor(nn.Module):
         spatial_downsample, temporal_downsample: downsampling factors (``"conv"`` needs a power of 4).
         num_channels: output width of the conv / 1×1 conv / ``conv_after_patching`` Linear.
         conv_after_patching: apply ``Linear`` to the patches (``"patches"`` only).
+        conv_padding: ``"conv"`` only: ``"same"`` (DeepMind) or ``"symmetric"`` (transformers' port).
         concat_or_add_pos: ``"concat"`` (``[features, positions]``) or ``"add"``.
 
     Attributes:
@@ -132,8 +158,10 @@ class ImagePreprocessor(nn.Module):
         conv_after_patching: bool = False,
         concat_or_add_pos: Literal["concat", "add"] = "concat",
         use_batchnorm: bool = True,
+        conv_padding: ConvPadding = "same",
     ) -> None:
         super().__init__()
+        _check_conv_padding(conv_padding)
         if prep_type not in ("pixels", "conv", "conv1x1", "patches"):
             raise ValueError(f"prep_type must be 'pixels', 'conv', 'conv1x1' or 'patches', got {prep_type!r}")
         if concat_or_add_pos not in ("concat", "add"):
@@ -151,7 +179,8 @@ class ImagePreprocessor(nn.Module):
                 raise ValueError(f"prep_type='conv' needs spatial_downsample = 4, 16, ..., got {spatial_downsample}")
             if temporal_downsample != 1:
                 raise ValueError("prep_type='conv' does not downsample in time")
-            self.stem = ConvDownsample(in_channels, num_channels, num_layers=num_layers, use_batchnorm=use_batchnorm)
+            self.stem = ConvDownsample(in_channels, num_channels, num_layers=num_layers, use_batchnorm=use_batchnorm,
+                                       padding=conv_padding)
             features = num_channels
         elif prep_type == "conv1x1":
             if temporal_downsample != 1:
@@ -178,8 +207,8 @@ class ImagePreprocessor(nn.Module):
         t = lead[1] if len(lead) == 2 else None
         s, td = self.spatial_downsample, self.temporal_downsample
         if self.prep_type == "conv":
-            for _ in self.stem.layers:  # conv stride 2, then pool stride 2, both 'SAME'
-                h, w = -(-h // 4), -(-w // 4)
+            for layer in self.stem.layers:
+                h, w = conv_stem_size(h, layer.padding), conv_stem_size(w, layer.padding)
         elif self.prep_type in ("conv1x1", "pixels"):
             h, w = -(-h // s), -(-w // s)
             t = None if t is None else (-(-t // td) if self.prep_type == "pixels" else t)
