@@ -138,14 +138,16 @@ def _run_lightning(command: str, args: list[str]) -> int:
     except RecipeError as err:
         print(f"perceivers {command}: error: {err}", file=sys.stderr)
         return 2
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from .data.datasets import DataError
     from .train.cli import run_cli
     from .train.tasks import ConfigError
 
     try:
         run_cli([command, *args])
-    except Exception as err:
-        ours = _find_cause(err, (ConfigError, DataError))
+    except Exception as err:  # ours, and Lightning's for a trainer setting it refuses (e.g. devices=0)
+        ours = _find_cause(err, (ConfigError, DataError, MisconfigurationException))
         if ours is None:
             raise
         print(f"perceivers {command}: error: {ours}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from train_configs import tiny_config, write_config
 
 from perceivers import cli
@@ -31,8 +32,21 @@ def test_missing_ckpt_path_with_resume(tmp_path, capsys):
 def test_check_ckpt_path(tmp_path):
     for keyword in (None, "last", "best", "hpc", "registry", "registry:model:latest", "s3://bucket/x.ckpt"):
         check_ckpt_path(keyword)  # left to Lightning
-    (tmp_path / "x.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
     check_ckpt_path(tmp_path / "x.ckpt")
     check_ckpt_path(str(tmp_path))  # sharded checkpoints are folders
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is not a checkpoint.*an empty file"):
+        check_ckpt_path(tmp_path / "empty.ckpt")
     with pytest.raises(ConfigError, match="does not exist"):
         check_ckpt_path(tmp_path / "y.ckpt")
+
+
+@pytest.mark.parametrize("content", [b"step,loss\n1,0.5\n", b"\x89PNG\r\n\x1a\n" + bytes(20)], ids=["text", "png"])
+def test_ckpt_path_that_is_no_checkpoint(tmp_path, capsys, content):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    (tmp_path / "bad.ckpt").write_bytes(content)
+    assert cli.main(["test", "--config", config, "--ckpt_path", str(tmp_path / "bad.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert f"perceivers test: error: ckpt_path {tmp_path / 'bad.ckpt'} is not a checkpoint" in err
+    assert "Traceback" not in err

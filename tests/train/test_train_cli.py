@@ -172,3 +172,11 @@ def test_quiet_dependencies_leaves_out_two_messages_only(caplog):
     assert [str(w.message)[:16] for w in caught] == ["kept", "`isinstance(tree"]
     assert [r.getMessage() for r in caplog.records] == ["kept too"]
     assert not logger.filters
+
+
+def test_trainer_setting_lightning_refuses_is_a_clear_error(tmp_path, capsys):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    assert cli.main(["fit", "--config", config, "--trainer.devices", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "perceivers fit: error: `Trainer(devices=" in err and "not a valid input" in err
+    assert "Traceback" not in err

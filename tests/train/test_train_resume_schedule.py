@@ -74,6 +74,15 @@ def test_same_length_resume_continues(tmp_path, capsys):
     final = _ckpt(tmp_path)
     assert final["global_step"] == 4
     assert final["lr_schedulers"][0]["total_steps"] == 4 and final["lr_schedulers"][0]["last_epoch"] == 4
+    # the same weights as a run that was not interrupted: the resumed epoch continues after its trained
+    # batches (the schedule's length, asked for before the checkpoint is read, used to restart it at 0)
+    whole = tiny_config(tmp_path / "whole", task={"lr_scheduler": SCHEDULES["OneCycleLR"]},
+                        trainer={"max_epochs": 5, "max_steps": 4},
+                        checkpoint={"every_n_train_steps": 2, "monitor": None}, plots=NO_PLOTS)
+    assert cli.main(["fit", "--config", write_config(tmp_path / "whole.yaml", whole)]) == 0
+    uninterrupted = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for key, value in uninterrupted["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), key
     capsys.readouterr()
 
 

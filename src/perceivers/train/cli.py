@@ -70,6 +70,12 @@ class PerceiversCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, before any of our checks: check the file first
+        if self.config.get("subcommand"):
+            check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
         parser.set_defaults({
@@ -224,6 +230,12 @@ def check_ckpt_path(ckpt_path: str | os.PathLike | None) -> None:
     if value.split(":", 1)[0] in CKPT_PATH_KEYWORDS or "://" in value:
         return
     path = Path(value).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip archive (or a pickle)
+            raise ConfigError(f"ckpt_path {value} is not a checkpoint (a torch.save archive, as Lightning writes): "
+                              f"its first bytes are {head!r}" + (" (an empty file)" if not head else ""))
     if path.exists():
         return
     where = "" if path.is_absolute() else f" (here: {path.resolve()})"

@@ -369,6 +369,25 @@ class Task(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------------ resuming
+    def on_train_start(self) -> None:
+        """Resume mid-epoch where the training loader was built before the checkpoint was read.
+
+        Lightning hands the checkpoint's place in the epoch (the batches already trained on) to the loader
+        when it builds it after reading the checkpoint, and starts iterating it there. A schedule's length
+        (``estimated_stepping_batches`` in :meth:`configure_optimizers`) has the loader built, and its
+        iterator started, before: so hand the place over now and start again from it, leaving the random
+        state as the checkpoint restored it (a new iterator draws a seed from it).
+        """
+        loop = self.trainer.fit_loop
+        fetcher = getattr(loop, "_data_fetcher", None)
+        if not (loop.restarting and getattr(loop, "_combined_loader_states_to_load", None) and fetcher is not None
+                and hasattr(loop, "_load_combined_loader_states")):
+            return
+        rng = torch.get_rng_state()
+        loop._load_combined_loader_states()
+        iter(fetcher)  # a new iterator, continuing after the trained batches
+        torch.set_rng_state(rng)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is None or self.trainer.state.fn != "fit":
             return  # validate / test / predict restore no schedule
