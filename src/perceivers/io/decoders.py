@@ -26,6 +26,7 @@ from ..layers import (
     TrainablePositionEncoding,
     check_mask,
 )
+from ..layers.blocks import default_qk_channels
 from ..layers.dense import Linear
 from .queries import FourierQueries, InputQueries, TrainableQueries
 
@@ -109,8 +110,6 @@ class BasicDecoder(nn.Module):
     ) -> None:
         super().__init__()
         _check_depth(num_cross_attends, num_self_attends_per_cross)
-        if cross_attention_shape_for_attn not in ("kv", "q"):
-            raise ValueError(f"cross_attention_shape_for_attn must be 'kv' or 'q', got {cross_attention_shape_for_attn!r}")
         if queries is not None:
             query_channels = queries.num_channels + (preprocessed_channels if concat_preprocessed_input else 0)
         if query_channels is None:
@@ -120,12 +119,13 @@ class BasicDecoder(nn.Module):
         self.query_channels, self.latent_channels = query_channels, latent_channels
         self.num_cross_attends, self.num_self_attends_per_cross = num_cross_attends, num_self_attends_per_cross
 
-        if qk_channels is None:
-            qk_channels = latent_channels if cross_attention_shape_for_attn == "kv" else query_channels
+        default_qk = default_qk_channels(cross_attention_shape_for_attn, q_channels=query_channels,
+                                         kv_channels=latent_channels)  # checks the setting even where unused
+        cross_qk = default_qk if qk_channels is None else qk_channels
 
         def cross_attention(residual: bool) -> CrossAttentionBlock:
             return CrossAttentionBlock(
-                query_channels, latent_channels, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
+                query_channels, latent_channels, num_heads=num_heads, qk_channels=cross_qk, v_channels=v_channels,
                 out_dim=query_channels, qkv_bias=True, query_residual=residual, mlp_mult=widening_factor,
                 activation=activation, attn_dropout=dropout, ff_dropout=dropout,
             )

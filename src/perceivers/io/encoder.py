@@ -15,6 +15,7 @@ from ..layers import (
     TrainablePositionEncoding,
     check_mask,
 )
+from ..layers.blocks import default_qk_channels
 
 __all__ = ["PerceiverEncoder"]
 
@@ -69,16 +70,15 @@ class PerceiverEncoder(nn.Module):
                 f"num_blocks and num_self_attends_per_block must be >= 1, got {num_blocks} and "
                 f"{num_self_attends_per_block}"
             )
-        if cross_attention_shape_for_attn not in ("kv", "q"):
-            raise ValueError(f"cross_attention_shape_for_attn must be 'kv' or 'q', got {cross_attention_shape_for_attn!r}")
         self.input_channels = input_channels
         self.num_latents, self.latent_channels = num_latents, latent_channels
         self.num_blocks = num_blocks
         self.latents = TrainablePositionEncoding(num_latents, latent_channels, latent_init_scale)
-        default_qk = input_channels if cross_attention_shape_for_attn == "kv" else latent_channels
+        cross_qk = default_qk_channels(cross_attention_shape_for_attn, q_channels=latent_channels,
+                                       kv_channels=input_channels)  # checks the setting even where unused
         self.cross_attention = CrossAttentionBlock(
             latent_channels, input_channels, num_heads=num_cross_attention_heads,
-            qk_channels=default_qk if qk_channels is None else qk_channels, v_channels=v_channels,
+            qk_channels=cross_qk if qk_channels is None else qk_channels, v_channels=v_channels,
             out_dim=latent_channels, qkv_bias=True, query_residual=use_query_residual,
             mlp_mult=cross_attention_widening_factor, activation=activation,
             attn_dropout=dropout, ff_dropout=dropout,

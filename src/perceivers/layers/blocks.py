@@ -14,7 +14,13 @@ from .attention import Attention, KeyValue
 from .mlp import Activation, FeedForward
 from .stream import ContextStream, auto_chunk_size
 
-__all__ = ["MIN_NORMALISED_CHANNELS", "CrossAttentionBlock", "NarrowContextWarning", "SelfAttentionBlock"]
+__all__ = [
+    "MIN_NORMALISED_CHANNELS",
+    "CrossAttentionBlock",
+    "NarrowContextWarning",
+    "SelfAttentionBlock",
+    "default_qk_channels",
+]
 
 MIN_NORMALISED_CHANNELS = 4
 """A cross-attention warns when its context or queries are narrower: LayerNorm over 1 channel gives a
@@ -32,6 +38,14 @@ def _user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def default_qk_channels(shape_for_attn: str, *, q_channels: int, kv_channels: int) -> int:
+    """A cross-attention's q/k width when none is given: DeepMind's (and transformers') ``shape_for_attn``,
+    ``"kv"`` the keys' input width, ``"q"`` the queries'."""
+    if shape_for_attn not in ("kv", "q"):
+        raise ValueError(f"cross_attention_shape_for_attn must be 'kv' or 'q', got {shape_for_attn!r}")
+    return kv_channels if shape_for_attn == "kv" else q_channels
 
 
 class CrossAttentionBlock(nn.Module):

@@ -47,7 +47,7 @@ class LayerSchedule(nn.ModuleList):
         super().__init__([blocks[i] for i in order])
         self._built = True
 
-    def _refuse(self, *args, **kwargs):
+    def _refuse(self) -> None:
         if getattr(self, "_built", False):
             raise TypeError("model.layers is a read-only view of model.blocks (the unique blocks) and "
                             "model.block_order (which block each step runs); change those instead")

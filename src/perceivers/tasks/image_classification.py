@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..io import ClassificationDecoder, PerceiverIOModel, build_position_encoding
 from ..io.processors import ImagePreprocessor
-from ..io.processors.image import conv_stem_size
+from ..io.processors.image import check_conv_padding, conv_stem_size
 from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
 from .common import (
@@ -104,9 +104,7 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
         self.max_resolution = as_tuple(self.max_resolution)
         if self.preprocessing not in ("pixels", "conv", "conv1x1"):
             raise ValueError(f"preprocessing must be 'pixels', 'conv' or 'conv1x1', got {self.preprocessing!r}")
-        if self.conv_padding not in ("same", "symmetric"):
-            raise ValueError(f"conv_padding must be 'same' (DeepMind) or 'symmetric' (transformers), "
-                             f"got {self.conv_padding!r}")
+        check_conv_padding(self.conv_padding)
         if self.position_encoding not in ("fourier", "trainable"):
             raise ValueError(f"position_encoding must be 'fourier' or 'trainable', got {self.position_encoding!r}")
 

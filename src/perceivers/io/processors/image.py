@@ -64,7 +64,8 @@ def space_to_depth(x: Tensor, *, temporal_block: int = 1, spatial_block: int = 1
 ConvPadding = Literal["same", "symmetric"]
 
 
-def _check_conv_padding(padding: str) -> None:
+def check_conv_padding(padding: str) -> None:
+    """Raise a ValueError unless ``padding`` names a conv stem: ``"same"`` or ``"symmetric"``."""
     if padding not in ("same", "symmetric"):
         raise ValueError(f"conv_padding must be 'same' (DeepMind) or 'symmetric' (transformers), got {padding!r}")
 
@@ -79,7 +80,7 @@ def conv_stem_size(n: int, padding: ConvPadding = "same") -> int:
 class _ConvDownsampleLayer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, use_batchnorm: bool, padding: ConvPadding = "same") -> None:
         super().__init__()
-        _check_conv_padding(padding)
+        check_conv_padding(padding)
         self.padding = padding
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=7, stride=2, bias=False)
         self.norm = nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1) if use_batchnorm else None
@@ -161,7 +162,7 @@ class ImagePreprocessor(nn.Module):
         conv_padding: ConvPadding = "same",
     ) -> None:
         super().__init__()
-        _check_conv_padding(conv_padding)
+        check_conv_padding(conv_padding)
         if prep_type not in ("pixels", "conv", "conv1x1", "patches"):
             raise ValueError(f"prep_type must be 'pixels', 'conv', 'conv1x1' or 'patches', got {prep_type!r}")
         if concat_or_add_pos not in ("concat", "add"):
