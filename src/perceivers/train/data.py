@@ -140,8 +140,13 @@ class _BaseDataModule(pl.LightningDataModule):
             raise DataError(f"{type(self).__name__} has no {split!r} split")
         dataset = self.datasets[split]
         size = self.per_process(self.batch_size if train else self.eval_batch_size)
+        # each loader draws its worker seeds from its own generator, never from the global random state that
+        # augmentation, mixing and dropout use: a resumed run then draws what the uninterrupted run drew even
+        # though it builds its loaders at other moments (a restart after an epoch's last batch skips the
+        # validation loader the uninterrupted run built before the next epoch)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", "0")) * 7 + (1 if train else 2)
         common = {"batch_size": size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
-                  "collate_fn": self.collate_fn}
+                  "collate_fn": self.collate_fn, "generator": torch.Generator().manual_seed(seed)}
         if not train:
             return DataLoader(dataset, shuffle=False, **common)
         trainer = self.trainer
