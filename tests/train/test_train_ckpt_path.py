@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from train_configs import tiny_config, write_config
@@ -50,3 +52,23 @@ def test_ckpt_path_that_is_no_checkpoint(tmp_path, capsys, content):
     err = capsys.readouterr().err
     assert f"perceivers test: error: ckpt_path {tmp_path / 'bad.ckpt'} is not a checkpoint" in err
     assert "Traceback" not in err
+
+
+def test_model_settings_replaced_by_the_checkpoints_are_named(tmp_path):
+    """Lightning builds the model from the checkpoint's saved settings under --ckpt_path; settings of this run
+    that they replace are listed in a warning (they used to vanish silently), and a matching run warns nothing."""
+    no_plots = {"attention": False, "learning_curves": False}
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run", plots=no_plots))
+    assert cli.main(["fit", "--config", config]) == 0
+    last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["validate", "--config", config, "--ckpt_path", last]) == 0
+        assert not [w for w in caught if "--ckpt_path" in str(w.message)]
+        assert cli.main(["validate", "--config", config, "--ckpt_path", last,
+                         "--model.init_args.model.init_args.depth", "3",
+                         "--model.init_args.optimizer.init_args.lr", "0.5"]) == 0
+    [message] = [str(w.message) for w in caught if "--ckpt_path" in str(w.message)]
+    assert f"settings saved in the checkpoint {last}" in message
+    assert "model.init_args.model.init_args.depth: 3 -> 1" in message
+    assert "model.init_args.optimizer.init_args.lr: 0.5 -> 0.001" in message

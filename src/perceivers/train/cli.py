@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..allocator import keep_freed_memory
 from .callbacks import (
@@ -74,7 +74,24 @@ class PerceiversCLI(LightningCLI):
         # Lightning reads the checkpoint's hyperparameters here, before any of our checks: check the file first
         if self.config.get("subcommand"):
             check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+        before = self._model_settings()
         super()._parse_ckpt_path()
+        after = self._model_settings()
+        replaced = [f"  model.{key}: {before[key]!r} -> {after.get(key)!r}" for key in before
+                    if key in after and before[key] != after[key]]
+        if replaced:  # Lightning rebuilds the model from the checkpoint's settings, whatever this run asked for
+            rank_zero_warn(
+                f"--ckpt_path: the model is built with the settings saved in the checkpoint "
+                f"{self.config[self.config.subcommand]['ckpt_path']}, which replace these of this run "
+                f"(command line or config):\n" + "\n".join(replaced) + "\nTo change them, start a new run from "
+                f"the checkpoint's weights (e.g. perceivers.train.Task.load_from_checkpoint in Python)")
+
+    def _model_settings(self) -> dict[str, Any]:
+        """The subcommand's model settings, flattened to ``dotted.key -> value``."""
+        if not self.config.get("subcommand"):
+            return {}
+        model = self.config[self.config.subcommand].get("model")
+        return dict(_flatten(model.as_dict() if hasattr(model, "as_dict") else model or {}))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
@@ -211,6 +228,14 @@ class PerceiversCLI(LightningCLI):
             if path is not None:
                 print(f"predictions: {path}", flush=True)
         return outputs
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, value
 
 
 # ckpt_path values Lightning resolves itself (``"registry:<name>"`` too), not file names
