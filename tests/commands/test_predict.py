@@ -158,3 +158,20 @@ def test_no_model_and_no_checkpoint_means_the_official_weights(image, capsys, mo
     assert asked == ["deepmind/vision-perceiver-fourier"]
     err = capsys.readouterr().err
     assert "official weights" in err and "'deepmind/vision-perceiver-fourier': offline" in err
+
+
+def test_help_names_both_modes(capsys):
+    """`perceivers predict --help` describes the inference command and points to the trained-run mode, whose
+    own help answers with Lightning's options."""
+    from perceivers import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["predict", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out and "--top-k" in out
+    assert "runs Lightning's Trainer.predict" in out and "--ckpt_path" in out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["predict", "--config", "digits", "--help"])
+    assert exit_.value.code == 0
+    assert "--trainer.max_epochs" in capsys.readouterr().out

@@ -31,6 +31,14 @@ __all__ = ["build_parser", "main", "predict_flow", "predict_image", "predict_tex
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
+_TRAINED_RUN = """\
+A trained run instead: with a YAML --config (a run's config.yaml or a recipe) or Lightning options
+(--ckpt_path, --model.*, --data.*, --trainer.*), `perceivers predict` runs Lightning's Trainer.predict on the
+data module's test split (validation when it has none):
+  perceivers predict --config runs/digits/config.yaml --ckpt_path runs/digits/checkpoints/last.ckpt
+`perceivers predict --config digits --help` lists those options."""
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -43,7 +51,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perceivers predict", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_TRAINED_RUN)
     parser.add_argument("inputs", nargs="*", help="an image, a .txt file, or two frames")
     parser.add_argument("--text", help="text to fill (instead of a .txt file)")
     parser.add_argument("--mask-span", action="append", default=[], metavar="START:END",

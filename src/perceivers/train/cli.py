@@ -84,7 +84,7 @@ class PerceiversCLI(LightningCLI):
                 f"--ckpt_path: the model is built with the settings saved in the checkpoint "
                 f"{self.config[self.config.subcommand]['ckpt_path']}, which replace these of this run "
                 f"(command line or config):\n" + "\n".join(replaced) + "\nTo change them, start a new run from "
-                f"the checkpoint's weights (e.g. perceivers.train.Task.load_from_checkpoint in Python)")
+                "the checkpoint's weights (e.g. perceivers.train.Task.load_from_checkpoint in Python)")
 
     def _model_settings(self) -> dict[str, Any]:
         """The subcommand's model settings, flattened to ``dotted.key -> value``."""
