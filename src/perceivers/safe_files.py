@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,14 +31,21 @@ from torch import Tensor
 __all__ = ["UnsafePickleError", "atomic_path", "atomic_write_text", "load_numpy_pickle", "read_json", "tensor_digest"]
 
 
+_HOST = re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII) or "host"
+_TEMP_NAME = re.compile(r"\.tmp-(?P<host>\w+)-(?P<pid>\d+)$", flags=re.ASCII)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write instead of ``path``; it replaces ``path`` only if the block succeeds.
 
-    The temporary file is flushed to disk before the rename, and removed if the block raises.
+    The temporary file (``.<name>.tmp-<host>-<pid>`` beside the target) is flushed to disk before the rename,
+    and removed if the block raises. Temporary files that writers killed mid-write (SIGKILL) left in the
+    folder go at the next successful write: those of this target, and those of any target whose writing
+    process (on this host) is gone.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -48,8 +57,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by writers killed mid-write (SIGKILL)
-        stale.unlink(missing_ok=True)
+    _remove_stale_temporaries(path)
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -60,6 +68,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         pass
     finally:
         os.close(fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    for stale in path.parent.glob(".*.tmp-*"):
+        match = _TEMP_NAME.search(stale.name)
+        if match is None:
+            continue
+        superseded = stale.name.startswith(f".{path.name}.tmp-")  # the target was just written
+        orphaned = match["host"] == _HOST and not _process_alive(int(match["pid"]))
+        if superseded or orphaned:
+            stale.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or no way to tell: keep its file
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -111,6 +111,25 @@ def test_atomic_save_survives_sigkill(tmp_path: Path):
     proc.wait(timeout=30)
     data = torch.load(target, weights_only=False)
     assert data["version"] >= 1 and data["blob"].numel() == 4_000_000
+    # the killed writer's temporary file (if the kill came mid-write) goes with the next write
+    atomic_torch_save({"version": -2}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_next_write_removes_temporaries_of_dead_writers(tmp_path: Path):
+    """A temporary file left by a killed writer of another target (a top-k checkpoint that is never written
+    again) goes when any file of the folder is next written; one of a live process stays."""
+    from perceivers.safe_files import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".best-epoch=3.ckpt.tmp-{_HOST}-{dead.pid}"
+    live = tmp_path / f".best-epoch=4.ckpt.tmp-{_HOST}-{os.getppid()}"
+    elsewhere = tmp_path / f".best-epoch=5.ckpt.tmp-otherhost-{dead.pid}"  # another machine's, on a shared disk
+    for path in (orphan, live, elsewhere):
+        path.write_bytes(b"partial")
+    atomic_torch_save({"step": 1}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", live.name, elsewhere.name])
 
 
 @pytest.mark.parametrize("checkpointing", ["last batch", "epoch end"])

@@ -10,6 +10,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from ..safe_files import atomic_path
+
 __all__ = ["RunCSVLogger", "truncate_metrics"]
 
 
@@ -53,10 +55,8 @@ def truncate_metrics(path: str, max_step: int) -> int:
     keep = [r for r in rows if r.get("step") in ("", None) or int(float(r["step"])) <= max_step]
     if len(keep) == len(rows):
         return 0
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(keep)
-    os.replace(tmp, path)
     return len(rows) - len(keep)
