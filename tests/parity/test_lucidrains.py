@@ -98,6 +98,7 @@ PERCEIVER_OPTIONS = {
     "inverted_tuple": ({"inverted_cross_attn": (True, False, True), "weight_tie_layers": True}, {}),
     "cross_heads": ({"cross_heads": 2, "latent_heads": 4}, {}),
     "dropout_eval": ({"attn_dropout": 0.3, "ff_dropout": 0.3}, {}),
+    "positions_only": ({"input_channels": 0}, {}),  # Fourier features are the whole input
 }
 
 

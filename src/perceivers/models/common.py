@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -220,7 +221,7 @@ def check_input(
     if data.shape[-1] != channels:
         raise ValueError(f"{name} must have {channels} channels in its last axis, got {data.shape[-1]} "
                          f"(shape {tuple(data.shape)})")
-    if data.shape[0] == 0 or data[0].numel() == 0:
+    if data.shape[0] == 0 or math.prod(data.shape[1:-1]) == 0:  # no channels can be right: positions only
         raise ValueError(f"{name} is empty: shape {tuple(data.shape)}")
     if module is not None:
         check_like(data, module, name)

@@ -210,6 +210,7 @@ class Perceiver(LogitsAlias, nn.Module):
     ) -> None:
         super().__init__()
         check_count(input_axis=input_axis, num_latents=num_latents, latent_dim=latent_dim)
+        check_count(minimum=0, input_channels=input_channels)
         self.chunk_size = chunk_size
         if isinstance(inverted_cross_attn, bool):
             inverted_cross_attn = (inverted_cross_attn,) * depth
@@ -226,6 +227,8 @@ class Perceiver(LogitsAlias, nn.Module):
         )
         self.fourier_encode_data = fourier_encode_data
         context_dim = input_channels + (self.position_encoding.num_channels if fourier_encode_data else 0)
+        if context_dim == 0:
+            raise ValueError("input_channels=0 (positions as the only input) needs fourier_encode_data=True")
         self.context_dim = context_dim
 
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
