@@ -297,3 +297,17 @@ def test_untied_model_with_equal_layers_converts_apart(family):
     assert ours.block_order == tuple(range(3)) and len(ours.blocks) == 3
     with pytest.raises(RuntimeError, match="Missing key"):  # folded by default: fits the tied model only
         ours.load_state_dict(from_lucidrains(untied.state_dict()), strict=True)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 200], ids=["whole", "chunked"])
+def test_perceiver_float64(chunk_size):
+    """In float64 the outputs match perceiver-pytorch's to float64 rounding: position features and the
+    chunked attention's running sums are computed in float64 (not float32 and cast)."""
+    torch.manual_seed(0)
+    kwargs = {**BASE, "max_freq": 10.0, "num_freq_bands": 6}
+    reference = ref.Perceiver(**kwargs).double().eval()
+    ours = perceivers.Perceiver(**kwargs, chunk_size=chunk_size).double().eval()
+    ours.load_state_dict(from_lucidrains(reference.state_dict()))
+    data = torch.randn(2, 30, 31, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(data), reference(data), rtol=0, atol=1e-12)

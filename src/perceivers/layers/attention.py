@@ -283,6 +283,7 @@ class Attention(nn.Module):
             return k.to(q.dtype), v.to(q.dtype)
 
         b, h, n = q.shape[:3]
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
         if not grad and not dropout and _flash_lse_available(q):
             # Fused kernel per chunk (no score matrix in memory); the partial results are merged
             # through their log-sum-exps a group at a time (fewer small operations than pairwise).
@@ -303,8 +304,8 @@ class Attention(nn.Module):
                     q, k, v, attn_mask=bias, scale=1.0
                 )
                 if outs is None:
-                    outs = out.new_empty((group, *out.shape), dtype=torch.float32)  # [G, B, H, Q, D]
-                    lses = out.new_empty((group, *lse.shape, 1), dtype=torch.float32)  # [G, B, H, Q, 1]
+                    outs = out.new_empty((group, *out.shape), dtype=acc_dtype)  # [G, B, H, Q, D]
+                    lses = out.new_empty((group, *lse.shape, 1), dtype=acc_dtype)  # [G, B, H, Q, 1]
                 outs[count].copy_(out)
                 lses[count].copy_(lse.unsqueeze(-1))
                 count += 1
@@ -317,7 +318,7 @@ class Attention(nn.Module):
 
             def step(qq: Tensor, m: Tensor, l: Tensor, acc: Tensor, start: int, stop: int):
                 k, v = keys_values(start, stop)
-                scores = torch.matmul(qq, k.transpose(-1, -2)).float()  # [B, H, Q, n]
+                scores = torch.matmul(qq, k.transpose(-1, -2)).to(acc_dtype)  # [B, H, Q, n]
                 if mask is not None:
                     keep = mask[:, None, None, start:stop]
                     scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
@@ -327,12 +328,12 @@ class Attention(nn.Module):
                 l = l * alpha + p.sum(-1, keepdim=True)
                 if dropout:
                     p = F.dropout(p, dropout)
-                acc = acc * alpha + torch.matmul(p.to(v.dtype), v).float()
+                acc = acc * alpha + torch.matmul(p.to(v.dtype), v).to(acc_dtype)
                 return m_new, l, acc
 
-            m = q.new_full((b, h, n, 1), float("-inf"), dtype=torch.float32)
-            l = q.new_zeros((b, h, n, 1), dtype=torch.float32)
-            acc = q.new_zeros((b, h, n, v_width), dtype=torch.float32)
+            m = q.new_full((b, h, n, 1), float("-inf"), dtype=acc_dtype)
+            l = q.new_zeros((b, h, n, 1), dtype=acc_dtype)
+            acc = q.new_zeros((b, h, n, v_width), dtype=acc_dtype)
             for start in range(0, length, chunk_size):
                 stop = min(start + chunk_size, length)
                 if grad:

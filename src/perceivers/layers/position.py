@@ -100,6 +100,12 @@ def fourier_features(
 
 
 @configurable
+def _feature_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision Fourier features are computed in for a model of ``dtype``: float64 for float64, float32
+    otherwise (bf16/fp16 models get float32 features rounded once)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class FourierPositionEncoding(nn.Module):
     """Fourier position features for a grid or for arbitrary coordinates, with a per-shape cache.
 
@@ -150,7 +156,8 @@ class FourierPositionEncoding(nn.Module):
     ) -> Tensor:
         """Features of the ``linspace(-1, 1)`` grid of ``index_shape`` → ``[prod(index_shape), C]``.
 
-        Computed in float32 and cast to ``dtype``; cached per shape, device and dtype.
+        Computed in float32 (float64 for ``dtype=float64``) and cast to ``dtype``; cached per shape, device
+        and dtype.
         """
         index_shape = tuple(int(n) for n in index_shape)
         if len(index_shape) != self.num_dims:
@@ -169,7 +176,7 @@ class FourierPositionEncoding(nn.Module):
         return feats
 
     def _compute(self, index_shape: tuple[int, ...], device, dtype: torch.dtype) -> Tensor:
-        pos = linear_positions(index_shape, device=device, dtype=torch.float32)
+        pos = linear_positions(index_shape, device=device, dtype=_feature_dtype(dtype))
         return self.encode(pos.reshape(-1, self.num_dims)).to(dtype)
 
     def grid_rows(
@@ -193,7 +200,7 @@ class FourierPositionEncoding(nn.Module):
         index_shape = tuple(int(n) for n in index_shape)
         if len(index_shape) != self.num_dims:
             raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
-        tables = self.axis_tables(index_shape, device)
+        tables = self.axis_tables(index_shape, device, _feature_dtype(dtype if out is None else out.dtype))
         if len(index_shape) == 2 and start % index_shape[1] == 0 and stop % index_shape[1] == 0:
             # whole rows of an image: one broadcast sum of the two axis tables
             w = index_shape[1]
@@ -217,15 +224,18 @@ class FourierPositionEncoding(nn.Module):
             return out.copy_(feats)
         return feats.to(dtype)
 
-    def axis_tables(self, index_shape: Sequence[int], device: torch.device | None = None) -> list[Tensor]:
-        """Per axis ``[n_d, C]`` float32: that axis's channels in their final places, zeros elsewhere.
+    def axis_tables(self, index_shape: Sequence[int], device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> list[Tensor]:
+        """Per axis ``[n_d, C]`` (float32, or ``dtype`` float64): that axis's channels in their final places,
+        zeros elsewhere.
 
         The features of grid point ``(i_1, …, i_d)`` are ``Σ_a tables[a][i_a]`` (disjoint channels, so
-        the sum is exact); cached per shape and device.
+        the sum is exact); cached per shape, device and dtype.
         """
         index_shape = tuple(int(n) for n in index_shape)
+        dtype = _feature_dtype(dtype)
         compiling = torch.compiler.is_compiling()
-        key = None if compiling else ("axis_tables", index_shape, str(device), torch.is_inference_mode_enabled())
+        key = None if compiling else ("axis_tables", index_shape, str(device), dtype, torch.is_inference_mode_enabled())
         cached = None if compiling else self._cache.get(key)
         if cached is not None:
             return cached
@@ -233,7 +243,7 @@ class FourierPositionEncoding(nn.Module):
         per_axis = int(self.concat_pos) + k * (1 if self.sine_only else 2)
         tables = []
         for a, (n, res) in enumerate(zip(index_shape, self.max_resolution)):
-            pos = torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=torch.float32)[:, None]
+            pos = torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=dtype)[:, None]
             own = fourier_features(pos, self.num_bands, res, layout=self.layout, concat_pos=self.concat_pos,
                                    sine_only=self.sine_only, freq_base=self.freq_base)  # [n, per_axis]
             if self.layout == "lucidrains":  # axis-major: [sin K, cos K, x] per axis
@@ -243,7 +253,7 @@ class FourierPositionEncoding(nn.Module):
                 base = d if self.concat_pos else 0
                 for group in range(1 if self.sine_only else 2):
                     cols += [base + group * d * k + a * k + j for j in range(k)]
-            table = torch.zeros(n, self.num_channels, device=device)
+            table = torch.zeros(n, self.num_channels, device=device, dtype=dtype)
             table[:, cols] = own
             tables.append(table)
         if key is not None:
