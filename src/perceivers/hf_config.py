@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["PerceiverConfig", "model_defaults"]
+__all__ = ["PerceiverConfig", "check_field_types", "model_defaults"]
 
 #: keys of a transformers config dict that describe the file, not the model (read and dropped)
 _FILE_KEYS = frozenset({
@@ -34,7 +34,8 @@ class PerceiverConfig:
     kept for round trips (transformers' Perceiver does not use ``layer_norm_eps`` either: its LayerNorms
     use 1e-5, as ours). ``num_labels`` and ``id2label`` / ``label2id`` follow each other as in transformers
     (``LABEL_i`` names by default). Keys of a dict that are none of these are kept in ``extra`` and written
-    back by :meth:`to_dict`.
+    back by :meth:`to_dict`. A field of the wrong type (e.g. a size given as the string ``"256"``) is a
+    ``TypeError`` (:func:`check_field_types`).
     """
 
     model_type: ClassVar[str] = "perceiver"
@@ -58,12 +59,12 @@ class PerceiverConfig:
     use_query_residual: bool = True
     vocab_size: int = 262
     max_position_embeddings: int = 2048
-    image_size: Any = 56
-    train_size: Any = (368, 496)
+    image_size: int = 56
+    train_size: tuple[int, int] = (368, 496)
     num_frames: int = 16
     audio_samples_per_frame: int = 1920
     samples_per_patch: int = 16
-    output_shape: Any = (1, 16, 224, 224)
+    output_shape: tuple[int, int, int, int] = (1, 16, 224, 224)
     output_num_channels: int = 512
     _label_trainable_num_channels: int = 1024
     num_labels: int | None = None
@@ -76,6 +77,7 @@ class PerceiverConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(vars(self))
         if self.cross_attention_shape_for_attention not in ("kv", "q"):
             raise ValueError("cross_attention_shape_for_attention must be 'kv' or 'q', got "
                              f"{self.cross_attention_shape_for_attention!r}")
@@ -140,6 +142,40 @@ class PerceiverConfig:
         """transformers' ``config.to_dict()`` fields (``model_type`` included), ``extra`` merged in."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {"model_type": self.model_type, **out, **self.extra}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints(n: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(map(_is_int, v))
+
+
+#: what a field of each annotation of :class:`PerceiverConfig` holds: a description and a test (JSON's kinds;
+#: ``true`` is not an int, an int is a float)
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an int", _is_int),
+    "int | None": ("an int or null", lambda v: v is None or _is_int(v)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("a bool", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "dict | None": ("an object or null", lambda v: v is None or isinstance(v, Mapping)),
+    "tuple[int, int]": ("a list of 2 ints", _ints(2)),
+    "tuple[int, int, int, int]": ("a list of 4 ints", _ints(4)),
+}
+
+
+def check_field_types(values: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` naming the first field of :class:`PerceiverConfig` in ``values`` (a ``config.json``
+    dict, …) whose value is not of the field's type, with the value that came; other keys are not looked at."""
+    for f in dataclasses.fields(PerceiverConfig):
+        if f.name in values and f.type in _KINDS:
+            what, ok = _KINDS[f.type]
+            value = values[f.name]
+            if not ok(value):
+                raise TypeError(f"config field {f.name!r} must be {what}, got {value!r} ({type(value).__name__})")
 
 
 def model_defaults() -> dict[str, Any]:

@@ -80,9 +80,8 @@ from .io.processors import (
     TextPreprocessor,
 )
 from .layers import FourierPositionEncoding, TrainablePositionEncoding
-from .layers.attention import Attention
 from .outputs import TransformersIndexing, model_output
-from .tasks.common import TrunkConfig, build_encoder, check_unsupported
+from .tasks.common import TrunkConfig, build_encoder, check_unsupported, output_flags, set_attention_dropout
 
 __all__ = [
     "PerceiverAudioPostprocessor",
@@ -743,9 +742,7 @@ class PerceiverModel(PerceiverIOModel):
                          output_postprocessor=output_postprocessor)
         self.config = c
         self.numerics = numerics
-        for m in self.modules():  # transformers: dropout on the attention probabilities only
-            if isinstance(m, Attention):
-                m.dropout = float(c.attention_probs_dropout_prob)
+        set_attention_dropout(self, c.attention_probs_dropout_prob)  # transformers: the only dropout
         if numerics == "transformers":
             use_transformers_numerics(self, c.hidden_act)
 
@@ -788,8 +785,7 @@ class PerceiverModel(PerceiverIOModel):
         """
         check_unsupported(head_mask)
         c = self.config
-        attentions = c.output_attentions if output_attentions is None else output_attentions
-        hidden = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        hidden, attentions, as_dict = output_flags(c, output_hidden_states, output_attentions, return_dict)
         if self.input_preprocessor is None and isinstance(inputs, Tensor) and inputs.shape[-1] != c.d_model:
             raise ValueError(f"inputs have {inputs.shape[-1]} channels but config.d_model is {c.d_model} (without "
                              "an input_preprocessor the inputs must be [batch, tokens, d_model])")
@@ -800,13 +796,13 @@ class PerceiverModel(PerceiverIOModel):
                 m.interpolate = True
             out = super().forward(inputs, input_mask=attention_mask,
                                   subsampled_output_points=subsampled_output_points,
-                                  output_hidden_states=bool(hidden), output_attentions=bool(attentions))
+                                  output_hidden_states=hidden, output_attentions=attentions)
         finally:
             for m in tables:
                 m.interpolate = False
         result = PerceiverModelOutput(out.logits, out.last_hidden_state, out.hidden_states, out.attentions,
                                       out.cross_attentions)
-        if (c.return_dict if return_dict is None else return_dict) is False:
+        if not as_dict:
             cross = result.cross_attentions
             groups = (result.hidden_states, result.attentions, None if cross is None else cross[:1])
             head = (result.last_hidden_state,) if result.logits is None else (result.logits, result.last_hidden_state)

@@ -112,3 +112,22 @@ def test_streamed_auto_fold_matches(grad: bool) -> None:
         g_out = torch.autograd.grad(out.square().sum(), list(block.parameters()), allow_unused=True)
         for a, b in zip(g_ref, g_out):
             torch.testing.assert_close(b, a, **TOL)
+
+
+def test_attention_dropout_in_training_never_folds() -> None:
+    """Dropped weights do not sum to 1, so folding would add ``b_v`` whole where the values' share of it was
+    dropped: while dropout is active the values are projected, also when streaming or forced by
+    ``fold_kv=True``. At p = 1 every attention output is then the output bias (as in transformers)."""
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(40, 19, num_heads=1, qk_channels=19, attn_dropout=1.0)
+    x, ctx = torch.randn(2, 6, 40), torch.randn(2, 300, 19)
+    for fold in (None, True):
+        block.attn.fold_kv = fold
+        assert block.attn.eval().folds(num_queries=6, length=300)
+        assert not block.attn.train().folds(num_queries=6, length=300)
+        with torch.no_grad():
+            attended = block.attn(x, ctx)
+            torch.testing.assert_close(attended, block.attn.to_out.bias.expand_as(attended), atol=0, rtol=0)
+            whole = block.train()(x, ctx)
+            with finite_checks(False):
+                torch.testing.assert_close(block(x, kv=ContextStream.from_tensor(ctx, 64)), whole, **TOL)

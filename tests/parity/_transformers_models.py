@@ -7,6 +7,9 @@ calling convention). transformers is a test dependency: import this module after
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import torch
 import transformers
 
@@ -74,6 +77,14 @@ def checkpoint_factory(tmp_path_factory, configs=None):
         return cache[arch]
 
     return make
+
+
+def edited_copy(directory, target, **fields):
+    """A copy of the checkpoint ``directory`` at ``target`` whose ``config.json`` has ``fields`` set."""
+    shutil.copytree(directory, target, dirs_exist_ok=True)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **fields}))
+    return target
 
 
 def inputs(arch, seed=1):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from _transformers_models import CONFIGS, checkpoint_factory
+from _transformers_models import CONFIGS, checkpoint_factory, edited_copy
 from _transformers_models import inputs as _inputs
 
 from perceivers.convert.state_dict import CheckpointError
@@ -278,3 +278,45 @@ def test_query_shaped_cross_attention_loads_in_every_head(hf_q_checkpoint, arch)
     err = _max_error(_run_ours(from_transformers(directory, numerics="transformers"), arch, inputs),
                      _run_hf(hf, arch, inputs))
     assert err < ATOL, f"{arch}: max |ours - transformers| = {err:.3g}"
+
+
+@pytest.mark.parametrize(("arch", "field", "value", "expected"), [
+    ("PerceiverForImageClassificationFourier", "num_latents", "8", "an int"),
+    ("PerceiverForImageClassificationFourier", "d_latents", "32", "an int"),
+    ("PerceiverForImageClassificationFourier", "num_blocks", 2.0, "an int"),
+    ("PerceiverForImageClassificationFourier", "qk_channels", True, "an int or null"),
+    ("PerceiverForImageClassificationFourier", "use_query_residual", "false", "a bool"),
+    ("PerceiverForImageClassificationFourier", "output_hidden_states", "true", "a bool"),
+    ("PerceiverForImageClassificationFourier", "attention_probs_dropout_prob", "0.1", "a number"),
+    ("PerceiverForOpticalFlow", "train_size", [6, "8"], "a list of 2 ints"),
+    ("PerceiverForMaskedLM", "vocab_size", "262", "an int"),
+])
+def test_config_values_of_the_wrong_type_are_named(hf_checkpoint, tmp_path, arch, field, value, expected):
+    """A size given as a string (or a bool as a string, …) fails at load, naming the field, the type and the
+    value, with either numerics, from the head names and from PerceiverConfig.from_pretrained (it used to
+    fail deep inside torch, or load as something else: ``"false"`` is true)."""
+    from perceivers import hf as phf
+
+    _, directory = hf_checkpoint(arch)
+    directory = edited_copy(directory, tmp_path, **{field: value})
+    message = rf"config field '{field}' must be {expected}, got {value!r} \({type(value).__name__}\)".replace("[", r"\[")
+    for numerics in ("deepmind", "transformers"):
+        with pytest.raises(TypeError, match=message):
+            from_transformers(directory, numerics=numerics)
+    with pytest.raises(TypeError, match=message):
+        getattr(phf, arch).from_pretrained(directory)
+    with pytest.raises(TypeError, match=message):
+        phf.PerceiverConfig.from_pretrained(directory)
+
+
+def test_every_config_field_has_its_type_checked():
+    import dataclasses
+
+    from perceivers.hf_config import PerceiverConfig, check_field_types
+
+    for f in dataclasses.fields(PerceiverConfig):
+        if f.name != "extra":
+            with pytest.raises(TypeError, match=f"config field '{f.name}' must be"):
+                check_field_types({f.name: object()})
+    check_field_types(PerceiverConfig().to_dict())  # transformers' defaults pass
+    check_field_types(transformers.PerceiverConfig(train_size=(6, 8)).to_dict())

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from _transformers_models import ALL_CONFIGS, checkpoint_factory
+from _transformers_models import ALL_CONFIGS, checkpoint_factory, edited_copy
 from _transformers_models import inputs as make_inputs
 
 import perceivers
@@ -72,6 +72,15 @@ def _record(arch, field, err):
     assert err < ATOL, f"{arch}.{field}: max |ours - transformers| = {err:.3g}"
 
 
+def _assert_same_tuple(arch, got, want):
+    """``return_dict=False`` results: the same layout (types, lengths) and values."""
+    assert isinstance(got, tuple) and len(got) == len(want), (type(got).__name__, len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert type(g) is type(w), f"element {i}: {type(g).__name__} vs transformers' {type(w).__name__}"
+        err = _diff_tuple(f"element {i}", g, w) if isinstance(w, tuple) else _diff(g, w)
+        _record(arch, "return_dict=False", err)
+
+
 @pytest.mark.parametrize("arch", list(ALL_CONFIGS))
 def test_outputs_match_transformers(hf_checkpoint, arch):
     hf, directory = hf_checkpoint(arch)
@@ -109,11 +118,64 @@ def test_return_dict_false_tuples_match_transformers(hf_checkpoint, arch, flags)
     with torch.no_grad():
         want = hf(**kw, **flags, return_dict=False)
         got = ours(**kw, **flags, return_dict=False)
-    assert isinstance(got, tuple) and len(got) == len(want), (len(got), len(want))
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert type(g) is type(w), f"element {i}: {type(g).__name__} vs transformers' {type(w).__name__}"
-        err = _diff_tuple(f"element {i}", g, w) if isinstance(w, tuple) else _diff(g, w)
-        _record(arch, "return_dict=False", err)
+    _assert_same_tuple(arch, got, want)
+
+
+@pytest.mark.parametrize("arch", list(ALL_CONFIGS))
+def test_config_output_flags_are_the_call_defaults(hf_checkpoint, arch, tmp_path):
+    """A config.json with output_hidden_states and output_attentions true and return_dict false: transformers'
+    head loaded from it and called without those keywords returns the tuple with hidden states and attentions;
+    ours too (either numerics, and after save_pretrained), and a keyword given to the call still wins."""
+    _, directory = hf_checkpoint(arch)
+    flags = {"output_hidden_states": True, "output_attentions": True, "return_dict": False}
+    directory = edited_copy(directory, tmp_path / "hf", **flags)
+    hf = getattr(transformers, arch).from_pretrained(directory).eval()
+    ours = getattr(phf, arch).from_pretrained(directory, numerics="transformers")
+    assert all(getattr(ours.config, k) is v for k, v in flags.items())
+    kw = _call_inputs(arch)
+    explicit = {"return_dict": True, "output_attentions": False}
+    with torch.no_grad():
+        _assert_same_tuple(arch, ours(**kw), hf(**kw))
+        want, got = hf(**kw, **explicit), ours(**kw, **explicit)
+        ours.save_pretrained(tmp_path / "ours")
+        again = perceivers.from_pretrained(tmp_path / "ours")
+        _assert_same_tuple(arch, again(**kw), hf(**kw))
+        deepmind = getattr(phf, arch).from_pretrained(directory)(**kw)
+    assert got.attentions is None and got.cross_attentions is None and want.attentions is None
+    _record(arch, "logits", _diff(got.logits, want.logits))
+    _record(arch, "hidden_states", _diff_tuple("hidden_states", got.hidden_states, want.hidden_states))
+    assert isinstance(deepmind, tuple) and len(deepmind) == len(want.to_tuple()) + 3  # + attentions, 2 cross
+
+
+@pytest.mark.parametrize("arch", list(ALL_CONFIGS))
+def test_attention_dropout_as_transformers(hf_checkpoint, arch, tmp_path):
+    """numerics="transformers" takes over attention_probs_dropout_prob: every attention layer, the encoder's and
+    the decoder's, drops attention probabilities in training, as each of transformers' does (and nothing else
+    drops). With p = 1 both models zero every attention map: a deterministic train-mode comparison. Eval outputs
+    are unaffected; DeepMind numerics keep the official model's no dropout; our format keeps the field."""
+    from perceivers.convert.transformers import transformers_config
+
+    _, directory = hf_checkpoint(arch)
+    directory = edited_copy(directory, tmp_path / "hf", attention_probs_dropout_prob=1.0)
+    hf = getattr(transformers, arch).from_pretrained(directory).eval()
+    ours = getattr(phf, arch).from_pretrained(directory, numerics="transformers")
+    hf_layers = [m for m in hf.modules() if type(m).__name__ == "PerceiverSelfAttention"]
+    layers = [m for m in ours.modules() if isinstance(m, Attention)]
+    assert len(layers) == len(hf_layers) and {m.dropout for m in layers} == {1.0}
+    assert {m.dropout.p for m in hf_layers} == {1.0}
+    kw = _call_inputs(arch)
+    with torch.no_grad():
+        _record(arch, "logits (eval, attention dropout 1)", _diff(ours(**kw).logits, hf(**kw).logits))
+        want, got = hf.train()(**kw), ours.train()(**kw)
+    _record(arch, "logits (training, attention dropout 1)", _diff(got.logits, want.logits))
+    if "labels" in kw:
+        _record(arch, "loss (training, attention dropout 1)", _diff(got.loss, want.loss))
+    deepmind = getattr(phf, arch).from_pretrained(directory)
+    assert {m.dropout for m in deepmind.modules() if isinstance(m, Attention)} == {0.0}
+    ours.save_pretrained(tmp_path / "ours")
+    again = perceivers.from_pretrained(tmp_path / "ours")
+    assert {m.dropout for m in again.modules() if isinstance(m, Attention)} == {1.0}
+    assert transformers_config(again)["attention_probs_dropout_prob"] == 1.0
 
 
 def test_masked_lm_padding(hf_checkpoint):

@@ -21,6 +21,7 @@ from perceivers.convert.transformers import (
     from_transformers,
     save_transformers,
 )
+from perceivers.layers.attention import Attention
 from perceivers.tasks import SequenceClassifier, create_model, from_language_model
 
 ATOL = 1e-5
@@ -191,6 +192,10 @@ def test_language_perceiver_weights_initialise_the_classifier(tmp_path, randomiz
         assert torch.equal(from_pretrained(tmp_path / "clf")(ids, mask).logits, clf.eval()(ids, mask).logits)
     with pytest.raises(ValueError, match="trunk sizes come from the language model"):
         from_language_model(lm, num_latents=7)
+    # fields that size nothing may differ from the source's: dropout, the forward's defaults
+    chatty = from_language_model(lm, num_labels=5, output_hidden_states=True, attention_probs_dropout_prob=0.2)
+    assert chatty.eval()(ids, mask).hidden_states is not None
+    assert {m.dropout for m in chatty.modules() if isinstance(m, Attention)} == {0.2}
     with pytest.raises(TypeError, match="text-trunk fields"):
         from_language_model(create_model("vision-perceiver-fourier", tiny=True))
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..hf_config import model_defaults
+from ..hf_config import check_field_types, model_defaults
 from ..safe_files import read_json
 from .state_dict import (
     CheckpointError,
@@ -249,6 +249,9 @@ _TRUNK_FIELDS = (
 )
 
 
+#: transformers' defaults of the forward's flags, which a config.json may change (as our configs' fields)
+_OUTPUT_FLAGS = {"output_attentions": False, "output_hidden_states": False, "return_dict": True}
+
 # transformers' hidden_act → our activation names
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
@@ -294,15 +297,23 @@ def overrides_from_config(
     """``(registry name, create_model overrides)`` equivalent to a transformers config.
 
     The sizes transformers hard-codes per head (64 Fourier bands, 256-wide learned-position stem, 8×32
-    decoder heads of the MLM, …) are written out here.
+    decoder heads of the MLM, …) are written out here. The forward's flags (``output_attentions``,
+    ``output_hidden_states``, ``return_dict``) are taken over; with ``numerics="transformers"`` so are
+    ``hidden_act`` and ``attention_probs_dropout_prob``.
+
+    Raises:
+        TypeError: a field of transformers' ``PerceiverConfig`` has a value of the wrong type (e.g. ``"256"``).
     """
+    check_field_types(cfg)
     c = {**model_defaults(), **cfg}  # transformers' defaults for the fields a config.json omits
     name = ARCHITECTURES[architecture]
     over: dict[str, Any] = {k: c[k] for k in _TRUNK_FIELDS}
+    over.update({k: cfg[k] for k in _OUTPUT_FLAGS if k in cfg})
     if numerics == "transformers":
         if c["hidden_act"] not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported; known: {sorted(_ACTIVATIONS)}")
         over["hidden_act"] = _ACTIVATIONS[c["hidden_act"]]
+        over["attention_probs_dropout_prob"] = c["attention_probs_dropout_prob"]
     if architecture == "PerceiverForMaskedLM":
         over.update(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
                     d_model=c["d_model"], num_decoder_heads=8, decoder_qk_channels=8 * 32, decoder_v_channels=c["d_model"])
@@ -365,11 +376,13 @@ def transformers_config(model: nn.Module) -> dict[str, Any]:
     if deeper:
         raise ValueError(f"{model.model_name} cannot be written in transformers' format: its decoders have one "
                          f"cross-attention and no query self-attention (model has {deeper})")
-    # the model's own activation (DeepMind's tanh GELU is transformers' "gelu_new") and dropout
+    # the model's own activation (DeepMind's tanh GELU is transformers' "gelu_new"), attention dropout and flags
+    attention_dropout = c.dropout if c.attention_probs_dropout_prob is None else c.attention_probs_dropout_prob
     cfg: dict[str, Any] = {"model_type": "perceiver", "architectures": [arch],
                            "hidden_act": "gelu" if c.hidden_act == "gelu" else "gelu_new",
-                           "attention_probs_dropout_prob": float(c.dropout)}
+                           "attention_probs_dropout_prob": float(attention_dropout)}
     cfg.update({k: getattr(c, k) for k in _TRUNK_FIELDS})
+    cfg.update({k: getattr(c, k) for k, default in _OUTPUT_FLAGS.items() if getattr(c, k) != default})
     _, expected = overrides_from_config({**cfg, **_config_extras(c, arch)}, arch)
     if arch == "PerceiverForOpticalFlow":
         expected["max_resolution"] = tuple(c.train_size)  # transformers' Fourier frequencies come from train_size

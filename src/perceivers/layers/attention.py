@@ -77,7 +77,8 @@ class Attention(nn.Module):
             the same for every key, so it cancels in the softmax, and the queries are mapped once into
             the context's space instead of every key into the head's. Values: the weighted sum of
             ``c`` is projected by ``W_v`` afterwards (``+ b_v``, as the weights sum to 1). Exact up to
-            float rounding; fully masked rows are zeroed either way.
+            float rounding; fully masked rows are zeroed either way. Never while dropout drops
+            attention weights (training with ``dropout > 0``: the kept weights do not sum to 1).
     """
 
     def __init__(
@@ -117,9 +118,10 @@ class Attention(nn.Module):
         """Whether :meth:`forward` attends in the context's own space (see ``fold_kv``).
 
         ``num_queries`` and ``length`` (keys) feed the cost model (:func:`fold_is_cheaper`); ``None``
-        stands for "many". Inverted attention and precomputed keys/values never fold.
+        stands for "many". Inverted attention, precomputed keys/values and attention dropout in training
+        (its weights do not sum to 1, so ``b_v`` would not be weighted like the values) never fold.
         """
-        if inverted or self.fold_kv is False:
+        if inverted or self.fold_kv is False or (self.training and self.dropout > 0):
             return False
         if self.fold_kv:
             return True

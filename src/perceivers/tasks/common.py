@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..io import PerceiverEncoder, PerceiverIOOutput
+from ..layers.attention import Attention
 from ..validation import check_tensor
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "check_unsupported",
     "classification_loss",
     "one_input",
+    "output_flags",
+    "set_attention_dropout",
     "transformers_tuple",
 ]
 
@@ -52,7 +55,7 @@ def as_pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 @dataclass
 class TrunkConfig:
-    """Encoder fields shared by every task (names as transformers' ``PerceiverConfig``).
+    """Encoder fields shared by every task, and the call's defaults (names as transformers' ``PerceiverConfig``).
 
     Attributes:
         num_latents, d_latents: the latent array ``[num_latents, d_latents]``.
@@ -66,8 +69,13 @@ class TrunkConfig:
             are wider than the latents).
         use_query_residual: latent residual around the encoder cross-attention.
         dropout: attention and MLP dropout (0 in every official model).
+        attention_probs_dropout_prob: dropout on the attention probabilities of every attention, encoder's
+            and decoder's, in training (transformers' field, which ``numerics="transformers"`` takes over from
+            a checkpoint; transformers has no other dropout); ``None``: ``dropout``'s, where that applies.
         hidden_act: MLP activation of encoder and decoder: ``"gelu_tanh"`` (official, ``jax.nn.gelu``)
             or ``"gelu"`` (exact erf, what transformers' port computes).
+        output_attentions, output_hidden_states, return_dict: defaults of the forward keywords of the same
+            names (transformers' config fields); an argument given to the call wins.
     """
 
     num_latents: int = 256
@@ -83,7 +91,11 @@ class TrunkConfig:
     cross_attention_shape_for_attention: str = "kv"
     use_query_residual: bool = True
     dropout: float = 0.0
+    attention_probs_dropout_prob: float | None = None
     hidden_act: str = "gelu_tanh"
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    return_dict: bool = True
 
 
 class LabelNames:
@@ -130,6 +142,29 @@ def check_d_model(d_model: int | None, channels: int) -> None:
     """transformers' configs carry the preprocessed width as ``d_model``; it must agree with ours."""
     if d_model is not None and d_model != channels:
         raise ValueError(f"d_model={d_model} does not match the preprocessor's output width {channels}")
+
+
+def set_attention_dropout(model: nn.Module, p: float | None) -> None:
+    """Dropout ``p`` on the attention probabilities of every attention layer in ``model`` (training only), as
+    transformers' ``attention_probs_dropout_prob``; ``None`` leaves them as built."""
+    if p is None:
+        return
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"attention_probs_dropout_prob must be a probability in [0, 1] or None, got {p!r}")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.dropout = float(p)
+
+
+def output_flags(config: Any, output_hidden_states: bool | None, output_attentions: bool | None,
+                 return_dict: bool | None) -> tuple[bool, bool, bool]:
+    """``(output_hidden_states, output_attentions, return_dict)`` of a call: each argument given, else the
+    config's field of that name (transformers' rule)."""
+    def pick(value: bool | None, name: str) -> bool:
+        return bool(getattr(config, name) if value is None else value)
+
+    return (pick(output_hidden_states, "output_hidden_states"), pick(output_attentions, "output_attentions"),
+            pick(return_dict, "return_dict"))
 
 
 def build_encoder(cfg: TrunkConfig, input_channels: int) -> PerceiverEncoder:

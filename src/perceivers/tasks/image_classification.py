@@ -26,6 +26,8 @@ from .common import (
     check_unsupported,
     classification_loss,
     one_input,
+    output_flags,
+    set_attention_dropout,
     transformers_tuple,
 )
 from .pretrained import PretrainedCfg
@@ -172,6 +174,7 @@ class ImageClassifier(SavesPretrained, nn.Module):
         check_d_model(c.d_model, preprocessor.num_channels)
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor, chunk_size=c.chunk_size)
+        set_attention_dropout(self, c.attention_probs_dropout_prob)
 
     def forward(
         self,
@@ -194,6 +197,8 @@ class ImageClassifier(SavesPretrained, nn.Module):
             output_hidden_states, output_attentions: also return the encoder latents per layer and the
                 attention weights (see :class:`ImageClassifierOutput`).
             return_dict: ``False`` gives transformers' tuple (:func:`~perceivers.tasks.common.transformers_tuple`).
+                These three default to the config's fields of the same names (``False``, ``False``, ``True``
+                unless a transformers ``config.json`` said otherwise).
             head_mask, interpolate_pos_encoding: transformers' keywords; only their defaults are accepted.
         """
         pixel_values = one_input("pixel_values", pixel_values, "inputs", inputs)
@@ -201,10 +206,11 @@ class ImageClassifier(SavesPretrained, nn.Module):
         check_tensor(pixel_values, "pixel_values", kind="float", layout="[batch, channels, height, width]")
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [batch, channels, height, width], got {tuple(pixel_values.shape)}")
-        out = self.perceiver(pixel_values, input_mask=attention_mask, output_hidden_states=bool(output_hidden_states),
-                             output_attentions=bool(output_attentions))
+        hidden, attentions, as_dict = output_flags(self.config, output_hidden_states, output_attentions, return_dict)
+        out = self.perceiver(pixel_values, input_mask=attention_mask, output_hidden_states=hidden,
+                             output_attentions=attentions)
         loss = None if labels is None else classification_loss(out.logits, labels, self.config.problem_type)
-        if return_dict is False:
+        if not as_dict:
             return transformers_tuple(loss, out.logits, out)
         return ImageClassifierOutput(out.logits, out.last_hidden_state, loss, out.hidden_states, out.attentions,
                                      out.cross_attentions)

@@ -18,6 +18,8 @@ from .common import (
     build_encoder,
     check_unsupported,
     one_input,
+    output_flags,
+    set_attention_dropout,
     transformers_tuple,
 )
 from .pretrained import PretrainedCfg
@@ -91,7 +93,9 @@ def text_perceiver(c: MaskedLanguageModelConfig, output_channels: int | None = N
         use_query_residual=c.decoder_query_residual, dropout=c.dropout, activation=c.hidden_act,
         num_cross_attends=c.decoder_num_cross_attends, num_self_attends_per_cross=c.decoder_num_self_attends_per_cross,
     )
-    return PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder, input_preprocessor=preprocessor)
+    perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder, input_preprocessor=preprocessor)
+    set_attention_dropout(perceiver, c.attention_probs_dropout_prob)
+    return perceiver
 
 
 def decode_positions(
@@ -152,18 +156,20 @@ class MaskedLanguageModel(SavesPretrained, nn.Module):
             output_hidden_states, output_attentions: also return the encoder latents per layer and the
                 attention weights (see :class:`MaskedLMOutput`).
             return_dict: ``False`` gives transformers' tuple (:func:`~perceivers.tasks.common.transformers_tuple`).
+                These three default to the config's fields of the same names.
             head_mask: transformers' keyword; only ``None`` is accepted.
         """
         check_unsupported(head_mask)
         ids = one_input("inputs", inputs, "input_ids", input_ids)
+        hidden, attentions, as_dict = output_flags(self.config, output_hidden_states, output_attentions, return_dict)
         out = decode_positions(self.perceiver, self.config, ids, attention_mask, labels,
-                               output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                               output_hidden_states=hidden, output_attentions=attentions)
         table = self.perceiver.input_preprocessor.embeddings.weight  # tied input/output embedding
         logits = self.embedding_decoder(out.logits, table)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
-        if return_dict is False:
+        if not as_dict:
             return transformers_tuple(loss, logits, out)
         return MaskedLMOutput(logits, out.last_hidden_state, loss, out.hidden_states, out.attentions,
                               out.cross_attentions)

@@ -37,6 +37,8 @@ from .common import (
     check_d_model,
     check_labels,
     check_unsupported,
+    output_flags,
+    set_attention_dropout,
     transformers_tuple,
 )
 from .pretrained import PretrainedCfg
@@ -182,6 +184,7 @@ class MultimodalAutoencoder(SavesPretrained, nn.Module):
         })
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor, output_postprocessor=postprocessor)
+        set_attention_dropout(self, c.attention_probs_dropout_prob)
 
     def forward(
         self,
@@ -227,9 +230,10 @@ class MultimodalAutoencoder(SavesPretrained, nn.Module):
             if points.get(m) is None:
                 points[m] = torch.arange(c.output_sizes[m], device=device)
         points["label"] = None
+        hidden, attentions, as_dict = output_flags(c, output_hidden_states, output_attentions, return_dict)
         out = self.perceiver(inputs, input_mask=attention_mask, subsampled_output_points=points,
-                             output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
-        if return_dict is False:
+                             output_hidden_states=hidden, output_attentions=attentions)
+        if not as_dict:
             return transformers_tuple(None, out.logits, out)
         return MultimodalAutoencodingOutput(out.logits, out.last_hidden_state, None, out.hidden_states, out.attentions,
                                             out.cross_attentions)

@@ -19,6 +19,8 @@ from .common import (
     build_encoder,
     check_d_model,
     check_unsupported,
+    output_flags,
+    set_attention_dropout,
     transformers_tuple,
 )
 from .pretrained import PretrainedCfg
@@ -103,6 +105,7 @@ class OpticalFlowModel(SavesPretrained, nn.Module):
         check_d_model(c.d_model, preprocessor.num_channels)
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor)
+        set_attention_dropout(self, c.attention_probs_dropout_prob)
 
     def forward(
         self,
@@ -133,9 +136,10 @@ class OpticalFlowModel(SavesPretrained, nn.Module):
                 f"inputs must be [batch, 2, 27 or 3, {self.config.train_size[0]}, {self.config.train_size[1]}], got "
                 f"{tuple(inputs.shape)}; tile larger images"
             )
-        out = self.perceiver(inputs, input_mask=attention_mask, output_hidden_states=bool(output_hidden_states),
-                             output_attentions=bool(output_attentions))
-        if return_dict is False:
+        hidden, attentions, as_dict = output_flags(self.config, output_hidden_states, output_attentions, return_dict)
+        out = self.perceiver(inputs, input_mask=attention_mask, output_hidden_states=hidden,
+                             output_attentions=attentions)
+        if not as_dict:
             return transformers_tuple(None, out.logits, out)
         return OpticalFlowOutput(out.logits * self.config.flow_scale_factor, out.logits, out.last_hidden_state, None,
                                  out.hidden_states, out.attentions, out.cross_attentions)

@@ -32,6 +32,8 @@ from .common import (
     check_unsupported,
     classification_loss,
     one_input,
+    output_flags,
+    set_attention_dropout,
     transformers_tuple,
 )
 from .pretrained import PretrainedCfg
@@ -127,6 +129,7 @@ class SequenceClassifier(SavesPretrained, nn.Module):
         )
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
                                           input_preprocessor=preprocessor)
+        set_attention_dropout(self, c.attention_probs_dropout_prob)
 
     def forward(
         self,
@@ -148,6 +151,7 @@ class SequenceClassifier(SavesPretrained, nn.Module):
             output_hidden_states, output_attentions: also return the encoder latents per layer and the
                 attention weights (see :class:`SequenceClassifierOutput`).
             return_dict: ``False`` gives transformers' tuple (:func:`~perceivers.tasks.common.transformers_tuple`).
+                These three default to the config's fields of the same names.
             head_mask: transformers' keyword; only ``None`` is accepted.
         """
         ids = one_input("inputs", inputs, "input_ids", input_ids)
@@ -155,10 +159,10 @@ class SequenceClassifier(SavesPretrained, nn.Module):
         check_tensor(ids, "inputs", kind="int", ndim=2, layout="[batch, length] token ids")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
-        out = self.perceiver(ids, input_mask=attention_mask, output_hidden_states=bool(output_hidden_states),
-                             output_attentions=bool(output_attentions))
+        hidden, attentions, as_dict = output_flags(self.config, output_hidden_states, output_attentions, return_dict)
+        out = self.perceiver(ids, input_mask=attention_mask, output_hidden_states=hidden, output_attentions=attentions)
         loss = None if labels is None else self.loss(out.logits, labels)
-        if return_dict is False:
+        if not as_dict:
             return transformers_tuple(loss, out.logits, out)
         return SequenceClassifierOutput(out.logits, out.last_hidden_state, loss, out.hidden_states, out.attentions,
                                         out.cross_attentions)
@@ -186,6 +190,9 @@ class TrunkTransfer:
 #: Decoder fields a token classifier takes from the masked LM along with its decoder's weights.
 _DECODER_FIELDS = ("num_decoder_heads", "decoder_qk_channels", "decoder_v_channels", "decoder_query_residual",
                    "decoder_num_cross_attends", "decoder_num_self_attends_per_cross")
+
+#: Trunk fields that size nothing (dropout, the forward's defaults): overrides may differ from the source's.
+_NOT_SIZES = ("dropout", "attention_probs_dropout_prob", "output_attentions", "output_hidden_states", "return_dict")
 
 
 def _trunk_fields(config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -226,7 +233,7 @@ def from_language_model(
         load_options: keyword arguments for :func:`perceivers.from_pretrained` (e.g.
             ``{"numerics": "transformers"}``).
         **overrides: other config fields of ``variant`` (decoder options, dropout, ``problem_type``,
-            ``labels``); trunk sizes (and a token classifier's decoder sizes) come from the source.
+            ``labels``, the forward's defaults ``output_attentions`` …); trunk sizes (and a token classifier's decoder sizes) come from the source.
 
     Raises:
         ValueError: the source has no text trunk, or an override changes a trunk size.
@@ -242,7 +249,7 @@ def from_language_model(
                          f"got {variant!r}")
     token = variant == "language-perceiver-token-classifier"
     trunk = _trunk_fields(getattr(source, "config", None), _DECODER_FIELDS if token else ())
-    clash = {k: (v, trunk[k]) for k, v in overrides.items() if k in trunk and v != trunk[k] and k != "dropout"}
+    clash = {k: (v, trunk[k]) for k, v in overrides.items() if k in trunk and v != trunk[k] and k not in _NOT_SIZES}
     if clash:
         raise ValueError("trunk sizes come from the language model; overrides differ: "
                          + ", ".join(f"{k}={v[0]!r} (source has {v[1]!r})" for k, v in clash.items()))

@@ -23,6 +23,7 @@ from .common import (
     check_labels,
     check_unsupported,
     one_input,
+    output_flags,
     transformers_tuple,
 )
 from .language import MaskedLanguageModelConfig, decode_positions, text_perceiver
@@ -102,8 +103,9 @@ class TokenClassifier(SavesPretrained, nn.Module):
         """
         check_unsupported(head_mask)
         ids = one_input("inputs", inputs, "input_ids", input_ids)
+        hidden, attentions, as_dict = output_flags(self.config, output_hidden_states, output_attentions, return_dict)
         out = decode_positions(self.perceiver, self.config, ids, attention_mask, labels,
-                               output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                               output_hidden_states=hidden, output_attentions=attentions)
         loss = None
         if labels is not None:
             if labels.numel() and int(labels.max()) >= self.config.num_labels:
@@ -111,7 +113,7 @@ class TokenClassifier(SavesPretrained, nn.Module):
                                  f"got {int(labels.max())}")
             loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels.reshape(-1).long(),
                                    ignore_index=-100)
-        if return_dict is False:
+        if not as_dict:
             return transformers_tuple(loss, out.logits, out)
         return TokenClassifierOutput(out.logits, out.last_hidden_state, loss, out.hidden_states, out.attentions,
                                      out.cross_attentions)
