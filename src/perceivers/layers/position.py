@@ -99,13 +99,13 @@ def fourier_features(
     return torch.cat(parts, dim=-1)
 
 
-@configurable
 def _feature_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision Fourier features are computed in for a model of ``dtype``: float64 for float64, float32
     otherwise (bf16/fp16 models get float32 features rounded once)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@configurable
 class FourierPositionEncoding(nn.Module):
     """Fourier position features for a grid or for arbitrary coordinates, with a per-shape cache.
 
