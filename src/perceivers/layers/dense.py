@@ -252,7 +252,9 @@ def _large(x: Tensor, weight: Tensor) -> bool:
 
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    return _large(x, weight) and _onednn_usable(x, weight, *(() if bias is None else (bias,)))
+    # usability first: under export it is False, and the size test is never asked (on a symbolic batch it
+    # would become a guard of the exported program, refusing batches above the threshold)
+    return _onednn_usable(x, weight, *(() if bias is None else (bias,))) and _large(x, weight)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
