@@ -132,6 +132,18 @@ def test_torch_export_with_a_dynamic_batch(name: str) -> None:
             torch.testing.assert_close(exported.module()(*inputs), model(*inputs), atol=1e-5, rtol=1e-5)
 
 
+def test_torch_export_language_with_dynamic_batch_and_length() -> None:
+    """Text of any length up to the position table's: the fold's cost model takes a symbolic length as
+    "many" instead of guarding on it."""
+    model, (ids,) = MODELS["language-perceiver"]()
+    shapes = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=ids.shape[1])},)
+    exported = torch.export.export(model, (ids[:, :12].contiguous(),), dynamic_shapes=shapes)
+    for batch, length in ((1, 1), (3, 5), (2, 16)):
+        inputs = torch.randint(0, 262, (batch, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(inputs), model(inputs), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["perceiver", "perceiver-io", "vision-perceiver-fourier"])
 def test_onnx_matches_onnxruntime(name: str, tmp_path) -> None:

@@ -126,6 +126,9 @@ class Attention(nn.Module):
         if self.fold_kv:
             return True
         head_width = (self.qk_channels + self.v_channels) // self.num_heads
+        # a symbolic size (torch.export / compile with dynamic shapes) counts as "many": one choice for every
+        # size, not a guard on it in the program (both choices compute the same attention)
+        num_queries, length = (None if isinstance(n, torch.SymInt) else n for n in (num_queries, length))
         return fold_is_cheaper(self.kv_dim, head_width, num_queries, length)
 
     def project_kv(self, context: Tensor) -> KeyValue:
