@@ -307,3 +307,18 @@ def test_foreign_config_names_what_it_found(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
     with pytest.raises(ValueError, match=r"\"model_type\": \"perceiver\".*model_type='bert'"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [("num_latents", "8", "an int"), ("dropout", "0.1", "a number"),
+                                                          ("use_query_residual", "false", "a bool")])
+def test_config_values_of_the_wrong_type_are_named(tmp_path, field, value, expected):
+    """An edited config.json with a size as a string (or a bool as one) is refused at load, naming the file,
+    the field and the value, not deep inside torch (or, for "false", silently taken as true)."""
+    save_pretrained(create_model("vision-perceiver-fourier", tiny=True), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model"]["config"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError, match=rf"config\.json: config field '{field}' must be {expected}, got '{value}'"):
+        from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=rf"config field '{field}' must be {expected}"):
+        create_model("vision-perceiver-fourier", tiny=True, **{field: value})

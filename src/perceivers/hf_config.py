@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .validation import check_config_types
 
 __all__ = ["PerceiverConfig", "check_field_types", "model_defaults"]
 
@@ -144,38 +146,10 @@ class PerceiverConfig:
         return {"model_type": self.model_type, **out, **self.extra}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _ints(n: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(map(_is_int, v))
-
-
-#: what a field of each annotation of :class:`PerceiverConfig` holds: a description and a test (JSON's kinds;
-#: ``true`` is not an int, an int is a float)
-_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "int": ("an int", _is_int),
-    "int | None": ("an int or null", lambda v: v is None or _is_int(v)),
-    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "bool": ("a bool", lambda v: isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
-    "dict | None": ("an object or null", lambda v: v is None or isinstance(v, Mapping)),
-    "tuple[int, int]": ("a list of 2 ints", _ints(2)),
-    "tuple[int, int, int, int]": ("a list of 4 ints", _ints(4)),
-}
-
-
 def check_field_types(values: Mapping[str, Any]) -> None:
     """Raise ``TypeError`` naming the first field of :class:`PerceiverConfig` in ``values`` (a ``config.json``
     dict, …) whose value is not of the field's type, with the value that came; other keys are not looked at."""
-    for f in dataclasses.fields(PerceiverConfig):
-        if f.name in values and f.type in _KINDS:
-            what, ok = _KINDS[f.type]
-            value = values[f.name]
-            if not ok(value):
-                raise TypeError(f"config field {f.name!r} must be {what}, got {value!r} ({type(value).__name__})")
+    check_config_types(values, PerceiverConfig)
 
 
 def model_defaults() -> dict[str, Any]:

@@ -313,7 +313,12 @@ def from_pretrained(
     config = _read_config(directory)
     if int(config.get("format_version", 1)) > FORMAT_VERSION:
         raise ValueError(f"{directory} was written by a newer perceivers (format {config['format_version']})")
-    model = build_model(config["model"], allow_external_classes=allow_external_classes)
+    try:
+        model = build_model(config["model"], allow_external_classes=allow_external_classes)
+    except (TypeError, ValueError) as err:  # e.g. a size written as "256" in an edited config.json
+        if type(err) not in (TypeError, ValueError):
+            raise
+        raise type(err)(f"{directory / CONFIG_NAME}: {err}") from err
     state = read_state_dict(_own_weights(directory), map_location=map_location)
     load_state_dict_strict(model, state, source=str(directory))
     return model.to(map_location).eval()

@@ -26,8 +26,11 @@ emits a :class:`NarrowContextWarning`: add position features or project / patch 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +42,7 @@ __all__ = [
     "MIN_NORMALISED_CHANNELS",
     "NarrowContextWarning",
     "as_bool_mask",
+    "check_config_types",
     "check_finite",
     "check_index_range",
     "check_like",
@@ -204,3 +208,39 @@ def as_bool_mask(mask: object, name: str) -> Tensor | None:
                 f"pass `{name} == 0` for one"
             )
     return mask != 0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _ints(n: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(map(_is_int, v))
+
+
+#: what a config field of each annotation holds: a description and a test (JSON's kinds: ``true`` is not an
+#: int, an int is a float)
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an int", _is_int),
+    "int | None": ("an int or null", lambda v: v is None or _is_int(v)),
+    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "float | None": ("a number or null", lambda v: v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool))),
+    "bool": ("a bool", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "dict | None": ("an object or null", lambda v: v is None or isinstance(v, Mapping)),
+    "tuple[int, int]": ("a list of 2 ints", _ints(2)),
+    "tuple[int, int, int, int]": ("a list of 4 ints", _ints(4)),
+}
+
+
+def check_config_types(values: Mapping[str, Any], config_cls: type) -> None:
+    """Raise ``TypeError`` naming the first field of the dataclass ``config_cls`` in ``values`` (overrides, a
+    ``config.json`` dict) whose value is not of the field's annotated type (``int``, ``float | None``, …),
+    with the value that came. Other keys, and fields of other annotations, are not looked at."""
+    for f in dataclasses.fields(config_cls):
+        if f.name in values and str(f.type) in _KINDS:
+            what, ok = _KINDS[str(f.type)]
+            value = values[f.name]
+            if not ok(value):
+                raise TypeError(f"config field {f.name!r} must be {what}, got {value!r} ({type(value).__name__})")

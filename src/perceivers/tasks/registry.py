@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ..validation import check_config_types
 from .pretrained import PretrainedCfg
 
 __all__ = ["ModelEntry", "config_from_overrides", "create_model", "list_models", "model_entry", "register_model"]
@@ -98,11 +99,13 @@ def create_model(name: str, *, tiny: bool = False, **overrides: Any) -> nn.Modul
 
 
 def config_from_overrides(config_cls: type[C], defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> C:
-    """``config_cls(**defaults, **overrides)`` with a clear error for unknown override names."""
+    """``config_cls(**defaults, **overrides)`` with a clear error for unknown override names and for values of
+    the wrong type (a size given as ``"256"``)."""
     valid = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise TypeError(
             f"{config_cls.__name__} has no field(s) {', '.join(unknown)}; valid overrides: {', '.join(sorted(valid))}"
         )
+    check_config_types(overrides, config_cls)
     return config_cls(**{**defaults, **overrides})
