@@ -80,6 +80,7 @@ from .io.processors import (
     TextPreprocessor,
 )
 from .layers import FourierPositionEncoding, TrainablePositionEncoding
+from .models.common import check_count
 from .outputs import TransformersIndexing, model_output
 from .tasks.common import TrunkConfig, build_encoder, check_unsupported, output_flags, set_attention_dropout
 
@@ -118,13 +119,20 @@ def _index_shape(index_dims: Any) -> tuple[int, ...]:
 
 class _InterpolatedGridPositions(TrainableGridPositions):
     """A learned position table that, while ``interpolate`` is set, is resized bicubically to another 2-D grid
-    (transformers' ``interpolate_pos_encoding``: the table is read as a square grid)."""
+    (transformers' ``interpolate_pos_encoding``: the table is read as a square grid).
+
+    Otherwise it is read as transformers does, as flat rows: any index shape with as many positions is
+    accepted (transformers' ``index_dims`` is usually the flattened ``H·W`` of an ``(H, W)`` input).
+    """
 
     interpolate = False
 
     def forward(self, index_shape, *, device=None, dtype=None) -> Tensor:
         if not self.interpolate or len(index_shape) != 2:
-            return super().forward(index_shape, device=device, dtype=dtype)
+            if math.prod(index_shape) != math.prod(self.index_shape):  # raises, naming both shapes
+                return super().forward(index_shape, device=device, dtype=dtype)
+            table = self.table.embeddings
+            return table if dtype is None else table.to(dtype)
         table = self.table.embeddings  # [N, C]
         side = math.isqrt(table.shape[0])
         if tuple(index_shape) != (side, side):
@@ -236,6 +244,7 @@ class PerceiverImagePreprocessor(ImagePreprocessor):
             raise ValueError(f"prep_type must be 'conv', 'conv1x1', 'patches' or 'pixels', got {prep_type!r}")
         if concat_or_add_pos not in ("concat", "add"):
             raise ValueError(f"concat_or_add_pos must be 'concat' or 'add', got {concat_or_add_pos!r}")
+        check_count(spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample)
         pos = _position_encoding(position_encoding_type, out_channels=out_channels, project_pos_dim=project_pos_dim,
                                  **_split_position_kwargs(position_encoding_kwargs))
         base = getattr(pos, "base", pos)  # transformers: video when the positions have 3 axes

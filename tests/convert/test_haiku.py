@@ -59,6 +59,18 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path: Path, payload, w
     assert not marker.exists()
 
 
+def test_self_referencing_pickle_names_the_file(tmp_path: Path) -> None:
+    tree: dict = {"params": {}}
+    tree["params"]["loop"] = tree  # a mapping that contains itself: no end to descend
+    path = tmp_path / "loop.pkl"
+    path.write_bytes(pickle.dumps(tree, protocol=4))
+    with pytest.raises(HaikuCheckpointError, match=r"loop\.pkl: checkpoint entry 'params/loop/params/.*"
+                                                  r"nests mappings more than 32 deep, expected a shallow tree"):
+        read_haiku_checkpoint(path)
+    with pytest.raises(HaikuCheckpointError, match="the given bytes: .*more than 32 deep"):
+        read_haiku_checkpoint(path.read_bytes())
+
+
 def test_unknown_class_is_refused() -> None:
     blob = pickle.dumps({"a": {"w": io.BytesIO(b"x")}})
     with pytest.raises(UnsafeCheckpointError, match=r"_io\.BytesIO|io\.BytesIO"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from perceivers.io import (
     PerceiverEncoder,
     PerceiverIOModel,
     ProjectionDecoder,
+    TrainableGridPositions,
     TrainableQueries,
     VideoAutoencodingDecoder,
     build_position_encoding,
@@ -80,6 +82,30 @@ def test_trainable_queries_length_and_points() -> None:
     assert q(2).shape == (2, 5, 3)
     assert torch.equal(q(2, length=2)[1], q.table.embeddings[:2])
     assert torch.equal(q(1, subsampled_points=torch.tensor([4, 0]))[0], q.table.embeddings[[4, 0]])
+
+
+def test_trainable_queries_points_lie_within_length() -> None:
+    q = TrainableQueries(5, 3)
+    both = q(2, subsampled_points=torch.tensor([2, 0]), length=3)  # points among the first 3 rows
+    assert torch.equal(both[1], q.table.embeddings[[2, 0]])
+    with pytest.raises(ValueError, match=re.escape("subsampled_points (with length=3) must lie in [0, 3), got [0, 4]")):
+        q(1, subsampled_points=torch.tensor([0, 4]), length=3)
+    with pytest.raises(ValueError, match=re.escape("length must be in [1, 5], got 6")):
+        q(1, subsampled_points=torch.tensor([0]), length=6)
+
+
+def test_trainable_grid_positions_refuse_another_index_shape() -> None:
+    pos = TrainableGridPositions((4, 5), 3)
+    assert torch.equal(pos((4, 5)), pos.table.embeddings)
+    assert torch.equal(pos.grid_rows((4, 5), 2, 7), pos.table.embeddings[2:7])
+    for other in [(5, 4), (20,), (2, 2, 5)]:  # as many positions, but rows on other pixels
+        with pytest.raises(ValueError, match=re.escape(f"built for index shape (4, 5) (20 positions), got {other}")):
+            pos(other)
+    pre = ImagePreprocessor("pixels", position_encoding=pos, spatial_downsample=1)
+    x = torch.randn(2, 3, 4, 5)
+    torch.testing.assert_close(pre(x).inputs[..., 3:], pos.table.embeddings.expand(2, -1, -1))
+    with pytest.raises(ValueError, match=re.escape("built for index shape (4, 5) (20 positions), got (5, 4)")):
+        pre(x.transpose(-1, -2))  # H and W swapped
 
 
 # ------------------------------------------------------------------------------------------ encoder
@@ -155,6 +181,23 @@ def test_decoder_output_shapes() -> None:
     assert video(sub, latents).shape == (2, 5, 5)
 
 
+def test_video_decoder_keeps_subsampled_outputs_in_point_order() -> None:
+    torch.manual_seed(0)
+    video = VideoAutoencodingDecoder((2, 3, 4), latent_channels=16, output_channels=5, num_bands=2).eval()
+    model = PerceiverIOModel(PerceiverEncoder(6, num_latents=4, latent_channels=16, num_self_attention_heads=2),
+                             video).eval()
+    x, perm = torch.randn(2, 7, 6), torch.randperm(24)
+    with torch.no_grad():
+        assert model(x).logits.shape == (2, 2, 3, 4, 5)  # the full grid
+        ordered = model(x, subsampled_output_points=torch.arange(24)).logits
+        permuted = model(x, subsampled_output_points=perm).logits
+        assert ordered.shape == permuted.shape == (2, 24, 5)  # all the points, yet no grid: [B, Q, C]
+        torch.testing.assert_close(permuted, ordered[:, perm])
+        latents = torch.randn(2, 4, 16)
+        query = video.decoder_query(x, subsampled_points=perm)
+        assert video(query, latents, subsampled_points=perm).shape == (2, 24, 5)
+
+
 def test_multimodal_decoder_pads_in_sorted_order() -> None:
     dec = MultimodalDecoder(
         {"label": TrainableQueries(1, 6), "audio": FourierQueries((4,), 1, (16,))},
@@ -208,6 +251,17 @@ def test_model_checks_widths_and_raw_inputs() -> None:
     assert bare(torch.randn(3, 7, 5)).logits.shape == (3, 2)
     with pytest.raises(ValueError, match=r"\[batch, tokens, channels\]"):
         bare(torch.randn(3, 5))
+    with pytest.raises(TypeError, match=r"floating-point tensor \[batch, tokens, channels\].*got dtype torch.int64"):
+        bare(torch.randint(0, 3, (3, 7, 5)))
+
+
+def test_basic_decoder_names_query_and_latent_widths() -> None:
+    dec = BasicDecoder(TrainableQueries(6, 8), latent_channels=16, output_channels=3)
+    assert dec(torch.randn(2, 6, 8), torch.randn(2, 4, 16)).shape == (2, 6, 3)
+    with pytest.raises(ValueError, match=re.escape("decoder query must be [batch, n, 8], got (2, 6, 7)")):
+        dec(torch.randn(2, 6, 7), torch.randn(2, 4, 16))
+    with pytest.raises(ValueError, match=re.escape("decoder latents must be [batch, n, 16], got (2, 4, 15)")):
+        dec(torch.randn(2, 6, 8), torch.randn(2, 4, 15))
 
 
 def test_init_like_haiku() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -131,6 +132,13 @@ def test_image_preprocessor_rejects_bad_inputs() -> None:
         ImagePreprocessor("conv", spatial_downsample=2)
 
 
+@pytest.mark.parametrize("prep", ["pixels", "conv1x1", "patches"])
+@pytest.mark.parametrize("arg", ["spatial_downsample", "temporal_downsample"])
+def test_image_preprocessor_downsampling_is_at_least_1(prep: str, arg: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"{arg} must be an int >= 1, got 0")):
+        ImagePreprocessor(prep, **{arg: 0})
+
+
 def test_patches_for_flow_order_and_padding() -> None:
     frames = torch.randn(2, 2, 3, 5, 6)
     patches = patches_for_flow(frames)
@@ -182,6 +190,20 @@ def test_audio_pre_and_postprocessor() -> None:
         pre(torch.randn(2, 30))
 
 
+def test_audio_preprocessor_checks_position_mode_at_construction() -> None:
+    pos = build_position_encoding("fourier", num_dims=1, num_bands=2, max_resolution=(8,))  # 5 channels
+    with pytest.raises(ValueError, match=re.escape("concat_or_add_pos must be 'concat' or 'add', got 'bogus'")):
+        AudioPreprocessor(4, position_encoding=pos, concat_or_add_pos="bogus")
+    with pytest.raises(ValueError, match=re.escape("'add' needs position channels 5 == features 4")):
+        AudioPreprocessor(4, position_encoding=pos, concat_or_add_pos="add")
+    with pytest.raises(ValueError, match=re.escape("samples_per_patch must be an int >= 1, got 0")):
+        AudioPreprocessor(0)
+    added = AudioPreprocessor(5, position_encoding=pos, concat_or_add_pos="add")
+    audio = torch.randn(2, 40)
+    assert added.num_channels == 5
+    torch.testing.assert_close(added(audio).inputs, audio.reshape(2, 8, 5) + pos((8,)))
+
+
 def test_multimodal_preprocessor_pads_masks_and_sorts() -> None:
     pos1 = build_position_encoding("fourier", num_dims=1, num_bands=2, max_resolution=(8,))
     pre = MultimodalPreprocessor(
@@ -199,6 +221,15 @@ def test_multimodal_preprocessor_pads_masks_and_sorts() -> None:
     torch.testing.assert_close(out.inputs[:, 2], pre.mask_tokens["label"].embeddings.expand(2, -1))
     with pytest.raises(ValueError, match="exactly the modalities"):
         pre({"audio": audio})
+    with pytest.raises(ValueError, match=re.escape("share the batch size, got {'audio': 2, 'label': 3}")):
+        pre({"audio": audio, "label": torch.randn(3, 6)})
+
+
+@pytest.mark.parametrize("prob", [1.5, -0.3, float("nan")])
+def test_multimodal_mask_probs_are_probabilities(prob: float) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"mask_probs['b'] must be a probability in [0, 1], got {prob}")):
+        MultimodalPreprocessor({"a": OneHotPreprocessor(4), "b": OneHotPreprocessor(4)},
+                               mask_probs={"a": 0.0, "b": prob})
 
 
 def test_multimodal_random_masking_rate() -> None:

@@ -408,6 +408,9 @@ def test_errors_name_expected_and_got():
         phf.PerceiverImagePreprocessor(c)
     with pytest.raises(ValueError, match="strides the batch"):
         phf.PerceiverImagePreprocessor(c, prep_type="pixels", fourier_position_encoding_kwargs=_FOURIER)
+    with pytest.raises(ValueError, match="temporal_downsample must be an int >= 1, got 0"):
+        phf.PerceiverImagePreprocessor(c, prep_type="patches", temporal_downsample=0, conv_after_patching=True,
+                                       fourier_position_encoding_kwargs=_FOURIER)
     with pytest.raises(ValueError, match="num_channels=12 must equal the query width: the trainable queries have 16"):
         phf.PerceiverBasicDecoder(c, 5, num_channels=12,
                                   trainable_position_encoding_kwargs={"num_channels": 16, "index_dims": 1})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -133,6 +134,10 @@ def test_errors_name_the_choices() -> None:
     with pytest.raises(ValueError, match="d_model=300 does not match.*261"):
         create_model("vision-perceiver-fourier", d_model=300, num_blocks=1, num_self_attends_per_block=1,
                      d_latents=8, num_latents=2, num_self_attention_heads=1)
+    for name, arg in [("vision-perceiver-conv", "spatial_downsample"), ("vision-perceiver-learned", "spatial_downsample"),
+                      ("multimodal-perceiver", "image_patch_size")]:
+        with pytest.raises(ValueError, match=re.escape(f"{arg} must be an int >= 1, got 0")):
+            create_model(name, tiny=True, **{arg: 0})
 
 
 def test_official_defaults() -> None:
@@ -205,3 +210,23 @@ def test_multimodal_chunks_equal_full_decoding() -> None:
     torch.testing.assert_close(labelled["label"], full["label"])
     with pytest.raises(ValueError, match="do not divide"):
         next(model.subsampling_chunks(3))
+
+
+def test_multimodal_exports_with_a_dynamic_batch() -> None:
+    """The batch-size checks compare sizes pairwise: symbolic sizes cannot go into a set (unhashable)."""
+    torch.manual_seed(0)
+    model = create_model("multimodal-perceiver", tiny=True).eval()
+
+    def inputs(batch: int) -> dict[str, torch.Tensor]:
+        (x,) = _inputs("multimodal-perceiver", model, batch=batch)
+        return dict(x, label=torch.zeros(batch, model.config.num_labels))
+
+    batch = torch.export.Dim("batch", min=1, max=16)
+    with torch.no_grad():
+        exported = torch.export.export(model, (inputs(2),), dynamic_shapes=({m: {0: batch} for m in inputs(2)},))
+        for size in (1, 5):
+            x = inputs(size)
+            torch.testing.assert_close(exported.module()(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+    mixed = dict(inputs(2), audio=inputs(3)["audio"])
+    with pytest.raises(ValueError, match=re.escape("share the batch size, got {'audio': 3, 'image': 2, 'label': 2}")):
+        model(mixed)

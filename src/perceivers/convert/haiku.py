@@ -95,10 +95,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(f"refusing persistent id {pid!r} in a Haiku checkpoint")
 
 
-def _plain(tree: Any, path: str = "") -> Any:
+#: deepest nesting of mappings accepted (Haiku's is 3: params / module / parameter); deeper is malformed,
+#: e.g. a dict that contains itself, which would otherwise recurse without end
+_MAX_NESTING = 32
+
+
+def _plain(tree: Any, path: str = "", depth: int = 0) -> Any:
     """Nested mappings → plain dicts; leaves must be numeric numpy arrays / scalars."""
     if isinstance(tree, Mapping):
-        return {str(k): _plain(v, f"{path}/{k}" if path else str(k)) for k, v in tree.items()}
+        if depth >= _MAX_NESTING:
+            raise HaikuCheckpointError(
+                f"checkpoint entry {path[:120]!r} nests mappings more than {_MAX_NESTING} deep, expected a shallow tree "
+                "of arrays (Haiku's: params / module / parameter); the pickle is malformed or contains itself"
+            )
+        return {str(k): _plain(v, f"{path}/{k}" if path else str(k), depth + 1) for k, v in tree.items()}
     if isinstance(tree, (np.ndarray, np.generic, int, float)) and not isinstance(tree, bool):
         arr = np.asarray(tree)
         if arr.dtype.kind not in "biuf":
@@ -118,6 +128,12 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]
     return flat
 
 
+def _source_name(source: str | os.PathLike | bytes | BinaryIO) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return "the given bytes"
+    return str(getattr(source, "name", "a file object")) if hasattr(source, "read") else os.fspath(source)
+
+
 def read_haiku_checkpoint(source: str | os.PathLike | bytes | BinaryIO) -> dict[str, np.ndarray]:
     """Read an official ``.pystate`` / ``.pickle`` file into ``{"module/path/param": ndarray}``.
 
@@ -135,14 +151,13 @@ def read_haiku_checkpoint(source: str | os.PathLike | bytes | BinaryIO) -> dict[
     except (UnsafeCheckpointError, HaikuCheckpointError, OSError):
         raise
     except Exception as e:  # truncated or corrupt pickle: UnpicklingError, EOFError, TypeError, ...
-        if isinstance(source, (bytes, bytearray)):
-            name = "the given bytes"
-        else:
-            name = str(getattr(source, "name", "a file object")) if hasattr(source, "read") else os.fspath(source)
         raise HaikuCheckpointError(
-            f"cannot read {name}: truncated or corrupt Haiku pickle ({type(e).__name__}: {e})"
+            f"cannot read {_source_name(source)}: truncated or corrupt Haiku pickle ({type(e).__name__}: {e})"
         ) from e
-    tree = _plain(obj)
+    try:
+        tree = _plain(obj)
+    except HaikuCheckpointError as e:
+        raise HaikuCheckpointError(f"{_source_name(source)}: {e}") from None
     if not isinstance(tree, dict):
         raise HaikuCheckpointError(f"expected a mapping at the top of the checkpoint, got {type(tree).__name__}")
     if "params" in tree and set(tree) <= {"params", "state"} and isinstance(tree["params"], dict):

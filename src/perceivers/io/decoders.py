@@ -184,6 +184,9 @@ class BasicDecoder(nn.Module):
         output projection (DeepMind's behaviour at padded MLM positions). With query self-attention
         they are no keys either, so they do not change the other queries' outputs.
         """
+        for name, x, width in (("query", query, self.query_channels), ("latents", latents, self.latent_channels)):
+            if x.ndim != 3 or x.shape[-1] != width:
+                raise ValueError(f"decoder {name} must be [batch, n, {width}], got {tuple(x.shape)}")
         query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask", device=query.device)
         out = self.cross_attention(query.to(latents.dtype), latents, query_mask=query_mask)  # [B, Q, Cq]
         out = self._self_attend(out, 0, query_mask)
@@ -333,9 +336,11 @@ class FlowDecoder(nn.Module):
 
 @configurable
 class VideoAutoencodingDecoder(nn.Module):
-    """Fourier queries over the full output grid ``(T, H, W)``; outputs ``[B, T, H, W, C]`` (or ``[B, Q, C]``
-    when subsampled). ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``:
-    as :class:`BasicDecoder`."""
+    """Fourier queries over the full output grid ``(T, H, W)``; outputs ``[B, T, H, W, C]``, or ``[B, Q, C]``
+    in the order of the points when ``subsampled_points`` are given to ``forward`` (as
+    :class:`PerceiverIOModel` does with its ``subsampled_output_points``), even if they cover the whole
+    grid. ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``: as
+    :class:`BasicDecoder`."""
 
     def __init__(
         self,
@@ -377,9 +382,14 @@ class VideoAutoencodingDecoder(nn.Module):
     def output_modality_sizes(self, subsampled_points=None) -> None:
         return None
 
-    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None,
+        subsampled_points: Tensor | None = None,
+    ) -> Tensor:
+        """→ ``[B, T, H, W, C]`` for the full query grid; ``[B, Q, C]`` when the queries were built from
+        ``subsampled_points`` (pass the same points here: a reordering of all the points is no grid)."""
         out = self.decoder(query, latents, query_mask=query_mask)
-        if out.shape[1] == self.decoder.queries.num_queries:
+        if subsampled_points is None and out.shape[1] == self.decoder.queries.num_queries:
             return out.reshape(out.shape[0], *self.output_shape, out.shape[-1])
         return out
 

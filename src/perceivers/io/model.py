@@ -105,6 +105,9 @@ class PerceiverIOModel(nn.Module):
         self._post_takes_sizes = output_postprocessor is not None and (
             "modality_sizes" in inspect.signature(output_postprocessor.forward).parameters
         )
+        self._decoder_takes_points = decoder is not None and (  # its output layout depends on them
+            "subsampled_points" in inspect.signature(decoder.forward).parameters
+        )
         self.chunk_size = chunk_size
 
     @property
@@ -224,6 +227,8 @@ class PerceiverIOModel(nn.Module):
             else:
                 x, modality_sizes, without_pos = self.input_preprocessor(inputs)
         else:
+            check_tensor(inputs, "inputs", kind="float", layout="[batch, tokens, channels] (without an input "
+                         "preprocessor: embed token ids or other integers first)")
             if inputs.ndim != 3:
                 raise ValueError("without an input preprocessor, inputs must be a [batch, tokens, channels] tensor, "
                                  f"got shape {tuple(inputs.shape)}")
@@ -237,7 +242,10 @@ class PerceiverIOModel(nn.Module):
             x, modality_sizes=modality_sizes, inputs_without_pos=without_pos,
             subsampled_points=subsampled_output_points, **dict(query_kwargs or {}),
         )
-        out = self.decoder(query, latents, query_mask=query_mask)
+        if self._decoder_takes_points:
+            out = self.decoder(query, latents, query_mask=query_mask, subsampled_points=subsampled_output_points)
+        else:
+            out = self.decoder(query, latents, query_mask=query_mask)
         if self.output_postprocessor is not None:
             if self._post_takes_sizes:
                 sizes = self.decoder.output_modality_sizes(subsampled_output_points) or modality_sizes

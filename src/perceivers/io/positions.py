@@ -32,7 +32,9 @@ PositionKind = Literal["fourier", "trainable", "none"]
 class TrainableGridPositions(nn.Module):
     """A learned ``[prod(index_shape), num_channels]`` table (truncated normal, std ``init_scale``).
 
-    The table is bound to ``index_shape``: inputs of another size raise a ``ValueError``.
+    The table is bound to ``index_shape``: any other index shape raises a ``ValueError``, also one
+    with as many positions (``(W, H)`` for ``(H, W)``, or a flattened ``(H·W,)``), whose rows would
+    land on other pixels.
     """
 
     def __init__(self, index_shape: Sequence[int], num_channels: int, init_scale: float = 0.02) -> None:
@@ -45,7 +47,7 @@ class TrainableGridPositions(nn.Module):
         self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> Tensor:
         """``index_shape`` must equal the construction shape → ``[N, num_channels]``."""
-        if math.prod(index_shape) != math.prod(self.index_shape):
+        if tuple(index_shape) != self.index_shape:
             raise ValueError(
                 f"trainable positions were built for index shape {self.index_shape} "
                 f"({math.prod(self.index_shape)} positions), got {tuple(index_shape)}"

@@ -43,20 +43,22 @@ def subsampled_positions(points: Tensor, index_shape: Sequence[int]) -> Tensor:
     return -1.0 + (2 * idx).to(torch.float32) / sizes
 
 
-def _check_points(points: Tensor, total: int) -> None:
+def _check_points(points: Tensor, total: int, name: str = "subsampled_points") -> None:
     if not isinstance(points, Tensor) or points.is_floating_point() or points.dtype == torch.bool:
         got = f"dtype {points.dtype}" if isinstance(points, Tensor) else type(points).__name__
         raise TypeError(f"subsampled_points must be an integer tensor of flat indices, got {got}")
     if points.ndim != 1:
         raise ValueError(f"subsampled_points must be a 1-D tensor of flat indices, got shape {tuple(points.shape)}")
-    check_index_range(points, total, "subsampled_points")
+    check_index_range(points, total, name)
 
 
 @configurable
 class TrainableQueries(nn.Module):
     """``num_queries`` learned query vectors ``[num_queries, num_channels]``.
 
-    ``subsampled_points`` selects rows (``None`` = all); ``length`` keeps the first ``length`` rows.
+    ``length`` keeps the first ``length`` rows (a sequence shorter than ``num_queries``);
+    ``subsampled_points`` selects rows among those (``None`` = all): with both, every point must be
+    below ``length``.
     """
 
     def __init__(self, num_queries: int, num_channels: int, init_scale: float = 0.02) -> None:
@@ -74,13 +76,14 @@ class TrainableQueries(nn.Module):
     ) -> Tensor:
         """→ ``[B, Q, num_channels]`` (a broadcast view of the table)."""
         table = self.table.embeddings
-        if subsampled_points is not None:
-            _check_points(subsampled_points, self.num_queries)
-            table = table[subsampled_points.long()]
-        elif length is not None:
+        if length is not None:
             if not 0 < length <= self.num_queries:
                 raise ValueError(f"length must be in [1, {self.num_queries}], got {length}")
             table = table[:length]
+        if subsampled_points is not None:
+            _check_points(subsampled_points, table.shape[0],
+                          "subsampled_points" if length is None else f"subsampled_points (with length={length})")
+            table = table[subsampled_points.long()]
         return per_sample(table, batch_size)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..io import ClassificationDecoder, PerceiverIOModel, build_position_encoding
 from ..io.processors import ImagePreprocessor
 from ..io.processors.image import check_conv_padding, conv_stem_size
+from ..models.common import check_count
 from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
 from .common import (
@@ -107,6 +108,7 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
         if self.preprocessing not in ("pixels", "conv", "conv1x1"):
             raise ValueError(f"preprocessing must be 'pixels', 'conv' or 'conv1x1', got {self.preprocessing!r}")
         check_conv_padding(self.conv_padding)
+        check_count(spatial_downsample=self.spatial_downsample)
         if self.position_encoding not in ("fourier", "trainable"):
             raise ValueError(f"position_encoding must be 'fourier' or 'trainable', got {self.position_encoding!r}")
 

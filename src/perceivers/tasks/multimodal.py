@@ -26,6 +26,7 @@ from ..io.processors import (
     OneHotPreprocessor,
     ProjectionPostprocessor,
 )
+from ..models.common import check_count
 from ..outputs import TransformersIndexing, model_output
 from ..validation import check_tensor
 from .common import (
@@ -97,6 +98,7 @@ class MultimodalAutoencodingConfig(LabelNames, TrunkConfig):
         self.labels = check_labels(self.labels, self.num_labels)
         self.image_size = as_pair(self.image_size)
         h, w = self.image_size
+        check_count(image_patch_size=self.image_patch_size)
         if h % self.image_patch_size or w % self.image_patch_size:
             raise ValueError(f"image_size {self.image_size} must be divisible by image_patch_size={self.image_patch_size}")
         if self.audio_samples_per_frame * self.num_frames % self.samples_per_patch:
@@ -258,7 +260,7 @@ class MultimodalAutoencoder(SavesPretrained, nn.Module):
             raise ValueError(f"inputs['audio'] must be [batch, {c.num_audio_samples}] (or with a trailing 1), "
                              f"got {tuple(audio.shape)}")
         sizes = {m: inputs[m].shape[0] for m in MODALITIES if isinstance(inputs.get(m), Tensor)}
-        if len(set(sizes.values())) > 1:
+        if any(b != sizes["image"] for b in sizes.values()):  # pairwise: symbolic sizes are unhashable
             raise ValueError(f"all modalities must share the batch size, got {sizes}")
         label = inputs.get("label")
         if label is not None:

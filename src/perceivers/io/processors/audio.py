@@ -8,8 +8,9 @@ from torch import Tensor, nn
 
 from ...configurable import configurable
 from ...layers.dense import Linear
+from ...models.common import check_count
 from ...validation import check_tensor
-from .base import Preprocessed, add_positions
+from .base import Preprocessed, add_positions, check_pos_mode
 
 __all__ = ["AudioPostprocessor", "AudioPreprocessor"]
 
@@ -32,12 +33,12 @@ class AudioPreprocessor(nn.Module):
         concat_or_add_pos: Literal["concat", "add"] = "concat",
     ) -> None:
         super().__init__()
+        check_count(samples_per_patch=samples_per_patch)
         self.samples_per_patch = samples_per_patch
         self.position_encoding = position_encoding
         self.concat_or_add_pos = concat_or_add_pos
-        pos = 0 if position_encoding is None else position_encoding.num_channels
         self.feature_channels = samples_per_patch
-        self.num_channels = samples_per_patch + pos if concat_or_add_pos == "concat" else samples_per_patch
+        self.num_channels = check_pos_mode(concat_or_add_pos, samples_per_patch, position_encoding)
 
     def forward(self, audio: Tensor) -> Preprocessed:
         check_tensor(audio, "audio", kind="float", ndim=(2, 3), layout="[batch, samples] or [batch, samples, 1]")

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ...layers import ContextStream
 
-__all__ = ["Preprocessed", "add_positions", "restructure"]
+__all__ = ["Preprocessed", "add_positions", "check_pos_mode", "restructure"]
 
 
 class Preprocessed(NamedTuple):
@@ -27,6 +27,18 @@ class Preprocessed(NamedTuple):
     inputs: Tensor | ContextStream
     modality_sizes: dict[str, int] | None
     inputs_without_pos: Any
+
+
+def check_pos_mode(mode: str, features: int, encoding: nn.Module | None) -> int:
+    """Raise a ValueError unless ``mode`` (``concat_or_add_pos``) is ``"concat"`` or ``"add"`` and, for
+    ``"add"``, ``encoding`` (if any) is ``features`` wide; → the width of the tokens (features, plus the
+    position channels when concatenated)."""
+    if mode not in ("concat", "add"):
+        raise ValueError(f"concat_or_add_pos must be 'concat' or 'add', got {mode!r}")
+    pos_channels = 0 if encoding is None else encoding.num_channels
+    if mode == "add" and encoding is not None and pos_channels != features:
+        raise ValueError(f"concat_or_add_pos='add' needs position channels {pos_channels} == features {features}")
+    return features + pos_channels if mode == "concat" else features
 
 
 def add_positions(features: Tensor, index_shape: tuple[int, ...], encoding: nn.Module | None, mode: str) -> Tensor:

@@ -35,9 +35,10 @@ from torch import Tensor, nn
 from ...configurable import configurable
 from ...layers import ContextStream, FourierPositionEncoding, GridContext
 from ...layers.dense import Linear
+from ...models.common import check_count
 from ...validation import check_tensor
 from ..positions import has_grid_rows
-from .base import Preprocessed, add_positions
+from .base import Preprocessed, add_positions, check_pos_mode
 
 __all__ = ["ConvDownsample", "ImagePreprocessor", "conv_stem_size", "same_padding", "space_to_depth"]
 
@@ -165,8 +166,7 @@ class ImagePreprocessor(nn.Module):
         check_conv_padding(conv_padding)
         if prep_type not in ("pixels", "conv", "conv1x1", "patches"):
             raise ValueError(f"prep_type must be 'pixels', 'conv', 'conv1x1' or 'patches', got {prep_type!r}")
-        if concat_or_add_pos not in ("concat", "add"):
-            raise ValueError(f"concat_or_add_pos must be 'concat' or 'add', got {concat_or_add_pos!r}")
+        check_count(spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample)
         self.prep_type = prep_type
         self.in_channels = in_channels
         self.spatial_downsample, self.temporal_downsample = spatial_downsample, temporal_downsample
@@ -197,10 +197,7 @@ class ImagePreprocessor(nn.Module):
             features = in_channels
         self.feature_channels = features
         self.position_encoding = position_encoding
-        pos_channels = 0 if position_encoding is None else position_encoding.num_channels
-        if concat_or_add_pos == "add" and position_encoding is not None and pos_channels != features:
-            raise ValueError(f"concat_or_add_pos='add' needs position channels {pos_channels} == features {features}")
-        self.num_channels = features + pos_channels if concat_or_add_pos == "concat" else features
+        self.num_channels = check_pos_mode(concat_or_add_pos, features, position_encoding)
 
     def output_index_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Index shape of the tokens for an input of shape ``[B, (T,) C, H, W]`` (the position grid)."""

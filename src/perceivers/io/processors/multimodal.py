@@ -54,6 +54,9 @@ class MultimodalPreprocessor(nn.Module):
             if missing:
                 raise ValueError(f"mask_probs lacks modalities {sorted(missing)}")
             self.mask_probs = {m: float(mask_probs[m]) for m in self.modality_names}
+            for m, prob in self.mask_probs.items():
+                if not 0.0 <= prob <= 1.0:
+                    raise ValueError(f"mask_probs[{m!r}] must be a probability in [0, 1], got {mask_probs[m]!r}")
             self.mask_tokens = nn.ModuleDict({m: TrainablePositionEncoding(1, self.num_channels)
                                               for m in self.modality_names})
 
@@ -74,7 +77,8 @@ class MultimodalPreprocessor(nn.Module):
                 x = self._mask(x, m, generator)
             padded[m], sizes[m] = x, n
         batch = {m: padded[m].shape[0] for m in self.modality_names}
-        if len(set(batch.values())) > 1:
+        first = batch[self.modality_names[0]]
+        if any(b != first for b in batch.values()):  # pairwise: symbolic sizes (torch.export) are unhashable
             raise ValueError(f"all modalities must share the batch size, got {batch}")
         return Preprocessed(torch.cat([padded[m] for m in self.modality_names], dim=1), sizes, without_pos)
 
