@@ -80,9 +80,9 @@ from .io.processors import (
     TextPreprocessor,
 )
 from .layers import FourierPositionEncoding, TrainablePositionEncoding
-from .models.common import check_count
 from .outputs import TransformersIndexing, model_output
 from .tasks.common import TrunkConfig, build_encoder, check_unsupported, output_flags, set_attention_dropout
+from .validation import check_count
 
 __all__ = [
     "PerceiverAudioPostprocessor",
@@ -242,8 +242,6 @@ class PerceiverImagePreprocessor(ImagePreprocessor):
     ) -> None:
         if prep_type not in ("conv", "conv1x1", "patches", "pixels"):
             raise ValueError(f"prep_type must be 'conv', 'conv1x1', 'patches' or 'pixels', got {prep_type!r}")
-        if concat_or_add_pos not in ("concat", "add"):
-            raise ValueError(f"concat_or_add_pos must be 'concat' or 'add', got {concat_or_add_pos!r}")
         check_count(spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample)
         pos = _position_encoding(position_encoding_type, out_channels=out_channels, project_pos_dim=project_pos_dim,
                                  **_split_position_kwargs(position_encoding_kwargs))

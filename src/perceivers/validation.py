@@ -43,6 +43,7 @@ __all__ = [
     "NarrowContextWarning",
     "as_bool_mask",
     "check_config_types",
+    "check_count",
     "check_finite",
     "check_index_range",
     "check_like",
@@ -210,6 +211,13 @@ def as_bool_mask(mask: object, name: str) -> Tensor | None:
     return mask != 0
 
 
+def check_count(*, minimum: int = 1, **counts: object) -> None:
+    """Raise a ValueError naming the first of ``counts`` (sizes, depths) that is not an int ``>= minimum``."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -219,19 +227,24 @@ def _ints(n: int) -> Callable[[Any], bool]:
 
 
 #: what a config field of each annotation holds: a description and a test (JSON's kinds: ``true`` is not an
-#: int, an int is a float)
+#: int, an int is a float); ``X | None`` also takes ``None``
 _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "int": ("an int", _is_int),
-    "int | None": ("an int or null", lambda v: v is None or _is_int(v)),
     "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
-    "float | None": ("a number or null", lambda v: v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool))),
     "bool": ("a bool", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),
-    "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
-    "dict | None": ("an object or null", lambda v: v is None or isinstance(v, Mapping)),
+    "dict": ("an object", lambda v: isinstance(v, Mapping)),
     "tuple[int, int]": ("a list of 2 ints", _ints(2)),
     "tuple[int, int, int, int]": ("a list of 4 ints", _ints(4)),
 }
+
+
+def _kind(annotation: str) -> tuple[str, Callable[[Any], bool]] | None:
+    base = annotation.removesuffix(" | None")
+    if base not in _KINDS:
+        return None
+    what, ok = _KINDS[base]
+    return (what, ok) if base == annotation else (f"{what} or null", lambda v: v is None or ok(v))
 
 
 def check_config_types(values: Mapping[str, Any], config_cls: type) -> None:
@@ -239,8 +252,9 @@ def check_config_types(values: Mapping[str, Any], config_cls: type) -> None:
     ``config.json`` dict) whose value is not of the field's annotated type (``int``, ``float | None``, …),
     with the value that came. Other keys, and fields of other annotations, are not looked at."""
     for f in dataclasses.fields(config_cls):
-        if f.name in values and str(f.type) in _KINDS:
-            what, ok = _KINDS[str(f.type)]
+        kind = _kind(str(f.type)) if f.name in values else None
+        if kind is not None:
+            what, ok = kind
             value = values[f.name]
             if not ok(value):
                 raise TypeError(f"config field {f.name!r} must be {what}, got {value!r} ({type(value).__name__})")

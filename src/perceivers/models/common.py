@@ -20,7 +20,6 @@ __all__ = [
     "LayerSchedule",
     "LogitsAlias",
     "MeanOverLatents",
-    "check_count",
     "check_input",
     "check_token_ids",
     "flatten_axes",
@@ -28,13 +27,6 @@ __all__ = [
     "start_hiddens",
     "tie_schedule",
 ]
-
-
-def check_count(*, minimum: int = 1, **counts: object) -> None:
-    """Raise a ValueError naming the first of ``counts`` (sizes, depths) that is not an int ``>= minimum``."""
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 class LayerSchedule(nn.ModuleList):

@@ -26,13 +26,12 @@ from ..layers import (
     check_mask,
     grid_attention,
 )
-from ..validation import check_finite
+from ..validation import check_count, check_finite
 from .common import (
     AttentionResidual,
     ClassifierHead,
     LayerSchedule,
     LogitsAlias,
-    check_count,
     check_input,
     flatten_axes,
     initial_latents,

@@ -17,11 +17,10 @@ from ..configurable import configurable
 from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
-from ..validation import check_finite, check_like
+from ..validation import check_count, check_finite, check_like
 from .common import (
     AttentionResidual,
     LayerSchedule,
-    check_count,
     check_input,
     check_token_ids,
     initial_latents,

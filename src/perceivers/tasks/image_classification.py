@@ -11,9 +11,8 @@ from torch import Tensor, nn
 from ..io import ClassificationDecoder, PerceiverIOModel, build_position_encoding
 from ..io.processors import ImagePreprocessor
 from ..io.processors.image import check_conv_padding, conv_stem_size
-from ..models.common import check_count
 from ..outputs import TransformersIndexing, model_output
-from ..validation import check_tensor
+from ..validation import check_count, check_tensor
 from .common import (
     LabelNames,
     SavesPretrained,

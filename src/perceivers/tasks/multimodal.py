@@ -26,9 +26,8 @@ from ..io.processors import (
     OneHotPreprocessor,
     ProjectionPostprocessor,
 )
-from ..models.common import check_count
 from ..outputs import TransformersIndexing, model_output
-from ..validation import check_tensor
+from ..validation import check_count, check_tensor
 from .common import (
     LabelNames,
     SavesPretrained,

@@ -233,7 +233,8 @@ def from_language_model(
         load_options: keyword arguments for :func:`perceivers.from_pretrained` (e.g.
             ``{"numerics": "transformers"}``).
         **overrides: other config fields of ``variant`` (decoder options, dropout, ``problem_type``,
-            ``labels``, the forward's defaults ``output_attentions`` …); trunk sizes (and a token classifier's decoder sizes) come from the source.
+            ``labels``, the forward's defaults ``output_attentions`` …); trunk sizes (and a token
+            classifier's decoder sizes) come from the source.
 
     Raises:
         ValueError: the source has no text trunk, or an override changes a trunk size.

@@ -49,6 +49,11 @@ __all__ = [
 ]
 
 
+def run_seed() -> int:
+    """The run's ``seed_everything`` value (Lightning exports it to ``PL_GLOBAL_SEED``; 0 without one)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+
 class EpochShuffleSampler(DistributedSampler):
     """Training order as a function of ``(seed, epoch)`` only, split across processes by global batch.
 
@@ -62,7 +67,7 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __init__(self, data_source: Sized, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int | None = None) -> None:
-        seed = int(os.environ.get("PL_GLOBAL_SEED", "0")) if seed is None else seed
+        seed = run_seed() if seed is None else seed
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=True)
 
@@ -144,7 +149,7 @@ class _BaseDataModule(pl.LightningDataModule):
         # augmentation, mixing and dropout use: a resumed run then draws what the uninterrupted run drew even
         # though it builds its loaders at other moments (a restart after an epoch's last batch skips the
         # validation loader the uninterrupted run built before the next epoch)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", "0")) * 7 + (1 if train else 2)
+        seed = run_seed() * 7 + (1 if train else 2)
         common = {"batch_size": size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
                   "collate_fn": self.collate_fn, "generator": torch.Generator().manual_seed(seed)}
         if not train:

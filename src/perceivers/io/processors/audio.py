@@ -8,8 +8,7 @@ from torch import Tensor, nn
 
 from ...configurable import configurable
 from ...layers.dense import Linear
-from ...models.common import check_count
-from ...validation import check_tensor
+from ...validation import check_count, check_tensor
 from .base import Preprocessed, add_positions, check_pos_mode
 
 __all__ = ["AudioPostprocessor", "AudioPreprocessor"]

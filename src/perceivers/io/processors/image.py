@@ -35,8 +35,7 @@ from torch import Tensor, nn
 from ...configurable import configurable
 from ...layers import ContextStream, FourierPositionEncoding, GridContext
 from ...layers.dense import Linear
-from ...models.common import check_count
-from ...validation import check_tensor
+from ...validation import check_count, check_tensor
 from ..positions import has_grid_rows
 from .base import Preprocessed, add_positions, check_pos_mode
 
