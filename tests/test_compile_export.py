@@ -132,6 +132,52 @@ def test_torch_export_with_a_dynamic_batch(name: str) -> None:
             torch.testing.assert_close(exported.module()(*inputs), model(*inputs), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["perceiver", "vision-perceiver-fourier"])
+def test_torch_export_with_a_dynamic_image_size(name: str) -> None:
+    """One program for every image size: the Fourier features are computed from the symbolic size (not a
+    table fixed at the traced one), so other sizes and aspect ratios match eager."""
+    model, (image,) = MODELS[name]()
+    h_axis = 1 if name == "perceiver" else 2  # [B, H, W, C] / [B, C, H, W]
+    dims = {0: torch.export.Dim("batch"), h_axis: torch.export.Dim("h", max=64),
+            h_axis + 1: torch.export.Dim("w", max=64)}
+    exported = torch.export.export(model, (image,), dynamic_shapes=(dims,))
+    for batch, h, w in ((1, 2, 7), (3, 17, 9), (2, 64, 33)):
+        shape = [batch, h, w, 3] if name == "perceiver" else [batch, 3, h, w]
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_export_perceiver_io_with_dynamic_lengths() -> None:
+    """Any number of inputs and of queries, up to where eager mode would start streaming them (65536 with
+    autograd, as export traces; torch asks for that ``max``)."""
+    model, args = MODELS["perceiver-io"]()
+    batch = torch.export.Dim("batch")
+    shapes = ({0: batch, 1: torch.export.Dim("n", max=65536)}, {0: batch, 1: torch.export.Dim("m", max=65536)})
+    exported = torch.export.export(model, args, dynamic_shapes=shapes)
+    for b, n, m in ((1, 1, 1), (3, 700, 50)):
+        data, queries = torch.randn(b, n, 16), torch.randn(b, m, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(data, queries), model(data, queries), atol=1e-5, rtol=1e-5)
+
+
+def test_exported_grid_coordinates_match_linspace() -> None:
+    """With a symbolic length ``axis_coordinates`` builds ``linspace(-1, 1, n)`` from ``arange``: the
+    ends exact, every value within an ulp of torch.linspace's, a single point at -1 as linspace gives."""
+    from perceivers.layers.position import axis_coordinates
+
+    class Coordinates(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return axis_coordinates(x.shape[0], dtype=x.dtype)
+
+    exported = torch.export.export(Coordinates(), (torch.zeros(5),),
+                                   dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},))
+    for n in (*range(1, 130), 224, 1000, 4096):
+        got, want = exported.module()(torch.zeros(n)), torch.linspace(-1.0, 1.0, n)
+        assert got.shape == want.shape and got[0] == -1 and (n == 1 or got[-1] == 1)
+        torch.testing.assert_close(got, want, atol=1.2e-7, rtol=0)
+
+
 def test_torch_export_language_with_dynamic_batch_and_length() -> None:
     """Text of any length up to the position table's: the fold's cost model takes a symbolic length as
     "many" instead of guarding on it."""
@@ -160,6 +206,24 @@ def test_onnx_matches_onnxruntime(name: str, tmp_path) -> None:
     with torch.no_grad():
         want = model(*args)
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_onnx_with_a_dynamic_image_size(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, args = MODELS["vision-perceiver-fourier"]()
+    path = tmp_path / "vision.onnx"
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", max=512), 3: torch.export.Dim("w", max=512)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, dynamic_shapes=(dims,))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, h, w in ((1, 7, 9), (3, 40, 23), (1, 128, 128)):
+        x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(h))
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -54,6 +54,20 @@ def test_torch_export_returns_the_output_dataclass(name: str) -> None:
     torch.testing.assert_close(leaves(out), leaves(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_conv_vision_exports_with_a_dynamic_image_size() -> None:
+    """The conv preprocessor's grid (after its stride-4 stem) takes its Fourier features from the symbolic
+    size; torch needs images of at least 16 pixels a side there (its padding rules)."""
+    torch.manual_seed(0)
+    model = create_model("vision-perceiver-conv", tiny=True).eval()
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=16, max=256),
+            3: torch.export.Dim("w", min=16, max=256)}
+    exported = torch.export.export(model, _inputs("vision-perceiver-conv", model), dynamic_shapes=(dims,))
+    for batch, h, w in ((1, 16, 17), (3, 20, 36), (1, 255, 31)):
+        x = torch.randn(batch, 3, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_list_models() -> None:
     assert list_models() == NAMES
     assert list_models("vision-*") == NAMES[5:]

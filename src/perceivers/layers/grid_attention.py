@@ -72,10 +72,10 @@ def serves(data: Tensor, *, masked: bool, dropout: bool = False, pixels: int | N
     image itself not needing a gradient, no key mask, no attention dropout; with ``pixels`` (per sample), at
     least :data:`MIN_PIXELS` of them (models use it to give images too small to stream to the kernel as one
     chunk)."""
-    return (
-        (pixels is None or pixels >= MIN_PIXELS)
-        and not (torch.is_grad_enabled() and data.requires_grad) and not masked and not dropout
+    return (  # the size test last: a symbolic size (export) is never eager, so it sets no guard
+        not (torch.is_grad_enabled() and data.requires_grad) and not masked and not dropout
         and _native_eager(data) and available()
+        and (pixels is None or pixels >= MIN_PIXELS)
     )
 
 

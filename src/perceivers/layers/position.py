@@ -26,6 +26,7 @@ from .broadcast import per_sample
 __all__ = [
     "FourierPositionEncoding",
     "TrainablePositionEncoding",
+    "axis_coordinates",
     "band_frequencies",
     "fourier_features",
     "linear_positions",
@@ -38,8 +39,20 @@ def linear_positions(
     index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """Grid coordinates ``linspace(-1, 1, n)`` per axis (both ends included), ``[*index_shape, d]``."""
-    axes = [torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=dtype) for n in index_shape]
+    axes = [axis_coordinates(n, device=device, dtype=dtype) for n in index_shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def axis_coordinates(n: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``linspace(-1, 1, n)`` ``[n]``; for a symbolic ``n`` (``torch.export`` with a dynamic image size, where
+    ``torch.linspace`` would fix its length) the same values from ``arange``, within an ulp of
+    ``torch.linspace``'s (which rounds its vectorised blocks differently)."""
+    if not isinstance(n, torch.SymInt):
+        return torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=dtype)
+    i = torch.arange(n, device=device, dtype=dtype)
+    step = 2.0 / torch.sym_max(n - 1, 1)
+    # from both ends, as torch.linspace does: -1 and 1 exact, the grid symmetric
+    return torch.where(i < torch.sym_max(n // 2, 1), -1.0 + step * i, 1.0 - step * (n - 1 - i))
 
 
 def band_frequencies(
@@ -97,6 +110,12 @@ def fourier_features(
     scaled = scaled.flatten(-2)  # [..., d*K], bands of one axis contiguous
     parts = ([pos] if concat_pos else []) + [scaled.sin()] + ([] if sine_only else [scaled.cos()])
     return torch.cat(parts, dim=-1)
+
+
+def _sizes(index_shape: Sequence[int]) -> tuple[int, ...]:
+    """``index_shape`` as a tuple of ints; symbolic sizes (``torch.export`` with a dynamic image size) stay
+    symbolic instead of being specialised to the traced ones."""
+    return tuple(n if isinstance(n, torch.SymInt) else int(n) for n in index_shape)
 
 
 def _feature_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -159,7 +178,7 @@ class FourierPositionEncoding(nn.Module):
         Computed in float32 (float64 for ``dtype=float64``) and cast to ``dtype``; cached per shape, device
         and dtype.
         """
-        index_shape = tuple(int(n) for n in index_shape)
+        index_shape = _sizes(index_shape)
         if len(index_shape) != self.num_dims:
             raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
         if torch.compiler.is_compiling():  # a traced graph computes them (constant-folded by the compiler)
@@ -197,7 +216,7 @@ class FourierPositionEncoding(nn.Module):
         ``out`` (``[..., stop - start, C]``, e.g. the position channels of a chunk being assembled,
         not requiring grad) receives the rows, broadcast over its leading axes, and is returned.
         """
-        index_shape = tuple(int(n) for n in index_shape)
+        index_shape = _sizes(index_shape)
         if len(index_shape) != self.num_dims:
             raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
         tables = self.axis_tables(index_shape, device, _feature_dtype(dtype if out is None else out.dtype))
@@ -232,7 +251,7 @@ class FourierPositionEncoding(nn.Module):
         The features of grid point ``(i_1, …, i_d)`` are ``Σ_a tables[a][i_a]`` (disjoint channels, so
         the sum is exact); cached per shape, device and dtype.
         """
-        index_shape = tuple(int(n) for n in index_shape)
+        index_shape = _sizes(index_shape)
         dtype = _feature_dtype(dtype)
         compiling = torch.compiler.is_compiling()
         key = None if compiling else ("axis_tables", index_shape, str(device), dtype, torch.is_inference_mode_enabled())
@@ -243,7 +262,7 @@ class FourierPositionEncoding(nn.Module):
         per_axis = int(self.concat_pos) + k * (1 if self.sine_only else 2)
         tables = []
         for a, (n, res) in enumerate(zip(index_shape, self.max_resolution)):
-            pos = torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=dtype)[:, None]
+            pos = axis_coordinates(n, device=device, dtype=dtype)[:, None]
             own = fourier_features(pos, self.num_bands, res, layout=self.layout, concat_pos=self.concat_pos,
                                    sine_only=self.sine_only, freq_base=self.freq_base)  # [n, per_axis]
             if self.layout == "lucidrains":  # axis-major: [sin K, cos K, x] per axis
