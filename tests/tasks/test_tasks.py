@@ -68,6 +68,32 @@ def test_conv_vision_exports_with_a_dynamic_image_size() -> None:
             torch.testing.assert_close(exported.module()(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_dropout_reaches_encoder_and_decoder(name: str) -> None:
+    """``dropout`` is every attention's and MLP's, the decoder's included, in every head; training draws
+    differ, evaluation is deterministic."""
+    from perceivers.layers import Attention
+
+    torch.manual_seed(0)
+    model = create_model(name, tiny=True, dropout=0.25)
+    for part in (model.perceiver.encoder, model.perceiver.decoder):
+        attentions = [m for m in part.modules() if isinstance(m, Attention)]
+        drops = [m for m in part.modules() if isinstance(m, torch.nn.Dropout)]
+        assert attentions and drops, type(part).__name__
+        assert all(m.dropout == 0.25 for m in attentions) and all(m.p == 0.25 for m in drops)
+    with torch.no_grad():  # the flow decoder's zero-initialised output would hide any difference
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(std=0.02)
+    args = _inputs(name, model)
+    leaves = torch.utils._pytree.tree_leaves
+    first, second = leaves(model.train()(*args).logits), leaves(model(*args).logits)
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(leaves(model(*args).logits), leaves(model(*args).logits), atol=0, rtol=0)
+
+
 def test_list_models() -> None:
     assert list_models() == NAMES
     assert list_models("vision-*") == NAMES[5:]

@@ -75,6 +75,7 @@ class BasicDecoder(nn.Module):
         concat_preprocessed_input: prepend the preprocessed inputs (without positions, with
             ``preprocessed_channels`` channels) to the built queries.
         zero_init_output: zero-initialise the final ``Linear`` (flow decoder).
+        dropout: attention-weight and MLP dropout in training (0 in the official models).
         activation: MLP activation (official: tanh-approximated GELU).
         num_cross_attends: query→latent cross-attention layers (default 1, DeepMind's). The first is
             ``cross_attention``; each further one (``extra_cross_attentions``) is a residual block
@@ -282,7 +283,7 @@ class FlowDecoder(nn.Module):
     The final ``Linear`` output is divided by ``rescale_factor`` (100 in the official model). The
     result is in the units of transformers' ``PerceiverForOpticalFlow``; the official colab then
     multiplies by 20 (``FLOW_SCALE_FACTOR``) to get pixels — done by the task model, not here.
-    ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``: as
+    ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``, ``dropout``: as
     :class:`BasicDecoder` (query self-attention over all pixels costs memory quadratic in their number).
     """
 
@@ -304,6 +305,7 @@ class FlowDecoder(nn.Module):
         num_self_attends_per_cross: int = 0,
         num_self_attention_heads: int | None = None,
         cross_attention_shape_for_attn: Literal["kv", "q"] = "kv",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.output_image_shape = tuple(int(n) for n in output_image_shape)
@@ -314,7 +316,7 @@ class FlowDecoder(nn.Module):
             use_query_residual=use_query_residual, widening_factor=widening_factor, zero_init_output=True,
             activation=activation, num_cross_attends=num_cross_attends,
             num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
-            cross_attention_shape_for_attn=cross_attention_shape_for_attn,
+            cross_attention_shape_for_attn=cross_attention_shape_for_attn, dropout=dropout,
         )
         self.query_channels, self.output_channels = query_channels, output_channels
 
@@ -339,7 +341,7 @@ class VideoAutoencodingDecoder(nn.Module):
     """Fourier queries over the full output grid ``(T, H, W)``; outputs ``[B, T, H, W, C]``, or ``[B, Q, C]``
     in the order of the points when ``subsampled_points`` are given to ``forward`` (as
     :class:`PerceiverIOModel` does with its ``subsampled_output_points``), even if they cover the whole
-    grid. ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``: as
+    grid. ``num_cross_attends``, ``num_self_attends_per_cross``, ``num_self_attention_heads``, ``dropout``: as
     :class:`BasicDecoder`."""
 
     def __init__(
@@ -358,6 +360,7 @@ class VideoAutoencodingDecoder(nn.Module):
         num_cross_attends: int = 1,
         num_self_attends_per_cross: int = 0,
         num_self_attention_heads: int | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if len(output_shape) != 3:
@@ -369,6 +372,7 @@ class VideoAutoencodingDecoder(nn.Module):
             queries, latent_channels=latent_channels, output_channels=output_channels, num_heads=num_heads,
             use_query_residual=use_query_residual, activation=activation, num_cross_attends=num_cross_attends,
             num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
+            dropout=dropout,
         )
         self.query_channels, self.output_channels = queries.num_channels, output_channels
 
@@ -407,6 +411,7 @@ class MultimodalDecoder(nn.Module):
         num_heads, qk_channels, v_channels, use_query_residual: the shared cross-attention.
         num_cross_attends, num_self_attends_per_cross, num_self_attention_heads: the shared decoder's
             depth, as :class:`BasicDecoder` (query self-attention mixes all modalities' queries).
+        dropout: as :class:`BasicDecoder`.
 
     Queries are concatenated in **sorted modality order** (as DeepMind's); the output ``[B, ΣQ,
     output_channels]`` is split by :meth:`output_modality_sizes`.
@@ -428,6 +433,7 @@ class MultimodalDecoder(nn.Module):
         num_self_attends_per_cross: int = 0,
         num_self_attention_heads: int | None = None,
         cross_attention_shape_for_attn: Literal["kv", "q"] = "kv",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not queries:
@@ -444,7 +450,7 @@ class MultimodalDecoder(nn.Module):
             output_channels=output_channels, num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
             use_query_residual=use_query_residual, activation=activation, num_cross_attends=num_cross_attends,
             num_self_attends_per_cross=num_self_attends_per_cross, num_self_attention_heads=num_self_attention_heads,
-            cross_attention_shape_for_attn=cross_attention_shape_for_attn,
+            cross_attention_shape_for_attn=cross_attention_shape_for_attn, dropout=dropout,
         )
         self.output_channels = output_channels
 

@@ -68,7 +68,8 @@ class TrunkConfig:
             (transformers' field; as there, it also sets the flow and multimodal decoders', whose queries
             are wider than the latents).
         use_query_residual: latent residual around the encoder cross-attention.
-        dropout: attention and MLP dropout (0 in every official model).
+        dropout: attention-weight and MLP dropout in training, encoder's and decoder's (0 in every official
+            model).
         attention_probs_dropout_prob: dropout on the attention probabilities of every attention, encoder's
             and decoder's, in training (transformers' field, which ``numerics="transformers"`` takes over from
             a checkpoint; transformers has no other dropout); ``None``: ``dropout``'s, where that applies.
@@ -186,8 +187,6 @@ def build_encoder(cfg: TrunkConfig, input_channels: int) -> PerceiverEncoder:
         dropout=cfg.dropout,
         activation=cfg.hidden_act,
     )
-
-
 
 
 # --------------------------------------------------------------------- transformers' calling convention

@@ -170,7 +170,7 @@ class ImageClassifier(SavesPretrained, nn.Module):
         decoder = ClassificationDecoder(
             c.num_labels, latent_channels=c.d_latents, query_channels=c.decoder_query_channels,
             num_heads=c.num_decoder_heads, use_query_residual=c.decoder_query_residual, activation=c.hidden_act,
-            num_cross_attends=c.decoder_num_cross_attends,
+            num_cross_attends=c.decoder_num_cross_attends, dropout=c.dropout,
         )
         check_d_model(c.d_model, preprocessor.num_channels)
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,

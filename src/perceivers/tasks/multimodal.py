@@ -175,7 +175,7 @@ class MultimodalAutoencoder(SavesPretrained, nn.Module):
             queries, latent_channels=c.d_latents, output_channels=c.output_num_channels,
             min_padding_size=c.decoder_min_padding_size, num_heads=c.num_decoder_heads,
             use_query_residual=c.decoder_query_residual, activation=c.hidden_act,
-            cross_attention_shape_for_attn=c.cross_attention_shape_for_attention,
+            cross_attention_shape_for_attn=c.cross_attention_shape_for_attention, dropout=c.dropout,
         )
         check_d_model(c.d_model, preprocessor.num_channels)
         postprocessor = MultimodalPostprocessor({

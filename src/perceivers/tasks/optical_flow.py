@@ -101,6 +101,7 @@ class OpticalFlowModel(SavesPretrained, nn.Module):
             query_channels=preprocessor.num_channels, latent_channels=c.d_latents, output_image_shape=c.train_size,
             rescale_factor=c.rescale_factor, num_heads=c.num_decoder_heads, use_query_residual=c.decoder_query_residual,
             activation=c.hidden_act, cross_attention_shape_for_attn=c.cross_attention_shape_for_attention,
+            dropout=c.dropout,
         )
         check_d_model(c.d_model, preprocessor.num_channels)
         self.perceiver = PerceiverIOModel(build_encoder(c, preprocessor.num_channels), decoder,
