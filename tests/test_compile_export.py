@@ -96,6 +96,24 @@ def test_no_graph_breaks(name: str) -> None:
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("name", ["perceiver", "vision-perceiver-fourier"])
+def test_compile_traces_once_for_every_image_size(name: str) -> None:
+    """Under ``torch.compile(dynamic=True)`` the Fourier features follow the symbolic image size: one graph
+    for every size (``torch.linspace`` would fix it: a recompile per size)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, _ = MODELS[name]()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for h, w in ((10, 12), (16, 16), (20, 31), (40, 8)):
+        shape = [2, h, w, 3] if name == "perceiver" else [2, 3, h, w]
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compile_fullgraph_matches_eager(name: str) -> None:

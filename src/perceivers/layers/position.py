@@ -44,10 +44,10 @@ def linear_positions(
 
 
 def axis_coordinates(n: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``linspace(-1, 1, n)`` ``[n]``; for a symbolic ``n`` (``torch.export`` with a dynamic image size, where
-    ``torch.linspace`` would fix its length) the same values from ``arange``, within an ulp of
-    ``torch.linspace``'s (which rounds its vectorised blocks differently)."""
-    if not isinstance(n, torch.SymInt):
+    """``linspace(-1, 1, n)`` ``[n]``; for a size that may be symbolic (``torch.export`` or ``torch.compile``
+    with dynamic image sizes, where ``torch.linspace`` would fix its length) the same values from
+    ``arange``, within an ulp of ``torch.linspace``'s (which rounds its vectorised blocks differently)."""
+    if not _maybe_symbolic(n):
         return torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=dtype)
     i = torch.arange(n, device=device, dtype=dtype)
     step = 2.0 / torch.sym_max(n - 1, 1)
@@ -112,10 +112,16 @@ def fourier_features(
     return torch.cat(parts, dim=-1)
 
 
+def _maybe_symbolic(n: int) -> bool:
+    """Whether size ``n`` may be symbolic: a ``SymInt`` (``torch.export``), or any size while Dynamo traces
+    (it presents symbolic sizes as ints)."""
+    return isinstance(n, torch.SymInt) or torch.compiler.is_dynamo_compiling()
+
+
 def _sizes(index_shape: Sequence[int]) -> tuple[int, ...]:
-    """``index_shape`` as a tuple of ints; symbolic sizes (``torch.export`` with a dynamic image size) stay
-    symbolic instead of being specialised to the traced ones."""
-    return tuple(n if isinstance(n, torch.SymInt) else int(n) for n in index_shape)
+    """``index_shape`` as a tuple of ints; sizes that may be symbolic stay as they are instead of being
+    specialised to the traced ones."""
+    return tuple(n if _maybe_symbolic(n) else int(n) for n in index_shape)
 
 
 def _feature_dtype(dtype: torch.dtype) -> torch.dtype:
