@@ -2,8 +2,8 @@
 
 ``fit | validate | test`` run LightningCLI (:mod:`perceivers.train.cli`); ``predict`` does too when it
 gets Lightning options (``--config``, ``--ckpt_path``, ``--model.*``, ``--data.*``, ``--trainer.*``) and
-otherwise runs the inference command :mod:`perceivers.commands.predict`; ``convert`` runs
-:mod:`perceivers.commands.convert`. Everything heavy is imported only once a command is chosen, so
+otherwise runs the inference command :mod:`perceivers.commands.predict`; ``convert`` and ``export`` run
+:mod:`perceivers.commands.convert` and :mod:`perceivers.commands.export`. Everything heavy is imported only once a command is chosen, so
 ``perceivers --help`` answers at once.
 """
 
@@ -39,6 +39,7 @@ commands:
   predict     with --config/--ckpt_path/--model.*/--data.*/--trainer.*: Lightning prediction;
               otherwise the inference command (`perceivers predict --help`)
   convert     convert official / transformers / perceiver-pytorch checkpoints
+  export      write a model as ONNX or a torch.export program, checked against the model
 
 Training options come from YAML recipes and dotted overrides:
   perceivers fit --config cifar100-keras --data.init_args.root data/cifar-100-python
@@ -196,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _wants_lightning(args):
             return _run_lightning(command, args)
         return _run_command("perceivers.commands.predict", command, args)
-    if command == "convert":
-        return _run_command("perceivers.commands.convert", command, args)
+    if command in ("convert", "export"):
+        return _run_command(f"perceivers.commands.{command}", command, args)
     print(f"perceivers: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

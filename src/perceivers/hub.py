@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "build_model",
     "detect_format",
+    "fit_checkpoint_config",
     "from_pretrained",
     "load_checkpoint",
     "model_config",
@@ -112,6 +114,45 @@ def build_model(config: dict[str, Any], *, allow_external_classes: bool = False)
         args = kwargs.pop("*args", [])  # a recorded *args parameter (see configurable)
         return cls(*args, **kwargs)
     raise ValueError(f"model config needs a 'registry' or a 'class' entry, got keys {sorted(config)}")
+
+
+def fit_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The model entry (as :func:`model_config`'s) that a ``perceivers fit`` checkpoint records, or ``None``
+    for any other file.
+
+    Lightning saves the task's settings: a registered ``model_name`` with its ``model_kwargs``, or the
+    model as ``class_path`` + ``init_args`` (nested modules alike), rebuilt by :func:`build_model` with
+    the same rule as our configs (perceivers classes only). Read with ``weights_only=True``, tensors
+    memory-mapped.
+    """
+    from .convert.state_dict import read_torch_file
+
+    path = Path(path)
+    if not path.is_file() or detect_format(path) != "torch":
+        return None
+    obj = read_torch_file(path, mmap=zipfile.is_zipfile(path))
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(obj.get("state_dict"), dict):
+        return None
+    if hparams.get("model_name"):
+        return {"registry": hparams["model_name"], "config": dict(hparams.get("model_kwargs") or {})}
+    model = hparams.get("model")
+    if isinstance(model, dict) and isinstance(model.get("class_path"), str):
+        return _from_class_path(model)["__module__"]
+    raise ValueError(f"{path} is a training checkpoint whose model was given as a Python object, which it does not "
+                     "record: build the model yourself and use load_checkpoint(model, path)")
+
+
+def _from_class_path(value: Any) -> Any:
+    """jsonargparse's ``{"class_path", "init_args"}`` form → our config encoding (see :func:`_decode`)."""
+    if isinstance(value, (list, tuple)):
+        return [_from_class_path(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "class_path" in value:
+        kwargs = {k: _from_class_path(v) for k, v in (value.get("init_args") or {}).items()}
+        return {"__module__": {"class": value["class_path"], "kwargs": kwargs}}
+    return {"__dict__": {k: _from_class_path(v) for k, v in value.items()}}
 
 
 # ------------------------------------------------------------------------------------------ save / load
@@ -287,20 +328,28 @@ def from_pretrained(
     allow_external_classes: bool = False,
     **transformers_options: Any,
 ) -> nn.Module:
-    """Build a model and load its weights from a directory or Hub repo id.
+    """Build a model and load its weights from a directory, a Hub repo id or a training checkpoint.
 
     Own-format directories are rebuilt from their config; transformers Perceiver checkpoints
     (``config.json`` with ``model_type: "perceiver"``) are converted with
-    :func:`perceivers.convert.transformers.from_transformers` (``transformers_options`` go there).
-    The model is returned in eval mode.
+    :func:`perceivers.convert.transformers.from_transformers` (``transformers_options`` go there);
+    ``perceivers fit`` checkpoints (``.ckpt``) are rebuilt from the settings they record
+    (:func:`fit_checkpoint_config`). The model is returned in eval mode.
     """
     from .convert.state_dict import load_state_dict_strict, read_state_dict
 
     directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                         token=token)
     if not directory.is_dir():
-        raise ValueError(f"from_pretrained needs a directory or repo id, got the file {directory}; "
-                         "use load_checkpoint(model, path) for bare weight files")
+        config = fit_checkpoint_config(directory)
+        if config is None:
+            raise ValueError(f"from_pretrained needs a directory, a repo id or a perceivers fit checkpoint, got the "
+                             f"file {directory}; use load_checkpoint(model, path) for bare weight files")
+        model = _build(config, allow_external_classes, directory)
+        state = read_state_dict(directory, map_location=map_location)
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        load_state_dict_strict(model, state, source=str(directory))
+        return model.to(map_location).eval()
     fmt = detect_format(directory)
     if fmt == "transformers":
         from .convert.transformers import from_transformers
@@ -313,15 +362,20 @@ def from_pretrained(
     config = _read_config(directory)
     if int(config.get("format_version", 1)) > FORMAT_VERSION:
         raise ValueError(f"{directory} was written by a newer perceivers (format {config['format_version']})")
-    try:
-        model = build_model(config["model"], allow_external_classes=allow_external_classes)
-    except (TypeError, ValueError) as err:  # e.g. a size written as "256" in an edited config.json
-        if type(err) not in (TypeError, ValueError):
-            raise
-        raise type(err)(f"{directory / CONFIG_NAME}: {err}") from err
+    model = _build(config["model"], allow_external_classes, directory / CONFIG_NAME)
     state = read_state_dict(_own_weights(directory), map_location=map_location)
     load_state_dict_strict(model, state, source=str(directory))
     return model.to(map_location).eval()
+
+
+def _build(config: dict[str, Any], allow_external_classes: bool, source: Path) -> nn.Module:
+    """:func:`build_model`, its errors naming ``source`` (e.g. a size written as "256" in an edited config.json)."""
+    try:
+        return build_model(config, allow_external_classes=allow_external_classes)
+    except (TypeError, ValueError) as err:
+        if type(err) not in (TypeError, ValueError):
+            raise
+        raise type(err)(f"{source}: {err}") from err
 
 
 def load_checkpoint(

@@ -19,8 +19,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, checkpoint: bool = T
     parser.add_argument("--model", help="registered model name (see perceivers.list_models()); needed for "
                         "Haiku pickles and bare state dicts, implied by perceivers/transformers directories")
     if checkpoint:
-        parser.add_argument("--checkpoint", help="weights: a Haiku pickle, a transformers or perceivers directory, "
-                            "a Hub repo id, or a .safetensors/.pt state dict")
+        parser.add_argument("--checkpoint", help="weights: a perceivers fit checkpoint (.ckpt), a Haiku pickle, a transformers or "
+                            "perceivers directory, a Hub repo id, or a .safetensors/.pt state dict")
     parser.add_argument("--config", help="create_model overrides as JSON (inline or a .json file), for checkpoints "
                         "whose sizes differ from the official ones")
     parser.add_argument("--numerics", choices=("deepmind", "transformers"), default="deepmind",
@@ -52,18 +52,21 @@ def load_model(
 ) -> nn.Module:
     """The model the user asked for, in eval mode.
 
-    perceivers / transformers directories build their own model (``--model`` must agree if given);
+    perceivers / transformers directories and ``perceivers fit`` checkpoints build their own model
+    (``--model`` must agree if given);
     other checkpoints are loaded into ``create_model(model, **overrides)``. Without a checkpoint the
     weights are random (a warning is printed).
     """
-    from ..hub import detect_format, from_pretrained, load_checkpoint, resolve
+    from ..hub import detect_format, fit_checkpoint_config, from_pretrained, load_checkpoint, resolve
     from ..tasks import create_model
 
     overrides = overrides or {}
     if checkpoint:
         path = resolve(checkpoint)
         fmt = detect_format(path)
-        if fmt in ("perceivers", "transformers"):
+        if fmt == "torch" and fit_checkpoint_config(path) is not None:
+            fmt = "perceivers fit"
+        if fmt in ("perceivers", "transformers", "perceivers fit"):
             if overrides:
                 raise ValueError(f"--config does not apply to a {fmt} checkpoint (it carries its own config)")
             options = {"numerics": numerics} if fmt == "transformers" else {}

@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ __all__ = [
     "is_safetensors",
     "load_state_dict_strict",
     "read_state_dict",
+    "read_torch_file",
     "rename_by_rules",
     "rename_key",
     "save_state_dict",
@@ -220,9 +222,25 @@ def read_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
                 raise CheckpointError(f"{path} is corrupt: alias {name!r} points to the missing tensor {root!r}")
             state[name] = state[root]
         return state
+    obj = read_torch_file(path, map_location=map_location)
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return dict(obj)
+
+
+def read_torch_file(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> Any:
+    """A ``torch.save`` file's object, loaded with ``weights_only=True`` (tensors, containers and plain
+    values only: nothing that runs code), its zip CRCs checked first. ``mmap``: map the tensors instead of
+    reading them (zip files only)."""
+    path = Path(path)
     _check_zip_crc(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects other than tensors, which could run code "
@@ -231,13 +249,6 @@ def read_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     except Exception as e:  # truncated zip, bad header, ...
         raise CheckpointError(f"cannot read {path}: not a valid safetensors or torch.save file, truncated or corrupt "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
-    return dict(obj)
 
 
 def _check_zip_crc(path: Path) -> None:

@@ -1,0 +1,92 @@
+"""`perceivers export`: ONNX and torch.export files of the registry models, dynamic where the model allows,
+checked against the eager model; clear errors for what it cannot do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perceivers import cli, from_pretrained, save_pretrained
+from perceivers.commands.export import example_inputs
+from perceivers.models import Perceiver
+from perceivers.tasks import create_model
+
+
+def _export(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(["export", *argv])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_vision_to_onnx_with_dynamic_batch_and_size(tmp_path, capsys) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "vision.onnx"
+    status, out, _ = _export(capsys, str(path), "--model", "vision-perceiver-fourier", "--config", '{"tiny": true}')
+    assert status == 0, out
+    assert "dynamic: batch and size" in out and out.count("max |exported - eager|") == 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # random weights: shapes only
+    (logits,) = session.run(None, {session.get_inputs()[0].name: torch.randn(4, 3, 30, 17).numpy()})
+    assert logits.shape == (4, create_model("vision-perceiver-fourier", tiny=True).config.num_labels)
+
+
+def test_checkpoint_to_pt2_matches_the_model(tmp_path, capsys) -> None:
+    """A saved model exported with its weights: the program equals the reloaded model at new shapes."""
+    torch.manual_seed(1)
+    model = create_model("language-perceiver", tiny=True).eval()
+    save_pretrained(model, tmp_path / "lm")
+    path = tmp_path / "lm.pt2"
+    status, out, _ = _export(capsys, str(path), "--checkpoint", str(tmp_path / "lm"))
+    assert status == 0, out
+    assert "language-perceiver" in out and "dynamic: batch and size" in out
+    program = torch.export.load(path).module()
+    ids = torch.randint(0, 262, (5, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(program(ids), from_pretrained(tmp_path / "lm")(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_sizes_stay_fixed_and_mappings_export(tmp_path, capsys) -> None:
+    status, out, _ = _export(capsys, str(tmp_path / "learned.pt2"), "--model", "vision-perceiver-learned",
+                             "--config", '{"tiny": true}')
+    assert status == 0 and "dynamic: batch)" in out  # learned positions fix the image size
+    status, out, _ = _export(capsys, str(tmp_path / "mm.pt2"), "--model", "multimodal-perceiver", "--config",
+                             '{"tiny": true}')
+    assert status == 0 and "batch 3 (3, " in out, out  # {"audio", "image"} in, a mapping of logits out
+
+
+def test_perceiver_needs_an_input_shape(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    model = Perceiver(input_channels=3, input_axis=2, num_freq_bands=4, max_freq=10.0, depth=1, num_latents=4,
+                      latent_dim=16, cross_dim_head=8, latent_dim_head=8, num_classes=3)
+    save_pretrained(model, tmp_path / "p")
+    status, _, err = _export(capsys, str(tmp_path / "p.pt2"), "--checkpoint", str(tmp_path / "p"))
+    assert status == 2 and "Perceiver has no size of its own: pass --input-shape" in err
+    status, out, _ = _export(capsys, str(tmp_path / "p.pt2"), "--checkpoint", str(tmp_path / "p"),
+                             "--input-shape", "1,9,11,3")
+    assert status == 0 and "(3, 7, 8, 3)" in out, out  # batch 3 at 0.75 of the size
+    inputs = example_inputs(model, (2, 9, 11, 3))
+    assert set(inputs.size_axes) == {1, 2}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["out.txt", "--model", "vision-perceiver-fourier"], "must end in .onnx (ONNX) or .pt2"),
+    (["out.pt2", "--model", "language-perceiver", "--config", '{"tiny": true}', "--input-shape", "1,2,3"],
+     "--input-shape must be [batch, length] (2 sizes), got 1,2,3"),
+    (["no/such/dir/out.pt2", "--model", "vision-perceiver-fourier"], "is not a directory"),
+])
+def test_errors(tmp_path, capsys, monkeypatch, argv, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    status, _, err = _export(capsys, *argv)
+    assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_refuses_to_overwrite(tmp_path, capsys) -> None:
+    (tmp_path / "x.pt2").write_bytes(b"keep")
+    status, _, err = _export(capsys, str(tmp_path / "x.pt2"), "--model", "vision-perceiver-fourier")
+    assert status == 2 and "exists (use --force)" in err
+    assert (tmp_path / "x.pt2").read_bytes() == b"keep"
+
+
+def test_input_shape_syntax(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["export", "x.pt2", "--model", "vision-perceiver-fourier", "--input-shape", "1,a"])
+    assert "expected sizes separated by commas" in capsys.readouterr().err
