@@ -29,6 +29,13 @@ def test_vision_to_onnx_with_dynamic_batch_and_size(tmp_path, capsys) -> None:
     assert logits.shape == (4, create_model("vision-perceiver-fourier", tiny=True).config.num_labels)
 
 
+def test_streamed_image_size_with_a_dynamic_batch(tmp_path, capsys) -> None:
+    """224² images stream in eager mode (chunks sized by the batch): the program still takes any batch."""
+    status, out, _ = _export(capsys, str(tmp_path / "v.pt2"), "--model", "vision-perceiver-fourier", "--config",
+                             '{"tiny": true, "image_size": [224, 224]}', "--static-size")
+    assert status == 0 and "dynamic: batch)" in out and "batch 3 (3, 3, 224, 224): max" in out, out
+
+
 def test_checkpoint_to_pt2_matches_the_model(tmp_path, capsys) -> None:
     """A saved model exported with its weights: the program equals the reloaded model at new shapes."""
     torch.manual_seed(1)

@@ -36,7 +36,15 @@ def auto_chunk_size(
     longer than 65536, in chunks of 65536; with ``channels``, chunks hold at most ``2**21 //
     (batch · channels)`` elements, and at least 512); ``0`` never streams; a positive value streams
     in chunks of that size whenever ``length`` exceeds it.
+
+    Symbolic sizes (``torch.export`` with dynamic shapes) set no guard: ``None`` never streams a symbolic
+    ``length`` (the exported program attends any length at once), and a symbolic ``batch`` sizes the chunks
+    as for one sample.
     """
+    if not isinstance(batch, int):
+        batch = 1
+    if chunk_size is None and not isinstance(length, int):
+        return 0
     if chunk_size is None:
         if grad:
             size = DEFAULT_CHUNK if length > DEFAULT_CHUNK else 0
