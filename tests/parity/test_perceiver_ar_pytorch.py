@@ -243,3 +243,13 @@ def test_rotary_angles_stay_float32_in_bfloat16() -> None:
     assert ours.state_dict()["rotary_pos_emb.inv_freq"].dtype == torch.bfloat16  # the reference's key, cast
     assert torch.equal(ours.rotary_pos_emb(positions), angles) and angles.dtype == torch.float32
     assert ours(_tokens(2, 12)).dtype == torch.bfloat16
+
+
+def test_float64_matches_to_float64_rounding() -> None:
+    """Rotary angles and rotations run in float64 in a float64 model (they were float32: 2e-7 off)."""
+    reference, ours = _pair(3, depth=2, heads=3)
+    reference.double(), ours.double()
+    x = torch.randint(0, BASE["num_tokens"], (2, BASE["max_seq_len"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference(x)
+        torch.testing.assert_close(ours(x), want, atol=1e-12 * want.abs().max().item(), rtol=0)

@@ -24,9 +24,9 @@ class RotaryEmbedding(nn.Module):
     """Rotation angles ``position × frequency`` for ``rotated_channels`` channels per head.
 
     Frequencies are :func:`rotary_frequencies`, each used for both halves. ``rotated_channels`` must be
-    even (0 turns the rotation off). Angles are always float32, computed from the formula: a model cast to
-    half precision would round a stored frequency table (bfloat16 angles are off by whole radians beyond
-    position 256). ``inv_freq`` is kept as a buffer only for checkpoints that carry it (``persistent=True``:
+    even (0 turns the rotation off). Angles are float32 (float64 in a float64 model), computed from the
+    formula: a model cast to half precision would round a stored frequency table (bfloat16 angles are off
+    by whole radians beyond position 256). ``inv_freq`` is kept as a buffer only for checkpoints that carry it (``persistent=True``:
     a state-dict entry, as lucidrains' Perceiver AR has).
     """
 
@@ -39,8 +39,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rotary_frequencies(rotated_channels, base), persistent=persistent)
 
     def forward(self, positions: Tensor) -> Tensor:
-        """Positions ``[..., N]`` (integer or float) → float32 angles ``[..., N, rotated_channels]``."""
-        half = positions.float()[..., None] * rotary_frequencies(self.rotated_channels, self.base, positions.device)
+        """Positions ``[..., N]`` (integer or float) → angles ``[..., N, rotated_channels]``, float32 (float64
+        once the module is cast to float64)."""
+        dtype = torch.promote_types(self.inv_freq.dtype, torch.float32)  # the model's precision, at least float32
+        # float32 frequencies in every precision (the peers' float32 tables, cast with the model)
+        freqs = rotary_frequencies(self.rotated_channels, self.base, positions.device).to(dtype)
+        half = positions.to(dtype)[..., None] * freqs
         return torch.cat((half, half), dim=-1)
 
 
@@ -48,16 +52,17 @@ def rotate(t: Tensor, angles: Tensor) -> Tensor:
     """Rotate the first ``angles.shape[-1]`` channels of ``t [B, H, N, d]``.
 
     ``angles`` is ``[N, r]`` (the same positions for every sample) or ``[B, 1, N, r]`` (per sample),
-    from :class:`RotaryEmbedding`. Computed in float32 (cos and sin of large angles need it), returned in
-    ``t``'s dtype.
+    from :class:`RotaryEmbedding`. Computed in float32 at least (cos and sin of large angles need it;
+    float64 for float64 ``t``), returned in ``t``'s dtype.
     """
     r = angles.shape[-1]
     if r == 0:
         return t
     if r > t.shape[-1]:
         raise ValueError(f"cannot rotate {r} channels of heads {t.shape[-1]} wide")
-    angles = angles.float()
-    t_rot, t_pass = t[..., :r].float(), t[..., r:]
+    work = torch.promote_types(t.dtype, torch.float32)
+    angles = angles.to(work)
+    t_rot, t_pass = t[..., :r].to(work), t[..., r:]
     first, second = t_rot[..., : r // 2], t_rot[..., r // 2 :]
     turned = torch.cat((-second, first), dim=-1)  # multiplication by i in each (first, second) pair
     t_rot = t_rot * angles.cos() + turned * angles.sin()
