@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from perceivers.krasserm.core import (
     PerceiverEncoder,
     PerceiverIO,
     PerceiverIOConfig,
+    _rename_keys,
     classification_decoder,
 )
 
@@ -42,6 +44,8 @@ class ImageInputAdapter(InputAdapter):
         super().__init__(num_input_channels=num_image_channels + position_encoding.num_position_encoding_channels())
         self.image_shape = tuple(image_shape)
         self.position_encoding = position_encoding
+        # perceiver-io 0.6 held the Fourier features as this adapter's own buffer
+        self.register_load_state_dict_pre_hook(_rename_keys({"position_encoding": "position_encoding.position_encoding"}))
 
     def forward(self, x: Tensor) -> Tensor:
         b, *d = x.shape
@@ -69,6 +73,10 @@ class ImageClassifier(PerceiverIO):
             num_latent_channels=config.num_latent_channels, activation_checkpointing=config.activation_checkpointing,
             activation_offloading=config.activation_offloading, **encoder_kwargs,
         )
+        if config.decoder.num_output_queries != 1:
+            warnings.warn(f"ImageClassifier uses one output query, as krasserm's 0.11 does (0.6 used "
+                          f"num_output_queries); num_output_queries={config.decoder.num_output_queries} is ignored",
+                          stacklevel=2)
         super().__init__(encoder, classification_decoder(config, 1))
         self.config = config
 
