@@ -57,6 +57,52 @@ def test_family_round_trip(tmp_path, name):
     assert torch.equal(_outputs(loaded, args, kwargs), _outputs(model, args, kwargs))
 
 
+def _migration_models():
+    """The other peers' API classes (FlashPerceiver, lucidrains' Perceiver AR, krasserm's task models, the
+    Keras tutorial's PatchPerceiver) with an input each."""
+    from perceivers import krasserm as k
+    from perceivers.flash_perceiver import Perceiver as FlashPerceiver
+    from perceivers.flash_perceiver import PerceiverIO as FlashPerceiverIO
+    from perceivers.models.patch import PatchPerceiver
+    from perceivers.perceiver_ar_pytorch import PerceiverAR
+
+    text = k.TextEncoderConfig(vocab_size=30, max_seq_len=10, num_input_channels=12, num_cross_attention_heads=2,
+                               num_self_attention_heads=2, num_self_attention_layers_per_block=1)
+    head = k.ClassificationDecoderConfig(num_classes=5, num_output_query_channels=8, num_cross_attention_heads=2)
+    image = k.ImageEncoderConfig(image_shape=(4, 5, 3), num_frequency_bands=2, num_cross_attention_heads=1,
+                                 num_self_attention_heads=2)
+    ids = torch.randint(0, 30, (2, 10))
+    return {
+        "flash_perceiver": (FlashPerceiver(input_dim=6, depth=1, output_dim=3, num_latents=4, latent_dim=16,
+                                           latent_heads=2, latent_head_dim=8), (torch.randn(2, 7, 6),), {}),
+        "flash_perceiver_io": (FlashPerceiverIO(input_dim=6, query_dim=4, depth=1, num_latents=4, latent_dim=16,
+                                                latent_heads=2, latent_head_dim=8),
+                               (torch.randn(2, 7, 6),), {"queries": torch.randn(2, 3, 4)}),
+        "perceiver_ar_pytorch": (PerceiverAR(num_tokens=30, dim=32, depth=1, max_seq_len=16, cross_attn_seq_len=8,
+                                             dim_head=32, heads=2), (torch.randint(0, 30, (2, 16)),), {}),
+        "krasserm_text_classifier": (k.TextClassifier(k.TextClassifierConfig(text, head, num_latents=4,
+                                                                             num_latent_channels=16)), (ids,), {}),
+        "krasserm_mlm": (k.MaskedLanguageModel(k.MaskedLanguageModelConfig(
+            text, k.TextDecoderConfig(vocab_size=30, max_seq_len=10, num_output_query_channels=12, num_cross_attention_heads=2),
+            num_latents=4, num_latent_channels=16)), (ids,), {}),
+        "krasserm_image_classifier": (k.ImageClassifier(k.ImageClassifierConfig(image, head, num_latents=4,
+                                                                                num_latent_channels=16)),
+                                      (torch.randn(2, 4, 5, 3),), {}),
+        "patch_perceiver": (PatchPerceiver(image_size=8, patch_size=2, num_classes=5, num_latents=4, latent_dim=16,
+                                           latent_heads=2, num_blocks=1), (torch.randn(2, 8, 8, 3),), {}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_migration_models()))
+def test_migration_classes_round_trip(tmp_path, name):
+    torch.manual_seed(0)
+    model, args, kwargs = _migration_models()[name]
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert torch.equal(_outputs(loaded, args, kwargs), _outputs(model, args, kwargs))
+
+
 def _registry_inputs(name, model):
     c = model.config
     if name.startswith("language-perceiver"):

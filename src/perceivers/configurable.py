@@ -100,8 +100,9 @@ def init_config(module: object) -> dict[str, Any]:
     """``{"class": path, "kwargs": {...}}`` of a configurable instance (JSON-able)."""
     if not is_configurable(module):
         raise TypeError(
-            f"{type(module).__name__} did not record its constructor arguments; decorate its class with "
-            "@perceivers.configurable.configurable"
+            f"{_class_path(module)} did not record its constructor arguments, so it cannot be rebuilt from a config: "
+            "decorate your own model class with @perceivers.configurable.configurable, or save its weights alone "
+            "(perceivers.convert.state_dict.save_state_dict, torch.save(model.state_dict()))"
         )
     kwargs = getattr(module, _ATTR)
     name = type(module).__name__

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from perceivers.configurable import configurable
+
 from .layers.attention import attend_heads, attention_weights, check_mask
 from .layers.broadcast import per_sample
 from .layers.dense import Linear, linear
@@ -446,6 +448,7 @@ def _output_mode(mode: str) -> str:
     return mode
 
 
+@configurable
 class Perceiver(PerceiverBase):
     """FlashPerceiver's ``Perceiver``: :class:`PerceiverBase` plus an optional head.
 
@@ -505,6 +508,7 @@ class Perceiver(PerceiverBase):
         return (x, weights) if return_attn_weights else x
 
 
+@configurable
 class PerceiverIO(PerceiverBase):
     """FlashPerceiver's ``PerceiverIO``: one cross-attention, ``depth`` self-attentions, a query decoder.
 

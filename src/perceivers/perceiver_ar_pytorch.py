@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from perceivers.configurable import configurable
+
 from .layers.dense import Linear
 from .layers.rotary import RotaryEmbedding, rotate
 from .models.common import check_token_ids
@@ -188,6 +190,7 @@ class CausalPrefixAttention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
+@configurable
 class PerceiverAR(nn.Module):
     """lucidrains' Perceiver AR (``perceiver_ar_pytorch.PerceiverAR`` 0.0.10), keyword for keyword.
 

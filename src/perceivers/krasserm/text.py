@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from perceivers.configurable import configurable
 from perceivers.krasserm.core import (
     ClassificationDecoderConfig,
     DecoderConfig,
@@ -81,6 +82,7 @@ class TokenOutputAdapter(OutputAdapter):
         return self.linear(x).squeeze(dim=1)
 
 
+@configurable
 class MaskedLanguageModel(PerceiverIO):
     """Perceiver IO masked language model: ``forward(x_masked [B, N], pad_mask=None)`` → logits ``[B, N, V]``.
 
@@ -119,6 +121,7 @@ class MaskedLanguageModel(PerceiverIO):
         return x_logits[:, :n, :]  # the first n of max_seq_len output queries
 
 
+@configurable
 class TextClassifier(PerceiverIO):
     """Perceiver IO text classifier: ``forward(x [B, N], pad_mask=None)`` → logits ``[B, num_classes]``."""
 

@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from perceivers.configurable import configurable
 from perceivers.krasserm.core import (
     ClassificationDecoderConfig,
     EncoderConfig,
@@ -56,6 +57,7 @@ class ImageInputAdapter(InputAdapter):
         return torch.cat([x, x_enc], dim=-1)
 
 
+@configurable
 class ImageClassifier(PerceiverIO):
     """Perceiver IO image classifier: ``forward(x [B, H, W, C])`` → logits ``[B, num_classes]``.
 

@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..configurable import configurable
 from ..layers import CrossAttentionBlock, SelfAttentionBlock, TrainablePositionEncoding
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
@@ -36,6 +37,7 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
     return value  # type: ignore[return-value]
 
 
+@configurable
 class PatchPerceiver(nn.Module):
     """Perceiver over ``p × p`` image patches with learned position embeddings.
 
