@@ -47,6 +47,7 @@ from .layers.dense import Linear, linear
 from .layers.mlp import FeedForward
 from .layers.position import linear_positions
 from .layers.rotary import RotaryEmbedding, rotate
+from .validation import check_like, check_tensor
 
 __all__ = [
     "BasePositionalEncoding",
@@ -390,6 +391,8 @@ class PerceiverBase(nn.Module):
                 raise ValueError(f"{name} must be [batch, tokens, {self.input_dims[i]}], got {shape}")
             if x.shape[-1] != self.input_dims[i]:
                 raise ValueError(f"{name} has {x.shape[-1]} features, expected input_dim {self.input_dims[i]}")
+            check_tensor(x, name, layout=f"[batch, tokens, {self.input_dims[i]}]")
+            check_like(x, self, name)
             batch = x.shape[0] if batch is None else batch
             if x.shape[0] != batch:
                 raise ValueError(f"all inputs need the same batch size: data[0] has {batch}, {name} has {x.shape[0]}")

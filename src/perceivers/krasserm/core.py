@@ -34,6 +34,7 @@ from perceivers.layers.attention import Attention
 from perceivers.layers.broadcast import per_sample
 from perceivers.layers.dense import Linear, linear
 from perceivers.layers.position import FourierPositionEncoding as _Fourier
+from perceivers.validation import check_index_range, check_tensor
 
 __all__ = [
     "MLP",
@@ -163,7 +164,13 @@ class MultiHeadAttention(Attention):
 
     def forward(self, x_q: Tensor, x_kv: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         """``x_q [B, N, D]`` attends ``x_kv [B, L, C]``; ``pad_mask [B, L]`` True = padding → ``[B, N, F]``."""
-        return super().forward(x_q, x_kv, mask=None if pad_mask is None else ~pad_mask)
+        if pad_mask is None:
+            return super().forward(x_q, x_kv)
+        check_tensor(pad_mask, "pad_mask", kind="bool", layout="[batch, length] (True = padding)")
+        if tuple(pad_mask.shape) != tuple(x_kv.shape[:2]):
+            raise ValueError(f"pad_mask must have shape [batch, length] = {tuple(x_kv.shape[:2])} (True = padding), "
+                             f"got {tuple(pad_mask.shape)}")
+        return super().forward(x_q, x_kv, mask=~pad_mask)
 
 
 class CrossAttention(nn.Module):
@@ -393,8 +400,14 @@ class TokenInputAdapter(InputAdapter):
         return self._max_seq_len
 
     def forward(self, x: Tensor, abs_pos: Tensor | None = None) -> Tensor:
+        check_tensor(x, "token ids", kind="int", ndim=2, layout="[batch, length]")
+        check_index_range(x, self.vocab_size, "token ids")
         if not self._abs_pos_emb:
             return self.txt_embedding(x)
+        if abs_pos is None and x.shape[1] > self.max_seq_len:
+            raise ValueError(f"token ids have length {x.shape[1]} but max_seq_len is {self.max_seq_len}")
+        if abs_pos is not None:
+            check_index_range(abs_pos, self.max_seq_len, "abs_pos")
         if abs_pos is None:
             abs_pos = positions(*x.shape, device=x.device)
         elif x.shape[1] < abs_pos.shape[1]:

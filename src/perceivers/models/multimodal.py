@@ -35,6 +35,7 @@ from ..layers import (
 )
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
+from ..validation import check_index_range
 from .common import LogitsAlias, check_input, flatten_axes, tie_schedule
 
 __all__ = [
@@ -486,6 +487,7 @@ class MultiModalityWithTextPerceiver(MultiModalityPerceiver):
             raise TypeError(f"{label} must hold integer token ids, got dtype {x.dtype}")
         if not (x.ndim == 2 or (x.ndim == 3 and x.shape[-1] == 1)):
             raise ValueError(f"{label} must have shape [batch, length, 1] or [batch, length], got {tuple(x.shape)}")
+        check_index_range(x, self.embeddings[name].num_embeddings, f"{label} (token ids)")
 
     def build_context(
         self,
