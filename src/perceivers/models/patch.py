@@ -9,8 +9,9 @@ two-layer GELU MLP.
 
 Differences from the Keras code, all deliberate: attention is scaled dot-product (``1/√d`` through
 SDPA) rather than Keras ``Attention(use_scale=True)``'s learned scalar; every attention has an output
-projection; residuals add the un-normalised stream (standard pre-norm). Augmentation and normalisation
-live in the data pipeline (:mod:`perceivers.data.transforms`), not inside the model.
+projection; residuals add the un-normalised stream (standard pre-norm); the classifier's dropout sits
+between its two layers (Keras drops the logits). Augmentation and normalisation live in the data pipeline
+(:mod:`perceivers.data.transforms`), not inside the model.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class PatchPerceiver(nn.Module):
         num_blocks: self-attention blocks per iteration (Keras: 4).
         num_iterations: times the shared cross-attention + self-attention stack is applied (Keras: 2).
         mlp_mult: hidden width multiplier of every feed-forward (Keras: 1).
-        dropout: dropout on attention probabilities, after feed-forwards and in the classifier (Keras: 0.1).
+        dropout: dropout on attention probabilities, after feed-forwards and in the classifier (Keras: 0.1 in
+            the tutorial's 2021 revision; the later one: 0.2, and 0.1 on attention).
         classifier_hidden: hidden width of the classifier MLP; default ``latent_dim``.
     """
 
