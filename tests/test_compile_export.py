@@ -210,17 +210,21 @@ def test_torch_export_language_with_dynamic_batch_and_length() -> None:
             torch.testing.assert_close(exported.module()(inputs), model(inputs), atol=1e-5, rtol=1e-5)
 
 
+def _onnx_session(model: nn.Module, args: tuple, path, dynamic_shapes=None):
+    """``model`` exported to ONNX at ``path`` (``dynamo=True``), opened in onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, dynamic_shapes=dynamic_shapes)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["perceiver", "perceiver-io", "vision-perceiver-fourier"])
 def test_onnx_matches_onnxruntime(name: str, tmp_path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     model, args = MODELS[name]()
-    path = tmp_path / f"{name}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _onnx_session(model, args, tmp_path / f"{name}.onnx")
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
     (got,) = session.run(None, feeds)
     with torch.no_grad():
@@ -230,15 +234,9 @@ def test_onnx_matches_onnxruntime(name: str, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_onnx_with_a_dynamic_image_size(tmp_path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     model, args = MODELS["vision-perceiver-fourier"]()
-    path = tmp_path / "vision.onnx"
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", max=512), 3: torch.export.Dim("w", max=512)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, dynamic_shapes=(dims,))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _onnx_session(model, args, tmp_path / "vision.onnx", (dims,))
     for batch, h, w in ((1, 7, 9), (3, 40, 23), (1, 128, 128)):
         x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(h))
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -248,15 +246,8 @@ def test_onnx_with_a_dynamic_image_size(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_onnx_with_a_dynamic_batch(tmp_path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     model, args = MODELS["language-perceiver"]()
-    path = tmp_path / "language.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _onnx_session(model, args, tmp_path / "language.onnx", ({0: torch.export.Dim("batch")},))
     for size in (1, 200):
         inputs = _with_batch(args, size)
         (got,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
