@@ -130,7 +130,11 @@ def fit_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any] | None
     path = Path(path)
     if not path.is_file() or detect_format(path) != "torch":
         return None
-    obj = read_torch_file(path, mmap=zipfile.is_zipfile(path))
+    return _fit_config(read_torch_file(path, mmap=zipfile.is_zipfile(path)), path)
+
+
+def _fit_config(obj: Any, path: Path) -> dict[str, Any] | None:
+    """:func:`fit_checkpoint_config` of the loaded file ``obj``."""
     hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     if not isinstance(hparams, dict) or not isinstance(obj.get("state_dict"), dict):
         return None
@@ -336,18 +340,18 @@ def from_pretrained(
     ``perceivers fit`` checkpoints (``.ckpt``) are rebuilt from the settings they record
     (:func:`fit_checkpoint_config`). The model is returned in eval mode.
     """
-    from .convert.state_dict import load_state_dict_strict, read_state_dict
+    from .convert.state_dict import load_state_dict_strict, read_state_dict, read_torch_file
 
     directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                         token=token)
-    if not directory.is_dir():
-        config = fit_checkpoint_config(directory)
+    if not directory.is_dir():  # a perceivers fit checkpoint: read once, for its settings and its weights
+        obj = read_torch_file(directory, map_location=map_location) if detect_format(directory) == "torch" else None
+        config = None if obj is None else _fit_config(obj, directory)
         if config is None:
             raise ValueError(f"from_pretrained needs a directory, a repo id or a perceivers fit checkpoint, got the "
                              f"file {directory}; use load_checkpoint(model, path) for bare weight files")
         model = _build(config, allow_external_classes, directory)
-        state = read_state_dict(directory, map_location=map_location)
-        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")}
         load_state_dict_strict(model, state, source=str(directory))
         return model.to(map_location).eval()
     fmt = detect_format(directory)

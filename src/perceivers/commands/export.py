@@ -80,13 +80,20 @@ class ExportInputs:
         dims: dict[str, torch.export.Dim] = {}
 
         def dim(name: str, low: int, high: int | None) -> torch.export.Dim:
-            if name not in dims:
-                dims[name] = torch.export.Dim(name, min=low, max=high) if high else torch.export.Dim(name, min=low)
-            return dims[name]
+            return dims.setdefault(name, torch.export.Dim(name, min=low, max=high))
 
         specs = {key: {axis: dim(*entry) for axis, entry in {**batch, **(size if sizes else {})}.items()}
                  for key, _, batch, size in self._per_tensor()}
         return (specs if isinstance(self.value, dict) else specs[None],)
+
+    @property
+    def has_sizes(self) -> bool:
+        """Whether any size (not only the batch) may vary."""
+        return any(size for *_, size in self._per_tensor())
+
+    @property
+    def batch_size(self) -> int:
+        return self._per_tensor()[0][1].shape[0]
 
     def resized(self, batch: int, scale: float) -> Tensor | dict[str, Tensor]:
         """An input of another batch and (scaled by ``scale`` where sizes vary) other sizes, random as the
@@ -177,24 +184,24 @@ class _Outputs(nn.Module):
 
 
 def export_program(model: nn.Module, inputs: ExportInputs, *, static_size: bool = False
-                   ) -> tuple[torch.export.ExportedProgram, str]:
+                   ) -> tuple[torch.export.ExportedProgram, str, bool]:
     """``torch.export`` of ``model`` with the batch dynamic and, unless ``static_size``, the sizes; if the
-    model fixes its sizes (or the batch), falls back to fewer dynamic axes. Returns the program and a line
-    saying which axes are dynamic."""
+    model fixes its sizes (or the batch), falls back to fewer dynamic axes. Returns the program, a line
+    saying which axes are dynamic, and whether the sizes are."""
     wrapped = _Outputs(model).eval()
-    sizes = any(axes for _, _, _, axes in inputs._per_tensor())
     # torch.export fixes any axis whose example size is 1: trace a batch of 2
-    value = inputs.resized(2, 1.0) if inputs._per_tensor()[0][1].shape[0] == 1 else inputs.value
-    attempts = [("batch and size", True), ("batch", False)] if sizes and not static_size else [("batch", False)]
+    value = inputs.resized(2, 1.0) if inputs.batch_size == 1 else inputs.value
+    attempts = [("batch and size", True), ("batch", False)] if inputs.has_sizes and not static_size else [
+        ("batch", False)]
     errors = []
     for label, with_sizes in attempts:
         try:
             program = torch.export.export(wrapped, (value,), dynamic_shapes=inputs.dynamic_shapes(with_sizes))
-            return program, f"dynamic: {label}"
+            return program, f"dynamic: {label}", with_sizes
         except RuntimeError as err:  # torch's constraint violations (UserError: a size the model fixes)
             errors.append(f"{label}: {str(err).splitlines()[0]}")
     program = torch.export.export(wrapped, (inputs.value,))  # the example's own shapes
-    return program, "static shapes (" + "; ".join(errors) + ")"
+    return program, "static shapes (" + "; ".join(errors) + ")", False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,14 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     with torch.no_grad():
-        program, dynamic = export_program(model, inputs, static_size=args.static_size)
+        program, dynamic, sizes = export_program(model, inputs, static_size=args.static_size)
     _write(program, output, fmt)
     name = getattr(model, "model_name", None) or type(model).__name__
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {name} ({count:,} parameters) to {output} ({fmt}; {dynamic})")
     if args.no_verify:
         return 0
-    ok = verify(model, output, fmt, inputs, sizes=dynamic.startswith("dynamic: batch and size"))
+    ok = verify(model, output, fmt, inputs, sizes=sizes)
     return 0 if ok else 1
 
 

@@ -404,14 +404,14 @@ class TokenInputAdapter(InputAdapter):
         check_index_range(x, self.vocab_size, "token ids")
         if not self._abs_pos_emb:
             return self.txt_embedding(x)
-        if abs_pos is None and x.shape[1] > self.max_seq_len:
-            raise ValueError(f"token ids have length {x.shape[1]} but max_seq_len is {self.max_seq_len}")
-        if abs_pos is not None:
-            check_index_range(abs_pos, self.max_seq_len, "abs_pos")
         if abs_pos is None:
+            if x.shape[1] > self.max_seq_len:
+                raise ValueError(f"token ids have length {x.shape[1]} but max_seq_len is {self.max_seq_len}")
             abs_pos = positions(*x.shape, device=x.device)
-        elif x.shape[1] < abs_pos.shape[1]:
-            abs_pos = abs_pos[:, -x.shape[1]:]  # the right-most positions
+        else:
+            check_index_range(abs_pos, self.max_seq_len, "abs_pos")
+            if x.shape[1] < abs_pos.shape[1]:
+                abs_pos = abs_pos[:, -x.shape[1]:]  # the right-most positions
         return self.txt_embedding(x) + self.pos_embedding(abs_pos)
 
 
