@@ -368,3 +368,18 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path, field, value, expec
         from_pretrained(tmp_path)
     with pytest.raises(TypeError, match=rf"config field '{field}' must be {expected}"):
         create_model("vision-perceiver-fourier", tiny=True, **{field: value})
+
+
+@pytest.mark.parametrize(("saved_by", "hint"), [("99.0.0", True), ("0.0.1", False), ("not-a-version", False)])
+def test_config_from_a_newer_version_says_so(tmp_path, saved_by, hint):
+    """A field this version does not know is refused, naming it; when the config was saved by a newer perceivers,
+    the error says so and what to do."""
+    save_pretrained(create_model("vision-perceiver-fourier", tiny=True), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model"]["config"]["field_from_the_future"] = 1
+    config["perceivers_version"] = saved_by
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError, match="no field.s. field_from_the_future") as err:
+        from_pretrained(tmp_path)
+    assert ("saved by perceivers 99.0.0, newer than this" in str(err.value)) == hint
+    assert ("upgrade perceivers" in str(err.value)) == hint

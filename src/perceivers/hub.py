@@ -366,20 +366,38 @@ def from_pretrained(
     config = _read_config(directory)
     if int(config.get("format_version", 1)) > FORMAT_VERSION:
         raise ValueError(f"{directory} was written by a newer perceivers (format {config['format_version']})")
-    model = _build(config["model"], allow_external_classes, directory / CONFIG_NAME)
+    model = _build(config["model"], allow_external_classes, directory / CONFIG_NAME,
+                   saved_by=config.get("perceivers_version"))
     state = read_state_dict(_own_weights(directory), map_location=map_location)
     load_state_dict_strict(model, state, source=str(directory))
     return model.to(map_location).eval()
 
 
-def _build(config: dict[str, Any], allow_external_classes: bool, source: Path) -> nn.Module:
-    """:func:`build_model`, its errors naming ``source`` (e.g. a size written as "256" in an edited config.json)."""
+def _build(config: dict[str, Any], allow_external_classes: bool, source: Path, *,
+           saved_by: str | None = None) -> nn.Module:
+    """:func:`build_model`, its errors naming ``source`` (e.g. a size written as "256" in an edited config.json)
+    and, when ``saved_by`` is a newer perceivers version than this one, saying so (its configs may carry
+    fields this version does not know)."""
     try:
         return build_model(config, allow_external_classes=allow_external_classes)
     except (TypeError, ValueError) as err:
         if type(err) not in (TypeError, ValueError):
             raise
-        raise type(err)(f"{source}: {err}") from err
+        hint = ""
+        if _newer(saved_by):
+            hint = (f" (saved by perceivers {saved_by}, newer than this {_version()}: upgrade perceivers to load "
+                    "what that version added)")
+        raise type(err)(f"{source}: {err}{hint}") from err
+
+
+def _newer(version: Any) -> bool:
+    """Whether ``version`` (as recorded in a config) is a perceivers release newer than this one."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return isinstance(version, str) and Version(version) > Version(_version())
+    except InvalidVersion:
+        return False
 
 
 def load_checkpoint(
