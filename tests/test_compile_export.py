@@ -210,6 +210,42 @@ def test_torch_export_language_with_dynamic_batch_and_length() -> None:
             torch.testing.assert_close(exported.module()(inputs), model(inputs), atol=1e-5, rtol=1e-5)
 
 
+def _attention_ops(program: torch.export.ExportedProgram) -> set[str]:
+    return {str(node.target) for node in program.graph.nodes if "attention" in str(node.target)}
+
+
+def test_fused_export_keeps_the_fused_kernel_in_streamed_attention() -> None:
+    """Inside ``fused_export`` a streamed model's program attends each chunk with aten's fused CPU kernel (no score
+    matrix), with a dynamic batch and a key mask, and equals eager mode; outside it the program is portable."""
+    from perceivers.layers.attention import fused_export
+
+    model, (x,) = _perceiver(chunk_size=60)  # 120 pixels: two chunks
+    mask = torch.rand(2, 10, 12, generator=torch.Generator().manual_seed(0)) > 0.3
+    batch = {0: torch.export.Dim("batch")}
+    with torch.no_grad():
+        with fused_export():
+            program = torch.export.export(model, (x, mask), dynamic_shapes=(batch, batch))
+        portable = torch.export.export(model, (x, mask))
+        fused_op = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+        assert fused_op in _attention_ops(program) and fused_op not in _attention_ops(portable)
+        for rows in ([0, 1], [1, 0, 1]):
+            torch.testing.assert_close(program.module()(x[rows], mask[rows]), model(x[rows], mask[rows]),
+                                       atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_ignores_fused_export(tmp_path) -> None:
+    """ONNX has no fused kernel: ``torch.onnx.export`` inside the context still gives a correct file."""
+    from perceivers.layers.attention import fused_export
+
+    model, args = _perceiver(chunk_size=60)
+    with fused_export():
+        session = _onnx_session(model, args, tmp_path / "streamed.onnx")
+    (got,) = session.run(None, {session.get_inputs()[0].name: args[0].numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(*args), atol=1e-5, rtol=1e-4)
+
+
 def _onnx_session(model: nn.Module, args: tuple, path, dynamic_shapes=None):
     """``model`` exported to ONNX at ``path`` (``dynamo=True``), opened in onnxruntime."""
     ort = pytest.importorskip("onnxruntime")

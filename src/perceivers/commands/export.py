@@ -13,6 +13,7 @@ that).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..layers.attention import fused_export
 from ._loading import add_model_arguments, load_model, parse_overrides
 
 __all__ = ["ExportInputs", "build_parser", "example_inputs", "main"]
@@ -228,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("perceivers export: error: ONNX export needs the extra 'onnx' (pip install 'perceivers[onnx]')",
                   file=sys.stderr)
             return 2
-    with torch.no_grad():
+    # a .pt2 program keeps aten's fused CPU attention where the model streams its input; ONNX has no such kernel
+    with torch.no_grad(), fused_export() if fmt == "pt2" else contextlib.nullcontext():
         program, dynamic, sizes = export_program(model, inputs, static_size=args.static_size)
     _write(program, output, fmt)
     name = getattr(model, "model_name", None) or type(model).__name__
