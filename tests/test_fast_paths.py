@@ -89,11 +89,12 @@ def test_fold_is_chosen_only_when_cheaper() -> None:
     assert not Attention(512, 29, num_heads=1, qk_channels=64).folds(inverted=True)
 
 
+@pytest.mark.parametrize("v_channels", [None, 96])  # value heads as wide as the keys, or wider (language models)
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_chunked_matches_whole(fold: bool, masked: bool) -> None:
+def test_chunked_matches_whole(fold: bool, masked: bool, v_channels: int | None) -> None:
     torch.manual_seed(0)
-    block = CrossAttentionBlock(32, 7, num_heads=2, qk_channels=64, qkv_bias=True)
+    block = CrossAttentionBlock(32, 7, num_heads=2, qk_channels=64, v_channels=v_channels, qkv_bias=True)
     block.attn.fold_kv = fold
     x, ctx = torch.randn(2, 9, 32), torch.randn(2, 101, 7)
     mask = None

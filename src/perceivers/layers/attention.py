@@ -292,7 +292,9 @@ class Attention(nn.Module):
 
         b, h, n = q.shape[:3]
         acc_dtype = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
-        if not grad and not dropout and _flash_lse_available(q):
+        # the fused kernel takes keys and values of one width (folded, or as wide per head)
+        same_widths = fold or self.qk_channels == self.v_channels
+        if not grad and not dropout and same_widths and _flash_lse_available(q):
             # Fused kernel per chunk (no score matrix in memory); the partial results are merged
             # through their log-sum-exps a group at a time (fewer small operations than pairwise).
             # Partial results go to one buffer allocated up front (small tensors kept alive between
