@@ -412,6 +412,8 @@ class PerceiverBase(nn.Module):
                 raise ValueError("this model was built with num_latents=None: pass latents=[N, latent_dim] "
                                  "or [batch, N, latent_dim] to forward")
             latents = self.latents
+        else:
+            check_like(check_tensor(latents, "latents", kind="float", ndim=(2, 3)), self, "latents")
         if latents.ndim not in (2, 3) or latents.shape[-1] != self.latent_dim:
             raise ValueError(f"latents must be [N, {self.latent_dim}] or [batch, N, {self.latent_dim}] "
                              f"(latent_dim {self.latent_dim}), got {tuple(latents.shape)}")
@@ -566,6 +568,7 @@ class PerceiverIO(PerceiverBase):
         out = super().forward(data, mask, latents, return_attn_weights)
         x, weights = out if return_attn_weights else (out, None)
         if queries is not None:
+            check_like(check_tensor(queries, "queries", kind="float", ndim=(2, 3), allow_empty=True), self, "queries")
             if queries.ndim not in (2, 3) or queries.shape[-1] != self.query_dim:
                 raise ValueError(f"queries must be [Q, {self.query_dim}] or [batch, Q, {self.query_dim}] "
                                  f"(query_dim {self.query_dim}), got {tuple(queries.shape)}")

@@ -9,6 +9,7 @@ import torch
 
 from perceivers import krasserm
 from perceivers.flash_perceiver import Perceiver as FlashPerceiver
+from perceivers.flash_perceiver import PerceiverIO as FlashPerceiverIO
 from perceivers.multimodality_fork import InputModalityWithEmbedding, MultiModalityWithTextPerceiver
 
 
@@ -49,6 +50,25 @@ def test_flash_perceiver_data_dtype() -> None:
         model(torch.randn(2, 5, 6, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per operation: allowed
         assert model(torch.randn(2, 5, 6)).shape == (2, 3)
+
+
+def test_flash_perceiver_latents_and_queries() -> None:
+    """Latents and queries get the data's checks (they failed in LayerNorm with 'mixed dtype'); zero queries give an
+    empty output (they divided by zero in the attention dispatch), zero latents a clear error."""
+    torch.manual_seed(0)
+    io = FlashPerceiverIO(input_dim=8, query_dim=6, depth=1, proj_dim=5, num_latents=8, latent_dim=16, latent_heads=2,
+                          latent_head_dim=8, cross_head_dim=8, query_head_dim=6).eval()
+    x = torch.randn(2, 10, 8)
+    with pytest.raises(TypeError, match="queries has dtype torch.float64 but the model's parameters are torch.float32"):
+        io(x, queries=torch.randn(2, 3, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="queries must be a floating-point tensor, got dtype torch.int64"):
+        io(x, queries=torch.ones(2, 3, 6, dtype=torch.int64))
+    with pytest.raises(TypeError, match="latents has dtype torch.float64"):
+        io(x, latents=torch.randn(8, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"latents is empty: shape \(0, 16\)"):
+        io(x, latents=torch.randn(0, 16))
+    with torch.no_grad():
+        assert io(x, queries=torch.randn(2, 0, 6)).shape == (2, 0, 5)
 
 
 def test_fork_text_token_range() -> None:

@@ -189,3 +189,13 @@ def test_bad_query_masks_are_refused() -> None:
         model(data, query_mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"query_mask must have shape \[batch=2, 5\]"):
         model(data, queries=queries, query_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("self_attends", [0, 1])
+def test_zero_queries_give_an_empty_output(self_attends: int) -> None:
+    """No queries, no outputs: ``[B, 0, logits_dim]`` with or without the queries' self-attention (with it, the
+    attention dispatch divided by zero)."""
+    x, _ = _inputs()
+    with torch.no_grad():
+        out = _model(decoder_self_attends=self_attends)(x, queries=torch.randn(0, 8))
+    assert out.shape == (2, 0, 4)
