@@ -35,3 +35,22 @@ def test_point_cloud_coordinates():
     # a point cloud is a set: permuting points and their coordinates together changes nothing
     perm = torch.randperm(11)
     torch.testing.assert_close(model(clouds[0][perm][None], pos=xyz[0][perm][None])[0], out[0], atol=1e-5, rtol=0)
+
+
+def test_ragged_images_in_float64_match_single_sample_runs():
+    """A float64 model takes the padded batch too (the grid coordinates were float32 and refused), to float64
+    rounding; bfloat16 samples give a bfloat16 batch."""
+    model = _model().double()
+    images = [torch.randn(6, 9, 3, dtype=torch.float64), torch.randn(4, 4, 3, dtype=torch.float64)]
+    data, pos, mask = pad_grid_batch(images)
+    assert data.dtype == pos.dtype == torch.float64
+    batched = model(data, mask=mask, pos=pos)
+    for i, img in enumerate(images):
+        torch.testing.assert_close(batched[i], model(img[None])[0], atol=1e-12, rtol=0)
+    data, pos, _ = pad_grid_batch([img.bfloat16() for img in images])
+    assert data.dtype == pos.dtype == torch.bfloat16
+
+
+def test_point_coordinates_of_another_float_dtype_are_cast():
+    data, pos, _ = pad_point_batch([torch.randn(3, 2, dtype=torch.float64)], [torch.rand(3, 3)])
+    assert data.dtype == pos.dtype == torch.float64

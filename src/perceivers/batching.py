@@ -29,10 +29,12 @@ def pad_point_batch(points: Sequence[Tensor], coords: Sequence[Tensor]) -> tuple
 
     Args:
         points: per sample ``[n_i, C]`` features.
-        coords: per sample ``[n_i, d]`` coordinates (scale them to ``[-1, 1]`` for Fourier features).
+        coords: per sample ``[n_i, d]`` coordinates (scale them to ``[-1, 1]`` for Fourier features), of any
+            floating dtype.
 
     Returns:
-        ``data [B, M, C]``, ``pos [B, M, d]``, ``mask [B, M]`` (True = real element), ``M = max n_i``.
+        ``data [B, M, C]``, ``pos [B, M, d]`` (in the points' dtype), ``mask [B, M]`` (True = real element),
+        ``M = max n_i``.
     """
     if len(points) == 0 or len(points) != len(coords):
         raise ValueError(f"need as many coordinate sets as point sets (≥1), got {len(points)} and {len(coords)}")
@@ -40,9 +42,10 @@ def pad_point_batch(points: Sequence[Tensor], coords: Sequence[Tensor]) -> tuple
         check_tensor(p, f"points[{i}]", kind="float", layout="[n, C]")
         check_tensor(c, f"coords[{i}]", kind="float", layout="[n, d]")
         for name, t in ((f"points[{i}]", p), (f"coords[{i}]", c)):
-            if t.dtype != points[0].dtype or t.device != points[0].device:
+            if t.device != points[0].device or (t is p and t.dtype != points[0].dtype):
                 raise TypeError(f"{name} is {t.dtype} on {t.device} but points[0] is {points[0].dtype} on "
-                                f"{points[0].device}; every sample must share one dtype and device")
+                                f"{points[0].device}; every sample must share one dtype and device (coordinates "
+                                "one device)")
             check_finite(t, name)
     channels, dims = points[0].shape[-1], coords[0].shape[-1]
     for i, (p, c) in enumerate(zip(points, coords)):
@@ -77,5 +80,6 @@ def pad_grid_batch(samples: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         if s.ndim != dims + 1:
             raise ValueError(f"sample {i}: expected {dims} axes + channels, got shape {tuple(s.shape)}")
     points = [s.reshape(-1, s.shape[-1]) for s in samples]
-    coords = [linear_positions(s.shape[:-1], device=s.device).reshape(-1, dims) for s in samples]
+    dtype = torch.promote_types(samples[0].dtype, torch.float32)  # float64 grids in float64
+    coords = [linear_positions(s.shape[:-1], device=s.device, dtype=dtype).reshape(-1, dims) for s in samples]
     return pad_point_batch(points, coords)
