@@ -197,6 +197,22 @@ def test_masked_lm_padding(hf_checkpoint):
     assert float(got.cross_attentions[0][1, ..., 10:].abs().max()) == 0.0  # masked keys get exactly 0
 
 
+def test_all_padding_sample_gets_zero_weights(hf_checkpoint):
+    """A sample whose mask is all 0 has a zero cross-attention output, so its returned weights are zero too (they
+    were a softmax over the padding that multiplied nothing); the other sample's are transformers'."""
+    arch = "PerceiverForMaskedLM"
+    hf, directory = hf_checkpoint(arch)
+    ours = phf.PerceiverForMaskedLM.from_pretrained(directory, numerics="transformers")
+    kw = _call_inputs(arch)
+    kw.pop("labels")
+    kw["attention_mask"][1] = 0
+    with torch.no_grad():
+        want = hf(**kw, output_attentions=True).cross_attentions[0]
+        got = ours(**kw, output_attentions=True).cross_attentions[0]
+    assert float(got[1].abs().max()) == 0.0
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
+
+
 def test_loss_backward_with_attentions(hf_checkpoint):
     """The brief's example: labels, hidden states and attentions, then backward through the loss."""
     arch = "PerceiverForImageClassificationConvProcessing"

@@ -201,8 +201,9 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward` with the attention weights written out: ``(output [B, Q, out_dim], weights [B, H, Q, K])``.
 
-        ``weights = softmax(q kᵀ · d_k^-½)`` over the unmasked keys (masked keys get exactly 0), after
-        dropout in training (the tensor that multiplies the values, as transformers returns it). Never
+        ``weights = softmax(q kᵀ · d_k^-½)`` over the unmasked keys (masked keys get exactly 0; a sample
+        without any unmasked key, whose output is zero, gets zero weights), after dropout in training (the
+        tensor that multiplies the values, as transformers returns it). Never
         folds and never calls SDPA, so it is slower and its output differs from :meth:`forward` by
         float rounding only. Used by :func:`record_attention`.
         """
@@ -214,7 +215,8 @@ class Attention(nn.Module):
             weights = _inverted_weights(q, k, attn_mask, dropout)
         else:
             weights = F.dropout(attention_weights(q, k, attn_mask), dropout)  # [B, H, Q, K]
-        return self._output(torch.matmul(weights, v), row_valid, query_mask), weights
+        out = self._output(torch.matmul(weights, v), row_valid, query_mask)
+        return out, weights if row_valid is None else weights * row_valid.to(weights.dtype)
 
     def _project_queries(self, x: Tensor) -> Tensor:
         """``[B, Q, q_dim]`` → queries ``[B, H, Q, dk]``."""
