@@ -212,6 +212,23 @@ def test_auto_chunk_size_policy() -> None:
         auto_chunk_size(10, -1)
 
 
+@pytest.mark.parametrize(("value", "error"), [(-1, ValueError), ("8", TypeError), (2.5, TypeError), (True, TypeError)])
+def test_chunk_sizes_are_checked_when_the_model_is_built(value, error) -> None:
+    """A negative, string, float or bool chunk size is refused by the constructor, naming the argument (it was taken
+    and failed at the first forward, or inside ``range``); set later, the forward refuses it the same way."""
+    with pytest.raises(error, match=r"^chunk_size must be None, 0 or a positive int, got"):
+        _small_perceiver(chunk_size=value)
+    io = {"dim": 8, "queries_dim": 6, "depth": 1, "num_latents": 4, "latent_dim": 16}
+    with pytest.raises(error, match=r"^decode_chunk_size must be None, 0 or a positive int"):
+        perceivers.PerceiverIO(**io, decode_chunk_size=value)
+    with pytest.raises(error, match=r"^chunk_size must be"):
+        perceivers.PerceiverIO(**io, chunk_size=value)
+    model = _small_perceiver()
+    model.chunk_size = value
+    with pytest.raises(error, match=r"^chunk_size must be"):
+        model(torch.randn(1, 6, 7, 3))
+
+
 def test_no_attention_matrix_is_materialised() -> None:
     model = _small_perceiver(num_latents=64).eval()
     x = torch.randn(1, 64, 64, 3)  # 4096 inputs; scores would be 64 × 4096 per head

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import SelfAttentionBlock, auto_chunk_size, grid_attention
+from ..layers import SelfAttentionBlock, auto_chunk_size, check_chunk_size, grid_attention
 from ..layers.attention import record_attention
 from ..outputs import model_output
 from ..validation import as_bool_mask, check_finite, check_like, check_tensor
@@ -117,9 +117,7 @@ class PerceiverIOModel(nn.Module):
 
     @chunk_size.setter
     def chunk_size(self, value: int | None) -> None:
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise ValueError(f"chunk_size must be None, 0 or a positive int, got {value!r}")
-        self._chunk_size = value
+        self._chunk_size = check_chunk_size(value)
         cross = getattr(self.encoder, "cross_attention", None)
         if cross is not None:
             cross.chunk_size = value

@@ -13,7 +13,7 @@ from .position import (
     linear_positions,
 )
 from .rotary import RotaryEmbedding as RotaryEmbedding  # re-exported (one line: __all__ is shared)
-from .stream import ContextStream, GridContext, auto_chunk_size
+from .stream import ContextStream, GridContext, auto_chunk_size, check_chunk_size
 
 __all__ = [
     "Activation",
@@ -29,6 +29,7 @@ __all__ = [
     "TrainablePositionEncoding",
     "auto_chunk_size",
     "band_frequencies",
+    "check_chunk_size",
     "check_mask",
     "fold_is_cheaper",
     "fourier_features",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ContextStream", "GridContext", "auto_chunk_size"]
+__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
@@ -24,6 +24,18 @@ DEFAULT_CHUNK = 65536
 # faster at 1M inputs than chunks of 65536, and 1.6× at 224² with batch 8 than chunks of 15904.
 CHUNK_VALUES = 1 << 21
 MIN_WIDE_CHUNK = 512
+
+
+def check_chunk_size(value: object, name: str = "chunk_size") -> int | None:
+    """``value`` if it is a valid chunk size (``None``, 0 or a positive int; a bool is not), else ``TypeError`` /
+    ``ValueError`` naming ``name`` and the value."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be None, 0 or a positive int, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be None, 0 or a positive int, got {value}")
+    return value
 
 
 def auto_chunk_size(
@@ -55,8 +67,7 @@ def auto_chunk_size(
         if size and channels:
             size = min(size, max(MIN_WIDE_CHUNK, CHUNK_VALUES // (max(batch, 1) * channels)))
         return size
-    if chunk_size < 0:
-        raise ValueError(f"chunk_size must be None, 0 or positive, got {chunk_size}")
+    check_chunk_size(chunk_size)
     return chunk_size if 0 < chunk_size < length else 0
 
 

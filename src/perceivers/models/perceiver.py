@@ -23,6 +23,7 @@ from ..layers import (
     KeyValue,
     SelfAttentionBlock,
     auto_chunk_size,
+    check_chunk_size,
     check_mask,
     grid_attention,
 )
@@ -210,7 +211,7 @@ class Perceiver(LogitsAlias, nn.Module):
         super().__init__()
         check_count(input_axis=input_axis, num_latents=num_latents, latent_dim=latent_dim)
         check_count(minimum=0, input_channels=input_channels)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         if isinstance(inverted_cross_attn, bool):
             inverted_cross_attn = (inverted_cross_attn,) * depth
         if len(inverted_cross_attn) != depth:

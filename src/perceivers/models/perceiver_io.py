@@ -14,7 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import ContextStream, CrossAttentionBlock, SelfAttentionBlock, auto_chunk_size, check_mask
+from ..layers import (
+    ContextStream,
+    CrossAttentionBlock,
+    SelfAttentionBlock,
+    auto_chunk_size,
+    check_chunk_size,
+    check_mask,
+)
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from ..validation import check_count, check_finite, check_like
@@ -124,8 +131,9 @@ class PerceiverIO(nn.Module):
                     cross_dim_head=cross_dim_head, latent_dim_head=latent_dim_head, decoder_depth=decoder_depth)
         check_count(decoder_self_attends=decoder_self_attends, minimum=0)
         self.decoder_depth, self.decoder_self_attends = decoder_depth, decoder_self_attends
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.decode_chunk_size = check_chunk_size(decode_chunk_size, "decode_chunk_size")
         _check_decode_chunking(decode_chunk_size, decoder_self_attends)
-        self.chunk_size, self.decode_chunk_size = chunk_size, decode_chunk_size
         if not 0.0 <= seq_dropout_prob < 1.0:
             raise ValueError(f"seq_dropout_prob must be in [0, 1), got {seq_dropout_prob}")
         self.dim, self.queries_dim, self.latent_dim = dim, queries_dim, latent_dim
