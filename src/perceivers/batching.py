@@ -44,8 +44,8 @@ def pad_point_batch(points: Sequence[Tensor], coords: Sequence[Tensor]) -> tuple
         for name, t in ((f"points[{i}]", p), (f"coords[{i}]", c)):
             if t.device != points[0].device or (t is p and t.dtype != points[0].dtype):
                 raise TypeError(f"{name} is {t.dtype} on {t.device} but points[0] is {points[0].dtype} on "
-                                f"{points[0].device}; every sample must share one dtype and device (coordinates "
-                                "one device)")
+                                f"{points[0].device}; the samples must share one dtype and device (their coordinates "
+                                "the device; any float dtype)")
             check_finite(t, name)
     channels, dims = points[0].shape[-1], coords[0].shape[-1]
     for i, (p, c) in enumerate(zip(points, coords)):
