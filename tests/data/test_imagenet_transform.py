@@ -92,3 +92,19 @@ def test_class_names_standard_order():
     assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
     assert names[207] == "golden retriever" and names[281] == "tabby" and names[954] == "banana"
     assert names[134] == names[517] == "crane" and names[638] == names[639] == "maillot"
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit greyscale PNG reads as the same picture as its 8-bit version (PIL's RGB conversion clips it at 255:
+    almost white); float images, which have no standard range, are refused."""
+    from perceivers.data import load_image
+
+    grey8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (5, 1))  # [5, 64]
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    np.testing.assert_array_equal(load_image(tmp_path / "g16.png"), load_image(tmp_path / "g8.png"))
+    np.testing.assert_array_equal(load_image(Image.open(tmp_path / "g16.png")), np.repeat(grey8[:, :, None], 3, 2))
+    Image.fromarray(grey8.astype(np.float32) / 255).save(tmp_path / "f.tiff")
+    with pytest.raises(ValueError, match=r"f.tiff is a float image \(PIL mode F\)"):
+        load_image(tmp_path / "f.tiff")

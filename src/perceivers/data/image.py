@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -47,12 +47,14 @@ def load_image(image: object) -> np.ndarray:
         from PIL import Image
 
         try:
-            with Image.open(image) as im:
-                return np.asarray(im.convert("RGB"))
+            im = Image.open(image)
+            im.load()
         except FileNotFoundError:
             raise
         except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated or corrupt file
             raise ValueError(f"{os.fspath(image)} is not a readable image ({type(e).__name__}: {e})") from e
+        with im:
+            return _rgb(im, os.fspath(image))
     if isinstance(image, Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -71,8 +73,25 @@ def load_image(image: object) -> np.ndarray:
     except ImportError as e:  # pragma: no cover - PIL is a test/train dependency
         raise TypeError(f"unsupported image type {type(image).__name__}") from e
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return _rgb(image, "the image")
     raise TypeError(f"image must be a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def _rgb(im: Any, name: str) -> np.ndarray:
+    """A PIL image → ``uint8 [H, W, 3]``. 16-bit greyscale (modes ``I;16*``, and ``I``, as PIL opens 16-bit PNGs)
+    is scaled from [0, 65535] (PIL's own conversion clips it at 255: an almost white picture); float images (mode
+    ``F``) have no standard range and are refused."""
+    if im.mode == "F":
+        raise ValueError(f"{name} is a float image (PIL mode F), which has no standard range: save it with 8 or 16 "
+                         "bits, or pass an array of values in [0, 255]")
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.asarray(im, dtype=np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"{name} is a 32-bit integer image with values in [{grey.min()}, {grey.max()}]; "
+                             "expected 16-bit values in [0, 65535]")
+        grey = np.rint(grey / 257.0).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
 
 
 def center_crop_box(
