@@ -136,6 +136,52 @@ def test_input_errors(tmp_path, image, capsys):
     assert "holds optical-flow-perceiver" in capsys.readouterr().err
 
 
+def test_flow_outputs_are_checked_before_and_written_together(tmp_path, capsys):
+    """An output that cannot be written is refused before the model runs, and an existing flow PNG is left as it
+    was (it used to be overwritten before --save-flow failed); a negative overlap is refused (its gaps came out
+    NaN)."""
+    save_pretrained(_perturbed("optical-flow-perceiver"), tmp_path / "flow")
+    frames = []
+    for i in range(2):
+        frames.append(str(tmp_path / f"frame{i}.png"))
+        Image.fromarray(np.full((10, 14, 3), 40 * i, dtype=np.uint8)).save(frames[-1])
+    old = tmp_path / "flow.png"
+    old.write_bytes(b"an earlier result")
+    base = [*frames, "--checkpoint", str(tmp_path / "flow"), "--output", str(old)]
+    for extra, message in ((["--save-flow", str(tmp_path / "missing" / "f.npy")], "--save-flow .* cannot write"),
+                           (["--min-overlap", "-1"], r"min_overlap=-1 must be in \[0, 6\)")):
+        assert predict.main([*base, *extra]) == 2
+        assert capsys.readouterr().err.count("error") == 1
+        assert old.read_bytes() == b"an earlier result"
+    assert predict.main([*frames, "--checkpoint", str(tmp_path / "flow"), "--output", str(tmp_path)]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_options_of_another_task_and_unreadable_text_are_refused(tmp_path, image, capsys):
+    """Options the model's task does not read were silently ignored; a file that is not UTF-8 text (or a folder)
+    names itself; --numerics applies to transformers checkpoints only."""
+    save_pretrained(_perturbed("vision-perceiver-fourier"), tmp_path / "vision")
+    save_pretrained(_perturbed("language-perceiver"), tmp_path / "lm")
+    vision, lm = ["--checkpoint", str(tmp_path / "vision")], ["--checkpoint", str(tmp_path / "lm")]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "folder.txt").mkdir()
+    cases = [
+        ([str(image), *vision, "--text", "hi", "--save-flow", "f.npy"], "--text apply to text models"),
+        ([str(image), *vision, "--numerics", "transformers"], "--numerics transformers applies to transformers"),
+        ([str(tmp_path / "latin1.txt"), *lm], "latin1.txt is not UTF-8 text"),
+        ([str(image), *lm], "cat.png is not UTF-8 text"),
+        ([str(tmp_path / "folder.txt"), *lm], "folder.txt"),
+        ([str(tmp_path / "latin1.txt"), *lm, "--text", "hi"], "not both"),
+        ([str(image), "--model", "vision-perceiver-fourier", "--config", str(tmp_path)], "is a directory"),
+        ([str(image), "--model", "vision-perceiver-fourier", "--config", "missing.json"], "neither JSON nor"),
+    ]
+    for argv, message in cases:
+        assert predict.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
 def test_top_k_must_be_a_positive_whole_number(image, capsys, value):
     with pytest.raises(SystemExit) as exit_info:

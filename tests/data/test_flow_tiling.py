@@ -19,6 +19,14 @@ def test_tiles_past_the_border_are_dropped():
     assert tile_origins((9, 13), (6, 8), 2) == [(0, 0), (0, 5), (3, 0), (3, 5)]
 
 
+@pytest.mark.parametrize("overlap", [-1, 6])
+def test_overlap_outside_the_tile_is_refused(overlap):
+    """A negative overlap leaves gaps between the tiles (their flow came out NaN), one as large as a tile never
+    advances."""
+    with pytest.raises(ValueError, match=rf"min_overlap={overlap} must be in \[0, 6\)"):
+        tile_origins((9, 13), (6, 8), overlap)
+
+
 def test_tile_weights_formula():
     w = tile_weights(4, 5)
     assert w.tolist() == [[1, 1, 1, 1, 1], [1, 2, 2, 2, 1], [1, 2, 2, 2, 1], [1, 1, 1, 1, 1]]

@@ -32,10 +32,17 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     path = Path(text)
-    raw = path.read_text(encoding="utf-8") if not text.lstrip().startswith("{") and path.exists() else text
+    inline = text.lstrip().startswith(("{", "[")) or not path.exists()
+    if not inline and not path.is_file():
+        raise ValueError(f"--config {text!r} is a directory, not a JSON file")
     try:
+        raw = text if inline else path.read_text(encoding="utf-8")
         value = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config file {text!r} is not UTF-8 text: {e}") from e
     except json.JSONDecodeError as e:
+        if inline and not text.lstrip().startswith(("{", "[", '"')):
+            raise FileNotFoundError(f"--config {text!r} is neither JSON nor an existing file") from e
         raise ValueError(f"--config must be a JSON object or a JSON file, got {text!r}: {e}") from e
     if not isinstance(value, dict):
         raise TypeError(f"--config must be a JSON object, got {type(value).__name__}")
@@ -61,6 +68,9 @@ def load_model(
     from ..tasks import create_model
 
     overrides = overrides or {}
+    if numerics != "deepmind" and not checkpoint and not (model is None and default_model is not None):
+        raise ValueError(f"--numerics {numerics} applies to transformers checkpoints; random weights take "
+                         "DeepMind's numerics")
     if checkpoint:
         path = resolve(checkpoint)
         fmt = detect_format(path)
@@ -69,6 +79,9 @@ def load_model(
         if fmt in ("perceivers", "transformers", "perceivers fit"):
             if overrides:
                 raise ValueError(f"--config does not apply to a {fmt} checkpoint (it carries its own config)")
+            if numerics != "deepmind" and fmt != "transformers":
+                raise ValueError(f"--numerics {numerics} applies to transformers checkpoints; {checkpoint} is a {fmt} "
+                                 "checkpoint, which carries its own numerics")
             options = {"numerics": numerics} if fmt == "transformers" else {}
             built = from_pretrained(path, **options)
             name = getattr(built, "model_name", None)
@@ -78,6 +91,9 @@ def load_model(
         name = model or default_model
         if name is None:
             raise ValueError(f"{checkpoint} is a {fmt} checkpoint without a config: pass --model")
+        if numerics != "deepmind":
+            raise ValueError(f"--numerics {numerics} applies to transformers checkpoints (directories with their "
+                             f"config.json); {checkpoint} holds bare {fmt} weights")
         built = create_model(name, **overrides)
         load_checkpoint(built, path)
         return built.eval()

@@ -15,6 +15,7 @@ optical-flow-perceiver).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            default_model=_default_model(args))
         task = _task_of(model)
         result = _run(task, model, args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # OSError: a missing, unreadable or unwritable path
         print(f"perceivers predict: error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -196,7 +197,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# the options that only one task reads (a default value counts as not given)
+_TASK_OPTIONS = {"text": ("--text", "--mask-span", "--add-special-tokens"), "image": ("--top-k", "--resample"),
+                 "flow": ("--output", "--save-flow", "--min-overlap")}
+
+
+def _check_options(task: str, args: argparse.Namespace) -> None:
+    """Refuse options of another task (they would be silently ignored) and flow outputs that cannot be written."""
+    defaults = vars(build_parser().parse_args([]))
+    for other, options in _TASK_OPTIONS.items():
+        dests = {o: o[2:].replace("-", "_") for o in options}
+        given = [o for o, d in dests.items() if other != task and getattr(args, d) != defaults[d]]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to {other} models, not to this {task} model")
+    if task == "text" and args.text is not None and args.inputs:
+        raise ValueError("give the text with --text or as one .txt file, not both")
+    if task == "flow":
+        for option, path in (("--output", args.output), ("--save-flow", args.save_flow)):
+            if path is not None and (Path(path).is_dir() or not Path(path).absolute().parent.is_dir()):
+                raise ValueError(f"{option} {path}: cannot write a file there (a directory, or its folder does not "
+                                 "exist)")
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); the language model takes a "
+                         ".txt file or --text") from e
+
+
 def _run(task: str, model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    _check_options(task, args)
     if task == "image":
         if len(args.inputs) != 1:
             raise ValueError(f"an image classifier takes one image, got {len(args.inputs)} inputs")
@@ -206,7 +238,7 @@ def _run(task: str, model: nn.Module, args: argparse.Namespace) -> dict[str, Any
         if args.text is not None:
             text = args.text
         elif len(args.inputs) == 1:
-            text = Path(args.inputs[0]).read_text(encoding="utf-8").rstrip("\n")
+            text = _read_text(args.inputs[0])
         else:
             raise ValueError("give the text with --text or as one .txt file")
         spans = [_parse_span(s) for s in args.mask_span]
@@ -215,12 +247,16 @@ def _run(task: str, model: nn.Module, args: argparse.Namespace) -> dict[str, Any
         raise ValueError(f"optical flow takes two frames, got {len(args.inputs)} inputs")
     flow = predict_flow(model, args.inputs[0], args.inputs[1], min_overlap=args.min_overlap)
     from ..data import save_flow_png
+    from ..safe_files import atomic_path
 
-    save_flow_png(flow, args.output)
-    if args.save_flow:
-        import numpy as np
+    raw_file = atomic_path(args.save_flow) if args.save_flow else contextlib.nullcontext()
+    with atomic_path(args.output) as png, raw_file as raw:  # both files are written, or neither changes
+        save_flow_png(flow, png)
+        if raw is not None:
+            import numpy as np
 
-        np.save(args.save_flow, flow.numpy())
+            with open(raw, "wb") as f:
+                np.save(f, flow.numpy())
     magnitude = flow.norm(dim=-1)
     return {"task": task, "output": str(args.output), "height": flow.shape[0], "width": flow.shape[1],
             "mean_magnitude": float(magnitude.mean()), "max_magnitude": float(magnitude.max())}

@@ -62,8 +62,9 @@ def tile_origins(
 
     An axis shorter than the tile gets a single tile at 0 (:func:`tile_flow` pads such images).
     """
-    if min_overlap >= min(tile_size):
-        raise ValueError(f"min_overlap={min_overlap} must be smaller than the tile size {tile_size}")
+    if not 0 <= min_overlap < min(tile_size):  # a negative overlap leaves gaps between the tiles
+        raise ValueError(f"min_overlap={min_overlap} must be in [0, {min(tile_size)}): at least 0 and smaller than "
+                         f"the tile size {tile_size}")
     starts = []
     for length, tile in zip(image_size, tile_size):
         if length <= tile:
