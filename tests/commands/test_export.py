@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from perceivers import cli, from_pretrained, save_pretrained
+from perceivers.commands import export
 from perceivers.commands.export import example_inputs
 from perceivers.models import Perceiver
 from perceivers.tasks import create_model
@@ -79,11 +81,18 @@ def test_perceiver_needs_an_input_shape(tmp_path, capsys) -> None:
     (["out.pt2", "--model", "language-perceiver", "--config", '{"tiny": true}', "--input-shape", "1,2,3"],
      "--input-shape must be [batch, length] (2 sizes), got 1,2,3"),
     (["no/such/dir/out.pt2", "--model", "vision-perceiver-fourier"], "is not a directory"),
+    # the model's own check, raised while tracing
+    (["out.pt2", "--model", "vision-perceiver-fourier", "--config", '{"tiny": true}', "--input-shape", "1,4,12,10"],
+     "the model refuses an input of shape (1, 4, 12, 10): expected 3 input channels"),
+    # longer than the model's text: refused, not traced at the clamped length
+    (["out.pt2", "--model", "language-perceiver", "--config", '{"tiny": true}', "--input-shape", "1,40"],
+     "--input-shape 1,40: the model takes at most 16 tokens"),
 ])
 def test_errors(tmp_path, capsys, monkeypatch, argv, message) -> None:
     monkeypatch.chdir(tmp_path)
     status, _, err = _export(capsys, *argv)
     assert status == 2 and message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing written, no temporary file
 
 
 def test_refuses_to_overwrite(tmp_path, capsys) -> None:
@@ -91,6 +100,34 @@ def test_refuses_to_overwrite(tmp_path, capsys) -> None:
     status, _, err = _export(capsys, str(tmp_path / "x.pt2"), "--model", "vision-perceiver-fourier")
     assert status == 2 and "exists (use --force)" in err
     assert (tmp_path / "x.pt2").read_bytes() == b"keep"
+
+
+def test_refuses_a_directory(tmp_path, capsys) -> None:
+    """``--force`` replaces a file, never a directory: refused before the model is traced."""
+    (tmp_path / "d.pt2").mkdir()
+    status, out, err = _export(capsys, str(tmp_path / "d.pt2"), "--force", "--model", "vision-perceiver-fourier",
+                               "--config", '{"tiny": true}')
+    assert status == 2 and f"{tmp_path / 'd.pt2'} is a directory" in err and not out
+    assert [p.name for p in tmp_path.iterdir()] == ["d.pt2"] and not any((tmp_path / "d.pt2").iterdir())
+
+
+class _EagerRefusesBatch3(nn.Module):
+    """Takes any batch while traced and refuses a batch of 3 when run: the written program is fine, the
+    check has nothing to compare it with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_exporting() and x.shape[0] == 3:
+            raise ValueError("no batch of 3 here")
+        return x * 2
+
+
+def test_the_eager_model_failing_the_check_keeps_the_file(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(export, "load_model", lambda *args, **kwargs: _EagerRefusesBatch3())
+    path = tmp_path / "m.pt2"
+    status, out, err = _export(capsys, str(path), "--model", "vision-perceiver-fourier", "--input-shape", "1,4")
+    assert status == 1 and "batch 3 (3, 4): the model itself refused it: no batch of 3 here" in out, out
+    assert f"verification failed (above); {path} is kept as written" in err and "Traceback" not in err
+    assert torch.export.load(path).module()(torch.ones(3, 4)).eq(2).all()
 
 
 def test_input_shape_syntax(capsys) -> None:

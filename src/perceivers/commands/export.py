@@ -131,19 +131,19 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
 
     if name.startswith("vision-perceiver"):
         shape = input_shape or (1, config.in_channels, *config.image_size)
-        _check_rank(shape, 4, "[batch, channels, height, width]")
+        _check_shape(shape, 4, "[batch, channels, height, width]")
         low = 16 if name == "vision-perceiver-conv" else 1  # the conv stem's padding rules (torch asks for it)
         sizes = {} if name == "vision-perceiver-learned" else {2: ("height", low, 4096), 3: ("width", low, 4096)}
         return ExportInputs(floats(shape), batch, sizes)
     if name.startswith("language-perceiver"):
         length = config.max_position_embeddings
         shape = input_shape or (1, length)
-        _check_rank(shape, 2, "[batch, length]")
+        _check_shape(shape, 2, "[batch, length]", max_length=length)
         ids = torch.randint(0, config.vocab_size, tuple(shape), generator=gen)
         return ExportInputs(ids, batch, {1: ("length", 1, length)})
     if name == "optical-flow-perceiver":
         shape = input_shape or (1, 2, 3, *config.train_size)
-        _check_rank(shape, 5, "[batch, 2, channels, height, width]")
+        _check_shape(shape, 5, "[batch, 2, channels, height, width]")
         return ExportInputs(floats(shape), batch)
     if name == "multimodal-perceiver":
         if input_shape is not None:
@@ -155,7 +155,7 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
 
     if isinstance(model, PerceiverLM):
         shape = input_shape or (1, model.max_seq_len)
-        _check_rank(shape, 2, "[batch, length]")
+        _check_shape(shape, 2, "[batch, length]", max_length=model.max_seq_len)
         ids = torch.randint(0, model.num_tokens, tuple(shape), generator=gen)
         return ExportInputs(ids, batch, {1: ("length", 1, model.max_seq_len)})
     if input_shape is None:
@@ -167,9 +167,15 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
     return ExportInputs(floats(input_shape), batch, sizes)
 
 
-def _check_rank(shape: Sequence[int], rank: int, layout: str) -> None:
+def _check_shape(shape: Sequence[int], rank: int, layout: str, *, max_length: int | None = None) -> None:
+    """``shape`` has ``rank`` sizes and, for a language model, at most its ``max_length`` tokens (axis 1): the
+    program would be traced at the clamped length (:meth:`ExportInputs.resized`) and the eager model refuse
+    the example."""
+    text = ",".join(map(str, shape))
     if len(shape) != rank:
-        raise ValueError(f"--input-shape must be {layout} ({rank} sizes), got {','.join(map(str, shape))}")
+        raise ValueError(f"--input-shape must be {layout} ({rank} sizes), got {text}")
+    if max_length is not None and shape[1] > max_length:
+        raise ValueError(f"--input-shape {text}: the model takes at most {max_length} tokens")
 
 
 class _Outputs(nn.Module):
@@ -196,14 +202,22 @@ def export_program(model: nn.Module, inputs: ExportInputs, *, static_size: bool 
     attempts = [("batch and size", True), ("batch", False)] if inputs.has_sizes and not static_size else [
         ("batch", False)]
     errors = []
-    for label, with_sizes in attempts:
-        try:
-            program = torch.export.export(wrapped, (value,), dynamic_shapes=inputs.dynamic_shapes(with_sizes))
-            return program, f"dynamic: {label}", with_sizes
-        except RuntimeError as err:  # torch's constraint violations (UserError: a size the model fixes)
-            errors.append(f"{label}: {str(err).splitlines()[0]}")
-    program = torch.export.export(wrapped, (inputs.value,))  # the example's own shapes
+    try:
+        for label, with_sizes in attempts:
+            try:
+                program = torch.export.export(wrapped, (value,), dynamic_shapes=inputs.dynamic_shapes(with_sizes))
+                return program, f"dynamic: {label}", with_sizes
+            except RuntimeError as err:  # torch's constraint violations (UserError: a size the model fixes)
+                errors.append(f"{label}: {str(err).splitlines()[0]}")
+        program = torch.export.export(wrapped, (inputs.value,))  # the example's own shapes
+    except (ValueError, TypeError) as err:  # the model's input checks: no fewer dynamic axes help
+        raise ValueError(f"the model refuses an input of shape {_shapes(inputs.value)}: {err}") from None
     return program, "static shapes (" + "; ".join(errors) + ")", False
+
+
+def _shapes(value: Tensor | dict[str, Tensor]) -> str:
+    """The shapes of ``value``'s tensors, for messages (the traced ones read as s0, s1, …)."""
+    return ", ".join(str(tuple(t.shape)) for t in torch.utils._pytree.tree_leaves(value))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,33 +228,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         if fmt is None:
             raise ValueError(f"{output}: the file name must end in .onnx (ONNX) or .pt2 (torch.export), "
                              f"got {output.suffix or 'no suffix'!r}")
+        if output.is_dir():
+            raise ValueError(f"{output} is a directory")
         if output.exists() and not args.force:
             raise ValueError(f"{output} exists (use --force)")
         if output.parent and not output.parent.is_dir():
             raise ValueError(f"{output.parent} is not a directory")
         model = load_model(args.model, args.checkpoint, parse_overrides(args.config), numerics=args.numerics)
         inputs = example_inputs(model, args.input_shape)
+        if fmt == "onnx":
+            try:
+                import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
+            except ImportError:
+                raise ValueError("ONNX export needs the extra 'onnx' (pip install 'perceivers[onnx]')") from None
+        # a .pt2 program keeps aten's fused CPU attention where the model streams its input; ONNX has no such kernel
+        with torch.no_grad(), fused_export() if fmt == "pt2" else contextlib.nullcontext():
+            program, dynamic, sizes = export_program(model, inputs, static_size=args.static_size)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"perceivers export: error: {e}", file=sys.stderr)
         return 2
-    if fmt == "onnx":
-        try:
-            import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
-        except ImportError:
-            print("perceivers export: error: ONNX export needs the extra 'onnx' (pip install 'perceivers[onnx]')",
-                  file=sys.stderr)
-            return 2
-    # a .pt2 program keeps aten's fused CPU attention where the model streams its input; ONNX has no such kernel
-    with torch.no_grad(), fused_export() if fmt == "pt2" else contextlib.nullcontext():
-        program, dynamic, sizes = export_program(model, inputs, static_size=args.static_size)
     _write(program, output, fmt)
     name = getattr(model, "model_name", None) or type(model).__name__
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {name} ({count:,} parameters) to {output} ({fmt}; {dynamic})")
     if args.no_verify:
         return 0
-    ok = verify(model, output, fmt, inputs, sizes=sizes)
-    return 0 if ok else 1
+    if verify(model, output, fmt, inputs, sizes=sizes):
+        return 0
+    print(f"perceivers export: error: verification failed (above); {output} is kept as written", file=sys.stderr)
+    return 1
 
 
 def _write(program: torch.export.ExportedProgram, output: Path, fmt: str) -> None:
@@ -269,18 +285,20 @@ def verify(model: nn.Module, output: Path, fmt: str, inputs: ExportInputs, *, si
            rtol: float = 1e-4, atol: float = 1e-4) -> bool:
     """Run the written file on the example input and on one of another batch (and sizes, when they are
     dynamic); print the largest difference from the eager model; ``False`` if any exceeds the tolerance
-    or the file refuses the input."""
+    or the file or the eager model refuses the input."""
     run = _runner(output, fmt)
     ok = True
     other = "batch 3" + (", sizes ×0.75" if sizes else "")
     for label, value in (("example", inputs.value), (other, inputs.resized(3, 0.75 if sizes else 1.0))):
-        shapes = ", ".join(str(tuple(t.shape)) for t in torch.utils._pytree.tree_leaves(value))
-        with torch.no_grad():
-            want = torch.utils._pytree.tree_leaves(_Outputs(model).eval()(value))
+        shapes = _shapes(value)
+        refused = "the model itself"
         try:
+            with torch.no_grad():
+                want = torch.utils._pytree.tree_leaves(_Outputs(model).eval()(value))
+            refused = "the exported file"
             got = run(value)
-        except Exception as err:  # noqa: BLE001 - any refusal (a program guard, onnxruntime's own errors)
-            print(f"  {label} {shapes}: the exported file refused it: {str(err).splitlines()[-1]}")
+        except Exception as err:  # noqa: BLE001 - any refusal (the model's checks, a program guard, onnxruntime's)
+            print(f"  {label} {shapes}: {refused} refused it: {str(err).splitlines()[-1]}")
             ok = False
             continue
         if len(got) != len(want):
