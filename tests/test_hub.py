@@ -383,3 +383,19 @@ def test_config_from_a_newer_version_says_so(tmp_path, saved_by, hint):
         from_pretrained(tmp_path)
     assert ("saved by perceivers 99.0.0, newer than this" in str(err.value)) == hint
     assert ("upgrade perceivers" in str(err.value)) == hint
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    ({"image_size": "12"}, TypeError, r"image_size must be a list of ints, got '12'"),  # was read as (1, 2)
+    ({"image_size": True}, TypeError, r"image_size must be an int or \[height, width\], got True"),
+    ({"image_size": [12, "x"]}, TypeError, r"image_size must be a list of ints"),
+    ({"max_resolution": "ab"}, TypeError, r"max_resolution must be a list of ints"),
+    ({"tiny": "false"}, TypeError, r"tiny must be a bool, got 'false'"),  # a truthy string built the tiny model
+    ({"num_latents": -1}, ValueError, r"num_latents must be an int >= 1, got -1"),  # failed inside torch
+    ({"qk_channels": 0}, ValueError, r"qk_channels must be an int >= 1, got 0"),
+    ({"num_self_attends_per_block": -1}, ValueError, r"num_self_attends_per_block must be an int >= 0"),
+])
+def test_config_sizes_of_the_wrong_kind_are_refused(overrides, error, message):
+    kwargs = {"tiny": True, **overrides}
+    with pytest.raises(error, match=message):
+        create_model("vision-perceiver-fourier", **kwargs)

@@ -51,6 +51,7 @@ __all__ = [
     "data_dependent_checks",
     "finite_checks",
     "finite_checks_enabled",
+    "is_int",
     "module_device_dtype",
     "set_finite_checks",
 ]
@@ -218,18 +219,19 @@ def check_count(*, minimum: int = 1, **counts: object) -> None:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON's ``true`` is no size)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _ints(n: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(map(_is_int, v))
+    return lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(map(is_int, v))
 
 
 #: what a config field of each annotation holds: a description and a test (JSON's kinds: ``true`` is not an
 #: int, an int is a float); ``X | None`` also takes ``None``
 _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "int": ("an int", _is_int),
+    "int": ("an int", is_int),
     "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
     "bool": ("a bool", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..io import PerceiverEncoder, PerceiverIOOutput
 from ..layers.attention import Attention
-from ..validation import check_tensor
+from ..validation import check_count, check_tensor, is_int
 
 __all__ = [
     "PROBLEM_TYPES",
@@ -38,18 +38,25 @@ __all__ = [
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
-def as_tuple(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
-    """JSON lists → tuples (configs round-trip through JSON)."""
-    return None if value is None else tuple(int(v) for v in value)
+def as_tuple(value: Sequence[int] | None, name: str = "value") -> tuple[int, ...] | None:
+    """JSON lists → tuples (configs round-trip through JSON); a string, a bool or a non-int entry is a
+    ``TypeError`` naming ``name`` (``"12"`` was read as ``(1, 2)``)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(map(is_int, value)):
+        raise TypeError(f"{name} must be a list of ints, got {value!r} ({type(value).__name__})")
+    return tuple(int(v) for v in value)
 
 
-def as_pair(value: int | Sequence[int]) -> tuple[int, int]:
-    """``224`` → ``(224, 224)``; ``(H, W)`` unchanged."""
-    if isinstance(value, int):
-        return (value, value)
-    pair = tuple(int(v) for v in value)
+def as_pair(value: int | Sequence[int], name: str = "value") -> tuple[int, int]:
+    """``224`` → ``(224, 224)``; ``(H, W)`` unchanged; anything else is an error naming ``name``."""
+    if is_int(value):
+        return (int(value), int(value))
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or [height, width], got {value!r}")
+    pair = as_tuple(value, name)
     if len(pair) != 2:
-        raise ValueError(f"expected an int or (height, width), got {value!r}")
+        raise ValueError(f"{name} must be an int or [height, width], got {value!r}")
     return pair
 
 
@@ -97,6 +104,18 @@ class TrunkConfig:
     output_attentions: bool = False
     output_hidden_states: bool = False
     return_dict: bool = True
+
+    def __post_init__(self) -> None:
+        """Sizes are positive (a negative one failed inside torch, "negative dimension")."""
+        check_count(num_latents=self.num_latents, d_latents=self.d_latents, num_blocks=self.num_blocks,
+                    num_self_attention_heads=self.num_self_attention_heads,
+                    num_cross_attention_heads=self.num_cross_attention_heads,
+                    cross_attention_widening_factor=self.cross_attention_widening_factor,
+                    self_attention_widening_factor=self.self_attention_widening_factor)
+        check_count(minimum=0, num_self_attends_per_block=self.num_self_attends_per_block)
+        for name in ("qk_channels", "v_channels"):
+            if getattr(self, name) is not None:
+                check_count(**{name: getattr(self, name)})
 
 
 class LabelNames:

@@ -100,10 +100,11 @@ class ImageClassificationConfig(LabelNames, TrunkConfig):
     labels: Any = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_problem_type(self.problem_type)
         self.labels = check_labels(self.labels, self.num_labels)
-        self.image_size = as_pair(self.image_size)
-        self.max_resolution = as_tuple(self.max_resolution)
+        self.image_size = as_pair(self.image_size, "image_size")
+        self.max_resolution = as_tuple(self.max_resolution, "max_resolution")
         if self.preprocessing not in ("pixels", "conv", "conv1x1"):
             raise ValueError(f"preprocessing must be 'pixels', 'conv' or 'conv1x1', got {self.preprocessing!r}")
         check_conv_padding(self.conv_padding)

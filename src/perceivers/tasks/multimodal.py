@@ -94,8 +94,9 @@ class MultimodalAutoencodingConfig(LabelNames, TrunkConfig):
     labels: Any = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.labels = check_labels(self.labels, self.num_labels)
-        self.image_size = as_pair(self.image_size)
+        self.image_size = as_pair(self.image_size, "image_size")
         h, w = self.image_size
         check_count(image_patch_size=self.image_patch_size)
         if h % self.image_patch_size or w % self.image_patch_size:

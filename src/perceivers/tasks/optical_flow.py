@@ -59,8 +59,9 @@ class OpticalFlowConfig(TrunkConfig):
     d_model: int | None = None
 
     def __post_init__(self) -> None:
-        self.train_size = as_pair(self.train_size)
-        self.max_resolution = as_tuple(self.max_resolution)
+        super().__post_init__()
+        self.train_size = as_pair(self.train_size, "train_size")
+        self.max_resolution = as_tuple(self.max_resolution, "max_resolution")
 
 
 @model_output

@@ -91,6 +91,8 @@ def create_model(name: str, *, tiny: bool = False, **overrides: Any) -> nn.Modul
     **dataclasses.asdict(m.config))`` rebuilds the same architecture.
     """
     entry = model_entry(name)
+    if not isinstance(tiny, bool):
+        raise TypeError(f"tiny must be a bool, got {tiny!r} ({type(tiny).__name__})")  # "false" is truthy
     kwargs = {**(entry.tiny if tiny else {}), **overrides}
     model = entry.builder(**kwargs)
     model.model_name = name

@@ -85,6 +85,7 @@ class SequenceClassificationConfig(LabelNames, TrunkConfig):
     labels: Any = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
         check_problem_type(self.problem_type)
