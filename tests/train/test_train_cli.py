@@ -77,9 +77,13 @@ def test_tiny_fit_then_test(tmp_path: Path, capsys):
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1
     assert "normalize_mean" in ckpt["DigitsDataModule"]
-    assert cli.main(["test", "--config", config, "--ckpt_path", str(run / "checkpoints/last.ckpt")]) == 0
+    record = {name: (run / name).read_text() for name in ("config.yaml", "hparams.yaml")}
+    # the test's settings differ from the training's: the run's record of its training must stay
+    assert cli.main(["test", "--config", config, "--ckpt_path", str(run / "checkpoints/last.ckpt"),
+                     "--trainer.max_epochs", "5", "--seed_everything", "3"]) == 0
     rows = (run / "metrics.csv").read_text().splitlines()
     assert "test/acc" in rows[0] and "val/acc_top5" in rows[0]
+    assert {name: (run / name).read_text() for name in record} == record
 
 
 def _fails(tmp_path: Path, capsys, config: dict, message: str, command: str = "fit") -> None:

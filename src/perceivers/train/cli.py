@@ -163,7 +163,13 @@ class PerceiversCLI(LightningCLI):
                                                  every_n_epochs=1, enable_version_counter=False)
         callbacks += [ResumableMetrics(), RNGState(), ReplicaCheck(), NonFiniteLossGuard()]
         trainer_config["callbacks"] = callbacks
+        evaluating = self.subcommand not in (None, "fit")
+        if evaluating:  # test / validate / predict in a run's folder: its config.yaml records how it was trained
+            self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
+        if evaluating:  # and its hparams.yaml too
+            for logger in trainer.loggers:
+                logger.log_hyperparams = _keep_recorded_hyperparameters
         if epoch_end_last is not None:  # after the configured one, which stays trainer.checkpoint_callback
             trainer.callbacks.append(epoch_end_last)
         return trainer
@@ -228,6 +234,10 @@ class PerceiversCLI(LightningCLI):
             if path is not None:
                 print(f"predictions: {path}", flush=True)
         return outputs
+
+
+def _keep_recorded_hyperparameters(*args: Any, **kwargs: Any) -> None:
+    """A logger's ``log_hyperparams`` outside ``fit``: the run's ``hparams.yaml`` stays the training's."""
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
