@@ -3,12 +3,14 @@
 ``None`` means "the default" in our configs (``max_resolution`` = the token grid, the MLM decoder's
 ``decoder_qk_channels`` = ``qk_channels`` and ``decoder_v_channels`` = ``d_model``); for the official
 sizes that default is exactly what transformers hard-codes, so these models must convert, and
-transformers must then compute what we compute.
+transformers must then compute what we compute. Models transformers cannot build (other attention
+widths, fields its heads hard-code) are refused, naming the values, and nothing is written.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -106,3 +108,51 @@ def test_resolved_defaults_that_differ_are_still_refused():
         transformers_config(flow)
     with pytest.raises(ValueError, match=r"decoder_qk_channels=256 \(model has None, i\.e\. 128\)"):
         transformers_config(lm)
+
+
+# transformers' self-attention projects its values to v_channels (not d_latents) and adds them to the latents, and its
+# encoder needs d_latents divisible by the cross-attention heads: our models that differ cannot load there
+@pytest.mark.parametrize("name, over, message", [
+    ("language-perceiver", {"d_model": 16, "max_position_embeddings": 16},  # v_channels 1280, the official default
+     r"v_channels=32 \(= d_latents, its self-attentions' output width; model has 1280\)"),
+    ("vision-perceiver-fourier", {"v_channels": 64}, r"v_channels=32 \(.*model has 64\)"),
+    ("vision-perceiver-fourier", {"qk_channels": 8}, r"v_channels=32 \(.*model has None, i\.e\. 8\)"),
+    ("vision-perceiver-fourier", {"num_cross_attention_heads": 3},
+     r"num_cross_attention_heads dividing d_latents=32 \(model has 3\)"),
+])
+def test_inexpressible_attention_widths_are_refused(name, over, message, tmp_path, capsys):
+    src, dst = save_pretrained(create_model(name, **{**TRUNK, **over}), tmp_path / "ours"), tmp_path / "hf"
+    assert convert.main([str(src), str(dst), "--to", "transformers"]) == 2
+    assert re.search("cannot be written in transformers' format: transformers fixes .*" + message,
+                     capsys.readouterr().err)
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("name, over, message", [
+    ("vision-perceiver-conv", {"decoder_query_channels": 16}, "decoder_query_channels=1024 (model has 16)"),
+    ("vision-perceiver-learned", {"in_channels": 4}, "in_channels=3 (model has 4)"),
+    ("vision-perceiver-fourier", {"spatial_downsample": 2}, "spatial_downsample=1 (model has 2)"),
+    ("optical-flow-perceiver", {"num_decoder_heads": 2}, "num_decoder_heads=1 (model has 2)"),
+    ("optical-flow-perceiver", {"rescale_factor": 50.0}, "rescale_factor=100.0 (model has 50.0)"),
+    ("multimodal-perceiver", {"decoder_query_residual": True}, "decoder_query_residual=False (model has True)"),
+])
+def test_hard_coded_fields_are_refused(name, over, message):
+    with torch.device("meta"):
+        model = create_model(name, **over)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        transformers_config(model)
+
+
+def test_value_width_d_latents_converts_and_matches_transformers(randomize, tmp_path, capsys):
+    """qk_channels may differ from d_latents as long as v_channels is d_latents."""
+    model = randomize(create_model("vision-perceiver-fourier", **TRUNK, num_labels=5, qk_channels=8, v_channels=32),
+                      seed=2).eval()
+    src, dst = save_pretrained(model, tmp_path / "ours"), tmp_path / "hf"
+    assert convert.main([str(src), str(dst), "--to", "transformers"]) == 0, capsys.readouterr().err
+    x = _input("vision-perceiver-fourier")
+    assert torch.equal(_logits(from_transformers(dst), x), _logits(model, x))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PerceiverForImageClassificationFourier.from_pretrained(dst).eval()
+    with torch.no_grad():
+        err = (_logits(model, x) - hf(x).logits).abs().max().item()
+    assert err < ATOL, f"max |ours - transformers| = {err:.3g}"

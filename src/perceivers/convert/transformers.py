@@ -384,18 +384,48 @@ def transformers_config(model: nn.Module) -> dict[str, Any]:
     cfg.update({k: getattr(c, k) for k in _TRUNK_FIELDS})
     cfg.update({k: getattr(c, k) for k, default in _OUTPUT_FLAGS.items() if getattr(c, k) != default})
     _, expected = overrides_from_config({**cfg, **_config_extras(c, arch)}, arch)
-    if arch == "PerceiverForOpticalFlow":
-        expected["max_resolution"] = tuple(c.train_size)  # transformers' Fourier frequencies come from train_size
+    expected.update(_hard_coded(c, arch))
     # compare what the model computes with: a None field means its default (e.g. max_resolution = the token grid)
     mismatched = {k: (getattr(c, k, None), _effective(c, k), v) for k, v in expected.items()
                   if not (k == "decoder_query_residual" and arch.endswith("Learned")) and k != "labels"
                   and _effective(c, k) != _norm(v)}
-    if mismatched:
+    fixes = [f"{k}={want!r} ({_WHY.get(k, '')}model has {_describe(raw, got)})"
+             for k, (raw, got, want) in mismatched.items()]
+    if c.d_latents % c.num_cross_attention_heads:  # its encoder checks this whatever the attention widths
+        fixes.append(f"num_cross_attention_heads dividing d_latents={c.d_latents} "
+                     f"(model has {c.num_cross_attention_heads})")
+    if fixes:
         raise ValueError(f"{model.model_name} cannot be written in transformers' format: transformers fixes "
-                         + ", ".join(f"{k}={want!r} (model has {_describe(raw, got)})"
-                                     for k, (raw, got, want) in mismatched.items()))
+                         + ", ".join(fixes))
     cfg.update(_config_extras(c, arch))
     return cfg
+
+
+#: why transformers fixes a field to a value that is not a constant (opens the "model has" part of the error)
+_WHY = {"v_channels": "= d_latents, its self-attentions' output width; "}
+
+_IMAGE_PREPROCESSING = {"PerceiverForImageClassificationLearned": ("conv1x1", "trainable", 1),
+                        "PerceiverForImageClassificationFourier": ("pixels", "fourier", 1),
+                        "PerceiverForImageClassificationConvProcessing": ("conv", "fourier", 4)}
+
+
+def _hard_coded(c: Any, arch: str) -> dict[str, Any]:
+    """What transformers' ``arch`` hard-codes beyond :func:`overrides_from_config`'s sizes, where our models
+    may differ (their defaults agree): checked by :func:`transformers_config`, never written."""
+    fixed: dict[str, Any] = {"v_channels": c.d_latents}  # the self-attentions' value width (see _effective)
+    if arch in _IMAGE_PREPROCESSING:
+        preprocessing, position_encoding, downsample = _IMAGE_PREPROCESSING[arch]
+        fixed.update(preprocessing=preprocessing, position_encoding=position_encoding, spatial_downsample=downsample,
+                     concat_or_add_pos="concat", in_channels=3, num_decoder_heads=1, decoder_query_channels=c.d_latents,
+                     decoder_query_residual=True)
+    elif arch == "PerceiverForOpticalFlow":  # its Fourier frequencies come from train_size
+        fixed.update(max_resolution=tuple(c.train_size), num_decoder_heads=1, decoder_query_residual=False,
+                     rescale_factor=100.0)
+    elif arch == "PerceiverForMultimodalAutoencoding":
+        fixed.update(in_channels=3, num_decoder_heads=1, decoder_query_residual=False)
+    elif arch == "PerceiverForMaskedLM":
+        fixed["decoder_query_residual"] = False
+    return fixed
 
 
 def _norm(v: Any) -> Any:
@@ -414,6 +444,10 @@ def _effective(c: Any, key: str) -> Any:
         return c.qk_channels if c.qk_channels is not None else c.d_latents
     if key == "decoder_v_channels":  # MLM decoder: d_model
         return c.d_model
+    if key == "decoder_query_channels":  # image classifiers: d_latents
+        return c.d_latents
+    if key == "v_channels":  # the self-attentions' value width: qk_channels, else d_latents
+        return c.qk_channels if c.qk_channels is not None else c.d_latents
     return None
 
 
