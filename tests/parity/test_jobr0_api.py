@@ -226,7 +226,7 @@ def test_bad_inputs_name_expected_and_got() -> None:
         flow(small, small, test_mode=True)
     with pytest.raises(ValueError, match=r"must be img_size \(6, 8\) unless test_mode=True, got \(9, 12\)"):
         flow(big, big)
-    with pytest.raises(ValueError, match="min_overlap=20 must be smaller than the tile size"):
+    with pytest.raises(ValueError, match=r"min_overlap=20 must be in \[0, 6\): at least 0 and smaller than the tile size"):
         flow(big, big, test_mode=True)
     with pytest.raises(ValueError, match="same shape"):
         flow(big, torch.zeros(1, 3, 9, 13), test_mode=True)
