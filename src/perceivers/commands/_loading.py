@@ -31,8 +31,8 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     """``--config``: inline JSON or a path to a JSON file → dict."""
     if not text:
         return {}
-    path = Path(text)
-    inline = text.lstrip().startswith(("{", "[")) or not path.exists()
+    path, start = Path(text), text.lstrip()[:1]
+    inline = start in ("{", "[") or not path.exists()
     if not inline and not path.is_file():
         raise ValueError(f"--config {text!r} is a directory, not a JSON file")
     try:
@@ -41,7 +41,7 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ValueError(f"--config file {text!r} is not UTF-8 text: {e}") from e
     except json.JSONDecodeError as e:
-        if inline and not text.lstrip().startswith(("{", "[", '"')):
+        if inline and start not in ("{", "[", '"'):
             raise FileNotFoundError(f"--config {text!r} is neither JSON nor an existing file") from e
         raise ValueError(f"--config must be a JSON object or a JSON file, got {text!r}: {e}") from e
     if not isinstance(value, dict):
@@ -68,9 +68,6 @@ def load_model(
     from ..tasks import create_model
 
     overrides = overrides or {}
-    if numerics != "deepmind" and not checkpoint and not (model is None and default_model is not None):
-        raise ValueError(f"--numerics {numerics} applies to transformers checkpoints; random weights take "
-                         "DeepMind's numerics")
     if checkpoint:
         path = resolve(checkpoint)
         fmt = detect_format(path)
@@ -79,9 +76,8 @@ def load_model(
         if fmt in ("perceivers", "transformers", "perceivers fit"):
             if overrides:
                 raise ValueError(f"--config does not apply to a {fmt} checkpoint (it carries its own config)")
-            if numerics != "deepmind" and fmt != "transformers":
-                raise ValueError(f"--numerics {numerics} applies to transformers checkpoints; {checkpoint} is a {fmt} "
-                                 "checkpoint, which carries its own numerics")
+            if fmt != "transformers":
+                _deepmind_numerics_only(numerics, f"{checkpoint} is a {fmt} checkpoint, which carries its own numerics")
             options = {"numerics": numerics} if fmt == "transformers" else {}
             built = from_pretrained(path, **options)
             name = getattr(built, "model_name", None)
@@ -91,9 +87,7 @@ def load_model(
         name = model or default_model
         if name is None:
             raise ValueError(f"{checkpoint} is a {fmt} checkpoint without a config: pass --model")
-        if numerics != "deepmind":
-            raise ValueError(f"--numerics {numerics} applies to transformers checkpoints (directories with their "
-                             f"config.json); {checkpoint} holds bare {fmt} weights")
+        _deepmind_numerics_only(numerics, f"{checkpoint} holds bare {fmt} weights")
         built = create_model(name, **overrides)
         load_checkpoint(built, path)
         return built.eval()
@@ -109,5 +103,14 @@ def load_model(
     name = model or default_model
     if name is None:
         raise ValueError("pass --model and/or --checkpoint")
+    _deepmind_numerics_only(numerics, "random weights take DeepMind's numerics")
     print(f"warning: no --checkpoint, {name} has random weights", file=sys.stderr)
     return create_model(name, **overrides).eval()
+
+
+def _deepmind_numerics_only(numerics: str, source: str) -> None:
+    """Refuse ``--numerics`` other than DeepMind's for a model that is not a transformers checkpoint (it would be
+    ignored); ``source`` says what the model is."""
+    if numerics != "deepmind":
+        raise ValueError(f"--numerics {numerics} applies to transformers checkpoints (directories with their "
+                         f"config.json); {source}")

@@ -204,10 +204,10 @@ _TASK_OPTIONS = {"text": ("--text", "--mask-span", "--add-special-tokens"), "ima
 
 def _check_options(task: str, args: argparse.Namespace) -> None:
     """Refuse options of another task (they would be silently ignored) and flow outputs that cannot be written."""
-    defaults = vars(build_parser().parse_args([]))
+    parser = build_parser()
     for other, options in _TASK_OPTIONS.items():
         dests = {o: o[2:].replace("-", "_") for o in options}
-        given = [o for o, d in dests.items() if other != task and getattr(args, d) != defaults[d]]
+        given = [o for o, d in dests.items() if other != task and getattr(args, d) != parser.get_default(d)]
         if given:
             raise ValueError(f"{', '.join(given)} apply to {other} models, not to this {task} model")
     if task == "text" and args.text is not None and args.inputs:
