@@ -140,6 +140,27 @@ def test_autocast_computes_in_float32():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_inside_autocast(dtype):
+    """``loss.backward()`` written inside the autocast block (a common training loop) gets the gradients of a
+    backward outside it, but for the rounding autocast gives the other layers' backward products: the kernel's
+    tables stay float32 (autocast would make their products bf16/fp16, which the kernel read as float32)."""
+    attn, norm, x, grid, _ = _problem(3, 12, 20)
+    x.requires_grad_(True)
+    results = []
+    for inside in (False, True):
+        with torch.autocast("cpu", dtype):
+            out = ga.grid_cross_attention(attn, norm, x, grid, chunk_pixels=5 * 20)
+            if inside:
+                grads = torch.autograd.grad(out.square().sum(), [x, attn.to_q.weight, norm.weight])
+        if not inside:
+            grads = torch.autograd.grad(out.square().sum(), [x, attn.to_q.weight, norm.weight])
+        results.append(grads)
+    for got, want in zip(*results):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())
+
+
 def _readme_like(**kw):
     return Perceiver(num_freq_bands=6, depth=2, max_freq=10.0, input_channels=3, input_axis=2, num_latents=16,
                      latent_dim=32, cross_dim_head=16, latent_dim_head=8, num_classes=5, **kw).eval()
@@ -266,6 +287,32 @@ def test_unwritable_cache_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("PERCEIVERS_CACHE", str(blocked / "kernels"))
     monkeypatch.setattr(kernels, "_loaded", {})
     assert kernels.load("grid_attention") is None
+
+
+def test_no_home_directory_falls_back(monkeypatch):
+    """Without ``PERCEIVERS_CACHE`` and a home directory (a container run as a uid without a passwd entry),
+    the kernels are not built and the models keep their PyTorch path."""
+    monkeypatch.delenv("PERCEIVERS_CACHE", raising=False)
+    monkeypatch.setattr(kernels, "_loaded", {})
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(kernels.Path, "home", staticmethod(no_home))
+    assert kernels.load("grid_attention") is None
+    with torch.no_grad():
+        assert _readme_like()(torch.randn(1, 40, 40, 3)).isfinite().all()
+
+
+def test_compiler_with_arguments_and_shared_cache(monkeypatch, tmp_path):
+    """``CC`` may hold a command with arguments (``CC="ccache gcc"``); builds are readable by other users."""
+    monkeypatch.setenv("PERCEIVERS_CACHE", str(tmp_path))
+    compiler = kernels._compiler()
+    assert compiler is not None
+    monkeypatch.setenv("CC", f"env {compiler[0]}")
+    assert kernels._compiler() == ["env", compiler[0]]
+    path = kernels._build("transpose")
+    assert path is not None and path.stat().st_mode & 0o777 == 0o755
 
 
 def test_builds_are_keyed_by_processor(monkeypatch, tmp_path):

@@ -98,6 +98,59 @@ def test_a_row_without_keys_is_zero_and_gets_no_gradient():
     assert all(t.grad.abs().max() == 0 for t in (q, k, v))
 
 
+def test_a_row_without_keys_gets_finite_second_order_gradients():
+    """``create_graph=True`` (the differentiable backward) gives the same zero gradients for a row with no key,
+    and its own gradients are finite."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (_heads(2, 1, n, 16, g).requires_grad_() for n in (3, 5, 5))
+    mask = torch.tensor([True, False]).view(2, 1, 1, 1).expand(2, 1, 1, 5)  # sample 1: every key masked
+    grads = torch.autograd.grad(na.attend(q, k, v, mask).sum(), (q, k, v), create_graph=True)
+    plain = torch.autograd.grad(na.attend(q, k, v, mask).sum(), (q, k, v))
+    for got, want in zip(grads, plain):
+        assert got[1].abs().max() == 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    second = torch.autograd.grad(sum(gr.square().sum() for gr in grads), (q, k, v))
+    assert all(t.isfinite().all() for t in second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where, value", [("k", float("nan")), ("q", float("nan")), ("k", float("inf"))])
+def test_nan_and_inf_scores_reach_the_output_as_in_pytorch(dtype, where, value):
+    """A NaN in a query or key, or an infinite key, makes the rows it touches NaN, as PyTorch's attention does
+    (a diverged weight must not give finite outputs), and only those."""
+    if dtype == torch.bfloat16 and not na.available_bf16():
+        pytest.skip("no AVX512-BF16")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (_heads(1, 1, n, 32, g).to(dtype).requires_grad_() for n in (4, 40, 40))
+    with torch.no_grad():
+        (k if where == "k" else q)[0, 0, 2, 3] = value
+    assert na.applies(q, k, v, None, 0.0)
+    out = na.attend(q, k, v)
+    a, b, c = (t.detach().double() for t in (q, k, v))
+    ref = torch.softmax(a @ b.transpose(-1, -2) * 32**-0.5, -1) @ c  # NaN rows: +inf or NaN scores
+    assert ref.isnan().any() and (out.isnan() == ref.isnan()).all()
+    out.sum().backward()
+    assert v.grad.isnan().any()
+
+
+def test_masks_the_kernel_cannot_read_in_place_go_to_sdpa():
+    """A key mask broadcast over the keys (``[B, 1, 1, 1]``), or one that does not fit the keys or the batch,
+    is left to SDPA (which broadcasts or refuses it); the kernel reads ``[B|1, H|1, 1, N]`` masks only."""
+    from perceivers.layers.attention import attend_heads
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (_heads(2, 2, n, 32, g) for n in (5, 300, 300))
+    every = torch.ones(2, 1, 1, 1, dtype=torch.bool)
+    assert not na.applies(q, k, v, every, 0.0)
+    torch.testing.assert_close(attend_heads(q, k, v, every, 0.0), F.scaled_dot_product_attention(q, k, v))
+    for bad in (torch.ones(3, 1, 1, 300, dtype=torch.bool), torch.ones(2, 1, 1, 301, dtype=torch.bool),
+                torch.ones(2, 3, 1, 300, dtype=torch.bool)):
+        assert not na.applies(q, k, v, bad, 0.0)
+        with pytest.raises(RuntimeError):
+            attend_heads(q, k, v, bad, 0.0)
+    assert na.applies(q, k, v, torch.ones(2, 2, 1, 300, dtype=torch.bool), 0.0)
+
+
 @pytest.mark.parametrize("trainable", ["q", "kv", "v"])
 def test_only_the_asked_gradients(trainable):
     g = torch.Generator().manual_seed(4)

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -59,30 +60,40 @@ def _cpu_identity() -> str:
     return "\n".join(line for line in first.splitlines() if line.split(":", 1)[0].strip() in keys)
 
 
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` split into words (``CC="ccache gcc"``), else ``cc``, ``gcc`` or ``clang``."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
+
+
 def _build(name: str) -> Path | None:
     source = _SOURCES / f"{name}.c"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = _compiler()
     if compiler is None:
         log.info("perceivers: no C compiler found; native kernel %s not built", name)
         return None
     headers = b"".join(path.read_bytes() for path in sorted(_SOURCES.glob("*.h")))  # what the sources include
     key = hashlib.sha256(
-        source.read_bytes() + headers + " ".join([compiler, *_FLAGS, platform.machine(), _cpu_identity()]).encode()
+        source.read_bytes() + headers + " ".join([*compiler, *_FLAGS, platform.machine(), _cpu_identity()]).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"{name}-{key}.so"
-    if target.exists():
-        return target
     tmp = None
     try:
+        target = _cache_dir() / f"{name}-{key}.so"  # Path.home() raises RuntimeError without a home directory
+        if target.exists():
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp, "-lm"], check=True,
+        subprocess.run([*compiler, *_FLAGS, str(source), "-o", tmp, "-lm"], check=True,
                        capture_output=True, timeout=120)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600: other users sharing the cache could not load it
         os.replace(tmp, target)  # atomic: concurrent builders each write their own file
-    except (OSError, subprocess.SubprocessError) as err:  # no compiler, no writable cache, build error
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # no compiler/home/writable cache, build error
         detail = getattr(err, "stderr", b"") or b""
-        log.info("perceivers: building native kernel %s failed: %s %s", name, err, detail.decode(errors="replace"))
+        log.warning("perceivers: building native kernel %s failed, using the PyTorch path instead: %s %s", name, err,
+                    detail.decode(errors="replace"))
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         return None

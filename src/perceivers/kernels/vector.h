@@ -21,13 +21,14 @@ static inline v16 vsel(i16 m, v16 a, v16 b) {
     memcpy(&o, &r, 64);
     return o;
 }
-static inline v16 vmax(v16 a, v16 b) { return vsel(a > b, a, b); }
+/* The larger of a and b, NaN where either is (as PyTorch's max), so that a NaN score reaches the output. */
+static inline v16 vmax(v16 a, v16 b) { return vsel((a > b) | (a != a), a, b); }
 static inline int any(i16 m) { for (int i = 0; i < 16; ++i) if (m[i]) return 1; return 0; }
 
 /* exp(x) by 2^k (exponent bits) times a degree-6 series on |f| <= ln2/2 (relative error ~2e-7); exactly 0
- * below -87, so exp(-inf) = 0. */
+ * below -87, so exp(-inf) = 0; NaN stays NaN. */
 static inline v16 vexp(v16 x0) {
-    const v16 x = vmax(x0, vbcast(-87.0f));
+    const v16 x = vsel(x0 < vbcast(-87.0f), vbcast(-87.0f), x0);
     const v16 t = x * vbcast(1.44269504088896341f);
     const v16 magic = vbcast(12582912.0f);  /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
     const v16 k = (t + magic) - magic;

@@ -203,6 +203,11 @@ class _GridAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
+        with torch.autocast("cpu", enabled=False):  # a backward run inside autocast: the kernel reads float32
+            return _GridAttention._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
         qf, gamma, mean, lse, coef, a_h, a_w = ctx.saved_tensors
         lib = _kernel()
         b, heads, n, c = qf.shape

@@ -86,12 +86,20 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
         and q.shape[-1] == k.shape[-1]
         and all(t.shape[-1] % 16 == 0 and t.shape[-1] <= _MAX_WIDTH for t in (q, v))
-        and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1))
+        and (attn_mask is None or _key_mask(attn_mask, q, k))
         and (q.shape[-1] + v.shape[-1] < _BF16_TRAINING_WIDTH or not _records_graph(q, k, v) if bf16
              else not torch.is_autocast_enabled("cpu"))
         and _native_eager(q, k, v, dtype=torch.bfloat16 if bf16 else torch.float32)  # fake tensors, FLOP counters and profilers see SDPA
         and (available_bf16() if bf16 else available())
     )
+
+
+def _key_mask(attn_mask: Tensor, q: Tensor, k: Tensor) -> bool:
+    """Whether ``attn_mask`` is a boolean key mask the kernel reads in place: ``[B|1, H|1, 1, N]`` with the keys'
+    ``N`` (SDPA broadcasts a mask of one key, or refuses one that does not fit: it gets those)."""
+    return (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1
+            and attn_mask.shape[-1] == k.shape[2] and attn_mask.shape[0] in (1, q.shape[0])
+            and attn_mask.shape[1] in (1, q.shape[1]))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:

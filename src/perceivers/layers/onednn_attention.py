@@ -322,9 +322,15 @@ _attention_op.register_autograd(_attention_backward, setup_context=_attention_se
 def _math_gradients(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, dout: Tensor):
     """The backward of :class:`_OneDNNAttention` in batched, differentiable operations."""
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    empty = None
     if bias is not None:
-        scores = scores + bias
+        # a row with every key masked has zero output (the forward's convention): zero probabilities, and a
+        # finite softmax underneath, so that neither these gradients nor their own gradients are NaN
+        empty = torch.isneginf(bias).all(-1, keepdim=True)
+        scores = (scores + bias).masked_fill(empty, 0.0)
     p = scores.softmax(-1)
+    if empty is not None:
+        p = p.masked_fill(empty, 0.0)
     dv = torch.matmul(p.transpose(-1, -2), dout)
     dp = torch.matmul(dout, v.transpose(-1, -2))
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
