@@ -42,10 +42,20 @@ def test_cpu_flash_attention_counts_what_the_products_would():
         return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, -1) @ v
 
     assert _count(lambda: F.scaled_dot_product_attention(q, k, v)) == _count(written_out) == 2 * pairs * 2 * d
-    # its backward recomputes the scores: one product more than the written-out backward's four
+    # the model's FLOPs: its backward (which recomputes the scores) counts as the written-out backward's four
+    # products, so %-of-matmul compares it with explicit attention like for like
     fused = _count(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
     plain = _count(lambda: written_out().sum().backward())
-    assert fused - plain == 2 * pairs * d
+    assert fused == plain == 3 * 2 * pairs * 2 * d
+
+
+def test_attention_backward_counts_twice_the_forward_with_unequal_widths():
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for n in (8, 12))
+    v = torch.randn(1, 2, 12, 40, generator=g, requires_grad=True)
+    forward = _count(lambda: F.scaled_dot_product_attention(q, k, v))
+    step = _count(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert forward == 2 * (2 * 8 * 12) * (16 + 40) and step == 3 * forward
 
 
 def test_per_sample_is_a_view_detached_only_without_autograd():

@@ -8,9 +8,10 @@ runs when :mod:`perceivers.layers` is imported), and any ``FlopCounterMode`` in 
 Lightning's model summary, counts them, for perceivers' models and every other. perceivers' native
 kernels are not operators: under a counter they give way to the standard ones (:func:`.dense._native_eager`).
 
-Counts are 2 per multiply-add, as PyTorch's: a linear ``2·rows·in·out``; attention forward
-``2·b·h·q·k·(d_qk + d_v)``, its backward, which recomputes the scores, ``2·b·h·q·k·(3·d_qk + 2·d_v)``
-(keys may be broadcast over heads).
+Counts are the model's FLOPs, 2 per multiply-add, as PyTorch's: a linear ``2·rows·in·out``; attention forward
+``2·b·h·q·k·(d_qk + d_v)``, its backward twice that, ``2·b·h·q·k·(2·d_qk + 2·d_v)``, as for attention written
+out in products: the kernel's recomputation of the scores (``2·b·h·q·k·d_qk`` more) is work of the kernel, not
+of the model, so implementations with and without it count the same (keys may be broadcast over heads).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _attention_forward(query, key, value, *args, out_shape=None, **kwargs) -> in
 
 def _attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
     n, d_qk, d_v = _pairs(query, key, value)
-    return 2 * n * (3 * d_qk + 2 * d_v)
+    return 2 * n * (2 * d_qk + 2 * d_v)  # no score recomputation: see the module's docstring
 
 
 def _linear(x, second, third, *args, out_shape=None, **kwargs) -> int:
