@@ -13,11 +13,13 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
+from perceivers.layers import use_onednn
 from perceivers.layers.flops import register as register_flop_formulas
 
 __all__ = [
@@ -142,10 +144,14 @@ class PeakMemory:
 
 
 def count_flops(fn: Callable[[], None]) -> int:
-    """Floating-point operations (2 per multiply-add) of matrix products and attention in ``fn`` (oneDNN's linear
-    and SDPA's CPU kernel counted too: :mod:`perceivers.layers.flops`)."""
+    """The model FLOPs (2 per multiply-add) of the matrix products and attention in ``fn``.
+
+    Counted with perceivers' oneDNN paths off: its attention on oneDNN recomputes the probabilities in the backward
+    through counted products, where SDPA's formula (:mod:`perceivers.layers.flops`) counts the model's backward,
+    twice the forward, as the peers' written-out attention; dense layers count the same either way.
+    """
     register_flop_formulas()
-    with flop_counter.FlopCounterMode(display=False) as counter:
+    with use_onednn(False), flop_counter.FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -271,6 +277,27 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False, cwd=folder)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def perceivers_source() -> dict:
+    """The perceivers that runs: its version, where it is imported from, and the git commit of that checkout
+    (``-dirty`` with uncommitted changes to tracked files; None outside a git checkout)."""
+    import perceivers
+
+    path = Path(perceivers.__file__).resolve().parent
+    commit = _git(path, "rev-parse", "--short", "HEAD")
+    if commit and _git(path, "status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return {"perceivers_commit": commit or None, "perceivers_version": getattr(perceivers, "__version__", None),
+            "perceivers_file": str(path)}
+
+
 def machine_description(device: torch.device) -> dict:
     desc = {
         "cpu": _cpu_model(),
@@ -288,12 +315,7 @@ def machine_description(device: torch.device) -> dict:
         desc["gpu"] = props.name
         desc["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         desc["cuda"] = torch.version.cuda
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        desc["perceivers_commit"] = out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        desc["perceivers_commit"] = None
+    desc.update(perceivers_source())
     return desc
 
 

@@ -7,23 +7,39 @@ from pathlib import Path
 
 from workloads import OURS, human_bytes
 
-__all__ = ["add_ratios", "load", "markdown", "save"]
+from perceivers.safe_files import atomic_write_text, read_json
+
+__all__ = ["CorruptResults", "add_ratios", "carry_peak_memory", "load", "markdown", "save"]
+
+# The settings a peak memory depends on besides the workload: an entry's peak is carried over to a
+# ``--no-memory`` re-run only where all of them match (older entries: their defaults then).
+MEMORY_SETTINGS = {"device": "cpu", "precision": "fp32", "optimizer": "foreach", "compile": False,
+                   "keep_freed_memory": False}
+
+
+class CorruptResults(ValueError):
+    """An existing results file that cannot be read as results."""
 
 
 def load(path: Path) -> dict:
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            data.setdefault("workloads", {})
-            return data
-        except (OSError, json.JSONDecodeError):
-            pass
-    return {"workloads": {}}
+    """The results in ``path`` (none yet: an empty file); a corrupt file is refused, never treated as empty."""
+    if not path.exists():
+        return {"workloads": {}}
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise CorruptResults(f"{exc}; refusing to replace it (move it aside, or pass another --tag or --out)") from exc
+    if not isinstance(data, dict) or not isinstance(data.setdefault("workloads", {}), dict):
+        raise CorruptResults(f"{path}: expected a JSON object with a 'workloads' object, got "
+                             f"{type(data).__name__}; refusing to replace it (move it aside, or pass another --tag "
+                             "or --out)")
+    return data
 
 
 def save(results: dict, path_json: Path, path_md: Path) -> None:
-    path_json.write_text(json.dumps(results, indent=1, sort_keys=False))
-    path_md.write_text(markdown(results))
+    """Write the JSON and its Markdown table, each atomically (a temporary file, then ``os.replace``)."""
+    atomic_write_text(path_json, json.dumps(results, indent=1, sort_keys=False))
+    atomic_write_text(path_md, markdown(results))
 
 
 def _peak(d: dict | None) -> float | None:
@@ -57,6 +73,32 @@ def add_ratios(entry: dict) -> None:
     entry["summary"] = summary
 
 
+def _memory_settings(entry: dict) -> dict:
+    run = entry.get("run") or {}
+    return {"batch": entry.get("batch"),
+            **{k: run.get(k, entry.get(k, default)) for k, default in MEMORY_SETTINGS.items()}}
+
+
+def carry_peak_memory(entry: dict, old: dict | None) -> list[str]:
+    """Copy the peak memory of ``old`` (an earlier entry of the workload) into ``entry`` (a ``--no-memory`` run), marked
+    with the run that measured it, if the batch and the :data:`MEMORY_SETTINGS` match; else copy nothing and return
+    the differences (``["batch 8 ≠ 2", ...]``). The memory ratios are recomputed either way."""
+    if not old:
+        return []
+    was, now = _memory_settings(old), _memory_settings(entry)
+    differ = [f"{k} {was[k]} ≠ {now[k]}" for k in now if was[k] != now[k]]
+    if not differ:
+        run = old.get("run") or {}
+        origin = {"started": run.get("started"), "commit": (run.get("machine") or {}).get("perceivers_commit")}
+        for impl, d in entry["impls"].items():
+            for mode in ("infer", "train"):
+                mem = ((old["impls"].get(impl) or {}).get(mode) or {}).get("peak_memory")
+                if mem and mode in d:
+                    d[mode]["peak_memory"] = {**mem, "carried_from": mem.get("carried_from") or origin}
+    add_ratios(entry)
+    return differ
+
+
 def fp32_products(rates: dict) -> dict[str, float]:
     """The run's measured fp32 products (``product_<name>_flop_per_s`` entries of ``rates``): name → FLOP/s."""
     return {k[len("product_"):-len("_flop_per_s")]: v for k, v in rates.items() if k.startswith("product_")}
@@ -76,68 +118,142 @@ def _times(x, spec: str) -> str:
     return _fmt(x, spec) + ("×" if x is not None else "")
 
 
-def markdown(results: dict) -> str:
-    m = results.get("machine", {})
-    rates = results.get("rates", {})
-    lines = ["# perceivers benchmark results", ""]
+_RATE_LABELS = {"matmul_flop_per_s": "fp32", "matmul_bf16_flop_per_s": "bf16"}
+
+
+def _machine(m: dict) -> str:
+    """One line on the machine and the code of a run (its ``machine`` description)."""
     ident = m.get("cpu_id") or {}
     cpu = m.get("cpu", "?") + (f" ({ident['core']}, family {ident.get('family')} model {ident.get('model')})"
                                if ident.get("core") else "")
-    lines.append(f"Machine: {cpu}, {m.get('cpu_count', '?')} cores ({m.get('torch_threads', '?')} torch "
-                 f"threads), {m.get('memory_gib', '?')} GiB" + (f"; GPU {m['gpu']} ({m.get('gpu_memory_gib')} GiB, "
-                                                                f"CUDA {m.get('cuda')})" if m.get("gpu") else "")
-                 + f"; Python {m.get('python')}, torch {m.get('torch')}; perceivers {m.get('perceivers_commit')}.")
-    if rates:
-        lines.append("Measured dense matmul rate at the start: " + ", ".join(
-            f"{k.replace('_flop_per_s', '').replace('matmul', 'fp32' if k == 'matmul_flop_per_s' else '')} "
-            f"{v / 1e9:.0f} GFLOP/s".replace("  ", " ") for k, v in rates.items() if k.startswith("matmul"))
-                     + "; each workload also "
-                     "times a matmul job interleaved with the models (column *matmul*).")
-        products = fp32_products(rates)
-        if products:
-            lines.append("The fp32 reference is the faster of the available products (" + ", ".join(
-                f"{name} {v / 1e9:.0f} GFLOP/s" for name, v in products.items()) + " at the start), "
-                "so no implementation is measured against a slow BLAS.")
+    version = f" {m['perceivers_version']}" if m.get("perceivers_version") else ""
+    return (f"{cpu}, {m.get('cpu_count', '?')} cores ({m.get('torch_threads', '?')} torch threads), "
+            f"{m.get('memory_gib', '?')} GiB" + (f"; GPU {m['gpu']} ({m.get('gpu_memory_gib')} GiB, CUDA {m.get('cuda')})"
+                                                if m.get("gpu") else "")
+            + f"; Python {m.get('python')}, torch {m.get('torch')}; perceivers{version} {m.get('perceivers_commit')}")
+
+
+def _rates(rates: dict) -> str:
+    """``fp32 430 GFLOP/s, bf16 700 GFLOP/s``: the dense matmul rates measured at a run's start."""
+    return ", ".join(f"{_RATE_LABELS.get(k, k.replace('_flop_per_s', ''))} {v / 1e9:.0f} GFLOP/s"
+                     for k, v in rates.items() if k.startswith("matmul"))
+
+
+def _products_note(rates: dict) -> str:
+    products = fp32_products(rates)
+    return ", ".join(f"{name} {v / 1e9:.0f} GFLOP/s" for name, v in products.items())
+
+
+def _settings_text(run: dict) -> str:
+    return ", ".join([run.get("precision") or "fp32", f"{run.get('optimizer', 'foreach')} AdamW"]
+                     + (["torch.compile"] if run.get("compile") else [])
+                     + (["--keep-freed-memory"] if run.get("keep_freed_memory") else []))
+
+
+def _run_of(results: dict, e: dict) -> dict:
+    """The run that measured entry ``e``; without run information (none so far) the file's last run."""
+    return e.get("run") or {"machine": results.get("machine", {}), "rates": results.get("rates", {})}
+
+
+def _run_key(run: dict) -> tuple[str, str]:
+    return run.get("started") or "", (run.get("machine") or {}).get("perceivers_commit") or ""
+
+
+def runs(results: dict) -> list[tuple[str, dict, list[str]]]:
+    """The runs whose rows a results file holds, oldest first: ``(label, run, workloads)``."""
+    found: dict = {}
+    for name, e in results.get("workloads", {}).items():
+        run = _run_of(results, e)
+        found.setdefault(_run_key(run), (run, []))[1].append(name)
+    return [(f"R{i}", run, names) for i, (_, (run, names)) in enumerate(sorted(found.items()), 1)]
+
+
+def _memory(d: dict) -> str:
+    """A peak-memory cell: the bytes, marked when carried over from an earlier run, or the error."""
+    mem = d.get("peak_memory") or {}
+    if not mem.get("peak_bytes"):
+        return mem.get("error") or "–"
+    came = mem.get("carried_from")
+    return human_bytes(mem["peak_bytes"]) + (f" (carried from {came.get('commit')}, {came.get('started')})"
+                                             if came else "")
+
+
+def markdown(results: dict) -> str:
+    merged = runs(results)
+    lines = ["# perceivers benchmark results", ""]
+    if len(merged) <= 1:  # one run: the machine, its rates and its settings
+        run = merged[0][1] if merged else {"machine": results.get("machine", {}), "rates": results.get("rates", {})}
+        rates = run.get("rates") or {}
+        lines.append(f"Machine: {_machine(run.get('machine') or {})}.")
+        if run.get("started"):
+            lines.append(f"Run started {run['started']}: {_settings_text(run)}.")
+        if rates:
+            lines.append(f"Measured dense matmul rate at the start: {_rates(rates)}; each workload also times a "
+                         "matmul job interleaved with the models (column *matmul*).")
+            if fp32_products(rates):
+                lines.append(f"The fp32 reference is the faster of the available products ({_products_note(rates)} "
+                             "at the start), so no implementation is measured against a slow BLAS.")
+    else:  # rows from several runs: each listed, each row naming its own (column *run*)
+        lines.append(f"Rows from {len(merged)} runs (column *run*); each row was measured with its own run's "
+                     "machine, code, settings and matmul rates:")
+        for label, run, names in merged:
+            rates = run.get("rates") or {}
+            products = f" ({_products_note(rates)})" if fp32_products(rates) else ""
+            lines.append(f"- **{label}**, started {run.get('started', '?')}, {_settings_text(run)}: "
+                         f"{_machine(run.get('machine') or {})}; dense matmul at the start {_rates(rates)}{products}; "
+                         f"{len(names)} workload{'s' if len(names) > 1 else ''} ({', '.join(names)}).")
+        lines.append("Each workload also times a matmul job interleaved with the models (column *matmul*); the fp32 "
+                     "reference is the faster of the available products, so no implementation is measured against a "
+                     "slow BLAS.")
+    rates = (merged[-1][1].get("rates") if merged else None) or results.get("rates", {})
     optimizers = sorted({(e.get("run") or {}).get("optimizer", "foreach") for e in results.get("workloads", {}).values()})
     if optimizers:
         lines.append(f"Training step: forward + backward + AdamW ({' / '.join(optimizers)}; `foreach` is PyTorch's "
                      "default, `fused` one pass per parameter), the same for every implementation.")
     lines += ["", ("Times are medians of interleaved repeats; ×peer = the fastest peer's fastest repeat / "
               "perceivers' fastest repeat (>1: perceivers is faster; the summary also gives the ratio of medians); "
-              "memory = peak above the process's footprint after building the model and inputs, each case in its own process (CPU: peak RSS; CUDA: max_memory_allocated); FLOPs are "
+              "memory = peak above the process's footprint after building the model and inputs, each case in its own "
+              "process (CPU: peak RSS; CUDA: max_memory_allocated; *carried*: measured by an earlier run with the same "
+              "batch and settings, this one ran with `--no-memory`); FLOPs are "
               "counted matmul/attention FLOPs (FlopCounterMode, 2 per multiply-add) of each implementation's "
               "own algorithm; % = achieved FLOP/s over the interleaved matmul rate."), ""]
-    header = ("| workload | impl | params | batch | infer s | samples/s | ×peer | train s | ×peer | "
-              "peak infer | peak train | GFLOP/sample | train GFLOP/s | % matmul | matmul GFLOP/s | check |")
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    several = len(merged) > 1
+    columns = (["workload", "impl", "params", "batch", "precision", "commit"] + (["run"] if several else [])
+               + ["infer s", "samples/s", "×peer", "train s", "×peer", "peak infer", "peak train", "GFLOP/sample",
+                  "train GFLOP/s", "% matmul", "matmul GFLOP/s", "check"])
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+    def table_row(cells: list[str]) -> str:
+        return "| " + " | ".join(cells + [""] * (len(columns) - len(cells))) + " |"
+
     for name, e in results.get("workloads", {}).items():
         s = e.get("summary", {})
+        run = _run_of(results, e)
+        ident = [str(e["batch"]), e.get("precision") or run.get("precision") or "fp32",
+                 str((run.get("machine") or {}).get("perceivers_commit"))] + (
+                     [label for label, r, _ in merged if _run_key(r) == _run_key(run)] if several else [])
         if e.get("error"):
-            lines.append(f"| {name} | – | | {e['batch']} | failed: {e['error']} |" + " |" * 11)
+            lines.append(table_row([name, "–", "", *ident, f"failed: {e['error']}"]))
         for impl, d in e["impls"].items():
             if "skipped" in d:
-                lines.append(f"| {name} | {impl} | | {e['batch']} | skipped: {d['skipped']} |" + " |" * 11)
+                lines.append(table_row([name, impl, "", *ident, f"skipped: {d['skipped']}"]))
                 continue
             inf, tr = d.get("infer") or {}, d.get("train") or {}
             is_ours = impl == OURS
             check = d.get("max_abs_diff_vs_perceivers")
-            pi, pt = _peak(inf), _peak(tr)
-            lines.append(
-                "| " + " | ".join([
-                    name, f"**{impl}**" if is_ours else impl, f"{d.get('params', 0) / 1e6:.2f}M", str(e["batch"]),
-                    _fmt(inf.get("median_s"), ".3f"), _fmt(inf.get("samples_per_s"), ".2f"),
-                    _times(s.get("infer_speedup_vs_fastest_peer") if is_ours else None, ".2f"),
-                    _fmt(tr.get("median_s"), ".3f"),
-                    _times(s.get("train_speedup_vs_fastest_peer") if is_ours else None, ".2f"),
-                    human_bytes(pi) if pi else ((inf.get("peak_memory") or {}).get("error") or "–"),
-                    human_bytes(pt) if pt else ((tr.get("peak_memory") or {}).get("error") or "–"),
-                    _fmt(inf.get("flops_per_sample", None) and inf["flops_per_sample"] / 1e9, ".2f"),
-                    _fmt(tr.get("flop_per_s", None) and tr["flop_per_s"] / 1e9, ".1f"),
-                    _fmt(tr.get("fraction_of_matmul", None) and 100 * tr["fraction_of_matmul"], ".0f"),
-                    _fmt((e.get("matmul_flop_per_s_train") or e.get("matmul_flop_per_s") or 0) / 1e9 or None, ".0f"),
-                    f"Δ={check:.1e}" if check is not None else (d.get("note") or ""),
-                ]) + " |"
-            )
+            lines.append(table_row([
+                name, f"**{impl}**" if is_ours else impl, f"{d.get('params', 0) / 1e6:.2f}M", *ident,
+                _fmt(inf.get("median_s"), ".3f"), _fmt(inf.get("samples_per_s"), ".2f"),
+                _times(s.get("infer_speedup_vs_fastest_peer") if is_ours else None, ".2f"),
+                _fmt(tr.get("median_s"), ".3f"),
+                _times(s.get("train_speedup_vs_fastest_peer") if is_ours else None, ".2f"),
+                _memory(inf), _memory(tr),
+                _fmt(inf.get("flops_per_sample", None) and inf["flops_per_sample"] / 1e9, ".2f"),
+                _fmt(tr.get("flop_per_s", None) and tr["flop_per_s"] / 1e9, ".1f"),
+                _fmt(tr.get("fraction_of_matmul", None) and 100 * tr["fraction_of_matmul"], ".0f"),
+                _fmt((e.get("matmul_flop_per_s_train") or e.get("matmul_flop_per_s") or 0) / 1e9 or None, ".0f"),
+                f"Δ={check:.1e}" if check is not None else (d.get("note") or ""),
+            ]))
     lines += ["", "## Summary (perceivers relative to the best peer in the same run)", "",
               ("| workload | inference speed-up (fastest repeats / medians) | training speed-up (fastest repeats / "
                "medians) | memory (infer) | memory (train) |"),

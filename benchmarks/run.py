@@ -22,10 +22,12 @@ import gc
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -38,6 +40,30 @@ import torch
 import workloads as W
 
 MATMUL = "_matmul"
+
+
+def fail(message: str) -> NoReturn:
+    """End the run with a one-line error, as argparse does (exit status 2)."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def check_device(text: str) -> torch.device:
+    """``--device``: cpu, or cuda[:N] on a machine with that CUDA device; anything else ends the run."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        fail(f"--device: expected cpu or cuda[:N], got {text!r}")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device: expected cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {text}: expected a CUDA device, got none (torch {torch.__version__}, "
+                 f"CUDA build {torch.version.cuda})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            fail(f"--device {text}: expected an index below {torch.cuda.device_count()} (the CUDA devices here), "
+                 f"got {device.index}")
+    return device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer-mem-limit", type=float, default=8.0,
                    help="GiB: skip a peer whose estimated forward memory exceeds this")
     p.add_argument("--out", default=str(HERE / "results"), help="results folder")
-    p.add_argument("--tag", default=None, help="results file name (default: derived from the machine)")
+    p.add_argument("--tag", default=None, help="results file name (default: derived from the machine and the settings "
+                   "that change the figures: precision, --compile, --keep-freed-memory, --optimizer)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("--memory-case", nargs=4, metavar=("WORKLOAD", "IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
@@ -157,28 +184,42 @@ def memory_case(args: argparse.Namespace) -> None:
                                   "seconds": time.perf_counter() - t0}), flush=True)
 
 
-def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int) -> dict:
-    cmd = [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
-           "--optimizer", args.optimizer, *(["--keep-freed-memory"] if args.keep_freed_memory else []),
-           *(["--compile"] if args.compile else []),
-           *(["--threads", str(args.threads)] if args.threads else []),
-           "--memory-case", wl.name, impl, mode, str(batch)]
+def memory_command(args, wl: W.Workload, impl: str, mode: str, batch: int) -> list[str]:
+    return [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
+            "--optimizer", args.optimizer, *(["--keep-freed-memory"] if args.keep_freed_memory else []),
+            *(["--compile"] if args.compile else []),
+            *(["--threads", str(args.threads)] if args.threads else []),
+            "--memory-case", wl.name, impl, mode, str(batch)]
+
+
+def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int, timeout: float = 1800) -> dict:
+    """Peak memory of one case in a child process; the child is killed if this one is interrupted."""
+    proc = subprocess.Popen(memory_command(args, wl, impl, mode, batch), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": "timeout"}
-    for line in proc.stdout.splitlines():
+    finally:  # a timeout, Ctrl-C or SIGTERM (SystemExit, see main) must not leave the child running
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    for line in stdout.splitlines():
         if line.startswith("MEMORY "):
             return json.loads(line[7:])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
     return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
 
 
 # ------------------------------------------------------------------------------------------ one workload
 
 
+def effective_batch(args, wl: W.Workload) -> int:
+    return min(wl.batch, 2) if args.quick else wl.batch
+
+
 def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dict:
-    batch = min(wl.batch, 2) if args.quick else wl.batch
+    batch = effective_batch(args, wl)
     repeats = 1 if wl.heavy else (args.repeats or (2 if args.quick else 3))
     min_time = 0.0 if wl.heavy or args.quick else args.min_time
     warmup = 0 if wl.heavy else 1
@@ -203,9 +244,15 @@ def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dic
     built = {}
     for impl in impls:
         t0 = time.perf_counter()
-        built[impl] = wl.build(impl, device)
+        try:
+            built[impl] = wl.build(impl, device)
+        except W.Unavailable as exc:  # e.g. perceivers' model of a workload built from a peer that is not installed
+            entry["impls"][impl] = {"skipped": str(exc)}
+            print(f"  {impl}: skipped ({exc})")
+            continue
         entry["impls"][impl] = {"params": W.parameter_count(built[impl].model), "note": built[impl].note,
                                 "build_s": round(time.perf_counter() - t0, 2)}
+    impls = list(built)
     inputs = wl.inputs(batch, device)
 
     # Same configuration: parameter counts above, outputs compared here (batch 1).
@@ -315,9 +362,41 @@ def machine_tag(device: torch.device, desc: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
 
 
+def default_tag(device: torch.device, desc: dict, args) -> str:
+    """The results file of a run: the machine, then each setting that changes the figures and is not the default
+    (a bf16 run does not merge into the fp32 file)."""
+    return machine_tag(device, desc) + "".join(
+        suffix for suffix, on in ((f"-{args.precision}", args.precision != "fp32"), ("-compile", args.compile),
+                                  ("-keep-freed", args.keep_freed_memory),
+                                  (f"-{args.optimizer}", args.optimizer != "fused")) if on)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through measure_memory's cleanup of its child
+
+
+def record(results: dict, entry: dict, args) -> str | None:
+    """Put ``entry`` into ``results``; returns why it was not recorded as it came (or None).
+
+    A failed workload does not replace an earlier good entry (that one stays; the failure is reported on stderr);
+    with ``--no-memory`` the earlier entry's peak memory is carried over where batch and settings match.
+    """
+    old = results["workloads"].get(entry["workload"])
+    if entry.get("error") and old and not old.get("error"):
+        return (f"{entry['workload']} failed ({entry['error']}); kept its earlier entry "
+                f"(run started {(old.get('run') or {}).get('started')})")
+    note = None
+    if args.no_memory and old:
+        differ = report.carry_peak_memory(entry, old)
+        if differ:
+            note = f"{entry['workload']}: earlier peak memory not carried over ({', '.join(differ)})"
+    results["workloads"][entry["workload"]] = entry
+    return note
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = check_device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -333,10 +412,23 @@ def main(argv=None) -> None:
         for w in W.all_workloads():
             print(f"{w.name:26s} [{', '.join(sorted(w.tags))}] {w.description}")
         return
+    chosen = select(W.all_workloads(), args)
+    if not chosen:
+        fail(f"no workload matches --only {' '.join(args.only or []) or '(none: --quick)'} after --skip "
+             f"{' '.join(args.skip or []) or '(nothing)'}; expected at least one (see --list)")
+    with contextlib.suppress(ValueError):  # not the main thread: no handler, SIGTERM ends the run as before
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    desc = measure.machine_description(device)
+    tag = args.tag or default_tag(device, desc, args)
+    out_dir = Path(args.out)
+    path_json = out_dir / f"{tag}.json"
+    try:
+        results = report.load(path_json)
+    except report.CorruptResults as exc:
+        fail(str(exc))
+    out_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    chosen = select(W.all_workloads(), args)
-    desc = measure.machine_description(device)
     print(f"machine: {desc}")
     products = measure.matmul_rates(device, torch.float32)
     rates = {"matmul_flop_per_s": max(products.values()),
@@ -347,38 +439,33 @@ def main(argv=None) -> None:
     if peak:
         rates["peak_flop_per_s"] = peak  # the data sheet's, for model FLOP utilisation
     print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in rates.items()), flush=True)
-    tag = args.tag or machine_tag(device, desc) + ("-compile" if args.compile else "")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path_json = out_dir / f"{tag}.json"
-    results = report.load(path_json)
     run_info = {"machine": desc, "rates": rates, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "device": str(device), "precision": args.precision, "optimizer": args.optimizer,
                 "keep_freed_memory": args.keep_freed_memory, "compile": args.compile}
+    failed = []
     for wl in chosen:
         try:
             entry = run_workload(args, wl, device, rates)
         except Exception as exc:  # noqa: BLE001 - one failing workload (e.g. out of memory) must not end the run
             print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
-            entry = {"workload": wl.name, "family": wl.family, "description": wl.description, "batch": wl.batch,
-                     "elements": wl.elements, "impls": {}, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            entry = {"workload": wl.name, "family": wl.family, "description": wl.description,
+                     "batch": effective_batch(args, wl), "elements": wl.elements, "precision": args.precision,
+                     "impls": {}, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            failed.append(wl.name)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         entry["run"] = run_info
-        old = results["workloads"].get(wl.name)
-        if args.no_memory and old:  # keep the peak memory measured by an earlier run of this workload
-            for impl, d in entry["impls"].items():
-                for mode in ("infer", "train"):
-                    mem = ((old["impls"].get(impl) or {}).get(mode) or {}).get("peak_memory")
-                    if mem and mode in d:
-                        d[mode]["peak_memory"] = mem
-            report.add_ratios(entry)
-        results["workloads"][wl.name] = entry
-        results["machine"], results["rates"] = desc, rates
+        note = record(results, entry, args)
+        if note:
+            print(f"  {note}", file=sys.stderr, flush=True)
+        results["machine"], results["rates"] = desc, rates  # the latest run; each entry keeps its own in "run"
         report.save(results, path_json, out_dir / f"{tag}.md")
     report.save(results, path_json, out_dir / f"{tag}.md")
     print(f"\nwrote {path_json} and {path_json.with_suffix('.md')}")
+    if failed:
+        print(f"{len(failed)} workload(s) failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Optional peers live outside the environment's site-packages (``peer_unavailable`
 skipped): krasserm's perceiver-io, in ``.venv/refs``, runs the DeepMind-layout workloads with the
 transformers model's weights mapped into its modules, and its Perceiver AR; kklemon's FlashPerceiver
 (its torch path on CPU) and lucidrains' perceiver-ar-pytorch, in ``.venv/refs`` too, run their own
-configurations. Without a peer's folder, perceivers runs those workloads alone with its own weights.
+configurations. Without a peer's folder, perceivers runs those workloads alone with its own weights; so it does
+without perceiver-pytorch or transformers (the `test` extra), except where its model is assembled from
+transformers' modules (``io-dm-2048x128``: skipped then, :class:`Unavailable`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ AR_LR = "lucidrains/perceiver-ar-pytorch"  # optional peer: perceiver-ar-pytorch
 AR_LR_REFS = Path(sys.prefix) / "refs" / "perceiver-ar-pytorch-0.0.10"
 
 GiB = 2**30
+
+# peers installed as Python packages (the `test` extra): implementation → (module, distribution)
+_PACKAGES = {LR: ("perceiver_pytorch", "perceiver-pytorch"), HF: ("transformers", "transformers")}
+
+
+class Unavailable(RuntimeError):
+    """An implementation of a workload cannot be built here (a package it needs is missing): reported as skipped."""
 
 
 @dataclass
@@ -87,21 +96,26 @@ def _seeded(fn):
 
 
 def _lr_family_builder(kind: str, cfg: dict) -> Callable[[str, torch.device], Built]:
-    """perceiver-pytorch builds first; perceivers loads its weights through the converter."""
+    """perceiver-pytorch builds first; perceivers loads its weights through the converter (without perceiver-pytorch:
+    perceivers alone, its own seeded initialisation)."""
 
     def build(impl: str, device: torch.device) -> Built:
-        import perceiver_pytorch
-
         import perceivers
         from perceivers.convert import from_lucidrains
 
-        peer_cls = perceiver_pytorch.Perceiver if kind == "perceiver" else perceiver_pytorch.PerceiverIO
         ours_cls = perceivers.Perceiver if kind == "perceiver" else perceivers.PerceiverIO
-        peer = _seeded(lambda: peer_cls(**cfg))
         if kind == "perceiver":
             run = lambda m, inp: m(inp[0])
         else:
             run = lambda m, inp: m(inp[0], queries=inp[1])
+        if peer_unavailable(LR):
+            if impl == LR:
+                raise Unavailable(peer_unavailable(LR))
+            return Built(_seeded(lambda: ours_cls(**cfg)).to(device), run, note="own init")
+        import perceiver_pytorch
+
+        peer_cls = perceiver_pytorch.Perceiver if kind == "perceiver" else perceiver_pytorch.PerceiverIO
+        peer = _seeded(lambda: peer_cls(**cfg))
         if impl == LR:
             return Built(peer.to(device), run)
         ours = ours_cls(**cfg)
@@ -212,6 +226,15 @@ def _dm_builder(kind: str, hf_kwargs: dict, registry_name: str | None = None,
         return hfm.PerceiverModel(config, decoder=decoder)
 
     def build(impl: str, device: torch.device) -> Built:
+        missing = peer_unavailable(HF)
+        if missing:  # perceivers alone, its own seeded model, where the library has it
+            if impl != OURS or not registry_name:
+                raise Unavailable(missing if impl == HF else f"built from transformers' model here, and {missing}")
+            import perceivers
+
+            model = _seeded(lambda: perceivers.create_model(registry_name, **(overrides or {})))
+            key = "pixel_values" if kind == "image" else "inputs"
+            return Built(model.to(device), lambda m, inp: _logits(m(**{key: inp[0]})), note="own init")
         from dm_equiv import DMImageFourier, DMMaskedLM, DMPerceiverIO
 
         hf = _seeded(make_hf).eval()
@@ -272,7 +295,12 @@ def _ref_missing(impl: str) -> str | None:
 
 
 def peer_unavailable(impl: str, device: torch.device | None = None) -> str | None:
-    """Why an optional peer cannot run in this environment (``None``: it can)."""
+    """Why a peer cannot run in this environment (``None``: it can)."""
+    if impl in _PACKAGES:
+        module, dist = _PACKAGES[impl]
+        if importlib.util.find_spec(module) is None:
+            return f"{dist} is not installed (pip install 'perceivers[test]' installs it)"
+        return None
     if impl not in _REFS:
         return None
     why = _ref_missing(impl)
