@@ -300,6 +300,10 @@ def peer_unavailable(impl: str, device: torch.device | None = None) -> str | Non
         module, dist = _PACKAGES[impl]
         if importlib.util.find_spec(module) is None:
             return f"{dist} is not installed (pip install 'perceivers[test]' installs it)"
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:  # installed but broken (e.g. a dependency missing)
+            return f"{dist} cannot be imported ({type(exc).__name__}: {exc})"
         return None
     if impl not in _REFS:
         return None
