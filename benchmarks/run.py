@@ -10,8 +10,10 @@
 For every workload the implementations are timed interleaved (round-robin) in one process, so
 their ratios hold on a loaded machine; peak memory is measured for each implementation and mode
 in a fresh subprocess; FLOPs come from ``torch.utils.flop_counter``; the machine's dense matmul
-rate is measured in the same run. Results go to ``benchmarks/results/<machine>.json`` and ``.md``
-(merged with earlier runs of other workloads on the same machine).
+rate is measured in the same run. Results go to ``benchmarks/results/<machine>[-bf16][-compile]...json`` and
+``.md`` (merged with earlier runs of other workloads on the same machine and settings; each row names its run),
+both replaced atomically. A results file that is not valid JSON is refused, never overwritten. A workload that
+fails keeps its earlier good entry (reported on stderr) and the run exits 1.
 """
 
 from __future__ import annotations
