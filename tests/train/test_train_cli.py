@@ -184,3 +184,12 @@ def test_trainer_setting_lightning_refuses_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "perceivers fit: error: `Trainer(devices=" in err and "not a valid input" in err
     assert "Traceback" not in err
+
+
+def test_optimizer_setting_torch_refuses_is_a_clear_error(tmp_path, capsys):
+    """``lr -1`` ended in a traceback through torch.optim; it is one line naming the optimizer and its settings."""
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    assert cli.main(["fit", "--config", config, "--model.init_args.optimizer.init_args.lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "perceivers fit: error: optimizer AdamW(lr=-1.0" in err and "Invalid learning rate: -1.0" in err
+    assert "Traceback" not in err

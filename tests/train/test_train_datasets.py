@@ -71,6 +71,18 @@ def test_cifar_labels_out_of_range(tmp_path: Path):
         read_cifar(tmp_path, train=True)
 
 
+@pytest.mark.parametrize("labels", [["cat", "dog"], [0.7, 1.7]])
+def test_cifar_labels_must_be_integers(tmp_path: Path, labels):
+    """String labels failed inside numpy; float labels were truncated (1.7 became class 1) and trained."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        with (folder / name).open("wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f, protocol=2)
+    with pytest.raises(DataError, match="'labels' must be integer class ids"):
+        read_cifar(tmp_path, train=True)
+
+
 def test_image_folder_reads_and_resizes(image_dir: Path):
     ds = ImageFolderDataset(image_dir, 16)
     assert ds.classes == ["cat", "dog"] and len(ds) == 8
@@ -139,6 +151,16 @@ def test_text_folder_classification(tmp_path: Path):
     batch = collate_tokens([ds[0], ds[5]])
     assert batch["inputs"].shape == batch["mask"].shape and batch["target"].tolist() == [0, 1]
     assert batch["inputs"].shape[1] <= 6
+
+
+def test_an_empty_text_file_is_refused(tmp_path: Path):
+    """An empty file was read as one padding token that the mask counted as text."""
+    for label in ("neg", "pos"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "a.txt").write_text("some text")
+    (tmp_path / "pos" / "b.txt").write_text("")
+    with pytest.raises(DataError, match=r"b\.txt' is empty"):
+        TextFolderDataset(tmp_path, max_length=6)
 
 
 def test_mask_tokens_bert_style():

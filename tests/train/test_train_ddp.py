@@ -4,10 +4,12 @@ with its own stack."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from train_configs import replica_config, write_config
 from train_torchrun import TORCHRUN, env, failure, fresh, killed_by_signal, run_standalone
@@ -41,6 +43,30 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path):
         # float sums in another order only; a different batch split would move weights by ~2 * lr = 2e-3
         torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-4, atol=2e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _test_metrics(root: Path) -> dict[str, float]:
+    rows = [row for row in csv.DictReader((root / "metrics.csv").open()) if row.get("test/acc")]
+    return {key: float(rows[-1][key]) for key in ("test/acc", "test/loss")}
+
+
+def test_two_processes_test_every_sample_once(tmp_path: Path):
+    """``perceivers test`` on 2 processes gives the one-process metrics: the digits test split has 359 images,
+    which Lightning's sampler padded to 360 (a sample counted twice)."""
+    root = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", replica_config(root, 2))
+    assert cli.main(["fit", "--config", config]) == 0
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    one, two = tmp_path / "one", tmp_path / "two"
+    every = ["--trainer.limit_test_batches", "1.0", "--ckpt_path", ckpt]
+    assert cli.main(["test", "--config", config, "--trainer.devices", "1", "--trainer.default_root_dir", str(one),
+                     *every]) == 0
+    out = run_standalone(["test", "--config", config, "--trainer.default_root_dir", str(two), *every], timeout=240)
+    assert out.returncode == 0, failure(out)
+    single, sharded = _test_metrics(one), _test_metrics(two)
+    assert single["test/acc"] * 359 == pytest.approx(round(single["test/acc"] * 359), abs=1e-4)  # a count of 359
+    assert sharded["test/acc"] == pytest.approx(single["test/acc"], abs=1e-7)
+    assert sharded["test/loss"] == pytest.approx(single["test/loss"], rel=1e-5)
 
 
 def test_a_process_killed_by_a_signal_is_reported_with_its_stack(tmp_path: Path):

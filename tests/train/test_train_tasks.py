@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -147,6 +148,37 @@ def test_masked_lm_with_perceiver_lm_from_files(tmp_path, text_dir):
     assert torch.equal(batch_a["labels"], batch_b["labels"]) and (batch_a["labels"] != -100).any()
 
 
+def test_masked_lm_predictions(tmp_path, text_dir):
+    """``predict`` on a masked-LM run: the masked bytes predicted, written one row per window (it called the model
+    with the whole batch before)."""
+    import csv
+
+    from perceivers.data.tokenizer import ByteTokenizer
+    from perceivers.train.cli import write_predictions
+
+    model = PerceiverLM(num_tokens=262, dim=16, max_seq_len=32, depth=1, num_latents=4, latent_dim=16,
+                        cross_dim_head=8, latent_heads=2, latent_dim_head=8)
+    data = MaskedBytesDataModule(str(text_dir), seq_len=32, batch_size=4)
+    task = MaskedLMTask(model)
+    outputs = _trainer(tmp_path).predict(task, datamodule=data)
+    batch = next(iter(data.predict_dataloader()))
+    first = outputs[0]
+    targets = batch["labels"] != -100
+    assert torch.equal(first["targets"], targets) and targets.any()
+    with torch.no_grad():
+        expected = model(batch["inputs"], mask=batch["mask"]).argmax(-1)
+    assert torch.equal(first["filled"][targets], expected[targets])
+    assert torch.equal(first["filled"][~targets], batch["inputs"][~targets])
+    assert torch.equal(first["original"][targets], batch["labels"][targets])
+    path = write_predictions(outputs, tmp_path / "predictions.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == len(data.predict_dataloader().dataset)
+    tokenizer = ByteTokenizer()
+    assert rows[0]["text"] == tokenizer.decode(first["original"][0][first["mask"][0]])
+    assert int(rows[0]["masked"]) == int(targets[0].sum())
+    assert int(rows[0]["correct"]) == int((expected[0][targets[0]] == batch["labels"][0][targets[0]]).sum())
+
+
 def test_masked_lm_official_language_perceiver_by_name(tmp_path, text_dir):
     task = MaskedLMTask(model_name="language-perceiver", model_kwargs={"tiny": True, "max_position_embeddings": 24})
     trainer = _trainer(tmp_path)
@@ -222,6 +254,52 @@ def test_flat_cosine_schedule():
         sched.step()
     assert lrs[:5] == [1.0] * 5 and lrs[5] == pytest.approx(1.0) and lrs[-1] < 0.1
     assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+@pytest.mark.parametrize("n, world, batch", [(5, 2, 2), (359, 2, 32), (7, 3, 1), (2, 4, 3)])
+def test_eval_shards_count_every_sample_once(n, world, batch):
+    """Evaluation on ``world`` processes: the same number of batches everywhere, and the rows the tasks count
+    (``real_rows``) hold every sample exactly once."""
+    from types import SimpleNamespace
+
+    from perceivers.train.data import EvalShardSampler
+
+    counted, lengths = [], set()
+    for rank in range(world):
+        sampler = EvalShardSampler(range(n), num_replicas=world, rank=rank)
+        order = list(sampler)
+        lengths.add(len(order))
+        for k in range(0, len(order), batch):
+            counted += order[k:k + batch][:sampler.real_rows(k // batch, batch)]
+    assert len(lengths) == 1 and sorted(counted) == list(range(n))
+
+    # a batch of repeats only: the forward pass (sharded models run it together), no metric
+    task = ClassificationTask(Perceiver(input_channels=1, num_classes=3, **TINY))
+    sampler = EvalShardSampler(range(5), num_replicas=2, rank=1)  # samples 1, 3, then a repeat of 1
+    task._trainer = SimpleNamespace(test_dataloaders=SimpleNamespace(sampler=sampler, batch_size=2))
+    calls = []
+    task.model.register_forward_hook(lambda *args: calls.append(1))
+    task._shared_step = lambda *args: pytest.fail("a repeated sample was counted")
+    task.test_step({"inputs": torch.randn(1, 6, 6, 1), "target": torch.tensor([0])}, 1)
+    assert calls
+
+
+@pytest.mark.parametrize("total, warmup", [(22, 15), (100, 29), (10, 3), (5, 9)])
+def test_warmup_cosine_follows_its_formula(total, warmup):
+    """Linear warm-up for ``warmup`` steps, then the cosine over the rest from its first step (the warm-up as a
+    fraction of the total rounded down a step early: 15/22 · 22 = 14.99…)."""
+    from perceivers.train import WarmupCosine
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosine(opt, total_steps=total, warmup_steps=warmup)
+    for step in range(total):
+        if step < warmup:
+            expected = (step + 1) / warmup
+        else:
+            expected = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), step
+        opt.step()
+        sched.step()
 
 
 @pytest.mark.parametrize("kind", ["perceiver", "patch", "official"])

@@ -217,7 +217,11 @@ def read_cifar(
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"CIFAR file {str(folder / name)!r}: 'data' must be [N, 3072] uint8, got {data.shape}")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        raw = np.asarray(batch[label_key])
+        if raw.dtype.kind not in "iu":
+            raise DataError(f"CIFAR file {str(folder / name)!r}: {label_key!r} must be integer class ids, got "
+                            f"{raw.dtype} (first values: {raw.ravel()[:3].tolist()})")
+        labels.append(raw.astype(np.int64))
         if len(labels[-1]) != len(data):
             raise DataError(f"CIFAR file {str(folder / name)!r}: {len(data)} images but {len(labels[-1])} labels")
     num_classes = 100 if variant == "cifar100" and not coarse else (20 if coarse else 10)
@@ -443,7 +447,10 @@ class TextFolderDataset(Dataset):
             folder = self.root / name
             for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
                 if path.is_file() and path.suffix in suffixes:
-                    ids = tokenizer.encode(_read_text(path))[:max_length] or [tokenizer.pad_id]
+                    ids = tokenizer.encode(_read_text(path))[:max_length]
+                    if not ids:
+                        raise DataError(f"text file {str(path)!r} is empty: a sample needs text (remove the file "
+                                        "or write its text)")
                     self.samples.append((torch.tensor(ids, dtype=torch.int64), label))
         if not self.samples:
             raise DataError(f"text folder {str(self.root)!r} has no files ending in {list(suffixes)}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import io
 import logging
 import os
 import sys
@@ -40,6 +41,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..allocator import keep_freed_memory
+from ..data.tokenizer import ByteTokenizer
+from ..safe_files import atomic_write_text
 from .callbacks import (
     LatestCheckpoint,
     NonFiniteGradientGuard,
@@ -279,21 +282,42 @@ def check_ckpt_path(ckpt_path: str | os.PathLike | None) -> None:
 
 
 def write_predictions(outputs: list[Any], path: Path, class_names: list[str] | None = None) -> Path | None:
-    """Classification outputs (``{"prediction", "probs"}`` per batch) → CSV rows: index, class, probability."""
-    rows = []
-    for batch in outputs:
-        if not isinstance(batch, dict) or "prediction" not in batch:
-            return None
-        probs = batch["probs"].float()
-        for pred, p in zip(batch["prediction"].tolist(), probs):
-            name = class_names[pred] if class_names and pred < len(class_names) else str(pred)
-            rows.append((len(rows), pred, name, float(p[pred])))
+    """Prediction outputs → a CSV, one row per sample (written atomically); ``None`` for outputs of another kind.
+
+    Classification (``{"prediction", "probs"}`` per batch): index, prediction, class, probability. Masked
+    language modelling (``{"filled", "original", "targets", "mask"}``): index, masked, correct, the text with
+    the masked bytes predicted, the original text.
+    """
+    if not outputs or not all(isinstance(batch, dict) for batch in outputs):
+        return None
+    if all("prediction" in batch for batch in outputs):
+        header, rows = ["index", "prediction", "class", "probability"], _class_rows(outputs, class_names)
+    elif all("filled" in batch for batch in outputs):
+        header, rows = ["index", "masked", "correct", "prediction", "text"], _filled_rows(outputs)
+    else:
+        return None
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows((i, *row) for i, row in enumerate(rows))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "prediction", "class", "probability"])
-        writer.writerows((i, c, n, f"{q:.6f}") for i, c, n, q in rows)
+    atomic_write_text(path, buffer.getvalue())
     return path
+
+
+def _class_rows(outputs: list[dict], class_names: list[str] | None) -> Iterator[tuple]:
+    for batch in outputs:
+        for pred, p in zip(batch["prediction"].tolist(), batch["probs"].float()):
+            name = class_names[pred] if class_names and pred < len(class_names) else str(pred)
+            yield pred, name, f"{float(p[pred]):.6f}"
+
+
+def _filled_rows(outputs: list[dict]) -> Iterator[tuple]:
+    tokenizer = ByteTokenizer()
+    for batch in outputs:
+        for filled, original, targets, keep in zip(batch["filled"], batch["original"], batch["targets"], batch["mask"]):
+            correct = int((filled[targets] == original[targets]).sum())
+            yield int(targets.sum()), correct, tokenizer.decode(filled[keep]), tokenizer.decode(original[keep])
 
 
 class _NoAdvert(logging.Filter):

@@ -81,6 +81,29 @@ class EpochShuffleSampler(DistributedSampler):
         return iter(order[self.rank::self.num_replicas].tolist())
 
 
+class EvalShardSampler(DistributedSampler):
+    """Evaluation order split across processes with every sample counted once.
+
+    Process ``rank`` takes ``rank, rank + N, …`` (its :attr:`real` samples), then repeats a sample until
+    every process has the same number (``ceil(n / N)``, so that sharded models run the same number of
+    forward passes). The tasks leave those repeats out of their metrics (:meth:`real_rows`); Lightning keeps
+    this sampler under DDP and FSDP (it is a ``DistributedSampler``), where its own pads the split with
+    samples counted twice.
+    """
+
+    def __init__(self, data_source: Sized, *, num_replicas: int, rank: int) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.real = len(range(rank, len(data_source), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        own = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(own + [own[0] if own else 0] * (self.num_samples - len(own)))
+
+    def real_rows(self, batch_idx: int, batch_size: int) -> int:
+        """How many rows of batch ``batch_idx`` (batches of ``batch_size``) are samples of this process."""
+        return max(0, min(batch_size, self.real - batch_idx * batch_size))
+
+
 class ResumableDataLoader(DataLoader):
     """A training DataLoader that resumes mid-epoch.
 
@@ -152,10 +175,12 @@ class _BaseDataModule(pl.LightningDataModule):
         seed = run_seed() * 7 + (1 if train else 2)
         common = {"batch_size": size, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
                   "collate_fn": self.collate_fn, "generator": torch.Generator().manual_seed(seed)}
-        if not train:
-            return DataLoader(dataset, shuffle=False, **common)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if not train:
+            if world > 1:
+                return DataLoader(dataset, sampler=EvalShardSampler(dataset, num_replicas=world, rank=rank), **common)
+            return DataLoader(dataset, shuffle=False, **common)
         sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle)
         return ResumableDataLoader(dataset, sampler=sampler, drop_last=True, progress=self._progress, **common)
 

@@ -18,6 +18,7 @@ class FlatCosine(LambdaLR):
 
     Args:
         warmup_steps: optional linear warm-up from 0 (counted inside the flat part).
+        flat_steps: the flat part in steps, instead of ``flat_fraction``.
     """
 
     def __init__(
@@ -28,13 +29,14 @@ class FlatCosine(LambdaLR):
         final_scale: float = 0.0,
         warmup_steps: int = 0,
         last_epoch: int = -1,
+        flat_steps: int | None = None,
     ) -> None:
         if total_steps is None or total_steps < 1:
             raise ValueError(f"FlatCosine needs total_steps >= 1, got {total_steps}")
         if not 0 <= flat_fraction <= 1:
             raise ValueError(f"flat_fraction must be in [0, 1], got {flat_fraction}")
         self.total_steps = total_steps
-        flat = int(flat_fraction * total_steps)
+        flat = int(flat_fraction * total_steps) if flat_steps is None else min(flat_steps, total_steps)
 
         def scale(step: int) -> float:
             if warmup_steps and step < warmup_steps:
@@ -58,6 +60,5 @@ class WarmupCosine(FlatCosine):
         final_scale: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        fraction = min(1.0, warmup_steps / total_steps) if total_steps else 0.0
-        super().__init__(optimizer, total_steps, flat_fraction=fraction, final_scale=final_scale,
-                         warmup_steps=warmup_steps, last_epoch=last_epoch)
+        super().__init__(optimizer, total_steps, final_scale=final_scale, warmup_steps=warmup_steps,
+                         last_epoch=last_epoch, flat_steps=warmup_steps)  # in steps: a fraction rounds down

@@ -35,12 +35,24 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.transforms import mix_batch
+from .data import EvalShardSampler
 
 __all__ = ["ClassificationTask", "ConfigError", "MaskedLMTask", "Task", "build_model", "model_logits"]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot train: raised before the first training step, with what to change."""
+
+
+def _configured(role: str, factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)``, its refusal of a setting (``lr=-1``) as a :class:`ConfigError` naming ``role``."""
+    try:
+        return factory(*args, **kwargs)
+    except (TypeError, ValueError) as err:
+        target, bound = _factory_target(factory)
+        name = getattr(target, "__name__", repr(target))
+        settings = ", ".join(f"{k}={v!r}" for k, v in bound.items())
+        raise ConfigError(f"{role} {name}({settings}): {err}") from err
 
 
 def build_model(model: nn.Module | None, model_name: str | None, model_kwargs: dict[str, Any] | None) -> nn.Module:
@@ -317,10 +329,26 @@ class Task(pl.LightningModule):
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        self._eval_step(batch, batch_idx, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        self._eval_step(batch, batch_idx, "test")
+
+    def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, split: str) -> None:
+        """Metrics of the batch's own samples: on several processes the last batch may end with repeats that
+        only keep the processes in step (:class:`~perceivers.train.data.EvalShardSampler`)."""
+        size = batch["inputs"].shape[0]
+        loader = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
+        sampler = getattr(loader, "sampler", None)
+        rows = sampler.real_rows(batch_idx, loader.batch_size) if isinstance(sampler, EvalShardSampler) else size
+        if rows >= size:
+            self._shared_step(batch, split)
+        elif rows > 0:
+            self._shared_step({k: v[:rows] if isinstance(v, Tensor) and v.ndim and v.shape[0] == size else v
+                               for k, v in batch.items()}, split)
+        else:  # repeats only: the forward pass a sharded model's processes take together, no metrics
+            with torch.no_grad():
+                self(batch["inputs"], batch.get("mask"))
 
     # ------------------------------------------------------------------ optimisation
     def _global_batch(self) -> int | None:
@@ -341,7 +369,8 @@ class Task(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()
         params = [p for group in groups for p in group["params"]]
-        optimizer = self.optimizer_factory(groups, **fused_optimizer_kwargs(self.optimizer_factory, params))
+        optimizer = _configured("optimizer", self.optimizer_factory, groups,
+                                **fused_optimizer_kwargs(self.optimizer_factory, params))
         if self.scale_lr_with_batch:
             batch = self._global_batch()
             if batch is None:
@@ -359,7 +388,7 @@ class Task(pl.LightningModule):
             params = {}
         if "total_steps" in params and bound.get("total_steps") is None:
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        scheduler = _configured("lr_scheduler", self.scheduler_factory, optimizer, **kwargs)
         self._planned_schedule = (type(scheduler).__name__, schedule_length(vars(scheduler)))
         self._check_resumed_schedule()
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -699,4 +728,14 @@ class MaskedLMTask(Task):
         else:
             self.log("train/perplexity", loss.detach().exp(), on_step=True, on_epoch=False)
         return loss
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """The masked bytes predicted: ``filled`` (the inputs with each target replaced by the model's most likely
+        byte), ``original`` (with the true bytes), ``targets`` (where the labels are), ``mask`` (real tokens),
+        all ``[B, L]``."""
+        inputs, labels = batch["inputs"], batch["labels"]
+        targets = labels != -100
+        filled = torch.where(targets, self(inputs, batch.get("mask")).argmax(-1), inputs)
+        mask = batch.get("mask", torch.ones_like(targets))
+        return {"filled": filled, "original": torch.where(targets, labels, inputs), "targets": targets, "mask": mask}
 
