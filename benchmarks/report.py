@@ -182,7 +182,7 @@ def markdown(results: dict) -> str:
     merged = runs(results)
     lines = ["# perceivers benchmark results", ""]
     if len(merged) <= 1:  # one run: the machine, its rates and its settings
-        run = merged[0][1] if merged else {"machine": results.get("machine", {}), "rates": results.get("rates", {})}
+        run = merged[0][1] if merged else _run_of(results, {})
         rates = run.get("rates") or {}
         lines.append(f"Machine: {_machine(run.get('machine') or {})}.")
         if run.get("started"):
