@@ -50,13 +50,20 @@ def _test_metrics(root: Path) -> dict[str, float]:
     return {key: float(rows[-1][key]) for key in ("test/acc", "test/loss")}
 
 
-def test_two_processes_test_every_sample_once(tmp_path: Path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[str, str]:
+    """A 2-step digits run whose config records ``devices: 2``: its config file and last checkpoint."""
+    tmp = tmp_path_factory.mktemp("trained")
+    root = tmp / "run"
+    config = write_config(tmp / "run.yaml", replica_config(root, 2))
+    assert cli.main(["fit", "--config", config]) == 0
+    return config, str(root / "checkpoints" / "last.ckpt")
+
+
+def test_two_processes_test_every_sample_once(tmp_path: Path, trained):
     """``perceivers test`` on 2 processes gives the one-process metrics: the digits test split has 359 images,
     which Lightning's sampler padded to 360 (a sample counted twice)."""
-    root = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", replica_config(root, 2))
-    assert cli.main(["fit", "--config", config]) == 0
-    ckpt = str(root / "checkpoints" / "last.ckpt")
+    config, ckpt = trained
     one, two = tmp_path / "one", tmp_path / "two"
     every = ["--trainer.limit_test_batches", "1.0", "--ckpt_path", ckpt]
     assert cli.main(["test", "--config", config, "--trainer.devices", "1", "--trainer.default_root_dir", str(one),
@@ -67,6 +74,25 @@ def test_two_processes_test_every_sample_once(tmp_path: Path):
     assert single["test/acc"] * 359 == pytest.approx(round(single["test/acc"] * 359), abs=1e-4)  # a count of 359
     assert sharded["test/acc"] == pytest.approx(single["test/acc"], abs=1e-7)
     assert sharded["test/loss"] == pytest.approx(single["test/loss"], rel=1e-5)
+
+
+def test_two_processes_predict_every_sample_in_order(tmp_path: Path, trained):
+    """``perceivers predict`` on 2 processes writes the one-process predictions.csv: all 359 test images in the
+    dataset's order (it wrote rank 0's 180: images 0, 2, 4, … numbered 0, 1, 2, …)."""
+    config, ckpt = trained
+    one, two = tmp_path / "one", tmp_path / "two"
+    every = ["--trainer.limit_predict_batches", "1.0", "--ckpt_path", ckpt]
+    assert cli.main(["predict", "--config", config, "--trainer.devices", "1", "--trainer.default_root_dir", str(one),
+                     *every]) == 0
+    out = run_standalone(["predict", "--config", config, "--trainer.default_root_dir", str(two), *every],
+                         timeout=240)
+    assert out.returncode == 0, failure(out)
+    single = list(csv.DictReader((one / "predictions.csv").open()))
+    sharded = list(csv.DictReader((two / "predictions.csv").open()))
+    assert len(single) == len(sharded) == 359
+    assert [(r["index"], r["prediction"]) for r in sharded] == [(r["index"], r["prediction"]) for r in single]
+    for a, b in zip(single, sharded, strict=True):
+        assert float(b["probability"]) == pytest.approx(float(a["probability"]), abs=2e-6)
 
 
 def test_a_process_killed_by_a_signal_is_reported_with_its_stack(tmp_path: Path):

@@ -154,7 +154,7 @@ def test_masked_lm_predictions(tmp_path, text_dir):
     import csv
 
     from perceivers.data.tokenizer import ByteTokenizer
-    from perceivers.train.cli import write_predictions
+    from perceivers.train.cli import prediction_samples, write_predictions
 
     model = PerceiverLM(num_tokens=262, dim=16, max_seq_len=32, depth=1, num_latents=4, latent_dim=16,
                         cross_dim_head=8, latent_heads=2, latent_dim_head=8)
@@ -170,7 +170,7 @@ def test_masked_lm_predictions(tmp_path, text_dir):
     assert torch.equal(first["filled"][targets], expected[targets])
     assert torch.equal(first["filled"][~targets], batch["inputs"][~targets])
     assert torch.equal(first["original"][targets], batch["labels"][targets])
-    path = write_predictions(outputs, tmp_path / "predictions.csv")
+    path = write_predictions(prediction_samples(outputs), tmp_path / "predictions.csv")
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == len(data.predict_dataloader().dataset)
     tokenizer = ByteTokenizer()

@@ -35,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 
 from ..allocator import keep_freed_memory
 from ..data.tokenizer import ByteTokenizer
@@ -228,11 +230,13 @@ class PerceiversCLI(LightningCLI):
 
 
     def predict(self, **kwargs: Any) -> list[Any] | None:
-        """``Trainer.predict``, then ``<default_root_dir>/predictions.csv`` (one row per sample) on rank 0."""
+        """``Trainer.predict``, then ``<default_root_dir>/predictions.csv`` (one row per sample, in the dataset's
+        order, the samples of every process) written by rank 0."""
         kwargs.setdefault("return_predictions", True)
         outputs = self.trainer.predict(**kwargs)
-        if outputs and self.trainer.is_global_zero:
-            path = write_predictions(outputs, Path(self.trainer.default_root_dir) / "predictions.csv",
+        samples = gather_predictions(self.trainer, outputs or [])
+        if samples and self.trainer.is_global_zero:
+            path = write_predictions(samples, Path(self.trainer.default_root_dir) / "predictions.csv",
                                      getattr(self.datamodule, "class_names", None))
             if path is not None:
                 print(f"predictions: {path}", flush=True)
@@ -281,43 +285,79 @@ def check_ckpt_path(ckpt_path: str | os.PathLike | None) -> None:
                       "runs/digits/checkpoints/last.ckpt")
 
 
-def write_predictions(outputs: list[Any], path: Path, class_names: list[str] | None = None) -> Path | None:
-    """Prediction outputs → a CSV, one row per sample (written atomically); ``None`` for outputs of another kind.
+def prediction_samples(outputs: list[Any], indices: list[list[int]] | None = None
+                       ) -> list[tuple[int, dict[str, Tensor]]]:
+    """Batched prediction outputs (dicts of ``[B, …]`` tensors) → ``(dataset index, sample)`` pairs, on the CPU.
 
-    Classification (``{"prediction", "probs"}`` per batch): index, prediction, class, probability. Masked
-    language modelling (``{"filled", "original", "targets", "mask"}``): index, masked, correct, the text with
-    the masked bytes predicted, the original text.
+    ``indices``: each batch's dataset indices (Lightning records them while predicting); without them the
+    samples are numbered in order.
     """
-    if not outputs or not all(isinstance(batch, dict) for batch in outputs):
+    samples: list[tuple[int, dict[str, Tensor]]] = []
+    for b, batch in enumerate(outputs):
+        if not isinstance(batch, dict):
+            return []
+        size = next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.ndim), 0)
+        rows = {k: v.detach().cpu() for k, v in batch.items() if isinstance(v, Tensor) and v.ndim and v.shape[0] == size}
+        numbers = indices[b] if indices is not None and b < len(indices) else range(len(samples), len(samples) + size)
+        samples += [(int(n), {k: v[i] for k, v in rows.items()}) for i, n in zip(range(size), numbers)]
+    return samples
+
+
+def gather_predictions(trainer: Trainer, outputs: list[Any]) -> list[tuple[int, dict[str, Tensor]]]:
+    """Every process's predictions as ``(dataset index, sample)`` pairs in the dataset's order on rank 0 (its own
+    elsewhere), each sample once: on several processes each predicts its share of the samples (repeating
+    one at the end to stay in step with the others)."""
+    batch_sampler = getattr(trainer.predict_dataloaders, "batch_sampler", None)
+    samples = prediction_samples(outputs, getattr(batch_sampler, "seen_batch_indices", None))
+    if trainer.world_size == 1 or not dist.is_initialized():
+        return samples
+    shares: list[Any] | None = [None] * trainer.world_size if trainer.is_global_zero else None
+    dist.gather_object(samples, shares, dst=0)  # pickled between this run's own processes
+    if shares is None:
+        return samples
+    return sorted({n: (n, sample) for share in shares for n, sample in share}.values(), key=lambda pair: pair[0])
+
+
+def write_predictions(samples: list[tuple[int, dict[str, Tensor]]], path: Path, class_names: list[str] | None = None
+                      ) -> Path | None:
+    """``(dataset index, sample)`` pairs (:func:`prediction_samples`) → a CSV, one row per sample (written
+    atomically); ``None`` for predictions of another kind.
+
+    Classification (``prediction``, ``probs``): index, prediction, class, probability. Masked language
+    modelling (``filled``, ``original``, ``targets``, ``mask``): index, masked, correct, the text with the
+    masked bytes predicted, the original text.
+    """
+    if not samples:
         return None
-    if all("prediction" in batch for batch in outputs):
-        header, rows = ["index", "prediction", "class", "probability"], _class_rows(outputs, class_names)
-    elif all("filled" in batch for batch in outputs):
-        header, rows = ["index", "masked", "correct", "prediction", "text"], _filled_rows(outputs)
+    numbers, samples = [n for n, _ in samples], [s for _, s in samples]
+    if all("prediction" in s for s in samples):
+        header, rows = ["index", "prediction", "class", "probability"], _class_rows(samples, class_names)
+    elif all("filled" in s for s in samples):
+        header, rows = ["index", "masked", "correct", "prediction", "text"], _filled_rows(samples)
     else:
         return None
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
-    writer.writerows((i, *row) for i, row in enumerate(rows))
+    writer.writerows((n, *row) for n, row in zip(numbers, rows))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, buffer.getvalue())
     return path
 
 
-def _class_rows(outputs: list[dict], class_names: list[str] | None) -> Iterator[tuple]:
-    for batch in outputs:
-        for pred, p in zip(batch["prediction"].tolist(), batch["probs"].float()):
-            name = class_names[pred] if class_names and pred < len(class_names) else str(pred)
-            yield pred, name, f"{float(p[pred]):.6f}"
+def _class_rows(samples: list[dict[str, Tensor]], class_names: list[str] | None) -> Iterator[tuple]:
+    for sample in samples:
+        pred = int(sample["prediction"])
+        name = class_names[pred] if class_names and pred < len(class_names) else str(pred)
+        yield pred, name, f"{float(sample['probs'][pred]):.6f}"
 
 
-def _filled_rows(outputs: list[dict]) -> Iterator[tuple]:
+def _filled_rows(samples: list[dict[str, Tensor]]) -> Iterator[tuple]:
     tokenizer = ByteTokenizer()
-    for batch in outputs:
-        for filled, original, targets, keep in zip(batch["filled"], batch["original"], batch["targets"], batch["mask"]):
-            correct = int((filled[targets] == original[targets]).sum())
-            yield int(targets.sum()), correct, tokenizer.decode(filled[keep]), tokenizer.decode(original[keep])
+    for s in samples:
+        filled, original, targets, keep = s["filled"], s["original"], s["targets"], s["mask"]
+        correct = int((filled[targets] == original[targets]).sum())
+        yield int(targets.sum()), correct, tokenizer.decode(filled[keep]), tokenizer.decode(original[keep])
 
 
 class _NoAdvert(logging.Filter):
