@@ -92,3 +92,16 @@ def test_parity_with_transformers_batch_and_pairs(hf_tokenizer):
     assert torch.equal(got["attention_mask"], ref["attention_mask"])
     raw = hf_tokenizer(MIXED, add_special_tokens=False)["input_ids"]
     assert [ByteTokenizer().encode(t) for t in MIXED] == raw
+
+
+@pytest.mark.parametrize("max_length", [3, 5, 8])
+def test_truncation_keeps_special_tokens_like_transformers(hf_tokenizer, max_length):
+    ours = ByteTokenizer(max_length=max_length, add_special_tokens=True, parse_special_tokens=True)
+    for texts, pairs in [(["abcdefghij", "ab"], None), (["abcdefghij", "a"], ["xyz", "héllo wörld"])]:
+        ref = hf_tokenizer(texts, pairs, padding="max_length", max_length=max_length, truncation=True,
+                           return_tensors="pt")
+        got = ours(texts, pairs)
+        assert torch.equal(got["input_ids"], ref["input_ids"])
+        assert torch.equal(got["attention_mask"], ref["attention_mask"])
+    with pytest.raises(ValueError, match="exceeds max_length=2"):  # [CLS] a [SEP] b [SEP] needs 3 ids at least
+        ByteTokenizer(max_length=2, add_special_tokens=True)("abc", "def")

@@ -80,6 +80,24 @@ class ByteTokenizer:
             return [CLS_ID, *ids, SEP_ID, *pair_ids, SEP_ID] if add else ids + pair_ids
         return [CLS_ID, *ids, SEP_ID] if add else ids
 
+    def _encode_fitted(
+        self, text: str, pair: str | None, add: bool, limit: int | None, parse: bool | None = None
+    ) -> list[int]:
+        """:meth:`encode`, with the texts cut to fit ``limit`` tokens (None: no cut) as transformers cuts them:
+        a byte at a time from the end of the longer text (the pair on a tie), so the special ids stay."""
+        a = self.encode(text, add_special_tokens=False, parse_special_tokens=parse)
+        b = None if pair is None else self.encode(pair, add_special_tokens=False, parse_special_tokens=parse)
+        if limit is not None:
+            extra = 0 if not add else 2 if b is None else 3
+            while len(a) + len(b or ()) + extra > limit and (a or b):
+                if b and len(b) >= len(a):
+                    b = b[:-1]
+                else:
+                    a = a[:-1]
+        if b is None:
+            return [CLS_ID, *a, SEP_ID] if add else a
+        return [CLS_ID, *a, SEP_ID, *b, SEP_ID] if add else a + b
+
     def _bytes_to_ids(self, text: str, parse: bool) -> list[int]:
         if not parse:
             return [b + self.offset for b in text.encode("utf-8")]
@@ -132,7 +150,8 @@ class ByteTokenizer:
             pairs: optional second texts (one per text).
             padding: ``"max_length"`` (pad to ``max_length``; the official input), ``"longest"``
                 (pad to the longest in the batch), ``"none"``/False (needs equal lengths).
-            truncation: cut sequences longer than ``max_length`` (else raise ``ValueError``).
+            truncation: cut sequences longer than ``max_length`` (else raise ``ValueError``): the texts lose
+                bytes at their end (the longer of a pair first), so ``[CLS]``/``[SEP]`` stay, as transformers cuts.
 
         Returns:
             ``input_ids`` int64 ``[B, n]`` (right-padded with PAD 0) and ``attention_mask``
@@ -151,16 +170,15 @@ class ByteTokenizer:
         max_length = self.max_length if max_length is None else max_length
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        add = self.add_special_tokens if add_special_tokens is None else add_special_tokens
         seqs = [
-            self.encode(t, None if pairs is None else pairs[i], add_special_tokens=add_special_tokens,
-                        parse_special_tokens=parse_special_tokens)
+            self._encode_fitted(t, None if pairs is None else pairs[i], add, max_length if truncation else None,
+                                   parse_special_tokens)
             for i, t in enumerate(texts)
         ]
         too_long = [len(s) for s in seqs if len(s) > max_length]
         if too_long:
-            if not truncation:
-                raise ValueError(f"sequence of {max(too_long)} tokens exceeds max_length={max_length}")
-            seqs = [s[:max_length] for s in seqs]
+            raise ValueError(f"sequence of {max(too_long)} tokens exceeds max_length={max_length}")
         if padding is True:
             padding = "longest"
         if padding in ("none", False):
