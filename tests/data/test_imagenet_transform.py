@@ -108,3 +108,18 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     Image.fromarray(grey8.astype(np.float32) / 255).save(tmp_path / "f.tiff")
     with pytest.raises(ValueError, match=r"f.tiff is a float image \(PIL mode F\)"):
         load_image(tmp_path / "f.tiff")
+
+
+def test_sixteen_bit_and_single_channel_arrays_read_as_their_files_do(tmp_path):
+    """A uint16 array (imageio / OpenCV's reading of a 16-bit file) is scaled like the 16-bit file itself, not
+    clipped at 255 (an all-white picture); a grey ``[H, W, 1]`` array reads like ``[H, W]``."""
+    from perceivers.data import load_image
+
+    grey8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (5, 1))  # [5, 64]
+    grey16 = grey8.astype(np.uint16) * 257
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    expected = np.repeat(grey8[:, :, None], 3, 2)
+    np.testing.assert_array_equal(load_image(np.repeat(grey16[:, :, None], 3, 2)), expected)
+    np.testing.assert_array_equal(load_image(grey16), load_image(tmp_path / "g16.png"))
+    np.testing.assert_array_equal(load_image(torch.from_numpy(grey16.astype(np.int32))[..., None] // 257), expected)
+    np.testing.assert_array_equal(load_image(grey8[:, :, None]), expected)

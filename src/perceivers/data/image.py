@@ -41,7 +41,9 @@ CropRounding = Literal["official", "transformers"]
 def load_image(image: object) -> np.ndarray:
     """A path, PIL image, ``[H, W, 3]`` array or ``[H, W, 3]`` tensor → ``uint8 [H, W, 3]`` RGB array.
 
-    Float arrays are taken to hold values in [0, 255] and are rounded and clipped.
+    Arrays may also be grey (``[H, W]``, ``[H, W, 1]``) or RGBA (alpha dropped). ``uint16`` arrays are 16-bit
+    images, scaled from [0, 65535] as 16-bit files are; other arrays are taken to hold values in [0, 255] and
+    are rounded and clipped.
     """
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image
@@ -58,6 +60,8 @@ def load_image(image: object) -> np.ndarray:
     if isinstance(image, Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] not in (3, 4):
@@ -65,6 +69,8 @@ def load_image(image: object) -> np.ndarray:
         image = image[:, :, :3]
         if image.dtype.kind == "f" and not np.isfinite(image).all():
             raise ValueError(f"an image array must be finite, got {int((~np.isfinite(image)).sum())} NaN/Inf values")
+        if image.dtype == np.uint16:  # 16 bits: clipping at 255 would leave an almost white picture
+            return np.rint(image / 257.0).astype(np.uint8)
         if image.dtype != np.uint8:
             image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         return image
