@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import perceivers
 from perceivers import flash_perceiver, krasserm
 from perceivers.io import BasicDecoder, PerceiverEncoder, PerceiverIOModel, TrainableQueries
-from perceivers.layers import Linear, grid_attention, use_onednn
+from perceivers.layers import Linear, grid_attention, onednn_attention, use_onednn
+from perceivers.layers.attention import attend_heads
 from perceivers.layers.broadcast import per_sample
 
 onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -56,6 +57,19 @@ def test_attention_backward_counts_twice_the_forward_with_unequal_widths():
     forward = _count(lambda: F.scaled_dot_product_attention(q, k, v))
     step = _count(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
     assert forward == 2 * (2 * 8 * 12) * (16 + 40) and step == 3 * forward
+
+
+@onednn
+def test_onednn_attention_gives_way_under_a_counter():
+    """Wide float32 heads run on oneDNN, whose backward recomputes the scores in products a counter sees: a
+    counted training step came out 7/6 of the model's FLOPs (3758 M against 3221 M here). Under a counter they
+    now go to SDPA, counted as the model's backward (twice the forward)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 8, n, 128, generator=g, requires_grad=True) for n in (256, 512, 512))
+    assert onednn_attention.applies(q, k, v, None, 0.0)  # outside a counter: the oneDNN path
+    forward = 2 * (2 * 8 * 256 * 512) * (128 + 128)
+    assert _count(lambda: attend_heads(q, k, v, None, 0.0).sum().backward()) == 3 * forward
+    assert _count(lambda: attend_heads(q, k, v, None, 0.0), grad=False) == forward
 
 
 def test_per_sample_is_a_view_detached_only_without_autograd():

@@ -6,7 +6,9 @@ linear (``mkldnn._linear_pointwise``: perceivers' float32 dense layers on AMD pr
 without these a CPU model's count missed most of its products. :func:`register` adds both (once; it
 runs when :mod:`perceivers.layers` is imported), and any ``FlopCounterMode`` in the process, such as
 Lightning's model summary, counts them, for perceivers' models and every other. perceivers' native
-kernels are not operators: under a counter they give way to the standard ones (:func:`.dense._native_eager`).
+kernels are not operators: under a counter they give way to the standard ones (:func:`.dense._native_eager`),
+and so does the attention on oneDNN (:func:`.onednn_attention.applies`), whose backward's products include the
+scores' recomputation.
 
 Counts are the model's FLOPs, 2 per multiply-add, as PyTorch's: a linear ``2·rows·in·out``; attention forward
 ``2·b·h·q·k·(d_qk + d_v)``, its backward twice that, ``2·b·h·q·k·(2·d_qk + 2·d_v)``, as for attention written
