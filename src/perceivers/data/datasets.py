@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..safe_files import load_numpy_pickle
+from .image import _rgb
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -253,7 +254,8 @@ class ImageFolderDataset(Dataset):
 
     Every file's header is read at construction (cheap), so an unreadable or truncated-header file
     fails here, naming the file, rather than mid-training. Items are ``{"inputs": uint8 [H, W, C],
-    "target": int64}``, each image converted to RGB (``channels=3``) or greyscale (1) and resized to
+    "target": int64}``, each image converted to RGB (``channels=3``) or greyscale (1) (16-bit files scaled
+    from [0, 65535], as :func:`~perceivers.data.load_image` reads them) and resized to
     ``image_size`` (bilinear with antialiasing; aspect ratio not kept unless ``center_crop``).
 
     Args:
@@ -319,6 +321,8 @@ class ImageFolderDataset(Dataset):
 
         try:
             with Image.open(path) as img:
+                if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit: PIL's convert clips at 255
+                    img = Image.fromarray(_rgb(img, repr(str(path))))
                 img = img.convert("RGB" if self.channels == 3 else "L")
                 if self.center_crop:
                     side = min(img.size)
