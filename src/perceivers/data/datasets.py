@@ -214,7 +214,13 @@ def read_cifar(
         batch = _unpickle(folder / name)
         if "data" not in batch or label_key not in batch:
             raise DataError(f"CIFAR file {str(folder / name)!r} lacks 'data' or {label_key!r} (keys: {sorted(batch)})")
-        data = np.asarray(batch["data"], dtype=np.uint8)
+        data = np.asarray(batch["data"])
+        if data.dtype != np.uint8:  # a cast would wrap 300 to 44 and truncate 0.7 to 0
+            if data.dtype.kind not in "iu" or (data.size and (data.min() < 0 or data.max() > 255)):
+                low, high = (data.min(), data.max()) if data.size and data.dtype.kind in "iuf" else ("?", "?")
+                raise DataError(f"CIFAR file {str(folder / name)!r}: 'data' must hold uint8 pixel values 0..255, "
+                                f"got dtype {data.dtype} with values in [{low}, {high}]")
+            data = data.astype(np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"CIFAR file {str(folder / name)!r}: 'data' must be [N, 3072] uint8, got {data.shape}")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
