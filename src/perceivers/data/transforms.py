@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from ..validation import data_dependent_checks
+
 __all__ = [
     "RANDAUGMENT_OPS",
     "ImageAugment",
@@ -43,6 +45,13 @@ def _check_images(images: Tensor) -> None:
         raise TypeError(f"images must be a torch.Tensor [B, H, W, C], got {type(images).__name__}")
     if images.ndim != 4:
         raise ValueError(f"images must have shape [B, H, W, C] (channels last), got {tuple(images.shape)}")
+
+
+def _check_float_images(images: Tensor, name: str) -> None:
+    _check_images(images)
+    if not images.is_floating_point():
+        raise TypeError(f"{name} takes floating-point images [B, H, W, C] (to_float converts uint8), got dtype "
+                        f"{images.dtype}")
 
 
 def _uniform(n: int, low: float, high: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -111,7 +120,7 @@ def random_affine(
             digits) noticeably, so that training images no longer look like test images; ``"nearest"``
             with ``translate`` a multiple of ``1 / size`` gives whole-pixel shifts instead.
     """
-    _check_images(images)
+    _check_float_images(images, "random_affine")
     b = images.shape[0]
     zoom_range = (1.0 - zoom, 1.0 + zoom) if isinstance(zoom, (int, float)) else tuple(zoom)
     if zoom_range[0] <= 0:
@@ -144,7 +153,7 @@ def random_resized_crop(
 ) -> Tensor:
     """Inception-style crop: a random area share in ``scale`` and aspect ratio in ``ratio``, resized to
     ``size`` (default: the input size), optionally flipped left-right. Crops stay inside the image."""
-    _check_images(images)
+    _check_float_images(images, "random_resized_crop")
     b, h, w = images.shape[:3]
     size = (h, w) if size is None else ((size, size) if isinstance(size, int) else tuple(size))
     area = _uniform(b, *scale, images, generator)
@@ -229,6 +238,7 @@ _MAX_LEVEL = 10.0  # magnitudes are on a 0..10 scale
 _SIGNED_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"})  # random sign per image
 _ENHANCE_OPS = frozenset({"Color", "Contrast", "Brightness", "Sharpness"})
 _LUMA = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale
+_RANGE_SLACK = 0.01  # float input may stray this far outside [0, 1] (resampling round-off) before it is refused
 
 
 def _trunc_levels(x: Tensor) -> Tensor:
@@ -391,7 +401,8 @@ class RandAugment:
     ===========================  ===========================================================================
 
     Geometric ops resample nearest-neighbour; uncovered pixels and Cutout take ``fill``. All ops run on the
-    uint8 grid as the original does: float input is quantised to 255 levels first.
+    uint8 grid as the original does: float input (values in [0, 1]; NaN or values more than 0.01 outside
+    raise ``ValueError``) is quantised to 255 levels first.
 
     Args:
         num_layers: ops applied one after another to each image (N; DeepMind ImageNet: 4).
@@ -503,7 +514,14 @@ class RandAugment:
             return images.float()
         if not images.is_floating_point():
             raise TypeError(f"images must be uint8 or floating point in [0, 1], got {images.dtype}")
-        return (images.float().clamp(0.0, 1.0) * 255.0).round()
+        x = images.float()
+        if data_dependent_checks() and x.device.type != "meta" and x.numel():
+            low, high = torch.aminmax(x)
+            # NaN fails both tests; 0..255 floats or standardised values would be clamped to a white/grey picture
+            if not (low >= -_RANGE_SLACK and high <= 1 + _RANGE_SLACK):
+                raise ValueError(f"float images must hold values in [0, 1] (or pass uint8), got values in "
+                                 f"[{float(low):g}, {float(high):g}]")
+        return (x.clamp(0.0, 1.0) * 255.0).round()
 
     @staticmethod
     def _from_levels(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -611,10 +629,18 @@ def mix_batch(
     image's, centred uniformly and clipped at the border, and ``λ`` becomes the area share actually kept.
     Targets mix with the same ``λ`` (label smoothing commutes with the mixing).
 
+    Args:
+        images: floating-point ``[B, H, W, C]``.
+        targets: integer class ids ``[B]``.
+
     Returns:
         mixed images ``[B, H, W, C]`` and soft targets ``[B, num_classes]`` (rows sum to 1).
     """
-    _check_images(images)
+    _check_float_images(images, "mix_batch")  # in uint8, λ and the soft targets would be cut to 0 or 1
+    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer class ids [B], got {getattr(targets, 'dtype', type(targets).__name__)}")
+    if tuple(targets.shape) != tuple(images.shape[:1]):
+        raise ValueError(f"targets must be [B] = [{images.shape[0]}] class ids, got shape {tuple(targets.shape)}")
     onehot = F.one_hot(targets, num_classes).to(images.dtype)
     if label_smoothing:
         onehot = onehot * (1 - label_smoothing) + label_smoothing / num_classes
