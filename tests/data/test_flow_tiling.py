@@ -142,3 +142,16 @@ def test_tile_flow_with_a_tiny_flow_model():
     got = tile_flow(fn, g1, g2, tile_size=(6, 8), min_overlap=2)
     want = _reference_tiling(fn, g1, g2, (6, 8), 2)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+def test_tile_flow_input_errors_name_what_was_expected():
+    """normalized=True took uint8 frames and fed 0..255 to the model as if normalised; empty frames failed in
+    F.pad; lists failed with AttributeError."""
+    model = lambda x: torch.zeros(x.shape[0], x.shape[2], x.shape[3], 2)
+    frame = np.zeros((8, 12, 3), np.uint8)
+    with pytest.raises(TypeError, match="normalized=True takes floating-point frames in \\[-1, 1\\], got dtype"):
+        tile_flow(model, frame, frame, tile_size=(4, 6), min_overlap=1, normalized=True)
+    with pytest.raises(ValueError, match=r"frames are empty: shape \(0, 12, 3\)"):
+        tile_flow(model, frame[:0], frame[:0], tile_size=(4, 6), min_overlap=1)
+    as_list = frame.tolist()
+    assert tile_flow(model, as_list, as_list, tile_size=(4, 6), min_overlap=1).shape == (8, 12, 2)

@@ -45,14 +45,17 @@ FlowFn = Callable[[Tensor], Tensor]
 
 def normalize_frames(frames: Tensor | np.ndarray) -> Tensor:
     """Pixel values in [0, 255] (any shape, channels last) → float32 ``x / 255 · 2 − 1`` in [−1, 1]."""
-    x = torch.from_numpy(np.array(frames, dtype=np.float32)) if isinstance(frames, np.ndarray) else frames.float()
+    x = frames.float() if isinstance(frames, Tensor) else torch.from_numpy(np.array(frames, dtype=np.float32))
     return x / 255.0 * 2.0 - 1.0
 
 
 def _as_float(frames: Tensor | np.ndarray) -> Tensor:
-    """Already normalised frames as a float tensor (float32 unless already floating point)."""
-    x = torch.from_numpy(np.asarray(frames)) if isinstance(frames, np.ndarray) else frames
-    return x if x.is_floating_point() else x.float()
+    """Already normalised frames (floating point, values in [−1, 1]) as a tensor."""
+    x = frames if isinstance(frames, Tensor) else torch.from_numpy(np.asarray(frames))
+    if not x.is_floating_point():  # integer frames hold pixels in [0, 255], which the model would take as is
+        raise TypeError(f"normalized=True takes floating-point frames in [-1, 1], got dtype {x.dtype} (pass "
+                        "normalized=False for pixel values in [0, 255])")
+    return x
 
 
 def tile_origins(
@@ -105,8 +108,8 @@ def tile_flow(
         frame1, frame2: ``[H, W, 3]`` or ``[B, H, W, 3]``, pixel values in [0, 255] (uint8 or float).
         tile_size, min_overlap: the tiling (official: 368×496, 20).
         tiles_per_batch: tiles run through ``model_fn`` together (memory vs. speed).
-        normalized: the frames are already normalised to [−1, 1] (floats, as ``model_fn`` takes them);
-            :func:`normalize_frames` is then skipped.
+        normalized: the frames are already normalised to [−1, 1] (floats, as ``model_fn`` takes them;
+            integer frames raise ``TypeError``); :func:`normalize_frames` is then skipped.
 
     Returns:
         flow ``[H, W, 2]`` (or ``[B, H, W, 2]``) float32: the weighted average of the tiles' flows.
@@ -123,7 +126,9 @@ def tile_flow(
     if single:
         f1, f2 = f1[None], f2[None]
     if f1.ndim != 4 or f1.shape[-1] != 3:
-        raise ValueError(f"frames must be [H, W, 3] or [B, H, W, 3] (channels last), got {tuple(frame1.shape)}")
+        raise ValueError(f"frames must be [H, W, 3] or [B, H, W, 3] (channels last), got {tuple(f1.shape[single:])}")
+    if f1.numel() == 0:
+        raise ValueError(f"frames are empty: shape {tuple(f1.shape[single:])}")
     if tiles_per_batch < 1:
         raise ValueError(f"tiles_per_batch must be >= 1, got {tiles_per_batch}")
     pair = torch.stack((f1, f2), dim=1)  # [B, 2, H, W, 3]
