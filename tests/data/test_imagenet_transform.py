@@ -123,3 +123,11 @@ def test_sixteen_bit_and_single_channel_arrays_read_as_their_files_do(tmp_path):
     np.testing.assert_array_equal(load_image(grey16), load_image(tmp_path / "g16.png"))
     np.testing.assert_array_equal(load_image(torch.from_numpy(grey16.astype(np.int32))[..., None] // 257), expected)
     np.testing.assert_array_equal(load_image(grey8[:, :, None]), expected)
+
+
+def test_too_small_to_crop_names_the_smallest_side():
+    with pytest.raises(ValueError, match=r"image of 1×300 is too small to crop: .* at least 2 pixels"):
+        ImageNetEvalTransform()(np.zeros((1, 300, 3), np.uint8))
+    with pytest.raises(ValueError, match="at least 16 pixels"):
+        center_crop_box(3, 3, size=2, crop_padding=30)
+    assert center_crop_box(2, 2) == (1, 1, 1)

@@ -118,7 +118,9 @@ def center_crop_box(
     else:
         raise ValueError(f"rounding must be 'official' or 'transformers', got {rounding!r}")
     if side < 1:
-        raise ValueError(f"image of {height}×{width} is too small to crop")
+        need = next(n for n in range(1, size + crop_padding + 2) if int(size / (size + crop_padding) * n) >= 1)
+        raise ValueError(f"image of {height}×{width} is too small to crop: the crop side int({size}/{size + crop_padding}"
+                         f" · {min(height, width)}) is 0; the shorter side must be at least {need} pixels")
     up = int(rounding == "official")
     return (height - side + up) // 2, (width - side + up) // 2, side
 
@@ -190,7 +192,8 @@ class ImageNetEvalTransform:
             transformers' ``PerceiverImageProcessor``.
         mean, std: per-channel statistics on the 0..1 scale.
         crop_rounding: crop arithmetic, see :func:`center_crop_box`. ``resample="pil"`` with
-            ``crop_rounding="transformers"`` reproduces transformers' processor (within 1e-5) for every image size.
+            ``crop_rounding="transformers"`` reproduces transformers' processor (within 1e-5) for every image size
+            from 2 pixels a side (an image 1 pixel high or wide has no crop: ``ValueError``).
     """
 
     size: int | tuple[int, int] = 224
