@@ -105,3 +105,12 @@ def test_truncation_keeps_special_tokens_like_transformers(hf_tokenizer, max_len
         assert torch.equal(got["attention_mask"], ref["attention_mask"])
     with pytest.raises(ValueError, match="exceeds max_length=2"):  # [CLS] a [SEP] b [SEP] needs 3 ids at least
         ByteTokenizer(max_length=2, add_special_tokens=True)("abc", "def")
+
+
+@pytest.mark.parametrize("pair", [5, b"bytes"])
+def test_pair_of_the_wrong_type_is_a_type_error(pair):
+    """A non-str pair failed with AttributeError ('int' object has no attribute 'encode')."""
+    with pytest.raises(TypeError, match=f"pair must be a str or None, got {type(pair).__name__}"):
+        ByteTokenizer().encode("a", pair)
+    with pytest.raises(TypeError, match="pair must be a str or None"):
+        ByteTokenizer()(["a"], [pair])

@@ -72,6 +72,8 @@ class ByteTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if pair is not None and not isinstance(pair, str):
+            raise TypeError(f"pair must be a str or None, got {type(pair).__name__}")
         add = self.add_special_tokens if add_special_tokens is None else add_special_tokens
         parse = self.parse_special_tokens if parse_special_tokens is None else parse_special_tokens
         ids = self._bytes_to_ids(text, parse)
@@ -85,6 +87,8 @@ class ByteTokenizer:
     ) -> list[int]:
         """:meth:`encode`, with the texts cut to fit ``limit`` tokens (None: no cut) as transformers cuts them:
         a byte at a time from the end of the longer text (the pair on a tie), so the special ids stay."""
+        if pair is not None and not isinstance(pair, str):
+            raise TypeError(f"pair must be a str or None, got {type(pair).__name__}")
         a = self.encode(text, add_special_tokens=False, parse_special_tokens=parse)
         b = None if pair is None else self.encode(pair, add_special_tokens=False, parse_special_tokens=parse)
         if limit is not None:
