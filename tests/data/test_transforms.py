@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perceivers.data.transforms import RandAugment, mix_batch, random_affine, random_resized_crop
+from perceivers.data.transforms import (
+    RandAugment,
+    channel_stats,
+    mix_batch,
+    random_affine,
+    random_resized_crop,
+)
 
 
 def test_mix_batch_refuses_uint8_images_and_float_targets():
@@ -38,3 +44,16 @@ def test_randaugment_refuses_float_images_outside_unit_range(images):
         RandAugment(2, 5)(images)
     ok = torch.rand(2, 8, 8, 3) * 1.004 - 0.002  # resampling round-off is accepted
     assert RandAugment(2, 5)(ok).shape == ok.shape
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_channel_stats_refuses_non_finite_images(bad):
+    """A NaN gave NaN statistics without a word, and Normalize.fit then turned every batch into NaN."""
+    images = torch.rand(2, 4, 4, 3)
+    images[1, 2, 3, 1] = bad
+    with pytest.raises(ValueError, match="channel_stats: the images hold NaN or Inf"):
+        channel_stats(images)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        channel_stats([torch.rand(2, 4, 4, 3), images])
+    mean, std = channel_stats(torch.rand(2, 4, 4, 3))
+    assert torch.isfinite(mean).all() and torch.isfinite(std).all()

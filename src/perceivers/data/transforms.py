@@ -207,7 +207,8 @@ class Normalize:
 def channel_stats(images: Tensor | Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-channel mean and standard deviation of channels-last images (uint8 are scaled to ``[0, 1]``).
 
-    Accepts one tensor ``[..., C]`` or an iterable of such batches (streamed in float64 sums).
+    Accepts one tensor ``[..., C]`` or an iterable of such batches (streamed in float64 sums). NaN or Inf
+    values raise ``ValueError`` (they would make every normalised batch NaN).
     """
     batches = [images] if isinstance(images, Tensor) else images
     total = sq = None
@@ -220,6 +221,8 @@ def channel_stats(images: Tensor | Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     if count == 0:
         raise ValueError("channel_stats needs at least one image")
     mean = total / count
+    if not bool(torch.isfinite(sq).all()):  # NaN/Inf anywhere reaches the sum of squares
+        raise ValueError(f"channel_stats: the images hold NaN or Inf values (per-channel means {mean.tolist()})")
     var = (sq / count - mean * mean).clamp(min=0.0)
     return mean.float(), var.sqrt().clamp(min=1e-6).float()
 
