@@ -43,7 +43,8 @@ def load_image(image: object) -> np.ndarray:
 
     Arrays may also be grey (``[H, W]``, ``[H, W, 1]``) or RGBA (alpha dropped). ``uint16`` arrays are 16-bit
     images, scaled from [0, 65535] as 16-bit files are; other arrays are taken to hold values in [0, 255] and
-    are rounded and clipped.
+    are rounded and clipped. Files are read as stored: an EXIF orientation tag is not applied (TensorFlow's
+    decoder in the official pipeline ignores it too); call ``PIL.ImageOps.exif_transpose`` first to apply it.
     """
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image
