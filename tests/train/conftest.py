@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401 - its log handler takes the session's stderr, not a test's capsys stream
 import pytest
 from train_files import write_cifar10, write_cifar100, write_image_folder
 

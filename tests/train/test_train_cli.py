@@ -193,3 +193,24 @@ def test_optimizer_setting_torch_refuses_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "perceivers fit: error: optimizer AdamW(lr=-1.0" in err and "Invalid learning rate: -1.0" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    (["--data.init_args.batch_size", "abc"], "error: --data.init_args.batch_size: expected int, got abc\n"),
+    (["--model.init_args.model.init_args.num_latents", "1.5"],
+     "error: --model.init_args.model.init_args.num_latents: expected int, got 1.5\n"),
+    (["--trainer.max_epochs", "abc"], "error: --trainer.max_epochs: expected int, got abc\n"),
+    (["--model.init_args.lr", "0.1"],
+     "error: --model.init_args.lr: not an option of perceivers.train.ClassificationTask\n"),
+    (["--trainer.precision", "99"], "error: --trainer.precision: expected one of 64, 32, 16, 'transformer-engine'"),
+])
+def test_a_wrong_value_is_named_first(capsys, override, expected):
+    """A value of the wrong type: the option, the type and the value on the error's first line, after a one-line
+    usage (it came after the 73-line usage, in the 7th line of jsonargparse's account of every type it tried)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", "digits", *override])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    usage, tip, error = err.splitlines()[:3]
+    assert usage.startswith("usage: ") and usage.endswith(" fit [options]") and "fit --help" in tip, err
+    assert (error + "\n").startswith(expected), err

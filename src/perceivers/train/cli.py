@@ -28,11 +28,13 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import sys
+import textwrap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -62,10 +64,71 @@ from .tasks import ConfigError, Task
 __all__ = ["PerceiversCLI", "check_ckpt_path", "quiet_dependencies", "run_cli"]
 
 
+class ArgumentParser(LightningArgumentParser):
+    """Lightning's parser whose errors lead with what was wrong: a one-line usage (``--help`` lists the
+    options) and, for a value of the wrong type, ``--key: expected T, got V`` before jsonargparse's
+    account of every type it tried."""
+
+    def print_usage(self, file: Any = None) -> None:
+        (file or sys.stdout).write(f"usage: {self.prog.replace(' [options]', '')} [options]\n")
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # parsers of nested classes raise their errors into the message of the parser that exits
+        summary = _wrong_value(message) if self.exit_on_error else None
+        super().error(message if summary is None else f"{summary}\n{message}", ex)
+
+
+_TYPE = re.compile(r"<class '([\w.]+)'>")
+
+
+def _type_names(text: str) -> str:
+    """``<class 'int'>`` → ``int``, ``typing.Literal[1, 'a']`` → ``one of 1, 'a'``."""
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
+    return f"one of {literal.group(1)}" if literal else _TYPE.sub(r"\1", text)
+
+
+def _wrong_value(message: str, prefix: str = "") -> str | None:
+    """``--key: expected T, got V`` from jsonargparse's message for a value no type of a Union accepts
+    (``None`` for other messages); a subclass's own option (``--data.init_args.batch_size``) is followed in."""
+    lines = message.splitlines()
+    head = re.fullmatch(r'\s*Parser key "([^"]+)":', lines[0]) if lines else None
+    if head is None:
+        return None
+    key = prefix + head.group(1)
+    body = textwrap.dedent("\n".join(lines[1:]))
+    simple = re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", body.strip(), re.DOTALL)
+    if simple:
+        return f"--{key}: expected {_type_names(simple.group(1))}, got {simple.group(2)}"
+    if not body.startswith("Does not validate against any of the Union subtypes"):
+        return None
+    errors = re.search(r"^Errors:\n(.*?)^Given value type:", body, re.DOTALL | re.MULTILINE)
+    given = re.search(r"^Given value: (.*)$", body, re.MULTILINE)
+    if errors is None or given is None:
+        return None
+    entries = [e for e in re.split(r"^  - ", errors.group(1), flags=re.MULTILINE)
+               if e.strip() and e.strip() != "Expected a <class 'NoneType'>"]
+    if entries and all(re.fullmatch(r"Expected a [^\n]+", e.strip()) for e in entries):
+        kinds = [e.strip()[len("Expected a "):] for e in entries]
+        literals = [re.fullmatch(r"typing\.Literal\[(.*)\]", k) for k in kinds]
+        types = (f"one of {', '.join(m.group(1) for m in literals)}" if all(literals)
+                 else " or ".join(map(_type_names, kinds)))
+        return f"--{key}: expected {types}, got {given.group(1)}"
+    if len(entries) == 1:
+        subclass = re.match(r"Problem with given class_path '([^']+)':\n(.*)", entries[0], re.DOTALL)
+        if subclass:
+            inner = textwrap.dedent(subclass.group(2)).strip()
+            option = re.fullmatch(r"Option '([^']+)' is not accepted", inner)
+            if option:
+                return f"--{key}.init_args.{option.group(1)}: not an option of {subclass.group(1)}"
+            return _wrong_value(inner, f"{key}.init_args.")
+    return None
+
+
 class PerceiversCLI(LightningCLI):
     """LightningCLI over :class:`~perceivers.train.tasks.Task` subclasses and any LightningDataModule."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", ArgumentParser)
         kwargs.setdefault("model_class", Task)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
