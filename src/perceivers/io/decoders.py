@@ -24,6 +24,8 @@ from ..layers import (
     CrossAttentionBlock,
     SelfAttentionBlock,
     TrainablePositionEncoding,
+    auto_chunk_size,
+    check_chunk_size,
     check_mask,
 )
 from ..layers.blocks import default_qk_channels
@@ -85,6 +87,13 @@ class BasicDecoder(nn.Module):
             interact, so a subset of the queries no longer decodes as it would within the whole set.
         num_self_attention_heads: heads of those self-attentions (``None``: ``num_heads``); their q/k/v
             width is ``query_channels``, which must divide by it.
+
+    ``chunk_size`` (a plain attribute, default ``None``): without query self-attention each query is decoded
+    on its own, so large query sets (optical flow's one query per pixel, video autoencoding) are decoded in
+    chunks against latents normalised and projected once, and only one chunk's intermediates (projections,
+    MLP hidden layer) exist at a time. ``None``: above 32768 queries (with autograd above 65536), in chunks
+    of at most ``2**21`` values of the widest intermediate over the batch (:func:`~perceivers.layers.auto_chunk_size`);
+    ``0``: never; ``n > 0``: chunks of ``n``. With query self-attention the whole set is decoded at once.
     """
 
     def __init__(
@@ -151,6 +160,33 @@ class BasicDecoder(nn.Module):
             )
             for _ in range(num_cross_attends * num_self_attends_per_cross)
         )
+        # the widest per-query intermediate: q/k/v projections (folded: the latents' width per head), MLP hidden
+        # layer (GEGLU: twice), output
+        attn = self.cross_attention.attn
+        self._query_width = max(query_channels * widening_factor * (2 if activation == "geglu" else 1),
+                                attn.qk_channels, attn.v_channels, attn.num_heads * attn.kv_dim, self.output_channels)
+        self.chunk_size: int | None = None
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Queries decoded per chunk (see the class docstring)."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int | None) -> None:
+        self._chunk_size = check_chunk_size(value)
+
+    def _decode_chunk_size(self, query: Tensor, latents: Tensor) -> int:
+        """Queries per chunk for ``query [B, Q, C]``, or 0 to decode them at once."""
+        if (self.num_self_attends_per_cross or torch.compiler.is_compiling()
+                or "forward" in self.cross_attention.attn.__dict__):
+            # coupled queries decode whole; a compiled graph keeps one path; weights being recorded
+            # (layers.attention.record_attention) are one [B, H, Q, N] per layer call
+            return 0
+        grad = torch.is_grad_enabled() and (query.requires_grad or latents.requires_grad
+                                            or any(p.requires_grad for p in self.parameters()))
+        return auto_chunk_size(query.shape[1], self.chunk_size, grad=grad, channels=self._query_width,
+                               batch=query.shape[0])
 
     @property
     def num_queries(self) -> int | None:
@@ -189,10 +225,31 @@ class BasicDecoder(nn.Module):
             if x.ndim != 3 or x.shape[-1] != width:
                 raise ValueError(f"decoder {name} must be [batch, n, {width}], got {tuple(x.shape)}")
         query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask", device=query.device)
-        out = self.cross_attention(query.to(latents.dtype), latents, query_mask=query_mask)  # [B, Q, Cq]
+        size = self._decode_chunk_size(query, latents)
+        if not size:
+            return self._decode(query, latents, query_mask)
+        # Independent queries: the latents once per cross-attention, then one chunk of queries at a time.
+        kvs = [block.prepare(latents, num_queries=size) for block in (self.cross_attention, *self.extra_cross_attentions)]
+        n = query.shape[1]
+        parts = (self._decode(query[:, a:a + size], latents, None if query_mask is None else query_mask[:, a:a + size],
+                              kvs=kvs) for a in range(0, n, size))
+        if torch.is_grad_enabled():
+            return torch.cat(list(parts), dim=1)
+        out = None  # without autograd, every chunk's result goes straight into one output tensor
+        for a, part in zip(range(0, n, size), parts):
+            if out is None:
+                out = part.new_empty((part.shape[0], n, part.shape[-1]))
+            out[:, a:a + part.shape[1]] = part
+        return out
+
+    def _decode(self, query: Tensor, latents: Tensor, query_mask: Tensor | None, *, kvs: list | None = None) -> Tensor:
+        """The decoder stack on ``query [B, Q, Cq]`` against the latents, or (``kvs``) what each
+        cross-attention's ``prepare`` made of them."""
+        kv = (lambda i: {"kv": kvs[i]}) if kvs is not None else (lambda i: {"context": latents})
+        out = self.cross_attention(query.to(latents.dtype), query_mask=query_mask, **kv(0))  # [B, Q, Cq]
         out = self._self_attend(out, 0, query_mask)
         for i, cross in enumerate(self.extra_cross_attentions, start=1):
-            out = self._self_attend(cross(out, latents, query_mask=query_mask), i, query_mask)
+            out = self._self_attend(cross(out, query_mask=query_mask, **kv(i)), i, query_mask)
         return out if self.output is None else self.output(out)
 
     def _self_attend(self, x: Tensor, layer: int, query_mask: Tensor | None) -> Tensor:

@@ -1,0 +1,99 @@
+"""Large query sets in the DeepMind-family decoders: without query self-attention a :class:`BasicDecoder`
+decodes them in chunks (``chunk_size``) against latents prepared once; the result is the whole set's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memory_probe import LargestFloatOutput
+
+import perceivers
+from perceivers.io import BasicDecoder, FourierQueries
+from perceivers.validation import finite_checks
+
+TOL = {"atol": 2e-5, "rtol": 1e-4}
+
+
+def _decoder(**kw) -> BasicDecoder:
+    torch.manual_seed(0)
+    return BasicDecoder(FourierQueries((20, 30), 3), latent_channels=16, output_channels=4, num_heads=2,
+                        widening_factor=2, **kw)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("extra", [{}, {"num_cross_attends": 2}, {"use_query_residual": True}])
+def test_chunked_decoding_equals_the_whole_query_set(grad: bool, extra: dict) -> None:
+    dec = _decoder(**extra)
+    latents = torch.randn(2, 5, 16, requires_grad=grad)
+    query = dec.decoder_query(latents)
+    mask = torch.rand(2, query.shape[1]) > 0.2
+    results = []
+    for size in (0, 7, 256):
+        dec.chunk_size = size
+        latents.grad = None
+        dec.zero_grad()
+        with torch.set_grad_enabled(grad):
+            out = dec(query, latents, query_mask=mask)
+            if grad:
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), latents.grad, dec.cross_attention.attn.to_q.weight.grad))
+    ref = results[0]
+    assert ref[0].shape == (2, 600, 4)
+    for got in results[1:]:
+        torch.testing.assert_close(got[0], ref[0], **TOL)
+        if grad:
+            torch.testing.assert_close(got[1], ref[1], **TOL)
+            torch.testing.assert_close(got[2], ref[2], **TOL)
+
+
+def test_query_self_attention_decodes_whole() -> None:
+    dec = _decoder(num_self_attends_per_cross=1)
+    dec.chunk_size = 7
+    latents = torch.randn(1, 5, 16)
+    query = dec.decoder_query(latents)
+    assert dec._decode_chunk_size(query, latents) == 0
+    with torch.no_grad():
+        out = dec(query, latents)
+        dec.chunk_size = 0
+        torch.testing.assert_close(out, dec(query, latents), **TOL)
+
+
+def test_large_query_set_never_exists_as_whole_intermediates() -> None:
+    """40000 queries of 8 channels, 512-wide projections: by default (``chunk_size=None``) no tensor of 40000 × 512
+    exists (it did: the whole query set went through the cross-attention and its MLP at once, 2.9 GiB at 1M
+    Fourier queries)."""
+    torch.manual_seed(0)
+    dec = BasicDecoder(None, query_channels=8, latent_channels=512, output_channels=2).eval()
+    query, latents = torch.randn(1, 40_000, 8), torch.randn(1, 4, 512)
+    with torch.no_grad(), LargestFloatOutput() as probe:
+        out = dec(query, latents)
+    assert out.shape == (1, 40_000, 2)
+    assert probe.largest <= 4096 * 512 * 2 < 40_000 * 512  # one chunk's widest intermediate (GELU's), at most
+
+
+def test_optical_flow_model_decodes_in_chunks_exactly() -> None:
+    model = perceivers.create_model("optical-flow-perceiver", tiny=True).eval()
+    x = torch.randn(2, 2, 3, 6, 8)
+    inner = model.perceiver.decoder.decoder
+    with torch.no_grad(), finite_checks(False):
+        ref = model(x).logits
+        inner.chunk_size = 5
+        torch.testing.assert_close(model(x).logits, ref, **TOL)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_decoder_chunk_size_is_checked(value) -> None:
+    with pytest.raises((TypeError, ValueError), match="chunk_size"):
+        _decoder().chunk_size = value
+
+
+def test_recorded_attention_weights_cover_the_whole_query_set() -> None:
+    from perceivers.layers.attention import record_attention
+
+    dec = _decoder()
+    dec.chunk_size = 7
+    latents = torch.randn(1, 5, 16)
+    query = dec.decoder_query(latents)
+    with torch.no_grad(), record_attention(dec) as records:
+        dec(query, latents)
+    assert [tuple(w.shape) for _, w in records] == [(1, 2, 600, 5)]
