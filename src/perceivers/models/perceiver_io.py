@@ -226,11 +226,18 @@ class PerceiverIO(nn.Module):
         # Very large query sets: the latents' keys/values once per block, then the queries in
         # independent chunks (each query's cross-attentions read only the latents and itself).
         kvs = [block.prepare(latents) for block in self._decoder_cross_blocks()]
-        return torch.cat([
-            self.to_logits(self._decode(queries[:, i:i + size], None if query_mask is None else query_mask[:, i:i + size],
-                                        kvs=kvs))
-            for i in range(0, queries.shape[1], size)
-        ], dim=1)
+        n = queries.shape[1]
+        parts = (self.to_logits(self._decode(queries[:, i:i + size], None if query_mask is None else query_mask[:, i:i + size],
+                                             kvs=kvs))
+                 for i in range(0, n, size))
+        if torch.is_grad_enabled():
+            return torch.cat(list(parts), dim=1)
+        out = None  # without autograd each chunk goes straight into the output (no second copy of it)
+        for i, part in zip(range(0, n, size), parts):
+            if out is None:
+                out = part.new_empty((part.shape[0], n, part.shape[-1]))
+            out[:, i:i + part.shape[1]] = part
+        return out
 
     def _decoder_cross_blocks(self) -> list[CrossAttentionBlock]:
         return [self.decoder_cross_attn, *self.decoder_extra_cross_attns]
