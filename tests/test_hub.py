@@ -175,6 +175,23 @@ def test_external_classes_need_opt_in(tmp_path):
         from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"class": "perceivers.train.cli.PerceiversCLI", "kwargs": {"args": ["fit", "--trainer.default_root_dir", "{out}"]}},
+     "PerceiversCLI from a config: it is not a torch.nn.Module"),
+    ({"class": "perceivers.Perceiver", "kwargs": {"x": {"__dataclass__": "perceivers.safe_files.Path",
+                                                        "fields": {}}}}, "Path from a config: it is not a dataclass"),
+])
+def test_a_config_builds_modules_and_dataclasses_only(tmp_path, entry, message):
+    """A downloaded config.json named the training CLI, a perceivers class that is not a model: loading the
+    directory ran `perceivers fit` with the file's arguments (writing a run wherever they said)."""
+    out = tmp_path / "written"
+    (tmp_path / "config.json").write_text(json.dumps({"format": "perceivers", "format_version": 1, "model": entry})
+                                          .replace("{out}", str(out)))
+    with pytest.raises(TypeError, match=message):
+        from_pretrained(tmp_path)
+    assert not out.exists()
+
+
 def test_unrecorded_class_is_refused(tmp_path):
     with pytest.raises(TypeError, match="configurable"):
         save_pretrained(nn.Linear(2, 2), tmp_path)

@@ -72,7 +72,11 @@ def _no_json(value: Any) -> Any:
     raise TypeError(f"cannot save config value {value!r} of type {type(value).__name__} as JSON")
 
 
-def _import_class(path: str, allow_external: bool) -> type:
+def _import_class(path: str, allow_external: bool, *, dataclass: bool = False) -> type:
+    """The class a config names: an ``nn.Module`` (or, with ``dataclass``, a dataclass) of perceivers or
+    ``torch.nn`` unless ``allow_external``. Other classes are refused before they are built: a config file
+    is untrusted input, and a class of these packages that is neither (the training CLI, a file writer it
+    imports) would run with the file's arguments."""
     if not allow_external and not path.startswith(("perceivers.", "torch.nn.")):
         raise ValueError(f"refusing to import {path!r} from a config: only perceivers classes are allowed "
                          "(pass allow_external_classes=True to trust it)")
@@ -82,6 +86,10 @@ def _import_class(path: str, allow_external: bool) -> type:
         obj = getattr(obj, part)
     if not isinstance(obj, type):
         raise TypeError(f"{path} is not a class")
+    if dataclass and not dataclasses.is_dataclass(obj):
+        raise TypeError(f"refusing to build {path} from a config: it is not a dataclass")
+    if not dataclass and not issubclass(obj, nn.Module):
+        raise TypeError(f"refusing to build {path} from a config: it is not a torch.nn.Module")
     return obj
 
 
@@ -97,7 +105,7 @@ def _decode(value: Any, allow_external: bool) -> Any:
     if "__module__" in value:
         return build_model(value["__module__"], allow_external_classes=allow_external)
     if "__dataclass__" in value:
-        cls = _import_class(value["__dataclass__"], allow_external)
+        cls = _import_class(value["__dataclass__"], allow_external, dataclass=True)
         return cls(**{k: _decode(v, allow_external) for k, v in value["fields"].items()})
     raise ValueError(f"unrecognised config entry {value!r}")
 
