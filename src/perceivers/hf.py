@@ -305,7 +305,7 @@ class PerceiverTokenizer(ByteTokenizer):
         if len(pairs) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(pairs)} pairs")
         limit = (max_length or self.max_length) if truncation else None
-        seqs = [self._encode_truncated(t, p, add_special_tokens, limit) for t, p in zip(texts, pairs)]
+        seqs = [self._encode_fitted(t, p, add_special_tokens, limit) for t, p in zip(texts, pairs)]
         width = {"longest": max(map(len, seqs), default=0), "max_length": max_length or self.max_length}.get(mode, 0)
         ids = [s + [self.pad_id] * (width - len(s)) for s in seqs]
         mask = [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
@@ -318,21 +318,6 @@ class PerceiverTokenizer(ByteTokenizer):
         if return_tensors is None and isinstance(text, str):
             out = BatchFeature({k: v[0] for k, v in out.items()})
         return out
-
-    def _encode_truncated(self, text: str, pair: str | None, add: bool, limit: int | None) -> list[int]:
-        """transformers' truncation: the texts are cut (the longer first) so that they fit with their special ids."""
-        a = self.encode(text, add_special_tokens=False)
-        b = None if pair is None else self.encode(pair, add_special_tokens=False)
-        if limit is not None:
-            extra = 0 if not add else 2 if b is None else 3
-            while len(a) + len(b or ()) + extra > limit and (a or b):
-                if b and len(b) >= len(a):
-                    b = b[:-1]
-                else:
-                    a = a[:-1]
-        if b is None:
-            return [self.cls_id, *a, self.sep_id] if add else a
-        return [self.cls_id, *a, self.sep_id, *b, self.sep_id] if add else a + b
 
     def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = False) -> str:  # type: ignore[override]
         """Ids → text; special ids become ``[CLS]``, ``[PAD]``, … unless ``skip_special_tokens``."""

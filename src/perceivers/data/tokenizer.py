@@ -92,12 +92,12 @@ class ByteTokenizer:
         a = self.encode(text, add_special_tokens=False, parse_special_tokens=parse)
         b = None if pair is None else self.encode(pair, add_special_tokens=False, parse_special_tokens=parse)
         if limit is not None:
-            extra = 0 if not add else 2 if b is None else 3
-            while len(a) + len(b or ()) + extra > limit and (a or b):
-                if b and len(b) >= len(a):
-                    b = b[:-1]
-                else:
-                    a = a[:-1]
+            budget = max(0, limit - (0 if not add else 2 if b is None else 3))
+            if b is None:
+                a = a[:budget]
+            else:
+                keep_a, keep_b = _longest_first(len(a), len(b), budget)
+                a, b = a[:keep_a], b[:keep_b]
         if b is None:
             return [CLS_ID, *a, SEP_ID] if add else a
         return [CLS_ID, *a, SEP_ID, *b, SEP_ID] if add else a + b
@@ -202,3 +202,16 @@ class ByteTokenizer:
             input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
             attention_mask[row, : len(s)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """How many ids of two texts stay when they are cut to ``budget`` in all as transformers' ``longest_first``
+    cuts: one at a time from the end of the longer (the second on a tie), computed without the loop."""
+    excess = len_a + len_b - budget
+    if excess <= 0:
+        return len_a, len_b
+    diff = abs(len_a - len_b)
+    if excess <= diff:
+        return (len_a - excess, len_b) if len_a > len_b else (len_a, len_b - excess)
+    even, rest = min(len_a, len_b), excess - diff  # level, then one from each in turn, the second first
+    return even - rest // 2, even - (rest + 1) // 2
