@@ -31,6 +31,15 @@ __all__ = [
 KeyValue = tuple[Tensor, Tensor]
 """Projected keys and values, each ``[B, H, K, d]``."""
 
+# Attention.forward_chunked's online-softmax loop (autograd, dropout, CUDA, compile) takes at most this many
+# scores (batch × heads × queries × keys) per step, and at least MIN_STEP_KEYS keys: 32 MiB in float32 (a chunk
+# of 65536 keys for the README Perceiver's 256 latents made 64 MiB per score-sized tensor, ≈0.43 GiB live in its
+# backward). Not smaller: glibc serves blocks under 32 MiB from its heap once freed large blocks have raised its
+# mmap threshold, and 16 MiB steps between the small tensors each step keeps for the backward fragmented it
+# (peak resident 0.81 GiB at 512², 2.4 GiB at 1024², against 0.21–0.23 GiB live).
+STEP_SCORES = 1 << 23
+MIN_STEP_KEYS = 512
+
 
 def check_mask(
     mask: Tensor | None, batch: int, length: int, name: str = "mask", *, device: torch.device | None = None,
@@ -347,8 +356,13 @@ class Attention(nn.Module):
             m = q.new_full((b, h, n, 1), float("-inf"), dtype=acc_dtype)
             l = q.new_zeros((b, h, n, 1), dtype=acc_dtype)
             acc = q.new_zeros((b, h, n, v_width), dtype=acc_dtype)
-            for start in range(0, length, chunk_size):
-                stop = min(start + chunk_size, length)
+            # A step's score-sized tensors (scores, probabilities and, in the backward, their gradients: about
+            # seven at once) hold at most STEP_SCORES elements, however many keys a chunk has; a symbolic batch
+            # counts as 1 (no guard).
+            rows = (b if isinstance(b, int) else 1) * h * (n if isinstance(n, int) else 1)
+            step_size = min(chunk_size, max(MIN_STEP_KEYS, STEP_SCORES // max(rows, 1)))
+            for start in range(0, length, step_size):
+                stop = min(start + step_size, length)
                 if grad:
                     m, l, acc = checkpoint(step, q, m, l, acc, start, stop, use_reentrant=False)
                 else:
