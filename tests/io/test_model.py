@@ -241,6 +241,30 @@ def test_model_backward_reaches_every_parameter() -> None:
     assert not missing, missing
 
 
+def test_decode_chunks_encodes_once_and_decodes_each_chunk_as_forward() -> None:
+    torch.manual_seed(0)
+    pos = build_position_encoding("fourier", num_dims=2, num_bands=2, max_resolution=(4, 4))
+    pre = ImagePreprocessor("conv1x1", position_encoding=pos, spatial_downsample=1, num_channels=4)
+    enc = PerceiverEncoder(pre.num_channels, num_latents=3, latent_channels=8, num_self_attention_heads=2)
+    queries = FourierQueries((4, 4), num_bands=2)
+    model = PerceiverIOModel(enc, BasicDecoder(queries, latent_channels=8, output_channels=2),
+                             input_preprocessor=pre).eval()
+    images, chunks = torch.randn(2, 3, 4, 4), [torch.arange(0, 6), torch.tensor([15, 3]), torch.arange(6, 16)]
+    calls = []
+    enc.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        parts = list(model.decode_chunks(images, chunks))
+        assert len(calls) == 1
+        for points, part in zip(chunks, parts, strict=True):
+            torch.testing.assert_close(part, model(images, subsampled_output_points=points).logits, rtol=0, atol=0)
+    assert list(model.decode_chunks(images, [])) == [] and len(calls) == 4  # nothing to decode: no encoding
+    coupled = PerceiverIOModel(PerceiverEncoder(5, num_latents=2, latent_channels=4, num_self_attention_heads=1),
+                               BasicDecoder(TrainableQueries(6, 8), latent_channels=4, num_self_attends_per_cross=1,
+                                            num_self_attention_heads=2))
+    with pytest.raises(ValueError, match="query self-attention"):
+        next(coupled.decode_chunks(torch.randn(1, 7, 5), [torch.arange(3)]))
+
+
 def test_model_checks_widths_and_raw_inputs() -> None:
     pre = ImagePreprocessor("pixels", position_encoding=None, spatial_downsample=1)
     with pytest.raises(ValueError, match="preprocessor gives 3 channels"):

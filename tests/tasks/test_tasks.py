@@ -252,6 +252,25 @@ def test_multimodal_chunks_equal_full_decoding() -> None:
         next(model.subsampling_chunks(3))
 
 
+def test_multimodal_chunks_encode_once() -> None:
+    """``reconstruct`` ran the whole model, encoder included, once per chunk (the official colab's way: 128
+    encoder passes for the same latents); it encodes once and gives each chunk what a forward pass gives it."""
+    torch.manual_seed(0)
+    model = create_model("multimodal-perceiver", tiny=True).eval()
+    (inputs,) = _inputs("multimodal-perceiver", model, batch=2)
+    calls = []
+    model.perceiver.encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        recon = model.reconstruct(inputs, num_chunks=4)
+        assert len(calls) == 1
+        per_chunk = [model(inputs, points).logits for points in model.subsampling_chunks(4)]
+    c = model.config
+    image = torch.cat([p["image"] for p in per_chunk], 1).reshape(2, c.num_frames, *c.image_size, 3)
+    assert torch.equal(recon["image"], image)
+    assert torch.equal(recon["audio"], torch.cat([p["audio"] for p in per_chunk], 1))
+    assert torch.equal(recon["label"], per_chunk[-1]["label"])
+
+
 def test_multimodal_exports_with_a_dynamic_batch() -> None:
     """The batch-size checks compare sizes pairwise: symbolic sizes cannot go into a set (unhashable)."""
     torch.manual_seed(0)

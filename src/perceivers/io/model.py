@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -211,13 +211,47 @@ class PerceiverIOModel(nn.Module):
         *,
         stream: bool,
     ) -> PerceiverIOOutput:
-        self._check_inputs(inputs)
         _check_subsampling(self.decoder, subsampled_output_points)
-        input_mask = as_bool_mask(input_mask, "input_mask")
         query_mask = as_bool_mask(query_mask, "query_mask")
-        for name, m in (("input_mask", input_mask), ("query_mask", query_mask)):
-            if m is not None:
-                check_like(m, self, name)
+        if query_mask is not None:
+            check_like(query_mask, self, "query_mask")
+        states: list[Tensor] | None = [] if output_hidden_states else None
+        encoded = self._encode(inputs, input_mask, states, stream=stream)
+        logits = None if self.decoder is None else self._decode(encoded, query_mask, subsampled_output_points,
+                                                                  query_kwargs)
+        return PerceiverIOOutput(logits=logits, last_hidden_state=encoded.latents,
+                                 hidden_states=None if states is None else tuple(states))
+
+    def decode_chunks(
+        self,
+        inputs: Tensor | Mapping[str, Tensor],
+        chunks: Iterable[Tensor | Mapping[str, Tensor | None]],
+        *,
+        input_mask: Tensor | None = None,
+        query_kwargs: Mapping[str, Any] | None = None,
+    ) -> Iterator[Any]:
+        """Encode ``inputs`` once, then decode each of ``chunks`` (``subsampled_output_points`` values) in
+        turn: the decoder outputs (after the postprocessor) one chunk at a time, as
+        ``forward(inputs, subsampled_output_points=chunk).logits`` gives them, without running the
+        encoder again for every chunk (the official chunked decoding re-encodes each time) and without the
+        whole query set's queries at once. Refused for decoders with query self-attention, like
+        ``subsampled_output_points``."""
+        if self.decoder is None:
+            raise ValueError("decode_chunks needs a decoder; this model returns the latents")
+        encoded = None
+        for points in chunks:
+            _check_subsampling(self.decoder, points)
+            if encoded is None:
+                encoded = self._encode(inputs, input_mask, None, stream=True)
+            yield self._decode(encoded, None, points, query_kwargs)
+
+    def _encode(self, inputs: Tensor | Mapping[str, Tensor], input_mask: Tensor | None,
+                states: list[Tensor] | None, *, stream: bool) -> _Encoded:
+        """Preprocessor and encoder: the tokens (what the decoder's queries may read) and the latents."""
+        self._check_inputs(inputs)
+        input_mask = as_bool_mask(input_mask, "input_mask")
+        if input_mask is not None:
+            check_like(input_mask, self, "input_mask")
         if self.input_preprocessor is not None:
             size = self._stream_size(inputs, masked=input_mask is not None) if stream else 0
             if size:  # x is a ContextStream: the encoder attends it chunk by chunk
@@ -231,27 +265,35 @@ class PerceiverIOModel(nn.Module):
                 raise ValueError("without an input preprocessor, inputs must be a [batch, tokens, channels] tensor, "
                                  f"got shape {tuple(inputs.shape)}")
             x, modality_sizes, without_pos = inputs, None, None
-        states: list[Tensor] | None = [] if output_hidden_states else None
         latents = self.encoder(x, mask=input_mask, hidden_states=states)
-        if self.decoder is None:
-            return PerceiverIOOutput(logits=None, last_hidden_state=latents,
-                                     hidden_states=None if states is None else tuple(states))
+        return _Encoded(x, modality_sizes, without_pos, latents)
+
+    def _decode(self, encoded: _Encoded, query_mask: Tensor | None,
+                points: Tensor | Mapping[str, Tensor | None] | None, query_kwargs: Mapping[str, Any] | None) -> Any:
+        """Queries, decoder and postprocessor on what :meth:`_encode` gave."""
         query = self.decoder.decoder_query(
-            x, modality_sizes=modality_sizes, inputs_without_pos=without_pos,
-            subsampled_points=subsampled_output_points, **dict(query_kwargs or {}),
+            encoded.tokens, modality_sizes=encoded.modality_sizes, inputs_without_pos=encoded.without_pos,
+            subsampled_points=points, **dict(query_kwargs or {}),
         )
         if self._decoder_takes_points:
-            out = self.decoder(query, latents, query_mask=query_mask, subsampled_points=subsampled_output_points)
+            out = self.decoder(query, encoded.latents, query_mask=query_mask, subsampled_points=points)
         else:
-            out = self.decoder(query, latents, query_mask=query_mask)
-        if self.output_postprocessor is not None:
-            if self._post_takes_sizes:
-                sizes = self.decoder.output_modality_sizes(subsampled_output_points) or modality_sizes
-                out = self.output_postprocessor(out, modality_sizes=sizes)
-            else:
-                out = self.output_postprocessor(out)
-        return PerceiverIOOutput(logits=out, last_hidden_state=latents,
-                                 hidden_states=None if states is None else tuple(states))
+            out = self.decoder(query, encoded.latents, query_mask=query_mask)
+        if self.output_postprocessor is None:
+            return out
+        if self._post_takes_sizes:
+            sizes = self.decoder.output_modality_sizes(points) or encoded.modality_sizes
+            return self.output_postprocessor(out, modality_sizes=sizes)
+        return self.output_postprocessor(out)
+
+
+class _Encoded(NamedTuple):
+    """What the encoder stage hands the decoder stage."""
+
+    tokens: Any  # the preprocessed inputs [B, M, C] (or their ContextStream)
+    modality_sizes: Any
+    without_pos: Any
+    latents: Tensor
 
 
 _DECODERS = (BasicDecoder, ClassificationDecoder, FlowDecoder, MultimodalDecoder, ProjectionDecoder,

@@ -215,6 +215,18 @@ class MultimodalAutoencoder(SavesPretrained, nn.Module):
                                       "supported'); compare .logits with your targets")
         check_unsupported(head_mask)
         c = self.config
+        inputs = self._prepared(inputs)
+        points = self._points(subsampled_output_points, inputs["image"].device)
+        hidden, attentions, as_dict = output_flags(c, output_hidden_states, output_attentions, return_dict)
+        out = self.perceiver(inputs, input_mask=attention_mask, subsampled_output_points=points,
+                             output_hidden_states=hidden, output_attentions=attentions)
+        if not as_dict:
+            return transformers_tuple(None, out.logits, out)
+        return MultimodalAutoencodingOutput(out.logits, out.last_hidden_state, None, out.hidden_states, out.attentions,
+                                            out.cross_attentions)
+
+    def _prepared(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The checked inputs, with a zero label where none is given."""
         if not isinstance(inputs, Mapping):
             raise TypeError(f"inputs must be a dict with 'image', 'audio' (and optionally 'label') tensors, got "
                             f"{type(inputs).__name__}")
@@ -223,22 +235,19 @@ class MultimodalAutoencoder(SavesPretrained, nn.Module):
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)}; expected {list(MODALITIES)}")
         self._check_inputs(inputs)
-        if "label" not in inputs or inputs["label"] is None:
+        if inputs.get("label") is None:
             ref = inputs["image"]
-            inputs["label"] = torch.zeros(ref.shape[0], c.num_labels, device=ref.device, dtype=ref.dtype)
-        points = dict(subsampled_output_points or {})
-        device = inputs["image"].device
+            inputs["label"] = torch.zeros(ref.shape[0], self.config.num_labels, device=ref.device, dtype=ref.dtype)
+        return inputs
+
+    def _points(self, points: Mapping[str, Tensor | None] | None, device: torch.device) -> dict[str, Tensor | None]:
+        """Every modality's output points: the given ones, all of a modality given none, the label's one."""
+        points = dict(points or {})
         for m in ("audio", "image"):
             if points.get(m) is None:
-                points[m] = torch.arange(c.output_sizes[m], device=device)
+                points[m] = torch.arange(self.config.output_sizes[m], device=device)
         points["label"] = None
-        hidden, attentions, as_dict = output_flags(c, output_hidden_states, output_attentions, return_dict)
-        out = self.perceiver(inputs, input_mask=attention_mask, subsampled_output_points=points,
-                             output_hidden_states=hidden, output_attentions=attentions)
-        if not as_dict:
-            return transformers_tuple(None, out.logits, out)
-        return MultimodalAutoencodingOutput(out.logits, out.last_hidden_state, None, out.hidden_states, out.attentions,
-                                            out.cross_attentions)
+        return points
 
     def _check_inputs(self, inputs: Mapping[str, Tensor]) -> None:
         """Shapes fixed by the config: the Fourier queries and the output layout are built for them."""
@@ -285,13 +294,16 @@ class MultimodalAutoencoder(SavesPretrained, nn.Module):
         return self.decode_in_chunks(inputs, num_chunks)
 
     def decode_in_chunks(self, inputs: Mapping[str, Tensor], num_chunks: int = 128) -> dict[str, Tensor]:
-        """:meth:`reconstruct` without switching gradients off: one forward pass per chunk of
-        :meth:`subsampling_chunks`, outputs concatenated; the label is the last chunk's (every chunk's is
-        the same: decoder queries do not interact)."""
+        """:meth:`reconstruct` without switching gradients off: the chunks of :meth:`subsampling_chunks`
+        decoded one after another, outputs concatenated; the label is the last chunk's (every chunk's is the
+        same: decoder queries do not interact). The inputs are encoded once (the official colab runs the
+        whole model per chunk, encoder included), with the same outputs."""
         c = self.config
+        inputs = self._prepared(inputs)
+        device = inputs["image"].device
         images, audios, label = [], [], None
-        for points in self.subsampling_chunks(num_chunks, device=inputs["image"].device):
-            out = self(inputs, points).logits
+        chunks = (self._points(points, device) for points in self.subsampling_chunks(num_chunks, device=device))
+        for out in self.perceiver.decode_chunks(inputs, chunks):
             images.append(out["image"])
             audios.append(out["audio"])
             label = out["label"]
