@@ -289,3 +289,21 @@ def test_multimodal_exports_with_a_dynamic_batch() -> None:
     mixed = dict(inputs(2), audio=inputs(3)["audio"])
     with pytest.raises(ValueError, match=re.escape("share the batch size, got {'audio': 3, 'image': 2, 'label': 2}")):
         model(mixed)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("language-perceiver", {}),
+    ("language-perceiver", {"decoder_query_mask": False}),
+    ("language-perceiver-classifier", {}),
+    ("language-perceiver-token-classifier", {}),
+])
+def test_text_models_name_a_bad_attention_mask_as_given(name, overrides):
+    # the mask is forwarded as the encoder's input_mask and the decoder's query_mask: the error must still name
+    # the argument the caller passed (it said query_mask / input_mask, and suggested `query_mask == 0`)
+    model = create_model(name, tiny=True, **overrides).eval()
+    additive = torch.zeros(1, 8)
+    additive[0, 5:] = float("-inf")
+    with pytest.raises(ValueError, match=r"^attention_mask must hold only 0/1.*`attention_mask == 0`"):
+        model(torch.randint(6, 262, (1, 8)), attention_mask=additive)
+    with pytest.raises(TypeError, match=r"^attention_mask must be a torch.Tensor"):
+        model(torch.randint(6, 262, (1, 8)), attention_mask=[[1] * 8])

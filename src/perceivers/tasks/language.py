@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..io import BasicDecoder, PerceiverIOModel, TrainableQueries
 from ..io.processors import EmbeddingDecoder, TextPreprocessor
 from ..outputs import TransformersIndexing, model_output
-from ..validation import check_tensor
+from ..validation import as_bool_mask, check_tensor
 from .common import (
     SavesPretrained,
     TrunkConfig,
@@ -115,6 +115,7 @@ def decode_positions(
         check_tensor(labels, "labels", kind="int", ndim=2, layout="[batch, length] target ids (-100 = ignored)")
         if labels.shape != ids.shape:
             raise ValueError(f"labels must have the shape of inputs {tuple(ids.shape)}, got {tuple(labels.shape)}")
+    attention_mask = as_bool_mask(attention_mask, "attention_mask")  # checked under the caller's name
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
         raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
     query_mask = attention_mask if config.decoder_query_mask else None

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..io import ClassificationDecoder, PerceiverIOModel
 from ..io.processors import TextPreprocessor
 from ..outputs import TransformersIndexing, model_output
-from ..validation import check_tensor
+from ..validation import as_bool_mask, check_tensor
 from .common import (
     LabelNames,
     SavesPretrained,
@@ -158,6 +158,7 @@ class SequenceClassifier(SavesPretrained, nn.Module):
         ids = one_input("inputs", inputs, "input_ids", input_ids)
         check_unsupported(head_mask)
         check_tensor(ids, "inputs", kind="int", ndim=2, layout="[batch, length] token ids")
+        attention_mask = as_bool_mask(attention_mask, "attention_mask")  # checked under the caller's name
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask must have shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
         hidden, attentions, as_dict = output_flags(self.config, output_hidden_states, output_attentions, return_dict)
