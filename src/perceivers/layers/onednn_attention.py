@@ -66,9 +66,10 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
     m, keys = q.shape[-2], k.shape[-2]
     if m == 0 or keys == 0:  # nothing to attend: the general path gives the empty (or zero) result
         return False
-    if torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack():
         # a dispatch mode (a FLOP counter such as Lightning's model summary, fake tensors) sees SDPA, whose
-        # formula counts the model's backward; this path's backward recomputes the scores in counted products
+        # formula counts the model's backward; this path's backward recomputes the scores in counted products.
+        # Asked only outside torch.compile: Dynamo breaks the graph on the dispatch-stack call.
         return False
     if q.dtype == torch.bfloat16:
         return (m * keys <= _MAX_SCORES and k.dtype == v.dtype == q.dtype and not torch.compiler.is_compiling()
