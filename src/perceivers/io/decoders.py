@@ -27,6 +27,7 @@ from ..layers import (
     auto_chunk_size,
     check_chunk_size,
     check_mask,
+    join_chunks,
 )
 from ..layers.blocks import default_qk_channels
 from ..layers.dense import Linear
@@ -233,14 +234,7 @@ class BasicDecoder(nn.Module):
         n = query.shape[1]
         parts = (self._decode(query[:, a:a + size], latents, None if query_mask is None else query_mask[:, a:a + size],
                               kvs=kvs) for a in range(0, n, size))
-        if torch.is_grad_enabled():
-            return torch.cat(list(parts), dim=1)
-        out = None  # without autograd, every chunk's result goes straight into one output tensor
-        for a, part in zip(range(0, n, size), parts):
-            if out is None:
-                out = part.new_empty((part.shape[0], n, part.shape[-1]))
-            out[:, a:a + part.shape[1]] = part
-        return out
+        return join_chunks(parts, n)
 
     def _decode(self, query: Tensor, latents: Tensor, query_mask: Tensor | None, *, kvs: list | None = None) -> Tensor:
         """The decoder stack on ``query [B, Q, Cq]`` against the latents, or (``kvs``) what each

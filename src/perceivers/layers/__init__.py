@@ -13,7 +13,7 @@ from .position import (
     linear_positions,
 )
 from .rotary import RotaryEmbedding as RotaryEmbedding  # re-exported (one line: __all__ is shared)
-from .stream import ContextStream, GridContext, auto_chunk_size, check_chunk_size
+from .stream import ContextStream, GridContext, auto_chunk_size, check_chunk_size, join_chunks
 
 __all__ = [
     "Activation",
@@ -33,6 +33,7 @@ __all__ = [
     "check_mask",
     "fold_is_cheaper",
     "fourier_features",
+    "join_chunks",
     "linear",
     "linear_positions",
     "onednn_enabled",

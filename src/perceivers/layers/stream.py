@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size"]
+__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "join_chunks"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
@@ -36,6 +36,21 @@ def check_chunk_size(value: object, name: str = "chunk_size") -> int | None:
     if value < 0:
         raise ValueError(f"{name} must be None, 0 or a positive int, got {value}")
     return value
+
+
+def join_chunks(parts: Iterable[Tensor], length: int) -> Tensor:
+    """Consecutive chunks ``[B, n_i, …]`` of axis 1 → ``[B, length, …]``: ``torch.cat`` when autograd records
+    (the chunks are its inputs), otherwise each chunk is written into the output as it comes, so that the
+    chunks and their concatenation are never alive together."""
+    if torch.is_grad_enabled():
+        return torch.cat(list(parts), dim=1)
+    out, start = None, 0
+    for part in parts:
+        if out is None:
+            out = part.new_empty((part.shape[0], length, *part.shape[2:]))
+        out[:, start:start + part.shape[1]] = part
+        start += part.shape[1]
+    return out
 
 
 def auto_chunk_size(

@@ -21,6 +21,7 @@ from ..layers import (
     auto_chunk_size,
     check_chunk_size,
     check_mask,
+    join_chunks,
 )
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
@@ -230,14 +231,7 @@ class PerceiverIO(nn.Module):
         parts = (self.to_logits(self._decode(queries[:, i:i + size], None if query_mask is None else query_mask[:, i:i + size],
                                              kvs=kvs))
                  for i in range(0, n, size))
-        if torch.is_grad_enabled():
-            return torch.cat(list(parts), dim=1)
-        out = None  # without autograd each chunk goes straight into the output (no second copy of it)
-        for i, part in zip(range(0, n, size), parts):
-            if out is None:
-                out = part.new_empty((part.shape[0], n, part.shape[-1]))
-            out[:, i:i + part.shape[1]] = part
-        return out
+        return join_chunks(parts, n)
 
     def _decoder_cross_blocks(self) -> list[CrossAttentionBlock]:
         return [self.decoder_cross_attn, *self.decoder_extra_cross_attns]

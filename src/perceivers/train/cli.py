@@ -79,12 +79,15 @@ class ArgumentParser(LightningArgumentParser):
 
 
 _TYPE = re.compile(r"<class '([\w.]+)'>")
+_LITERAL = re.compile(r"typing\.Literal\[(.*)\]")
 
 
-def _type_names(text: str) -> str:
-    """``<class 'int'>`` → ``int``, ``typing.Literal[1, 'a']`` → ``one of 1, 'a'``."""
-    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
-    return f"one of {literal.group(1)}" if literal else _TYPE.sub(r"\1", text)
+def _type_names(kinds: list[str]) -> str:
+    """jsonargparse's type names → ``int or str``; Literals → ``one of 1, 'a', …`` (their values together)."""
+    literals = [_LITERAL.fullmatch(k) for k in kinds]
+    if all(literals):
+        return f"one of {', '.join(m.group(1) for m in literals)}"
+    return " or ".join(f"one of {m.group(1)}" if m else _TYPE.sub(r"\1", k) for k, m in zip(kinds, literals))
 
 
 def _wrong_value(message: str, prefix: str = "") -> str | None:
@@ -98,7 +101,7 @@ def _wrong_value(message: str, prefix: str = "") -> str | None:
     body = textwrap.dedent("\n".join(lines[1:]))
     simple = re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", body.strip(), re.DOTALL)
     if simple:
-        return f"--{key}: expected {_type_names(simple.group(1))}, got {simple.group(2)}"
+        return f"--{key}: expected {_type_names([simple.group(1)])}, got {simple.group(2)}"
     if not body.startswith("Does not validate against any of the Union subtypes"):
         return None
     errors = re.search(r"^Errors:\n(.*?)^Given value type:", body, re.DOTALL | re.MULTILINE)
@@ -109,10 +112,7 @@ def _wrong_value(message: str, prefix: str = "") -> str | None:
                if e.strip() and e.strip() != "Expected a <class 'NoneType'>"]
     if entries and all(re.fullmatch(r"Expected a [^\n]+", e.strip()) for e in entries):
         kinds = [e.strip()[len("Expected a "):] for e in entries]
-        literals = [re.fullmatch(r"typing\.Literal\[(.*)\]", k) for k in kinds]
-        types = (f"one of {', '.join(m.group(1) for m in literals)}" if all(literals)
-                 else " or ".join(map(_type_names, kinds)))
-        return f"--{key}: expected {types}, got {given.group(1)}"
+        return f"--{key}: expected {_type_names(kinds)}, got {given.group(1)}"
     if len(entries) == 1:
         subclass = re.match(r"Problem with given class_path '([^']+)':\n(.*)", entries[0], re.DOTALL)
         if subclass:
