@@ -91,7 +91,12 @@ def fourier_features(
         concat_pos: include the raw coordinates.
         sine_only: sines only (DeepMind layout only).
         freq_base: log-spaced bands instead (see :func:`band_frequencies`).
+
+    Returns ``pos.dtype``; computed in float32 at least (float64 for float64), so bfloat16 / float16
+    coordinates get their features rounded once instead of sines of arguments rounded to 8 or 11 bits.
     """
+    out_dtype = pos.dtype
+    pos = pos.to(_feature_dtype(pos.dtype))
     d = pos.shape[-1]
     res = [float(max_resolution)] * d if isinstance(max_resolution, (int, float)) else list(map(float, max_resolution))
     if len(res) != d:
@@ -104,12 +109,12 @@ def fourier_features(
         if sine_only:
             raise ValueError("sine_only is only defined for the 'deepmind' layout")
         parts = [scaled.sin(), scaled.cos()] + ([pos[..., None]] if concat_pos else [])
-        return torch.cat(parts, dim=-1).flatten(-2)
+        return torch.cat(parts, dim=-1).flatten(-2).to(out_dtype)
     if layout != "deepmind":
         raise ValueError(f"layout must be 'deepmind' or 'lucidrains', got {layout!r}")
     scaled = scaled.flatten(-2)  # [..., d*K], bands of one axis contiguous
     parts = ([pos] if concat_pos else []) + [scaled.sin()] + ([] if sine_only else [scaled.cos()])
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=-1).to(out_dtype)
 
 
 def _maybe_symbolic(n: int) -> bool:
@@ -168,7 +173,8 @@ class FourierPositionEncoding(nn.Module):
         self._cache_size = cache_size
 
     def encode(self, pos: Tensor) -> Tensor:
-        """Features of coordinates ``pos [..., num_dims]`` (e.g. per-sample point clouds) → ``[..., C]``."""
+        """Features of coordinates ``pos [..., num_dims]`` (e.g. per-sample point clouds) → ``[..., C]`` in
+        ``pos.dtype`` (computed in float32 at least: give float32 coordinates to a low-precision model)."""
         if pos.shape[-1] != self.num_dims:
             raise ValueError(f"positions must have {self.num_dims} coordinates in the last axis, got {pos.shape[-1]}")
         return fourier_features(
@@ -235,19 +241,34 @@ class FourierPositionEncoding(nn.Module):
                 torch.add(rows_h.expand_as(grid), rows_w.expand_as(grid), out=grid)
                 return out
             return (rows_h + rows_w).reshape(-1, self.num_channels).to(dtype)
-        flat = torch.arange(start, stop, device=device)
+        feats = self._points(tables, index_shape, torch.arange(start, stop, device=device), stop)
+        if out is not None:
+            return out.copy_(feats)
+        return feats.to(dtype)
+
+    def grid_points(self, index_shape: Sequence[int], index: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Rows ``index`` (int64 ``[n]``, flat row-major positions in ``index_shape``) of ``forward(index_shape)``:
+        ``[n, C]``, from the per-axis tables, never the whole array (sizes may be symbolic: streamed attention in
+        a ``torch.export`` program with dynamic sizes gathers its chunks so)."""
+        index_shape = _sizes(index_shape)
+        if len(index_shape) != self.num_dims:
+            raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
+        tables = self.axis_tables(index_shape, index.device, _feature_dtype(dtype))
+        return self._points(tables, index_shape, index, None).to(dtype)
+
+    @staticmethod
+    def _points(tables: list[Tensor], index_shape: tuple, flat: Tensor, stop: int | None) -> Tensor:
+        """``Σ_a tables[a][i_a]`` for the flat positions ``flat`` (``stop``: their bound, ``None``: unknown)."""
         feats = None
         stride = 1
         for table, n in zip(reversed(tables), reversed(index_shape)):
             idx = flat if stride == 1 else torch.div(flat, stride, rounding_mode="floor")
-            if stride * n < stop:
+            if stop is None or stride * n < stop:
                 idx = torch.remainder(idx, n)
             rows = table.index_select(0, idx)
             feats = rows if feats is None else feats + rows  # disjoint channels: exact
             stride *= n
-        if out is not None:
-            return out.copy_(feats)
-        return feats.to(dtype)
+        return feats
 
     def axis_tables(self, index_shape: Sequence[int], device: torch.device | None = None,
                     dtype: torch.dtype = torch.float32) -> list[Tensor]:
