@@ -616,7 +616,9 @@ class FourierPositionalEncoding(BasePositionalEncoding):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"expected {self.in_dim} input channels, got {x.shape[-1]}")
-        return torch.sin(2 * math.pi * torch.einsum("...i,ij->...j", x, self.proj_matrix))
+        x, proj, dtype = _feature_operands(x, self.proj_matrix)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sin(2 * math.pi * torch.einsum("...i,ij->...j", x, proj)).to(dtype)
 
 
 class IdentityPositionalEncoding(BasePositionalEncoding):
@@ -666,8 +668,19 @@ class NeRFPositionalEncoding(FourierPositionalEncoding):
         self.in_dim, self.out_dim = in_dim, num_frequency_bands * 2 * in_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        scaled = math.pi * (x[..., None] * self.proj_matrix)  # [..., in_dim, bands]
-        return torch.cat([scaled.sin(), scaled.cos()], dim=-1).flatten(-2)
+        x, proj, dtype = _feature_operands(x, self.proj_matrix)
+        scaled = math.pi * (x[..., None] * proj)  # [..., in_dim, bands]
+        return torch.cat([scaled.sin(), scaled.cos()], dim=-1).flatten(-2).to(dtype)
+
+
+def _feature_operands(x: Tensor, proj: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
+    """``x`` and ``proj`` in float32 at least (float64 for float64), and the dtype to return: ``x``'s.
+
+    Sines of arguments rounded to bfloat16 or float16 (tens to thousands of radians here) are noise,
+    so the features of low-precision coordinates or projections are computed in float32 and rounded once.
+    """
+    work = torch.promote_types(torch.promote_types(x.dtype, proj.dtype), torch.float32)
+    return x.to(work), proj.to(work), x.dtype
 
 
 def get_encoder(name: str, in_dim: int, **kwargs) -> BasePositionalEncoding:
