@@ -241,34 +241,19 @@ class FourierPositionEncoding(nn.Module):
                 torch.add(rows_h.expand_as(grid), rows_w.expand_as(grid), out=grid)
                 return out
             return (rows_h + rows_w).reshape(-1, self.num_channels).to(dtype)
-        feats = self._points(tables, index_shape, torch.arange(start, stop, device=device), stop)
-        if out is not None:
-            return out.copy_(feats)
-        return feats.to(dtype)
-
-    def grid_points(self, index_shape: Sequence[int], index: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Rows ``index`` (int64 ``[n]``, flat row-major positions in ``index_shape``) of ``forward(index_shape)``:
-        ``[n, C]``, from the per-axis tables, never the whole array (sizes may be symbolic: streamed attention in
-        a ``torch.export`` program with dynamic sizes gathers its chunks so)."""
-        index_shape = _sizes(index_shape)
-        if len(index_shape) != self.num_dims:
-            raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
-        tables = self.axis_tables(index_shape, index.device, _feature_dtype(dtype))
-        return self._points(tables, index_shape, index, None).to(dtype)
-
-    @staticmethod
-    def _points(tables: list[Tensor], index_shape: tuple, flat: Tensor, stop: int | None) -> Tensor:
-        """``Σ_a tables[a][i_a]`` for the flat positions ``flat`` (``stop``: their bound, ``None``: unknown)."""
+        flat = torch.arange(start, stop, device=device)
         feats = None
         stride = 1
         for table, n in zip(reversed(tables), reversed(index_shape)):
             idx = flat if stride == 1 else torch.div(flat, stride, rounding_mode="floor")
-            if stop is None or stride * n < stop:
+            if stride * n < stop:
                 idx = torch.remainder(idx, n)
             rows = table.index_select(0, idx)
             feats = rows if feats is None else feats + rows  # disjoint channels: exact
             stride *= n
-        return feats
+        if out is not None:
+            return out.copy_(feats)
+        return feats.to(dtype)
 
     def axis_tables(self, index_shape: Sequence[int], device: torch.device | None = None,
                     dtype: torch.dtype = torch.float32) -> list[Tensor]:
