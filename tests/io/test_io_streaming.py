@@ -169,7 +169,10 @@ def test_automatic_rule(monkeypatch) -> None:
 def test_decoders_that_read_the_inputs_get_them_whole() -> None:
     assert not decoder_reads_inputs(ClassificationDecoder(3, latent_channels=16))
     assert not decoder_reads_inputs(BasicDecoder(FourierQueries((4, 4), 2), latent_channels=16))
-    assert decoder_reads_inputs(FlowDecoder(query_channels=17, latent_channels=16, output_image_shape=(12, 10)))
+    # queries made of the inputs: read chunk by chunk when independent, whole when they attend each other
+    assert not decoder_reads_inputs(FlowDecoder(query_channels=17, latent_channels=16, output_image_shape=(12, 10)))
+    assert decoder_reads_inputs(FlowDecoder(query_channels=16, latent_channels=16, output_image_shape=(12, 10),
+                                            num_self_attends_per_cross=1, num_self_attention_heads=2))
     assert decoder_reads_inputs(BasicDecoder(TrainableQueries(120, 4), latent_channels=16,
                                              concat_preprocessed_input=True, preprocessed_channels=3))
     assert decoder_reads_inputs(torch.nn.Identity())  # unknown decoders: assume they do
@@ -179,15 +182,60 @@ def test_decoders_that_read_the_inputs_get_them_whole() -> None:
 
     assert not decoder_reads_inputs(Declared())
     pre = _pre()
-    flow = _model(pre, FlowDecoder(query_channels=pre.num_channels, latent_channels=16, output_image_shape=(12, 10)),
-                  chunk_size=7)
     x = torch.randn(1, 3, 12, 10)
-    assert flow._stream_size(x) == 0
-    assert flow(x).logits.shape == (1, 12, 10, 2)
+    coupled = _model(pre, FlowDecoder(query_channels=pre.num_channels, latent_channels=16, output_image_shape=(12, 10),
+                                      num_self_attends_per_cross=1, num_self_attention_heads=1), chunk_size=7)
+    assert coupled._stream_size(x) == 0
+    assert coupled(x).logits.shape == (1, 12, 10, 2)
     concat = _model(pre, BasicDecoder(TrainableQueries(120, 4), latent_channels=16, output_channels=2,
                                       concat_preprocessed_input=True, preprocessed_channels=3), chunk_size=7)
     assert concat._stream_size(x) == 0
     assert concat(x).logits.shape == (1, 120, 2)
+
+
+def _flow(size=(12, 10)) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = perceivers.create_model("optical-flow-perceiver", train_size=size, num_latents=8, d_latents=16,
+                                    num_self_attends_per_block=1, num_self_attention_heads=2, num_bands=3)
+    for p in model.parameters():  # the flow output is zero-initialised: give every weight a value
+        torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_flow_streams_its_frames_and_decodes_queries_from_the_stream(patched: bool) -> None:
+    from perceivers.io.processors.flow import patches_for_flow
+
+    model = _flow()
+    io = model.perceiver
+    x = torch.randn(2, 2, 3, 12, 10)
+    if patched:
+        x = patches_for_flow(x)
+    x.requires_grad_(True)
+    io.chunk_size = 0
+    ref = model(x).flow
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *model.parameters()])
+    for tokens, queries in ((20, 7), (30, 120), (50, 33)):  # rows of 10 tokens; query chunks across rows
+        io.chunk_size, io.decoder.decoder.chunk_size = tokens, queries
+        assert io._stream_size(x) == tokens
+        assert isinstance(io.input_preprocessor(x, chunk_size=tokens).inputs, ContextStream)
+        out = model(x).flow
+        torch.testing.assert_close(out, ref, **TOL)
+        for got, want in zip(torch.autograd.grad(out.square().sum(), [x, *model.parameters()]), ref_grads):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def test_flow_at_a_large_size_never_builds_its_tokens_or_patches_whole() -> None:
+    model = _flow((64, 64)).eval()
+    model.perceiver.chunk_size = model.perceiver.decoder.decoder.chunk_size = 256
+    x = torch.randn(1, 2, 3, 64, 64)
+    with torch.no_grad(), finite_checks(False), LargestFloatOutput() as probe:
+        out = model(x).flow
+    tokens = 64 * 64 * model.perceiver.input_preprocessor.num_channels
+    patches = 2 * 27 * 64 * 64
+    # the largest tensor made is the 8 KiB output (4096 × 2), one chunk's tokens or a 6-row slab of patches
+    assert probe.largest <= max(out.numel(), 256 * model.perceiver.input_preprocessor.num_channels, 2 * 27 * 6 * 64)
+    assert probe.largest < min(tokens, patches) // 8
 
 
 def test_fourier_queries_read_a_streams_dtype_and_device() -> None:
@@ -227,10 +275,6 @@ def test_large_image_never_exists_as_a_token_array(grad: bool) -> None:
     # only the per-axis tables are cached, never the features of the whole grid
     enc = model.input_preprocessor.position_encoding
     assert isinstance(enc, FourierPositionEncoding) and enc._cache
-    assert all(key[0] == "axis_tables" for key in enc._cache)
-    enc = model.input_preprocessor.position_encoding
-    assert isinstance(enc, FourierPositionEncoding)
-    # only the per-axis tables are cached, never the features of the whole grid
     assert all(key[0] == "axis_tables" for key in enc._cache)
 
 

@@ -17,10 +17,12 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..configurable import configurable
 from ..layers import (
     Activation,
+    ContextStream,
     CrossAttentionBlock,
     SelfAttentionBlock,
     TrainablePositionEncoding,
@@ -177,17 +179,20 @@ class BasicDecoder(nn.Module):
     def chunk_size(self, value: int | None) -> None:
         self._chunk_size = check_chunk_size(value)
 
-    def _decode_chunk_size(self, query: Tensor, latents: Tensor) -> int:
+    def _decode_chunk_size(self, query: Tensor | ContextStream, latents: Tensor) -> int:
         """Queries per chunk for ``query [B, Q, C]``, or 0 to decode them at once."""
         if (self.num_self_attends_per_cross or torch.compiler.is_compiling()
                 or "forward" in self.cross_attention.attn.__dict__):
             # coupled queries decode whole; a compiled graph keeps one path; weights being recorded
             # (layers.attention.record_attention) are one [B, H, Q, N] per layer call
             return 0
-        grad = torch.is_grad_enabled() and (query.requires_grad or latents.requires_grad
+        return auto_chunk_size(query.shape[1], self.chunk_size, grad=self._grad(query, latents),
+                               channels=self._query_width, batch=query.shape[0])
+
+    def _grad(self, query: Tensor | ContextStream, latents: Tensor) -> bool:
+        """Whether decoding records autograd (a stream's chunks may need gradients)."""
+        return torch.is_grad_enabled() and (getattr(query, "requires_grad", True) or latents.requires_grad
                                             or any(p.requires_grad for p in self.parameters()))
-        return auto_chunk_size(query.shape[1], self.chunk_size, grad=grad, channels=self._query_width,
-                               batch=query.shape[0])
 
     @property
     def num_queries(self) -> int | None:
@@ -215,25 +220,38 @@ class BasicDecoder(nn.Module):
     def output_modality_sizes(self, subsampled_points=None) -> dict[str, int] | None:
         return None
 
-    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+    def forward(self, query: Tensor | ContextStream, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
         """``query [B, Q, Cq]``, ``latents [B, N, D]``, ``query_mask [B, Q]`` (bool) → ``[B, Q, output_channels]``.
 
         Queries whose mask is False attend nothing: their attention output is zero before the
         output projection (DeepMind's behaviour at padded MLM positions). With query self-attention
         they are no keys either, so they do not change the other queries' outputs.
+
+        ``query`` may be a :class:`~perceivers.layers.ContextStream` (optical flow's streamed tokens):
+        decoded in chunks, each chunk of queries is built from it only when it is decoded.
         """
+        streamed = isinstance(query, ContextStream)
         for name, x, width in (("query", query, self.query_channels), ("latents", latents, self.latent_channels)):
-            if x.ndim != 3 or x.shape[-1] != width:
+            if len(x.shape) != 3 or x.shape[-1] != width:
                 raise ValueError(f"decoder {name} must be [batch, n, {width}], got {tuple(x.shape)}")
-        query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask", device=query.device)
+        query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask", device=latents.device)
         size = self._decode_chunk_size(query, latents)
         if not size:
-            return self._decode(query, latents, query_mask)
+            return self._decode(query.materialize() if streamed else query, latents, query_mask)
         # Independent queries: the latents once per cross-attention, then one chunk of queries at a time.
         kvs = [block.prepare(latents, num_queries=size) for block in (self.cross_attention, *self.extra_cross_attentions)]
         n = query.shape[1]
-        parts = (self._decode(query[:, a:a + size], latents, None if query_mask is None else query_mask[:, a:a + size],
-                              kvs=kvs) for a in range(0, n, size))
+        rows = (lambda a: query.chunk(a, min(a + size, n))) if streamed else (lambda a: query[:, a:a + size])
+
+        def part(a: int) -> Tensor:
+            return self._decode(rows(a), latents, None if query_mask is None else query_mask[:, a:a + size], kvs=kvs)
+
+        if self._grad(query, latents) and not torch.compiler.is_compiling():
+            # with autograd only each chunk's output is kept: its intermediates (and a stream's queries) are
+            # made again in the backward pass
+            parts = (checkpoint(part, a, use_reentrant=False) for a in range(0, n, size))
+        else:
+            parts = (part(a) for a in range(0, n, size))
         return join_chunks(parts, n)
 
     def _decode(self, query: Tensor, latents: Tensor, query_mask: Tensor | None, *, kvs: list | None = None) -> Tensor:

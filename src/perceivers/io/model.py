@@ -75,8 +75,8 @@ class PerceiverIOModel(nn.Module):
             rounding). ``None`` (default): without autograd above 32768 tokens per sample (chunks of a
             quarter of the input, 32768–65536), with autograd above 65536 (chunks of 65536, each
             recomputed in the backward pass); ``0``: never. When the preprocessor can build its
-            tokens chunk by chunk (images: ``ImagePreprocessor.streams``) and the decoder's queries do
-            not read them (:func:`decoder_reads_inputs`), the whole token array never exists;
+            tokens chunk by chunk (images, optical-flow frames: ``streams``) and the decoder does not
+            need them whole (:func:`decoder_reads_inputs`), the whole token array never exists;
             otherwise the tokens are built whole and only their keys, values and scores are
             streamed. A plain attribute, so it can be changed on a built model.
     """
@@ -313,12 +313,14 @@ def _check_subsampling(decoder: nn.Module | None, points: Tensor | Mapping[str, 
 
 
 def decoder_reads_inputs(decoder: nn.Module | None) -> bool:
-    """Whether ``decoder.decoder_query`` reads the preprocessed inputs themselves, not only their
-    batch size, dtype and device (then the inputs cannot be streamed).
+    """Whether the decoder needs the preprocessed inputs whole, not only their batch size, dtype and
+    device (then the inputs are not streamed).
 
-    True for queries made of the inputs (:class:`~perceivers.io.InputQueries`: optical flow) or
-    concatenated with them (``concat_preprocessed_input``), and for decoders of other classes unless
-    they declare ``reads_inputs = False``. No decoder reads nothing.
+    True for queries concatenated with the inputs (``concat_preprocessed_input``), for queries made of
+    the inputs (:class:`~perceivers.io.InputQueries`) that attend each other, and for decoders of
+    other classes unless they declare ``reads_inputs = False``. Independent queries made of the
+    inputs (optical flow) take them as a :class:`~perceivers.layers.ContextStream`: the decoder
+    builds each chunk of queries from it.
     """
     if decoder is None:
         return False
@@ -327,5 +329,8 @@ def decoder_reads_inputs(decoder: nn.Module | None) -> bool:
         return bool(declared)
     if type(decoder) not in _DECODERS:
         return True
+    basic = decoder.decoder if isinstance(decoder, FlowDecoder) else decoder
+    if isinstance(basic, BasicDecoder) and isinstance(basic.queries, InputQueries):
+        return basic.concat_preprocessed_input or couples_queries(basic)
     return any(isinstance(m, InputQueries) or (isinstance(m, BasicDecoder) and m.concat_preprocessed_input)
                for m in decoder.modules())

@@ -129,7 +129,8 @@ class FourierQueries(nn.Module):
 
 @configurable
 class InputQueries(nn.Module):
-    """Use the preprocessed inputs ``[B, M, num_channels]`` as the queries (one output per input)."""
+    """Use the preprocessed inputs ``[B, M, num_channels]`` as the queries (one output per input); a
+    :class:`~perceivers.layers.ContextStream` of them passes through, for the decoder to read chunk by chunk."""
 
     def __init__(self, num_channels: int) -> None:
         super().__init__()

@@ -10,14 +10,16 @@ from torch import Tensor
 
 from ...configurable import configurable
 from ...validation import check_tensor
-from ..positions import build_position_encoding
+from ..positions import build_position_encoding, has_grid_rows
 from .base import Preprocessed
 from .image import ImagePreprocessor
 
 __all__ = ["FlowPreprocessor", "patches_for_flow"]
 
+PATCH_SIZE = 3  # DeepMind's flow model: 3×3 patches of each frame
 
-def patches_for_flow(frames: Tensor, kernel_size: int = 3) -> Tensor:
+
+def patches_for_flow(frames: Tensor, kernel_size: int = PATCH_SIZE) -> Tensor:
     """Frame pairs ``[B, T, C, H, W]`` → zero-padded ``k×k`` patches ``[B, T, k·k·C, H, W]``.
 
     Channel order is ``(dy, dx, c)`` — ``tf.image.extract_patches`` / transformers' convention —
@@ -56,21 +58,48 @@ class FlowPreprocessor(ImagePreprocessor):
             max_resolution=tuple(image_size) if max_resolution is None else tuple(max_resolution),
         )
         super().__init__(
-            "patches", in_channels=9 * frame_channels, position_encoding=pos, spatial_downsample=1,
+            "patches", in_channels=PATCH_SIZE**2 * frame_channels, position_encoding=pos, spatial_downsample=1,
             temporal_downsample=2, num_channels=num_channels, conv_after_patching=True,
         )
         self.frame_channels = frame_channels
         self.image_size = tuple(int(n) for n in image_size)
 
-    def forward(self, x: Tensor) -> Preprocessed:
+    def streams(self, x: Tensor) -> bool:
+        """Whether ``forward(x, chunk_size=n)`` gives a stream: a frame pair (raw or patched) with
+        positions that give rows alone. Each chunk's patches are made from its rows and one row on
+        either side, so neither the patches nor the tokens of the whole image ever exist."""
+        return (isinstance(x, Tensor) and x.ndim == 5 and x.shape[1] == 2
+                and x.shape[2] in (self.frame_channels, self.in_channels) and has_grid_rows(self.position_encoding))
+
+    def forward(self, x: Tensor, *, chunk_size: int = 0) -> Preprocessed:
+        """Frames ``[B, 2, C, H, W]`` → tokens ``[B, H·W, num_channels]`` (a
+        :class:`~perceivers.layers.ContextStream` of them with ``chunk_size > 0``, as
+        :meth:`ImagePreprocessor.forward`)."""
         check_tensor(x, "flow inputs", kind="float", layout="[batch, 2, C, H, W]")
         if x.ndim != 5 or x.shape[1] != 2:
             raise ValueError(f"flow inputs must be [batch, 2, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[2] == self.frame_channels:
-            x = patches_for_flow(x)
-        elif x.shape[2] != self.in_channels:
+        if x.shape[2] not in (self.frame_channels, self.in_channels):
             raise ValueError(
                 f"flow inputs need {self.frame_channels} (frames) or {self.in_channels} (3x3 patches) channels "
                 f"on axis 2, got shape {tuple(x.shape)}"
             )
-        return super().forward(x)
+        if chunk_size > 0 and self.streams(x):
+            return super().forward(x, chunk_size=chunk_size)
+        return super().forward(self._patches(x))
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """Raw frames → their 3×3 patches; patches pass through."""
+        return patches_for_flow(x, PATCH_SIZE) if x.shape[2] == self.frame_channels else x
+
+    def _check_shape(self, x: Tensor) -> None:
+        if not (x.ndim == 5 and x.shape[2] == self.frame_channels):  # raw frames are patched chunk by chunk
+            super()._check_shape(x)
+
+    def _row_features(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """Features of pixel rows ``r0:r1`` (a token per pixel) → ``[B, r1 - r0, W, C']``; raw frames are
+        patched from those rows and a halo of ``PATCH_SIZE // 2`` rows on either side."""
+        if x.shape[2] == self.in_channels:
+            return self._features(x[..., r0:r1, :])
+        halo = PATCH_SIZE // 2
+        a, b = max(r0 - halo, 0), min(r1 + halo, x.shape[-2])
+        return self._features(self._patches(x[..., a:b, :])[..., r0 - a : r1 - a, :])
