@@ -289,3 +289,43 @@ def test_onnx_with_a_dynamic_batch(tmp_path) -> None:
         (got,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(*inputs), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_dynamic_size_export_streams_in_a_while_loop(chunk_size: int | None) -> None:
+    """With a dynamic image size the Perceiver's program attends its input in a ``torch.while_loop`` over chunks
+    (gathered rows: pixels and their Fourier features), as eager mode streams, instead of the whole input at
+    once; with a key mask (one sample without any key), several chunks and a partial last one, it equals eager."""
+    model, (x,) = _perceiver(chunk_size=chunk_size)
+    mask = torch.rand(2, 10, 12, generator=torch.Generator().manual_seed(0)) > 0.3
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("h", max=512), 2: torch.export.Dim("w", max=512)}
+    with torch.no_grad():
+        program = torch.export.export(model, (x, mask), dynamic_shapes=(dims, dims))
+    assert "while_loop" in {str(node.target) for node in program.graph.nodes}
+    gen = torch.Generator().manual_seed(1)
+    for batch, h, w in ((1, 2, 3), (3, 7, 9), (2, 17, 31)):  # 17·31 = 527 pixels: 33 chunks of 16, the last of 15
+        x, mask = torch.randn(batch, h, w, 3, generator=gen), torch.rand(batch, h, w, generator=gen) > 0.3
+        mask[-1] = False
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x, mask), model(x, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_size_export_attends_whole_with_chunk_size_0() -> None:
+    model, args = _perceiver(chunk_size=0)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("h", max=512), 2: torch.export.Dim("w", max=512)}
+    with torch.no_grad():
+        program = torch.export.export(model, args, dynamic_shapes=(dims,))
+    assert "while_loop" not in {str(node.target) for node in program.graph.nodes}
+
+
+@pytest.mark.slow
+def test_onnx_streams_a_dynamic_image_size(tmp_path) -> None:
+    """The while_loop becomes an ONNX ``Loop``: onnxruntime runs sizes of one and of many chunks."""
+    model, args = _perceiver(chunk_size=16)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("h", max=512), 2: torch.export.Dim("w", max=512)}
+    session = _onnx_session(model, args, tmp_path / "looped.onnx", (dims,))
+    for batch, h, w in ((1, 2, 3), (3, 17, 31)):
+        x = torch.randn(batch, h, w, 3, generator=torch.Generator().manual_seed(h))
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)

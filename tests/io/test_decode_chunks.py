@@ -97,3 +97,27 @@ def test_recorded_attention_weights_cover_the_whole_query_set() -> None:
     with torch.no_grad(), record_attention(dec) as records:
         dec(query, latents)
     assert [tuple(w.shape) for _, w in records] == [(1, 2, 600, 5)]
+
+
+def test_torch_export_decodes_a_fixed_query_count_in_chunks() -> None:
+    """An exported decoder decodes its (fixed) query set chunk by chunk as eager mode does: one cross-attention per
+    chunk in the program (it had decoded the whole set at once under torch.export), same outputs."""
+    dec = _decoder().eval()
+    dec.chunk_size = 100  # 600 queries: 6 chunks
+
+    class Decode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dec = dec
+
+        def forward(self, latents: torch.Tensor) -> torch.Tensor:
+            return self.dec(self.dec.decoder_query(latents), latents)
+
+    latents = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        program = torch.export.export(Decode(), (latents,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        attentions = [n for n in program.graph.nodes if "attention" in str(n.target) and n.op == "call_function"]
+        assert len(attentions) == 6
+        for batch in (1, 3):
+            x = torch.randn(batch, 5, 16)
+            torch.testing.assert_close(program.module()(x), Decode()(x), **TOL)

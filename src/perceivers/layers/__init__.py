@@ -13,7 +13,7 @@ from .position import (
     linear_positions,
 )
 from .rotary import RotaryEmbedding as RotaryEmbedding  # re-exported (one line: __all__ is shared)
-from .stream import ContextStream, GridContext, auto_chunk_size, check_chunk_size, join_chunks
+from .stream import ContextStream, GridContext, auto_chunk_size, check_chunk_size, join_chunks, loops
 
 __all__ = [
     "Activation",
@@ -36,6 +36,7 @@ __all__ = [
     "join_chunks",
     "linear",
     "linear_positions",
+    "loops",
     "onednn_enabled",
     "use_onednn",
 ]

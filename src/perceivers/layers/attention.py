@@ -377,6 +377,94 @@ class Attention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
+    def forward_looped(
+        self,
+        x: Tensor,
+        rows: Callable[[Tensor], Tensor],
+        length: int,
+        *,
+        chunk_size: int,
+        mask: Tensor | None = None,
+        query_mask: Tensor | None = None,
+    ) -> Tensor:
+        """:meth:`forward_chunked` for a symbolic ``length`` (``torch.export`` with dynamic sizes): one
+        ``torch.while_loop`` over chunks of at most ``chunk_size`` keys, so that the exported program (and its
+        ONNX ``Loop``) holds one chunk at a time whatever the input's size. ``rows(index)`` returns the
+        (normalised) context rows at the positions ``index`` (int64 ``[n]``) ``[B, n, kv_dim]``; the last chunk
+        gathers its missing rows again and masks them out. Inference only (no dropout, no autograd).
+        """
+        from torch._higher_order_ops.while_loop import while_loop
+
+        q = self._project_queries(x) * (self.qk_channels // self.num_heads) ** -0.5
+        fold = self.folds(num_queries=x.shape[1], length=length)
+        if fold:
+            q = _pad_channels(self._fold_queries(q))
+        b, h, n = q.shape[:3]
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)
+        v_width = q.shape[-1] if fold else self.v_channels // self.num_heads
+        fused = (fold or self.qk_channels == self.v_channels) and _flash_lse_available(q)
+        if not fused:  # the online softmax's score-sized temporaries: STEP_SCORES // 4 elements per step
+            queries = (b if isinstance(b, int) else 1) * h * (n if isinstance(n, int) else 1)
+            chunk_size = min(chunk_size, max(MIN_STEP_KEYS, STEP_SCORES // (4 * max(queries, 1))))
+        size = torch.sym_min(chunk_size, length)
+        offsets = torch.arange(size, device=q.device)
+        low = torch.finfo(acc_dtype).min
+
+        def keys_values(index: Tensor) -> KeyValue:
+            c = rows(index)
+            if fold:
+                c = _pad_channels(c.to(q.dtype))[:, None].expand(-1, self.num_heads, -1, -1)
+                return c, c
+            k, v = self.project_kv(c)
+            return k.to(q.dtype), v.to(q.dtype)
+
+        def chunk_keys(i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            index = i * size + offsets  # [n]
+            keep = (index < length)[None]  # [1, n]: the last chunk's repeated rows are no keys
+            index = index.clamp(max=length - 1)
+            if mask is not None:
+                keep = keep & mask.index_select(1, index)
+            return *keys_values(index), keep[:, None, None, :]  # keep: [B or 1, 1, 1, n]
+
+        def more(i: Tensor, *_: Tensor) -> Tensor:
+            return i * size < length
+
+        if fused:  # aten's fused CPU kernel per chunk (pt2 programs, see fused_export): merged by log-sum-exp
+            def step(i: Tensor, lse: Tensor, acc: Tensor):
+                k, v, keep = chunk_keys(i)
+                bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, low)
+                out, part = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias,
+                                                                                       scale=1.0)
+                part = part.unsqueeze(-1).to(acc_dtype)
+                total = torch.logaddexp(lse, part)
+                return i + 1, total, acc * torch.exp(lse - total) + out.to(acc_dtype) * torch.exp(part - total)
+
+            start = (torch.zeros((), dtype=torch.long, device=q.device),
+                     q.new_full((b, h, n, 1), float("-inf"), dtype=acc_dtype), q.new_zeros((b, h, n, v_width), dtype=acc_dtype))
+            out = while_loop(more, step, start)[2].to(q.dtype)
+        else:
+            def step(i: Tensor, m: Tensor, l: Tensor, acc: Tensor):
+                k, v, keep = chunk_keys(i)
+                scores = torch.matmul(q, k.transpose(-1, -2)).to(acc_dtype).masked_fill(~keep, low)  # [B, H, Q, n]
+                m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
+                alpha = torch.exp(m - m_new)
+                p = torch.exp(scores - m_new)
+                return (i + 1, m_new, l * alpha + p.sum(-1, keepdim=True),
+                        acc * alpha + torch.matmul(p.to(v.dtype), v).to(acc_dtype))
+
+            start = (torch.zeros((), dtype=torch.long, device=q.device), q.new_full((b, h, n, 1), low, dtype=acc_dtype),
+                     q.new_zeros((b, h, n, 1), dtype=acc_dtype), q.new_zeros((b, h, n, v_width), dtype=acc_dtype))
+            _, _, l, acc = while_loop(more, step, start)
+            out = (acc / l).to(q.dtype)
+        if fold:
+            out = self._unfold_values(out[..., : self.kv_dim])
+        if mask is not None:
+            out = out * mask.any(-1)[:, None, None, None].to(out.dtype)
+        if query_mask is not None:
+            out = out * query_mask[:, None, :, None].to(out.dtype)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
 def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:
     """``softmax(q kᵀ · scale) v`` per head (``[B, H, M, d_k]``, ``[B, H, N, d_k]``, ``[B, H, N, d_v]`` ->
     ``[B, H, M, d_v]``) through SDPA, except on CPU: heads whose widths are multiples of 16 go to the

@@ -167,6 +167,12 @@ class CrossAttentionBlock(nn.Module):
                     self.attn, self.norm_kv, q_in, kv.grid, query_mask=query_mask,
                     chunk_pixels=min(grid_attention.GRID_CHUNK, pixels),
                 )
+            elif not isinstance(kv.length, int) and kv.rows is not None:  # symbolic length: torch.export
+                stream = kv
+                y = self.attn.forward_looped(
+                    q_in, lambda index: self.norm_kv(stream.rows(index)), stream.length,
+                    chunk_size=stream.chunk_size, mask=mask, query_mask=query_mask,
+                )
             else:
                 stream = kv
                 y = self.attn.forward_chunked(

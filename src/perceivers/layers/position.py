@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -241,19 +241,37 @@ class FourierPositionEncoding(nn.Module):
                 torch.add(rows_h.expand_as(grid), rows_w.expand_as(grid), out=grid)
                 return out
             return (rows_h + rows_w).reshape(-1, self.num_channels).to(dtype)
-        flat = torch.arange(start, stop, device=device)
+        feats = self._points(tables, index_shape, torch.arange(start, stop, device=device), stop)
+        if out is not None:
+            return out.copy_(feats)
+        return feats.to(dtype)
+
+    def grid_gather(self, index_shape: Sequence[int], *, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> Callable[[Tensor], Tensor]:
+        """A function: flat row-major positions ``index`` (int64 ``[n]``) in ``index_shape`` → those rows of
+        ``forward(index_shape)`` ``[n, C]``, gathered from the per-axis tables (computed here, once), never the
+        whole array. Sizes may be symbolic: streamed attention in a ``torch.export`` program with dynamic
+        sizes builds its chunks so, inside a ``torch.while_loop`` (whose body must create no tensor constant).
+        """
+        index_shape = _sizes(index_shape)
+        if len(index_shape) != self.num_dims:
+            raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
+        tables = self.axis_tables(index_shape, device, _feature_dtype(dtype))
+        return lambda index: self._points(tables, index_shape, index, None).to(dtype)
+
+    @staticmethod
+    def _points(tables: list[Tensor], index_shape: tuple, flat: Tensor, stop: int | None) -> Tensor:
+        """``Σ_a tables[a][i_a]`` for the flat positions ``flat`` (``stop``: their bound, ``None``: unknown)."""
         feats = None
         stride = 1
         for table, n in zip(reversed(tables), reversed(index_shape)):
             idx = flat if stride == 1 else torch.div(flat, stride, rounding_mode="floor")
-            if stride * n < stop:
+            if stop is None or stride * n < stop:
                 idx = torch.remainder(idx, n)
             rows = table.index_select(0, idx)
             feats = rows if feats is None else feats + rows  # disjoint channels: exact
             stride *= n
-        if out is not None:
-            return out.copy_(feats)
-        return feats.to(dtype)
+        return feats
 
     def axis_tables(self, index_shape: Sequence[int], device: torch.device | None = None,
                     dtype: torch.dtype = torch.float32) -> list[Tensor]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "join_chunks"]
+__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "join_chunks", "loops"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
@@ -64,14 +64,14 @@ def auto_chunk_size(
     (batch · channels)`` elements, and at least 512); ``0`` never streams; a positive value streams
     in chunks of that size whenever ``length`` exceeds it.
 
-    Symbolic sizes (``torch.export`` with dynamic shapes) set no guard: ``None`` never streams a symbolic
-    ``length`` (the exported program attends any length at once), and a symbolic ``batch`` sizes the chunks
-    as for one sample.
+    Symbolic sizes (``torch.export`` with dynamic shapes) set no guard: a symbolic ``length`` is never
+    streamed in a Python loop (``None``, and any ``chunk_size`` while exporting: :func:`loops` says where a
+    ``torch.while_loop`` streams it instead), and a symbolic ``batch`` sizes the chunks as for one sample.
     """
     if not isinstance(batch, int):
         batch = 1
-    if chunk_size is None and not isinstance(length, int):
-        return 0
+    if not isinstance(length, int) and (chunk_size is None or torch.compiler.is_exporting()):
+        return 0  # torch.export loops over a symbolic length instead (see loops)
     if chunk_size is None:
         if grad:
             size = DEFAULT_CHUNK if length > DEFAULT_CHUNK else 0
@@ -84,6 +84,14 @@ def auto_chunk_size(
         return size
     check_chunk_size(chunk_size)
     return chunk_size if 0 < chunk_size < length else 0
+
+
+def loops(length: int, chunk_size: int | None, *, grad: bool = False) -> bool:
+    """Whether a context of symbolic ``length`` (``torch.export`` with dynamic sizes) is attended in a
+    ``torch.while_loop`` over chunks (:meth:`~perceivers.layers.Attention.forward_looped`), so that the exported
+    program's memory does not grow with the input as eager mode's streaming does not: while exporting, without
+    autograd, unless ``chunk_size`` is 0. ``torch.compile`` keeps attending a symbolic length at once."""
+    return (not isinstance(length, int) and chunk_size != 0 and not grad and torch.compiler.is_exporting())
 
 
 @dataclass
@@ -115,6 +123,8 @@ class ContextStream:
     ``dtype`` and ``device`` describe the chunks (``None``: unknown), so that a stream can stand in
     for the tensor wherever only its shape, dtype and device are read. ``grid`` optionally describes
     the same context by its parts (:class:`GridContext`), for attention that can use that structure.
+    ``rows(index)`` optionally returns the rows at the positions ``index`` (int64 ``[n]``): ``[batch, n,
+    channels]``; a stream of symbolic ``length`` needs it (see :func:`loops`).
     """
 
     batch: int
@@ -125,6 +135,7 @@ class ContextStream:
     dtype: torch.dtype | None = None
     device: torch.device | None = None
     grid: GridContext | None = None
+    rows: Callable[[Tensor], Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -135,7 +146,8 @@ class ContextStream:
     def from_tensor(cls, context: Tensor, chunk_size: int = DEFAULT_CHUNK) -> ContextStream:
         """Stream an existing ``[B, M, C]`` tensor (saves the keys, values and scores of all of it)."""
         return cls(context.shape[0], context.shape[1], context.shape[2],
-                   lambda a, b: context[:, a:b], chunk_size, context.dtype, context.device)
+                   lambda a, b: context[:, a:b], chunk_size, context.dtype, context.device,
+                   rows=lambda index: context.index_select(1, index))
 
     def materialize(self) -> Tensor:
         """The whole context (for tests and small inputs)."""

@@ -26,8 +26,10 @@ from ..layers import (
     check_chunk_size,
     check_mask,
     grid_attention,
+    loops,
 )
 from ..layers.position import _feature_dtype
+from ..layers.stream import DEFAULT_CHUNK
 from ..validation import check_count, check_finite
 from .common import (
     AttentionResidual,
@@ -298,6 +300,11 @@ class Perceiver(LogitsAlias, nn.Module):
         m = data.shape[1] if pos is not None else math.prod(data.shape[1:-1])
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(m, self.chunk_size, grad=grad)
+        # a symbolic grid size, exported: a torch.while_loop over chunks (per-sample coordinates, pos, are attended
+        # whole: gathering them in the loop left a guard on the length)
+        looped = not size and pos is None and loops(m, self.chunk_size, grad=grad)
+        if looped:
+            size = self.chunk_size or DEFAULT_CHUNK
         gridded = self.position_encoding is not None and pos is None and data.ndim in (4, 5)
         dropout = self.training and any(b.cross_attn.attn.dropout > 0 for b in self.blocks if b.cross_attn)
         if not size and gridded and self.chunk_size is None and grid_attention.serves(
@@ -316,14 +323,19 @@ class Perceiver(LogitsAlias, nn.Module):
         flat = flatten_axes(data)
         b = flat.shape[0]
         enc = self.position_encoding
+        gather = None  # rows by position, for a looped stream
         if enc is None:
             chunk = lambda a, z: flat[:, a:z]
+            gather = lambda index: flat.index_select(1, index)
         elif pos is not None:
             work = _feature_dtype(data.dtype)
             chunk = lambda a, z: torch.cat((flat[:, a:z], enc.encode(pos[:, a:z].to(work)).to(data.dtype)), -1)
         else:
             shape = tuple(data.shape[1:-1])
-            if len(shape) == 2:  # whole image rows per chunk: their features are one broadcast sum
+            if looped:  # the per-axis tables once, outside the loop's body
+                points = enc.grid_gather(shape, device=data.device, dtype=data.dtype)
+                gather = lambda index: torch.cat((flat.index_select(1, index), points(index).expand(b, -1, -1)), -1)
+            if len(shape) == 2 and not looped:  # whole image rows per chunk: their features are one broadcast sum
                 size = max(shape[1], size - size % shape[1])
 
             def chunk(a: int, z: int) -> Tensor:
@@ -331,11 +343,11 @@ class Perceiver(LogitsAlias, nn.Module):
                 return torch.cat((flat[:, a:z], feats.expand(b, -1, -1)), dim=-1)
 
         grid = None
-        if gridded:  # the grid kernel scores the positions per axis (a video's time and height axes as rows)
+        if gridded and not looped:  # the grid kernel scores the positions per axis (a video's time and height axes as rows)
             tables = enc.axis_tables(data.shape[1:-1], data.device)
             rows = tables[0] if len(tables) == 2 else (tables[0][:, None] + tables[1][None]).flatten(0, 1)
             grid = GridContext(data.flatten(1, -3), (rows.shape[0], data.shape[-2]), (rows, tables[-1]))
-        return ContextStream(b, m, self.context_dim, chunk, size, grid=grid)
+        return ContextStream(b, m, self.context_dim, chunk, size, grid=grid, rows=gather)
 
     def forward(
         self,
