@@ -1,5 +1,7 @@
 """ImageNet eval preprocessing: official crop/resize arithmetic, transformers parity, class names."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,20 @@ def test_too_small_to_crop_names_the_smallest_side():
     with pytest.raises(ValueError, match="at least 16 pixels"):
         center_crop_box(3, 3, size=2, crop_padding=30)
     assert center_crop_box(2, 2) == (1, 1, 1)
+
+
+def test_float_arrays_in_the_unit_range_warn_that_they_read_as_0_to_255():
+    """Float arrays are read as 0..255, as transformers' processors read them; one within [0, 1] (a ToTensor-style
+    image) would come out almost black, so it warns."""
+    from perceivers.data import load_image
+
+    unit = np.linspace(0, 1, 12, dtype=np.float32).reshape(2, 2, 3)
+    with pytest.warns(UserWarning, match=r"values in \[0, 1\] \(max 1\) is read as 0\.\.255"):
+        assert load_image(unit).max() == 1
+    with pytest.warns(UserWarning, match="almost black"):
+        ImageNetEvalTransform(size=8, crop_padding=0)(torch.rand(8, 8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(load_image(unit * 255), np.rint(unit * 255).astype(np.uint8))
+        load_image(np.zeros((2, 2, 3), np.float32))  # black is black in either range
+        load_image((unit * 255).astype(np.uint8))

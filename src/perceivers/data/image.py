@@ -10,6 +10,7 @@ result is ``[3, 224, 224]`` float32 per image.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,7 +44,7 @@ def load_image(image: object) -> np.ndarray:
 
     Arrays may also be grey (``[H, W]``, ``[H, W, 1]``) or RGBA (alpha dropped). ``uint16`` arrays are 16-bit
     images, scaled from [0, 65535] as 16-bit files are; other arrays are taken to hold values in [0, 255] and
-    are rounded and clipped. Files are read as stored: an EXIF orientation tag is not applied (TensorFlow's
+    are rounded and clipped (a float array within [0, 1] gets a warning: it reads almost black). Files are read as stored: an EXIF orientation tag is not applied (TensorFlow's
     decoder in the official pipeline ignores it too); call ``PIL.ImageOps.exif_transpose`` first to apply it.
     """
     if isinstance(image, (str, os.PathLike)):
@@ -72,6 +73,11 @@ def load_image(image: object) -> np.ndarray:
             raise ValueError(f"an image array must be finite, got {int((~np.isfinite(image)).sum())} NaN/Inf values")
         if image.dtype == np.uint16:  # 16 bits: clipping at 255 would leave an almost white picture
             return np.rint(image / 257.0).astype(np.uint8)
+        if image.dtype.kind == "f" and image.size and 0 <= image.min() and 0 < image.max() <= 1:
+            warnings.warn(
+                f"a float image array with values in [0, 1] (max {float(image.max()):.3g}) is read as 0..255 (as "
+                "transformers' processors read float images), so it comes out almost black; pass values in [0, 255] "
+                "(e.g. `image * 255`) or uint8", UserWarning, stacklevel=2)
         if image.dtype != np.uint8:
             image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         return image
