@@ -266,7 +266,9 @@ class FourierPositionEncoding(nn.Module):
         stride = 1
         for table, n in zip(reversed(tables), reversed(index_shape)):
             idx = flat if stride == 1 else torch.div(flat, stride, rounding_mode="floor")
-            if stop is None or stride * n < stop:
+            if stop is None:  # a symbolic n: the ONNX exporter's remainder takes no symbolic divisor
+                idx = idx - torch.div(idx, n, rounding_mode="floor") * n
+            elif stride * n < stop:
                 idx = torch.remainder(idx, n)
             rows = table.index_select(0, idx)
             feats = rows if feats is None else feats + rows  # disjoint channels: exact
