@@ -181,10 +181,11 @@ class BasicDecoder(nn.Module):
 
     def _decode_chunk_size(self, query: Tensor | ContextStream, latents: Tensor) -> int:
         """Queries per chunk for ``query [B, Q, C]``, or 0 to decode them at once."""
-        if (self.num_self_attends_per_cross or torch.compiler.is_compiling()
+        if (self.num_self_attends_per_cross or (torch.compiler.is_compiling() and not torch.compiler.is_exporting())
                 or "forward" in self.cross_attention.attn.__dict__):
             # coupled queries decode whole; a compiled graph keeps one path; weights being recorded
-            # (layers.attention.record_attention) are one [B, H, Q, N] per layer call
+            # (layers.attention.record_attention) are one [B, H, Q, N] per layer call. torch.export decodes a
+            # fixed query count in chunks as eager mode does (the loop unrolls; a symbolic count decodes whole)
             return 0
         return auto_chunk_size(query.shape[1], self.chunk_size, grad=self._grad(query, latents),
                                channels=self._query_width, batch=query.shape[0])
