@@ -9,6 +9,7 @@ from memory_probe import LargestFloatOutput
 
 import perceivers
 from perceivers.io import BasicDecoder, FourierQueries
+from perceivers.layers import ContextStream
 from perceivers.validation import finite_checks
 
 TOL = {"atol": 2e-5, "rtol": 1e-4}
@@ -121,3 +122,66 @@ def test_torch_export_decodes_a_fixed_query_count_in_chunks() -> None:
         for batch in (1, 3):
             x = torch.randn(batch, 5, 16)
             torch.testing.assert_close(program.module()(x), Decode()(x), **TOL)
+
+
+@pytest.mark.parametrize("subsampled", [False, True])
+def test_streamed_fourier_queries_equal_the_whole_set(subsampled: bool) -> None:
+    builder = FourierQueries((4, 5, 6), 3)
+    points = torch.randperm(120)[:77] if subsampled else None
+    whole = builder(2, subsampled_points=points)
+    stream = builder(2, subsampled_points=points, stream=True)
+    assert isinstance(stream, ContextStream) and stream.shape == whole.shape
+    pieces = [stream.chunk(a, min(a + 13, stream.length)) for a in range(0, stream.length, 13)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=0)
+    torch.testing.assert_close(stream.materialize(), whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_decoder_takes_a_query_stream(grad: bool) -> None:
+    dec = _decoder()
+    latents = torch.randn(2, 5, 16, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        dec.chunk_size = 0
+        ref = dec(dec.decoder_query(latents), latents)
+        want = torch.autograd.grad(ref.square().sum(), latents) if grad else None
+        for size in (0, 7, 256):  # 0: the stream is built whole
+            dec.chunk_size = size
+            out = dec(dec.decoder_query(latents, stream=True), latents)
+            torch.testing.assert_close(out, ref, **TOL)
+            if grad:
+                torch.testing.assert_close(torch.autograd.grad(out.square().sum(), latents), want, **TOL)
+
+
+def test_multimodal_query_stream_pads_each_modality_as_the_whole_set() -> None:
+    from perceivers.io import MultimodalDecoder, TrainableQueries
+
+    torch.manual_seed(0)
+    dec = MultimodalDecoder({"a": FourierQueries((3, 7), 2), "b": FourierQueries((11,), 3),
+                             "c": TrainableQueries(1, 5)}, latent_channels=16, output_channels=4)
+    latents = torch.randn(2, 5, 16)
+    points = {"a": torch.randperm(21)[:9]}
+    for pts in (None, points):
+        whole = dec.decoder_query(latents, subsampled_points=pts)
+        stream = dec.decoder_query(latents, subsampled_points=pts, stream=True)
+        assert isinstance(stream, ContextStream) and stream.shape == whole.shape
+        for step in (1, 4, 10, stream.length):  # chunks within and across the modalities
+            pieces = [stream.chunk(a, min(a + step, stream.length)) for a in range(0, stream.length, step)]
+            torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=0)
+
+
+def test_large_fourier_query_set_never_exists_whole() -> None:
+    """A PerceiverIOModel decoding the Fourier queries of a 256×256 grid (65536 queries of 66 channels): the
+    decoder builds each chunk of queries when it decodes it (the whole set was 17 MiB here, 264 MiB at 1024²)."""
+    from perceivers.io import PerceiverEncoder, PerceiverIOModel
+
+    torch.manual_seed(0)
+    enc = PerceiverEncoder(input_channels=8, num_latents=4, latent_channels=16, num_self_attends_per_block=1,
+                           num_self_attention_heads=2)
+    model = PerceiverIOModel(enc, BasicDecoder(FourierQueries((256, 256), 16), latent_channels=16,
+                                               output_channels=2)).eval()
+    model.decoder.chunk_size = 4096
+    x = torch.randn(1, 10, 8)
+    with torch.no_grad(), finite_checks(False), LargestFloatOutput() as probe:
+        out = model(x).logits
+    assert out.shape == (1, 65536, 2)
+    assert probe.largest <= max(out.numel(), 4096 * model.decoder._query_width) < 65536 * 66 // 4

@@ -206,11 +206,17 @@ class BasicDecoder(nn.Module):
         modality_sizes: Mapping[str, int] | None = None,
         inputs_without_pos: Tensor | None = None,
         subsampled_points: Tensor | None = None,
+        stream: bool = False,
         **kwargs,
-    ) -> Tensor:
-        """Build the queries ``[B, Q, query_channels]`` for the preprocessed ``inputs [B, M, C]``."""
+    ) -> Tensor | ContextStream:
+        """Build the queries ``[B, Q, query_channels]`` for the preprocessed ``inputs [B, M, C]``.
+
+        ``stream=True``: Fourier queries come as a :class:`~perceivers.layers.ContextStream`, built chunk by
+        chunk as :meth:`forward` decodes them (input queries pass a streamed input through either way)."""
         if self.queries is None:
             raise ValueError("this decoder has no query builder; its queries come from elsewhere")
+        if stream and isinstance(self.queries, FourierQueries) and not self.concat_preprocessed_input:
+            kwargs["stream"] = True
         query = self.queries(inputs.shape[0], inputs=inputs, subsampled_points=subsampled_points, **kwargs)
         if self.concat_preprocessed_input:
             if inputs_without_pos is None:
@@ -531,19 +537,42 @@ class MultimodalDecoder(nn.Module):
         modality_sizes: Mapping[str, int] | None = None,
         inputs_without_pos: Mapping[str, Tensor] | None = None,
         subsampled_points: Mapping[str, Tensor | None] | None = None,
-    ) -> Tensor:
-        """→ ``[B, ΣQ_m, query_channels]`` in sorted modality order."""
+        stream: bool = False,
+    ) -> Tensor | ContextStream:
+        """→ ``[B, ΣQ_m, query_channels]`` in sorted modality order (``stream=True``: a
+        :class:`~perceivers.layers.ContextStream` of them when a modality's Fourier queries stream, each
+        chunk assembled from the modalities' rows it covers)."""
         subsampled_points = dict(subsampled_points or {})
         unknown = set(subsampled_points) - set(self.modalities)
         if unknown:
             raise ValueError(f"subsampled_points has unknown modalities {sorted(unknown)}; known: {self.modalities}")
         batch = inputs.shape[0]
-        parts = []
+        parts = []  # (queries [B, Q_m, C_m] or their stream, padding [C_pad])
         for m in self.modalities:
-            q = self.queries[m](batch, inputs=inputs, subsampled_points=subsampled_points.get(m))  # [B, Q, C_m]
-            pad = self.padding[m].embeddings.to(q.dtype).expand(batch, q.shape[1], -1)
-            parts.append(torch.cat([q, pad], dim=-1))
-        return torch.cat(parts, dim=1)
+            builder = self.queries[m]
+            points = subsampled_points.get(m)
+            kw = {"stream": True} if stream and isinstance(builder, FourierQueries) else {}
+            parts.append((builder(batch, inputs=inputs, subsampled_points=points, **kw), self.padding[m].embeddings))
+
+        def padded(q: Tensor, pad: Tensor) -> Tensor:
+            return torch.cat([q, pad.to(q.dtype).expand(batch, q.shape[1], -1)], dim=-1)
+
+        if not any(isinstance(q, ContextStream) for q, _ in parts):
+            return torch.cat([padded(q, pad) for q, pad in parts], dim=1)
+        bounds = [0]
+        for q, _ in parts:
+            bounds.append(bounds[-1] + q.shape[1])
+
+        def rows(start: int, stop: int) -> Tensor:
+            pieces = []
+            for (q, pad), lo, hi in zip(parts, bounds, bounds[1:]):
+                a, b = max(start, lo) - lo, min(stop, hi) - lo
+                if a < b:
+                    pieces.append(padded(q.chunk(a, b) if isinstance(q, ContextStream) else q[:, a:b], pad))
+            return torch.cat(pieces, dim=1)
+
+        first = next(q for q, _ in parts if isinstance(q, ContextStream))
+        return ContextStream(batch, bounds[-1], self.query_channels, rows, dtype=first.dtype, device=first.device)
 
     def output_modality_sizes(self, subsampled_points: Mapping[str, Tensor | None] | None = None) -> dict[str, int]:
         """Rows per modality in the output: ``len(points)`` when subsampled, else the full query count."""

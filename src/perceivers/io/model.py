@@ -271,9 +271,11 @@ class PerceiverIOModel(nn.Module):
     def _decode(self, encoded: _Encoded, query_mask: Tensor | None,
                 points: Tensor | Mapping[str, Tensor | None] | None, query_kwargs: Mapping[str, Any] | None) -> Any:
         """Queries, decoder and postprocessor on what :meth:`_encode` gave."""
+        # the decoders built on BasicDecoder take their Fourier queries as a stream, built chunk by chunk
+        stream = {"stream": True} if isinstance(self.decoder, _QUERY_STREAMING_DECODERS) else {}
         query = self.decoder.decoder_query(
             encoded.tokens, modality_sizes=encoded.modality_sizes, inputs_without_pos=encoded.without_pos,
-            subsampled_points=points, **dict(query_kwargs or {}),
+            subsampled_points=points, **stream, **dict(query_kwargs or {}),
         )
         if self._decoder_takes_points:
             out = self.decoder(query, encoded.latents, query_mask=query_mask, subsampled_points=points)
@@ -298,6 +300,7 @@ class _Encoded(NamedTuple):
 
 _DECODERS = (BasicDecoder, ClassificationDecoder, FlowDecoder, MultimodalDecoder, ProjectionDecoder,
              VideoAutoencodingDecoder)
+_QUERY_STREAMING_DECODERS = (BasicDecoder, FlowDecoder, MultimodalDecoder, VideoAutoencodingDecoder)
 
 
 def _check_subsampling(decoder: nn.Module | None, points: Tensor | Mapping[str, Tensor | None] | None) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import FourierPositionEncoding, TrainablePositionEncoding
+from ..layers import ContextStream, FourierPositionEncoding, TrainablePositionEncoding
 from ..layers.broadcast import per_sample
 from ..validation import check_index_range
 
@@ -111,20 +111,36 @@ class FourierQueries(nn.Module):
         self.num_queries = math.prod(self.index_shape)
 
     def forward(
-        self, batch_size: int, *, inputs: Tensor | None = None, subsampled_points: Tensor | None = None
-    ) -> Tensor:
-        """→ ``[B, Q, num_channels]``; ``Q = num_queries`` or ``len(subsampled_points)``."""
+        self, batch_size: int, *, inputs: Tensor | None = None, subsampled_points: Tensor | None = None,
+        stream: bool = False,
+    ) -> Tensor | ContextStream:
+        """→ ``[B, Q, num_channels]``; ``Q = num_queries`` or ``len(subsampled_points)``.
+
+        ``stream=True``: a :class:`~perceivers.layers.ContextStream` of the same queries, whose chunks are
+        made when a decoder reads them (from per-axis tables for the whole grid, from their own points
+        when subsampled): the features of all the queries never exist at once."""
         device = None if inputs is None else inputs.device
         # (inputs may be a ContextStream: only its device and dtype are read)
         floating = inputs is not None and inputs.dtype is not None and inputs.dtype.is_floating_point
         dtype = inputs.dtype if floating else torch.float32
-        if subsampled_points is None:
-            feats = self.encoding(self.index_shape, device=device, dtype=dtype)
-        else:
+        if subsampled_points is not None:
             _check_points(subsampled_points, self.num_queries)
-            pos = subsampled_positions(subsampled_points.to(device), self.index_shape)
-            feats = self.encoding.encode(pos).to(dtype)
-        return feats.expand(batch_size, -1, -1)
+            subsampled_points = subsampled_points.to(device)
+        count = self.num_queries if subsampled_points is None else subsampled_points.shape[0]
+
+        def rows(start: int, stop: int) -> Tensor:
+            if subsampled_points is not None:
+                pos = subsampled_positions(subsampled_points[start:stop], self.index_shape)
+                feats = self.encoding.encode(pos).to(dtype)
+            elif stop - start == count:  # the whole grid: cached
+                feats = self.encoding(self.index_shape, device=device, dtype=dtype)
+            else:
+                feats = self.encoding.grid_rows(self.index_shape, start, stop, device=device, dtype=dtype)
+            return feats.expand(batch_size, -1, -1)
+
+        if stream:
+            return ContextStream(batch_size, count, self.num_channels, rows, dtype=dtype, device=device)
+        return rows(0, count)
 
 
 @configurable
