@@ -291,7 +291,8 @@ class Attention(nn.Module):
         if fold:
             q = _pad_channels(self._fold_queries(q))
         dropout = self.dropout if self.training else 0.0
-        grad = torch.is_grad_enabled() and (q.requires_grad or any(p.requires_grad for p in self.parameters()))
+        grad = torch.is_grad_enabled() and (q.requires_grad or any(p.requires_grad for p in self.parameters())
+                                            or _stream_requires_grad(chunk, length))
 
         def keys_values(start: int, stop: int) -> KeyValue:
             c = chunk(start, stop)
@@ -522,6 +523,14 @@ def fold_is_cheaper(kv_dim: int, head_width: int, num_queries: int | None = None
     if k is None:
         return 2 * n * cp < (c + n) * w
     return k * n * 2 * cp + n * c * w < k * (c + n) * w
+
+
+def _stream_requires_grad(chunk: Callable[[int, int], Tensor], length: int) -> bool:
+    """Whether a streamed context's rows require grad (an input that does, or trainable modules upstream of a
+    frozen attention), probed on its first row. The fused kernel's gradient ignores its log-sum-exp, through
+    which the chunks' merge weights depend on the context: such a stream takes the differentiable loop. Not
+    probed under ``torch.compile`` (which never takes the fused kernel with autograd)."""
+    return length > 0 and not torch.compiler.is_compiling() and chunk(0, 1).requires_grad
 
 
 def _merge_partial(outs: Tensor, lses: Tensor, count: int) -> Tensor:
