@@ -406,8 +406,9 @@ def render(r: dict) -> str:
       "perceiver-pytorch family are in `tests/models/test_bad_input.py`.\n")
     fc = r["finite_cost"]
     w("**NaN/Inf policy.** Inputs are checked by default in eager mode; the check is skipped while compiling, "
-      "tracing or exporting, and can be turned off (`perceivers.validation.set_finite_checks(False)`, the "
-      "`finite_checks(False)` context manager, or `PERCEIVERS_CHECK_FINITE=0`). It is one float32-accumulated "
+      "tracing or exporting, and can be turned off (`perceivers.validation.set_finite_checks(False)` for the "
+      "process, the `finite_checks(False)` context manager for the calling thread, or "
+      "`PERCEIVERS_CHECK_FINITE=0`). It is one float32-accumulated "
       "sum (finite iff every element is; an overflowing sum falls back to the exact elementwise test), "
       "instead of `torch.isfinite(x).all()`:\n")
     w("| official input | sum check | isfinite().all() |")
@@ -540,6 +541,12 @@ def render(r: dict) -> str:
       "alone and never stops a run.")
     w("- NaN/Inf checks cover model inputs (and Perceiver positions / PerceiverIO queries), not intermediate "
       "activations.")
+    w("- The routing switches `perceivers.layers.dense.use_onednn` and `perceivers.layers.attention.fused_export` "
+      "are process-wide (they choose between kernels with the same results up to float rounding); "
+      "`finite_checks` blocks are per thread.")
+    w("- `torch.ao.quantization.quantize_dynamic(model)` quantizes nothing: the layers are a subclass of "
+      "`nn.Linear`, which its default mapping does not match, and the attention reads some weights directly "
+      "(folded projections), so swapping the modules is not supported.")
     w("- Not measured here: accelerator timings (no GPU lent to this run). Distributed (DDP) kills were "
       "measured on CPU/gloo with 2 processes on one machine, not on GPUs/NCCL or several machines.")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -57,15 +58,17 @@ __all__ = [
 ]
 
 _FINITE = env_switch("PERCEIVERS_CHECK_FINITE") is not False
+_THREAD = threading.local()  # .finite: a finite_checks block's setting in this thread (None outside any)
 
 
 def finite_checks_enabled() -> bool:
-    """Whether :func:`check_finite` currently inspects values (see the module docstring)."""
-    return _FINITE
+    """Whether :func:`check_finite` currently inspects values in this thread (see the module docstring)."""
+    local = getattr(_THREAD, "finite", None)
+    return _FINITE if local is None else local
 
 
 def set_finite_checks(enabled: bool) -> bool:
-    """Turn the NaN/Inf input checks on or off globally; returns the previous setting."""
+    """Turn the NaN/Inf input checks on or off for the whole process; returns the previous setting."""
     global _FINITE
     previous, _FINITE = _FINITE, bool(enabled)
     return previous
@@ -73,12 +76,15 @@ def set_finite_checks(enabled: bool) -> bool:
 
 @contextmanager
 def finite_checks(enabled: bool) -> Iterator[None]:
-    """``with finite_checks(False): model(x)`` — the NaN/Inf input checks off (or on) inside the block."""
-    previous = set_finite_checks(enabled)
+    """``with finite_checks(False): model(x)`` — the NaN/Inf input checks off (or on) inside the block, in this
+    thread only: threads serving requests each keep their own setting (blocks that overlap in different threads
+    used to restore each other's, leaving the checks off for the whole process)."""
+    previous = getattr(_THREAD, "finite", None)
+    _THREAD.finite = bool(enabled)
     try:
         yield
     finally:
-        set_finite_checks(previous)
+        _THREAD.finite = previous
 
 
 def data_dependent_checks() -> bool:
@@ -141,7 +147,8 @@ def check_tensor(
 
 def check_finite(x: Tensor, name: str) -> Tensor:
     """Raise ``ValueError`` if the floating-point tensor ``x`` holds NaN or ±Inf (when checks are on)."""
-    if not (_FINITE and x.is_floating_point() and data_dependent_checks()) or x.device.type == "meta":
+    # (compiling: data_dependent_checks is False before the thread's setting would be read)
+    if x.device.type == "meta" or not (x.is_floating_point() and data_dependent_checks() and finite_checks_enabled()):
         return x
     # One reduction instead of a boolean tensor: the sum is finite only if every element is (NaN
     # propagates, +Inf and -Inf give NaN). A non-finite sum of finite values (overflow) goes to the
