@@ -265,6 +265,17 @@ class Attention(nn.Module):
 
     # ------------------------------------------------------------------ streaming over key/value chunks
 
+    def _streamed_output(self, out: Tensor, fold: bool, mask: Tensor | None, query_mask: Tensor | None) -> Tensor:
+        """A streamed attention's per-head result ``[B, H, N, ·]`` → ``[B, N, out_dim]``: values unfolded, samples
+        without a visible key and masked queries zeroed, heads merged and projected."""
+        if fold:
+            out = self._unfold_values(out[..., : self.kv_dim])
+        if mask is not None:
+            out = out * mask.any(-1)[:, None, None, None].to(out.dtype)
+        if query_mask is not None:
+            out = out * query_mask[:, None, :, None].to(out.dtype)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
     def forward_chunked(
         self,
         x: Tensor,
@@ -369,13 +380,7 @@ class Attention(nn.Module):
                 else:
                     m, l, acc = step(q, m, l, acc, start, stop)
             out = (acc / l).to(q.dtype)
-        if fold:
-            out = self._unfold_values(out[..., : self.kv_dim])
-        if mask is not None:
-            out = out * mask.any(-1)[:, None, None, None].to(out.dtype)
-        if query_mask is not None:
-            out = out * query_mask[:, None, :, None].to(out.dtype)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self._streamed_output(out, fold, mask, query_mask)
 
 
     def forward_looped(
@@ -457,13 +462,7 @@ class Attention(nn.Module):
                      q.new_zeros((b, h, n, 1), dtype=acc_dtype), q.new_zeros((b, h, n, v_width), dtype=acc_dtype))
             _, _, l, acc = while_loop(more, step, start)
             out = (acc / l).to(q.dtype)
-        if fold:
-            out = self._unfold_values(out[..., : self.kv_dim])
-        if mask is not None:
-            out = out * mask.any(-1)[:, None, None, None].to(out.dtype)
-        if query_mask is not None:
-            out = out * query_mask[:, None, :, None].to(out.dtype)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self._streamed_output(out, fold, mask, query_mask)
 
 
 def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:
