@@ -45,7 +45,7 @@ from .layers.attention import attend_heads, attention_weights, check_mask
 from .layers.broadcast import per_sample
 from .layers.dense import Linear, linear
 from .layers.mlp import FeedForward
-from .layers.position import linear_positions
+from .layers.position import _feature_dtype, linear_positions
 from .layers.rotary import RotaryEmbedding, rotate
 from .validation import check_like, check_tensor
 
@@ -679,7 +679,7 @@ def _feature_operands(x: Tensor, proj: Tensor) -> tuple[Tensor, Tensor, torch.dt
     Sines of arguments rounded to bfloat16 or float16 (tens to thousands of radians here) are noise,
     so the features of low-precision coordinates or projections are computed in float32 and rounded once.
     """
-    work = torch.promote_types(torch.promote_types(x.dtype, proj.dtype), torch.float32)
+    work = _feature_dtype(torch.promote_types(x.dtype, proj.dtype))
     return x.to(work), proj.to(work), x.dtype
 
 

@@ -382,7 +382,6 @@ class Attention(nn.Module):
             out = (acc / l).to(q.dtype)
         return self._streamed_output(out, fold, mask, query_mask)
 
-
     def forward_looped(
         self,
         x: Tensor,

@@ -179,15 +179,17 @@ class FourierPositionEncoding(nn.Module):
         state["_cache"] = OrderedDict()
         return state
 
-    def encode(self, pos: Tensor) -> Tensor:
+    def encode(self, pos: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Features of coordinates ``pos [..., num_dims]`` (e.g. per-sample point clouds) → ``[..., C]`` in
-        ``pos.dtype`` (computed in float32 at least: give float32 coordinates to a low-precision model)."""
+        ``dtype`` (default ``pos.dtype``), computed from the coordinates as given in float32 at least (float64
+        for float64) and rounded once."""
         if pos.shape[-1] != self.num_dims:
             raise ValueError(f"positions must have {self.num_dims} coordinates in the last axis, got {pos.shape[-1]}")
+        out = pos.dtype if dtype is None else dtype
         return fourier_features(
-            pos, self.num_bands, self.max_resolution, layout=self.layout,
+            pos.to(_feature_dtype(out)), self.num_bands, self.max_resolution, layout=self.layout,
             concat_pos=self.concat_pos, sine_only=self.sine_only, freq_base=self.freq_base,
-        )
+        ).to(out)
 
     def forward(
         self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype = torch.float32

@@ -28,7 +28,6 @@ from ..layers import (
     grid_attention,
     loops,
 )
-from ..layers.position import _feature_dtype
 from ..layers.stream import DEFAULT_CHUNK
 from ..validation import check_count, check_finite
 from .common import (
@@ -273,9 +272,7 @@ class Perceiver(LogitsAlias, nn.Module):
                     f"got {tuple(pos.shape)}"
                 )
             check_finite(pos, "pos")
-            # features in float32 (float64 for float64) from the coordinates as given, rounded once
-            feats = self.position_encoding.encode(pos.to(_feature_dtype(data.dtype))).to(data.dtype)
-            return torch.cat((data, feats), dim=-1)
+            return torch.cat((data, self.position_encoding.encode(pos, data.dtype)), dim=-1)
         check_input(data, name="data", channels=self.input_channels, axes=self.input_axis, module=self)
         context = flatten_axes(data)
         if self.position_encoding is not None:
@@ -328,8 +325,7 @@ class Perceiver(LogitsAlias, nn.Module):
             chunk = lambda a, z: flat[:, a:z]
             gather = lambda index: flat.index_select(1, index)
         elif pos is not None:
-            work = _feature_dtype(data.dtype)
-            chunk = lambda a, z: torch.cat((flat[:, a:z], enc.encode(pos[:, a:z].to(work)).to(data.dtype)), -1)
+            chunk = lambda a, z: torch.cat((flat[:, a:z], enc.encode(pos[:, a:z], data.dtype)), -1)
         else:
             shape = tuple(data.shape[1:-1])
             if looped:  # the per-axis tables once, outside the loop's body
