@@ -10,8 +10,10 @@ the TF op (and so ours) deliberately differs, the test pins the difference:
 - Contrast with ``contrast_mean="tf"``: the TF op blends from ``pixel count / 256`` (the mean of the grey
   *histogram*), not from the mean grey level; pinned against that formula.
 - Sharpness: PIL rounds the smoothed image, TF truncates it: up to one level apart (borders unchanged in both).
-  We truncate the exact integer sum / 13; TF's float32 convolution can come out one level lower where the
-  sum is a multiple of 13 (flat areas), depending on its summation order.
+  TF truncates a float32 sum (fused multiply-adds in row-major order), one level off the exact integer
+  sum / 13 on a few pixels; we reproduce TF's sum (tests/data/test_randaugment_tf_parity.py pins it).
+- Solarize at magnitude 10: TF casts the threshold 256 to uint8, i.e. 0, so every level is inverted (PIL's
+  threshold 256 inverts nothing).
 - ShearX / ShearY: TF shears about the centre of the top-left pixel, PIL about its outer corner, so the
   nearest pixel differs along a few diagonals; with PIL's offset moved by half a pixel they agree exactly.
 - Posterize at magnitude < 2.5 maps to 0 bits, which TF's clamped shift turns into 1 bit (PIL: black).
@@ -110,7 +112,9 @@ def test_posterize_solarize_match_pil(image, magnitude):
     pil = Image.fromarray(image)
     ra = RandAugment(1, magnitude)
     assert _diff(_ours(image, "Posterize", magnitude), ImageOps.posterize(pil, ra.argument("Posterize"))).max() == 0
-    assert _diff(_ours(image, "Solarize", magnitude), ImageOps.solarize(pil, ra.argument("Solarize"))).max() == 0
+    # TF's uint8 comparison wraps the threshold 256 (magnitude 10) to 0: everything is inverted
+    ref = ImageOps.invert(pil) if magnitude == 10 else ImageOps.solarize(pil, ra.argument("Solarize"))
+    assert _diff(_ours(image, "Solarize", magnitude), ref).max() == 0
 
 
 def test_posterize_zero_bits_keeps_the_top_bit_like_tf(image):
@@ -146,7 +150,8 @@ def test_enhance_ops_match_pil(image, magnitude):
 
 
 def test_sharpness_degenerate_is_the_truncated_smooth_filter(image):
-    # TF: SMOOTH kernel [[1,1,1],[1,5,1],[1,1,1]] / 13 on the interior, truncated; borders keep the image
+    # TF: SMOOTH kernel [[1,1,1],[1,5,1],[1,1,1]] / 13 on the interior, truncated; borders keep the image.
+    # TF's float32 sum lands one level below (or above) the exact integer sum / 13 on a few pixels
     from perceivers.data.transforms import _sharpen_degenerate
 
     deg = _sharpen_degenerate(torch.from_numpy(image)[None].float())[0].numpy()
@@ -155,7 +160,7 @@ def test_sharpness_degenerate_is_the_truncated_smooth_filter(image):
     total = sum(k[i, j] * x[i : i + x.shape[0] - 2, j : j + x.shape[1] - 2] for i in range(3) for j in range(3))
     want = x.copy()
     want[1:-1, 1:-1] = total // 13
-    assert _diff(deg, want).max() == 0
+    assert _diff(deg, want).max() <= 1  # flat areas of 53 of the 256 levels come out one lower in TF
     pil_smooth = np.asarray(Image.fromarray(image).filter(ImageFilter.SMOOTH)).astype(np.int64)
     assert _diff(pil_smooth[1:-1, 1:-1], (2 * total + 13) // 26).max() == 0  # PIL rounds instead
     assert _diff(pil_smooth[0], image[0]).max() == 0

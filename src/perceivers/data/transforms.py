@@ -295,7 +295,9 @@ def _posterize(x: Tensor, bits: int) -> Tensor:
 
 
 def _solarize(x: Tensor, threshold: int) -> Tensor:
-    return torch.where(x < threshold, x, 255.0 - x)
+    # TF compares uint8 pixels with the threshold cast to uint8, so 256 (magnitude 10) wraps to 0: every
+    # level is inverted, as Invert does (not "nothing is inverted")
+    return torch.where(x < int(threshold) % 256, x, 255.0 - x)
 
 
 def _solarize_add(x: Tensor, addition: int, threshold: int = 128) -> Tensor:
@@ -311,19 +313,36 @@ def _contrast_degenerate(x: Tensor, mean: str) -> Tensor:
     return (_grayscale(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()  # PIL: int(mean + 0.5)
 
 
+# TF's SMOOTH kernel: [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 in float32
+_SMOOTH_EDGE = float(np.float32(1.0) / np.float32(13.0))
+_SMOOTH_CENTRE = float(np.float32(5.0) / np.float32(13.0))
+
+
 def _sharpen_degenerate(x: Tensor) -> Tensor:
     """PIL's SMOOTH filter (3×3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13), truncated, inside; the image on the border.
 
-    The sum is taken with integer weights and divided once, so the truncation is exact; TF's float32
-    convolution can land one level lower where the sum is a multiple of 13 (flat areas), depending on its
-    summation order.
+    Bit for bit TF's CPU ``depthwise_conv2d`` (the original pins this op to the CPU): the nine float32 taps
+    are accumulated in row-major order with fused multiply-adds, each step rounded once to float32. A
+    level times a float32 weight plus a float32 sum is exact in float64, so computing each step in float64
+    and rounding to float32 reproduces the fused step exactly. Devices without float64 (MPS) take the exact
+    integer sum / 13 instead, one level off TF on about 0.7 % of a photograph's pixels (flat areas: TF
+    smooths 53 of the 256 levels to one level lower).
     """
     b, h, w = x.shape[:3]
     if h < 3 or w < 3:
         return x
-    kernel = x.new_tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).reshape(1, 1, 3, 3)
-    total = F.conv2d(rearrange(x, "b h w c -> (b c) 1 h w"), kernel)  # whole numbers <= 13 * 255: exact
-    smooth = rearrange((total / 13.0).floor(), "(b c) 1 h w -> b h w c", b=b)
+    if x.device.type == "mps":
+        kernel = x.new_tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]).reshape(1, 1, 3, 3)
+        total = F.conv2d(rearrange(x, "b h w c -> (b c) 1 h w"), kernel)  # whole numbers <= 13 * 255: exact
+        smooth = rearrange((total / 13.0).floor(), "(b c) 1 h w -> b h w c", b=b)
+    else:
+        acc = None
+        for r in range(3):
+            for c in range(3):
+                weight = _SMOOTH_CENTRE if (r, c) == (1, 1) else _SMOOTH_EDGE
+                tap = x[:, r : h - 2 + r, c : w - 2 + c].double() * weight
+                acc = (tap if acc is None else tap + acc.double()).float()  # one fused multiply-add, rounded once
+        smooth = acc.clamp(0.0, 255.0).floor()
     out = x.clone()
     out[:, 1:-1, 1:-1] = smooth
     return out
@@ -394,7 +413,7 @@ class RandAugment:
     ShearX / ShearY              ± m/10 · 0.3 (random sign), about the top-left pixel
     TranslateX / TranslateY      ± m/10 · ``translate_const`` pixels (random sign)
     Posterize                    keep int(m/10 · 4) bits (TF's mapping: *more* bits at higher m)
-    Solarize                     invert levels ≥ int(m/10 · 256)
+    Solarize                     invert levels ≥ int(m/10 · 256) (TF casts 256, at m = 10, to uint8 0: all)
     SolarizeAdd                  add int(m/10 · 110) to levels < 128
     Color/Contrast/Brightness/   blend with a degenerate image by factor m/10 · 1.8 + 0.1 (no sign: at m = 5
     Sharpness                    the factor is exactly 1, so DeepMind's recipe leaves these four as no-ops)
@@ -405,7 +424,8 @@ class RandAugment:
 
     Geometric ops resample nearest-neighbour; uncovered pixels and Cutout take ``fill``. All ops run on the
     uint8 grid as the original does: float input (values in [0, 1]; NaN or values more than 0.01 outside
-    raise ``ValueError``) is quantised to 255 levels first.
+    raise ``ValueError``) is quantised to 255 levels first. Every op equals TensorFlow's output pixel for
+    pixel at the same argument, sign and Cutout centre (``tests/data/test_randaugment_tf_parity.py``).
 
     Args:
         num_layers: ops applied one after another to each image (N; DeepMind ImageNet: 4).
