@@ -36,6 +36,7 @@ __all__ = [
     "random_affine",
     "random_resized_crop",
     "resize",
+    "sample_crop_boxes",
     "to_float",
 ]
 
@@ -142,6 +143,86 @@ def random_affine(
     return _sample(images, theta, images.shape[1:3], fill, interpolation)
 
 
+def _randint_below(n: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One uniform integer in ``[0, n)`` per entry of ``n`` (int64, ``n >= 1``)."""
+    u = torch.rand(n.shape, device=n.device, generator=generator, dtype=torch.float64)
+    return torch.minimum((u * n).long(), n - 1)
+
+
+def _lrint(v: Tensor) -> Tensor:
+    """C's lrintf: round half to even (torch.round does the same), as int64."""
+    return torch.round(v).long()
+
+
+def sample_crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    *,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+    min_object_covered: float = 0.1,
+    max_attempts: int = 10,
+    crop_padding: int = 32,
+    output_size: int = 224,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Crop boxes ``[batch, 4]`` as ``(top, left, crop_height, crop_width)`` in pixels, drawn as DeepMind's
+    ImageNet pipeline draws them: ``tf.image.sample_distorted_bounding_box`` with the whole image as the
+    object box, falling back to the centre crop when every attempt fails.
+
+    Per attempt: an aspect ratio (width / height) uniform in ``aspect_ratio_range`` (not log-uniform); a
+    crop height uniform over the whole numbers between the heights that give ``area_range`` at that ratio
+    (so the area share is not uniform: for 640×427 its median is 0.33, mean 0.35); width =
+    ``round(height · ratio)``; accepted when the area share stays in ``area_range``, the crop fits and it
+    covers at least ``min_object_covered`` of the image (so shares below 0.1 are redrawn); a uniform
+    offset. After ``max_attempts`` failures: the centre crop of side ``int(output_size / (output_size +
+    crop_padding) · min(H, W))`` (the evaluation crop).
+    """
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    size = torch.tensor([height, width], device=dev)
+    full = torch.tensor([0, 0, height, width], device=dev)
+    boxes = full.repeat(batch, 1)
+    done = torch.zeros(batch, dtype=torch.bool, device=dev)
+    # TF's float32 arithmetic on the image area and the ratio
+    min_area = torch.tensor(area_range[0], dtype=torch.float32) * width * height
+    max_area = torch.tensor(area_range[1], dtype=torch.float32) * width * height
+    for _ in range(max_attempts):
+        lo, hi = aspect_ratio_range
+        ratio = torch.rand(batch, device=dev, generator=generator) * (hi - lo) + lo  # float32
+        h = _lrint(torch.sqrt(min_area.to(dev) / ratio))
+        max_h = _lrint(torch.sqrt(max_area.to(dev) / ratio))
+        too_wide = _lrint(max_h * ratio) > width
+        max_h = torch.where(too_wide, ((width + 0.5 - 1e-7) / ratio.double()).long(), max_h)
+        max_h = torch.where(too_wide & (_lrint(max_h * ratio) > width), max_h - 1, max_h)
+        max_h = max_h.clamp(max=height)
+        h = torch.minimum(h, max_h)
+        h = h + _randint_below((max_h - h + 1).clamp(min=1), generator)
+        w = _lrint(h * ratio)
+        area = (w * h).float()
+        grow = area < min_area
+        h = torch.where(grow, h + 1, h)
+        w = torch.where(grow, _lrint(h * ratio), w)
+        area = (w * h).float()
+        shrink = area > max_area
+        h = torch.where(shrink, h - 1, h)
+        w = torch.where(shrink, _lrint(h * ratio), w)
+        area = (w * h).float()
+        ok = (area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
+        ok &= area / (width * height) >= min_object_covered
+        top = torch.where(h < height, _randint_below((height - h).clamp(min=1), generator), 0)
+        left = torch.where(w < width, _randint_below((width - w).clamp(min=1), generator), 0)
+        take = ok & ~done
+        boxes = torch.where(take[:, None], torch.stack([top, left, h, w], dim=1), boxes)
+        done |= ok
+    # a failed draw returns the whole image, which DeepMind's pipeline replaces by the centre crop
+    whole = (boxes[:, 2:] == size).all(dim=1)
+    side = int(np.float32(output_size / (output_size + crop_padding)) * np.float32(min(height, width)))
+    centre = torch.tensor([(height - side + 1) // 2, (width - side + 1) // 2, side, side], device=dev)
+    return torch.where(whole[:, None], centre, boxes)
+
+
 def random_resized_crop(
     images: Tensor,
     size: int | Sequence[int] | None = None,
@@ -149,21 +230,38 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
+    sampler: str = "uniform",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Inception-style crop: a random area share in ``scale`` and aspect ratio in ``ratio``, resized to
-    ``size`` (default: the input size), optionally flipped left-right. Crops stay inside the image."""
+    ``size`` (default: the input size), optionally flipped left-right. Crops stay inside the image.
+
+    Args:
+        sampler: ``"uniform"`` — area share uniform in ``scale``, log-uniform ratio, clamped to fit
+            (torchvision's RandomResizedCrop without its retries); ``"tf"`` — DeepMind's ImageNet crop,
+            see :func:`sample_crop_boxes` (``min_object_covered`` 0.1, 10 attempts, centre-crop
+            fallback), whole pixels.
+    """
     _check_float_images(images, "random_resized_crop")
     b, h, w = images.shape[:3]
     size = (h, w) if size is None else ((size, size) if isinstance(size, int) else tuple(size))
-    area = _uniform(b, *scale, images, generator)
-    log_ratio = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), images, generator)
-    aspect = torch.exp(log_ratio)
-    # crop width and height as fractions of the image (clamped to fit); aspect = width / height in pixels
-    cw = torch.sqrt(area * aspect * h / w).clamp(max=1.0)
-    ch = torch.sqrt(area * w / (aspect * h)).clamp(max=1.0)
-    cx = _uniform(b, 0.0, 1.0, images, generator) * (1 - cw) * 2 - (1 - cw)  # centre in [-(1-cw), 1-cw]
-    cy = _uniform(b, 0.0, 1.0, images, generator) * (1 - ch) * 2 - (1 - ch)
+    if sampler == "tf":
+        box = sample_crop_boxes(b, h, w, area_range=tuple(scale), aspect_ratio_range=tuple(ratio),
+                                device=images.device, generator=generator).float()
+        cw, ch = box[:, 3] / w, box[:, 2] / h  # half extents in normalised units ([-1, 1] spans the image)
+        cx = (2 * box[:, 1] + box[:, 3]) / w - 1
+        cy = (2 * box[:, 0] + box[:, 2]) / h - 1
+    elif sampler == "uniform":
+        area = _uniform(b, *scale, images, generator)
+        log_ratio = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), images, generator)
+        aspect = torch.exp(log_ratio)
+        # crop width and height as fractions of the image (clamped to fit); aspect = width / height in pixels
+        cw = torch.sqrt(area * aspect * h / w).clamp(max=1.0)
+        ch = torch.sqrt(area * w / (aspect * h)).clamp(max=1.0)
+        cx = _uniform(b, 0.0, 1.0, images, generator) * (1 - cw) * 2 - (1 - cw)  # centre in [-(1-cw), 1-cw]
+        cy = _uniform(b, 0.0, 1.0, images, generator) * (1 - ch) * 2 - (1 - ch)
+    else:
+        raise ValueError(f"sampler must be 'uniform' or 'tf', got {sampler!r}")
     sign = torch.ones(b, device=images.device)
     if flip:
         sign = torch.where(torch.rand(b, device=images.device, generator=generator) < 0.5, -sign, sign)
@@ -588,6 +686,8 @@ class ImageAugment:
         rotate: random rotation in degrees; 0 disables.
         translate: random shift as a fraction of the size; 0 disables.
         crop_scale: if set, an Inception-style random resized crop with this area range replaces zoom.
+        crop_sampler: how that crop is drawn, ``"uniform"`` or ``"tf"`` (DeepMind's ImageNet crop), see
+            :func:`random_resized_crop`.
         randaugment_layers, randaugment_magnitude: :class:`RandAugment` ops per image and their shared
             magnitude on the 0..10 scale (0 layers disables; DeepMind ImageNet: 4 and 5).
         interpolation: resampling of flips/zoom/rotation/shifts, ``"bilinear"`` or ``"nearest"``.
@@ -598,11 +698,14 @@ class ImageAugment:
     rotate: float = 0.0
     translate: float = 0.0
     crop_scale: tuple[float, float] | None = None
+    crop_sampler: str = "uniform"
     randaugment_layers: int = 0
     randaugment_magnitude: float = 5.0
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.crop_sampler not in ("uniform", "tf"):
+            raise ValueError(f"crop_sampler must be 'uniform' or 'tf', got {self.crop_sampler!r}")
         if self.randaugment_layers:
             RandAugment(self.randaugment_layers, self.randaugment_magnitude)  # reject bad values early
 
@@ -612,7 +715,8 @@ class ImageAugment:
         """Augment ``[B, H, W, C]``; ``fill`` colours pixels shifted in from outside the image."""
         images = to_float(images)
         if self.crop_scale is not None:
-            images = random_resized_crop(images, scale=tuple(self.crop_scale), flip=self.flip, generator=generator)
+            images = random_resized_crop(images, scale=tuple(self.crop_scale), flip=self.flip,
+                                         sampler=self.crop_sampler, generator=generator)
             if self.rotate or self.translate:
                 images = random_affine(images, flip=False, rotate=self.rotate, translate=self.translate,
                                        fill=fill, interpolation=self.interpolation, generator=generator)
