@@ -27,7 +27,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -456,10 +456,11 @@ class PerceiverBasicDecoder(BasicDecoder):
             return self.queries.num_channels
         return self.output_channels
 
-    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None,
+                head: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         if self.position_encoding_only:
             raise ValueError("this decoder was built with position_encoding_only=True: it only builds queries")
-        return super().forward(query, latents, query_mask=query_mask)
+        return super().forward(query, latents, query_mask=query_mask, head=head)
 
     def transformers_rules(self) -> list[Rule]:
         if self.position_encoding_only:

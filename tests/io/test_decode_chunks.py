@@ -185,3 +185,103 @@ def test_large_fourier_query_set_never_exists_whole() -> None:
         out = model(x).logits
     assert out.shape == (1, 65536, 2)
     assert probe.largest <= max(out.numel(), 4096 * model.decoder._query_width) < 65536 * 66 // 4
+
+
+def _multimodal_model(output_channels: int = 32):
+    """A PerceiverIOModel whose multimodal decoder feeds a projection (a: 600 queries), an audio (b: 40
+    patches of 5 samples) and a classification (c: 1 query) postprocessor."""
+    from perceivers.io import MultimodalDecoder, PerceiverEncoder, PerceiverIOModel, TrainableQueries
+    from perceivers.io.processors import (
+        AudioPostprocessor,
+        ClassificationPostprocessor,
+        MultimodalPostprocessor,
+        ProjectionPostprocessor,
+    )
+
+    torch.manual_seed(0)
+    enc = PerceiverEncoder(input_channels=8, num_latents=5, latent_channels=16, num_self_attends_per_block=1,
+                           num_self_attention_heads=2)
+    dec = MultimodalDecoder({"a": FourierQueries((20, 30), 3), "b": FourierQueries((40,), 2),
+                             "c": TrainableQueries(1, 5)}, latent_channels=16, output_channels=output_channels,
+                            num_heads=2)
+    post = MultimodalPostprocessor({"a": ProjectionPostprocessor(output_channels, 3),
+                                    "b": AudioPostprocessor(output_channels, 5),
+                                    "c": ClassificationPostprocessor(output_channels, 7)})
+    return PerceiverIOModel(enc, dec, output_postprocessor=post)
+
+
+def _whole_multimodal(model, x: torch.Tensor, points=None, query_mask=None) -> dict:
+    """The reference: the shared decoder's whole output, split and postprocessed."""
+    dec, post = model.decoder, model.output_postprocessor
+    latents = model(x).last_hidden_state
+    query = dec.decoder_query(x, subsampled_points=points)
+    dec.decoder.chunk_size = 0
+    out = dec(query, latents, query_mask=query_mask)
+    return post(out, modality_sizes=dec.output_modality_sizes(points))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_multimodal_outputs_are_postprocessed_chunk_by_chunk_exactly(grad: bool) -> None:
+    """Each modality is decoded on its own and its row-wise postprocessor applied per chunk: the outputs and
+    gradients equal the whole output's, with and without a query mask and subsampled points."""
+    model = _multimodal_model()
+    x = torch.randn(2, 10, 8, requires_grad=grad)
+    points = {"a": torch.randperm(600)[:77]}
+    mask = torch.rand(2, 641) > 0.2
+    for pts, qmask in ((None, None), (None, mask), (points, None)):
+        with torch.set_grad_enabled(grad):
+            ref = _whole_multimodal(model, x, pts, qmask)
+            want = torch.autograd.grad(sum(v.square().sum() for v in ref.values()), x) if grad else None
+            for size in (0, 7, 256):
+                model.decoder.decoder.chunk_size = size
+                got = model(x, subsampled_output_points=pts, query_mask=qmask).logits
+                assert got.keys() == ref.keys()
+                for m in ref:
+                    torch.testing.assert_close(got[m], ref[m], **TOL)
+                if grad:
+                    torch.testing.assert_close(
+                        torch.autograd.grad(sum(v.square().sum() for v in got.values()), x), want, **TOL)
+
+
+def test_multimodal_decoder_output_is_never_whole() -> None:
+    """The shared decoder's 64-wide output of all 641 queries (and of the 600 of the largest modality) is never
+    built when it decodes in chunks: each chunk goes through its modality's postprocessor as it is decoded."""
+    model = _multimodal_model(output_channels=64).eval()
+    model.decoder.decoder.chunk_size = 50
+    x = torch.randn(1, 10, 8)
+    with torch.no_grad(), finite_checks(False), LargestFloatOutput() as probe:
+        out = model(x).logits
+    assert out["a"].shape == (1, 600, 3) and out["b"].shape == (1, 200) and out["c"].shape == (1, 7)
+    assert probe.largest <= 50 * model.decoder.decoder._query_width < 600 * 64
+
+
+def test_basic_decoder_applies_a_rowwise_postprocessor_per_chunk() -> None:
+    from perceivers.io import PerceiverEncoder, PerceiverIOModel
+    from perceivers.io.processors import ProjectionPostprocessor
+
+    torch.manual_seed(0)
+    enc = PerceiverEncoder(input_channels=8, num_latents=4, latent_channels=16, num_self_attends_per_block=1)
+    dec = BasicDecoder(FourierQueries((40, 40), 4), latent_channels=16, output_channels=None)  # 34-wide output
+    model = PerceiverIOModel(enc, dec, output_postprocessor=ProjectionPostprocessor(dec.output_channels, 2)).eval()
+    x = torch.randn(1, 10, 8)
+    with torch.no_grad():
+        latents = model(x).last_hidden_state
+        dec.chunk_size = 0
+        ref = model.output_postprocessor(dec(dec.decoder_query(x), latents))
+        dec.chunk_size = 100
+        with LargestFloatOutput() as probe:
+            out = model(x).logits
+    torch.testing.assert_close(out, ref, **TOL)
+    assert probe.largest <= max(out.numel(), 100 * dec._query_width) < 1600 * dec.output_channels
+
+
+def test_a_postprocessor_with_its_own_forward_gets_the_whole_output() -> None:
+    """A subclass that overrides ``forward`` is not split into its row-wise parts."""
+    from perceivers.io.processors import ProjectionPostprocessor, rowwise_parts
+
+    class Scaled(ProjectionPostprocessor):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert rowwise_parts(ProjectionPostprocessor(4, 2)) is not None
+    assert rowwise_parts(Scaled(4, 2)) is None and rowwise_parts(None) is None

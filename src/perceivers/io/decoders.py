@@ -12,7 +12,7 @@ docs/decoders.md). With query self-attention the queries are no longer independe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -33,6 +33,7 @@ from ..layers import (
 )
 from ..layers.blocks import default_qk_channels
 from ..layers.dense import Linear
+from .processors.base import restructure
 from .queries import FourierQueries, InputQueries, TrainableQueries
 
 __all__ = [
@@ -227,7 +228,8 @@ class BasicDecoder(nn.Module):
     def output_modality_sizes(self, subsampled_points=None) -> dict[str, int] | None:
         return None
 
-    def forward(self, query: Tensor | ContextStream, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+    def forward(self, query: Tensor | ContextStream, latents: Tensor, *, query_mask: Tensor | None = None,
+                head: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """``query [B, Q, Cq]``, ``latents [B, N, D]``, ``query_mask [B, Q]`` (bool) → ``[B, Q, output_channels]``.
 
         Queries whose mask is False attend nothing: their attention output is zero before the
@@ -236,22 +238,39 @@ class BasicDecoder(nn.Module):
 
         ``query`` may be a :class:`~perceivers.layers.ContextStream` (optical flow's streamed tokens):
         decoded in chunks, each chunk of queries is built from it only when it is decoded.
+
+        ``head``: a row-wise map ``[B, q, output_channels]`` → ``[B, q, K]`` applied to each decoded chunk
+        (a :class:`~perceivers.io.processors.RowwisePostprocessor`'s ``rowwise``): the output is ``[B, Q, K]``
+        and the ``output_channels``-wide one for the whole query set is never built.
         """
-        streamed = isinstance(query, ContextStream)
+        query_mask = self._checked(query, latents, query_mask)
+        size = self._decode_chunk_size(query, latents)
+        if not size:
+            out = self._decode(query.materialize() if isinstance(query, ContextStream) else query, latents, query_mask)
+            return out if head is None else head(out)
+        return self._decode_in_chunks(query, latents, query_mask, size, self._prepare(latents, size), head)
+
+    def _checked(self, query: Tensor | ContextStream, latents: Tensor, query_mask: Tensor | None) -> Tensor | None:
+        """Check the widths of ``query`` and ``latents``; → the checked ``query_mask``."""
         for name, x, width in (("query", query, self.query_channels), ("latents", latents, self.latent_channels)):
             if len(x.shape) != 3 or x.shape[-1] != width:
                 raise ValueError(f"decoder {name} must be [batch, n, {width}], got {tuple(x.shape)}")
-        query_mask = check_mask(query_mask, query.shape[0], query.shape[1], "query_mask", device=latents.device)
-        size = self._decode_chunk_size(query, latents)
-        if not size:
-            return self._decode(query.materialize() if streamed else query, latents, query_mask)
-        # Independent queries: the latents once per cross-attention, then one chunk of queries at a time.
-        kvs = [block.prepare(latents, num_queries=size) for block in (self.cross_attention, *self.extra_cross_attentions)]
+        return check_mask(query_mask, query.shape[0], query.shape[1], "query_mask", device=latents.device)
+
+    def _prepare(self, latents: Tensor, size: int) -> list:
+        """What each cross-attention needs of the latents, made once for chunks of ``size`` queries."""
+        return [block.prepare(latents, num_queries=size) for block in (self.cross_attention, *self.extra_cross_attentions)]
+
+    def _decode_in_chunks(self, query: Tensor | ContextStream, latents: Tensor, query_mask: Tensor | None, size: int,
+                          kvs: list, head: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """Independent queries decoded ``size`` at a time against the prepared latents ``kvs``."""
         n = query.shape[1]
+        streamed = isinstance(query, ContextStream)
         rows = (lambda a: query.chunk(a, min(a + size, n))) if streamed else (lambda a: query[:, a:a + size])
 
         def part(a: int) -> Tensor:
-            return self._decode(rows(a), latents, None if query_mask is None else query_mask[:, a:a + size], kvs=kvs)
+            out = self._decode(rows(a), latents, None if query_mask is None else query_mask[:, a:a + size], kvs=kvs)
+            return out if head is None else head(out)
 
         if self._grad(query, latents) and not torch.compiler.is_compiling():
             # with autograd only each chunk's output is kept: its intermediates (and a stream's queries) are
@@ -583,5 +602,51 @@ class MultimodalDecoder(nn.Module):
             sizes[m] = int(points.numel()) if points is not None else int(self.queries[m].num_queries)
         return sizes
 
-    def forward(self, query: Tensor, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
+    def forward(self, query: Tensor | ContextStream, latents: Tensor, *, query_mask: Tensor | None = None) -> Tensor:
         return self.decoder(query, latents, query_mask=query_mask)
+
+    def decode_modalities(
+        self,
+        query: Tensor | ContextStream,
+        latents: Tensor,
+        modality_sizes: Mapping[str, int],
+        *,
+        heads: Mapping[str, Callable[[Tensor], Tensor] | None] | None = None,
+        query_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Each modality's decoded rows ``[B, Q_m, output_channels]``, or ``[B, Q_m, K_m]`` through
+        ``heads[m]`` (a row-wise map, see :meth:`MultimodalPostprocessor.heads
+        <perceivers.io.processors.MultimodalPostprocessor.heads>`).
+
+        When the shared decoder decodes ``query`` in chunks, each modality is decoded on its own and its
+        head applied chunk by chunk, so the ``output_channels``-wide output of all queries (512 × 800k
+        values for the official model's video) is never built; otherwise the whole set is decoded at once
+        and split."""
+        heads = dict(heads or {})
+        total = sum(modality_sizes.values())
+        if query.shape[1] != total:
+            raise ValueError(f"expected {total} queries for modality sizes {dict(modality_sizes)}, "
+                             f"got {query.shape[1]}")
+        decoder = self.decoder
+        size = decoder._decode_chunk_size(query, latents)
+        if not size:
+            parts = restructure(modality_sizes, decoder(query, latents, query_mask=query_mask))
+            return {m: parts[m] if heads.get(m) is None else heads[m](parts[m]) for m in parts}
+        # the whole set's chunk size and prepared latents, for each modality's rows in turn
+        query_mask = decoder._checked(query, latents, query_mask)
+        kvs = decoder._prepare(latents, size)
+        out, start = {}, 0
+        for m in sorted(modality_sizes):
+            stop = start + modality_sizes[m]
+            mask = None if query_mask is None else query_mask[:, start:stop]
+            out[m] = decoder._decode_in_chunks(_query_rows(query, start, stop), latents, mask, size, kvs, heads.get(m))
+            start = stop
+        return out
+
+
+def _query_rows(query: Tensor | ContextStream, start: int, stop: int) -> Tensor | ContextStream:
+    """Queries ``start:stop`` of ``query [B, Q, C]``, a stream's as a stream of those rows."""
+    if not isinstance(query, ContextStream):
+        return query[:, start:stop]
+    return ContextStream(query.batch, stop - start, query.channels, lambda a, b: query.chunk(start + a, start + b),
+                         query.chunk_size, query.dtype, query.device)

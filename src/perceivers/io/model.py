@@ -26,6 +26,8 @@ from .decoders import (
     couples_queries,
 )
 from .encoder import PerceiverEncoder
+from .processors.multimodal import MultimodalPostprocessor
+from .processors.postprocessors import rowwise_parts
 from .queries import InputQueries
 
 __all__ = ["PerceiverIOModel", "PerceiverIOOutput", "decoder_reads_inputs"]
@@ -108,6 +110,8 @@ class PerceiverIOModel(nn.Module):
         self._decoder_takes_points = decoder is not None and (  # its output layout depends on them
             "subsampled_points" in inspect.signature(decoder.forward).parameters
         )
+        self._decoder_takes_head = isinstance(decoder, BasicDecoder) and (  # applies a row-wise step per chunk
+            "head" in inspect.signature(decoder.forward).parameters)
         self.chunk_size = chunk_size
 
     @property
@@ -277,16 +281,25 @@ class PerceiverIOModel(nn.Module):
             encoded.tokens, modality_sizes=encoded.modality_sizes, inputs_without_pos=encoded.without_pos,
             subsampled_points=points, **stream, **dict(query_kwargs or {}),
         )
+        post = self.output_postprocessor
+        if isinstance(post, MultimodalPostprocessor) and isinstance(self.decoder, MultimodalDecoder):
+            # each modality's rows go through its postprocessor's row-wise step as they are decoded
+            decoded = self.decoder.decode_modalities(query, encoded.latents, self.decoder.output_modality_sizes(points),
+                                                     heads=post.heads(), query_mask=query_mask)
+            return post.assemble(decoded)
+        rowwise = rowwise_parts(post) if self._decoder_takes_head else None
+        if rowwise is not None:  # the postprocessor's row-wise step runs on each decoded chunk
+            return rowwise[1](self.decoder(query, encoded.latents, query_mask=query_mask, head=rowwise[0]))
         if self._decoder_takes_points:
             out = self.decoder(query, encoded.latents, query_mask=query_mask, subsampled_points=points)
         else:
             out = self.decoder(query, encoded.latents, query_mask=query_mask)
-        if self.output_postprocessor is None:
+        if post is None:
             return out
         if self._post_takes_sizes:
             sizes = self.decoder.output_modality_sizes(points) or encoded.modality_sizes
-            return self.output_postprocessor(out, modality_sizes=sizes)
-        return self.output_postprocessor(out)
+            return post(out, modality_sizes=sizes)
+        return post(out)
 
 
 class _Encoded(NamedTuple):

@@ -10,7 +10,12 @@ from .flow import FlowPreprocessor, patches_for_flow
 from .image import ConvDownsample, ImagePreprocessor, same_padding, space_to_depth
 from .label import OneHotPreprocessor
 from .multimodal import MultimodalPostprocessor, MultimodalPreprocessor
-from .postprocessors import ClassificationPostprocessor, ProjectionPostprocessor
+from .postprocessors import (
+    ClassificationPostprocessor,
+    ProjectionPostprocessor,
+    RowwisePostprocessor,
+    rowwise_parts,
+)
 from .text import EmbeddingDecoder, TextPreprocessor
 
 __all__ = [
@@ -26,10 +31,12 @@ __all__ = [
     "OneHotPreprocessor",
     "Preprocessed",
     "ProjectionPostprocessor",
+    "RowwisePostprocessor",
     "TextPreprocessor",
     "add_positions",
     "patches_for_flow",
     "restructure",
+    "rowwise_parts",
     "same_padding",
     "space_to_depth",
 ]

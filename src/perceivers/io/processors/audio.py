@@ -10,6 +10,7 @@ from ...configurable import configurable
 from ...layers.dense import Linear
 from ...validation import check_count, check_tensor
 from .base import Preprocessed, add_positions, check_pos_mode
+from .postprocessors import RowwisePostprocessor
 
 __all__ = ["AudioPostprocessor", "AudioPreprocessor"]
 
@@ -53,7 +54,7 @@ class AudioPreprocessor(nn.Module):
 
 
 @configurable
-class AudioPostprocessor(nn.Module):
+class AudioPostprocessor(RowwisePostprocessor):
     """``[B, Q, C]`` → ``Linear(C → samples_per_patch)`` → waveform ``[B, Q · samples_per_patch]``."""
 
     def __init__(self, in_channels: int, samples_per_patch: int = 96) -> None:
@@ -61,5 +62,8 @@ class AudioPostprocessor(nn.Module):
         self.samples_per_patch = samples_per_patch
         self.linear = Linear(in_channels, samples_per_patch)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x).reshape(x.shape[0], -1)
+    def rowwise(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+    def assemble(self, y: Tensor) -> Tensor:
+        return y.reshape(y.shape[0], -1)

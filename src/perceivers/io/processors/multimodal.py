@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ...configurable import configurable
 from ...layers import TrainablePositionEncoding
 from .base import Preprocessed, restructure
+from .postprocessors import rowwise_parts
 
 __all__ = ["MultimodalPostprocessor", "MultimodalPreprocessor"]
 
@@ -104,3 +105,13 @@ class MultimodalPostprocessor(nn.Module):
     def forward(self, x: Tensor, *, modality_sizes: Mapping[str, int]) -> dict[str, Tensor]:
         parts = restructure(modality_sizes, x)
         return {m: self.modalities[m](parts[m]) for m in self.modalities}
+
+    def heads(self) -> dict[str, Callable[[Tensor], Tensor] | None]:
+        """Each modality's row-wise step (:func:`~perceivers.io.processors.postprocessors.rowwise_parts`), for
+        the decoder to apply chunk by chunk; ``None`` where the modality's postprocessor needs its rows whole."""
+        return {m: parts[0] if (parts := rowwise_parts(p)) else None for m, p in self.modalities.items()}
+
+    def assemble(self, decoded: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The outputs from each modality's decoded rows (already through its :meth:`heads` step where it has one)."""
+        return {m: parts[1](decoded[m]) if (parts := rowwise_parts(p)) else p(decoded[m])
+                for m, p in self.modalities.items()}
