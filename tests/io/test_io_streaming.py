@@ -69,6 +69,18 @@ def test_streamed_tokens_equal_the_whole_array(case: str) -> None:
         torch.testing.assert_close(stream.chunk(a, b), whole[:, a:b], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streamed_tokens_by_position_equal_the_whole_array(case: str) -> None:
+    """``rows(index)``, which an exported program with a dynamic image size gathers in a ``torch.while_loop``:
+    any positions, in any order, repeated, across rows."""
+    pre = _pre(**CASES[case])
+    x = torch.randn(2, 3, 12, 10)
+    whole, stream = pre(x).inputs, pre(x, chunk_size=7).inputs
+    m = whole.shape[1]
+    index = torch.cat((torch.randperm(m, generator=torch.Generator().manual_seed(0))[:9], torch.tensor([m - 1, 0, 0])))
+    torch.testing.assert_close(stream.rows(index), whole[:, index], atol=1e-6, rtol=1e-6)
+
+
 def test_chunks_hold_whole_token_rows() -> None:
     pre = _pre()
     stream = pre(torch.randn(1, 3, 12, 10), chunk_size=25).inputs

@@ -2,7 +2,8 @@
 
 Every module here maps the index shape of a preprocessed input (e.g. ``(H, W)`` or ``(T, H, W)``)
 to one feature row per index, flattened row-major, exposes ``num_channels`` at construction, and
-gives rows ``start:stop`` alone with ``grid_rows(index_shape, start, stop)`` (streamed inputs):
+gives rows ``start:stop`` alone with ``grid_rows(index_shape, start, stop)`` (streamed inputs) and rows by
+position with ``grid_gather(index_shape)(index)`` (streamed in a ``torch.while_loop`` by exported programs):
 
 * :class:`~perceivers.layers.FourierPositionEncoding` (DeepMind layout) — used directly;
 * :class:`TrainableGridPositions` — a learned table whose size fixes the number of positions;
@@ -13,7 +14,7 @@ gives rows ``start:stop`` alone with ``grid_rows(index_shape, start, stop)`` (st
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -63,6 +64,13 @@ class TrainableGridPositions(nn.Module):
         rows = self(index_shape, device=device)[start:stop]
         return rows if dtype is None else rows.to(dtype)
 
+    def grid_gather(
+        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """A function: flat positions ``index`` (int64 ``[n]``) → those rows of ``forward(index_shape)`` ``[n, C]``."""
+        table = self(index_shape, device=device, dtype=dtype)
+        return lambda index: table.index_select(0, index)
+
     def extra_repr(self) -> str:
         return f"index_shape={self.index_shape}, num_channels={self.num_channels}"
 
@@ -92,6 +100,14 @@ class ProjectedPositions(nn.Module):
         base = self.base.grid_rows(index_shape, start, stop, device=device,
                                    dtype=self.proj.weight.dtype if dtype is None else dtype)
         return self.proj(base)
+
+    def grid_gather(
+        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """A function: flat positions ``index`` (int64 ``[n]``) → those rows of ``forward(index_shape)``: the
+        base's rows (:meth:`FourierPositionEncoding.grid_gather`: per-axis tables computed here, once), projected."""
+        base = self.base.grid_gather(index_shape, device=device, dtype=self.proj.weight.dtype if dtype is None else dtype)
+        return lambda index: self.proj(base(index))
 
 
 def has_grid_rows(encoding: nn.Module | None) -> bool:

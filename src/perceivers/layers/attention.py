@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import native_attention, onednn_attention
 from .dense import Linear, _autocast_operands, linear
+from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK
 
 __all__ = [
     "Attention", "KeyValue", "attend_heads", "attention_weights", "check_mask", "fold_is_cheaper", "fused_export",
@@ -58,7 +59,10 @@ def check_mask(
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must have dtype torch.bool (True = attend), got {mask.dtype}")
     grid = tuple(axes) if axes is not None and len(axes) > 1 else None
-    fits = mask.shape[1:] in ((length,), grid) if grid else mask.ndim >= 2 and mask[0].numel() == length
+    if grid:  # compared by rank first: [B, H, W] against (H·W,) would guard H != H·W (W = 1 refused) when exported
+        fits = mask.shape[1:] == ((length,) if mask.ndim == 2 else grid)
+    else:
+        fits = mask.ndim >= 2 and mask[0].numel() == length
     if mask.ndim < 2 or mask.shape[0] != batch or not fits:
         shapes = (f"[batch={batch}, {', '.join(map(str, grid))}] (the data's axes) or [batch, {length}]" if grid
                   else f"[batch={batch}, {length}] (or [batch, *axes] with {length} elements per sample)")
@@ -408,6 +412,9 @@ class Attention(nn.Module):
         acc_dtype = torch.promote_types(q.dtype, torch.float32)
         v_width = q.shape[-1] if fold else self.v_channels // self.num_heads
         fused = (fold or self.qk_channels == self.v_channels) and _flash_lse_available(q)
+        # a wide context's chunk holds at most CHUNK_VALUES values per sample, as eager streaming's (auto_chunk_size):
+        # DeepMind's 261-channel image tokens in chunks of 8035 rows, not 65536 (68 MB, copied by the norm and pad)
+        chunk_size = min(chunk_size, max(MIN_WIDE_CHUNK, CHUNK_VALUES // self.kv_dim))
         if not fused:  # the online softmax's score-sized temporaries: STEP_SCORES // 4 elements per step
             queries = (b if isinstance(b, int) else 1) * h * (n if isinstance(n, int) else 1)
             chunk_size = min(chunk_size, max(MIN_STEP_KEYS, STEP_SCORES // (4 * max(queries, 1))))
@@ -450,18 +457,26 @@ class Attention(nn.Module):
         else:
             def step(i: Tensor, m: Tensor, l: Tensor, acc: Tensor):
                 k, v, keep = chunk_keys(i)
-                scores = torch.matmul(q, k.transpose(-1, -2)).to(acc_dtype).masked_fill(~keep, low)  # [B, H, Q, n]
+                scores = _head_products(q, k.transpose(-1, -2)).to(acc_dtype).masked_fill(~keep, low)  # [B, H, Q, n]
                 m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
                 alpha = torch.exp(m - m_new)
                 p = torch.exp(scores - m_new)
                 return (i + 1, m_new, l * alpha + p.sum(-1, keepdim=True),
-                        acc * alpha + torch.matmul(p.to(v.dtype), v).to(acc_dtype))
+                        acc * alpha + _head_products(p.to(v.dtype), v).to(acc_dtype))
 
             start = (torch.zeros((), dtype=torch.long, device=q.device), q.new_full((b, h, n, 1), low, dtype=acc_dtype),
                      q.new_zeros((b, h, n, 1), dtype=acc_dtype), q.new_zeros((b, h, n, v_width), dtype=acc_dtype))
             _, _, l, acc = while_loop(more, step, start)
             out = (acc / l).to(q.dtype)
         return self._streamed_output(out, fold, mask, query_mask)
+
+
+def _head_products(a: Tensor, b: Tensor) -> Tensor:
+    """``a [B, H, X, Y] @ b [B, H, Y, Z]`` → ``[B, H, X, Z]`` as one ``bmm`` per head. Inside an exported
+    ``torch.while_loop`` a symbolic ``Y`` or ``Z`` (the keys of a chunk, ``min(chunk, length)``) would otherwise meet
+    ``matmul``'s reshape of the batch axes, whose view check leaves an unprovable guard ``1 % min(chunk, length) != 0``
+    (a length of 1 refused) where the length is one input axis (per-sample coordinates)."""
+    return torch.stack([torch.bmm(a[:, i], b[:, i]) for i in range(a.shape[1])], dim=1)
 
 
 def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:

@@ -297,9 +297,8 @@ class Perceiver(LogitsAlias, nn.Module):
         m = data.shape[1] if pos is not None else math.prod(data.shape[1:-1])
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(m, self.chunk_size, grad=grad)
-        # a symbolic grid size, exported: a torch.while_loop over chunks (per-sample coordinates, pos, are attended
-        # whole: gathering them in the loop left a guard on the length)
-        looped = not size and pos is None and loops(m, self.chunk_size, grad=grad)
+        # a symbolic length (grid size or number of points), exported: a torch.while_loop over chunks
+        looped = not size and loops(m, self.chunk_size, grad=grad)
         if looped:
             size = self.chunk_size or DEFAULT_CHUNK
         gridded = self.position_encoding is not None and pos is None and data.ndim in (4, 5)
@@ -326,6 +325,8 @@ class Perceiver(LogitsAlias, nn.Module):
             gather = lambda index: flat.index_select(1, index)
         elif pos is not None:
             chunk = lambda a, z: torch.cat((flat[:, a:z], enc.encode(pos[:, a:z], data.dtype)), -1)
+            gather = lambda index: torch.cat((flat.index_select(1, index), enc.encode(pos.index_select(1, index),
+                                                                                      data.dtype)), -1)
         else:
             shape = tuple(data.shape[1:-1])
             if looped:  # the per-axis tables once, outside the loop's body

@@ -19,12 +19,15 @@ Large images can be streamed (``forward(x, chunk_size=n)``): the tokens are then
 :class:`~perceivers.layers.ContextStream` whose chunks hold whole token rows, built from those
 pixels and the position features of those positions only, so nothing of the whole image's token
 array ever exists. This works wherever a token depends on its own pixels alone (``"pixels"``,
-``"patches"``, ``"conv1x1"``; not the 7×7 ``"conv"`` stem) and the positions give rows alone.
+``"patches"``, ``"conv1x1"``; not the 7×7 ``"conv"`` stem) and the positions give rows alone. With a
+symbolic image size (``torch.export`` with dynamic H and W) the stream gives its tokens by position instead
+(``ContextStream.rows``), which the encoder's cross-attention gathers in a ``torch.while_loop``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -317,11 +320,43 @@ class ImagePreprocessor(nn.Module):
         dtype = x.dtype  # what the layers give: under autocast a learned stem computes in its dtype
         if (self.prep_type == "conv1x1" or self.patches_linear is not None) and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
+        length, rows = math.prod(index_shape), self._gather(x, index_shape)
+        if not isinstance(length, int):  # a symbolic size (torch.export): a torch.while_loop gathers rows by position
+            return ContextStream(b, length, self.num_channels, chunk, chunk_size, dtype=dtype, device=x.device,
+                                 rows=rows)
         size = max(w, chunk_size - chunk_size % w)
         grid = None
         if self.gives_grid(x):  # the grid kernel scores the positions per axis
             s = self.spatial_downsample
             grid = GridContext(x[:, :, ::s, ::s].movedim(1, -1), index_shape,
                                tuple(enc.axis_tables(index_shape, x.device)))
-        return ContextStream(b, math.prod(index_shape), self.num_channels, chunk, size, dtype=dtype, device=x.device,
-                             grid=grid)
+        return ContextStream(b, length, self.num_channels, chunk, size, dtype=dtype, device=x.device, grid=grid,
+                             rows=rows)
+
+    def _gather(self, x: Tensor, index_shape: tuple[int, int]) -> Callable[[Tensor], Tensor]:
+        """The tokens of an image ``[B, C, H, W]`` by position: flat token positions ``index`` (int64 ``[n]``) →
+        ``[B, n, num_channels]``, gathered from the pixels (a token's own pixels: one, or a patch's ``s²``) and
+        from position tables computed here, once, outside the ``torch.while_loop`` body that calls it."""
+        s, w, width = self.spatial_downsample, index_shape[1], x.shape[-1]
+        pixels = x.flatten(2)  # [B, C, H·W]
+        offsets = [dh * width + dw for dh in range(s) for dw in range(s)] if self.prep_type == "patches" else [0]
+        enc, mode = self.position_encoding, self.concat_or_add_pos
+        points = None if enc is None else enc.grid_gather(index_shape, device=x.device, dtype=x.dtype)
+
+        def rows(index: Tensor) -> Tensor:
+            r = torch.div(index, w, rounding_mode="floor")
+            first = r * (s * width) + (index - r * w) * s  # the token's first pixel: row r·s, column c·s
+            parts = [pixels.index_select(2, first + o).transpose(1, 2) for o in offsets]  # [B, n, C] each
+            y = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # patches: channels (dh, dw, c)
+            if self.prep_type == "conv1x1":  # the 1×1 conv of those pixels
+                y = F.linear(y, self.stem.weight.flatten(1), self.stem.bias)
+            elif self.patches_linear is not None:
+                y = self.patches_linear(y)
+            if points is None:
+                return y
+            feats = points(index).to(y.dtype)  # [n, Cp]
+            if mode == "add":
+                return y + feats
+            return torch.cat((y, feats.expand(y.shape[0], -1, -1)), dim=-1)
+
+        return rows
