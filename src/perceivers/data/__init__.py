@@ -4,7 +4,14 @@ Pillow is imported only by the functions that read or write image files.
 """
 
 from .flow import flow_model_fn, flow_to_color, normalize_frames, save_flow_png, tile_flow
-from .image import IMAGENET_MEAN, IMAGENET_STD, ImageNetEvalTransform, imagenet_class_names, load_image
+from .image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageNetEvalTransform,
+    ImageNetTrainTransform,
+    imagenet_class_names,
+    load_image,
+)
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -12,6 +19,7 @@ __all__ = [
     "IMAGENET_STD",
     "ByteTokenizer",
     "ImageNetEvalTransform",
+    "ImageNetTrainTransform",
     "flow_model_fn",
     "flow_to_color",
     "imagenet_class_names",

@@ -1,10 +1,12 @@
-"""ImageNet evaluation preprocessing (PIL + numpy + torch) and the ImageNet-1k class names.
+"""ImageNet preprocessing per image (PIL + numpy + torch) and the ImageNet-1k class names.
 
-The official pipeline (``perceiver/train/dataset.py``): square centre crop of side
+The official evaluation pipeline (``perceiver/train/dataset.py``): square centre crop of side
 ``int(224/256 · min(H, W))`` at offsets ``((H − s) + 1) // 2``, ``((W − s) + 1) // 2``; bicubic resize to
 224×224 with TensorFlow's kernel (Keys a = −0.5, half-pixel centres, no antialias, no clamping);
 ``(x − 255·mean) / (255·std)`` with the ImageNet mean/std; RGB. Our models take NCHW, so the
-result is ``[3, 224, 224]`` float32 per image.
+result is ``[3, 224, 224]`` float32 per image. :class:`ImageNetTrainTransform` is the same file's training
+pipeline: a random crop of the whole image, flip and RandAugment on the uint8 crop, then the same resize and
+normalisation.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .transforms import RandAugment, sample_crop_boxes
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageNetEvalTransform",
+    "ImageNetTrainTransform",
     "center_crop_box",
     "imagenet_class_names",
     "load_image",
@@ -140,24 +145,30 @@ def _keys_cubic(t: np.ndarray, a: float) -> np.ndarray:
     return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
 
 
-@lru_cache(maxsize=32)
-def _tf_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """``[out, in]`` weights of TensorFlow's ``resize_bicubic(half_pixel_centers=True)``.
+@lru_cache(maxsize=256)
+def _tf_bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights ``[out, 4]`` of TensorFlow's ``resize_bicubic(half_pixel_centers=True)``.
 
     Keys a = −0.5 sampled at the fractional offset quantised to 1/1024 (TF's coefficient table);
-    taps that fall outside the image get weight 0 and the rest are renormalised to sum to 1.
+    taps that fall outside the image get weight 0 (their index is clamped) and the rest are renormalised
+    to sum to 1.
     """
     scale = np.float32(in_size) / np.float32(out_size)
     centres = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
     base = np.floor(centres).astype(np.int64)
     delta = np.rint((centres - base).astype(np.float64) * 1024) / 1024
-    weights = np.zeros((out_size, in_size), dtype=np.float64)
-    for tap in (-1, 0, 1, 2):
-        idx = base + tap
-        w = _keys_cubic(delta - tap, -0.5)
-        inside = (idx >= 0) & (idx < in_size)
-        np.add.at(weights, (np.arange(out_size)[inside], idx[inside]), w[inside])
-    return weights / weights.sum(axis=1, keepdims=True)
+    taps = np.arange(-1, 3)
+    index = base[:, None] + taps
+    weights = np.where((index >= 0) & (index < in_size), _keys_cubic(delta[:, None] - taps, -0.5), 0.0)
+    return np.clip(index, 0, in_size - 1), weights / weights.sum(axis=1, keepdims=True)
+
+
+def _tf_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The same weights as a dense ``[out, in]`` matrix."""
+    index, weights = _tf_bicubic_taps(in_size, out_size)
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    np.add.at(matrix, (np.arange(out_size)[:, None], index), weights)
+    return matrix
 
 
 def resize_bicubic(image: np.ndarray, size: tuple[int, int], method: Resample = "tf") -> np.ndarray:
@@ -172,9 +183,12 @@ def resize_bicubic(image: np.ndarray, size: tuple[int, int], method: Resample = 
     """
     h, w = size
     if method == "tf":
-        wy = _tf_bicubic_matrix(image.shape[0], h)
-        wx = _tf_bicubic_matrix(image.shape[1], w)
-        out = np.einsum("yh,hwc,xw->yxc", wy, image.astype(np.float64), wx, optimize=True)
+        # four taps per output pixel and axis (a dense matrix product costs ~100x more, and BLAS threads in
+        # data-loader workers oversubscribe the CPU)
+        iy, wy = _tf_bicubic_taps(image.shape[0], h)
+        ix, wx = _tf_bicubic_taps(image.shape[1], w)
+        rows = np.einsum("yt,ytxc->yxc", wy, image[iy].astype(np.float64))  # [h, W, C]
+        out = np.einsum("xt,yxtc->yxc", wx, rows[:, ix])  # [h, w, C]
         return out.astype(np.float32)
     if method == "pil":
         from PIL import Image
@@ -217,14 +231,77 @@ class ImageNetEvalTransform:
         top, left, side = center_crop_box(pixels.shape[0], pixels.shape[1], min(out_size), self.crop_padding,
                                             self.crop_rounding)
         crop = np.ascontiguousarray(pixels[top : top + side, left : left + side])
-        resized = resize_bicubic(crop, out_size, self.resample)
-        mean = np.asarray(self.mean, dtype=np.float32) * 255
-        std = np.asarray(self.std, dtype=np.float32) * 255
-        return torch.from_numpy((resized - mean) / std).permute(2, 0, 1).contiguous()
+        return _normalized_chw(resize_bicubic(crop, out_size, self.resample), self.mean, self.std)
 
     def batch(self, images: Sequence[object]) -> Tensor:
         """A list of images → ``[B, 3, height, width]``."""
         return torch.stack([self(im) for im in images])
+
+
+def _normalized_chw(resized: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``float32 [h, w, 3]`` on the 0..255 scale → ``(x − 255·mean) / (255·std)`` as ``[3, h, w]``."""
+    mean = np.asarray(mean, dtype=np.float32) * 255
+    std = np.asarray(std, dtype=np.float32) * 255
+    return torch.from_numpy((resized - mean) / std).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class ImageNetTrainTransform:
+    """Image → normalised ``float32 [3, size, size]``: DeepMind's ImageNet training pipeline for one image.
+
+    The steps of the official ``perceiver/train/dataset.py``, in its order: a crop box drawn from the whole
+    decoded image as ``tf.image.sample_distorted_bounding_box`` draws it (:func:`~perceivers.data.transforms.
+    sample_crop_boxes`: area 0.08–1, ratio 3/4–4/3, ``min_object_covered`` 0.1, 10 attempts, else the
+    evaluation centre crop), cut out of the uint8 image; a left-right flip with probability 1/2;
+    :class:`~perceivers.data.transforms.RandAugment` on the uint8 crop at its own size (so its pixel constants,
+    translate 100 and cutout 40, are pixels of the crop); TF bicubic resize to ``size`` (float, unclamped);
+    ``(x − 255·mean) / (255·std)``. Random draws come from ``generator`` in that order: the crop, the flip,
+    RandAugment.
+
+    Args:
+        size: output side, or ``(height, width)``.
+        area_range, aspect_ratio_range: the crop's area share and width / height ratio ranges.
+        flip: random left-right flips.
+        randaugment_layers, randaugment_magnitude: RandAugment's N and M (0 layers: none; DeepMind: 4, 5).
+        crop_padding: the fallback centre crop's side is ``size / (size + crop_padding)`` of the shorter side.
+        mean, std: per-channel statistics on the 0..1 scale.
+    """
+
+    size: int | tuple[int, int] = 224
+    area_range: tuple[float, float] = (0.08, 1.0)
+    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    randaugment_layers: int = 4
+    randaugment_magnitude: float = 5.0
+    crop_padding: int = 32
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        self.area_range = tuple(self.area_range)
+        self.aspect_ratio_range = tuple(self.aspect_ratio_range)
+        self._randaugment = (RandAugment(self.randaugment_layers, self.randaugment_magnitude)
+                             if self.randaugment_layers else None)
+
+    def crop(self, image: object, generator: torch.Generator | None = None) -> np.ndarray:
+        """The augmented ``uint8 [h, w, 3]`` crop before the resize (crop, flip, RandAugment)."""
+        pixels = load_image(image)
+        out_size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        top, left, height, width = sample_crop_boxes(
+            1, pixels.shape[0], pixels.shape[1], area_range=self.area_range,
+            aspect_ratio_range=self.aspect_ratio_range, crop_padding=self.crop_padding,
+            output_size=min(out_size), generator=generator)[0].tolist()
+        crop = torch.from_numpy(np.array(pixels[top : top + height, left : left + width]))  # a writable copy
+        if self.flip and bool(torch.rand((), generator=generator) < 0.5):
+            crop = crop.flip(1)
+        if self._randaugment is not None:
+            crop = self._randaugment(crop[None], generator)[0]
+        return np.ascontiguousarray(crop.numpy())
+
+    def __call__(self, image: object, generator: torch.Generator | None = None) -> Tensor:
+        """One image (path, PIL, ``[H, W, 3]`` array/tensor) → ``[3, height, width]``."""
+        out_size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        return _normalized_chw(resize_bicubic(self.crop(image, generator), out_size, "tf"), self.mean, self.std)
 
 
 @lru_cache(maxsize=1)

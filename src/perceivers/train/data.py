@@ -4,7 +4,9 @@
 recipe means the same optimisation on one process or many. Splits are seeded (``split_seed``) and do
 not depend on the training seed. Image batches are augmented (training only) and normalised on the
 device after transfer; normalisation statistics are computed from the training split and saved in
-checkpoints.
+checkpoints. ``ImageFolderDataModule(pipeline="official")`` instead prepares every image in the loader
+workers as DeepMind's ImageNet pipeline does (:class:`~perceivers.data.image.ImageNetTrainTransform`,
+:class:`~perceivers.data.image.ImageNetEvalTransform`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -34,6 +37,7 @@ from ..data.datasets import (
     read_cifar,
     split_indices,
 )
+from ..data.image import IMAGENET_MEAN, IMAGENET_STD, ImageNetEvalTransform, ImageNetTrainTransform
 from ..data.transforms import ImageAugment, Normalize, channel_stats, resize, to_float
 
 __all__ = [
@@ -41,9 +45,11 @@ __all__ = [
     "CIFARDataModule",
     "DigitsDataModule",
     "EpochShuffleSampler",
+    "EpochTaggedSampler",
     "ImageDataModule",
     "ImageFolderDataModule",
     "MaskedBytesDataModule",
+    "PerImageFolder",
     "ResumableDataLoader",
     "TextClassificationDataModule",
 ]
@@ -79,6 +85,16 @@ class EpochShuffleSampler(DistributedSampler):
             order = torch.arange(n)
         order = order[: self.num_samples * self.num_replicas]
         return iter(order[self.rank::self.num_replicas].tolist())
+
+
+class EpochTaggedSampler(EpochShuffleSampler):
+    """:class:`EpochShuffleSampler` whose items are ``(index, epoch)``, for datasets that draw their own
+    augmentation per item: the draws then follow from ``(seed, epoch, index)`` whichever worker loads the item,
+    also after a mid-epoch resume (whose new workers start afresh)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((index, epoch) for index in super().__iter__())
 
 
 class EvalShardSampler(DistributedSampler):
@@ -181,7 +197,8 @@ class _BaseDataModule(pl.LightningDataModule):
             if world > 1:
                 return DataLoader(dataset, sampler=EvalShardSampler(dataset, num_replicas=world, rank=rank), **common)
             return DataLoader(dataset, shuffle=False, **common)
-        sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle)
+        sampler_class = EpochTaggedSampler if getattr(dataset, "takes_epoch", False) else EpochShuffleSampler
+        sampler = sampler_class(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle)
         return ResumableDataLoader(dataset, sampler=sampler, drop_last=True, progress=self._progress, **common)
 
     def _progress(self) -> dict[str, int]:
@@ -411,9 +428,19 @@ class ImageFolderDataModule(ImageDataModule):
     ``load_size`` as they are loaded (``image_size`` then resizes batches, if set).
 
     Args:
-        load_size: side (or ``(H, W)``) every file is resized to when read.
+        load_size: side (or ``(H, W)``) every file is resized to when read; with ``pipeline="official"`` the
+            side of the crops.
         channels: 3 (RGB) or 1 (greyscale).
-        center_crop: crop the central square before resizing.
+        center_crop: crop the central square before resizing (``"batched"`` only).
+        pipeline: ``"batched"`` — files resized to ``load_size`` as they are read, then augmented and
+            normalised on the device, batch by batch (fast); ``"official"`` — DeepMind's ImageNet pipeline,
+            one image at a time in the loader workers on the CPU: training images are cropped from the whole
+            file, flipped and RandAugmented on the uint8 crop, then resized with TF's bicubic kernel
+            (:class:`~perceivers.data.image.ImageNetTrainTransform`, which takes ``augment``'s ``flip``,
+            ``crop_scale`` and RandAugment settings; zoom, rotate and translate are refused); evaluation images
+            get the official 224/256 centre crop (:class:`~perceivers.data.image.ImageNetEvalTransform`); both
+            normalised with the ImageNet mean/std (``normalize=False``: values in [0, 1]). Batches then arrive
+            ready (float32 ``[B, H, W, 3]``). Random draws follow from the run's seed, the epoch and the item.
     """
 
     def __init__(
@@ -423,6 +450,7 @@ class ImageFolderDataModule(ImageDataModule):
         load_size: int | tuple[int, int] = 64,
         channels: int = 3,
         center_crop: bool = False,
+        pipeline: str = "batched",
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         image_size: int | tuple[int, int] | None = None,
@@ -439,6 +467,44 @@ class ImageFolderDataModule(ImageDataModule):
         if not Path(root).is_dir():
             raise DataError(f"image folder {root!r} does not exist or is not a directory")
         self.root, self.load_size, self.channels, self.center_crop = Path(root), load_size, channels, center_crop
+        if pipeline not in ("batched", "official"):
+            raise DataError(f"pipeline must be 'batched' or 'official', got {pipeline!r}")
+        self.pipeline = pipeline
+        if pipeline == "official":
+            if channels != 3:
+                raise DataError(f"pipeline='official' reads RGB images: channels must be 3, got {channels}")
+            if image_size is not None:
+                raise DataError("pipeline='official' makes crops of load_size already: leave image_size unset, got "
+                                f"{image_size!r}")
+            if augment is not None and (augment.zoom or augment.rotate or augment.translate):
+                raise DataError("pipeline='official' augments with crop, flip and RandAugment only: zoom, rotate and "
+                                f"translate must be 0, got {augment.zoom}, {augment.rotate}, {augment.translate}")
+
+    def official_transforms(self) -> tuple[ImageNetTrainTransform | ImageNetEvalTransform, ImageNetEvalTransform]:
+        """The per-image training and evaluation transforms of ``pipeline="official"``."""
+        size = self.load_size if isinstance(self.load_size, int) else tuple(self.load_size)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.normalize else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        evaluate = ImageNetEvalTransform(size, mean=mean, std=std)
+        augment = self.augment
+        if augment is None:
+            return evaluate, evaluate
+        train = ImageNetTrainTransform(
+            size, area_range=tuple(augment.crop_scale or (0.08, 1.0)), flip=augment.flip,
+            randaugment_layers=augment.randaugment_layers, randaugment_magnitude=augment.randaugment_magnitude,
+            mean=mean, std=std)
+        return train, evaluate
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pipeline == "batched":
+            super().setup(stage)
+        elif not self._loaded:  # no statistics to compute: the official pipeline normalises with ImageNet's
+            self.load()
+            self._loaded = True
+
+    def transform_batch(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
+        if self.pipeline == "official":  # prepared in the workers
+            return batch
+        return super().transform_batch(batch, train)
 
     def _folder(self, path: Path, classes: Sequence[str] | None = None) -> ImageFolderDataset:
         return ImageFolderDataset(path, self.load_size, channels=self.channels, classes=classes,
@@ -462,6 +528,52 @@ class ImageFolderDataModule(ImageDataModule):
             self.datasets["train"], self.datasets["val"] = self._hold_out(full)
             classes = full.classes
         self.num_classes, self.class_names = len(classes), list(classes)
+        if self.pipeline == "official":
+            train_transform, eval_transform = self.official_transforms()
+            for split, dataset in self.datasets.items():
+                if isinstance(dataset, Subset):
+                    folder, indices = dataset.dataset, list(dataset.indices)
+                else:
+                    folder, indices = dataset, None
+                transform = train_transform if split == "train" else eval_transform
+                self.datasets[split] = PerImageFolder(folder, transform, indices=indices)
+
+
+class PerImageFolder(Dataset):
+    """Files of an :class:`ImageFolderDataset` (or the ``indices`` of them) through a per-image transform.
+
+    Items are ``{"inputs": float32 [H, W, C], "target": int64}``. A transform that takes a ``generator``
+    (:class:`~perceivers.data.image.ImageNetTrainTransform`) gets one seeded from ``(seed, epoch, index)``:
+    the dataset takes ``(index, epoch)`` keys (from :class:`EpochTaggedSampler`; a plain index is epoch 0),
+    so an item's augmentation does not depend on which worker loads it or on a restart.
+
+    Args:
+        seed: default: the run's ``seed_everything`` value.
+    """
+
+    def __init__(self, folder: ImageFolderDataset, transform: Callable[..., Tensor], *,
+                 indices: Sequence[int] | None = None, seed: int | None = None) -> None:
+        self.folder, self.transform = folder, transform
+        self.indices = list(range(len(folder))) if indices is None else list(indices)
+        self.seed = run_seed() if seed is None else seed
+        self.takes_epoch = isinstance(transform, ImageNetTrainTransform)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def generator(self, index: int, epoch: int = 0) -> torch.Generator:
+        """The generator item ``index`` draws from in ``epoch``."""
+        state = np.random.SeedSequence([self.seed % 2**32, epoch, index]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path, label = self.folder.samples[self.indices[index]]
+        if self.takes_epoch:
+            image = self.transform(path, generator=self.generator(index, epoch))
+        else:
+            image = self.transform(path)
+        return {"inputs": image.permute(1, 2, 0).contiguous(), "target": torch.tensor(label, dtype=torch.int64)}
 
 
 class ArrayDataModule(ImageDataModule):
