@@ -436,8 +436,6 @@ def test_dynamic_size_export_streams_image_tokens_in_a_while_loop(case: str, fus
             torch.testing.assert_close(program.module()(x), whole, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="PerceiverIOModel._stream_size (io/model.py) asks for no stream at a symbolic "
-                   "size (auto_chunk_size gives 0 and it does not consult layers.loops), so the tokens are built whole")
 def test_dynamic_size_export_of_a_vision_model_streams_in_a_while_loop() -> None:
     model, (x,) = MODELS["vision-perceiver-fourier"]()
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", max=1024), 3: torch.export.Dim("w", max=1024)}

@@ -91,7 +91,9 @@ def test_what_streams() -> None:
     assert isinstance(_pre()(torch.randn(1, 3, 12, 10), chunk_size=0).inputs, torch.Tensor)
     video = ImagePreprocessor("pixels", position_encoding=build_position_encoding(
         "fourier", num_dims=3, index_shape=(2, 4, 4), num_bands=2), spatial_downsample=1)
-    assert not video.streams(torch.randn(1, 2, 3, 4, 4))  # videos: built whole
+    assert video.streams(torch.randn(1, 2, 3, 4, 4))  # videos: frame after frame
+    folded = ImagePreprocessor("patches", position_encoding=None, spatial_downsample=2, temporal_downsample=2)
+    assert not folded.streams(torch.randn(1, 2, 3, 4, 4))  # frames folded into each token: built whole
     conv = ImagePreprocessor("conv", position_encoding=None, spatial_downsample=4, num_channels=4)
     assert not conv.streams(torch.randn(1, 3, 16, 16))  # 7×7 stem: a token reads its neighbours
     out = conv(torch.randn(1, 3, 16, 16), chunk_size=8)

@@ -33,7 +33,7 @@ from ..layers import (
 )
 from ..layers.blocks import default_qk_channels
 from ..layers.dense import Linear
-from .processors.base import restructure
+from .processors.base import concat_rows, padder, restructure
 from .queries import FourierQueries, InputQueries, TrainableQueries
 
 __all__ = [
@@ -566,32 +566,13 @@ class MultimodalDecoder(nn.Module):
         if unknown:
             raise ValueError(f"subsampled_points has unknown modalities {sorted(unknown)}; known: {self.modalities}")
         batch = inputs.shape[0]
-        parts = []  # (queries [B, Q_m, C_m] or their stream, padding [C_pad])
+        parts = []  # (queries [B, Q_m, C_m] or their stream, padding them to query_channels)
         for m in self.modalities:
             builder = self.queries[m]
             points = subsampled_points.get(m)
             kw = {"stream": True} if stream and isinstance(builder, FourierQueries) else {}
-            parts.append((builder(batch, inputs=inputs, subsampled_points=points, **kw), self.padding[m].embeddings))
-
-        def padded(q: Tensor, pad: Tensor) -> Tensor:
-            return torch.cat([q, pad.to(q.dtype).expand(batch, q.shape[1], -1)], dim=-1)
-
-        if not any(isinstance(q, ContextStream) for q, _ in parts):
-            return torch.cat([padded(q, pad) for q, pad in parts], dim=1)
-        bounds = [0]
-        for q, _ in parts:
-            bounds.append(bounds[-1] + q.shape[1])
-
-        def rows(start: int, stop: int) -> Tensor:
-            pieces = []
-            for (q, pad), lo, hi in zip(parts, bounds, bounds[1:]):
-                a, b = max(start, lo) - lo, min(stop, hi) - lo
-                if a < b:
-                    pieces.append(padded(q.chunk(a, b) if isinstance(q, ContextStream) else q[:, a:b], pad))
-            return torch.cat(pieces, dim=1)
-
-        first = next(q for q, _ in parts if isinstance(q, ContextStream))
-        return ContextStream(batch, bounds[-1], self.query_channels, rows, dtype=first.dtype, device=first.device)
+            parts.append((builder(batch, inputs=inputs, subsampled_points=points, **kw), padder(self.padding[m])))
+        return concat_rows(parts, self.query_channels)
 
     def output_modality_sizes(self, subsampled_points: Mapping[str, Tensor | None] | None = None) -> dict[str, int]:
         """Rows per modality in the output: ``len(points)`` when subsampled, else the full query count."""

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import configurable
-from ..layers import SelfAttentionBlock, auto_chunk_size, check_chunk_size, grid_attention
+from ..layers import SelfAttentionBlock, auto_chunk_size, check_chunk_size, grid_attention, loops
 from ..layers.attention import record_attention
+from ..layers.stream import DEFAULT_CHUNK
 from ..outputs import model_output
 from ..validation import as_bool_mask, check_finite, check_like, check_tensor
 from .decoders import (
@@ -136,9 +137,15 @@ class PerceiverIOModel(nn.Module):
         streams = getattr(pre, "streams", None)
         if streams is None or not streams(inputs) or decoder_reads_inputs(self.decoder):
             return 0
-        length = math.prod(pre.output_index_shape(tuple(inputs.shape)))
-        grad = torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in self.parameters()))
-        size = auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=inputs.shape[0])
+        if isinstance(inputs, Mapping):  # a multimodal preprocessor: the modalities that stream decide
+            length, raw = pre.stream_length(inputs), [v for v in inputs.values() if isinstance(v, Tensor)]
+        else:
+            length, raw = math.prod(pre.output_index_shape(tuple(inputs.shape))), [inputs]
+        grad = torch.is_grad_enabled() and (any(v.requires_grad for v in raw)
+                                            or any(p.requires_grad for p in self.parameters()))
+        size = auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=raw[0].shape[0])
+        if not size and loops(length, self.chunk_size, grad=grad):  # torch.export, symbolic size: a while_loop
+            return self.chunk_size or DEFAULT_CHUNK
         cross = getattr(self.encoder, "cross_attention", None)
         dropout = self.training and cross is not None and cross.attn.dropout > 0
         if (not size and self.chunk_size is None and getattr(pre, "gives_grid", lambda x: False)(inputs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ...layers import ContextStream
 
-__all__ = ["Preprocessed", "add_positions", "check_pos_mode", "restructure"]
+__all__ = ["Preprocessed", "add_positions", "check_pos_mode", "concat_rows", "padder", "restructure"]
 
 
 class Preprocessed(NamedTuple):
@@ -69,3 +69,40 @@ def restructure(modality_sizes: Mapping[str, int], inputs: Tensor) -> dict[str, 
         out[name] = inputs[:, start : start + modality_sizes[name]]
         start += modality_sizes[name]
     return out
+
+
+RowMap = Callable[[Tensor, int, int], Tensor]  # rows a:b of a part [B, b - a, C_i] → [B, b - a, C]
+
+
+def concat_rows(parts: Sequence[tuple[Tensor | ContextStream, RowMap]], channels: int,
+                chunk_size: int | None = None) -> Tensor | ContextStream:
+    """Parts ``[B, M_i, C_i]`` (tensors or streams), each mapped row-wise by its function (called with
+    the rows ``a:b`` and ``a, b``) to ``channels``, concatenated along the rows: a tensor when no part
+    streams, else a :class:`~perceivers.layers.ContextStream` whose chunks map only the rows they cover
+    (a multimodal input's or query set's padded modalities)."""
+    if not any(isinstance(x, ContextStream) for x, _ in parts):
+        return torch.cat([fn(x, 0, x.shape[1]) for x, fn in parts], dim=1)
+    bounds = [0]
+    for x, _ in parts:
+        bounds.append(bounds[-1] + x.shape[1])
+
+    def chunk(start: int, stop: int) -> Tensor:
+        pieces = []
+        for (x, fn), lo, hi in zip(parts, bounds, bounds[1:]):
+            a, b = max(start, lo) - lo, min(stop, hi) - lo
+            if a < b:
+                pieces.append(fn(x.chunk(a, b) if isinstance(x, ContextStream) else x[:, a:b], a, b))
+        return torch.cat(pieces, dim=1)
+
+    first = next(x for x, _ in parts if isinstance(x, ContextStream))
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    return ContextStream(first.batch, bounds[-1], channels, chunk, dtype=first.dtype, device=first.device, **kw)
+
+
+def padder(padding: nn.Module) -> RowMap:
+    """The row map that appends a learned padding vector (``padding.embeddings [1, C_pad]``) to every row."""
+
+    def pad(x: Tensor, a: int, b: int) -> Tensor:
+        return torch.cat([x, padding.embeddings.to(x.dtype).expand(x.shape[0], x.shape[1], -1)], dim=-1)
+
+    return pad

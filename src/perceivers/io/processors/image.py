@@ -19,7 +19,8 @@ Large images can be streamed (``forward(x, chunk_size=n)``): the tokens are then
 :class:`~perceivers.layers.ContextStream` whose chunks hold whole token rows, built from those
 pixels and the position features of those positions only, so nothing of the whole image's token
 array ever exists. This works wherever a token depends on its own pixels alone (``"pixels"``,
-``"patches"``, ``"conv1x1"``; not the 7×7 ``"conv"`` stem) and the positions give rows alone. With a
+``"patches"``, ``"conv1x1"``; not the 7×7 ``"conv"`` stem) and the positions give rows alone; a video not
+downsampled in time streams its token rows frame after frame. With a
 symbolic image size (``torch.export`` with dynamic H and W) the stream gives its tokens by position instead
 (``ContextStream.rows``), which the encoder's cross-attention gathers in a ``torch.while_loop``.
 """
@@ -250,16 +251,19 @@ class ImagePreprocessor(nn.Module):
         return y
 
     def streams(self, x: Tensor) -> bool:
-        """Whether ``forward(x, chunk_size=n)`` gives a stream: an image ``[B, C, H, W]``, a token
-        made of its own pixels only (``"pixels"``, ``"patches"``, ``"conv1x1"``) and positions that
+        """Whether ``forward(x, chunk_size=n)`` gives a stream: an image ``[B, C, H, W]`` (or a video
+        ``[B, T, C, H, W]`` not downsampled in time), a token made of its own pixels only (``"pixels"``, ``"patches"``, ``"conv1x1"``) and positions that
         give rows alone (Fourier, trainable, projected; or none)."""
-        return (isinstance(x, Tensor) and x.ndim == 4 and self.prep_type != "conv"
-                and has_grid_rows(self.position_encoding))
+        if not (isinstance(x, Tensor) and self.prep_type != "conv" and has_grid_rows(self.position_encoding)):
+            return False
+        # a video [B, T, C, H, W] of a fixed size whose frames stay token frames: rows of every frame in turn
+        return x.ndim == 4 or (x.ndim == 5 and self.temporal_downsample == 1 and isinstance(x.shape[1], int)
+                               and len(self.output_index_shape(tuple(x.shape))) == 3)
 
     def gives_grid(self, x: Tensor) -> bool:
         """Whether the stream of ``x`` carries a :class:`~perceivers.layers.GridContext` (an image's pixels
         with concatenated Fourier positions), which the native grid kernel can attend."""
-        return (self.streams(x) and self.prep_type == "pixels" and self.concat_or_add_pos == "concat"
+        return (self.streams(x) and x.ndim == 4 and self.prep_type == "pixels" and self.concat_or_add_pos == "concat"
                 and isinstance(self.position_encoding, FourierPositionEncoding))
 
     def forward(self, x: Tensor, *, chunk_size: int = 0) -> Preprocessed:
@@ -290,17 +294,27 @@ class ImagePreprocessor(nn.Module):
         y = space_to_depth(x[:, :, r0 * s : r1 * s].movedim(1, -1), spatial_block=s)  # patches
         return y if self.patches_linear is None else self.patches_linear(y)
 
+    def _video_row_features(self, x: Tensor, r0: int, r1: int, h: int) -> Tensor:
+        """Features of token rows ``r0:r1`` of a video ``[B, T, C, H, W]`` whose frames have ``h`` token rows
+        (rows counted over all frames) → ``[B, r1 - r0, w, C']``."""
+        parts = [self._row_features(x[:, t], max(r0, t * h) - t * h, min(r1, (t + 1) * h) - t * h)
+                 for t in range(r0 // h, -(-r1 // h))]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
     def _stream(self, x: Tensor, chunk_size: int) -> ContextStream:
         """The tokens of an image as a stream of whole token rows (features, then positions)."""
         self._check_shape(x)
         b = x.shape[0]
         index_shape = self.output_index_shape(x.shape)
-        w = index_shape[1]
+        w = index_shape[-1]
         enc, mode = self.position_encoding, self.concat_or_add_pos
+        video = len(index_shape) == 3  # token frames: rows of every frame in turn
+        features = (lambda x, r0, r1: self._video_row_features(x, r0, r1, index_shape[1])) if video else \
+            self._row_features
 
         def chunk(start: int, stop: int) -> Tensor:
             r0, r1 = start // w, -(-stop // w)
-            feats = self._row_features(x, r0, r1).flatten(1, 2)  # [B, (r1 - r0)·w, C'] (a view of pixels)
+            feats = features(x, r0, r1).flatten(1, 2)  # [B, (r1 - r0)·w, C'] (a view of pixels)
             feats = feats[:, start - r0 * w : stop - r0 * w]  # [B, n, C']
             if enc is None:
                 return feats
@@ -320,7 +334,7 @@ class ImagePreprocessor(nn.Module):
         dtype = x.dtype  # what the layers give: under autocast a learned stem computes in its dtype
         if (self.prep_type == "conv1x1" or self.patches_linear is not None) and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        length, rows = math.prod(index_shape), self._gather(x, index_shape)
+        length, rows = math.prod(index_shape), None if video else self._gather(x, index_shape)
         if not isinstance(length, int):  # a symbolic size (torch.export): a torch.while_loop gathers rows by position
             return ContextStream(b, length, self.num_channels, chunk, chunk_size, dtype=dtype, device=x.device,
                                  rows=rows)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ...configurable import configurable
-from ...layers import TrainablePositionEncoding
-from .base import Preprocessed, restructure
+from ...layers import ContextStream, TrainablePositionEncoding
+from .base import Preprocessed, RowMap, concat_rows, padder, restructure
 from .postprocessors import rowwise_parts
 
 __all__ = ["MultimodalPostprocessor", "MultimodalPreprocessor"]
@@ -61,37 +62,60 @@ class MultimodalPreprocessor(nn.Module):
             self.mask_tokens = nn.ModuleDict({m: TrainablePositionEncoding(1, self.num_channels)
                                               for m in self.modality_names})
 
-    def forward(self, inputs: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> Preprocessed:
-        """``{name: tensor}`` → ``Preprocessed([B, ΣM, num_channels], {name: M}, {name: features})``."""
+    def _streaming(self, inputs: Mapping[str, Tensor]) -> list[str]:
+        """The modalities whose preprocessor streams its input (see :meth:`streams`)."""
+        if not isinstance(inputs, Mapping):
+            return []
+        return [m for m in self.modality_names if isinstance(inputs.get(m), Tensor)
+                and getattr(self.modalities[m], "streams", lambda x: False)(inputs[m])]
+
+    def streams(self, inputs: Mapping[str, Tensor]) -> bool:
+        """Whether ``forward(inputs, chunk_size=n)`` gives a stream: some modality's preprocessor streams its
+        input (an image's tokens); the other modalities are built whole and padded chunk by chunk."""
+        return bool(self._streaming(inputs))
+
+    def stream_length(self, inputs: Mapping[str, Tensor]) -> int:
+        """Tokens of the modalities that stream (what decides whether and how to stream)."""
+        return sum(math.prod(self.modalities[m].output_index_shape(tuple(inputs[m].shape)))
+                   for m in self._streaming(inputs))
+
+    def forward(self, inputs: Mapping[str, Tensor], *, generator: torch.Generator | None = None,
+                chunk_size: int = 0) -> Preprocessed:
+        """``{name: tensor}`` → ``Preprocessed([B, ΣM, num_channels], {name: M}, {name: features})``.
+
+        With ``chunk_size > 0`` and :meth:`streams` true, the tokens are a
+        :class:`~perceivers.layers.ContextStream` (the streaming modalities' features are then ``None``)."""
         if not isinstance(inputs, Mapping):
             raise TypeError(f"inputs must be a dict {{modality: tensor}} with {self.modality_names}, got "
                             f"{type(inputs).__name__}")
         if set(inputs) != set(self.modality_names):
             raise ValueError(f"inputs must have exactly the modalities {self.modality_names}, got {sorted(inputs)}")
-        padded, sizes, without_pos = {}, {}, {}
+        streaming = set(self._streaming(inputs)) if chunk_size > 0 else set()
+        parts, sizes, without_pos = [], {}, {}
         for m in self.modality_names:
-            x, _, without_pos[m] = self.modalities[m](inputs[m])  # [B, M, C_m]
-            b, n, _ = x.shape
-            pad = self.padding[m].embeddings.to(x.dtype).expand(b, n, -1)
-            x = torch.cat([x, pad], dim=-1)
-            if self.mask_tokens is not None:
-                x = self._mask(x, m, generator)
-            padded[m], sizes[m] = x, n
-        batch = {m: padded[m].shape[0] for m in self.modality_names}
+            kw = {"chunk_size": chunk_size} if m in streaming else {}
+            x, _, without_pos[m] = self.modalities[m](inputs[m], **kw)  # [B, M, C_m] or its stream
+            sizes[m] = x.shape[1]
+            parts.append((x, self._row_map(m, x, generator)))
+        batch = {m: x.shape[0] for m, (x, _) in zip(self.modality_names, parts)}
         first = batch[self.modality_names[0]]
         if any(b != first for b in batch.values()):  # pairwise: symbolic sizes (torch.export) are unhashable
             raise ValueError(f"all modalities must share the batch size, got {batch}")
-        return Preprocessed(torch.cat([padded[m] for m in self.modality_names], dim=1), sizes, without_pos)
+        size = None if not streaming else max(x.chunk_size for x, _ in parts if isinstance(x, ContextStream))
+        return Preprocessed(concat_rows(parts, self.num_channels, size), sizes, without_pos)
 
-    def _mask(self, x: Tensor, name: str, generator: torch.Generator | None) -> Tensor:
-        p = self.mask_probs[name]
+    def _row_map(self, name: str, x: Tensor | ContextStream, generator: torch.Generator | None) -> RowMap:
+        """Rows ``a:b`` of modality ``name`` → padded to ``num_channels`` and masked (the mask is drawn here,
+        for all its tokens, so that a stream's chunks see the draws of the whole array)."""
+        pad = padder(self.padding[name])
+        p = 0.0 if self.mask_tokens is None else self.mask_probs[name]
         if p <= 0.0:
-            return x
-        token = self.mask_tokens[name].embeddings.to(x.dtype)  # [1, C]
+            return pad
+        token = self.mask_tokens[name].embeddings  # [1, C]
         if p >= 1.0:
-            return token.expand_as(x)
+            return lambda rows, a, b: token.to(rows.dtype).expand(rows.shape[0], b - a, -1)
         hit = torch.rand(x.shape[:2], device=x.device, generator=generator) < p  # [B, M]
-        return torch.where(hit[..., None], token, x)
+        return lambda rows, a, b: torch.where(hit[:, a:b, None], token.to(rows.dtype), pad(rows, a, b))
 
 
 @configurable
