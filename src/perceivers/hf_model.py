@@ -351,9 +351,6 @@ class PerceiverMultimodalPreprocessor(MultimodalPreprocessor):
             self.mask_probs = {m: float(p) for m, p in probs.items()}
             self.mask_tokens = nn.ModuleDict({m: TrainablePositionEncoding(1, self.num_channels) for m in sorted(probs)})
 
-    def _mask(self, x: Tensor, name: str, generator: torch.Generator | None) -> Tensor:
-        return super()._mask(x, name, generator) if name in self.mask_probs else x
-
     def transformers_rules(self) -> list[Rule]:
         rules = [*PADDING_RULES, *MASK_RULES]
         for m in self.modality_names:

@@ -108,7 +108,7 @@ class MultimodalPreprocessor(nn.Module):
         """Rows ``a:b`` of modality ``name`` → padded to ``num_channels`` and masked (the mask is drawn here,
         for all its tokens, so that a stream's chunks see the draws of the whole array)."""
         pad = padder(self.padding[name])
-        p = 0.0 if self.mask_tokens is None else self.mask_probs[name]
+        p = 0.0 if self.mask_tokens is None else self.mask_probs.get(name, 0.0)  # transformers' names some only
         if p <= 0.0:
             return pad
         token = self.mask_tokens[name].embeddings  # [1, C]
