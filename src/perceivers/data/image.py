@@ -227,7 +227,7 @@ class ImageNetEvalTransform:
     def __call__(self, image: object) -> Tensor:
         """One image (path, PIL, ``[H, W, 3]`` array/tensor) → ``[3, height, width]``."""
         pixels = load_image(image)
-        out_size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        out_size = _pair(self.size)
         top, left, side = center_crop_box(pixels.shape[0], pixels.shape[1], min(out_size), self.crop_padding,
                                             self.crop_rounding)
         crop = np.ascontiguousarray(pixels[top : top + side, left : left + side])
@@ -236,6 +236,11 @@ class ImageNetEvalTransform:
     def batch(self, images: Sequence[object]) -> Tensor:
         """A list of images → ``[B, 3, height, width]``."""
         return torch.stack([self(im) for im in images])
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """An output size: a side, or ``(height, width)``."""
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _normalized_chw(resized: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -286,7 +291,7 @@ class ImageNetTrainTransform:
     def crop(self, image: object, generator: torch.Generator | None = None) -> np.ndarray:
         """The augmented ``uint8 [h, w, 3]`` crop before the resize (crop, flip, RandAugment)."""
         pixels = load_image(image)
-        out_size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        out_size = _pair(self.size)
         top, left, height, width = sample_crop_boxes(
             1, pixels.shape[0], pixels.shape[1], area_range=self.area_range,
             aspect_ratio_range=self.aspect_ratio_range, crop_padding=self.crop_padding,
@@ -300,7 +305,7 @@ class ImageNetTrainTransform:
 
     def __call__(self, image: object, generator: torch.Generator | None = None) -> Tensor:
         """One image (path, PIL, ``[H, W, 3]`` array/tensor) → ``[3, height, width]``."""
-        out_size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        out_size = _pair(self.size)
         return _normalized_chw(resize_bicubic(self.crop(image, generator), out_size, "tf"), self.mean, self.std)
 
 
