@@ -278,7 +278,8 @@ class PerceiverAR(nn.Module):
         Args:
             prefix_mask: bool ``[B, cross_attn_seq_len]``, True = attend (masks prefix keys of the prefix
                 layers); a ``[B, L]`` mask is accepted too (its sequence part masks the sequence keys of
-                the prefix layers, as the reference does with a longer mask).
+                the prefix layers, as the reference does with a longer mask). As in the reference, a mask
+                ``[B, n]`` shorter than that is padded with True (``generate`` can keep a prompt's mask).
             labels: token ids ``[B, L]``; positions after the prefix are the targets, id 0 is ignored.
 
         Returns:
@@ -296,13 +297,18 @@ class PerceiverAR(nn.Module):
             if not isinstance(prefix_mask, Tensor) or prefix_mask.dtype != torch.bool:
                 got = f"dtype {prefix_mask.dtype}" if isinstance(prefix_mask, Tensor) else type(prefix_mask).__name__
                 raise TypeError(f"prefix_mask must be a bool tensor (True = attend), got {got}")
-            if prefix_mask.ndim != 2 or prefix_mask.shape[0] != batch or prefix_mask.shape[1] not in (prefix_len, seq_len):
+            if prefix_mask.ndim != 2 or prefix_mask.shape[0] != batch or prefix_mask.shape[1] > seq_len:
                 raise ValueError(
-                    f"prefix_mask must have shape [{batch}, {prefix_len}] (or [{batch}, {seq_len}]), "
-                    f"got {tuple(prefix_mask.shape)}"
+                    f"prefix_mask must have shape [{batch}, n] with n <= {seq_len}, the input's length (usually "
+                    f"[{batch}, {prefix_len}] or [{batch}, {seq_len}]), got {tuple(prefix_mask.shape)}"
                 )
             if prefix_mask.device != x.device:
                 raise ValueError(f"prefix_mask is on {prefix_mask.device} but x is on {x.device}")
+            # the reference pads a shorter mask with True: to the prefix, or past it to the whole input
+            # (so generate can keep the prompt's mask while the window grows)
+            width = prefix_mask.shape[1]
+            if width != prefix_len:
+                prefix_mask = F.pad(prefix_mask, (0, (prefix_len if width < prefix_len else seq_len) - width), value=True)
         if labels is not None:
             if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32):
                 got = f"dtype {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__

@@ -108,6 +108,33 @@ def test_full_length_mask_as_the_reference_pads_it() -> None:
         assert _max_diff(reference(x, mask), ours(x, mask)) <= TOL
 
 
+@pytest.mark.parametrize("length", [5, 8, 10, 17])
+def test_mask_of_any_length_up_to_the_input_as_the_reference_pads_it(length: int) -> None:
+    """The reference pads a shorter mask with True (attend), whatever its length: [B, 5] masks 5 of the 8 prefix
+    positions, [B, 10] the prefix and the first 2 sequence keys."""
+    reference, ours = _pair()
+    x = _tokens(2, 17)
+    mask = torch.rand(2, length, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask[:, 0] = False
+    with torch.no_grad():
+        assert _max_diff(reference(x, mask), ours(x, mask)) <= TOL
+
+
+def test_generate_with_a_mask_of_the_prompt_as_the_reference() -> None:
+    """A left-padded prompt's mask [B, prompt length] passed to generate: every later step feeds a longer window,
+    which the reference attends beyond the mask (ours refused the second step); the window slides past
+    max_seq_len=20 too."""
+    reference, ours = _pair(**CONFIGS["deep"])
+    start = _tokens(2, 11)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, :3] = False
+    outs = []
+    for wrapper in (ref_wrapper.AutoregressiveWrapper(reference), AutoregressiveWrapper(ours)):
+        torch.manual_seed(7)
+        outs.append(wrapper.generate(start, 14, temperature=1.3, filter_thres=0.6, prefix_mask=mask))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_training_forward_same_dropout() -> None:
     """Prefix dropout (one uniform draw, top-k) and attention/feed-forward dropout draw the same numbers:
     with the same seed the training outputs agree (CPU; SDPA's dropout there is the reference's)."""
@@ -219,7 +246,9 @@ def test_fixed_where_the_reference_fails() -> None:
         (lambda m: m(_tokens(2, 8)), ValueError, r"must be greater than cross_attn_seq_len=8"),
         (lambda m: m(_tokens(2, 12) + 30), ValueError, r"token ids must lie in \[0, 23\)"),
         (lambda m: m(_tokens(2, 12).float()), TypeError, "token ids"),
-        (lambda m: m(_tokens(2, 12), torch.ones(2, 5, dtype=torch.bool)), ValueError, r"shape \[2, 8\]"),
+        (lambda m: m(_tokens(2, 12), torch.ones(2, 13, dtype=torch.bool)), ValueError, r"\[2, n\] with n <= 12"),
+        (lambda m: m(_tokens(2, 12), torch.ones(3, 8, dtype=torch.bool)), ValueError, r"\[2, n\] with n <= 12"),
+        (lambda m: m(_tokens(2, 12), torch.ones(2, 8, 1, dtype=torch.bool)), ValueError, r"\[2, n\] with n <= 12"),
         (lambda m: m(_tokens(2, 12), torch.ones(2, 8)), TypeError, "bool"),
         (lambda m: m(_tokens(2, 12), labels=_tokens(2, 11)), ValueError, "labels must have the shape"),
         (lambda m: AutoregressiveWrapper(m).generate(_tokens(1, 8), 2), ValueError, "longer than cross_attn"),
