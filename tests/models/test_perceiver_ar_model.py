@@ -241,3 +241,16 @@ def test_causal_keep_mask():
     assert torch.equal(keep, expected)
     assert torch.equal(causal_keep_mask(2, pad)[0, 0, 0], torch.tensor([0, 0, 1, 1, 0], dtype=torch.bool))
     assert torch.equal(causal_keep_mask(5, pad)[0, 0, 1], torch.tensor([0, 1, 0, 0, 0], dtype=torch.bool))  # itself
+
+
+def test_left_padded_forward_compiles_without_graph_breaks():
+    """The pad-mask checks that read values (left padding only, a real token per row) are skipped while
+    compiling or exporting, as the other value checks are; they broke the graph (fullgraph=True failed)."""
+    model = _lively()
+    ids, pad = _left_pad([_ids(1, n)[0] for n in (4, 12, 16)])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(ids, pad)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(ids, pad), model(ids, pad), rtol=0, atol=1e-6)

@@ -28,6 +28,7 @@ from ..configurable import configurable
 from ..layers import Attention, FeedForward
 from ..layers.dense import Linear
 from ..layers.rotary import RotaryEmbedding, rotate
+from ..validation import data_dependent_checks
 from .common import check_token_ids
 
 __all__ = [
@@ -203,7 +204,8 @@ class TokenInputAdapter(nn.Module):
 def check_pad_mask(pad_mask: Tensor, ids: Tensor) -> None:
     """Raise unless ``pad_mask`` is a bool ``[B, L]`` left-padding mask (True = padding) for ``ids [B, L, …]``.
 
-    Left padding: in each row the padded positions come first, and at least one position is real.
+    Left padding: in each row the padded positions come first, and at least one position is real (these
+    two read the values, and are skipped while compiling or exporting).
     """
     if not isinstance(pad_mask, Tensor) or pad_mask.dtype != torch.bool:
         got = f"dtype {pad_mask.dtype}" if isinstance(pad_mask, Tensor) else type(pad_mask).__name__
@@ -213,6 +215,8 @@ def check_pad_mask(pad_mask: Tensor, ids: Tensor) -> None:
                          f"got {tuple(pad_mask.shape)}")
     if pad_mask.device != ids.device:
         raise ValueError(f"pad_mask is on {pad_mask.device}, the input on {ids.device}")
+    if not data_dependent_checks():  # the value checks below would break a compiled or exported graph
+        return
     not_left = (pad_mask[:, 1:] & ~pad_mask[:, :-1]).any(dim=1)
     if not_left.any():
         rows = not_left.nonzero()[:, 0].tolist()
