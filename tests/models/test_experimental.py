@@ -102,3 +102,39 @@ def test_save_and_load_round_trip(cls, tmp_path, randomize) -> None:
     x = torch.randn(2, 6, 2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("name", "value"), [("num_latents", 0), ("latent_dim", 0), ("cross_heads", 0),
+                                             ("cross_dim_head", 0), ("input_axis", 0), ("num_latents", True),
+                                             ("input_channels", -1)])
+def test_bad_sizes_are_refused_at_construction(cls, name: str, value) -> None:
+    """num_latents=0 built a model whose logits were NaN (the mean of no latents); the other sizes failed in
+    forward with a ZeroDivisionError, an IndexError or a reshape error."""
+    with pytest.raises(ValueError, match=rf"{name} must be an int >= -?\d, got {value!r}"):
+        cls(**{**SMALL, "depth": 1, "input_channels": 3, "input_axis": 2, name: value})
+
+
+@pytest.mark.parametrize("cls", [Perceiver, GatedPerceiver], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", ["latent_heads", "latent_dim_head"])
+def test_bad_latent_attention_sizes_are_refused(cls, name: str) -> None:
+    with pytest.raises(ValueError, match=rf"{name} must be an int >= 1, got 0"):
+        cls(**{**SMALL, "depth": 1, name: 0})
+
+
+def test_mixed_latents_ignores_its_unused_latent_attention_sizes() -> None:
+    """There is no latent attention in this variant: the arguments are accepted for compatibility, unchecked."""
+    assert MixedLatentsPerceiver(**{**SMALL, "depth": 1, "latent_heads": 0})(torch.randn(1, 3, 3, 3)).shape == (1, 5)
+
+
+def test_no_input_channels_needs_fourier_features() -> None:
+    for cls in MODELS:
+        with pytest.raises(ValueError, match="input_channels=0 .* needs fourier_encode_data=True"):
+            cls(**SMALL, depth=1, input_channels=0, fourier_encode_data=False)
+
+
+def test_bottom_up_input_attention_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="input_heads must be an int >= 1, got 0"):
+        Perceiver(**SMALL, depth=2, input_heads=0)
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1, got 0"):
+        LinearAttention(6, num_heads=0)

@@ -56,3 +56,21 @@ def test_errors_name_the_problem():
         model(torch.randn(1, 16, 16, 3))
     with pytest.raises(ValueError, match="channels"):
         model(torch.randn(1, 8, 8, 1))
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("num_latents", 0), ("latent_dim", 0), ("latent_heads", 0), ("latent_dim_head", 0), ("patch_dim", 0),
+    ("cross_heads", 0), ("input_channels", 0), ("num_iterations", True), ("mlp_mult", 0),
+    ("classifier_hidden", 0), ("num_blocks", -1), ("num_classes", 0),
+])
+def test_bad_sizes_are_refused_at_construction(name, value):
+    """num_latents=0 built a model with NaN logits, input_channels=0 one that ignores its input, and zero widths
+    failed in forward with a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=rf"{name} must be an int >= -?\d, got {value!r}"):
+        PatchPerceiver(**{**TINY, name: value})
+
+
+@pytest.mark.parametrize("value", [8.5, "8", (8, 8, 8), (8.0, 8)])
+def test_image_size_must_be_whole_numbers(value):
+    with pytest.raises(ValueError, match=r"image_size must be a positive int or \(height, width\)"):
+        PatchPerceiver(**{**TINY, "image_size": value})

@@ -19,7 +19,7 @@ from ..configurable import configurable
 from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_mask
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
-from ..validation import check_like
+from ..validation import check_count, check_like
 from .common import ClassifierHead, LogitsAlias, tie_schedule
 from .variants import GridInput
 
@@ -37,6 +37,7 @@ class LinearAttention(nn.Module):
 
     def __init__(self, dim: int, *, num_heads: int = 4, head_dim: int = 64, dropout: float = 0.0) -> None:
         super().__init__()
+        check_count(dim=dim, num_heads=num_heads, head_dim=head_dim)
         inner = num_heads * head_dim
         self.num_heads, self.scale = num_heads, head_dim**-0.5
         self.to_q = Linear(dim, inner, bias=False)
@@ -133,6 +134,9 @@ class BottomUpPerceiver(LogitsAlias, nn.Module):
         input_dim_head: int = 64,
     ) -> None:
         super().__init__()
+        check_count(num_latents=num_latents, latent_dim=latent_dim, cross_heads=cross_heads, latent_heads=latent_heads,
+                    cross_dim_head=cross_dim_head, latent_dim_head=latent_dim_head, input_heads=input_heads,
+                    input_dim_head=input_dim_head)
         self.input = GridInput(input_channels=input_channels, input_axis=input_axis, num_freq_bands=num_freq_bands,
                                max_freq=max_freq, fourier_encode_data=fourier_encode_data)
         input_dim = self.context_dim = self.input.num_channels

@@ -24,18 +24,17 @@ from ..configurable import configurable
 from ..layers import CrossAttentionBlock, SelfAttentionBlock, TrainablePositionEncoding
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
+from ..validation import check_count, is_int
 from .common import check_input
 
 __all__ = ["PatchPerceiver"]
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2 or min(value) < 1:
-        raise ValueError(f"{name} must be a positive int or (height, width), got {value}")
-    return value  # type: ignore[return-value]
+    pair = (value, value) if is_int(value) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(is_int(v) and v >= 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or (height, width), got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 @configurable
@@ -82,6 +81,12 @@ class PatchPerceiver(nn.Module):
         classifier_hidden: int | None = None,
     ) -> None:
         super().__init__()
+        check_count(input_channels=input_channels, num_classes=num_classes, num_latents=num_latents,
+                    latent_dim=latent_dim, cross_heads=cross_heads, latent_heads=latent_heads,
+                    num_iterations=num_iterations, mlp_mult=mlp_mult)
+        check_count(minimum=0, num_blocks=num_blocks)
+        check_count(**{k: v for k, v in (("patch_dim", patch_dim), ("latent_dim_head", latent_dim_head),
+                                         ("classifier_hidden", classifier_hidden)) if v is not None})
         self.image_size = _pair(image_size, "image_size")
         self.patch_size = _pair(patch_size, "patch_size")
         for axis, (n, p) in enumerate(zip(self.image_size, self.patch_size)):
@@ -89,8 +94,6 @@ class PatchPerceiver(nn.Module):
                 raise ValueError(
                     f"patch_size {self.patch_size} must divide image_size {self.image_size} (axis {axis}: {n} % {p} != 0)"
                 )
-        if num_iterations < 1 or num_blocks < 0:
-            raise ValueError(f"need num_iterations >= 1 and num_blocks >= 0, got {num_iterations}, {num_blocks}")
         self.grid_shape = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
         self.num_patches = self.grid_shape[0] * self.grid_shape[1]
         self.input_channels = input_channels

@@ -28,7 +28,7 @@ from ..layers import (
 )
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
-from ..validation import check_like
+from ..validation import check_count, check_like
 from .common import ClassifierHead, LogitsAlias, check_input, flatten_axes, tie_schedule
 
 __all__ = ["GatedPerceiver", "GridInput", "LatentMixer", "MixedLatentsPerceiver"]
@@ -46,6 +46,10 @@ class GridInput(nn.Module):
         fourier_encode_data: bool = True, freq_base: float | None = None,
     ) -> None:
         super().__init__()
+        check_count(input_axis=input_axis)
+        check_count(minimum=0, input_channels=input_channels)
+        if input_channels == 0 and not fourier_encode_data:
+            raise ValueError("input_channels=0 (positions as the only input) needs fourier_encode_data=True")
         self.input_channels, self.input_axis = input_channels, input_axis
         self.position_encoding = (
             FourierPositionEncoding(input_axis, num_freq_bands, max_freq, layout="lucidrains", freq_base=freq_base)
@@ -69,6 +73,7 @@ class _GridPerceiver(LogitsAlias, nn.Module):
     def __init__(self, *, grid: GridInput, num_latents: int, latent_dim: int, num_classes: int, depth: int,
                  weight_tie_layers: bool) -> None:
         super().__init__()
+        check_count(num_latents=num_latents, latent_dim=latent_dim)
         self.input = grid
         self.context_dim = grid.num_channels
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
@@ -195,6 +200,8 @@ class GatedPerceiver(_GridPerceiver):
         weight_tie_layers: bool = False,
         fourier_encode_data: bool = True,
     ) -> None:
+        check_count(cross_heads=cross_heads, latent_heads=latent_heads, cross_dim_head=cross_dim_head,
+                    latent_dim_head=latent_dim_head)
         grid = GridInput(input_channels=input_channels, input_axis=input_axis, num_freq_bands=num_freq_bands,
                          max_freq=max_freq, fourier_encode_data=fourier_encode_data, freq_base=freq_base)
         super().__init__(grid=grid, num_latents=num_latents, latent_dim=latent_dim, num_classes=num_classes,
@@ -237,6 +244,7 @@ class MixedLatentsPerceiver(_GridPerceiver):
         fourier_encode_data: bool = True,
     ) -> None:
         del latent_heads, latent_dim_head  # no latent attention in this variant
+        check_count(cross_heads=cross_heads, cross_dim_head=cross_dim_head)
         grid = GridInput(input_channels=input_channels, input_axis=input_axis, num_freq_bands=num_freq_bands,
                          max_freq=max_freq, fourier_encode_data=fourier_encode_data)
         super().__init__(grid=grid, num_latents=num_latents, latent_dim=latent_dim, num_classes=num_classes,
