@@ -74,3 +74,15 @@ def test_bad_sizes_are_refused_at_construction(name, value):
 def test_image_size_must_be_whole_numbers(value):
     with pytest.raises(ValueError, match=r"image_size must be a positive int or \(height, width\)"):
         PatchPerceiver(**{**TINY, "image_size": value})
+
+
+def test_images_of_another_dtype_name_both_dtypes():
+    """float64 images into a float32 model failed inside the patch projection ("mat1 and mat2 must have the same
+    dtype"); now the message names both dtypes and the ways out, as the other models' does. Autocast is fine."""
+    model = PatchPerceiver(**TINY).eval()
+    x = torch.randn(2, 8, 8, 3)
+    with pytest.raises(TypeError, match=r"images has dtype torch.float64 but the model's parameters are torch.float32"):
+        model(x.double())
+    with torch.autocast("cpu", torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16
+    assert model.double()(x.double()).dtype == torch.float64

@@ -124,7 +124,7 @@ class PatchPerceiver(nn.Module):
 
     def patchify(self, images: Tensor) -> Tensor:
         """``[B, H, W, C]`` → ``[B, N, p_h · p_w · C]``, patches in row-major grid order."""
-        check_input(images, name="images", channels=self.input_channels, axes=2)
+        check_input(images, name="images", channels=self.input_channels, axes=2, module=self)
         if tuple(images.shape[1:3]) != self.image_size:
             raise ValueError(
                 f"PatchPerceiver(image_size={self.image_size}) takes images [batch, {self.image_size[0]}, "
