@@ -138,3 +138,19 @@ def test_bottom_up_input_attention_sizes_are_checked() -> None:
         Perceiver(**SMALL, depth=2, input_heads=0)
     with pytest.raises(ValueError, match="num_heads must be an int >= 1, got 0"):
         LinearAttention(6, num_heads=0)
+
+
+@pytest.mark.parametrize(("call", "error", "match"), [
+    (lambda a, x: a(torch.randn(2, 5, 7)), ValueError, r"x must have shape \[batch, tokens, 6\], got \(2, 5, 7\)"),
+    (lambda a, x: a(torch.randn(5, 6)), ValueError, r"x must have shape \[batch, tokens, 6\], got \(5, 6\)"),
+    (lambda a, x: a(x, mask=torch.ones(2, 5)), ValueError, "mask must have dtype torch.bool"),
+    (lambda a, x: a(x, mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, r"mask must have shape \[batch=2, 5\]"),
+    (lambda a, x: a(x, mask=torch.ones(1, 5, dtype=torch.bool)), ValueError, r"mask must have shape \[batch=2, 5\]"),
+    (lambda a, x: a(x.double()), TypeError, "x has dtype torch.float64 but the model's parameters are torch.float32"),
+])
+def test_linear_attention_names_bad_input(call, error, match) -> None:
+    """LinearAttention is public (perceivers.experimental): bad input failed inside torch with messages naming no
+    expectation (a matmul shape, 'bitwise_not' on a float mask), and a [1, M] mask was broadcast silently."""
+    attn = LinearAttention(6, num_heads=2, head_dim=4)
+    with pytest.raises(error, match=match):
+        call(attn, torch.randn(2, 5, 6))

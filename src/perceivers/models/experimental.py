@@ -39,7 +39,7 @@ class LinearAttention(nn.Module):
         super().__init__()
         check_count(dim=dim, num_heads=num_heads, head_dim=head_dim)
         inner = num_heads * head_dim
-        self.num_heads, self.scale = num_heads, head_dim**-0.5
+        self.dim, self.num_heads, self.scale = dim, num_heads, head_dim**-0.5
         self.to_q = Linear(dim, inner, bias=False)
         self.to_k = Linear(dim, inner, bias=False)
         self.to_v = Linear(dim, inner, bias=False)
@@ -48,6 +48,11 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x [B, M, dim]``, ``mask [B, M]`` (True = attend) → ``[B, M, dim]``."""
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape [batch, tokens, {self.dim}], got {got}")
+        check_like(x, self, "x")
+        mask = check_mask(mask, x.shape[0], x.shape[1], device=x.device)
         q, k, v = (rearrange(f(x), "b m (h d) -> b h m d", h=self.num_heads) for f in (self.to_q, self.to_k, self.to_v))
         q = (q * self.scale).softmax(dim=-1)
         if mask is not None:
