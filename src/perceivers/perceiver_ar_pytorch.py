@@ -25,6 +25,8 @@ materialises the score matrix. Outputs agree within float rounding (see docs/per
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -382,8 +384,8 @@ class AutoregressiveWrapper(nn.Module):
             )
         if not isinstance(seq_len, int) or seq_len < 0:
             raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):  # NaN / inf sample from NaN probabilities
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if not 0.0 <= filter_thres <= 1.0:
             raise ValueError(f"filter_thres must lie in [0, 1], got {filter_thres}")
         was_training = self.training

@@ -254,3 +254,11 @@ def test_left_padded_forward_compiles_without_graph_breaks():
         assert explanation.graph_break_count == 0, explanation.break_reasons
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(ids, pad), model(ids, pad), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0, -1.0])
+def test_generate_refuses_a_temperature_that_is_not_a_finite_positive_number(temperature):
+    """NaN passed the `temperature <= 0` check and inf divides -inf by inf (NaN): both failed in
+    torch.multinomial ('probability tensor contains either inf, nan or element < 0')."""
+    with pytest.raises(ValueError, match=rf"temperature must be a finite number > 0, got {temperature}"):
+        _model().generate(2, _ids(1, 8), temperature=temperature)

@@ -253,6 +253,9 @@ def test_fixed_where_the_reference_fails() -> None:
         (lambda m: m(_tokens(2, 12), labels=_tokens(2, 11)), ValueError, "labels must have the shape"),
         (lambda m: AutoregressiveWrapper(m).generate(_tokens(1, 8), 2), ValueError, "longer than cross_attn"),
         (lambda m: AutoregressiveWrapper(m).generate(_tokens(1, 9), 2, temperature=0), ValueError, "temperature"),
+        # inf: -inf / inf is NaN, and the reference (and we) failed in torch.multinomial
+        (lambda m: AutoregressiveWrapper(m).generate(_tokens(1, 9), 2, temperature=float("inf")), ValueError,
+         "temperature must be a finite number > 0, got inf"),
         (lambda m: PerceiverAR(**{**BASE, "cross_attn_seq_len": 20}), ValueError, "must be greater than"),
     ],
 )

@@ -15,6 +15,7 @@ that is exact (see :meth:`CausalLanguageModel._next_logits`).
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -513,8 +514,8 @@ class CausalLanguageModel(PerceiverAR):
             raise ValueError(f"num must be >= 0, got {num}")
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):  # NaN / inf sample from NaN probabilities
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if int((1 - threshold) * self.config.vocab_size) < 1:
             raise ValueError(f"threshold={threshold} keeps no token of vocab_size={self.config.vocab_size}")
         self.input_adapter.check(prompt, limit_length=False)
