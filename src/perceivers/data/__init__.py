@@ -11,7 +11,9 @@ from .image import (
     ImageNetTrainTransform,
     imagenet_class_names,
     load_image,
+    load_window,
 )
+from .jpeg import decode_jpeg
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -20,10 +22,12 @@ __all__ = [
     "ByteTokenizer",
     "ImageNetEvalTransform",
     "ImageNetTrainTransform",
+    "decode_jpeg",
     "flow_model_fn",
     "flow_to_color",
     "imagenet_class_names",
     "load_image",
+    "load_window",
     "normalize_frames",
     "save_flow_png",
     "tile_flow",

@@ -6,14 +6,15 @@ The official evaluation pipeline (``perceiver/train/dataset.py``): square centre
 ``(x − 255·mean) / (255·std)`` with the ImageNet mean/std; RGB. Our models take NCHW, so the
 result is ``[3, 224, 224]`` float32 per image. :class:`ImageNetTrainTransform` is the same file's training
 pipeline: a random crop of the whole image, flip and RandAugment on the uint8 crop, then the same resize and
-normalisation.
+normalisation. Both decode JPEG files as TensorFlow does (:func:`load_window`, :mod:`perceivers.data.jpeg`:
+libjpeg-turbo's fast integer DCT through simplejpeg, when it is installed).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .jpeg import decode_jpeg, have_tf_decoder, is_jpeg, jpeg_info
 from .transforms import RandAugment, sample_crop_boxes
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "center_crop_box",
     "imagenet_class_names",
     "load_image",
+    "load_window",
     "resize_bicubic",
 ]
 
@@ -42,6 +45,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Resample = Literal["tf", "pil", "torch"]
 CropRounding = Literal["official", "transformers"]
+Decoder = Literal["tf", "pil"]
+Window = tuple[int, int, int, int]  # (top, left, height, width)
 
 
 def load_image(image: object) -> np.ndarray:
@@ -110,6 +115,43 @@ def _rgb(im: Any, name: str) -> np.ndarray:
         grey = np.rint(grey / 257.0).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     return np.asarray(im.convert("RGB"))
+
+
+def load_window(image: object, window: Callable[[int, int], Window], decoder: Decoder = "tf") -> np.ndarray:
+    """Decode ``image`` and cut out ``window(height, width)`` → ``uint8 [h, w, 3]`` (a writable array).
+
+    With ``decoder="tf"``, a JPEG file (path) is decoded as TensorFlow's ``decode_and_crop_jpeg`` decodes it,
+    pixel for pixel (:func:`~perceivers.data.jpeg.decode_jpeg`: the fast integer DCT, and the crop's edge
+    columns as libjpeg-turbo's cropped decode gives them), when simplejpeg is installed; the window is chosen
+    from the size in the file's header, as DeepMind's pipeline does. Everything else (``decoder="pil"``,
+    no simplejpeg, other formats, arrays, PIL images) goes through :func:`load_image` and is cut from it.
+    """
+    if decoder not in ("tf", "pil"):
+        raise ValueError(f"decoder must be 'tf' or 'pil', got {decoder!r}")
+    box = None
+    if decoder == "tf" and isinstance(image, (str, os.PathLike)) and have_tf_decoder():
+        with open(image, "rb") as f:
+            data = f.read()
+        info = _jpeg_header(data)
+        if info is not None:
+            box = window(info.height, info.width)  # drawn once: the window may be random
+            try:
+                return decode_jpeg(data, box)
+            except ValueError:
+                pass  # corrupt data: Pillow decodes what it can, or names the file in its error
+    pixels = load_image(image)
+    top, left, height, width = window(pixels.shape[0], pixels.shape[1]) if box is None else box
+    return np.array(pixels[top : top + height, left : left + width])
+
+
+def _jpeg_header(data: bytes) -> Any:
+    """The JPEG frame header of a file's bytes, None for other formats or a corrupt header."""
+    if not is_jpeg(data):
+        return None
+    try:
+        return jpeg_info(data)
+    except ValueError:
+        return None
 
 
 def center_crop_box(
@@ -215,6 +257,8 @@ class ImageNetEvalTransform:
         crop_rounding: crop arithmetic, see :func:`center_crop_box`. ``resample="pil"`` with
             ``crop_rounding="transformers"`` reproduces transformers' processor (within 1e-5) for every image size
             from 2 pixels a side (an image 1 pixel high or wide has no crop: ``ValueError``).
+        decoder: how JPEG files are decoded, see :func:`load_window`: ``"tf"`` TensorFlow's pixels (when
+            simplejpeg is installed; Pillow otherwise), ``"pil"`` Pillow's (as transformers' processor gets them).
     """
 
     size: int | tuple[int, int] = 224
@@ -223,14 +267,17 @@ class ImageNetEvalTransform:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     crop_rounding: CropRounding = "official"
+    decoder: Decoder = "tf"
 
     def __call__(self, image: object) -> Tensor:
         """One image (path, PIL, ``[H, W, 3]`` array/tensor) → ``[3, height, width]``."""
-        pixels = load_image(image)
         out_size = _pair(self.size)
-        top, left, side = center_crop_box(pixels.shape[0], pixels.shape[1], min(out_size), self.crop_padding,
-                                            self.crop_rounding)
-        crop = np.ascontiguousarray(pixels[top : top + side, left : left + side])
+
+        def window(height: int, width: int) -> Window:
+            top, left, side = center_crop_box(height, width, min(out_size), self.crop_padding, self.crop_rounding)
+            return top, left, side, side
+
+        crop = load_window(image, window, self.decoder)
         return _normalized_chw(resize_bicubic(crop, out_size, self.resample), self.mean, self.std)
 
     def batch(self, images: Sequence[object]) -> Tensor:
@@ -270,6 +317,8 @@ class ImageNetTrainTransform:
         randaugment_layers, randaugment_magnitude: RandAugment's N and M (0 layers: none; DeepMind: 4, 5).
         crop_padding: the fallback centre crop's side is ``size / (size + crop_padding)`` of the shorter side.
         mean, std: per-channel statistics on the 0..1 scale.
+        decoder: ``"tf"`` decodes JPEG files as ``tf.io.decode_and_crop_jpeg`` does, pixel for pixel (needs
+            simplejpeg; Pillow otherwise), ``"pil"`` with Pillow; see :func:`load_window`.
     """
 
     size: int | tuple[int, int] = 224
@@ -281,6 +330,7 @@ class ImageNetTrainTransform:
     crop_padding: int = 32
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    decoder: Decoder = "tf"
 
     def __post_init__(self) -> None:
         self.area_range = tuple(self.area_range)
@@ -290,13 +340,14 @@ class ImageNetTrainTransform:
 
     def crop(self, image: object, generator: torch.Generator | None = None) -> np.ndarray:
         """The augmented ``uint8 [h, w, 3]`` crop before the resize (crop, flip, RandAugment)."""
-        pixels = load_image(image)
         out_size = _pair(self.size)
-        top, left, height, width = sample_crop_boxes(
-            1, pixels.shape[0], pixels.shape[1], area_range=self.area_range,
-            aspect_ratio_range=self.aspect_ratio_range, crop_padding=self.crop_padding,
-            output_size=min(out_size), generator=generator)[0].tolist()
-        crop = torch.from_numpy(np.array(pixels[top : top + height, left : left + width]))  # a writable copy
+
+        def window(height: int, width: int) -> Window:
+            return tuple(sample_crop_boxes(
+                1, height, width, area_range=self.area_range, aspect_ratio_range=self.aspect_ratio_range,
+                crop_padding=self.crop_padding, output_size=min(out_size), generator=generator)[0].tolist())
+
+        crop = torch.from_numpy(load_window(image, window, self.decoder))
         if self.flip and bool(torch.rand((), generator=generator) < 0.5):
             crop = crop.flip(1)
         if self._randaugment is not None:
