@@ -265,3 +265,18 @@ def test_save_and_load_round_trip(tmp_path, randomize) -> None:
         x = _inputs() if i == 0 else {"image": torch.randn(2, 3, 4, 3), "text": torch.randint(0, 11, (2, 6, 1))}
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_float64_model_gets_float64_position_features() -> None:
+    """The Fourier features were computed in float32 and cast, so a float64 model saw them rounded (6.8e-6 off at
+    64×64, K=6, max_freq=64), unlike perceivers.Perceiver and the variants, which compute them in float64."""
+    image = InputModality("image", input_channels=1, input_axis=2, num_freq_bands=6, max_freq=64.0)
+    model = MultiModalityPerceiver(modalities=[image, AUDIO], depth=1, **SMALL).double()
+    tokens = model._tokens("image", torch.zeros(1, 64, 64, 1, dtype=torch.float64))
+    assert tokens.dtype == torch.float64
+    pos = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 64, dtype=torch.float64)] * 2, indexing="ij"), -1)
+    scales = 2 ** torch.linspace(1, math.log2(32), 6, dtype=torch.float64)
+    angles = math.pi * pos[..., None] * scales  # [64, 64, 2, K]
+    expected = torch.cat((angles.sin(), angles.cos(), pos[..., None]), dim=-1).reshape(64 * 64, -1)
+    start = 1 + (model.context_dim - 2 - image.input_dim)  # data, then zero padding
+    torch.testing.assert_close(tokens[0, :, start:start + image.position_channels], expected, rtol=0, atol=1e-12)

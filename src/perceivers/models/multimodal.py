@@ -104,9 +104,12 @@ class InputModality:
         """Data plus Fourier channels (without padding or the modality code)."""
         return self.input_channels + self.position_channels
 
-    def position_features(self, index_shape: Sequence[int], *, device: torch.device | None = None) -> Tensor:
-        """Fourier features of the ``linspace(-1, 1)`` grid of ``index_shape`` → ``[prod(index_shape), C]`` (float32)."""
-        pos = linear_positions(index_shape, device=device).reshape(-1, self.input_axis)
+    def position_features(
+        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """Fourier features of the ``linspace(-1, 1)`` grid of ``index_shape`` → ``[prod(index_shape), C]`` in
+        ``dtype`` (computed in float32 at least, float64 for float64)."""
+        pos = linear_positions(index_shape, device=device, dtype=dtype).reshape(-1, self.input_axis)
         return log_spaced_fourier_features(pos, self.num_freq_bands, self.max_freq, self.freq_base)
 
 
@@ -211,8 +214,9 @@ class _MultiModalityInputs(LogitsAlias, nn.Module):
         pad = self.context_dim - self.num_modalities - m.position_channels - c
         code = torch.zeros(self.num_modalities, device=values.device)
         code[index] = 1.0
-        pos = m.position_features(axes, device=values.device)  # [N, P]
-        static = torch.cat((pos.new_zeros(pos.shape[0], pad), pos, code.expand(pos.shape[0], -1)), dim=-1)
+        # float32 features (the fork's), float64 ones in a float64 model
+        pos = m.position_features(axes, device=values.device, dtype=torch.promote_types(values.dtype, torch.float32))
+        static = torch.cat((pos.new_zeros(pos.shape[0], pad), pos, code.to(pos.dtype).expand(pos.shape[0], -1)), dim=-1)
         static = static.to(values.dtype).expand(b, -1, -1)  # [B, N, W - C]
         return torch.cat((flatten_axes(values), static), dim=-1)
 
