@@ -109,3 +109,26 @@ def test_unknown_key_raises(randomize) -> None:
     sd["layers.0.7.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="layers.0.7.weight"):
         from_lucidrains_variant(sd)
+
+
+@pytest.mark.parametrize("variant", ["experimental", "gated", "mixed_latents"])
+def test_to_logits_is_the_variants_norm_and_linear(variant: str, randomize) -> None:
+    """The variants pool before ``to_logits = Sequential(LayerNorm, Linear)`` (the core Perceiver pools inside
+    it). Ours indexed as the core's: replacing the classifier as ``to_logits[1] = nn.Linear(D, n)`` put the
+    Linear in place of the LayerNorm and failed in forward, and ``to_logits = nn.Identity()`` gave the latents
+    [B, N, D] where the original gives the pooled [B, D]."""
+    kwargs = {**SMALL, **next(k for v, k in CASES if v == variant)}
+    theirs = _randomized(THEIRS[variant].Perceiver(**kwargs), randomize).eval()
+    ours = OURS[variant](**kwargs).eval()
+    ours.load_state_dict(from_lucidrains_variant(theirs.state_dict()), strict=True)
+    for mine, original, kind in zip(ours.to_logits, theirs.to_logits, (torch.nn.LayerNorm, torch.nn.Linear)):
+        assert isinstance(mine, kind) and isinstance(original, kind)
+    assert len(ours.to_logits) == len(theirs.to_logits) == 2
+    data = _data(kwargs)
+    new = torch.nn.Linear(SMALL["latent_dim"], 7)
+    theirs.to_logits[1] = ours.to_logits[1] = new
+    with torch.no_grad():
+        torch.testing.assert_close(ours(data), theirs(data), atol=1e-5, rtol=0)
+        theirs.to_logits = ours.to_logits = torch.nn.Identity()
+        assert ours(data).shape == (2, SMALL["latent_dim"])
+        torch.testing.assert_close(ours(data), theirs(data), atol=1e-5, rtol=0)

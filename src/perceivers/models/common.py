@@ -20,6 +20,7 @@ __all__ = [
     "LayerSchedule",
     "LogitsAlias",
     "MeanOverLatents",
+    "PooledClassifierHead",
     "check_input",
     "check_token_ids",
     "flatten_axes",
@@ -105,6 +106,18 @@ class ClassifierHead(nn.Sequential):
 
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__(OrderedDict(pool=MeanOverLatents(), norm=nn.LayerNorm(dim), proj=Linear(dim, num_classes)))
+
+
+class PooledClassifierHead(nn.Sequential):
+    """LayerNorm → Linear on pooled latents: ``[B, D]`` → ``[B, num_classes]``.
+
+    perceiver-pytorch's variants (``experimental``, ``gated``, ``mixed_latents``) pool *before* their
+    ``to_logits``, which is just these two: ``[0]`` the norm, ``[1]`` (or ``[-1]``) the projection; tensors
+    are ``norm.*``, ``proj.*`` as in :class:`ClassifierHead`.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__(OrderedDict(norm=nn.LayerNorm(dim), proj=Linear(dim, num_classes)))
 
 
 class LogitsAlias:

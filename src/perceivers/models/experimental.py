@@ -20,7 +20,7 @@ from ..layers import CrossAttentionBlock, KeyValue, SelfAttentionBlock, check_ma
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from ..validation import check_count, check_like
-from .common import ClassifierHead, LogitsAlias, tie_schedule
+from .common import LogitsAlias, PooledClassifierHead, tie_schedule
 from .variants import GridInput
 
 __all__ = ["BottomUpBlock", "BottomUpPerceiver", "LinearAttention"]
@@ -159,7 +159,7 @@ class BottomUpPerceiver(LogitsAlias, nn.Module):
             )
             for u in range(max(self.block_order) + 1)
         )
-        self.head = ClassifierHead(latent_dim, num_classes)
+        self.head = PooledClassifierHead(latent_dim, num_classes)  # to_logits, after the mean over latents
 
     def forward(self, data: Tensor, mask: Tensor | None = None, return_embeddings: bool = False) -> Tensor:
         """``data [B, *axes, input_channels]``, ``mask [B, *axes]`` (True = attend) → ``[B, num_classes]``
@@ -171,4 +171,4 @@ class BottomUpPerceiver(LogitsAlias, nn.Module):
         last = len(self.block_order) - 1
         for step, unique in enumerate(self.block_order):
             x, tokens = self.blocks[unique](x, tokens, mask=mask, update_data=step < last)
-        return x if return_embeddings else self.head(x)
+        return x if return_embeddings else self.head(x.mean(dim=-2))

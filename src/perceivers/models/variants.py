@@ -29,7 +29,7 @@ from ..layers import (
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
 from ..validation import check_count, check_like
-from .common import ClassifierHead, LogitsAlias, check_input, flatten_axes, tie_schedule
+from .common import LogitsAlias, PooledClassifierHead, check_input, flatten_axes, tie_schedule
 
 __all__ = ["GatedPerceiver", "GridInput", "LatentMixer", "MixedLatentsPerceiver"]
 
@@ -78,7 +78,7 @@ class _GridPerceiver(LogitsAlias, nn.Module):
         self.context_dim = grid.num_channels
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
         self.block_order = tie_schedule(depth, weight_tie_layers)
-        self.head = ClassifierHead(latent_dim, num_classes)
+        self.head = PooledClassifierHead(latent_dim, num_classes)  # to_logits, after the mean over latents
 
     def forward(self, data: Tensor, mask: Tensor | None = None, return_embeddings: bool = False) -> Tensor:
         """``data [B, *axes, input_channels]``, ``mask [B, *axes]`` (True = attend) → ``[B, num_classes]``
@@ -93,7 +93,7 @@ class _GridPerceiver(LogitsAlias, nn.Module):
             if unique not in kv_cache:
                 kv_cache[unique] = block.cross_attn.project_kv(context)
             x = block(x, kv=kv_cache[unique], mask=mask)
-        return x if return_embeddings else self.head(x)
+        return x if return_embeddings else self.head(x.mean(dim=-2))
 
 
 def _gru(cell: nn.GRUCell, update: Tensor, state: Tensor) -> Tensor:
