@@ -56,3 +56,57 @@ def test_tf_sampler_crops_whole_pixels():
     with pytest.raises(ValueError, match="crop_sampler"):
         ImageAugment(crop_scale=(0.08, 1.0), crop_sampler="nope")
     assert ImageAugment(crop_scale=(0.08, 1.0), crop_sampler="tf")(x, torch.Generator().manual_seed(0)).shape == x.shape
+
+
+def _boxes_attempt_by_attempt(batch, height, width, generator, area_range=(0.08, 1.0), ratio_range=(3 / 4, 4 / 3),
+                              min_object_covered=0.1, max_attempts=10):
+    """The sampler written as a loop over attempts (torch ops), the draws in the order sample_crop_boxes makes
+    them: per attempt the ratio (float32), then height, top and left (float64)."""
+    def below(n):
+        return torch.minimum((torch.rand(n.shape, generator=generator, dtype=torch.float64) * n).long(), n - 1)
+
+    boxes = torch.tensor([0, 0, height, width]).repeat(batch, 1)
+    done = torch.zeros(batch, dtype=torch.bool)
+    min_area = torch.tensor(area_range[0], dtype=torch.float32) * width * height
+    max_area = torch.tensor(area_range[1], dtype=torch.float32) * width * height
+    for _ in range(max_attempts):
+        ratio = torch.rand(batch, generator=generator) * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
+        h = torch.round(torch.sqrt(min_area / ratio)).long()
+        max_h = torch.round(torch.sqrt(max_area / ratio)).long()
+        too_wide = torch.round(max_h * ratio).long() > width
+        max_h = torch.where(too_wide, ((width + 0.5 - 1e-7) / ratio.double()).long(), max_h)
+        max_h = torch.where(too_wide & (torch.round(max_h * ratio).long() > width), max_h - 1, max_h)
+        h = torch.minimum(h, max_h.clamp(max=height))
+        h = h + below((max_h.clamp(max=height) - h + 1).clamp(min=1))
+        w = torch.round(h * ratio).long()
+        h = torch.where((w * h).float() < min_area, h + 1, h)
+        w = torch.round(h * ratio).long()
+        h = torch.where((w * h).float() > max_area, h - 1, h)
+        w = torch.round(h * ratio).long()
+        area = (w * h).float()
+        ok = (area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
+        ok &= area / (width * height) >= min_object_covered
+        top = torch.where(h < height, below((height - h).clamp(min=1)), 0)
+        left = torch.where(w < width, below((width - w).clamp(min=1)), 0)
+        boxes = torch.where((ok & ~done)[:, None], torch.stack([top, left, h, w], 1), boxes)
+        done |= ok
+    side = int(np.float32(224 / 256) * np.float32(min(height, width)))
+    centre = torch.tensor([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+    return torch.where((boxes[:, 2:] == torch.tensor([height, width])).all(1)[:, None], centre, boxes)
+
+
+@pytest.mark.parametrize("shape", [(427, 640), (640, 427), (500, 500), (20, 400), (3, 5), (1, 1)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_all_attempts_at_once_draw_as_the_attempt_loop(shape, batch):
+    """sample_crop_boxes evaluates every attempt at once (numpy) but consumes the generator as the loop over
+    attempts does: same boxes, same generator state afterwards."""
+    for seed in range(40):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        kwargs = {"area_range": (0.3, 0.9), "ratio_range": (0.5, 2.0)} if seed % 4 == 3 else {}
+        want = _boxes_attempt_by_attempt(batch, *shape, g1, **kwargs)
+        got = sample_crop_boxes(batch, *shape, generator=g2, area_range=kwargs.get("area_range", (0.08, 1.0)),
+                                aspect_ratio_range=kwargs.get("ratio_range", (3 / 4, 4 / 3)))
+        assert torch.equal(got, want), (seed, got, want)
+        assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    no_attempt = sample_crop_boxes(2, *shape, max_attempts=0)
+    assert torch.equal(no_attempt, _boxes_attempt_by_attempt(2, *shape, torch.Generator(), max_attempts=0))

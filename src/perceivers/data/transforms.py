@@ -143,12 +143,6 @@ def random_affine(
     return _sample(images, theta, images.shape[1:3], fill, interpolation)
 
 
-def _randint_below(n: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One uniform integer in ``[0, n)`` per entry of ``n`` (int64, ``n >= 1``)."""
-    u = torch.rand(n.shape, device=n.device, generator=generator, dtype=torch.float64)
-    return torch.minimum((u * n).long(), n - 1)
-
-
 def _lrint(v: Tensor) -> Tensor:
     """C's lrintf: round half to even (torch.round does the same), as int64."""
     return torch.round(v).long()
@@ -181,46 +175,66 @@ def sample_crop_boxes(
     crop_padding) · min(H, W))`` (the evaluation crop).
     """
     dev = torch.device("cpu") if device is None else torch.device(device)
-    size = torch.tensor([height, width], device=dev)
-    full = torch.tensor([0, 0, height, width], device=dev)
-    boxes = full.repeat(batch, 1)
-    done = torch.zeros(batch, dtype=torch.bool, device=dev)
-    # TF's float32 arithmetic on the image area and the ratio
-    min_area = torch.tensor(area_range[0], dtype=torch.float32) * width * height
-    max_area = torch.tensor(area_range[1], dtype=torch.float32) * width * height
-    for _ in range(max_attempts):
-        lo, hi = aspect_ratio_range
-        ratio = torch.rand(batch, device=dev, generator=generator) * (hi - lo) + lo  # float32
-        h = _lrint(torch.sqrt(min_area.to(dev) / ratio))
-        max_h = _lrint(torch.sqrt(max_area.to(dev) / ratio))
-        too_wide = _lrint(max_h * ratio) > width
-        max_h = torch.where(too_wide, ((width + 0.5 - 1e-7) / ratio.double()).long(), max_h)
-        max_h = torch.where(too_wide & (_lrint(max_h * ratio) > width), max_h - 1, max_h)
-        max_h = max_h.clamp(max=height)
-        h = torch.minimum(h, max_h)
-        h = h + _randint_below((max_h - h + 1).clamp(min=1), generator)
-        w = _lrint(h * ratio)
-        area = (w * h).float()
-        grow = area < min_area
-        h = torch.where(grow, h + 1, h)
-        w = torch.where(grow, _lrint(h * ratio), w)
-        area = (w * h).float()
-        shrink = area > max_area
-        h = torch.where(shrink, h - 1, h)
-        w = torch.where(shrink, _lrint(h * ratio), w)
-        area = (w * h).float()
-        ok = (area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
-        ok &= area / (width * height) >= min_object_covered
-        top = torch.where(h < height, _randint_below((height - h).clamp(min=1), generator), 0)
-        left = torch.where(w < width, _randint_below((width - w).clamp(min=1), generator), 0)
-        take = ok & ~done
-        boxes = torch.where(take[:, None], torch.stack([top, left, h, w], dim=1), boxes)
-        done |= ok
-    # a failed draw returns the whole image, which DeepMind's pipeline replaces by the centre crop
-    whole = (boxes[:, 2:] == size).all(dim=1)
     side = int(np.float32(output_size / (output_size + crop_padding)) * np.float32(min(height, width)))
-    centre = torch.tensor([(height - side + 1) // 2, (width - side + 1) // 2, side, side], device=dev)
-    return torch.where(whole[:, None], centre, boxes)
+    centre = np.array([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+    if max_attempts < 1:
+        return torch.from_numpy(np.tile(centre, (batch, 1))).to(dev)
+    # The draws, in the order of an attempt-by-attempt loop (per attempt: the ratio, float32; the height, top
+    # and left, float64; each [batch]), so that a generator gives the same boxes as that loop would. On the
+    # CPU one call of 3 x batch float64 consumes the generator as three calls of batch do.
+    unit_ratio, unit_rest = [], []
+    for _ in range(max_attempts):
+        unit_ratio.append(torch.rand(batch, device=dev, generator=generator))
+        if dev.type == "cpu":
+            unit_rest.append(torch.rand(3, batch, device=dev, generator=generator, dtype=torch.float64))
+        else:  # other generators (CUDA's Philox) advance per call
+            unit_rest.append(torch.stack([torch.rand(batch, device=dev, generator=generator, dtype=torch.float64)
+                                          for _ in range(3)]))
+    unit_ratio = torch.stack(unit_ratio).cpu().numpy()  # [attempts, batch] float32
+    unit_h, unit_top, unit_left = torch.stack(unit_rest).cpu().numpy().transpose(1, 0, 2)  # float64 each
+
+    # Every attempt at once, in numpy (a few dozen tiny torch ops cost ~10x more), with TF's float32
+    # arithmetic on the image area and the ratio; integers are int64, float32 casts written out.
+    f32 = np.float32
+    lo, hi = aspect_ratio_range
+    ratio = unit_ratio * f32(hi - lo) + f32(lo)
+    min_area = f32(area_range[0]) * f32(width) * f32(height)
+    max_area = f32(area_range[1]) * f32(width) * f32(height)
+
+    def times_ratio(n: np.ndarray) -> np.ndarray:  # round(n · ratio), C's lrintf
+        return np.rint(n.astype(np.float32) * ratio).astype(np.int64)
+
+    h = np.rint(np.sqrt(min_area / ratio)).astype(np.int64)
+    max_h = np.rint(np.sqrt(max_area / ratio)).astype(np.int64)
+    too_wide = times_ratio(max_h) > width
+    max_h = np.where(too_wide, ((width + 0.5 - 1e-7) / ratio.astype(np.float64)).astype(np.int64), max_h)
+    max_h = np.where(too_wide & (times_ratio(max_h) > width), max_h - 1, max_h)
+    max_h = np.minimum(max_h, height)
+    h = np.minimum(h, max_h)
+    h = h + _scaled_below(unit_h, np.maximum(max_h - h + 1, 1))
+    w = times_ratio(h)
+    grow = (w * h).astype(np.float32) < min_area
+    h = np.where(grow, h + 1, h)
+    w = np.where(grow, times_ratio(h), w)
+    shrink = (w * h).astype(np.float32) > max_area
+    h = np.where(shrink, h - 1, h)
+    w = np.where(shrink, times_ratio(h), w)
+    area = (w * h).astype(np.float32)
+    ok = (area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
+    ok &= area / f32(width * height) >= f32(min_object_covered)
+    top = np.where(h < height, _scaled_below(unit_top, np.maximum(height - h, 1)), 0)
+    left = np.where(w < width, _scaled_below(unit_left, np.maximum(width - w, 1)), 0)
+    boxes = np.stack([top, left, h, w], axis=-1)  # [attempts, batch, 4]
+    chosen = boxes[ok.argmax(0), np.arange(batch)]  # the first accepted attempt per sample (the first when none)
+    # every attempt failed: the whole image, which DeepMind's pipeline replaces by the centre crop; so does an
+    # accepted box that covers the whole image
+    whole = ~ok.any(0) | ((chosen[:, 2] == height) & (chosen[:, 3] == width))
+    return torch.from_numpy(np.where(whole[:, None], centre, chosen)).to(dev)
+
+
+def _scaled_below(unit: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Uniform integers in ``[0, n)`` from uniform floats ``unit`` in [0, 1) (int64, ``n >= 1``)."""
+    return np.minimum((unit * n).astype(np.int64), n - 1)
 
 
 def random_resized_crop(
