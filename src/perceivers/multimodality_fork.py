@@ -18,10 +18,14 @@ perceiver-pytorch's bottom-up model is :class:`perceivers.experimental.Perceiver
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
+
+from torch import Tensor, nn
 
 from .configurable import configurable
 from .models import perceiver, variants
+from .models.common import ClassifierHead
 from .models.multimodal import (
     HierarchicalConfigurator,
     HierarchicalMultiModalityPerceiver,
@@ -48,10 +52,28 @@ __all__ = [
 
 @configurable
 class Perceiver(perceiver.Perceiver):
-    """The fork's ``perceiver_pytorch.Perceiver``: :class:`perceivers.Perceiver` with ``freq_base=2``."""
+    """The fork's ``perceiver_pytorch.Perceiver``: :class:`perceivers.Perceiver` with ``freq_base=2``.
+
+    As in the fork, the latents are pooled (mean) *before* ``to_logits``, which is ``LayerNorm → Linear``
+    (``to_logits[0]``, ``to_logits[1]``; ``to_logits = nn.Identity()`` returns the pooled ``[B, D]``).
+    ``perceivers.Perceiver`` pools inside its ``to_logits``, as later perceiver-pytorch versions do.
+    """
 
     def __init__(self, *, freq_base: float | None = 2, **kwargs: Any) -> None:
         super().__init__(freq_base=freq_base, **kwargs)
+        self.pool_before_head = isinstance(self.head, ClassifierHead)  # False with final_classifier_head=False
+        if self.pool_before_head:  # the same norm and projection (keys head.norm.*, head.proj.*), without the pool
+            self.head = nn.Sequential(OrderedDict(norm=self.head.norm, proj=self.head.proj))
+
+    def forward(self, data: Tensor, mask: Tensor | None = None, return_embeddings: bool = False, *args: Any,
+                **kwargs: Any) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """As :meth:`perceivers.Perceiver.forward`; the head gets the mean of the latents ``[B, D]``."""
+        out = super().forward(data, mask, return_embeddings or self.pool_before_head, *args, **kwargs)
+        if return_embeddings or not self.pool_before_head:
+            return out
+        if isinstance(out, tuple):  # return_hiddens
+            return self.head(out[0].mean(dim=-2)), out[1]
+        return self.head(out.mean(dim=-2))
 
 
 @configurable

@@ -101,3 +101,25 @@ def test_saves_and_rebuilds(tmp_path) -> None:
     x = torch.randn(1, 4, 5, 3)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_to_logits_is_the_forks_norm_and_linear(case: dict, fork_results: dict) -> None:
+    """The fork's Perceiver and gated Perceiver pool before ``to_logits = Sequential(LayerNorm, Linear)`` (its
+    keys ``to_logits.0.*`` are the norm's, ``to_logits.1.*`` the Linear's). Our Perceiver had the later
+    perceiver-pytorch layout (pool → norm → linear): ``to_logits[1] = nn.Linear(D, n)`` replaced the norm and
+    failed in forward, and ``to_logits = nn.Identity()`` gave latents [B, N, D] instead of the pooled [B, D]."""
+    ref = fork_results[case["name"]]
+    assert ref["state_dict"]["to_logits.0.weight"].ndim == 1 and ref["state_dict"]["to_logits.1.weight"].ndim == 2
+    model = _ours(case, ref)
+    assert isinstance(model.to_logits[0], torch.nn.LayerNorm) and isinstance(model.to_logits[1], torch.nn.Linear)
+    assert len(model.to_logits) == 2
+    x, mask = ref["inputs"], ref.get("mask")
+    with torch.no_grad():
+        pooled = model(x, mask=mask, return_embeddings=True).mean(dim=-2)
+        torch.testing.assert_close(model.to_logits[1](model.to_logits[0](pooled)), ref["output"], atol=1e-5, rtol=0)
+        new = torch.nn.Linear(pooled.shape[-1], 9)
+        model.to_logits[1] = new
+        torch.testing.assert_close(model(x, mask=mask), new(model.to_logits[0](pooled)), atol=1e-6, rtol=0)
+        model.to_logits = torch.nn.Identity()
+        torch.testing.assert_close(model(x, mask=mask), pooled, atol=1e-6, rtol=0)
