@@ -344,11 +344,12 @@ def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(1, indices, values)
 
 
+@configurable
 class AutoregressiveWrapper(nn.Module):
     """lucidrains' ``AutoregressiveWrapper`` for :class:`PerceiverAR`: next-token loss and sampling.
 
     ``forward(x)`` returns the net's loss for inputs ``x[:, :-1]`` and labels ``x[:, 1:]``; state-dict
-    keys are the net's under ``net.``.
+    keys are the net's under ``net.``. ``perceivers.save_pretrained`` saves it with its net.
     """
 
     def __init__(self, net: PerceiverAR, pad_value: int = 0) -> None:
