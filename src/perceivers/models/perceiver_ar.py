@@ -390,8 +390,9 @@ class PerceiverAR(nn.Module):
         b, p, _ = prefix.shape
         rand = torch.rand(b, p, device=prefix.device)
         num_keep = p - int(p * self.cross_attention_dropout)
-        keep = torch.zeros_like(rand, dtype=torch.bool).scatter_(1, rand.topk(num_keep, dim=-1).indices, True)
-        kept = keep.nonzero()[:, 1].view(b, num_keep)  # row-major: sorted positions per sample
+        # krasserm's kept positions (a boolean top-k mask read row by row) as sorted top-k indices: the same
+        # positions, without nonzero's data-dependent shape (which breaks a compiled graph)
+        kept = rand.topk(num_keep, dim=-1).indices.sort(dim=-1).values  # [B, P']
         return prefix.gather(1, kept[..., None].expand(-1, -1, prefix.shape[-1])), kept
 
     def _call(self, layer: nn.Module, *args: Tensor | None) -> Tensor:
