@@ -282,7 +282,8 @@ class PerceiverAR(nn.Module):
                 layers); a ``[B, L]`` mask is accepted too (its sequence part masks the sequence keys of
                 the prefix layers, as the reference does with a longer mask). As in the reference, a mask
                 ``[B, n]`` shorter than that is padded with True (``generate`` can keep a prompt's mask).
-            labels: token ids ``[B, L]``; positions after the prefix are the targets, id 0 is ignored.
+            labels: token ids ``[B, L]``; positions after the prefix are the targets, id 0 is ignored (the
+                prefix's labels are not read, so they may hold anything, e.g. -100).
 
         Returns:
             logits ``[B, L - cross_attn_seq_len, num_tokens]``, or with ``labels`` the mean cross-entropy.
@@ -317,7 +318,8 @@ class PerceiverAR(nn.Module):
                 raise TypeError(f"labels must be token ids, an int64 (or int32) tensor, got {got}")
             if labels.shape != x.shape:
                 raise ValueError(f"labels must have the shape of x {tuple(x.shape)}, got {tuple(labels.shape)}")
-            check_index_range(labels, self.num_tokens, "labels")
+            # only the targets are read: the reference ignores the prefix's labels (any value, e.g. -100)
+            check_index_range(labels[:, prefix_len:], self.num_tokens, "labels after the prefix (the targets)")
 
         positions = torch.arange(seq_len, device=x.device)
         h = self.token_emb(x) + self.pos_emb(positions)  # [B, L, dim]

@@ -135,6 +135,21 @@ def test_generate_with_a_mask_of_the_prompt_as_the_reference() -> None:
     assert torch.equal(outs[0], outs[1])
 
 
+def test_labels_of_the_prefix_are_not_read() -> None:
+    """Only labels after the prefix are targets: the reference never reads the first cross_attn_seq_len, so
+    e.g. -100 there (the usual "ignore" id) works; ours range-checked them too and refused. A target outside
+    the vocabulary is still refused (the reference fails in cross_entropy)."""
+    reference, ours = _pair()
+    x = _tokens(2, 15)
+    labels = _tokens(2, 15, seed=2)
+    labels[:, :8] = -100
+    with torch.no_grad():
+        assert _max_diff(reference(x, labels=labels), ours(x, labels=labels)) <= TOL
+    labels[0, 10] = 23
+    with pytest.raises(ValueError, match=r"labels after the prefix \(the targets\) must lie in \[0, 23\), got \[0, 23\]"):
+        ours(x, labels=labels)
+
+
 def test_training_forward_same_dropout() -> None:
     """Prefix dropout (one uniform draw, top-k) and attention/feed-forward dropout draw the same numbers:
     with the same seed the training outputs agree (CPU; SDPA's dropout there is the reference's)."""
