@@ -270,6 +270,21 @@ def test_each_image_gets_its_own_op_always_applied():
         assert torch.equal(out[i : i + 1], want), op
 
 
+def test_one_image_applies_its_layers_in_turn():
+    # one image skips the per-op selection: the same draws, the ops applied one after another
+    x = _batch(1)
+    for seed in range(6):
+        ra = RandAugment(4, 5 + seed % 3)
+        out = ra(x, torch.Generator().manual_seed(seed))
+        g, want = torch.Generator().manual_seed(seed), x
+        for _ in range(4):
+            op = RANDAUGMENT_OPS[int(torch.randint(16, (1,), generator=g))]
+            negate = torch.rand(1, generator=g) < 0.5
+            centers = torch.stack([torch.randint(18, (1,), generator=g), torch.randint(16, (1,), generator=g)], 1)
+            want = ra.apply_op(want, op, negate=negate, centers=centers)
+        assert torch.equal(out, want)
+
+
 def test_identical_images_are_augmented_independently():
     x = _batch(1).expand(16, -1, -1, -1).contiguous()
     out = RandAugment(2, 9)(x, torch.Generator().manual_seed(0))
