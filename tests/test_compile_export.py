@@ -465,3 +465,156 @@ def test_onnx_streams_image_tokens_of_a_dynamic_size(tmp_path) -> None:
             with torch.no_grad():
                 torch.testing.assert_close(torch.from_numpy(got), model.encoder(model.pre(x).inputs),
                                            atol=1e-5, rtol=1e-4)
+
+
+def _loops(program: torch.export.ExportedProgram) -> int:
+    return sum(str(node.target).endswith("while_loop") for node in program.graph.nodes)
+
+
+def _export(model: nn.Module, args: tuple, dims: tuple, fused: bool = False) -> torch.export.ExportedProgram:
+    import contextlib
+
+    from perceivers.layers.attention import fused_export
+
+    with torch.no_grad(), (fused_export() if fused else contextlib.nullcontext()):
+        return torch.export.export(model, args, dynamic_shapes=dims)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dynamic_query_count_export_decodes_in_a_while_loop(fused: bool) -> None:
+    """PerceiverIO with a dynamic number of queries decodes them in a ``torch.while_loop`` over chunks, as eager mode
+    decodes large query sets (it decoded them whole: all of their attention at once), for one query as for many
+    chunks, a partial last chunk too; inside ``fused_export`` each chunk is written into one output."""
+    model, (data, queries) = _perceiver_io(decode_chunk_size=16)
+    batch = torch.export.Dim("batch")
+    dims = ({0: batch, 1: torch.export.Dim("n", max=10**6)}, {0: batch, 1: torch.export.Dim("m", max=10**6)})
+    program = _export(model, (data, queries), dims, fused)
+    assert _loops(program) == 1
+    gen = torch.Generator().manual_seed(5)
+    for b, n, m in ((1, 1, 1), (2, 3, 2), (3, 40, 16), (2, 7, 17), (1, 700, 50)):
+        data, queries = torch.randn(b, n, 16, generator=gen), torch.randn(b, m, 8, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(data, queries), model(data, queries), atol=1e-5, rtol=1e-5)
+
+
+def _subsampled_decoder(kind: str) -> nn.Module:
+    """A PerceiverIOModel decoding Fourier (8×9 grid) or trainable queries at a number of subsampled points, masked,
+    in chunks of 16 through a row-wise postprocessor (``[B, Q, 3]``)."""
+    from perceivers.io import (
+        BasicDecoder,
+        FourierQueries,
+        PerceiverEncoder,
+        PerceiverIOModel,
+        TrainableQueries,
+    )
+    from perceivers.io.processors import ProjectionPostprocessor
+
+    torch.manual_seed(0)
+    encoder = PerceiverEncoder(6, num_latents=5, latent_channels=16, num_blocks=1, num_self_attends_per_block=1,
+                               num_self_attention_heads=2)
+    queries = FourierQueries((8, 9), 3) if kind == "fourier" else TrainableQueries(72, 10)
+    decoder = BasicDecoder(queries, latent_channels=16, output_channels=8, num_heads=2)
+    decoder.chunk_size = 16
+    model = PerceiverIOModel(encoder, decoder, output_postprocessor=ProjectionPostprocessor(8, 3))
+
+    class AtPoints(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.model(x, subsampled_output_points=points, query_mask=mask).logits
+
+    return AtPoints().eval()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", ["fourier", "trainable"])
+def test_dynamic_point_count_export_decodes_queries_by_position(kind: str, fused: bool) -> None:
+    """A dynamic number of subsampled output points: the program builds each chunk's queries from those points only
+    (Fourier features of their coordinates, rows of the trainable table) and decodes them in a ``torch.while_loop``
+    through the row-wise postprocessor; masked queries as eager mode."""
+    model = _subsampled_decoder(kind)
+    batch, q = torch.export.Dim("batch"), torch.export.Dim("q", max=72)
+    program = _export(model, (torch.randn(2, 7, 6), torch.arange(40), torch.ones(2, 40, dtype=torch.bool)),
+                      ({0: batch}, {0: q}, {0: batch, 1: q}), fused)
+    assert _loops(program) == 1
+    gen = torch.Generator().manual_seed(6)
+    for b, n in ((1, 1), (3, 5), (2, 16), (2, 17), (1, 72)):
+        x, points = torch.randn(b, 7, 6, generator=gen), torch.randperm(72, generator=gen)[:n]
+        mask = torch.rand(b, n, generator=gen) > 0.3
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x, points, mask), model(x, points, mask), atol=1e-5, rtol=1e-5)
+
+
+def _image_queries() -> nn.Module:
+    """Pixels with Fourier features, streamed into the encoder and decoded as one query each (``InputQueries``, as
+    optical flow), chunks of 16 → ``[B, H·W, 2]``."""
+    from perceivers.io import (
+        BasicDecoder,
+        InputQueries,
+        PerceiverEncoder,
+        PerceiverIOModel,
+        build_position_encoding,
+    )
+    from perceivers.io.processors import ImagePreprocessor
+
+    torch.manual_seed(0)
+    pre = ImagePreprocessor("pixels", position_encoding=build_position_encoding(
+        "fourier", num_dims=2, index_shape=(8, 6), num_bands=3), spatial_downsample=1)
+    encoder = PerceiverEncoder(pre.num_channels, num_latents=5, latent_channels=16, num_blocks=1,
+                               num_self_attends_per_block=1, num_self_attention_heads=2)
+    decoder = BasicDecoder(InputQueries(pre.num_channels), latent_channels=16, output_channels=2)
+    decoder.chunk_size = 16
+    return _Logits(PerceiverIOModel(encoder, decoder, input_preprocessor=pre, chunk_size=16)).eval()
+
+
+def test_dynamic_size_export_decodes_image_token_queries_in_a_while_loop() -> None:
+    """Queries made of the streamed image tokens (one per pixel): with a dynamic size the program gathers each
+    chunk's tokens by position for the decoder as for the encoder, two while_loops; no token array is built."""
+    model = _image_queries()
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", max=512), 3: torch.export.Dim("w", max=512)}
+    program = _export(model, (torch.randn(2, 3, 8, 6),), (dims,))
+    assert _loops(program) == 2
+    gen = torch.Generator().manual_seed(7)
+    for b, h, w in ((1, 1, 1), (3, 17, 31), (2, 5, 2)):
+        x = torch.randn(b, 3, h, w, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_query_count_export_decodes_whole_with_chunk_size_0() -> None:
+    model = _subsampled_decoder("fourier")
+    model.model.decoder.chunk_size = 0
+    q = torch.export.Dim("q", max=72)
+    program = _export(model, (torch.randn(2, 7, 6), torch.arange(40), torch.ones(2, 40, dtype=torch.bool)),
+                      ({0: torch.export.Dim("batch")}, {0: q}, {0: torch.export.Dim("batch"), 1: q}))
+    assert _loops(program) == 0
+
+
+@pytest.mark.slow
+def test_onnx_decodes_a_dynamic_query_count_in_a_loop(tmp_path) -> None:
+    """The decoders' while_loop becomes an ONNX ``Loop`` (each chunk written with ``ScatterND``) that onnxruntime
+    runs for one query and for many chunks."""
+    model, args = _perceiver_io(decode_chunk_size=16)
+    batch = torch.export.Dim("batch")
+    dims = ({0: batch, 1: torch.export.Dim("n", max=10**6)}, {0: batch, 1: torch.export.Dim("m", max=10**6)})
+    with torch.no_grad():
+        session = _onnx_session(model, args, tmp_path / "pio.onnx", dims)
+    names = [i.name for i in session.get_inputs()]
+    for b, n, m in ((1, 1, 1), (2, 7, 17)):
+        data, queries = torch.randn(b, n, 16), torch.randn(b, m, 8)
+        (got,) = session.run(None, dict(zip(names, (data.numpy(), queries.numpy()))))
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(data, queries), atol=1e-5, rtol=1e-4)
+    model = _subsampled_decoder("fourier")
+    q = torch.export.Dim("q", max=72)
+    with torch.no_grad():
+        session = _onnx_session(model, (torch.randn(2, 7, 6), torch.arange(40), torch.ones(2, 40, dtype=torch.bool)),
+                                tmp_path / "points.onnx", ({0: batch}, {0: q}, {0: batch, 1: q}))
+    names = [i.name for i in session.get_inputs()]
+    for b, n in ((1, 1), (2, 17)):
+        x, points, mask = torch.randn(b, 7, 6), torch.randperm(72)[:n], torch.rand(b, n) > 0.3
+        (got,) = session.run(None, dict(zip(names, (x.numpy(), points.numpy(), mask.numpy()))))
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x, points, mask), atol=1e-5, rtol=1e-4)

@@ -134,6 +134,27 @@ def test_streamed_fourier_queries_equal_the_whole_set(subsampled: bool) -> None:
     pieces = [stream.chunk(a, min(a + 13, stream.length)) for a in range(0, stream.length, 13)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=0)
     torch.testing.assert_close(stream.materialize(), whole, rtol=0, atol=0)
+    # by position (what an exported program with a symbolic query count gathers): any order, repeats
+    index = torch.cat((torch.randperm(stream.length, generator=torch.Generator().manual_seed(0))[:20],
+                       torch.tensor([stream.length - 1, 0, 0])))
+    torch.testing.assert_close(stream.rows(index), whole[:, index], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length", [None, 9])
+@pytest.mark.parametrize("subsampled", [False, True])
+def test_streamed_trainable_queries_equal_the_whole_set(subsampled: bool, length: int | None) -> None:
+    from perceivers.io import TrainableQueries
+
+    torch.manual_seed(0)
+    builder = TrainableQueries(12, 5)
+    points = torch.tensor([8, 0, 3, 3, 7]) if subsampled else None
+    whole = builder(2, subsampled_points=points, length=length)
+    stream = builder(2, subsampled_points=points, length=length, stream=True)
+    assert isinstance(stream, ContextStream) and stream.shape == whole.shape
+    torch.testing.assert_close(stream.chunk(1, 4), whole[:, 1:4], rtol=0, atol=0)
+    torch.testing.assert_close(stream.materialize(), whole, rtol=0, atol=0)
+    index = torch.tensor([stream.length - 1, 0, 2, 2])
+    torch.testing.assert_close(stream.rows(index), whole[:, index], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("grad", [False, True])

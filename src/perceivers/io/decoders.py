@@ -30,7 +30,11 @@ from ..layers import (
     check_chunk_size,
     check_mask,
     join_chunks,
+    loop_chunk_size,
+    loop_rows,
+    loops,
 )
+from ..layers.attention import pt2_only_export
 from ..layers.blocks import default_qk_channels
 from ..layers.dense import Linear
 from .processors.base import concat_rows, padder, restructure
@@ -98,6 +102,9 @@ class BasicDecoder(nn.Module):
     MLP hidden layer) exist at a time. ``None``: above 32768 queries (with autograd above 65536), in chunks
     of at most ``2**21`` values of the widest intermediate over the batch (:func:`~perceivers.layers.auto_chunk_size`);
     ``0``: never; ``n > 0``: chunks of ``n``. With query self-attention the whole set is decoded at once.
+    A symbolic query count (``torch.export`` with dynamic sizes, without autograd) is decoded in a
+    ``torch.while_loop`` over chunks instead (:func:`~perceivers.layers.loop_rows`), each chunk's queries gathered
+    by position (:attr:`~perceivers.layers.ContextStream.rows` of a streamed query set), unless ``chunk_size`` is 0.
     """
 
     def __init__(
@@ -191,6 +198,11 @@ class BasicDecoder(nn.Module):
         return auto_chunk_size(query.shape[1], self.chunk_size, grad=self._grad(query, latents),
                                channels=self._query_width, batch=query.shape[0])
 
+    def _loops(self, query: Tensor | ContextStream, latents: Tensor) -> bool:
+        """Whether a symbolic query count is decoded in a ``torch.while_loop`` (see the class docstring)."""
+        return (not self.num_self_attends_per_cross and "forward" not in self.cross_attention.attn.__dict__
+                and loops(query.shape[1], self.chunk_size, grad=self._grad(query, latents)))
+
     def _grad(self, query: Tensor | ContextStream, latents: Tensor) -> bool:
         """Whether decoding records autograd (a stream's chunks may need gradients)."""
         return torch.is_grad_enabled() and (getattr(query, "requires_grad", True) or latents.requires_grad
@@ -212,11 +224,11 @@ class BasicDecoder(nn.Module):
     ) -> Tensor | ContextStream:
         """Build the queries ``[B, Q, query_channels]`` for the preprocessed ``inputs [B, M, C]``.
 
-        ``stream=True``: Fourier queries come as a :class:`~perceivers.layers.ContextStream`, built chunk by
-        chunk as :meth:`forward` decodes them (input queries pass a streamed input through either way)."""
+        ``stream=True``: Fourier and trainable queries come as a :class:`~perceivers.layers.ContextStream`, built
+        chunk by chunk (or by position) as :meth:`forward` decodes them (input queries pass a streamed input through either way)."""
         if self.queries is None:
             raise ValueError("this decoder has no query builder; its queries come from elsewhere")
-        if stream and isinstance(self.queries, FourierQueries) and not self.concat_preprocessed_input:
+        if stream and isinstance(self.queries, (FourierQueries, TrainableQueries)) and not self.concat_preprocessed_input:
             kwargs["stream"] = True
         query = self.queries(inputs.shape[0], inputs=inputs, subsampled_points=subsampled_points, **kwargs)
         if self.concat_preprocessed_input:
@@ -245,6 +257,8 @@ class BasicDecoder(nn.Module):
         """
         query_mask = self._checked(query, latents, query_mask)
         size = self._decode_chunk_size(query, latents)
+        if not size and self._loops(query, latents):
+            return self._decode_looped(query, latents, query_mask, head)
         if not size:
             out = self._decode(query.materialize() if isinstance(query, ContextStream) else query, latents, query_mask)
             return out if head is None else head(out)
@@ -279,6 +293,25 @@ class BasicDecoder(nn.Module):
         else:
             parts = (part(a) for a in range(0, n, size))
         return join_chunks(parts, n)
+
+    def _decode_looped(self, query: Tensor | ContextStream, latents: Tensor, query_mask: Tensor | None,
+                       head: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """A symbolic number of independent queries decoded in a ``torch.while_loop`` over chunks against latents
+        prepared once, each chunk's queries gathered by position: a stream's ``rows`` (e.g. Fourier features of
+        those points, image tokens of those pixels), else rows of the whole query array."""
+        size = loop_chunk_size(self.chunk_size, self._query_width)
+        kvs = self._prepare(latents, size)
+        if isinstance(query, ContextStream):
+            rows = query.rows or ContextStream.from_tensor(query.materialize()).rows
+        else:
+            rows = lambda index: query.index_select(1, index)
+
+        def part(index: Tensor) -> Tensor:
+            mask = None if query_mask is None else query_mask.index_select(1, index)
+            out = self._decode(rows(index), latents, mask, kvs=kvs)
+            return out if head is None else head(out)
+
+        return loop_rows(part, query.shape[1], size, device=latents.device, in_place=pt2_only_export())
 
     def _decode(self, query: Tensor, latents: Tensor, query_mask: Tensor | None, *, kvs: list | None = None) -> Tensor:
         """The decoder stack on ``query [B, Q, Cq]`` against the latents, or (``kvs``) what each

@@ -14,7 +14,7 @@ construction and is called as ``builder(batch_size, inputs=..., subsampled_point
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,8 @@ def subsampled_positions(points: Tensor, index_shape: Sequence[int]) -> Tensor:
         coords.append(rest % n)
         rest = torch.div(rest, n, rounding_mode="floor")
     idx = torch.stack(coords[::-1], dim=-1)  # [Q, d]
-    sizes = torch.tensor(list(index_shape), dtype=torch.float32, device=points.device)
+    # operators, not a tensor constant (a torch.while_loop body, which gathers queries by position, may hold none)
+    sizes = torch.stack([torch.full((), n, dtype=torch.float32, device=points.device) for n in index_shape])
     return -1.0 + (2 * idx).to(torch.float32) / sizes
 
 
@@ -73,8 +74,12 @@ class TrainableQueries(nn.Module):
         inputs: Tensor | None = None,
         subsampled_points: Tensor | None = None,
         length: int | None = None,
-    ) -> Tensor:
-        """→ ``[B, Q, num_channels]`` (a broadcast view of the table)."""
+        stream: bool = False,
+    ) -> Tensor | ContextStream:
+        """→ ``[B, Q, num_channels]`` (a broadcast view of the table).
+
+        ``stream=True``: a :class:`~perceivers.layers.ContextStream` of the same queries, whose chunks (or rows by
+        position) are looked up when a decoder reads them: subsampled rows are never gathered all at once."""
         table = self.table.embeddings
         if length is not None:
             if not 0 < length <= self.num_queries:
@@ -83,8 +88,21 @@ class TrainableQueries(nn.Module):
         if subsampled_points is not None:
             _check_points(subsampled_points, table.shape[0],
                           "subsampled_points" if length is None else f"subsampled_points (with length={length})")
-            table = table[subsampled_points.long()]
-        return per_sample(table, batch_size)
+            subsampled_points = subsampled_points.to(table.device).long()
+        if not stream:
+            return per_sample(table if subsampled_points is None else table[subsampled_points], batch_size)
+        points = subsampled_points
+
+        def chunk(start: int, stop: int) -> Tensor:
+            return per_sample(table[start:stop] if points is None else table[points[start:stop]], batch_size)
+
+        def rows(index: Tensor) -> Tensor:
+            return per_sample(table.index_select(0, index if points is None else points.index_select(0, index)),
+                              batch_size)
+
+        count = table.shape[0] if points is None else points.shape[0]
+        return ContextStream(batch_size, count, self.num_channels, chunk, dtype=table.dtype, device=table.device,
+                             rows=rows)
 
 
 @configurable
@@ -139,8 +157,23 @@ class FourierQueries(nn.Module):
             return feats.expand(batch_size, -1, -1)
 
         if stream:
-            return ContextStream(batch_size, count, self.num_channels, rows, dtype=dtype, device=device)
+            return ContextStream(batch_size, count, self.num_channels, rows, dtype=dtype, device=device,
+                                 rows=self._gather(subsampled_points, batch_size, device, dtype))
         return rows(0, count)
+
+    def _gather(self, points: Tensor | None, batch_size: int, device: torch.device | None,
+                dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        """The queries by position: ``index`` (int64 ``[n]``) → ``[B, n, num_channels]``, the features of those grid
+        points (from per-axis tables) or of those subsampled points, never of all of them."""
+        if points is None:
+            grid = self.encoding.grid_gather(self.index_shape, device=device, dtype=dtype)
+            return lambda index: grid(index).expand(batch_size, -1, -1)
+
+        def rows(index: Tensor) -> Tensor:
+            pos = subsampled_positions(points.index_select(0, index), self.index_shape)
+            return self.encoding.encode(pos).to(dtype).expand(batch_size, -1, -1)
+
+        return rows
 
 
 @configurable

@@ -13,7 +13,16 @@ from .position import (
     linear_positions,
 )
 from .rotary import RotaryEmbedding as RotaryEmbedding  # re-exported (one line: __all__ is shared)
-from .stream import ContextStream, GridContext, auto_chunk_size, check_chunk_size, join_chunks, loops
+from .stream import (
+    ContextStream,
+    GridContext,
+    auto_chunk_size,
+    check_chunk_size,
+    join_chunks,
+    loop_chunk_size,
+    loop_rows,
+    loops,
+)
 
 __all__ = [
     "Activation",
@@ -36,6 +45,8 @@ __all__ = [
     "join_chunks",
     "linear",
     "linear_positions",
+    "loop_chunk_size",
+    "loop_rows",
     "loops",
     "onednn_enabled",
     "use_onednn",

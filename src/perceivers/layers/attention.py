@@ -590,7 +590,9 @@ def fused_export() -> Iterator[None]:
     Perceiver at 1024×1024 (depth 2, batch 1) ran in 0.81 s instead of 3.67 s, at +13 MiB instead of +137. Such a
     program runs in PyTorch (``torch.export.load``) on CPU; it does not convert to ONNX (the kernel's ONNX
     translation is wrong), so programs meant for ONNX are traced outside the context (``perceivers export``
-    uses it for ``.pt2`` files only). ``torch.onnx.export(model, dynamo=True)`` ignores it.
+    uses it for ``.pt2`` files only). ``torch.onnx.export(model, dynamo=True)`` ignores it. Inside it decoders
+    that loop over a symbolic query count (:func:`perceivers.layers.loop_rows`) also write each chunk's rows into
+    one output instead of a new copy per chunk.
     """
     global _fused_export
     before, _fused_export = _fused_export, True
@@ -598,6 +600,12 @@ def fused_export() -> Iterator[None]:
         yield
     finally:
         _fused_export = before
+
+
+def pt2_only_export() -> bool:
+    """Whether a ``torch.export`` trace is under way inside :func:`fused_export` and outside ONNX export: a program
+    for PyTorch only (``.pt2``), which may use what the ONNX conversion refuses."""
+    return torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export() and _fused_export
 
 
 def _key_masks(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

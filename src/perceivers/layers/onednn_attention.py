@@ -76,10 +76,10 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
                 and _kernels_usable(q, k, v))
     width = q.shape[-1] + v.shape[-1]
     return (
-        m * min(keys, _chunk_size(m)) <= _MAX_SCORES
+        _onednn_usable(q, k, v)  # first: never under torch.export, whose symbolic sizes the tests below would guard
+        and m * min(keys, _chunk_size(m)) <= _MAX_SCORES
         and ((width >= _MIN_HEAD_WIDTH and m * keys >= _MIN_SCORES)
              or (width >= _MIN_LONG_WIDTH and keys >= _MIN_LONG_KEYS))
-        and _onednn_usable(q, k, v)
     )
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "join_chunks", "loops"]
+__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "join_chunks", "loop_chunk_size",
+           "loop_rows", "loops"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
@@ -92,6 +93,59 @@ def loops(length: int, chunk_size: int | None, *, grad: bool = False) -> bool:
     program's memory does not grow with the input as eager mode's streaming does not: while exporting, without
     autograd, unless ``chunk_size`` is 0. ``torch.compile`` keeps attending a symbolic length at once."""
     return (not isinstance(length, int) and chunk_size != 0 and not grad and torch.compiler.is_exporting())
+
+
+def loop_chunk_size(chunk_size: int | None, channels: int) -> int:
+    """The rows per step of :func:`loop_rows` (and of a looped stream's gathers) for rows whose widest intermediate
+    has ``channels`` values: ``chunk_size`` if given, else at most ``CHUNK_VALUES // channels`` rows (at least 512,
+    at most 65536), the rule :func:`auto_chunk_size` applies to wide rows of one sample."""
+    if chunk_size:
+        return chunk_size
+    return min(DEFAULT_CHUNK, max(MIN_WIDE_CHUNK, CHUNK_VALUES // max(channels, 1)))
+
+
+def loop_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, *, device: torch.device | None = None,
+              in_place: bool = False) -> Tensor:
+    """``[B, length, …]`` whose rows at the positions ``index`` are ``fn(index)`` (int64 ``[n]`` → ``[B, n, …]``,
+    each row computed from its own position only), made ``chunk_size`` rows at a time in a ``torch.while_loop``: a
+    symbolic ``length`` (``torch.export`` with dynamic sizes, see :func:`loops`) holds one chunk's intermediates at
+    a time, as eager mode's chunked decoding does.
+
+    The first chunk is made before the loop (it gives the output's trailing shape and dtype); the last is shifted
+    back to end at ``length``, so rows are never repeated, except that a chunk has at least 2 rows (row 0 twice for
+    ``length`` 1): a chunk of ``min(chunk_size, length)`` rows left guards such as ``B·n ≠ B`` (Linear's ``[B·n, C]``
+    view) that a length of 1 fails. Each step writes its rows into a new output tensor (a loop may not write into a
+    tensor it carries; ONNX: a ``Loop`` whose ``ScatterND`` copies the output); ``in_place`` (a ``.pt2``-only
+    program, see :func:`~perceivers.layers.attention.fused_export`) writes into one output instead, which
+    ``torch.export`` records as a mutation the ONNX conversion refuses.
+    """
+    from torch._higher_order_ops.while_loop import while_loop
+
+    size = 2 + torch.sym_min(max(chunk_size, 2) - 2, torch.sym_max(length - 2, 0))  # min(chunk, length), >= 2
+    offsets = torch.arange(size, device=device)
+
+    def index_at(i: Tensor) -> Tensor:
+        start = (i * size).clamp(max=length - size).clamp(min=0)
+        return (start + offsets).clamp(max=length - 1)
+
+    first_index = offsets.clamp(max=length - 1)
+    first = fn(first_index)  # [B, n, …]
+    out = first.new_zeros((first.shape[0], length, *first.shape[2:])).index_copy(1, first_index, first)
+    one = torch.ones((), dtype=torch.long, device=first.device)
+    if in_place:
+        def write(i: Tensor) -> tuple[Tensor]:
+            index = index_at(i)
+            out.index_copy_(1, index, fn(index))
+            return (i + 1,)
+
+        while_loop(lambda i: i * size < length, write, (one,))
+        return out
+
+    def step(i: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        index = index_at(i)
+        return i + 1, out.index_copy(1, index, fn(index))
+
+    return while_loop(lambda i, _: i * size < length, step, (one, out))[1]
 
 
 @dataclass
