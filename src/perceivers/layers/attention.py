@@ -180,6 +180,7 @@ class Attention(nn.Module):
         Returns:
             ``[B, Q, out_dim]``.
         """
+        mask, query_mask = self._check_call(x, context, kv, mask, query_mask)
         q = self._project_queries(x)
         dropout = self.dropout if self.training else 0.0
         row_valid, attn_mask = _key_masks(mask)
@@ -220,6 +221,7 @@ class Attention(nn.Module):
         folds and never calls SDPA, so it is slower and its output differs from :meth:`forward` by
         float rounding only. Used by :func:`record_attention`.
         """
+        mask, query_mask = self._check_call(x, context, kv, mask, query_mask)
         q = self._project_queries(x)
         k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         dropout = self.dropout if self.training else 0.0
@@ -230,6 +232,27 @@ class Attention(nn.Module):
             weights = F.dropout(attention_weights(q, k, attn_mask), dropout)  # [B, H, Q, K]
         out = self._output(torch.matmul(weights, v), row_valid, query_mask)
         return out, weights if row_valid is None else weights * row_valid.to(weights.dtype)
+
+    def _check_call(
+        self, x: Tensor, context: Tensor | None, kv: KeyValue | None, mask: Tensor | None, query_mask: Tensor | None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Check :meth:`forward`'s arguments (ranks, mask dtypes and shapes); returns the masks as ``[B, ·]``."""
+        if not isinstance(x, Tensor) or x.ndim != 3:
+            raise ValueError(f"x must be a [batch, queries, {self.q_dim}] tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if kv is not None:
+            if len(kv) != 2 or any(not isinstance(t, Tensor) or t.ndim != 4 for t in kv):
+                raise ValueError("kv must be the (keys [B, H, K, dk], values [B, H, K, dv]) pair of project_kv")
+            keys_batch, keys = kv[0].shape[0], kv[0].shape[2]
+        else:
+            c = x if context is None else context
+            if not isinstance(c, Tensor) or c.ndim != 3:
+                raise ValueError(f"context must be a [batch, keys, {self.kv_dim}] tensor, got "
+                                 f"{tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
+            keys_batch, keys = c.shape[0], c.shape[1]
+        mask = check_mask(mask, keys_batch, keys, device=x.device)
+        query_mask = check_mask(query_mask, x.shape[0], x.shape[1], "query_mask", device=x.device)
+        return mask, query_mask
 
     def _project_queries(self, x: Tensor) -> Tensor:
         """``[B, Q, q_dim]`` → queries ``[B, H, Q, dk]``."""
