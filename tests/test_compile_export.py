@@ -335,6 +335,19 @@ def _has_while_loop(program: torch.export.ExportedProgram) -> bool:
     return "while_loop" in {str(node.target) for node in program.graph.nodes}
 
 
+def _loops(program: torch.export.ExportedProgram) -> int:
+    return sum(str(node.target).endswith("while_loop") for node in program.graph.nodes)
+
+
+def _export(model: nn.Module, args: tuple, dims: tuple, fused: bool = False) -> torch.export.ExportedProgram:
+    import contextlib
+
+    from perceivers.layers.attention import fused_export
+
+    with torch.no_grad(), (fused_export() if fused else contextlib.nullcontext()):
+        return torch.export.export(model, args, dynamic_shapes=dims)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 16])
 def test_dynamic_length_export_loops_over_per_sample_coordinates(chunk_size: int | None) -> None:
     """``Perceiver(data, pos=...)`` with a dynamic number of points: the program gathers the points and encodes
@@ -380,13 +393,14 @@ def test_dynamic_size_export_with_a_grid_mask_takes_one_pixel_wide_images(chunk_
 
 
 def _image_encoder(prep: str = "pixels", pos: str = "fourier", *, s: int = 1, mode: str = "concat",
-                   project: int = -1, linear: bool = False) -> nn.Module:
-    """DeepMind's ImagePreprocessor streaming its tokens (chunks of 16) into a PerceiverEncoder → latents."""
+                   project: int = -1, linear: bool = False, grid: tuple[int, ...] = (8, 6)) -> nn.Module:
+    """DeepMind's ImagePreprocessor streaming its tokens (chunks of 16) into a PerceiverEncoder → latents (a video's
+    with a 3-D ``grid``)."""
     from perceivers.io import PerceiverEncoder, build_position_encoding
     from perceivers.io.processors import ImagePreprocessor
 
     torch.manual_seed(0)
-    enc = build_position_encoding(pos, num_dims=2, index_shape=(8, 6), num_bands=3, project_pos_dim=project)
+    enc = build_position_encoding(pos, num_dims=len(grid), index_shape=grid, num_bands=3, project_pos_dim=project)
     pre = ImagePreprocessor(prep, position_encoding=enc, spatial_downsample=s, num_channels=6,
                             conv_after_patching=linear, concat_or_add_pos=mode)
     encoder = PerceiverEncoder(pre.num_channels, num_latents=5, latent_channels=16, num_blocks=1,
@@ -436,6 +450,26 @@ def test_dynamic_size_export_streams_image_tokens_in_a_while_loop(case: str, fus
             torch.testing.assert_close(program.module()(x), whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("case", ["pixels-fourier", "conv1x1-stride2-projected", "patches-linear-add"])
+def test_dynamic_size_export_streams_video_tokens_in_a_while_loop(case: str, fused: bool) -> None:
+    """A video of a dynamic size (frames, height, width): the stream gives its tokens by position (each from its own
+    frame's pixels, 3-D positions from per-axis tables), gathered in a ``torch.while_loop``; eager mode streams it
+    frame after frame. The program equals the whole token array's encoder."""
+    model = _image_encoder(**IMAGE_STREAMS[case], grid=(3, 8, 6))
+    s = IMAGE_STREAMS[case].get("s", 1)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("t", max=64), 3: s * torch.export.Dim("h", max=512),
+            4: s * torch.export.Dim("w", max=512)}
+    program = _export(model, (torch.randn(2, 3, 3, 8 * s, 6 * s),), (dims,), fused)
+    assert _loops(program) == 1
+    gen = torch.Generator().manual_seed(8)
+    one = 2 if IMAGE_STREAMS[case].get("prep") == "patches" else 1  # patches of one frame drop the time axis (flow)
+    for batch, t, h, w in ((1, one, 2, 3), (2, 3, 5, 7), (1, 2, 17, 31)):  # 2·17·31 tokens: 66 chunks of 16
+        x = torch.randn(batch, t, 3, h * s, w * s, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model.encoder(model.pre(x).inputs), atol=1e-5, rtol=1e-5)
+
+
 def test_dynamic_size_export_of_a_vision_model_streams_in_a_while_loop() -> None:
     model, (x,) = MODELS["vision-perceiver-fourier"]()
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", max=1024), 3: torch.export.Dim("w", max=1024)}
@@ -451,7 +485,7 @@ def test_dynamic_size_export_of_a_vision_model_streams_in_a_while_loop() -> None
 @pytest.mark.slow
 def test_onnx_streams_image_tokens_of_a_dynamic_size(tmp_path) -> None:
     """The image stream's while_loop becomes an ONNX ``Loop`` that onnxruntime runs (patches and a conv 1×1 stem
-    with projected Fourier features)."""
+    with projected Fourier features; a video's patches)."""
     for case in ("pixels-fourier", "conv1x1-stride2-projected"):
         model = _image_encoder(**IMAGE_STREAMS[case])
         s = IMAGE_STREAMS[case].get("s", 1)
@@ -465,19 +499,16 @@ def test_onnx_streams_image_tokens_of_a_dynamic_size(tmp_path) -> None:
             with torch.no_grad():
                 torch.testing.assert_close(torch.from_numpy(got), model.encoder(model.pre(x).inputs),
                                            atol=1e-5, rtol=1e-4)
-
-
-def _loops(program: torch.export.ExportedProgram) -> int:
-    return sum(str(node.target).endswith("while_loop") for node in program.graph.nodes)
-
-
-def _export(model: nn.Module, args: tuple, dims: tuple, fused: bool = False) -> torch.export.ExportedProgram:
-    import contextlib
-
-    from perceivers.layers.attention import fused_export
-
-    with torch.no_grad(), (fused_export() if fused else contextlib.nullcontext()):
-        return torch.export.export(model, args, dynamic_shapes=dims)
+    model = _image_encoder(**IMAGE_STREAMS["patches-linear-add"], grid=(3, 8, 6))  # a video of a dynamic size
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("t", max=64), 3: 2 * torch.export.Dim("h", max=512),
+            4: 2 * torch.export.Dim("w", max=512)}
+    with torch.no_grad():
+        session = _onnx_session(model, (torch.randn(2, 3, 3, 16, 12),), tmp_path / "video.onnx", (dims,))
+    for batch, t, h, w in ((1, 2, 2, 3), (2, 3, 17, 31)):
+        x = torch.randn(batch, t, 3, 2 * h, 2 * w, generator=torch.Generator().manual_seed(h))
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model.encoder(model.pre(x).inputs), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -583,6 +614,40 @@ def test_dynamic_size_export_decodes_image_token_queries_in_a_while_loop() -> No
             torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def _flow_queries() -> nn.Module:
+    """Optical flow's preprocessor (frame pairs ``[B, 2, 3 or 27, H, W]``) streamed into the encoder, its tokens
+    decoded as one query each by a ``BasicDecoder`` (chunks of 16) → ``[B, H·W, 2]``."""
+    from perceivers.io import BasicDecoder, InputQueries, PerceiverEncoder, PerceiverIOModel
+    from perceivers.io.processors import FlowPreprocessor
+
+    torch.manual_seed(0)
+    pre = FlowPreprocessor(image_size=(6, 8), num_bands=3, num_channels=8)
+    encoder = PerceiverEncoder(pre.num_channels, num_latents=5, latent_channels=16, num_blocks=1,
+                               num_self_attends_per_block=1, num_self_attention_heads=2)
+    decoder = BasicDecoder(InputQueries(pre.num_channels), latent_channels=16, output_channels=2)
+    decoder.chunk_size = 16
+    return _Logits(PerceiverIOModel(encoder, decoder, input_preprocessor=pre, chunk_size=16)).eval()
+
+
+FLOW_DIMS = {0: torch.export.Dim("batch"), 3: torch.export.Dim("h", max=512), 4: torch.export.Dim("w", max=512)}
+
+
+@pytest.mark.parametrize("channels", [3, 27])
+def test_dynamic_size_export_of_flow_streams_frames_and_decodes_pixel_queries_in_loops(channels: int) -> None:
+    """Optical flow's preprocessor (frame pairs, raw or as 3×3 patches) with a dynamic size: the tokens are gathered by
+    position (a raw token's 3×3 neighbourhood of both frames, zeros beyond the border) for the encoder and for the
+    pixel queries of a ``BasicDecoder``, two while_loops; one pixel as many (the gathered tokens' Linear had left the
+    guard ``B·min(16, H·W) ≠ B``)."""
+    model = _flow_queries()
+    program = _export(model, (torch.randn(2, 2, channels, 6, 8),), (FLOW_DIMS,))
+    assert _loops(program) == 2
+    gen = torch.Generator().manual_seed(9)
+    for b, h, w in ((1, 1, 1), (2, 5, 7), (1, 17, 31)):
+        x = torch.randn(b, 2, channels, h, w, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_dynamic_query_count_export_decodes_whole_with_chunk_size_0() -> None:
     model = _subsampled_decoder("fourier")
     model.model.decoder.chunk_size = 0
@@ -595,7 +660,7 @@ def test_dynamic_query_count_export_decodes_whole_with_chunk_size_0() -> None:
 @pytest.mark.slow
 def test_onnx_decodes_a_dynamic_query_count_in_a_loop(tmp_path) -> None:
     """The decoders' while_loop becomes an ONNX ``Loop`` (each chunk written with ``ScatterND``) that onnxruntime
-    runs for one query and for many chunks."""
+    runs for one query and for many chunks: PerceiverIO's queries, subsampled Fourier queries, flow's pixels."""
     model, args = _perceiver_io(decode_chunk_size=16)
     batch = torch.export.Dim("batch")
     dims = ({0: batch, 1: torch.export.Dim("n", max=10**6)}, {0: batch, 1: torch.export.Dim("m", max=10**6)})
@@ -618,3 +683,11 @@ def test_onnx_decodes_a_dynamic_query_count_in_a_loop(tmp_path) -> None:
         (got,) = session.run(None, dict(zip(names, (x.numpy(), points.numpy(), mask.numpy()))))
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(x, points, mask), atol=1e-5, rtol=1e-4)
+    model = _flow_queries()  # raw frame pairs of a dynamic size: tokens gathered with their 3×3 neighbourhoods
+    with torch.no_grad():
+        session = _onnx_session(model, (torch.randn(2, 2, 3, 6, 8),), tmp_path / "flow.onnx", (FLOW_DIMS,))
+    for b, h, w in ((1, 1, 1), (2, 17, 9)):
+        x = torch.randn(b, 2, 3, h, w)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)

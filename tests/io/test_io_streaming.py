@@ -33,7 +33,7 @@ def _pre(prep: str = "pixels", pos: str = "fourier", *, s: int = 1, grid=(12, 10
     feats = {"pixels": 3, "patches": 3 * s * s, "conv1x1": 6}[prep]
     if linear:
         feats = 6
-    enc = build_position_encoding(pos, num_dims=2, index_shape=grid, num_bands=3,
+    enc = build_position_encoding(pos, num_dims=len(grid), index_shape=grid, num_bands=3,
                                   num_channels=feats if mode == "add" else 5, project_pos_dim=project)
     return ImagePreprocessor(prep, position_encoding=enc, spatial_downsample=s, num_channels=6,
                              conv_after_patching=linear, concat_or_add_pos=mode)
@@ -75,6 +75,20 @@ def test_streamed_tokens_by_position_equal_the_whole_array(case: str) -> None:
     any positions, in any order, repeated, across rows."""
     pre = _pre(**CASES[case])
     x = torch.randn(2, 3, 12, 10)
+    whole, stream = pre(x).inputs, pre(x, chunk_size=7).inputs
+    m = whole.shape[1]
+    index = torch.cat((torch.randperm(m, generator=torch.Generator().manual_seed(0))[:9], torch.tensor([m - 1, 0, 0])))
+    torch.testing.assert_close(stream.rows(index), whole[:, index], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streamed_video_tokens_by_position_equal_the_whole_array(case: str) -> None:
+    """A video's ``rows(index)`` (gathered in a ``torch.while_loop`` by a program with a dynamic video size): each
+    token from its own frame's pixels, positions from ``(T, h, w)`` tables; any positions, across frames."""
+    kw = dict(CASES[case])
+    grid = (3, *kw.pop("grid", (12, 10)))
+    pre = _pre(**kw, grid=grid)
+    x = torch.randn(2, 3, 3, 12, 10)
     whole, stream = pre(x).inputs, pre(x, chunk_size=7).inputs
     m = whole.shape[1]
     index = torch.cat((torch.randperm(m, generator=torch.Generator().manual_seed(0))[:9], torch.tensor([m - 1, 0, 0])))
@@ -237,6 +251,21 @@ def test_flow_streams_its_frames_and_decodes_queries_from_the_stream(patched: bo
         torch.testing.assert_close(out, ref, **TOL)
         for got, want in zip(torch.autograd.grad(out.square().sum(), [x, *model.parameters()]), ref_grads):
             torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_flow_tokens_by_position_equal_the_whole_array(patched: bool) -> None:
+    """A frame pair's ``rows(index)`` (gathered by an exported program with a dynamic size): raw frames give each
+    token its 3×3 neighbourhood of both frames, zeros beyond the border, as the whole patches; corners included."""
+    from perceivers.io.processors.flow import patches_for_flow
+
+    pre = _flow().perceiver.input_preprocessor
+    x = torch.randn(2, 2, 3, 12, 10)
+    if patched:
+        x = patches_for_flow(x)
+    whole, stream = pre(x).inputs, pre(x, chunk_size=7).inputs
+    index = torch.tensor([0, 9, 110, 119, 55, 10, 19, 0])
+    torch.testing.assert_close(stream.rows(index), whole[:, index], atol=1e-6, rtol=1e-6)
 
 
 def test_flow_at_a_large_size_never_builds_its_tokens_or_patches_whole() -> None:

@@ -441,7 +441,10 @@ class Attention(nn.Module):
         if not fused:  # the online softmax's score-sized temporaries: STEP_SCORES // 4 elements per step
             queries = (b if isinstance(b, int) else 1) * h * (n if isinstance(n, int) else 1)
             chunk_size = min(chunk_size, max(MIN_STEP_KEYS, STEP_SCORES // (4 * max(queries, 1))))
-        size = torch.sym_min(chunk_size, length)
+        # min(chunk_size, length) keys, but at least 2 (a length of 1 repeats its key, masked): a chunk of symbolic
+        # min(chunk_size, length) rows left guards such as B·n ≠ B (a Linear's [B·n, C] view of gathered patches)
+        # that a length of 1 fails
+        size = 2 + torch.sym_min(max(chunk_size, 2) - 2, torch.sym_max(length - 2, 0))
         offsets = torch.arange(size, device=q.device)
         low = torch.finfo(acc_dtype).min
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
@@ -103,3 +104,35 @@ class FlowPreprocessor(ImagePreprocessor):
         halo = PATCH_SIZE // 2
         a, b = max(r0 - halo, 0), min(r1 + halo, x.shape[-2])
         return self._features(self._patches(x[..., a:b, :])[..., r0 - a : r1 - a, :])
+
+    def _gather(self, x: Tensor, index_shape: tuple[int, int]) -> Callable[[Tensor], Tensor]:
+        """The tokens of a frame pair ``[B, 2, C, H, W]`` by position (an exported program with a dynamic size gathers
+        them in a ``torch.while_loop``): flat pixel positions ``index`` (int64 ``[n]``) → ``[B, n, num_channels]``.
+        A token's 54 values are gathered from both frames, ``(frame, dy, dx, c)``: from its 3×3 neighbourhood in raw
+        frames (zeros beyond the border, as :func:`patches_for_flow` pads), from its own pixel in patched ones."""
+        c, height, width = x.shape[2:]
+        pixels = x.reshape(x.shape[0], -1)  # [B, 2·C·H·W] (a view of contiguous frames)
+        raw = c == self.frame_channels
+        # per frame and channel: its offset in the flat frames; raw frames: per neighbour (dy, dx) too
+        planes = torch.arange(2 * c, device=x.device).reshape(2, c) * (height * width)  # [2, C]
+        shifts = torch.arange(-(PATCH_SIZE // 2), PATCH_SIZE // 2 + 1, device=x.device)
+        dy, dx = shifts.repeat_interleave(PATCH_SIZE), shifts.repeat(PATCH_SIZE)  # [9], (dy, dx) row-major
+        enc = self.position_encoding
+        points = None if enc is None else enc.grid_gather(index_shape, device=x.device, dtype=x.dtype)
+
+        def rows(index: Tensor) -> Tensor:
+            r = torch.div(index, width, rounding_mode="floor")
+            col = index - r * width
+            if not raw:  # patched: a token is its own pixel's 27 channels of each frame
+                flat = index[:, None, None] + planes  # [n, 2, 27]
+                y = pixels.index_select(1, flat.flatten()).unflatten(1, (index.shape[0], -1))
+                return self._token_rows(y, index, points)
+            rr, cc = r[:, None] + dy, col[:, None] + dx  # [n, 9]: the neighbours' rows and columns
+            inside = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
+            neighbour = rr.clamp(0, height - 1) * width + cc.clamp(0, width - 1)  # [n, 9]
+            flat = neighbour[:, None, :, None] + planes[:, None]  # [n, 2, 9, C]: (frame, dy, dx, c)
+            y = pixels.index_select(1, flat.flatten()).unflatten(1, (index.shape[0], -1))  # [B, n, 2·9·C]
+            keep = inside[:, None, :, None].expand(-1, 2, -1, c).flatten(1)  # [n, 2·9·C]
+            return self._token_rows(y * keep.to(y.dtype), index, points)
+
+        return rows

@@ -21,8 +21,9 @@ pixels and the position features of those positions only, so nothing of the whol
 array ever exists. This works wherever a token depends on its own pixels alone (``"pixels"``,
 ``"patches"``, ``"conv1x1"``; not the 7×7 ``"conv"`` stem) and the positions give rows alone; a video not
 downsampled in time streams its token rows frame after frame. With a
-symbolic image size (``torch.export`` with dynamic H and W) the stream gives its tokens by position instead
-(``ContextStream.rows``), which the encoder's cross-attention gathers in a ``torch.while_loop``.
+symbolic image or video size (``torch.export`` with dynamic T, H and W) the stream gives its tokens by position
+instead (``ContextStream.rows``: each token's pixels from its own frame, positions from per-axis tables), which the
+encoder's cross-attention gathers in a ``torch.while_loop``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ from .base import Preprocessed, add_positions, check_pos_mode
 __all__ = ["ConvDownsample", "ImagePreprocessor", "conv_stem_size", "same_padding", "space_to_depth"]
 
 PrepType = Literal["pixels", "conv", "conv1x1", "patches"]
+
+
+def _lazily(make: Callable[[], Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+    """``make()``'s function, made on its first call."""
+    made: list[Callable[[Tensor], Tensor]] = []
+
+    def call(index: Tensor) -> Tensor:
+        if not made:
+            made.append(make())
+        return made[0](index)
+
+    return call
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -256,8 +269,9 @@ class ImagePreprocessor(nn.Module):
         give rows alone (Fourier, trainable, projected; or none)."""
         if not (isinstance(x, Tensor) and self.prep_type != "conv" and has_grid_rows(self.position_encoding)):
             return False
-        # a video [B, T, C, H, W] of a fixed size whose frames stay token frames: rows of every frame in turn
-        return x.ndim == 4 or (x.ndim == 5 and self.temporal_downsample == 1 and isinstance(x.shape[1], int)
+        # a video [B, T, C, H, W] whose frames stay token frames: rows of every frame in turn (a symbolic size, under
+        # torch.export: tokens by position)
+        return x.ndim == 4 or (x.ndim == 5 and self.temporal_downsample == 1
                                and len(self.output_index_shape(tuple(x.shape))) == 3)
 
     def gives_grid(self, x: Tensor) -> bool:
@@ -334,10 +348,13 @@ class ImagePreprocessor(nn.Module):
         dtype = x.dtype  # what the layers give: under autocast a learned stem computes in its dtype
         if (self.prep_type == "conv1x1" or self.patches_linear is not None) and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        length, rows = math.prod(index_shape), None if video else self._gather(x, index_shape)
+        length = math.prod(index_shape)
+        gather = self._gather_video if video else self._gather
         if not isinstance(length, int):  # a symbolic size (torch.export): a torch.while_loop gathers rows by position
             return ContextStream(b, length, self.num_channels, chunk, chunk_size, dtype=dtype, device=x.device,
-                                 rows=rows)
+                                 rows=gather(x, index_shape))
+        rows = _lazily(lambda: gather(x, index_shape))  # eager mode reads chunks: set up (a flat copy of a
+        # non-contiguous input) only if asked
         size = max(w, chunk_size - chunk_size % w)
         grid = None
         if self.gives_grid(x):  # the grid kernel scores the positions per axis
@@ -354,7 +371,7 @@ class ImagePreprocessor(nn.Module):
         s, w, width = self.spatial_downsample, index_shape[1], x.shape[-1]
         pixels = x.flatten(2)  # [B, C, H·W]
         offsets = [dh * width + dw for dh in range(s) for dw in range(s)] if self.prep_type == "patches" else [0]
-        enc, mode = self.position_encoding, self.concat_or_add_pos
+        enc = self.position_encoding
         points = None if enc is None else enc.grid_gather(index_shape, device=x.device, dtype=x.dtype)
 
         def rows(index: Tensor) -> Tensor:
@@ -362,15 +379,46 @@ class ImagePreprocessor(nn.Module):
             first = r * (s * width) + (index - r * w) * s  # the token's first pixel: row r·s, column c·s
             parts = [pixels.index_select(2, first + o).transpose(1, 2) for o in offsets]  # [B, n, C] each
             y = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # patches: channels (dh, dw, c)
-            if self.prep_type == "conv1x1":  # the 1×1 conv of those pixels
-                y = F.linear(y, self.stem.weight.flatten(1), self.stem.bias)
-            elif self.patches_linear is not None:
-                y = self.patches_linear(y)
-            if points is None:
-                return y
-            feats = points(index).to(y.dtype)  # [n, Cp]
-            if mode == "add":
-                return y + feats
-            return torch.cat((y, feats.expand(y.shape[0], -1, -1)), dim=-1)
+            return self._token_rows(y, index, points)
 
         return rows
+
+    def _gather_video(self, x: Tensor, index_shape: tuple[int, int, int]) -> Callable[[Tensor], Tensor]:
+        """:meth:`_gather` for a video ``[B, T, C, H, W]`` whose frames stay token frames (``temporal_downsample``
+        1): flat token positions ``index`` (int64 ``[n]``, row-major over ``(T, h, w)``) → ``[B, n, num_channels]``,
+        each token's pixels gathered from its own frame, positions from ``(T, h, w)`` tables computed here, once."""
+        s, (h, w), (c, height, width) = self.spatial_downsample, index_shape[1:], x.shape[2:]
+        pixels = x.reshape(x.shape[0], -1)  # [B, T·C·H·W] (a view of a contiguous video)
+        # a token's values after its first pixel's: each patch offset's channels, (dh, dw, c) as space_to_depth
+        # orders them; built by operators (symbolic sizes), outside the loop body that gathers with them
+        span = s if self.prep_type == "patches" else 1
+        offsets = (torch.arange(span, device=x.device)[:, None] * width + torch.arange(span, device=x.device)).flatten()
+        channels = (offsets[:, None] + torch.arange(c, device=x.device) * (height * width)).flatten()  # [s²·C]
+        enc = self.position_encoding
+        points = None if enc is None else enc.grid_gather(index_shape, device=x.device, dtype=x.dtype)
+
+        def rows(index: Tensor) -> Tensor:
+            t = torch.div(index, h * w, rounding_mode="floor")
+            rest = index - t * (h * w)
+            r = torch.div(rest, w, rounding_mode="floor")
+            first = t * (c * height * width) + r * (s * width) + (rest - r * w) * s  # frame t, row r·s, column c·s
+            # one gather of every value, then [B, n, s²·C] (advanced indexing, pixels[:, idx], became an ONNX
+            # GatherND on the transposed video: a copy of the whole input per chunk)
+            y = pixels.index_select(1, (first[:, None] + channels).flatten()).unflatten(1, (index.shape[0], -1))
+            return self._token_rows(y, index, points)
+
+        return rows
+
+    def _token_rows(self, y: Tensor, index: Tensor, points: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """The tokens at ``index`` from their gathered pixels ``y [B, n, s²·C]``: the 1×1 conv or patch ``Linear``,
+        then the positions ``points(index)`` concatenated or added."""
+        if self.prep_type == "conv1x1":  # the 1×1 conv of those pixels
+            y = F.linear(y, self.stem.weight.flatten(1), self.stem.bias)
+        elif self.patches_linear is not None:
+            y = self.patches_linear(y)
+        if points is None:
+            return y
+        feats = points(index).to(y.dtype)  # [n, Cp]
+        if self.concat_or_add_pos == "add":
+            return y + feats
+        return torch.cat((y, feats.expand(y.shape[0], -1, -1)), dim=-1)
