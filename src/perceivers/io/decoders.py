@@ -31,6 +31,7 @@ from ..layers import (
     check_mask,
     join_chunks,
     loop_chunk_size,
+    loop_pays,
     loop_rows,
     loops,
 )
@@ -104,7 +105,9 @@ class BasicDecoder(nn.Module):
     ``0``: never; ``n > 0``: chunks of ``n``. With query self-attention the whole set is decoded at once.
     A symbolic query count (``torch.export`` with dynamic sizes, without autograd) is decoded in a
     ``torch.while_loop`` over chunks instead (:func:`~perceivers.layers.loop_rows`), each chunk's queries gathered
-    by position (:attr:`~perceivers.layers.ContextStream.rows` of a streamed query set), unless ``chunk_size`` is 0.
+    by position (:attr:`~perceivers.layers.ContextStream.rows` of a streamed query set), unless ``chunk_size`` is 0
+    or, outside :func:`~perceivers.layers.attention.fused_export`, the output (without a row-wise ``head``) is at
+    least half as wide as the widest per-query intermediate (:func:`~perceivers.layers.loop_pays`).
     """
 
     def __init__(
@@ -174,8 +177,9 @@ class BasicDecoder(nn.Module):
         # the widest per-query intermediate: q/k/v projections (folded: the latents' width per head), MLP hidden
         # layer (GEGLU: twice), output
         attn = self.cross_attention.attn
-        self._query_width = max(query_channels * widening_factor * (2 if activation == "geglu" else 1),
-                                attn.qk_channels, attn.v_channels, attn.num_heads * attn.kv_dim, self.output_channels)
+        self._hidden_width = max(query_channels * widening_factor * (2 if activation == "geglu" else 1),
+                                 attn.qk_channels, attn.v_channels, attn.num_heads * attn.kv_dim)
+        self._query_width = max(self._hidden_width, self.output_channels)
         self.chunk_size: int | None = None
 
     @property
@@ -198,10 +202,14 @@ class BasicDecoder(nn.Module):
         return auto_chunk_size(query.shape[1], self.chunk_size, grad=self._grad(query, latents),
                                channels=self._query_width, batch=query.shape[0])
 
-    def _loops(self, query: Tensor | ContextStream, latents: Tensor) -> bool:
-        """Whether a symbolic query count is decoded in a ``torch.while_loop`` (see the class docstring)."""
-        return (not self.num_self_attends_per_cross and "forward" not in self.cross_attention.attn.__dict__
-                and loops(query.shape[1], self.chunk_size, grad=self._grad(query, latents)))
+    def _loops(self, query: Tensor | ContextStream, latents: Tensor, head: Callable[[Tensor], Tensor] | None) -> bool:
+        """Whether a symbolic query count is decoded in a ``torch.while_loop`` (see the class docstring): not for an
+        output as wide as half the widest per-query intermediate or attention scores, outside ``fused_export``."""
+        attn = self.cross_attention.attn
+        return (not self.num_self_attends_per_cross and "forward" not in attn.__dict__
+                and loops(query.shape[1], self.chunk_size, grad=self._grad(query, latents))
+                and loop_pays(None if head is not None else self.output_channels,
+                              max(self._hidden_width, attn.num_heads * latents.shape[1]), in_place=pt2_only_export()))
 
     def _grad(self, query: Tensor | ContextStream, latents: Tensor) -> bool:
         """Whether decoding records autograd (a stream's chunks may need gradients)."""
@@ -257,7 +265,7 @@ class BasicDecoder(nn.Module):
         """
         query_mask = self._checked(query, latents, query_mask)
         size = self._decode_chunk_size(query, latents)
-        if not size and self._loops(query, latents):
+        if not size and self._loops(query, latents, head):
             return self._decode_looped(query, latents, query_mask, head)
         if not size:
             out = self._decode(query.materialize() if isinstance(query, ContextStream) else query, latents, query_mask)

@@ -20,6 +20,7 @@ from .stream import (
     check_chunk_size,
     join_chunks,
     loop_chunk_size,
+    loop_pays,
     loop_rows,
     loops,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "linear",
     "linear_positions",
     "loop_chunk_size",
+    "loop_pays",
     "loop_rows",
     "loops",
     "onednn_enabled",

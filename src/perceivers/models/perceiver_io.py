@@ -23,6 +23,7 @@ from ..layers import (
     check_mask,
     join_chunks,
     loop_chunk_size,
+    loop_pays,
     loop_rows,
     loops,
 )
@@ -226,8 +227,7 @@ class PerceiverIO(nn.Module):
         query_mask = check_mask(query_mask, b, queries.shape[1], "query_mask", device=queries.device)
         _check_decode_chunking(self.decode_chunk_size, self.decoder_self_attends)
         size = auto_chunk_size(queries.shape[1], self.decode_chunk_size, grad=True)  # None: chunks of 65536
-        if not size and not self.decoder_self_attends and loops(queries.shape[1], self.decode_chunk_size,
-                                                                grad=self._decode_grad(queries, latents)):
+        if not size and not self.decoder_self_attends and self._decode_loops(queries, latents):
             return self._decode_looped(queries, latents)
         if not size or self.decoder_self_attends:  # query self-attention couples the queries: decode whole
             return self.to_logits(self._decode(queries, query_mask, latents=latents))
@@ -245,18 +245,29 @@ class PerceiverIO(nn.Module):
         return torch.is_grad_enabled() and (queries.requires_grad or latents.requires_grad
                                             or any(p.requires_grad for p in self.parameters()))
 
+    def _decode_widths(self) -> tuple[int, int]:
+        """(output channels, the widest other per-query intermediate: the attention's q (or folded: latent_dim per
+        head), the GEGLU feed-forward's hidden layer)."""
+        attn = self.decoder_cross_attn.attn
+        return (getattr(self.to_logits, "out_features", self.queries_dim),
+                max(attn.qk_channels, attn.v_channels, attn.num_heads * attn.kv_dim,
+                    8 * self.queries_dim if self.decoder_cross_attn.mlp is not None else 0))
+
+    def _decode_loops(self, queries: Tensor, latents: Tensor) -> bool:
+        """Whether a symbolic query count is decoded in a ``torch.while_loop`` (without autograd, under
+        ``torch.export``, unless ``decode_chunk_size`` is 0 or, outside ``fused_export``, the logits are as wide as
+        half the widest per-query intermediate or attention scores: :func:`~perceivers.layers.loop_pays`)."""
+        out, hidden = self._decode_widths()
+        heads = self.decoder_cross_attn.attn.num_heads
+        return (loops(queries.shape[1], self.decode_chunk_size, grad=self._decode_grad(queries, latents))
+                and loop_pays(out, max(hidden, heads * latents.shape[1]), in_place=pt2_only_export()))
+
     def _decode_looped(self, queries: Tensor, latents: Tensor) -> Tensor:
         """A symbolic number of queries ``[B, M, queries_dim]`` (``torch.export`` with dynamic sizes) decoded in a
         ``torch.while_loop`` over chunks (:func:`~perceivers.layers.loop_rows`) against latents prepared once, as
         eager mode decodes large query sets: one chunk's intermediates at a time."""
         blocks = self._decoder_cross_blocks()
-        # the widest per-query intermediate: the attention's q (or folded: latent_dim per head), the GEGLU
-        # feed-forward's hidden layer, the logits
-        attn = blocks[0].attn
-        logits = getattr(self.to_logits, "out_features", 0)
-        width = max(attn.qk_channels, attn.v_channels, attn.num_heads * attn.kv_dim, logits,
-                    8 * self.queries_dim if blocks[0].mlp is not None else 0)
-        size = loop_chunk_size(self.decode_chunk_size, width)
+        size = loop_chunk_size(self.decode_chunk_size, max(self._decode_widths()))
         kvs = [block.prepare(latents, num_queries=size) for block in blocks]
         return loop_rows(lambda index: self.to_logits(self._decode(queries.index_select(1, index), None, kvs=kvs)),
                          queries.shape[1], size, device=latents.device, in_place=pt2_only_export())
