@@ -718,3 +718,33 @@ def test_onnx_decodes_a_dynamic_query_count_in_a_loop(tmp_path) -> None:
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_program_for_onnx_streams_a_fixed_size_in_a_while_loop() -> None:
+    """Inside ``onnx_export`` (as ``torch.onnx.export`` by itself, and ``perceivers export`` for ``.onnx`` files) a
+    streamed context of a fixed size is attended in a ``torch.while_loop`` too: unrolled, onnxruntime computed every
+    chunk's scores before consuming the first (the README Perceiver's static ONNX at 512²: 330 MiB). Outside it the
+    program keeps the unrolled chunks (pt2 runs them in order)."""
+    from perceivers.layers import onnx_export
+
+    model, (x,) = _perceiver(chunk_size=16)  # 120 pixels: 8 chunks
+    mask = torch.rand(2, 10, 12, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask[1] = False
+    with onnx_export():
+        program = _export(model, (x, mask), None)
+    assert _loops(program) >= 1 and _loops(_export(model, (x, mask), None)) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x, mask), model(x, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_streams_a_fixed_size_in_a_loop(tmp_path) -> None:
+    """``torch.onnx.export`` of a model that streams a fixed-size input: one ONNX ``Loop`` over the chunks (its non-strict
+    capture had refused the loop, whose carried running maximum changed strides, and the strict one unrolled it)."""
+    onnx = pytest.importorskip("onnx")
+    model, args = _perceiver(chunk_size=16)
+    session = _onnx_session(model, args, tmp_path / "fixed.onnx")
+    assert "Loop" in {node.op_type for node in onnx.load(str(tmp_path / "fixed.onnx")).graph.node}
+    (got,) = session.run(None, {session.get_inputs()[0].name: args[0].numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(*args), atol=1e-5, rtol=1e-4)

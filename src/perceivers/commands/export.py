@@ -13,7 +13,6 @@ that).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import warnings
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.attention import fused_export
+from ..layers.stream import onnx_export
 from ._loading import add_model_arguments, load_model, parse_overrides
 
 __all__ = ["ExportInputs", "build_parser", "example_inputs", "main"]
@@ -241,8 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
             except ImportError:
                 raise ValueError("ONNX export needs the extra 'onnx' (pip install 'perceivers[onnx]')") from None
-        # a .pt2 program keeps aten's fused CPU attention where the model streams its input; ONNX has no such kernel
-        with torch.no_grad(), fused_export() if fmt == "pt2" else contextlib.nullcontext():
+        # a .pt2 program keeps aten's fused CPU attention where the model streams its input; ONNX has no such kernel,
+        # and gets a fixed-size stream as a loop (onnxruntime would attend every unrolled chunk at once)
+        with torch.no_grad(), fused_export() if fmt == "pt2" else onnx_export():
             program, dynamic, sizes = export_program(model, inputs, static_size=args.static_size)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"perceivers export: error: {e}", file=sys.stderr)

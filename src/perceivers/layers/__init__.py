@@ -23,6 +23,8 @@ from .stream import (
     loop_pays,
     loop_rows,
     loops,
+    onnx_export,
+    onnx_loops,
 )
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
     "loop_rows",
     "loops",
     "onednn_enabled",
+    "onnx_export",
+    "onnx_loops",
     "use_onednn",
 ]
 

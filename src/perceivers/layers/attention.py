@@ -475,7 +475,7 @@ class Attention(nn.Module):
                                                                                        scale=1.0)
                 part = part.unsqueeze(-1).to(acc_dtype)
                 total = torch.logaddexp(lse, part)
-                return i + 1, total, acc * torch.exp(lse - total) + out.to(acc_dtype) * torch.exp(part - total)
+                return i + 1, _carried(total), _carried(acc * torch.exp(lse - total) + out.to(acc_dtype) * torch.exp(part - total))
 
             start = (torch.zeros((), dtype=torch.long, device=q.device),
                      q.new_full((b, h, n, 1), float("-inf"), dtype=acc_dtype), q.new_zeros((b, h, n, v_width), dtype=acc_dtype))
@@ -487,14 +487,22 @@ class Attention(nn.Module):
                 m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
                 alpha = torch.exp(m - m_new)
                 p = torch.exp(scores - m_new)
-                return (i + 1, m_new, l * alpha + p.sum(-1, keepdim=True),
-                        acc * alpha + _head_products(p.to(v.dtype), v).to(acc_dtype))
+                return (i + 1, _carried(m_new), _carried(l * alpha + p.sum(-1, keepdim=True)),
+                        _carried(acc * alpha + _head_products(p.to(v.dtype), v).to(acc_dtype)))
 
             start = (torch.zeros((), dtype=torch.long, device=q.device), q.new_full((b, h, n, 1), low, dtype=acc_dtype),
                      q.new_zeros((b, h, n, 1), dtype=acc_dtype), q.new_zeros((b, h, n, v_width), dtype=acc_dtype))
             _, _, l, acc = while_loop(more, step, start)
             out = (acc / l).to(q.dtype)
         return self._streamed_output(out, fold, mask, query_mask)
+
+
+def _carried(t: Tensor) -> Tensor:
+    """``t`` in the contiguous layout of the loop's initial values (a small ``[B, H, Q, …]`` copy): ONNX export's
+    non-strict capture traces the loop with symbolic sizes, also at a fixed size, where a keepdim reduction's strides
+    (``(…, 1, Q)`` for ``[B, H, Q, 1]``) differ from the carried input's, and refuses the loop (the strict capture it
+    falls back to unrolled it: the README Perceiver's static ONNX held every chunk's scores at once, 330 MiB)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _head_products(a: Tensor, b: Tensor) -> Tensor:

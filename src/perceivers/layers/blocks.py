@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import grid_attention
 from .attention import Attention, KeyValue
 from .mlp import Activation, FeedForward
-from .stream import ContextStream, auto_chunk_size
+from .stream import ContextStream, auto_chunk_size, onnx_loops
 
 __all__ = [
     "MIN_NORMALISED_CHANNELS",
@@ -167,7 +167,8 @@ class CrossAttentionBlock(nn.Module):
                     self.attn, self.norm_kv, q_in, kv.grid, query_mask=query_mask,
                     chunk_pixels=min(grid_attention.GRID_CHUNK, pixels),
                 )
-            elif not isinstance(kv.length, int) and kv.rows is not None:  # symbolic length: torch.export
+            elif kv.rows is not None and (not isinstance(kv.length, int)  # symbolic length: torch.export
+                                          or (onnx_loops() and not (self.training and self.attn.dropout))):
                 stream = kv
                 y = self.attn.forward_looped(
                     q_in, lambda index: self.norm_kv(stream.rows(index)), stream.length,

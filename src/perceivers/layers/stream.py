@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "join_chunks", "loop_chunk_size",
-           "loop_pays", "loop_rows", "loops"]
+           "loop_pays", "loop_rows", "loops", "onnx_export", "onnx_loops"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
@@ -93,6 +94,31 @@ def loops(length: int, chunk_size: int | None, *, grad: bool = False) -> bool:
     program's memory does not grow with the input as eager mode's streaming does not: while exporting, without
     autograd, unless ``chunk_size`` is 0. ``torch.compile`` keeps attending a symbolic length at once."""
     return (not isinstance(length, int) and chunk_size != 0 and not grad and torch.compiler.is_exporting())
+
+
+def onnx_loops() -> bool:
+    """Whether a streamed context of a fixed length is attended in one ``torch.while_loop`` too (an ONNX ``Loop``),
+    as a symbolic length is (:func:`loops`): while exporting to ONNX (``torch.onnx.export``, or a ``torch.export``
+    inside :func:`onnx_export` whose program is converted afterwards). Unrolled into a chain of chunks, the graph let
+    onnxruntime compute every chunk's scores before the online softmax consumed the first (its order runs
+    independent nodes early): the README Perceiver at 512² held 8 × 32 MiB of scores at once, 330 MiB in all."""
+    return torch.onnx.is_in_onnx_export() or (_onnx_export and torch.compiler.is_exporting())
+
+
+_onnx_export = False  # see onnx_export
+
+
+@contextmanager
+def onnx_export() -> Iterator[None]:
+    """While open, ``torch.export`` writes programs for ONNX: streamed attention over a fixed-length context as one
+    loop (:func:`onnx_loops`), as ``torch.onnx.export(model, dynamo=True)`` does by itself. For a program exported
+    first and converted with ``torch.onnx.export(program)`` (``perceivers export`` does so for ``.onnx`` files)."""
+    global _onnx_export
+    before, _onnx_export = _onnx_export, True
+    try:
+        yield
+    finally:
+        _onnx_export = before
 
 
 def loop_chunk_size(chunk_size: int | None, channels: int) -> int:

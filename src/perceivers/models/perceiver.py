@@ -27,6 +27,7 @@ from ..layers import (
     check_mask,
     grid_attention,
     loops,
+    onnx_loops,
 )
 from ..layers.stream import DEFAULT_CHUNK
 from ..validation import check_count, check_finite
@@ -329,7 +330,7 @@ class Perceiver(LogitsAlias, nn.Module):
                                                                                       data.dtype)), -1)
         else:
             shape = tuple(data.shape[1:-1])
-            if looped:  # the per-axis tables once, outside the loop's body
+            if looped or onnx_loops():  # the per-axis tables once, outside the loop's body
                 points = enc.grid_gather(shape, device=data.device, dtype=data.dtype)
                 gather = lambda index: torch.cat((flat.index_select(1, index), points(index).expand(b, -1, -1)), -1)
             if len(shape) == 2 and not looped:  # whole image rows per chunk: their features are one broadcast sum

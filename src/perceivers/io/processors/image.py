@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ...configurable import configurable
-from ...layers import ContextStream, FourierPositionEncoding, GridContext
+from ...layers import ContextStream, FourierPositionEncoding, GridContext, onnx_loops
 from ...layers.dense import Linear
 from ...validation import check_count, check_tensor
 from ..positions import has_grid_rows
@@ -353,8 +353,9 @@ class ImagePreprocessor(nn.Module):
         if not isinstance(length, int):  # a symbolic size (torch.export): a torch.while_loop gathers rows by position
             return ContextStream(b, length, self.num_channels, chunk, chunk_size, dtype=dtype, device=x.device,
                                  rows=gather(x, index_shape))
-        rows = _lazily(lambda: gather(x, index_shape))  # eager mode reads chunks: set up (a flat copy of a
-        # non-contiguous input) only if asked
+        # eager mode reads chunks: the gather is set up (a flat copy of a non-contiguous input) only if asked; an ONNX
+        # export loops over a fixed size too (onnx_loops), whose body must not set it up
+        rows = gather(x, index_shape) if onnx_loops() else _lazily(lambda: gather(x, index_shape))
         size = max(w, chunk_size - chunk_size % w)
         grid = None
         if self.gives_grid(x):  # the grid kernel scores the positions per axis
