@@ -30,6 +30,7 @@ from ..layers import (
 from ..layers.attention import pt2_only_export
 from ..layers.broadcast import per_sample
 from ..layers.dense import Linear
+from ..layers.stream import DEFAULT_CHUNK
 from ..validation import check_count, check_finite, check_like
 from .common import (
     AttentionResidual,
@@ -198,6 +199,8 @@ class PerceiverIO(nn.Module):
         x = initial_latents(self.latents, latents, data.shape[0], like=data)
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = 0 if self.inverted_cross_attn else auto_chunk_size(data.shape[1], self.chunk_size, grad=grad)
+        if not size and not self.inverted_cross_attn and loops(data.shape[1], self.chunk_size, grad=grad):
+            size = self.chunk_size or DEFAULT_CHUNK  # a symbolic length (torch.export): a torch.while_loop over chunks
         if size:  # attend huge inputs chunk by chunk: no keys, values or scores of all of them at once
             return self.encoder_cross_attn(x, kv=ContextStream.from_tensor(data, size), mask=mask)
         return self.encoder_cross_attn(x, data, mask=mask, inverted=self.inverted_cross_attn)
