@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import native_attention, onednn_attention
 from .dense import Linear, _autocast_operands, linear
-from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK
+from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK, loop_step
 
 __all__ = [
     "Attention", "KeyValue", "attend_heads", "attention_weights", "check_mask", "fold_is_cheaper", "fused_export",
@@ -441,10 +441,7 @@ class Attention(nn.Module):
         if not fused:  # the online softmax's score-sized temporaries: STEP_SCORES // 4 elements per step
             queries = (b if isinstance(b, int) else 1) * h * (n if isinstance(n, int) else 1)
             chunk_size = min(chunk_size, max(MIN_STEP_KEYS, STEP_SCORES // (4 * max(queries, 1))))
-        # min(chunk_size, length) keys, but at least 2 (a length of 1 repeats its key, masked): a chunk of symbolic
-        # min(chunk_size, length) rows left guards such as B·n ≠ B (a Linear's [B·n, C] view of gathered patches)
-        # that a length of 1 fails
-        size = 2 + torch.sym_min(max(chunk_size, 2) - 2, torch.sym_max(length - 2, 0))
+        size = loop_step(chunk_size, length)  # a length of 1 repeats its key, masked
         offsets = torch.arange(size, device=q.device)
         low = torch.finfo(acc_dtype).min
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "join_chunks", "loop_chunk_size",
-           "loop_pays", "loop_rows", "loops", "onnx_export", "onnx_loops"]
+           "loop_pays", "loop_rows", "loop_step", "loops", "onnx_export", "onnx_loops"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
@@ -139,6 +139,13 @@ def loop_pays(out_width: int | None, hidden_width: int, *, in_place: bool) -> bo
     return in_place or out_width is None or 2 * out_width <= hidden_width
 
 
+def loop_step(chunk_size: int, length: int) -> int:
+    """Rows per step of a loop over ``length`` rows (possibly symbolic): ``min(chunk_size, length)``, but at least 2
+    (a length of 1 repeats its row): a step of ``min(chunk_size, length)`` rows left guards such as ``B·n ≠ B``
+    (a Linear's ``[B·n, C]`` view) that a length of 1 fails."""
+    return 2 + torch.sym_min(max(chunk_size, 2) - 2, torch.sym_max(length - 2, 0))
+
+
 def loop_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, *, device: torch.device | None = None,
               in_place: bool = False) -> Tensor:
     """``[B, length, …]`` whose rows at the positions ``index`` are ``fn(index)`` (int64 ``[n]`` → ``[B, n, …]``,
@@ -148,15 +155,14 @@ def loop_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, *, d
 
     The first chunk is made before the loop (it gives the output's trailing shape and dtype); the last is shifted
     back to end at ``length``, so rows are never repeated, except that a chunk has at least 2 rows (row 0 twice for
-    ``length`` 1): a chunk of ``min(chunk_size, length)`` rows left guards such as ``B·n ≠ B`` (Linear's ``[B·n, C]``
-    view) that a length of 1 fails. Each step writes its rows into a new output tensor (a loop may not write into a
+    ``length`` 1, see :func:`loop_step`). Each step writes its rows into a new output tensor (a loop may not write into a
     tensor it carries; ONNX: a ``Loop`` whose ``ScatterND`` copies the output); ``in_place`` (a ``.pt2``-only
     program, see :func:`~perceivers.layers.attention.fused_export`) writes into one output instead, which
     ``torch.export`` records as a mutation the ONNX conversion refuses.
     """
     from torch._higher_order_ops.while_loop import while_loop
 
-    size = 2 + torch.sym_min(max(chunk_size, 2) - 2, torch.sym_max(length - 2, 0))  # min(chunk, length), >= 2
+    size = loop_step(chunk_size, length)
     offsets = torch.arange(size, device=device)
 
     def index_at(i: Tensor) -> Tensor:
