@@ -320,3 +320,23 @@ def test_every_config_field_has_its_type_checked():
                 check_field_types({f.name: object()})
     check_field_types(PerceiverConfig().to_dict())  # transformers' defaults pass
     check_field_types(transformers.PerceiverConfig(train_size=(6, 8)).to_dict())
+
+
+def test_reloading_keeps_the_kernel_orientation_of_the_model(hf_checkpoint, tmp_path):
+    """``load_checkpoint`` (a transformers directory or its bare ``model.safetensors``) orients the conv stem's
+    kernel as the model computes: swapped back for DeepMind's stem, as stored for transformers' (a model
+    loaded with ``numerics="transformers"`` used to get the swapped kernel on a reload: outputs off by 0.2)."""
+    from perceivers import load_checkpoint
+
+    arch = "PerceiverForImageClassificationConvProcessing"
+    hf, directory = hf_checkpoint(arch)
+    inputs = _inputs(arch)
+    want = _run_hf(hf, arch, inputs)
+    for source in (directory, directory / "model.safetensors"):
+        compat = from_transformers(directory, numerics="transformers")
+        load_checkpoint(compat, source)
+        assert _max_error(_run_ours(compat, arch, inputs), want) < ATOL, source
+        official = from_transformers(directory)
+        expected = _run_ours(official, arch, inputs)
+        load_checkpoint(official, source)
+        assert _max_error(_run_ours(official, arch, inputs), expected) == 0, source

@@ -51,6 +51,7 @@ __all__ = [
     "read_transformers_checkpoint",
     "rename_state_dict",
     "save_transformers",
+    "stem_uses_transformers_kernel",
     "to_transformers_state_dict",
     "transformers_config",
     "use_transformers_numerics",
@@ -212,16 +213,33 @@ def convert_transformers_state_dict(
     state: Mapping[str, Tensor],
     model_or_architecture: nn.Module | str,
     *,
-    undo_conv_transpose: bool = True,
+    undo_conv_transpose: bool | None = None,
 ) -> dict[str, Tensor]:
     """transformers tensor names → ours (strict: every tensor needs a rule).
 
     Args:
         model_or_architecture: a transformers head class name, or one of our registry models.
-        undo_conv_transpose: swap H/W of the 7×7 stem kernel back (see the module docstring).
+        undo_conv_transpose: swap H/W of the 7×7 stem kernel back (see the module docstring). Default: as
+            the model's stem computes (swapped for DeepMind's TF-"SAME" stem, as stored for transformers'
+            symmetric one, :func:`stem_uses_transformers_kernel`); True for an architecture name.
     """
-    arch = model_or_architecture if isinstance(model_or_architecture, str) else _architecture_of(model_or_architecture)
-    return _map(state, arch, reverse=False, swap_conv=undo_conv_transpose)
+    if isinstance(model_or_architecture, str):
+        arch, swap = model_or_architecture, True
+    else:
+        arch, swap = _architecture_of(model_or_architecture), not stem_uses_transformers_kernel(model_or_architecture)
+    return _map(state, arch, reverse=False, swap_conv=swap if undo_conv_transpose is None else undo_conv_transpose)
+
+
+def stem_uses_transformers_kernel(model: nn.Module) -> bool:
+    """Whether ``model``'s conv stem pads as transformers' does (``conv_padding="symmetric"``, set by
+    ``numerics="transformers"`` or :func:`use_transformers_numerics`), and so takes the 7×7 kernel in the
+    orientation transformers stores; DeepMind's TF-"SAME" stem takes it H/W-swapped back."""
+    from ..io.processors.image import _ConvDownsampleLayer
+
+    paddings = {m.padding for m in model.modules() if isinstance(m, _ConvDownsampleLayer)}
+    if paddings:
+        return paddings == {"symmetric"}
+    return getattr(getattr(model, "config", None), "conv_padding", "same") == "symmetric"
 
 
 def to_transformers_state_dict(
@@ -567,10 +585,14 @@ def load_transformers_weights(
     model: nn.Module,
     path_or_id: str | os.PathLike[str],
     *,
-    undo_conv_transpose: bool = True,
+    undo_conv_transpose: bool | None = None,
     map_location: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Load a transformers checkpoint's weights into an existing registry model (strict)."""
+    """Load a transformers checkpoint's weights into an existing registry model (strict).
+
+    ``undo_conv_transpose`` defaults to what the model's conv stem expects (see
+    :func:`convert_transformers_state_dict`), so a model built with transformers' numerics reloads its own
+    checkpoint unchanged."""
     from ..hub import resolve
 
     directory = resolve(path_or_id)
@@ -578,7 +600,7 @@ def load_transformers_weights(
     arch = architecture_of_config(cfg) if cfg.get("architectures") else _architecture_of(model)
     if arch != _architecture_of(model):
         raise CheckpointError(f"{directory} holds a {arch}, but the model is {getattr(model, 'model_name', '?')}")
-    converted = convert_transformers_state_dict(state, arch, undo_conv_transpose=undo_conv_transpose)
+    converted = convert_transformers_state_dict(state, model, undo_conv_transpose=undo_conv_transpose)
     return load_state_dict_strict(model, converted, source=str(directory))
 
 
@@ -600,7 +622,7 @@ def save_transformers(model: nn.Module, directory: str | os.PathLike[str], *,
     cfg = transformers_config(model)
     arch = cfg["architectures"][0]
     if redo_conv_transpose is None:
-        redo_conv_transpose = getattr(model.config, "conv_padding", "same") == "same"
+        redo_conv_transpose = not stem_uses_transformers_kernel(model)
     state = to_transformers_state_dict(model.state_dict(), arch, redo_conv_transpose=redo_conv_transpose)
     directory = _make_directory(directory)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
