@@ -916,15 +916,20 @@ class PerceiverModel(PerceiverIOModel):
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
         """transformers' format: ``config.json`` (``architectures: ["PerceiverModel"]``) and
         ``model.safetensors`` under transformers' names, which transformers' ``PerceiverModel.from_pretrained``
-        loads with the same blocks (and ours too)."""
+        loads with the same blocks (and ours too). With DeepMind numerics a conv stem's 7×7 kernel is stored
+        H/W-swapped, as transformers stores the official one and as :meth:`from_pretrained` swaps it back."""
         from .convert.state_dict import save_state_dict
         from .hub import _make_directory
         from .safe_files import atomic_write_text
 
         directory = _make_directory(save_directory)
         cfg = {**self.config.to_dict(), "architectures": ["PerceiverModel"]}
+        state = self.transformers_state_dict()
+        kernel = "input_preprocessor." + CONV_RULES[0][0]
+        if self.numerics == "deepmind" and kernel in state:
+            state[kernel] = state[kernel].transpose(-1, -2).contiguous()
         atomic_write_text(directory / "config.json", json.dumps(cfg, indent=2) + "\n")
-        save_state_dict(self.transformers_state_dict(), directory / "model.safetensors")
+        save_state_dict(state, directory / "model.safetensors")
         return directory
 
 

@@ -169,3 +169,30 @@ def test_config_overrides(mlm_dir):
     assert cfg.num_labels == 3 and cfg.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"} and cfg.output_attentions
     with pytest.raises(TypeError, match="unknown PerceiverConfig fields.*'num_lables'"):
         phf.PerceiverConfig.from_pretrained(mlm_dir, num_lables=3)
+
+
+@pytest.mark.parametrize("numerics", ["deepmind", "transformers"])
+def test_save_pretrained_round_trips_a_conv_stem(tmp_path, numerics):
+    """``save_pretrained`` stores the conv stem's kernel as ``from_pretrained`` reads it back under the same numerics:
+    H/W-swapped for DeepMind's (as transformers stores the official kernel), as is for transformers' (DeepMind
+    numerics used to write it unswapped, and the reloaded model was off by 0.3)."""
+    from safetensors.torch import load_file
+
+    cfg = phf.PerceiverConfig(**{**TRUNK, "num_labels": 3})
+
+    def blocks():
+        return {"input_preprocessor": phf.PerceiverImagePreprocessor(
+                    cfg, prep_type="conv", spatial_downsample=4, position_encoding_type="fourier",
+                    fourier_position_encoding_kwargs={"concat_pos": True, "num_bands": 4, "max_resolution": (4, 5)}),
+                "decoder": phf.PerceiverClassificationDecoder(cfg, num_channels=cfg.d_latents, trainable_position_encoding_kwargs={
+                    "num_channels": cfg.d_latents, "index_dims": 1})}
+
+    ours = randomize(phf.PerceiverModel(cfg, **blocks(), numerics=numerics).eval(), seed=4)
+    ours.save_pretrained(tmp_path)
+    again = phf.PerceiverModel.from_pretrained(tmp_path, **blocks(), numerics=numerics)
+    images = torch.randn(2, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(images).logits, again(images).logits)
+    kernel = ours.input_preprocessor.stem.layers[0].conv.weight
+    stored = load_file(tmp_path / "model.safetensors")["input_preprocessor.convnet.conv.weight"]
+    assert torch.equal(stored, kernel.transpose(-1, -2) if numerics == "deepmind" else kernel)
