@@ -416,3 +416,29 @@ def test_config_sizes_of_the_wrong_kind_are_refused(overrides, error, message):
     kwargs = {"tiny": True, **overrides}
     with pytest.raises(error, match=message):
         create_model("vision-perceiver-fourier", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_from_pretrained_keeps_the_checkpoint_dtype(tmp_path, dtype):
+    """A model saved in float64 / bfloat16 / float16 comes back in that dtype (it used to be rebuilt in float32 and
+    the float64 weights rounded), ties and outputs intact; transformers-format directories likewise (as transformers'
+    ``dtype="auto"``). ``load_checkpoint`` fills an existing model in the model's own dtype."""
+    from perceivers.convert.transformers import save_transformers
+
+    model, args, kwargs = _family()["perceiver"]
+    model = model.to(dtype)
+    args = tuple(a.to(dtype) for a in args)
+    save_pretrained(model, tmp_path / "own")
+    loaded = from_pretrained(tmp_path / "own")
+    assert {t.dtype for t in loaded.state_dict().values()} == {dtype}
+    assert torch.equal(_outputs(loaded, args, kwargs), _outputs(model, args, kwargs))
+    into = load_checkpoint(Perceiver(num_freq_bands=2, depth=3, max_freq=4.0, num_classes=5, weight_tie_layers=True,
+                                     **SMALL), tmp_path / "own")
+    assert {t.dtype for t in into.state_dict().values()} == {torch.float32}
+
+    task = create_model("language-perceiver-classifier", tiny=True).to(dtype)
+    save_transformers(task, tmp_path / "hf")
+    ids = torch.randint(0, 262, (2, 8))
+    again = from_pretrained(tmp_path / "hf")
+    assert {t.dtype for t in again.state_dict().values() if t.is_floating_point()} == {dtype}
+    assert torch.equal(again(ids).logits, task.eval()(ids).logits)

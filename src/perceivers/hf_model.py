@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .convert.state_dict import CheckpointError, load_state_dict_strict
+from .convert.state_dict import CheckpointError, adopt_checkpoint_dtype, load_state_dict_strict
 from .convert.transformers import (
     CONV1X1_RULES,
     CONV_RULES,
@@ -903,6 +903,7 @@ class PerceiverModel(PerceiverIOModel):
             converted[kernel] = converted[kernel].transpose(-1, -2).contiguous()
         loaded = {k.split(".", 1)[0] for k in converted}
         fresh = sorted(b for b in blocks if getattr(model, b) is not None and b not in loaded)
+        adopt_checkpoint_dtype(model, converted)  # the checkpoint's dtype, as transformers' dtype="auto"
         own = model.state_dict()
         converted.update({k: v for k, v in own.items() if k.split(".", 1)[0] in fresh})
         load_state_dict_strict(model, converted, source=str(directory))

@@ -346,9 +346,15 @@ def from_pretrained(
     (``config.json`` with ``model_type: "perceiver"``) are converted with
     :func:`perceivers.convert.transformers.from_transformers` (``transformers_options`` go there);
     ``perceivers fit`` checkpoints (``.ckpt``) are rebuilt from the settings they record
-    (:func:`fit_checkpoint_config`). The model is returned in eval mode.
+    (:func:`fit_checkpoint_config`). The model is returned in eval mode, in the checkpoint's dtype (a float64,
+    bfloat16 or float16 checkpoint stays so, as transformers' ``dtype="auto"``).
     """
-    from .convert.state_dict import load_state_dict_strict, read_state_dict, read_torch_file
+    from .convert.state_dict import (
+        adopt_checkpoint_dtype,
+        load_state_dict_strict,
+        read_state_dict,
+        read_torch_file,
+    )
 
     directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                         token=token)
@@ -360,7 +366,7 @@ def from_pretrained(
                              f"file {directory}; use load_checkpoint(model, path) for bare weight files")
         model = _build(config, allow_external_classes, directory)
         state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")}
-        load_state_dict_strict(model, state, source=str(directory))
+        load_state_dict_strict(adopt_checkpoint_dtype(model, state), state, source=str(directory))
         return model.to(map_location).eval()
     fmt = detect_format(directory)
     if fmt == "transformers":
@@ -377,7 +383,7 @@ def from_pretrained(
     model = _build(config["model"], allow_external_classes, directory / CONFIG_NAME,
                    saved_by=config.get("perceivers_version"))
     state = read_state_dict(_own_weights(directory), map_location=map_location)
-    load_state_dict_strict(model, state, source=str(directory))
+    load_state_dict_strict(adopt_checkpoint_dtype(model, state), state, source=str(directory))
     return model.to(map_location).eval()
 
 

@@ -196,3 +196,17 @@ def test_save_pretrained_round_trips_a_conv_stem(tmp_path, numerics):
     kernel = ours.input_preprocessor.stem.layers[0].conv.weight
     stored = load_file(tmp_path / "model.safetensors")["input_preprocessor.convnet.conv.weight"]
     assert torch.equal(stored, kernel.transpose(-1, -2) if numerics == "deepmind" else kernel)
+
+
+def test_from_pretrained_keeps_the_checkpoint_dtype(tmp_path):
+    """A bfloat16 checkpoint gives a bfloat16 model (as transformers' ``dtype="auto"``), blocks it lacks included."""
+    cfg = phf.PerceiverConfig(**TRUNK)
+    model = phf.PerceiverModel(cfg, input_preprocessor=phf.PerceiverTextPreprocessor(cfg)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    decoder = phf.PerceiverClassificationDecoder(cfg, num_channels=cfg.d_latents, trainable_position_encoding_kwargs={
+        "num_channels": cfg.d_latents, "index_dims": 1})
+    with pytest.warns(UserWarning, match="left as initialised: decoder"):
+        again = phf.PerceiverModel.from_pretrained(tmp_path, input_preprocessor=phf.PerceiverTextPreprocessor(cfg),
+                                                   decoder=decoder)
+    assert {t.dtype for t in again.state_dict().values()} == {torch.bfloat16}
+    assert again(torch.zeros(1, cfg.max_position_embeddings, dtype=torch.long)).logits.dtype == torch.bfloat16

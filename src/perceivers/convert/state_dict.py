@@ -28,6 +28,7 @@ from ..safe_files import atomic_path, tensor_digest
 __all__ = [
     "CheckpointError",
     "Rule",
+    "adopt_checkpoint_dtype",
     "check_state_dict",
     "is_safetensors",
     "load_state_dict_strict",
@@ -159,6 +160,28 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, Tensor], *, sou
         for n in members:
             full.setdefault(n, value)
     model.load_state_dict(full, strict=True)
+    return model
+
+
+def adopt_checkpoint_dtype(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """Give a freshly built ``model`` the floating dtypes of the checkpoint ``state`` (our names), in place.
+
+    ``from_pretrained`` builds the model a checkpoint describes, its dtype included (as transformers'
+    ``dtype="auto"``): a checkpoint in one dtype converts the whole model (``model.to``, as the model that was
+    saved had been converted); one of mixed dtypes sets each stored tensor's own. ``load_checkpoint`` into an
+    existing model keeps that model's dtypes instead (``load_state_dict`` casts).
+    """
+    stored = {v.dtype for v in state.values() if v.is_floating_point()}
+    own = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    if not stored or stored == own:
+        return model
+    if len(stored) == 1 and len(own) == 1:
+        return model.to(next(iter(stored)))
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            value = state.get(name)
+            if value is not None and tensor.is_floating_point() and value.is_floating_point() and value.dtype != tensor.dtype:
+                tensor.data = tensor.data.to(value.dtype)
     return model
 
 

@@ -35,6 +35,7 @@ from ..safe_files import read_json
 from .state_dict import (
     CheckpointError,
     Rule,
+    adopt_checkpoint_dtype,
     load_state_dict_strict,
     read_state_dict,
     rename_by_rules,
@@ -555,7 +556,8 @@ def from_transformers(
     architecture: str | None = None,
     map_location: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Build our equivalent of a transformers Perceiver checkpoint and load its weights.
+    """Build our equivalent of a transformers Perceiver checkpoint and load its weights (in their dtype, as
+    transformers' ``dtype="auto"``).
 
     Args:
         path_or_id: a directory or Hub repo id (resolved through the HF cache, offline-capable).
@@ -577,7 +579,7 @@ def from_transformers(
         use_transformers_numerics(model, cfg.get("hidden_act", "gelu"))
     swap = (numerics == "deepmind") if undo_conv_transpose is None else undo_conv_transpose
     converted = convert_transformers_state_dict(state, arch, undo_conv_transpose=swap)
-    load_state_dict_strict(model, converted, source=str(directory))
+    load_state_dict_strict(adopt_checkpoint_dtype(model, converted), converted, source=str(directory))
     return model.to(map_location).eval()
 
 
