@@ -176,3 +176,14 @@ def test_convert_missing_relative_source(tmp_path, capsys, monkeypatch):
     assert convert.main(["./runs/nosuch", "out"]) == 2
     assert "neither an existing path nor a Hub repo id" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_keeps_the_dtype(tmp_path, capsys):
+    """A bfloat16 checkpoint converts to a bfloat16 one, both ways (it used to come out in float32)."""
+    model = _model("optical-flow-perceiver").to(torch.bfloat16)
+    save_pretrained(model, tmp_path / "ours")
+    assert convert.main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "transformers"]) == 0
+    assert convert.main([str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = from_pretrained(tmp_path / "back")
+    assert {t.dtype for t in back.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())

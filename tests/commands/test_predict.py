@@ -221,3 +221,14 @@ def test_help_names_both_modes(capsys):
         cli.main(["predict", "--config", "digits", "--help"])
     assert exit_.value.code == 0
     assert "--trainer.max_epochs" in capsys.readouterr().out
+
+
+def test_a_bfloat16_checkpoint_predicts_in_float32(tmp_path, image, capsys):
+    """from_pretrained keeps a checkpoint's dtype; predict computes in float32 on its float32 inputs, as before."""
+    model = _perturbed("vision-perceiver-fourier").to(torch.bfloat16)
+    save_pretrained(model, tmp_path / "ckpt")
+    assert predict.main([str(image), "--checkpoint", str(tmp_path / "ckpt"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["top"][0]["index"]
+    x = ImageNetEvalTransform(size=model.config.image_size)(image)[None]
+    with torch.no_grad():
+        assert got == model.float()(x).logits.argmax().item()

@@ -56,11 +56,13 @@ def load_model(
     *,
     numerics: str = "deepmind",
     default_model: str | None = None,
+    float32: bool = False,
 ) -> nn.Module:
     """The model the user asked for, in eval mode.
 
     perceivers / transformers directories and ``perceivers fit`` checkpoints build their own model
-    (``--model`` must agree if given);
+    (``--model`` must agree if given), in the checkpoint's dtype unless ``float32`` (the commands that compute
+    on float32 inputs: predict, export);
     other checkpoints are loaded into ``create_model(model, **overrides)``. Without a checkpoint the
     weights are random (a warning is printed).
     """
@@ -83,7 +85,7 @@ def load_model(
             name = getattr(built, "model_name", None)
             if model is not None and name != model:
                 raise ValueError(f"--model {model} but {checkpoint} holds {name or type(built).__name__}")
-            return built.eval()
+            return (built.float() if float32 else built).eval()
         name = model or default_model
         if name is None:
             raise ValueError(f"{checkpoint} is a {fmt} checkpoint without a config: pass --model")
@@ -99,7 +101,7 @@ def load_model(
         if pretrained is not None and pretrained.hf_hub_id and not overrides:
             print(f"using {pretrained.hf_hub_id} (the official weights from the Hub; --checkpoint PATH for others, "
                   f"--model {default_model} alone for random weights)", file=sys.stderr)
-            return load_model(None, pretrained.hf_hub_id, numerics=numerics)
+            return load_model(None, pretrained.hf_hub_id, numerics=numerics, float32=float32)
     name = model or default_model
     if name is None:
         raise ValueError("pass --model and/or --checkpoint")

@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{output} exists (use --force)")
         if output.parent and not output.parent.is_dir():
             raise ValueError(f"{output.parent} is not a directory")
-        model = load_model(args.model, args.checkpoint, parse_overrides(args.config), numerics=args.numerics)
+        model = load_model(args.model, args.checkpoint, parse_overrides(args.config), numerics=args.numerics, float32=True)
         inputs = example_inputs(model, args.input_shape)
         if fmt == "onnx":
             try:

@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        model = load_model(args.model, args.checkpoint, parse_overrides(args.config), numerics=args.numerics,
+        model = load_model(args.model, args.checkpoint, parse_overrides(args.config), numerics=args.numerics, float32=True,
                            default_model=_default_model(args))
         task = _task_of(model)
         result = _run(task, model, args)
