@@ -540,12 +540,38 @@ def read_transformers_checkpoint(directory: str | os.PathLike[str], *,
             return cfg, read_state_dict(directory / single, map_location=map_location)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (directory / index).exists():
-            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
-            state: dict[str, Tensor] = {}
-            for shard in shards:
-                state.update(read_state_dict(directory / shard, map_location=map_location))
-            return cfg, state
+            return cfg, _read_shards(directory / index, map_location=map_location)
     raise FileNotFoundError(f"{directory} has no model.safetensors / pytorch_model.bin (or their index)")
+
+
+def _read_shards(index: Path, *, map_location: str | torch.device) -> dict[str, Tensor]:
+    """The tensors of a sharded checkpoint, checked against its index: every shard it names is a file of the
+    directory, every tensor it lists is in the shard it names, and the shards hold nothing else (else
+    :class:`CheckpointError` naming the index)."""
+    raw = read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no weight_map of tensor name → shard file (got "
+                              f"{type(weight_map).__name__ if isinstance(raw, dict) else type(raw).__name__})")
+    state: dict[str, Tensor] = {}
+    misplaced: list[str] = []
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index} names the shard {shard!r}, which is not a file name in the checkpoint "
+                                  "directory")
+        if not path.is_file():
+            raise CheckpointError(f"{index} names the shard {shard}, which is missing from {index.parent}")
+        tensors = read_state_dict(path, map_location=map_location)
+        misplaced += [f"{k} (in {shard})" for k in tensors if weight_map.get(k) != shard]
+        state.update(tensors)
+    lacking = sorted(k for k in weight_map if k not in state)
+    if lacking:
+        raise CheckpointError(f"{index} lists {len(lacking)} tensors that its shards lack: {', '.join(lacking[:12])}")
+    if misplaced:
+        raise CheckpointError(f"the shards hold {len(misplaced)} tensors not listed in {index} under their shard: "
+                              + ", ".join(misplaced[:12]))
+    return state
 
 
 def from_transformers(
