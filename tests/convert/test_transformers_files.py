@@ -69,3 +69,19 @@ def test_an_index_that_does_not_match_its_shards_is_named(sharded):
     _index(directory, {"weight_map": {some: "../single/model.safetensors"}})
     with pytest.raises(CheckpointError, match="not a file name in the checkpoint directory"):
         read_transformers_checkpoint(directory)
+
+
+def test_a_directory_of_another_format_is_refused_before_building(tmp_path):
+    """A perceivers-format directory (or another model's) given to a transformers reader is named as such; it used
+    to build transformers' default-size PerceiverModel (1280-wide, 26 layers) and then fail on tensor names."""
+    from perceivers import save_pretrained
+    from perceivers.hf import PerceiverModel
+
+    own = save_pretrained(create_model("optical-flow-perceiver", tiny=True), tmp_path / "own")
+    for read in (read_transformers_checkpoint, PerceiverModel.from_pretrained):
+        with pytest.raises(ValueError, match="perceivers-format checkpoint.*perceivers.from_pretrained"):
+            read(own)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="not a transformers Perceiver checkpoint.*model_type='bert'"):
+        PerceiverModel.from_pretrained(tmp_path / "bert")

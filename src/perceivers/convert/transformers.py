@@ -535,6 +535,13 @@ def read_transformers_checkpoint(directory: str | os.PathLike[str], *,
     """``(config, state_dict)`` of a transformers checkpoint directory (safetensors preferred, shards joined)."""
     directory = Path(directory)
     cfg = _read_config(directory)
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "perceiver":
+        if isinstance(cfg, dict) and cfg.get("format") == "perceivers":
+            raise ValueError(f"{directory} is a perceivers-format checkpoint, not a transformers one: load it with "
+                             "perceivers.from_pretrained")
+        found = f"model_type={cfg.get('model_type')!r}" if isinstance(cfg, dict) else f"a JSON {type(cfg).__name__}"
+        raise ValueError(f"{directory} is not a transformers Perceiver checkpoint: its config.json has {found}, "
+                         "expected model_type='perceiver'")
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (directory / single).exists():
             return cfg, read_state_dict(directory / single, map_location=map_location)
