@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from _transformers_models import CONFIGS, checkpoint_factory, edited_copy
+from _transformers_models import CONFIGS, checkpoint_factory, edited_copy, randomize
 from _transformers_models import inputs as _inputs
 
 from perceivers.convert.state_dict import CheckpointError
@@ -340,3 +340,23 @@ def test_reloading_keeps_the_kernel_orientation_of_the_model(hf_checkpoint, tmp_
         expected = _run_ours(official, arch, inputs)
         load_checkpoint(official, source)
         assert _max_error(_run_ours(official, arch, inputs), expected) == 0, source
+
+
+@pytest.mark.parametrize("arch", ["PerceiverForImageClassificationFourier", "PerceiverForMaskedLM",
+                                  "PerceiverForOpticalFlow"])
+def test_decoder_mlps_do_not_widen_with_the_encoder(arch, tmp_path):
+    """transformers' ``cross_attention_widening_factor`` widens the encoder's cross-attention MLP only; its task
+    decoders keep a 1× MLP, as DeepMind's and ours (docs/checkpoints.md listed this as a difference)."""
+    torch.manual_seed(0)
+    cfg = dict(CONFIGS[arch], cross_attention_widening_factor=3, self_attention_widening_factor=2)
+    hf = getattr(transformers, arch)(transformers.PerceiverConfig(**cfg)).eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+    decoder = hf.perceiver.decoder if arch == "PerceiverForMaskedLM" else hf.perceiver.decoder.decoder
+    mlp = decoder.decoding_cross_attention.mlp.dense1
+    assert mlp.out_features == mlp.in_features
+    encoder_mlp = hf.perceiver.encoder.cross_attention.mlp.dense1
+    assert encoder_mlp.out_features == 3 * encoder_mlp.in_features
+    inputs = _inputs(arch)
+    assert _max_error(_run_ours(from_transformers(tmp_path, numerics="transformers"), arch, inputs),
+                      _run_hf(hf, arch, inputs)) < ATOL
