@@ -442,3 +442,14 @@ def test_from_pretrained_keeps_the_checkpoint_dtype(tmp_path, dtype):
     again = from_pretrained(tmp_path / "hf")
     assert {t.dtype for t in again.state_dict().values() if t.is_floating_point()} == {dtype}
     assert torch.equal(again(ids).logits, task.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod."])
+def test_load_checkpoint_unwraps_compile_and_data_parallel_prefixes(tmp_path, prefix):
+    """The state dict of a ``torch.compile``d or ``DistributedDataParallel``-wrapped model of ours loads (every key
+    prefixed ``_orig_mod.`` / ``module.``), as perceiver-pytorch's do; it used to fail with 72 missing tensors."""
+    model = create_model("vision-perceiver-fourier", tiny=True)
+    torch.save({prefix + k: v for k, v in model.state_dict().items()}, tmp_path / "w.pt")
+    fresh = create_model("vision-perceiver-fourier", tiny=True)
+    load_checkpoint(fresh, tmp_path / "w.pt")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())

@@ -461,7 +461,11 @@ def load_checkpoint(
 
 
 def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a bare state dict written by another library, when its names say so (else leave it)."""
+    """Rename a bare state dict written by another library, when its names say so (else leave it); prefixes of
+    wrappers (``torch.compile``'s ``_orig_mod.``, DistributedDataParallel's ``module.``) are removed first."""
+    from .convert.state_dict import strip_wrapper_prefixes
+
+    state = dict(strip_wrapper_prefixes(state))
     own = model.state_dict()
     if not state or len(set(state) & set(own)) >= len(state) / 2:
         return state

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from ._prenorm import prenorm_attention, prenorm_feedforward
+from .state_dict import strip_wrapper_prefixes
 
 __all__ = ["detect_family", "from_lucidrains"]
 
@@ -40,23 +41,10 @@ _CROSS_NORMS = {"norm": "norm_q", "norm_context": "norm_kv"}
 _SELF_NORMS = {"norm": "norm"}
 
 
-_WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
-
-
-def _unwrap(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """The state dict of the model inside wrappers (``module.``, ``_orig_mod.``) that prefix every key."""
-    while state_dict:
-        prefix = next((w for w in _WRAPPERS if all(k.startswith(w) for k in state_dict)), None)
-        if prefix is None:
-            break
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def detect_family(state_dict: Mapping[str, Tensor]) -> str:
     """``"Perceiver"``, ``"PerceiverIO"``, ``"PerceiverLM"`` or ``"PerceiverBlock"`` from the keys of a
     perceiver-pytorch state dict (after the prefixes of wrappers such as ``module.`` are removed)."""
-    keys = set(_unwrap(state_dict))
+    keys = set(strip_wrapper_prefixes(state_dict))
     if keys and all(k.startswith(("cross_attn.", "cross_ff.", "self_attns.")) for k in keys):
         return "PerceiverBlock"
     if any(k.startswith("perceiver_io.") for k in keys):
@@ -223,7 +211,7 @@ def from_lucidrains(state_dict: Mapping[str, Tensor], *, weight_tie_layers: bool
     Raises:
         KeyError: a key that belongs to no known perceiver-pytorch layout.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     family = detect_family(state_dict)
     fold = weight_tie_layers is not False
     out: dict[str, Tensor] = {}

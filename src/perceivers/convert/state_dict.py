@@ -37,6 +37,7 @@ __all__ = [
     "rename_by_rules",
     "rename_key",
     "save_state_dict",
+    "strip_wrapper_prefixes",
     "tied_groups",
 ]
 
@@ -98,6 +99,20 @@ def rename_by_rules(
         raise CheckpointError(f"{len(unmatched)} {source} tensors have no rule in the {what} key table: "
                               + ", ".join(unmatched[:12]))
     return out
+
+
+#: prefixes that wrappers put before every key: DistributedDataParallel / DataParallel, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The state dict of the model inside wrappers (``module.``, ``_orig_mod.``, nested) that prefix every key."""
+    while state:
+        prefix = next((w for w in WRAPPER_PREFIXES if all(k.startswith(w) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def tied_groups(model: nn.Module) -> dict[str, str]:
