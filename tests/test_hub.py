@@ -453,3 +453,17 @@ def test_load_checkpoint_unwraps_compile_and_data_parallel_prefixes(tmp_path, pr
     fresh = create_model("vision-perceiver-fourier", tiny=True)
     load_checkpoint(fresh, tmp_path / "w.pt")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
+def test_differing_copies_of_a_tied_tensor_are_refused(tmp_path):
+    """A checkpoint whose copies of one tied tensor differ (e.g. of an untied model) is refused, naming them; it
+    used to load whichever copy came last and drop the other silently."""
+    model = _Tied()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.weight"] = state["head.weight"] + 1
+    torch.save(state, tmp_path / "untied.pt")
+    with pytest.raises(CheckpointError, match="emb.weight and head.weight are one tensor in _Tied but differ"):
+        load_checkpoint(_Tied(), tmp_path / "untied.pt")
+    state["head.weight"] = state["emb.weight"].clone()  # equal copies are fine
+    torch.save(state, tmp_path / "tied.pt")
+    load_checkpoint(_Tied(), tmp_path / "tied.pt")

@@ -171,7 +171,13 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, Tensor], *, sou
     for name, root in tied_groups(model).items():
         groups.setdefault(root, [root]).append(name)
     for members in groups.values():
-        value = next(full[n] for n in members if n in full)
+        given = [n for n in members if n in full]
+        value = full[given[0]]
+        differing = [n for n in given[1:] if not torch.equal(full[n], value)]
+        if differing:
+            raise CheckpointError(f"{source}: {' and '.join([given[0], *differing])} are one tensor in "
+                                  f"{type(model).__name__} but differ in the checkpoint (a checkpoint of an untied "
+                                  "model?); loading would keep one copy and drop the others")
         for n in members:
             full.setdefault(n, value)
     model.load_state_dict(full, strict=True)
