@@ -70,6 +70,8 @@ def test_bad_configuration_is_refused():
         _model(cross_attention_dropout=1.0)
     with pytest.raises(ValueError, match="max_seq_len >= 16"):
         _model(max_seq_len=12, random_sequence_truncation=True)
+    with pytest.raises(ValueError, match="num_self_attention_rotary_layers must be >= 0 or -1"):
+        _model(num_self_attention_rotary_layers=-2)
 
 
 def test_prefix_dropout_keeps_the_documented_count():

@@ -27,6 +27,9 @@ from perceiver.model.core.modules import CausalSequenceModel
 FIELDS = {"vocab_size": 50, "max_seq_len": 24, "max_latents": 8, "num_channels": 32, "num_heads": 4,
           "num_self_attention_layers": 2, "self_attention_widening_factor": 2, "cross_attention_widening_factor": 2,
           "cross_attention_dropout": 0.25, "output_bias": False, "output_norm": False, "abs_pos_emb": True}
+OPTIONS = [{"num_self_attention_rotary_layers": -1},
+           {"num_self_attention_rotary_layers": 2, "cross_attention_widening_factor": 1,
+            "self_attention_widening_factor": 3}]
 PADS = [0, 3, 7]  # per row; at most prefix_len = 20 - 8 = 12, so padding never reaches the latents
 
 
@@ -118,6 +121,19 @@ def main(out: Path) -> None:
         res["hf_schedule"] = {"prompt": prompt, "tokens": tokens,
                               "uncached": hf_schedule(model, prompt, tokens, cached=False),
                               "cached": hf_schedule(model, prompt, tokens, cached=True)}
+
+    # the options a state dict does not record: every self-attention layer rotating (-1) or the first two,
+    # and cross- and self-attention MLPs of different widths
+    res["options"] = {}
+    for i, extra in enumerate(OPTIONS):
+        fields = {**FIELDS, "num_self_attention_layers": 3, **extra}
+        torch.manual_seed(10 + i)
+        other = CausalSequenceModel(CausalSequenceModelConfig(**fields))
+        randomise(other, 200 + i)
+        other.eval()
+        with torch.no_grad():
+            res["options"][i] = {"fields": fields, "state": other.state_dict(),
+                                 "eval": other(ids, prefix_len=12).logits}
     torch.save(res, out / "v011.pt")
     print("DONE")
 

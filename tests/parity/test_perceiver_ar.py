@@ -129,6 +129,32 @@ def _ours_011(ref: dict) -> CausalLanguageModel:
 
 
 @needs_011
+def test_011_rotary_layers_and_widening_factors_match_krasserm(reference_011):
+    """0.11.0's num_self_attention_rotary_layers (-1 = every layer; the state dict does not record it) and
+    separate cross- / self-attention widening factors are config fields of ours."""
+    for ref in reference_011["options"].values():
+        f = ref["fields"]
+        config = CausalLanguageModelConfig(
+            vocab_size=f["vocab_size"], max_seq_len=f["max_seq_len"], num_latents=f["max_latents"],
+            num_channels=f["num_channels"], num_heads=f["num_heads"],
+            num_self_attention_layers=f["num_self_attention_layers"],
+            num_self_attention_rotary_layers=f["num_self_attention_rotary_layers"],
+            widening_factor=f["self_attention_widening_factor"],
+            cross_attention_widening_factor=f["cross_attention_widening_factor"])
+        model = load_krasserm_perceiver_ar(CausalLanguageModel(config), ref["state"]).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(reference_011["ids"]), ref["eval"], rtol=0, atol=TOL)
+    # one rotary layer (the default) where krasserm rotated every layer: the outputs differ
+    f = reference_011["options"][0]["fields"]
+    one = CausalLanguageModel(CausalLanguageModelConfig(
+        vocab_size=f["vocab_size"], max_seq_len=f["max_seq_len"], num_latents=f["max_latents"],
+        num_channels=f["num_channels"], num_heads=f["num_heads"], num_self_attention_layers=3, widening_factor=2))
+    load_krasserm_perceiver_ar(one, reference_011["options"][0]["state"]).eval()
+    with torch.no_grad():
+        assert (one(reference_011["ids"]) - reference_011["options"][0]["eval"]).abs().max() > 0.1
+
+
+@needs_011
 def test_011_left_padded_forward_matches_krasserm(reference_011):
     """Eval and training (prefix dropout drawn with the same calls) forwards of a left-padded batch."""
     ref = reference_011

@@ -254,8 +254,8 @@ class PerceiverAR(nn.Module):
         num_latents: N, the number of last positions that are latents (and get outputs).
         num_heads: heads of every attention (C must divide by it).
         num_self_attention_layers: causal self-attention layers over the latents.
-        num_self_attention_rotary_layers: how many of them (the first ones) rotate queries/keys; the
-            cross-attention always does.
+        num_self_attention_rotary_layers: how many of them (the first ones) rotate queries/keys, -1 = all
+            (krasserm's meaning); the cross-attention always does.
         rotated_channels_per_head: rotary channels of each head's queries/keys (even; 0 = none);
             default half of each head's channels (krasserm's choice with absolute positions on).
         cross_attention_widening_factor, self_attention_widening_factor: MLP hidden width / C.
@@ -298,6 +298,11 @@ class PerceiverAR(nn.Module):
             raise ValueError(f"num_latents must be >= 1, got {num_latents}")
         if not 0.0 <= cross_attention_dropout < 1.0:
             raise ValueError(f"cross_attention_dropout must lie in [0, 1), got {cross_attention_dropout}")
+        if num_self_attention_rotary_layers < -1:
+            raise ValueError("num_self_attention_rotary_layers must be >= 0 or -1 (every layer), "
+                             f"got {num_self_attention_rotary_layers}")
+        if num_self_attention_rotary_layers == -1:
+            num_self_attention_rotary_layers = num_self_attention_layers
         head_width = dim // num_heads
         if rotated_channels_per_head is None:
             rotated_channels_per_head = head_width // 2
@@ -407,7 +412,12 @@ class PerceiverAR(nn.Module):
 
 @dataclass
 class CausalLanguageModelConfig:
-    """krasserm's ``CausalLanguageModelConfig`` (perceiver-io 0.6.0): the same fields and defaults."""
+    """krasserm's ``CausalLanguageModelConfig`` (perceiver-io 0.6.0): the same fields and defaults.
+
+    Two fields of 0.11.0, which a state dict does not record (set them as the krasserm model had them):
+    ``num_self_attention_rotary_layers`` (the first self-attention layers that rotate; -1 = all) and
+    ``cross_attention_widening_factor`` (``None`` = ``widening_factor``, 0.6.0's one factor for both).
+    """
 
     vocab_size: int
     max_seq_len: int
@@ -422,6 +432,8 @@ class CausalLanguageModelConfig:
     init_scale: float = 0.02
     activation_checkpointing: bool = False
     activation_offloading: bool = False
+    num_self_attention_rotary_layers: int = 1
+    cross_attention_widening_factor: int | None = None
 
 
 def top_f(logits: Tensor, fraction: float = 0.1) -> Tensor:
@@ -453,9 +465,10 @@ class CausalLanguageModel(PerceiverAR):
             num_latents=config.num_latents,
             num_heads=config.num_heads,
             num_self_attention_layers=config.num_self_attention_layers,
-            num_self_attention_rotary_layers=1,
+            num_self_attention_rotary_layers=config.num_self_attention_rotary_layers,
             rotated_channels_per_head=head_width // 2,
-            cross_attention_widening_factor=config.widening_factor,
+            cross_attention_widening_factor=(config.widening_factor if config.cross_attention_widening_factor is None
+                                             else config.cross_attention_widening_factor),
             self_attention_widening_factor=config.widening_factor,
             cross_attention_dropout=config.cross_attention_dropout,
             post_attention_dropout=config.post_attention_dropout,
