@@ -132,3 +132,15 @@ def test_to_logits_is_the_variants_norm_and_linear(variant: str, randomize) -> N
         theirs.to_logits = ours.to_logits = torch.nn.Identity()
         assert ours(data).shape == (2, SMALL["latent_dim"])
         torch.testing.assert_close(ours(data), theirs(data), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapped_state_dicts_convert(prefix: str, randomize) -> None:
+    """The state dict of a DDP-wrapped or torch.compile'd model (every key prefixed) converts as the bare one."""
+    sd = randomize(lr_gated.Perceiver(**SMALL, depth=2, input_axis=1, input_channels=2)).state_dict()
+    wrapped = {prefix + k: v for k, v in sd.items()}
+    assert detect_variant(wrapped) == "gated"
+    expected = from_lucidrains_variant(sd)
+    actual = from_lucidrains_variant(wrapped)
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)

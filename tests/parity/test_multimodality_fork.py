@@ -105,3 +105,14 @@ def test_untied_weights_refuse_tied_conversion(fork_results: dict) -> None:
     sd = fork_results["untied_2blocks_geglu_mask"]["state_dict"]
     with pytest.raises(ValueError, match="tied copy"):
         from_multimodality_fork(sd, weight_tie_layers=True)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapped_fork_state_dicts_convert(fork_results: dict, prefix: str) -> None:
+    """The state dict of a DDP-wrapped or torch.compile'd fork model (every key prefixed) converts as the bare one."""
+    sd = fork_results["tied_2blocks_gelu"]["state_dict"]
+    wrapped = {prefix + k: v for k, v in sd.items()}
+    expected = from_multimodality_fork(sd)
+    actual = from_multimodality_fork(wrapped)
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..models.common import tie_schedule
 from ._prenorm import TiedCopyMismatch, prenorm_attention, prenorm_feedforward, put
+from .state_dict import strip_wrapper_prefixes
 
 __all__ = ["detect_variant", "from_lucidrains_variant"]
 
@@ -29,7 +30,7 @@ _HEAD = {"to_logits.0": "head.norm", "to_logits.1": "head.proj"}
 
 def detect_variant(state_dict: Mapping[str, Tensor]) -> Variant:
     """``"experimental"`` (has ``data_proj``), ``"gated"`` (GRU gates) or ``"mixed_latents"`` (Conv1d mixer)."""
-    keys = set(state_dict)
+    keys = set(strip_wrapper_prefixes(state_dict))
     if "latents" not in keys or not any(k.startswith("layers.") for k in keys):
         raise ValueError("not a perceiver-pytorch state dict: expected 'latents' and 'layers.*' keys")
     if "data_proj.weight" in keys:
@@ -152,7 +153,11 @@ def from_lucidrains_variant(
 
     Raises:
         KeyError: a key outside the variant's layout. ValueError: tied copies that differ.
+
+    The state dict of a wrapped model (DistributedDataParallel's ``module.``, ``torch.compile``'s ``_orig_mod.``
+    before every key) is unwrapped first.
     """
+    state_dict = strip_wrapper_prefixes(state_dict)
     variant = detect_variant(state_dict) if variant is None else variant
     if variant not in _LAYER:
         raise ValueError(f"variant must be one of {sorted(_LAYER)}, got {variant!r}")

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..models.common import tie_schedule
 from ..models.multimodal import latent_block_schedule
 from ._prenorm import TiedCopyMismatch, prenorm_attention, prenorm_feedforward, put
+from .state_dict import strip_wrapper_prefixes
 
 __all__ = ["from_multimodality_fork"]
 
@@ -69,7 +70,11 @@ def from_multimodality_fork(
     Raises:
         KeyError: a key that the fork's layout does not have.
         ValueError: ``weight_tie_layers=True`` but copies that the fork shares differ.
+
+    The state dict of a wrapped model (DistributedDataParallel's ``module.``, ``torch.compile``'s ``_orig_mod.``
+    before every key) is unwrapped first.
     """
+    state_dict = strip_wrapper_prefixes(state_dict)
     layer_keys = [re.match(r"layers\.(\d+)\.(?:2\.latent_blocks\.(\d+)\.)?", k) for k in state_dict]
     layer_keys = [m for m in layer_keys if m]
     hierarchical = "latents.0" in state_dict  # HierarchicalMultiModalityPerceiver: a latent array per layer
