@@ -431,7 +431,7 @@ def load_checkpoint(
     - a transformers directory / repo: key tables of :mod:`perceivers.convert.transformers`;
     - a perceivers directory (``save_pretrained``): its ``model.safetensors``;
     - a ``.safetensors`` or ``torch.save`` state dict (our names, or transformers' ``perceiver.*``
-      names, or perceiver-pytorch's).
+      names, or perceiver-pytorch's, its variants' and the multi-modality fork's, by the model's family).
 
     Raises:
         CheckpointError: naming the missing, unexpected and mis-shaped tensors.
@@ -456,13 +456,17 @@ def load_checkpoint(
     if path.is_dir():  # a directory with a single weights file
         path = _weights_files(path)[0]
     state = read_state_dict(path, map_location=map_location)
-    state = _translate_foreign(model, state)
+    state = _translate_foreign(model, state, source=source)
     return load_state_dict_strict(model, state, source=source)
 
 
-def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor], *,
+                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Rename a bare state dict written by another library, when its names say so (else leave it); prefixes of
-    wrappers (``torch.compile``'s ``_orig_mod.``, DistributedDataParallel's ``module.``) are removed first."""
+    wrappers (``torch.compile``'s ``_orig_mod.``, DistributedDataParallel's ``module.``) are removed first.
+
+    perceiver-pytorch-style names (``layers.…``) go to the converter of the model's family: the multi-modality
+    fork's models, perceiver-pytorch's gated / mixed-latents / experimental variants, else the core Perceivers."""
     from .convert.state_dict import strip_wrapper_prefixes
 
     state = dict(strip_wrapper_prefixes(state))
@@ -482,7 +486,33 @@ def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
 
         return convert_transformers_state_dict(state, model)
     if any(k.startswith("layers.") or ".to_kv." in k for k in state):
-        from .convert.lucidrains import from_lucidrains
-
-        return from_lucidrains(state)
+        return _translate_lucidrains_style(model, state, source)
     return state
+
+
+def _translate_lucidrains_style(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """perceiver-pytorch / multi-modality-fork names → ours, by the converter of ``model``'s family; a tensor
+    that converter does not know is a :class:`CheckpointError` naming the file, the model and the tensor."""
+    from .convert.lucidrains import from_lucidrains
+    from .convert.lucidrains_variants import from_lucidrains_variant
+    from .convert.multimodal_fork import from_multimodality_fork
+    from .convert.state_dict import CheckpointError
+    from .models.experimental import BottomUpPerceiver
+    from .models.multimodal import HierarchicalMultiModalityPerceiver, MultiModalityPerceiver
+    from .models.variants import GatedPerceiver, MixedLatentsPerceiver
+
+    variants = {GatedPerceiver: "gated", MixedLatentsPerceiver: "mixed_latents", BottomUpPerceiver: "experimental"}
+    variant = next((v for cls, v in variants.items() if isinstance(model, cls)), None)
+    if isinstance(model, (MultiModalityPerceiver, HierarchicalMultiModalityPerceiver)):
+        convert, family = from_multimodality_fork, "the multi-modality fork's layout"
+    elif variant is not None:
+        def convert(s):
+            return from_lucidrains_variant(s, variant)
+        family = f"perceiver-pytorch's {variant} layout"
+    else:
+        convert, family = from_lucidrains, "perceiver-pytorch's layout"
+    try:
+        return convert(state)
+    except KeyError as e:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: its tensor {e.args[0]!r} has no place "
+                              f"in {family} (a checkpoint of another model?)") from e

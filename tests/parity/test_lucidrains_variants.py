@@ -144,3 +144,31 @@ def test_wrapped_state_dicts_convert(prefix: str, randomize) -> None:
     actual = from_lucidrains_variant(wrapped)
     assert actual.keys() == expected.keys()
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("variant", ["experimental", "gated", "mixed_latents"])
+def test_saved_state_dicts_load_with_load_checkpoint(variant: str, randomize, tmp_path) -> None:
+    """A perceiver-pytorch variant saved with torch.save (bare, or as a Lightning-style ``model.`` checkpoint) loads
+    through load_checkpoint: it failed with a bare KeyError (the file went to the core Perceiver's converter)."""
+    import perceivers
+
+    kwargs = {**SMALL, **next(k for v, k in CASES if v == variant)}
+    theirs = _randomized(THEIRS[variant].Perceiver(**kwargs), randomize).eval()
+    torch.save(theirs.state_dict(), tmp_path / "v.pt")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "v.ckpt")
+    data = _data(kwargs)
+    for file in ("v.pt", "v.ckpt"):
+        ours = perceivers.load_checkpoint(OURS[variant](**kwargs), tmp_path / file).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(ours(data), theirs(data), atol=1e-5, rtol=0)
+
+
+def test_load_checkpoint_of_another_variant_names_both(randomize, tmp_path) -> None:
+    import perceivers
+    from perceivers.convert.state_dict import CheckpointError
+
+    kwargs = {**SMALL, "depth": 2, "input_axis": 2, "input_channels": 3}
+    torch.save(randomize(lr_gated.Perceiver(**kwargs)).state_dict(), tmp_path / "gated.pt")
+    with pytest.raises(CheckpointError, match=r"gated\.pt.*MixedLatentsPerceiver.*layers\.0\.0\.fn\.fn\.to_q"):
+        perceivers.load_checkpoint(MixedLatentsPerceiver(**kwargs), tmp_path / "gated.pt")

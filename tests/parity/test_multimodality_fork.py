@@ -12,7 +12,9 @@ import torch
 from _multimodality_fork_reference import REF, run_fork
 from torch import nn
 
+import perceivers
 from perceivers.convert import from_multimodality_fork
+from perceivers.convert.state_dict import CheckpointError
 from perceivers.models.multimodal import (
     InputModality,
     InputModalityWithEmbedding,
@@ -116,3 +118,21 @@ def test_wrapped_fork_state_dicts_convert(fork_results: dict, prefix: str) -> No
     actual = from_multimodality_fork(wrapped)
     assert actual.keys() == expected.keys()
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_fork_state_dict_files_load_with_load_checkpoint(fork_results: dict, tmp_path) -> None:
+    """A fork checkpoint saved with torch.save loads through load_checkpoint (it failed with a bare KeyError: the
+    file went to perceiver-pytorch's core converter); one of another model is a CheckpointError naming both."""
+    for name in ("tied_2blocks_gelu", "untied_2blocks_geglu_mask"):
+        case = next(c for c in CASES if c["name"] == name)
+        ref = fork_results[name]
+        path = tmp_path / f"{name}.pt"
+        torch.save(ref["state_dict"], path)
+        model = perceivers.load_checkpoint(_build(case), path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ref["inputs"], mask=ref.get("mask")), ref["output"], atol=1e-5, rtol=0)
+    from perceivers.experimental import GatedPerceiver
+
+    other = GatedPerceiver(num_freq_bands=2, depth=2, max_freq=4.0, num_latents=4, latent_dim=8, num_classes=2)
+    with pytest.raises(CheckpointError, match=r"untied_2blocks_geglu_mask\.pt.*GatedPerceiver.*layers\.0\."):
+        perceivers.load_checkpoint(other, tmp_path / "untied_2blocks_geglu_mask.pt")

@@ -80,6 +80,20 @@ def test_fork_state_dict_file_loads(fork_results: dict, tmp_path) -> None:
         torch.testing.assert_close(model(ref["inputs"], mask=ref["mask"]), ref["output"], atol=1e-5, rtol=0)
 
 
+def test_fork_gated_state_dict_file_loads(fork_results: dict, tmp_path) -> None:
+    """The fork's gated.Perceiver saved with torch.save loads through load_checkpoint too (it failed with a bare
+    KeyError: the file went to the core Perceiver's converter), wrapped in a Lightning-style checkpoint as well."""
+    case = next(c for c in CASES if c["cls"] == "GatedPerceiver")
+    ref = fork_results[case["name"]]
+    path = tmp_path / "gated.pt"
+    torch.save(ref["state_dict"], path)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in ref["state_dict"].items()}}, tmp_path / "gated.ckpt")
+    for file in (path, tmp_path / "gated.ckpt"):
+        model = perceivers.load_checkpoint(GatedPerceiver(**case["kwargs"]), file).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ref["inputs"], mask=ref["mask"]), ref["output"], atol=1e-5, rtol=0)
+
+
 def test_fork_defaults_and_bands() -> None:
     model = Perceiver(num_freq_bands=6, depth=1, max_freq=10.0, num_latents=4, latent_dim=8, num_classes=2)
     assert model.freq_base == 2 and model.position_encoding.freq_base == 2.0
