@@ -481,6 +481,11 @@ def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor], *,
 
     if is_jobr0_state_dict(state):  # JOBR0/PerceiverIO_Pytorch's converted official checkpoints
         return convert_jobr0_state_dict(state, model)
+    from .convert.krasserm import _INV_FREQ, from_krasserm_perceiver_ar
+    from .models.perceiver_ar import PerceiverAR
+
+    if _INV_FREQ in state and isinstance(model, PerceiverAR):  # krasserm's perceiver-io Perceiver AR
+        return from_krasserm_perceiver_ar(state, model)
     if "perceiver.embeddings.latents" in state or any(".attention.self." in k for k in state):
         from .convert.transformers import convert_transformers_state_dict
 

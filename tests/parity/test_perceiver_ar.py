@@ -208,3 +208,29 @@ def test_011_converter_refuses_what_it_cannot_represent(reference_011):
         from_krasserm_perceiver_ar({**state, "output_adapter.bias": torch.zeros(50)}, num_heads=4)
     with pytest.raises(CheckpointError, match="out_norm.weight"):
         from_krasserm_perceiver_ar({**state, "out_norm.weight": torch.zeros(32)}, num_heads=4)
+
+
+@needs_011
+def test_011_wrapped_lightning_and_saved_state_dicts_load(reference_011, tmp_path):
+    """krasserm's Lightning checkpoints (``{"state_dict": {"model.…"}}``), DDP / torch.compile prefixes, and a saved
+    file through ``perceivers.load_checkpoint`` give the bare state dict's model (all failed: 'missing inv_freq',
+    or 'missing 46' tensors from load_checkpoint)."""
+    import perceivers
+
+    state = reference_011["state"]
+    with torch.no_grad():
+        expected = _ours_011(reference_011)(reference_011["ids"])
+    layouts = [{f"model.{k}": v for k, v in state.items()}, {f"module._orig_mod.{k}": v for k, v in state.items()},
+               {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}]
+    for layout in layouts:
+        model = load_krasserm_perceiver_ar(_ours_011(reference_011), layout).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(reference_011["ids"]), expected, rtol=0, atol=0)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "last.ckpt")
+    torch.save(state, tmp_path / "clm.pt")
+    for file in ("last.ckpt", "clm.pt"):
+        model = perceivers.load_checkpoint(_ours_011(reference_011), tmp_path / file).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(reference_011["ids"]), expected, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="not a krasserm Perceiver AR state dict"):
+        from_krasserm_perceiver_ar({"latents": torch.zeros(3), "layers.0.0.fn.to_q.weight": torch.zeros(2)}, num_heads=4)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .state_dict import CheckpointError, Rule, load_state_dict_strict, rename_by_rules
+from .state_dict import CheckpointError, Rule, load_state_dict_strict, rename_by_rules, strip_wrapper_prefixes
 
 __all__ = ["from_krasserm_perceiver_ar", "load_krasserm_perceiver_ar"]
 
@@ -83,16 +83,31 @@ def _from_011(state: Mapping[str, Tensor], num_heads: int) -> dict[str, Tensor]:
     return out
 
 
+def _unwrap(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The model's own state dict inside a Lightning checkpoint (``{"state_dict": {"model.…": …}}``, krasserm's
+    ``LitCausalLanguageModel`` holds the model as ``model``) and the prefixes of DDP / ``torch.compile``."""
+    inner = state.get("state_dict")
+    if isinstance(inner, Mapping):
+        state = inner
+    state = strip_wrapper_prefixes(state)
+    if _INV_FREQ not in state and state and all(k.startswith("model.") for k in state):
+        state = strip_wrapper_prefixes({k.removeprefix("model."): v for k, v in state.items()})
+    return state
+
+
 def from_krasserm_perceiver_ar(state: Mapping[str, Tensor], model: nn.Module | None = None, *,
                                num_heads: int | None = None) -> dict[str, Tensor]:
     """Rename krasserm's ``PerceiverAR``/``CausalLanguageModel`` tensors (0.6.0 or 0.11.0) to ours (strict).
 
-    The 0.11.0 layout needs the head count (``num_heads``, or read from ``model``) to permute the
-    rotary channels. Raises :class:`CheckpointError` naming the tensors no rule covers, and (with
-    ``model``) when the stored rotary frequencies differ from the model's.
+    ``state`` is the model's ``state_dict()``, or a Lightning checkpoint of it (``{"state_dict": {"model.…"}}``),
+    DDP / ``torch.compile`` prefixes allowed. The 0.11.0 layout needs the head count (``num_heads``, or read from
+    ``model``) to permute the rotary channels. Raises :class:`CheckpointError` naming the tensors no rule covers,
+    and (with ``model``) when the stored rotary frequencies differ from the model's.
     """
+    state = _unwrap(state)
     if _INV_FREQ not in state:
-        raise CheckpointError(f"krasserm Perceiver AR state dict does not fit: missing {_INV_FREQ}")
+        raise CheckpointError(f"not a krasserm Perceiver AR state dict: it has no {_INV_FREQ} "
+                              f"(first keys: {', '.join(list(state)[:4])})")
     if "input_adapter.pos_encoding" in state:  # 0.6.0
         out = rename_by_rules({k: v for k, v in state.items() if k != _INV_FREQ}, _RULES, what="Perceiver AR",
                               source="krasserm")
