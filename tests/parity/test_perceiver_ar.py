@@ -234,3 +234,18 @@ def test_011_wrapped_lightning_and_saved_state_dicts_load(reference_011, tmp_pat
             torch.testing.assert_close(model(reference_011["ids"]), expected, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="not a krasserm Perceiver AR state dict"):
         from_krasserm_perceiver_ar({"latents": torch.zeros(3), "layers.0.0.fn.to_q.weight": torch.zeros(2)}, num_heads=4)
+
+
+@needs_011
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_011_half_precision_state_dicts_convert(reference_011, dtype):
+    """A bfloat16 / float16 state dict (its rotary frequencies rounded to that dtype) converts: its inv_freq was
+    compared with the model's at float32 precision and refused ('(2,) differs from ... (2,)')."""
+    half = {k: v.to(dtype) for k, v in reference_011["state"].items()}
+    model = load_krasserm_perceiver_ar(_ours_011(reference_011), half).eval()
+    with torch.no_grad():
+        expected = _ours_011(reference_011)(reference_011["ids"])
+        assert (model(reference_011["ids"]) - expected).abs().max() < 0.1  # rounding of the weights only
+    wrong = {**half, "input_adapter.frq_pos_encoding.inv_freq": half["input_adapter.frq_pos_encoding.inv_freq"] * 1.1}
+    with pytest.raises(CheckpointError, match="values of .*inv_freq differ"):
+        load_krasserm_perceiver_ar(_ours_011(reference_011), wrong)

@@ -120,9 +120,15 @@ def from_krasserm_perceiver_ar(state: Mapping[str, Tensor], model: nn.Module | N
     if model is not None:
         ours = model.rotary.inv_freq
         theirs = state[_INV_FREQ]
-        if theirs.shape != ours.shape or not torch.allclose(theirs.to(ours), ours, rtol=1e-6, atol=0):
+        if theirs.shape != ours.shape:
             raise CheckpointError(f"krasserm Perceiver AR state dict does not fit: {_INV_FREQ} "
                                   f"{tuple(theirs.shape)} differs from the model's rotary frequencies {tuple(ours.shape)}")
+        # compared at the stored precision: a bfloat16 / float16 checkpoint holds them rounded
+        rtol = max(1e-6, torch.finfo(theirs.dtype).eps) if theirs.is_floating_point() else 1e-6
+        if not torch.allclose(theirs.double(), ours.double(), rtol=rtol, atol=0):
+            raise CheckpointError(f"krasserm Perceiver AR state dict does not fit: the values of {_INV_FREQ} differ "
+                                  f"from the model's rotary frequencies ({theirs.tolist()} vs {ours.tolist()}; "
+                                  "another num_channels // num_heads?)")
     return out
 
 
