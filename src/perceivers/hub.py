@@ -25,6 +25,7 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -455,7 +456,15 @@ def load_checkpoint(
         fmt = "safetensors"
     if path.is_dir():  # a directory with a single weights file
         path = _weights_files(path)[0]
-    state = read_state_dict(path, map_location=map_location)
+    extras: dict = {}
+    state = read_state_dict(path, map_location=map_location, extras=extras)
+    if isinstance(extras.get("hyper_parameters"), Mapping):  # a Lightning checkpoint: krasserm's Perceiver AR
+        # records there what its state dict cannot show
+        from .convert.krasserm import _INV_FREQ, check_hyperparameters
+        from .models.perceiver_ar import PerceiverAR
+
+        if isinstance(model, PerceiverAR) and any(k.endswith(_INV_FREQ) for k in state):
+            check_hyperparameters(extras["hyper_parameters"], model, source=source)
     state = _translate_foreign(model, state, source=source)
     return load_state_dict_strict(model, state, source=source)
 

@@ -249,3 +249,31 @@ def test_011_half_precision_state_dicts_convert(reference_011, dtype):
     wrong = {**half, "input_adapter.frq_pos_encoding.inv_freq": half["input_adapter.frq_pos_encoding.inv_freq"] * 1.1}
     with pytest.raises(CheckpointError, match="values of .*inv_freq differ"):
         load_krasserm_perceiver_ar(_ours_011(reference_011), wrong)
+
+
+@needs_011
+def test_011_lightning_hyperparameters_must_match_the_model(reference_011, tmp_path):
+    """A krasserm Lightning checkpoint records what its state dict cannot show (the latent count, the heads, the
+    rotary layers); a model built otherwise is refused, naming the setting, instead of loading silently."""
+    import dataclasses
+
+    import perceivers
+
+    ref = reference_011["options"][0]  # every self-attention layer rotates (-1)
+    f = ref["fields"]
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in ref["state"].items()}, "hyper_parameters": dict(f), "epoch": 1}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    config = CausalLanguageModelConfig(
+        vocab_size=f["vocab_size"], max_seq_len=f["max_seq_len"], num_latents=f["max_latents"],
+        num_channels=f["num_channels"], num_heads=f["num_heads"], num_self_attention_layers=f["num_self_attention_layers"],
+        num_self_attention_rotary_layers=f["num_self_attention_rotary_layers"],
+        widening_factor=f["self_attention_widening_factor"],
+        cross_attention_widening_factor=f["cross_attention_widening_factor"])
+    model = perceivers.load_checkpoint(CausalLanguageModel(config), tmp_path / "last.ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(reference_011["ids"]), ref["eval"], rtol=0, atol=TOL)
+    other_rotary = 0 if f["num_self_attention_rotary_layers"] else 1
+    for change, field in [({"num_latents": f["max_latents"] - 1}, "max_latents"),
+                          ({"num_self_attention_rotary_layers": other_rotary}, "num_self_attention_rotary_layers")]:
+        with pytest.raises(CheckpointError, match=f"trained with {field}="):
+            perceivers.load_checkpoint(CausalLanguageModel(dataclasses.replace(config, **change)), tmp_path / "last.ckpt")

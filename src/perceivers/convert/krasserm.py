@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .state_dict import CheckpointError, Rule, load_state_dict_strict, rename_by_rules, strip_wrapper_prefixes
 
-__all__ = ["from_krasserm_perceiver_ar", "load_krasserm_perceiver_ar"]
+__all__ = ["check_hyperparameters", "from_krasserm_perceiver_ar", "load_krasserm_perceiver_ar"]
 
 _PROJ = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out"}
 _MLP = {"0": "norm_mlp", "1": "mlp.fc1", "3": "mlp.fc2"}  # LayerNorm, Linear, GELU, Linear
@@ -83,6 +83,22 @@ def _from_011(state: Mapping[str, Tensor], num_heads: int) -> dict[str, Tensor]:
     return out
 
 
+def check_hyperparameters(hparams: Mapping[str, object], model: nn.Module, *, source: str = "checkpoint") -> None:
+    """Refuse a krasserm Lightning checkpoint's ``hyper_parameters`` that ``model`` (a :class:`PerceiverAR`)
+    does not have: the settings its state dict cannot show (the latent count, the rotary layers, the heads),
+    which would otherwise load silently into a model that computes something else."""
+    layers = len(model.self_attention)
+    rotary = hparams.get("num_self_attention_rotary_layers", 1)
+    ours = {"max_latents": model.num_latents, "num_heads": model.cross_attention.attn.num_heads,
+            "num_self_attention_rotary_layers": min(model.num_self_attention_rotary_layers, layers)}
+    theirs = {"max_latents": hparams.get("max_latents"), "num_heads": hparams.get("num_heads"),
+              "num_self_attention_rotary_layers": layers if rotary == -1 else min(rotary, layers)}
+    wrong = [f"{k}={theirs[k]} (the model has {v})" for k, v in ours.items() if theirs[k] is not None and theirs[k] != v]
+    if wrong:
+        raise CheckpointError(f"{source} was trained with {', '.join(wrong)}: build the model with the same "
+                              "settings (CausalLanguageModelConfig's num_latents, num_heads, num_self_attention_rotary_layers)")
+
+
 def _unwrap(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """The model's own state dict inside a Lightning checkpoint (``{"state_dict": {"model.…": …}}``, krasserm's
     ``LitCausalLanguageModel`` holds the model as ``model``) and the prefixes of DDP / ``torch.compile``."""
@@ -104,6 +120,9 @@ def from_krasserm_perceiver_ar(state: Mapping[str, Tensor], model: nn.Module | N
     ``model``) to permute the rotary channels. Raises :class:`CheckpointError` naming the tensors no rule covers,
     and (with ``model``) when the stored rotary frequencies differ from the model's.
     """
+    hparams = state.get("hyper_parameters")
+    if model is not None and isinstance(hparams, Mapping):  # a Lightning checkpoint records the model's settings
+        check_hyperparameters(hparams, model)
     state = _unwrap(state)
     if _INV_FREQ not in state:
         raise CheckpointError(f"not a krasserm Perceiver AR state dict: it has no {_INV_FREQ} "

@@ -235,11 +235,12 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike[str], *
         save_file(tensors, os.fspath(tmp), metadata=meta)
 
 
-def read_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu",
+                    extras: dict[str, Any] | None = None) -> dict[str, Tensor]:
     """A ``.safetensors`` file (aliases restored) or a ``torch.save`` file, loaded with ``weights_only=True``.
 
     A ``torch.save`` file holding ``{"state_dict": …}`` or ``{"model": …}`` (training checkpoints) is
-    unwrapped.
+    unwrapped; the checkpoint's other entries (e.g. Lightning's ``hyper_parameters``) go into ``extras``.
     """
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
@@ -269,6 +270,8 @@ def read_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     obj = read_torch_file(path, map_location=map_location)
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            if extras is not None:
+                extras.update((k, v) for k, v in obj.items() if k != wrapper)
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
