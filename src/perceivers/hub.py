@@ -458,21 +458,16 @@ def load_checkpoint(
         path = _weights_files(path)[0]
     extras: dict = {}
     state = read_state_dict(path, map_location=map_location, extras=extras)
-    if isinstance(extras.get("hyper_parameters"), Mapping):  # a Lightning checkpoint: krasserm's Perceiver AR
-        # records there what its state dict cannot show
-        from .convert.krasserm import _INV_FREQ, check_hyperparameters
-        from .models.perceiver_ar import PerceiverAR
-
-        if isinstance(model, PerceiverAR) and any(k.endswith(_INV_FREQ) for k in state):
-            check_hyperparameters(extras["hyper_parameters"], model, source=source)
-    state = _translate_foreign(model, state, source=source)
+    state = _translate_foreign(model, state, source=source, hparams=extras.get("hyper_parameters"))
     return load_state_dict_strict(model, state, source=source)
 
 
-def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor], *,
-                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint",
+                       hparams: object = None) -> dict[str, torch.Tensor]:
     """Rename a bare state dict written by another library, when its names say so (else leave it); prefixes of
     wrappers (``torch.compile``'s ``_orig_mod.``, DistributedDataParallel's ``module.``) are removed first.
+    ``hparams``: a Lightning checkpoint's ``hyper_parameters``, where krasserm's Perceiver AR records what its
+    state dict cannot show (checked against the model).
 
     perceiver-pytorch-style names (``layers.…``) go to the converter of the model's family: the multi-modality
     fork's models, perceiver-pytorch's gated / mixed-latents / experimental variants, else the core Perceivers."""
@@ -490,10 +485,12 @@ def _translate_foreign(model: nn.Module, state: dict[str, torch.Tensor], *,
 
     if is_jobr0_state_dict(state):  # JOBR0/PerceiverIO_Pytorch's converted official checkpoints
         return convert_jobr0_state_dict(state, model)
-    from .convert.krasserm import _INV_FREQ, from_krasserm_perceiver_ar
+    from .convert.krasserm import _INV_FREQ, check_hyperparameters, from_krasserm_perceiver_ar
     from .models.perceiver_ar import PerceiverAR
 
     if _INV_FREQ in state and isinstance(model, PerceiverAR):  # krasserm's perceiver-io Perceiver AR
+        if isinstance(hparams, Mapping):
+            check_hyperparameters(hparams, model, source=source)
         return from_krasserm_perceiver_ar(state, model)
     if "perceiver.embeddings.latents" in state or any(".attention.self." in k for k in state):
         from .convert.transformers import convert_transformers_state_dict
