@@ -431,7 +431,8 @@ def test_dynamic_size_export_streams_image_tokens_in_a_while_loop(case: str, fus
     """An ImagePreprocessor's stream with a symbolic image size gives its tokens by position (pixels or patches,
     their 1×1 conv or Linear, Fourier features gathered from per-axis tables, projected, concatenated or added),
     which the encoder's cross-attention gathers in a ``torch.while_loop``; the program equals the whole token
-    array's encoder, inside ``fused_export`` too."""
+    array's encoder, inside ``fused_export`` too, for images one token tall or wide (a stride-2 stream's position
+    tables of ``⌈H / 2⌉`` rows had left the guard ``⌈H / 2⌉ ≠ 1``)."""
     import contextlib
 
     from perceivers.layers.attention import fused_export
@@ -443,7 +444,7 @@ def test_dynamic_size_export_streams_image_tokens_in_a_while_loop(case: str, fus
         program = torch.export.export(model, (torch.randn(2, 3, 8 * s, 6 * s),), dynamic_shapes=(dims,))
     assert _has_while_loop(program)
     gen = torch.Generator().manual_seed(4)
-    for batch, h, w in ((1, 2, 3), (3, 17, 31), (2, 5, 2)):  # 17·31 tokens: 33 chunks of 16
+    for batch, h, w in ((1, 2, 3), (3, 17, 31), (2, 5, 2), (1, 1, 3), (2, 4, 1), (1, 1, 1)):  # 17·31: 33 chunks
         x = torch.randn(batch, 3, h * s, w * s, generator=gen)
         with torch.no_grad():
             whole = model.encoder(model.pre(x).inputs)
@@ -464,7 +465,7 @@ def test_dynamic_size_export_streams_video_tokens_in_a_while_loop(case: str, fus
     assert _loops(program) == 1
     gen = torch.Generator().manual_seed(8)
     one = 2 if IMAGE_STREAMS[case].get("prep") == "patches" else 1  # patches of one frame drop the time axis (flow)
-    for batch, t, h, w in ((1, one, 2, 3), (2, 3, 5, 7), (1, 2, 17, 31)):  # 2·17·31 tokens: 66 chunks of 16
+    for batch, t, h, w in ((1, one, 2, 3), (2, 3, 5, 7), (1, 2, 17, 31), (1, one, 1, 4), (2, 2, 3, 1)):  # 66 chunks
         x = torch.randn(batch, t, 3, h * s, w * s, generator=gen)
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), model.encoder(model.pre(x).inputs), atol=1e-5, rtol=1e-5)
@@ -493,7 +494,7 @@ def test_onnx_streams_image_tokens_of_a_dynamic_size(tmp_path) -> None:
                 3: s * torch.export.Dim("w", max=512)}
         with torch.no_grad():
             session = _onnx_session(model, (torch.randn(2, 3, 8 * s, 6 * s),), tmp_path / f"{case}.onnx", (dims,))
-        for batch, h, w in ((1, 2, 3), (3, 17, 31)):
+        for batch, h, w in ((1, 2, 3), (3, 17, 31), (1, 1, 5)):  # one token tall
             x = torch.randn(batch, 3, h * s, w * s, generator=torch.Generator().manual_seed(h))
             (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
             with torch.no_grad():
@@ -504,7 +505,7 @@ def test_onnx_streams_image_tokens_of_a_dynamic_size(tmp_path) -> None:
             4: 2 * torch.export.Dim("w", max=512)}
     with torch.no_grad():
         session = _onnx_session(model, (torch.randn(2, 3, 3, 16, 12),), tmp_path / "video.onnx", (dims,))
-    for batch, t, h, w in ((1, 2, 2, 3), (2, 3, 17, 31)):
+    for batch, t, h, w in ((1, 2, 2, 3), (2, 3, 17, 31), (1, 2, 3, 1)):
         x = torch.randn(batch, t, 3, 2 * h, 2 * w, generator=torch.Generator().manual_seed(h))
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():

@@ -65,9 +65,11 @@ class TrainableGridPositions(nn.Module):
         return rows if dtype is None else rows.to(dtype)
 
     def grid_gather(
-        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> Callable[[Tensor], Tensor]:
-        """A function: flat positions ``index`` (int64 ``[n]``) → those rows of ``forward(index_shape)`` ``[n, C]``."""
+        """A function: flat positions ``index`` (int64 ``[n]``) → those rows of ``forward(index_shape)`` ``[n, C]``
+        (one table of a fixed size: ``lengths`` does not apply)."""
         table = self(index_shape, device=device, dtype=dtype)
         return lambda index: table.index_select(0, index)
 
@@ -102,11 +104,13 @@ class ProjectedPositions(nn.Module):
         return self.proj(base)
 
     def grid_gather(
-        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self, index_shape: Sequence[int], *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> Callable[[Tensor], Tensor]:
         """A function: flat positions ``index`` (int64 ``[n]``) → those rows of ``forward(index_shape)``: the
         base's rows (:meth:`FourierPositionEncoding.grid_gather`: per-axis tables computed here, once), projected."""
-        base = self.base.grid_gather(index_shape, device=device, dtype=self.proj.weight.dtype if dtype is None else dtype)
+        base = self.base.grid_gather(index_shape, device=device, lengths=lengths,
+                                     dtype=self.proj.weight.dtype if dtype is None else dtype)
         return lambda index: self.proj(base(index))
 
 

@@ -43,13 +43,19 @@ def linear_positions(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
-def axis_coordinates(n: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def axis_coordinates(
+    n: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32, length: int | None = None
+) -> Tensor:
     """``linspace(-1, 1, n)`` ``[n]``; for a size that may be symbolic (``torch.export`` or ``torch.compile``
     with dynamic image sizes, where ``torch.linspace`` would fix its length) the same values from
-    ``arange``, within an ulp of ``torch.linspace``'s (which rounds its vectorised blocks differently)."""
-    if not _maybe_symbolic(n):
+    ``arange``, within an ulp of ``torch.linspace``'s (which rounds its vectorised blocks differently).
+
+    ``length`` (≥ ``n``): ``[length]`` instead, the first ``n`` values those; for a symbolic ``n`` derived from
+    another size (``⌈H / 2⌉`` tokens of ``H`` pixels) to index into, as a tensor of ``n`` elements would make
+    ``torch.export`` guard ``n ≠ 1`` (it cannot see that ``⌈H / 2⌉ > 1``)."""
+    if length is None and not _maybe_symbolic(n):
         return torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=dtype)
-    i = torch.arange(n, device=device, dtype=dtype)
+    i = torch.arange(n if length is None else length, device=device, dtype=dtype)
     step = 2.0 / torch.sym_max(n - 1, 1)
     # from both ends, as torch.linspace does: -1 and 1 exact, the grid symmetric
     return torch.where(i < torch.sym_max(n // 2, 1), -1.0 + step * i, 1.0 - step * (n - 1 - i))
@@ -256,16 +262,18 @@ class FourierPositionEncoding(nn.Module):
         return feats.to(dtype)
 
     def grid_gather(self, index_shape: Sequence[int], *, device: torch.device | None = None,
-                    dtype: torch.dtype = torch.float32) -> Callable[[Tensor], Tensor]:
+                    dtype: torch.dtype = torch.float32, lengths: Sequence[int] | None = None,
+                    ) -> Callable[[Tensor], Tensor]:
         """A function: flat row-major positions ``index`` (int64 ``[n]``) in ``index_shape`` → those rows of
         ``forward(index_shape)`` ``[n, C]``, gathered from the per-axis tables (computed here, once), never the
         whole array. Sizes may be symbolic: streamed attention in a ``torch.export`` program with dynamic
         sizes builds its chunks so, inside a ``torch.while_loop`` (whose body must create no tensor constant).
+        ``lengths``: the tables' lengths (see :meth:`axis_tables`).
         """
         index_shape = _sizes(index_shape)
         if len(index_shape) != self.num_dims:
             raise ValueError(f"expected {self.num_dims} index axes, got shape {index_shape}")
-        tables = self.axis_tables(index_shape, device, _feature_dtype(dtype))
+        tables = self.axis_tables(index_shape, device, _feature_dtype(dtype), lengths=lengths)
         return lambda index: self._points(tables, index_shape, index, None).to(dtype)
 
     @staticmethod
@@ -274,7 +282,8 @@ class FourierPositionEncoding(nn.Module):
         feats = None
         stride = 1
         for table, n in zip(reversed(tables), reversed(index_shape)):
-            idx = flat if stride == 1 else torch.div(flat, stride, rounding_mode="floor")
+            # the last axis by the flat position itself (no `stride == 1` test: a symbolic stride would be guarded)
+            idx = flat if feats is None else torch.div(flat, stride, rounding_mode="floor")
             if stop is None:  # a symbolic n: the ONNX exporter's remainder takes no symbolic divisor
                 idx = idx - torch.div(idx, n, rounding_mode="floor") * n
             elif stride * n < stop:
@@ -285,25 +294,29 @@ class FourierPositionEncoding(nn.Module):
         return feats
 
     def axis_tables(self, index_shape: Sequence[int], device: torch.device | None = None,
-                    dtype: torch.dtype = torch.float32) -> list[Tensor]:
+                    dtype: torch.dtype = torch.float32, *, lengths: Sequence[int] | None = None) -> list[Tensor]:
         """Per axis ``[n_d, C]`` (float32, or ``dtype`` float64): that axis's channels in their final places,
         zeros elsewhere.
 
         The features of grid point ``(i_1, …, i_d)`` are ``Σ_a tables[a][i_a]`` (disjoint channels, so
-        the sum is exact); cached per shape, device and dtype.
+        the sum is exact); cached per shape, device and dtype. ``lengths`` (each ≥ ``n_d``): tables of
+        ``[lengths[d], C]`` rows, the first ``n_d`` those, the others never to be read: for sizes derived from
+        others in an exported program (:func:`axis_coordinates`' ``length``).
         """
         index_shape = _sizes(index_shape)
+        lengths = (None,) * len(index_shape) if lengths is None else _sizes(lengths)
         dtype = _feature_dtype(dtype)
         compiling = torch.compiler.is_compiling()
-        key = None if compiling else ("axis_tables", index_shape, str(device), dtype, torch.is_inference_mode_enabled())
+        key = None if compiling else ("axis_tables", index_shape, lengths, str(device), dtype,
+                                      torch.is_inference_mode_enabled())
         cached = None if compiling else self._cache.get(key)
         if cached is not None:
             return cached
         k, d = self.num_bands, self.num_dims
         per_axis = int(self.concat_pos) + k * (1 if self.sine_only else 2)
         tables = []
-        for a, (n, res) in enumerate(zip(index_shape, self.max_resolution)):
-            pos = axis_coordinates(n, device=device, dtype=dtype)[:, None]
+        for a, (n, length, res) in enumerate(zip(index_shape, lengths, self.max_resolution)):
+            pos = axis_coordinates(n, device=device, dtype=dtype, length=length)[:, None]
             own = fourier_features(pos, self.num_bands, res, layout=self.layout, concat_pos=self.concat_pos,
                                    sine_only=self.sine_only, freq_base=self.freq_base)  # [n, per_axis]
             if self.layout == "lucidrains":  # axis-major: [sin K, cos K, x] per axis
@@ -313,7 +326,7 @@ class FourierPositionEncoding(nn.Module):
                 base = d if self.concat_pos else 0
                 for group in range(1 if self.sine_only else 2):
                     cols += [base + group * d * k + a * k + j for j in range(k)]
-            table = torch.zeros(n, self.num_channels, device=device, dtype=dtype)
+            table = torch.zeros(pos.shape[0], self.num_channels, device=device, dtype=dtype)
             table[:, cols] = own
             tables.append(table)
         if key is not None:

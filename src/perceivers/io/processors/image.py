@@ -372,8 +372,7 @@ class ImagePreprocessor(nn.Module):
         s, w, width = self.spatial_downsample, index_shape[1], x.shape[-1]
         pixels = x.flatten(2)  # [B, C, H·W]
         offsets = [dh * width + dw for dh in range(s) for dw in range(s)] if self.prep_type == "patches" else [0]
-        enc = self.position_encoding
-        points = None if enc is None else enc.grid_gather(index_shape, device=x.device, dtype=x.dtype)
+        points = self._points(x, index_shape, x.shape[2:])
 
         def rows(index: Tensor) -> Tensor:
             r = torch.div(index, w, rounding_mode="floor")
@@ -395,8 +394,7 @@ class ImagePreprocessor(nn.Module):
         span = s if self.prep_type == "patches" else 1
         offsets = (torch.arange(span, device=x.device)[:, None] * width + torch.arange(span, device=x.device)).flatten()
         channels = (offsets[:, None] + torch.arange(c, device=x.device) * (height * width)).flatten()  # [s²·C]
-        enc = self.position_encoding
-        points = None if enc is None else enc.grid_gather(index_shape, device=x.device, dtype=x.dtype)
+        points = self._points(x, index_shape, (x.shape[1], height, width))
 
         def rows(index: Tensor) -> Tensor:
             t = torch.div(index, h * w, rounding_mode="floor")
@@ -409,6 +407,17 @@ class ImagePreprocessor(nn.Module):
             return self._token_rows(y, index, points)
 
         return rows
+
+    def _points(self, x: Tensor, index_shape: tuple[int, ...], pixels: tuple[int, ...]) -> Callable[[Tensor], Tensor] | None:
+        """The position encoding's rows by flat token position (``grid_gather``), or ``None`` without one. Token
+        counts of a symbolic size that are derived from the pixels' (``⌈H / s⌉``) index tables as long as the
+        pixel axes ``pixels``: a table of exactly ``⌈H / s⌉`` rows would make ``torch.export`` refuse images one
+        token tall (a guard ``⌈H / s⌉ ≠ 1``)."""
+        enc = self.position_encoding
+        if enc is None:
+            return None
+        derived = self.spatial_downsample > 1 and any(isinstance(n, torch.SymInt) for n in index_shape)
+        return enc.grid_gather(index_shape, device=x.device, dtype=x.dtype, lengths=pixels if derived else None)
 
     def _token_rows(self, y: Tensor, index: Tensor, points: Callable[[Tensor], Tensor] | None) -> Tensor:
         """The tokens at ``index`` from their gathered pixels ``y [B, n, s²·C]``: the 1×1 conv or patch ``Linear``,
