@@ -36,6 +36,7 @@ from perceivers.configurable import configurable
 
 from .layers.dense import Linear
 from .layers.rotary import RotaryEmbedding, rotate
+from .layers.sdpa import sdpa
 from .models.common import check_token_ids
 from .validation import check_index_range
 
@@ -92,7 +93,7 @@ class CausalAttention(nn.Module):
             angles = rotary_pos_emb[-x.shape[1]:]
             q, k = rotate(q, angles), rotate(k, angles)
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale)
+        out = sdpa(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -184,7 +185,7 @@ class CausalPrefixAttention(nn.Module):
         group = self.max_heads_process
         out = torch.cat(
             [
-                F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+                sdpa(qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=self.scale)
                 for qg, kg, vg in zip(q.split(group, 1), k.split(group, 1), v.split(group, 1))
             ],
             dim=1,

@@ -279,3 +279,14 @@ def test_training_forward_with_prefix_dropout_compiles_without_graph_breaks():
     expected = model(ids)
     torch.manual_seed(3)
     torch.testing.assert_close(compiled(ids), expected, rtol=0, atol=1e-6)
+
+
+def test_gradients_of_gradients_in_float64():
+    """``create_graph=True`` through the causal attention (SDPA's fused kernel has no derivative of its backward):
+    gradgradcheck of the logits as a function of the first cross-attention's LayerNorm weight."""
+    model = _model(cross_attention_dropout=0.0).double().train()
+    name = next(n for n, p in model.named_parameters() if "norm" in n and p.ndim == 1)
+    ids = _ids(1, 8)
+    weight = model.get_parameter(name).detach().clone().requires_grad_()
+    logits = lambda w: torch.func.functional_call(model, {name: w}, (ids,))
+    assert torch.autograd.gradgradcheck(logits, (weight,))

@@ -311,3 +311,36 @@ def test_perceiver_float64(chunk_size):
     data = torch.randn(2, 30, 31, 3, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(ours(data), reference(data), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["Perceiver", "PerceiverIO"])
+def test_gradients_of_gradients_float64(family):
+    """A gradient penalty (``create_graph=True``, then backward) gives perceiver-pytorch's parameter gradients in
+    float64: its einsum attention differentiates twice, and so does ours (SDPA's fused kernels do not)."""
+    torch.manual_seed(0)
+    if family == "Perceiver":
+        kwargs = {**BASE, "latent_dim_head": 24, "latent_heads": 1}
+        data = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    else:
+        kwargs = {"dim": 6, "queries_dim": 5, "logits_dim": 4, "depth": 2, "num_latents": 4, "latent_dim": 16,
+                  "cross_heads": 1, "latent_heads": 2, "cross_dim_head": 8, "latent_dim_head": 8}
+        data = torch.randn(2, 7, 6, dtype=torch.float64)
+    queries = torch.randn(2, 3, 5, dtype=torch.float64)
+    reference = getattr(ref, family)(**kwargs).double()
+    ours = getattr(perceivers, family)(**kwargs).double()
+    ours.load_state_dict(from_lucidrains(reference.state_dict()), strict=True)
+
+    def penalty(model):
+        x = data.clone().requires_grad_()
+        out = model(x) if family == "Perceiver" else model(x, queries=queries)
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        model.zero_grad()
+        (g.square().sum() + out.sum()).backward()
+        return g, {name: p.grad for name, p in model.named_parameters()}
+
+    (g_ref, grads_ref), (g, grads) = penalty(reference), penalty(ours)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    expected = from_lucidrains(grads_ref)  # the reference's gradients under our parameter names
+    assert set(grads) == set(expected)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}")

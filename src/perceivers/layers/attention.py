@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import native_attention, onednn_attention
 from .dense import Linear, _autocast_operands, linear
+from .sdpa import sdpa
 from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK, loop_step
 
 __all__ = [
@@ -525,7 +526,7 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
         return onednn_attention.attend(q, k, v, attn_mask, scale)
     if (q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or torch.compiler.is_compiling()
             or (attn_mask is not None and attn_mask.dtype != torch.bool)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
     weights = attention_weights(q, k, attn_mask, scale)  # callers keep a key per row (see Attention.forward)
     if dropout:
         weights = F.dropout(weights, dropout)

@@ -29,6 +29,7 @@ from ..configurable import configurable
 from ..layers import Attention, FeedForward
 from ..layers.dense import Linear
 from ..layers.rotary import RotaryEmbedding, rotate
+from ..layers.sdpa import sdpa
 from ..validation import data_dependent_checks
 from .common import check_token_ids
 
@@ -92,12 +93,12 @@ def _attention(attn: Attention, x: Tensor, k: Tensor, v: Tensor, angles_q: Tenso
     n, m = q.shape[2], k.shape[2]
     dropout = attn.dropout if attn.training else 0.0
     if keep is not None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+        out = sdpa(q, k, v, attn_mask=keep, dropout_p=dropout)
     elif n == m:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        out = sdpa(q, k, v, dropout_p=dropout, is_causal=True)
     else:  # SDPA's is_causal aligns top-left; the latents are the last queries, so align bottom-right
         causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout)
+        out = sdpa(q, k, v, attn_mask=causal, dropout_p=dropout)
     return attn.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
