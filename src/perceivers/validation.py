@@ -88,8 +88,10 @@ def finite_checks(enabled: bool) -> Iterator[None]:
 
 
 def data_dependent_checks() -> bool:
-    """False while compiling, tracing or exporting: checks that read tensor values must not run then."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    """False while compiling, tracing or exporting, and under ``torch.func`` transforms (``vmap``'s batched values
+    cannot be read): checks that read tensor values must not run then."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or torch._C._are_functorch_transforms_active()):
         return False
     onnx = getattr(torch, "onnx", None)
     return not (onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())

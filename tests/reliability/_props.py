@@ -249,6 +249,36 @@ def chunked_attention_matches_full(data, kind: str) -> None:
     _count("chunked vs unchunked attention (+ folded projections)", case)
 
 
+def per_sample_gradients_with_torch_func(data, kind: str) -> None:
+    """``torch.func``: per-sample parameter gradients (``vmap(grad(loss))`` over the batch, with
+    ``functional_call``) equal each sample's own backward pass, the native and oneDNN kernels (which define no
+    batching rule) and the value checks (which cannot read batched values) giving way to operators that vmap."""
+    from torch.func import functional_call, grad, vmap
+
+    case = draw_case(data, [kind])
+    inputs = _draw_inputs(data, case, min_batch=2, max_batch=3)
+    model = case.model
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    batched = {k: v for k, v in inputs.items() if k not in case.shared and v is not None}
+    shared = {k: v for k, v in inputs.items() if k not in batched}
+    cot = torch.randn(case.run(model, inputs).shape, generator=torch.Generator().manual_seed(0))
+
+    def loss(params, sample, c):
+        out = case.run(lambda *args, **kwargs: functional_call(model, params, args, kwargs),
+                       {**shared, **{k: v[None] for k, v in sample.items()}})
+        return (out.float() * c[None]).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(params, batched, cot)
+    for i in range(cot.shape[0]):
+        model.zero_grad(set_to_none=True)
+        one = {**shared, **{k: v[i: i + 1] for k, v in batched.items()}}
+        (case.run(model, one).float() * cot[i: i + 1]).sum().backward()
+        for key, p in model.named_parameters():
+            want = torch.zeros_like(p) if p.grad is None else p.grad
+            _close(per_sample[key][i], want, tol=1e-4, msg=f"{case.name}: per-sample gradient of {key}, sample {i}")
+    _count("per-sample gradients (torch.func)", case)
+
+
 PROPERTIES = {
     "finite": finite_with_shape,
     "masks": masked_inputs_have_no_influence,
@@ -257,6 +287,7 @@ PROPERTIES = {
     "float64": float32_matches_float64,
     "chunked_decoding": chunked_decoding_matches_full,
     "chunked_attention": chunked_attention_matches_full,
+    "per_sample_gradients": per_sample_gradients_with_torch_func,
 }
 # property → the model kinds (see _zoo.CONFIGS) it is checked on
 KINDS_OF = {
@@ -267,5 +298,6 @@ KINDS_OF = {
     "float64": KINDS,
     "chunked_decoding": ["registry"],
     "chunked_attention": ["perceiver", "perceiver_io"],
+    "per_sample_gradients": KINDS,
 }
 PAIRS = [(prop, kind) for prop in sorted(PROPERTIES) for kind in KINDS_OF[prop]]

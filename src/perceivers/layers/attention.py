@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import native_attention, onednn_attention
-from .dense import Linear, _autocast_operands, linear
+from .dense import Linear, _autocast_operands, _func_transforms, linear
 from .sdpa import sdpa
 from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK, loop_step
 
@@ -518,13 +518,14 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
     other wide float32 heads (and narrower ones over many keys) and the other bfloat16 ones to
     :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths
     differ, e.g. the language model's 32 and 160) the same computation is written out, without the math
-    path's guarded softmax (isneginf / all / where over every score, 3% of the language model's forward)."""
+    path's guarded softmax (isneginf / all / where over every score, 3% of the language model's forward), as it
+    is under ``torch.func`` transforms and forward-mode AD (SDPA's CPU kernel has no batching rule or tangent)."""
     q, k, v = _autocast_operands(q, k, v)
     if native_attention.applies(q, k, v, attn_mask, dropout):
         return native_attention.attend(q, k, v, attn_mask, scale)
     if onednn_attention.applies(q, k, v, attn_mask, dropout):
         return onednn_attention.attend(q, k, v, attn_mask, scale)
-    if (q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or torch.compiler.is_compiling()
+    if (q.device.type != "cpu" or torch.compiler.is_compiling() or (q.shape[-1] == v.shape[-1] and not _func_transforms())
             or (attn_mask is not None and attn_mask.dtype != torch.bool)):
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
     weights = attention_weights(q, k, attn_mask, scale)  # callers keep a key per row (see Attention.forward)

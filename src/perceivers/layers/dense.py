@@ -226,11 +226,12 @@ def _kernels_usable(*tensors: Tensor) -> bool:
 def _plain_eager() -> bool:
     """Outside tracing, scripting, ``torch.func`` transforms and forward-mode AD: where perceivers' own
     kernels (which define no ``vmap``/``jvp`` and are not traceable) may run eagerly."""
-    return (
-        not torch.jit.is_tracing() and not torch.jit.is_scripting()
-        and not torch._C._are_functorch_transforms_active()
-        and torch.autograd.forward_ad._current_level < 0
-    )
+    return not torch.jit.is_tracing() and not torch.jit.is_scripting() and not _func_transforms()
+
+
+def _func_transforms() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, …) or forward-mode AD is active."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
 
 
 def _native_eager(*tensors: Tensor, dtype: torch.dtype = torch.float32) -> bool:

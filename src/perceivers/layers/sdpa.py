@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .dense import _func_transforms, _plain_eager
+
 __all__ = ["sdpa"]
 
 
@@ -23,12 +25,17 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
          is_causal: bool = False, scale: float | None = None) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v, ...)`` (same arguments and result), differentiable twice
     where it records a graph in eager mode. Dropout draws cannot be recomputed, a mask that requires grad
-    has its own path, and compiled or exported graphs never differentiate twice: those call SDPA as it is."""
-    if (not torch.is_grad_enabled() or dropout_p or torch.compiler.is_compiling()
+    has its own path, and compiled or exported graphs never differentiate twice: those call SDPA as it is;
+    ``torch.func`` transforms and forward-mode AD get SDPA's math path."""
+    options = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _func_transforms():  # the math path's operators: they vmap and carry tangents
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, **options)
+    if (not torch.is_grad_enabled() or dropout_p or compiling or not _plain_eager()
             or not any(t.requires_grad for t in (q, k, v))
             or (attn_mask is not None and attn_mask.requires_grad)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, **options)
     return _TwiceDifferentiable.apply(q, k, v, attn_mask, is_causal, scale)
 
 

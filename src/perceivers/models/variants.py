@@ -27,7 +27,7 @@ from ..layers import (
     check_mask,
 )
 from ..layers.broadcast import per_sample
-from ..layers.dense import Linear
+from ..layers.dense import Linear, _func_transforms
 from ..validation import check_count, check_like
 from .common import LogitsAlias, PooledClassifierHead, check_input, flatten_axes, tie_schedule
 
@@ -98,8 +98,21 @@ class _GridPerceiver(LogitsAlias, nn.Module):
 
 def _gru(cell: nn.GRUCell, update: Tensor, state: Tensor) -> Tensor:
     """``GRUCell(update, state)`` applied to every latent: ``[B, N, D]`` × 2 → ``[B, N, D]``."""
+    if _func_transforms():  # vmap has no rule for PyTorch's fused cell with a state shared by the samples
+        return _gru_operators(cell, update, state)
     out = cell(rearrange(update, "b n d -> (b n) d"), rearrange(state, "b n d -> (b n) d"))
     return rearrange(out, "(b n) d -> b n d", b=state.shape[0])
+
+
+def _gru_operators(cell: nn.GRUCell, update: Tensor, state: Tensor) -> Tensor:
+    """:func:`_gru` in operators: gates ``r, z`` and candidate ``n`` from ``[r z n]``-ordered weights,
+    ``(1 - z) · n + z · state``."""
+    gi = F.linear(update, cell.weight_ih, cell.bias_ih)
+    gh = F.linear(state, cell.weight_hh, cell.bias_hh)
+    (i_r, i_z, i_n), (h_r, h_z, h_n) = gi.chunk(3, -1), gh.chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (state - n)
 
 
 class GatedBlock(nn.Module):
