@@ -360,6 +360,8 @@ def render(r: dict) -> str:
                             "= those rows",
         "chunked_attention": "cross-attention streamed in chunks (online softmax) and with folded projections = "
                              "plain attention (outputs and gradients); finite in bf16/fp16",
+        "per_sample_gradients": "torch.func: per-sample parameter gradients (vmap(grad(loss)) with functional_call) "
+                                "= each sample's own backward pass",
     }
     for prop, (n, kinds, failed) in by_prop.items():
         w(f"| {labels.get(prop, prop)} | {n} | {', '.join(kinds)} | {', '.join(failed) or 'none'} |")
@@ -406,7 +408,8 @@ def render(r: dict) -> str:
       "perceiver-pytorch family are in `tests/models/test_bad_input.py`.\n")
     fc = r["finite_cost"]
     w("**NaN/Inf policy.** Inputs are checked by default in eager mode; the check is skipped while compiling, "
-      "tracing or exporting, and can be turned off (`perceivers.validation.set_finite_checks(False)` for the "
+      "tracing or exporting and under `torch.func` transforms (whose batched values cannot be read), and can be "
+      "turned off (`perceivers.validation.set_finite_checks(False)` for the "
       "process, the `finite_checks(False)` context manager for the calling thread, or "
       "`PERCEIVERS_CHECK_FINITE=0`). It is one float32-accumulated "
       "sum (finite iff every element is; an overflowing sum falls back to the exact elementwise test), "
