@@ -751,3 +751,25 @@ def test_onnx_streams_a_fixed_size_in_a_loop(tmp_path) -> None:
     (got,) = session.run(None, {session.get_inputs()[0].name: args[0].numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(*args), atol=1e-5, rtol=1e-4)
+
+
+def test_compile_dynamic_trains_a_streamed_model() -> None:
+    """A model streaming its input (``chunk_size``) in training under ``torch.compile(fullgraph=True, dynamic=True)``:
+    each chunk is recomputed in the backward pass (a ``checkpoint`` per chunk), and the context norm's ``eps``, a float
+    that dynamic compilation traces as a symbol, was first read inside the first chunk's checkpoint subgraph, so the
+    second chunk failed ('lift_tracked_freevar_to_input should not be called on root SubgraphTracer'). Outputs and
+    gradients equal eager mode's."""
+    torch.manual_seed(0)
+    model = perceivers.Perceiver(num_freq_bands=2, depth=1, max_freq=10.0, num_latents=4, latent_dim=16, latent_heads=2,
+                                 cross_dim_head=8, latent_dim_head=8, num_classes=3, chunk_size=16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    x = torch.randn(2, 5, 5, 3, generator=torch.Generator().manual_seed(0))  # 25 pixels: 2 chunks, the last of 9
+    want = model(x)
+    want.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = compiled(x)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close([p.grad for p in model.parameters()], grads, atol=1e-5, rtol=1e-5)

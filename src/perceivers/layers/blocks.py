@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import grid_attention
@@ -175,10 +176,13 @@ class CrossAttentionBlock(nn.Module):
                     chunk_size=stream.chunk_size, mask=mask, query_mask=query_mask,
                 )
             else:
-                stream = kv
+                stream, norm = kv, self.norm_kv
+                # eps read here, once: under torch.compile(dynamic=True) a float attribute first read inside the
+                # chunks' checkpointed steps belongs to the first step's subgraph, and the next step failed on it
+                eps = float(norm.eps)
                 y = self.attn.forward_chunked(
-                    q_in, lambda a, b: self.norm_kv(stream.chunk(a, b)), stream.length,
-                    chunk_size=stream.chunk_size, mask=mask, query_mask=query_mask,
+                    q_in, lambda a, b: F.layer_norm(stream.chunk(a, b), norm.normalized_shape, norm.weight, norm.bias, eps),
+                    stream.length, chunk_size=stream.chunk_size, mask=mask, query_mask=query_mask,
                 )
         if isinstance(kv, Tensor):
             y = self.attn(q_in, kv, mask=mask, query_mask=query_mask, inverted=inverted)
