@@ -773,3 +773,23 @@ def test_compile_dynamic_trains_a_streamed_model() -> None:
     got.square().sum().backward()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close([p.grad for p in model.parameters()], grads, atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_conv_vision_model_takes_odd_image_sizes(tmp_path) -> None:
+    """The conv stem's TF 'SAME' padding of a dynamic image size: ONNX divides integers truncating toward zero, so a
+    ceiling written as ``-(-n // 2)`` became a floor in the file, and onnxruntime padded odd sizes by one pixel too
+    few (logits off by 0.13-0.16 at 17×31 and 37×16, where the ``.pt2`` program was right)."""
+    from perceivers.tasks.registry import model_entry
+
+    torch.manual_seed(0)
+    tiny = dict(model_entry("vision-perceiver-conv").tiny)
+    model = _Logits(perceivers.create_model("vision-perceiver-conv", **tiny)).eval()
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=16, max=256),
+            3: torch.export.Dim("w", min=16, max=256)}
+    with torch.no_grad():
+        session = _onnx_session(model, (torch.randn(2, 3, *tiny["image_size"]),), tmp_path / "conv.onnx", (dims,))
+    for batch, h, w in ((1, 16, 16), (3, 17, 31), (2, 37, 16)):
+        x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(h))
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)

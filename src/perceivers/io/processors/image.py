@@ -61,9 +61,15 @@ def _lazily(make: Callable[[], Callable[[Tensor], Tensor]]) -> Callable[[Tensor]
     return call
 
 
+def _ceil_div(n: int, d: int) -> int:
+    """``⌈n / d⌉`` for ``n ≥ 0``, ``d > 0`` without negative operands: ONNX divides integers truncating toward
+    zero, so ``-(-n // d)`` of a symbolic size became ``⌊n / d⌋`` in an exported file."""
+    return (n + d - 1) // d
+
+
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow/JAX 'SAME' padding ``(before, after)`` along one axis (the extra pixel goes after)."""
-    out = -(-size // stride)
+    out = _ceil_div(size, stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
 
@@ -90,8 +96,8 @@ def check_conv_padding(padding: str) -> None:
 def conv_stem_size(n: int, padding: ConvPadding = "same") -> int:
     """The length an axis of length ``n`` keeps through one conv-stem layer (conv 7×7/2, max-pool 3×3/2)."""
     if padding == "same":
-        return -(-n // 4)
-    return (-(-n // 2) - 3) // 2 + 1  # conv over n + 6 zeros, then an unpadded pool
+        return _ceil_div(n, 4)
+    return (_ceil_div(n, 2) - 3) // 2 + 1  # conv over n + 6 zeros, then an unpadded pool
 
 
 class _ConvDownsampleLayer(nn.Module):
@@ -224,8 +230,8 @@ class ImagePreprocessor(nn.Module):
             for layer in self.stem.layers:
                 h, w = conv_stem_size(h, layer.padding), conv_stem_size(w, layer.padding)
         elif self.prep_type in ("conv1x1", "pixels"):
-            h, w = -(-h // s), -(-w // s)
-            t = None if t is None else (-(-t // td) if self.prep_type == "pixels" else t)
+            h, w = _ceil_div(h, s), _ceil_div(w, s)
+            t = None if t is None else (_ceil_div(t, td) if self.prep_type == "pixels" else t)
         else:  # patches
             h, w = h // s, w // s
             t = None if t is None or t // td == 1 else t // td
