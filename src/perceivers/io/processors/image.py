@@ -378,7 +378,7 @@ class ImagePreprocessor(nn.Module):
         s, w, width = self.spatial_downsample, index_shape[1], x.shape[-1]
         pixels = x.flatten(2)  # [B, C, H·W]
         offsets = [dh * width + dw for dh in range(s) for dw in range(s)] if self.prep_type == "patches" else [0]
-        points = self._points(x, index_shape, x.shape[2:])
+        points = self._position_rows(x, index_shape, x.shape[2:])
 
         def rows(index: Tensor) -> Tensor:
             r = torch.div(index, w, rounding_mode="floor")
@@ -400,7 +400,7 @@ class ImagePreprocessor(nn.Module):
         span = s if self.prep_type == "patches" else 1
         offsets = (torch.arange(span, device=x.device)[:, None] * width + torch.arange(span, device=x.device)).flatten()
         channels = (offsets[:, None] + torch.arange(c, device=x.device) * (height * width)).flatten()  # [s²·C]
-        points = self._points(x, index_shape, (x.shape[1], height, width))
+        points = self._position_rows(x, index_shape, (x.shape[1], height, width))
 
         def rows(index: Tensor) -> Tensor:
             t = torch.div(index, h * w, rounding_mode="floor")
@@ -414,7 +414,7 @@ class ImagePreprocessor(nn.Module):
 
         return rows
 
-    def _points(self, x: Tensor, index_shape: tuple[int, ...], pixels: tuple[int, ...]) -> Callable[[Tensor], Tensor] | None:
+    def _position_rows(self, x: Tensor, index_shape: tuple[int, ...], pixels: tuple[int, ...]) -> Callable[[Tensor], Tensor] | None:
         """The position encoding's rows by flat token position (``grid_gather``), or ``None`` without one. Token
         counts of a symbolic size that are derived from the pixels' (``⌈H / s⌉``) index tables as long as the
         pixel axes ``pixels``: a table of exactly ``⌈H / s⌉`` rows would make ``torch.export`` refuse images one
