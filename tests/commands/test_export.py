@@ -11,6 +11,8 @@ from perceivers import cli, from_pretrained, save_pretrained
 from perceivers.commands import export
 from perceivers.commands.export import example_inputs
 from perceivers.models import Perceiver
+from perceivers.models.perceiver_ar import CausalLanguageModel, CausalLanguageModelConfig
+from perceivers.perceiver_ar_pytorch import PerceiverAR
 from perceivers.tasks import create_model
 
 
@@ -76,6 +78,39 @@ def test_perceiver_needs_an_input_shape(tmp_path, capsys) -> None:
     assert set(inputs.size_axes) == {1, 2}
 
 
+def _perceiver_ar(kind: str) -> nn.Module:
+    torch.manual_seed(2)
+    if kind == "krasserm":
+        config = CausalLanguageModelConfig(vocab_size=50, max_seq_len=24, num_latents=6, num_channels=32, num_heads=4,
+                                           num_self_attention_layers=2)
+        return CausalLanguageModel(config)
+    return PerceiverAR(num_tokens=50, dim=32, depth=1, heads=2, dim_head=32, max_seq_len=24, cross_attn_seq_len=6)
+
+
+@pytest.mark.parametrize(("kind", "shortest"), [("krasserm", 6), ("lucidrains", 8)])
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_perceiver_ar_exports_with_a_dynamic_length(tmp_path, capsys, kind, shortest, fmt) -> None:
+    """Both Perceiver ARs take token ids of any batch and length: krasserm's down to ``num_latents`` (the latents
+    alone, no prefix: a traced length once had to exceed it by 2), lucidrains' down to its prefix + 2."""
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+    model = _perceiver_ar(kind).eval()
+    save_pretrained(model, tmp_path / "ar")
+    path = tmp_path / f"ar.{fmt}"
+    status, out, _ = _export(capsys, str(path), "--checkpoint", str(tmp_path / "ar"))
+    assert status == 0 and "dynamic: batch and size" in out and "(3, 18): max" in out, out  # 24 × 0.75
+    for batch, length in ((1, shortest), (2, shortest + 1), (4, 13), (3, 24)):
+        ids = torch.randint(0, 50, (batch, length))
+        with torch.no_grad():
+            want = model(ids)
+        if fmt == "pt2":
+            got = torch.export.load(path).module()(ids)
+        else:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["out.txt", "--model", "vision-perceiver-fourier"], "must end in .onnx (ONNX) or .pt2"),
     (["out.pt2", "--model", "language-perceiver", "--config", '{"tiny": true}', "--input-shape", "1,2,3"],
@@ -86,7 +121,7 @@ def test_perceiver_needs_an_input_shape(tmp_path, capsys) -> None:
      "the model refuses an input of shape (1, 4, 12, 10): expected 3 input channels"),
     # longer than the model's text: refused, not traced at the clamped length
     (["out.pt2", "--model", "language-perceiver", "--config", '{"tiny": true}', "--input-shape", "1,40"],
-     "--input-shape 1,40: the model takes at most 16 tokens"),
+     "--input-shape 1,40: the model takes 1 to 16 tokens"),
 ])
 def test_errors(tmp_path, capsys, monkeypatch, argv, message) -> None:
     monkeypatch.chdir(tmp_path)

@@ -258,6 +258,21 @@ def test_left_padded_forward_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(ids, pad), model(ids, pad), rtol=0, atol=1e-6)
 
 
+def test_exports_with_a_dynamic_length_down_to_the_latents_alone():
+    """A length ``L`` traced by torch.export covers ``L = num_latents`` (no prefix) and ``num_latents + 1``: ``min()``
+    of the length, the prefix's own tensors and the latents' slices of the sequence had made the program fix
+    ``L ≥ num_latents + 2``. Left-padded rows too (the mask's length follows the ids')."""
+    model = _lively()
+    length = torch.export.Dim("length", min=6, max=20)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    ids, pad = _left_pad([_ids(1, n)[0] for n in (9, 14)])
+    program = torch.export.export(model, (ids, pad), dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}))
+    for n in (6, 7, 8, 20):
+        ids, pad = _left_pad([_ids(1, k)[0] for k in (6, n - 1, n)])
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(ids, pad), model(ids, pad), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0, -1.0])
 def test_generate_refuses_a_temperature_that_is_not_a_finite_positive_number(temperature):
     """NaN passed the `temperature <= 0` check and inf divides -inf by inf (NaN): both failed in

@@ -117,9 +117,9 @@ class ExportInputs:
 def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -> ExportInputs:
     """What ``perceivers export`` traces ``model`` with (see :class:`ExportInputs`).
 
-    Registered task models take their sizes from their config; the perceiver-pytorch family
-    (``Perceiver``, ``PerceiverLM``) and other modules need ``input_shape`` (``PerceiverLM``: its
-    ``max_seq_len`` by default).
+    Registered task models take their sizes from their config, and the language models of the peer APIs
+    (``PerceiverLM``, both Perceiver ARs) their longest text; ``Perceiver`` and other modules need
+    ``input_shape``.
     """
     name = getattr(model, "model_name", None) or ""
     config = getattr(model, "config", None)
@@ -135,12 +135,13 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
         low = 16 if name == "vision-perceiver-conv" else 1  # the conv stem's padding rules (torch asks for it)
         sizes = {} if name == "vision-perceiver-learned" else {2: ("height", low, 4096), 3: ("width", low, 4096)}
         return ExportInputs(floats(shape), batch, sizes)
-    if name.startswith("language-perceiver"):
-        length = config.max_position_embeddings
-        shape = input_shape or (1, length)
-        _check_shape(shape, 2, "[batch, length]", max_length=length)
-        ids = torch.randint(0, config.vocab_size, tuple(shape), generator=gen)
-        return ExportInputs(ids, batch, {1: ("length", 1, length)})
+    tokens = _token_input(model)
+    if tokens is not None:
+        vocab, shortest, longest, dynamic_from = tokens
+        shape = input_shape or (1, longest)
+        _check_shape(shape, 2, "[batch, length]", lengths=(shortest, longest))
+        ids = torch.randint(0, vocab, tuple(shape), generator=gen)
+        return ExportInputs(ids, batch, {1: ("length", dynamic_from, longest)})
     if name == "optical-flow-perceiver":
         shape = input_shape or (1, 2, 3, *config.train_size)
         _check_shape(shape, 5, "[batch, 2, channels, height, width]")
@@ -151,13 +152,6 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
         inputs = {"audio": floats((1, config.num_audio_samples, 1)),
                   "image": floats((1, config.num_frames, config.in_channels, *config.image_size))}
         return ExportInputs(inputs, {k: batch for k in inputs})
-    from ..models.perceiver_io import PerceiverLM
-
-    if isinstance(model, PerceiverLM):
-        shape = input_shape or (1, model.max_seq_len)
-        _check_shape(shape, 2, "[batch, length]", max_length=model.max_seq_len)
-        ids = torch.randint(0, model.num_tokens, tuple(shape), generator=gen)
-        return ExportInputs(ids, batch, {1: ("length", 1, model.max_seq_len)})
     if input_shape is None:
         raise ValueError(f"{type(model).__name__} has no size of its own: pass --input-shape (e.g. 1,224,224,3 for a "
                          "Perceiver on RGB images, channels last)")
@@ -167,15 +161,34 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
     return ExportInputs(floats(input_shape), batch, sizes)
 
 
-def _check_shape(shape: Sequence[int], rank: int, layout: str, *, max_length: int | None = None) -> None:
-    """``shape`` has ``rank`` sizes and, for a language model, at most its ``max_length`` tokens (axis 1): the
-    program would be traced at the clamped length (:meth:`ExportInputs.resized`) and the eager model refuse
-    the example."""
+def _token_input(model: nn.Module) -> tuple[int, int, int, int] | None:
+    """A language model's token input: (vocabulary, shortest, longest length, shortest length a program of
+    dynamic length takes), or ``None`` for a model of other inputs."""
+    from ..models.perceiver_ar import CausalLanguageModel
+    from ..models.perceiver_io import PerceiverLM
+    from ..perceiver_ar_pytorch import PerceiverAR
+
+    if (getattr(model, "model_name", None) or "").startswith("language-perceiver"):
+        return model.config.vocab_size, 1, model.config.max_position_embeddings, 1
+    if isinstance(model, PerceiverLM):
+        return model.num_tokens, 1, model.max_seq_len, 1
+    if isinstance(model, CausalLanguageModel):  # the latents are the last num_latents positions
+        return model.config.vocab_size, model.num_latents, model.max_seq_len, model.num_latents
+    if isinstance(model, PerceiverAR):  # the logits cover the L - P positions after the prefix; torch.export
+        prefix = model.cross_attn_seq_len  # can't keep a derived length dynamic down to 1 (it fixes L = P + 1)
+        return model.num_tokens, prefix + 1, model.max_seq_len, min(prefix + 2, model.max_seq_len)
+    return None
+
+
+def _check_shape(shape: Sequence[int], rank: int, layout: str, *, lengths: tuple[int, int] | None = None) -> None:
+    """``shape`` has ``rank`` sizes and, for a language model, a length (axis 1) within its ``lengths``
+    (shortest, longest): the program would be traced at the clamped length (:meth:`ExportInputs.resized`)
+    and the eager model refuse the example."""
     text = ",".join(map(str, shape))
     if len(shape) != rank:
         raise ValueError(f"--input-shape must be {layout} ({rank} sizes), got {text}")
-    if max_length is not None and shape[1] > max_length:
-        raise ValueError(f"--input-shape {text}: the model takes at most {max_length} tokens")
+    if lengths is not None and not lengths[0] <= shape[1] <= lengths[1]:
+        raise ValueError(f"--input-shape {text}: the model takes {lengths[0]} to {lengths[1]} tokens")
 
 
 class _Outputs(nn.Module):

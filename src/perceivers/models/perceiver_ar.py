@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
 from ..configurable import configurable
@@ -62,6 +63,13 @@ def _keys_values(attn: Attention, context: Tensor, angles: Tensor | None) -> Key
     return (k if angles is None else rotate(k, angles)), v
 
 
+def _last(x: Tensor, n: int, dim: int) -> Tensor:
+    """The last ``n`` entries of ``x`` along ``dim``, as a new tensor: a slice's view is contiguous only when it
+    is the whole axis, which a traced length can't rule out (torch.export would fix the length)."""
+    length = x.shape[dim]
+    return x.index_select(dim, torch.arange(length - n, length, device=x.device))
+
+
 def _append(past: KeyValue | None, new: KeyValue) -> KeyValue:
     return new if past is None else (torch.cat((past[0], new[0]), dim=2), torch.cat((past[1], new[1]), dim=2))
 
@@ -94,7 +102,7 @@ def _attention(attn: Attention, x: Tensor, k: Tensor, v: Tensor, angles_q: Tenso
     dropout = attn.dropout if attn.training else 0.0
     if keep is not None:
         out = sdpa(q, k, v, attn_mask=keep, dropout_p=dropout)
-    elif n == m:
+    elif statically_known_true(n == m):  # a traced K that may equal N takes the mask (the same attention)
         out = sdpa(q, k, v, dropout_p=dropout, is_causal=True)
     else:  # SDPA's is_causal aligns top-left; the latents are the last queries, so align bottom-right
         causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
@@ -125,12 +133,21 @@ class CausalCrossAttention(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = _feed_forward(dim, widening_factor, bias=False)
 
-    def forward(self, latents: Tensor, prefix: Tensor, angles_q: Tensor | None = None,
-                angles_k: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-        """``latents [B, N, C]``, ``prefix [B, P, C]`` → ``[B, N, C]``; key angles and ``keep`` cover ``P + N`` keys
-        (the last N key angles are the latents', ``angles_q``): the prefix keys, then :meth:`extend`."""
-        past = self.prefix_keys(prefix, None if angles_k is None else angles_k[..., : prefix.shape[1], :])
-        return self.extend(latents, past, angles_q, keep)[0]
+    def forward(self, h: Tensor, num_latents: int, angles: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        """``h [B, K, C]`` (the prefix, then ``num_latents`` latents) → latents ``[B, N, C]``; ``angles`` and
+        ``keep`` cover the K keys (the last N are the latents', which turn the queries too).
+
+        The prefix rows are normalised by ``norm_kv`` and the latents by ``norm_q`` in one pass over K rows
+        (a ``where``): no tensor is as long as the prefix, so a traced ``K`` exports down to ``K = N``.
+        """
+        k_len = h.shape[1]
+        start = k_len - num_latents
+        is_prefix = torch.arange(k_len, device=h.device) < start  # [K]
+        normed = torch.where(is_prefix[:, None], self.norm_kv(h), self.norm_q(h))  # [B, K, C]
+        k, v = _keys_values(self.attn, normed, angles)
+        latents, q = _last(h, num_latents, 1), _last(normed, num_latents, 1)
+        x = latents + _attention(self.attn, q, k, v, None if angles is None else _last(angles, num_latents, -2), keep)
+        return x + self.mlp(self.norm_mlp(x))
 
     def prefix_keys(self, prefix: Tensor, angles: Tensor | None) -> KeyValue:
         """Keys/values ``[B, H, P, d]`` of prefix positions ``[B, P, C]`` (for :meth:`extend`)."""
@@ -364,25 +381,26 @@ class PerceiverAR(nn.Module):
         """Embedded ``h [B, L, C]`` → latents ``[B, N, C]`` after the last layer; a sequence shorter than
         ``num_latents`` is all latents. ``positions [B, L]`` (rotary) go with ``pad_mask``."""
         b, n, _ = h.shape
-        num_latents = min(self.num_latents, n)
+        # not min(): for a traced n, min(N, n) is a symbol of its own and n - min(N, n) never simplifies
+        num_latents = self.num_latents if n >= self.num_latents else n  # noqa: FURB136
         p = n - num_latents
-        prefix, latents = h[:, :p], h[:, p:]  # [B, P, C], [B, N, C]
         if positions is None:
             positions = torch.arange(n, device=h.device)
         angles = _angles_for(self.rotary, positions)  # [L, r] or [B, 1, L, r]
-        angles_q, angles_k = angles[..., p:, :], angles
+        angles_q, angles_k = _last(angles, num_latents, -2), angles
         key_padding = pad_mask
         if self.training and self.cross_attention_dropout > 0.0 and p > 0:
-            prefix, kept = self._drop_prefix(prefix)  # [B, P', C], indices [B, P']
+            prefix, kept = self._drop_prefix(h[:, :p])  # [B, P', C], indices [B, P']
             kept_pos = kept if positions.ndim == 1 else positions.gather(1, kept)
             key_pos = torch.cat((kept_pos, positions[..., p:].expand(b, -1)), dim=1)  # [B, P' + N]
             angles_k = self.rotary(key_pos)[:, None]  # [B, 1, K, r]
             if pad_mask is not None:
                 key_padding = torch.cat((pad_mask[:, :p].gather(1, kept), pad_mask[:, p:]), dim=1)
+            h = torch.cat((prefix, h[:, p:]), dim=1)  # [B, P' + N, C]
         cross_keep = None if pad_mask is None else causal_keep_mask(num_latents, key_padding)
-        self_keep = None if pad_mask is None else causal_keep_mask(num_latents, pad_mask[:, p:])
+        self_keep = None if pad_mask is None else causal_keep_mask(num_latents, _last(pad_mask, num_latents, 1))
         with self._offload():
-            latents = self._call(self.cross_attention, latents, prefix, angles_q, angles_k, cross_keep)
+            latents = self._call(self.cross_attention, h, num_latents, angles_k, cross_keep)
             for i, layer in enumerate(self.self_attention):
                 rotary = angles_q if i < self.num_self_attention_rotary_layers else None
                 latents = self._call(layer, latents, rotary, self_keep)
