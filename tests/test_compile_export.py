@@ -775,6 +775,40 @@ def test_compile_dynamic_trains_a_streamed_model() -> None:
     torch.testing.assert_close([p.grad for p in model.parameters()], grads, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_dynamic_streams_every_length_of_a_chunk_count_in_one_graph(train) -> None:
+    """``torch.compile(dynamic=True)`` of models streaming with an explicit ``chunk_size`` (the encoder's context, a
+    decoder's query set): the chunk loop ran over ``range(0, length, step)``, which specialised each graph to one
+    length, a recompilation per input size (the 9th fell back to eager). Chunks are now counted, so a graph holds for
+    every length with as many chunks; outputs (and gradients in training) equal eager mode's."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    perceiver = perceivers.Perceiver(num_freq_bands=2, depth=1, max_freq=10.0, num_latents=4, latent_dim=16,
+                                     latent_heads=2, cross_dim_head=8, latent_dim_head=8, num_classes=3, chunk_size=16)
+    io = perceivers.PerceiverIO(depth=1, dim=5, queries_dim=6, logits_dim=2, num_latents=4, latent_dim=16,
+                                cross_dim_head=8, latent_dim_head=8, chunk_size=16, decode_chunk_size=16)
+    cases = [(perceiver, lambda h: {"data": torch.randn(2, h, 4, 3)}),  # h·4 pixels, chunks of whole rows (16)
+             (io, lambda h: {"data": torch.randn(2, 4 * h, 5), "queries": torch.randn(2, 4 * h, 6)})]
+    for model, make in cases:
+        model.train(train)
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+        for h in (6, 8):  # 24 and 32 elements: 2 chunks each (a last chunk of one image row would be a graph of its own)
+            inputs = make(h)
+            with torch.set_grad_enabled(train):
+                got, want = compiled(**inputs), model(**inputs)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                if train:
+                    grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+                    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), list(model.parameters())),
+                                               grads, atol=1e-5, rtol=1e-5)
+        assert counter.frame_count == 1, (type(model).__name__, counter.frame_count)
+        compiled(**make(10))  # 40 elements: a third chunk, a second graph
+        assert counter.frame_count == 2
+
+
 def test_onnx_conv_vision_model_takes_odd_image_sizes(tmp_path) -> None:
     """The conv stem's TF 'SAME' padding of a dynamic image size: ONNX divides integers truncating toward zero, so a
     ceiling written as ``-(-n // 2)`` became a floor in the file, and onnxruntime padded odd sizes by one pixel too

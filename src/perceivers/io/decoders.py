@@ -29,6 +29,7 @@ from ..layers import (
     auto_chunk_size,
     check_chunk_size,
     check_mask,
+    chunk_bounds,
     join_chunks,
     loop_chunk_size,
     loop_pays,
@@ -288,18 +289,18 @@ class BasicDecoder(nn.Module):
         """Independent queries decoded ``size`` at a time against the prepared latents ``kvs``."""
         n = query.shape[1]
         streamed = isinstance(query, ContextStream)
-        rows = (lambda a: query.chunk(a, min(a + size, n))) if streamed else (lambda a: query[:, a:a + size])
+        rows = query.chunk if streamed else (lambda a, z: query[:, a:z])
 
-        def part(a: int) -> Tensor:
-            out = self._decode(rows(a), latents, None if query_mask is None else query_mask[:, a:a + size], kvs=kvs)
+        def part(a: int, z: int) -> Tensor:
+            out = self._decode(rows(a, z), latents, None if query_mask is None else query_mask[:, a:z], kvs=kvs)
             return out if head is None else head(out)
 
         if self._grad(query, latents) and not torch.compiler.is_compiling():
             # with autograd only each chunk's output is kept: its intermediates (and a stream's queries) are
             # made again in the backward pass
-            parts = (checkpoint(part, a, use_reentrant=False) for a in range(0, n, size))
+            parts = (checkpoint(part, a, z, use_reentrant=False) for a, z in chunk_bounds(n, size))
         else:
-            parts = (part(a) for a in range(0, n, size))
+            parts = (part(a, z) for a, z in chunk_bounds(n, size))
         return join_chunks(parts, n)
 
     def _decode_looped(self, query: Tensor | ContextStream, latents: Tensor, query_mask: Tensor | None,

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from . import native_attention, onednn_attention
 from .dense import Linear, _autocast_operands, _func_transforms, linear
 from .sdpa import sdpa
-from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK, loop_step
+from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK, chunk_bounds, loop_step
 
 __all__ = [
     "Attention", "KeyValue", "attend_heads", "attention_weights", "check_mask", "fold_is_cheaper", "fused_export",
@@ -355,8 +355,7 @@ class Attention(nn.Module):
             group = max(2, min(32, (1 << 22) // part_size, -(-length // chunk_size)))  # ≤ 16 MiB, ≤ 32
             outs = lses = None
             count = 0
-            for start in range(0, length, chunk_size):
-                stop = min(start + chunk_size, length)
+            for start, stop in chunk_bounds(length, chunk_size):
                 k, v = keys_values(start, stop)
                 bias = None
                 if mask is not None:
@@ -401,8 +400,7 @@ class Attention(nn.Module):
             # counts as 1 (no guard).
             rows = (b if isinstance(b, int) else 1) * h * (n if isinstance(n, int) else 1)
             step_size = min(chunk_size, max(MIN_STEP_KEYS, STEP_SCORES // max(rows, 1)))
-            for start in range(0, length, step_size):
-                stop = min(start + step_size, length)
+            for start, stop in chunk_bounds(length, step_size):
                 if grad:
                     m, l, acc = checkpoint(step, q, m, l, acc, start, stop, use_reentrant=False)
                 else:
@@ -715,5 +713,5 @@ def _forward_recorded(layer: Attention, records: list[Record], x: Tensor, contex
 def _forward_chunked_recorded(layer: Attention, records: list[Record], x: Tensor, chunk: Callable[[int, int], Tensor],
                               length: int, *, chunk_size: int, mask: Tensor | None = None,
                               query_mask: Tensor | None = None) -> Tensor:
-    context = torch.cat([chunk(a, min(a + chunk_size, length)) for a in range(0, length, chunk_size)], dim=1)
+    context = torch.cat([chunk(a, z) for a, z in chunk_bounds(length, chunk_size)], dim=1)
     return _forward_recorded(layer, records, x, context, mask=mask, query_mask=query_mask)

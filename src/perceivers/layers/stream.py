@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "join_chunks", "loop_chunk_size",
+__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "chunk_bounds", "join_chunks", "loop_chunk_size",
            "loop_pays", "loop_rows", "loop_step", "loops", "onnx_export", "onnx_loops"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
@@ -38,6 +38,18 @@ def check_chunk_size(value: object, name: str = "chunk_size") -> int | None:
     if value < 0:
         raise ValueError(f"{name} must be None, 0 or a positive int, got {value}")
     return value
+
+
+def chunk_bounds(length: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the consecutive chunks of at most ``size`` that cover ``range(length)``.
+
+    Counted as ``⌈length / size⌉`` chunks, not stepped through ``range(0, length, size)``: under
+    ``torch.compile(dynamic=True)`` a graph then holds for every length with that many chunks (``range`` of a
+    symbolic length specialised the graph to that one length, a recompilation per input size).
+    """
+    for i in range((length + size - 1) // size):
+        start = i * size
+        yield start, torch.sym_min(start + size, length)
 
 
 def join_chunks(parts: Iterable[Tensor], length: int) -> Tensor:

@@ -21,6 +21,7 @@ from ..layers import (
     auto_chunk_size,
     check_chunk_size,
     check_mask,
+    chunk_bounds,
     join_chunks,
     loop_chunk_size,
     loop_pays,
@@ -238,9 +239,8 @@ class PerceiverIO(nn.Module):
         # independent chunks (each query's cross-attentions read only the latents and itself).
         kvs = [block.prepare(latents) for block in self._decoder_cross_blocks()]
         n = queries.shape[1]
-        parts = (self.to_logits(self._decode(queries[:, i:i + size], None if query_mask is None else query_mask[:, i:i + size],
-                                             kvs=kvs))
-                 for i in range(0, n, size))
+        parts = (self.to_logits(self._decode(queries[:, a:z], None if query_mask is None else query_mask[:, a:z], kvs=kvs))
+                 for a, z in chunk_bounds(n, size))
         return join_chunks(parts, n)
 
     def _decode_grad(self, queries: Tensor, latents: Tensor) -> bool:
