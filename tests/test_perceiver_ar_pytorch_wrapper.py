@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import perceivers
@@ -27,3 +28,11 @@ def test_wrapper_saves_and_rebuilds(tmp_path) -> None:
         torch.manual_seed(5)
         tokens.append(model.generate(x[:, :10], 4))
     assert torch.equal(*tokens)
+
+
+@pytest.mark.parametrize("length", [1, 9, 22])
+def test_wrapper_names_the_length_it_was_given(length) -> None:
+    """The wrapper passes ``x[:, :-1]`` on: the net's errors named that length (8 for an input of 9 tokens)."""
+    wrapper = AutoregressiveWrapper(PerceiverAR(**TINY))
+    with pytest.raises(ValueError, match=f"x must hold 10 to 21 tokens .* got length {length}$"):
+        wrapper(torch.zeros(2, length, dtype=torch.long))

@@ -419,4 +419,10 @@ class AutoregressiveWrapper(nn.Module):
         if not isinstance(x, Tensor) or x.ndim != 2:
             raise ValueError(f"x must be token ids of shape [batch, seq_len + 1], got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        # the net sees x[:, :-1]: say its limits in lengths of x, the tensor given
+        shortest, longest = self.net.cross_attn_seq_len + 2, self.max_seq_len + 1
+        if not shortest <= x.shape[1] <= longest:
+            raise ValueError(f"x must hold {shortest} to {longest} tokens (inputs x[:, :-1] longer than "
+                             f"cross_attn_seq_len={self.net.cross_attn_seq_len}, at most max_seq_len={self.max_seq_len}, "
+                             f"and the next token of each), got length {x.shape[1]}")
         return self.net(x[:, :-1], labels=x[:, 1:], **kwargs)

@@ -72,6 +72,26 @@ def test_bad_configuration_is_refused():
         _model(max_seq_len=12, random_sequence_truncation=True)
     with pytest.raises(ValueError, match="num_self_attention_rotary_layers must be >= 0 or -1"):
         _model(num_self_attention_rotary_layers=-2)
+    # accepted before, then unusable (forward refused every length; ids in [0, 0)) or a ZeroDivisionError
+    with pytest.raises(ValueError, match="num_latents=21 must be <= max_seq_len=20"):
+        _model(num_latents=21)
+    for field in ("num_heads", "vocab_size", "max_seq_len"):
+        with pytest.raises(ValueError, match=f"{field} must be an int >= 1, got 0"):
+            _model(**{field: 0})
+
+
+@pytest.mark.parametrize("num", [2.5, True, -1])
+def test_generate_refuses_a_count_that_is_not_a_natural_number(num):
+    with pytest.raises(ValueError, match=f"num must be an int >= 0, got {num}"):
+        _model().generate(num, _ids(1, 8))
+
+
+def test_generate_logits_have_the_dtype_of_a_step_under_autocast():
+    """No step (``num=0``) gave float32 logits under bfloat16 autocast, one step bfloat16."""
+    model = _model().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtypes = {model.generate(n, _ids(2, 8), return_logits=True)[1].dtype for n in (0, 1)}
+    assert dtypes == {torch.bfloat16}
 
 
 def test_prefix_dropout_keeps_the_documented_count():

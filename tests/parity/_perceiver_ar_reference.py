@@ -61,6 +61,15 @@ def main(out: Path) -> None:
             gens.append({"seed": seed, "prompt": prompt, "num": num, "threshold": threshold,
                          "temperature": temperature, "tokens": tokens})
         res["generate"] = gens
+        model.train()  # generate on a training model: each step the training forward (dropout, truncation)
+        gens = []
+        for seed, prompt_len, num in [(11, 10, 6), (12, length - 2, 12)]:
+            prompt = ids[:, :prompt_len]
+            torch.manual_seed(seed)
+            tokens = model.generate(num=num, prompt=prompt, threshold=0.5, temperature=1.0)
+            gens.append({"seed": seed, "prompt": prompt, "num": num, "threshold": 0.5, "temperature": 1.0,
+                         "tokens": tokens})
+        res["generate_train"] = gens
         torch.save(res, out / f"{name}.pt")
     print("DONE")
 

@@ -99,6 +99,43 @@ def test_generate_matches_krasserm(reference, name):
 
 
 @needs_060
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_in_training_mode_matches_krasserm(reference, name, use_cache):
+    """krasserm's ``generate`` on a model in training mode runs the training forward each step (prefix dropout, and
+    random truncation in "wide_heads"); the cache skipped the prefix dropout (other tokens; greedy logits off by up
+    to 4.5). In training mode every step now runs in full, cache or not, and the model stays in training mode."""
+    ref = reference[name]
+    model = _ours(ref).train()
+    for g in ref["generate_train"]:
+        torch.manual_seed(g["seed"])
+        tokens = model.generate(num=g["num"], prompt=g["prompt"], threshold=g["threshold"],
+                                temperature=g["temperature"], use_cache=use_cache)
+        assert torch.equal(tokens, g["tokens"]), g
+    assert model.training
+
+
+@needs_060
+def test_060_lightning_hyperparameters_must_match_the_model(reference, tmp_path):
+    """0.6.0's ``LitCausalLanguageModel`` records the latent count as ``num_latents`` (0.11.0: ``max_latents``): only
+    0.11.0's name was read, and a model with another latent count loaded silently (logits off by up to 2)."""
+    import dataclasses
+
+    import perceivers
+
+    ref = reference["small"]
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in ref["state"].items()}, "hyper_parameters": dict(ref["fields"])}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    config = CausalLanguageModelConfig(**ref["fields"])
+    model = perceivers.load_checkpoint(CausalLanguageModel(config), tmp_path / "last.ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["ids"]), ref["eval"], rtol=0, atol=TOL)
+    other = dataclasses.replace(config, num_latents=config.num_latents - 2)
+    with pytest.raises(CheckpointError, match=f"trained with num_latents={config.num_latents} \\(the model has"):
+        perceivers.load_checkpoint(CausalLanguageModel(other), tmp_path / "last.ckpt")
+
+
+@needs_060
 def test_converter_refuses_what_does_not_fit(reference):
     ref = reference["small"]
     state = dict(ref["state"])

@@ -89,9 +89,10 @@ def check_hyperparameters(hparams: Mapping[str, object], model: nn.Module, *, so
     which would otherwise load silently into a model that computes something else."""
     layers = len(model.self_attention)
     rotary = hparams.get("num_self_attention_rotary_layers", 1)
-    ours = {"max_latents": model.num_latents, "num_heads": model.cross_attention.attn.num_heads,
+    latents = "num_latents" if "max_latents" not in hparams else "max_latents"  # 0.6.0's name, 0.11.0's
+    ours = {latents: model.num_latents, "num_heads": model.cross_attention.attn.num_heads,
             "num_self_attention_rotary_layers": min(model.num_self_attention_rotary_layers, layers)}
-    theirs = {"max_latents": hparams.get("max_latents"), "num_heads": hparams.get("num_heads"),
+    theirs = {latents: hparams.get(latents), "num_heads": hparams.get("num_heads"),
               "num_self_attention_rotary_layers": layers if rotary == -1 else min(rotary, layers)}
     wrong = [f"{k}={theirs[k]} (the model has {v})" for k, v in ours.items() if theirs[k] is not None and theirs[k] != v]
     if wrong:

@@ -31,7 +31,7 @@ from ..layers import Attention, FeedForward
 from ..layers.dense import Linear
 from ..layers.rotary import RotaryEmbedding, rotate
 from ..layers.sdpa import sdpa
-from ..validation import data_dependent_checks
+from ..validation import check_count, data_dependent_checks
 from .common import check_token_ids
 
 __all__ = [
@@ -137,16 +137,16 @@ class CausalCrossAttention(nn.Module):
         """``h [B, K, C]`` (the prefix, then ``num_latents`` latents) → latents ``[B, N, C]``; ``angles`` and
         ``keep`` cover the K keys (the last N are the latents', which turn the queries too).
 
-        The prefix rows are normalised by ``norm_kv`` and the latents by ``norm_q`` in one pass over K rows
-        (a ``where``): no tensor is as long as the prefix, so a traced ``K`` exports down to ``K = N``.
+        The prefix rows are normalised by ``norm_kv`` and the latents by ``norm_q``, written over their rows of one
+        ``[B, K, C]`` tensor: no tensor is as long as the prefix, so a traced ``K`` exports down to ``K = N``.
         """
         k_len = h.shape[1]
-        start = k_len - num_latents
-        is_prefix = torch.arange(k_len, device=h.device) < start  # [K]
-        normed = torch.where(is_prefix[:, None], self.norm_kv(h), self.norm_q(h))  # [B, K, C]
+        rows = torch.arange(k_len - num_latents, k_len, device=h.device)  # the latents' [N]
+        latents = h.index_select(1, rows)
+        q = self.norm_q(latents)
+        normed = self.norm_kv(h).index_copy_(1, rows, q)  # [B, K, C] (LayerNorm's backward keeps no output)
         k, v = _keys_values(self.attn, normed, angles)
-        latents, q = _last(h, num_latents, 1), _last(normed, num_latents, 1)
-        x = latents + _attention(self.attn, q, k, v, None if angles is None else _last(angles, num_latents, -2), keep)
+        x = latents + _attention(self.attn, q, k, v, None if angles is None else angles.index_select(-2, rows), keep)
         return x + self.mlp(self.norm_mlp(x))
 
     def prefix_keys(self, prefix: Tensor, angles: Tensor | None) -> KeyValue:
@@ -310,10 +310,10 @@ class PerceiverAR(nn.Module):
         dim = getattr(input_adapter, "num_channels", None)
         if not isinstance(dim, int):
             raise TypeError(f"input_adapter must expose num_channels (an int), got {type(input_adapter).__name__}")
+        check_count(num_latents=num_latents, num_heads=num_heads)
+        check_count(minimum=0, num_self_attention_layers=num_self_attention_layers)
         if dim % num_heads:
             raise ValueError(f"num_channels={dim} must be divisible by num_heads={num_heads}")
-        if num_latents < 1:
-            raise ValueError(f"num_latents must be >= 1, got {num_latents}")
         if not 0.0 <= cross_attention_dropout < 1.0:
             raise ValueError(f"cross_attention_dropout must lie in [0, 1), got {cross_attention_dropout}")
         if num_self_attention_rotary_layers < -1:
@@ -472,6 +472,11 @@ class CausalLanguageModel(PerceiverAR):
     """
 
     def __init__(self, config: CausalLanguageModelConfig) -> None:
+        check_count(vocab_size=config.vocab_size, max_seq_len=config.max_seq_len, num_latents=config.num_latents,
+                    num_channels=config.num_channels, num_heads=config.num_heads)
+        if config.num_latents > config.max_seq_len:
+            raise ValueError(f"num_latents={config.num_latents} must be <= max_seq_len={config.max_seq_len} (the "
+                             "latents are the last num_latents positions of a sequence)")
         if config.random_sequence_truncation and config.max_seq_len < 16:
             raise ValueError(f"random_sequence_truncation needs max_seq_len >= 16, got {config.max_seq_len}")
         head_width = config.num_channels // config.num_heads
@@ -517,13 +522,18 @@ class CausalLanguageModel(PerceiverAR):
             check_pad_mask(pad_mask, ids)
         if ids.shape[1] < self.num_latents:
             raise ValueError(f"sequence length {ids.shape[1]} is shorter than num_latents={self.num_latents}")
-        if self.config.random_sequence_truncation and self.training:
-            n = int(torch.randint(16, self.max_seq_len + 1, (1,)))
-            ids = ids[:, -n:]  # positions restart at the truncated window's start
-            pad_mask = None if pad_mask is None else pad_mask[:, -n:]
+        ids, pad_mask = self._truncate(ids, pad_mask)
         positions = None if pad_mask is None else pad_positions(pad_mask)
         h = self.input_adapter.embed(ids, positions)
         return self.output_layer(self._latents(h, pad_mask, positions))
+
+    def _truncate(self, ids: Tensor, pad_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """In training with ``random_sequence_truncation``, the last ``n ~ U{16 … max_seq_len}`` tokens (positions
+        restart at the window's start); otherwise ``ids`` and ``pad_mask`` as they are."""
+        if not (self.config.random_sequence_truncation and self.training):
+            return ids, pad_mask
+        n = int(torch.randint(16, self.max_seq_len + 1, (1,)))
+        return ids[:, -n:], None if pad_mask is None else pad_mask[:, -n:]
 
     @torch.no_grad()
     def generate(self, num: int, prompt: Tensor, threshold: float = 0.9, temperature: float = 1.0, *,
@@ -540,11 +550,11 @@ class CausalLanguageModel(PerceiverAR):
             pad_mask: ``[B, n]`` bool, True = padding, for left-padded prompts of different lengths;
                 each row then gets the tokens it gets alone (greedy; sampling draws per batch).
             use_cache: reuse keys/values that stay valid between steps (exact: the same logits up to
-                rounding as without; see docs/perceiver-ar.md for when they do).
+                rounding as without; see docs/perceiver-ar.md for when they do). In training mode every step
+                runs the training forward, dropouts and truncation included (krasserm's ``generate``), uncached.
             return_logits: also return each step's logits ``[B, num, vocab]`` (before top-f).
         """
-        if num < 0:
-            raise ValueError(f"num must be >= 0, got {num}")
+        check_count(minimum=0, num=num)
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
         if not (math.isfinite(temperature) and temperature > 0):  # NaN / inf sample from NaN probabilities
@@ -554,7 +564,9 @@ class CausalLanguageModel(PerceiverAR):
         self.input_adapter.check(prompt, limit_length=False)
         if pad_mask is not None:
             check_pad_mask(pad_mask, prompt)
-        cache = _DecodeCache() if use_cache else None
+        # in training mode each step is the training forward (dropouts act, as in krasserm's generate): nothing
+        # computed in one step stays valid for the next
+        cache = _DecodeCache() if use_cache and not self.training else None
         result, steps = prompt, []
         for _ in range(num):
             logits = self._next_logits(result, pad_mask, cache)  # [B, V]
@@ -566,8 +578,11 @@ class CausalLanguageModel(PerceiverAR):
                 steps.append(logits)
         tokens = result[:, prompt.shape[1] :]
         if return_logits:
-            empty = prompt.new_zeros(prompt.shape[0], 0, self.config.vocab_size, dtype=self.output_layer.weight.dtype)
-            return tokens, torch.stack(steps, dim=1) if steps else empty
+            if not steps:  # the output layer of no position: the dtype a step's logits have (autocast's, say)
+                empty = self.output_layer(prompt.new_zeros(prompt.shape[0], 0, self.num_channels,
+                                                           dtype=self.output_layer.weight.dtype))
+                return tokens, empty
+            return tokens, torch.stack(steps, dim=1)
         return tokens
 
     def _next_logits(self, ids: Tensor, pad_mask: Tensor | None, cache: _DecodeCache | None) -> Tensor:
@@ -583,8 +598,7 @@ class CausalLanguageModel(PerceiverAR):
         """
         n, window = ids.shape[1], self.max_seq_len
         if cache is None or n > window:
-            ids = ids[:, -window:]
-            pad_mask = None if pad_mask is None else pad_mask[:, -window:]
+            ids, pad_mask = self._truncate(ids[:, -window:], None if pad_mask is None else pad_mask[:, -window:])
             positions = None if pad_mask is None else pad_positions(pad_mask)
             h = self.input_adapter.embed(ids, positions)  # the prompt was checked, samples are ids
             return self.output_layer(self._latents(h, pad_mask, positions)[:, -1])
