@@ -164,6 +164,7 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
 def _token_input(model: nn.Module) -> tuple[int, int, int, int] | None:
     """A language model's token input: (vocabulary, shortest, longest length, shortest length a program of
     dynamic length takes), or ``None`` for a model of other inputs."""
+    from ..krasserm.text import MaskedLanguageModel, TextClassifier
     from ..models.perceiver_ar import CausalLanguageModel
     from ..models.perceiver_io import PerceiverLM
     from ..perceiver_ar_pytorch import PerceiverAR
@@ -172,6 +173,10 @@ def _token_input(model: nn.Module) -> tuple[int, int, int, int] | None:
         return model.config.vocab_size, 1, model.config.max_position_embeddings, 1
     if isinstance(model, PerceiverLM):
         return model.num_tokens, 1, model.max_seq_len, 1
+    if isinstance(model, (MaskedLanguageModel, TextClassifier)):  # krasserm's: the MLM's logits cover its queries
+        text = model.config.encoder
+        longest = min(text.max_seq_len, getattr(model.config.decoder, "max_seq_len", text.max_seq_len))
+        return text.vocab_size, 1, longest, 1
     if isinstance(model, CausalLanguageModel):  # the latents are the last num_latents positions
         return model.config.vocab_size, model.num_latents, model.max_seq_len, model.num_latents
     if isinstance(model, PerceiverAR):  # the logits cover the L - P positions after the prefix; torch.export

@@ -590,8 +590,11 @@ class PerceiverDecoder(nn.Module):
             _rename_keys({"output_adapter._output_query": "output_query_provider._query"})
         )
 
-    def forward(self, x_latent: Tensor, x_adapted: Tensor | None = None, **kwargs):
+    def forward(self, x_latent: Tensor, x_adapted: Tensor | None = None, *, num_queries: int | None = None, **kwargs):
+        """``num_queries``: decode only the first that many output queries (each attends the latents alone)."""
         output_query = self.output_query_provider(x_adapted)  # [1 or B, O, F]
+        if num_queries is not None:
+            output_query = output_query[:, :num_queries]
         if output_query.shape[0] != x_latent.shape[0]:
             output_query = per_sample(output_query[0], x_latent.shape[0])
         output = self.cross_attn(output_query, x_latent)

@@ -114,11 +114,14 @@ class MaskedLanguageModel(PerceiverIO):
     def forward(self, x_masked: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         n = x_masked.shape[1]
         x_latent = self.encoder(x_masked, pad_mask)
+        kwargs = {}
         if isinstance(self.decoder.output_adapter, TiedTokenOutputAdapter):
-            x_logits = self.decoder(x_latent, txt_embedding=self.encoder.input_adapter.txt_embedding)
-        else:
-            x_logits = self.decoder(x_latent)
-        return x_logits[:, :n, :]  # the first n of max_seq_len output queries
+            kwargs["txt_embedding"] = self.encoder.input_adapter.txt_embedding
+        # the logits of the first n of max_seq_len output queries: only those are decoded (a query attends the latents
+        # alone), unless dropout in training draws over all of them (krasserm's random stream). A slice of all the
+        # logits is a view whose layout depends on n, which made torch.export fix the length.
+        decoded = None if self.training and self.config.decoder.dropout > 0 else n
+        return self.decoder(x_latent, num_queries=decoded, **kwargs)[:, :n, :]
 
 
 @configurable
