@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "chunk_bounds", "join_chunks", "loop_chunk_size",
-           "loop_pays", "loop_rows", "loop_step", "loops", "onnx_export", "onnx_loops"]
+__all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "chunk_bounds", "join_chunks",
+           "loop_chunk_size", "loop_pays", "loop_rows", "loop_step", "loops", "onnx_export", "onnx_loops"]
 
 # Without autograd, inputs above STREAM_ABOVE elements per sample are streamed by default
 # (``chunk_size=None``) in chunks of a quarter of the input, between MIN_CHUNK and DEFAULT_CHUNK
