@@ -13,6 +13,13 @@ from perceivers.layers import onednn_attention as oa
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
 
+@pytest.fixture
+def onednn_on():
+    """oneDNN serves the products and attention (the default on AMD processors only)."""
+    with use_onednn(True):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _without_native_attention(monkeypatch):
     """Layers take the native kernel first where it is built (see test_native_attention.py): off here, so
@@ -221,6 +228,7 @@ def _relative_error(got, ref):
     return ((got.double() - ref).abs().max() / ref.abs().max()).item()
 
 
+@pytest.mark.usefixtures("onednn_on")
 @pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])
 @pytest.mark.parametrize("blocks", ["samples", "heads"])
 @pytest.mark.parametrize("keep", [True, False])
@@ -253,6 +261,7 @@ def test_bfloat16_values_and_gradients(mask_kind, blocks, keep, monkeypatch):
     assert spans == ([5] if blocks == "samples" else [2, 1] * b)
 
 
+@pytest.mark.usefixtures("onednn_on")
 def test_bfloat16_autocast_attention_layer():
     """Under CPU bfloat16 autocast an attention layer (projected or folded) runs here, not through SDPA,
     and agrees with the float32 layer to bfloat16 precision; its gradients reach every parameter."""
