@@ -8,6 +8,9 @@ EXTRAS ?= train,onnx,test
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers (each runs torch on one thread, tests/conftest.py); 0 runs the suite in this process
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
@@ -35,10 +38,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or fuzz or not (slow or fuzz)" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m "slow or fuzz or not (slow or fuzz)" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
