@@ -66,7 +66,15 @@ def feed_forward(dim: int, mult: float = 4, dropout: float = 0.0) -> nn.Sequenti
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
-    return rearrange(t, "b n (h d) -> b h n d", h=heads)
+    """``[B, n, H·d]`` → ``[B, H, n, d]``, a view."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge_heads(groups: list[Tensor]) -> Tensor:
+    """Attention outputs of consecutive head groups, ``[B, h, n, d]`` each → ``[B, n, H·d]``: the heads side by side
+    in one copy. Unlike reshaping transposed heads (and like ``_heads``) it asks nothing of ``n``, so torch.export
+    keeps a length ``n = L - P`` dynamic down to 1."""
+    return torch.cat([head for group in groups for head in group.unbind(1)], dim=-1)
 
 
 class CausalAttention(nn.Module):
@@ -94,7 +102,7 @@ class CausalAttention(nn.Module):
             q, k = rotate(q, angles), rotate(k, angles)
         dropout = self.dropout if self.training else 0.0
         out = sdpa(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self.to_out(_merge_heads([out]))
 
 
 class CausalPrefixAttention(nn.Module):
@@ -183,14 +191,11 @@ class CausalPrefixAttention(nn.Module):
 
         dropout = self.dropout if self.training else 0.0
         group = self.max_heads_process
-        out = torch.cat(
-            [
-                sdpa(qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=self.scale)
-                for qg, kg, vg in zip(q.split(group, 1), k.split(group, 1), v.split(group, 1))
-            ],
-            dim=1,
-        )
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        out = [
+            sdpa(qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+            for qg, kg, vg in zip(q.split(group, 1), k.split(group, 1), v.split(group, 1))
+        ]
+        return self.to_out(_merge_heads(out))
 
 
 @configurable

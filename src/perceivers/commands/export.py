@@ -13,6 +13,7 @@ that).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -65,12 +66,15 @@ class ExportInputs:
     """An example input of ``model`` (a tensor, or a mapping of tensors) and which of its axes may vary.
 
     ``batch_axes`` / ``size_axes``: ``{axis: (name, min, max)}`` for the batch and for the sizes the model
-    follows (image height and width, text length); for a mapping, one such dict per key.
+    follows (image height and width, text length); for a mapping, one such dict per key. ``size_oblivious``:
+    trace with torch's ``backed_size_oblivious``, so that a size derived from a dynamic one (lucidrains' Perceiver
+    AR: ``L - P`` logits) may be 1 without fixing the dynamic size (checked at both ends by the command).
     """
 
     def __init__(self, value: Tensor | dict[str, Tensor], batch_axes: Axes | dict[str, Axes],
-                 size_axes: Axes | dict[str, Axes] | None = None) -> None:
+                 size_axes: Axes | dict[str, Axes] | None = None, *, size_oblivious: bool = False) -> None:
         self.value, self.batch_axes, self.size_axes = value, batch_axes, size_axes or {}
+        self.size_oblivious = size_oblivious
 
     def _per_tensor(self) -> list[tuple[str | None, Tensor, Axes, Axes]]:
         if isinstance(self.value, dict):
@@ -137,11 +141,13 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
         return ExportInputs(floats(shape), batch, sizes)
     tokens = _token_input(model)
     if tokens is not None:
-        vocab, shortest, longest, dynamic_from = tokens
+        vocab, shortest, longest = tokens
         shape = input_shape or (1, longest)
         _check_shape(shape, 2, "[batch, length]", lengths=(shortest, longest))
         ids = torch.randint(0, vocab, tuple(shape), generator=gen)
-        return ExportInputs(ids, batch, {1: ("length", dynamic_from, longest)})
+        from ..perceiver_ar_pytorch import PerceiverAR
+
+        return ExportInputs(ids, batch, {1: ("length", shortest, longest)}, size_oblivious=isinstance(model, PerceiverAR))
     if name == "optical-flow-perceiver":
         shape = input_shape or (1, 2, 3, *config.train_size)
         _check_shape(shape, 5, "[batch, 2, channels, height, width]")
@@ -161,27 +167,26 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
     return ExportInputs(floats(input_shape), batch, sizes)
 
 
-def _token_input(model: nn.Module) -> tuple[int, int, int, int] | None:
-    """A language model's token input: (vocabulary, shortest, longest length, shortest length a program of
-    dynamic length takes), or ``None`` for a model of other inputs."""
+def _token_input(model: nn.Module) -> tuple[int, int, int] | None:
+    """A language model's token input: (vocabulary, shortest, longest length), or ``None`` for a model of other
+    inputs."""
     from ..krasserm.text import MaskedLanguageModel, TextClassifier
     from ..models.perceiver_ar import CausalLanguageModel
     from ..models.perceiver_io import PerceiverLM
     from ..perceiver_ar_pytorch import PerceiverAR
 
     if (getattr(model, "model_name", None) or "").startswith("language-perceiver"):
-        return model.config.vocab_size, 1, model.config.max_position_embeddings, 1
+        return model.config.vocab_size, 1, model.config.max_position_embeddings
     if isinstance(model, PerceiverLM):
-        return model.num_tokens, 1, model.max_seq_len, 1
+        return model.num_tokens, 1, model.max_seq_len
     if isinstance(model, (MaskedLanguageModel, TextClassifier)):  # krasserm's: the MLM's logits cover its queries
         text = model.config.encoder
         longest = min(text.max_seq_len, getattr(model.config.decoder, "max_seq_len", text.max_seq_len))
-        return text.vocab_size, 1, longest, 1
+        return text.vocab_size, 1, longest
     if isinstance(model, CausalLanguageModel):  # the latents are the last num_latents positions
-        return model.config.vocab_size, model.num_latents, model.max_seq_len, model.num_latents
-    if isinstance(model, PerceiverAR):  # the logits cover the L - P positions after the prefix; torch.export
-        prefix = model.cross_attn_seq_len  # can't keep a derived length dynamic down to 1 (it fixes L = P + 1)
-        return model.num_tokens, prefix + 1, model.max_seq_len, min(prefix + 2, model.max_seq_len)
+        return model.config.vocab_size, model.num_latents, model.max_seq_len
+    if isinstance(model, PerceiverAR):  # the logits cover the L - P positions after the prefix
+        return model.num_tokens, model.cross_attn_seq_len + 1, model.max_seq_len
     return None
 
 
@@ -223,7 +228,8 @@ def export_program(model: nn.Module, inputs: ExportInputs, *, static_size: bool 
     try:
         for label, with_sizes in attempts:
             try:
-                program = torch.export.export(wrapped, (value,), dynamic_shapes=inputs.dynamic_shapes(with_sizes))
+                with _size_oblivious(inputs.size_oblivious and with_sizes):
+                    program = torch.export.export(wrapped, (value,), dynamic_shapes=inputs.dynamic_shapes(with_sizes))
                 return program, f"dynamic: {label}", with_sizes
             except RuntimeError as err:  # torch's constraint violations (UserError: a size the model fixes)
                 errors.append(f"{label}: {str(err).splitlines()[0]}")
@@ -231,6 +237,16 @@ def export_program(model: nn.Module, inputs: ExportInputs, *, static_size: bool 
     except (ValueError, TypeError) as err:  # the model's input checks: no fewer dynamic axes help
         raise ValueError(f"the model refuses an input of shape {_shapes(inputs.value)}: {err}") from None
     return program, "static shapes (" + "; ".join(errors) + ")", False
+
+
+def _size_oblivious(enabled: bool) -> contextlib.AbstractContextManager:
+    """torch's ``backed_size_oblivious`` (sizes of 1 are not asked about while tracing) if ``enabled`` and this
+    torch has it."""
+    from torch.fx.experimental import _config
+
+    if enabled and hasattr(_config, "backed_size_oblivious"):
+        return _config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
 
 
 def _shapes(value: Tensor | dict[str, Tensor]) -> str:
