@@ -67,8 +67,8 @@ class ExportInputs:
 
     ``batch_axes`` / ``size_axes``: ``{axis: (name, min, max)}`` for the batch and for the sizes the model
     follows (image height and width, text length); for a mapping, one such dict per key. ``size_oblivious``:
-    trace with torch's ``backed_size_oblivious``, so that a size derived from a dynamic one (lucidrains' Perceiver
-    AR: ``L - P`` logits) may be 1 without fixing the dynamic size (checked at both ends by the command).
+    trace under torch's ``backed_size_oblivious``, so that a size derived from a dynamic one (lucidrains' Perceiver
+    AR: ``L - P`` logits) may be 1 without torch.export fixing the dynamic size.
     """
 
     def __init__(self, value: Tensor | dict[str, Tensor], batch_axes: Axes | dict[str, Axes],
