@@ -239,10 +239,14 @@ def _cpu_model() -> str:
 # Zen 5 has full-width 512-bit FMA units (64 FLOP/cycle), so the same "AMD EPYC" can differ twofold.
 _AMD_CORES = ((25, range(0x10), "Zen 3"), (25, range(0x20, 0x60), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"),
               (25, range(0x60, 0xB0), "Zen 4"), (26, range(0x100), "Zen 5"))
+# Intel server cores (family 6) by model: "Intel(R) Xeon(R) Processor" names none of them. Skylake,
+# Cascade Lake and Cooper Lake share model 0x55; all of these run two 512-bit FMAs per cycle.
+_INTEL_CORES = {0x55: "Skylake/Cascade Lake", 0x6A: "Ice Lake", 0x6C: "Ice Lake", 0x8F: "Sapphire Rapids",
+                0xCF: "Emerald Rapids", 0xAD: "Granite Rapids", 0xAE: "Granite Rapids"}
 
 
 def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> dict:
-    """The CPU's vendor, family, model and stepping from ``cpuinfo``, its AMD core generation where known,
+    """The CPU's vendor, family, model and stepping from ``cpuinfo``, its AMD or Intel server core generation where known,
     and whether it has AVX-512, AVX512-BF16 and AMX (which set the kernels and products a run can use)."""
     fields = _cpuinfo(cpuinfo)
     if not fields:
@@ -254,6 +258,8 @@ def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> dict:
     if ident["vendor"] == "AuthenticAMD":
         ident["core"] = next((name for fam, models, name in _AMD_CORES
                               if ident.get("family") == fam and ident.get("model") in models), None)
+    elif ident["vendor"] == "GenuineIntel" and ident.get("family") == 6:
+        ident["core"] = _INTEL_CORES.get(ident.get("model"))
     flags = set(fields.get("flags", "").split())
     ident["isa"] = [name for name in ("avx512f", "avx512_bf16", "amx_bf16") if name in flags]
     return ident

@@ -63,9 +63,9 @@ def test_the_machine_names_the_core_generation(tmp_path):
     import measure
     import report
 
-    def ident(family: int, model: int, flags: str) -> dict:
+    def ident(family: int, model: int, flags: str, vendor: str = "AuthenticAMD") -> dict:
         path = tmp_path / f"cpuinfo-{family}-{model}"
-        path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+        path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
                         f"model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu {flags}\n\nprocessor\t: 1\n")
         return measure.cpu_id(str(path))
 
@@ -74,6 +74,9 @@ def test_the_machine_names_the_core_generation(tmp_path):
                      "isa": ["avx512f", "avx512_bf16"]}
     assert ident(26, 2, "avx512f avx512_bf16")["core"] == "Zen 5"
     assert ident(25, 1, "avx2")["core"] == "Zen 3" and ident(25, 1, "avx2")["isa"] == []
+    assert ident(6, 106, "avx512f", "GenuineIntel")["core"] == "Ice Lake"
+    assert ident(6, 143, "avx512f avx512_bf16 amx_bf16", "GenuineIntel")["isa"] == ["avx512f", "avx512_bf16", "amx_bf16"]
+    assert ident(6, 1, "", "GenuineIntel")["core"] is None  # unknown models name no generation
     assert measure.cpu_id(str(tmp_path / "missing")) == {}
     line = report.markdown({"machine": {"cpu": "AMD EPYC", "cpu_count": 2, "cpu_id": genoa}}).splitlines()[2]
     assert line.startswith("Machine: AMD EPYC (Zen 4, family 25 model 17), 2 cores")
