@@ -240,7 +240,8 @@ def _cpu_model() -> str:
 _AMD_CORES = ((25, range(0x10), "Zen 3"), (25, range(0x20, 0x60), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"),
               (25, range(0x60, 0xB0), "Zen 4"), (26, range(0x100), "Zen 5"))
 # Intel server cores (family 6) by model: "Intel(R) Xeon(R) Processor" names none of them. Skylake,
-# Cascade Lake and Cooper Lake share model 0x55; all of these run two 512-bit FMAs per cycle.
+# Cascade Lake and Cooper Lake share model 0x55. Most Xeon Gold and Platinum parts of these run two 512-bit
+# FMAs per cycle, some Silver and Bronze parts one.
 _INTEL_CORES = {0x55: "Skylake/Cascade Lake", 0x6A: "Ice Lake", 0x6C: "Ice Lake", 0x8F: "Sapphire Rapids",
                 0xCF: "Emerald Rapids", 0xAD: "Granite Rapids", 0xAE: "Granite Rapids"}
 

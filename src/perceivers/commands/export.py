@@ -19,7 +19,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -141,13 +141,11 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
         return ExportInputs(floats(shape), batch, sizes)
     tokens = _token_input(model)
     if tokens is not None:
-        vocab, shortest, longest = tokens
-        shape = input_shape or (1, longest)
-        _check_shape(shape, 2, "[batch, length]", lengths=(shortest, longest))
-        ids = torch.randint(0, vocab, tuple(shape), generator=gen)
-        from ..perceiver_ar_pytorch import PerceiverAR
-
-        return ExportInputs(ids, batch, {1: ("length", shortest, longest)}, size_oblivious=isinstance(model, PerceiverAR))
+        shape = input_shape or (1, tokens.longest)
+        _check_shape(shape, 2, "[batch, length]", lengths=(tokens.shortest, tokens.longest))
+        ids = torch.randint(0, tokens.vocab, tuple(shape), generator=gen)
+        return ExportInputs(ids, batch, {1: ("length", tokens.shortest, tokens.longest)},
+                            size_oblivious=tokens.size_oblivious)
     if name == "optical-flow-perceiver":
         shape = input_shape or (1, 2, 3, *config.train_size)
         _check_shape(shape, 5, "[batch, 2, channels, height, width]")
@@ -167,26 +165,35 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
     return ExportInputs(floats(input_shape), batch, sizes)
 
 
-def _token_input(model: nn.Module) -> tuple[int, int, int] | None:
-    """A language model's token input: (vocabulary, shortest, longest length), or ``None`` for a model of other
-    inputs."""
+class _Tokens(NamedTuple):
+    """A language model's token input: its vocabulary, shortest and longest length, and whether to trace it under
+    ``backed_size_oblivious`` (see :class:`ExportInputs`)."""
+
+    vocab: int
+    shortest: int
+    longest: int
+    size_oblivious: bool = False
+
+
+def _token_input(model: nn.Module) -> _Tokens | None:
+    """A language model's token input, or ``None`` for a model of other inputs."""
     from ..krasserm.text import MaskedLanguageModel, TextClassifier
     from ..models.perceiver_ar import CausalLanguageModel
     from ..models.perceiver_io import PerceiverLM
     from ..perceiver_ar_pytorch import PerceiverAR
 
     if (getattr(model, "model_name", None) or "").startswith("language-perceiver"):
-        return model.config.vocab_size, 1, model.config.max_position_embeddings
+        return _Tokens(model.config.vocab_size, 1, model.config.max_position_embeddings)
     if isinstance(model, PerceiverLM):
-        return model.num_tokens, 1, model.max_seq_len
+        return _Tokens(model.num_tokens, 1, model.max_seq_len)
     if isinstance(model, (MaskedLanguageModel, TextClassifier)):  # krasserm's: the MLM's logits cover its queries
         text = model.config.encoder
         longest = min(text.max_seq_len, getattr(model.config.decoder, "max_seq_len", text.max_seq_len))
-        return text.vocab_size, 1, longest
+        return _Tokens(text.vocab_size, 1, longest)
     if isinstance(model, CausalLanguageModel):  # the latents are the last num_latents positions
-        return model.config.vocab_size, model.num_latents, model.max_seq_len
-    if isinstance(model, PerceiverAR):  # the logits cover the L - P positions after the prefix
-        return model.num_tokens, model.cross_attn_seq_len + 1, model.max_seq_len
+        return _Tokens(model.config.vocab_size, model.num_latents, model.max_seq_len)
+    if isinstance(model, PerceiverAR):  # the logits cover the L - P positions after the prefix, down to one
+        return _Tokens(model.num_tokens, model.cross_attn_seq_len + 1, model.max_seq_len, size_oblivious=True)
     return None
 
 
