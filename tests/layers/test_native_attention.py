@@ -98,6 +98,22 @@ def test_a_row_without_keys_is_zero_and_gets_no_gradient():
     assert all(t.grad.abs().max() == 0 for t in (q, k, v))
 
 
+def test_nan_reaches_the_rows_it_reaches_in_sdpa_and_large_scores_stay_exact():
+    """A NaN key poisons every query row, a NaN query only its own (as in SDPA); scores of several hundred
+    (where the exponential's scaling must not overflow or lose the row's maximum) match SDPA."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    k, v = k.repeat(1, 1, 5, 1), v.repeat(1, 1, 5, 1)  # 200 keys: two key blocks
+    q[0, 0, 5, 0] = float("nan")
+    k[0, 1, 150, 3] = float("nan")
+    got = na.attend(q, k, v)
+    assert torch.equal(got.isnan(), F.scaled_dot_product_attention(q, k, v).isnan())
+    assert got[0, 0].isnan().any(-1).nonzero().flatten().tolist() == [5] and got[0, 1].isnan().all()
+    q[0, 0, 5, 0], k[0, 1, 150, 3] = 0.0, 0.0
+    q = q * 40  # scores up to several hundred
+    torch.testing.assert_close(na.attend(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 def test_a_row_without_keys_gets_finite_second_order_gradients():
     """``create_graph=True`` (the differentiable backward) gives the same zero gradients for a row with no key,
     and its own gradients are finite."""

@@ -124,19 +124,21 @@ static inline __attribute__((always_inline)) void cols_times(
 }
 
 /* A block's rows of t (QB x d, zero-padded past `rows`), times `mul`, into rows [QB][d] and/or transposed
- * [d][QB] (either may be NULL). */
+ * [d][QB] (either may be NULL), 16 x 16 tiles at a time. */
 static void load_rows(const float *t, const int64_t *s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t d,
                       float mul, float *out_rows, float *out_t) {
-    if (out_rows) memset(out_rows, 0, sizeof(float) * QB * d);
-    if (out_t) memset(out_t, 0, sizeof(float) * QB * d);
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *src = at(t, s, b, h, i0 + r);
-        for (int64_t c = 0; c < d; ++c) {
-            const float x = src[c] * mul;
-            if (out_rows) out_rows[r * d + c] = x;
-            if (out_t) out_t[c * QB + r] = x;
+    for (int64_t r0 = 0; r0 < QB; r0 += 16)
+        for (int64_t c0 = 0; c0 < d; c0 += 16) {
+            v16 tile[16];
+            for (int64_t r = 0; r < 16; ++r)
+                tile[r] = r0 + r < rows ? vload(at(t, s, b, h, i0 + r0 + r) + c0) * vbcast(mul) : vbcast(0.0f);
+            if (out_rows)
+                for (int64_t r = 0; r < 16; ++r) vstore(out_rows + (r0 + r) * d + c0, tile[r]);
+            if (out_t) {
+                tile_transpose(tile);
+                for (int64_t c = 0; c < 16; ++c) vstore(out_t + (c0 + c) * QB + r0, tile[c]);
+            }
         }
-    }
 }
 
 /* The forward state of one block of query rows. */
@@ -309,7 +311,9 @@ int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float 
                         }
                     if (dvb) cols_times(dv, w->p, nj, x.go, dvb + j0 * dv, dv);    /* dV += P^T dO */
                     if (dkb) cols_times(dk, w->ds, nj, x.qs, dkb + j0 * dk, dk);   /* dK += dS^T (q scale) */
-                    if (dqb) {                                                       /* dQ += dS K */
+                    if (dqb && rows == QB) {                                        /* dQ += dS K */
+                        rows_times(dk, w->ds, nj, kb + j0 * sk[2], sk[2], dqb + i0 * dk);
+                    } else if (dqb) {                                /* the last, partial block: padded */
                         memset(w->g, 0, sizeof(float) * QB * dk);
                         memcpy(w->g, dqb + i0 * dk, sizeof(float) * rows * dk);
                         rows_times(dk, w->ds, nj, kb + j0 * sk[2], sk[2], w->g);

@@ -1,5 +1,5 @@
 /* 16-float vectors (one AVX-512 register, two AVX2 ones) through the compiler's vector extensions, shared
- * by the native kernels: loads and stores, selection, maximum and exp. */
+ * by the native kernels: loads and stores, selection, maximum, exp and 16 x 16 transposes. */
 #ifndef PERCEIVERS_VECTOR_H
 #define PERCEIVERS_VECTOR_H
 
@@ -25,20 +25,69 @@ static inline v16 vsel(i16 m, v16 a, v16 b) {
 static inline v16 vmax(v16 a, v16 b) { return vsel((a > b) | (a != a), a, b); }
 static inline int any(i16 m) { for (int i = 0; i < 16; ++i) if (m[i]) return 1; return 0; }
 
-/* exp(x) by 2^k (exponent bits) times a degree-6 series on |f| <= ln2/2 (relative error ~2e-7); exactly 0
- * below -87, so exp(-inf) = 0; NaN stays NaN. */
+/* exp(x) = 2^k e^y, k = round(x log2 e), |y| <= ln2/2, e^y by a degree-6 series (relative error ~2e-7);
+ * exactly 0 below -87 (so exp(-inf) = 0, and no denormals); NaN stays NaN. With AVX-512 vscalefps
+ * applies 2^k (12 instructions instead of 19); elsewhere the exponent bits are built. */
+static inline v16 vexp_series(v16 y) {
+    return vbcast(1.0f) + y * (vbcast(1.0f) + y * (vbcast(0.5f) + y * (vbcast(0.16666667f) + y * (
+        vbcast(0.041666668f) + y * (vbcast(0.0083333338f) + y * vbcast(0.0013888889f))))));
+}
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline v16 vexp(v16 x0) {
+    const __m512 low = _mm512_set1_ps(-87.0f);
+    const __m512 x = _mm512_max_ps(low, (__m512)x0);  /* a NaN x0 comes through: max returns its second operand */
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const v16 p = vexp_series((v16)_mm512_sub_ps(t, k) * vbcast(0.69314718055994531f));
+    return (v16)_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask((__m512)x0, low, _CMP_NLT_UQ), (__m512)p, k);
+}
+#else
 static inline v16 vexp(v16 x0) {
     const v16 x = vsel(x0 < vbcast(-87.0f), vbcast(-87.0f), x0);
     const v16 t = x * vbcast(1.44269504088896341f);
     const v16 magic = vbcast(12582912.0f);  /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
     const v16 k = (t + magic) - magic;
-    const v16 y = (t - k) * vbcast(0.69314718055994531f);
-    const v16 p = vbcast(1.0f) + y * (vbcast(1.0f) + y * (vbcast(0.5f) + y * (vbcast(0.16666667f) + y * (
-        vbcast(0.041666668f) + y * (vbcast(0.0083333338f) + y * vbcast(0.0013888889f))))));
+    const v16 p = vexp_series((t - k) * vbcast(0.69314718055994531f));
     const i16 bits = (__builtin_convertvector(k, i16) + 127) << 23;
     v16 s;
     memcpy(&s, &bits, 64);
     return vsel(x0 < vbcast(-87.0f), vbcast(0.0f), p * s);
+}
+#endif
+
+/* Two-vector shuffles by constant indices: GCC 12+ and clang take them as arguments, older GCC as a vector. */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (i16){__VA_ARGS__})
+#endif
+
+/* Round d of a tile transpose: rows r (bit d clear) and r + d exchange the elements whose column index has
+ * bit d set in row r and clear in row r + d, which swaps that bit of the row index with the column's. */
+#define TRANSPOSE_ROUND(t, d, LO, HI)                    \
+    for (int r = 0; r < 16; ++r)                         \
+        if (!(r & (d))) {                                \
+            const v16 a = t[r], b = t[r + (d)];          \
+            t[r] = SHUFFLE(a, b, LO);                    \
+            t[r + (d)] = SHUFFLE(a, b, HI);              \
+        }
+
+#define TRANSPOSE_LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define TRANSPOSE_HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define TRANSPOSE_LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define TRANSPOSE_HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define TRANSPOSE_LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define TRANSPOSE_HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define TRANSPOSE_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define TRANSPOSE_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+
+/* A 16 x 16 tile transposed in registers: four rounds of two-vector shuffles. */
+static inline void tile_transpose(v16 t[16]) {
+    TRANSPOSE_ROUND(t, 1, TRANSPOSE_LO1, TRANSPOSE_HI1)
+    TRANSPOSE_ROUND(t, 2, TRANSPOSE_LO2, TRANSPOSE_HI2)
+    TRANSPOSE_ROUND(t, 4, TRANSPOSE_LO4, TRANSPOSE_HI4)
+    TRANSPOSE_ROUND(t, 8, TRANSPOSE_LO8, TRANSPOSE_HI8)
 }
 
 #endif
