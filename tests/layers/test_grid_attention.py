@@ -329,6 +329,26 @@ def test_builds_are_keyed_by_processor(monkeypatch, tmp_path):
     assert kernels._cpu_identity()  # this machine's, whatever it is
 
 
+def test_register_tiled_kernels_load_only_with_avx512(monkeypatch):
+    """The attention and GEGLU kernels (16-float register tiles) stay off without AVX-512, where GCC keeps
+    their vectors in memory; the grid kernel (plain loops, vectorised for any target) still loads."""
+    from perceivers.layers import native_activation, native_attention
+
+    for flags, expected in (("flags\t: fpu avx2 fma", False), ("flags\t: fpu avx2 avx512f avx512bw", True),
+                            ("Features\t: fp asimd", False)):
+        monkeypatch.setattr(kernels, "_cpu_identity", lambda flags=flags: "vendor_id\t: x\n" + flags)
+        assert kernels.has_avx512.__wrapped__() is expected
+    monkeypatch.setattr(kernels, "has_avx512", lambda: False)
+    assert kernels.load("attention", avx512=True) is None and kernels.load("grid_attention") is not None
+    assert not native_attention.available() and not native_activation.available()
+    attn = Attention(32, 32, num_heads=2, qk_channels=32, v_channels=32).eval()
+    q, kv = torch.randn(2, 8, 32), torch.randn(2, 40, 32)
+    with torch.no_grad():
+        out = attn(q, kv)
+        monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
+        torch.testing.assert_close(out, attn(q, kv))
+
+
 def test_no_compiler_falls_back(no_compiler, monkeypatch):
     assert kernels.load("grid_attention") is None
     model = _readme_like()

@@ -25,12 +25,18 @@
 /* exp(x) for x <= ~TAU, vectorisable: 2^k by exponent bits, exp on |f| <= ln2/2 by a degree-6 series
  * (relative error ~2e-7, float32 rounding level). */
 static inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : x;
+    /* x = max(x, -87) (NaN kept) by bits: written as a conditional, GCC turned it into a branch for AVX2
+     * targets and left the loops around it scalar */
+    const int32_t low = -(int32_t)(x < -87.0f), floor_bits = (int32_t)0xc2ae0000;  /* -87.0f */
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits = (floor_bits & low) | (bits & ~low);
+    memcpy(&x, &bits, sizeof x);
     float t = x * 1.44269504088896341f;
-    float k = __builtin_rintf(t);
+    float k = (t + 12582912.0f) - 12582912.0f;  /* rounds to an integer (1.5 * 2^23), in vectors on any target */
     float y = (t - k) * 0.69314718055994531f;
     float p = 1.0f + y * (1.0f + y * (0.5f + y * (0.16666667f + y * (0.041666668f + y * (0.0083333338f + y * 0.0013888889f)))));
-    int32_t bits = ((int32_t)k + 127) << 23;
+    bits = ((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;

@@ -8,8 +8,9 @@ in one pass, the backward's GELU derivative sharing the forward's exponential, a
 vectorised CPU code does (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7 in ``erf``).
 
 It serves float32 CPU tensors where perceivers' native kernels run (:func:`.dense._native_eager`: eager,
-outside ``torch.compile``, tracing, ``torch.func`` transforms, forward-mode AD and dispatch modes), with
-``PERCEIVERS_NATIVE`` not off; ``create_graph=True`` gets the same gradients from differentiable operations.
+outside ``torch.compile``, tracing, ``torch.func`` transforms, forward-mode AD and dispatch modes), on
+processors with AVX-512 (:func:`perceivers.kernels.has_avx512`), with ``PERCEIVERS_NATIVE`` not off;
+``create_graph=True`` gets the same gradients from differentiable operations.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ _SIGNATURES = {
 
 
 def _kernel():
-    return kernels.load("activations", _SIGNATURES)
+    return kernels.load("activations", _SIGNATURES, avx512=True)
 
 
 def available() -> bool:
-    """Whether the native kernel is built and enabled (``PERCEIVERS_NATIVE``)."""
+    """Whether the native kernel is built and enabled (``PERCEIVERS_NATIVE``), on a processor with AVX-512."""
     return _kernel() is not None
 
 

@@ -18,9 +18,9 @@ flash attention does), the output rounded once at the end; the gradients come ba
 It serves CPU heads whose widths are multiples of 16 (at most 256), float32 outside autocast or
 bfloat16 (in training, heads with ``d_k + d_v < 128``), with no mask or a boolean key mask
 (``[B|1, H|1, 1, N]``), without dropout, outside ``torch.compile``, tracing, ``torch.func`` transforms,
-forward-mode AD and dispatch modes (fake tensors, FLOP counters: those see SDPA), and
-``PERCEIVERS_NATIVE`` not off. ``create_graph=True`` gets the same gradients from differentiable batched
-operations.
+forward-mode AD and dispatch modes (fake tensors, FLOP counters: those see SDPA), on processors with
+AVX-512 (:func:`perceivers.kernels.has_avx512`: elsewhere SDPA is faster), and ``PERCEIVERS_NATIVE``
+not off. ``create_graph=True`` gets the same gradients from differentiable batched operations.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _SIGNATURES_BF16 = {
 def _kernel(dtype: torch.dtype = torch.float32):
     if dtype == torch.bfloat16:
         return kernels.load("attention_bf16", _SIGNATURES_BF16)
-    return kernels.load("attention", _SIGNATURES)
+    return kernels.load("attention", _SIGNATURES, avx512=True)
 
 
 def _entry(dtype: torch.dtype, part: str = ""):
@@ -67,7 +67,7 @@ def _entry(dtype: torch.dtype, part: str = ""):
 
 
 def available() -> bool:
-    """Whether the float32 kernel is built and enabled (``PERCEIVERS_NATIVE``)."""
+    """Whether the float32 kernel is built and enabled (``PERCEIVERS_NATIVE``), on a processor with AVX-512."""
     return _kernel() is not None
 
 
