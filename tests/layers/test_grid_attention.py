@@ -341,12 +341,15 @@ def test_register_tiled_kernels_load_only_with_avx512(monkeypatch):
     monkeypatch.setattr(kernels, "has_avx512", lambda: False)
     assert kernels.load("attention", avx512=True) is None and kernels.load("grid_attention") is not None
     assert not native_attention.available() and not native_activation.available()
+
+    def kernel_called(*args):
+        raise AssertionError("the native attention kernel ran without AVX-512")
+
+    monkeypatch.setattr(native_attention._NativeAttention, "apply", kernel_called)
     attn = Attention(32, 32, num_heads=2, qk_channels=32, v_channels=32).eval()
     q, kv = torch.randn(2, 8, 32), torch.randn(2, 40, 32)
     with torch.no_grad():
-        out = attn(q, kv)
-        monkeypatch.setenv("PERCEIVERS_NATIVE", "0")
-        torch.testing.assert_close(out, attn(q, kv))
+        assert attn(q, kv).isfinite().all()  # SDPA's path (32-wide heads would take the kernel otherwise)
 
 
 def test_no_compiler_falls_back(no_compiler, monkeypatch):

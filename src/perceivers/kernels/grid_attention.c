@@ -34,7 +34,7 @@ static inline float exp_approx(float x) {
     memcpy(&x, &bits, sizeof x);
     float t = x * 1.44269504088896341f;
     float k = (t + 12582912.0f) - 12582912.0f;  /* rounds to an integer (1.5 * 2^23), in vectors on any target */
-    float y = (t - k) * 0.69314718055994531f;
+    float y = (x - k * 0.693359375f) - k * -2.12194440e-4f;  /* x - k ln2 in two steps, as vector.h's vreduce */
     float p = 1.0f + y * (1.0f + y * (0.5f + y * (0.16666667f + y * (0.041666668f + y * (0.0083333338f + y * 0.0013888889f)))));
     bits = ((int32_t)k + 127) << 23;
     float scale;
