@@ -82,6 +82,27 @@ def test_buffers_do_not_follow_the_default_dtype(default_dtype):
         assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("width", [20, 37])
+def test_sharp_scores_rescale_the_running_sums(width):
+    """Queries scaled so that scores span hundreds: a later image row's maximum passes the first row's by more
+    than the kernel's margin (10), so the kernel rescales its sums to it and sums that row again; the output and
+    the gradients still equal plain attention's."""
+    attn, norm, x, grid, context = _problem(3, 16, width, heads=1)
+    x = (x * 40).requires_grad_(True)
+    with torch.no_grad():
+        scale = attn.qk_channels**-0.5
+        scores = attn.to_q(x) @ attn.to_k(norm(context)).transpose(1, 2) * scale  # [B, Q, H·W], one head
+    assert (scores.amax(-1) - scores[..., :width].amax(-1)).max() > 10
+    upstream = torch.randn(2, 5, 24)
+    got = ga.grid_cross_attention(attn, norm, x, grid, chunk_pixels=3 * width)
+    (grad_got,) = torch.autograd.grad((got * upstream).sum(), x)
+    attn.fold_kv = False
+    want = attn(x, norm(context))
+    (grad_want,) = torch.autograd.grad((want * upstream).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-5 * grad_want.abs().max().item())
+
+
 @pytest.mark.parametrize(("d", "heads", "rows", "affine"), [(3, 2, 5, True), (1, 1, 12, True), (5, 3, 4, False)])
 def test_gradients_match_plain_attention(d, heads, rows, affine):
     attn, norm, x, grid, context = _problem(d, 12, 20, heads=heads, affine=affine)

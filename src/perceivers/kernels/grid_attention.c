@@ -1,6 +1,6 @@
 /* Cross-attention of a few queries over an image grid whose keys are [pixels, position features]
- * after a LayerNorm, attended in the context's own space (see perceivers/kernels/grid.py for the
- * algebra). Per query row r and pixel n = (i, j) of the grid:
+ * after a LayerNorm, attended in the context's own space (see perceivers/layers/grid_attention.py for
+ * the algebra). Per query row r and pixel n = (i, j) of the grid:
  *
  *   score(r, n) = sum_c U[r, c] P[c, n] + U[r, D] P[D + 1, n] + P[D, n] * (AY[r, i] + AX[r, j])
  *
@@ -13,34 +13,19 @@
  * caller turns these into the attention output. Rows i0..i1 of the grid are processed per call, so a
  * large image is given in chunks of rows and the state carries over.
  *
- * Plain C with loops the compiler vectorises; query rows are split over OpenMP threads (built with
- * -fopenmp, it shares the libgomp that PyTorch loads, so torch.set_num_threads applies); two row
- * buffers per thread.
+ * The reference maximum is lazy: a grid row is scored and summed in one pass against the current m,
+ * and only a row whose maximum exceeds m + TAU (the first rows, mostly) is summed again after
+ * rescaling the state to it. Sums run in vectors of the processor's width (vector.h's vn) and go to
+ * per-lane doubles once per grid row, so a row costs one horizontal sum (TY) and one maximum.
+ * Query rows are split over OpenMP threads (built with -fopenmp, it shares the libgomp that PyTorch
+ * loads, so torch.set_num_threads applies); one row buffer per thread.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* exp(x) for x <= ~TAU, vectorisable: 2^k by exponent bits, exp on |f| <= ln2/2 by a degree-6 series
- * (relative error ~2e-7, float32 rounding level). */
-static inline float exp_approx(float x) {
-    /* x = max(x, -87) (NaN kept) by bits: written as a conditional, GCC turned it into a branch for AVX2
-     * targets and left the loops around it scalar */
-    const int32_t low = -(int32_t)(x < -87.0f), floor_bits = (int32_t)0xc2ae0000;  /* -87.0f */
-    int32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    bits = (floor_bits & low) | (bits & ~low);
-    memcpy(&x, &bits, sizeof x);
-    float t = x * 1.44269504088896341f;
-    float k = (t + 12582912.0f) - 12582912.0f;  /* rounds to an integer (1.5 * 2^23), in vectors on any target */
-    float y = (x - k * 0.693359375f) - k * -2.12194440e-4f;  /* x - k ln2 in two steps, as vector.h's vreduce */
-    float p = 1.0f + y * (1.0f + y * (0.5f + y * (0.16666667f + y * (0.041666668f + y * (0.0083333338f + y * 0.0013888889f)))));
-    bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+#include "vector.h"
 
 /* Rescale a row's state only when its maximum grows by more than TAU (exp(TAU) ~ 2.2e4 keeps every
  * sum far from float32 overflow), so rescaling is rare. */
@@ -56,70 +41,92 @@ static inline float exp_approx(float x) {
         default: ROW(D); break;        \
     }
 
-/* acc[c] += sum_j w[j] P[c, off + j] over the D data planes of one image row. */
-static inline __attribute__((always_inline)) void accumulate_planes(
-    const int64_t D, int64_t width, int64_t off, int64_t plane, const float *P, const float *w, double *acc
+/* Up to NW floats (n of them) from p: the whole vector where n == NW, so full steps compile to plain loads. */
+static inline __attribute__((always_inline)) vn load(const float *p, int64_t n) {
+    return n == NW ? nload(p) : nloadn(p, n);
+}
+
+/* One query's scores for pixels j..j+n of a grid row: sum_c w[c] P[c] + P[D] (a + along[j]) + w[D] P[D + 1],
+ * with w, a, along the query's coefficients (U, AY, AX) or the gradient's (V, BY, BX). */
+static inline __attribute__((always_inline)) vn scores(
+    const int64_t D, const float *P, int64_t plane, int64_t off, int64_t j, int64_t n, const vn *w, vn a,
+    const float *along
 ) {
-    for (int64_t c = 0; c < D; ++c) {
-        const float *pc = P + c * plane + off;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < width; ++j) dot += w[j] * pc[j];
-        acc[c] += dot;
-    }
+    const float *at = P + off + j;
+    vn v = load(at + D * plane, n) * (a + load(along + j, n)) + w[D] * load(at + (D + 1) * plane, n);
+    for (int64_t c = 0; c < D; ++c) v += w[c] * load(at + c * plane, n);
+    return v;
+}
+
+/* Pixels j..j+n of a grid row, summed for one query against the reference m: the per-lane sums of
+ * e = exp(score - m) times each data plane, the mu/sigma plane and 1 (part[0..D+1]), of e/sigma (row),
+ * the scores' maximum (top), and e/sigma per pixel into s. Lanes past the row's end add nothing. */
+static inline __attribute__((always_inline)) void forward_step(
+    const int64_t D, const float *P, int64_t plane, int64_t off, int64_t j, int64_t n, const vn *w, vn a,
+    const float *ax, vn m, vn *part, vn *row, vn *top, float *s
+) {
+    vn v = scores(D, P, plane, off, j, n, w, a, ax);
+    if (n < NW) v = ntail(v, n, -INFINITY);
+    *top = nmax(*top, v);
+    const float *at = P + off + j;
+    const vn e = nexp(v - m), er = e * load(at + D * plane, n);
+    *row += er;
+    part[D] += e * load(at + (D + 1) * plane, n);
+    part[D + 1] += e;
+    for (int64_t c = 0; c < D; ++c) part[c] += e * load(at + c * plane, n);
+    nstore(s + j, er);
 }
 
 /* One query row over grid rows i0..i1; D is a compile-time constant where inlined from the switch
- * below (so the channel loops unroll into the vector loops), a variable otherwise. */
+ * below (so the channel loops unroll), a variable otherwise. */
 static inline __attribute__((always_inline)) void attend_row(
     const int64_t D, int64_t height, int64_t width, int64_t i0, int64_t i1, int64_t plane,
     const float *u, const float *ay, const float *ax, const float *P,
-    float *m_io, double *sum_io, double *acc, float *ty, float *tx, float *s, float *e
+    float *m_io, double *sum_io, double *acc, float *ty, float *tx, float *s
 ) {
     float m = *m_io;
-    double sum = *sum_io;
-    const float g = u[D];
+    vn w[D + 1];
+    vnd total[D + 2];  /* per-lane sums of e P[c] (c <= D) and of e, in double */
+    for (int64_t c = 0; c <= D; ++c) w[c] = nbcast(u[c]);
+    for (int64_t c = 0; c < D + 2; ++c) total[c] = (vnd){0};
+    for (int64_t c = 0; c <= D; ++c) total[c][0] = acc[c];
+    total[D + 1][0] = *sum_io;
+    const int64_t full = width - width % NW;
     for (int64_t i = i0; i < i1; ++i) {
         const int64_t off = (i - i0) * width;
-        const float *inv = P + D * plane + off, *mu = P + (D + 1) * plane + off;
-        const float a = ay[i];
-        float rowmax = -INFINITY;
-#pragma omp simd reduction(max : rowmax)
-        for (int64_t j = 0; j < width; ++j) {
-            float v = inv[j] * (a + ax[j]) + g * mu[j];
-            for (int64_t c = 0; c < D; ++c) v += u[c] * P[c * plane + off + j];
-            s[j] = v;
-            rowmax = v > rowmax ? v : rowmax;
+        const vn a = nbcast(ay[i]);
+        if (m == -INFINITY) {  /* no reference yet: this row's maximum */
+            vn top = nbcast(-INFINITY);
+            for (int64_t j = 0; j < full; j += NW) top = nmax(top, scores(D, P, plane, off, j, NW, w, a, ax));
+            if (full < width)
+                top = nmax(top, ntail(scores(D, P, plane, off, full, width - full, w, a, ax), width - full, -INFINITY));
+            m = nhmax(top);
         }
-        if (rowmax > m + TAU || m == -INFINITY) {
-            if (m != -INFINITY) {
+        for (;;) {
+            const vn vm = nbcast(m);
+            vn part[D + 2], row = nbcast(0.0f), top = nbcast(-INFINITY);
+            for (int64_t c = 0; c < D + 2; ++c) part[c] = nbcast(0.0f);
+            for (int64_t j = 0; j < full; j += NW) forward_step(D, P, plane, off, j, NW, w, a, ax, vm, part, &row, &top, s);
+            if (full < width) forward_step(D, P, plane, off, full, width - full, w, a, ax, vm, part, &row, &top, s);
+            const float rowmax = nhmax(top);
+            if (rowmax > m + TAU) {  /* rescale the state to the row's maximum and sum the row again */
                 const float f = expf(m - rowmax);
-                sum *= f;
-                for (int64_t c = 0; c <= D; ++c) acc[c] *= f;
+                for (int64_t c = 0; c < D + 2; ++c) total[c] *= (double)f;
                 for (int64_t k = 0; k < height; ++k) ty[k] *= f;
-#pragma omp simd
-                for (int64_t j = 0; j < width; ++j) tx[j] *= f;
+                for (int64_t k = 0; k < width; ++k) tx[k] *= f;
+                m = rowmax;
+                continue;
             }
-            m = rowmax;
+            ty[i] += nhsum(row);
+            for (int64_t c = 0; c < D + 2; ++c) total[c] += nwiden(part[c]);
+#pragma omp simd
+            for (int64_t k = 0; k < width; ++k) tx[k] += s[k];
+            break;
         }
-        float rowsum = 0.0f, rowinv = 0.0f, rowmu = 0.0f;
-#pragma omp simd reduction(+ : rowsum, rowinv, rowmu)
-        for (int64_t j = 0; j < width; ++j) {
-            const float ej = exp_approx(s[j] - m);
-            const float er = ej * inv[j];
-            e[j] = ej;
-            rowsum += ej;
-            rowinv += er;
-            rowmu += ej * mu[j];
-            tx[j] += er;
-        }
-        sum += rowsum;
-        ty[i] += rowinv;
-        acc[D] += rowmu;
-        accumulate_planes(D, width, off, plane, P, e, acc);
     }
+    for (int64_t c = 0; c <= D; ++c) acc[c] = ndsum(total[c]);
+    *sum_io = ndsum(total[D + 1]);
     *m_io = m;
-    *sum_io = sum;
 }
 
 int perceivers_grid_attention(
@@ -138,22 +145,38 @@ int perceivers_grid_attention(
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        float *s = (float *)malloc(sizeof(float) * (size_t)width);
-        float *e = (float *)malloc(sizeof(float) * (size_t)width);
-        if (!s || !e) failed = 1;
+        float *s = (float *)malloc(sizeof(float) * (size_t)(width + NW));
+        if (!s) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < batch * rows; ++r) {
             if (failed) continue;
             const float *Pb = P + (r / rows) * (D + 2) * plane;
 #define ROW(DD) attend_row(DD, height, width, i0, i1, plane, U + r * (D + 1), AY + r * height, AX + r * width, \
-                           Pb, M + r, S + r, ACC + r * (D + 1), TY + r * height, TX + r * width, s, e)
+                           Pb, M + r, S + r, ACC + r * (D + 1), TY + r * height, TX + r * width, s)
             BY_CHANNELS(D, ROW);
 #undef ROW
         }
         free(s);
-        free(e);
     }
     return failed;
+}
+
+/* Pixels j..j+n of a grid row in the backward: the weights w = p (t - cr), p = exp(score - lse) and
+ * t = the gradient's score, summed per lane times each data plane and the mu/sigma plane (part), over
+ * sigma (row), and w/sigma added to TX. */
+static inline __attribute__((always_inline)) void backward_step(
+    const int64_t D, const float *P, int64_t plane, int64_t off, int64_t j, int64_t n, const vn *u, vn a,
+    const float *ax, const vn *v, vn b, const float *bx, vn lse, vn cr, vn *part, vn *row, float *tx
+) {
+    vn wt = nexp(scores(D, P, plane, off, j, n, u, a, ax) - lse) * (scores(D, P, plane, off, j, n, v, b, bx) - cr);
+    if (n < NW) wt = ntail(wt, n, 0.0f);
+    const float *at = P + off + j;
+    const vn wr = wt * load(at + D * plane, n);
+    *row += wr;
+    part[D] += wt * load(at + (D + 1) * plane, n);
+    for (int64_t c = 0; c < D; ++c) part[c] += wt * load(at + c * plane, n);
+    if (n == NW) nstore(tx + j, nload(tx + j) + wr);
+    else nstoren(tx + j, nloadn(tx + j, n) + wr, n);
 }
 
 /* Backward pass of one query row over grid rows i0..i1: with the row's final log-sum-exp (lse), the
@@ -164,34 +187,31 @@ int perceivers_grid_attention(
 static inline __attribute__((always_inline)) void backward_row(
     const int64_t D, int64_t width, int64_t i0, int64_t i1, int64_t plane,
     const float *u, const float *ay, const float *ax, const float *v, const float *by, const float *bx,
-    float lse, float cr, const float *P, double *acc, float *ty, float *tx, float *w
+    float lse, float cr, const float *P, double *acc, float *ty, float *tx
 ) {
-    const float g = u[D], gv = v[D];
+    vn wu[D + 1], wv[D + 1];
+    vnd total[D + 1];
+    for (int64_t c = 0; c <= D; ++c) {
+        wu[c] = nbcast(u[c]);
+        wv[c] = nbcast(v[c]);
+        total[c] = (vnd){0};
+        total[c][0] = acc[c];
+    }
+    const vn vl = nbcast(lse), vc = nbcast(cr);
+    const int64_t full = width - width % NW;
     for (int64_t i = i0; i < i1; ++i) {
         const int64_t off = (i - i0) * width;
-        const float *inv = P + D * plane + off, *mu = P + (D + 1) * plane + off;
-        const float a = ay[i], b = by[i];
-        float rowinv = 0.0f, rowmu = 0.0f;
-#pragma omp simd reduction(+ : rowinv, rowmu)
-        for (int64_t j = 0; j < width; ++j) {
-            float sc = inv[j] * (a + ax[j]) + g * mu[j];
-            float t = inv[j] * (b + bx[j]) + gv * mu[j];
-            for (int64_t c = 0; c < D; ++c) {
-                const float pc = P[c * plane + off + j];
-                sc += u[c] * pc;
-                t += v[c] * pc;
-            }
-            const float wj = exp_approx(sc - lse) * (t - cr);
-            const float wr = wj * inv[j];
-            w[j] = wj;
-            rowinv += wr;
-            rowmu += wj * mu[j];
-            tx[j] += wr;
-        }
-        ty[i] += rowinv;
-        acc[D] += rowmu;
-        accumulate_planes(D, width, off, plane, P, w, acc);
+        const vn a = nbcast(ay[i]), b = nbcast(by[i]);
+        vn part[D + 1], row = nbcast(0.0f);
+        for (int64_t c = 0; c <= D; ++c) part[c] = nbcast(0.0f);
+        for (int64_t j = 0; j < full; j += NW)
+            backward_step(D, P, plane, off, j, NW, wu, a, ax, wv, b, bx, vl, vc, part, &row, tx);
+        if (full < width)
+            backward_step(D, P, plane, off, full, width - full, wu, a, ax, wv, b, bx, vl, vc, part, &row, tx);
+        ty[i] += nhsum(row);
+        for (int64_t c = 0; c <= D; ++c) total[c] += nwiden(part[c]);
     }
+    for (int64_t c = 0; c <= D; ++c) acc[c] = ndsum(total[c]);
 }
 
 int perceivers_grid_attention_backward(
@@ -202,24 +222,16 @@ int perceivers_grid_attention_backward(
     const float *P, double *ACC, float *TY, float *TX
 ) {
     const int64_t D = channels, plane = (i1 - i0) * width;
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        float *w = (float *)malloc(sizeof(float) * (size_t)width);
-        if (!w) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < batch * rows; ++r) {
-            if (failed) continue;
-            const float *Pb = P + (r / rows) * (D + 2) * plane;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < batch * rows; ++r) {
+        const float *Pb = P + (r / rows) * (D + 2) * plane;
 #define ROW(DD) backward_row(DD, width, i0, i1, plane, U + r * (D + 1), AY + r * height, AX + r * width, \
                              V + r * (D + 1), BY + r * height, BX + r * width, LSE[r], CR[r], Pb, \
-                             ACC + r * (D + 1), TY + r * height, TX + r * width, w)
-            BY_CHANNELS(D, ROW);
+                             ACC + r * (D + 1), TY + r * height, TX + r * width)
+        BY_CHANNELS(D, ROW);
 #undef ROW
-        }
-        free(w);
     }
-    return failed;
+    return 0;
 }
 
 /* The kernel's pixel planes for rows i0..i0 + pixels/width of every sample: LayerNorm statistics of

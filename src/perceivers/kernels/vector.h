@@ -28,14 +28,22 @@ static inline int any(i16 m) { for (int i = 0; i < 16; ++i) if (m[i]) return 1; 
 /* exp(x) = 2^k e^y, k = round(x log2 e), y = x - k ln2 (|y| <= ln2/2), e^y by a degree-6 series (relative
  * error below 2.4e-7 on [-60, 10]); exactly 0 below -87 (so exp(-inf) = 0, and no denormals); NaN stays
  * NaN. With AVX-512 vscalefps applies 2^k (no exponent bits, no selects); elsewhere the bits are built. */
-static inline v16 vexp_series(v16 y) {
-    return vbcast(1.0f) + y * (vbcast(1.0f) + y * (vbcast(0.5f) + y * (vbcast(0.16666667f) + y * (
-        vbcast(0.041666668f) + y * (vbcast(0.0083333338f) + y * vbcast(0.0013888889f))))));
-}
+/* Written for any float vector type (GCC broadcasts the scalars); the int vector type I is as wide. */
+#define EXP_SERIES(y) \
+    (1.0f + (y) * (1.0f + (y) * (0.5f + (y) * (0.16666667f + (y) * (0.041666668f + (y) * (0.0083333338f + (y) * 0.0013888889f))))))
 /* x - k ln2 in two steps (Cody and Waite: ln2's leading bits times k are exact), |result| <= ln2/2 */
-static inline v16 vreduce(v16 x, v16 k) {
-    return (x - k * vbcast(0.693359375f)) - k * vbcast(-2.12194440e-4f);
-}
+#define EXP_REDUCE(x, k) (((x) - (k) * 0.693359375f) - (k) * -2.12194440e-4f)
+/* exp with 2^k built in the exponent bits, for a float vector type V and its int vector type I */
+#define DEFINE_EXP_BITS(NAME, V, I)                                                  \
+    static inline V NAME(V x0) {                                                     \
+        const I low = x0 < -87.0f;                                                   \
+        const V x = (V)(((I)x0 & ~low) | ((I)((V){0} - 87.0f) & low));               \
+        const V t = x * 1.44269504088896341f;                                        \
+        const V k = (t + 12582912.0f) - 12582912.0f; /* rounds: 1.5 * 2^23 */        \
+        const V p = EXP_SERIES(EXP_REDUCE(x, k));                                    \
+        const I bits = (__builtin_convertvector(k, I) + 127) << 23;                  \
+        return (V)((I)(p * (V)bits) & ~low);                                         \
+    }
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline v16 vexp(v16 x0) {
@@ -43,21 +51,11 @@ static inline v16 vexp(v16 x0) {
     const __m512 x = _mm512_max_ps(low, (__m512)x0);  /* a NaN x0 comes through: max returns its second operand */
     const v16 t = (v16)x * vbcast(1.44269504088896341f);
     const __m512 k = _mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const v16 p = vexp_series(vreduce((v16)x, (v16)k));
+    const v16 p = EXP_SERIES(EXP_REDUCE((v16)x, (v16)k));
     return (v16)_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask((__m512)x0, low, _CMP_NLT_UQ), (__m512)p, k);
 }
 #else
-static inline v16 vexp(v16 x0) {
-    const v16 x = vsel(x0 < vbcast(-87.0f), vbcast(-87.0f), x0);
-    const v16 t = x * vbcast(1.44269504088896341f);
-    const v16 magic = vbcast(12582912.0f);  /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
-    const v16 k = (t + magic) - magic;
-    const v16 p = vexp_series(vreduce(x, k));
-    const i16 bits = (__builtin_convertvector(k, i16) + 127) << 23;
-    v16 s;
-    memcpy(&s, &bits, 64);
-    return vsel(x0 < vbcast(-87.0f), vbcast(0.0f), p * s);
-}
+DEFINE_EXP_BITS(vexp, v16, i16)
 #endif
 
 /* Two-vector shuffles by constant indices: GCC 12+ and clang take them as arguments, older GCC as a vector. */
@@ -92,6 +90,73 @@ static inline void tile_transpose(v16 t[16]) {
     TRANSPOSE_ROUND(t, 2, TRANSPOSE_LO2, TRANSPOSE_HI2)
     TRANSPOSE_ROUND(t, 4, TRANSPOSE_LO4, TRANSPOSE_HI4)
     TRANSPOSE_ROUND(t, 8, TRANSPOSE_LO8, TRANSPOSE_HI8)
+}
+
+/* Vectors of the processor's own width, for loops that keep a dozen accumulators in registers (the grid
+ * kernel): vn holds NW floats, 16 with AVX-512 (a v16), 8 elsewhere (one AVX2 register; a v16 takes two
+ * there, and sixteen registers do not hold such a loop's accumulators). */
+#if defined(__AVX512F__)
+#define NW 16
+typedef v16 vn;
+typedef i16 vni;
+#define nexp vexp
+#else
+#define NW 8
+typedef float vn __attribute__((vector_size(32)));
+typedef int32_t vni __attribute__((vector_size(32)));
+DEFINE_EXP_BITS(nexp, vn, vni)
+#endif
+typedef double vnd __attribute__((vector_size(NW * 8)));
+
+static inline vn nbcast(float x) { return (vn){0} + x; }
+static inline vn nload(const float *p) { vn r; memcpy(&r, p, sizeof r); return r; }
+static inline void nstore(float *p, vn x) { memcpy(p, &x, sizeof x); }
+/* The first n floats (n < NW) at p, zeros after; and their store: masked moves where there are some. */
+#if defined(__AVX512F__)
+static inline vn nloadn(const float *p, int64_t n) { return (vn)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+static inline void nstoren(float *p, vn x, int64_t n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)x); }
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline __m256i nfirst(int64_t n) { return (__m256i)((vni){0, 1, 2, 3, 4, 5, 6, 7} < (int32_t)n); }
+static inline vn nloadn(const float *p, int64_t n) { return (vn)_mm256_maskload_ps(p, nfirst(n)); }
+static inline void nstoren(float *p, vn x, int64_t n) { _mm256_maskstore_ps(p, nfirst(n), (__m256)x); }
+#else
+static inline vn nloadn(const float *p, int64_t n) { vn r = {0}; memcpy(&r, p, (size_t)n * sizeof(float)); return r; }
+static inline void nstoren(float *p, vn x, int64_t n) { memcpy(p, &x, (size_t)n * sizeof(float)); }
+#endif
+/* x with its lanes from n on set to fill. */
+static inline vn ntail(vn x, int64_t n, float fill) { for (int64_t l = n; l < NW; ++l) x[l] = fill; return x; }
+/* The larger of a and b; b where either is NaN (maxps's rule). */
+#if defined(__AVX512F__)
+static inline vn nmax(vn a, vn b) { return (vn)_mm512_max_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX2__)
+static inline vn nmax(vn a, vn b) { return (vn)_mm256_max_ps((__m256)a, (__m256)b); }
+#else
+static inline vn nmax(vn a, vn b) {
+    const vni m = a > b;
+    return (vn)(((vni)a & m) | ((vni)b & ~m));
+}
+#endif
+/* Sum and maximum of the lanes, in halving steps; the sum of double lanes. */
+static inline float nhsum(vn x) {
+    float t[NW];
+    memcpy(t, &x, sizeof t);
+    for (int w = NW / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) t[l] += t[l + w];
+    return t[0];
+}
+static inline float nhmax(vn x) {
+    float t[NW];
+    memcpy(t, &x, sizeof t);
+    for (int w = NW / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) t[l] = t[l] > t[l + w] ? t[l] : t[l + w];
+    return t[0];
+}
+static inline vnd nwiden(vn x) { return __builtin_convertvector(x, vnd); }
+static inline double ndsum(vnd x) {
+    double t = 0.0;
+    for (int l = 0; l < NW; ++l) t += x[l];
+    return t;
 }
 
 #endif
