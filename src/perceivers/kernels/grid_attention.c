@@ -95,14 +95,7 @@ static inline __attribute__((always_inline)) void attend_row(
     for (int64_t i = i0; i < i1; ++i) {
         const int64_t off = (i - i0) * width;
         const vn a = nbcast(ay[i]);
-        if (m == -INFINITY) {  /* no reference yet: this row's maximum */
-            vn top = nbcast(-INFINITY);
-            for (int64_t j = 0; j < full; j += NW) top = nmax(top, scores(D, P, plane, off, j, NW, w, a, ax));
-            if (full < width)
-                top = nmax(top, ntail(scores(D, P, plane, off, full, width - full, w, a, ax), width - full, -INFINITY));
-            m = nhmax(top);
-        }
-        for (;;) {
+        for (;;) {  /* at most twice; the first row always twice, as nothing passes m = -inf by TAU */
             const vn vm = nbcast(m);
             vn part[D + 2], row = nbcast(0.0f), top = nbcast(-INFINITY);
             for (int64_t c = 0; c < D + 2; ++c) part[c] = nbcast(0.0f);
@@ -110,7 +103,7 @@ static inline __attribute__((always_inline)) void attend_row(
             if (full < width) forward_step(D, P, plane, off, full, width - full, w, a, ax, vm, part, &row, &top, s);
             const float rowmax = nhmax(top);
             if (rowmax > m + TAU) {  /* rescale the state to the row's maximum and sum the row again */
-                const float f = expf(m - rowmax);
+                const float f = expf(m - rowmax);  /* 0 from m = -inf, where the state is still all zeros */
                 for (int64_t c = 0; c < D + 2; ++c) total[c] *= (double)f;
                 for (int64_t k = 0; k < height; ++k) ty[k] *= f;
                 for (int64_t k = 0; k < width; ++k) tx[k] *= f;
