@@ -351,17 +351,25 @@ def test_builds_are_keyed_by_processor(monkeypatch, tmp_path):
 
 
 def test_register_tiled_kernels_load_only_with_avx512(monkeypatch):
-    """The attention and GEGLU kernels (16-float register tiles) stay off without AVX-512, where GCC keeps
-    their vectors in memory; the grid kernel (vectors of the processor's width) still loads."""
+    """The attention kernel (16-float register tiles) stays off without AVX-512, where GCC keeps its vectors
+    in memory; the GEGLU kernel (vectors of the processor's width) loads with AVX2 and FMA, and stays off
+    below (SSE2 builds are slower than PyTorch); the grid kernel loads everywhere."""
     from perceivers.layers import native_activation, native_attention
 
-    for flags, expected in (("flags\t: fpu avx2 fma", False), ("flags\t: fpu avx2 avx512f avx512bw", True),
-                            ("Features\t: fp asimd", False)):
+    for flags, avx512, avx2 in (("flags\t: fpu avx2 fma", False, True),
+                                ("flags\t: fpu avx2 fma avx512f avx512bw", True, True),
+                                ("flags\t: fpu sse2 avx", False, False), ("flags\t: fpu avx2", False, False),
+                                ("Features\t: fp asimd", False, False)):
         monkeypatch.setattr(kernels, "_cpu_identity", lambda flags=flags: "vendor_id\t: x\n" + flags)
-        assert kernels.has_avx512.__wrapped__() is expected
+        assert kernels.has_avx512.__wrapped__() is avx512 and kernels.has_avx2.__wrapped__() is avx2
+    with pytest.raises(ValueError, match="isa must be"):
+        kernels.load("attention", isa="avx512f")
     monkeypatch.setattr(kernels, "has_avx512", lambda: False)
-    assert kernels.load("attention", avx512=True) is None and kernels.load("grid_attention") is not None
-    assert not native_attention.available() and not native_activation.available()
+    assert kernels.load("attention", isa="avx512") is None and kernels.load("grid_attention") is not None
+    assert not native_attention.available()
+    assert native_activation.available() is kernels.has_avx2()  # the host's own AVX2
+    monkeypatch.setattr(kernels, "has_avx2", lambda: False)
+    assert kernels.load("activations", isa="avx2") is None and not native_activation.available()
 
     def kernel_called(*args):
         raise AssertionError("the native attention kernel ran without AVX-512")

@@ -10,10 +10,12 @@ called through :mod:`ctypes` (which releases the GIL, so several threads can run
 compiler is found, the build fails, or ``PERCEIVERS_NATIVE=0`` is set, :func:`load` returns ``None``
 and callers keep their PyTorch path; the results are the same up to float rounding.
 
-The register-tiled kernels (``attention.c``, ``activations.c``: ``load(..., avx512=True)``) are written
-for AVX-512's 32 registers of 16 floats. Elsewhere (AVX2, Arm) GCC keeps their 16-float vectors in
-memory: built for Haswell and run on an Ice Lake, the attention kernel took 83 ms where SDPA takes 12 ms,
-the GEGLU kernel 20 ms where PyTorch takes 6. So they load only where :func:`has_avx512` holds.
+The register-tiled attention kernel (``attention.c``: ``load(..., isa="avx512")``) is written for
+AVX-512's 32 registers of 16 floats. Elsewhere (AVX2, Arm) GCC keeps its 16-float vectors in memory:
+built for Haswell and run on an Ice Lake, it took 83 ms where SDPA takes 12 ms. So it loads only where
+:func:`has_avx512` holds. The GEGLU kernel (``activations.c``), written in vectors of the processor's
+width, loads with AVX2 too (``isa="avx2"``: :func:`has_avx2`); built for baseline x86-64 (SSE2) it
+is 3x slower than PyTorch, so not there.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from .._env import env_switch
 
-__all__ = ["enabled", "has_avx512", "load"]
+__all__ = ["enabled", "has_avx2", "has_avx512", "load"]
 
 log = logging.getLogger(__name__)
 _SOURCES = Path(__file__).parent
@@ -72,15 +74,27 @@ def _cpu_identity() -> str:
     return "\n".join(line for line in first.splitlines() if line.split(":", 1)[0].strip() in keys)
 
 
+def _cpu_flags() -> set[str]:
+    """The processor's instruction-set flags (``/proc/cpuinfo``'s ``flags``; empty where there is none)."""
+    for line in _cpu_identity().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
 @functools.cache
 def has_avx512() -> bool:
     """Whether the processor has AVX-512 (``avx512f`` among its flags in ``/proc/cpuinfo``; False where
     there is no such file)."""
-    for line in _cpu_identity().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return "avx512f" in value.split()
-    return False
+    return "avx512f" in _cpu_flags()
+
+
+@functools.cache
+def has_avx2() -> bool:
+    """Whether the processor has AVX2 with FMA (``avx2`` and ``fma`` among its flags), as every one with
+    AVX-512 does."""
+    return {"avx2", "fma"} <= _cpu_flags()
 
 
 def _compiler() -> list[str] | None:
@@ -124,13 +138,16 @@ def _build(name: str) -> Path | None:
 
 
 def load(name: str, signatures: dict[str, tuple[list, type | None]] | None = None, *,
-         avx512: bool = False) -> ctypes.CDLL | None:
-    """The compiled library for ``name`` (e.g. ``"grid_attention"``), or ``None`` if unavailable
-    (with ``avx512=True`` also where the processor lacks AVX-512: :func:`has_avx512`).
+         isa: str | None = None) -> ctypes.CDLL | None:
+    """The compiled library for ``name`` (e.g. ``"grid_attention"``), or ``None`` if unavailable, or
+    where the processor lacks the instructions ``isa`` names: ``"avx512"`` (:func:`has_avx512`) or
+    ``"avx2"`` (:func:`has_avx2`).
 
     ``signatures`` maps its functions to ``(argtypes, restype)``, set on them unless already set.
     """
-    if not enabled() or (avx512 and not has_avx512()):
+    if isa not in (None, "avx2", "avx512"):
+        raise ValueError(f"isa must be None, 'avx2' or 'avx512', got {isa!r}")
+    if not enabled() or (isa == "avx512" and not has_avx512()) or (isa == "avx2" and not has_avx2()):
         return None
     with _lock:
         if name not in _loaded:

@@ -9,6 +9,10 @@
  * accuracy far into the negative tail, where 1 + erf(x) loses it. The backward's gelu'(g) = Phi(g) +
  * g phi(g) reuses the same exponential (phi(g) = exp(-g^2 / 2) / sqrt(2 pi)).
  *
+ * Written in vectors of the processor's width (vector.h's vn: 16 floats with AVX-512, 8 with AVX2), so the
+ * polynomial's terms stay in registers either way; a row's last, partial vector is loaded and stored
+ * masked.
+ *
  * Layout: h rows of stride ld (>= 2n), a = h[r][0:n], g = h[r][n:2n]; out and dout rows of n, contiguous;
  * dh rows of 2n, contiguous. Rows are split over OpenMP threads.
  */
@@ -17,36 +21,34 @@
 #include "vector.h"
 
 /* Phi(g) and, when pdf is not NULL, phi(g). */
-static inline v16 normal_cdf(v16 g, v16 *pdf) {
-    const v16 x = vmax(g, -g) * vbcast(0.70710678118654752f);
-    const v16 t = vbcast(1.0f) / (vbcast(1.0f) + vbcast(0.47047f) * x);
-    const v16 erfcx = vbcast(1.32765572e-05f) + t * (vbcast(0.265081465f) + t * (vbcast(0.269518316f) + t * (
-        vbcast(0.208987519f) + t * (vbcast(0.290709823f) + t * (vbcast(-0.212598056f) + t * (vbcast(0.579746127f) +
-        t * (vbcast(-0.656029165f) + t * (vbcast(0.309931487f) + t * vbcast(-0.0553608276f)))))))));
-    const v16 e = vexp(vbcast(-0.5f) * g * g);
-    const v16 q = vbcast(0.5f) * erfcx * e;
-    if (pdf) *pdf = e * vbcast(0.39894228040143268f);
-    return vsel(g >= vbcast(0.0f), vbcast(1.0f) - q, q);
+static inline vn normal_cdf(vn g, vn *pdf) {
+    const vni sign = (vni)g & (int32_t)0x80000000;
+    const vn x = (vn)((vni)g ^ sign) * 0.70710678118654752f;  /* |g| / sqrt 2 */
+    const vn t = 1.0f / (1.0f + 0.47047f * x);
+    const vn erfcx = 1.32765572e-05f + t * (0.265081465f + t * (0.269518316f + t * (0.208987519f + t * (
+        0.290709823f + t * (-0.212598056f + t * (0.579746127f + t * (-0.656029165f + t * (0.309931487f +
+        t * -0.0553608276f))))))));
+    const vn e = nexp(-0.5f * g * g);
+    const vn q = 0.5f * erfcx * e;
+    if (pdf) *pdf = e * 0.39894228040143268f;
+    const vni negative = g < 0.0f;  /* Phi = 1 - Q above 0, Q below */
+    return (vn)(((vni)q & negative) | ((vni)(1.0f - q) & ~negative));
 }
 
-/* Up to 16 floats from p (k of them; the rest 0), and back. */
-static inline v16 vload_n(const float *p, int64_t k) { v16 r = vbcast(0.0f); memcpy(&r, p, 4 * k); return r; }
-static inline void vstore_n(float *p, v16 x, int64_t k) { memcpy(p, &x, 4 * k); }
-
-/* One vector of rows' elements: out = a gelu(g); with d (dout) given, da and dg instead. */
-static inline __attribute__((always_inline)) void geglu16(const float *a, const float *g, const float *d, float *o,
-                                                        float *da, float *dg, int64_t k) {
-    const int full = k == 16;  /* the row's last vector may be partial: copied through a padded one */
-    const v16 gv = full ? vload(g) : vload_n(g, k), av = full ? vload(a) : vload_n(a, k);
+/* One vector of rows' elements (k of them, k <= NW): out = a gelu(g); with d (dout) given, da and dg instead. */
+static inline __attribute__((always_inline)) void geglu_vector(const float *a, const float *g, const float *d,
+                                                             float *o, float *da, float *dg, int64_t k) {
+    const int full = k == NW;
+    const vn gv = full ? nload(g) : nloadn(g, k), av = full ? nload(a) : nloadn(a, k);
     if (!d) {
-        const v16 r = av * gv * normal_cdf(gv, 0);
-        if (full) vstore(o, r); else vstore_n(o, r, k);
+        const vn r = av * gv * normal_cdf(gv, 0);
+        if (full) nstore(o, r); else nstoren(o, r, k);
         return;
     }
-    const v16 dv = full ? vload(d) : vload_n(d, k);
-    v16 pdf;
-    const v16 cdf = normal_cdf(gv, &pdf), ra = dv * gv * cdf, rg = dv * av * (cdf + gv * pdf);
-    if (full) { vstore(da, ra); vstore(dg, rg); } else { vstore_n(da, ra, k); vstore_n(dg, rg, k); }
+    const vn dv = full ? nload(d) : nloadn(d, k);
+    vn pdf;
+    const vn cdf = normal_cdf(gv, &pdf), ra = dv * gv * cdf, rg = dv * av * (cdf + gv * pdf);
+    if (full) { nstore(da, ra); nstore(dg, rg); } else { nstoren(da, ra, k); nstoren(dg, rg, k); }
 }
 
 static void geglu(int64_t rows, int64_t n, int64_t ld, const float *h, const float *dout, float *out, float *dh) {
@@ -55,9 +57,9 @@ static void geglu(int64_t rows, int64_t n, int64_t ld, const float *h, const flo
         const float *a = h + r * ld, *g = a + n, *d = dout ? dout + r * n : 0;
         float *o = out ? out + r * n : 0, *da = dh ? dh + r * 2 * n : 0, *dg = da ? da + n : 0;
         int64_t i = 0;
-        for (; i + 16 <= n; i += 16)
-            geglu16(a + i, g + i, d ? d + i : 0, o ? o + i : 0, da ? da + i : 0, dg ? dg + i : 0, 16);
-        if (i < n) geglu16(a + i, g + i, d ? d + i : 0, o ? o + i : 0, da ? da + i : 0, dg ? dg + i : 0, n - i);
+        for (; i + NW <= n; i += NW)
+            geglu_vector(a + i, g + i, d ? d + i : 0, o ? o + i : 0, da ? da + i : 0, dg ? dg + i : 0, NW);
+        if (i < n) geglu_vector(a + i, g + i, d ? d + i : 0, o ? o + i : 0, da ? da + i : 0, dg ? dg + i : 0, n - i);
     }
 }
 

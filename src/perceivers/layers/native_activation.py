@@ -4,12 +4,12 @@ PyTorch computes it as a GELU, a product and, in the backward, a GELU derivative
 concatenation of the halves' gradients: six passes over memory (a quarter of the README Perceiver's
 training step went there). The kernel (:mod:`perceivers.kernels`, ``activations.c``) does each direction
 in one pass, the backward's GELU derivative sharing the forward's exponential, and saves only its input
-(PyTorch's path also keeps ``gelu(g)``). The GELU is the exact one (``erf``), evaluated as PyTorch's
-vectorised CPU code does (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7 in ``erf``).
+(PyTorch's path also keeps ``gelu(g)``). The GELU is the exact one (``erf``), with its relative accuracy
+kept far into the negative tail (``activations.c``).
 
 It serves float32 CPU tensors where perceivers' native kernels run (:func:`.dense._native_eager`: eager,
 outside ``torch.compile``, tracing, ``torch.func`` transforms, forward-mode AD and dispatch modes), on
-processors with AVX-512 (:func:`perceivers.kernels.has_avx512`), with ``PERCEIVERS_NATIVE`` not off;
+x86 processors with AVX2 or AVX-512 (:func:`perceivers.kernels.has_avx2`), with ``PERCEIVERS_NATIVE`` not off;
 ``create_graph=True`` gets the same gradients from differentiable operations.
 """
 
@@ -33,11 +33,11 @@ _SIGNATURES = {
 
 
 def _kernel():
-    return kernels.load("activations", _SIGNATURES, avx512=True)
+    return kernels.load("activations", _SIGNATURES, isa="avx2")
 
 
 def available() -> bool:
-    """Whether the native kernel is built and enabled (``PERCEIVERS_NATIVE``), on a processor with AVX-512."""
+    """Whether the native kernel is built and enabled (``PERCEIVERS_NATIVE``), on a processor with AVX2."""
     return _kernel() is not None
 
 

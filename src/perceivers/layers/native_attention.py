@@ -57,7 +57,7 @@ _SIGNATURES_BF16 = {
 def _kernel(dtype: torch.dtype = torch.float32):
     if dtype == torch.bfloat16:
         return kernels.load("attention_bf16", _SIGNATURES_BF16)
-    return kernels.load("attention", _SIGNATURES, avx512=True)
+    return kernels.load("attention", _SIGNATURES, isa="avx512")
 
 
 def _entry(dtype: torch.dtype, part: str = ""):
