@@ -55,6 +55,16 @@ def test_values_and_gradients_match_float64(shape, scale):
         assert error <= max(1.5 * (theirs.double() - ref).abs().max().item(), 3e-7 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_builds_for_narrower_vectors_match_float64(march, built_for):
+    """Built for AVX2 (8-float vectors, masked tails) and for SSE2, the kernel passes the comparison above."""
+    built_for(march)
+    for shape in ((3, 37, 2 * 19), (5, 2 * 40), (4, 2 * 1000)):
+        for scale in (1.0, 6.0):
+            test_values_and_gradients_match_float64(shape, scale)
+    assert march in " ".join(kernels._FLAGS) and "activations" in kernels._loaded
+
+
 def test_gelu_is_the_exact_one_with_its_relative_accuracy_in_the_tail():
     """The erf GELU (not the tanh one), within 1e-5 relative to float64 down to g = -13 (gelu(-13) ≈ -8e-38),
     where ``0.5 · (1 + erf)`` in float32 (PyTorch's form) loses every digit; the derivative likewise."""

@@ -68,6 +68,17 @@ def test_values_and_gradients_match_float64(b, h, m, n, d, e, mask_kind):
         assert k.grad[dead].abs().sum() == 0 and v.grad[dead].abs().sum() == 0
 
 
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_builds_for_narrower_vectors_match_float64(march, built_for):
+    """Built for AVX2 (8-float vectors: other register tiles, the softmax in parts of 8 rows) and for SSE2
+    (the same vectors without masked moves or movemask), the kernel passes the float64 comparison above."""
+    built_for(march)
+    for shape, mask_kind in (((1, 3, 37, 201, 16, 48), "keys"), ((2, 2, 300, 37, 80, 112), None),
+                             ((1, 2, 33, 129, 256, 256), "per-head")):
+        test_values_and_gradients_match_float64(*shape, mask_kind)
+    assert march in " ".join(kernels._FLAGS) and "attention" in kernels._loaded  # that build served it
+
+
 @pytest.mark.parametrize("layout", ["shared", "contiguous"])
 def test_keys_shared_by_every_head_and_other_layouts(layout):
     """The folded cross-attention's keys and values are one expanded tensor; queries may be contiguous."""

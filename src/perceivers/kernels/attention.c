@@ -3,11 +3,13 @@
  * KB, the scores stay in the first-level cache, the softmax runs online (a running maximum and sum), and
  * the backward recomputes the probabilities from the rows' log-sum-exp.
  *
- * The score tiles are kept transposed, [key][query row]: a vector holds 16 query rows of one key, so a
+ * The score tiles are kept transposed, [key][query row]: a vector holds NW query rows of one key, so a
  * tile is computed from the block's queries transposed (QB x d, copied once per block) and the keys read
  * in place, row by row, and the softmax's maxima and sums over keys are vertical operations. The products
- * are register-tiled micro-kernels written with the compiler's vector extensions (16 floats: one AVX-512
- * register, two AVX2 ones), so the same code builds wherever GCC or Clang does.
+ * are register-tiled micro-kernels and the softmax runs in vectors of the processor's width (vector.h's
+ * vn: NW = 16 floats with AVX-512, 8 elsewhere), written with the compiler's vector extensions, so the
+ * same code builds wherever GCC or Clang does. (perceivers loads it only with AVX-512: built for AVX2 it
+ * is about as fast as SDPA, see kernels/__init__.py.)
  *
  * Layouts (elements, not bytes): a tensor T with rows per (b, h) is addressed T + b*s[0] + h*s[1] +
  * row*s[2] + channel, its channels contiguous; batch and head strides may be 0 (keys shared by every
@@ -27,100 +29,117 @@ static inline const float *at(const float *t, const int64_t *s, int64_t b, int64
     return t + b * s[0] + h * s[1] + row * s[2];
 }
 
-/* st[j][r] = sum_c aT[c][r] x[j0 + j][c] (+ bias[j0 + j]) for the block's keys j < KB, rows r < QB (two
- * vectors); keys at or past n are -inf. aT: [d][QB]; x: key rows of stride ld. */
+/* The micro-kernels' register tiles, in vectors of the processor's width (vector.h's vn: NW floats): with
+ * AVX-512's 32 registers 8 keys or rows by two vectors (16 accumulators), with AVX2's 16 registers of 8
+ * floats 2 keys by QB / NW = 4 vectors (scores) and 4 keys or rows by two vectors (the products). */
+#define QV (QB / NW)    /* vectors per row of a score tile */
+#if NW == 16
+#define SKT 8           /* scores: keys per tile */
+#define PT 8            /* rows_times / cols_times: rows or keys per tile */
+#else
+#define SKT 2
+#define PT 4
+#endif
+
+/* st[j][r] = sum_c aT[c][r] x[j0 + j][c] (+ bias[j0 + j]) for the block's keys j < KB, rows r < QB; keys
+ * at or past n are -inf. aT: [d][QB]; x: key rows of stride ld. */
 static inline __attribute__((always_inline)) void scores(
     int64_t d, const float *aT, const float *x, int64_t ld, int64_t j0, int64_t n, const float *bias,
     float st[KB][QB]
 ) {
-    for (int64_t jt = 0; jt < KB; jt += KT) {
+    for (int64_t jt = 0; jt < KB; jt += SKT) {
         if (j0 + jt >= n) {
-            for (int64_t t = 0; t < KT; ++t) { vstore(st[jt + t], vbcast(-INFINITY)); vstore(st[jt + t] + 16, vbcast(-INFINITY)); }
+            for (int64_t t = 0; t < SKT; ++t)
+                for (int q = 0; q < QV; ++q) nstore(st[jt + t] + q * NW, nbcast(-INFINITY));
             continue;
         }
-        const float *row[KT];
-        for (int t = 0; t < KT; ++t) row[t] = x + (j0 + jt + t < n ? j0 + jt + t : j0) * ld;
-        v16 acc[KT][2];
-        for (int t = 0; t < KT; ++t) acc[t][0] = acc[t][1] = vbcast(0.0f);
+        const float *row[SKT];
+        for (int t = 0; t < SKT; ++t) row[t] = x + (j0 + jt + t < n ? j0 + jt + t : j0) * ld;
+        vn acc[SKT][QV];
+        for (int t = 0; t < SKT; ++t)
+            for (int q = 0; q < QV; ++q) acc[t][q] = nbcast(0.0f);
         for (int64_t c = 0; c < d; ++c) {
-            const v16 a0 = vload(aT + c * QB), a1 = vload(aT + c * QB + 16);
-            for (int t = 0; t < KT; ++t) {
-                const v16 kv = vbcast(row[t][c]);
-                acc[t][0] += kv * a0;
-                acc[t][1] += kv * a1;
+            vn a[QV];
+            for (int q = 0; q < QV; ++q) a[q] = nload(aT + c * QB + q * NW);
+            for (int t = 0; t < SKT; ++t) {
+                const vn kv = nbcast(row[t][c]);
+                for (int q = 0; q < QV; ++q) acc[t][q] += kv * a[q];
             }
         }
-        for (int t = 0; t < KT; ++t) {
+        for (int t = 0; t < SKT; ++t) {
             const int64_t j = j0 + jt + t;
-            const v16 add = vbcast(j >= n ? -INFINITY : (bias ? bias[j] : 0.0f));
-            vstore(st[jt + t], acc[t][0] + add);
-            vstore(st[jt + t] + 16, acc[t][1] + add);
+            const vn add = nbcast(j >= n ? -INFINITY : (bias ? bias[j] : 0.0f));
+            for (int q = 0; q < QV; ++q) nstore(st[jt + t] + q * NW, acc[t][q] + add);
         }
     }
 }
+
+/* One tile of PT output rows by V vectors from column c0: o[r][c] += sum_{j < nj} w[j][r0 + r] x[j][c];
+ * o rows of stride ldo, x rows of stride ldx. */
+#define ROWS_TILE(V)                                                                                  \
+    do {                                                                                              \
+        vn acc[PT][V];                                                                                \
+        for (int r = 0; r < PT; ++r)                                                                  \
+            for (int u = 0; u < V; ++u) acc[r][u] = nload(o + (r0 + r) * d + c0 + u * NW);           \
+        for (int64_t j = 0; j < nj; ++j) {                                                            \
+            vn xv[V];                                                                                 \
+            for (int u = 0; u < V; ++u) xv[u] = nload(x + j * ld + c0 + u * NW);                      \
+            for (int r = 0; r < PT; ++r) {                                                            \
+                const vn ww = nbcast(w[j][r0 + r]);                                                   \
+                for (int u = 0; u < V; ++u) acc[r][u] += ww * xv[u];                                  \
+            }                                                                                         \
+        }                                                                                             \
+        for (int r = 0; r < PT; ++r)                                                                  \
+            for (int u = 0; u < V; ++u) nstore(o + (r0 + r) * d + c0 + u * NW, acc[r][u]);           \
+    } while (0)
 
 /* o[r][c] += sum_{j < nj} w[j][r] x[j][c]; o: QB rows of d (d % 16 == 0); x rows of stride ld. */
 static inline __attribute__((always_inline)) void rows_times(
     int64_t d, float w[KB][QB], int64_t nj, const float *x, int64_t ld, float *o
 ) {
-    for (int r0 = 0; r0 < QB; r0 += 8) {
+    for (int r0 = 0; r0 < QB; r0 += PT) {
         int64_t c0 = 0;
-        for (; c0 + 32 <= d; c0 += 32) {
-            v16 acc[8][2];
-            for (int r = 0; r < 8; ++r) { acc[r][0] = vload(o + (r0 + r) * d + c0); acc[r][1] = vload(o + (r0 + r) * d + c0 + 16); }
-            for (int64_t j = 0; j < nj; ++j) {
-                const float *xj = x + j * ld + c0;
-                const v16 x0 = vload(xj), x1 = vload(xj + 16);
-                for (int r = 0; r < 8; ++r) { const v16 ww = vbcast(w[j][r0 + r]); acc[r][0] += ww * x0; acc[r][1] += ww * x1; }
-            }
-            for (int r = 0; r < 8; ++r) { vstore(o + (r0 + r) * d + c0, acc[r][0]); vstore(o + (r0 + r) * d + c0 + 16, acc[r][1]); }
-        }
-        for (; c0 < d; c0 += 16) {
-            v16 acc[8];
-            for (int r = 0; r < 8; ++r) acc[r] = vload(o + (r0 + r) * d + c0);
-            for (int64_t j = 0; j < nj; ++j) {
-                const v16 x0 = vload(x + j * ld + c0);
-                for (int r = 0; r < 8; ++r) acc[r] += vbcast(w[j][r0 + r]) * x0;
-            }
-            for (int r = 0; r < 8; ++r) vstore(o + (r0 + r) * d + c0, acc[r]);
-        }
+#if NW == 8
+        for (; c0 + 3 * NW <= d; c0 += 3 * NW) ROWS_TILE(3);
+#endif
+        for (; c0 + 2 * NW <= d; c0 += 2 * NW) ROWS_TILE(2);
+        for (; c0 < d; c0 += NW) ROWS_TILE(1);
     }
 }
+
+/* One tile of `keys` output rows (<= PT) by V vectors from column c0: o[j0 + j][c] += sum_{r < QB} w[j0 + j][r] a[r][c]. */
+#define COLS_TILE(keys, V)                                                                            \
+    do {                                                                                              \
+        vn acc[PT][V];                                                                                \
+        for (int j = 0; j < keys; ++j)                                                                \
+            for (int u = 0; u < V; ++u) acc[j][u] = nload(o + (j0 + j) * ld + c0 + u * NW);          \
+        for (int r = 0; r < QB; ++r) {                                                                \
+            vn av[V];                                                                                 \
+            for (int u = 0; u < V; ++u) av[u] = nload(a + r * d + c0 + u * NW);                      \
+            for (int j = 0; j < keys; ++j) {                                                          \
+                const vn ww = nbcast(w[j0 + j][r]);                                                   \
+                for (int u = 0; u < V; ++u) acc[j][u] += ww * av[u];                                  \
+            }                                                                                         \
+        }                                                                                             \
+        for (int j = 0; j < keys; ++j)                                                                \
+            for (int u = 0; u < V; ++u) nstore(o + (j0 + j) * ld + c0 + u * NW, acc[j][u]);           \
+    } while (0)
 
 /* o[j][c] += sum_{r < QB} w[j][r] a[r][c] for j < nj; a: QB rows of d; o rows of stride ld. */
 static inline __attribute__((always_inline)) void cols_times(
     int64_t d, float w[KB][QB], int64_t nj, const float *a, float *o, int64_t ld
 ) {
     int64_t j0 = 0;
-    for (; j0 + 8 <= nj; j0 += 8) {
+    for (; j0 + PT <= nj; j0 += PT) {
         int64_t c0 = 0;
-        for (; c0 + 32 <= d; c0 += 32) {
-            v16 acc[8][2];
-            for (int j = 0; j < 8; ++j) { acc[j][0] = vload(o + (j0 + j) * ld + c0); acc[j][1] = vload(o + (j0 + j) * ld + c0 + 16); }
-            for (int r = 0; r < QB; ++r) {
-                const v16 x0 = vload(a + r * d + c0), x1 = vload(a + r * d + c0 + 16);
-                for (int j = 0; j < 8; ++j) { const v16 ww = vbcast(w[j0 + j][r]); acc[j][0] += ww * x0; acc[j][1] += ww * x1; }
-            }
-            for (int j = 0; j < 8; ++j) { vstore(o + (j0 + j) * ld + c0, acc[j][0]); vstore(o + (j0 + j) * ld + c0 + 16, acc[j][1]); }
-        }
-        for (; c0 < d; c0 += 16) {
-            v16 acc[8];
-            for (int j = 0; j < 8; ++j) acc[j] = vload(o + (j0 + j) * ld + c0);
-            for (int r = 0; r < QB; ++r) {
-                const v16 x0 = vload(a + r * d + c0);
-                for (int j = 0; j < 8; ++j) acc[j] += vbcast(w[j0 + j][r]) * x0;
-            }
-            for (int j = 0; j < 8; ++j) vstore(o + (j0 + j) * ld + c0, acc[j]);
-        }
+#if NW == 8
+        for (; c0 + 3 * NW <= d; c0 += 3 * NW) COLS_TILE(PT, 3);
+#endif
+        for (; c0 + 2 * NW <= d; c0 += 2 * NW) COLS_TILE(PT, 2);
+        for (; c0 < d; c0 += NW) COLS_TILE(PT, 1);
     }
-    for (; j0 < nj; ++j0) {
-        float *oj = o + j0 * ld;
-        for (int64_t c0 = 0; c0 < d; c0 += 16) {
-            v16 acc = vload(oj + c0);
-            for (int r = 0; r < QB; ++r) acc += vbcast(w[j0][r]) * vload(a + r * d + c0);
-            vstore(oj + c0, acc);
-        }
-    }
+    for (; j0 < nj; ++j0)
+        for (int64_t c0 = 0; c0 < d; c0 += NW) COLS_TILE(1, 1);
 }
 
 /* A block's rows of t (QB x d, zero-padded past `rows`), times `mul`, into rows [QB][d] and/or transposed
@@ -156,15 +175,15 @@ static inline void forward_block(Rows *x, int64_t dk, int64_t dv, const float *k
                                  int64_t ldv, int64_t j0, int64_t n, const float *bias) {
     const int64_t nj = n - j0 < KB ? n - j0 : KB;
     scores(dk, x->qt, k, ldk, j0, n, bias, x->st);
-    for (int half = 0; half < 2; ++half) {
-        const v16 base = softmax_reference(x->st, nj, half, x->m, x->l, x->f, x->o, dv);
-        v16 sum = vbcast(0.0f);
+    for (int part = 0; part < QV; ++part) {
+        const vn base = softmax_reference(x->st, nj, part, x->m, x->l, x->f, x->o, dv);
+        vn sum = nbcast(0.0f);
         for (int64_t j = 0; j < nj; ++j) {
-            const v16 e = vexp(vload(x->st[j] + 16 * half) - base);  /* masked keys: exp(-inf) = 0 */
+            const vn e = nexp(nload(x->st[j] + NW * part) - base);  /* masked keys: exp(-inf) = 0 */
             sum += e;
-            vstore(x->st[j] + 16 * half, e);
+            nstore(x->st[j] + NW * part, e);
         }
-        vstore(x->l + 16 * half, vload(x->l + 16 * half) + sum);
+        nstore(x->l + NW * part, nload(x->l + NW * part) + sum);
     }
     rows_times(dv, x->st, nj, v + j0 * ldv, ldv, x->o);
 }
@@ -304,10 +323,10 @@ int perceivers_attention_backward(const int64_t *dims, const int64_t *st, float 
                     scores(dk, x.qt, kb, sk[2], j0, N, bb, w->p);
                     scores(dv, x.gt, vb, sv[2], j0, N, NULL, w->ds);
                     for (int64_t j = 0; j < nj; ++j)
-                        for (int half = 0; half < 2; ++half) {
-                            const v16 pe = vexp(vload(w->p[j] + 16 * half) - vload(x.lse + 16 * half));
-                            vstore(w->p[j] + 16 * half, pe);
-                            vstore(w->ds[j] + 16 * half, pe * (vload(w->ds[j] + 16 * half) - vload(x.delta + 16 * half)));
+                        for (int r0 = 0; r0 < QB; r0 += NW) {
+                            const vn pe = nexp(nload(w->p[j] + r0) - nload(x.lse + r0));
+                            nstore(w->p[j] + r0, pe);
+                            nstore(w->ds[j] + r0, pe * (nload(w->ds[j] + r0) - nload(x.delta + r0)));
                         }
                     if (dvb) cols_times(dv, w->p, nj, x.go, dvb + j0 * dv, dv);    /* dV += P^T dO */
                     if (dkb) cols_times(dk, w->ds, nj, x.qs, dkb + j0 * dk, dk);   /* dK += dS^T (q scale) */

@@ -29,28 +29,30 @@ static inline int64_t forward_group(int64_t B, int64_t H, int64_t mb, int64_t kv
     return group;
 }
 
-/* Online softmax, one half (16 rows) of a block against its next nj keys' scores st: where a row's
- * maximum moved past its reference m by more than TAU (or was -inf), its sum l and output rows o (dv wide)
- * are rescaled and m moves; f receives the factors. Returns what the scores' exponentials are taken
- * against (m, 0 for a row with no key yet, so masked keys give exp(-inf) = 0). */
-static inline v16 softmax_reference(float st[KB][QB], int64_t nj, int half, float *m, float *l, float *f,
-                                    float *o, int64_t dv) {
-    v16 bm = vload(st[0] + 16 * half);
-    for (int64_t j = 1; j < nj; ++j) bm = vmax(bm, vload(st[j] + 16 * half));
-    const v16 mo = vload(m + 16 * half), ninf = vbcast(-INFINITY);
-    const i16 need = (bm > mo + vbcast(TAU)) | ((mo == ninf) & (bm > ninf));
-    if (any(need)) {  /* rows whose maximum moved: rescale their sum and output */
-        const v16 nm = vsel(need, bm, mo);
-        const v16 fac = vsel(need, vexp(mo - nm), vbcast(1.0f));
-        vstore(l + 16 * half, vload(l + 16 * half) * fac);
-        vstore(m + 16 * half, nm);
-        vstore(f + 16 * half, fac);
-        for (int r = 16 * half; r < 16 * half + 16; ++r)
+/* Online softmax, one part (NW rows: vector.h's vn, 16 with AVX-512, 8 with AVX2) of a block against its
+ * next nj keys' scores st: where a row's maximum moved past its reference m by more than TAU (or was
+ * -inf), its sum l and output rows o (dv wide) are rescaled and m moves; f receives the factors. Returns
+ * what the scores' exponentials are taken against (m, 0 for a row with no key yet, so masked keys give
+ * exp(-inf) = 0). */
+static inline vn softmax_reference(float st[KB][QB], int64_t nj, int part, float *m, float *l, float *f,
+                                   float *o, int64_t dv) {
+    const int r0 = NW * part;
+    vn bm = nload(st[0] + r0);
+    for (int64_t j = 1; j < nj; ++j) bm = nmaxnan(bm, nload(st[j] + r0));
+    const vn mo = nload(m + r0), ninf = nbcast(-INFINITY);
+    const vni need = (bm > mo + TAU) | ((mo == ninf) & (bm > ninf));
+    if (nany(need)) {  /* rows whose maximum moved: rescale their sum and output */
+        const vn nm = nsel(need, bm, mo);
+        const vn fac = nsel(need, nexp(mo - nm), nbcast(1.0f));
+        nstore(l + r0, nload(l + r0) * fac);
+        nstore(m + r0, nm);
+        nstore(f + r0, fac);
+        for (int r = r0; r < r0 + NW; ++r)
             if (f[r] != 1.0f)
                 for (int64_t c = 0; c < dv; ++c) o[r * dv + c] *= f[r];
     }
-    const v16 mm = vload(m + 16 * half);
-    return vsel(mm == ninf, vbcast(0.0f), mm);
+    const vn mm = nload(m + r0);
+    return nsel(mm == ninf, nbcast(0.0f), mm);
 }
 
 /* Backward: query blocks one thread keeps loaded, `bytes` each: all mb of them when the keys go outside

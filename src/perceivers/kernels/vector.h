@@ -108,7 +108,13 @@ DEFINE_EXP_BITS(nexp, vn, vni)
 #endif
 typedef double vnd __attribute__((vector_size(NW * 8)));
 
-static inline vn nbcast(float x) { return (vn){0} + x; }
+/* (Not `(vn){0} + x`: without -ffast-math the compiler must keep that addition, as -0 + 0 = +0, and it costs
+ * the broadcast its memory operand.) */
+#if NW == 16
+static inline vn nbcast(float x) { return vbcast(x); }
+#else
+static inline vn nbcast(float x) { return (vn){x, x, x, x, x, x, x, x}; }
+#endif
 static inline vn nload(const float *p) { vn r; memcpy(&r, p, sizeof r); return r; }
 static inline void nstore(float *p, vn x) { memcpy(p, &x, sizeof x); }
 /* The first n floats (n < NW) at p, zeros after; and their store: masked moves where there are some. */
@@ -136,6 +142,17 @@ static inline vn nmax(vn a, vn b) {
     const vni m = a > b;
     return (vn)(((vni)a & m) | ((vni)b & ~m));
 }
+#endif
+/* a where m is set, b elsewhere; the larger of a and b, NaN where either is (as PyTorch's max, unlike
+ * nmax); whether any lane of m is set. */
+static inline vn nsel(vni m, vn a, vn b) { return (vn)(((vni)a & m) | ((vni)b & ~m)); }
+static inline vn nmaxnan(vn a, vn b) { return nsel((a > b) | (a != a), a, b); }
+#if defined(__AVX512F__)
+static inline int nany(vni m) { return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0; }
+#elif defined(__AVX2__)
+static inline int nany(vni m) { return _mm256_movemask_ps((__m256)m) != 0; }
+#else
+static inline int nany(vni m) { for (int l = 0; l < NW; ++l) if (m[l]) return 1; return 0; }
 #endif
 /* Sum and maximum of the lanes, in halving steps; the sum of double lanes. */
 static inline float nhsum(vn x) {

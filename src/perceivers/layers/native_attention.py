@@ -19,7 +19,7 @@ It serves CPU heads whose widths are multiples of 16 (at most 256), float32 outs
 bfloat16 (in training, heads with ``d_k + d_v < 128``), with no mask or a boolean key mask
 (``[B|1, H|1, 1, N]``), without dropout, outside ``torch.compile``, tracing, ``torch.func`` transforms,
 forward-mode AD and dispatch modes (fake tensors, FLOP counters: those see SDPA), on processors with
-AVX-512 (:func:`perceivers.kernels.has_avx512`: elsewhere SDPA is faster), and ``PERCEIVERS_NATIVE``
+AVX-512 (:func:`perceivers.kernels.has_avx512`: with AVX2 alone SDPA is as fast), and ``PERCEIVERS_NATIVE``
 not off. ``create_graph=True`` gets the same gradients from differentiable batched operations.
 """
 
