@@ -1,5 +1,6 @@
-/* 16-float vectors (one AVX-512 register, two AVX2 ones) through the compiler's vector extensions, shared
- * by the native kernels: loads and stores, selection, maximum, exp and 16 x 16 transposes. */
+/* Vectors through the compiler's vector extensions, shared by the native kernels: 16-float vectors (one
+ * AVX-512 register, two AVX2 ones: loads and stores, exp and 16 x 16 transposes) and vectors of the
+ * processor's own width (vn, below: loads and stores, selection, maxima, sums and exp). */
 #ifndef PERCEIVERS_VECTOR_H
 #define PERCEIVERS_VECTOR_H
 
@@ -12,18 +13,6 @@ typedef int32_t i16 __attribute__((vector_size(64)));
 static inline v16 vbcast(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline v16 vload(const float *p) { v16 r; memcpy(&r, p, 64); return r; }
 static inline void vstore(float *p, v16 x) { memcpy(p, &x, 64); }
-static inline v16 vsel(i16 m, v16 a, v16 b) {
-    i16 ai, bi, r;
-    v16 o;
-    memcpy(&ai, &a, 64);
-    memcpy(&bi, &b, 64);
-    r = (ai & m) | (bi & ~m);
-    memcpy(&o, &r, 64);
-    return o;
-}
-/* The larger of a and b, NaN where either is (as PyTorch's max), so that a NaN score reaches the output. */
-static inline v16 vmax(v16 a, v16 b) { return vsel((a > b) | (a != a), a, b); }
-static inline int any(i16 m) { for (int i = 0; i < 16; ++i) if (m[i]) return 1; return 0; }
 
 /* exp(x) = 2^k e^y, k = round(x log2 e), y = x - k ln2 (|y| <= ln2/2), e^y by a degree-6 series (relative
  * error below 2.4e-7 on [-60, 10]); exactly 0 below -87 (so exp(-inf) = 0, and no denormals); NaN stays
