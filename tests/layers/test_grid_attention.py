@@ -351,9 +351,9 @@ def test_builds_are_keyed_by_processor(monkeypatch, tmp_path):
 
 
 def test_register_tiled_kernels_load_only_with_avx512(monkeypatch):
-    """The attention kernel (16-float register tiles) stays off without AVX-512, where GCC keeps its vectors
-    in memory; the GEGLU kernel (vectors of the processor's width) loads with AVX2 and FMA, and stays off
-    below (SSE2 builds are slower than PyTorch); the grid kernel loads everywhere."""
+    """The attention kernel stays off without AVX-512 (built for AVX2 it is only as fast as SDPA); the GEGLU
+    kernel loads with AVX2 and FMA, and stays off below (SSE2 builds are slower than PyTorch); the grid
+    kernel loads everywhere."""
     from perceivers.layers import native_activation, native_attention
 
     for flags, avx512, avx2 in (("flags\t: fpu avx2 fma", False, True),

@@ -76,7 +76,7 @@ def test_builds_for_narrower_vectors_match_float64(march, built_for):
     for shape, mask_kind in (((1, 3, 37, 201, 16, 48), "keys"), ((2, 2, 300, 37, 80, 112), None),
                              ((1, 2, 33, 129, 256, 256), "per-head")):
         test_values_and_gradients_match_float64(*shape, mask_kind)
-    assert march in " ".join(kernels._FLAGS) and "attention" in kernels._loaded  # that build served it
+    assert march in " ".join(kernels._FLAGS) and kernels._loaded["attention"] is not None  # that build served it
 
 
 @pytest.mark.parametrize("layout", ["shared", "contiguous"])

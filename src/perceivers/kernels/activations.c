@@ -31,8 +31,7 @@ static inline vn normal_cdf(vn g, vn *pdf) {
     const vn e = nexp(-0.5f * g * g);
     const vn q = 0.5f * erfcx * e;
     if (pdf) *pdf = e * 0.39894228040143268f;
-    const vni negative = g < 0.0f;  /* Phi = 1 - Q above 0, Q below */
-    return (vn)(((vni)q & negative) | ((vni)(1.0f - q) & ~negative));
+    return nsel(g < 0.0f, q, 1.0f - q);  /* Phi = Q below 0, 1 - Q above */
 }
 
 /* One vector of rows' elements (k of them, k <= NW): out = a gelu(g); with d (dout) given, da and dg instead. */

@@ -31,7 +31,8 @@ static inline const float *at(const float *t, const int64_t *s, int64_t b, int64
 
 /* The micro-kernels' register tiles, in vectors of the processor's width (vector.h's vn: NW floats): with
  * AVX-512's 32 registers 8 keys or rows by two vectors (16 accumulators), with AVX2's 16 registers of 8
- * floats 2 keys by QB / NW = 4 vectors (scores) and 4 keys or rows by two vectors (the products). */
+ * floats 2 keys by QB / NW = 4 vectors (scores) and 4 keys or rows by three vectors, then two (the
+ * products: the NW == 8 loops below). */
 #define QV (QB / NW)    /* vectors per row of a score tile */
 #if NW == 16
 #define SKT 8           /* scores: keys per tile */

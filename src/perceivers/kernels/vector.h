@@ -81,8 +81,8 @@ static inline void tile_transpose(v16 t[16]) {
     TRANSPOSE_ROUND(t, 8, TRANSPOSE_LO8, TRANSPOSE_HI8)
 }
 
-/* Vectors of the processor's own width, for loops that keep a dozen accumulators in registers (the grid
- * kernel): vn holds NW floats, 16 with AVX-512 (a v16), 8 elsewhere (one AVX2 register; a v16 takes two
+/* Vectors of the processor's own width, for loops that keep a dozen accumulators in registers (the grid,
+ * attention and GEGLU kernels): vn holds NW floats, 16 with AVX-512 (a v16), 8 elsewhere (one AVX2 register; a v16 takes two
  * there, and sixteen registers do not hold such a loop's accumulators). */
 #if defined(__AVX512F__)
 #define NW 16
@@ -121,20 +121,17 @@ static inline void nstoren(float *p, vn x, int64_t n) { memcpy(p, &x, (size_t)n 
 #endif
 /* x with its lanes from n on set to fill. */
 static inline vn ntail(vn x, int64_t n, float fill) { for (int64_t l = n; l < NW; ++l) x[l] = fill; return x; }
+/* a where m is set, b elsewhere. */
+static inline vn nsel(vni m, vn a, vn b) { return (vn)(((vni)a & m) | ((vni)b & ~m)); }
 /* The larger of a and b; b where either is NaN (maxps's rule). */
 #if defined(__AVX512F__)
 static inline vn nmax(vn a, vn b) { return (vn)_mm512_max_ps((__m512)a, (__m512)b); }
 #elif defined(__AVX2__)
 static inline vn nmax(vn a, vn b) { return (vn)_mm256_max_ps((__m256)a, (__m256)b); }
 #else
-static inline vn nmax(vn a, vn b) {
-    const vni m = a > b;
-    return (vn)(((vni)a & m) | ((vni)b & ~m));
-}
+static inline vn nmax(vn a, vn b) { return nsel(a > b, a, b); }
 #endif
-/* a where m is set, b elsewhere; the larger of a and b, NaN where either is (as PyTorch's max, unlike
- * nmax); whether any lane of m is set. */
-static inline vn nsel(vni m, vn a, vn b) { return (vn)(((vni)a & m) | ((vni)b & ~m)); }
+/* The larger of a and b, NaN where either is (as PyTorch's max, unlike nmax); whether any lane of m is set. */
 static inline vn nmaxnan(vn a, vn b) { return nsel((a > b) | (a != a), a, b); }
 #if defined(__AVX512F__)
 static inline int nany(vni m) { return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0; }
