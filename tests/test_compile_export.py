@@ -776,13 +776,17 @@ def test_compile_dynamic_trains_a_streamed_model() -> None:
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_compile_dynamic_streams_every_length_of_a_chunk_count_in_one_graph(train) -> None:
+def test_compile_dynamic_streams_every_length_of_a_chunk_count_in_one_graph(train, monkeypatch) -> None:
     """``torch.compile(dynamic=True)`` of models streaming with an explicit ``chunk_size`` (the encoder's context, a
     decoder's query set): the chunk loop ran over ``range(0, length, step)``, which specialised each graph to one
     length, a recompilation per input size (the 9th fell back to eager). Chunks are now counted, so a graph holds for
-    every length with as many chunks; outputs (and gradients in training) equal eager mode's."""
+    every length with as many chunks; outputs (and gradients in training) equal eager mode's. (The image's chunks, not
+    the grid kernel, which takes the whole image as one operator: test_compile_takes_any_image_size_to_the_grid_kernel.)"""
     from torch._dynamo.testing import CompileCounter
 
+    from perceivers.layers import grid_attention
+
+    monkeypatch.setattr(grid_attention, "serves", lambda *args, **kwargs: False)
     torch.manual_seed(0)
     perceiver = perceivers.Perceiver(num_freq_bands=2, depth=1, max_freq=10.0, num_latents=4, latent_dim=16,
                                      latent_heads=2, cross_dim_head=8, latent_dim_head=8, num_classes=3, chunk_size=16)
@@ -805,8 +809,42 @@ def test_compile_dynamic_streams_every_length_of_a_chunk_count_in_one_graph(trai
                     torch.testing.assert_close(torch.autograd.grad(got.square().sum(), list(model.parameters())),
                                                grads, atol=1e-5, rtol=1e-5)
         assert counter.frame_count == 1, (type(model).__name__, counter.frame_count)
-        compiled(**make(10))  # 40 elements: a third chunk, a second graph
-        assert counter.frame_count == 2
+        with torch.set_grad_enabled(train):
+            compiled(**make(10))  # 40 elements: a third chunk, a second graph
+        assert counter.frame_count == 2, type(model).__name__
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_takes_any_image_size_to_the_grid_kernel(train, monkeypatch) -> None:
+    """Under ``torch.compile(dynamic=True)`` a streamed image goes to the native grid kernel as one operator
+    (``perceivers::grid_attention``) whatever its number of chunks: one graph for every size, outputs (and gradients)
+    equal eager mode's, which takes the kernel too."""
+    from torch._dynamo.testing import CompileCounter
+
+    from perceivers.layers import grid_attention
+
+    if not grid_attention.available():
+        pytest.skip("no C compiler for the native kernel")
+    calls = []
+    real = grid_attention._forward
+    monkeypatch.setattr(grid_attention, "_forward", lambda *args: calls.append(1) or real(*args))
+    torch.manual_seed(0)
+    model = perceivers.Perceiver(num_freq_bands=2, depth=1, max_freq=10.0, num_latents=4, latent_dim=16, latent_heads=2,
+                                 cross_dim_head=8, latent_dim_head=8, num_classes=3, chunk_size=16).train(train)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    for h in (6, 8, 10):  # 2, 2 and 3 chunks of 16 pixels
+        x = torch.randn(2, h, 4, 3)
+        with torch.set_grad_enabled(train):
+            got, want = compiled(x), model(x)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            if train:
+                grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+                torch.testing.assert_close(torch.autograd.grad(got.square().sum(), list(model.parameters())),
+                                           grads, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+    assert len(calls) == 6  # compiled and eager, every size
 
 
 def test_onnx_conv_vision_model_takes_odd_image_sizes(tmp_path) -> None:

@@ -434,3 +434,69 @@ def test_deepmind_image_training_through_the_kernel(monkeypatch):
     plain = _param_grads(model, loss)
     assert len(calls) == 1
     _assert_same_grads(native, plain)
+
+
+def _op_args(requires_grad: bool):
+    """The forward operator's arguments for a small problem: folded queries ``[B, H, Q, C]``, γ, β, the grid."""
+    attn, norm, x, grid, _ = _problem(3, 9, 11)
+    q = attn.to_q(x).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+    qf = attn._fold_queries(q).detach().requires_grad_(requires_grad)
+    gamma, beta = (p.detach().clone().requires_grad_(requires_grad) for p in (norm.weight, norm.bias))
+    return qf, gamma, beta, grid.data, *grid.tables, 1e-5, 3 * 11 * 2  # chunks of 3 image rows
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_operators_pass_opcheck(requires_grad):
+    """The ``perceivers::grid_attention`` operators that ``torch.compile`` keeps: schema, fake tensors (shapes
+    for tracing), autograd registration and AOT dispatch, checked by ``torch.library.opcheck``."""
+    args = _op_args(requires_grad)
+    torch.library.opcheck(ga._grid_op, args)
+    qf, gamma, _, data, t_h, t_w, eps, chunk = args
+    with torch.no_grad():
+        _, mean, lse = ga._grid_op(*args)
+    torch.library.opcheck(ga._grid_backward_op, (torch.randn_like(qf), qf.detach(), gamma.detach(), mean, lse, data,
+                                                 t_h, t_w, eps, chunk, True, True, False))
+
+
+def test_operators_give_the_autograd_functions_results():
+    """Operator and eager autograd function: the same output and gradients, bit for bit (one computation)."""
+    qf, gamma, beta, data, t_h, t_w, eps, chunk = _op_args(True)
+    upstream = torch.randn(qf.shape)
+    results = []
+    for fn in (lambda: ga._grid_op(qf, gamma, beta, data, t_h, t_w, eps, chunk)[0],
+               lambda: ga._GridAttention.apply(qf, gamma, beta, GridContext(data, (9, 11), (t_h, t_w)), eps, chunk)):
+        out = fn()
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), (qf, gamma, beta))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compiled_models_keep_the_kernel(monkeypatch, train):
+    """Under ``torch.compile(fullgraph=True)`` a Perceiver's image goes through the kernel as operators, forward and
+    backward (traced, the stream's chunks were unrolled into the graph and attended by the PyTorch path): outputs
+    and gradients equal eager mode's."""
+    monkeypatch.setattr(ga, "MIN_PIXELS", 1)  # tiny images, the mechanism of the large ones
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(ga, f"_{name}")
+        monkeypatch.setattr(ga, f"_{name}", lambda *a, _real=real, _name=name, **k: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **k))
+    torch.manual_seed(0)
+    model = _readme_like(cross_heads=2).train(train)
+    img = torch.randn(2, 20, 14, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.set_grad_enabled(train):
+        want = model(img)
+        eager = dict(calls)
+        got = compiled(img)
+        assert calls["forward"] - eager["forward"] == eager["forward"] == 2  # both cross-attentions
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if train:
+            params = list(model.parameters())
+            grads = torch.autograd.grad(want.square().sum(), params)
+            assert calls["backward"] == 2
+            torch.testing.assert_close(torch.autograd.grad(got.square().sum(), params), grads, rtol=1e-4, atol=1e-6)
+            assert calls["backward"] == 4
+    torch._dynamo.reset()

@@ -430,3 +430,47 @@ def test_loaded_without_signatures_first(monkeypatch):
     assert kernels.load("attention").perceivers_attention.argtypes is None
     q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
     torch.testing.assert_close(na.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_operators_pass_opcheck(masked):
+    """The ``perceivers::native_attention`` operators that ``torch.compile`` keeps: schema, fake tensors, autograd
+    registration and AOT dispatch (``torch.library.opcheck``); the key mask comes as its additive bias."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = _heads(2, 3, 37, 32, g), _heads(2, 3, 70, 32, g), _heads(2, 3, 70, 48, g)
+    for t in (q, k, v):
+        t.requires_grad_()
+    mask = torch.rand(2, 1, 1, 70, generator=g) > 0.3 if masked else None
+    args = (q, k, v, na._bias(mask), 0.3)
+    torch.library.opcheck(na._attention_op, args)
+    with torch.no_grad():
+        out, lse = na._attention_op(*args)
+    dout = torch.randn(out.shape, generator=g)
+    torch.library.opcheck(na._attention_backward_op, (dout, *(t.detach() for t in (q, k, v)), args[3], out, lse, 0.3,
+                                                      True, False, True))
+
+
+def test_compiled_layers_keep_the_kernel(monkeypatch):
+    """Under ``torch.compile(fullgraph=True)`` float32 heads go through the kernel as operators, forward and
+    backward (where SDPA served before): outputs and gradients equal eager mode's, which takes the kernel too."""
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(na, f"_{name}")
+        monkeypatch.setattr(na, f"_{name}", lambda *a, _real=real, _name=name: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a))
+    torch.manual_seed(3)
+    layer = Attention(q_dim=64, num_heads=2, qk_channels=64, v_channels=64)
+    x = torch.randn(2, 40, 64)
+    mask = torch.rand(2, 40) > 0.2
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    want = layer(x, mask=mask)
+    grads = torch.autograd.grad(want.square().sum(), list(layer.parameters()))
+    assert calls == {"forward": 1, "backward": 1}
+    got = compiled(x, mask=mask)
+    assert calls["forward"] == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), list(layer.parameters())), grads,
+                               rtol=1e-5, atol=1e-6)
+    assert calls["backward"] == 2
+    torch._dynamo.reset()

@@ -234,17 +234,30 @@ def _func_transforms() -> bool:
     return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
 
 
+def _dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> bool:
+    """Dense CPU tensors of ``dtype``, not subclasses (whose storage may not be theirs)."""
+    return all(type(t) in (Tensor, nn.Parameter) and t.dtype == dtype and t.device.type == "cpu"
+               and t.layout == torch.strided for t in tensors)
+
+
 def _native_eager(*tensors: Tensor, dtype: torch.dtype = torch.float32) -> bool:
     """Whether perceivers' native kernels (:mod:`perceivers.kernels`, called with the tensors' data
-    pointers) may take these: dense CPU tensors of ``dtype`` (not subclasses, whose storage may not be theirs),
-    eager outside :func:`_plain_eager`'s exceptions, ``torch.compile`` (which fuses the standard operators
-    itself) and dispatch modes (fake tensors, FLOP counters: those see the standard operators)."""
+    pointers) may take these: dense CPU tensors of ``dtype`` (:func:`_dense`), eager outside
+    :func:`_plain_eager`'s exceptions, ``torch.compile`` (which fuses the standard operators itself) and
+    dispatch modes (fake tensors, FLOP counters: those see the standard operators)."""
     return (
-        all(type(t) in (Tensor, nn.Parameter) and t.dtype == dtype and t.device.type == "cpu"
-            and t.layout == torch.strided for t in tensors)
-        and not torch.compiler.is_compiling() and _plain_eager()
+        _dense(tensors, dtype) and not torch.compiler.is_compiling() and _plain_eager()
         and not torch._C._len_torch_dispatch_stack()
     )
+
+
+def _native_usable(*tensors: Tensor, dtype: torch.dtype = torch.float32, compiled: bool = True) -> bool:
+    """Where a native kernel may take these: eagerly (:func:`_native_eager`) or, with ``compiled``, under
+    ``torch.compile`` as an operator the compiled graph keeps (``torch.library``; not under ``torch.export``,
+    whose programs must see the standard operators), on dense CPU tensors of ``dtype``."""
+    if torch.compiler.is_compiling():
+        return compiled and not torch.compiler.is_exporting() and _dense(tensors, dtype)
+    return _native_eager(*tensors, dtype=dtype)
 
 
 def _large(x: Tensor, weight: Tensor) -> bool:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
-from .dense import _native_eager
+from .dense import _native_usable
 from .stream import GridContext
 
 __all__ = ["applies", "available", "grid_cross_attention", "serves"]
@@ -60,6 +60,7 @@ def _kernel():
     return kernels.load("grid_attention", _SIGNATURES)
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once, not traced (it builds and loads a library)
 def available() -> bool:
     """Whether the native kernel is built and enabled (``PERCEIVERS_NATIVE``)."""
     return _kernel() is not None
@@ -67,14 +68,15 @@ def available() -> bool:
 
 def serves(data: Tensor, *, masked: bool, dropout: bool = False, pixels: int | None = None) -> bool:
     """Whether a grid context built from ``data`` would go through the kernel: a float32 CPU tensor where the
-    native kernels run (:func:`.dense._native_eager`: eager, no dispatch mode such as fake tensors or FLOP
-    counters, which see the standard operators), also under autocast (see :func:`grid_cross_attention`), the
+    native kernels run (:func:`.dense._native_usable`: eager without a dispatch mode such as fake tensors or
+    FLOP counters, which see the standard operators, or under ``torch.compile`` as operators the compiled graph
+    keeps, not ``torch.export``), also under autocast (see :func:`grid_cross_attention`), the
     image itself not needing a gradient, no key mask, no attention dropout; with ``pixels`` (per sample), at
     least :data:`MIN_PIXELS` of them (models use it to give images too small to stream to the kernel as one
     chunk)."""
     return (  # the size test last: a symbolic size (export) is never eager, so it sets no guard
         not (torch.is_grad_enabled() and data.requires_grad) and not masked and not dropout
-        and _native_eager(data) and available()
+        and _native_usable(data) and available()
         and (pixels is None or pixels >= MIN_PIXELS)
     )
 
@@ -117,7 +119,11 @@ def _attend_grid(attn: nn.Module, norm: nn.LayerNorm, x: Tensor, grid: GridConte
     c = qf.shape[-1]
     gamma = norm.weight if norm.weight is not None else qf.new_ones(c)
     beta = norm.bias if norm.bias is not None else qf.new_zeros(c)
-    weighted = _GridAttention.apply(qf, gamma, beta, grid, float(norm.eps), chunk_pixels)  # Σ p_n c_n
+    eps = float(norm.eps)
+    if torch.compiler.is_compiling():  # Σ p_n c_n
+        weighted = _grid_op(qf, gamma, beta, grid.data, *grid.tables, eps, chunk_pixels)[0]
+    else:
+        weighted = _GridAttention.apply(qf, gamma, beta, grid, eps, chunk_pixels)
     out = attn._unfold_values(weighted)
     if query_mask is not None:
         out = out * query_mask[:, None, :, None].to(out.dtype)
@@ -173,62 +179,127 @@ def _weighted_features(acc: Tensor, t_y: Tensor, t_x: Tensor, d: int, tables: tu
     return torch.cat((acc[..., :d].float(), pos), -1) - acc[..., d:].float()
 
 
+@torch.autocast("cpu", enabled=False)  # the kernel reads float32, also where the op runs inside autocast
+def _forward(qf: Tensor, gamma: Tensor, beta: Tensor, grid: GridContext, eps: float,
+             chunk_pixels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Folded queries ``qf [B, H, Q, C]`` (float32) → ``Σ_n p_n c_n [B, H, Q, C]`` with ``c = LayerNorm(γ, β)(context)``,
+    and for the backward ``x̄ = Σ_n p_n x̂_n [B, H·Q, C]`` and the log-sum-exp ``[B, H·Q]``."""
+    lib = _kernel()
+    b, heads, n, c = qf.shape
+    tables = tuple(t.to(torch.float32) for t in grid.tables)
+    planes = _Planes(lib, grid, eps, chunk_pixels)
+    d, rows, height, width = planes.d, heads * n, planes.height, planes.width
+    coef, a_h, a_w = _coefficients(qf * gamma, d, tables)
+    m = torch.full((b, rows), float("-inf"), dtype=torch.float32)  # the kernel's types, whatever the default dtype
+    s = torch.zeros((b, rows), dtype=torch.float64)
+    acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
+    t_y, t_x = torch.zeros((b, rows, height), dtype=torch.float32), torch.zeros((b, rows, width), dtype=torch.float32)
+    for i0, i1, buf in planes:
+        pointers = (coef, a_h, a_w, buf, m, s, acc, t_y, t_x)
+        if lib.perceivers_grid_attention(b, rows, height, width, d, i0, i1, *(t.data_ptr() for t in pointers)):
+            raise MemoryError("the grid attention kernel could not allocate its row buffers")
+    mean = _weighted_features(acc / s[..., None], t_y / s[..., None].float(), t_x / s[..., None].float(), d,
+                              tables)  # x̄ = Σ p x̂  [B, rows, C]
+    lse = (m.double() + torch.log(s)).float()
+    return (gamma * mean + beta).reshape(b, heads, n, c), mean, lse
+
+
+@torch.autocast("cpu", enabled=False)  # as _forward (a backward may run inside autocast)
+def _backward(grad: Tensor, qf: Tensor, gamma: Tensor, mean: Tensor, lse: Tensor, grid: GridContext, eps: float,
+              chunk_pixels: int, needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of :func:`_forward`'s output for ``qf``, ``γ`` and ``β`` (those ``needs`` asks for)."""
+    lib = _kernel()
+    b, heads, n, c = qf.shape
+    tables = tuple(t.to(torch.float32) for t in grid.tables)
+    g = grad.float().reshape(b, heads * n, c)
+    planes = _Planes(lib, grid, eps, chunk_pixels)
+    d, rows, height, width = planes.d, heads * n, planes.height, planes.width
+    coef, a_h, a_w = _coefficients(qf * gamma, d, tables)  # as the forward's (recomputed: not worth keeping)
+    v = g * gamma
+    vcoef, b_h, b_w = _coefficients(v.reshape(b, heads, n, c), d, tables)
+    centre = (v * mean).sum(-1).contiguous()  # v·x̄ per query
+    acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
+    t_y, t_x = torch.zeros((b, rows, height), dtype=torch.float32), torch.zeros((b, rows, width), dtype=torch.float32)
+    for i0, i1, buf in planes:
+        pointers = (coef, a_h, a_w, vcoef, b_h, b_w, lse, centre, buf, acc, t_y, t_x)
+        if lib.perceivers_grid_attention_backward(b, rows, height, width, d, i0, i1,
+                                                  *(t.data_ptr() for t in pointers)):
+            raise MemoryError("the grid attention kernel could not allocate its row buffers")
+    dscore = _weighted_features(acc, t_y, t_x, d, tables)  # Σ ds_n x̂_n  [B, rows, C]
+    qrows = qf.reshape(b, rows, c)
+    need_q, need_gamma, need_beta = needs
+    return ((gamma * dscore).reshape(b, heads, n, c) if need_q else None,
+            (g * mean + qrows * dscore).sum((0, 1)) if need_gamma else None,
+            g.sum((0, 1)) if need_beta else None)
+
+
 class _GridAttention(torch.autograd.Function):
-    """``Σ_n p_n c_n`` per query for folded queries ``qf [B, H, Q, C]``, ``c = LayerNorm(γ, β)(context)``."""
+    """:func:`_forward` and :func:`_backward` for autograd (eager)."""
 
     @staticmethod
     def forward(ctx, qf: Tensor, gamma: Tensor, beta: Tensor, grid: GridContext, eps: float, chunk_pixels: int):
-        lib = _kernel()
         qf, gamma, beta = qf.detach(), gamma.detach(), beta.detach()  # float32 (see applies)
-        b, heads, n, c = qf.shape
-        tables = tuple(t.to(torch.float32) for t in grid.tables)
-        planes = _Planes(lib, grid, eps, chunk_pixels)
-        d, rows, height, width = planes.d, heads * n, planes.height, planes.width
-        coef, a_h, a_w = _coefficients(qf * gamma, d, tables)
-        m = torch.full((b, rows), float("-inf"), dtype=torch.float32)  # the kernel's types, whatever the default dtype
-        s = torch.zeros((b, rows), dtype=torch.float64)
-        acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
-        t_y, t_x = torch.zeros((b, rows, height), dtype=torch.float32), torch.zeros((b, rows, width), dtype=torch.float32)
-        for i0, i1, buf in planes:
-            pointers = (coef, a_h, a_w, buf, m, s, acc, t_y, t_x)
-            if lib.perceivers_grid_attention(b, rows, height, width, d, i0, i1, *(t.data_ptr() for t in pointers)):
-                raise MemoryError("the grid attention kernel could not allocate its row buffers")
-        mean = _weighted_features(acc / s[..., None], t_y / s[..., None].float(), t_x / s[..., None].float(), d,
-                                  tables)  # x̄ = Σ p x̂  [B, rows, C]
-        lse = (m.double() + torch.log(s)).float()
-        ctx.save_for_backward(qf, gamma, mean, lse, coef, a_h, a_w)
+        out, mean, lse = _forward(qf, gamma, beta, grid, eps, chunk_pixels)
+        ctx.save_for_backward(qf, gamma, mean, lse)
         ctx.grid, ctx.eps, ctx.chunk_pixels = grid, eps, chunk_pixels
-        return (gamma * mean + beta).reshape(b, heads, n, c)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        with torch.autocast("cpu", enabled=False):  # a backward run inside autocast: the kernel reads float32
-            return _GridAttention._backward(ctx, grad)
+        grads = _backward(grad, *ctx.saved_tensors, ctx.grid, ctx.eps, ctx.chunk_pixels, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None)
 
-    @staticmethod
-    def _backward(ctx, grad: Tensor):
-        qf, gamma, mean, lse, coef, a_h, a_w = ctx.saved_tensors
-        lib = _kernel()
-        b, heads, n, c = qf.shape
-        grid = ctx.grid
-        tables = tuple(t.to(torch.float32) for t in grid.tables)
-        g = grad.float().reshape(b, heads * n, c)
-        planes = _Planes(lib, grid, ctx.eps, ctx.chunk_pixels)
-        d, rows, height, width = planes.d, heads * n, planes.height, planes.width
-        v = g * gamma
-        vcoef, b_h, b_w = _coefficients(v.reshape(b, heads, n, c), d, tables)
-        centre = (v * mean).sum(-1).contiguous()  # v·x̄ per query
-        acc = torch.zeros((b, rows, d + 1), dtype=torch.float64)
-        t_y, t_x = torch.zeros((b, rows, height), dtype=torch.float32), torch.zeros((b, rows, width), dtype=torch.float32)
-        for i0, i1, buf in planes:
-            pointers = (coef, a_h, a_w, vcoef, b_h, b_w, lse, centre, buf, acc, t_y, t_x)
-            if lib.perceivers_grid_attention_backward(b, rows, height, width, d, i0, i1,
-                                                      *(t.data_ptr() for t in pointers)):
-                raise MemoryError("the grid attention kernel could not allocate its row buffers")
-        dscore = _weighted_features(acc, t_y, t_x, d, tables)  # Σ ds_n x̂_n  [B, rows, C]
-        qrows = qf.reshape(b, rows, c)
-        grad_qf = (gamma * dscore).reshape(b, heads, n, c) if ctx.needs_input_grad[0] else None
-        grad_gamma = (g * mean + qrows * dscore).sum((0, 1)) if ctx.needs_input_grad[1] else None
-        grad_beta = g.sum((0, 1)) if ctx.needs_input_grad[2] else None
-        return grad_qf, grad_gamma, grad_beta, None, None, None
+
+# Under ``torch.compile``: the same as operators (``torch.library``), which the compiled graph keeps as calls
+# (traced, the Python loop over chunks of rows would be unrolled and the kernel replaced by the PyTorch path).
+# The grid comes as its tensors: ``data [B, H, W, D]`` and the per-axis tables. Gradients not asked for come
+# back empty.
+
+
+def _grid(data: Tensor, t_h: Tensor, t_w: Tensor) -> GridContext:
+    return GridContext(data, (data.shape[1], data.shape[2]), (t_h, t_w))
+
+
+@torch.library.custom_op("perceivers::grid_attention", mutates_args=())
+def _grid_op(qf: Tensor, gamma: Tensor, beta: Tensor, data: Tensor, t_h: Tensor, t_w: Tensor, eps: float,
+             chunk_pixels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_forward` as an operator."""
+    return _forward(qf, gamma, beta, _grid(data, t_h, t_w), eps, chunk_pixels)
+
+
+@_grid_op.register_fake
+def _(qf, gamma, beta, data, t_h, t_w, eps, chunk_pixels):
+    b, heads, n, c = qf.shape
+    return qf.new_empty(b, heads, n, c), qf.new_empty(b, heads * n, c), qf.new_empty(b, heads * n)
+
+
+@torch.library.custom_op("perceivers::grid_attention_backward", mutates_args=())
+def _grid_backward_op(grad: Tensor, qf: Tensor, gamma: Tensor, mean: Tensor, lse: Tensor, data: Tensor, t_h: Tensor,
+                      t_w: Tensor, eps: float, chunk_pixels: int, need_q: bool, need_gamma: bool,
+                      need_beta: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_backward` as an operator."""
+    grads = _backward(grad, qf, gamma, mean, lse, _grid(data, t_h, t_w), eps, chunk_pixels,
+                      (need_q, need_gamma, need_beta))
+    return tuple(qf.new_empty(0) if g is None else g for g in grads)
+
+
+@_grid_backward_op.register_fake
+def _(grad, qf, gamma, mean, lse, data, t_h, t_w, eps, chunk_pixels, need_q, need_gamma, need_beta):
+    return tuple(torch.empty_like(t) if need else qf.new_empty(0)
+                 for t, need in zip((qf, gamma, gamma), (need_q, need_gamma, need_beta)))
+
+
+def _grid_setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+    qf, gamma, _, data, t_h, t_w, eps, chunk_pixels = inputs
+    ctx.save_for_backward(qf, gamma, output[1], output[2], data, t_h, t_w)
+    ctx.eps, ctx.chunk_pixels = eps, chunk_pixels
+
+
+def _grid_op_backward(ctx, grad: Tensor, _dmean: Tensor | None, _dlse: Tensor | None):
+    needs = ctx.needs_input_grad[:3]
+    grads = _grid_backward_op(grad, *ctx.saved_tensors, ctx.eps, ctx.chunk_pixels, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
+
+
+_grid_op.register_autograd(_grid_op_backward, setup_context=_grid_setup)

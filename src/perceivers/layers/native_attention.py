@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from .dense import _native_eager, _records_graph
+from .dense import _native_usable, _records_graph
 from .onednn_attention import _math_gradients
 
 __all__ = ["applies", "attend", "available", "available_bf16"]
@@ -66,6 +66,7 @@ def _entry(dtype: torch.dtype, part: str = ""):
     return getattr(_kernel(dtype), f"perceivers_attention{'_bf16' if bf16 else ''}{part}")
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once, not traced (it builds and loads a library)
 def available() -> bool:
     """Whether the float32 kernel is built and enabled (``PERCEIVERS_NATIVE``), on a processor with AVX-512."""
     return _kernel() is not None
@@ -89,7 +90,8 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         and (attn_mask is None or _key_mask(attn_mask, q, k))
         and (q.shape[-1] + v.shape[-1] < _BF16_TRAINING_WIDTH or not _records_graph(q, k, v) if bf16
              else not torch.is_autocast_enabled("cpu"))
-        and _native_eager(q, k, v, dtype=torch.bfloat16 if bf16 else torch.float32)  # fake tensors, FLOP counters and profilers see SDPA
+        # fake tensors, FLOP counters and profilers see SDPA; under torch.compile float32 heads go to the operators
+        and _native_usable(q, k, v, dtype=torch.bfloat16 if bf16 else torch.float32, compiled=not bf16)
         and (available_bf16() if bf16 else available())
     )
 
@@ -107,6 +109,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, sca
     boolean key mask (True = attend) broadcast to ``[B, H, 1, N]``; a row with no key left returns zeros.
     ``scale`` defaults to ``d_k^-½``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, _bias(attn_mask), scale)[0]
     return _NativeAttention.apply(q, k, v, attn_mask, scale)
 
 
@@ -150,19 +154,42 @@ def _check(status: int, dk: int, dv: int) -> None:
         raise ValueError(f"native attention takes head widths that are multiples of 16 up to {_MAX_WIDTH}, got {dk} / {dv}")
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """The kernel's forward: the output ``[B, H, M, d_v]`` (a view of ``[B, M, H, d_v]``: the heads merge as a view
+    later) and the rows' log-sum-exp ``[B, H, M]`` float32."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    batch, heads, m, dk = q.shape
+    out = q.new_empty(batch, m, heads, v.shape[3]).permute(0, 2, 1, 3)
+    lse = q.new_empty(batch, heads, m, dtype=torch.float32)
+    dims, strides = _layout(q, k, v, bias, out)
+    pointers = (q, k, v, bias, out, lse)
+    _check(_entry(q.dtype)(dims.data_ptr(), strides.data_ptr(), scale, *(None if t is None else t.data_ptr() for t in pointers)),
+           dk, v.shape[3])
+    return out, lse
+
+
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor, lse: Tensor, scale: float,
+              needs: tuple[bool, bool, bool]) -> list[Tensor | None]:
+    """The kernel's backward: the gradients of ``q``, ``k``, ``v`` that ``needs`` asks for, in ``q``'s dtype."""
+    q, k, v, dout = _rows(q), _rows(k), _rows(v), _rows(dout.to(q.dtype))
+    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, M]
+    grads = [torch.empty(*q.shape[:2], *t.shape[2:], dtype=torch.float32) if need else None
+             for t, need in zip((q, k, v), needs)]  # float32 whatever the default dtype (bf16-true training)
+    dims, strides = _layout(q, k, v, bias, dout)
+    pointers = (q, k, v, bias, dout, lse, delta, *grads)
+    _check(_entry(q.dtype, "_backward")(dims.data_ptr(), strides.data_ptr(), scale, *(None if t is None else t.data_ptr() for t in pointers)),
+           q.shape[3], v.shape[3])
+    if q.dtype == torch.bfloat16:  # the kernel accumulates in float32
+        grads = [None if g is None else g.to(torch.bfloat16) for g in grads]
+    return grads
+
+
 class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
-        bias, inputs = _bias(attn_mask), (q, k, v)  # saved themselves: create_graph differentiates through them
-        q, k, v = _rows(q), _rows(k), _rows(v)
-        batch, heads, m, dk = q.shape
-        out = q.new_empty(batch, m, heads, v.shape[3]).permute(0, 2, 1, 3)  # the heads merge as a view later
-        lse = q.new_empty(batch, heads, m, dtype=torch.float32)
-        dims, strides = _layout(q, k, v, bias, out)
-        pointers = (q, k, v, bias, out, lse)
-        _check(_entry(q.dtype)(dims.data_ptr(), strides.data_ptr(), scale, *(None if t is None else t.data_ptr() for t in pointers)),
-               dk, v.shape[3])
-        ctx.save_for_backward(*inputs, bias, out, lse)
+        bias = _bias(attn_mask)
+        out, lse = _forward(q, k, v, bias, scale)
+        ctx.save_for_backward(q, k, v, bias, out, lse)  # q, k, v themselves: create_graph differentiates through them
         ctx.scale = scale
         return out
 
@@ -173,15 +200,50 @@ class _NativeAttention(torch.autograd.Function):
             bias = None if bias is None else bias[..., None, :].to(q.dtype)  # bfloat16 scores stay bfloat16
             grads = _math_gradients(q, k, v, bias, ctx.scale, dout)
             return (*grads, None, None)
-        q, k, v, dout = _rows(q), _rows(k), _rows(v), _rows(dout.to(q.dtype))
-        delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, M]
-        needs = ctx.needs_input_grad[:3]
-        grads = [torch.empty(*q.shape[:2], *t.shape[2:], dtype=torch.float32) if need else None
-                 for t, need in zip((q, k, v), needs)]  # float32 whatever the default dtype (bf16-true training)
-        dims, strides = _layout(q, k, v, bias, dout)
-        pointers = (q, k, v, bias, dout, lse, delta, *grads)
-        _check(_entry(q.dtype, "_backward")(dims.data_ptr(), strides.data_ptr(), ctx.scale, *(None if t is None else t.data_ptr() for t in pointers)),
-               q.shape[3], v.shape[3])
-        if q.dtype == torch.bfloat16:  # the kernel accumulates in float32
-            grads = [None if g is None else g.to(torch.bfloat16) for g in grads]
-        return (*grads, None, None)
+        return (*_backward(dout, q, k, v, bias, out, lse, ctx.scale, ctx.needs_input_grad[:3]), None, None)
+
+
+# Under ``torch.compile`` (float32): the same as operators (``torch.library``), kept whole in the compiled graphs,
+# where SDPA would otherwise serve. Gradients not asked for come back empty.
+
+
+@torch.library.custom_op("perceivers::native_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`_forward` as an operator."""
+    return _forward(q, k, v, bias, scale)
+
+
+@_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    batch, heads, m, _ = q.shape
+    return (q.new_empty(batch, m, heads, v.shape[3]).permute(0, 2, 1, 3),
+            q.new_empty(batch, heads, m, dtype=torch.float32))
+
+
+@torch.library.custom_op("perceivers::native_attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor, lse: Tensor,
+                           scale: float, need_q: bool, need_k: bool, need_v: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_backward` as an operator."""
+    grads = _backward(dout, q, k, v, bias, out, lse, scale, (need_q, need_k, need_v))
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, bias, out, lse, scale, need_q, need_k, need_v):
+    return tuple(q.new_empty(*q.shape[:2], *t.shape[2:]) if need else q.new_empty(0)
+                 for t, need in zip((q, k, v), (need_q, need_k, need_v)))
+
+
+def _attention_setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, bias, scale = inputs
+    ctx.save_for_backward(q, k, v, bias, *output)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, dout: Tensor, _dlse: Tensor | None):
+    needs = ctx.needs_input_grad[:3]
+    grads = _attention_backward_op(dout, *ctx.saved_tensors, ctx.scale, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
