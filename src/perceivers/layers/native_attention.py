@@ -17,10 +17,12 @@ flash attention does), the output rounded once at the end; the gradients come ba
 
 It serves CPU heads whose widths are multiples of 16 (at most 256), float32 outside autocast or
 bfloat16 (in training, heads with ``d_k + d_v < 128``), with no mask or a boolean key mask
-(``[B|1, H|1, 1, N]``), without dropout, outside ``torch.compile``, tracing, ``torch.func`` transforms,
+(``[B|1, H|1, 1, N]``), without dropout, outside tracing, ``torch.export``, ``torch.func`` transforms,
 forward-mode AD and dispatch modes (fake tensors, FLOP counters: those see SDPA), on processors with
 AVX-512 (:func:`perceivers.kernels.has_avx512`: with AVX2 alone SDPA is as fast), and ``PERCEIVERS_NATIVE``
-not off. ``create_graph=True`` gets the same gradients from differentiable batched operations.
+not off. ``create_graph=True`` gets the same gradients from differentiable batched operations. Under
+``torch.compile`` float32 heads go through the same kernel as operators (``perceivers::native_attention``
+and its backward), which the compiled graphs keep.
 """
 
 from __future__ import annotations
