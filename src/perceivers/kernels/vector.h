@@ -131,8 +131,9 @@ static inline vn nmax(vn a, vn b) { return (vn)_mm256_max_ps((__m256)a, (__m256)
 #else
 static inline vn nmax(vn a, vn b) { return nsel(a > b, a, b); }
 #endif
-/* The larger of a and b, NaN where either is (as PyTorch's max, unlike nmax); whether any lane of m is set. */
+/* The larger of a and b, NaN where either is (as PyTorch's max, unlike nmax). */
 static inline vn nmaxnan(vn a, vn b) { return nsel((a > b) | (a != a), a, b); }
+/* Whether any lane of m is set. */
 #if defined(__AVX512F__)
 static inline int nany(vni m) { return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0; }
 #elif defined(__AVX2__)
