@@ -6,6 +6,7 @@ where they take more than a few seconds here).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -231,6 +232,65 @@ def test_fused_export_keeps_the_fused_kernel_in_streamed_attention() -> None:
         for rows in ([0, 1], [1, 0, 1]):
             torch.testing.assert_close(program.module()(x[rows], mask[rows]), model(x[rows], mask[rows]),
                                        atol=1e-5, rtol=1e-5)
+
+
+def _all_ops(program: torch.export.ExportedProgram) -> set[str]:
+    """The operators a program calls, in its submodules too (autocast regions are higher-order calls)."""
+    return {str(node.target) for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+            for node in module.graph.nodes if node.op == "call_function"}
+
+
+_RUN_PROGRAM = """
+import sys, torch, perceivers
+program = torch.export.load(sys.argv[1]).module()
+cases = torch.load(sys.argv[2])
+with torch.no_grad():
+    for x, want in cases:
+        torch.testing.assert_close(program(x), want, atol=1e-5, rtol=1e-5)
+print("ok", len(cases))
+"""
+
+
+@pytest.mark.parametrize("name", ["perceiver", "vision-perceiver-fourier"])
+def test_native_export_keeps_the_native_kernels_with_a_dynamic_size(name: str, tmp_path) -> None:
+    """Inside ``native_export`` a program with a dynamic batch and image size calls perceivers' operators (the grid
+    kernel for the whole image, no ``while_loop``; the fused attention kernel where the processor has it; oneDNN's
+    products where they serve) and equals eager mode at other sizes; saved and loaded in a fresh process with the
+    kernels off, the operators compute the same in PyTorch operations. Outside it the program has none of them."""
+    import subprocess
+    import sys
+
+    from perceivers.commands.export import example_inputs, export_program
+    from perceivers.layers import fused_export, grid_attention, native_attention, native_export, use_onednn
+
+    model, (image,) = MODELS[name]()
+    inputs = example_inputs(getattr(model, "model", model), tuple(image.shape))  # the task model, not its _Logits
+    onednn = torch.backends.mkldnn.is_available()
+    with torch.no_grad(), native_export(), use_onednn(onednn):
+        program, dynamic, _ = export_program(model, inputs)
+    assert dynamic == "dynamic: batch and size"
+    ops = _all_ops(program)
+    assert ("perceivers.grid_attention.default" in ops) == grid_attention.available()
+    assert ("perceivers.native_attention.default" in ops) == native_attention.available()
+    assert ("perceivers.onednn_linear.default" in ops) == onednn
+    assert not any("while_loop" in op for op in ops)
+    cases = []
+    for batch, h, w in ((1, 7, 9), (3, 17, 12), (2, 40, 33)):
+        shape = [batch, h, w, 3] if name == "perceiver" else [batch, 3, h, w]
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=1e-5)
+        cases.append((x, want))
+    torch.export.save(program, tmp_path / "native.pt2")
+    torch.save(cases, tmp_path / "cases.pt")
+    run = subprocess.run([sys.executable, "-c", _RUN_PROGRAM, str(tmp_path / "native.pt2"), str(tmp_path / "cases.pt")],
+                         check=False, env={**os.environ, "PERCEIVERS_NATIVE": "0"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "ok 3" in run.stdout, run.stderr[-3000:]
+    with torch.no_grad(), fused_export(), use_onednn(onednn):
+        portable = torch.export.export(model, (image,))
+    assert not any(op.startswith("perceivers.") for op in _all_ops(portable))
 
 
 @pytest.mark.slow

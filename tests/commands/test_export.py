@@ -55,6 +55,22 @@ def test_checkpoint_to_pt2_matches_the_model(tmp_path, capsys) -> None:
         torch.testing.assert_close(program(ids), from_pretrained(tmp_path / "lm")(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_native_pt2_keeps_the_kernels(tmp_path, capsys) -> None:
+    """``--native``: the grid kernel (and the fused attention kernel where the processor has it) stay in the program
+    as perceivers' operators, with the batch and size dynamic; checked against eager at two shapes."""
+    from perceivers.layers import grid_attention, native_attention
+
+    path = tmp_path / "v.pt2"
+    status, out, _ = _export(capsys, str(path), "--model", "vision-perceiver-fourier", "--config",
+                             '{"tiny": true, "image_size": [40, 36]}', "--native")
+    assert status == 0 and "dynamic: batch and size" in out and out.count("max |exported - eager|") == 2, out
+    program = torch.export.load(path)
+    ops = {str(node.target) for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+           for node in module.graph.nodes}
+    assert ("perceivers.grid_attention.default" in ops) == grid_attention.available()
+    assert ("perceivers.native_attention.default" in ops) == native_attention.available()
+
+
 def test_fixed_sizes_stay_fixed_and_mappings_export(tmp_path, capsys) -> None:
     status, out, _ = _export(capsys, str(tmp_path / "learned.pt2"), "--model", "vision-perceiver-learned",
                              "--config", '{"tiny": true}')
@@ -141,6 +157,8 @@ def test_krasserm_text_models_export_with_a_dynamic_length(tmp_path, capsys, hea
     # the model's own check, raised while tracing
     (["out.pt2", "--model", "vision-perceiver-fourier", "--config", '{"tiny": true}', "--input-shape", "1,4,12,10"],
      "the model refuses an input of shape (1, 4, 12, 10): expected 3 input channels"),
+    (["out.onnx", "--model", "vision-perceiver-fourier", "--config", '{"tiny": true}', "--native"],
+     "--native is for .pt2 programs: ONNX has no perceivers operators"),
     # longer than the model's text: refused, not traced at the clamped length
     (["out.pt2", "--model", "language-perceiver", "--config", '{"tiny": true}', "--input-shape", "1,40"],
      "--input-shape 1,40: the model takes 1 to 16 tokens"),

@@ -500,3 +500,24 @@ def test_compiled_models_keep_the_kernel(monkeypatch, train):
             torch.testing.assert_close(torch.autograd.grad(got.square().sum(), params), grads, rtol=1e-4, atol=1e-6)
             assert calls["backward"] == 4
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_operators_without_the_kernel_compute_the_same_in_pytorch(monkeypatch, requires_grad):
+    """Where the kernel is not served (a program exported with the operator, run with the kernel off, not built or on
+    another device), the operators compute the same output, statistics and gradients in PyTorch operations, and
+    pass ``opcheck`` that way too."""
+    qf, gamma, beta, data, t_h, t_w, eps, chunk = args = _op_args(True)
+    upstream = torch.randn(qf.shape)
+    results = []
+    for served in (True, False):
+        monkeypatch.setattr(ga, "available", lambda served=served: served)
+        out, mean, lse = ga._grid_op(*args)
+        results.append((out, mean, lse, *torch.autograd.grad((out * upstream).sum(), (qf, gamma, beta))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(ga._grid_op, _op_args(requires_grad))
+    with torch.no_grad():
+        _, mean, lse = ga._grid_op(*args)
+    torch.library.opcheck(ga._grid_backward_op, (upstream, qf.detach(), gamma.detach(), mean, lse, data, t_h, t_w,
+                                                 eps, chunk, True, False, True))

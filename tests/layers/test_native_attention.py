@@ -474,3 +474,33 @@ def test_compiled_layers_keep_the_kernel(monkeypatch):
                                rtol=1e-5, atol=1e-6)
     assert calls["backward"] == 2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_operators_without_the_kernel_compute_the_same_in_pytorch(monkeypatch, masked):
+    """Where the kernel is not served (a program exported with the operator, run with the kernel off, not built, on a
+    processor without AVX-512 or on another device), the operators compute the same output, log-sum-exp and
+    gradients in PyTorch operations (a row with every key masked: zeros), and pass ``opcheck`` that way too."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = _heads(2, 3, 37, 32, g), _heads(2, 3, 70, 32, g), _heads(2, 3, 70, 48, g)
+    for t in (q, k, v):
+        t.requires_grad_()
+    mask = torch.rand(2, 1, 1, 70, generator=g) > 0.3 if masked else None
+    if masked:
+        mask[1] = False  # the second sample has no key left
+    args = (q, k, v, na._bias(mask), 0.3)
+    dout = torch.randn(2, 3, 37, 48, generator=g)
+    results = []
+    for served in (True, False):
+        monkeypatch.setattr(na, "available", lambda served=served: served)
+        out, lse = na._attention_op(*args)
+        results.append((out, lse if not masked else lse[0], *torch.autograd.grad(out, (q, k, v), dout)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if masked:
+        assert results[1][0][1].abs().max() == 0
+    torch.library.opcheck(na._attention_op, args)
+    with torch.no_grad():
+        out, lse = na._attention_op(*args)
+    torch.library.opcheck(na._attention_backward_op, (dout, *(t.detach() for t in (q, k, v)), args[3], out, lse, 0.3,
+                                                      True, True, False))

@@ -3,7 +3,8 @@
 The model comes from ``--checkpoint`` (a ``perceivers fit`` checkpoint, a perceivers or transformers
 directory, a Hub repo id, a Haiku pickle or a state dict with ``--model``) or ``--model`` alone (random
 weights). ``OUTPUT`` ending in ``.onnx`` is ONNX (``torch.onnx.export(dynamo=True)``, extra ``onnx``);
-``.pt2`` is a ``torch.export`` program (``torch.export.load``). The batch is dynamic, and so are the
+``.pt2`` is a ``torch.export`` program (``torch.export.load``; with ``--native`` it keeps perceivers' native CPU
+kernels and needs ``import perceivers`` before loading). The batch is dynamic, and so are the
 image size (Fourier-position image models) and the text length (language models) unless
 ``--static-size``; where the model fixes a size, the program keeps the traced one and says so. The
 written file is run on inputs of two shapes and compared with the eager model (``--no-verify`` skips
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..layers.attention import fused_export
+from ..layers.attention import fused_export, native_export
 from ..layers.stream import onnx_export
 from ._loading import add_model_arguments, load_model, parse_overrides
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "perceiver-pytorch family, e.g. 1,224,224,3)")
     parser.add_argument("--static-size", action="store_true",
                         help="fix the image size / text length to the example's (the batch stays dynamic)")
+    parser.add_argument("--native", action="store_true",
+                        help=".pt2 only: keep perceivers' native CPU kernels (grid and fused attention, oneDNN products) "
+                             "as operators; the program runs at eager speed and needs `import perceivers` to load")
     parser.add_argument("--no-verify", action="store_true", help="skip running the written file against the model")
     parser.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     add_model_arguments(parser)
@@ -278,13 +282,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_model(args.model, args.checkpoint, parse_overrides(args.config), numerics=args.numerics, float32=True)
         inputs = example_inputs(model, args.input_shape)
         if fmt == "onnx":
+            if args.native:
+                raise ValueError("--native is for .pt2 programs: ONNX has no perceivers operators")
             try:
                 import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
             except ImportError:
                 raise ValueError("ONNX export needs the extra 'onnx' (pip install 'perceivers[onnx]')") from None
-        # a .pt2 program keeps aten's fused CPU attention where the model streams its input; ONNX has no such kernel,
-        # and gets a fixed-size stream as a loop (onnxruntime would attend every unrolled chunk at once)
-        with torch.no_grad(), fused_export() if fmt == "pt2" else onnx_export():
+        # a .pt2 program keeps aten's fused CPU attention where the model streams its input (and with --native
+        # perceivers' operators); ONNX has no such kernel, and gets a fixed-size stream as a loop (onnxruntime would
+        # attend every unrolled chunk at once)
+        tracing = onnx_export() if fmt == "onnx" else native_export() if args.native else fused_export()
+        with torch.no_grad(), tracing:
             program, dynamic, sizes = export_program(model, inputs, static_size=args.static_size)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"perceivers export: error: {e}", file=sys.stderr)

@@ -144,13 +144,13 @@ class PerceiverIOModel(nn.Module):
         grad = torch.is_grad_enabled() and (any(v.requires_grad for v in raw)
                                             or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=raw[0].shape[0])
-        if not size and loops(length, self.chunk_size, grad=grad):  # torch.export, symbolic size: a while_loop
-            return self.chunk_size or DEFAULT_CHUNK
         cross = getattr(self.encoder, "cross_attention", None)
         dropout = self.training and cross is not None and cross.attn.dropout > 0
         if (not size and self.chunk_size is None and getattr(pre, "gives_grid", lambda x: False)(inputs)
                 and grid_attention.serves(inputs, masked=masked, dropout=dropout, pixels=length)):
-            size = length
+            return length
+        if not size and loops(length, self.chunk_size, grad=grad):  # torch.export, symbolic size: a while_loop
+            return self.chunk_size or DEFAULT_CHUNK
         return size
 
     def _check_inputs(self, inputs: Tensor | Mapping[str, Tensor]) -> None:

@@ -1,6 +1,6 @@
 """Modality-agnostic building blocks: attention, MLPs, pre-norm blocks, position encodings."""
 
-from .attention import Attention, KeyValue, check_mask, fold_is_cheaper
+from .attention import Attention, KeyValue, check_mask, fold_is_cheaper, fused_export, native_export
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
 from .dense import Linear, linear, onednn_enabled, use_onednn
 from .flops import register as _register_flop_formulas
@@ -47,6 +47,7 @@ __all__ = [
     "chunk_bounds",
     "fold_is_cheaper",
     "fourier_features",
+    "fused_export",
     "join_chunks",
     "linear",
     "linear_positions",
@@ -54,6 +55,7 @@ __all__ = [
     "loop_pays",
     "loop_rows",
     "loops",
+    "native_export",
     "onednn_enabled",
     "onnx_export",
     "onnx_loops",

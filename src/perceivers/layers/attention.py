@@ -20,14 +20,14 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import native_attention, onednn_attention
+from . import dense, native_attention, onednn_attention
 from .dense import Linear, _autocast_operands, _func_transforms, linear
 from .sdpa import sdpa
 from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK, chunk_bounds, loop_step
 
 __all__ = [
     "Attention", "KeyValue", "attend_heads", "attention_weights", "check_mask", "fold_is_cheaper", "fused_export",
-    "record_attention",
+    "native_export", "record_attention",
 ]
 
 KeyValue = tuple[Tensor, Tensor]
@@ -631,6 +631,29 @@ def fused_export() -> Iterator[None]:
         yield
     finally:
         _fused_export = before
+
+
+@contextmanager
+def native_export() -> Iterator[None]:
+    """:func:`fused_export`, and ``torch.export`` keeps perceivers' own CPU operators in the program while the
+    context is open: the native grid and attention kernels (``perceivers::grid_attention``,
+    ``perceivers::native_attention``) and, where oneDNN serves the dense layers, its products
+    (``perceivers::onednn_linear``), as ``torch.compile`` keeps them.
+
+    The program then runs at eager mode's speed (the README Perceiver at 1024×1024, depth 2, batch 1: 0.45 s
+    against 1.36 s with aten's kernels, exported in 1.8 s instead of 8.5 s), in PyTorch with perceivers imported
+    (``import perceivers`` registers the operators before ``torch.export.load``). Where the kernels are not built
+    or off (``PERCEIVERS_NATIVE=0``), not on the processor (the attention kernel needs AVX-512) or the tensors are
+    not on the CPU, the operators compute the same in PyTorch operations. ``perceivers export --native`` uses it
+    for ``.pt2`` files; ONNX export ignores it.
+    """
+    before = dense._native_export
+    dense._native_export = True
+    try:
+        with fused_export():
+            yield
+    finally:
+        dense._native_export = before
 
 
 def pt2_only_export() -> bool:

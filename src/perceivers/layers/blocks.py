@@ -162,11 +162,13 @@ class CrossAttentionBlock(nn.Module):
             if inverted:
                 kv = self.prepare(kv.materialize(), inverted=True)
             elif kv.grid is not None and grid_attention.applies(self.attn, self.norm_kv, q_in, kv.grid, mask):
-                # planes of D + 2 floats per pixel, at most what one chunk of the stream would hold
+                # planes of D + 2 floats per pixel, at most what one chunk of the stream would hold (an exported
+                # program's symbolic chunk, the whole image: the kernel's own chunks)
                 pixels = kv.chunk_size * kv.channels // (kv.grid.data.shape[-1] + 2)
                 y = grid_attention.grid_cross_attention(
                     self.attn, self.norm_kv, q_in, kv.grid, query_mask=query_mask,
-                    chunk_pixels=min(grid_attention.GRID_CHUNK, pixels),
+                    chunk_pixels=min(grid_attention.GRID_CHUNK, pixels) if isinstance(pixels, int)
+                    else grid_attention.GRID_CHUNK,
                 )
             elif kv.rows is not None and (not isinstance(kv.length, int)  # symbolic length: torch.export
                                           or (onnx_loops() and not (self.training and self.attn.dropout))):

@@ -8,7 +8,7 @@ units in the last place.
 
 :class:`Linear` is ``nn.Linear`` (same parameters, initialisation and ``state_dict``) with that
 forward, and :func:`linear` the function. The oneDNN path is taken for dense float32 CPU tensors
-outside autocast, ``torch.export``, tracing, ``torch.func`` transforms and forward-mode AD (which see
+outside autocast, ``torch.export`` (but inside :func:`~perceivers.layers.attention.native_export`), tracing, ``torch.func`` transforms and forward-mode AD (which see
 plain ``F.linear``), for products of at least ``2**22`` multiply-adds (below that oneDNN's fixed cost
 per call outweighs it). Under ``torch.compile`` the products enter the graph as the operators
 ``perceivers::onednn_linear`` / ``perceivers::onednn_weight_grad`` (PyTorch's compiler would lower
@@ -213,14 +213,24 @@ def _onednn_usable(*tensors: Tensor) -> bool:
 
 def _kernels_usable(*tensors: Tensor) -> bool:
     """Whether perceivers' own CPU kernels may serve these operands: dense CPU tensors with oneDNN on,
-    outside ``torch.export``, tracing, ``torch.func`` transforms and forward-mode AD (graphs that are
-    exported must see the standard operators; the oneDNN operators define no ``vmap``/``jvp``).
-    Under ``torch.compile`` the operators enter the graph (see above)."""
+    outside ``torch.export`` (but inside :func:`~perceivers.layers.attention.native_export`), tracing,
+    ``torch.func`` transforms and forward-mode AD (graphs that are exported must see the standard operators;
+    the oneDNN operators define no ``vmap``/``jvp``). Under ``torch.compile`` the operators enter the graph (see
+    above)."""
     if not (all(t.device.type == "cpu" and t.layout == torch.strided for t in tensors) and onednn_enabled()):
         return False
     if torch.compiler.is_compiling():
-        return not torch.compiler.is_exporting()
+        return not torch.compiler.is_exporting() or _exporting_native()
     return _plain_eager()
+
+
+_native_export = False  # see perceivers.layers.attention.native_export
+
+
+def _exporting_native() -> bool:
+    """Whether a ``torch.export`` trace may keep perceivers' operators: inside
+    :func:`~perceivers.layers.attention.native_export`, outside ONNX export (ONNX has no such operators)."""
+    return _native_export and torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export()
 
 
 def _plain_eager() -> bool:
@@ -234,9 +244,10 @@ def _func_transforms() -> bool:
     return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
 
 
-def _dense(tensors: tuple[Tensor, ...], dtype: torch.dtype) -> bool:
-    """Dense CPU tensors of ``dtype``, not subclasses (whose storage may not be theirs)."""
-    return all(type(t) in (Tensor, nn.Parameter) and t.dtype == dtype and t.device.type == "cpu"
+def _dense(tensors: tuple[Tensor, ...], dtype: torch.dtype, *, traced: bool = False) -> bool:
+    """Dense CPU tensors of ``dtype``, not subclasses (whose storage may not be theirs) unless ``traced`` (the
+    fake tensors of a ``torch.export`` trace)."""
+    return all((traced or type(t) in (Tensor, nn.Parameter)) and t.dtype == dtype and t.device.type == "cpu"
                and t.layout == torch.strided for t in tensors)
 
 
@@ -253,21 +264,28 @@ def _native_eager(*tensors: Tensor, dtype: torch.dtype = torch.float32) -> bool:
 
 def _native_usable(*tensors: Tensor, dtype: torch.dtype = torch.float32, compiled: bool = True) -> bool:
     """Where a native kernel may take these: eagerly (:func:`_native_eager`) or, with ``compiled``, under
-    ``torch.compile`` as an operator the compiled graph keeps (``torch.library``; not under ``torch.export``,
-    whose programs must see the standard operators), on dense CPU tensors of ``dtype``."""
+    ``torch.compile`` as an operator the compiled graph keeps (``torch.library``; under ``torch.export`` only inside
+    :func:`~perceivers.layers.attention.native_export`: other programs must see the standard operators), on dense
+    CPU tensors of ``dtype``."""
     if torch.compiler.is_compiling():
-        return compiled and not torch.compiler.is_exporting() and _dense(tensors, dtype)
+        if torch.compiler.is_exporting():
+            return compiled and _exporting_native() and _dense(tensors, dtype, traced=True)
+        return compiled and _dense(tensors, dtype)
     return _native_eager(*tensors, dtype=dtype)
 
 
 def _large(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x Wᵀ`` is a product large enough for oneDNN's fixed cost per call (``_MIN_MACS``)."""
-    return x.dim() >= 2 and weight.dim() == 2 and x.numel() * weight.shape[0] >= _MIN_MACS
+    """Whether ``x Wᵀ`` is a product large enough for oneDNN's fixed cost per call (``_MIN_MACS``); a symbolic size
+    of an exported program counts as large (a test would become a guard of the program, refusing other sizes)."""
+    if x.dim() < 2 or weight.dim() != 2:
+        return False
+    macs = x.numel() * weight.shape[0]
+    return (not isinstance(macs, int) and torch.compiler.is_exporting()) or macs >= _MIN_MACS
 
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    # usability first: under export it is False, and the size test is never asked (on a symbolic batch it
-    # would become a guard of the exported program, refusing batches above the threshold)
+    # usability first: under export (outside native_export) it is False, and the size test is never asked (on a
+    # symbolic batch it would become a guard of the exported program, refusing batches above the threshold)
     return _onednn_usable(x, weight, *(() if bias is None else (bias,))) and _large(x, weight)
 
 

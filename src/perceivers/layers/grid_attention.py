@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -74,10 +75,10 @@ def serves(data: Tensor, *, masked: bool, dropout: bool = False, pixels: int | N
     image itself not needing a gradient, no key mask, no attention dropout; with ``pixels`` (per sample), at
     least :data:`MIN_PIXELS` of them (models use it to give images too small to stream to the kernel as one
     chunk)."""
-    return (  # the size test last: a symbolic size (export) is never eager, so it sets no guard
+    return (  # the size test last, and none of a symbolic size under torch.export: it would be a guard of the program
         not (torch.is_grad_enabled() and data.requires_grad) and not masked and not dropout
         and _native_usable(data) and available()
-        and (pixels is None or pixels >= MIN_PIXELS)
+        and (pixels is None or (not isinstance(pixels, int) and torch.compiler.is_exporting()) or pixels >= MIN_PIXELS)
     )
 
 
@@ -233,6 +234,59 @@ def _backward(grad: Tensor, qf: Tensor, gamma: Tensor, mean: Tensor, lse: Tensor
             g.sum((0, 1)) if need_beta else None)
 
 
+def _normalised_rows(grid: GridContext, eps: float, chunk_pixels: int):
+    """The context's normalised rows ``x̂ [B, n, C]`` (LayerNorm without γ, β), chunks of whole image rows."""
+    data, (t_h, t_w) = grid.data, grid.tables
+    b, height, width = data.shape[0], *grid.shape
+    step = max(1, chunk_pixels // (width * b))
+    for i0 in range(0, height, step):
+        pos = (t_h[i0 : i0 + step, None] + t_w[None]).float().expand(b, -1, -1, -1)
+        x = torch.cat((data[:, i0 : i0 + step].float(), pos), -1).flatten(1, 2)
+        yield F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def _forward_math(qf: Tensor, gamma: Tensor, beta: Tensor, grid: GridContext, eps: float,
+                  chunk_pixels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_forward` in PyTorch operations (an online softmax over :func:`_normalised_rows`; the scores, and so the
+    log-sum-exp, without the term ``q·β`` that is the same for every key, as the kernel's): where the operator
+    runs without the kernel (a program exported with it, run where the kernel is not built or off, or on another
+    device)."""
+    b, heads, n, c = qf.shape
+    q = qf.reshape(b, heads * n, c).float()
+    m = q.new_full((b, heads * n), float("-inf"))
+    s, acc = q.new_zeros((b, heads * n)), q.new_zeros((b, heads * n, c))
+    for x in _normalised_rows(grid, eps, chunk_pixels):
+        scores = torch.matmul(q, (gamma * x).transpose(1, 2))  # [B, H·Q, n]; without q·β, as the kernel's
+        m_new = torch.maximum(m, scores.amax(-1))
+        p, rescale = torch.exp(scores - m_new[..., None]), torch.exp(m - m_new)
+        s, acc, m = s * rescale + p.sum(-1), acc * rescale[..., None] + torch.matmul(p, x), m_new
+    mean = acc / s[..., None]
+    return (gamma * mean + beta).reshape(b, heads, n, c), mean, m + torch.log(s)
+
+
+def _backward_math(grad: Tensor, qf: Tensor, gamma: Tensor, mean: Tensor, lse: Tensor, grid: GridContext, eps: float,
+                   chunk_pixels: int, needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`_backward` in PyTorch operations (the score gradients ``p_n (v·x̂_n − v·x̄)`` chunk by chunk, see the
+    module docstring)."""
+    b, heads, n, c = qf.shape
+    q, g = qf.reshape(b, heads * n, c).float(), grad.float().reshape(b, heads * n, c)
+    v = g * gamma
+    centre = (v * mean).sum(-1, keepdim=True)  # v·x̄
+    dscore = torch.zeros_like(q)  # Σ ds_n x̂_n
+    for x in _normalised_rows(grid, eps, chunk_pixels):
+        p = torch.exp(torch.matmul(q, (gamma * x).transpose(1, 2)) - lse[..., None])
+        dscore = dscore + torch.matmul(p * (torch.matmul(v, x.transpose(1, 2)) - centre), x)
+    need_q, need_gamma, need_beta = needs
+    return ((gamma * dscore).reshape(b, heads, n, c) if need_q else None,
+            (g * mean + q * dscore).sum((0, 1)) if need_gamma else None,
+            g.sum((0, 1)) if need_beta else None)
+
+
+def _served(*tensors: Tensor) -> bool:
+    """Whether the kernel takes an operator's tensors (built and on, CPU tensors)."""
+    return all(t.device.type == "cpu" for t in tensors) and available()
+
+
 class _GridAttention(torch.autograd.Function):
     """:func:`_forward` and :func:`_backward` for autograd (eager)."""
 
@@ -264,8 +318,9 @@ def _grid(data: Tensor, t_h: Tensor, t_w: Tensor) -> GridContext:
 @torch.library.custom_op("perceivers::grid_attention", mutates_args=())
 def _grid_op(qf: Tensor, gamma: Tensor, beta: Tensor, data: Tensor, t_h: Tensor, t_w: Tensor, eps: float,
              chunk_pixels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_forward` as an operator."""
-    return _forward(qf, gamma, beta, _grid(data, t_h, t_w), eps, chunk_pixels)
+    """:func:`_forward` as an operator (:func:`_forward_math` where the kernel is not served)."""
+    forward = _forward if _served(qf, data) else _forward_math
+    return forward(qf, gamma, beta, _grid(data, t_h, t_w), eps, chunk_pixels)
 
 
 @_grid_op.register_fake
@@ -278,9 +333,12 @@ def _(qf, gamma, beta, data, t_h, t_w, eps, chunk_pixels):
 def _grid_backward_op(grad: Tensor, qf: Tensor, gamma: Tensor, mean: Tensor, lse: Tensor, data: Tensor, t_h: Tensor,
                       t_w: Tensor, eps: float, chunk_pixels: int, need_q: bool, need_gamma: bool,
                       need_beta: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_backward` as an operator."""
-    grads = _backward(grad, qf, gamma, mean, lse, _grid(data, t_h, t_w), eps, chunk_pixels,
-                      (need_q, need_gamma, need_beta))
+    """:func:`_backward` as an operator (:func:`_backward_math` where the kernel is not served)."""
+    grid, needs = _grid(data, t_h, t_w), (need_q, need_gamma, need_beta)
+    if _served(qf, data):
+        grads = _backward(grad, qf, gamma, mean, lse, grid, eps, chunk_pixels, needs)
+    else:
+        grads = _backward_math(grad, qf, gamma, mean, lse, grid, eps, chunk_pixels, needs)
     return tuple(qf.new_empty(0) if g is None else g for g in grads)
 
 

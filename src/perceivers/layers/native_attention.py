@@ -209,10 +209,28 @@ class _NativeAttention(torch.autograd.Function):
 # where SDPA would otherwise serve. Gradients not asked for come back empty.
 
 
+def _served(*tensors: Tensor | None) -> bool:
+    """Whether the float32 kernel takes an operator's tensors (built, on this processor, float32 CPU tensors)."""
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors) and available()
+
+
+def _forward_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`_forward` in PyTorch operations (with the score matrix): where the operator runs without the kernel
+    (a program exported with it, run where the kernel is not built or off, or on another device)."""
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if bias is not None:
+        scores = scores + bias[..., None, :]
+    lse = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # a row with every key masked: -inf - -inf, zeros
+    batch, heads, m, _ = q.shape
+    out = q.new_empty(batch, m, heads, v.shape[3]).permute(0, 2, 1, 3)  # the layout of the kernel's output
+    return out.copy_(torch.matmul(p, v)), lse.float()
+
+
 @torch.library.custom_op("perceivers::native_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """:func:`_forward` as an operator."""
-    return _forward(q, k, v, bias, scale)
+    """:func:`_forward` as an operator (:func:`_forward_math` where the kernel is not served)."""
+    return (_forward if _served(q, k, v, bias) else _forward_math)(q, k, v, bias, scale)
 
 
 @_attention_op.register_fake
@@ -225,8 +243,13 @@ def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tup
 @torch.library.custom_op("perceivers::native_attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor, lse: Tensor,
                            scale: float, need_q: bool, need_k: bool, need_v: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_backward` as an operator."""
-    grads = _backward(dout, q, k, v, bias, out, lse, scale, (need_q, need_k, need_v))
+    """:func:`_backward` as an operator (the gradients in PyTorch operations where the kernel is not served)."""
+    needs = (need_q, need_k, need_v)
+    if _served(q, k, v, bias):
+        grads = _backward(dout, q, k, v, bias, out, lse, scale, needs)
+    else:
+        math = _math_gradients(q, k, v, None if bias is None else bias[..., None, :], scale, dout.to(q.dtype))
+        grads = [g if need else None for g, need in zip(math, needs)]
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 

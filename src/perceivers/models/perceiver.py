@@ -298,15 +298,15 @@ class Perceiver(LogitsAlias, nn.Module):
         m = data.shape[1] if pos is not None else math.prod(data.shape[1:-1])
         grad = torch.is_grad_enabled() and (data.requires_grad or any(p.requires_grad for p in self.parameters()))
         size = auto_chunk_size(m, self.chunk_size, grad=grad)
-        # a symbolic length (grid size or number of points), exported: a torch.while_loop over chunks
-        looped = not size and loops(m, self.chunk_size, grad=grad)
-        if looped:
-            size = self.chunk_size or DEFAULT_CHUNK
         gridded = self.position_encoding is not None and pos is None and data.ndim in (4, 5)
         dropout = self.training and any(b.cross_attn.attn.dropout > 0 for b in self.blocks if b.cross_attn)
         if not size and gridded and self.chunk_size is None and grid_attention.serves(
                 data, masked=masked, dropout=dropout, pixels=m):
             size = m
+        # a symbolic length (grid size or number of points), exported: a torch.while_loop over chunks
+        looped = not size and loops(m, self.chunk_size, grad=grad)
+        if looped:
+            size = self.chunk_size or DEFAULT_CHUNK
         if not size:
             return None
         if pos is not None:

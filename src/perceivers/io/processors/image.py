@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ...configurable import configurable
-from ...layers import ContextStream, FourierPositionEncoding, GridContext, onnx_loops
+from ...layers import ContextStream, FourierPositionEncoding, GridContext, grid_attention, onnx_loops
 from ...layers.dense import Linear
 from ...validation import check_count, check_tensor
 from ..positions import has_grid_rows
@@ -356,18 +356,19 @@ class ImagePreprocessor(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         length = math.prod(index_shape)
         gather = self._gather_video if video else self._gather
+        grid = None
+        # the grid kernel scores the positions per axis (a symbolic size: where a torch.export program keeps it)
+        if self.gives_grid(x) and (isinstance(length, int) or grid_attention.serves(x, masked=False)):
+            s = self.spatial_downsample
+            grid = GridContext(x[:, :, ::s, ::s].movedim(1, -1), index_shape,
+                               tuple(enc.axis_tables(index_shape, x.device)))
         if not isinstance(length, int):  # a symbolic size (torch.export): a torch.while_loop gathers rows by position
             return ContextStream(b, length, self.num_channels, chunk, chunk_size, dtype=dtype, device=x.device,
-                                 rows=gather(x, index_shape))
+                                 grid=grid, rows=gather(x, index_shape))
         # eager mode reads chunks: the gather is set up (a flat copy of a non-contiguous input) only if asked; an ONNX
         # export loops over a fixed size too (onnx_loops), whose body must not set it up
         rows = gather(x, index_shape) if onnx_loops() else _lazily(lambda: gather(x, index_shape))
         size = max(w, chunk_size - chunk_size % w)
-        grid = None
-        if self.gives_grid(x):  # the grid kernel scores the positions per axis
-            s = self.spatial_downsample
-            grid = GridContext(x[:, :, ::s, ::s].movedim(1, -1), index_shape,
-                               tuple(enc.axis_tables(index_shape, x.device)))
         return ContextStream(b, length, self.num_channels, chunk, size, dtype=dtype, device=x.device, grid=grid,
                              rows=rows)
 
