@@ -645,7 +645,8 @@ def native_export() -> Iterator[None]:
     (``import perceivers`` registers the operators before ``torch.export.load``). Where the kernels are not built
     or off (``PERCEIVERS_NATIVE=0``), not on the processor (the attention kernel needs AVX-512) or the tensors are
     not on the CPU, the operators compute the same in PyTorch operations. ``perceivers export --native`` uses it
-    for ``.pt2`` files; ONNX export ignores it.
+    for ``.pt2`` files. ``torch.onnx.export`` inside the context ignores it; a program traced inside it does not
+    convert to ONNX (ONNX has no such operators).
     """
     before = dense._native_export
     dense._native_export = True
