@@ -293,6 +293,27 @@ def test_native_export_keeps_the_native_kernels_with_a_dynamic_size(name: str, t
     assert not any(op.startswith("perceivers.") for op in _all_ops(portable))
 
 
+def test_native_export_takes_a_video_grid_with_dynamic_sizes() -> None:
+    """A video's frames and rows are the grid's rows: with the batch, frame count and frame size dynamic, the program
+    attends it in the grid kernel (no loop) and equals eager mode."""
+    from perceivers.commands.export import example_inputs, export_program
+    from perceivers.layers import grid_attention, native_export
+
+    torch.manual_seed(0)
+    model = perceivers.Perceiver(input_channels=3, input_axis=3, num_freq_bands=4, max_freq=10.0, depth=1,
+                                 num_latents=16, latent_dim=32, cross_dim_head=16, latent_dim_head=16,
+                                 num_classes=5).eval()
+    with torch.no_grad(), native_export():
+        program, dynamic, _ = export_program(model, example_inputs(model, (2, 4, 20, 18, 3)))
+    ops = _all_ops(program)
+    assert dynamic == "dynamic: batch and size" and not any("while_loop" in op for op in ops)
+    assert ("perceivers.grid_attention.default" in ops) == grid_attention.available()
+    for shape in ((1, 3, 11, 9, 3), (3, 5, 33, 20, 3)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_onnx_ignores_fused_export(tmp_path) -> None:
     """ONNX has no fused kernel: ``torch.onnx.export`` inside the context still gives a correct file."""
