@@ -10,11 +10,11 @@ units in the last place.
 forward, and :func:`linear` the function. The oneDNN path is taken for dense float32 CPU tensors
 outside autocast, ``torch.export`` (but inside :func:`~perceivers.layers.attention.native_export`), tracing,
 ``torch.func`` transforms and forward-mode AD (which see plain ``F.linear``), for products of at least
-``2**22`` multiply-adds (below that oneDNN's fixed cost per call outweighs it). Under ``torch.compile`` the products enter the graph as the operators
-``perceivers::onednn_linear`` / ``perceivers::onednn_weight_grad`` (PyTorch's compiler would lower
-``F.linear`` to MKL's kernels), and the compiler fuses the elementwise work around them. Without
-autograd, :func:`linear_gelu` and :func:`linear_geglu` apply their activation in the products' epilogues
-(in float32 on that path, and in bfloat16 under CPU bfloat16 autocast).
+``2**22`` multiply-adds (below that oneDNN's fixed cost per call outweighs it). Under ``torch.compile`` the
+products enter the graph as the operators ``perceivers::onednn_linear`` / ``perceivers::onednn_weight_grad``
+(PyTorch's compiler would lower ``F.linear`` to MKL's kernels), and the compiler fuses the elementwise work
+around them. Without autograd, :func:`linear_gelu` and :func:`linear_geglu` apply their activation in the
+products' epilogues (in float32 on that path, and in bfloat16 under CPU bfloat16 autocast).
 Whether it is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by
 default on x86 AMD processors with oneDNN available.
 """

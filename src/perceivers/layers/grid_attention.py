@@ -71,7 +71,7 @@ def serves(data: Tensor, *, masked: bool, dropout: bool = False, pixels: int | N
     """Whether a grid context built from ``data`` would go through the kernel: a float32 CPU tensor where the
     native kernels run (:func:`.dense._native_usable`: eager without a dispatch mode such as fake tensors or
     FLOP counters, which see the standard operators, or under ``torch.compile`` as operators the compiled graph
-    keeps, not ``torch.export``), also under autocast (see :func:`grid_cross_attention`), the
+    keeps, under ``torch.export`` only inside :func:`~perceivers.layers.attention.native_export`), also under autocast (see :func:`grid_cross_attention`), the
     image itself not needing a gradient, no key mask, no attention dropout; with ``pixels`` (per sample), at
     least :data:`MIN_PIXELS` of them (models use it to give images too small to stream to the kernel as one
     chunk)."""
@@ -226,11 +226,16 @@ def _backward(grad: Tensor, qf: Tensor, gamma: Tensor, mean: Tensor, lse: Tensor
         if lib.perceivers_grid_attention_backward(b, rows, height, width, d, i0, i1,
                                                   *(t.data_ptr() for t in pointers)):
             raise MemoryError("the grid attention kernel could not allocate its row buffers")
-    dscore = _weighted_features(acc, t_y, t_x, d, tables)  # Σ ds_n x̂_n  [B, rows, C]
-    qrows = qf.reshape(b, rows, c)
+    return _gradients(g, qf, gamma, mean, _weighted_features(acc, t_y, t_x, d, tables), needs)
+
+
+def _gradients(g: Tensor, qf: Tensor, gamma: Tensor, mean: Tensor, dscore: Tensor,
+               needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``qf``, ``γ`` and ``β`` that ``needs`` asks for, from the upstream gradient ``g``, ``x̄`` (``mean``)
+    and ``Σ_n ds_n x̂_n`` (``dscore``), each ``[B, H·Q, C]``."""
     need_q, need_gamma, need_beta = needs
-    return ((gamma * dscore).reshape(b, heads, n, c) if need_q else None,
-            (g * mean + qrows * dscore).sum((0, 1)) if need_gamma else None,
+    return ((gamma * dscore).reshape(qf.shape) if need_q else None,
+            (g * mean + qf.reshape(dscore.shape) * dscore).sum((0, 1)) if need_gamma else None,
             g.sum((0, 1)) if need_beta else None)
 
 
@@ -276,10 +281,7 @@ def _backward_math(grad: Tensor, qf: Tensor, gamma: Tensor, mean: Tensor, lse: T
     for x in _normalised_rows(grid, eps, chunk_pixels):
         p = torch.exp(torch.matmul(q, (gamma * x).transpose(1, 2)) - lse[..., None])
         dscore = dscore + torch.matmul(p * (torch.matmul(v, x.transpose(1, 2)) - centre), x)
-    need_q, need_gamma, need_beta = needs
-    return ((gamma * dscore).reshape(b, heads, n, c) if need_q else None,
-            (g * mean + q * dscore).sum((0, 1)) if need_gamma else None,
-            g.sum((0, 1)) if need_beta else None)
+    return _gradients(g, qf, gamma, mean, dscore, needs)
 
 
 def _served(*tensors: Tensor) -> bool:

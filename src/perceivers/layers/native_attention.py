@@ -17,7 +17,8 @@ flash attention does), the output rounded once at the end; the gradients come ba
 
 It serves CPU heads whose widths are multiples of 16 (at most 256), float32 outside autocast or
 bfloat16 (in training, heads with ``d_k + d_v < 128``), with no mask or a boolean key mask
-(``[B|1, H|1, 1, N]``), without dropout, outside tracing, ``torch.export``, ``torch.func`` transforms,
+(``[B|1, H|1, 1, N]``), without dropout, outside tracing, ``torch.export`` (but inside
+:func:`~perceivers.layers.attention.native_export`, as operators), ``torch.func`` transforms,
 forward-mode AD and dispatch modes (fake tensors, FLOP counters: those see SDPA), on processors with
 AVX-512 (:func:`perceivers.kernels.has_avx512`: with AVX2 alone SDPA is as fast), and ``PERCEIVERS_NATIVE``
 not off. ``create_graph=True`` gets the same gradients from differentiable batched operations. Under
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from .. import kernels
 from .dense import _native_usable, _records_graph
-from .onednn_attention import _math_gradients
+from .onednn_attention import _math_gradients, _math_scores
 
 __all__ = ["applies", "attend", "available", "available_bf16"]
 
@@ -217,11 +218,11 @@ def _served(*tensors: Tensor | None) -> bool:
 def _forward_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """:func:`_forward` in PyTorch operations (with the score matrix): where the operator runs without the kernel
     (a program exported with it, run where the kernel is not built or off, or on another device)."""
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    if bias is not None:
-        scores = scores + bias[..., None, :]
+    scores, empty = _math_scores(q, k, None if bias is None else bias[..., None, :], scale)
     lse = torch.logsumexp(scores, -1)
-    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # a row with every key masked: -inf - -inf, zeros
+    p = torch.exp(scores - lse[..., None])
+    if empty is not None:  # a row with every key masked: zeros
+        p = p.masked_fill(empty, 0.0)
     batch, heads, m, _ = q.shape
     out = q.new_empty(batch, m, heads, v.shape[3]).permute(0, 2, 1, 3)  # the layout of the kernel's output
     return out.copy_(torch.matmul(p, v)), lse.float()

@@ -324,15 +324,20 @@ def _attention_backward(ctx, dout: Tensor, _dlse: Tensor | None):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
+def _math_scores(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor | None]:
+    """The scores ``q kᵀ · scale + bias`` and the rows with every key masked (``None`` without a bias), whose
+    probabilities the callers zero (the forward's convention: zero output). Those rows' scores are 0, so the softmax
+    underneath stays finite and neither the gradients nor their own gradients are NaN."""
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if bias is None:
+        return scores, None
+    empty = torch.isneginf(bias).all(-1, keepdim=True)
+    return (scores + bias).masked_fill(empty, 0.0), empty
+
+
 def _math_gradients(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, dout: Tensor):
     """The backward of :class:`_OneDNNAttention` in batched, differentiable operations."""
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    empty = None
-    if bias is not None:
-        # a row with every key masked has zero output (the forward's convention): zero probabilities, and a
-        # finite softmax underneath, so that neither these gradients nor their own gradients are NaN
-        empty = torch.isneginf(bias).all(-1, keepdim=True)
-        scores = (scores + bias).masked_fill(empty, 0.0)
+    scores, empty = _math_scores(q, k, bias, scale)
     p = scores.softmax(-1)
     if empty is not None:
         p = p.masked_fill(empty, 0.0)
