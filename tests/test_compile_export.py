@@ -416,8 +416,9 @@ def _has_while_loop(program: torch.export.ExportedProgram) -> bool:
     return "while_loop" in {str(node.target) for node in program.graph.nodes}
 
 
-def _loops(program: torch.export.ExportedProgram) -> int:
-    return sum(str(node.target).endswith("while_loop") for node in program.graph.nodes)
+def _loops(program: torch.export.ExportedProgram, kinds: tuple[str, ...] = ("while_loop", "scan")) -> int:
+    """The program's loops: ``torch.while_loop`` (streams, in-place decoding) and ``scan`` (portable decoding)."""
+    return sum(str(node.target).endswith(kinds) for node in program.graph.nodes)
 
 
 def _export(model: nn.Module, args: tuple, dims: tuple, fused: bool = False) -> torch.export.ExportedProgram:
@@ -603,8 +604,9 @@ def test_dynamic_query_count_export_decodes_in_a_while_loop(fused: bool) -> None
     batch = torch.export.Dim("batch")
     dims = ({0: batch, 1: torch.export.Dim("n", max=10**6)}, {0: batch, 1: torch.export.Dim("m", max=10**6)})
     program = _export(model, (data, queries), dims, fused)
-    # the inputs' loop, the queries' (in place: the first chunk's write is a loop of its own)
+    # the inputs' loop, the queries' (a scan; in place, while_loops: the first chunk's write is a loop of its own)
     assert _loops(program) == (3 if fused else 2)
+    assert _loops(program, ("scan",)) == (0 if fused else 1)
     gen = torch.Generator().manual_seed(5)
     for b, n, m in ((1, 1, 1), (2, 3, 2), (3, 40, 16), (2, 7, 17), (1, 700, 50)):
         data, queries = torch.randn(b, n, 16, generator=gen), torch.randn(b, m, 8, generator=gen)
@@ -770,8 +772,8 @@ def test_dynamic_query_count_export_decodes_whole_with_chunk_size_0() -> None:
 
 @pytest.mark.slow
 def test_onnx_decodes_a_dynamic_query_count_in_a_loop(tmp_path) -> None:
-    """The decoders' while_loop becomes an ONNX ``Loop`` (each chunk written with ``ScatterND``) that onnxruntime
-    runs for one query and for many chunks: PerceiverIO's queries, subsampled Fourier queries, flow's pixels."""
+    """The decoders' scan becomes an ONNX ``Scan`` (each chunk's rows stacked, then gathered in order once) that
+    onnxruntime runs for one query and for many chunks: PerceiverIO's queries, subsampled Fourier queries, flow's pixels."""
     model, args = _perceiver_io(decode_chunk_size=16)
     batch = torch.export.Dim("batch")
     dims = ({0: batch, 1: torch.export.Dim("n", max=10**6)}, {0: batch, 1: torch.export.Dim("m", max=10**6)})

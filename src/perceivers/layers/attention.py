@@ -623,7 +623,7 @@ def fused_export() -> Iterator[None]:
     translation is wrong), so programs meant for ONNX are traced outside the context (``perceivers export``
     uses it for ``.pt2`` files only). ``torch.onnx.export(model, dynamo=True)`` ignores it. Inside it decoders
     that loop over a symbolic query count (:func:`perceivers.layers.loop_rows`) also write each chunk's rows into
-    one output instead of a new copy per chunk.
+    one output in place, instead of stacking them in a ``scan`` and gathering them in order once.
     """
     global _fused_export
     before, _fused_export = _fused_export, True

@@ -145,9 +145,9 @@ def loop_chunk_size(chunk_size: int | None, channels: int) -> int:
 def loop_pays(out_width: int | None, hidden_width: int, *, in_place: bool) -> bool:
     """Whether :func:`loop_rows` holds less than making every row at once, for rows ``out_width`` wide (``None``:
     narrow, e.g. a row-wise head's) whose widest intermediate (or attention scores) per row has ``hidden_width``
-    values: always ``in_place``; otherwise, where each step copies the output and the loop holds it up to three
-    times, when the rows are at most half as wide (a 256-wide output of 262144 PerceiverIO queries took 1087 MiB
-    looped in onnxruntime, 706 MiB at once)."""
+    values: always ``in_place``; otherwise, where the loop holds the output twice, when the rows are at most half
+    as wide (256 logits of 262144 PerceiverIO queries, 256 scores a query: a ``.pt2`` program held 587 MiB looped,
+    334 MiB at once)."""
     return in_place or out_width is None or 2 * out_width <= hidden_width
 
 
@@ -161,17 +161,22 @@ def loop_step(chunk_size: int, length: int) -> int:
 def loop_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, *, device: torch.device | None = None,
               in_place: bool = False) -> Tensor:
     """``[B, length, …]`` whose rows at the positions ``index`` are ``fn(index)`` (int64 ``[n]`` → ``[B, n, …]``,
-    each row computed from its own position only), made ``chunk_size`` rows at a time in a ``torch.while_loop``: a
-    symbolic ``length`` (``torch.export`` with dynamic sizes, see :func:`loops`) holds one chunk's intermediates at
-    a time, as eager mode's chunked decoding does.
+    each row computed from its own position only), made at most ``chunk_size`` rows at a time in a loop: a symbolic
+    ``length`` (``torch.export`` with dynamic sizes, see :func:`loops`) holds one chunk's intermediates at a time, as
+    eager mode's chunked decoding does.
 
-    The first chunk is made before the loop (it gives the output's trailing shape and dtype); the last is shifted
-    back to end at ``length``, so rows are never repeated, except that a chunk has at least 2 rows (row 0 twice for
-    ``length`` 1, see :func:`loop_step`). Each step writes its rows into a new output tensor (a loop may not write into a
-    tensor it carries; ONNX: a ``Loop`` whose ``ScatterND`` copies the output); ``in_place`` (a ``.pt2``-only
-    program, see :func:`~perceivers.layers.attention.fused_export`) writes into one output instead, which
-    ``torch.export`` records as a mutation the ONNX conversion refuses.
+    The portable loop is a ``scan`` (an ONNX ``Scan``) over ``S = max(⌈length / chunk_size⌉, 2)`` chunks of
+    ``⌈length / S⌉`` rows (at least 2, see :func:`loop_step`; the last chunk repeats the last row where the rows do
+    not divide evenly): each step's rows go into the stacked output, which one gather puts in order (a
+    ``torch.while_loop`` writing each chunk with ``index_copy`` copied the whole output every step, ONNX's
+    ``ScatterND``: 16 logits of 262144 PerceiverIO queries took 0.58 s in onnxruntime, now 0.22). The loop holds
+    the output twice (the stacked steps, then the rows in order). ``in_place`` (a ``.pt2``-only program, see
+    :func:`~perceivers.layers.attention.fused_export`) writes each chunk into one output in a ``torch.while_loop``
+    instead, which ``torch.export`` records as a mutation the ONNX conversion refuses; its last chunk is shifted back
+    to end at ``length``.
     """
+    if not in_place:
+        return _scan_rows(fn, length, chunk_size, device)
     from torch._higher_order_ops.while_loop import while_loop
 
     size = loop_step(chunk_size, length)
@@ -182,31 +187,42 @@ def loop_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, *, d
         return (start + offsets).clamp(max=length - 1)
 
     first_index = offsets.clamp(max=length - 1)
-    first = fn(first_index)  # [B, n, …]
+    first = fn(first_index)  # [B, n, …]: the output's trailing shape and dtype
     out = first.new_zeros((first.shape[0], length, *first.shape[2:]))
     zero = torch.zeros((), dtype=torch.long, device=first.device)
-    if in_place:  # the first chunk too: outside a loop, torch.export would record a copy of the output for its write
-        def write_first(i: Tensor) -> tuple[Tensor]:
-            out.index_copy_(1, first_index, first)
-            return (i + 1,)
 
-        def write(i: Tensor) -> tuple[Tensor]:
-            index = index_at(i)
-            out.index_copy_(1, index, fn(index))
-            return (i + 1,)
+    # the first chunk too: outside a loop, torch.export would record a copy of the output for its write
+    def write_first(i: Tensor) -> tuple[Tensor]:
+        out.index_copy_(1, first_index, first)
+        return (i + 1,)
 
-        while_loop(lambda i: i < 1, write_first, (zero,))
-        while_loop(lambda i: i * size < length, write, (zero + 1,))
-        return out
-
-    out = out.index_copy(1, first_index, first)
-    one = zero + 1
-
-    def step(i: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    def write(i: Tensor) -> tuple[Tensor]:
         index = index_at(i)
-        return i + 1, out.index_copy(1, index, fn(index))
+        out.index_copy_(1, index, fn(index))
+        return (i + 1,)
 
-    return while_loop(lambda i, _: i * size < length, step, (one, out))[1]
+    while_loop(lambda i: i < 1, write_first, (zero,))
+    while_loop(lambda i: i * size < length, write, (zero + 1,))
+    return out
+
+
+def _scan_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, device: torch.device | None) -> Tensor:
+    """:func:`loop_rows`' portable loop: a ``scan`` over the chunks' positions ``[S, n]``."""
+    from torch._higher_order_ops.scan import scan
+
+    # at least 2 steps and 2 rows a step: one step (or one row) left guards the length cannot meet for every size.
+    # ceiling divisions of positive sizes: ONNX rounds a symbolic quotient toward zero (-(-a // b) became ⌊a / b⌋)
+    chunk = max(chunk_size, 2)
+    steps = torch.sym_max((length + chunk - 1) // chunk, 2)
+    size = 2 + torch.sym_max((length + steps - 1) // steps - 2, 0)
+    positions = torch.arange(steps * size, device=device).clamp(max=length - 1).view(steps, size)
+
+    def step(carry: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return carry.clone(), fn(index).transpose(0, 1)  # [n, B, …]: the steps stack into rows of one sample
+
+    rows = scan(step, torch.zeros((), device=device), positions)[1].flatten(0, 1)  # [S·n, B, …]
+    # in order and without the repeated rows: one copy (a slice would guard S·n ≥ length, which sympy cannot show)
+    return rows.movedim(0, 1).index_select(1, torch.arange(length, device=device))
 
 
 @dataclass
