@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -451,3 +452,23 @@ def test_the_recorded_commit_is_the_imported_packages_checkout(tmp_path, monkeyp
                       "perceivers_file": str(package.resolve())}
     (package / "__init__.py").write_text("x = 1\n")
     assert measure.perceivers_source()["perceivers_commit"] == head + "-dirty"
+
+
+def test_exported_programs_benchmark_reports_each_format(tmp_path):
+    """benchmarks/exported.py writes, loads and times a program per format, each in its own process, against eager
+    mode (the smallest case: 4096 queries of a dynamic query count)."""
+    formats = ["eager", "pt2"] + (["onnx"] if importlib.util.find_spec("onnxruntime") and
+                                  importlib.util.find_spec("onnxscript") else [])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "exported.py"), "--quick", "--only", "io-queries",
+           "--formats", *formats, "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (results,) = tmp_path.glob("exported-*-quick.json")
+    rows = json.loads(results.read_text())["rows"]
+    assert [(r["case"], r["format"]) for r in rows] == [("io-queries-4096", f) for f in formats]
+    for row in rows:
+        assert row["best_s"] > 0 and row["peak_mib"] >= 0 and row["max_diff"] < 1e-4
+        assert ("export_s" in row) == (row["format"] != "eager")
+    assert rows[1]["dynamic"] == "dynamic: batch and size"
+    table = results.with_suffix(".md").read_text()
+    assert "| io-queries-4096 | pt2 | dynamic: batch and size |" in table and "×eager" in table

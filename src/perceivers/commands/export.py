@@ -322,7 +322,9 @@ def _write(program: torch.export.ExportedProgram, output: Path, fmt: str) -> Non
         try:  # the exporter's progress and notes on operators it skips
             for log in quiet.values():
                 log.setLevel(logging.ERROR)
-            with warnings.catch_warnings():
+            # without autograd: torch's conversion retraces a decoding scan (a dynamic query count) through scan's
+            # autograd rule otherwise, which fails on the sizes it carries
+            with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 onnx_program = torch.onnx.export(program, (), dynamo=True, external_data=False, verbose=False)
         finally:
