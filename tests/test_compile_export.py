@@ -595,7 +595,7 @@ def test_onnx_streams_image_tokens_of_a_dynamic_size(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_dynamic_query_count_export_decodes_in_a_while_loop(fused: bool) -> None:
+def test_dynamic_query_count_export_decodes_in_a_loop(fused: bool) -> None:
     """PerceiverIO with a dynamic number of queries decodes them in a ``torch.while_loop`` over chunks, as eager mode
     decodes large query sets (it decoded them whole: all of their attention at once), for one query as for many
     chunks, a partial last chunk too; inside ``fused_export`` each chunk is written into one output. A dynamic number
