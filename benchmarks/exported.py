@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -118,9 +117,8 @@ def child_run(case: str, fmt: str, path: str, repeats: int) -> dict:
 
 
 def _child(args: list[str], threads: int | None) -> dict:
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     command = [sys.executable, __file__, "--child", *args] + (["--threads", str(threads)] if threads else [])
-    proc = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
+    proc = subprocess.run(command, check=False, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -150,7 +148,8 @@ def main() -> int:
     p.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice; onnxruntime uses its own, the physical cores)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()

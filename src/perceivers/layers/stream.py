@@ -221,6 +221,7 @@ def _scan_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, dev
     def step(carry: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         return carry.clone(), fn(index).transpose(0, 1)  # [n, B, …]: the steps stack into rows of one sample
 
+    # scan requires a carry: a scalar that nothing reads
     rows = scan(step, torch.zeros((), device=device), positions)[1].flatten(0, 1)  # [S·n, B, …]
     # in order and without the repeated rows: one copy (a slice would guard S·n ≥ length, which sympy cannot show)
     return rows.movedim(0, 1).index_select(1, torch.arange(length, device=device))
