@@ -596,10 +596,10 @@ def test_onnx_streams_image_tokens_of_a_dynamic_size(tmp_path) -> None:
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_dynamic_query_count_export_decodes_in_a_loop(fused: bool) -> None:
-    """PerceiverIO with a dynamic number of queries decodes them in a ``torch.while_loop`` over chunks, as eager mode
+    """PerceiverIO with a dynamic number of queries decodes them in a loop over chunks (a ``scan``), as eager mode
     decodes large query sets (it decoded them whole: all of their attention at once), for one query as for many
-    chunks, a partial last chunk too; inside ``fused_export`` each chunk is written into one output. A dynamic number
-    of inputs is attended in a loop too."""
+    chunks, a partial last chunk too; inside ``fused_export`` each chunk is written into one output in
+    ``torch.while_loop``s. A dynamic number of inputs is attended in a loop too."""
     model, (data, queries) = _perceiver_io(decode_chunk_size=16, chunk_size=16)
     batch = torch.export.Dim("batch")
     dims = ({0: batch, 1: torch.export.Dim("n", max=10**6)}, {0: batch, 1: torch.export.Dim("m", max=10**6)})
@@ -615,8 +615,8 @@ def test_dynamic_query_count_export_decodes_in_a_loop(fused: bool) -> None:
 
 
 def test_dynamic_query_count_export_decodes_wide_outputs_whole_unless_written_in_place() -> None:
-    """Logits as wide as the decoder's intermediates: a portable loop (each step copies the output; it holds the
-    output up to three times) would hold more than the whole query set's decoding, so only ``fused_export``'s
+    """Logits as wide as the decoder's intermediates: a portable loop (the scan holds the output twice: its stacked
+    steps, then the rows in order) would hold more than the whole query set's decoding, so only ``fused_export``'s
     program, which writes each chunk in place, loops."""
     torch.manual_seed(0)
     wide = perceivers.PerceiverIO(dim=16, queries_dim=8, logits_dim=64, depth=1, num_latents=8, latent_dim=32,

@@ -173,8 +173,9 @@ def loop_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, *, d
     the output twice (the stacked steps, then the rows in order). ``in_place`` (a ``.pt2``-only program, see
     :func:`~perceivers.layers.attention.fused_export`) writes each chunk into one output in a ``torch.while_loop``
     instead, which ``torch.export`` records as a mutation the ONNX conversion refuses; its last chunk is shifted back
-    to end at ``length``. A program with the scan converts to ONNX under ``torch.no_grad()`` (torch's conversion
-    otherwise retraces it through scan's autograd rule, which fails on the symbolic sizes).
+    to end at ``length``. A program with the scan exported without autograd (as ``perceivers export`` does) converts to
+    ONNX under ``torch.no_grad()`` only (torch's conversion otherwise retraces it through scan's autograd rule, which
+    fails on the symbolic sizes); ``torch.onnx.export(model, dynamo=True)`` with autograd on converts as it is.
     """
     if not in_place:
         return _scan_rows(fn, length, chunk_size, device)
