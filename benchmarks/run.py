@@ -41,6 +41,8 @@ import report
 import torch
 import workloads as W
 
+from perceivers import kernels
+
 MATMUL = "_matmul"
 
 
@@ -410,6 +412,9 @@ def main(argv=None) -> None:
     if args.memory_case:
         memory_case(args)
         return
+    if args.precision == "bf16" and args.device == "cpu" and kernels.emulates_bf16():
+        print("--precision bf16: this CPU has no bfloat16 arithmetic (no AVX512-BF16 or AMX), so every "
+              "implementation's bfloat16 products are emulated with float32 arithmetic", flush=True)
     if args.list:
         for w in W.all_workloads():
             print(f"{w.name:26s} [{', '.join(sorted(w.tags))}] {w.description}")

@@ -31,9 +31,11 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from ..data.transforms import mix_batch
 from .data import EvalShardSampler
 
@@ -480,6 +482,13 @@ class Task(pl.LightningModule):
     # ------------------------------------------------------------------ checks before training
     def setup(self, stage: str) -> None:
         precision = str(getattr(self.trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        if (stage == "fit" and precision.startswith("bf16") and self.trainer.strategy.root_device.type == "cpu"
+                and kernels.emulates_bf16()):
+            rank_zero_warn(
+                f"precision {precision} on a CPU without bfloat16 arithmetic (no AVX512-BF16 or AMX): its products "
+                "are emulated with float32 arithmetic and run slower than 32-true (training steps 2.6-3.1x as long "
+                "on an Ice Lake); use --trainer.precision 32-true for speed, bf16 for its memory only"
+            )
         if stage == "fit" and precision == "16-true":
             raise ConfigError(
                 "precision 16-true trains the float16 weights themselves, where AdamW's epsilon (1e-8) and small "
