@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..configurable import configurable
 from .broadcast import per_sample
+from .sizes import sym_max
 
 __all__ = [
     "FourierPositionEncoding",
@@ -56,9 +57,9 @@ def axis_coordinates(
     if length is None and not _maybe_symbolic(n):
         return torch.linspace(-1.0, 1.0, steps=n, device=device, dtype=dtype)
     i = torch.arange(n if length is None else length, device=device, dtype=dtype)
-    step = 2.0 / torch.sym_max(n - 1, 1)
+    step = 2.0 / sym_max(n - 1, 1)
     # from both ends, as torch.linspace does: -1 and 1 exact, the grid symmetric
-    return torch.where(i < torch.sym_max(n // 2, 1), -1.0 + step * i, 1.0 - step * (n - 1 - i))
+    return torch.where(i < sym_max(n // 2, 1), -1.0 + step * i, 1.0 - step * (n - 1 - i))
 
 
 def band_frequencies(

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .sizes import sym_max, sym_min
+
 __all__ = ["ContextStream", "GridContext", "auto_chunk_size", "check_chunk_size", "chunk_bounds", "join_chunks",
            "loop_chunk_size", "loop_pays", "loop_rows", "loop_step", "loops", "onnx_export", "onnx_loops"]
 
@@ -49,7 +51,7 @@ def chunk_bounds(length: int, size: int) -> Iterator[tuple[int, int]]:
     """
     for i in range((length + size - 1) // size):
         start = i * size
-        yield start, torch.sym_min(start + size, length)
+        yield start, sym_min(start + size, length)
 
 
 def join_chunks(parts: Iterable[Tensor], length: int) -> Tensor:
@@ -155,7 +157,7 @@ def loop_step(chunk_size: int, length: int) -> int:
     """Rows per step of a loop over ``length`` rows (possibly symbolic): ``min(chunk_size, length)``, but at least 2
     (a length of 1 repeats its row): a step of ``min(chunk_size, length)`` rows left guards such as ``B·n ≠ B``
     (a Linear's ``[B·n, C]`` view) that a length of 1 fails."""
-    return 2 + torch.sym_min(max(chunk_size, 2) - 2, torch.sym_max(length - 2, 0))
+    return 2 + sym_min(max(chunk_size, 2) - 2, sym_max(length - 2, 0))
 
 
 def loop_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, *, device: torch.device | None = None,
@@ -215,8 +217,8 @@ def _scan_rows(fn: Callable[[Tensor], Tensor], length: int, chunk_size: int, dev
     # at least 2 steps and 2 rows a step: one step (or one row) left guards the length cannot meet for every size.
     # ceiling divisions of positive sizes: ONNX rounds a symbolic quotient toward zero (-(-a // b) became ⌊a / b⌋)
     chunk = max(chunk_size, 2)
-    steps = torch.sym_max((length + chunk - 1) // chunk, 2)
-    size = 2 + torch.sym_max((length + steps - 1) // steps - 2, 0)
+    steps = sym_max((length + chunk - 1) // chunk, 2)
+    size = 2 + sym_max((length + steps - 1) // steps - 2, 0)
     positions = torch.arange(steps * size, device=device).clamp(max=length - 1).view(steps, size)
 
     def step(carry: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,22 @@
+"""``min`` and ``max`` of sizes that may be symbolic (``torch.export``, ``torch.compile(dynamic=True)``).
+
+``torch.sym_max`` keeps a symbolic size symbolic where the builtin would specialise it, but Dynamo before
+torch 2.13 cannot trace it on two plain ints ("torch.* op returned non-Tensor"), which every static size is.
+These take the builtin for plain ints, which Dynamo also traces symbolically for the sizes it tracks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sym_max(a: int, b: int) -> int:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return torch.sym_max(a, b)
+    return max(a, b)
+
+
+def sym_min(a: int, b: int) -> int:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return torch.sym_min(a, b)
+    return min(a, b)
