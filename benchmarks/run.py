@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every implementation alike: the training step's forward + backward (AdamW "
                         "stays eager) and the inference forward; compilation happens before the timing")
+    p.add_argument("--batch-scale", type=int, default=1,
+                   help="multiply every workload's batch (the defaults suit a 2-core CPU; a GPU needs larger batches "
+                   "to fill it)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation")
     p.add_argument("--min-time", type=float, default=10.0,
                    help="keep timing rounds (past --repeats, up to 30) until this many seconds per workload and mode")
@@ -219,7 +222,7 @@ def measure_memory(args, wl: W.Workload, impl: str, mode: str, batch: int, timeo
 
 
 def effective_batch(args, wl: W.Workload) -> int:
-    return min(wl.batch, 2) if args.quick else wl.batch
+    return min(wl.batch, 2) if args.quick else wl.batch * args.batch_scale
 
 
 def run_workload(args, wl: W.Workload, device: torch.device, rates: dict) -> dict:
@@ -372,6 +375,7 @@ def default_tag(device: torch.device, desc: dict, args) -> str:
     return machine_tag(device, desc) + "".join(
         suffix for suffix, on in ((f"-{args.precision}", args.precision != "fp32"), ("-compile", args.compile),
                                   ("-keep-freed", args.keep_freed_memory),
+                                  (f"-batch-x{args.batch_scale}", args.batch_scale != 1),
                                   (f"-{args.optimizer}", args.optimizer != "fused")) if on)
 
 
@@ -402,6 +406,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = check_device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.batch_scale < 1:
+        fail(f"--batch-scale: expected a whole number of at least 1, got {args.batch_scale}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:

@@ -298,6 +298,33 @@ def test_the_default_results_file_separates_settings():
     assert run.default_tag(cpu, desc, args) == "cpu-2core-amd-epyc"
     args = run.parse_args(["--precision", "bf16", "--compile", "--keep-freed-memory", "--optimizer", "foreach"])
     assert run.default_tag(cpu, desc, args) == "cpu-2core-amd-epyc-bf16-compile-keep-freed-foreach"
+    args = run.parse_args(["--batch-scale", "16"])
+    args.precision = "bf16"
+    assert run.default_tag(torch.device("cuda"), {"gpu": "NVIDIA H100 80GB HBM3"}, args) == \
+        "cuda-nvidia-h100-80gb-hbm3-bf16-batch-x16"
+
+
+def test_batch_scale_multiplies_every_workload_batch(tmp_path, monkeypatch, capsys):
+    import workloads as W
+
+    run = _offline(monkeypatch, [_tiny(W, "tiny")])
+    run.main(["--only", "tiny", "--batch-scale", "3", "--repeats", "1", "--budget", "0.1", "--min-time", "0",
+              "--no-memory", "--no-flops", "--out", str(tmp_path), "--tag", "scaled"])
+    assert json.loads((tmp_path / "scaled.json").read_text())["workloads"]["tiny"]["batch"] == 24
+    assert "--batch-scale: expected a whole number of at least 1, got 0" in _error_of(capsys, ["--batch-scale", "0"])
+
+
+def test_profile_step_reports_time_flops_and_operators(tmp_path):
+    out = tmp_path / "profile.txt"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "io-2048x128", "--batch", "1", "--steps", "1",
+           "--profile-steps", "1", "--rows", "5", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert "io-2048x128" in report and "train, batch 1, fp32" in report and "GFLOP per step" in report
+    assert "aten::mm" in report or "aten::addmm" in report  # the operator table
+    bad = subprocess.run([*cmd[:2], "no-such-workload"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "unknown workload 'no-such-workload'" in bad.stderr
 
 
 def _error_of(capsys, argv) -> str:

@@ -210,6 +210,11 @@ def test_auto_chunk_size_policy() -> None:
     assert auto_chunk_size(50, 100) == 0
     with pytest.raises(ValueError, match="chunk_size"):
         auto_chunk_size(10, -1)
+    # wide inputs: chunks of at most 2**21 values per chunk on the CPU (its cache), 2**25 on a GPU (its memory)
+    assert auto_chunk_size(50176, None, channels=261, batch=16) == 512
+    assert auto_chunk_size(50176, None, channels=261, batch=16, device=torch.device("cpu")) == 512
+    assert auto_chunk_size(50176, None, channels=261, batch=16, device=torch.device("cuda")) == 2**25 // (16 * 261)
+    assert auto_chunk_size(10**6, None, channels=261, device=torch.device("cuda")) == 65536
 
 
 @pytest.mark.parametrize(("value", "error"), [(-1, ValueError), ("8", TypeError), (2.5, TypeError), (True, TypeError)])

@@ -205,3 +205,67 @@ def test_large_image_forward_memory_is_bounded_on_cuda(side, limit_gib):
     peak = torch.cuda.max_memory_allocated() - base
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
     assert peak <= limit_gib * GiB, f"{side}²: {peak / GiB:.2f} GiB above the model and input, limit {limit_gib} GiB"
+
+
+# ------------------------------------------------------------------------ heads wider than the fused kernels
+
+
+def test_wide_heads_train_through_grouped_products_as_through_sdpa(monkeypatch):
+    """The official vision model's folded cross-attention (RGB + 64 Fourier bands: 261 channels, one head) is
+    wider than flash and cuDNN take; trained, it runs as grouped products with SDPA's gradients."""
+    from perceivers import create_model
+    from perceivers.layers import wide_attention
+
+    model = create_model("vision-perceiver-fourier", image_size=(32, 32), num_bands=64, num_latents=16,
+                         d_latents=64, num_blocks=1, num_self_attends_per_block=1, num_labels=10).to(CUDA)
+    x = torch.randn(3, 3, 32, 32, device=CUDA)
+    calls = []
+    attend = wide_attention.attend
+    monkeypatch.setattr(wide_attention, "attend", lambda *a, **k: calls.append(a[0].shape) or attend(*a, **k))
+
+    def grads():
+        model.zero_grad()
+        loss = model(x).logits.pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, got = grads()
+    assert calls and calls[0][-1] > wide_attention.MAX_FUSED_WIDTH, calls
+    monkeypatch.setattr(wide_attention, "applies", lambda *a: False)
+    want_loss, want = grads()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert got.keys() == want.keys()
+    # absolute tolerance on the scale of the largest gradient: some are zero up to rounding (a key bias)
+    atol = 1e-5 * max(float(g.abs().max()) for g in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # bf16: the same loss within bf16 rounding
+        bf16 = model(x).logits.float().pow(2).mean()
+    assert abs(float(bf16) - float(want_loss)) <= 3e-2 * float(want_loss)
+
+
+@pytest.mark.parametrize(("fold", "batch"), [(True, 16), (False, 16), (True, 1)])
+def test_streamed_inference_through_the_fused_kernel_matches_attending_at_once(fold, batch):
+    """Inputs streamed in chunks go through CUDA's memory-efficient kernel chunk by chunk, merged by their
+    log-sum-exps, as attending the whole input at once (folded into the input's space, or projected). With fewer
+    query rows than CUDA_FUSED_MIN_ROWS (one image's 256 latents) the online softmax streams them instead."""
+    from perceivers.layers import attention
+
+    model = perceivers.Perceiver(**dict(README, num_classes=10)).to(CUDA).eval()
+    for block in model.blocks:
+        block.cross_attn.attn.fold_kv = fold
+    x = torch.randn(batch, 96, 80, 3, device=CUDA)
+    with torch.no_grad():
+        model.chunk_size = 0
+        want = model(x)
+        model.chunk_size = 1000
+        calls = []
+        kernel = attention._attention_lse
+        attention._attention_lse = lambda *a: calls.append(a[0].shape) or kernel(*a)
+        try:
+            got = model(x)
+        finally:
+            attention._attention_lse = kernel
+    fused = batch * README["num_latents"] >= attention.CUDA_FUSED_MIN_ROWS
+    assert len(calls) == (2 * 8 if fused else 0), calls  # two cross-attentions, 7680 inputs in chunks of 1000
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

@@ -201,7 +201,7 @@ class BasicDecoder(nn.Module):
             # fixed query count in chunks as eager mode does (the loop unrolls; a symbolic count decodes whole)
             return 0
         return auto_chunk_size(query.shape[1], self.chunk_size, grad=self._grad(query, latents),
-                               channels=self._query_width, batch=query.shape[0])
+                               channels=self._query_width, batch=query.shape[0], device=latents.device)
 
     def _loops(self, query: Tensor | ContextStream, latents: Tensor, head: Callable[[Tensor], Tensor] | None) -> bool:
         """Whether a symbolic query count is decoded in a ``torch.while_loop`` (see the class docstring): not for an

@@ -143,7 +143,8 @@ class PerceiverIOModel(nn.Module):
             length, raw = math.prod(pre.output_index_shape(tuple(inputs.shape))), [inputs]
         grad = torch.is_grad_enabled() and (any(v.requires_grad for v in raw)
                                             or any(p.requires_grad for p in self.parameters()))
-        size = auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=raw[0].shape[0])
+        size = auto_chunk_size(length, self.chunk_size, grad=grad, channels=pre.num_channels, batch=raw[0].shape[0],
+                               device=raw[0].device)
         cross = getattr(self.encoder, "cross_attention", None)
         dropout = self.training and cross is not None and cross.attn.dropout > 0
         if (not size and self.chunk_size is None and getattr(pre, "gives_grid", lambda x: False)(inputs)

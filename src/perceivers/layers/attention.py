@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import dense, native_attention, onednn_attention
+from . import dense, native_attention, onednn_attention, wide_attention
 from .dense import Linear, _autocast_operands, _func_transforms, linear
 from .sdpa import sdpa
 from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK, chunk_bounds, loop_step
@@ -40,6 +40,10 @@ KeyValue = tuple[Tensor, Tensor]
 # mmap threshold, and 16 MiB steps between the small tensors each step keeps for the backward fragmented it
 # (peak resident 0.81 GiB at 512², 2.4 GiB at 1024², against 0.21–0.23 GiB live).
 STEP_SCORES = 1 << 23
+# Streamed inference on CUDA takes the fused kernel per chunk from this many query rows (batch × heads × queries):
+# the reduced vision model at batch 32 (4096 rows) went 0.045 → 0.023 s with it and chunks sized for the GPU
+# (CUDA_CHUNK_VALUES) on an H100; see _cuda_lse_available
+CUDA_FUSED_MIN_ROWS = 4096
 MIN_STEP_KEYS = 512
 
 
@@ -345,7 +349,7 @@ class Attention(nn.Module):
         acc_dtype = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
         # the fused kernel takes keys and values of one width (folded, or as wide per head)
         same_widths = fold or self.qk_channels == self.v_channels
-        if not grad and not dropout and same_widths and _flash_lse_available(q):
+        if not grad and not dropout and ((same_widths and _flash_lse_available(q)) or _cuda_lse_available(q, q.shape[-1] if fold else self.v_channels // self.num_heads, mask)):
             # Fused kernel per chunk (no score matrix in memory); the partial results are merged
             # through their log-sum-exps a group at a time (fewer small operations than pairwise).
             # Partial results go to one buffer allocated up front (small tensors kept alive between
@@ -361,9 +365,7 @@ class Attention(nn.Module):
                 if mask is not None:
                     bias = torch.zeros(mask[:, start:stop].shape, dtype=q.dtype, device=q.device)
                     bias = bias.masked_fill(~mask[:, start:stop], torch.finfo(q.dtype).min)[:, None, None, :]
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, attn_mask=bias, scale=1.0
-                )
+                out, lse = _attention_lse(q, k, v, bias)
                 if outs is None:
                     outs = out.new_empty((group, *out.shape), dtype=acc_dtype)  # [G, B, H, Q, D]
                     lses = out.new_empty((group, *lse.shape, 1), dtype=acc_dtype)  # [G, B, H, Q, 1]
@@ -517,12 +519,15 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
     :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths
     differ, e.g. the language model's 32 and 160) the same computation is written out, without the math
     path's guarded softmax (isneginf / all / where over every score, 3% of the language model's forward), as it
-    is under ``torch.func`` transforms and forward-mode AD (SDPA's CPU kernel has no batching rule or tangent)."""
+    is under ``torch.func`` transforms and forward-mode AD (SDPA's CPU kernel has no batching rule or tangent).
+    On CUDA, trained heads wider than the fused kernels take go to :mod:`.wide_attention`."""
     q, k, v = _autocast_operands(q, k, v)
     if native_attention.applies(q, k, v, attn_mask, dropout):
         return native_attention.attend(q, k, v, attn_mask, scale)
     if onednn_attention.applies(q, k, v, attn_mask, dropout):
         return onednn_attention.attend(q, k, v, attn_mask, scale)
+    if wide_attention.applies(q, k, v, attn_mask, dropout):
+        return wide_attention.attend(q, k, v, scale)
     if (q.device.type != "cpu" or torch.compiler.is_compiling() or (q.shape[-1] == v.shape[-1] and not _func_transforms())
             or (attn_mask is not None and attn_mask.dtype != torch.bool)):
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
@@ -607,6 +612,35 @@ def _flash_lse_available(q: Tensor) -> bool:
              or (torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export() and _fused_export))
         and not torch.jit.is_scripting()
     )
+
+
+def _cuda_lse_available(q: Tensor, v_width: int, mask: Tensor | None) -> bool:
+    """Whether CUDA's memory-efficient attention kernel, which also returns the log-sum-exp, serves the streamed
+    inference: unmasked, heads a multiple of 8 wide, and at least CUDA_FUSED_MIN_ROWS query rows over the batch
+    and heads.
+
+    On an H100 the streamed chunks' online softmax, written out, took the README Perceiver at 224² and batch 32
+    to 1.6× perceiver-pytorch's time. The kernel takes it to 0.8×. But the kernel spreads its work over query rows
+    only, so one image's 256 latents occupy 4 of the 132 multiprocessors: at 1024², batch 1, it took 0.092 s
+    against the online softmax's 0.028 s.
+    """
+    return (
+        q.device.type == "cuda"
+        and q.shape[0] * q.shape[1] * q.shape[2] >= CUDA_FUSED_MIN_ROWS
+        and mask is None
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and q.shape[-1] % 8 == 0 == v_width % 8
+        and torch.backends.cuda.mem_efficient_sdp_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _attention_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A fused kernel's attention of one chunk of keys (``q`` already scaled) and its log-sum-exp ``[B, H, Q]``."""
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=1.0)[:2]
+        return out, lse[..., : q.shape[-2]]  # its rows are padded to a multiple of 32
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=1.0)
 
 
 _fused_export = False  # see fused_export

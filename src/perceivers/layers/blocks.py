@@ -116,7 +116,8 @@ class CrossAttentionBlock(nn.Module):
             context.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
             return 0  # a context tensor that exists whole is not worth recomputing in chunks
-        return auto_chunk_size(context.shape[1], self.chunk_size, channels=context.shape[-1], batch=context.shape[0])
+        return auto_chunk_size(context.shape[1], self.chunk_size, channels=context.shape[-1], batch=context.shape[0],
+                               device=context.device)
 
     def project_kv(self, context: Tensor) -> KeyValue:
         """Normalise and project the context once; pass the result as ``kv=`` to :meth:`forward`."""
