@@ -74,28 +74,13 @@ def test_haiku_vectors_language_flow_multimodal():
 
 
 def test_haiku_vectors_masked_language_model():
-    import numpy as np
-    from test_haiku_vectors import DATA, _check, _config, _io
+    from test_haiku_vectors import _check, _io, _mlm_model
 
-    from perceivers import create_model
-    from perceivers.convert.haiku import load_haiku_checkpoint
-
-    mc = _config("mlm")["model_config"]
-    enc, dec = mc["encoder_config"], mc["decoder_config"]
-    model = create_model(
-        "language-perceiver", vocab_size=mc["vocab_size"], d_model=mc["D_MODEL"], max_position_embeddings=mc["MAX_SEQ_LEN"],
-        num_latents=enc["z_index_dim"], d_latents=enc["num_z_channels"], num_blocks=enc["num_blocks"],
-        num_self_attends_per_block=enc["num_self_attends_per_block"], num_self_attention_heads=enc["num_self_attend_heads"],
-        num_cross_attention_heads=enc["num_cross_attend_heads"], qk_channels=enc["qk_channels"],
-        v_channels=enc["v_channels"], num_decoder_heads=dec["num_heads"], decoder_qk_channels=dec["qk_channels"],
-        decoder_v_channels=dec["v_channels"], decoder_query_residual=dec["use_query_residual"],
-    ).eval()
-    load_haiku_checkpoint(model, DATA / "mlm" / "params.pkl")
-    data = _io("mlm")
+    model, data = _mlm_model().to(CUDA), _io("mlm")
     ids, mask = torch.from_numpy(data["inputs"]), torch.from_numpy(data["input_mask"])
     with torch.no_grad():
-        logits = model.to(CUDA)(ids.to(CUDA), attention_mask=mask.to(CUDA)).logits.cpu()
-    _check("mlm/logits on CUDA", logits, np.asarray(data["logits"]))
+        logits = model(ids.to(CUDA), attention_mask=mask.to(CUDA)).logits.cpu()
+    _check("mlm/logits on CUDA", logits, data["logits"])
 
 
 # ------------------------------------------------------------------------------------------- transformers

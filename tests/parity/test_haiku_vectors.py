@@ -86,7 +86,7 @@ def test_imagenet(task: str, variant: str) -> None:
                 _check(f"{task}/{out}", model(_nchw(data[inp])).logits, data[out])
 
 
-def test_masked_language_model() -> None:
+def _mlm_model():
     mc = _config("mlm")["model_config"]
     enc, dec = mc["encoder_config"], mc["decoder_config"]
     model = create_model(
@@ -97,7 +97,11 @@ def test_masked_language_model() -> None:
         v_channels=enc["v_channels"], num_decoder_heads=dec["num_heads"], decoder_qk_channels=dec["qk_channels"],
         decoder_v_channels=dec["v_channels"], decoder_query_residual=dec["use_query_residual"],
     ).eval()
-    load_haiku_checkpoint(model, DATA / "mlm" / "params.pkl")
+    return load_haiku_checkpoint(model, DATA / "mlm" / "params.pkl")
+
+
+def test_masked_language_model() -> None:
+    model = _mlm_model()
     data = _io("mlm")
     ids, mask = torch.from_numpy(data["inputs"]), torch.from_numpy(data["input_mask"])
     with torch.no_grad():
