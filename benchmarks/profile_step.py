@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the workload's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (+ backward), as run.py does")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warm-up)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps")
     p.add_argument("--rows", type=int, default=25, help="operators listed")
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     inputs = wl.inputs(batch, device)
     fn = (run.make_step(built, inputs, device, precision, compile=args.compile) if args.mode == "train"
           else run.make_forward(built, inputs, device, precision, compile=args.compile))
-    for _ in range(3):  # compilation, allocator warm-up
+    for _ in range(args.warmup):
         fn()
     measure.synchronize(device)
     times = []

@@ -316,12 +316,12 @@ def test_batch_scale_multiplies_every_workload_batch(tmp_path, monkeypatch, caps
 
 def test_profile_step_reports_time_flops_and_operators(tmp_path):
     out = tmp_path / "profile.txt"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "io-2048x128", "--batch", "1", "--steps", "1",
-           "--profile-steps", "1", "--rows", "5", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "sweep-perceiver-32", "--mode", "infer",
+           "--warmup", "1", "--steps", "1", "--profile-steps", "1", "--rows", "5", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
-    assert "io-2048x128" in report and "train, batch 1, fp32" in report and "GFLOP per step" in report
+    assert "sweep-perceiver-32" in report and "infer, batch 1, fp32" in report and "GFLOP per step" in report
     assert "aten::mm" in report or "aten::addmm" in report  # the operator table
     bad = subprocess.run([*cmd[:2], "no-such-workload"], capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and "unknown workload 'no-such-workload'" in bad.stderr

@@ -349,13 +349,15 @@ class Attention(nn.Module):
         acc_dtype = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
         # the fused kernel takes keys and values of one width (folded, or as wide per head)
         same_widths = fold or self.qk_channels == self.v_channels
-        if not grad and not dropout and ((same_widths and _flash_lse_available(q)) or _cuda_lse_available(q, q.shape[-1] if fold else self.v_channels // self.num_heads, mask)):
+        v_width = q.shape[-1] if fold else self.v_channels // self.num_heads
+        fused = (same_widths and _flash_lse_available(q)) or _cuda_lse_available(q, v_width, mask)
+        if not grad and not dropout and fused:
             # Fused kernel per chunk (no score matrix in memory); the partial results are merged
             # through their log-sum-exps a group at a time (fewer small operations than pairwise).
             # Partial results go to one buffer allocated up front (small tensors kept alive between
             # the chunks' large temporaries would fragment the heap and raise the peak). A symbolic
             # batch (an exported program, see fused_export) sizes the group as batch 1: no guard on it.
-            part_size = (b if isinstance(b, int) else 1) * h * n * (q.shape[-1] if fold else self.v_channels // self.num_heads)
+            part_size = (b if isinstance(b, int) else 1) * h * n * v_width
             group = max(2, min(32, (1 << 22) // part_size, -(-length // chunk_size)))  # ≤ 16 MiB, ≤ 32
             outs = lses = None
             count = 0
@@ -377,7 +379,6 @@ class Attention(nn.Module):
                     count = 1
             out = _merge_partial(outs, lses, count).to(q.dtype)
         else:
-            v_width = q.shape[-1] if fold else self.v_channels // self.num_heads
 
             def step(qq: Tensor, m: Tensor, l: Tensor, acc: Tensor, start: int, stop: int):
                 k, v = keys_values(start, stop)
@@ -626,12 +627,12 @@ def _cuda_lse_available(q: Tensor, v_width: int, mask: Tensor | None) -> bool:
     """
     return (
         q.device.type == "cuda"
+        and not torch.compiler.is_compiling()  # first: no guard on a symbolic size below
         and q.shape[0] * q.shape[1] * q.shape[2] >= CUDA_FUSED_MIN_ROWS
         and mask is None
         and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and q.shape[-1] % 8 == 0 == v_width % 8
         and torch.backends.cuda.mem_efficient_sdp_enabled()
-        and not torch.compiler.is_compiling()
     )
 
 

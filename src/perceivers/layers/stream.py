@@ -82,8 +82,7 @@ def auto_chunk_size(
     chunks of a quarter of the input clamped to 32768–65536; with autograd, ``grad=True``: inputs
     longer than 65536, in chunks of 65536; with ``channels``, chunks hold at most ``2**21 //
     (batch · channels)`` elements, and at least 512; on a CUDA ``device``, ``2**25 // (batch · channels)``);
-    ``0`` never streams; a positive value streams
-    in chunks of that size whenever ``length`` exceeds it.
+    ``0`` never streams; a positive value streams in chunks of that size whenever ``length`` exceeds it.
 
     Symbolic sizes (``torch.export`` with dynamic shapes) set no guard: a symbolic ``length`` is never
     streamed in a Python loop (``None``, and any ``chunk_size`` while exporting: :func:`loops` says where a
