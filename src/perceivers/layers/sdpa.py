@@ -55,16 +55,29 @@ class _TwiceDifferentiable(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         q, k, v = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
+        inner, ctx.inner = ctx.inner, None  # its saved tensors go now, not when the outer graph does
         if torch.is_grad_enabled():  # create_graph=True: a graph of differentiable operators
-            inputs = tuple(t.view_as(t) for t in (q, k, v))  # one each, also where k is v (attending in its space)
-            with sdpa_kernel(SDPBackend.MATH):
-                out = F.scaled_dot_product_attention(*inputs, **ctx.options)
-        else:  # the kernel's backward; a second backward (retain_graph=True) runs the forward again
-            out, inputs = ctx.inner if ctx.inner is not None else _inner_graph(q, k, v, ctx.options)
-        ctx.inner = None  # its saved tensors go now, not when the outer graph does
-        wanted = [t for t, n in zip(inputs, need) if n]
-        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled()))
-        return (*(next(grads) if n else None for n in need), None, None, None)
+            return (*math_grads(q, k, v, grad, ctx.options, need), None, None, None)
+        # the kernel's backward; a second backward (retain_graph=True) runs the forward again
+        out, inputs = inner if inner is not None else _inner_graph(q, k, v, ctx.options)
+        return (*_grads(out, inputs, grad, need, create_graph=False), None, None, None)
+
+
+def math_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, options: dict,
+               need: tuple[bool, bool, bool] = (True, True, True)) -> tuple[Tensor | None, ...]:
+    """The gradients of ``q, k, v`` (``None`` where not ``need``-ed) through SDPA's math path, as a graph of
+    differentiable operators: a backward with ``create_graph=True`` that can itself be differentiated."""
+    inputs = tuple(t.view_as(t) for t in (q, k, v))  # one each, also where k is v (attending in its space)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(*inputs, **options)
+    return _grads(out, inputs, grad, need, create_graph=True)
+
+
+def _grads(out: Tensor, inputs: tuple[Tensor, ...], grad: Tensor, need: tuple[bool, ...],
+           create_graph: bool) -> tuple[Tensor | None, ...]:
+    wanted = [t for t, n in zip(inputs, need) if n]
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=create_graph))
+    return tuple(next(grads) if n else None for n in need)
 
 
 def _inner_graph(q: Tensor, k: Tensor, v: Tensor, options: dict) -> tuple[Tensor, tuple[Tensor, ...]]:

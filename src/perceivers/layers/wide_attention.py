@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .sdpa import math_grads
+
 __all__ = ["GROUP_BYTES", "MAX_FUSED_WIDTH", "applies", "attend"]
 
 #: the widest head (channels) that CUDA's flash and cuDNN attention kernels take
@@ -96,8 +98,8 @@ class _GroupedAttention(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         q, k, v = ctx.saved_tensors
         scale, group = ctx.scale, ctx.group
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the attention written out
-            return (*_written_out_grads(q, k, v, grad, scale), None, None)
+        if torch.is_grad_enabled():  # create_graph=True: a graph that can be differentiated again
+            return (*math_grads(q, k, v, grad, {"scale": scale}), None, None)
         with torch.autocast(q.device.type, enabled=False):
             qf, kf, vf, go = _flat(q), _flat(k), _flat(v), _flat(grad.to(v.dtype))
             dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
@@ -112,11 +114,3 @@ class _GroupedAttention(torch.autograd.Function):
                 dk[i:j].copy_(torch.bmm(ds.transpose(1, 2), qf[i:j]))
         return dq.view_as(q), dk.view_as(k), dv.view_as(v), None, None
 
-
-def _written_out_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients through differentiable operators, so that a backward that builds a graph can be
-    differentiated again (gradient penalties, ``gradgradcheck``)."""
-    inputs = tuple(t.view_as(t) for t in (q, k, v))  # one each, also where k is v (attending in its space)
-    with torch.enable_grad():
-        out = torch.softmax(torch.matmul(inputs[0], inputs[1].transpose(-1, -2)) * scale, dim=-1) @ inputs[2]
-        return torch.autograd.grad(out, inputs, grad, create_graph=True)
