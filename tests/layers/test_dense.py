@@ -366,6 +366,7 @@ def test_activation_in_the_product_epilogue_under_bfloat16_autocast(kind, monkey
     bfloat16 result as close to float64 as autocast's own ``F.linear`` + activation."""
     from perceivers.layers.dense import linear_geglu, linear_gelu
 
+    monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", "0")  # oneDNN's bfloat16 products on any processor
     g = torch.Generator().manual_seed(8)
     x = torch.randn(4, 200, 256, generator=g)
     w = torch.randn(1024, 256, generator=g) * 0.1
@@ -386,3 +387,95 @@ def test_activation_in_the_product_epilogue_under_bfloat16_autocast(kind, monkey
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autograd: autocast's own operations
         assert fn(x, w.requires_grad_(), b).dtype == torch.bfloat16
     assert calls == []
+
+
+# ------------------------------------------------------------- bfloat16 products in float32 (no bfloat16 arithmetic)
+
+
+@pytest.mark.parametrize("kind", ["autocast", "bf16-true"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bfloat16_products_in_float32(kind, bias, monkeypatch):
+    """Where bfloat16 products would be emulated (``PERCEIVERS_BF16_AS_FLOAT32=1`` forces it on any processor),
+    a bfloat16 dense layer (autocast, or bfloat16 weights and inputs) returns bfloat16 computed in float32 from
+    its operands as they come: the result within one bfloat16 rounding of float64, the gradients as close as
+    PyTorch's own bfloat16 layer (or within one rounding), in the operands' dtypes; the backward keeps the input
+    in bfloat16 (autocast's memory) and the weight itself."""
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.bfloat16 if kind == "bf16-true" else torch.float32
+    x = torch.randn(3, 70, 96, generator=g).to(dtype)
+    w = (torch.randn(160, 96, generator=g) * 0.1).to(dtype)
+    b = torch.randn(160, generator=g).to(dtype) if bias else None
+    grad = torch.randn(3, 70, 160, generator=g).bfloat16()
+    ref = _reference(x, w, b, grad)
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", flag)
+        xs, ws = (t.clone().requires_grad_() for t in (x, w))
+        bs = None if b is None else b.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "autocast"):
+            out = linear(xs, ws, bs)
+        assert out.dtype == torch.bfloat16
+        assert ("Bf16InFloat32" in type(out.grad_fn).__name__) == (flag == "1")
+        if flag == "1":
+            assert [t.dtype for t in out.grad_fn.saved_tensors] == [torch.bfloat16, dtype]
+            assert out.grad_fn.saved_tensors[1] is ws
+        out.backward(grad)
+        got = (out, xs.grad, ws.grad, None if bs is None else bs.grad)
+        assert [t.dtype for t in got if t is not None] == [torch.bfloat16] + [dtype] * (2 + bias)
+        results[flag] = got
+    assert (results["1"][0].double() - ref[0]).abs().max() <= 2**-8 * ref[0].abs().max()
+    for ours, pytorch, want in zip(results["1"], results["0"], ref, strict=True):
+        if want is not None:
+            error = (ours.double() - want).abs().max()
+            assert error <= max((pytorch.double() - want).abs().max(), 2**-8 * want.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["none", "tanh", "geglu"])
+def test_bfloat16_activation_in_float32_without_grad(kind, monkeypatch):
+    """Without autograd, where bfloat16 products run in float32, the feed-forward's activation is applied to the
+    float32 product and the result rounded to bfloat16 once: within one bfloat16 rounding of float64."""
+    from perceivers.layers.dense import linear_geglu, linear_gelu
+
+    monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", "1")
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 50, 64, generator=g)
+    w = torch.randn(256, 64, generator=g) * 0.1
+    b = torch.randn(256, generator=g)
+    ref = _gelu_reference(x, w, b, kind)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_geglu(x, w, b) if kind == "geglu" else linear_gelu(x, w, b, approximate=kind)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.double() - ref).abs().max() <= 2**-8 * ref.abs().max()
+
+
+def test_bfloat16_products_in_float32_where_bfloat16_is_emulated(monkeypatch):
+    """By default the float32 path follows the processor (``kernels.emulates_bf16``), never serves float32 outside
+    autocast, and ``PERCEIVERS_BF16_AS_FLOAT32=0`` turns it off."""
+    from perceivers import kernels
+
+    monkeypatch.delenv("PERCEIVERS_BF16_AS_FLOAT32", raising=False)
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    for emulated in (True, False):
+        monkeypatch.setattr(kernels, "emulates_bf16", lambda emulated=emulated: emulated)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear_module.bf16_in_float32(x, w) is emulated
+        assert linear_module.bf16_in_float32(x.bfloat16(), w.bfloat16()) is emulated
+        assert not linear_module.bf16_in_float32(x, w)  # float32 outside autocast
+    monkeypatch.setattr(kernels, "emulates_bf16", lambda: True)
+    monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", "0")
+    assert not linear_module.bf16_in_float32(x.bfloat16(), w.bfloat16())
+
+
+def test_bfloat16_products_in_float32_second_order(monkeypatch):
+    """The float32 path's backward is differentiable (``create_graph=True``): second-order gradients match
+    PyTorch's bfloat16 layer to bfloat16 precision."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(6, 32, generator=g), torch.randn(24, 32, generator=g)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", flag)
+        xs, ws = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+        (gx,) = torch.autograd.grad(linear(xs, ws).float().square().sum(), xs, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.float().square().sum(), ws)
+        results.append(gw.double())
+    torch.testing.assert_close(results[0], results[1], atol=0.02 * results[1].abs().max().item(), rtol=0.0)

@@ -391,6 +391,32 @@ def test_bfloat16_autocast_layer_goes_through_it():
     assert out_native <= 1.5 * out_blocked and grad_native <= 1.5 * grad_blocked
 
 
+@pytest.mark.parametrize("mask_kind", [None, "keys"])
+def test_bfloat16_heads_in_float32_where_bfloat16_is_emulated(mask_kind, monkeypatch):
+    """Where bfloat16 products would be emulated (``PERCEIVERS_BF16_AS_FLOAT32=1`` forces it on any processor),
+    bfloat16 heads are attended in float32, as SDPA's own bfloat16 CPU kernel computes (the float32 kernel where it
+    is built): the result and the gradients within one bfloat16 rounding of float64 on the same bfloat16 inputs."""
+    from perceivers.layers.attention import attend_heads
+
+    monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", "1")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (_heads(2, 4, 40, 32, g), _heads(2, 4, 300, 32, g),
+                                                       _heads(2, 4, 300, 48, g)))
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(2, 1, 1, 300, generator=g) > 0.3
+        mask[..., 0] = True
+    calls, original = [], na.attend
+    monkeypatch.setattr(na, "attend", lambda *a, **kw: calls.append(a[0].dtype) or original(*a, **kw))
+    out = attend_heads(q, k, v, mask, 0.0, scale=0.2)
+    assert out.dtype == torch.bfloat16 and calls == ([torch.float32] if na.available() else [])
+    grad = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(grad)
+    for got, ref in zip((out, q.grad, k.grad, v.grad), _reference(q, k, v, mask, 0.2, grad), strict=True):
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - ref).abs().max() <= 2**-8 * ref.abs().max()
+
+
 @pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_buffers_do_not_follow_the_default_dtype(default, dtype, default_dtype):

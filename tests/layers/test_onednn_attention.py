@@ -23,8 +23,10 @@ def onednn_on():
 @pytest.fixture(autouse=True)
 def _without_native_attention(monkeypatch):
     """Layers take the native kernel first where it is built (see test_native_attention.py): off here, so
-    that they reach this path as they do without a C compiler."""
+    that they reach this path as they do without a C compiler; and bfloat16 stays bfloat16 on processors
+    without bfloat16 arithmetic (``dense.bf16_in_float32``)."""
     monkeypatch.setattr(na, "applies", lambda *args, **kwargs: False)
+    monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", "0")
 
 
 @pytest.mark.parametrize("mask_kind", [None, "keys", "per-head"])

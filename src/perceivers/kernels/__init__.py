@@ -60,6 +60,7 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "perceivers" / "kernels"
 
 
+@functools.cache
 def _cpu_identity() -> str:
     """What ``-march=native`` depends on: the processor's vendor, model and instruction-set flags.
 

@@ -523,6 +523,9 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
     is under ``torch.func`` transforms and forward-mode AD (SDPA's CPU kernel has no batching rule or tangent).
     On CUDA, trained heads wider than the fused kernels take go to :mod:`.wide_attention`."""
     q, k, v = _autocast_operands(q, k, v)
+    if q.dtype == torch.bfloat16 and dense.bf16_in_float32(q, k, v):  # float32 arithmetic, as SDPA's bfloat16 kernel
+        with torch.autocast("cpu", enabled=False):
+            return attend_heads(q.float(), k.float(), v.float(), attn_mask, dropout, scale).to(torch.bfloat16)
     if native_attention.applies(q, k, v, attn_mask, dropout):
         return native_attention.attend(q, k, v, attn_mask, scale)
     if onednn_attention.applies(q, k, v, attn_mask, dropout):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .._env import env_switch
 
-__all__ = ["Linear", "geglu", "linear", "linear_geglu", "linear_gelu", "onednn_enabled", "use_onednn"]
+__all__ = ["Linear", "bf16_in_float32", "geglu", "linear", "linear_geglu", "linear_gelu", "onednn_enabled", "use_onednn"]
 
 _MIN_MACS = 1 << 22
 _override: bool | None = None
@@ -291,6 +291,10 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., in]``, ``weight [out, in]`` -> ``[..., out]``."""
+    if bf16_in_float32(x, weight, bias):
+        if _records_graph(x, weight, bias):
+            return _Bf16InFloat32Linear.apply(x, weight, bias)
+        return _bf16_linear_forward(x, weight, bias)
     if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
@@ -318,6 +322,73 @@ def _autocast_operands(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tensors
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# bfloat16 on processors without bfloat16 arithmetic
+
+
+def bf16_in_float32(*tensors: Tensor | None) -> bool:
+    """Whether bfloat16 products of these operands are computed in float32 here: on a processor that would emulate
+    them (:func:`~perceivers.kernels.emulates_bf16`: x86 without AVX512-BF16 or AMX, where PyTorch's bfloat16
+    product runs at about a quarter of the float32 rate), eagerly, for dense CPU tensors that are bfloat16 or
+    under CPU bfloat16 autocast. ``PERCEIVERS_BF16_AS_FLOAT32=0`` keeps PyTorch's emulated products, ``=1`` takes
+    this path on any processor."""
+    present = [t for t in tensors if t is not None]
+    if not all(t.device.type == "cpu" and t.layout == torch.strided for t in present):
+        return False
+    if not (all(t.dtype == torch.bfloat16 for t in present)
+            or (_cpu_autocast_bf16() and all(t.dtype in (torch.float32, torch.bfloat16) for t in present))):
+        return False
+    if torch.compiler.is_compiling() or not _plain_eager() or torch._C._len_torch_dispatch_stack():
+        return False  # compiled and exported graphs, fake tensors and FLOP counters see the standard operators
+    setting = env_switch("PERCEIVERS_BF16_AS_FLOAT32")
+    return kernels.emulates_bf16() if setting is None else setting
+
+
+def _float(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    return tuple(None if t is None else t.float() for t in tensors)
+
+
+def _bf16_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x Wᵀ + b`` in float32 arithmetic on the operands as they come (bfloat16 ones widened, float32 ones as
+    they are: autocast would round them first), rounded to bfloat16 once."""
+    with torch.autocast("cpu", enabled=False):
+        return linear(*_float(x, weight, bias)).to(torch.bfloat16)
+
+
+class _Bf16InFloat32Linear(torch.autograd.Function):
+    """``x Wᵀ + b`` returning bfloat16 as autocast's product does, with float32 products (:func:`bf16_in_float32`).
+    Saves ``x`` in bfloat16 (autocast's memory) and the weight as it is; the gradients are float32 products of the
+    bfloat16 output gradient, in the operands' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x.to(torch.bfloat16), weight)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return _bf16_linear_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        with torch.autocast("cpu", enabled=False):
+            g, x, weight = _float(grad, x, weight)
+            flat = g.reshape(-1, g.shape[-1])
+            grad_x = linear(g, weight.t()) if need_x else None
+            grad_w = None
+            if need_w:
+                grad_w = (_onednn_weight_grad(g, x) if _onednn_usable(g, x) and not torch.is_grad_enabled()
+                          else flat.t() @ x.reshape(-1, x.shape[-1]))
+            grad_b = flat.sum(0) if need_b else None
+        return tuple(None if t is None else t.to(dtype)
+                     for t, dtype in zip((grad_x, grad_w, grad_b), ctx.dtypes, strict=True))
+
+
+def _in_float32_without_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether a bfloat16 product and its activation run in float32 (:func:`bf16_in_float32`) without autograd:
+    then the activation is applied in float32 too and the result rounded to bfloat16 once."""
+    return not _records_graph(x, weight, bias) and bf16_in_float32(x, weight, bias)
+
+
 def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple | None:
     """The operands with which the product may apply its elementwise epilogue itself, or ``None``: eager,
     no gradient, and either the float32 oneDNN path or CPU bfloat16 autocast (operands cast as autocast
@@ -327,7 +398,7 @@ def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple 
     if _use_onednn(x, weight, bias):
         return x, weight, bias
     if (_cpu_autocast_bf16() and _large(x, weight) and _kernels_usable(x, weight)
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not bf16_in_float32(x, weight, bias)):
         return _autocast_operands(x, weight, bias)
     return None
 
@@ -335,6 +406,9 @@ def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none") -> Tensor:
     """``gelu(x Wᵀ + b)``: ``[..., in]`` -> ``[..., out]``. Without autograd, on the oneDNN path or under
     bfloat16 autocast, the GELU is the product's epilogue (no pass of its own over the output)."""
+    if _in_float32_without_grad(x, weight, bias):
+        with torch.autocast("cpu", enabled=False):
+            return linear_gelu(*_float(x, weight, bias), approximate).to(torch.bfloat16)
     operands = _epilogue_operands(x, weight, bias)
     if operands is not None:
         x, weight, bias = operands
@@ -347,6 +421,9 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     ``[..., out / 2]``. Without autograd, on the oneDNN path or under bfloat16 autocast, it is two products
     whose epilogues apply the GELU and the product (README Perceiver's 2048 × 512 → 4096 layer: 40 → 26 ms
     in float32)."""
+    if _in_float32_without_grad(x, weight, bias):
+        with torch.autocast("cpu", enabled=False):
+            return linear_geglu(*_float(x, weight, bias)).to(torch.bfloat16)
     operands = _epilogue_operands(x, weight, bias)
     if operands is not None:
         x, weight, bias = operands
