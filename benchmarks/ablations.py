@@ -459,6 +459,43 @@ def study_bf16_grid(args) -> dict:
         for mode, fn in (("inference", forward(model, x)), ("training step", train_step(model, x)))}
 
 
+def with_bf16_in_float32(value: bool, fn):
+    """``fn`` under CPU bf16 autocast (the native kernels on) with perceivers' bf16 products in float32
+    (``PERCEIVERS_BF16_AS_FLOAT32``, read at every call) or PyTorch's (emulated without bf16 arithmetic)."""
+    native = with_native(True, bf16(fn), own=("attention", "geglu"))
+
+    def run():
+        os.environ["PERCEIVERS_BF16_AS_FLOAT32"] = "1" if value else "0"
+        try:
+            native()
+        finally:
+            os.environ.pop("PERCEIVERS_BF16_AS_FLOAT32", None)
+    return run
+
+
+def study_bf16_in_float32(args) -> dict:
+    """bf16 autocast with perceivers' dense layers and attention computing in float32 (the default where the
+    processor has no bf16 arithmetic) against PyTorch's bf16 products: the reduced language model and the
+    DeepMind-layout IO."""
+    import workloads
+
+    cpu = torch.device("cpu")
+    out = {}
+    for name in ("language-reduced", "io-dm-2048x128"):
+        wl = next(w for w in workloads.all_workloads() if w.name == name)
+        built = wl.build("perceivers", cpu)
+        batch = 2 if args.quick else wl.batch
+        inputs = wl.inputs(batch, cpu)
+
+        def call(built=built, inputs=inputs):
+            return built.run(built.model, inputs)
+
+        for mode, fn in (("inference", forward(built.model, call)), ("training step", train_step(built.model, call))):
+            out[f"{name} (batch {batch}) {mode}"] = timed(
+                {"before": with_bf16_in_float32(False, fn), "after": with_bf16_in_float32(True, fn)}, args.repeats)
+    return out
+
+
 def study_native_attention(args) -> dict:
     """float32 attention on the native fused kernel instead of SDPA's fused CPU kernel (narrow heads) or the
     per-head oneDNN products (wide heads, long keys): the reduced language model (32-wide heads), the README
@@ -541,7 +578,7 @@ STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
            "native_attention": study_native_attention, "native_geglu": study_native_geglu,
-           "bf16_attention": study_bf16_attention}
+           "bf16_attention": study_bf16_attention, "bf16_in_float32": study_bf16_in_float32}
 
 
 def markdown(results: dict) -> str:

@@ -419,8 +419,9 @@ def main(argv=None) -> None:
         memory_case(args)
         return
     if args.precision == "bf16" and args.device == "cpu" and kernels.emulates_bf16():
-        print("--precision bf16: this CPU has no bfloat16 arithmetic (no AVX512-BF16 or AMX), so every "
-              "implementation's bfloat16 products are emulated with float32 arithmetic", flush=True)
+        print("--precision bf16: this CPU has no bfloat16 arithmetic (no AVX512-BF16 or AMX): the peers' bfloat16 "
+              "products are emulated (the matmul column is that emulated rate), perceivers computes its own in "
+              "float32 unless PERCEIVERS_BF16_AS_FLOAT32=0", flush=True)
     if args.list:
         for w in W.all_workloads():
             print(f"{w.name:26s} [{', '.join(sorted(w.tags))}] {w.description}")

@@ -466,16 +466,22 @@ def test_bfloat16_products_in_float32_where_bfloat16_is_emulated(monkeypatch):
     assert not linear_module.bf16_in_float32(x.bfloat16(), w.bfloat16())
 
 
-def test_bfloat16_products_in_float32_second_order(monkeypatch):
-    """The float32 path's backward is differentiable (``create_graph=True``): second-order gradients match
-    PyTorch's bfloat16 layer to bfloat16 precision."""
+@pytest.mark.parametrize("kind", ["autocast", "bf16-true"])
+def test_bfloat16_products_in_float32_second_order(kind, monkeypatch):
+    """The float32 path's backward is differentiable (``create_graph=True``), through the weight's gradient back to a
+    float32 input too: second-order gradients match PyTorch's bfloat16 layer to bfloat16 precision."""
     g = torch.Generator().manual_seed(5)
-    x, w = torch.randn(6, 32, generator=g), torch.randn(24, 32, generator=g)
+    dtype = torch.bfloat16 if kind == "bf16-true" else torch.float32
+    x, w = torch.randn(6, 32, generator=g).to(dtype), torch.randn(24, 32, generator=g).to(dtype)
     results = []
     for flag in ("1", "0"):
         monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", flag)
-        xs, ws = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
-        (gx,) = torch.autograd.grad(linear(xs, ws).float().square().sum(), xs, create_graph=True)
-        (gw,) = torch.autograd.grad(gx.float().square().sum(), ws)
-        results.append(gw.double())
-    torch.testing.assert_close(results[0], results[1], atol=0.02 * results[1].abs().max().item(), rtol=0.0)
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "autocast"):
+            out = linear(xs, ws)
+        assert ("Bf16InFloat32" in type(out.grad_fn).__name__) == (flag == "1")
+        gx, gw = torch.autograd.grad(out.float().square().sum(), (xs, ws), create_graph=True)
+        penalty = gx.float().square().sum() + gw.float().square().sum()
+        results.append([t.double() for t in torch.autograd.grad(penalty, (xs, ws))])
+    for ours, pytorch in zip(*results, strict=True):
+        torch.testing.assert_close(ours, pytorch, atol=0.02 * pytorch.abs().max().item(), rtol=0.0)

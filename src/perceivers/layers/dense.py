@@ -293,7 +293,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., in]``, ``weight [out, in]`` -> ``[..., out]``."""
     if bf16_in_float32(x, weight, bias):
         if _records_graph(x, weight, bias):
-            return _Bf16InFloat32Linear.apply(x, weight, bias)
+            return _Bf16InFloat32Linear.apply(x, x.to(torch.bfloat16), weight, bias)
         return _bf16_linear_forward(x, weight, bias)
     if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
@@ -357,19 +357,20 @@ def _bf16_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tens
 
 class _Bf16InFloat32Linear(torch.autograd.Function):
     """``x Wᵀ + b`` returning bfloat16 as autocast's product does, with float32 products (:func:`bf16_in_float32`).
-    Saves ``x`` in bfloat16 (autocast's memory) and the weight as it is; the gradients are float32 products of the
-    bfloat16 output gradient, in the operands' dtypes."""
+    Keeps ``x_bf16`` (``x`` in bfloat16, a recorded cast: autocast's memory, and second-order gradients reach ``x``
+    through it) and the weight itself; the gradients are float32 products of the bfloat16 output gradient, in the
+    operands' dtypes."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x.to(torch.bfloat16), weight)
+    def forward(ctx, x: Tensor, x_bf16: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x_bf16, weight)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return _bf16_linear_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, _, need_w, need_b = ctx.needs_input_grad
         with torch.autocast("cpu", enabled=False):
             g, x, weight = _float(grad, x, weight)
             flat = g.reshape(-1, g.shape[-1])
@@ -379,8 +380,9 @@ class _Bf16InFloat32Linear(torch.autograd.Function):
                 grad_w = (_onednn_weight_grad(g, x) if _onednn_usable(g, x) and not torch.is_grad_enabled()
                           else flat.t() @ x.reshape(-1, x.shape[-1]))
             grad_b = flat.sum(0) if need_b else None
-        return tuple(None if t is None else t.to(dtype)
-                     for t, dtype in zip((grad_x, grad_w, grad_b), ctx.dtypes, strict=True))
+        grad_x, grad_w, grad_b = (None if t is None else t.to(dtype)
+                                  for t, dtype in zip((grad_x, grad_w, grad_b), ctx.dtypes, strict=True))
+        return grad_x, None, grad_w, grad_b
 
 
 def _in_float32_without_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
