@@ -406,15 +406,39 @@ def test_bfloat16_heads_in_float32_where_bfloat16_is_emulated(mask_kind, monkeyp
     if mask_kind is not None:
         mask = torch.rand(2, 1, 1, 300, generator=g) > 0.3
         mask[..., 0] = True
-    calls, original = [], na.attend
-    monkeypatch.setattr(na, "attend", lambda *a, **kw: calls.append(a[0].dtype) or original(*a, **kw))
+    calls, original = [], na._forward
+    monkeypatch.setattr(na, "_forward", lambda *a, **kw: calls.append(a[0].dtype) or original(*a, **kw))
     out = attend_heads(q, k, v, mask, 0.0, scale=0.2)
     assert out.dtype == torch.bfloat16 and calls == ([torch.float32] if na.available() else [])
+    if na.available():  # the backward keeps the bfloat16 heads and output, not the widened ones
+        assert "WidenedAttention" in type(out.grad_fn).__name__
+        assert all(t.dtype == torch.bfloat16 for t in out.grad_fn.saved_tensors[:3] + out.grad_fn.saved_tensors[4:5])
     grad = torch.randn(out.shape, generator=g).bfloat16()
     out.backward(grad)
     for got, ref in zip((out, q.grad, k.grad, v.grad), _reference(q, k, v, mask, 0.2, grad), strict=True):
         assert got.dtype == torch.bfloat16
         assert (got.double() - ref).abs().max() <= 2**-8 * ref.abs().max()
+
+
+def test_bfloat16_heads_in_float32_second_order(monkeypatch):
+    """``create_graph=True`` through bfloat16 heads attended in float32: the gradients of the gradients match
+    float64 attention on the same bfloat16 inputs to bfloat16's rounding."""
+    from perceivers.layers.attention import attend_heads
+
+    monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", "1")
+    g = torch.Generator().manual_seed(4)
+    leaves = [torch.randn(1, 2, 20, 16, generator=g).bfloat16().requires_grad_() for _ in range(3)]
+
+    def penalty(attend, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        grads = torch.autograd.grad(attend(*inputs).float().square().sum(), inputs, create_graph=True)
+        return torch.autograd.grad(sum(t.float().square().sum() for t in grads), inputs)
+
+    got = penalty(lambda *t: attend_heads(*t, None, 0.0), torch.bfloat16)
+    ref = penalty(lambda a, b, c: torch.softmax(a @ b.transpose(-1, -2) * 16**-0.5, -1) @ c, torch.float64)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b, rtol=0.0, atol=2**-6 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import dense, native_attention, onednn_attention, wide_attention
-from .dense import Linear, _autocast_operands, _func_transforms, linear
+from .dense import Linear, _autocast_operands, _func_transforms, _records_graph, linear
 from .sdpa import sdpa
 from .stream import CHUNK_VALUES, MIN_WIDE_CHUNK, chunk_bounds, loop_step
 
@@ -525,7 +525,10 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
     q, k, v = _autocast_operands(q, k, v)
     if q.dtype == torch.bfloat16 and dense.bf16_in_float32(q, k, v):  # float32 arithmetic, as SDPA's bfloat16 kernel
         with torch.autocast("cpu", enabled=False):
-            return attend_heads(q.float(), k.float(), v.float(), attn_mask, dropout, scale).to(torch.bfloat16)
+            widened = q.float(), k.float(), v.float()
+            if native_attention.applies(*widened, attn_mask, dropout) and _records_graph(q, k, v):
+                return native_attention.attend_widened(q, k, v, widened, attn_mask, scale)  # keeps bfloat16 heads
+            return attend_heads(*widened, attn_mask, dropout, scale).to(torch.bfloat16)
     if native_attention.applies(q, k, v, attn_mask, dropout):
         return native_attention.attend(q, k, v, attn_mask, scale)
     if onednn_attention.applies(q, k, v, attn_mask, dropout):

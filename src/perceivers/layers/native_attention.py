@@ -206,6 +206,37 @@ class _NativeAttention(torch.autograd.Function):
         return (*_backward(dout, q, k, v, bias, out, lse, ctx.scale, ctx.needs_input_grad[:3]), None, None)
 
 
+def attend_widened(q: Tensor, k: Tensor, v: Tensor, widened: tuple[Tensor, Tensor, Tensor],
+                   attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """bfloat16 heads ``q, k, v`` through the float32 kernel (``widened``: them in float32, where :func:`applies`):
+    the output rounded to bfloat16; the backward keeps the heads and the output in bfloat16, half what keeping the
+    float32 heads would hold, and widens them again (:func:`perceivers.layers.dense.bf16_in_float32`)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _WidenedAttention.apply(q, k, v, *widened, attn_mask, scale)
+
+
+class _WidenedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, q32: Tensor, k32: Tensor, v32: Tensor, attn_mask: Tensor | None,
+                scale: float) -> Tensor:
+        bias = _bias(attn_mask)
+        out, lse = _forward(q32, k32, v32, bias, scale)
+        out = out.to(torch.bfloat16)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v = q.float(), k.float(), v.float()
+        if torch.is_grad_enabled():  # create_graph=True: differentiable operations on the widened heads
+            grads = _math_gradients(q, k, v, None if bias is None else bias[..., None, :], ctx.scale, dout.float())
+        else:
+            grads = _backward(dout.float(), q, k, v, bias, out, lse, ctx.scale, ctx.needs_input_grad[:3])
+        return (*(None if g is None else g.to(torch.bfloat16) for g in grads), None, None, None, None, None)
+
+
 # Under ``torch.compile`` (float32): the same as operators (``torch.library``), kept whole in the compiled graphs,
 # where SDPA would otherwise serve. Gradients not asked for come back empty.
 
