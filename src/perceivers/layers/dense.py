@@ -17,6 +17,10 @@ around them. Without autograd, :func:`linear_gelu` and :func:`linear_geglu` appl
 products' epilogues (in float32 on that path, and in bfloat16 under CPU bfloat16 autocast).
 Whether it is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by
 default on x86 AMD processors with oneDNN available.
+
+On processors without bfloat16 arithmetic, where PyTorch emulates bfloat16 products at about a quarter of the
+float32 rate, bfloat16 work (CPU autocast, bfloat16 tensors) is computed in float32 and returned in bfloat16
+(:func:`bf16_in_float32`).
 """
 
 from __future__ import annotations
