@@ -29,7 +29,7 @@ import contextlib
 import ctypes
 import functools
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -143,21 +143,25 @@ def _transposed(a: Tensor) -> Tensor:
 
 def _save_operands(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
 
 
-def _linear_gradients(ctx, grad: Tensor, product, weight_grad):
-    """The gradients of ``x Wᵀ + b`` for what ``ctx`` asks, with ``product`` for ``x``'s and
+def _mm_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """The weight's gradient ``gradᵀ x`` over all leading axes with ``torch.mm``: ``[..., out]``, ``[..., in]`` ->
+    ``[out, in]``."""
+    return grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+def _linear_gradients(x: Tensor, weight: Tensor, grad: Tensor, needs: Sequence[bool], product, weight_grad):
+    """The gradients of ``x Wᵀ + b`` that ``needs`` (x, W, b) asks for, with ``product`` for ``x``'s and
     ``weight_grad`` for ``W``'s (differentiable operators instead under ``create_graph=True``)."""
-    x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad
+    need_x, need_w, need_b = needs
     if torch.is_grad_enabled():  # create_graph=True: differentiable products
         grad_x = grad @ weight if need_x else None
-        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+        grad_w = _mm_weight_grad(grad, x) if need_w else None
     else:
         grad_x = product(grad, weight.t(), None) if need_x else None
         grad_w = weight_grad(grad, x) if need_w else None
-    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need_b else None
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
     return grad_x, grad_w, grad_b
 
 
@@ -171,7 +175,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _linear_gradients(ctx, grad, _onednn, _onednn_weight_grad)
+        return _linear_gradients(*ctx.saved_tensors, grad, ctx.needs_input_grad, _onednn, _onednn_weight_grad)
 
 
 # Under ``torch.compile`` the same products as operators (``torch.library``), which the compiled graphs
@@ -203,7 +207,7 @@ def _(grad: Tensor, x: Tensor) -> Tensor:
 
 
 _linear_op.register_autograd(
-    lambda ctx, grad: _linear_gradients(ctx, grad, _linear_op, _weight_grad_op),
+    lambda ctx, grad: _linear_gradients(*ctx.saved_tensors, grad, ctx.needs_input_grad, _linear_op, _weight_grad_op),
     setup_context=lambda ctx, inputs, output: _save_operands(ctx, *inputs),
 )
 
@@ -337,10 +341,10 @@ def bf16_in_float32(*tensors: Tensor | None) -> bool:
     under CPU bfloat16 autocast. ``PERCEIVERS_BF16_AS_FLOAT32=0`` keeps PyTorch's emulated products, ``=1`` takes
     this path on any processor."""
     present = [t for t in tensors if t is not None]
-    if not all(t.device.type == "cpu" and t.layout == torch.strided for t in present):
-        return False
-    if not (all(t.dtype == torch.bfloat16 for t in present)
+    if not (all(t.dtype == torch.bfloat16 for t in present)  # first: float32 outside autocast leaves here
             or (_cpu_autocast_bf16() and all(t.dtype in (torch.float32, torch.bfloat16) for t in present))):
+        return False
+    if not all(t.device.type == "cpu" and t.layout == torch.strided for t in present):
         return False
     if torch.compiler.is_compiling() or not _plain_eager() or torch._C._len_torch_dispatch_stack():
         return False  # compiled and exported graphs, fake tensors and FLOP counters see the standard operators
@@ -377,15 +381,9 @@ class _Bf16InFloat32Linear(torch.autograd.Function):
         need_x, _, need_w, need_b = ctx.needs_input_grad
         with torch.autocast("cpu", enabled=False):
             g, x, weight = _float(grad, x, weight)
-            flat = g.reshape(-1, g.shape[-1])
-            grad_x = linear(g, weight.t()) if need_x else None
-            grad_w = None
-            if need_w:
-                grad_w = (_onednn_weight_grad(g, x) if _onednn_usable(g, x) and not torch.is_grad_enabled()
-                          else flat.t() @ x.reshape(-1, x.shape[-1]))
-            grad_b = flat.sum(0) if need_b else None
-        grad_x, grad_w, grad_b = (None if t is None else t.to(dtype)
-                                  for t, dtype in zip((grad_x, grad_w, grad_b), ctx.dtypes, strict=True))
+            weight_grad = _onednn_weight_grad if _onednn_usable(g, x) else _mm_weight_grad
+            grads = _linear_gradients(x, weight, g, (need_x, need_w, need_b), linear, weight_grad)
+        grad_x, grad_w, grad_b = (None if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes, strict=True))
         return grad_x, None, grad_w, grad_b
 
 

@@ -198,12 +198,17 @@ class _NativeAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the same gradients from differentiable operations
-            bias = None if bias is None else bias[..., None, :].to(q.dtype)  # bfloat16 scores stay bfloat16
-            grads = _math_gradients(q, k, v, bias, ctx.scale, dout)
-            return (*grads, None, None)
-        return (*_backward(dout, q, k, v, bias, out, lse, ctx.scale, ctx.needs_input_grad[:3]), None, None)
+        return (*_gradients(dout, *ctx.saved_tensors, ctx.scale, ctx.needs_input_grad[:3]), None, None)
+
+
+def _gradients(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor, lse: Tensor,
+               scale: float, needs: tuple[bool, bool, bool]) -> list[Tensor | None]:
+    """The kernel's backward (:func:`_backward`), or under ``create_graph=True`` the same gradients from
+    differentiable operations."""
+    if torch.is_grad_enabled():
+        bias = None if bias is None else bias[..., None, :].to(q.dtype)  # bfloat16 scores stay bfloat16
+        return _math_gradients(q, k, v, bias, scale, dout)
+    return _backward(dout, q, k, v, bias, out, lse, scale, needs)
 
 
 def attend_widened(q: Tensor, k: Tensor, v: Tensor, widened: tuple[Tensor, Tensor, Tensor],
@@ -229,11 +234,8 @@ class _WidenedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, bias, out, lse = ctx.saved_tensors
-        q, k, v = q.float(), k.float(), v.float()
-        if torch.is_grad_enabled():  # create_graph=True: differentiable operations on the widened heads
-            grads = _math_gradients(q, k, v, None if bias is None else bias[..., None, :], ctx.scale, dout.float())
-        else:
-            grads = _backward(dout.float(), q, k, v, bias, out, lse, ctx.scale, ctx.needs_input_grad[:3])
+        grads = _gradients(dout.float(), q.float(), k.float(), v.float(), bias, out, lse, ctx.scale,
+                           ctx.needs_input_grad[:3])
         return (*(None if g is None else g.to(torch.bfloat16) for g in grads), None, None, None, None, None)
 
 
