@@ -55,6 +55,40 @@ def test_values_and_gradients_match_float64(shape, scale):
         assert error <= max(1.5 * (theirs.double() - ref).abs().max().item(), 3e-7 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("shape", [(8, 256, 4096), (3, 37, 2 * 19), (5, 2 * 40), (1, 2)])
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale):
+    """bfloat16 rows: the value is float64's GEGLU of the same bfloat16 inputs rounded once to bfloat16 (to within a
+    float32 rounding that may tip a tie, and gates below -13.2 giving 0 (``activations.c``): at most 1% of
+    entries one bfloat16 step off), and the gradient is no
+    further from float64 than PyTorch's bfloat16 path, which rounds after every operation."""
+    generator = torch.Generator().manual_seed(1)
+    h = (torch.randn(shape, generator=generator) * scale).bfloat16().requires_grad_()
+    grad = torch.randn(*shape[:-1], shape[-1] // 2, generator=generator).bfloat16()
+    assert na.applies(h)
+    out = na.geglu(h)
+    out.backward(grad)
+    assert out.dtype == h.grad.dtype == torch.bfloat16
+    ref_out, ref_grad = _reference(h, grad)
+    value, gate = h.detach().double().chunk(2, dim=-1)
+    rounded = (value * gate * 0.5 * torch.special.erfc(-gate / math.sqrt(2))).bfloat16()  # exact far into the tail
+    off = out != rounded
+    assert off.float().mean() <= 0.01
+    step = (rounded.double().abs() * 2.0 ** -7).clamp_min(1e-35)  # the kernel's exp is 0 below e^-87 (gates < -13.2)
+    assert ((out.double() - rounded.double()).abs()[off] <= step[off] * 1.001).all()
+    theirs = _torch_float32(h, grad)[1]  # the same operations, in bfloat16
+    error = (h.grad.double() - ref_grad).abs().max().item()
+    assert error <= max((theirs.double() - ref_grad).abs().max().item(), 2.0 ** -8 * ref_grad.abs().max().item())
+
+
+def test_bfloat16_keeps_nan_and_infinity():
+    h = torch.tensor([[float("nan"), 1.0, float("inf"), -2.0, 0.5, float("nan"), 3.0, float("inf")]]).bfloat16()
+    out = na.geglu(h)
+    expected = h[:, :4].double() * F.gelu(h[:, 4:].double())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected.bfloat16().double(), equal_nan=True)
+
+
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_builds_for_narrower_vectors_match_float64(march, built_for):
     """Built for AVX2 (8-float vectors, masked tails) and for SSE2, the kernel passes the comparison above."""
@@ -62,6 +96,8 @@ def test_builds_for_narrower_vectors_match_float64(march, built_for):
     for shape in ((3, 37, 2 * 19), (5, 2 * 40), (4, 2 * 1000)):
         for scale in (1.0, 6.0):
             test_values_and_gradients_match_float64(shape, scale)
+            test_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
+        test_bfloat16_keeps_nan_and_infinity()
     assert march in " ".join(kernels._FLAGS) and kernels._loaded["activations"] is not None
 
 
@@ -110,7 +146,7 @@ def test_second_order_gradients_match_pytorch():
     ("float32", True),
     ("odd width", False),
     ("empty", False),
-    ("bfloat16", False),
+    ("bfloat16", True),
     ("float64", False),
     ("disabled", False),
     ("FLOP counter", False),
@@ -166,6 +202,29 @@ def test_feed_forward_goes_through_it_and_matches_pytorch(monkeypatch):
         assert len(calls) == 1  # the native pass only
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_feed_forward_under_bfloat16_autocast_goes_through_it(monkeypatch):
+    """Under CPU bfloat16 autocast the feed-forward's bfloat16 GEGLU is the kernel's, in training too, and its
+    output and gradients stay within bfloat16 precision of PyTorch's bfloat16 path."""
+    torch.manual_seed(0)
+    ff = FeedForward(64, mult=4)
+    x = torch.randn(2, 30, 64, requires_grad=True)
+    calls, original = [], na.geglu
+    monkeypatch.setattr(na, "geglu", lambda h: calls.append(h.dtype) or original(h))
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(na, "applies", lambda h: False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ff(x)
+        out.float().square().mean().backward()
+        results.append((out.float().detach(), x.grad.clone(), ff.fc1.weight.grad.clone()))
+        x.grad = None
+        ff.zero_grad()
+    assert calls == [torch.bfloat16]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0.03, atol=0.03 * b.abs().max().item())
 
 
 def test_no_compiler_falls_back(no_compiler):

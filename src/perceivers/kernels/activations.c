@@ -14,7 +14,8 @@
  * masked.
  *
  * Layout: h rows of stride ld (>= 2n), a = h[r][0:n], g = h[r][n:2n]; out and dout rows of n, contiguous;
- * dh rows of 2n, contiguous. Rows are split over OpenMP threads.
+ * dh rows of 2n, contiguous. Rows are split over OpenMP threads. float32 rows (perceivers_geglu*) and bfloat16
+ * ones (perceivers_geglu_bf16*: widened as loaded, computed in float32, rounded once to nearest even as stored).
  */
 #include <stdint.h>
 
@@ -34,38 +35,51 @@ static inline vn normal_cdf(vn g, vn *pdf) {
     return nsel(g < 0.0f, q, 1.0f - q);  /* Phi = Q below 0, 1 - Q above */
 }
 
-/* One vector of rows' elements (k of them, k <= NW): out = a gelu(g); with d (dout) given, da and dg instead. */
-static inline __attribute__((always_inline)) void geglu_vector(const float *a, const float *g, const float *d,
-                                                             float *o, float *da, float *dg, int64_t k) {
-    const int full = k == NW;
-    const vn gv = full ? nload(g) : nloadn(g, k), av = full ? nload(a) : nloadn(a, k);
-    if (!d) {
-        const vn r = av * gv * normal_cdf(gv, 0);
-        if (full) nstore(o, r); else nstoren(o, r, k);
-        return;
-    }
-    const vn dv = full ? nload(d) : nloadn(d, k);
+static inline vn geglu_value(vn a, vn g) { return a * g * normal_cdf(g, 0); }
+
+/* da = d gelu(g), dg = d a gelu'(g) */
+static inline void geglu_grads(vn a, vn g, vn d, vn *da, vn *dg) {
     vn pdf;
-    const vn cdf = normal_cdf(gv, &pdf), ra = dv * gv * cdf, rg = dv * av * (cdf + gv * pdf);
-    if (full) { nstore(da, ra); nstore(dg, rg); } else { nstoren(da, ra, k); nstoren(dg, rg, k); }
+    const vn cdf = normal_cdf(g, &pdf);
+    *da = d * g * cdf;
+    *dg = d * a * (cdf + g * pdf);
 }
 
-static void geglu(int64_t rows, int64_t n, int64_t ld, const float *h, const float *dout, float *out, float *dh) {
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *a = h + r * ld, *g = a + n, *d = dout ? dout + r * n : 0;
-        float *o = out ? out + r * n : 0, *da = dh ? dh + r * 2 * n : 0, *dg = da ? da + n : 0;
-        int64_t i = 0;
-        for (; i + NW <= n; i += NW)
-            geglu_vector(a + i, g + i, d ? d + i : 0, o ? o + i : 0, da ? da + i : 0, dg ? dg + i : 0, NW);
-        if (i < n) geglu_vector(a + i, g + i, d ? d + i : 0, o ? o + i : 0, da ? da + i : 0, dg ? dg + i : 0, n - i);
+/* The forward and backward for one storage type T, loaded and stored through LOAD/LOADN/STORE/STOREN (the
+ * N forms take a row's last, partial vector of k < NW elements). */
+#define DEFINE_GEGLU(SUFFIX, T, LOAD, LOADN, STORE, STOREN)                                                       \
+    void perceivers_geglu##SUFFIX(int64_t rows, int64_t n, int64_t ld, const T *h, T *out) {                      \
+        _Pragma("omp parallel for schedule(static)")                                                              \
+        for (int64_t r = 0; r < rows; ++r) {                                                                      \
+            const T *a = h + r * ld, *g = a + n;                                                                  \
+            T *o = out + r * n;                                                                                   \
+            int64_t i = 0;                                                                                        \
+            for (; i + NW <= n; i += NW) STORE(o + i, geglu_value(LOAD(a + i), LOAD(g + i)));                    \
+            if (i < n) STOREN(o + i, geglu_value(LOADN(a + i, n - i), LOADN(g + i, n - i)), n - i);              \
+        }                                                                                                         \
+    }                                                                                                             \
+    void perceivers_geglu##SUFFIX##_backward(int64_t rows, int64_t n, int64_t ld, const T *h, const T *dout,      \
+                                             T *dh) {                                                             \
+        _Pragma("omp parallel for schedule(static)")                                                              \
+        for (int64_t r = 0; r < rows; ++r) {                                                                      \
+            const T *a = h + r * ld, *g = a + n, *d = dout + r * n;                                               \
+            T *da = dh + r * 2 * n, *dg = da + n;                                                                 \
+            vn ra, rg;                                                                                            \
+            int64_t i = 0;                                                                                        \
+            for (; i + NW <= n; i += NW) {                                                                        \
+                geglu_grads(LOAD(a + i), LOAD(g + i), LOAD(d + i), &ra, &rg);                                     \
+                STORE(da + i, ra);                                                                                \
+                STORE(dg + i, rg);                                                                                \
+            }                                                                                                     \
+            if (i < n) {                                                                                          \
+                const int64_t k = n - i;                                                                          \
+                geglu_grads(LOADN(a + i, k), LOADN(g + i, k), LOADN(d + i, k), &ra, &rg);                         \
+                STOREN(da + i, ra, k);                                                                            \
+                STOREN(dg + i, rg, k);                                                                            \
+            }                                                                                                     \
+        }                                                                                                         \
     }
-}
 
-void perceivers_geglu(int64_t rows, int64_t n, int64_t ld, const float *h, float *out) {
-    geglu(rows, n, ld, h, 0, out, 0);
-}
-
-void perceivers_geglu_backward(int64_t rows, int64_t n, int64_t ld, const float *h, const float *dout, float *dh) {
-    geglu(rows, n, ld, h, dout, 0, dh);
-}
+DEFINE_GEGLU(, float, nload, nloadn, nstore, nstoren)
+/* bfloat16 rows (uint16_t): widened to float32 as they are loaded, computed in float32, rounded once as stored */
+DEFINE_GEGLU(_bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16)

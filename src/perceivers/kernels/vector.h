@@ -119,6 +119,24 @@ static inline void nstoren(float *p, vn x, int64_t n) { _mm256_maskstore_ps(p, n
 static inline vn nloadn(const float *p, int64_t n) { vn r = {0}; memcpy(&r, p, (size_t)n * sizeof(float)); return r; }
 static inline void nstoren(float *p, vn x, int64_t n) { memcpy(p, &x, (size_t)n * sizeof(float)); }
 #endif
+/* bfloat16 storage (uint16_t, the upper half of a float's bits): NW of them widened to floats (exactly), and
+ * floats rounded to them to nearest even as PyTorch rounds (a NaN stays a quiet NaN); the first n (n < NW) alike. */
+typedef uint16_t nbf __attribute__((vector_size(NW * 2)));
+typedef uint32_t vnu __attribute__((vector_size(NW * 4)));
+static inline vn nwiden_bf16(nbf h) { return (vn)(__builtin_convertvector(h, vnu) << 16); }
+#if defined(__AVX512BF16__) && NW == 16
+static inline nbf nround_bf16(vn x) { return (nbf)_mm512_cvtneps_pbh((__m512)x); }  /* one instruction, same rule */
+#else
+static inline nbf nround_bf16(vn x) {
+    const vnu u = (vnu)x, nan = (vnu)(x != x);
+    const vnu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return __builtin_convertvector((rounded & ~nan) | (((u >> 16) | 0x40u) & nan), nbf);
+}
+#endif
+static inline vn nload_bf16(const uint16_t *p) { nbf h; memcpy(&h, p, sizeof h); return nwiden_bf16(h); }
+static inline vn nloadn_bf16(const uint16_t *p, int64_t n) { nbf h = {0}; memcpy(&h, p, (size_t)n * 2); return nwiden_bf16(h); }
+static inline void nstore_bf16(uint16_t *p, vn x) { const nbf h = nround_bf16(x); memcpy(p, &h, sizeof h); }
+static inline void nstoren_bf16(uint16_t *p, vn x, int64_t n) { const nbf h = nround_bf16(x); memcpy(p, &h, (size_t)n * 2); }
 /* x with its lanes from n on set to fill. */
 static inline vn ntail(vn x, int64_t n, float fill) { for (int64_t l = n; l < NW; ++l) x[l] = fill; return x; }
 /* a where m is set, b elsewhere. */

@@ -440,8 +440,8 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
 
 
 def geglu(h: Tensor) -> Tensor:
-    """``a · gelu(g)`` for ``h = [a, g]`` (halves of the last axis): ``[..., 2n]`` -> ``[..., n]``. Float32 CPU
-    tensors go to a native kernel, forward and backward in one pass each (:mod:`.native_activation`)."""
+    """``a · gelu(g)`` for ``h = [a, g]`` (halves of the last axis): ``[..., 2n]`` -> ``[..., n]``. Float32 and
+    bfloat16 CPU tensors go to a native kernel, forward and backward in one pass each (:mod:`.native_activation`)."""
     from . import native_activation  # it imports this module
 
     if native_activation.applies(h):

@@ -7,7 +7,8 @@ in one pass, the backward's GELU derivative sharing the forward's exponential, a
 (PyTorch's path also keeps ``gelu(g)``). The GELU is the exact one (``erf``), with its relative accuracy
 kept far into the negative tail (``activations.c``).
 
-It serves float32 CPU tensors where perceivers' native kernels run (:func:`.dense._native_eager`: eager,
+It serves float32 and bfloat16 CPU tensors (bfloat16: widened as read, computed in float32 and rounded once
+to bfloat16 as written; PyTorch's path rounds after the GELU and after the product) where perceivers' native kernels run (:func:`.dense._native_eager`: eager,
 outside ``torch.compile``, tracing, ``torch.func`` transforms, forward-mode AD and dispatch modes), on
 x86 processors with AVX2 or AVX-512 (:func:`perceivers.kernels.has_avx2`), with ``PERCEIVERS_NATIVE`` not off;
 ``create_graph=True`` gets the same gradients from differentiable operations.
@@ -27,9 +28,10 @@ from .dense import _native_eager
 __all__ = ["applies", "available", "geglu"]
 
 _SIGNATURES = {
-    "perceivers_geglu": ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2, None),
-    "perceivers_geglu_backward": ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3, None),
+    f"perceivers_geglu{kind}{part}": ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * count, None)
+    for kind in ("", "_bf16") for part, count in (("", 2), ("_backward", 3))
 }
+_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}
 
 
 def _kernel():
@@ -43,7 +45,8 @@ def available() -> bool:
 
 def applies(h: Tensor) -> bool:
     """Whether :func:`geglu` serves ``h [..., 2n]``."""
-    return h.dim() >= 1 and h.shape[-1] % 2 == 0 and h.numel() > 0 and _native_eager(h) and available()
+    return (h.dim() >= 1 and h.shape[-1] % 2 == 0 and h.numel() > 0 and h.dtype in _SUFFIX
+            and _native_eager(h, dtype=h.dtype) and available())
 
 
 def geglu(h: Tensor) -> Tensor:
@@ -71,7 +74,8 @@ class _NativeGEGLU(torch.autograd.Function):
         rows = _rows(h)
         n = rows.shape[1] // 2
         out = h.new_empty(*h.shape[:-1], n)
-        _kernel().perceivers_geglu(rows.shape[0], n, rows.stride(0), rows.data_ptr(), out.data_ptr())
+        forward = getattr(_kernel(), f"perceivers_geglu{_SUFFIX[h.dtype]}")
+        forward(rows.shape[0], n, rows.stride(0), rows.data_ptr(), out.data_ptr())
         ctx.save_for_backward(h)
         return out
 
@@ -80,8 +84,8 @@ class _NativeGEGLU(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             return _gelu_gradients(h, dout)
-        rows, d = _rows(h), dout.reshape(-1, dout.shape[-1]).contiguous()
+        rows, d = _rows(h), dout.reshape(-1, dout.shape[-1]).to(h.dtype).contiguous()
         dh = h.new_empty(h.shape)
-        _kernel().perceivers_geglu_backward(rows.shape[0], rows.shape[1] // 2, rows.stride(0), rows.data_ptr(),
-                                            d.data_ptr(), dh.data_ptr())
+        backward = getattr(_kernel(), f"perceivers_geglu{_SUFFIX[h.dtype]}_backward")
+        backward(rows.shape[0], rows.shape[1] // 2, rows.stride(0), rows.data_ptr(), d.data_ptr(), dh.data_ptr())
         return dh
