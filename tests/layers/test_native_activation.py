@@ -69,7 +69,7 @@ def test_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale):
     out = na.geglu(h)
     out.backward(grad)
     assert out.dtype == h.grad.dtype == torch.bfloat16
-    ref_out, ref_grad = _reference(h, grad)
+    ref_grad = _reference(h, grad)[1]
     value, gate = h.detach().double().chunk(2, dim=-1)
     rounded = (value * gate * 0.5 * torch.special.erfc(-gate / math.sqrt(2))).bfloat16()  # exact far into the tail
     off = out != rounded
