@@ -252,6 +252,33 @@ def test_default_follows_the_processor(monkeypatch):
         linear_module._default.cache_clear()
 
 
+@pytest.mark.parametrize(("vendor", "amx", "setting", "expected"), [
+    ("AuthenticAMD", False, None, True),  # where the float32 products take oneDNN
+    ("GenuineIntel", True, None, True),   # AMX: oneDNN's bfloat16 paths, MKL's float32 products
+    ("GenuineIntel", False, None, False),
+    ("GenuineIntel", True, "0", False),   # PERCEIVERS_ONEDNN turns both off (or on)
+    ("GenuineIntel", False, "1", True),
+])
+def test_bfloat16_default_follows_the_processor(vendor, amx, setting, expected, monkeypatch):
+    from perceivers import kernels
+
+    if setting is None:
+        monkeypatch.delenv("PERCEIVERS_ONEDNN", raising=False)
+    else:
+        monkeypatch.setenv("PERCEIVERS_ONEDNN", setting)
+    monkeypatch.setattr(linear_module, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(linear_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernels, "has_amx", lambda: amx)
+    caches = (linear_module._default, linear_module._default_bf16)
+    try:
+        for cache in caches:
+            cache.cache_clear()
+        assert linear_module._default_bf16() is (expected and torch.backends.mkldnn.is_available())
+    finally:
+        for cache in caches:
+            cache.cache_clear()
+
+
 def test_model_training_step_is_the_same_either_way():
     """One optimiser step of a small Perceiver: the two paths agree to float32 tolerance."""
     from perceivers import Perceiver

@@ -264,6 +264,20 @@ def test_bfloat16_values_and_gradients(mask_kind, blocks, keep, monkeypatch):
 
 
 @pytest.mark.usefixtures("onednn_on")
+@pytest.mark.parametrize("amx", [False, True])
+def test_bfloat16_inference_on_amx_goes_to_sdpa(amx, monkeypatch):
+    """On processors with AMX, SDPA's fused bfloat16 forward is faster than the blocked products: bfloat16 heads
+    of equal widths without autograd go there; in training (and with unequal widths) the blocked products stay."""
+    from perceivers import kernels
+
+    monkeypatch.setattr(kernels, "has_amx", lambda: amx)
+    monkeypatch.setattr(oa, "_kernels_usable", lambda *tensors, bf16=False: True)
+    q, k, v = (torch.randn(2, 4, 64, 32, dtype=torch.bfloat16) for _ in range(3))
+    assert oa.applies(q, k, v, None, 0.0) is not amx
+    assert oa.applies(q, k, torch.randn(2, 4, 64, 48, dtype=torch.bfloat16), None, 0.0)
+    assert oa.applies(q.requires_grad_(), k, v, None, 0.0)
+
+
 def test_bfloat16_autocast_attention_layer():
     """Under CPU bfloat16 autocast an attention layer (projected or folded) runs here, not through SDPA,
     and agrees with the float32 layer to bfloat16 precision; its gradients reach every parameter."""

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .._env import env_switch
 
-__all__ = ["emulates_bf16", "enabled", "has_avx2", "has_avx512", "load"]
+__all__ = ["emulates_bf16", "enabled", "has_amx", "has_avx2", "has_avx512", "load"]
 
 log = logging.getLogger(__name__)
 _SOURCES = Path(__file__).parent
@@ -97,6 +97,14 @@ def has_avx2() -> bool:
     """Whether the processor has AVX2 with FMA (``avx2`` and ``fma`` among its flags), as every one with
     AVX-512 does."""
     return {"avx2", "fma"} <= _cpu_flags()
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether the processor has AMX tiles with bfloat16 products (``amx_bf16`` among its flags: Sapphire Rapids
+    and later Xeons). oneDNN runs bfloat16 products there at 5-7x its float32 rate, far beyond the AVX512-BF16
+    dot products of perceivers' own bfloat16 attention kernel."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def emulates_bf16() -> bool:

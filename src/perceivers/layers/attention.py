@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from . import dense, native_attention, onednn_attention, wide_attention
 from .dense import Linear, _autocast_operands, _func_transforms, _records_graph, linear
 from .sdpa import sdpa
@@ -529,8 +530,8 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
             if native_attention.applies(*widened, attn_mask, dropout) and _records_graph(q, k, v):
                 return native_attention.attend_widened(q, k, v, widened, attn_mask, scale)  # keeps bfloat16 heads
             return attend_heads(*widened, attn_mask, dropout, scale).to(torch.bfloat16)
-    if native_attention.applies(q, k, v, attn_mask, dropout):
-        return native_attention.attend(q, k, v, attn_mask, scale)
+    if native_attention.applies(q, k, v, attn_mask, dropout) and not (q.dtype == torch.bfloat16 and kernels.has_amx()):
+        return native_attention.attend(q, k, v, attn_mask, scale)  # on AMX oneDNN's bfloat16 products are faster
     if onednn_attention.applies(q, k, v, attn_mask, dropout):
         return onednn_attention.attend(q, k, v, attn_mask, scale)
     if wide_attention.applies(q, k, v, attn_mask, dropout):

@@ -81,6 +81,28 @@ def onednn_enabled() -> bool:
     return _auto() if _override is None else _override and _mkldnn_available()
 
 
+@torch.compiler.assume_constant_result
+def _auto_bf16() -> bool:
+    return _default_bf16()
+
+
+@functools.cache
+def _default_bf16() -> bool:
+    setting = env_switch("PERCEIVERS_ONEDNN")
+    if setting is not None:
+        return setting and _mkldnn_available()
+    return _default() or (_mkldnn_available() and kernels.has_amx())
+
+
+def onednn_bf16_enabled() -> bool:
+    """Whether CPU bfloat16 work takes perceivers' oneDNN paths (attention as blocked bfloat16 products in
+    :mod:`.onednn_attention`, activations in the products' epilogues): where the float32 products do
+    (:func:`onednn_enabled`, :func:`use_onednn`) and, by default, also on Intel processors with AMX
+    (:func:`~perceivers.kernels.has_amx`), whose float32 products MKL runs as fast as oneDNN but whose bfloat16
+    training steps the blocked products make 0.86-0.94x as long."""
+    return _auto_bf16() if _override is None else _override and _mkldnn_available()
+
+
 @contextlib.contextmanager
 def use_onednn(enabled: bool | None = True) -> Iterator[None]:
     """Route float32 CPU dense layers to oneDNN (``True``), to ``F.linear`` (``False``) or by default
@@ -219,13 +241,15 @@ def _onednn_usable(*tensors: Tensor) -> bool:
             and _kernels_usable(*tensors))
 
 
-def _kernels_usable(*tensors: Tensor) -> bool:
-    """Whether perceivers' own CPU kernels may serve these operands: dense CPU tensors with oneDNN on,
+def _kernels_usable(*tensors: Tensor, bf16: bool = False) -> bool:
+    """Whether perceivers' own CPU kernels may serve these operands: dense CPU tensors with oneDNN on (for
+    ``bf16`` work, :func:`onednn_bf16_enabled`),
     outside ``torch.export`` (but inside :func:`~perceivers.layers.attention.native_export`), tracing,
     ``torch.func`` transforms and forward-mode AD (graphs that are exported must see the standard operators;
     the oneDNN operators define no ``vmap``/``jvp``). Under ``torch.compile`` the operators enter the graph (see
     above)."""
-    if not (all(t.device.type == "cpu" and t.layout == torch.strided for t in tensors) and onednn_enabled()):
+    enabled = onednn_bf16_enabled() if bf16 else onednn_enabled()
+    if not (all(t.device.type == "cpu" and t.layout == torch.strided for t in tensors) and enabled):
         return False
     if torch.compiler.is_compiling():
         return not torch.compiler.is_exporting() or _exporting_native()
@@ -401,7 +425,7 @@ def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple 
         return None
     if _use_onednn(x, weight, bias):
         return x, weight, bias
-    if (_cpu_autocast_bf16() and _large(x, weight) and _kernels_usable(x, weight)
+    if (_cpu_autocast_bf16() and _large(x, weight) and _kernels_usable(x, weight, bf16=True)
             and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not bf16_in_float32(x, weight, bias)):
         return _autocast_operands(x, weight, bias)
     return None
