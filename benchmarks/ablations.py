@@ -574,11 +574,73 @@ def study_native_geglu(args) -> dict:
     return out
 
 
+def _bf16_workloads(names: tuple[str, ...], args):
+    """(case, model, call) for benchmark workloads built as ``run.py`` builds perceivers' side."""
+    import workloads
+
+    cpu = torch.device("cpu")
+    for name in names:
+        work = next(w for w in workloads.all_workloads() if w.name == name)
+        built = work.build("perceivers", cpu)
+        batch = min(work.batch, 2) if args.quick else work.batch
+        inputs = work.inputs(batch, cpu)
+        yield f"{name} (batch {batch})", built.model, lambda built=built, inputs=inputs: built.run(built.model, inputs)
+
+
+def with_patches(patches: dict, fn):
+    """``fn`` with ``module.name`` set to ``value`` for each ``(module, name): value`` while it runs."""
+    def run():
+        saved = {key: getattr(*key) for key in patches}
+        for (module, name), value in patches.items():
+            setattr(module, name, value)
+        try:
+            fn()
+        finally:
+            for (module, name), value in saved.items():
+                setattr(module, name, value)
+    return run
+
+
+def study_bf16_geglu(args) -> dict:
+    """bf16 autocast: GEGLU on the native kernel in bfloat16 (widened as read, float32 arithmetic, rounded once as
+    written) instead of PyTorch's bfloat16 GELU, product and, in the backward, the halves' concatenation: the
+    README model and PerceiverIO over 2048 inputs, the other native kernels on."""
+    refuse_bf16 = {(native_activation, "applies"): lambda h, _real=native_activation.applies: (
+        h.dtype != torch.bfloat16 and _real(h))}
+    out = {}
+    for case, model, call in _bf16_workloads(("readme-64-untied", "io-2048x128"), args):
+        for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
+            after = with_native(True, bf16(fn), own=("attention", "geglu"))
+            out[f"{case} {mode}"] = timed({"before": with_patches(refuse_bf16, after), "after": after}, args.repeats)
+    return out
+
+
+def study_bf16_amx(args) -> dict:
+    """bf16 autocast on a processor with AMX: oneDNN's bfloat16 paths (blocked attention in training, activations
+    in the products' epilogues, SDPA's fused forward for equal-width heads) instead of the native AVX512-BF16
+    attention kernel where it applies and SDPA elsewhere, as before (every native kernel on in both)."""
+    from perceivers import kernels
+    from perceivers.layers import dense
+
+    if not kernels.has_amx():
+        print("  bf16_amx: this processor has no AMX: nothing to compare")
+        return {}
+    before = {(kernels, "has_amx"): lambda: False, (dense, "onednn_bf16_enabled"): lambda: False}
+    out = {}
+    for case, model, call in _bf16_workloads(("readme-64-untied", "io-2048x128", "io-dm-2048x128", "language-reduced"),
+                                             args):
+        for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
+            after = with_native(True, bf16(fn), own=("attention", "geglu"))
+            out[f"{case} {mode}"] = timed({"before": with_patches(before, after), "after": after}, args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
            "native_attention": study_native_attention, "native_geglu": study_native_geglu,
-           "bf16_attention": study_bf16_attention, "bf16_in_float32": study_bf16_in_float32}
+           "bf16_attention": study_bf16_attention, "bf16_in_float32": study_bf16_in_float32,
+           "bf16_geglu": study_bf16_geglu, "bf16_amx": study_bf16_amx}
 
 
 def markdown(results: dict) -> str:
@@ -608,6 +670,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, choices=list(STUDIES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--tag", default=None, help="results file name after 'ablations-' (default: the machine's)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -617,7 +680,7 @@ def main() -> None:
     # folded image cross-attention it measures) stays off except in its own study.
     os.environ["PERCEIVERS_NATIVE"] = "0"
     desc = measure.machine_description(torch.device("cpu"))
-    path = Path(args.out) / f"ablations-{machine_tag(torch.device('cpu'), desc)}.json"
+    path = Path(args.out) / f"ablations-{args.tag or machine_tag(torch.device('cpu'), desc)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {"studies": {}}
     results["machine"] = desc
