@@ -2,7 +2,7 @@
 
 from .attention import Attention, KeyValue, check_mask, fold_is_cheaper, fused_export, native_export
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
-from .dense import Linear, linear, onednn_enabled, use_onednn
+from .dense import Linear, linear, onednn_bf16_enabled, onednn_enabled, use_onednn
 from .flops import register as _register_flop_formulas
 from .mlp import Activation, FeedForward
 from .position import (
@@ -56,6 +56,7 @@ __all__ = [
     "loop_rows",
     "loops",
     "native_export",
+    "onednn_bf16_enabled",
     "onednn_enabled",
     "onnx_export",
     "onnx_loops",

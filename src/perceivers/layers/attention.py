@@ -516,7 +516,8 @@ def _head_products(a: Tensor, b: Tensor) -> Tensor:
 def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, scale: float | None = None) -> Tensor:
     """``softmax(q kᵀ · scale) v`` per head (``[B, H, M, d_k]``, ``[B, H, N, d_k]``, ``[B, H, N, d_v]`` ->
     ``[B, H, M, d_v]``) through SDPA, except on CPU: heads whose widths are multiples of 16 go to the
-    native kernels (:mod:`.native_attention`: float32, and bfloat16 where the processor has AVX512-BF16),
+    native kernels (:mod:`.native_attention`: float32, and bfloat16 where the processor has AVX512-BF16 but
+    no AMX),
     other wide float32 heads (and narrower ones over many keys) and the other bfloat16 ones to
     :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths
     differ, e.g. the language model's 32 and 160) the same computation is written out, without the math

@@ -16,7 +16,9 @@ products enter the graph as the operators ``perceivers::onednn_linear`` / ``perc
 around them. Without autograd, :func:`linear_gelu` and :func:`linear_geglu` apply their activation in the
 products' epilogues (in float32 on that path, and in bfloat16 under CPU bfloat16 autocast).
 Whether it is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by
-default on x86 AMD processors with oneDNN available.
+default on x86 AMD processors with oneDNN available. The bfloat16 paths (the epilogues under autocast, the
+blocked bfloat16 attention) follow :func:`onednn_bf16_enabled`: the same switches, and by default also on
+processors with AMX.
 
 On processors without bfloat16 arithmetic, where PyTorch emulates bfloat16 products at about a quarter of the
 float32 rate, bfloat16 work (CPU autocast, bfloat16 tensors) is computed in float32 and returned in bfloat16
@@ -38,7 +40,8 @@ from torch import Tensor, nn
 from .. import kernels
 from .._env import env_switch
 
-__all__ = ["Linear", "bf16_in_float32", "geglu", "linear", "linear_geglu", "linear_gelu", "onednn_enabled", "use_onednn"]
+__all__ = ["Linear", "bf16_in_float32", "geglu", "linear", "linear_geglu", "linear_gelu", "onednn_bf16_enabled",
+           "onednn_enabled", "use_onednn"]
 
 _MIN_MACS = 1 << 22
 _override: bool | None = None
@@ -106,7 +109,7 @@ def onednn_bf16_enabled() -> bool:
 @contextlib.contextmanager
 def use_onednn(enabled: bool | None = True) -> Iterator[None]:
     """Route float32 CPU dense layers to oneDNN (``True``), to ``F.linear`` (``False``) or by default
-    (``None``) inside the block."""
+    (``None``) inside the block; the bfloat16 paths (:func:`onednn_bf16_enabled`) follow it too."""
     global _override
     previous, _override = _override, enabled
     try:

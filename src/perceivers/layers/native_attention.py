@@ -11,7 +11,9 @@ recomputes the probabilities from the rows' log-sum-exp
 values are read in place through their strides (heads split as views, keys shared by every head).
 
 bfloat16 heads (CPU autocast, or a model cast to bfloat16) go to ``attention_bf16.c``, the same algorithm
-with AVX512-BF16 dot products where the processor has them (:func:`available_bf16`): scores, softmax and
+with AVX512-BF16 dot products where the processor has them (:func:`available_bf16`; not where it also has AMX,
+whose bfloat16 products oneDNN and SDPA run faster: :func:`~perceivers.layers.attention.attend_heads` passes
+the kernel by there): scores, softmax and
 sums in float32, the probabilities and score gradients rounded to bfloat16 for their products (as GPU
 flash attention does), the output rounded once at the end; the gradients come back in bfloat16.
 
