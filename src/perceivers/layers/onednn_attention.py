@@ -75,10 +75,10 @@ def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: 
         # Asked only outside torch.compile: Dynamo breaks the graph on the dispatch-stack call.
         return False
     if q.dtype == torch.bfloat16:
-        if kernels.has_amx() and q.shape[-1] == v.shape[-1] and not _records_graph(q, k, v):
-            return False  # SDPA's fused bfloat16 forward, on AMX tiles, is faster there
-        return (m * keys <= _MAX_SCORES and k.dtype == v.dtype == q.dtype and not torch.compiler.is_compiling()
-                and _kernels_usable(q, k, v, bf16=True))
+        if torch.compiler.is_compiling() or (kernels.has_amx() and q.shape[-1] == v.shape[-1]
+                                             and not _records_graph(q, k, v)):
+            return False  # compiled: SDPA; on AMX, SDPA's fused bfloat16 forward (AMX tiles) is faster
+        return m * keys <= _MAX_SCORES and k.dtype == v.dtype == q.dtype and _kernels_usable(q, k, v, bf16=True)
     width = q.shape[-1] + v.shape[-1]
     return (
         _onednn_usable(q, k, v)  # first: never under torch.export, whose symbolic sizes the tests below would guard
