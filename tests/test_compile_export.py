@@ -97,6 +97,24 @@ def test_no_graph_breaks(name: str) -> None:
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("amx", [None, True])
+@pytest.mark.parametrize("name", ["perceiver", "language-perceiver"])
+def test_no_graph_breaks_under_bfloat16_autocast(name: str, amx: bool | None, monkeypatch) -> None:
+    """CPU bfloat16 autocast, in inference and training, on this processor (``None``: its flags are read from
+    ``/proc/cpuinfo``, which Dynamo cannot trace, so the attention rules must not ask for them inside the compiled
+    region) and with AMX's rules."""
+    from perceivers import kernels
+
+    if amx is not None:
+        monkeypatch.setattr(kernels, "has_amx", lambda: amx)
+    model, args = MODELS[name]()
+    for grad in (False, True):
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            explanation = torch._dynamo.explain(model)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 @pytest.mark.parametrize("name", ["perceiver", "vision-perceiver-fourier"])
 def test_compile_traces_once_for_every_image_size(name: str) -> None:
     """Under ``torch.compile(dynamic=True)`` the Fourier features follow the symbolic image size: one graph
