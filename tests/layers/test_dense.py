@@ -416,6 +416,25 @@ def test_activation_in_the_product_epilogue_under_bfloat16_autocast(kind, monkey
     assert calls == []
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_bfloat16_autocast_inference_casts_the_weight_itself(bias, monkeypatch):
+    """Under CPU bfloat16 autocast without autograd the layer casts its float32 weight itself (a copy freed after the
+    product, not kept in autocast's cache to the end of the region): the same bits as autocast's own ``F.linear``;
+    with autograd, autocast casts as usual."""
+    monkeypatch.setenv("PERCEIVERS_BF16_AS_FLOAT32", "0")
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 200, 256, generator=g), torch.randn(512, 256, generator=g, requires_grad=True)
+    b = torch.randn(512, generator=g, requires_grad=True) if bias else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x, w, b)
+        with torch.no_grad():
+            assert linear_module._uncached_autocast(x, w, b)
+            out = linear(x, w, b)
+        assert not linear_module._uncached_autocast(x, w, b)  # recorded for a backward
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.detach())
+    assert not linear_module._uncached_autocast(x, w, b)  # outside autocast
+
+
 # ------------------------------------------------------------- bfloat16 products in float32 (no bfloat16 arithmetic)
 
 
