@@ -427,9 +427,12 @@ def test_bfloat16_autocast_inference_casts_the_weight_itself(bias, monkeypatch):
     b = torch.randn(512, generator=g, requires_grad=True) if bias else None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = F.linear(x, w, b)
-        with torch.no_grad():
+        weights, real = [], F.linear
+        with torch.no_grad(), monkeypatch.context() as patch:
             assert linear_module._uncached_autocast(x, w, b)
+            patch.setattr(linear_module.F, "linear", lambda *a: weights.append(a[1].dtype) or real(*a))
             out = linear(x, w, b)
+        assert weights == [torch.bfloat16]  # cast before the call, so autocast has nothing to cast (and keep)
         assert not linear_module._uncached_autocast(x, w, b)  # recorded for a backward
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected.detach())
     assert not linear_module._uncached_autocast(x, w, b)  # outside autocast

@@ -8,10 +8,11 @@ in one pass, the backward's GELU derivative sharing the forward's exponential, a
 kept far into the negative tail (``activations.c``).
 
 It serves float32 and bfloat16 CPU tensors (bfloat16: widened as read, computed in float32 and rounded once
-to bfloat16 as written; PyTorch's path rounds after the GELU and after the product) where perceivers' native kernels run (:func:`.dense._native_eager`: eager,
-outside ``torch.compile``, tracing, ``torch.func`` transforms, forward-mode AD and dispatch modes), on
-x86 processors with AVX2 or AVX-512 (:func:`perceivers.kernels.has_avx2`), with ``PERCEIVERS_NATIVE`` not off;
-``create_graph=True`` gets the same gradients from differentiable operations.
+to bfloat16 as written; PyTorch's path rounds after the GELU and after the product) where perceivers' native
+kernels run (:func:`.dense._native_eager`: eager, outside ``torch.compile``, tracing, ``torch.func``
+transforms, forward-mode AD and dispatch modes), on x86 processors with AVX2 or AVX-512
+(:func:`perceivers.kernels.has_avx2`), with ``PERCEIVERS_NATIVE`` not off; ``create_graph=True`` gets the same
+gradients from differentiable operations.
 """
 
 from __future__ import annotations
