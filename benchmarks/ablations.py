@@ -264,7 +264,8 @@ def study_io(args) -> dict:
 
 def with_native(value: bool, fn, *, own: tuple[str, ...] = ()):
     """Run ``fn`` with the native grid kernel on or off (``PERCEIVERS_NATIVE``, read at every call) and the
-    other native kernels (``attention``, ``geglu``: each measured in its own study) off unless named in ``own``."""
+    other native kernels (``attention``, ``geglu``: the activations, GEGLU and tanh GELU; each measured in its own
+    study) off unless named in ``own``."""
     kernels = {"attention": native_attention, "geglu": native_activation}
 
     def run():
@@ -635,12 +636,28 @@ def study_bf16_amx(args) -> dict:
     return out
 
 
+def study_gelu_tanh(args) -> dict:
+    """DeepMind's tanh GELU on the native kernel (through the logistic function, float32 and bfloat16) instead of
+    PyTorch's ``gelu(approximate="tanh")``: the DeepMind-layout PerceiverIO and the reduced language and vision
+    models, inference and training steps, float32 and under bf16 autocast, the other native kernels on."""
+    refuse = {(native_activation, "applies"): lambda h, activation="geglu", _real=native_activation.applies: (
+        activation != "gelu_tanh" and _real(h, activation))}
+    out = {}
+    for case, model, call in _bf16_workloads(("io-dm-2048x128", "language-reduced", "vision-fourier-reduced"), args):
+        for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
+            for precision, run in (("fp32", fn), ("bf16", bf16(fn))):
+                after = with_native(True, run, own=("attention", "geglu"))
+                out[f"{case} {precision} {mode}"] = timed({"before": with_patches(refuse, after), "after": after},
+                                                          args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
            "native_attention": study_native_attention, "native_geglu": study_native_geglu,
            "bf16_attention": study_bf16_attention, "bf16_in_float32": study_bf16_in_float32,
-           "bf16_geglu": study_bf16_geglu, "bf16_amx": study_bf16_amx}
+           "bf16_geglu": study_bf16_geglu, "bf16_amx": study_bf16_amx, "gelu_tanh": study_gelu_tanh}
 
 
 def markdown(results: dict) -> str:

@@ -1,5 +1,5 @@
-"""The native GEGLU kernel: values and gradients against float64, where it is taken, and the feed-forward
-layer that goes through it."""
+"""The native GEGLU and tanh-GELU kernels: values and gradients against float64, where they are taken, and the
+feed-forward layers that go through them."""
 
 import math
 
@@ -89,15 +89,103 @@ def test_bfloat16_keeps_nan_and_infinity():
     torch.testing.assert_close(out.double(), expected.bfloat16().double(), equal_nan=True)
 
 
+def _gelu_tanh_reference(x, grad):
+    """The tanh GELU of ``x`` and its gradient in float64, written ``x σ(2u)`` (equal to ``0.5 x (1 + tanh u)``, which
+    cancels to 0 in float64's tail too)."""
+    xd = x.detach().double().requires_grad_()
+    out = xd * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3))
+    out.backward(grad.double())
+    return out, xd.grad
+
+
+@pytest.mark.parametrize("shape", [(8, 256, 512), (3, 37, 19), (4097,), (1,)])  # blocks of 4096, partial vectors
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_gelu_tanh_values_and_gradients_match_float64(shape, scale):
+    """As close to float64 as PyTorch's float32 ``gelu(approximate="tanh")``, to within 3e-7 of the largest
+    entry; the kernel's own error is a few float32 roundings."""
+    generator = torch.Generator().manual_seed(2)
+    x = (torch.randn(shape, generator=generator) * scale).requires_grad_()
+    grad = torch.randn(shape, generator=generator)
+    assert na.applies(x, "gelu_tanh")
+    out = na.gelu_tanh(x)
+    out.backward(grad)
+    ref_out, ref_grad = _gelu_tanh_reference(x, grad)
+    xt = x.detach().requires_grad_()
+    torch_out = F.gelu(xt, approximate="tanh")
+    torch_out.backward(grad)
+    for got, ref, theirs in ((out, ref_out, torch_out), (x.grad, ref_grad, xt.grad)):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        error = (got.double() - ref).abs().max().item()
+        assert error <= max(1.5 * (theirs.double() - ref).abs().max().item(), 3e-7 * ref.abs().max().item())
+
+
+def test_gelu_tanh_keeps_its_relative_accuracy_in_the_tail_and_its_limits():
+    """Through the logistic function the value stays within 3e-5 relative to float64 down to x = -10 (u's rounding,
+    magnified by exp(-2u) ≈ e^87 there; 3e-6 above x = -5), where PyTorch's
+    ``0.5 x (1 + tanh u)`` is 0 below x ≈ -5.3); beyond ±10 the value is x or 0 and the derivative 1 or 0, where
+    PyTorch's formula overflows to NaN (±inf, 1e20). NaN stays NaN."""
+    x = torch.linspace(-10.0, 10.0, 20001).requires_grad_()
+    out = na.gelu_tanh(x)
+    out.sum().backward()
+    ref_out, ref_grad = _gelu_tanh_reference(x, torch.ones_like(x))
+    relative = (out.double() - ref_out).abs() / ref_out.abs().clamp_min(1e-300)
+    assert relative.max().item() < 3e-5 and relative[x > -5].max().item() < 3e-6
+    assert (x.grad.double() - ref_grad).abs().max().item() < 1e-6
+    special = torch.tensor([float("-inf"), -1e20, -20.0, 20.0, 1e20, float("inf"), float("nan")], requires_grad=True)
+    out = na.gelu_tanh(special)
+    out.sum().backward()
+    torch.testing.assert_close(out[:6], torch.tensor([0.0, 0.0, 0.0, 20.0, 1e20, float("inf")]))
+    torch.testing.assert_close(special.grad[:6], torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+    assert out[6].isnan() and special.grad[6].isnan()
+
+
+@pytest.mark.parametrize("shape", [(8, 256, 512), (3, 37, 19)])
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_gelu_tanh_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale):
+    """bfloat16: float64's tanh GELU of the same inputs rounded once (at most 1% of entries one step off: float32
+    roundings tipping a tie, and the tail below x = -5.3 where the float64 value is tiny); gradients no further
+    from float64 than PyTorch's bfloat16 path."""
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=generator) * scale).bfloat16().requires_grad_()
+    grad = torch.randn(shape, generator=generator).bfloat16()
+    out = na.gelu_tanh(x)
+    out.backward(grad)
+    assert out.dtype == x.grad.dtype == torch.bfloat16
+    ref_out, ref_grad = _gelu_tanh_reference(x, grad)
+    rounded = ref_out.bfloat16()
+    off = out != rounded
+    assert off.float().mean() <= 0.01
+    step = (rounded.double().abs() * 2.0 ** -7).clamp_min(1e-35)
+    assert ((out.double() - rounded.double()).abs()[off] <= step[off] * 1.001).all()
+    xt = x.detach().requires_grad_()
+    F.gelu(xt, approximate="tanh").backward(grad)
+    error = (x.grad.double() - ref_grad).abs().max().item()
+    assert error <= max((xt.grad.double() - ref_grad).abs().max().item(), 2.0 ** -8 * ref_grad.abs().max().item())
+
+
+def test_gelu_tanh_second_order_gradients_and_strided_input():
+    x = torch.randn(6, 40, requires_grad=True)
+    first = torch.autograd.grad(na.gelu_tanh(x[:, ::2]).square().sum(), x, create_graph=True)[0]
+    second = torch.autograd.grad(first.sum(), x)[0]
+    xd = x.detach().double().requires_grad_()
+    ref_first = torch.autograd.grad(F.gelu(xd[:, ::2], approximate="tanh").square().sum(), xd, create_graph=True)[0]
+    ref_second = torch.autograd.grad(ref_first.sum(), xd)[0]
+    torch.testing.assert_close(first.double(), ref_first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), ref_second, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_builds_for_narrower_vectors_match_float64(march, built_for):
-    """Built for AVX2 (8-float vectors, masked tails) and for SSE2, the kernel passes the comparison above."""
+    """Built for AVX2 (8-float vectors, masked tails) and for SSE2, the kernels pass the comparisons above."""
     built_for(march)
     for shape in ((3, 37, 2 * 19), (5, 2 * 40), (4, 2 * 1000)):
         for scale in (1.0, 6.0):
             test_values_and_gradients_match_float64(shape, scale)
             test_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
+            test_gelu_tanh_values_and_gradients_match_float64(shape, scale)
+            test_gelu_tanh_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
         test_bfloat16_keeps_nan_and_infinity()
+    test_gelu_tanh_keeps_its_relative_accuracy_in_the_tail_and_its_limits()
     assert march in " ".join(kernels._FLAGS) and kernels._loaded["activations"] is not None
 
 
@@ -204,6 +292,31 @@ def test_feed_forward_goes_through_it_and_matches_pytorch(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_deepmind_feed_forward_goes_through_the_tanh_kernel(autocast, monkeypatch):
+    """DeepMind's feed-forward (tanh GELU) in training, float32 and under bfloat16 autocast: the kernel runs once,
+    and output and gradients match PyTorch's path (float32: to rounding; bfloat16: to its precision)."""
+    torch.manual_seed(0)
+    ff = FeedForward(64, mult=1, activation="gelu_tanh")
+    x = torch.randn(2, 30, 64, requires_grad=True)
+    calls, original = [], na.gelu_tanh
+    monkeypatch.setattr(na, "gelu_tanh", lambda h: calls.append(h.dtype) or original(h))
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(na, "applies", lambda *args: False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = ff(x)
+        out.float().square().mean().backward()
+        results.append((out.float().detach(), x.grad.clone(), ff.fc1.weight.grad.clone()))
+        x.grad = None
+        ff.zero_grad()
+    assert calls == [torch.bfloat16 if autocast else torch.float32]
+    tolerance = 0.03 if autocast else 1e-5
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item())
+
+
 def test_feed_forward_under_bfloat16_autocast_goes_through_it(monkeypatch):
     """Under CPU bfloat16 autocast the feed-forward's bfloat16 GEGLU is the kernel's, in training too, and its
     output and gradients stay within bfloat16 precision of PyTorch's bfloat16 path."""
@@ -229,8 +342,9 @@ def test_feed_forward_under_bfloat16_autocast_goes_through_it(monkeypatch):
 
 def test_no_compiler_falls_back(no_compiler):
     h = torch.randn(3, 32)
-    assert not na.applies(h)
+    assert not na.applies(h) and not na.applies(h, "gelu_tanh")
     torch.testing.assert_close(dense.geglu(h), h[:, :16] * F.gelu(h[:, 16:]))
+    torch.testing.assert_close(dense.gelu(h, "tanh"), F.gelu(h, approximate="tanh"))
 
 
 def test_a_changed_shared_header_rebuilds(monkeypatch, tmp_path):

@@ -16,6 +16,14 @@
  * Layout: h rows of stride ld (>= 2n), a = h[r][0:n], g = h[r][n:2n]; out and dout rows of n, contiguous;
  * dh rows of 2n, contiguous. Rows are split over OpenMP threads. float32 rows (perceivers_geglu*) and bfloat16
  * ones (perceivers_geglu_bf16*: widened as loaded, computed in float32, rounded once to nearest even as stored).
+ *
+ * The tanh-approximated GELU (DeepMind's jax.nn.gelu, PyTorch's approximate="tanh"), y = x s with
+ * s = (1 + tanh u) / 2 = 1 / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3), over count contiguous
+ * elements (perceivers_gelu_tanh*): PyTorch's own loop evaluates a tanh five times slower than its exact GELU.
+ * Written through the logistic function, the value keeps its relative accuracy in the negative tail (where
+ * 1 + tanh u cancels). The derivative is s (1 + 2 x u' (1 - s)), 1 - s = s exp(-2u). Beyond |x| = 10 the value
+ * is x or 0 and the derivative 1 or 0 to float32's precision, so x is clamped there (no overflow in x^3 or the
+ * exponential, and gelu(-inf) = 0, gelu'(+-inf) = 1 and 0 where PyTorch's formula gives NaN).
  */
 #include <stdint.h>
 
@@ -83,3 +91,52 @@ static inline void geglu_grads(vn a, vn g, vn d, vn *da, vn *dg) {
 DEFINE_GEGLU(, float, nload, nloadn, nstore, nstoren)
 /* bfloat16 rows (uint16_t): widened to float32 as they are loaded, computed in float32, rounded once as stored */
 DEFINE_GEGLU(_bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16)
+
+/* tanh GELU: the logistic s = 1 / (1 + e), e = exp(-2u), of the input clamped to [-10, 10] (NaN passes). */
+static inline vn gelu_tanh_logistic(vn x, vn *e, vn *du) {
+    const vn c = nsel(x > 10.0f, nbcast(10.0f), nsel(x < -10.0f, nbcast(-10.0f), x));
+    const vn c2 = c * c;
+    const vn u = 0.79788456080286536f * c * (1.0f + 0.044715f * c2);
+    if (du) *du = 0.79788456080286536f * (1.0f + 0.134145f * c2);
+    *e = nexp(-2.0f * u);
+    return 1.0f / (1.0f + *e);
+}
+
+static inline vn gelu_tanh_value(vn x) {
+    vn e;
+    const vn s = gelu_tanh_logistic(x, &e, 0);
+    return nsel(x < -10.0f, nbcast(0.0f), x * s);
+}
+
+/* d gelu(x) */
+static inline vn gelu_tanh_grad(vn x, vn d) {
+    vn e, du;
+    const vn s = gelu_tanh_logistic(x, &e, &du);
+    const vn c = nsel(x > 10.0f, nbcast(10.0f), x);
+    return nsel(x < -10.0f, nbcast(0.0f), d * s * (1.0f + 2.0f * c * du * (e * s)));
+}
+
+/* count elements, in blocks of GELU_BLOCK over OpenMP threads */
+#define GELU_BLOCK 4096
+#define DEFINE_GELU_TANH(SUFFIX, T, LOAD, LOADN, STORE, STOREN)                                                   \
+    void perceivers_gelu_tanh##SUFFIX(int64_t count, const T *x, T *out) {                                        \
+        _Pragma("omp parallel for schedule(static)")                                                              \
+        for (int64_t b = 0; b < count; b += GELU_BLOCK) {                                                         \
+            const int64_t end = b + GELU_BLOCK < count ? b + GELU_BLOCK : count;                                  \
+            int64_t i = b;                                                                                        \
+            for (; i + NW <= end; i += NW) STORE(out + i, gelu_tanh_value(LOAD(x + i)));                          \
+            if (i < end) STOREN(out + i, gelu_tanh_value(LOADN(x + i, end - i)), end - i);                        \
+        }                                                                                                         \
+    }                                                                                                             \
+    void perceivers_gelu_tanh##SUFFIX##_backward(int64_t count, const T *x, const T *dout, T *dx) {               \
+        _Pragma("omp parallel for schedule(static)")                                                              \
+        for (int64_t b = 0; b < count; b += GELU_BLOCK) {                                                         \
+            const int64_t end = b + GELU_BLOCK < count ? b + GELU_BLOCK : count;                                  \
+            int64_t i = b;                                                                                        \
+            for (; i + NW <= end; i += NW) STORE(dx + i, gelu_tanh_grad(LOAD(x + i), LOAD(dout + i)));            \
+            if (i < end) STOREN(dx + i, gelu_tanh_grad(LOADN(x + i, end - i), LOADN(dout + i, end - i)), end - i);\
+        }                                                                                                         \
+    }
+
+DEFINE_GELU_TANH(, float, nload, nloadn, nstore, nstoren)
+DEFINE_GELU_TANH(_bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .._env import env_switch
 
-__all__ = ["Linear", "bf16_in_float32", "geglu", "linear", "linear_geglu", "linear_gelu", "onednn_bf16_enabled",
+__all__ = ["Linear", "bf16_in_float32", "geglu", "gelu", "linear", "linear_geglu", "linear_gelu", "onednn_bf16_enabled",
            "onednn_enabled", "use_onednn"]
 
 _MIN_MACS = 1 << 22
@@ -455,7 +455,17 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approxima
     if operands is not None:
         x, weight, bias = operands
         return torch.ops.mkldnn._linear_pointwise(x, _dense_weight(weight), bias, "gelu", [], approximate)
-    return F.gelu(linear(x, weight, bias), approximate=approximate)
+    return gelu(linear(x, weight, bias), approximate)
+
+
+def gelu(h: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu(h, approximate=approximate)``; the tanh form of float32 and bfloat16 CPU tensors goes to a native
+    kernel, forward and backward (:mod:`.native_activation`)."""
+    from . import native_activation  # it imports this module
+
+    if approximate == "tanh" and native_activation.applies(h, "gelu_tanh"):
+        return native_activation.gelu_tanh(h)
+    return F.gelu(h, approximate=approximate)
 
 
 def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dense import Linear, geglu, linear_geglu, linear_gelu
+from .dense import Linear, geglu, gelu, linear_geglu, linear_gelu
 
 __all__ = ["Activation", "FeedForward"]
 
@@ -44,7 +43,7 @@ class FeedForward(nn.Module):
             h = linear_geglu(x, weight, bias) if self.activation == "geglu" else linear_gelu(x, weight, bias, approximate)
         else:  # a replaced or hooked first layer (adapters, quantisation) is called as a module
             h = self.fc1(x)
-            h = geglu(h) if self.activation == "geglu" else F.gelu(h, approximate=approximate)
+            h = geglu(h) if self.activation == "geglu" else gelu(h, approximate)
         return self.dropout(self.fc2(h))
 
 
