@@ -14,7 +14,7 @@ __all__ = ["CorruptResults", "add_ratios", "carry_peak_memory", "load", "markdow
 # The settings a peak memory depends on besides the workload: an entry's peak is carried over to a
 # ``--no-memory`` re-run only where all of them match (older entries: their defaults then).
 MEMORY_SETTINGS = {"device": "cpu", "precision": "fp32", "optimizer": "foreach", "compile": False,
-                   "keep_freed_memory": False}
+                   "freezing": False, "keep_freed_memory": False}
 
 
 class CorruptResults(ValueError):
@@ -147,6 +147,7 @@ def _products_note(rates: dict) -> str:
 def _settings_text(run: dict) -> str:
     return ", ".join([run.get("precision") or "fp32", f"{run.get('optimizer', 'foreach')} AdamW"]
                      + (["torch.compile"] if run.get("compile") else [])
+                     + (["Inductor freezing"] if run.get("freezing") else [])
                      + (["--keep-freed-memory"] if run.get("keep_freed_memory") else []))
 
 

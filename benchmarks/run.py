@@ -6,6 +6,7 @@
     python benchmarks/run.py --only sweep    # workloads whose name or tag contains "sweep"
     python benchmarks/run.py --device cuda   # bf16 autocast by default on CUDA
     python benchmarks/run.py --compile       # every implementation under torch.compile
+    python benchmarks/run.py --compile --freezing --no-train   # compiled inference with Inductor's freezing
 
 For every workload the implementations are timed interleaved (round-robin) in one process, so
 their ratios hold on a loaded machine; peak memory is measured for each implementation and mode
@@ -88,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every implementation alike: the training step's forward + backward (AdamW "
                         "stays eager) and the inference forward; compilation happens before the timing")
+    p.add_argument("--freezing", action="store_true",
+                   help="with --compile: Inductor's freezing for every implementation alike (torch._inductor.config"
+                        ".freezing: weights folded in as constants, fp32 CPU products on pre-packed weights); it "
+                        "changes inference graphs only (no autograd), so use it with --no-train")
     p.add_argument("--batch-scale", type=int, default=1,
                    help="multiply every workload's batch (the defaults suit a 2-core CPU; a GPU needs larger batches "
                    "to fill it)")
@@ -102,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GiB: skip a peer whose estimated forward memory exceeds this")
     p.add_argument("--out", default=str(HERE / "results"), help="results folder")
     p.add_argument("--tag", default=None, help="results file name (default: derived from the machine and the settings "
-                   "that change the figures: precision, --compile, --keep-freed-memory, --optimizer)")
+                   "that change the figures: precision, --compile, --freezing, --keep-freed-memory, --optimizer)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("--memory-case", nargs=4, metavar=("WORKLOAD", "IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
@@ -194,7 +199,7 @@ def memory_case(args: argparse.Namespace) -> None:
 def memory_command(args, wl: W.Workload, impl: str, mode: str, batch: int) -> list[str]:
     return [sys.executable, str(HERE / "run.py"), "--device", args.device, "--precision", args.precision,
             "--optimizer", args.optimizer, *(["--keep-freed-memory"] if args.keep_freed_memory else []),
-            *(["--compile"] if args.compile else []),
+            *(["--compile"] if args.compile else []), *(["--freezing"] if args.freezing else []),
             *(["--threads", str(args.threads)] if args.threads else []),
             "--memory-case", wl.name, impl, mode, str(batch)]
 
@@ -374,6 +379,7 @@ def default_tag(device: torch.device, desc: dict, args) -> str:
     (a bf16 run does not merge into the fp32 file)."""
     return machine_tag(device, desc) + "".join(
         suffix for suffix, on in ((f"-{args.precision}", args.precision != "fp32"), ("-compile", args.compile),
+                                  ("-freezing", args.freezing),
                                   ("-keep-freed", args.keep_freed_memory),
                                   (f"-batch-x{args.batch_scale}", args.batch_scale != 1),
                                   (f"-{args.optimizer}", args.optimizer != "fused")) if on)
@@ -408,6 +414,12 @@ def main(argv=None) -> None:
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.batch_scale < 1:
         fail(f"--batch-scale: expected a whole number of at least 1, got {args.batch_scale}")
+    if args.freezing:
+        if not args.compile:
+            fail("--freezing: applies to compiled models; add --compile")
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
@@ -455,7 +467,7 @@ def main(argv=None) -> None:
     print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in rates.items()), flush=True)
     run_info = {"machine": desc, "rates": rates, "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "device": str(device), "precision": args.precision, "optimizer": args.optimizer,
-                "keep_freed_memory": args.keep_freed_memory, "compile": args.compile}
+                "keep_freed_memory": args.keep_freed_memory, "compile": args.compile, "freezing": args.freezing}
     failed = []
     for wl in chosen:
         try:

@@ -298,6 +298,9 @@ def test_the_default_results_file_separates_settings():
     assert run.default_tag(cpu, desc, args) == "cpu-2core-amd-epyc"
     args = run.parse_args(["--precision", "bf16", "--compile", "--keep-freed-memory", "--optimizer", "foreach"])
     assert run.default_tag(cpu, desc, args) == "cpu-2core-amd-epyc-bf16-compile-keep-freed-foreach"
+    args = run.parse_args(["--compile", "--freezing", "--no-train"])
+    args.precision = "fp32"
+    assert run.default_tag(cpu, desc, args) == "cpu-2core-amd-epyc-compile-freezing"
     args = run.parse_args(["--batch-scale", "16"])
     args.precision = "bf16"
     assert run.default_tag(torch.device("cuda"), {"gpu": "NVIDIA H100 80GB HBM3"}, args) == \
@@ -348,6 +351,7 @@ def test_nothing_selected_or_a_bad_device_is_a_one_line_error(capsys, monkeypatc
     assert "--only readme-64-untie after --skip readme" in err
     assert "--device: expected cpu or cuda[:N], got 'foo'" in _error_of(capsys, ["--device", "foo"])
     assert "got 'mps'" in _error_of(capsys, ["--device", "mps"])
+    assert "--freezing: applies to compiled models; add --compile" in _error_of(capsys, ["--freezing"])
     if torch.cuda.is_available():
         assert "expected an index below" in _error_of(capsys, ["--device", "cuda:99"])
     else:
