@@ -382,12 +382,13 @@ def bf16_in_float32(*tensors: Tensor | None) -> bool:
     if not (all(t.dtype == torch.bfloat16 for t in present)  # first: float32 outside autocast leaves here
             or (_cpu_autocast_bf16() and all(t.dtype in (torch.float32, torch.bfloat16) for t in present))):
         return False
-    if not all(t.device.type == "cpu" and t.layout == torch.strided for t in present):
-        return False
-    if torch.compiler.is_compiling() or not _plain_eager() or torch._C._len_torch_dispatch_stack():
-        return False  # compiled and exported graphs, fake tensors and FLOP counters see the standard operators
+    if torch.compiler.is_compiling():  # before the setting and the processor, which Dynamo would not trace
+        return False  # compiled and exported graphs see the standard operators
     setting = env_switch("PERCEIVERS_BF16_AS_FLOAT32")
-    return kernels.emulates_bf16() if setting is None else setting
+    if not (kernels.emulates_bf16() if setting is None else setting):  # the usual answer, asked first
+        return False
+    return (all(t.device.type == "cpu" and t.layout == torch.strided for t in present) and _plain_eager()
+            and not torch._C._len_torch_dispatch_stack())  # fake tensors and FLOP counters see the standard ones
 
 
 def _float(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
