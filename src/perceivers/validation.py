@@ -27,6 +27,7 @@ emits a :class:`NarrowContextWarning`: add position features or project / patch 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import numbers
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -169,7 +170,7 @@ def check_finite(x: Tensor, name: str) -> Tensor:
 
 def module_device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     """Device and floating dtype of ``module``'s first floating-point parameter (or buffer)."""
-    for t in (*module.parameters(), *module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):  # lazily: the first one usually answers
         if t.is_floating_point():
             return t.device, t.dtype
     return None, None
