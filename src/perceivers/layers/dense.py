@@ -251,8 +251,8 @@ def _kernels_usable(*tensors: Tensor, bf16: bool = False) -> bool:
     ``torch.func`` transforms and forward-mode AD (graphs that are exported must see the standard operators;
     the oneDNN operators define no ``vmap``/``jvp``). Under ``torch.compile`` the operators enter the graph (see
     above)."""
-    enabled = onednn_bf16_enabled() if bf16 else onednn_enabled()
-    if not (all(t.device.type == "cpu" and t.layout == torch.strided for t in tensors) and enabled):
+    enabled = onednn_bf16_enabled() if bf16 else onednn_enabled()  # first: off (Intel's float32) is the usual answer
+    if not (enabled and all(t.device.type == "cpu" and t.layout == torch.strided for t in tensors)):
         return False
     if torch.compiler.is_compiling():
         return not torch.compiler.is_exporting() or _exporting_native()
