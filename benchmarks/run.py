@@ -417,9 +417,11 @@ def main(argv=None) -> None:
     if args.freezing:
         if not args.compile:
             fail("--freezing: applies to compiled models; add --compile")
-        import torch._inductor.config
+        from torch._inductor import (
+            config as inductor_config,  # not `import torch._inductor.config`: a local torch
+        )
 
-        torch._inductor.config.freezing = True
+        inductor_config.freezing = True
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
