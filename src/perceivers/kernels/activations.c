@@ -92,27 +92,30 @@ DEFINE_GEGLU(, float, nload, nloadn, nstore, nstoren)
 /* bfloat16 rows (uint16_t): widened to float32 as they are loaded, computed in float32, rounded once as stored */
 DEFINE_GEGLU(_bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16)
 
-/* tanh GELU: the logistic s = 1 / (1 + e), e = exp(-2u), of the input clamped to [-10, 10] (NaN passes). */
-static inline vn gelu_tanh_logistic(vn x, vn *e, vn *du) {
+/* tanh GELU: the logistic s = 1 / (1 + e), e = exp(-2u), of c, the input clamped to [-10, 10] (NaN passes);
+ * with du given, also c and u'(c) for the derivative. */
+static inline vn gelu_tanh_logistic(vn x, vn *e, vn *c_out, vn *du) {
     const vn c = nsel(x > 10.0f, nbcast(10.0f), nsel(x < -10.0f, nbcast(-10.0f), x));
     const vn c2 = c * c;
     const vn u = 0.79788456080286536f * c * (1.0f + 0.044715f * c2);
-    if (du) *du = 0.79788456080286536f * (1.0f + 0.134145f * c2);
+    if (du) {
+        *du = 0.79788456080286536f * (1.0f + 0.134145f * c2);
+        *c_out = c;
+    }
     *e = nexp(-2.0f * u);
     return 1.0f / (1.0f + *e);
 }
 
 static inline vn gelu_tanh_value(vn x) {
     vn e;
-    const vn s = gelu_tanh_logistic(x, &e, 0);
+    const vn s = gelu_tanh_logistic(x, &e, 0, 0);
     return nsel(x < -10.0f, nbcast(0.0f), x * s);
 }
 
 /* d gelu(x) */
 static inline vn gelu_tanh_grad(vn x, vn d) {
-    vn e, du;
-    const vn s = gelu_tanh_logistic(x, &e, &du);
-    const vn c = nsel(x > 10.0f, nbcast(10.0f), x);
+    vn e, c, du;
+    const vn s = gelu_tanh_logistic(x, &e, &c, &du);
     return nsel(x < -10.0f, nbcast(0.0f), d * s * (1.0f + 2.0f * c * du * (e * s)));
 }
 
