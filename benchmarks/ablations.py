@@ -264,8 +264,8 @@ def study_io(args) -> dict:
 
 def with_native(value: bool, fn, *, own: tuple[str, ...] = ()):
     """Run ``fn`` with the native grid kernel on or off (``PERCEIVERS_NATIVE``, read at every call) and the
-    other native kernels (``attention``, ``geglu``: the activations, GEGLU and tanh GELU; each measured in its own
-    study) off unless named in ``own``."""
+    other native kernels (``attention``, ``geglu``: the activations, GEGLU, tanh GELU and softmax; each measured in
+    its own study) off unless named in ``own``."""
     kernels = {"attention": native_attention, "geglu": native_activation}
 
     def run():
@@ -652,12 +652,51 @@ def study_gelu_tanh(args) -> dict:
     return out
 
 
+def study_softmax(args) -> dict:
+    """The native softmax kernel (float32 exponentials and sums, bfloat16 rounded once) instead of PyTorch's, where
+    the attention writes its softmax out: the reduced language model (float32: unequal key and value widths; bf16:
+    the blocked products or, on AMX in training, autograd) and the DeepMind-layout PerceiverIO under bf16 autocast,
+    the other native kernels on."""
+    refuse = {(native_activation, "applies"): lambda h, activation="geglu", _real=native_activation.applies: (
+        activation != "softmax" and _real(h, activation))}
+    out = {}
+    for case, model, call in _bf16_workloads(("language-reduced", "io-dm-2048x128"), args):
+        for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
+            for precision, run in (("fp32", fn), ("bf16", bf16(fn))):
+                if precision == "fp32" and case.startswith("io-dm"):
+                    continue  # its equal-width heads take the fused kernels, which have their own softmax
+                after = with_native(True, run, own=("attention", "geglu"))
+                out[f"{case} {precision} {mode}"] = timed({"before": with_patches(refuse, after), "after": after},
+                                                          args.repeats)
+    return out
+
+
+def study_bf16_amx_written_out(args) -> dict:
+    """bf16 autocast training on a processor with AMX: heads of at most 2^23 scores attended as their products and
+    softmax, which autograd differentiates (``attention._written_out_on_amx``), instead of the blocked oneDNN
+    products' own forward and backward (every native kernel on in both)."""
+    from perceivers import kernels
+    from perceivers.layers import attention
+
+    if not kernels.has_amx():
+        print("  bf16_amx_written_out: this processor has no AMX: nothing to compare")
+        return {}
+    before = {(attention, "_written_out_on_amx"): lambda *args: False}
+    out = {}
+    for case, model, call in _bf16_workloads(("readme-64-untied", "io-2048x128", "io-dm-2048x128", "language-reduced",
+                                              "flash-perceiver-1k"), args):
+        after = with_native(True, bf16(train_step(model, call)), own=("attention", "geglu"))
+        out[f"{case} training step"] = timed({"before": with_patches(before, after), "after": after}, args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
            "native_attention": study_native_attention, "native_geglu": study_native_geglu,
            "bf16_attention": study_bf16_attention, "bf16_in_float32": study_bf16_in_float32,
-           "bf16_geglu": study_bf16_geglu, "bf16_amx": study_bf16_amx, "gelu_tanh": study_gelu_tanh}
+           "bf16_geglu": study_bf16_geglu, "bf16_amx": study_bf16_amx, "gelu_tanh": study_gelu_tanh,
+           "softmax": study_softmax, "bf16_amx_written_out": study_bf16_amx_written_out}
 
 
 def markdown(results: dict) -> str:

@@ -1,5 +1,5 @@
-"""The native GEGLU and tanh-GELU kernels: values and gradients against float64, where they are taken, and the
-feed-forward layers that go through them."""
+"""The native GEGLU, tanh-GELU and softmax kernels: values and gradients against float64, where they are taken, and
+the layers that go through them."""
 
 import math
 
@@ -185,6 +185,12 @@ def test_builds_for_narrower_vectors_match_float64(march, built_for):
             test_gelu_tanh_values_and_gradients_match_float64(shape, scale)
             test_gelu_tanh_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
         test_bfloat16_keeps_nan_and_infinity()
+    for shape in _SOFTMAX_SHAPES:
+        for scale in (1.0, 30.0):
+            test_softmax_values_and_gradients_match_float64(shape, scale)
+            test_softmax_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
+    for dtype in (torch.float32, torch.bfloat16):
+        test_softmax_keeps_pytorchs_nan_and_infinity(dtype)
     test_gelu_tanh_keeps_its_relative_accuracy_in_the_tail_and_its_limits()
     assert march in " ".join(kernels._FLAGS) and kernels._loaded["activations"] is not None
 
@@ -318,9 +324,86 @@ def test_feed_forward_goes_through_the_kernel_in_training(activation, autocast, 
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item())
 
 
+# softmax: rows wider and narrower than a vector (masked tails), bfloat16 rows longer than the kernel's float32
+# buffer (4096: recomputed exponentials), one-element rows; all at least 2^15 elements (smaller calls stay PyTorch's)
+_SOFTMAX_SHAPES = [(2, 8, 128, 128), (1000, 33), (8, 5000), (1 << 15, 1)]
+
+
+@pytest.mark.parametrize("shape", _SOFTMAX_SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: most probabilities underflow far below the largest
+def test_softmax_values_and_gradients_match_float64(shape, scale):
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=generator) * scale).requires_grad_()
+    grad = torch.randn(shape, generator=generator)
+    assert na.applies(x, "softmax")
+    out = dense.softmax(x)
+    out.backward(grad)
+    xd = x.detach().double().requires_grad_()
+    ref = xd.softmax(-1)
+    ref.backward(grad.double())
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", _SOFTMAX_SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_softmax_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale):
+    """float64's softmax of the same inputs rounded once to bfloat16 (at most 1% of entries one step off: float32
+    roundings tipping a tie); PyTorch's bfloat16 softmax is held to the same."""
+    generator = torch.Generator().manual_seed(6)
+    x = (torch.randn(shape, generator=generator) * scale).bfloat16()
+    rounded = x.double().softmax(-1).bfloat16()
+    for out in (na.softmax(x), x.softmax(-1)):
+        assert out.dtype == torch.bfloat16
+        off = out != rounded
+        assert off.float().mean() <= 0.01
+        step = (rounded.double().abs() * 2.0 ** -7).clamp_min(1e-38)
+        assert ((out.double() - rounded.double()).abs()[off] <= step[off] * 1.001).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_keeps_pytorchs_nan_and_infinity(dtype):
+    """A NaN or +inf in a row, or a row of -inf, gives a row of NaN; -inf elsewhere gives exactly 0."""
+    x = torch.randn(1024, 40).to(dtype)
+    x[0, 3], x[1, 39], x[2] = float("nan"), float("inf"), float("-inf")
+    x[3, :39] = float("-inf")
+    x[4, ::2] = float("-inf")
+    out = na.softmax(x)
+    tolerance = 2.0 ** -8 if dtype == torch.bfloat16 else 2e-6  # one step of bfloat16; float32 rounding
+    torch.testing.assert_close(out, x.softmax(-1), equal_nan=True, rtol=tolerance, atol=1e-7)
+    assert out[:3].isnan().all() and not out[3:].isnan().any()
+    assert (out[3, :39] == 0).all() and out[3, 39] == 1 and (out[4, ::2] == 0).all()
+
+
+def test_softmax_strided_input_and_second_order_gradients():
+    base = torch.randn(64, 9, 130, requires_grad=True)
+    x = base[..., 1:129]  # rows spaced out: copied to contiguous rows
+    first = torch.autograd.grad((na.softmax(x) * torch.arange(128.0)).sum(), base, create_graph=True)[0]
+    second = torch.autograd.grad(first.square().sum(), base)[0]
+    bd = base.detach().double().requires_grad_()
+    ref_first = torch.autograd.grad((bd[..., 1:129].softmax(-1) * torch.arange(128.0)).sum(), bd, create_graph=True)[0]
+    ref_second = torch.autograd.grad(ref_first.square().sum(), bd)[0]
+    torch.testing.assert_close(first.double(), ref_first, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second.double(), ref_second, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("float32", True), ("bfloat16", True), ("float64", False), ("small", False), ("scalar", False), ("vmap", False),
+])
+def test_softmax_where_it_applies(case, expected):
+    dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(case, torch.float32)
+    x = torch.randn({"small": (4, 32), "scalar": ()}.get(case, (256, 128)), dtype=dtype)
+    if case == "vmap":
+        from torch.func import vmap
+
+        assert not vmap(lambda t: torch.tensor(na.applies(x, "softmax")))(torch.zeros(2)).any()
+    else:
+        assert na.applies(x, "softmax") == expected
+
+
 def test_no_compiler_falls_back(no_compiler):
     h = torch.randn(3, 32)
-    assert not na.applies(h) and not na.applies(h, "gelu_tanh")
+    assert not na.applies(h) and not na.applies(h, "gelu_tanh") and not na.applies(torch.randn(256, 128), "softmax")
     torch.testing.assert_close(dense.geglu(h), h[:, :16] * F.gelu(h[:, 16:]))
     torch.testing.assert_close(dense.gelu(h, "tanh"), F.gelu(h, approximate="tanh"))
 

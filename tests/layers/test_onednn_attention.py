@@ -240,7 +240,7 @@ def test_bfloat16_values_and_gradients(mask_kind, blocks, keep, monkeypatch):
     if blocks == "heads":
         monkeypatch.setattr(oa, "_BLOCK_SCORES", 1 << 14)  # blocks of 2 heads and of 1
     if not keep:
-        monkeypatch.setattr(oa, "_KEEP_SCORES", 0)
+        monkeypatch.setattr(oa, "KEEP_SCORES", 0)
     g = torch.Generator().manual_seed(9)
     b, h, m, n, d, e = 5, 3, 64, 96, 32, 48
     q, k, v = _heads(b, h, m, d, g), _heads(b, h, n, d, g), _heads(b, h, n, e, g)
@@ -278,9 +278,45 @@ def test_bfloat16_inference_on_amx_goes_to_sdpa(amx, monkeypatch):
     assert oa.applies(q.requires_grad_(), k, v, None, 0.0)
 
 
-def test_bfloat16_autocast_attention_layer():
+@pytest.mark.parametrize("mask_kind", [None, "keys"])
+def test_bfloat16_training_on_amx_is_written_out(mask_kind, monkeypatch):
+    """On processors with AMX, bfloat16 heads with autograd of at most ``KEEP_SCORES`` scores are attended as
+    their products and softmax, which autograd differentiates (no blocked-products node), as close to float64 as
+    the peers' bfloat16 math; larger calls, and calls without autograd or AMX, are not."""
+    from perceivers import kernels
+    from perceivers.layers import attention
+
+    monkeypatch.setattr(kernels, "has_amx", lambda: True)
+    g = torch.Generator().manual_seed(12)
+    b, h, m, n, d = 2, 4, 64, 160, 32
+    q, k, v = _heads(b, h, m, d, g), _heads(b, h, n, d, g), _heads(b, h, n, d, g)
+    mask = None if mask_kind is None else torch.rand(b, 1, 1, n, generator=g) > 0.3
+    grad = torch.randn(b, h, m, d, generator=g)
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    assert attention._written_out_on_amx(qb, kb, vb, mask)
+    assert not attention._written_out_on_amx(qb.detach(), kb.detach(), vb.detach(), mask)
+    assert not attention._written_out_on_amx(q.requires_grad_(), k, v, mask)  # float32
+    monkeypatch.setattr(kernels, "has_amx", lambda: False)
+    assert not attention._written_out_on_amx(qb, kb, vb, mask)
+    monkeypatch.setattr(kernels, "has_amx", lambda: True)
+    out = attention.attend_heads(qb, kb, vb, mask, 0.0, scale=0.3)
+    assert "OneDNN" not in type(out.grad_fn).__name__ and out.dtype == torch.bfloat16
+    out.backward(grad.bfloat16())
+    refs = _reference(q, k, v, mask, 0.3, grad)
+    for got, ref, peer in zip((out, qb.grad, kb.grad, vb.grad), refs, _reference(q, k, v, mask, 0.3, grad, torch.bfloat16)):
+        assert got.shape == ref.shape and got.dtype == torch.bfloat16
+        assert _relative_error(got, ref) <= 1.5 * _relative_error(peer, ref) + 2e-3
+    monkeypatch.setattr(oa, "KEEP_SCORES", b * h * m * n - 1)
+    assert not attention._written_out_on_amx(qb, kb, vb, mask)
+
+
+def test_bfloat16_autocast_attention_layer(monkeypatch):
     """Under CPU bfloat16 autocast an attention layer (projected or folded) runs here, not through SDPA,
-    and agrees with the float32 layer to bfloat16 precision; its gradients reach every parameter."""
+    and agrees with the float32 layer to bfloat16 precision; its gradients reach every parameter. (As without
+    AMX, where training is written out, above.)"""
+    from perceivers.layers import attention
+
+    monkeypatch.setattr(attention, "_written_out_on_amx", lambda *args: False)
     torch.manual_seed(10)
     for layer, x, context in (
         (Attention(q_dim=128, num_heads=4), torch.randn(2, 64, 128), None),

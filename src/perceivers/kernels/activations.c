@@ -25,6 +25,7 @@
  * is x or 0 and the derivative 1 or 0 to float32's precision, so x is clamped there (no overflow in x^3 or the
  * exponential, and gelu(-inf) = 0, gelu'(+-inf) = 1 and 0 where PyTorch's formula gives NaN).
  */
+#include <math.h>
 #include <stdint.h>
 
 #include "vector.h"
@@ -143,3 +144,51 @@ static inline vn gelu_tanh_grad(vn x, vn d) {
 
 DEFINE_GELU_TANH(, float, nload, nloadn, nstore, nstoren)
 DEFINE_GELU_TANH(_bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16)
+
+/* Softmax over rows of n contiguous elements (perceivers_softmax*), out = exp(x - max) / sum, in three passes
+ * over a row: its maximum, the exponentials and their sum (float32 lanes), the scaling by 1 / sum. The
+ * exponentials are taken of x - max + SOFTMAX_SHIFT, which leaves their ratios alone but keeps those that
+ * underflow below e^-87 (exp's range, vector.h) until the scaling, whose product rounds them to the subnormal
+ * probabilities PyTorch gives (down to e^-103); the sum stays far from overflowing. A NaN, a +inf
+ * or a row of -inf gives a row of NaN, as in PyTorch. bfloat16 rows keep their exponentials in a float32 buffer
+ * per thread (rows of at most SOFTMAX_BUF elements; longer ones compute them again in the third pass), so the
+ * result is rounded once. Rows are split over OpenMP threads from SOFTMAX_SERIAL elements on. (The backward,
+ * p (d - sum(d p)), is PyTorch's: as fast.) */
+#define SOFTMAX_BUF 4096
+#define SOFTMAX_SHIFT 20.0f
+#define SOFTMAX_SERIAL 16384 /* elements: smaller calls stay on the calling thread */
+#define DEFINE_SOFTMAX(SUFFIX, T, LOAD, LOADN, STORE, STOREN, KEEP)                                              \
+    void perceivers_softmax##SUFFIX(int64_t rows, int64_t n, const T *x, T *out) {                                \
+        _Pragma("omp parallel for schedule(static) if (rows * n >= SOFTMAX_SERIAL)")                              \
+        for (int64_t r = 0; r < rows; ++r) {                                                                      \
+            const T *xr = x + r * n;                                                                              \
+            T *o = out + r * n;                                                                                   \
+            float buf[KEEP ? SOFTMAX_BUF : 1];                                                                    \
+            float *e = KEEP && n <= SOFTMAX_BUF ? buf : 0;                                                        \
+            vn m = nbcast(-INFINITY);                                                                             \
+            int64_t i = 0;                                                                                        \
+            for (; i + NW <= n; i += NW) m = nmax(m, LOAD(xr + i));                                               \
+            if (i < n) m = nmax(m, ntail(LOADN(xr + i, n - i), n - i, -INFINITY));                                \
+            const vn top = nbcast(nhmax(m) - SOFTMAX_SHIFT);                                                      \
+            vn s = nbcast(0.0f);                                                                                  \
+            for (i = 0; i + NW <= n; i += NW) {                                                                   \
+                const vn v = nexp(LOAD(xr + i) - top);                                                            \
+                s += v;                                                                                           \
+                if (e) nstore(e + i, v); else if (!KEEP) STORE(o + i, v);                                         \
+            }                                                                                                     \
+            if (i < n) {                                                                                          \
+                const vn v = ntail(nexp(LOADN(xr + i, n - i) - top), n - i, 0.0f);                                \
+                s += v;                                                                                           \
+                if (e) nstoren(e + i, v, n - i); else if (!KEEP) STOREN(o + i, v, n - i);                         \
+            }                                                                                                     \
+            const vn inv = nbcast(1.0f / nhsum(s));                                                               \
+            for (i = 0; i + NW <= n; i += NW)                                                                     \
+                STORE(o + i, (e ? nload(e + i) : KEEP ? nexp(LOAD(xr + i) - top) : LOAD(o + i)) * inv);           \
+            if (i < n)                                                                                            \
+                STOREN(o + i, (e ? nloadn(e + i, n - i) : KEEP ? nexp(LOADN(xr + i, n - i) - top)                 \
+                               : LOADN(o + i, n - i)) * inv, n - i);                                              \
+        }                                                                                                         \
+    }
+
+DEFINE_SOFTMAX(, float, nload, nloadn, nstore, nstoren, 0)
+DEFINE_SOFTMAX(_bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16, 1)

@@ -123,15 +123,28 @@ static inline void nstoren(float *p, vn x, int64_t n) { memcpy(p, &x, (size_t)n 
  * floats rounded to them to nearest even as PyTorch rounds (a NaN stays a quiet NaN); the first n (n < NW) alike. */
 typedef uint16_t nbf __attribute__((vector_size(NW * 2)));
 typedef uint32_t vnu __attribute__((vector_size(NW * 4)));
-static inline vn nwiden_bf16(nbf h) { return (vn)(__builtin_convertvector(h, vnu) << 16); }
-#if defined(__AVX512BF16__) && NW == 16
-static inline nbf nround_bf16(vn x) { return (nbf)_mm512_cvtneps_pbh((__m512)x); }  /* one instruction, same rule */
+#if NW == 16  /* one vpmovzxwd (GCC splits the conversion below in halves, 4 shuffles, where it prefers 256 bits) */
+static inline vn nwiden_bf16(nbf h) { return (vn)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16); }
 #else
-static inline nbf nround_bf16(vn x) {
+static inline vn nwiden_bf16(nbf h) { return (vn)(__builtin_convertvector(h, vnu) << 16); }
+#endif
+static inline nbf nround_bf16_bits(vn x) {
     const vnu u = (vnu)x, nan = (vnu)(x != x);
     const vnu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     return __builtin_convertvector((rounded & ~nan) | (((u >> 16) | 0x40u) & nan), nbf);
 }
+#if defined(__AVX512BF16__) && NW == 16
+/* One instruction, same rule, except that it flushes subnormal floats to zero (PyTorch rounds them like the
+ * others: a softmax's far tail): a vector holding one is rounded in integers instead. */
+static inline nbf nround_bf16(vn x) {
+    const __m512 a = _mm512_abs_ps((__m512)x);
+    if (_mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(a, _mm512_set1_ps(1.17549435e-38f), _CMP_LT_OQ), a,
+                                _mm512_setzero_ps(), _CMP_GT_OQ))
+        return nround_bf16_bits(x);
+    return (nbf)_mm512_cvtneps_pbh((__m512)x);
+}
+#else
+#define nround_bf16 nround_bf16_bits
 #endif
 static inline vn nload_bf16(const uint16_t *p) { nbf h; memcpy(&h, p, sizeof h); return nwiden_bf16(h); }
 static inline vn nloadn_bf16(const uint16_t *p, int64_t n) { nbf h = {0}; memcpy(&h, p, (size_t)n * 2); return nwiden_bf16(h); }
@@ -159,7 +172,12 @@ static inline int nany(vni m) { return _mm256_movemask_ps((__m256)m) != 0; }
 #else
 static inline int nany(vni m) { for (int l = 0; l < NW; ++l) if (m[l]) return 1; return 0; }
 #endif
-/* Sum and maximum of the lanes, in halving steps; the sum of double lanes. */
+/* Sum and maximum of the lanes, in halving steps (upper half onto lower: the intrinsics' order too); the sum of
+ * double lanes. */
+#if defined(__AVX512F__)
+static inline float nhsum(vn x) { return _mm512_reduce_add_ps((__m512)x); }
+static inline float nhmax(vn x) { return _mm512_reduce_max_ps((__m512)x); }
+#else
 static inline float nhsum(vn x) {
     float t[NW];
     memcpy(t, &x, sizeof t);
@@ -174,6 +192,7 @@ static inline float nhmax(vn x) {
         for (int l = 0; l < w; ++l) t[l] = t[l] > t[l + w] ? t[l] : t[l + w];
     return t[0];
 }
+#endif
 static inline vnd nwiden(vn x) { return __builtin_convertvector(x, vnd); }
 static inline double ndsum(vnd x) {
     double t = 0.0;

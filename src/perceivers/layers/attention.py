@@ -533,6 +533,8 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
             return attend_heads(*widened, attn_mask, dropout, scale).to(torch.bfloat16)
     if native_attention.applies(q, k, v, attn_mask, dropout) and not (q.dtype == torch.bfloat16 and kernels.has_amx()):
         return native_attention.attend(q, k, v, attn_mask, scale)  # on AMX oneDNN's bfloat16 products are faster
+    if _written_out_on_amx(q, k, v, attn_mask):
+        return _written_out(q, k, v, attn_mask, dropout, scale)
     if onednn_attention.applies(q, k, v, attn_mask, dropout):
         return onednn_attention.attend(q, k, v, attn_mask, scale)
     if wide_attention.applies(q, k, v, attn_mask, dropout):
@@ -540,10 +542,27 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
     if (q.device.type != "cpu" or torch.compiler.is_compiling() or (q.shape[-1] == v.shape[-1] and not _func_transforms())
             or (attn_mask is not None and attn_mask.dtype != torch.bool)):
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
+    return _written_out(q, k, v, attn_mask, dropout, scale)
+
+
+def _written_out(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float,
+                 scale: float | None) -> Tensor:
+    """:func:`attend_heads` as its products and softmax, which autograd differentiates."""
     weights = attention_weights(q, k, attn_mask, scale)  # callers keep a key per row (see Attention.forward)
     if dropout:
         weights = F.dropout(weights, dropout)
     return torch.matmul(weights, v)
+
+
+def _written_out_on_amx(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> bool:
+    """Whether bfloat16 CPU heads with autograd on a processor with AMX are attended by :func:`_written_out`: up
+    to 2²³ scores, whose probabilities the blocked products (:mod:`.onednn_attention`) keep for the backward too,
+    autograd through the same products and the native softmax costs less per call (docs/performance.md, "The
+    softmax kernel")."""
+    return (not torch.compiler.is_compiling()  # first: Dynamo cannot trace the processor's flags
+            and q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == 4 and kernels.has_amx()
+            and (attn_mask is None or attn_mask.dtype == torch.bool) and _records_graph(q, k, v)
+            and q.shape[:-1].numel() * k.shape[-2] <= onednn_attention.KEEP_SCORES)
 
 
 def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
@@ -556,7 +575,7 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, sca
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores.softmax(-1)
+    return dense.softmax(scores)
 
 
 def fold_is_cheaper(kv_dim: int, head_width: int, num_queries: int | None = None, length: int | None = None) -> bool:

@@ -469,6 +469,16 @@ def gelu(h: Tensor, approximate: str = "none") -> Tensor:
     return F.gelu(h, approximate=approximate)
 
 
+def softmax(x: Tensor) -> Tensor:
+    """``x.softmax(-1)``; float32 and bfloat16 CPU tensors of at least 2¹⁵ elements go to a native kernel
+    (:mod:`.native_activation`: 1.5-1.7x PyTorch's forward; the backward is PyTorch's)."""
+    from . import native_activation  # it imports this module
+
+    if native_activation.applies(x, "softmax"):
+        return native_activation.softmax(x)
+    return x.softmax(-1)
+
+
 def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``a · gelu(g)`` where ``[a, g] = x Wᵀ + b`` are the two halves of the output: ``[..., in]`` ->
     ``[..., out / 2]``. Without autograd, on the oneDNN path or under bfloat16 autocast, it is two products

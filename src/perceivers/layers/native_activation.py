@@ -32,15 +32,17 @@ from torch import Tensor
 from .. import kernels
 from .dense import _native_eager
 
-__all__ = ["applies", "available", "geglu", "gelu_tanh"]
+__all__ = ["applies", "available", "geglu", "gelu_tanh", "softmax", "softmax_forward"]
 
 _SIGNATURES = {
     **{f"perceivers_geglu{kind}{part}": ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * count, None)
        for kind in ("", "_bf16") for part, count in (("", 2), ("_backward", 3))},
     **{f"perceivers_gelu_tanh{kind}{part}": ([ctypes.c_int64] + [ctypes.c_void_p] * count, None)
        for kind in ("", "_bf16") for part, count in (("", 2), ("_backward", 3))},
+    **{f"perceivers_softmax{kind}": ([ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2, None) for kind in ("", "_bf16")},
 }
 _SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}
+_MIN_SOFTMAX = 1 << 15  # elements: PyTorch's softmax is as fast below (the call's own cost)
 
 
 def _kernel():
@@ -53,9 +55,12 @@ def available() -> bool:
 
 
 def applies(h: Tensor, activation: str = "geglu") -> bool:
-    """Whether :func:`geglu` (``activation="geglu"``, ``h [..., 2n]``) or :func:`gelu_tanh` (``"gelu_tanh"``)
-    serves ``h``."""
-    shape_fits = h.dim() >= 1 and h.shape[-1] % 2 == 0 if activation == "geglu" else True
+    """Whether :func:`geglu` (``activation="geglu"``, ``h [..., 2n]``), :func:`gelu_tanh` (``"gelu_tanh"``) or
+    :func:`softmax` (``"softmax"``, over the last axis) serves ``h``."""
+    if activation == "geglu":
+        shape_fits = h.dim() >= 1 and h.shape[-1] % 2 == 0
+    else:
+        shape_fits = activation != "softmax" or (h.dim() >= 1 and h.numel() >= _MIN_SOFTMAX)
     return (shape_fits and h.numel() > 0 and h.dtype in _SUFFIX
             and _native_eager(h, dtype=h.dtype) and available())
 
@@ -68,6 +73,20 @@ def geglu(h: Tensor) -> Tensor:
 def gelu_tanh(x: Tensor) -> Tensor:
     """``gelu(x, approximate="tanh")``, any shape (call where :func:`applies` with ``"gelu_tanh"``)."""
     return _NativeGELUTanh.apply(x)
+
+
+def softmax(x: Tensor) -> Tensor:
+    """``x.softmax(-1)``, differentiable (call where :func:`applies` with ``"softmax"``)."""
+    return _NativeSoftmax.apply(x)
+
+
+def softmax_forward(x: Tensor) -> Tensor:
+    """``x.softmax(-1)`` without autograd: exponentials and sums in float32, rounded once to ``x``'s dtype."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    forward = getattr(_kernel(), f"perceivers_softmax{_SUFFIX[x.dtype]}")
+    forward(x.numel() // x.shape[-1], x.shape[-1], x.data_ptr(), out.data_ptr())
+    return out
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -126,3 +145,16 @@ class _NativeGELUTanh(torch.autograd.Function):
         backward = getattr(_kernel(), f"perceivers_gelu_tanh{_SUFFIX[x.dtype]}_backward")
         backward(x.numel(), x.data_ptr(), d.data_ptr(), dx.data_ptr())
         return dx
+
+
+class _NativeSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = softmax_forward(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> Tensor:
+        (p,) = ctx.saved_tensors
+        return torch._softmax_backward_data(dout, p, -1, p.dtype)  # itself differentiable (create_graph=True)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from .dense import _kernels_usable, _onednn, _onednn_usable, _onednn_weight_grad, _records_graph
+from .dense import _kernels_usable, _onednn, _onednn_usable, _onednn_weight_grad, _records_graph, softmax
 
 __all__ = ["applies", "attend"]
 
@@ -54,7 +54,7 @@ _CHUNK_SCORES = 1 << 19  # float32: the scores of one chunk of keys (2 MiB), at 
 _MIN_CHUNK = 256
 _MAX_SCORES = 1 << 23  # per head: the scores held at once (float32: one chunk of keys; bfloat16: all)
 _BLOCK_SCORES = 1 << 21  # bfloat16: the scores of one block of samples (4 MiB)
-_KEEP_SCORES = 1 << 23  # bfloat16: a call's probabilities kept for the backward up to this many (16 MiB)
+KEEP_SCORES = 1 << 23  # bfloat16: a call's probabilities kept for the backward up to this many (16 MiB)
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float) -> bool:
@@ -100,7 +100,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, sca
         return _attention_op(q, k, v, bias, scale)[0]
     if not _records_graph(q, k, v):
         return _forward(q, k, v, bias, scale)[0]
-    keep = q.dtype == torch.float32 or q.shape[:3].numel() * k.shape[-2] <= _KEEP_SCORES
+    keep = q.dtype == torch.float32 or q.shape[:3].numel() * k.shape[-2] <= KEEP_SCORES
     return _OneDNNAttention.apply(q, k, v, bias, scale, keep)
 
 
@@ -161,7 +161,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
             return out, [out, lse] if keep else []
         kept = []
         for i in _blocks(q, k):
-            p = torch.softmax(_matmul_t(qs[i], k[i], _key_bias(bias, i)), -1)
+            p = softmax(_matmul_t(qs[i], k[i], _key_bias(bias, i)))
             out[i] = _matmul_t(p, v[i].transpose(-1, -2), None)
             if keep:
                 kept.append(p)
@@ -189,7 +189,7 @@ def _head_forward(qs: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, lse: Te
         c = parts[0]
         scores = _onednn(qs, k[c], None if bias is None else bias[c])
         top = None if lse is None else scores.amax(-1, keepdim=True)
-        p = torch.softmax(scores, -1)
+        p = softmax(scores)
         if lse is not None:
             torch.sub(top, p.amax(-1, keepdim=True).log_(), out=lse)  # log Σ exp = max - log p(max)
         return _onednn(p, v[c].t(), None)
@@ -250,7 +250,7 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
         else:
             for j, i in enumerate(_blocks(q, k)):
                 qh, kh, vh, doh = qs[i], k[i], v[i], dout[i]
-                p = saved[j] if saved else torch.softmax(_matmul_t(qh, kh, _key_bias(bias, i)), -1)  # [.., M, N]
+                p = saved[j] if saved else softmax(_matmul_t(qh, kh, _key_bias(bias, i)))  # [.., M, N]
                 if dv is not None:
                     dv[i] = _matmul_t(p.mT, doh.mT, None)
                 if dq is None and dk is None:
