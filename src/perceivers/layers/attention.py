@@ -517,7 +517,7 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
     """``softmax(q kᵀ · scale) v`` per head (``[B, H, M, d_k]``, ``[B, H, N, d_k]``, ``[B, H, N, d_v]`` ->
     ``[B, H, M, d_v]``) through SDPA, except on CPU: heads whose widths are multiples of 16 go to the
     native kernels (:mod:`.native_attention`: float32, and bfloat16 where the processor has AVX512-BF16 but
-    no AMX),
+    no AMX; with AMX, bfloat16 training of up to 2²³ scores is written out, :func:`_written_out_on_amx`),
     other wide float32 heads (and narrower ones over many keys) and the other bfloat16 ones to
     :mod:`.onednn_attention`, and where SDPA would take its math path (key and value head widths
     differ, e.g. the language model's 32 and 160) the same computation is written out, without the math

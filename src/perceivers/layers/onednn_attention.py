@@ -21,11 +21,13 @@ self-attention, ``[8, 8, 256, 64]``: 7.5 ms in bfloat16, 7.0 ms in float32). Two
   chunk's probabilities from it and runs its four products (``dV = Pᵀ dO``, ``dP = dO Vᵀ``,
   ``dQ = dS K``, ``dK = dSᵀ Q``, with ``dS = P (dP - rowsum(dO · O))``) chunk by chunk.
 * **bfloat16** (autocast; where :func:`~perceivers.layers.dense.onednn_bf16_enabled`: AMD processors and
-  those with AMX; on AMX, heads of equal widths without autograd go to SDPA's fused forward, faster there):
+  those with AMX; on AMX, heads of equal widths without autograd go to SDPA's fused forward, faster there, and
+  calls with autograd of at most ``KEEP_SCORES`` scores are written out, see ``attention._written_out_on_amx``):
   the products run as batched bfloat16 matrix products (oneDNN), a block of
   samples (or of one sample's heads) at a time, each block's scores at most ``2**21`` elements (4 MiB):
   2.3-4x faster forward, 1.2-2.6x in training. Scores and probabilities are bfloat16, as in the peers
-  and PyTorch's math attention; the products accumulate in float32. The backward recomputes the
+  and PyTorch's math attention; the products accumulate in float32, the softmax is the native kernel's
+  (:func:`.dense.softmax`). The backward recomputes the
   probabilities, or keeps a call's when they are at most ``2**23`` (16 MiB), as the recomputation would
   cost more than they weigh; a head's scores are held whole, at most ``2**23`` elements.
 
