@@ -531,7 +531,8 @@ def attend_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
             if native_attention.applies(*widened, attn_mask, dropout) and _records_graph(q, k, v):
                 return native_attention.attend_widened(q, k, v, widened, attn_mask, scale)  # keeps bfloat16 heads
             return attend_heads(*widened, attn_mask, dropout, scale).to(torch.bfloat16)
-    if not (q.dtype == torch.bfloat16 and kernels.has_amx()) and native_attention.applies(q, k, v, attn_mask, dropout):
+    amx_bf16 = q.dtype == torch.bfloat16 and not torch.compiler.is_compiling() and kernels.has_amx()  # Dynamo: no flags
+    if not amx_bf16 and native_attention.applies(q, k, v, attn_mask, dropout):
         return native_attention.attend(q, k, v, attn_mask, scale)  # on AMX oneDNN's bfloat16 products are faster
     if _written_out_on_amx(q, k, v, attn_mask):  # q, k in their own layout: the scores' product 1.1-1.4x faster
         return _written_out(q.contiguous(), k.contiguous(), v, attn_mask, dropout, scale)
