@@ -14,6 +14,14 @@ from perceivers.layers import native_activation as na
 pytestmark = pytest.mark.skipif(not na.available(), reason="no C compiler: the native kernels are not built")
 
 
+def _sample(seed, shape, scale, grad_shape=None, dtype=torch.float32):
+    """An input ``[shape] · scale`` requiring grad and an output gradient (``grad_shape``, default ``shape``), in
+    ``dtype``, from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=generator) * scale).to(dtype).requires_grad_()
+    return x, torch.randn(grad_shape or shape, generator=generator).to(dtype)
+
+
 def _reference(h, grad):
     """``a · gelu(g)`` and the gradient of ``h`` in float64."""
     hd = h.detach().double().requires_grad_()
@@ -40,9 +48,7 @@ def _torch_float32(h, grad):
 ])
 @pytest.mark.parametrize("scale", [1.0, 6.0])  # 6: far tails of the GELU (exp underflows below g ≈ -13)
 def test_values_and_gradients_match_float64(shape, scale):
-    generator = torch.Generator().manual_seed(0)
-    h = (torch.randn(shape, generator=generator) * scale).requires_grad_()
-    grad = torch.randn(*shape[:-1], shape[-1] // 2, generator=generator)
+    h, grad = _sample(0, shape, scale, (*shape[:-1], shape[-1] // 2))
     assert na.applies(h)
     out = na.geglu(h)
     out.backward(grad)
@@ -62,9 +68,7 @@ def test_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale):
     float32 rounding that may tip a tie, and gates below -13.2 giving 0 (``activations.c``): at most 1% of
     entries one bfloat16 step off), and the gradient is no
     further from float64 than PyTorch's bfloat16 path, which rounds after every operation."""
-    generator = torch.Generator().manual_seed(1)
-    h = (torch.randn(shape, generator=generator) * scale).bfloat16().requires_grad_()
-    grad = torch.randn(*shape[:-1], shape[-1] // 2, generator=generator).bfloat16()
+    h, grad = _sample(1, shape, scale, (*shape[:-1], shape[-1] // 2), torch.bfloat16)
     assert na.applies(h)
     out = na.geglu(h)
     out.backward(grad)
@@ -103,9 +107,7 @@ def _gelu_tanh_reference(x, grad):
 def test_gelu_tanh_values_and_gradients_match_float64(shape, scale):
     """As close to float64 as PyTorch's float32 ``gelu(approximate="tanh")``, to within 3e-7 of the largest
     entry; the kernel's own error is a few float32 roundings."""
-    generator = torch.Generator().manual_seed(2)
-    x = (torch.randn(shape, generator=generator) * scale).requires_grad_()
-    grad = torch.randn(shape, generator=generator)
+    x, grad = _sample(2, shape, scale)
     assert na.applies(x, "gelu_tanh")
     out = na.gelu_tanh(x)
     out.backward(grad)
@@ -145,9 +147,7 @@ def test_gelu_tanh_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale
     """bfloat16: float64's tanh GELU of the same inputs rounded once (at most 1% of entries one step off: float32
     roundings tipping a tie, and the tail below x = -5.3 where the float64 value is tiny); gradients no further
     from float64 than PyTorch's bfloat16 path."""
-    generator = torch.Generator().manual_seed(3)
-    x = (torch.randn(shape, generator=generator) * scale).bfloat16().requires_grad_()
-    grad = torch.randn(shape, generator=generator).bfloat16()
+    x, grad = _sample(3, shape, scale, dtype=torch.bfloat16)
     out = na.gelu_tanh(x)
     out.backward(grad)
     assert out.dtype == x.grad.dtype == torch.bfloat16
@@ -332,9 +332,7 @@ _SOFTMAX_SHAPES = [(2, 8, 128, 128), (1000, 33), (8, 5000), (1 << 15, 1)]
 @pytest.mark.parametrize("shape", _SOFTMAX_SHAPES)
 @pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: most probabilities underflow far below the largest
 def test_softmax_values_and_gradients_match_float64(shape, scale):
-    generator = torch.Generator().manual_seed(5)
-    x = (torch.randn(shape, generator=generator) * scale).requires_grad_()
-    grad = torch.randn(shape, generator=generator)
+    x, grad = _sample(5, shape, scale)
     assert na.applies(x, "softmax")
     out = dense.softmax(x)
     out.backward(grad)
