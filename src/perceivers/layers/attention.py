@@ -558,8 +558,8 @@ def _written_out(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
 def _written_out_on_amx(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> bool:
     """Whether bfloat16 CPU heads with autograd on a processor with AMX are attended by :func:`_written_out`: up
     to 2²³ scores, whose probabilities the blocked products (:mod:`.onednn_attention`) keep for the backward too,
-    autograd through the same products and the native softmax costs less per call (docs/performance.md, "The
-    softmax kernel")."""
+    autograd through the same products and the native softmax costs less per call (docs/performance.md, "bfloat16
+    training on AMX, written out")."""
     return (not torch.compiler.is_compiling()  # first: Dynamo cannot trace the processor's flags
             and q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == 4 and kernels.has_amx()
             and (attn_mask is None or attn_mask.dtype == torch.bool) and _records_graph(q, k, v)
