@@ -690,13 +690,32 @@ def study_bf16_amx_written_out(args) -> dict:
     return out
 
 
+def study_onednn_amx(args) -> dict:
+    """float32 inference on a processor with AMX: a latent array's products at batch 1 (at most 512 rows, 2^26
+    multiply-adds) on oneDNN (``dense._onednn_on_amx``, activations in their epilogues) instead of MKL."""
+    from perceivers import kernels
+    from perceivers.layers import dense
+
+    if not kernels.has_amx():
+        print("  onednn_amx: this processor has no AMX: nothing to compare")
+        return {}
+    before = {(dense, "_onednn_on_amx"): lambda *args: False}
+    out = {}
+    for case, model, call in _bf16_workloads(("sweep-perceiver-32", "sweep-perceiver-256", "sweep-perceiver-1024",
+                                              "vision-fourier-reduced", "sweep-io-256", "language-official"), args):
+        after = with_native(True, forward(model, call), own=("attention", "geglu"))
+        out[f"{case} inference"] = timed({"before": with_patches(before, after), "after": after}, args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
            "native_attention": study_native_attention, "native_geglu": study_native_geglu,
            "bf16_attention": study_bf16_attention, "bf16_in_float32": study_bf16_in_float32,
            "bf16_geglu": study_bf16_geglu, "bf16_amx": study_bf16_amx, "gelu_tanh": study_gelu_tanh,
-           "softmax": study_softmax, "bf16_amx_written_out": study_bf16_amx_written_out}
+           "softmax": study_softmax, "bf16_amx_written_out": study_bf16_amx_written_out,
+           "onednn_amx": study_onednn_amx}
 
 
 def markdown(results: dict) -> str:

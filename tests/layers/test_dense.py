@@ -386,6 +386,52 @@ def test_activation_in_the_product_epilogue(kind, bias, monkeypatch):
     assert (wg.grad.double() - w64.grad).abs().max() <= 1e-5 * w64.grad.abs().max()
 
 
+@pytest.mark.parametrize("case, expected", [
+    ("latent array", True), ("autograd", False), ("many rows", False), ("small", False), ("autocast", False),
+    ("float64", False), ("no AMX", False), ("use_onednn(False)", False), ("PERCEIVERS_ONEDNN=0", False),
+])
+def test_which_float32_products_take_onednn_on_amx(case, expected, monkeypatch):
+    """On a processor with AMX, where float32 products stay MKL's by default, those without autograd of at most
+    512 rows and 2²⁶ multiply-adds (a latent array's at batch 1) go to oneDNN, unless a switch decides."""
+    from perceivers import kernels
+
+    monkeypatch.delenv("PERCEIVERS_ONEDNN", raising=False)
+    monkeypatch.setattr(linear_module, "_auto", lambda: False)  # an Intel processor's default
+    monkeypatch.setattr(kernels, "has_amx", lambda: case != "no AMX")
+    if case == "PERCEIVERS_ONEDNN=0":
+        monkeypatch.setenv("PERCEIVERS_ONEDNN", "0")
+    x = torch.randn(1, 600 if case == "many rows" else 256, 512, dtype=torch.float64 if case == "float64" else None)
+    w = torch.randn(64 if case == "small" else 4096, 512, dtype=x.dtype, requires_grad=case == "autograd")
+    b = torch.randn(w.shape[0], dtype=x.dtype)
+    with (use_onednn(False) if case == "use_onednn(False)" else use_onednn(None)), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        assert linear_module._onednn_on_amx(x, w, b) is expected
+        assert linear_module._use_onednn(x, w, b) is expected
+
+
+@pytest.mark.parametrize("kind", ["none", "tanh", "geglu"])
+def test_float32_inference_of_a_latent_array_on_amx(kind, monkeypatch):
+    """There the product (and its activation, in the epilogue) runs on oneDNN and agrees with float64."""
+    from perceivers import kernels
+    from perceivers.layers.dense import linear_geglu, linear_gelu
+
+    monkeypatch.delenv("PERCEIVERS_ONEDNN", raising=False)
+    monkeypatch.setattr(linear_module, "_auto", lambda: False)
+    monkeypatch.setattr(kernels, "has_amx", lambda: True)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 256, 512, generator=g)
+    w = torch.randn(2048, 512, generator=g) * 0.05
+    b = torch.randn(2048, generator=g)
+    fn = linear_geglu if kind == "geglu" else lambda *a: linear_gelu(*a, approximate=kind)
+    calls = _fused_calls(monkeypatch)
+    with torch.no_grad():
+        out, plain = fn(x, w, b), linear(x, w, b)
+    assert calls == (["gelu", "mul"] if kind == "geglu" else ["gelu"]) + ["none"]
+    ref = _gelu_reference(x, w, b, kind)
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    torch.testing.assert_close(plain.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16 kernels")
 @pytest.mark.parametrize("kind", ["none", "geglu"])
 def test_activation_in_the_product_epilogue_under_bfloat16_autocast(kind, monkeypatch):

@@ -16,9 +16,10 @@ products enter the graph as the operators ``perceivers::onednn_linear`` / ``perc
 around them. Without autograd, :func:`linear_gelu` and :func:`linear_geglu` apply their activation in the
 products' epilogues (in float32 on that path, and in bfloat16 under CPU bfloat16 autocast).
 Whether it is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by
-default on x86 AMD processors with oneDNN available. The bfloat16 paths (the epilogues under autocast, the
-blocked bfloat16 attention) follow :func:`onednn_bf16_enabled`: the same switches, and by default also on
-processors with AMX.
+default on x86 AMD processors with oneDNN available; on processors with AMX, by default also for the float32
+products without autograd of a latent array at small batches (:func:`_onednn_on_amx`). The bfloat16 paths (the
+epilogues under autocast, the blocked bfloat16 attention) follow :func:`onednn_bf16_enabled`: the same switches,
+and by default also on processors with AMX.
 
 On processors without bfloat16 arithmetic, where PyTorch emulates bfloat16 products at about a quarter of the
 float32 rate, bfloat16 work (CPU autocast, bfloat16 tensors) is computed in float32 and returned in bfloat16
@@ -321,7 +322,30 @@ def _large(x: Tensor, weight: Tensor) -> bool:
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     # usability first: under export (outside native_export) it is False, and the size test is never asked (on a
     # symbolic batch it would become a guard of the exported program, refusing batches above the threshold)
-    return _onednn_usable(x, weight, *(() if bias is None else (bias,))) and _large(x, weight)
+    return (_onednn_usable(x, weight, *(() if bias is None else (bias,))) and _large(x, weight)) or _onednn_on_amx(
+        x, weight, bias)
+
+
+_AMX_ROWS, _AMX_MACS = 512, 1 << 26  # see _onednn_on_amx
+
+
+def _onednn_on_amx(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether a float32 product without autograd goes to oneDNN on a processor with AMX, whose float32 products
+    otherwise stay MKL's: one of at most :data:`_AMX_ROWS` rows and :data:`_AMX_MACS` multiply-adds, as a latent
+    array's at batch 1 (``[256, 512] × [512, 4096]``: 3.23 against 3.60 ms; ``[2048, 768] × [768, 768]``, not
+    taken, 6.93 against 6.68 ms). Inference of the README Perceiver at 1k-64k inputs, batch 1: 0.91-0.93x the
+    time, the official language model's 0.92x (docs/performance.md, "oneDNN for a latent array's products on AMX").
+    Not with autograd, under autocast, ``torch.compile`` or ``torch.export``, nor where ``PERCEIVERS_ONEDNN`` or
+    :func:`use_onednn` decides."""
+    if _override is not None or torch.compiler.is_compiling() or x.dim() < 2 or weight.dim() != 2 or not x.shape[-1]:
+        return False
+    rows = x.numel() // x.shape[-1]
+    if rows > _AMX_ROWS or rows * x.shape[-1] * weight.shape[0] < _AMX_MACS or _records_graph(x, weight, bias):
+        return False
+    operands = (x, weight) if bias is None else (x, weight, bias)
+    return (kernels.has_amx() and env_switch("PERCEIVERS_ONEDNN") is None and _mkldnn_available()
+            and _dense(operands, torch.float32) and not torch.is_autocast_enabled("cpu") and _plain_eager()
+            and not torch._C._len_torch_dispatch_stack())
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
