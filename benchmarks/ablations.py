@@ -691,8 +691,9 @@ def study_bf16_amx_written_out(args) -> dict:
 
 
 def study_onednn_amx(args) -> dict:
-    """float32 inference on a processor with AMX: a latent array's products at batch 1 (at most 512 rows, 2^26
-    multiply-adds) on oneDNN (``dense._onednn_on_amx``, activations in their epilogues) instead of MKL."""
+    """float32 on a processor with AMX: a latent array's products at batch 1 (at most 512 rows, 2^26 multiply-adds)
+    on oneDNN (``dense._onednn_on_amx``: in inference with the activations in their epilogues, in training the
+    forward product only) instead of MKL."""
     from perceivers import kernels
     from perceivers.layers import dense
 
@@ -703,8 +704,12 @@ def study_onednn_amx(args) -> dict:
     out = {}
     for case, model, call in _bf16_workloads(("sweep-perceiver-32", "sweep-perceiver-256", "sweep-perceiver-1024",
                                               "vision-fourier-reduced", "sweep-io-256", "language-official"), args):
-        after = with_native(True, forward(model, call), own=("attention", "geglu"))
-        out[f"{case} inference"] = timed({"before": with_patches(before, after), "after": after}, args.repeats)
+        modes = [("inference", forward(model, call))]
+        if case.startswith("language-official"):
+            modes.append(("training step", train_step(model, call)))
+        for mode, fn in modes:
+            after = with_native(True, fn, own=("attention", "geglu"))
+            out[f"{case} {mode}"] = timed({"before": with_patches(before, after), "after": after}, args.repeats)
     return out
 
 

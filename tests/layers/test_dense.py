@@ -387,12 +387,12 @@ def test_activation_in_the_product_epilogue(kind, bias, monkeypatch):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("latent array", True), ("autograd", False), ("many rows", False), ("small", False), ("autocast", False),
+    ("latent array", True), ("autograd", True), ("many rows", False), ("small", False), ("autocast", False),
     ("float64", False), ("no AMX", False), ("use_onednn(False)", False), ("PERCEIVERS_ONEDNN=0", False),
 ])
 def test_which_float32_products_take_onednn_on_amx(case, expected, monkeypatch):
-    """On a processor with AMX, where float32 products stay MKL's by default, those without autograd of at most
-    512 rows and 2²⁶ multiply-adds (a latent array's at batch 1) go to oneDNN, unless a switch decides."""
+    """On a processor with AMX, where float32 products stay MKL's by default, those of at most 512 rows and 2²⁶
+    multiply-adds (a latent array's at batch 1) go to oneDNN, unless a switch decides."""
     from perceivers import kernels
 
     monkeypatch.delenv("PERCEIVERS_ONEDNN", raising=False)
@@ -430,6 +430,31 @@ def test_float32_inference_of_a_latent_array_on_amx(kind, monkeypatch):
     ref = _gelu_reference(x, w, b, kind)
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     torch.testing.assert_close(plain.double(), F.linear(x.double(), w.double(), b.double()), rtol=1e-5, atol=1e-4)
+
+
+def test_float32_training_of_a_latent_array_on_amx(monkeypatch):
+    """In training there the forward product is oneDNN's and the backward's two are MKL's; values and all three
+    gradients agree with float64, and the product's gradient is differentiable again (create_graph)."""
+    from perceivers import kernels
+
+    monkeypatch.delenv("PERCEIVERS_ONEDNN", raising=False)
+    monkeypatch.setattr(linear_module, "_auto", lambda: False)
+    monkeypatch.setattr(kernels, "has_amx", lambda: True)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 256, 512, generator=g, requires_grad=True)
+    w = (torch.randn(1024, 512, generator=g) * 0.05).requires_grad_()
+    b = torch.randn(1024, generator=g, requires_grad=True)
+    grad = torch.randn(1, 256, 1024, generator=g)
+    calls = _fused_calls(monkeypatch)
+    out = linear(x, w, b)
+    assert type(out.grad_fn).__name__ == "_OneDNNForwardLinearBackward" and calls == ["none"]
+    out.backward(grad)
+    assert calls == ["none"]  # the backward's products are not oneDNN's
+    refs = _reference(x, w, b, grad)
+    for got, ref in zip((out, x.grad, w.grad, b.grad), refs):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-4)
+    first = torch.autograd.grad(linear(x, w, b).square().sum(), w, create_graph=True)[0]
+    assert first.requires_grad
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16 kernels")

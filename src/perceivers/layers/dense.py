@@ -17,7 +17,7 @@ around them. Without autograd, :func:`linear_gelu` and :func:`linear_geglu` appl
 products' epilogues (in float32 on that path, and in bfloat16 under CPU bfloat16 autocast).
 Whether it is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by
 default on x86 AMD processors with oneDNN available; on processors with AMX, by default also for the float32
-products without autograd of a latent array at small batches (:func:`_onednn_on_amx`). The bfloat16 paths (the
+products of a latent array at small batches (:func:`_onednn_on_amx`; in training the forward's only). The bfloat16 paths (the
 epilogues under autocast, the blocked bfloat16 attention) follow :func:`onednn_bf16_enabled`: the same switches,
 and by default also on processors with AMX.
 
@@ -204,6 +204,25 @@ class _OneDNNLinear(torch.autograd.Function):
         return _linear_gradients(*ctx.saved_tensors, grad, ctx.needs_input_grad, _onednn, _onednn_weight_grad)
 
 
+class _OneDNNForwardLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` with the forward product on oneDNN and the backward's two on MKL (a latent array's products in
+    training on AMX, :func:`_onednn_on_amx`: oneDNN's weight gradients are the slower there)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        _save_operands(ctx, x, weight, bias)
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _linear_gradients(*ctx.saved_tensors, grad, ctx.needs_input_grad, _mkl_product, _mm_weight_grad)
+
+
+def _mkl_product(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    """``a bᵀ + bias`` with PyTorch's own product (MKL): :func:`_onednn`'s counterpart."""
+    return F.linear(a, b, bias)
+
+
 # Under ``torch.compile`` the same products as operators (``torch.library``), which the compiled graphs
 # keep as opaque calls, fusing the elementwise work around them, where they would otherwise lower
 # ``F.linear`` to MKL's slower kernels. (Eager calls take the autograd function above: measured faster.)
@@ -330,17 +349,18 @@ _AMX_ROWS, _AMX_MACS = 512, 1 << 26  # see _onednn_on_amx
 
 
 def _onednn_on_amx(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether a float32 product without autograd goes to oneDNN on a processor with AMX, whose float32 products
-    otherwise stay MKL's: one of at most :data:`_AMX_ROWS` rows and :data:`_AMX_MACS` multiply-adds, as a latent
-    array's at batch 1 (``[256, 512] × [512, 4096]``: 3.23 against 3.60 ms; ``[2048, 768] × [768, 768]``, not
-    taken, 6.93 against 6.68 ms). Inference of the README Perceiver at 1k-64k inputs, batch 1: 0.91-0.93x the
-    time, the official language model's 0.92x (docs/performance.md, "oneDNN for a latent array's products on AMX").
-    Not with autograd, under autocast, ``torch.compile`` or ``torch.export``, nor where ``PERCEIVERS_ONEDNN`` or
+    """Whether a float32 product goes to oneDNN on a processor with AMX, whose float32 products otherwise stay
+    MKL's: one of at most :data:`_AMX_ROWS` rows and :data:`_AMX_MACS` multiply-adds, as a latent array's at batch
+    1 (``[256, 512] × [512, 4096]``: 3.23 against 3.60 ms; ``[2048, 768] × [768, 768]``, not taken, 6.93 against
+    6.68 ms). Inference of the README Perceiver at 1k-64k inputs, batch 1: 0.92-0.97x the time, the official
+    language model's 0.92x; in training only the forward product is oneDNN's (:class:`_OneDNNForwardLinear`):
+    the official language model's step 0.95-0.98x (docs/performance.md, "oneDNN for a latent array's products on
+    AMX"). Not under autocast, ``torch.compile`` or ``torch.export``, nor where ``PERCEIVERS_ONEDNN`` or
     :func:`use_onednn` decides."""
     if _override is not None or torch.compiler.is_compiling() or x.dim() < 2 or weight.dim() != 2 or not x.shape[-1]:
         return False
     rows = x.numel() // x.shape[-1]
-    if rows > _AMX_ROWS or rows * x.shape[-1] * weight.shape[0] < _AMX_MACS or _records_graph(x, weight, bias):
+    if rows > _AMX_ROWS or rows * x.shape[-1] * weight.shape[0] < _AMX_MACS:
         return False
     operands = (x, weight) if bias is None else (x, weight, bias)
     return (kernels.has_amx() and env_switch("PERCEIVERS_ONEDNN") is None and _mkldnn_available()
@@ -360,8 +380,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias)
-    if _records_graph(x, weight, bias):
-        return _OneDNNLinear.apply(x, weight, bias)
+    if _records_graph(x, weight, bias):  # on AMX, where oneDNN is not on, a latent array's product (_onednn_on_amx)
+        return (_OneDNNLinear if onednn_enabled() else _OneDNNForwardLinear).apply(x, weight, bias)
     return _onednn(x, weight, bias)
 
 
