@@ -204,14 +204,9 @@ class _OneDNNLinear(torch.autograd.Function):
         return _linear_gradients(*ctx.saved_tensors, grad, ctx.needs_input_grad, _onednn, _onednn_weight_grad)
 
 
-class _OneDNNForwardLinear(torch.autograd.Function):
+class _OneDNNForwardLinear(_OneDNNLinear):
     """``x Wᵀ + b`` with the forward product on oneDNN and the backward's two on MKL (a latent array's products in
     training on AMX, :func:`_onednn_on_amx`: oneDNN's weight gradients are the slower there)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        _save_operands(ctx, x, weight, bias)
-        return _onednn(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
