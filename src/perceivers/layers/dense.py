@@ -17,9 +17,9 @@ around them. Without autograd, :func:`linear_gelu` and :func:`linear_geglu` appl
 products' epilogues (in float32 on that path, and in bfloat16 under CPU bfloat16 autocast).
 Whether it is on: ``PERCEIVERS_ONEDNN=1`` / ``0`` in the environment, :func:`use_onednn` in code, and by
 default on x86 AMD processors with oneDNN available; on processors with AMX, by default also for the float32
-products of a latent array at small batches (:func:`_onednn_on_amx`; in training the forward's only). The bfloat16 paths (the
-epilogues under autocast, the blocked bfloat16 attention) follow :func:`onednn_bf16_enabled`: the same switches,
-and by default also on processors with AMX.
+products of a latent array at small batches (:func:`_onednn_on_amx`; in training the forward's only). The
+bfloat16 paths (the epilogues under autocast, the blocked bfloat16 attention) follow :func:`onednn_bf16_enabled`:
+the same switches, and by default also on processors with AMX.
 
 On processors without bfloat16 arithmetic, where PyTorch emulates bfloat16 products at about a quarter of the
 float32 rate, bfloat16 work (CPU autocast, bfloat16 tensors) is computed in float32 and returned in bfloat16
@@ -348,8 +348,8 @@ def _onednn_on_amx(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     MKL's: one of at most :data:`_AMX_ROWS` rows and :data:`_AMX_MACS` multiply-adds, as a latent array's at batch
     1 (``[256, 512] × [512, 4096]``: 3.23 against 3.60 ms; ``[2048, 768] × [768, 768]``, not taken, 6.93 against
     6.68 ms). Inference of the README Perceiver at 1k-64k inputs, batch 1: 0.92-0.97x the time, the official
-    language model's 0.92x; in training only the forward product is oneDNN's (:class:`_OneDNNForwardLinear`):
-    the official language model's step 0.95-0.98x (docs/performance.md, "oneDNN for a latent array's products on
+    language model's 0.90-0.92x; in training only the forward product is oneDNN's (:class:`_OneDNNForwardLinear`):
+    the official language model's step 0.96-0.97x (docs/performance.md, "oneDNN for a latent array's products on
     AMX"). Not under autocast, ``torch.compile`` or ``torch.export``, nor where ``PERCEIVERS_ONEDNN`` or
     :func:`use_onednn` decides."""
     if _override is not None or torch.compiler.is_compiling() or x.dim() < 2 or weight.dim() != 2 or not x.shape[-1]:
