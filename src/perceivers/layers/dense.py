@@ -210,12 +210,7 @@ class _OneDNNForwardLinear(_OneDNNLinear):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _linear_gradients(*ctx.saved_tensors, grad, ctx.needs_input_grad, _mkl_product, _mm_weight_grad)
-
-
-def _mkl_product(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
-    """``a bᵀ + bias`` with PyTorch's own product (MKL): :func:`_onednn`'s counterpart."""
-    return F.linear(a, b, bias)
+        return _linear_gradients(*ctx.saved_tensors, grad, ctx.needs_input_grad, F.linear, _mm_weight_grad)
 
 
 # Under ``torch.compile`` the same products as operators (``torch.library``), which the compiled graphs

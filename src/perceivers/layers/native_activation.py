@@ -65,8 +65,10 @@ def applies(h: Tensor, activation: str = "geglu") -> bool:
     :func:`softmax` (``"softmax"``, over the last axis) serves ``h``."""
     if activation == "geglu":
         shape_fits = h.dim() >= 1 and h.shape[-1] % 2 == 0
+    elif activation == "softmax":
+        shape_fits = h.dim() >= 1 and h.numel() >= _MIN_SOFTMAX
     else:
-        shape_fits = activation != "softmax" or (h.dim() >= 1 and h.numel() >= _MIN_SOFTMAX)
+        shape_fits = True
     return (shape_fits and h.numel() > 0 and h.dtype in _SUFFIX
             and _native_eager(h, dtype=h.dtype) and available())
 
