@@ -713,6 +713,22 @@ def study_onednn_amx(args) -> dict:
     return out
 
 
+def study_bias_in_activation(args) -> dict:
+    """float32: the first feed-forward product's bias added by the native GEGLU / tanh-GELU kernel that follows it
+    (``dense._bias_in_activation``) instead of by the product (PyTorch's ``addmm`` broadcasts it into its output
+    first): the README model, PerceiverIO over 2048 inputs and the reduced language and vision models."""
+    from perceivers.layers import dense
+
+    before = {(dense, "_bias_in_activation"): lambda *args: False}
+    out = {}
+    for case, model, call in _bf16_workloads(("readme-64-tied", "io-2048x128", "language-reduced",
+                                              "vision-fourier-reduced"), args):
+        for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
+            after = with_native(True, fn, own=("attention", "geglu"))
+            out[f"{case} {mode}"] = timed({"before": with_patches(before, after), "after": after}, args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
@@ -720,7 +736,7 @@ STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv,
            "bf16_attention": study_bf16_attention, "bf16_in_float32": study_bf16_in_float32,
            "bf16_geglu": study_bf16_geglu, "bf16_amx": study_bf16_amx, "gelu_tanh": study_gelu_tanh,
            "softmax": study_softmax, "bf16_amx_written_out": study_bf16_amx_written_out,
-           "onednn_amx": study_onednn_amx}
+           "onednn_amx": study_onednn_amx, "bias_in_activation": study_bias_in_activation}
 
 
 def markdown(results: dict) -> str:

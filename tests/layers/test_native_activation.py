@@ -174,6 +174,62 @@ def test_gelu_tanh_second_order_gradients_and_strided_input():
     torch.testing.assert_close(second.double(), ref_second, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation", ["geglu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(8, 256, 4096), (3, 37, 2 * 19), (5, 2 * 40), (1, 2)])
+def test_bias_values_and_gradients_match_float64(activation, shape):
+    """With the preceding product's bias (``takes_bias``), the kernels compute the activation of ``h + bias``: value
+    and the gradients of ``h`` and of the bias (summed over the rows) as close to float64 as PyTorch's float32 path
+    with the bias added first."""
+    n_out = shape[-1] // 2 if activation == "geglu" else shape[-1]
+    h, grad = _sample(1, shape, 2.0, (*shape[:-1], n_out))
+    bias = (torch.randn(shape[-1], generator=torch.Generator().manual_seed(2)) * 2).requires_grad_()
+    out = getattr(na, activation)(h, bias)
+    out.backward(grad)
+
+    def path(dtype):
+        hd, bd = (t.detach().to(dtype).requires_grad_() for t in (h, bias))
+        z = hd + bd
+        if activation == "geglu":
+            value, gate = z.chunk(2, dim=-1)
+            result = value * F.gelu(gate)
+        else:
+            result = F.gelu(z, approximate="tanh")
+        result.backward(grad.to(dtype))
+        return result, hd.grad, bd.grad
+
+    for got, ref, theirs in zip((out, h.grad, bias.grad), path(torch.float64), path(torch.float32)):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        error = (got.double() - ref).abs().max().item()
+        assert error <= max(1.5 * (theirs.double() - ref).abs().max().item(), 3e-7 * ref.abs().max().item())
+
+
+def test_bias_second_order_gradients():
+    """``create_graph=True`` through the biased kernels: second-order gradients of ``h`` and the bias as float64's."""
+    h = torch.randn(6, 2 * 24, requires_grad=True)
+    bias = torch.randn(2 * 24, requires_grad=True)
+    hd, bd = (t.detach().double().requires_grad_() for t in (h, bias))
+    for fn, ref in ((na.geglu, lambda z: z.chunk(2, -1)[0] * F.gelu(z.chunk(2, -1)[1])),
+                    (na.gelu_tanh, lambda z: F.gelu(z, approximate="tanh"))):
+        first = torch.autograd.grad(fn(h, bias).square().sum(), (h, bias), create_graph=True)
+        second = torch.autograd.grad(sum(g.sum() for g in first), (h, bias))
+        ref_first = torch.autograd.grad(ref(hd + bd).square().sum(), (hd, bd), create_graph=True)
+        ref_second = torch.autograd.grad(sum(g.sum() for g in ref_first), (hd, bd))
+        for got, want in zip((*first, *second), (*ref_first, *ref_second)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("float32", True), ("no bias", False), ("autocast", False), ("bfloat16", False), ("empty", False),
+])
+def test_where_the_kernel_takes_the_bias(case, expected):
+    """``takes_bias``: float32 operands outside autocast, with a bias, where the kernel runs."""
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    x = torch.randn(0 if case == "empty" else 4, 8, dtype=dtype)
+    weight, bias = torch.randn(16, 8, dtype=dtype), None if case == "no bias" else torch.randn(16, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        assert na.takes_bias(x, weight, bias) is expected
+
+
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_builds_for_narrower_vectors_match_float64(march, built_for):
     """Built for AVX2 (8-float vectors, masked tails) and for SSE2, the kernels pass the comparisons above."""
@@ -184,6 +240,8 @@ def test_builds_for_narrower_vectors_match_float64(march, built_for):
             test_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
             test_gelu_tanh_values_and_gradients_match_float64(shape, scale)
             test_gelu_tanh_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
+        for activation in ("geglu", "gelu_tanh"):
+            test_bias_values_and_gradients_match_float64(activation, shape)
         test_bfloat16_keeps_nan_and_infinity()
     for shape in _SOFTMAX_SHAPES:
         for scale in (1.0, 30.0):
@@ -283,14 +341,15 @@ def test_feed_forward_goes_through_it_and_matches_pytorch(monkeypatch):
     x = torch.randn(2, 30, 64, requires_grad=True)
     calls = []
     original = na.geglu
-    monkeypatch.setattr(na, "geglu", lambda h: calls.append(1) or original(h))
+    monkeypatch.setattr(na, "geglu", lambda *args: calls.append(1) or original(*args))
     results = []
     for native in (True, False):
         if not native:
             monkeypatch.setattr(na, "applies", lambda h: False)
         out = ff(x)
         out.square().mean().backward()
-        results.append((out.detach(), x.grad.clone(), ff.fc1.weight.grad.clone(), ff.fc2.weight.grad.clone()))
+        results.append((out.detach(), x.grad.clone(), ff.fc1.weight.grad.clone(), ff.fc1.bias.grad.clone(),
+                        ff.fc2.weight.grad.clone()))
         x.grad = None
         ff.zero_grad()
         assert len(calls) == 1  # the native pass only
@@ -307,7 +366,7 @@ def test_feed_forward_goes_through_the_kernel_in_training(activation, autocast, 
     ff = FeedForward(64, mult=4 if activation == "geglu" else 1, activation=activation)
     x = torch.randn(2, 30, 64, requires_grad=True)
     calls, original = [], getattr(na, activation)
-    monkeypatch.setattr(na, activation, lambda h: calls.append(h.dtype) or original(h))
+    monkeypatch.setattr(na, activation, lambda h, bias=None: calls.append((h.dtype, bias is not None)) or original(h, bias))
     results = []
     for native in (True, False):
         if not native:
@@ -315,10 +374,11 @@ def test_feed_forward_goes_through_the_kernel_in_training(activation, autocast, 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = ff(x)
         out.float().square().mean().backward()
-        results.append((out.float().detach(), x.grad.clone(), ff.fc1.weight.grad.clone()))
+        results.append((out.float().detach(), x.grad.clone(), ff.fc1.weight.grad.clone(), ff.fc1.bias.grad.clone()))
         x.grad = None
         ff.zero_grad()
-    assert calls == [torch.bfloat16 if autocast else torch.float32]
+    # float32: the first product's bias is added by the kernel (takes_bias); under autocast by the product
+    assert calls == [(torch.bfloat16, False) if autocast else (torch.float32, True)]
     tolerance = 0.03 if autocast else 1e-5
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item())

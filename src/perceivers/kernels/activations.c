@@ -14,13 +14,15 @@
  * masked.
  *
  * Layout: h rows of stride ld (>= 2n), a = h[r][0:n], g = h[r][n:2n]; out and dout rows of n, contiguous;
- * dh rows of 2n, contiguous. Rows are split over OpenMP threads. float32 rows (perceivers_geglu*) and bfloat16
+ * dh rows of 2n, contiguous; bias NULL or 2n values added to every row of h first (the preceding product's bias,
+ * so that the product need not broadcast it into its output; dh is the gradient of h + bias, which is also the
+ * bias's summed over the rows). Rows are split over OpenMP threads. float32 rows (perceivers_geglu*) and bfloat16
  * ones (perceivers_geglu_bf16*: widened as loaded, computed in float32, rounded once to nearest even as stored).
  *
  * The tanh-approximated GELU (DeepMind's jax.nn.gelu, PyTorch's approximate="tanh"), y = x s with
  * s = (1 + tanh u) / 2 = 1 / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3), over count contiguous
- * elements (perceivers_gelu_tanh*): PyTorch's own loop evaluates a tanh five times slower than its exact GELU.
- * Written through the logistic function, the value keeps its relative accuracy in the negative tail (where
+ * elements (perceivers_gelu_tanh*; with a bias, count / n rows of n, bias[n] added to each first): PyTorch's own
+ * loop evaluates a tanh five times slower than its exact GELU. Written through the logistic function, the value keeps its relative accuracy in the negative tail (where
  * 1 + tanh u cancels). The derivative is s (1 + 2 x u' (1 - s)), 1 - s = s exp(-2u). Beyond |x| = 10 the value
  * is x or 0 and the derivative 1 or 0 to float32's precision, so x is clamped there (no overflow in x^3 or the
  * exponential, and gelu(-inf) = 0, gelu'(+-inf) = 1 and 0 where PyTorch's formula gives NaN).
@@ -54,21 +56,29 @@ static inline void geglu_grads(vn a, vn g, vn d, vn *da, vn *dg) {
     *dg = d * a * (cdf + g * pdf);
 }
 
+/* x, plus the bias's b where there is a bias (the product's bias, added here instead of in the product). */
+#define BIASED(x, b) (bias ? (x) + (b) : (x))
+
 /* The forward and backward for one storage type T, loaded and stored through LOAD/LOADN/STORE/STOREN (the
  * N forms take a row's last, partial vector of k < NW elements). */
 #define DEFINE_GEGLU(SUFFIX, T, LOAD, LOADN, STORE, STOREN)                                                       \
-    void perceivers_geglu##SUFFIX(int64_t rows, int64_t n, int64_t ld, const T *h, T *out) {                      \
+    void perceivers_geglu##SUFFIX(int64_t rows, int64_t n, int64_t ld, const T *h, const T *bias, T *out) {       \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int64_t r = 0; r < rows; ++r) {                                                                      \
             const T *a = h + r * ld, *g = a + n;                                                                  \
             T *o = out + r * n;                                                                                   \
             int64_t i = 0;                                                                                        \
-            for (; i + NW <= n; i += NW) STORE(o + i, geglu_value(LOAD(a + i), LOAD(g + i)));                    \
-            if (i < n) STOREN(o + i, geglu_value(LOADN(a + i, n - i), LOADN(g + i, n - i)), n - i);              \
+            for (; i + NW <= n; i += NW)                                                                          \
+                STORE(o + i, geglu_value(BIASED(LOAD(a + i), LOAD(bias + i)), BIASED(LOAD(g + i), LOAD(bias + n + i))));\
+            if (i < n) {                                                                                          \
+                const int64_t k = n - i;                                                                          \
+                STOREN(o + i, geglu_value(BIASED(LOADN(a + i, k), LOADN(bias + i, k)),                           \
+                                          BIASED(LOADN(g + i, k), LOADN(bias + n + i, k))), k);                   \
+            }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
-    void perceivers_geglu##SUFFIX##_backward(int64_t rows, int64_t n, int64_t ld, const T *h, const T *dout,      \
-                                             T *dh) {                                                             \
+    void perceivers_geglu##SUFFIX##_backward(int64_t rows, int64_t n, int64_t ld, const T *h, const T *bias,      \
+                                             const T *dout, T *dh) {                                              \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int64_t r = 0; r < rows; ++r) {                                                                      \
             const T *a = h + r * ld, *g = a + n, *d = dout + r * n;                                               \
@@ -76,13 +86,15 @@ static inline void geglu_grads(vn a, vn g, vn d, vn *da, vn *dg) {
             vn ra, rg;                                                                                            \
             int64_t i = 0;                                                                                        \
             for (; i + NW <= n; i += NW) {                                                                        \
-                geglu_grads(LOAD(a + i), LOAD(g + i), LOAD(d + i), &ra, &rg);                                     \
+                geglu_grads(BIASED(LOAD(a + i), LOAD(bias + i)), BIASED(LOAD(g + i), LOAD(bias + n + i)),         \
+                            LOAD(d + i), &ra, &rg);                                                               \
                 STORE(da + i, ra);                                                                                \
                 STORE(dg + i, rg);                                                                                \
             }                                                                                                     \
             if (i < n) {                                                                                          \
                 const int64_t k = n - i;                                                                          \
-                geglu_grads(LOADN(a + i, k), LOADN(g + i, k), LOADN(d + i, k), &ra, &rg);                         \
+                geglu_grads(BIASED(LOADN(a + i, k), LOADN(bias + i, k)),                                          \
+                            BIASED(LOADN(g + i, k), LOADN(bias + n + i, k)), LOADN(d + i, k), &ra, &rg);          \
                 STOREN(da + i, ra, k);                                                                            \
                 STOREN(dg + i, rg, k);                                                                            \
             }                                                                                                     \
@@ -120,25 +132,33 @@ static inline vn gelu_tanh_grad(vn x, vn d) {
     return nsel(x < -10.0f, nbcast(0.0f), d * s * (1.0f + 2.0f * c * du * (e * s)));
 }
 
-/* count elements, in blocks of GELU_BLOCK over OpenMP threads */
+/* count elements, in blocks of GELU_BLOCK over OpenMP threads; with a bias, rows of n (bias[n] added to each) over
+ * the threads */
 #define GELU_BLOCK 4096
 #define DEFINE_GELU_TANH(SUFFIX, T, LOAD, LOADN, STORE, STOREN)                                                   \
-    void perceivers_gelu_tanh##SUFFIX(int64_t count, const T *x, T *out) {                                        \
+    void perceivers_gelu_tanh##SUFFIX(int64_t count, int64_t n, const T *x, const T *bias, T *out) {              \
+        const int64_t span = bias ? n : GELU_BLOCK;                                                               \
         _Pragma("omp parallel for schedule(static)")                                                              \
-        for (int64_t b = 0; b < count; b += GELU_BLOCK) {                                                         \
-            const int64_t end = b + GELU_BLOCK < count ? b + GELU_BLOCK : count;                                  \
+        for (int64_t b = 0; b < count; b += span) {                                                               \
+            const int64_t end = b + span < count ? b + span : count;                                              \
             int64_t i = b;                                                                                        \
-            for (; i + NW <= end; i += NW) STORE(out + i, gelu_tanh_value(LOAD(x + i)));                          \
-            if (i < end) STOREN(out + i, gelu_tanh_value(LOADN(x + i, end - i)), end - i);                        \
+            for (; i + NW <= end; i += NW) STORE(out + i, gelu_tanh_value(BIASED(LOAD(x + i), LOAD(bias + i - b))));\
+            if (i < end)                                                                                          \
+                STOREN(out + i, gelu_tanh_value(BIASED(LOADN(x + i, end - i), LOADN(bias + i - b, end - i))), end - i);\
         }                                                                                                         \
     }                                                                                                             \
-    void perceivers_gelu_tanh##SUFFIX##_backward(int64_t count, const T *x, const T *dout, T *dx) {               \
+    void perceivers_gelu_tanh##SUFFIX##_backward(int64_t count, int64_t n, const T *x, const T *bias, const T *dout,\
+                                                 T *dx) {                                                         \
+        const int64_t span = bias ? n : GELU_BLOCK;                                                               \
         _Pragma("omp parallel for schedule(static)")                                                              \
-        for (int64_t b = 0; b < count; b += GELU_BLOCK) {                                                         \
-            const int64_t end = b + GELU_BLOCK < count ? b + GELU_BLOCK : count;                                  \
+        for (int64_t b = 0; b < count; b += span) {                                                               \
+            const int64_t end = b + span < count ? b + span : count;                                              \
             int64_t i = b;                                                                                        \
-            for (; i + NW <= end; i += NW) STORE(dx + i, gelu_tanh_grad(LOAD(x + i), LOAD(dout + i)));            \
-            if (i < end) STOREN(dx + i, gelu_tanh_grad(LOADN(x + i, end - i), LOADN(dout + i, end - i)), end - i);\
+            for (; i + NW <= end; i += NW)                                                                        \
+                STORE(dx + i, gelu_tanh_grad(BIASED(LOAD(x + i), LOAD(bias + i - b)), LOAD(dout + i)));           \
+            if (i < end)                                                                                          \
+                STOREN(dx + i, gelu_tanh_grad(BIASED(LOADN(x + i, end - i), LOADN(bias + i - b, end - i)),        \
+                                              LOADN(dout + i, end - i)), end - i);                                \
         }                                                                                                         \
     }
 

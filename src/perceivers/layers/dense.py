@@ -250,8 +250,8 @@ _linear_op.register_autograd(
 def _onednn_usable(*tensors: Tensor) -> bool:
     """Whether oneDNN's float32 products may serve these operands here: dense float32 CPU tensors outside
     autocast, where :func:`_kernels_usable`."""
-    return (all(t.dtype == torch.float32 for t in tensors) and not torch.is_autocast_enabled("cpu")
-            and _kernels_usable(*tensors))
+    return (_kernels_usable(*tensors)  # first: off (Intel's float32) is the usual answer
+            and all(t.dtype == torch.float32 for t in tensors) and not torch.is_autocast_enabled("cpu"))
 
 
 def _kernels_usable(*tensors: Tensor, bf16: bool = False) -> bool:
@@ -262,7 +262,7 @@ def _kernels_usable(*tensors: Tensor, bf16: bool = False) -> bool:
     the oneDNN operators define no ``vmap``/``jvp``). Under ``torch.compile`` the operators enter the graph (see
     above)."""
     enabled = onednn_bf16_enabled() if bf16 else onednn_enabled()  # first: off (Intel's float32) is the usual answer
-    if not (enabled and all(t.device.type == "cpu" and t.layout == torch.strided for t in tensors)):
+    if not (enabled and all(t.is_cpu and t.layout == torch.strided for t in tensors)):
         return False
     if torch.compiler.is_compiling():
         return not torch.compiler.is_exporting() or _exporting_native()
@@ -347,26 +347,31 @@ def _onednn_on_amx(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     the official language model's step 0.96-0.97x (docs/performance.md, "oneDNN for a latent array's products on
     AMX"). Not under autocast, ``torch.compile`` or ``torch.export``, nor where ``PERCEIVERS_ONEDNN`` or
     :func:`use_onednn` decides."""
-    if _override is not None or torch.compiler.is_compiling() or x.dim() < 2 or weight.dim() != 2 or not x.shape[-1]:
+    if (_override is not None or torch.compiler.is_compiling() or not kernels.has_amx()  # Dynamo: no flags
+            or x.dim() < 2 or weight.dim() != 2 or not x.shape[-1]):
         return False
     rows = x.numel() // x.shape[-1]
     if rows > _AMX_ROWS or rows * x.shape[-1] * weight.shape[0] < _AMX_MACS:
         return False
     operands = (x, weight) if bias is None else (x, weight, bias)
-    return (kernels.has_amx() and env_switch("PERCEIVERS_ONEDNN") is None and _mkldnn_available()
+    return (env_switch("PERCEIVERS_ONEDNN") is None and _mkldnn_available()
             and _dense(operands, torch.float32) and not torch.is_autocast_enabled("cpu") and _plain_eager()
             and not torch._C._len_torch_dispatch_stack())
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., in]``, ``weight [out, in]`` -> ``[..., out]``."""
-    if bf16_in_float32(x, weight, bias):
-        if _records_graph(x, weight, bias):
-            return _Bf16InFloat32Linear.apply(x, x.to(torch.bfloat16), weight, bias)
-        return _bf16_linear_forward(x, weight, bias)
-    if not _use_onednn(x, weight, bias):
-        if _uncached_autocast(x, weight, bias):
+    # asked on every dense layer: the cheapest tests first (a small layer's product takes a few µs)
+    autocast = torch.is_autocast_enabled("cpu")
+    if autocast or x.dtype == torch.bfloat16:  # where bf16_in_float32 may hold; oneDNN's float32 path never does
+        if bf16_in_float32(x, weight, bias):
+            if _records_graph(x, weight, bias):
+                return _Bf16InFloat32Linear.apply(x, x.to(torch.bfloat16), weight, bias)
+            return _bf16_linear_forward(x, weight, bias)
+        if autocast and _uncached_autocast(x, weight, bias):
             return F.linear(*_autocast_operands(x, weight, bias))
+        return F.linear(x, weight, bias)
+    if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias)
@@ -385,8 +390,8 @@ def _uncached_autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     copy is freed after the product, where autocast's cast would be kept to the end of the autocast region (a
     weight's bfloat16 copy for every layer of the forward at once: the README Perceiver at 64k inputs, 24M
     parameters, 57-59 -> 33-38 MiB peak)."""
-    return (weight.dtype == torch.float32 and _cpu_autocast_bf16() and weight.device.type == "cpu"
-            and not _records_graph(x, weight, bias) and not torch.compiler.is_compiling())
+    return (weight.dtype == torch.float32 and not _records_graph(x, weight, bias) and weight.is_cpu
+            and _cpu_autocast_bf16() and not torch.compiler.is_compiling())
 
 
 def _cpu_autocast_bf16() -> bool:
@@ -397,7 +402,7 @@ def _cpu_autocast_bf16() -> bool:
 def _autocast_operands(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """CPU tensors cast to bfloat16 under CPU bfloat16 autocast, as autocast casts a product's operands (for
     calls that autocast does not see: oneDNN's operators, the blocked attention); others unchanged."""
-    if tensors[0].device.type == "cpu" and _cpu_autocast_bf16():
+    if tensors[0].is_cpu and _cpu_autocast_bf16():
         return tuple(None if t is None else t.to(torch.bfloat16) for t in tensors)
     return tensors
 
@@ -412,17 +417,19 @@ def bf16_in_float32(*tensors: Tensor | None) -> bool:
     product runs at about a quarter of the float32 rate), eagerly, for dense CPU tensors that are bfloat16 or
     under CPU bfloat16 autocast. ``PERCEIVERS_BF16_AS_FLOAT32=0`` keeps PyTorch's emulated products, ``=1`` takes
     this path on any processor."""
-    present = [t for t in tensors if t is not None]
-    if not (all(t.dtype == torch.bfloat16 for t in present)  # first: float32 outside autocast leaves here
-            or (_cpu_autocast_bf16() and all(t.dtype in (torch.float32, torch.bfloat16) for t in present))):
-        return False
+    dtypes = {t.dtype for t in tensors if t is not None}  # asked on every product: cheap tests first
+    if not (dtypes == _BF16 or (dtypes <= _BF16_OR_FLOAT32 and _cpu_autocast_bf16())):
+        return False  # float32 outside autocast leaves here
     if torch.compiler.is_compiling():  # before the setting and the processor, which Dynamo would not trace
         return False  # compiled and exported graphs see the standard operators
     setting = env_switch("PERCEIVERS_BF16_AS_FLOAT32")
     if not (kernels.emulates_bf16() if setting is None else setting):  # the usual answer, asked first
         return False
-    return (all(t.device.type == "cpu" and t.layout == torch.strided for t in present) and _plain_eager()
+    return (all(t is None or (t.is_cpu and t.layout == torch.strided) for t in tensors) and _plain_eager()
             and not torch._C._len_torch_dispatch_stack())  # fake tensors and FLOP counters see the standard ones
+
+
+_BF16, _BF16_OR_FLOAT32 = frozenset({torch.bfloat16}), frozenset({torch.bfloat16, torch.float32})
 
 
 def _float(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -482,7 +489,8 @@ def _epilogue_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none") -> Tensor:
     """``gelu(x Wᵀ + b)``: ``[..., in]`` -> ``[..., out]``. Without autograd, on the oneDNN path or under
-    bfloat16 autocast, the GELU is the product's epilogue (no pass of its own over the output)."""
+    bfloat16 autocast, the GELU is the product's epilogue (no pass of its own over the output); elsewhere the tanh
+    form's native kernel adds the float32 bias (:func:`~.native_activation.takes_bias`)."""
     if _in_float32_without_grad(x, weight, bias):
         with torch.autocast("cpu", enabled=False):
             return linear_gelu(*_float(x, weight, bias), approximate).to(torch.bfloat16)
@@ -490,17 +498,33 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approxima
     if operands is not None:
         x, weight, bias = operands
         return torch.ops.mkldnn._linear_pointwise(x, _dense_weight(weight), bias, "gelu", [], approximate)
+    if approximate == "tanh" and _bias_in_activation(x, weight, bias):
+        return gelu(linear(x, weight), approximate, bias)
     return gelu(linear(x, weight, bias), approximate)
 
 
-def gelu(h: Tensor, approximate: str = "none") -> Tensor:
-    """``F.gelu(h, approximate=approximate)``; the tanh form of float32 and bfloat16 CPU tensors goes to a native
-    kernel, forward and backward (:mod:`.native_activation`)."""
+def _bias_in_activation(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the native activation kernel after the product ``x Wᵀ + b`` adds its bias
+    (:func:`~.native_activation.takes_bias`)."""
     from . import native_activation  # it imports this module
 
-    if approximate == "tanh" and native_activation.applies(h, "gelu_tanh"):
-        return native_activation.gelu_tanh(h)
-    return F.gelu(h, approximate=approximate)
+    return native_activation.takes_bias(x, weight, bias)
+
+
+def gelu(h: Tensor, approximate: str = "none", bias: Tensor | None = None) -> Tensor:
+    """``F.gelu(h + bias, approximate=approximate)``: ``h [..., n]``, ``bias [n]`` or ``None``; the tanh form of
+    float32 and bfloat16 CPU tensors goes to a native kernel, forward and backward, which adds the bias itself
+    (:mod:`.native_activation`)."""
+    from . import native_activation  # it imports this module
+
+    if approximate == "tanh" and native_activation.applies(h, "gelu_tanh") and _bias_fits(h, bias):
+        return native_activation.gelu_tanh(h, bias)
+    return F.gelu(h if bias is None else h + bias, approximate=approximate)
+
+
+def _bias_fits(h: Tensor, bias: Tensor | None) -> bool:
+    """Whether a native activation kernel may add ``bias`` to ``h`` (none, or one of ``h``'s dtype per channel)."""
+    return bias is None or (bias.dtype == h.dtype and bias.shape == h.shape[-1:])
 
 
 def softmax(x: Tensor) -> Tensor:
@@ -517,7 +541,7 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     """``a · gelu(g)`` where ``[a, g] = x Wᵀ + b`` are the two halves of the output: ``[..., in]`` ->
     ``[..., out / 2]``. Without autograd, on the oneDNN path or under bfloat16 autocast, it is two products
     whose epilogues apply the GELU and the product (README Perceiver's 2048 × 512 → 4096 layer: 40 → 26 ms
-    in float32)."""
+    in float32); elsewhere the native GEGLU kernel adds the float32 bias (:func:`~.native_activation.takes_bias`)."""
     if _in_float32_without_grad(x, weight, bias):
         with torch.autocast("cpu", enabled=False):
             return linear_geglu(*_float(x, weight, bias)).to(torch.bfloat16)
@@ -529,17 +553,20 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
         pointwise = torch.ops.mkldnn._linear_pointwise
         gate = pointwise(x, _dense_weight(weight[half:]), gate_bias, "gelu", [], "none")
         return pointwise.binary(x, gate, _dense_weight(weight[:half]), value_bias, "mul")
+    if _bias_in_activation(x, weight, bias):
+        return geglu(linear(x, weight), bias)
     return geglu(linear(x, weight, bias))
 
 
-def geglu(h: Tensor) -> Tensor:
-    """``a · gelu(g)`` for ``h = [a, g]`` (halves of the last axis): ``[..., 2n]`` -> ``[..., n]``. Float32 and
-    bfloat16 CPU tensors go to a native kernel, forward and backward in one pass each (:mod:`.native_activation`)."""
+def geglu(h: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a · gelu(g)`` for ``h + bias = [a, g]`` (halves of the last axis): ``[..., 2n]``, ``bias [2n]`` or
+    ``None`` -> ``[..., n]``. Float32 and bfloat16 CPU tensors go to a native kernel, forward and backward in one
+    pass each, which adds the bias itself (:mod:`.native_activation`)."""
     from . import native_activation  # it imports this module
 
-    if native_activation.applies(h):
-        return native_activation.geglu(h)
-    value, gate = h.chunk(2, dim=-1)
+    if native_activation.applies(h) and _bias_fits(h, bias):
+        return native_activation.geglu(h, bias)
+    value, gate = (h if bias is None else h + bias).chunk(2, dim=-1)
     return value * F.gelu(gate)
 
 
