@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -51,10 +52,14 @@ def alternate(
     min_time_s: float = 0.0,
     max_repeats: int = 30,
 ) -> dict[str, list[float]]:
-    """Time every case at least ``repeats`` times, interleaved (round-robin, rotating who goes first).
+    """Time every case at least ``repeats`` times, interleaved: each round runs every case once, in a fresh order
+    (shuffled with a fixed seed).
 
     Interleaving spreads the load of a shared machine over all implementations alike, so that the
-    ratios between them stay meaningful when the absolute times drift. Returns seconds per call.
+    ratios between them stay meaningful when the absolute times drift. The order changes from round to round
+    because a fixed cycle (a rotation of one order) makes every case follow the same one every time, e.g. the
+    first implementation always right after the matmul job, whose state it would inherit. Returns seconds per
+    call.
     Rounds go on past ``repeats`` while less than ``min_time_s`` has passed (fast cases get more
     samples, up to ``max_repeats``); ``budget_s`` stops after the round in which the total time passed
     the budget (≥ 1 round).
@@ -66,10 +71,12 @@ def alternate(
         synchronize(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
+    shuffle = random.Random(0).shuffle
     for r in range(max(repeats, max_repeats)):
         if r >= repeats and time.perf_counter() - start >= min_time_s:
             break
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = list(names)
+        shuffle(order)
         for name in order:
             synchronize(device)
             t0 = time.perf_counter()

@@ -8,7 +8,7 @@
     python benchmarks/run.py --compile       # every implementation under torch.compile
     python benchmarks/run.py --compile --freezing --no-train   # compiled inference with Inductor's freezing
 
-For every workload the implementations are timed interleaved (round-robin) in one process, so
+For every workload the implementations are timed interleaved (each round in a fresh order) in one process, so
 their ratios hold on a loaded machine; peak memory is measured for each implementation and mode
 in a fresh subprocess; FLOPs come from ``torch.utils.flop_counter``; the machine's dense matmul
 rate is measured in the same run. Results go to ``benchmarks/results/<machine>[-bf16][-compile]...json`` and

@@ -97,6 +97,26 @@ def test_fast_cases_get_more_rounds_up_to_the_cap():
     assert [len(t) for t in capped.values()] == [1, 1]  # the budget ends it after one round
 
 
+def test_rounds_change_the_order():
+    """Each round runs every case once, in an order that changes: no case always follows the same one (a rotation
+    of one order made the first implementation always follow the matmul job)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import measure
+    import torch
+
+    log = []
+    cases = {name: (lambda name=name: log.append(name)) for name in ("perceivers", "peer", "other peer", "matmul")}
+    times = measure.alternate(cases, torch.device("cpu"), repeats=12, warmup=0, max_repeats=12)
+    assert [len(t) for t in times.values()] == [12] * 4
+    rounds = [log[i:i + 4] for i in range(0, len(log), 4)]
+    assert all(sorted(r) == sorted(cases) for r in rounds)
+    predecessors = {name: {r[r.index(name) - 1] for r in rounds if r.index(name)} for name in cases}
+    assert all(len(p) >= 2 for p in predecessors.values()), predecessors
+    log.clear()
+    measure.alternate(cases, torch.device("cpu"), repeats=12, warmup=0, max_repeats=12)
+    assert [log[i:i + 4] for i in range(0, len(log), 4)] == rounds  # seeded: the same orders in every run
+
+
 @pytest.mark.slow  # compiles a depth-6 PerceiverIO (~30 s)
 def test_compiled_steps_match_eager_and_failures_are_dropped(capsys):
     """``--compile``: the compiled step trains like the eager one; an implementation that fails to compile is
