@@ -22,10 +22,11 @@
  * The tanh-approximated GELU (DeepMind's jax.nn.gelu, PyTorch's approximate="tanh"), y = x s with
  * s = (1 + tanh u) / 2 = 1 / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3), over count contiguous
  * elements (perceivers_gelu_tanh*; with a bias, count / n rows of n, bias[n] added to each first): PyTorch's own
- * loop evaluates a tanh five times slower than its exact GELU. Written through the logistic function, the value keeps its relative accuracy in the negative tail (where
- * 1 + tanh u cancels). The derivative is s (1 + 2 x u' (1 - s)), 1 - s = s exp(-2u). Beyond |x| = 10 the value
- * is x or 0 and the derivative 1 or 0 to float32's precision, so x is clamped there (no overflow in x^3 or the
- * exponential, and gelu(-inf) = 0, gelu'(+-inf) = 1 and 0 where PyTorch's formula gives NaN).
+ * loop evaluates a tanh five times slower than its exact GELU. Written through the logistic function, the value
+ * keeps its relative accuracy in the negative tail (where 1 + tanh u cancels). The derivative is
+ * s (1 + 2 x u' (1 - s)), 1 - s = s exp(-2u). Beyond |x| = 10 the value is x or 0 and the derivative 1 or 0 to
+ * float32's precision, so x is clamped there (no overflow in x^3 or the exponential, and gelu(-inf) = 0,
+ * gelu'(+-inf) = 1 and 0 where PyTorch's formula gives NaN).
  */
 #include <math.h>
 #include <stdint.h>
@@ -69,7 +70,8 @@ static inline void geglu_grads(vn a, vn g, vn d, vn *da, vn *dg) {
             T *o = out + r * n;                                                                                   \
             int64_t i = 0;                                                                                        \
             for (; i + NW <= n; i += NW)                                                                          \
-                STORE(o + i, geglu_value(BIASED(LOAD(a + i), LOAD(bias + i)), BIASED(LOAD(g + i), LOAD(bias + n + i))));\
+                STORE(o + i, geglu_value(BIASED(LOAD(a + i), LOAD(bias + i)),                                     \
+                                         BIASED(LOAD(g + i), LOAD(bias + n + i))));                               \
             if (i < n) {                                                                                          \
                 const int64_t k = n - i;                                                                          \
                 STOREN(o + i, geglu_value(BIASED(LOADN(a + i, k), LOADN(bias + i, k)),                           \
@@ -142,13 +144,15 @@ static inline vn gelu_tanh_grad(vn x, vn d) {
         for (int64_t b = 0; b < count; b += span) {                                                               \
             const int64_t end = b + span < count ? b + span : count;                                              \
             int64_t i = b;                                                                                        \
-            for (; i + NW <= end; i += NW) STORE(out + i, gelu_tanh_value(BIASED(LOAD(x + i), LOAD(bias + i - b))));\
+            for (; i + NW <= end; i += NW)                                                                        \
+                STORE(out + i, gelu_tanh_value(BIASED(LOAD(x + i), LOAD(bias + i - b))));                         \
             if (i < end)                                                                                          \
-                STOREN(out + i, gelu_tanh_value(BIASED(LOADN(x + i, end - i), LOADN(bias + i - b, end - i))), end - i);\
+                STOREN(out + i, gelu_tanh_value(BIASED(LOADN(x + i, end - i), LOADN(bias + i - b, end - i))),     \
+                       end - i);                                                                                  \
         }                                                                                                         \
     }                                                                                                             \
-    void perceivers_gelu_tanh##SUFFIX##_backward(int64_t count, int64_t n, const T *x, const T *bias, const T *dout,\
-                                                 T *dx) {                                                         \
+    void perceivers_gelu_tanh##SUFFIX##_backward(int64_t count, int64_t n, const T *x, const T *bias,             \
+                                                 const T *dout, T *dx) {                                          \
         const int64_t span = bias ? n : GELU_BLOCK;                                                               \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int64_t b = 0; b < count; b += span) {                                                               \
