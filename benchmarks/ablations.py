@@ -729,6 +729,24 @@ def study_bias_in_activation(args) -> dict:
     return out
 
 
+def study_native_glu(args) -> dict:
+    """GLU (FlashPerceiver's gated MLPs) on the native kernel, with fc1's float32 bias added there, instead of
+    PyTorch's ``glu`` after a biased product: FlashPerceiver's benchmark model at 1k and 4k tokens, inference and
+    training steps, float32 and under bf16 autocast (every other native kernel on in both)."""
+    from perceivers.layers import dense
+
+    before = {(native_activation, "applies"): lambda h, activation="geglu", _real=native_activation.applies: (
+        activation != "glu" and _real(h, activation)), (dense, "_bias_in_activation"): lambda *args: False}
+    out = {}
+    for case, model, call in _bf16_workloads(("flash-perceiver-1k", "flash-perceiver-4k"), args):
+        for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
+            for precision, run in (("fp32", fn), ("bf16", bf16(fn))):
+                after = with_native(True, run, own=("attention", "geglu"))
+                out[f"{case} {precision} {mode}"] = timed({"before": with_patches(before, after), "after": after},
+                                                          args.repeats)
+    return out
+
+
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
            "sdpa": study_sdpa, "bf16": study_bf16, "memory": study_memory, "io": study_io, "grid": study_grid,
            "onednn": study_onednn, "chunks": study_chunks, "bf16_grid": study_bf16_grid,
@@ -736,7 +754,8 @@ STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv,
            "bf16_attention": study_bf16_attention, "bf16_in_float32": study_bf16_in_float32,
            "bf16_geglu": study_bf16_geglu, "bf16_amx": study_bf16_amx, "gelu_tanh": study_gelu_tanh,
            "softmax": study_softmax, "bf16_amx_written_out": study_bf16_amx_written_out,
-           "onednn_amx": study_onednn_amx, "bias_in_activation": study_bias_in_activation}
+           "onednn_amx": study_onednn_amx, "bias_in_activation": study_bias_in_activation,
+           "native_glu": study_native_glu}
 
 
 def markdown(results: dict) -> str:

@@ -43,8 +43,8 @@ from perceivers.configurable import configurable
 
 from .layers.attention import attend_heads, attention_weights, check_mask
 from .layers.broadcast import per_sample
-from .layers.dense import Linear, linear
-from .layers.mlp import FeedForward
+from .layers.dense import Linear, glu, linear, linear_glu
+from .layers.mlp import FeedForward, _plain
 from .layers.position import _feature_dtype, linear_positions
 from .layers.rotary import RotaryEmbedding, rotate
 from .validation import check_like, check_tensor
@@ -182,7 +182,9 @@ class GatedMlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.glu(self.fc1(x), dim=-1))
+        if _plain(self.fc1):  # the native GLU kernel adds fc1's bias (dense.linear_glu)
+            return self.fc2(linear_glu(x, self.fc1.weight, self.fc1.bias))
+        return self.fc2(glu(self.fc1(x)))
 
 
 class Block(nn.Module):

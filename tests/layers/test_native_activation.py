@@ -174,13 +174,63 @@ def test_gelu_tanh_second_order_gradients_and_strided_input():
     torch.testing.assert_close(second.double(), ref_second, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("activation", ["geglu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(16, 256, 2 * 512), (3, 37, 2 * 19), (5, 2 * 40), (1, 2)])
+@pytest.mark.parametrize("scale", [1.0, 12.0])  # 12: sigmoids within float32's rounding of 0 and 1
+def test_glu_values_and_gradients_match_float64(shape, scale):
+    """GLU (``a · sigmoid(g)``, FlashPerceiver's MLPs): value and gradient as close to float64 as ``F.glu`` in float32
+    (to within 3e-7 of the largest entry), and in bfloat16 the value float64's rounded once (at most 1% of entries a
+    tie one step off) and the gradient no further from float64 than PyTorch's bfloat16 ``glu``."""
+    h, grad = _sample(3, shape, scale, (*shape[:-1], shape[-1] // 2))
+    assert na.applies(h, "glu")
+    out = na.glu(h)
+    out.backward(grad)
+    hd = h.detach().double().requires_grad_()
+    ref = F.glu(hd, -1)
+    ref.backward(grad.double())
+    hf = h.detach().requires_grad_()
+    theirs = F.glu(hf, -1)
+    theirs.backward(grad)
+    for got, want, torch_f32 in ((out, ref, theirs), (h.grad, hd.grad, hf.grad)):
+        error = (got.double() - want).abs().max().item()
+        assert error <= max(1.5 * (torch_f32.double() - want).abs().max().item(), 3e-7 * want.abs().max().item())
+
+    h16, grad16 = h.detach().bfloat16().requires_grad_(), grad.bfloat16()
+    out16 = na.glu(h16)
+    out16.backward(grad16)
+    assert out16.dtype == h16.grad.dtype == torch.bfloat16
+    exact = F.glu(h16.detach().double(), -1)
+    off = out16 != exact.bfloat16()
+    assert off.float().mean() <= 0.01
+    assert ((out16.double() - exact).abs()[off] <= exact.abs()[off] * 2.0 ** -8 * 1.001).all()
+    h16d = h16.detach().double().requires_grad_()
+    F.glu(h16d, -1).backward(grad16.double())
+    h16t = h16.detach().requires_grad_()
+    F.glu(h16t, -1).backward(grad16)
+    error = (h16.grad.double() - h16d.grad).abs().max().item()
+    assert error <= max((h16t.grad.double() - h16d.grad).abs().max().item(), 2.0 ** -8 * h16d.grad.abs().max().item())
+
+
+def test_glu_keeps_nan_infinity_and_its_tails():
+    """``sigmoid(±inf)`` is 1 / 0 and NaN passes, and far in the tails the gate keeps its relative accuracy: from
+    ``exp(-|g|)``, never overflowing (``sigmoid(-80) ≈ 1.8e-35``, where ``1 - sigmoid(80)`` in float32 is 0)."""
+    g = torch.tensor([float("nan"), float("inf"), -float("inf"), -80.0, 80.0, -20.0, 20.0, 0.0])
+    h = torch.cat([torch.full_like(g, 3.0), g])[None].requires_grad_()
+    out = na.glu(h)
+    ref = 3.0 * torch.sigmoid(g.double())
+    torch.testing.assert_close(out[0].double(), ref, rtol=3e-7, atol=0, equal_nan=True)
+    out.sum().backward()
+    dg = h.grad[0, 8:].double()
+    e = torch.exp(-g.double().abs())  # s (1 - s) = e / (1 + e)², exact in float64 where 1 - s(80) is 0 there too
+    torch.testing.assert_close(dg[3:], (3.0 * e / (1 + e) ** 2)[3:], rtol=1e-6, atol=0)  # 5.4e-35 at ±80, not 0
+
+
+@pytest.mark.parametrize("activation", ["geglu", "glu", "gelu_tanh"])
 @pytest.mark.parametrize("shape", [(8, 256, 4096), (3, 37, 2 * 19), (5, 2 * 40), (1, 2)])
 def test_bias_values_and_gradients_match_float64(activation, shape):
     """With the preceding product's bias (``takes_bias``), the kernels compute the activation of ``h + bias``: value
     and the gradients of ``h`` and of the bias (summed over the rows) as close to float64 as PyTorch's float32 path
     with the bias added first."""
-    n_out = shape[-1] // 2 if activation == "geglu" else shape[-1]
+    n_out = shape[-1] // 2 if activation in ("geglu", "glu") else shape[-1]
     h, grad = _sample(1, shape, 2.0, (*shape[:-1], n_out))
     bias = (torch.randn(shape[-1], generator=torch.Generator().manual_seed(2)) * 2).requires_grad_()
     out = getattr(na, activation)(h, bias)
@@ -192,6 +242,8 @@ def test_bias_values_and_gradients_match_float64(activation, shape):
         if activation == "geglu":
             value, gate = z.chunk(2, dim=-1)
             result = value * F.gelu(gate)
+        elif activation == "glu":
+            result = F.glu(z, -1)
         else:
             result = F.gelu(z, approximate="tanh")
         result.backward(grad.to(dtype))
@@ -209,7 +261,7 @@ def test_bias_second_order_gradients():
     bias = torch.randn(2 * 24, requires_grad=True)
     hd, bd = (t.detach().double().requires_grad_() for t in (h, bias))
     for fn, ref in ((na.geglu, lambda z: z.chunk(2, -1)[0] * F.gelu(z.chunk(2, -1)[1])),
-                    (na.gelu_tanh, lambda z: F.gelu(z, approximate="tanh"))):
+                    (na.glu, lambda z: F.glu(z, -1)), (na.gelu_tanh, lambda z: F.gelu(z, approximate="tanh"))):
         first = torch.autograd.grad(fn(h, bias).square().sum(), (h, bias), create_graph=True)
         second = torch.autograd.grad(sum(g.sum() for g in first), (h, bias))
         ref_first = torch.autograd.grad(ref(hd + bd).square().sum(), (hd, bd), create_graph=True)
@@ -240,8 +292,11 @@ def test_builds_for_narrower_vectors_match_float64(march, built_for):
             test_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
             test_gelu_tanh_values_and_gradients_match_float64(shape, scale)
             test_gelu_tanh_bfloat16_is_computed_in_float32_and_rounded_once(shape, scale)
-        for activation in ("geglu", "gelu_tanh"):
+        for activation in ("geglu", "glu", "gelu_tanh"):
             test_bias_values_and_gradients_match_float64(activation, shape)
+        for scale in (1.0, 12.0):
+            test_glu_values_and_gradients_match_float64(shape, scale)
+        test_glu_keeps_nan_infinity_and_its_tails()
         test_bfloat16_keeps_nan_and_infinity()
     for shape in _SOFTMAX_SHAPES:
         for scale in (1.0, 30.0):

@@ -19,6 +19,10 @@
  * bias's summed over the rows). Rows are split over OpenMP threads. float32 rows (perceivers_geglu*) and bfloat16
  * ones (perceivers_geglu_bf16*: widened as loaded, computed in float32, rounded once to nearest even as stored).
  *
+ * GLU, a * sigmoid(g) over the same halves (flash-attn's GatedMlp, FlashPerceiver's MLPs; perceivers_glu*), runs
+ * through the same loops: PyTorch's glu takes a sigmoid and a product forward and, backward, the sigmoid again, its
+ * derivative's products and the halves' concatenation.
+ *
  * The tanh-approximated GELU (DeepMind's jax.nn.gelu, PyTorch's approximate="tanh"), y = x s with
  * s = (1 + tanh u) / 2 = 1 / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3), over count contiguous
  * elements (perceivers_gelu_tanh*; with a bias, count / n rows of n, bias[n] added to each first): PyTorch's own
@@ -57,30 +61,52 @@ static inline void geglu_grads(vn a, vn g, vn d, vn *da, vn *dg) {
     *dg = d * a * (cdf + g * pdf);
 }
 
+/* GLU's sigmoid gate, a * s(g), s = 1 / (1 + exp(-g)): from e = exp(-|g|) (never overflowing), the larger of s and
+ * 1 - s is 1 / (1 + e) and the smaller e / (1 + e), so both keep their relative accuracy in the tails. */
+static inline vn sigmoid_parts(vn g, vn *smaller) {
+    const vn e = nexp(-(vn)((vni)g & (int32_t)0x7fffffff));
+    const vn larger = 1.0f / (1.0f + e);
+    *smaller = e * larger;
+    return larger;
+}
+
+static inline vn glu_value(vn a, vn g) {
+    vn smaller;
+    const vn larger = sigmoid_parts(g, &smaller);
+    return a * nsel(g < 0.0f, smaller, larger);
+}
+
+/* da = d s(g), dg = d a s(g) (1 - s(g)) */
+static inline void glu_grads(vn a, vn g, vn d, vn *da, vn *dg) {
+    vn smaller;
+    const vn larger = sigmoid_parts(g, &smaller);
+    *da = d * nsel(g < 0.0f, smaller, larger);
+    *dg = d * a * (larger * smaller);
+}
+
 /* x, plus the bias's b where there is a bias (the product's bias, added here instead of in the product). */
 #define BIASED(x, b) (bias ? (x) + (b) : (x))
 
-/* The forward and backward for one storage type T, loaded and stored through LOAD/LOADN/STORE/STOREN (the
- * N forms take a row's last, partial vector of k < NW elements). */
-#define DEFINE_GEGLU(SUFFIX, T, LOAD, LOADN, STORE, STOREN)                                                       \
-    void perceivers_geglu##SUFFIX(int64_t rows, int64_t n, int64_t ld, const T *h, const T *bias, T *out) {       \
+/* A gated activation's (GEGLU's or GLU's: VALUE and GRADS) forward and backward for one storage type T, loaded
+ * and stored through LOAD/LOADN/STORE/STOREN (the N forms take a row's last, partial vector of k < NW elements). */
+#define DEFINE_GATED(NAME, VALUE, GRADS, SUFFIX, T, LOAD, LOADN, STORE, STOREN)                                   \
+    void perceivers_##NAME##SUFFIX(int64_t rows, int64_t n, int64_t ld, const T *h, const T *bias, T *out) {      \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int64_t r = 0; r < rows; ++r) {                                                                      \
             const T *a = h + r * ld, *g = a + n;                                                                  \
             T *o = out + r * n;                                                                                   \
             int64_t i = 0;                                                                                        \
             for (; i + NW <= n; i += NW)                                                                          \
-                STORE(o + i, geglu_value(BIASED(LOAD(a + i), LOAD(bias + i)),                                     \
-                                         BIASED(LOAD(g + i), LOAD(bias + n + i))));                               \
+                STORE(o + i, VALUE(BIASED(LOAD(a + i), LOAD(bias + i)), BIASED(LOAD(g + i), LOAD(bias + n + i))));\
             if (i < n) {                                                                                          \
                 const int64_t k = n - i;                                                                          \
-                STOREN(o + i, geglu_value(BIASED(LOADN(a + i, k), LOADN(bias + i, k)),                           \
-                                          BIASED(LOADN(g + i, k), LOADN(bias + n + i, k))), k);                   \
+                STOREN(o + i, VALUE(BIASED(LOADN(a + i, k), LOADN(bias + i, k)),                                 \
+                                    BIASED(LOADN(g + i, k), LOADN(bias + n + i, k))), k);                         \
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
-    void perceivers_geglu##SUFFIX##_backward(int64_t rows, int64_t n, int64_t ld, const T *h, const T *bias,      \
-                                             const T *dout, T *dh) {                                              \
+    void perceivers_##NAME##SUFFIX##_backward(int64_t rows, int64_t n, int64_t ld, const T *h, const T *bias,     \
+                                              const T *dout, T *dh) {                                             \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int64_t r = 0; r < rows; ++r) {                                                                      \
             const T *a = h + r * ld, *g = a + n, *d = dout + r * n;                                               \
@@ -88,24 +114,26 @@ static inline void geglu_grads(vn a, vn g, vn d, vn *da, vn *dg) {
             vn ra, rg;                                                                                            \
             int64_t i = 0;                                                                                        \
             for (; i + NW <= n; i += NW) {                                                                        \
-                geglu_grads(BIASED(LOAD(a + i), LOAD(bias + i)), BIASED(LOAD(g + i), LOAD(bias + n + i)),         \
-                            LOAD(d + i), &ra, &rg);                                                               \
+                GRADS(BIASED(LOAD(a + i), LOAD(bias + i)), BIASED(LOAD(g + i), LOAD(bias + n + i)),               \
+                      LOAD(d + i), &ra, &rg);                                                                     \
                 STORE(da + i, ra);                                                                                \
                 STORE(dg + i, rg);                                                                                \
             }                                                                                                     \
             if (i < n) {                                                                                          \
                 const int64_t k = n - i;                                                                          \
-                geglu_grads(BIASED(LOADN(a + i, k), LOADN(bias + i, k)),                                          \
-                            BIASED(LOADN(g + i, k), LOADN(bias + n + i, k)), LOADN(d + i, k), &ra, &rg);          \
+                GRADS(BIASED(LOADN(a + i, k), LOADN(bias + i, k)),                                                \
+                      BIASED(LOADN(g + i, k), LOADN(bias + n + i, k)), LOADN(d + i, k), &ra, &rg);                \
                 STOREN(da + i, ra, k);                                                                            \
                 STOREN(dg + i, rg, k);                                                                            \
             }                                                                                                     \
         }                                                                                                         \
     }
 
-DEFINE_GEGLU(, float, nload, nloadn, nstore, nstoren)
+DEFINE_GATED(geglu, geglu_value, geglu_grads, , float, nload, nloadn, nstore, nstoren)
+DEFINE_GATED(glu, glu_value, glu_grads, , float, nload, nloadn, nstore, nstoren)
 /* bfloat16 rows (uint16_t): widened to float32 as they are loaded, computed in float32, rounded once as stored */
-DEFINE_GEGLU(_bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16)
+DEFINE_GATED(geglu, geglu_value, geglu_grads, _bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16)
+DEFINE_GATED(glu, glu_value, glu_grads, _bf16, uint16_t, nload_bf16, nloadn_bf16, nstore_bf16, nstoren_bf16)
 
 /* tanh GELU: the logistic s = 1 / (1 + e), e = exp(-2u), of c, the input clamped to [-10, 10] (NaN passes);
  * with du given, also c and u'(c) for the derivative. */

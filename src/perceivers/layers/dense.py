@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from .. import kernels
 from .._env import env_switch
 
-__all__ = ["Linear", "bf16_in_float32", "geglu", "gelu", "linear", "linear_geglu", "linear_gelu", "onednn_bf16_enabled",
-           "onednn_enabled", "use_onednn"]
+__all__ = ["Linear", "bf16_in_float32", "geglu", "gelu", "glu", "linear", "linear_geglu", "linear_gelu", "linear_glu",
+           "onednn_bf16_enabled", "onednn_enabled", "use_onednn"]
 
 _MIN_MACS = 1 << 22
 _override: bool | None = None
@@ -556,6 +556,26 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     if _bias_in_activation(x, weight, bias):
         return geglu(linear(x, weight), bias)
     return geglu(linear(x, weight, bias))
+
+
+def linear_glu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a · sigmoid(g)`` where ``[a, g] = x Wᵀ + b`` are the two halves of the output (``F.glu(F.linear(…))``):
+    ``[..., in]`` -> ``[..., out / 2]``; the native GLU kernel adds the float32 bias
+    (:func:`~.native_activation.takes_bias`)."""
+    if _bias_in_activation(x, weight, bias):
+        return glu(linear(x, weight), bias)
+    return glu(linear(x, weight, bias))
+
+
+def glu(h: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a · sigmoid(g)`` for ``h + bias = [a, g]`` (``F.glu`` over the last axis): ``[..., 2n]``, ``bias [2n]`` or
+    ``None`` -> ``[..., n]``. Float32 and bfloat16 CPU tensors go to a native kernel, forward and backward in one
+    pass each, which adds the bias itself (:mod:`.native_activation`)."""
+    from . import native_activation  # it imports this module
+
+    if native_activation.applies(h, "glu") and _bias_fits(h, bias):
+        return native_activation.glu(h, bias)
+    return F.glu(h if bias is None else h + bias, dim=-1)
 
 
 def geglu(h: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -13,7 +13,11 @@ function: PyTorch's loop evaluates a tanh per element and takes five times as lo
 (``[2, 2048, 256]`` float32: 0.84 against 0.17 ms forward, 0.92 against 0.37 ms backward; the kernel
 0.24 and 0.28 ms).
 
-Both activation kernels also add the preceding product's bias as they load a row (:func:`takes_bias`: float32
+GLU (``a · sigmoid(g)``, FlashPerceiver's gated MLPs) runs through the GEGLU kernel's loops with a sigmoid gate
+(:func:`glu`), each direction in one pass where PyTorch's backward takes the sigmoid again, its derivative's products
+and the halves' concatenation.
+
+The activation kernels also add the preceding product's bias as they load a row (:func:`takes_bias`: float32
 outside autocast), where PyTorch's ``addmm`` would first broadcast it into the product's whole output.
 
 The softmax (the attention's, where it is written out or blocked) runs three passes over a row: its maximum, the
@@ -41,11 +45,11 @@ from torch import Tensor
 from .. import kernels
 from .dense import _native_eager
 
-__all__ = ["applies", "available", "geglu", "gelu_tanh", "softmax", "softmax_forward", "takes_bias"]
+__all__ = ["applies", "available", "geglu", "gelu_tanh", "glu", "softmax", "softmax_forward", "takes_bias"]
 
 _SIGNATURES = {
-    **{f"perceivers_geglu{kind}{part}": ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * count, None)
-       for kind in ("", "_bf16") for part, count in (("", 3), ("_backward", 4))},
+    **{f"perceivers_{gated}{kind}{part}": ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * count, None)
+       for gated in ("geglu", "glu") for kind in ("", "_bf16") for part, count in (("", 3), ("_backward", 4))},
     **{f"perceivers_gelu_tanh{kind}{part}": ([ctypes.c_int64] * 2 + [ctypes.c_void_p] * count, None)
        for kind in ("", "_bf16") for part, count in (("", 3), ("_backward", 4))},
     **{f"perceivers_softmax{kind}": ([ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2, None) for kind in ("", "_bf16")},
@@ -64,9 +68,9 @@ def available() -> bool:
 
 
 def applies(h: Tensor, activation: str = "geglu") -> bool:
-    """Whether :func:`geglu` (``activation="geglu"``, ``h [..., 2n]``), :func:`gelu_tanh` (``"gelu_tanh"``) or
-    :func:`softmax` (``"softmax"``, over the last axis) serves ``h``."""
-    if activation == "geglu":
+    """Whether :func:`geglu` (``activation="geglu"``, ``h [..., 2n]``), :func:`glu` (``"glu"``, likewise),
+    :func:`gelu_tanh` (``"gelu_tanh"``) or :func:`softmax` (``"softmax"``, over the last axis) serves ``h``."""
+    if activation in ("geglu", "glu"):
         shape_fits = h.dim() >= 1 and h.shape[-1] % 2 == 0
     elif activation == "softmax":
         shape_fits = h.dim() >= 1 and h.numel() >= _MIN_SOFTMAX
@@ -78,7 +82,7 @@ def applies(h: Tensor, activation: str = "geglu") -> bool:
 
 def takes_bias(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether the bias of a product ``x Wᵀ + b`` is better added by the activation's kernel that follows it
-    (:func:`geglu`, :func:`gelu_tanh`): float32 operands outside CPU autocast where the kernel serves them. The
+    (:func:`geglu`, :func:`glu`, :func:`gelu_tanh`): float32 operands outside CPU autocast where the kernel serves them. The
     product then runs without it: PyTorch's ``addmm`` first broadcasts the bias into the whole output, a pass over
     memory of its own (README Perceiver's ``[2048, 512] × [512, 4096]``: 21.7 against 19.9 ms)."""
     return (bias is not None and bias.dim() == 1 and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
@@ -88,7 +92,13 @@ def takes_bias(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 def geglu(h: Tensor, bias: Tensor | None = None) -> Tensor:
     """``a · gelu(g)`` for ``h + bias = [a, g]``: ``[..., 2n]``, ``bias [2n]`` -> ``[..., n]`` (call where
     :func:`applies`; ``bias`` of ``h``'s dtype, where :func:`takes_bias`)."""
-    return _NativeGEGLU.apply(h, bias)
+    return _NativeGated.apply(h, bias, "geglu")
+
+
+def glu(h: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a · sigmoid(g)`` (``F.glu``) for ``h + bias = [a, g]``: ``[..., 2n]``, ``bias [2n]`` -> ``[..., n]`` (call
+    where :func:`applies` with ``"glu"``; ``bias`` of ``h``'s dtype, where :func:`takes_bias`)."""
+    return _NativeGated.apply(h, bias, "glu")
 
 
 def gelu_tanh(x: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -117,9 +127,13 @@ def _rows(t: Tensor) -> Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _gelu_gradients(h: Tensor, dout: Tensor) -> Tensor:
-    """The gradient for ``h`` from differentiable operations (``create_graph=True``)."""
+def _gated_gradients(h: Tensor, dout: Tensor, gated: str) -> Tensor:
+    """The gradient for ``h`` of GEGLU (``gated="geglu"``) or GLU (``"glu"``) from differentiable operations
+    (``create_graph=True``)."""
     value, gate = h.chunk(2, dim=-1)
+    if gated == "glu":
+        s = torch.sigmoid(gate)
+        return torch.cat([dout * s, dout * value * s * (1.0 - s)], dim=-1)
     cdf = 0.5 * (1.0 + torch.erf(gate * math.sqrt(0.5)))
     pdf = torch.exp(-0.5 * gate * gate) / math.sqrt(2.0 * math.pi)
     return torch.cat([dout * gate * cdf, dout * value * (cdf + gate * pdf)], dim=-1)
@@ -134,30 +148,33 @@ def _bias_gradient(grad: Tensor, bias: Tensor | None, needed: bool) -> Tensor | 
     return grad.reshape(-1, grad.shape[-1]).sum(0) if bias is not None and needed else None
 
 
-class _NativeGEGLU(torch.autograd.Function):
+class _NativeGated(torch.autograd.Function):
+    """GEGLU or GLU (``gated``) through the native kernel."""
+
     @staticmethod
-    def forward(ctx, h: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, h: Tensor, bias: Tensor | None, gated: str) -> Tensor:
         rows = _rows(h)
         bias = None if bias is None else bias.contiguous()
         n = rows.shape[1] // 2
         out = h.new_empty(*h.shape[:-1], n)
-        forward = getattr(_kernel(), f"perceivers_geglu{_SUFFIX[h.dtype]}")
+        forward = getattr(_kernel(), f"perceivers_{gated}{_SUFFIX[h.dtype]}")
         forward(rows.shape[0], n, rows.stride(0), rows.data_ptr(), _pointer(bias), out.data_ptr())
         ctx.save_for_backward(h, bias)
+        ctx.gated = gated
         return out
 
     @staticmethod
-    def backward(ctx, dout: Tensor) -> tuple[Tensor, Tensor | None]:
+    def backward(ctx, dout: Tensor) -> tuple[Tensor, Tensor | None, None]:
         h, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
-            dh = _gelu_gradients(h if bias is None else h + bias, dout)
+            dh = _gated_gradients(h if bias is None else h + bias, dout, ctx.gated)
         else:
             rows, d = _rows(h), dout.reshape(-1, dout.shape[-1]).to(h.dtype).contiguous()
             dh = h.new_empty(h.shape)
-            backward = getattr(_kernel(), f"perceivers_geglu{_SUFFIX[h.dtype]}_backward")
+            backward = getattr(_kernel(), f"perceivers_{ctx.gated}{_SUFFIX[h.dtype]}_backward")
             backward(rows.shape[0], rows.shape[1] // 2, rows.stride(0), rows.data_ptr(), _pointer(bias), d.data_ptr(),
                      dh.data_ptr())
-        return dh, _bias_gradient(dh, bias, ctx.needs_input_grad[1])
+        return dh, _bias_gradient(dh, bias, ctx.needs_input_grad[1]), None
 
 
 class _NativeGELUTanh(torch.autograd.Function):
