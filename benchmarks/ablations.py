@@ -640,14 +640,28 @@ def study_gelu_tanh(args) -> dict:
     """DeepMind's tanh GELU on the native kernel (through the logistic function, float32 and bfloat16) instead of
     PyTorch's ``gelu(approximate="tanh")``: the DeepMind-layout PerceiverIO and the reduced language and vision
     models, inference and training steps, float32 and under bf16 autocast, the other native kernels on."""
-    refuse = {(native_activation, "applies"): lambda h, activation="geglu", _real=native_activation.applies: (
-        activation != "gelu_tanh" and _real(h, activation))}
+    return _both_precisions(("io-dm-2048x128", "language-reduced", "vision-fourier-reduced"), _refusing("gelu_tanh"),
+                            args)
+
+
+def _refusing(activation: str) -> dict:
+    """A patch under which ``native_activation.applies`` refuses ``activation`` (the other kernels as they are)."""
+    return {(native_activation, "applies"): lambda h, kind="geglu", _real=native_activation.applies: (
+        kind != activation and _real(h, kind))}
+
+
+def _both_precisions(names: tuple[str, ...], before: dict, args, skip=lambda case, precision: False) -> dict:
+    """Inference and training steps of the workloads ``names`` in float32 and under bf16 autocast (except where
+    ``skip(case, precision)``), with the ``before`` patches and without (the native attention and activation kernels
+    on in both)."""
     out = {}
-    for case, model, call in _bf16_workloads(("io-dm-2048x128", "language-reduced", "vision-fourier-reduced"), args):
+    for case, model, call in _bf16_workloads(names, args):
         for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
             for precision, run in (("fp32", fn), ("bf16", bf16(fn))):
+                if skip(case, precision):
+                    continue
                 after = with_native(True, run, own=("attention", "geglu"))
-                out[f"{case} {precision} {mode}"] = timed({"before": with_patches(refuse, after), "after": after},
+                out[f"{case} {precision} {mode}"] = timed({"before": with_patches(before, after), "after": after},
                                                           args.repeats)
     return out
 
@@ -657,18 +671,9 @@ def study_softmax(args) -> dict:
     the attention writes its softmax out: the reduced language model (float32: unequal key and value widths; bf16:
     the blocked products or, on AMX in training, autograd) and the DeepMind-layout PerceiverIO under bf16 autocast,
     the other native kernels on."""
-    refuse = {(native_activation, "applies"): lambda h, activation="geglu", _real=native_activation.applies: (
-        activation != "softmax" and _real(h, activation))}
-    out = {}
-    for case, model, call in _bf16_workloads(("language-reduced", "io-dm-2048x128"), args):
-        for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
-            for precision, run in (("fp32", fn), ("bf16", bf16(fn))):
-                if precision == "fp32" and case.startswith("io-dm"):
-                    continue  # its equal-width heads take the fused kernels, which have their own softmax
-                after = with_native(True, run, own=("attention", "geglu"))
-                out[f"{case} {precision} {mode}"] = timed({"before": with_patches(refuse, after), "after": after},
-                                                          args.repeats)
-    return out
+    # the DeepMind-layout IO's equal-width float32 heads take the fused kernels, which have their own softmax
+    return _both_precisions(("language-reduced", "io-dm-2048x128"), _refusing("softmax"), args,
+                            skip=lambda case, precision: precision == "fp32" and case.startswith("io-dm"))
 
 
 def study_bf16_amx_written_out(args) -> dict:
@@ -735,16 +740,8 @@ def study_native_glu(args) -> dict:
     training steps, float32 and under bf16 autocast (every other native kernel on in both)."""
     from perceivers.layers import dense
 
-    before = {(native_activation, "applies"): lambda h, activation="geglu", _real=native_activation.applies: (
-        activation != "glu" and _real(h, activation)), (dense, "_bias_in_activation"): lambda *args: False}
-    out = {}
-    for case, model, call in _bf16_workloads(("flash-perceiver-1k", "flash-perceiver-4k"), args):
-        for mode, fn in (("inference", forward(model, call)), ("training step", train_step(model, call))):
-            for precision, run in (("fp32", fn), ("bf16", bf16(fn))):
-                after = with_native(True, run, own=("attention", "geglu"))
-                out[f"{case} {precision} {mode}"] = timed({"before": with_patches(before, after), "after": after},
-                                                          args.repeats)
-    return out
+    before = {**_refusing("glu"), (dense, "_bias_in_activation"): lambda *args: False}
+    return _both_precisions(("flash-perceiver-1k", "flash-perceiver-4k"), before, args)
 
 
 STUDIES = {"fold": study_fold, "stream": study_stream, "tied_kv": study_tied_kv, "positions": study_positions,
