@@ -498,9 +498,17 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approxima
     if operands is not None:
         x, weight, bias = operands
         return torch.ops.mkldnn._linear_pointwise(x, _dense_weight(weight), bias, "gelu", [], approximate)
-    if approximate == "tanh" and _bias_in_activation(x, weight, bias):
-        return gelu(linear(x, weight), approximate, bias)
+    if approximate == "tanh":  # the exact GELU is PyTorch's, which takes no bias
+        return _product_then(lambda h, bias=None: gelu(h, approximate, bias), x, weight, bias)
     return gelu(linear(x, weight, bias), approximate)
+
+
+def _product_then(activation, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``activation(x Wᵀ + b)`` for a native activation kernel (``activation(h, bias)``), which adds the bias itself
+    where it takes it (:func:`_bias_in_activation`), or after a biased product."""
+    if _bias_in_activation(x, weight, bias):
+        return activation(linear(x, weight), bias)
+    return activation(linear(x, weight, bias))
 
 
 def _bias_in_activation(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -553,18 +561,14 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
         pointwise = torch.ops.mkldnn._linear_pointwise
         gate = pointwise(x, _dense_weight(weight[half:]), gate_bias, "gelu", [], "none")
         return pointwise.binary(x, gate, _dense_weight(weight[:half]), value_bias, "mul")
-    if _bias_in_activation(x, weight, bias):
-        return geglu(linear(x, weight), bias)
-    return geglu(linear(x, weight, bias))
+    return _product_then(geglu, x, weight, bias)
 
 
 def linear_glu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``a · sigmoid(g)`` where ``[a, g] = x Wᵀ + b`` are the two halves of the output (``F.glu(F.linear(…))``):
     ``[..., in]`` -> ``[..., out / 2]``; the native GLU kernel adds the float32 bias
     (:func:`~.native_activation.takes_bias`)."""
-    if _bias_in_activation(x, weight, bias):
-        return glu(linear(x, weight), bias)
-    return glu(linear(x, weight, bias))
+    return _product_then(glu, x, weight, bias)
 
 
 def glu(h: Tensor, bias: Tensor | None = None) -> Tensor:
